@@ -1,0 +1,5 @@
+"""Spine Response Node: the DICOM node (network, storage, index, scheduling, orchestration, CLI)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""One module per ``spine-node`` sub-command (``add_arguments`` and ``run``)."""
