@@ -1,0 +1,329 @@
+"""Lesion measurements at one time point: volume, diameters, per-map statistics and peak values.
+
+Everything is computed from a binary lesion mask (SimpleITK image, any orientation) and maps on the
+same grid. Distances are measured on the voxelised lesion in patient coordinates (mm):
+
+* **volume** = voxel count × voxel volume (mL);
+* **maximum 3-D diameter** = largest distance between the corners of ROI voxels (the exact maximum
+  extent of the voxelised object);
+* **craniocaudal extent** = extent of the voxelised object along the patient S axis;
+* **maximum axial diameter** = largest in-plane extent within one axial section. When no image
+  axis lies within 8° of the patient S axis (oblique acquisitions), the mask is first resampled
+  (nearest neighbour) onto an axial grid at the finest in-plane spacing.
+
+Per-map statistics follow design.md units and exclude voxels whose map value is not finite (failed
+fits). Peak statistics follow the PERCIST idea transferred to MRI (domain.md §1.6): mean of the
+lowest 10 % for diffusion maps (ADC, MD, IVIM D), and mean of the hottest 1 cm³ sphere for
+perfusion maps (Ktrans, vp, IAUC60); the sphere is restricted to lesion voxels so that neighbouring
+vessels (aorta, epidural venous plexus) cannot raise a lesion's peak.
+
+References
+----------
+.. [1] Wahl RL, Jacene H, Kasamon Y, Lodge MA. From RECIST to PERCIST. J Nucl Med 2009;50:122S.
+.. [2] Thibault I, et al. Response assessment after SBRT for spinal metastasis (SPINO).
+   Lancet Oncol 2015;16:e595-603.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from processing.radiomics import RadiomicsError, RadiomicsSettings, extract_features
+from processing.results import LesionMeasurements, MapStatistics
+
+logger = logging.getLogger(__name__)
+
+#: UCUM units of the node's quantities (design.md conventions).
+DEFAULT_UNITS: dict[str, str] = {
+    "ADC": "mm2/s", "MD": "mm2/s", "Dapp": "mm2/s", "IVIM_D": "mm2/s", "IVIM_Dstar": "mm2/s",
+    "MK": "1", "Kapp": "1", "IVIM_f": "1",
+    "Ktrans": "/min", "kep": "/min", "ve": "1", "vp": "1",
+    "T1": "s", "TTP": "s", "IAUC60": "mmol/L.s", "T2w": "1", "T1w": "1",
+}
+
+#: Maps whose peak is the mean of the lowest fraction of values (low diffusivity = cellular tumour).
+LOW_PEAK_QUANTITIES = frozenset({"ADC", "MD", "IVIM_D", "Dapp"})
+#: Maps whose peak is the mean of the hottest 1 cm³ sphere (PERCIST SULpeak analogue).
+HOT_PEAK_QUANTITIES = frozenset({"Ktrans", "vp", "IAUC60"})
+
+_AXIAL_TOLERANCE_COS = math.cos(math.radians(8.0))
+
+
+def _roi_array(mask: sitk.Image, label: int) -> np.ndarray:
+    if mask.GetDimension() != 3:
+        raise ValueError(f"lesion mask must be 3-D, got {mask.GetDimension()}-D")
+    return sitk.GetArrayFromImage(mask) == label
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize()
+            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
+
+
+def _index_to_physical_matrix(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(M, origin) with physical = origin + M @ [i, j, k] (SimpleITK x, y, z index order)."""
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    return direction @ np.diag(image.GetSpacing()), np.asarray(image.GetOrigin(), dtype=float)
+
+
+def _voxel_corners(ijk: np.ndarray) -> np.ndarray:
+    """Unique corner points (index units, x-y-z order) of the given voxels (N, 3)."""
+    offsets = np.array([[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)
+                        for dz in (-0.5, 0.5)])
+    corners = (ijk[:, None, :] + offsets[None, :, :]).reshape(-1, 3)
+    return np.unique(corners, axis=0)
+
+
+def _max_distance(points: np.ndarray) -> float:
+    """Largest pairwise Euclidean distance (points (N, d)), via the convex hull when possible."""
+    if len(points) < 2:
+        return 0.0
+    try:
+        hull = points[ConvexHull(points).vertices]
+    except (QhullError, ValueError):  # degenerate (collinear/coplanar) point sets
+        hull = points
+    best = 0.0
+    for start in range(0, len(hull), 512):  # chunks keep memory at 512 x N distances
+        diff = hull[start:start + 512, None, :] - hull[None, :, :]
+        best = max(best, float(np.sqrt((diff ** 2).sum(-1)).max()))
+    return best
+
+
+def lesion_volume_ml(mask: sitk.Image, *, label: int = 1) -> float:
+    """Lesion volume, mL: voxel count × voxel volume (mm³) / 1000."""
+    roi = _roi_array(mask, label)
+    return float(roi.sum() * np.prod(mask.GetSpacing()) / 1000.0)
+
+
+def lesion_diameters(mask: sitk.Image, *, label: int = 1) -> tuple[float, float, float]:
+    """Maximum axial diameter, craniocaudal extent and maximum 3-D diameter of a lesion, mm.
+
+    Parameters
+    ----------
+    mask : SimpleITK.Image
+        3-D label image; voxels equal to ``label`` are the lesion.
+    label : int
+        Lesion label.
+
+    Returns
+    -------
+    max_axial_diameter_mm, craniocaudal_extent_mm, max_3d_diameter_mm : float
+        See the module docstring for the definitions. All 0.0 for an empty mask.
+    """
+    roi = _roi_array(mask, label)
+    if not roi.any():
+        return 0.0, 0.0, 0.0
+    matrix, origin = _index_to_physical_matrix(mask)
+    # boundary voxels carry every extreme corner
+    boundary = roi & ~ndimage.binary_erosion(roi)
+    ijk = np.argwhere(boundary)[:, ::-1].astype(float)  # (z, y, x) -> (x, y, z)
+    corners = _voxel_corners(ijk) @ matrix.T + origin
+    max_3d = _max_distance(corners)
+    craniocaudal = float(corners[:, 2].max() - corners[:, 2].min())
+    return _max_axial_diameter(mask, roi), craniocaudal, max_3d
+
+
+def _max_axial_diameter(mask: sitk.Image, roi: np.ndarray) -> float:
+    direction = np.asarray(mask.GetDirection(), dtype=float).reshape(3, 3)
+    s_components = np.abs(direction[2, :])  # patient S component of each image axis
+    axis = int(np.argmax(s_components))
+    if s_components[axis] < _AXIAL_TOLERANCE_COS:
+        mask, roi = _resample_axial(mask, roi)
+        axis = 2
+    matrix, origin = _index_to_physical_matrix(mask)
+    # in-plane boundary: erosion with a structuring element flat along the slice axis
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    centre: list[slice | int] = [slice(None)] * 3
+    centre[2 - axis] = 1  # array axes are (z, y, x)
+    structure[tuple(centre)] = ndimage.generate_binary_structure(2, 1)
+    boundary = roi & ~ndimage.binary_erosion(roi, structure=structure)
+    ijk_all = np.argwhere(boundary)[:, ::-1].astype(float)
+    in_plane = [a for a in range(3) if a != axis]
+    offsets = np.zeros((4, 3))
+    offsets[:, in_plane] = [[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]
+    best = 0.0
+    for level in np.unique(ijk_all[:, axis]):
+        in_slice = ijk_all[ijk_all[:, axis] == level]
+        corners = np.unique((in_slice[:, None, :] + offsets[None]).reshape(-1, 3), axis=0)
+        physical = corners @ matrix.T + origin
+        best = max(best, _max_distance(physical[:, :2]))
+    return best
+
+
+def _resample_axial(mask: sitk.Image, roi: np.ndarray) -> tuple[sitk.Image, np.ndarray]:
+    """Nearest-neighbour resampling of the ROI onto an identity-direction (axial) grid."""
+    roi_image = sitk.GetImageFromArray(roi.astype(np.uint8))
+    roi_image.CopyInformation(mask)
+    matrix, origin = _index_to_physical_matrix(mask)
+    size = np.asarray(mask.GetSize(), dtype=float)
+    corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
+                        for k in (-0.5, size[2] - 0.5)]) @ matrix.T + origin
+    spacing = float(min(mask.GetSpacing()))
+    low, high = corners.min(0), corners.max(0)
+    new_size = [int(math.ceil((h - lo) / spacing)) for lo, h in zip(low, high)]
+    out = sitk.Resample(roi_image, new_size, sitk.Transform(), sitk.sitkNearestNeighbor,
+                        tuple(low + spacing / 2), (spacing,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                        0, sitk.sitkUInt8)
+    return out, sitk.GetArrayFromImage(out) > 0
+
+
+def lowest_fraction_mean(values: np.ndarray, *, fraction: float = 0.10) -> float:
+    """Mean of the lowest ``fraction`` of values (at least one value), map units."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    values = np.sort(np.asarray(values, dtype=float).ravel())
+    if values.size == 0:
+        raise ValueError("no values")
+    n = max(1, int(math.ceil(fraction * values.size)))
+    return float(values[:n].mean())
+
+
+def hottest_sphere_mean(image: sitk.Image, mask: sitk.Image, *, volume_ml: float = 1.0,
+                        label: int = 1) -> float:
+    """Mean value in the hottest sphere of ``volume_ml`` centred on a lesion voxel, map units.
+
+    The sphere (1 cm³: radius 6.20 mm) is intersected with the lesion and with finite map values.
+    Centres whose sphere holds fewer than half the sphere's voxels are not considered unless no
+    centre reaches that, in which case those with the most voxels are (lesions below ~0.5 cm³
+    then yield their best-covered sphere, which approaches the lesion mean).
+    """
+    if volume_ml <= 0:
+        raise ValueError(f"volume_ml must be > 0, got {volume_ml}")
+    if not _same_grid(image, mask):
+        raise ValueError("map and mask must be on the same grid")
+    roi = _roi_array(mask, label)
+    values = sitk.GetArrayFromImage(image).astype(float)
+    valid = roi & np.isfinite(values)
+    if not valid.any():
+        raise ValueError("no finite map value inside the lesion")
+    radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm
+    sx, sy, sz = mask.GetSpacing()
+    rz, ry, rx = (int(math.ceil(radius / s)) for s in (sz, sy, sx))
+    zz, yy, xx = np.mgrid[-rz:rz + 1, -ry:ry + 1, -rx:rx + 1]
+    kernel = ((zz * sz) ** 2 + (yy * sy) ** 2 + (xx * sx) ** 2 <= radius ** 2).astype(float)
+    # crop to the lesion's bounding box plus the kernel radius
+    idx = np.argwhere(valid)
+    lo = np.maximum(idx.min(0) - (rz, ry, rx), 0)
+    hi = np.minimum(idx.max(0) + (rz, ry, rx) + 1, valid.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    v = np.where(valid[box], values[box], 0.0)
+    w = valid[box].astype(float)
+    total = ndimage.convolve(v, kernel, mode="constant", cval=0.0)
+    count = ndimage.convolve(w, kernel, mode="constant", cval=0.0)
+    centres = roi[box] & (count > 0)
+    needed = min(0.5 * kernel.sum(), count[centres].max())
+    candidates = centres & (count >= needed - 1e-9)
+    return float((total[candidates] / count[candidates]).max())
+
+
+def map_statistics(image: sitk.Image, mask: sitk.Image, quantity: str, *,
+                   unit: str | None = None, label: int = 1) -> MapStatistics:
+    """Mean, median, SD (population), 10th/90th percentiles and the peak of a map in a lesion.
+
+    Parameters
+    ----------
+    image : SimpleITK.Image
+        The quantitative map, on the mask's grid, in design.md units; non-finite values are
+        excluded (failed fits).
+    mask : SimpleITK.Image
+        Lesion label image.
+    quantity : str
+        Quantity name (``ADC``, ``Ktrans``...); decides the peak statistic.
+    unit : str, optional
+        UCUM unit; default from :data:`DEFAULT_UNITS`.
+
+    Raises
+    ------
+    ValueError
+        Different grids, or no finite value in the lesion.
+    """
+    if not _same_grid(image, mask):
+        raise ValueError(f"{quantity} map and lesion mask are not on the same grid")
+    roi = _roi_array(mask, label)
+    values = sitk.GetArrayFromImage(image).astype(float)[roi]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError(f"no finite {quantity} value inside the lesion")
+    peak: float | None = None
+    definition: str | None = None
+    if quantity in LOW_PEAK_QUANTITIES:
+        peak = lowest_fraction_mean(values, fraction=0.10)
+        definition = "mean of the lowest 10 % of lesion voxels"
+    elif quantity in HOT_PEAK_QUANTITIES:
+        peak = hottest_sphere_mean(image, mask, volume_ml=1.0, label=label)
+        definition = ("mean of the hottest 1 cm3 sphere (radius 6.2 mm) centred in the lesion, "
+                      "restricted to lesion voxels")
+    p10, median, p90 = np.percentile(values, [10, 50, 90])
+    return MapStatistics(
+        quantity=quantity, unit=unit or DEFAULT_UNITS.get(quantity, "1"),
+        n_voxels=int(values.size), mean=float(values.mean()), median=float(median),
+        sd=float(values.std()), p10=float(p10), p90=float(p90), peak=peak,
+        peak_definition=definition)
+
+
+def measure_lesion(
+    mask: sitk.Image,
+    maps: Mapping[str, sitk.Image] | None = None,
+    *,
+    label: int = 1,
+    units: Mapping[str, str] | None = None,
+    epidural_mask: sitk.Image | None = None,
+    radiomics_settings: Mapping[str, RadiomicsSettings] | None = None,
+) -> LesionMeasurements:
+    """Everything measured on one lesion at one time point.
+
+    Parameters
+    ----------
+    mask : SimpleITK.Image
+        Lesion label image.
+    maps : mapping of str to SimpleITK.Image, optional
+        Quantity name -> map on the mask's grid.
+    units : mapping, optional
+        Overrides of :data:`DEFAULT_UNITS`.
+    epidural_mask : SimpleITK.Image, optional
+        Label image of the epidural component (same label); its volume is reported.
+    radiomics_settings : mapping of str to RadiomicsSettings, optional
+        The course's radiomics settings per quantity; quantities without settings get no
+        radiomics. Failures are recorded in ``radiomics_notes``, not raised.
+
+    Returns
+    -------
+    LesionMeasurements
+    """
+    maps = dict(maps or {})
+    units = dict(units or {})
+    volume = lesion_volume_ml(mask, label=label)
+    if volume == 0.0:
+        raise ValueError(f"lesion mask has no voxel with label {label}")
+    axial, craniocaudal, max_3d = lesion_diameters(mask, label=label)
+    stats = {q: map_statistics(img, mask, q, unit=units.get(q), label=label)
+             for q, img in sorted(maps.items())}
+    radiomics: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
+    for quantity, settings in sorted((radiomics_settings or {}).items()):
+        if quantity not in maps:
+            continue
+        try:
+            result = extract_features(maps[quantity], mask, settings, label=label)
+        except RadiomicsError as err:
+            notes.append(f"{quantity}: radiomics not computed: {err}")
+            logger.warning("radiomics for %s not computed: %s", quantity, err)
+            continue
+        radiomics[quantity] = dict(result.features)
+        notes.extend(f"{quantity}: {n}" for n in result.notes)
+    epidural = None
+    if epidural_mask is not None:
+        epidural = lesion_volume_ml(epidural_mask, label=label)
+    return LesionMeasurements(
+        volume_ml=volume, max_axial_diameter_mm=axial, max_craniocaudal_extent_mm=craniocaudal,
+        max_3d_diameter_mm=max_3d, epidural_volume_ml=epidural, map_statistics=stats,
+        radiomics=radiomics, radiomics_notes=tuple(notes))

@@ -1,0 +1,138 @@
+"""processing.measure: volumes, diameters and map statistics against geometric known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from processing.measure import (
+    hottest_sphere_mean,
+    lesion_diameters,
+    lesion_volume_ml,
+    lowest_fraction_mean,
+    map_statistics,
+    measure_lesion,
+)
+from processing.radiomics import RadiomicsSettings
+
+
+def _image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+def _box(shape=(40, 50, 60), z=(5, 35), y=(10, 30), x=(20, 30)) -> np.ndarray:
+    a = np.zeros(shape, np.uint8)
+    a[z[0]:z[1], y[0]:y[1], x[0]:x[1]] = 1
+    return a
+
+
+def test_box_volume_and_diameters_axial_grid():
+    # 10 x 20 x 30 voxels of 1 x 1 x 2 mm: 10 x 20 x 60 mm
+    mask = _image(_box(), spacing=(1.0, 1.0, 2.0))
+    assert lesion_volume_ml(mask) == pytest.approx(10 * 20 * 60 / 1000)
+    axial, craniocaudal, d3 = lesion_diameters(mask)
+    assert axial == pytest.approx(math.hypot(10, 20))
+    assert craniocaudal == pytest.approx(60.0)
+    assert d3 == pytest.approx(math.sqrt(10**2 + 20**2 + 60**2))
+
+
+def test_box_on_a_sagittal_grid_measures_patient_axes():
+    # sagittal: columns along A (patient y), rows along -S (z), slices along L (x)
+    direction = (0, 0, 1, 1, 0, 0, 0, -1, 0)
+    mask = _image(_box(), spacing=(0.8, 1.5, 3.0), direction=direction)
+    axial, craniocaudal, d3 = lesion_diameters(mask)
+    a_p, s_i, l_r = 10 * 0.8, 20 * 1.5, 30 * 3.0
+    assert craniocaudal == pytest.approx(s_i)
+    assert axial == pytest.approx(math.hypot(a_p, l_r))
+    assert d3 == pytest.approx(math.sqrt(a_p**2 + s_i**2 + l_r**2))
+
+
+def test_oblique_sphere_diameters_within_one_voxel():
+    zz, yy, xx = np.mgrid[:48, :48, :48]
+    sphere = (((zz - 24) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2) <= 12**2).astype(np.uint8)
+    angle = math.radians(25)
+    c, s = math.cos(angle), math.sin(angle)
+    direction = (1, 0, 0, 0, c, -s, 0, s, c)  # rotated 25 degrees about x: no axis near S
+    mask = _image(sphere, direction=direction)
+    axial, craniocaudal, d3 = lesion_diameters(mask)
+    # true diameter 24 mm; the voxelised sphere spans 25 voxels along the grid axes
+    assert 24.0 <= axial <= 26.5
+    assert 24.0 <= craniocaudal <= 26.5
+    assert 24.5 <= d3 <= 26.8
+    assert lesion_volume_ml(mask) == pytest.approx(4 / 3 * math.pi * 12**3 / 1000, rel=0.03)
+
+
+def test_map_statistics_known_values_and_failed_fits_excluded():
+    mask_arr = _box(shape=(20, 20, 20), z=(5, 15), y=(5, 15), x=(5, 15))  # 1000 voxels
+    rng = np.random.default_rng(0)
+    adc = np.full(mask_arr.shape, np.nan)
+    values = rng.permutation(np.arange(1, 1001) * 1.0e-6)  # 1..1000 x 1e-6 mm2/s
+    adc[mask_arr == 1] = values
+    adc.flat[np.flatnonzero(mask_arr)[:10]] = np.nan  # ten failed fits
+    mask, image = _image(mask_arr), _image(adc)
+    stats = map_statistics(image, mask, "ADC")
+    kept = np.sort(values[10:])
+    assert stats.n_voxels == 990
+    assert stats.unit == "mm2/s"
+    assert stats.mean == pytest.approx(kept.mean())
+    assert stats.median == pytest.approx(np.median(kept))
+    assert stats.sd == pytest.approx(kept.std())
+    assert stats.p10 == pytest.approx(np.percentile(kept, 10))
+    assert stats.p90 == pytest.approx(np.percentile(kept, 90))
+    assert stats.peak == pytest.approx(kept[:99].mean())  # lowest 10 % of 990 voxels
+    assert "lowest 10 %" in stats.peak_definition
+
+
+def test_lowest_fraction_mean():
+    assert lowest_fraction_mean(np.arange(1.0, 101.0)) == pytest.approx(5.5)
+    assert lowest_fraction_mean(np.array([3.0, 1.0])) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        lowest_fraction_mean(np.array([1.0]), fraction=0.0)
+
+
+def test_hottest_1cm3_sphere_finds_the_hot_spot_not_the_neighbouring_vessel():
+    shape = (50, 50, 50)
+    zz, yy, xx = np.mgrid[:50, :50, :50]
+    lesion = (((zz - 25) ** 2 + (yy - 25) ** 2 + (xx - 25) ** 2) <= 15**2).astype(np.uint8)
+    ktrans = np.full(shape, 0.10)
+    radius = (3 * 1000 / (4 * math.pi)) ** (1 / 3)  # 6.2 mm
+    hot = ((zz - 25) ** 2 + (yy - 25) ** 2 + (xx - 32) ** 2) <= radius**2
+    ktrans[hot] = 0.50
+    ktrans[lesion == 0] = 2.0  # a vessel outside the lesion must not count
+    mask, image = _image(lesion), _image(ktrans)
+    assert hottest_sphere_mean(image, mask) == pytest.approx(0.50)
+    stats = map_statistics(image, mask, "Ktrans")
+    assert stats.peak == pytest.approx(0.50)
+    assert stats.unit == "/min"
+    assert stats.p90 < 0.5 and stats.mean == pytest.approx(ktrans[lesion == 1].mean())
+
+
+def test_measure_lesion_fills_lesion_measurements_with_radiomics_and_small_lesion_reason():
+    mask_arr = _box(shape=(20, 20, 20), z=(5, 11), y=(5, 11), x=(5, 11))
+    rng = np.random.default_rng(1)
+    adc = rng.normal(1.0e-3, 2.0e-4, size=mask_arr.shape)
+    tiny = np.zeros_like(mask_arr)
+    tiny[10, 10, 10:13] = 1  # 3 voxels
+    epidural = np.zeros_like(mask_arr)
+    epidural[12:14, 5:8, 5:8] = 1
+    settings = {"ADC": RadiomicsSettings(bin_count=16)}
+    m = measure_lesion(_image(mask_arr), {"ADC": _image(adc)}, radiomics_settings=settings,
+                       epidural_mask=_image(epidural))
+    assert m.volume_ml == pytest.approx(0.216)
+    assert m.epidural_volume_ml == pytest.approx(0.018)
+    assert m.max_craniocaudal_extent_mm == pytest.approx(6.0)
+    assert m.map_statistics["ADC"].n_voxels == 216
+    assert "original_glcm_Contrast" in m.radiomics["ADC"]
+    small = measure_lesion(_image(tiny), {"ADC": _image(adc)}, radiomics_settings=settings)
+    assert "original_glcm_Contrast" not in small.radiomics["ADC"]
+    assert "original_firstorder_Mean" in small.radiomics["ADC"]
+    assert any("texture features not computed" in n for n in small.radiomics_notes)
+    with pytest.raises(ValueError, match="no voxel"):
+        measure_lesion(_image(np.zeros_like(mask_arr)))
