@@ -51,3 +51,5 @@ def configure_logging(level: str = "INFO", log_file: str | None = None) -> None:
     # pynetdicom's INFO level narrates every association and PDU; keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("radiomics").setLevel(logging.WARNING)
+    # APScheduler narrates every run of every job (the dispatcher polls every few seconds).
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -1,0 +1,72 @@
+"""``spine-node serve``: run the node until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from node.config import load_settings
+from node.errors import ConfigError, NodeError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML configuration file (default: embedded defaults)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="listener TCP port, overrides the file (0 picks a free one)")
+    parser.add_argument("--storage", type=Path, default=None,
+                        help="storage folder, overrides the file")
+    parser.add_argument("--bind", default=None, help="bind address, overrides the file")
+
+
+def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line options that win over the configuration file."""
+    node: dict[str, Any] = {}
+    if getattr(args, "port", None) is not None:
+        node["port"] = args.port
+    if getattr(args, "storage", None) is not None:
+        node["storage"] = str(args.storage)
+    if getattr(args, "bind", None) is not None:
+        node["bind_address"] = args.bind
+    return {"node": node} if node else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.service import NodeService
+
+    try:
+        settings = load_settings(args.config, settings_overrides(args))
+    except ConfigError as err:
+        print(f"spine-node serve: {err}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal %s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service = NodeService(settings)
+        host, port = service.start()
+    except (NodeError, OSError) as err:
+        print(f"spine-node serve: cannot start: {err}", file=sys.stderr)
+        return 1
+    message = f"{settings.node.ae_title} listening on {host}:{port}"
+    logger.info(message)
+    print(message, flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        service.stop()
+        logger.info("stopped")
+    return 0

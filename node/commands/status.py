@@ -1,0 +1,77 @@
+"""``spine-node status``: studies per state, last associations, outbox (no patient data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from node.config import load_settings
+from node.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    parser.add_argument("--storage", type=Path, default=None, help="storage folder (overrides)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--last", type=int, default=10, help="associations to list")
+
+
+def collect(index: "Index", last: int = 10) -> dict[str, Any]:  # noqa: F821
+    """The status as a dictionary (UIDs, counts and AE titles only)."""
+    def rows(sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in index.query(sql, params)]
+
+    return {
+        "studies": {r["state"]: r["n"] for r in
+                    rows("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")},
+        "instances": index.query("SELECT COUNT(*) FROM instances")[0][0],
+        "associations": rows(
+            "SELECT id, direction, peer_ae, peer_host, peer_port, started, ended, n_ok,"
+            " n_warning, n_failed, outcome FROM associations ORDER BY id DESC LIMIT ?", (last,)),
+        "outbox": {r["state"]: r["n"] for r in
+                   rows("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")},
+        "outbox_failed": rows(
+            "SELECT id, destination, sop_instance_uid, tries, last_status, last_error"
+            " FROM outbox WHERE state='failed' ORDER BY id"),
+        "events": {r["kind"]: r["n"] for r in
+                   rows("SELECT kind, COUNT(*) AS n FROM events GROUP BY kind")},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.index import Index
+
+    overrides = {"node": {"storage": str(args.storage)}} if args.storage else {}
+    try:
+        settings = load_settings(args.config, overrides)
+    except ConfigError as err:
+        print(f"spine-node status: {err}", file=sys.stderr)
+        return 2
+    path = settings.node.database_path
+    if not path.exists():
+        print(f"spine-node status: no index at {path}", file=sys.stderr)
+        return 1
+    index = Index(path)
+    try:
+        status = collect(index, args.last)
+    finally:
+        index.close()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"studies: {status['studies'] or 'none'}   instances: {status['instances']}")
+    print(f"outbox: {status['outbox'] or 'empty'}")
+    for item in status["outbox_failed"]:
+        print(f"  failed #{item['id']} -> {item['destination']} {item['sop_instance_uid']}"
+              f" tries {item['tries']}: {item['last_error']}")
+    print("last associations:")
+    for a in status["associations"]:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["started"]))
+        print(f"  #{a['id']} {a['direction']} {a['peer_ae']}@{a['peer_host']}:{a['peer_port']}"
+              f" {started} {a['outcome'] or 'open'} ok={a['n_ok']} warn={a['n_warning']}"
+              f" failed={a['n_failed']}")
+    return 0

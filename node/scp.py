@@ -1,0 +1,262 @@
+"""The DICOM listener: pynetdicom C-ECHO and C-STORE SCP with thin handlers.
+
+The C-STORE handler hands the encoded bytes to :meth:`node.store.Store.accept` and turns the
+outcome into a status via :func:`node.errors.store_status`; it never decodes pixels or analyses.
+Association policy: the called AE title must be ours, the calling AE title must belong to a
+configured peer allowed to send (unless switched off), finite ACSE/DIMSE/network timeouts, a
+bounded PDU size, an association limit, optional TLS 1.2+.
+
+``TCP_NODELAY`` is set on every accepted socket (:func:`set_tcp_nodelay`, bound to
+``EVT_CONN_OPEN``): dcmtk-based peers otherwise stall ~40 ms per message on Nagle's algorithm
+combined with delayed ACKs.
+
+References
+----------
+DICOM PS3.4 Annex B (Storage Service Class), PS3.7 9.1.1 (C-STORE), PS3.8 (upper layer),
+PS3.15 B.12 (TLS profile).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+    ParametricMapStorage,
+    RTDoseStorage,
+    RTPlanStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import Settings
+from node.errors import NodeError, StoreOutcome, store_status, FAILURE_UNABLE_TO_PROCESS
+from node.index import Index
+from node.store import Store, StoreResult
+
+logger = logging.getLogger(__name__)
+
+# pynetdicom logs query/response identifiers by default (patient names and IDs).
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+#: SOP classes the node stores (issue 2 scope)
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage,
+    CTImageStorage, EnhancedCTImageStorage, RTStructureSetStorage, RTPlanStorage,
+    RTDoseStorage, SegmentationStorage, ParametricMapStorage, ComprehensiveSRStorage,
+    Comprehensive3DSRStorage,
+)
+#: uncompressed and the common compressed transfer syntaxes; data is stored as received
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+)
+
+
+def set_tcp_nodelay(event: evt.Event) -> None:
+    """``EVT_CONN_OPEN`` handler: disable Nagle's algorithm on the association's socket."""
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS context of the listener (``None`` when TLS is off): TLS >= 1.2, client certs."""
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH,
+                                         cafile=str(tls.ca) if tls.ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return context
+
+
+@dataclass
+class _AssociationState:
+    index_id: int
+    n_ok: int = 0
+    n_warning: int = 0
+    n_failed: int = 0
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class StorageSCP:
+    """The node's listener.
+
+    Parameters
+    ----------
+    settings : Settings
+        Validated settings (AE title, address, peers, timeouts, TLS).
+    store : Store
+        Where received instances go.
+    index : Index
+        Where associations are recorded.
+    on_stored : callable, optional
+        Called with the :class:`~node.store.StoreResult` of every newly stored instance (the
+        stability monitor); must be quick.
+    """
+
+    def __init__(
+        self, settings: Settings, store: Store, index: Index,
+        on_stored: Callable[[StoreResult], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.on_stored = on_stored
+        self._server: ThreadedAssociationServer | None = None
+        self._states: dict[int, _AssociationState] = {}
+        self._states_lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.require_called_aet = True
+        if node.reject_unknown_calling_ae:
+            ae.require_calling_aet = list(self.settings.calling_ae_titles)
+        ae.maximum_associations = node.max_associations
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.maximum_pdu_size = node.maximum_pdu_size
+        ae.add_supported_context(Verification)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        return ae
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        """Start listening (non-blocking); returns the bound ``(host, port)``."""
+        node = self.settings.node
+        handlers = [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_ended, ["released"]),
+            (evt.EVT_ABORTED, self._on_ended, ["aborted"]),
+            (evt.EVT_CONN_CLOSE, self._on_ended, ["closed"]),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server(
+            (node.bind_address, node.port), block=False, evt_handlers=handlers,
+            ssl_context=server_ssl_context(self.settings),
+        )
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        """Stop accepting, wait for running associations to end (bounded by their timeouts)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
+
+    @property
+    def server(self) -> ThreadedAssociationServer | None:
+        """The running pynetdicom server (for tests and status)."""
+        return self._server
+
+    # -- association bookkeeping ----------------------------------------------------------------
+    def _peer(self, event: evt.Event) -> tuple[str, str, int]:
+        requestor = event.assoc.requestor
+        return str(requestor.ae_title).strip(), str(requestor.address), int(requestor.port)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        ae_title, host, port = self._peer(event)
+        index_id = self.index.open_association("in", ae_title, host, port)
+        with self._states_lock:
+            self._states[id(event.assoc)] = _AssociationState(index_id)
+        logger.info("association %d accepted from %s at %s:%d", index_id, ae_title, host, port)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        ae_title, host, port = self._peer(event)
+        index_id = self.index.open_association("in", ae_title, host, port, outcome="rejected")
+        self.index.add_event("association_rejected",
+                             detail=f"calling AE {ae_title!r} from {host}")
+        logger.warning("association %d from %r at %s:%d rejected", index_id, ae_title, host, port)
+
+    def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        with self._states_lock:
+            state = self._states.pop(id(event.assoc), None)
+        if state is None:
+            return
+        self.index.close_association(state.index_id, outcome=outcome, n_ok=state.n_ok,
+                                     n_warning=state.n_warning, n_failed=state.n_failed)
+        logger.info("association %d %s: %d stored, %d warnings, %d failed", state.index_id,
+                    outcome, state.n_ok, state.n_warning, state.n_failed)
+
+    # -- services -------------------------------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int:
+        request = event.request
+        state = self._states.get(id(event.assoc))
+        calling_ae = str(event.assoc.requestor.ae_title).strip()
+        result: StoreResult | None = None
+        try:
+            meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+            result = self.store.accept(
+                event.encoded_dataset(include_meta=False), meta,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                request_sop_class_uid=str(request.AffectedSOPClassUID),
+                request_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                calling_ae=calling_ae, association_id=state.index_id if state else None,
+            )
+            status = store_status(result.outcome)
+        except NodeError as err:
+            status = store_status(err)
+            logger.warning("C-STORE of %s from %s refused (0x%04X): %s",
+                           request.AffectedSOPInstanceUID, calling_ae, status, err)
+        except Exception as err:  # the status mapper's catch-all: the peer must get an answer
+            status = FAILURE_UNABLE_TO_PROCESS
+            logger.error("C-STORE of %s failed unexpectedly: %s", request.AffectedSOPInstanceUID,
+                         type(err).__name__)
+        if state is not None:
+            with state.lock:
+                if status == 0:
+                    state.n_ok += 1
+                elif status & 0xF000 == 0xB000:
+                    state.n_warning += 1
+                else:
+                    state.n_failed += 1
+        if result is not None and result.outcome is StoreOutcome.STORED and self.on_stored:
+            self.on_stored(result)
+        return status

@@ -1,0 +1,82 @@
+"""The running node: index, store, scheduler, stability monitor, outbox dispatcher and listener.
+
+:class:`NodeService` assembles the parts from one :class:`~node.config.Settings` object.
+Later parts of the node plug in through its attributes, e.g.
+``service.stability.add_listener(on_stable)`` for the analysis and
+``service.outbox.enqueue(paths, destination, reason)`` to send results.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.config import Settings
+from node.dispatch import Dispatcher, Outbox
+from node.index import Index
+from node.scp import StorageSCP
+from node.stability import StabilityMonitor
+from node.store import Store, StoreResult
+
+logger = logging.getLogger(__name__)
+
+
+class NodeService:
+    """Everything ``spine-node serve`` runs, in one process.
+
+    Parameters
+    ----------
+    settings : Settings
+        The validated configuration.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        node = settings.node
+        self.index = Index(node.database_path)
+        self.store = Store(node.storage, self.index,
+                           low_water_bytes=int(node.disk_low_water_mb * 1e6))
+        self.scheduler = BackgroundScheduler(
+            timezone=timezone.utc, executors={"default": ThreadPoolExecutor(4)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+        )
+        self.stability = StabilityMonitor(self.index, self.scheduler,
+                                          quiet_period_s=node.quiet_period_s)
+        self.outbox = Outbox(self.index, self.store, settings)
+        self.dispatcher = Dispatcher(self.outbox, settings)
+        self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
+        self.address: tuple[str, int] | None = None
+
+    def _on_stored(self, result: StoreResult) -> None:
+        self.stability.touch(result.study_uid)
+
+    def start(self) -> tuple[str, int]:
+        """Recover from an interrupted run, start the scheduler and the listener.
+
+        Returns
+        -------
+        tuple of (str, int)
+            The listener's bound address.
+        """
+        self.store.remove_stale_temporaries()
+        self.outbox.recover_claims()
+        self.scheduler.start()
+        self.stability.rearm_pending()
+        self.scheduler.add_job(
+            self.dispatcher.run_once, "interval", id="dispatch",
+            seconds=self.settings.dispatch.poll_interval_s,
+            next_run_time=datetime.now(timezone.utc),
+        )
+        self.address = self.scp.start()
+        self.index.add_event("node_started", detail=f"{self.address[0]}:{self.address[1]}")
+        return self.address
+
+    def stop(self) -> None:
+        """Stop listening, finish running jobs, close the index."""
+        self.scp.stop()
+        self.scheduler.shutdown(wait=True)
+        self.index.add_event("node_stopped")
+        self.index.close()

@@ -1,0 +1,412 @@
+"""Durable storage of received instances: check, write, fsync, rename, index.
+
+:meth:`Store.accept` is everything the C-STORE handler does with the received bytes:
+
+1. refuse when free disk is below the low-water mark (0xA700);
+2. check that the bytes form a complete dataset (element lengths, item and sequence delimiters,
+   nesting depth) and read the header without the pixel data; otherwise quarantine (0xC210);
+3. compare the request's SOP Class/Instance UID with the dataset's (0xA900);
+4. treat an already stored SOP Instance UID as an identical duplicate (Success, no new row) or a
+   conflict (first copy kept, event recorded, warning status);
+5. write to ``tmp/``, ``fsync``, ``os.replace`` into a path made of SHA-256 hashes of the study,
+   series and SOP Instance UIDs (never the UIDs themselves: a UID of ``..`` would escape), fsync
+   the folder, record the instance in the index — and only then report success.
+
+No pixel decoding happens here.
+
+References
+----------
+DICOM PS3.5 section 7 (data element encoding, 7.5 nesting of data sets) and A.4 (encapsulation);
+PS3.10 section 7 (file meta information).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+import shutil
+import struct
+import threading
+import time
+import uuid
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
+
+from node.errors import (
+    DatasetMismatchError,
+    OutOfResourcesError,
+    StoreOutcome,
+    UnparseableDatasetError,
+)
+from node.index import Index, NewInstance
+
+logger = logging.getLogger(__name__)
+
+#: PS3.5 9.1: digits and dots, at most 64 characters
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: deepest sequence nesting accepted (DCMTK's default limit is also 64)
+MAX_NESTING_DEPTH = 64
+_ITEM = 0xFFFEE000
+_ITEM_DELIMITER = 0xFFFEE00D
+_SEQUENCE_DELIMITER = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+             b"UT", b"UV"}
+_HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
+    "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyDate", "AccessionNumber",
+    "Modality", "SeriesNumber", "SeriesDescription", "SpecificCharacterSet",
+]
+
+
+def is_valid_uid(value: str) -> bool:
+    """True for a syntactically valid UID (PS3.5 9.1: ``[0-9.]``, at most 64 characters)."""
+    return len(value) <= 64 and bool(_UID.match(value))
+
+
+def uid_hash(value: str) -> str:
+    """Hex SHA-256 (first 32 hex digits) of a UID: what storage paths are built from."""
+    return hashlib.sha256(value.encode("ascii", "replace")).hexdigest()[:32]
+
+
+class _Truncated(ValueError):
+    pass
+
+
+def check_dataset_structure(data: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
+    """Check that an encoded dataset is complete: every length and delimiter is consistent.
+
+    pydicom reads a truncated value silently, so this walks the element headers (PS3.5 7.1),
+    the items of undefined-length sequences (7.5) and encapsulated pixel data (A.4).
+
+    Parameters
+    ----------
+    data : bytes
+        The dataset as encoded in its transfer syntax (no file meta, already inflated).
+    implicit_vr, little_endian : bool
+        The transfer syntax's encoding.
+
+    Raises
+    ------
+    ValueError
+        With the byte offset of the first inconsistency.
+    """
+    prefix = "<" if little_endian else ">"
+    tag_fmt = struct.Struct(prefix + "HH")
+    u32 = struct.Struct(prefix + "I")
+    u16 = struct.Struct(prefix + "H")
+    end = len(data)
+
+    def elements(pos: int, depth: int, in_item: bool) -> int:
+        if depth > MAX_NESTING_DEPTH:
+            raise ValueError(f"sequence nesting deeper than {MAX_NESTING_DEPTH} at byte {pos}")
+        while pos < end:
+            if pos + 8 > end:
+                raise _Truncated(f"element header cut at byte {pos}")
+            group, element = tag_fmt.unpack_from(data, pos)
+            tag = (group << 16) | element
+            if tag == _ITEM_DELIMITER:
+                if not in_item:
+                    raise ValueError(f"unexpected item delimiter at byte {pos}")
+                return pos + 8
+            if group == 0xFFFE:
+                raise ValueError(f"unexpected delimitation tag {tag:08X} at byte {pos}")
+            if implicit_vr:
+                length = u32.unpack_from(data, pos + 4)[0]
+                pos += 8
+            else:
+                vr = data[pos + 4:pos + 6]
+                if vr in _LONG_VRS:
+                    if pos + 12 > end:
+                        raise _Truncated(f"element header cut at byte {pos}")
+                    length = u32.unpack_from(data, pos + 8)[0]
+                    pos += 12
+                else:
+                    length = u16.unpack_from(data, pos + 6)[0]
+                    pos += 8
+            if length == _UNDEFINED:
+                pos = items(pos, depth + 1)
+            else:
+                pos += length
+                if pos > end:
+                    raise _Truncated(f"value of ({group:04X},{element:04X}) cut at byte {end}")
+        if in_item:
+            raise _Truncated("item without its delimiter at the end of the data")
+        return pos
+
+    def items(pos: int, depth: int) -> int:
+        while True:
+            if pos + 8 > end:
+                raise _Truncated(f"sequence without its delimiter at byte {pos}")
+            group, element = tag_fmt.unpack_from(data, pos)
+            tag = (group << 16) | element
+            length = u32.unpack_from(data, pos + 4)[0]
+            pos += 8
+            if tag == _SEQUENCE_DELIMITER:
+                return pos
+            if tag != _ITEM:
+                raise ValueError(f"expected an item tag at byte {pos - 8}, found {tag:08X}")
+            if length == _UNDEFINED:
+                pos = elements(pos, depth, in_item=True)
+            else:
+                pos += length
+                if pos > end:
+                    raise _Truncated(f"item cut at byte {end}")
+
+    elements(0, 0, in_item=False)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of :meth:`Store.accept` for a received instance."""
+
+    outcome: StoreOutcome
+    sop_instance_uid: str
+    study_uid: str
+    path: Path
+
+
+class Store:
+    """The node's folder store (instances, temporary files, quarantine, outbox files).
+
+    Parameters
+    ----------
+    root : Path
+        The storage folder. Sub-folders: ``instances/``, ``tmp/``, ``quarantine/``, ``outbox/``.
+    index : Index
+        Where stored instances are recorded.
+    low_water_bytes : int
+        Free space (bytes) below which instances are refused with 0xA700.
+    """
+
+    def __init__(self, root: Path, index: Index, *, low_water_bytes: int = 0) -> None:
+        self.root = Path(root).resolve()
+        self.index = index
+        self.low_water_bytes = int(low_water_bytes)
+        self.instances_dir = self.root / "instances"
+        self.tmp_dir = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
+        self.outbox_dir = self.root / "outbox"
+        for folder in (self.instances_dir, self.tmp_dir, self.quarantine_dir, self.outbox_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        #: striped locks, so two associations storing the same SOP Instance UID serialise
+        self._locks = [threading.Lock() for _ in range(64)]
+
+    # -- start-up -------------------------------------------------------------------------------
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a killed process (never acknowledged); return count."""
+        count = 0
+        for path in self.tmp_dir.iterdir():
+            path.unlink(missing_ok=True)
+            count += 1
+        if count:
+            logger.warning("removed %d temporary file(s) left by an interrupted run", count)
+        return count
+
+    # -- paths ----------------------------------------------------------------------------------
+    def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """Storage path of an instance: hashes of its UIDs, always under ``instances/``."""
+        path = (self.instances_dir / uid_hash(study_uid) / uid_hash(series_uid)
+                / f"{uid_hash(sop_instance_uid)}.dcm")
+        if not path.resolve().is_relative_to(self.instances_dir):
+            raise OutOfResourcesError("storage path escapes the storage folder")
+        return path
+
+    # -- writing --------------------------------------------------------------------------------
+    def write_durably(self, data: bytes | memoryview, destination: Path) -> None:
+        """Write bytes to ``destination`` atomically: temporary file, fsync, rename, fsync folder.
+
+        Raises
+        ------
+        OutOfResourcesError
+            On any write error; no partial file is left behind.
+        """
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, destination)
+            dir_fd = os.open(destination.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OutOfResourcesError(f"cannot write {destination.name}: {err.strerror}") from err
+
+    def check_free_space(self) -> None:
+        """Raise :class:`OutOfResourcesError` when free disk is below the low-water mark."""
+        if self.low_water_bytes <= 0:
+            return
+        free = shutil.disk_usage(self.root).free
+        if free < self.low_water_bytes:
+            raise OutOfResourcesError(
+                f"free disk {free / 1e6:.0f} MB is below the low-water mark "
+                f"{self.low_water_bytes / 1e6:.0f} MB"
+            )
+
+    def quarantine(self, data: bytes, reason: str) -> Path:
+        """Keep rejected bytes with a ``.error`` reason file; returns the data file's path."""
+        stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
+        path = self.quarantine_dir / f"{stem}.dcm"
+        try:
+            self.write_durably(data, path)
+            self.write_durably(reason.encode("utf-8", "replace") + b"\n",
+                               self.quarantine_dir / f"{stem}.error")
+        except OutOfResourcesError as err:
+            logger.error("could not quarantine rejected instance: %s", err)
+        return path
+
+    # -- the handler's work ---------------------------------------------------------------------
+    def accept(
+        self, dataset_bytes: bytes, file_meta_bytes: bytes, *, transfer_syntax_uid: str,
+        request_sop_class_uid: str, request_sop_instance_uid: str,
+        calling_ae: str | None = None, association_id: int | None = None,
+    ) -> StoreResult:
+        """Store one received instance durably and index it.
+
+        Parameters
+        ----------
+        dataset_bytes : bytes
+            The dataset exactly as received (encoded in ``transfer_syntax_uid``).
+        file_meta_bytes : bytes
+            Preamble, ``DICM`` prefix and encoded file meta information written before it.
+        transfer_syntax_uid : str
+            The accepted presentation context's transfer syntax.
+        request_sop_class_uid, request_sop_instance_uid : str
+            The C-STORE request's Affected SOP Class/Instance UID.
+        calling_ae : str, optional
+            The peer's AE title (recorded in the index).
+        association_id : int, optional
+            The index id of the association.
+
+        Returns
+        -------
+        StoreResult
+
+        Raises
+        ------
+        OutOfResourcesError, UnparseableDatasetError, DatasetMismatchError
+        """
+        self.check_free_space()
+        header = self._parse(dataset_bytes, file_meta_bytes, transfer_syntax_uid)
+        sop_class = str(header.get("SOPClassUID", "") or "")
+        sop_instance = str(header.get("SOPInstanceUID", "") or "")
+        study = str(header.get("StudyInstanceUID", "") or "")
+        series = str(header.get("SeriesInstanceUID", "") or "")
+        for name, value in (("SOP Instance UID", sop_instance), ("Study Instance UID", study),
+                            ("Series Instance UID", series), ("SOP Class UID", sop_class)):
+            if not is_valid_uid(value):
+                reason = f"invalid or missing {name} (not a PS3.5 9.1 UID)"
+                self.quarantine(file_meta_bytes + dataset_bytes, reason)
+                raise UnparseableDatasetError(reason)
+        if sop_class != request_sop_class_uid or sop_instance != request_sop_instance_uid:
+            raise DatasetMismatchError(
+                f"dataset SOP Class/Instance UID {sop_class}/{sop_instance} differ from the "
+                f"request's {request_sop_class_uid}/{request_sop_instance_uid}"
+            )
+        digest = hashlib.sha256(dataset_bytes).hexdigest()
+        path = self.instance_path(study, series, sop_instance)
+        lock = self._locks[hash(sop_instance) % len(self._locks)]
+        with lock:
+            existing = self.index.instance(sop_instance)
+            if existing is not None:
+                if existing.sha256 == digest:
+                    logger.info("duplicate instance %s (identical content) ignored", sop_instance)
+                    return StoreResult(StoreOutcome.ALREADY_STORED, sop_instance,
+                                       existing.study_uid, Path(existing.path))
+                logger.warning(
+                    "instance %s received again with different content: first copy kept",
+                    sop_instance,
+                )
+                self.index.add_event(
+                    "duplicate_conflict", study_uid=existing.study_uid,
+                    sop_instance_uid=sop_instance,
+                    detail=f"kept sha256 {existing.sha256[:16]}, discarded {digest[:16]}"
+                           f" from {calling_ae or '?'}",
+                )
+                return StoreResult(StoreOutcome.CONFLICT_KEPT_FIRST, sop_instance,
+                                   existing.study_uid, Path(existing.path))
+            self.write_durably(file_meta_bytes + dataset_bytes, path)
+            try:
+                self.index.add_instance(NewInstance(
+                    sop_instance_uid=sop_instance, sop_class_uid=sop_class, series_uid=series,
+                    study_uid=study, transfer_syntax_uid=transfer_syntax_uid,
+                    path=str(path.relative_to(self.root)),
+                    size=len(file_meta_bytes) + len(dataset_bytes), sha256=digest,
+                    calling_ae=calling_ae, association_id=association_id,
+                    patient_id=_text(header.get("PatientID")) or "",
+                    issuer_of_patient_id=_text(header.get("IssuerOfPatientID")) or "",
+                    patient_name=_text(header.get("PatientName")),
+                    birth_date=_text(header.get("PatientBirthDate")),
+                    study_date=_text(header.get("StudyDate")),
+                    accession_number=_text(header.get("AccessionNumber")),
+                    modality=_text(header.get("Modality")),
+                    series_number=_int(header.get("SeriesNumber")),
+                    series_description=_text(header.get("SeriesDescription")),
+                ))
+            except Exception:
+                # not indexed means not acknowledged: do not leave an orphan file behind
+                path.unlink(missing_ok=True)
+                raise
+        return StoreResult(StoreOutcome.STORED, sop_instance, study, path)
+
+    def _parse(self, dataset_bytes: bytes, file_meta_bytes: bytes,
+               transfer_syntax_uid: str) -> dict[str, object]:
+        """Check completeness and read the header elements the index needs (no pixel data)."""
+        ts = UID(transfer_syntax_uid)
+        try:
+            raw = dataset_bytes
+            if ts == DeflatedExplicitVRLittleEndian:
+                raw = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
+            check_dataset_structure(raw, implicit_vr=ts.is_implicit_VR,
+                                    little_endian=ts.is_little_endian)
+            with warnings.catch_warnings():
+                # pydicom's warnings quote element values, which may be patient identifiers
+                warnings.simplefilter("ignore")
+                ds = dcmread(io.BytesIO(file_meta_bytes + dataset_bytes),
+                             stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+                header = {k: ds.get(k) for k in _HEADER_TAGS}
+        except (ValueError, InvalidDicomError, EOFError, KeyError, struct.error, zlib.error,
+                NotImplementedError, TypeError, UnicodeDecodeError, AttributeError,
+                RecursionError) as err:
+            reason = f"dataset cannot be parsed: {type(err).__name__}: {_safe(err)}"
+            self.quarantine(file_meta_bytes + dataset_bytes, reason)
+            raise UnparseableDatasetError(reason) from err
+        return header
+
+
+def _safe(err: BaseException) -> str:
+    """An exception message with quoted values removed (they may be identifiers)."""
+    return re.sub(r"('[^']*'|\"[^\"]*\")", "'<redacted>'", str(err))[:300]
+
+
+def _text(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
