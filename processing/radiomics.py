@@ -651,12 +651,13 @@ def _extractor(settings: RadiomicsSettings, classes: Iterable[str]) -> Any:
 
 def _run_pyradiomics(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings,
                      classes: Iterable[str]) -> dict[str, float]:
-    extractor = _extractor(settings, classes)
     radiomics_logger = logging.getLogger("radiomics")
     level = radiomics_logger.level
-    # pyradiomics logs every feature at INFO and warns about fixed bin counts on every call
+    # pyradiomics logs every setting and feature at INFO and warns about fixed bin counts on
+    # every call; its errors still come through
     radiomics_logger.setLevel(logging.ERROR)
     try:
+        extractor = _extractor(settings, classes)
         raw = extractor.execute(image, mask, label=1)
     except (ValueError, RuntimeError) as err:
         raise RadiomicsError(f"pyradiomics failed: {err}") from err

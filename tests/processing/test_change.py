@@ -1,0 +1,113 @@
+"""processing.change: changes vs baseline/previous and repeatability flags (known answers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from processing.change import (
+    VOLUME_MDC,
+    compute_changes,
+    flatten_measurements,
+    perturbation_repeatability,
+    quantity_change,
+)
+from processing.measure import measure_lesion
+from processing.radiomics import RadiomicsSettings
+from processing.results import LesionMeasurements, MapStatistics
+
+
+def _stats(quantity: str, mean: float) -> MapStatistics:
+    return MapStatistics(quantity, "1", 100, mean, mean, 0.1 * mean, 0.8 * mean, 1.2 * mean)
+
+
+def test_quantity_change_arithmetic_and_flags():
+    grown = quantity_change("volume", "baseline", 10.0, 11.5, repeatability=VOLUME_MDC)
+    assert (grown.absolute, grown.relative, grown.beyond_repeatability) == (
+        pytest.approx(1.5), pytest.approx(0.15), True)
+    small = quantity_change("volume", "baseline", 10.0, 10.5, repeatability=VOLUME_MDC)
+    assert small.beyond_repeatability is False
+    zero = quantity_change("epidural_volume", "previous", 0.0, 0.4, repeatability=VOLUME_MDC)
+    assert zero.relative is None and zero.beyond_repeatability is None
+    assert zero.absolute == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        quantity_change("volume", "nadir", 1.0, 1.0, repeatability=None)
+
+
+def test_compute_changes_from_baseline_and_previous_with_comparability():
+    base = LesionMeasurements(volume_ml=10.0, map_statistics={"ADC": _stats("ADC", 1.0e-3),
+                                                              "vp": _stats("vp", 0.10)})
+    prev = LesionMeasurements(volume_ml=11.0, map_statistics={"ADC": _stats("ADC", 1.1e-3),
+                                                              "vp": _stats("vp", 0.05)})
+    now = LesionMeasurements(volume_ml=12.0, map_statistics={"ADC": _stats("ADC", 1.3e-3),
+                                                             "vp": _stats("vp", 0.04)})
+    changes = compute_changes(now, base, prev, repeatability={"vp.mean": 0.15, "ADC.mean": 0.1},
+                              not_comparable=["ADC"])
+    by_key = {(c.quantity, c.reference): c for c in changes}
+    v_base = by_key[("volume", "baseline")]
+    assert v_base.relative == pytest.approx(0.20) and v_base.beyond_repeatability
+    assert v_base.repeatability == VOLUME_MDC
+    v_prev = by_key[("volume", "previous")]
+    assert v_prev.relative == pytest.approx(1 / 11) and v_prev.beyond_repeatability is False
+    vp = by_key[("vp.mean", "baseline")]
+    assert vp.relative == pytest.approx(-0.60) and vp.beyond_repeatability and vp.comparable
+    adc = by_key[("ADC.mean", "baseline")]
+    assert adc.relative == pytest.approx(0.30) and adc.comparable is False
+    assert by_key[("ADC.p90", "previous")].repeatability is None  # no MDC known: not flagged
+    assert by_key[("ADC.p90", "previous")].beyond_repeatability is None
+
+
+def _textured_lesion(seed: int = 7) -> tuple[sitk.Image, sitk.Image, np.ndarray]:
+    """A 20 mm ellipsoidal lesion with smooth ADC texture in marrow, on a 1.5 mm grid."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[:32, :32, :32]
+    lesion = (((zz - 16) / 9.0) ** 2 + ((yy - 16) / 7.0) ** 2 + ((xx - 16) / 7.0) ** 2) <= 1.0
+    texture = ndimage.gaussian_filter(rng.normal(size=lesion.shape), 1.5)
+    texture /= texture.std()
+    adc = np.where(lesion, 0.85e-3, 0.45e-3) * (1 + 0.06 * texture)
+    mask = sitk.GetImageFromArray(lesion.astype(np.uint8))
+    mask.SetSpacing((1.5, 1.5, 1.5))
+    image = sitk.GetImageFromArray(adc)
+    image.CopyInformation(mask)
+    return mask, image, adc
+
+
+def test_same_study_re_extracted_gives_identical_values_and_no_flag():
+    mask, adc, _ = _textured_lesion()
+    settings = {"ADC": RadiomicsSettings(bin_count=16)}
+    first = measure_lesion(mask, {"ADC": adc}, radiomics_settings=settings)
+    second = measure_lesion(mask, {"ADC": adc}, radiomics_settings=settings)
+    assert flatten_measurements(first) == flatten_measurements(second)
+    changes = compute_changes(second, first)
+    assert len(changes) > 100  # volume, diameters, 6 ADC statistics, ~100 features
+    assert all(c.absolute == 0.0 for c in changes)
+    assert not any(c.beyond_repeatability for c in changes)
+
+
+def test_one_voxel_roi_shift_stays_within_repeatability_but_a_real_change_does_not():
+    mask, adc, adc_array = _textured_lesion()
+    settings = {"ADC": RadiomicsSettings(bin_count=16)}
+    mdc = perturbation_repeatability(mask, {"ADC": adc}, radiomics_settings=settings)
+    assert mdc["volume"] == VOLUME_MDC
+    assert 0 < mdc["ADC.mean"] < 0.2
+    baseline = measure_lesion(mask, {"ADC": adc}, radiomics_settings=settings)
+
+    shifted = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(mask), 1, axis=1))
+    shifted.CopyInformation(mask)
+    follow_up = measure_lesion(shifted, {"ADC": adc}, radiomics_settings=settings)
+    changes = compute_changes(follow_up, baseline, repeatability=mdc)
+    flagged = [c.quantity for c in changes if c.beyond_repeatability]
+    assert len(changes) > 100
+    assert flagged == []
+
+    # ADC rises by 30 % (treatment response): the ADC statistics are flagged, volume is not
+    risen = sitk.GetImageFromArray(adc_array * 1.3)
+    risen.CopyInformation(mask)
+    responded = measure_lesion(mask, {"ADC": risen}, radiomics_settings=settings)
+    by_q = {c.quantity: c for c in compute_changes(responded, baseline, repeatability=mdc)}
+    assert by_q["ADC.mean"].relative == pytest.approx(0.30)
+    assert by_q["ADC.mean"].beyond_repeatability is True
+    assert by_q["ADC.median"].beyond_repeatability is True
+    assert by_q["volume"].beyond_repeatability is False
