@@ -1,0 +1,449 @@
+"""The treated lesion on every time point: propagation of the baseline GTV and refinement.
+
+On a follow-up the baseline GTV is first **propagated** through the rigid registration (baseline
+mask resampled onto the follow-up grid) and then **refined on the follow-up images**, so growth
+and shrinkage are measured rather than assumed:
+
+1. A multiparametric intensity model is learnt on the baseline: the voxels of the GTV (lesion) versus
+   a shell of surrounding tissue (mostly vertebral marrow, restricted to the vertebra plus a margin
+   when a vertebra mask is given), one Gaussian mixture per class on the channels handed in (e.g.
+   T1w, T2w, STIR, ADC), each channel divided by the median of a reference shell around the lesion
+   so scanner gain changes between sessions cancel.
+2. On the follow-up, the model's lesion posterior (equal priors) is computed in a search region: the
+   propagated GTV dilated by ``search_margin_mm`` (how far the lesion may have grown), intersected
+   with the propagated vertebra plus margin when a vertebra mask is given; it is smoothed (Gaussian,
+   ``smoothing_sigma_mm``) and thresholded at 0.5.
+3. Connected components touching the propagated GTV are kept and holes filled.
+4. The model is checked on the baseline itself (Dice of its segmentation against the GTV); when that
+   fails, or the refined lesion is implausible, the propagated GTV is returned and the note says so.
+
+The lesion keeps a persistent tracking UID derived from the structure set and ROI that defined it
+(TID 1500 Tracking Unique Identifier), so every time point refers to the same lesion.
+
+References
+----------
+.. [1] Bishop C.M., *Pattern Recognition and Machine Learning*, 2006, §9.2 (Gaussian mixtures).
+.. [2] DICOM PS3.16 TID 1500 / TID 1410 (Tracking Identifier, Tracking Unique Identifier).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from sklearn.mixture import GaussianMixture
+
+from processing.registration import dice, matrix_to_transform, resample_mask, resample_onto
+from processing.results import Lesion
+from processing.rtstruct import RoiInfo
+
+logger = logging.getLogger(__name__)
+
+#: namespace of the tracking UIDs (uuid5), fixed so reprocessing gives the same UID
+_TRACKING_NAMESPACE = uuid.UUID("6f1c2a52-7f0e-5b8a-9a43-1d2c8e6b7a10")
+
+
+class LesionError(ValueError):
+    """The lesion cannot be propagated or refined with the inputs given."""
+
+
+def lesion_tracking_uid(*, rtstruct_sop_instance_uid: str, roi_number: int) -> str:
+    """Persistent Tracking Unique Identifier of a lesion: ``2.25.<uuid5>`` of (structure set, ROI).
+
+    Deterministic, so a re-analysis or a later follow-up refers to the same lesion.
+    """
+    if not rtstruct_sop_instance_uid:
+        raise ValueError("rtstruct_sop_instance_uid is required")
+    name = f"lesion/{rtstruct_sop_instance_uid}/{int(roi_number)}"
+    return f"2.25.{uuid.uuid5(_TRACKING_NAMESPACE, name).int}"
+
+
+def make_lesion(
+    *, rtstruct_sop_instance_uid: str, roi: RoiInfo, vertebral_level: str | None = None
+) -> Lesion:
+    """:class:`processing.results.Lesion` for a GTV ROI of a structure set.
+
+    The human-readable tracking id is the ROI name (e.g. ``GTV L2``), with the level appended when
+    known and not already in the name.
+    """
+    tracking_id = roi.name.strip() or f"ROI {roi.number}"
+    if vertebral_level and vertebral_level.lower() not in tracking_id.lower():
+        tracking_id = f"{tracking_id} {vertebral_level}"
+    return Lesion(
+        tracking_id=tracking_id,
+        tracking_uid=lesion_tracking_uid(rtstruct_sop_instance_uid=rtstruct_sop_instance_uid, roi_number=roi.number),
+        vertebral_level=vertebral_level,
+    )
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """Settings of the follow-up refinement (lengths in mm).
+
+    Attributes
+    ----------
+    search_margin_mm : float
+        How far beyond the propagated GTV the lesion may have grown (mm).
+    vertebra_margin_mm : float
+        Margin around the vertebra mask (when given) that still counts as the treated region (mm),
+        e.g. for epidural or paraspinal extension.
+    ring_mm : float
+        Thickness of the baseline background shell around the GTV used for training (mm).
+    reference_shell_mm : tuple of float
+        Inner and outer distance (mm) from the lesion of the shell whose median normalises each
+        channel (both studies).
+    smoothing_sigma_mm : float
+        Gaussian smoothing of the lesion posterior before thresholding (mm).
+    lesion_components, background_components : int
+        Gaussian mixture components per class.
+    min_training_dice : float
+        The model must re-find the baseline GTV with at least this Dice, else no refinement.
+    min_volume_factor, max_volume_factor : float
+        Plausible refined/propagated volume ratios; outside them the propagated GTV is kept.
+    seed : int
+        Random state of the mixture fits.
+    """
+
+    search_margin_mm: float = 10.0
+    vertebra_margin_mm: float = 10.0
+    ring_mm: float = 8.0
+    reference_shell_mm: tuple[float, float] = (12.0, 24.0)
+    smoothing_sigma_mm: float = 1.0
+    lesion_components: int = 2
+    background_components: int = 4
+    min_training_dice: float = 0.7
+    min_volume_factor: float = 0.05
+    max_volume_factor: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.search_margin_mm < 0 or self.vertebra_margin_mm < 0 or self.ring_mm <= 0:
+            raise ValueError("margins must be >= 0 mm and ring_mm > 0 mm")
+        inner, outer = self.reference_shell_mm
+        if not 0 <= inner < outer:
+            raise ValueError(f"reference_shell_mm must satisfy 0 <= inner < outer, got {self.reference_shell_mm}")
+        if self.lesion_components < 1 or self.background_components < 1:
+            raise ValueError("mixture components must be >= 1")
+        if not 0 < self.min_volume_factor < 1 < self.max_volume_factor:
+            raise ValueError("volume factors must satisfy 0 < min < 1 < max")
+
+
+@dataclass(frozen=True)
+class FollowUpLesion:
+    """The lesion on a follow-up grid.
+
+    Attributes
+    ----------
+    mask : SimpleITK.Image
+        Lesion mask on the follow-up reference grid (UInt8 0/1): refined, or the propagated GTV when
+        ``refined`` is False.
+    propagated_mask : SimpleITK.Image
+        Baseline GTV mapped through the registration.
+    probability : SimpleITK.Image | None
+        Smoothed lesion posterior (Float32, 0-1; 0 outside the search region).
+    volume_ml, propagated_volume_ml, baseline_volume_ml : float
+        Volumes (mL).
+    refined : bool
+        True when ``mask`` comes from the follow-up images.
+    training_dice : float | None
+        Dice of the intensity model's segmentation of the baseline against the GTV.
+    notes : tuple of str
+        What was done and why (fallbacks).
+    """
+
+    mask: sitk.Image
+    propagated_mask: sitk.Image
+    probability: sitk.Image | None
+    volume_ml: float
+    propagated_volume_ml: float
+    baseline_volume_ml: float
+    refined: bool
+    training_dice: float | None
+    notes: tuple[str, ...]
+
+
+def mask_volume_ml(mask: sitk.Image) -> float:
+    """Volume (mL) of the non-zero voxels of a mask."""
+    count = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    return count * float(np.prod(mask.GetSpacing())) / 1000.0
+
+
+def _dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
+    """Binary dilation by a ball of ``radius_mm`` (exact Euclidean, via a distance map)."""
+    if radius_mm <= 0:
+        return sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+    distance = sitk.SignedMaurerDistanceMap(
+        sitk.NotEqual(mask, 0), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    return sitk.Cast(sitk.LessEqual(distance, radius_mm), sitk.sitkUInt8)
+
+
+def _shell(mask: sitk.Image, inner_mm: float, outer_mm: float) -> np.ndarray:
+    distance = sitk.GetArrayFromImage(
+        sitk.SignedMaurerDistanceMap(sitk.NotEqual(mask, 0), insideIsPositive=False, squaredDistance=False,
+                                     useImageSpacing=True)
+    )
+    return (distance > inner_mm) & (distance <= outer_mm)
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
+
+
+def _stack(images: Sequence[sitk.Image], reference: sitk.Image) -> np.ndarray:
+    """Channels resampled (if needed) onto ``reference``: array (n_channels, z, y, x)."""
+    arrays = []
+    for image in images:
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise LesionError("feature images must be scalar")
+        on_grid = image if _same_grid(image, reference) else resample_onto(image, reference)
+        arrays.append(sitk.GetArrayFromImage(on_grid).astype(np.float64))
+    return np.stack(arrays)
+
+
+def _normalise(channels: np.ndarray, shell: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    scales = []
+    out = np.empty_like(channels)
+    for c in range(channels.shape[0]):
+        values = channels[c][shell]
+        median = float(np.median(values)) if values.size else 0.0
+        scale = median if abs(median) > 1e-12 else 1.0
+        scales.append(scale)
+        out[c] = channels[c] / scale
+    return out, scales
+
+
+@dataclass(frozen=True)
+class _IntensityModel:
+    lesion: GaussianMixture
+    background: GaussianMixture
+    mean: np.ndarray
+    std: np.ndarray
+
+    def log_ratio(self, features: np.ndarray) -> np.ndarray:
+        z = (features - self.mean) / self.std
+        return self.lesion.score_samples(z) - self.background.score_samples(z)
+
+
+def _fit_model(features_lesion: np.ndarray, features_background: np.ndarray, settings: RefinementSettings) -> _IntensityModel:
+    both = np.vstack([features_lesion, features_background])
+    mean = both.mean(axis=0)
+    std = both.std(axis=0)
+    std[std < 1e-12] = 1.0
+
+    def mixture(samples: np.ndarray, components: int) -> GaussianMixture:
+        components = max(1, min(components, samples.shape[0] // 20))
+        model = GaussianMixture(
+            n_components=components, covariance_type="full", reg_covar=1e-3, random_state=settings.seed
+        )
+        return model.fit((samples - mean) / std)
+
+    return _IntensityModel(
+        lesion=mixture(features_lesion, settings.lesion_components),
+        background=mixture(features_background, settings.background_components),
+        mean=mean,
+        std=std,
+    )
+
+
+def _segment(
+    model: _IntensityModel, channels: np.ndarray, search: np.ndarray, seed: np.ndarray,
+    reference: sitk.Image, settings: RefinementSettings,
+) -> tuple[np.ndarray, sitk.Image]:
+    """Posterior in ``search``, smoothed, thresholded; components touching ``seed``, holes filled."""
+    posterior = np.zeros(search.shape, dtype=np.float32)
+    features = channels[:, search].T
+    ratio = np.clip(model.log_ratio(features), -50.0, 50.0)
+    posterior[search] = 1.0 / (1.0 + np.exp(-ratio))
+    probability = sitk.GetImageFromArray(posterior)
+    probability.CopyInformation(reference)
+    if settings.smoothing_sigma_mm > 0:
+        probability = sitk.SmoothingRecursiveGaussian(probability, settings.smoothing_sigma_mm)
+        probability = sitk.Mask(probability, _as_image(search, reference))
+    lesion = sitk.GetArrayFromImage(probability) >= 0.5
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_as_image(lesion, reference), True))
+    touching = np.unique(labels[seed & (labels > 0)])
+    if touching.size == 0 and labels.max() > 0:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        touching = np.array([int(np.argmax(sizes))])
+    kept = np.isin(labels, touching) & (labels > 0)
+    filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(_as_image(kept, reference), fullyConnected=False))
+    return filled.astype(bool), probability
+
+
+def _as_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.CopyInformation(reference)
+    return image
+
+
+def propagate_mask(
+    baseline_mask: sitk.Image, follow_up_reference: sitk.Image, follow_up_to_baseline: np.ndarray
+) -> sitk.Image:
+    """Map a baseline mask onto the follow-up grid through the rigid registration.
+
+    Parameters
+    ----------
+    baseline_mask : SimpleITK.Image
+        Mask on the baseline grid.
+    follow_up_reference : SimpleITK.Image
+        Follow-up grid.
+    follow_up_to_baseline : numpy.ndarray
+        4×4 LPS matrix mapping follow-up points (mm) to baseline points (mm), i.e.
+        :attr:`processing.registration.RigidRegistration.matrix_moving_to_fixed`.
+
+    Returns
+    -------
+    SimpleITK.Image
+        UInt8 mask (linear interpolation, ≥ 0.5) on the follow-up grid.
+    """
+    transform = matrix_to_transform(np.asarray(follow_up_to_baseline, dtype=float))
+    return resample_mask(baseline_mask, follow_up_reference, transform=transform)
+
+
+def refine_lesion(
+    baseline_images: Sequence[sitk.Image],
+    baseline_gtv: sitk.Image,
+    follow_up_images: Sequence[sitk.Image],
+    follow_up_to_baseline: np.ndarray,
+    *,
+    baseline_vertebra: sitk.Image | None = None,
+    settings: RefinementSettings | None = None,
+) -> FollowUpLesion:
+    """Propagate the baseline GTV to a follow-up and refine it on the follow-up images.
+
+    Parameters
+    ----------
+    baseline_images : sequence of SimpleITK.Image
+        Feature channels of the baseline (e.g. T1w, T2w, STIR, ADC), resampled onto the GTV grid if
+        needed (same frame of reference).
+    baseline_gtv : SimpleITK.Image
+        Baseline GTV mask (e.g. from the RT Structure Set on the baseline anatomical grid).
+    follow_up_images : sequence of SimpleITK.Image
+        The same channels, same order, of the follow-up; the first one's grid is the follow-up
+        reference grid of the result.
+    follow_up_to_baseline : numpy.ndarray
+        4×4 LPS matrix follow-up → baseline (``RigidRegistration.matrix_moving_to_fixed``).
+    baseline_vertebra : SimpleITK.Image, optional
+        Treated vertebra mask on the baseline grid; constrains training background and search.
+    settings : RefinementSettings, optional
+
+    Returns
+    -------
+    FollowUpLesion
+
+    Raises
+    ------
+    LesionError
+        Channel count mismatch, empty GTV, or a GTV propagated outside the follow-up field of view.
+    """
+    settings = settings or RefinementSettings()
+    if not baseline_images or len(baseline_images) != len(follow_up_images):
+        raise LesionError(
+            f"need the same non-zero number of channels, got {len(baseline_images)} baseline and "
+            f"{len(follow_up_images)} follow-up"
+        )
+    gtv = sitk.Cast(sitk.NotEqual(baseline_gtv, 0), sitk.sitkUInt8)
+    gtv_array = sitk.GetArrayFromImage(gtv).astype(bool)
+    if not gtv_array.any():
+        raise LesionError("baseline GTV mask is empty")
+    baseline_volume = mask_volume_ml(gtv)
+    reference = follow_up_images[0]
+    propagated = propagate_mask(gtv, reference, follow_up_to_baseline)
+    propagated_array = sitk.GetArrayFromImage(propagated).astype(bool)
+    propagated_volume = mask_volume_ml(propagated)
+    if not propagated_array.any():
+        raise LesionError("the propagated GTV lies outside the follow-up field of view")
+    notes: list[str] = [f"propagated baseline GTV {baseline_volume:.2f} mL -> {propagated_volume:.2f} mL"]
+
+    def fallback(reason: str, training: float | None, probability: sitk.Image | None = None) -> FollowUpLesion:
+        notes.append(f"refinement not used: {reason}; the propagated GTV is reported (growth/shrinkage not measured)")
+        logger.warning("lesion refinement not used: %s", reason)
+        return FollowUpLesion(
+            mask=propagated, propagated_mask=propagated, probability=probability,
+            volume_ml=propagated_volume, propagated_volume_ml=propagated_volume,
+            baseline_volume_ml=baseline_volume, refined=False, training_dice=training, notes=tuple(notes),
+        )
+
+    # --- baseline: training samples and normalisation
+    base_channels = _stack(baseline_images, gtv)
+    vertebra_region = None
+    if baseline_vertebra is not None:
+        vertebra_on_grid = baseline_vertebra if _same_grid(baseline_vertebra, gtv) else resample_mask(baseline_vertebra, gtv)
+        vertebra_region = sitk.GetArrayFromImage(_dilate(vertebra_on_grid, settings.vertebra_margin_mm)).astype(bool)
+    ring = sitk.GetArrayFromImage(_dilate(gtv, settings.ring_mm)).astype(bool) & ~gtv_array
+    if vertebra_region is not None:
+        ring &= vertebra_region
+    base_shell = _shell(gtv, *settings.reference_shell_mm)
+    base_norm, base_scales = _normalise(base_channels, base_shell)
+    lesion_samples = base_norm[:, gtv_array].T
+    background_samples = base_norm[:, ring].T
+    if lesion_samples.shape[0] < 10 or background_samples.shape[0] < 10:
+        return fallback("too few voxels to learn the intensity model", None)
+    model = _fit_model(lesion_samples, background_samples, settings)
+
+    # model check on the baseline: segment it in the analogous search region
+    base_search = sitk.GetArrayFromImage(_dilate(gtv, settings.search_margin_mm)).astype(bool)
+    if vertebra_region is not None:
+        base_search &= vertebra_region | gtv_array
+    base_segmentation, _ = _segment(model, base_norm, base_search, gtv_array, gtv, settings)
+    training_dice = dice(_as_image(base_segmentation, gtv), gtv)
+    notes.append(f"intensity model ({len(baseline_images)} channels) re-finds the baseline GTV with Dice {training_dice:.3f}")
+    if training_dice < settings.min_training_dice:
+        return fallback(
+            f"the intensity model does not separate lesion from marrow (Dice {training_dice:.3f} < "
+            f"{settings.min_training_dice})",
+            training_dice,
+        )
+
+    # --- follow-up: search region, normalisation, segmentation
+    follow_channels = _stack(follow_up_images, reference)
+    search = sitk.GetArrayFromImage(_dilate(propagated, settings.search_margin_mm)).astype(bool)
+    if baseline_vertebra is not None:
+        vertebra_follow = propagate_mask(vertebra_on_grid, reference, follow_up_to_baseline)
+        search &= sitk.GetArrayFromImage(_dilate(vertebra_follow, settings.vertebra_margin_mm)).astype(bool) | propagated_array
+    follow_shell = _shell(propagated, *settings.reference_shell_mm)
+    follow_norm, follow_scales = _normalise(follow_channels, follow_shell)
+    notes.append(
+        "channel scales (reference shell medians) baseline/follow-up: "
+        + ", ".join(f"{a:.4g}/{b:.4g}" for a, b in zip(base_scales, follow_scales))
+    )
+    segmentation, probability = _segment(model, follow_norm, search, propagated_array, reference, settings)
+    mask = _as_image(segmentation, reference)
+    volume = mask_volume_ml(mask)
+    ratio = volume / propagated_volume
+    if not settings.min_volume_factor <= ratio <= settings.max_volume_factor:
+        return fallback(f"implausible refined volume {volume:.2f} mL ({ratio:.2f} x propagated)", training_dice, probability)
+    grown = segmentation & ~propagated_array
+    if grown.any() and np.count_nonzero(grown & ~_erode_search(search, reference)) > 0.05 * np.count_nonzero(segmentation):
+        notes.append("lesion reaches the edge of the search region: growth may be underestimated")
+    notes.append(f"refined on follow-up images: {volume:.2f} mL ({100 * (ratio - 1):+.0f} % vs propagated)")
+    logger.info(
+        "lesion refined: baseline %.2f mL, propagated %.2f mL, follow-up %.2f mL (training Dice %.3f)",
+        baseline_volume, propagated_volume, volume, training_dice,
+    )
+    return FollowUpLesion(
+        mask=mask, propagated_mask=propagated, probability=probability, volume_ml=volume,
+        propagated_volume_ml=propagated_volume, baseline_volume_ml=baseline_volume, refined=True,
+        training_dice=training_dice, notes=tuple(notes),
+    )
+
+
+def _erode_search(search: np.ndarray, reference: sitk.Image) -> np.ndarray:
+    """Search region minus its outer one-voxel layer."""
+    spacing = min(reference.GetSpacing())
+    inside = sitk.SignedMaurerDistanceMap(
+        _as_image(~search, reference), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    return sitk.GetArrayFromImage(inside) > math.sqrt(3) * spacing

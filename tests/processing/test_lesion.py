@@ -1,0 +1,153 @@
+"""Baseline GTV propagated to a follow-up and refined on the follow-up images (synthetic scenes)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from processing.lesion import (
+    LesionError,
+    RefinementSettings,
+    lesion_tracking_uid,
+    make_lesion,
+    mask_volume_ml,
+    propagate_mask,
+    refine_lesion,
+)
+from processing.registration import transform_to_matrix
+from processing.rtstruct import RoiInfo
+
+SIZE = (64, 64, 24)
+SPACING = (1.5, 1.5, 3.0)
+TUMOUR_CENTRE = np.array([5.0, 0.0, 0.0])
+#: tissue -> (T1w, T2w) signal
+SIGNAL = {"soft": (400.0, 250.0), "marrow": (600.0, 300.0), "disc": (350.0, 600.0), "tumour": (300.0, 450.0)}
+
+
+def _grid(origin) -> sitk.Image:
+    image = sitk.Image(SIZE, sitk.sitkFloat32)
+    image.SetSpacing(SPACING)
+    image.SetOrigin(origin)
+    return image
+
+
+def _scene(grid: sitk.Image, radius_mm: float, to_body: np.ndarray, seed: int, gain: float = 1.0):
+    """(T1w, T2w, vertebra mask, tumour mask) sampled at the voxel centres of ``grid``.
+
+    ``to_body`` maps grid (LPS) points to body coordinates (4x4), i.e. follow-up -> baseline.
+    """
+    k, j, i = np.indices(SIZE[::-1]).astype(float)
+    index = np.stack([i, j, k], axis=-1) * np.asarray(SPACING)
+    direction = np.asarray(grid.GetDirection()).reshape(3, 3)
+    points = np.asarray(grid.GetOrigin()) + index @ direction.T
+    body = points @ to_body[:3, :3].T + to_body[:3, 3]
+    x, y, z = body[..., 0], body[..., 1], body[..., 2]
+    in_column = (x / 22.0) ** 2 + (y / 17.0) ** 2 < 1.0
+    vertebra = in_column & (np.abs(z) < 12.5)
+    disc = in_column & ~vertebra & (np.abs(z) < 20.5)
+    tumour = np.linalg.norm(body - TUMOUR_CENTRE, axis=-1) < radius_mm
+    rng = np.random.default_rng(seed)
+    channels = []
+    for c in range(2):
+        signal = np.full(x.shape, SIGNAL["soft"][c])
+        signal[vertebra] = SIGNAL["marrow"][c]
+        signal[disc] = SIGNAL["disc"][c]
+        signal[tumour] = SIGNAL["tumour"][c]
+        signal = gain * signal + rng.normal(0.0, 20.0, signal.shape)
+        image = sitk.GetImageFromArray(signal.astype(np.float32))
+        image.CopyInformation(grid)
+        channels.append(image)
+    masks = []
+    for array in (vertebra, tumour):
+        mask = sitk.GetImageFromArray(array.astype(np.uint8))
+        mask.CopyInformation(grid)
+        masks.append(mask)
+    return channels[0], channels[1], masks[0], masks[1]
+
+
+def _follow_up_to_baseline(angles_deg=(2.0, -3.0, 4.0), translation=(3.0, -2.0, 4.0)) -> np.ndarray:
+    transform = sitk.Euler3DTransform()
+    transform.SetRotation(*(math.radians(a) for a in angles_deg))
+    transform.SetTranslation(translation)
+    return transform_to_matrix(transform)
+
+
+BASELINE_RADIUS = 9.0
+BASELINE_ORIGIN = (-47.25, -47.25, -34.5)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    t1, t2, vertebra, tumour = _scene(_grid(BASELINE_ORIGIN), BASELINE_RADIUS, np.eye(4), seed=1)
+    return [t1, t2], tumour, vertebra
+
+
+@pytest.mark.parametrize(("radius_mm", "gain"), [(6.0, 1.0), (9.0, 1.3), (11.5, 0.8)])
+def test_refined_follow_up_volume_within_10_percent(baseline, radius_mm, gain) -> None:
+    images, gtv, vertebra = baseline
+    matrix = _follow_up_to_baseline()
+    t1, t2, _, truth = _scene(_grid((-46.0, -48.0, -33.0)), radius_mm, matrix, seed=2, gain=gain)
+    result = refine_lesion(images, gtv, [t1, t2], matrix, baseline_vertebra=vertebra)
+    true_volume = 4.0 / 3.0 * math.pi * radius_mm**3 / 1000.0
+    assert result.refined, result.notes
+    assert result.training_dice is not None and result.training_dice > 0.9
+    assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (result.volume_ml, true_volume)
+    # the propagated GTV keeps the baseline volume: only refinement measures the change
+    baseline_volume = 4.0 / 3.0 * math.pi * BASELINE_RADIUS**3 / 1000.0
+    assert abs(result.propagated_volume_ml - baseline_volume) / baseline_volume < 0.10
+    overlap = np.logical_and(sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(truth)).sum()
+    dice = 2 * overlap / (sitk.GetArrayViewFromImage(result.mask).sum() + sitk.GetArrayViewFromImage(truth).sum())
+    assert dice > 0.85, dice
+
+
+def test_propagation_follows_the_registration(baseline) -> None:
+    _, gtv, _ = baseline
+    matrix = _follow_up_to_baseline()
+    follow_grid = _grid((-46.0, -48.0, -33.0))
+    _, _, _, truth = _scene(follow_grid, BASELINE_RADIUS, matrix, seed=3)
+    propagated = propagate_mask(gtv, follow_grid, matrix)
+    a = sitk.GetArrayViewFromImage(propagated).astype(bool)
+    b = sitk.GetArrayViewFromImage(truth).astype(bool)
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.9
+    assert abs(mask_volume_ml(propagated) - mask_volume_ml(gtv)) / mask_volume_ml(gtv) < 0.08
+
+
+def test_uninformative_channels_fall_back_to_the_propagated_gtv(baseline) -> None:
+    images, gtv, _ = baseline
+    noise = []
+    for seed, image in enumerate(images * 2):
+        array = np.random.default_rng(seed).normal(500.0, 20.0, SIZE[::-1]).astype(np.float32)
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        noise.append(out)
+    result = refine_lesion(noise[:2], gtv, noise[2:], np.eye(4))
+    assert not result.refined
+    assert result.volume_ml == result.propagated_volume_ml
+    assert any("not used" in note for note in result.notes)
+
+
+def test_errors_and_settings_validation(baseline) -> None:
+    images, gtv, _ = baseline
+    with pytest.raises(LesionError, match="channels"):
+        refine_lesion(images, gtv, images[:1], np.eye(4))
+    with pytest.raises(LesionError, match="empty"):
+        refine_lesion(images, gtv * 0, images, np.eye(4))
+    far = np.eye(4)
+    far[0, 3] = 500.0
+    with pytest.raises(LesionError, match="field of view"):
+        refine_lesion(images, gtv, images, far)
+    with pytest.raises(ValueError, match="reference_shell_mm"):
+        RefinementSettings(reference_shell_mm=(10.0, 5.0))
+
+
+def test_tracking_uid_is_persistent_and_distinct() -> None:
+    uid = lesion_tracking_uid(rtstruct_sop_instance_uid="1.2.3.4", roi_number=2)
+    assert uid == lesion_tracking_uid(rtstruct_sop_instance_uid="1.2.3.4", roi_number=2)
+    assert uid != lesion_tracking_uid(rtstruct_sop_instance_uid="1.2.3.4", roi_number=3)
+    assert uid.startswith("2.25.") and len(uid) <= 64 and all(p.isdigit() for p in uid.split("."))
+    roi = RoiInfo(number=2, name="GTV", interpreted_type="GTV", n_contours=5, frame_of_reference_uid="1.2")
+    lesion = make_lesion(rtstruct_sop_instance_uid="1.2.3.4", roi=roi, vertebral_level="L2")
+    assert lesion.tracking_id == "GTV L2" and lesion.tracking_uid == uid and lesion.vertebral_level == "L2"
