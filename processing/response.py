@@ -1,0 +1,333 @@
+"""Response assessment of a treated spinal metastasis: the documented rule set.
+
+Rule set ``spine-sbrt-response 1.0`` encodes the decision logic of domain.md §1.11 (design, not a
+guideline; decision support only):
+
+1. **Local progression** if any of
+   a. epidural progression: new epidural tumour (baseline epidural volume 0, now
+      >= 0.1 mL), epidural volume increase beyond the volume MDC (10.9 %) and >= 0.1 mL, or a
+      higher Bilsky grade (SPINO criterion b);
+   b. size increase beyond the size-dependent threshold (below) **outside** the
+      pseudoprogression window of 6-26 weeks after treatment (Amini 2016);
+   c. size increase confirmed on the following scan: the previous call was indeterminate or
+      progression and the volume keeps growing beyond the threshold relative to the previous scan;
+   d. size increase inside the window together with a perfusion **increase** (vp >= +20 %;
+      failures +28 % to +88 % in Kumar 2017 and AJNR 2023) - a node design choice: growth with
+      rising perfusion is not treated as pseudoprogression.
+2. **Indeterminate - possible pseudoprogression** if the size increases inside the window without
+   epidural progression and without a perfusion increase; when vp (or, without vp, Ktrans) falls
+   by >= 20 % (Kumar 2017 cut-off) that is listed as the supporting perfusion evidence. A
+   confirmation MRI in 6-8 weeks is recommended.
+3. **Local control** otherwise; functional changes (vp/Ktrans fall, ADC rise >= 25 %, Messiou
+   2011) are listed as supporting criteria.
+4. Vertebral compression fracture (new / progressive, Genant height-loss grades) and epidural
+   progression are reported separately from the tumour call whenever measurable.
+
+Size increase means the GTV volume change from baseline exceeds the size-dependent threshold of
+the Sunnybrook study (domain.md §1.3): baseline GTV < 2 mL: 42.0 % at the first follow-up,
+71.3 % later, 37.2 % from the previous scan; 2-8.3 mL: 14.7 % (the cohort's optimal B-P2 threshold,
+since the medium-size thresholds were below the MDD), 10.9 % from the previous scan; > 8.3 mL:
+13.3 %; never below the MDD of 10.9 %. A linear increase of the maximum axial diameter by >= 20 %
+and >= 5 mm (RECIST 1.1 PD) also counts (SPINO: "volume or linear dimension").
+
+References
+----------
+.. [1] Thibault I, et al. Lancet Oncol 2015;16:e595-603 (SPINO).
+.. [2] Amini B, et al. AJNR 2016;37:387 (osseous pseudoprogression, 9.7-24.4 weeks).
+.. [3] Neurosurgery 2021, PMID 34392364 (volumetric thresholds, MDD 10.9 %).
+.. [4] Kumar KA, et al. Technol Cancer Res Treat 2017 (Vp cut-off -20 %).
+.. [5] Sahgal A, et al. J Clin Oncol 2013;31:3426 (VCF after spine SBRT); Genant HK 1993.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from processing.change import VOLUME_MDC
+from processing.results import Change, Criterion, ResponseAssessment, ResponseCategory
+
+logger = logging.getLogger(__name__)
+
+RULE_SET_NAME = "spine-sbrt-response"
+RULE_SET_VERSION = "1.0"
+#: Name and version recorded in every :class:`ResponseAssessment`.
+RULE_SET = f"{RULE_SET_NAME} {RULE_SET_VERSION}"
+
+#: Pseudoprogression window after treatment, days (6-26 weeks, domain.md §1.2/§1.11).
+PSEUDOPROGRESSION_WINDOW_DAYS = (42, 182)
+SMALL_GTV_ML = 2.0
+LARGE_GTV_ML = 8.3
+#: Relative vp/Ktrans change from baseline at or below which perfusion has fallen (Kumar 2017).
+PERFUSION_DECREASE = -0.20
+#: Relative vp change from baseline at or above which perfusion has risen.
+PERFUSION_INCREASE = 0.20
+#: Relative ADC rise supporting response (Messiou 2011: 75 % sensitive, 67 % specific).
+ADC_INCREASE = 0.25
+#: RECIST-like linear progression: relative and absolute increase of the maximum axial diameter.
+DIAMETER_INCREASE = (0.20, 5.0)
+#: Smallest epidural volume (mL) or epidural increase that counts as measurable disease.
+EPIDURAL_MIN_ML = 0.1
+#: Genant semi-quantitative grades by vertebral body height loss, % (grade 1 from 20 %).
+GENANT_GRADES = ((20.0, 1), (25.0, 2), (40.0, 3))
+BILSKY_ORDER = ("0", "1a", "1b", "1c", "2", "3")
+
+CONFIRMATION_RECOMMENDATION = ("confirmation MRI in 6-8 weeks: size increase inside the "
+                               "pseudoprogression window (6-26 weeks after SBRT)")
+PROGRESSION_RECOMMENDATION = "multidisciplinary review of local progression at the treated level"
+
+
+def volume_threshold(baseline_volume_ml: float, *, reference: str = "baseline",
+                     first_follow_up: bool = True) -> float:
+    """Relative GTV volume increase that counts as growth (size-dependent, domain.md §1.3).
+
+    Parameters
+    ----------
+    baseline_volume_ml : float
+        Baseline GTV volume, mL.
+    reference : {"baseline", "previous"}
+        Change from baseline or from the previous follow-up.
+    first_follow_up : bool
+        Whether the current scan is the first follow-up (small GTVs: B-P1 vs B-P2 threshold).
+
+    Returns
+    -------
+    float
+        Relative threshold (fraction), never below :data:`VOLUME_MDC`.
+    """
+    if baseline_volume_ml <= 0:
+        raise ValueError(f"baseline volume must be > 0 mL, got {baseline_volume_ml}")
+    if reference not in ("baseline", "previous"):
+        raise ValueError(f"reference must be 'baseline' or 'previous', got {reference!r}")
+    if baseline_volume_ml < SMALL_GTV_ML:
+        value = 0.372 if reference == "previous" else (0.420 if first_follow_up else 0.713)
+    elif baseline_volume_ml <= LARGE_GTV_ML:
+        value = VOLUME_MDC if reference == "previous" else 0.147
+    else:
+        value = 0.133
+    return max(value, VOLUME_MDC)
+
+
+def genant_grade(height_loss_pct: float) -> int:
+    """Genant semi-quantitative grade (0-3) from vertebral body height loss, %."""
+    grade = 0
+    for threshold, g in GENANT_GRADES:
+        if height_loss_pct >= threshold:
+            grade = g
+    return grade
+
+
+def compression_fracture_status(height_loss_baseline_pct: float | None,
+                                height_loss_current_pct: float | None) -> str | None:
+    """``"new"``, ``"progressive"``, ``"none"``, or ``None`` when not measurable.
+
+    New: Genant grade 0 at baseline and >= 1 now. Progressive: a pre-existing fracture whose
+    Genant grade has increased (Sahgal 2013 reports new and progressive VCF separately).
+    """
+    if height_loss_baseline_pct is None or height_loss_current_pct is None:
+        return None
+    before, now = genant_grade(height_loss_baseline_pct), genant_grade(height_loss_current_pct)
+    if before == 0 and now >= 1:
+        return "new"
+    if before >= 1 and now > before:
+        return "progressive"
+    return "none"
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100.0 * x, 3)
+
+
+def _find(changes: Sequence[Change], quantity: str, reference: str = "baseline",
+          ) -> Change | None:
+    for change in changes:
+        if change.quantity == quantity and change.reference == reference:
+            return change
+    return None
+
+
+def assess_response(
+    changes: Sequence[Change],
+    *,
+    days_since_treatment: int | None,
+    previous_category: ResponseCategory | None = None,
+    bilsky_baseline: str | None = None,
+    bilsky_current: str | None = None,
+    height_loss_baseline_pct: float | None = None,
+    height_loss_current_pct: float | None = None,
+) -> ResponseAssessment:
+    """Apply rule set :data:`RULE_SET` to one lesion at one follow-up.
+
+    Parameters
+    ----------
+    changes : sequence of Change
+        From :func:`processing.change.compute_changes`; uses ``volume`` (baseline and previous),
+        ``max_axial_diameter``, ``epidural_volume``, ``vp.mean``, ``Ktrans.mean``, ``ADC.mean``.
+        Changes marked not comparable are not used as evidence.
+    days_since_treatment : int or None
+        Days from the (first) treatment fraction to this follow-up.
+    previous_category : ResponseCategory, optional
+        The call at the previous follow-up (for confirmation of growth).
+    bilsky_baseline, bilsky_current : str, optional
+        Bilsky ESCC grades (``0``, ``1a``, ``1b``, ``1c``, ``2``, ``3``).
+    height_loss_baseline_pct, height_loss_current_pct : float, optional
+        Vertebral body height loss of the treated level, %.
+
+    Returns
+    -------
+    ResponseAssessment
+        The category, every criterion evaluated (fired or not, with value and threshold), the
+        rule set name and version, a recommendation, epidural progression and fracture status.
+    """
+    volume = _find(changes, "volume")
+    fracture = compression_fracture_status(height_loss_baseline_pct, height_loss_current_pct)
+    if volume is None or volume.reference_value <= 0 or volume.relative is None:
+        return ResponseAssessment(
+            category=ResponseCategory.NOT_ASSESSABLE, criteria=(
+                Criterion("baseline-volume", "baseline and follow-up GTV volumes are needed",
+                          False),),
+            rule_set=RULE_SET, recommendation="no baseline GTV volume: response not assessable",
+            compression_fracture=fracture)
+
+    criteria: list[Criterion] = []
+    previous_volume = _find(changes, "volume", "previous")
+    first_follow_up = previous_volume is None
+    base_threshold = volume_threshold(volume.reference_value, first_follow_up=first_follow_up)
+    volume_up = volume.comparable and volume.relative > base_threshold
+    criteria.append(Criterion(
+        "volume-increase", f"GTV volume change from baseline above the size-dependent threshold "
+        f"(baseline {volume.reference_value:.2f} mL; domain.md 1.3)",
+        volume_up, _pct(volume.relative), _pct(base_threshold), "%"))
+
+    diameter = _find(changes, "max_axial_diameter")
+    diameter_up = False
+    if diameter is not None and diameter.relative is not None:
+        diameter_up = (diameter.comparable and diameter.relative >= DIAMETER_INCREASE[0]
+                       and diameter.absolute >= DIAMETER_INCREASE[1])
+        criteria.append(Criterion(
+            "diameter-increase", "maximum axial diameter +20 % and +5 mm or more from baseline "
+            f"(RECIST 1.1 PD; absolute change {diameter.absolute:+.1f} mm)",
+            diameter_up, _pct(diameter.relative), _pct(DIAMETER_INCREASE[0]), "%"))
+    size_up = volume_up or diameter_up
+
+    growth_confirmed = False
+    if previous_volume is not None and previous_volume.relative is not None:
+        prev_threshold = volume_threshold(volume.reference_value, reference="previous")
+        growing = previous_volume.comparable and previous_volume.relative > prev_threshold
+        growth_confirmed = bool(size_up and growing and previous_category in (
+            ResponseCategory.INDETERMINATE, ResponseCategory.LOCAL_PROGRESSION))
+        criteria.append(Criterion(
+            "growth-confirmed", "size increase confirmed: previous call indeterminate or "
+            "progression and volume growing beyond threshold from the previous scan",
+            growth_confirmed, _pct(previous_volume.relative), _pct(prev_threshold), "%"))
+
+    low, high = PSEUDOPROGRESSION_WINDOW_DAYS
+    in_window: bool | None = None
+    if days_since_treatment is not None:
+        in_window = low <= days_since_treatment <= high
+    criteria.append(Criterion(
+        "pseudoprogression-window", "follow-up 6-26 weeks after treatment (Amini 2016)",
+        bool(in_window), None if days_since_treatment is None else round(
+            days_since_treatment / 7.0, 1), high / 7.0, "wk"))
+
+    epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current,
+                                                 criteria)
+
+    vp = _find(changes, "vp.mean")
+    ktrans = _find(changes, "Ktrans.mean")
+    perfusion_down = perfusion_up = False
+    perfusion_known = False
+    for name, change in (("vp", vp), ("Ktrans", ktrans)):
+        if change is None or change.relative is None or not change.comparable:
+            continue
+        perfusion_known = True
+        fired = change.relative <= PERFUSION_DECREASE
+        criteria.append(Criterion(
+            f"perfusion-decrease-{name.lower()}", f"{name} mean {change.relative * 100:+.0f} % "
+            "from baseline; a fall of 20 % or more is consistent with response (Kumar 2017)",
+            fired, _pct(change.relative), _pct(PERFUSION_DECREASE), "%"))
+        if name == "vp" or vp is None or not vp.comparable:
+            perfusion_down = perfusion_down or fired
+        if name == "vp":
+            perfusion_up = change.relative >= PERFUSION_INCREASE and (
+                change.beyond_repeatability is not False)
+            criteria.append(Criterion(
+                "perfusion-increase-vp", "vp mean +20 % or more from baseline (local failures "
+                "+28 to +88 %, Kumar 2017, AJNR 2023)", perfusion_up,
+                _pct(change.relative), _pct(PERFUSION_INCREASE), "%"))
+
+    adc = _find(changes, "ADC.mean")
+    if adc is not None and adc.relative is not None and adc.comparable:
+        criteria.append(Criterion(
+            "adc-increase", "ADC mean +25 % or more from baseline, supporting response "
+            "(Messiou 2011)", adc.relative >= ADC_INCREASE, _pct(adc.relative),
+            _pct(ADC_INCREASE), "%"))
+
+    if fracture is not None:
+        criteria.append(Criterion(
+            "compression-fracture", f"vertebral compression fracture: {fracture} (Genant grade "
+            f"{genant_grade(height_loss_baseline_pct or 0.0)} -> "
+            f"{genant_grade(height_loss_current_pct or 0.0)})", fracture in ("new", "progressive"),
+            height_loss_current_pct, GENANT_GRADES[0][0], "%"))
+
+    recommendation: str | None = None
+    if epidural_progression:
+        category = ResponseCategory.LOCAL_PROGRESSION
+        recommendation = PROGRESSION_RECOMMENDATION
+    elif size_up and (growth_confirmed or in_window is False):
+        category = ResponseCategory.LOCAL_PROGRESSION
+        recommendation = PROGRESSION_RECOMMENDATION
+    elif size_up and perfusion_up:
+        category = ResponseCategory.LOCAL_PROGRESSION
+        recommendation = PROGRESSION_RECOMMENDATION
+    elif size_up:
+        category = ResponseCategory.INDETERMINATE
+        recommendation = CONFIRMATION_RECOMMENDATION
+        if in_window is None:
+            recommendation += "; time since treatment unknown"
+        if not perfusion_known:
+            recommendation += "; no comparable perfusion data"
+        elif not perfusion_down:
+            recommendation += "; perfusion has not fallen"
+    else:
+        category = ResponseCategory.LOCAL_CONTROL
+    logger.info("response %s by %s (%d criteria, %d fired)", category.value, RULE_SET,
+                len(criteria), sum(c.fired for c in criteria))
+    return ResponseAssessment(
+        category=category, criteria=tuple(criteria), rule_set=RULE_SET,
+        recommendation=recommendation, epidural_progression=epidural_progression,
+        compression_fracture=fracture)
+
+
+def _epidural_progression(changes: Sequence[Change], bilsky_baseline: str | None,
+                          bilsky_current: str | None, criteria: list[Criterion]) -> bool | None:
+    """Epidural progression (SPINO b) from epidural volume and/or Bilsky grades; None if unknown."""
+    result: bool | None = None
+    epidural = _find(changes, "epidural_volume")
+    if epidural is not None and epidural.comparable:
+        if epidural.reference_value < EPIDURAL_MIN_ML:
+            fired = epidural.value >= EPIDURAL_MIN_ML
+            description = (f"new epidural tumour: {epidural.value:.2f} mL now, "
+                           f"{epidural.reference_value:.2f} mL at baseline")
+            criteria.append(Criterion("epidural-new", description, fired,
+                                      epidural.value, EPIDURAL_MIN_ML, "mL"))
+        else:
+            fired = bool(epidural.relative is not None and epidural.relative > VOLUME_MDC
+                         and epidural.absolute >= EPIDURAL_MIN_ML)
+            criteria.append(Criterion(
+                "epidural-increase", "epidural tumour volume increase beyond the volume MDC "
+                f"(10.9 %) and >= {EPIDURAL_MIN_ML} mL", fired, _pct(epidural.relative),
+                _pct(VOLUME_MDC), "%"))
+        result = fired
+    if bilsky_baseline is not None and bilsky_current is not None:
+        try:
+            before = BILSKY_ORDER.index(bilsky_baseline)
+            now = BILSKY_ORDER.index(bilsky_current)
+        except ValueError as err:
+            raise ValueError(f"Bilsky grade must be one of {BILSKY_ORDER}") from err
+        fired = now > before
+        criteria.append(Criterion(
+            "bilsky-increase", f"Bilsky ESCC grade {bilsky_baseline} -> {bilsky_current}", fired,
+            float(now), float(before), None))
+        result = bool(result) or fired
+    return result

@@ -1,0 +1,176 @@
+"""processing.response: the rule set on the phantom scenarios (synthetic measurements and images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from processing.change import compute_changes
+from processing.measure import measure_lesion
+from processing.response import (
+    RULE_SET,
+    assess_response,
+    compression_fracture_status,
+    volume_threshold,
+)
+from processing.results import LesionMeasurements, MapStatistics, ResponseCategory
+
+LC, LP = ResponseCategory.LOCAL_CONTROL, ResponseCategory.LOCAL_PROGRESSION
+IND = ResponseCategory.INDETERMINATE
+
+#: the phantom's scenario multipliers (processing/phantom SCENARIO_CHANGES, issue 3): volume,
+#: diffusivity, Ktrans, vp, epidural component; and the days of the follow-ups
+SCENARIOS = {
+    "responder": [dict(volume=0.70, d=1.35, ktrans=0.40, vp=0.40, epidural=False),
+                  dict(volume=0.60, d=1.40, ktrans=0.35, vp=0.35, epidural=False)],
+    "progression": [dict(volume=1.40, d=0.95, ktrans=1.30, vp=1.20, epidural=True),
+                    dict(volume=1.90, d=0.92, ktrans=1.40, vp=1.30, epidural=True)],
+    "pseudoprogression": [dict(volume=1.20, d=1.20, ktrans=0.70, vp=0.40, epidural=False),
+                          dict(volume=0.95, d=1.30, ktrans=0.50, vp=0.35, epidural=False)],
+    "stable": [dict(volume=1.02, d=1.03, ktrans=0.95, vp=0.95, epidural=False),
+               dict(volume=1.00, d=1.04, ktrans=0.95, vp=0.95, epidural=False)],
+}
+EXPECTED = {"responder": [LC, LC], "progression": [LP, LP], "pseudoprogression": [IND, LC],
+            "stable": [LC, LC]}
+DAYS = (84, 182)
+
+
+def _stats(quantity: str, value: float) -> MapStatistics:
+    return MapStatistics(quantity, "1", 500, value, value, 0.1 * value, 0.8 * value, 1.2 * value)
+
+
+def _measurements(volume=1.0, d=1.0, ktrans=1.0, vp=1.0, epidural=False) -> LesionMeasurements:
+    diameter = 24.0 * volume ** (1 / 3)
+    return LesionMeasurements(
+        volume_ml=6.5 * volume, max_axial_diameter_mm=diameter,
+        epidural_volume_ml=0.6 * volume if epidural else 0.0,
+        map_statistics={"ADC": _stats("ADC", 0.85e-3 * d), "Ktrans": _stats("Ktrans", 0.25 * ktrans),
+                        "vp": _stats("vp", 0.08 * vp)})
+
+
+def _crit(assessment, code):
+    return {c.code: c for c in assessment.criteria}[code]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_phantom_scenarios_give_the_expected_calls(scenario):
+    baseline = _measurements(volume=1.0)
+    previous, previous_call = None, None
+    for step, days, expected in zip(SCENARIOS[scenario], DAYS, EXPECTED[scenario]):
+        current = _measurements(**step)
+        changes = compute_changes(current, baseline, previous)
+        call = assess_response(changes, days_since_treatment=days,
+                               previous_category=previous_call)
+        assert call.category == expected, (scenario, days, call)
+        assert call.rule_set == RULE_SET == "spine-sbrt-response 1.0"
+        previous, previous_call = current, call.category
+        if scenario == "progression":
+            assert call.epidural_progression is True
+            assert _crit(call, "epidural-new").fired
+        else:
+            assert call.epidural_progression is False
+
+
+def test_pseudoprogression_is_indeterminate_with_perfusion_evidence_listed():
+    baseline = _measurements()
+    current = _measurements(volume=1.20, d=1.20, ktrans=0.70, vp=0.40)
+    call = assess_response(compute_changes(current, baseline), days_since_treatment=84)
+    assert call.category == IND
+    assert "confirmation MRI in 6-8 weeks" in call.recommendation
+    volume = _crit(call, "volume-increase")
+    assert volume.fired and volume.value == pytest.approx(20.0) and volume.threshold == 14.7
+    vp = _crit(call, "perfusion-decrease-vp")
+    assert vp.fired and vp.value == pytest.approx(-60.0) and vp.threshold == -20.0
+    assert _crit(call, "perfusion-decrease-ktrans").value == pytest.approx(-30.0)
+    assert not _crit(call, "perfusion-increase-vp").fired
+    assert _crit(call, "pseudoprogression-window").fired
+    assert _crit(call, "pseudoprogression-window").value == 12.0
+    assert not _crit(call, "adc-increase").fired  # +20 % < 25 %
+
+
+def test_growth_outside_the_window_confirmed_or_with_rising_perfusion_is_progression():
+    baseline = _measurements()
+    grown = _measurements(volume=1.40)
+    late = assess_response(compute_changes(grown, baseline), days_since_treatment=273)
+    assert late.category == LP and not _crit(late, "pseudoprogression-window").fired
+    rising = _measurements(volume=1.40, vp=1.5)
+    assert assess_response(compute_changes(rising, baseline),
+                           days_since_treatment=70).category == LP
+    previous = _measurements(volume=1.20, vp=0.9)
+    confirmed = assess_response(compute_changes(grown, baseline, previous),
+                                days_since_treatment=150, previous_category=IND)
+    assert confirmed.category == LP and _crit(confirmed, "growth-confirmed").fired
+    unknown_time = assess_response(compute_changes(grown, baseline), days_since_treatment=None)
+    assert unknown_time.category == IND and "unknown" in unknown_time.recommendation
+
+
+def test_size_dependent_thresholds_and_not_comparable_perfusion():
+    assert volume_threshold(1.5) == 0.42
+    assert volume_threshold(1.5, first_follow_up=False) == 0.713
+    assert volume_threshold(1.5, reference="previous") == 0.372
+    assert volume_threshold(5.0) == 0.147
+    assert volume_threshold(5.0, reference="previous") == 0.109
+    assert volume_threshold(12.0) == 0.133
+    small = LesionMeasurements(volume_ml=1.5)
+    assert assess_response(compute_changes(LesionMeasurements(volume_ml=1.95), small),
+                           days_since_treatment=300).category == LC  # +30 % < 42 %
+    baseline = _measurements()
+    current = _measurements(volume=1.20, vp=0.40)
+    changes = compute_changes(current, baseline, not_comparable=["vp", "Ktrans"])
+    call = assess_response(changes, days_since_treatment=84)
+    assert call.category == IND
+    assert "no comparable perfusion data" in call.recommendation
+    assert not any(c.code.startswith("perfusion") for c in call.criteria)
+
+
+def test_fracture_and_bilsky_reported_separately_and_not_assessable():
+    assert compression_fracture_status(5.0, 30.0) == "new"
+    assert compression_fracture_status(22.0, 27.0) == "progressive"
+    assert compression_fracture_status(22.0, 23.0) == "none"
+    assert compression_fracture_status(None, 30.0) is None
+    baseline, current = _measurements(), _measurements(volume=0.8, vp=0.5)
+    call = assess_response(compute_changes(current, baseline), days_since_treatment=120,
+                           height_loss_baseline_pct=5.0, height_loss_current_pct=30.0,
+                           bilsky_baseline="1a", bilsky_current="1a")
+    assert call.category == LC and call.compression_fracture == "new"
+    assert _crit(call, "compression-fracture").fired
+    bilsky = assess_response(compute_changes(current, baseline), days_since_treatment=120,
+                             bilsky_baseline="1a", bilsky_current="2")
+    assert bilsky.category == LP and bilsky.epidural_progression
+    none = assess_response((), days_since_treatment=90)
+    assert none.category == ResponseCategory.NOT_ASSESSABLE
+
+
+def _sphere_case(volume_ml: float, vp: float, adc: float, epidural: bool):
+    """Images: a spherical lesion of the given volume with uniform vp and ADC maps, 1 mm grid."""
+    zz, yy, xx = np.mgrid[:48, :48, :48]
+    radius = (3 * volume_ml * 1000 / (4 * np.pi)) ** (1 / 3)
+    lesion = ((zz - 24) ** 2 + (yy - 24) ** 2 + (xx - 24) ** 2) <= radius**2
+    ep = np.zeros_like(lesion)
+    if epidural:
+        ep[24:30, 40:44, 20:28] = True
+
+    def img(a):
+        im = sitk.GetImageFromArray(a)
+        im.SetSpacing((1.0, 1.0, 1.0))
+        return im
+
+    maps = {"vp": img(np.full(lesion.shape, vp)), "ADC": img(np.full(lesion.shape, adc))}
+    return measure_lesion(img(lesion.astype(np.uint8)), maps,
+                          epidural_mask=img(ep.astype(np.uint8)))
+
+
+def test_scenarios_from_images_through_measure_change_response():
+    baseline = _sphere_case(6.5, vp=0.08, adc=0.85e-3, epidural=False)
+    pseudo = _sphere_case(6.5 * 1.2, vp=0.08 * 0.4, adc=0.85e-3 * 1.2, epidural=False)
+    progression = _sphere_case(6.5 * 1.4, vp=0.08 * 1.2, adc=0.85e-3 * 0.95, epidural=True)
+    responder = _sphere_case(6.5 * 0.7, vp=0.08 * 0.4, adc=0.85e-3 * 1.35, epidural=False)
+    calls = {name: assess_response(compute_changes(m, baseline), days_since_treatment=84)
+             for name, m in (("pseudo", pseudo), ("progression", progression),
+                             ("responder", responder))}
+    assert calls["pseudo"].category == IND
+    assert _crit(calls["pseudo"], "perfusion-decrease-vp").value == pytest.approx(-60.0)
+    assert calls["progression"].category == LP and calls["progression"].epidural_progression
+    assert calls["responder"].category == LC
+    assert _crit(calls["responder"], "adc-increase").fired
