@@ -315,6 +315,9 @@ def _from_philips(ds: Dataset, what: str) -> DiffusionEncoding | None:
 
 def _looks_diffusion_weighted(ds: Dataset) -> bool:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    if "DERIVED" in image_type[:1]:
+        # Scanner-derived maps (ADC, FA, exponential ADC) legitimately carry no encoding.
+        return False
     if "DIFFUSION" in image_type:
         return True
     if str(ds.get("AcquisitionContrast", "") or "").upper() == "DIFFUSION":

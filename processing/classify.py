@@ -1,0 +1,494 @@
+"""Series roles from acquisition physics, and the per-study protocol inventory.
+
+The role of a series is decided from what was acquired — b-values and gradient directions, flip
+angles, TR/TE/TI, temporal positions, inversion and fat suppression, Image Type tokens such as
+DERIVED/ADC/TRACEW, the SOP Class — never from Series Description, which sites fill freely (or not
+at all). The inventory says which analyses a study allows (ADC, IVIM, tensor DKI, apparent kurtosis,
+quantitative DCE with a VFA or a fixed T10) and which series each would use.
+
+Thresholds (documented so that a reviewer can check them against the protocols in domain.md §3):
+
+* b-values below 5 s/mm² are b = 0 (Philips stores repeated b0 as 0.001–0.004); b-values within
+  max(25 s/mm², 5 %) form one shell.
+* ADC: ≥ 2 distinct b-values with b_max ≥ 400 s/mm² (body DWI: b50–100 and b800–1000; §3.1).
+* IVIM: ≥ 4 distinct b-values, ≥ 3 of them ≤ 200 s/mm² (including b = 0) and ≥ 1 ≥ 400 s/mm².
+* Apparent (directionally averaged) kurtosis: ≥ 3 distinct b-values including one ≤ 100 s/mm² and
+  b_max ≥ 1400 s/mm² (S(b) = S0·exp(−bD + b²D²K/6); §3.2).
+* Tensor DKI: b = 0, ≥ 2 non-zero shells with ≥ 6 non-collinear directions each, ≥ 15 non-collinear
+  directions in all and b_max ≥ 1400 s/mm² (§3.2; Tabesh 2011, dipy ``dki``).
+* STIR: inversion recovery with TI 80–300 ms; T1w: spin echo TR ≤ 1000 ms and TE ≤ 30 ms, gradient
+  echo TR < 50 ms with TE < 10 ms and flip ≥ 5°, or inversion recovery with TI 300–1500 ms;
+  T2w: TR ≥ 1500 ms and TE ≥ 60 ms.
+* VFA T1: ≥ 2 volumes with distinct flip angles at one TR (± 2 %), gradient echo (§3.3).
+* DCE: ≥ 5 volumes at one flip angle with strictly increasing acquisition times (§3.6).
+
+References
+----------
+.. [1] domain.md §3.1–3.6 (acquisition facts, diffusion and DCE metadata).
+.. [2] Tabesh A et al. Magn Reson Med 2011;65:823-836 (DKI estimation).
+.. [3] DICOM PS3.3 C.8.13.1 (Image Type / Frame Type values, e.g. ADC, TRACEW, DIFFUSION).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from processing.diffusion_encoding import B0_THRESHOLD, DiffusionEncodingError
+from processing.series import SeriesError, SeriesVolume, group_by_series, read_series
+
+logger = logging.getLogger(__name__)
+
+RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+SHELL_ABS_TOLERANCE = 25.0  # s/mm²
+SHELL_REL_TOLERANCE = 0.05
+COLLINEAR_COS = float(np.cos(np.deg2rad(2.0)))
+
+
+class SeriesRole(str, enum.Enum):
+    """What a series is, for the analysis chain."""
+
+    DWI = "dwi"
+    ADC_MAP = "adc_map"
+    TRACE = "trace"
+    DCE = "dce"
+    VFA_T1 = "vfa_t1"
+    T1W = "t1w"
+    T2W = "t2w"
+    STIR = "stir"
+    RTPLAN = "rtplan"
+    RTSTRUCT = "rtstruct"
+    RTDOSE = "rtdose"
+    SEG = "seg"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class DiffusionInventory:
+    """b-value / direction inventory of a diffusion series and the models it supports.
+
+    Attributes
+    ----------
+    shells : tuple of (float, int)
+        (mean b-value in s/mm², number of non-collinear directions) per shell, ascending; b = 0 and
+        isotropic-only shells have 0 directions.
+    n_volumes : int
+        Diffusion volumes in the series.
+    has_b0 : bool
+        At least one volume with b < 5 s/mm².
+    n_isotropic : int
+        Volumes that are trace / isotropic (excluded from tensor fits).
+    n_directions : int
+        Non-collinear directions over all b > 0 shells.
+    adc, ivim, kurtosis_apparent, dki_tensor : bool
+        Whether the acquisition supports each model (thresholds in the module docstring).
+    """
+
+    shells: tuple[tuple[float, int], ...]
+    n_volumes: int
+    has_b0: bool
+    n_isotropic: int
+    n_directions: int
+    adc: bool
+    ivim: bool
+    kurtosis_apparent: bool
+    dki_tensor: bool
+
+    @property
+    def b_values(self) -> tuple[float, ...]:
+        """Shell b-values in s/mm², ascending (0 for the b0 shell)."""
+        return tuple(b for b, _ in self.shells)
+
+
+@dataclass(frozen=True)
+class SeriesClassification:
+    """Role of one series and the facts that decided it.
+
+    Attributes
+    ----------
+    role : SeriesRole
+    reasons : tuple of str
+        Human-readable physics the decision rests on (for logs and the dashboard).
+    diffusion : DiffusionInventory or None
+        For ``dwi`` and ``trace`` series.
+    n_volumes : int
+        Volumes in the series (1 for RT objects).
+    flip_angles : tuple of float
+        Distinct flip angles (degrees), ascending.
+    repetition_time : float or None
+        TR in ms of the first volume.
+    temporal_resolution : float or None
+        Median interval between volumes in s (DCE).
+    error : str or None
+        Why the series could not be read (then ``role`` is ``other``).
+    """
+
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    modality: str
+    role: SeriesRole
+    reasons: tuple[str, ...] = ()
+    diffusion: DiffusionInventory | None = None
+    n_volumes: int = 1
+    flip_angles: tuple[float, ...] = ()
+    repetition_time: float | None = None
+    temporal_resolution: float | None = None
+    contrast_agent: str | None = None
+    error: str | None = None
+
+
+def _shells(b_values: np.ndarray) -> list[list[int]]:
+    order = np.argsort(b_values, kind="stable")
+    shells: list[list[int]] = []
+    start = None
+    for i in order:
+        b = float(b_values[i])
+        b_eff = 0.0 if b < B0_THRESHOLD else b
+        if start is not None and b_eff - start <= max(SHELL_ABS_TOLERANCE, SHELL_REL_TOLERANCE * start):
+            shells[-1].append(int(i))
+        else:
+            shells.append([int(i)])
+            start = b_eff
+    return shells
+
+
+def _count_directions(vectors: Sequence[tuple[float, float, float]]) -> int:
+    unique: list[np.ndarray] = []
+    for v in vectors:
+        g = np.asarray(v, dtype=float)
+        if not any(abs(float(np.dot(g, u))) >= COLLINEAR_COS for u in unique):
+            unique.append(g)
+    return len(unique)
+
+
+def diffusion_inventory(volume: SeriesVolume) -> DiffusionInventory:
+    """Shells, directions and supported models of a diffusion series (thresholds: module docstring)."""
+    b = volume.b_values
+    valid = np.isfinite(b)
+    idx = np.flatnonzero(valid)
+    shells = _shells(b[idx])
+    shell_info: list[tuple[float, int]] = []
+    all_dirs: list[tuple[float, float, float]] = []
+    n_iso = 0
+    for members in shells:
+        vols = [volume.volumes[int(idx[m])] for m in members]
+        mean_b = float(np.mean([v.b_value for v in vols]))
+        if mean_b < B0_THRESHOLD:
+            shell_info.append((0.0, 0))
+            continue
+        dirs = [v.gradient for v in vols if v.gradient is not None]
+        n_iso += sum(1 for v in vols if v.gradient is None)
+        shell_info.append((round(mean_b, 1), _count_directions(dirs)))
+        all_dirs.extend(dirs)
+    bs = [s for s, _ in shell_info]
+    has_b0 = any(s == 0.0 for s in bs)
+    b_max = max(bs) if bs else 0.0
+    nonzero_dir_shells = [n for s, n in shell_info if s > 0 and n >= 6]
+    n_dirs = _count_directions(all_dirs)
+    return DiffusionInventory(
+        shells=tuple(shell_info),
+        n_volumes=int(valid.sum()),
+        has_b0=has_b0,
+        n_isotropic=n_iso,
+        n_directions=n_dirs,
+        adc=len(bs) >= 2 and b_max >= 400.0,
+        ivim=len(bs) >= 4 and sum(1 for s in bs if s <= 200.0) >= 3 and b_max >= 400.0,
+        kurtosis_apparent=len(bs) >= 3 and min(bs) <= 100.0 and b_max >= 1400.0,
+        dki_tensor=has_b0 and len(nonzero_dir_shells) >= 2 and n_dirs >= 15 and b_max >= 1400.0,
+    )
+
+
+def _image_tokens(volume: SeriesVolume) -> set[str]:
+    tokens = set(volume.physics.image_type)
+    for v in volume.volumes:
+        tokens.update(v.image_type)
+    return tokens
+
+
+def _rel_equal(values: Sequence[float], rel: float) -> bool:
+    if not values:
+        return True
+    ref = values[0]
+    return all(abs(v - ref) <= rel * max(abs(ref), 1e-9) for v in values)
+
+
+def _anatomical_role(volume: SeriesVolume) -> tuple[SeriesRole, list[str]]:
+    phys = volume.physics
+    first = volume.volumes[0]
+    tr, te, ti, fa = first.repetition_time, first.echo_time, first.inversion_time, first.flip_angle
+    gradient_echo = "GR" in phys.scanning_sequence or phys.echo_pulse_sequence == "GRADIENT"
+    facts = [f"TR={tr} ms", f"TE={te} ms", f"TI={ti} ms", f"flip={fa} deg",
+             f"scanning sequence {'/'.join(phys.scanning_sequence) or '?'}"]
+    if phys.inversion_recovery and ti is not None and ti > 0:
+        if 80.0 <= ti <= 300.0:
+            return SeriesRole.STIR, facts + ["short-TI inversion recovery (fat nulled)"]
+        if 300.0 < ti <= 1500.0:
+            return SeriesRole.T1W, facts + ["inversion recovery with T1-weighting TI"]
+        return SeriesRole.OTHER, facts + ["long-TI inversion recovery (FLAIR-type)"]
+    if tr is None or te is None:
+        contrast = phys.acquisition_contrast
+        if contrast in ("T1", "T2"):
+            return SeriesRole(contrast.lower() + "w"), facts + [f"Acquisition Contrast {contrast}"]
+        return SeriesRole.OTHER, facts + ["TR/TE not recorded"]
+    if gradient_echo and tr < 50.0:
+        if te < 10.0 and (fa or 0.0) >= 5.0:
+            return SeriesRole.T1W, facts + ["spoiled gradient echo, short TR/TE"]
+        return SeriesRole.OTHER, facts + ["gradient echo without T1 weighting"]
+    if tr <= 1000.0 and te <= 30.0:
+        return SeriesRole.T1W, facts + ["short TR and TE"]
+    if tr >= 1500.0 and te >= 60.0:
+        return SeriesRole.T2W, facts + ["long TR and TE"]
+    return SeriesRole.OTHER, facts + ["neither T1- nor T2-weighted timing (e.g. proton density)"]
+
+
+def classify_volume(volume: SeriesVolume) -> SeriesClassification:
+    """Role of an assembled image series, from its acquisition physics (never its description)."""
+    tokens = _image_tokens(volume)
+    b = volume.b_values
+    has_diffusion = bool(np.any(np.isfinite(b)))
+    flips = sorted({round(v.flip_angle, 2) for v in volume.volumes if v.flip_angle is not None})
+    tr = volume.volumes[0].repetition_time
+    base = dict(
+        series_instance_uid=volume.series_instance_uid,
+        study_instance_uid=volume.study_instance_uid,
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+        modality=volume.modality,
+        n_volumes=volume.n_volumes,
+        flip_angles=tuple(float(f) for f in flips),
+        repetition_time=tr,
+        contrast_agent=volume.physics.contrast_agent,
+    )
+    if "ADC" in tokens:
+        return SeriesClassification(role=SeriesRole.ADC_MAP, reasons=("Image Type ADC",), **base)
+    if has_diffusion and np.nanmax(b) >= B0_THRESHOLD:
+        inventory = diffusion_inventory(volume)
+        derived_trace = bool(tokens & {"TRACEW", "TRACE", "ISOTROPIC"}) or (
+            "DERIVED" in tokens and inventory.n_directions == 0)
+        if derived_trace and inventory.n_directions == 0:
+            return SeriesClassification(
+                role=SeriesRole.TRACE, diffusion=inventory,
+                reasons=(f"scanner-combined trace images, b = {inventory.b_values} s/mm²",), **base)
+        return SeriesClassification(
+            role=SeriesRole.DWI, diffusion=inventory,
+            reasons=(f"diffusion-weighted, shells (b, directions) = {inventory.shells}",), **base)
+    if volume.n_volumes >= 2:
+        times = [v.time for v in volume.volumes]
+        trs = [v.repetition_time for v in volume.volumes if v.repetition_time is not None]
+        gradient_echo = ("GR" in volume.physics.scanning_sequence
+                         or volume.physics.echo_pulse_sequence == "GRADIENT")
+        if len(flips) >= 2 and len(flips) == volume.n_volumes and _rel_equal(trs, 0.02) and gradient_echo:
+            return SeriesClassification(
+                role=SeriesRole.VFA_T1,
+                reasons=(f"gradient echo at TR {tr} ms with flip angles {flips} deg",), **base)
+        if (volume.n_volumes >= 5 and len(flips) <= 1 and all(t is not None for t in times)
+                and all(b > a for a, b in zip(times, times[1:]))):
+            dt = float(np.median(np.diff(np.asarray(times, dtype=float))))
+            return SeriesClassification(
+                role=SeriesRole.DCE, temporal_resolution=dt,
+                reasons=(f"{volume.n_volumes} time points every {dt:.2f} s at flip {flips} deg",),
+                **base)
+        return SeriesClassification(
+            role=SeriesRole.OTHER,
+            reasons=(f"{volume.n_volumes} volumes that are neither diffusion, VFA nor dynamic",), **base)
+    role, facts = _anatomical_role(volume)
+    return SeriesClassification(role=role, reasons=tuple(facts), **base)
+
+
+def _non_image_role(ds: Dataset) -> SeriesRole | None:
+    sop = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "")).upper()
+    if sop == RT_PLAN_STORAGE or modality == "RTPLAN":
+        return SeriesRole.RTPLAN
+    if sop == RT_STRUCTURE_SET_STORAGE or modality == "RTSTRUCT":
+        return SeriesRole.RTSTRUCT
+    if sop == RT_DOSE_STORAGE or modality == "RTDOSE":
+        return SeriesRole.RTDOSE
+    if sop == SEGMENTATION_STORAGE or modality == "SEG":
+        return SeriesRole.SEG
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        return SeriesRole.OTHER
+    return None
+
+
+def classify_series(datasets: Sequence[Dataset]) -> SeriesClassification:
+    """Role of one series given all its datasets.
+
+    RT Plan / Structure Set / Dose and Segmentation objects are recognised by SOP Class (or
+    Modality); image series are assembled with :func:`processing.series.read_series` and classified
+    by :func:`classify_volume`.
+
+    Raises
+    ------
+    processing.series.SeriesError, processing.diffusion_encoding.DiffusionEncodingError
+        The image series cannot be assembled (missing slice, mixed geometry, unknown encoding).
+    """
+    if not datasets:
+        raise SeriesError("no datasets given")
+    first = datasets[0]
+    role = _non_image_role(first)
+    if role is not None:
+        return SeriesClassification(
+            series_instance_uid=str(first.get("SeriesInstanceUID", "")),
+            study_instance_uid=str(first.get("StudyInstanceUID", "")),
+            frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+            modality=str(first.get("Modality", "")),
+            role=role,
+            reasons=(f"SOP Class {first.get('SOPClassUID', '?')}, Modality {first.get('Modality', '?')}",),
+        )
+    return classify_volume(read_series(datasets))
+
+
+@dataclass(frozen=True)
+class ProtocolInventory:
+    """Which analyses one study allows, and with which series.
+
+    Attributes
+    ----------
+    study_instance_uid : str
+    series : tuple of SeriesClassification
+        Every series of the study (unreadable ones with ``error`` set and role ``other``).
+    adc, ivim, dki_tensor, kurtosis_apparent : tuple of str
+        Series Instance UIDs usable for each diffusion model, best first (most volumes).
+    dce : str or None
+        The DCE series (most time points) if any.
+    dce_quantitative : bool
+        Pharmacokinetic modelling possible: a DCE series with ≥ 10 time points at ≤ 10 s
+        resolution (timing only; the arterial input function is population-based).
+    dce_t1_method : str or None
+        ``"vfa"`` when a VFA T1 series shares the DCE frame of reference and TR (± 5 %),
+        ``"fixed_t10"`` otherwise, None without DCE.
+    vfa_t1 : str or None
+        The VFA series used for T10.
+    anatomy_reference : str or None
+        Anatomical series for registration and lesion delineation: T2w, else T1w, else STIR.
+    adc_maps : tuple of str
+        Scanner-derived ADC maps (for comparison only).
+    """
+
+    study_instance_uid: str
+    series: tuple[SeriesClassification, ...]
+    adc: tuple[str, ...] = ()
+    ivim: tuple[str, ...] = ()
+    dki_tensor: tuple[str, ...] = ()
+    kurtosis_apparent: tuple[str, ...] = ()
+    dce: str | None = None
+    dce_quantitative: bool = False
+    dce_t1_method: str | None = None
+    vfa_t1: str | None = None
+    anatomy_reference: str | None = None
+    adc_maps: tuple[str, ...] = ()
+    errors: tuple[tuple[str, str], ...] = field(default=())
+
+    def by_role(self, role: SeriesRole | str) -> tuple[SeriesClassification, ...]:
+        """Classifications of the series with ``role``."""
+        role = SeriesRole(role)
+        return tuple(s for s in self.series if s.role is role)
+
+    @property
+    def analyses(self) -> frozenset[str]:
+        """Names of the possible analyses: ``adc``, ``ivim``, ``dki_tensor``, ``kurtosis_apparent``,
+        ``dce_semi_quantitative``, ``dce_quantitative``, ``t1_vfa``, ``anatomy``."""
+        out = {name for name in ("adc", "ivim", "dki_tensor", "kurtosis_apparent") if getattr(self, name)}
+        if self.dce:
+            out.add("dce_semi_quantitative")
+        if self.dce_quantitative:
+            out.add("dce_quantitative")
+        if self.vfa_t1:
+            out.add("t1_vfa")
+        if self.anatomy_reference:
+            out.add("anatomy")
+        return frozenset(out)
+
+
+def protocol_inventory(classifications: Iterable[SeriesClassification],
+                       *, study_instance_uid: str | None = None) -> ProtocolInventory:
+    """Build the :class:`ProtocolInventory` of one study from its series classifications."""
+    series = tuple(classifications)
+    uids = {s.study_instance_uid for s in series if s.study_instance_uid}
+    if study_instance_uid is None:
+        if len(uids) > 1:
+            raise ValueError(f"classifications span {len(uids)} studies; give study_instance_uid")
+        study_instance_uid = uids.pop() if uids else ""
+    series = tuple(s for s in series if s.study_instance_uid in ("", study_instance_uid))
+
+    def ranked(pred) -> tuple[str, ...]:
+        chosen = [s for s in series if s.diffusion is not None and pred(s.diffusion)]
+        chosen.sort(key=lambda s: (s.role is not SeriesRole.DWI, -s.n_volumes))
+        return tuple(s.series_instance_uid for s in chosen)
+
+    dces = sorted((s for s in series if s.role is SeriesRole.DCE), key=lambda s: -s.n_volumes)
+    dce = dces[0] if dces else None
+    vfa = None
+    method = None
+    quantitative = False
+    if dce is not None:
+        quantitative = dce.n_volumes >= 10 and (dce.temporal_resolution or 1e9) <= 10.0
+        for cand in (s for s in series if s.role is SeriesRole.VFA_T1):
+            same_for = cand.frame_of_reference_uid == dce.frame_of_reference_uid
+            same_tr = (cand.repetition_time is not None and dce.repetition_time is not None
+                       and abs(cand.repetition_time - dce.repetition_time)
+                       <= 0.05 * dce.repetition_time)
+            if same_for and same_tr:
+                vfa = cand
+                break
+        method = "vfa" if vfa is not None else "fixed_t10"
+    elif any(s.role is SeriesRole.VFA_T1 for s in series):
+        vfa = next(s for s in series if s.role is SeriesRole.VFA_T1)
+    anatomy = None
+    for role in (SeriesRole.T2W, SeriesRole.T1W, SeriesRole.STIR):
+        found = [s for s in series if s.role is role]
+        if found:
+            anatomy = found[0].series_instance_uid
+            break
+    return ProtocolInventory(
+        study_instance_uid=study_instance_uid,
+        series=series,
+        adc=ranked(lambda d: d.adc),
+        ivim=ranked(lambda d: d.ivim),
+        dki_tensor=ranked(lambda d: d.dki_tensor),
+        kurtosis_apparent=ranked(lambda d: d.kurtosis_apparent),
+        dce=None if dce is None else dce.series_instance_uid,
+        dce_quantitative=quantitative,
+        dce_t1_method=method,
+        vfa_t1=None if vfa is None else vfa.series_instance_uid,
+        anatomy_reference=anatomy,
+        adc_maps=tuple(s.series_instance_uid for s in series if s.role is SeriesRole.ADC_MAP),
+        errors=tuple((s.series_instance_uid, s.error) for s in series if s.error),
+    )
+
+
+def classify_study(datasets: Iterable[Dataset]) -> ProtocolInventory:
+    """Classify every series of one study and build its protocol inventory.
+
+    A series that cannot be read is kept with role ``other`` and its error message (logged with the
+    Series Instance UID) so that the rest of the study can still be analysed; nothing is silently
+    dropped.
+    """
+    datasets = list(datasets)
+    studies = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
+    if len(studies) != 1:
+        raise ValueError(f"datasets span {len(studies)} studies; classify one study at a time")
+    study = studies.pop()
+    results = []
+    for uid, members in group_by_series(datasets).items():
+        try:
+            results.append(classify_series(members))
+        except (SeriesError, DiffusionEncodingError) as err:
+            logger.warning("series %s cannot be assembled: %s", uid, err)
+            first = members[0]
+            results.append(SeriesClassification(
+                series_instance_uid=uid, study_instance_uid=study,
+                frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+                modality=str(first.get("Modality", "")), role=SeriesRole.OTHER,
+                reasons=("unreadable series",), n_volumes=0, error=str(err)))
+    return protocol_inventory(results, study_instance_uid=study)
