@@ -53,7 +53,9 @@ with warnings.catch_warnings():
 logger = logging.getLogger(__name__)
 
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
-PHILIPS_MR_IMAGING_5 = "Philips MR Imaging DD 005"
+#: Philips (2005,1596) "diffusion order" (temporal order of volumes, R5.6+) sits in the block of
+#: this creator (dcm2niix Philips/README).
+PHILIPS_MR_IMAGING_6 = "Philips MR Imaging DD 006"
 
 #: Direction cosines of two frames agree when every component differs by less than this.
 ORIENTATION_TOLERANCE = 1e-4
@@ -414,7 +416,7 @@ def _classic_common(ds: Dataset) -> dict[str, Any]:
         else _datetime_seconds(None, ds.get("AcquisitionDate") or ds.get("SeriesDate"),
                                ds.get("AcquisitionTime")),
         temporal_position_index=_int(ds.get("TemporalPositionIdentifier")),
-        acquisition_order=_int(private_value(ds, 0x2005, PHILIPS_MR_IMAGING_5, 0x96, "IS")),
+        acquisition_order=_int(private_value(ds, 0x2005, PHILIPS_MR_IMAGING_6, 0x96, "IS")),
         instance_number=_int(ds.get("InstanceNumber")) or 0,
         image_type=_strings(ds.get("ImageType")),
     )

@@ -108,11 +108,23 @@ def test_ge_private_gradients_are_logical_frame_as_documented(dcmqa, series_cach
 
 
 def test_philips_volume_order_follows_private_diffusion_order(series_cache, dcmqa):
-    """dcm2niix orders Philips classic volumes by (2005,xx96); b0 repeats stay 0.001…0.004."""
+    """dcm2niix orders Philips classic volumes by (2005,xx96); b0 repeats stay 0.001…0.004.
+
+    Instance numbers are reversed on a fresh read to show the order comes from (2005,xx96)
+    ("Philips MR Imaging DD 006"), not from the file or instance order.
+    """
     _, volume = series_cache["philips_classic"]
     assert volume.b_values[[0, 4, 8, 12, 16]].tolist() == pytest.approx([0, 0.001, 0.002, 0.003, 0.004],
                                                                         abs=1e-6)
     assert volume.array.shape == (17, 32, 112, 112)
+    files = sorted(dcmqa.glob(CASES["philips_classic"][0]))
+    datasets = [_read(p) for p in files]
+    for ds in datasets:
+        ds.InstanceNumber = 10_000 - int(ds.InstanceNumber)
+    reordered = read_series(datasets)
+    np.testing.assert_allclose(reordered.b_values, volume.b_values)
+    np.testing.assert_array_equal(reordered.gradients, volume.gradients)
+    np.testing.assert_array_equal(reordered.array, volume.array)
 
 
 def _ge_like(b_raw: int, block: int) -> Dataset:
