@@ -59,6 +59,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
 from pydicom.sr._concepts_dict import concepts as _concepts
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -88,6 +89,24 @@ def private_code(value: str, meaning: str) -> CodedConcept:
         value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning[:64],
         scheme_version=PRIVATE_SCHEME_VERSION,
     )
+
+
+def coding_scheme_identification() -> list[Dataset]:
+    """Coding Scheme Identification Sequence items declaring the private schemes (PS3.3 C.12.1)."""
+    items = []
+    for designator, name, responsible in (
+        (PRIVATE_SCHEME, "Spine Response Node private codes", "Spine Response Node"),
+        (PYRADIOMICS_SCHEME, "pyradiomics features without IBSI code (pyradiomics-dcm)",
+         "pyradiomics"),
+    ):
+        item = Dataset()
+        item.CodingSchemeDesignator = designator
+        item.CodingSchemeName = name
+        item.CodingSchemeResponsibleOrganization = responsible
+        if designator == PRIVATE_SCHEME:
+            item.CodingSchemeVersion = PRIVATE_SCHEME_VERSION
+        items.append(item)
+    return items
 
 
 def _hash_code(text: str, length: int) -> str:
@@ -417,12 +436,17 @@ _IBSI_BY_CODE: dict[str, str] = {
 }
 
 
-def ibsi_code(code_value: str) -> CodedConcept:
-    """IBSI concept with its PS3.16 code meaning (e.g. ``RNU0`` -> "Volume of Mesh")."""
-    try:
+def ibsi_code(code_value: str, meaning: str | None = None) -> CodedConcept:
+    """IBSI concept with its PS3.16 code meaning (e.g. ``RNU0`` -> "Volume of Mesh").
+
+    Codes of the IBSI reference manual that PS3.16 does not list yet (e.g. ``IPH6`` kurtosis)
+    take ``meaning`` (the IBSI feature name); without it they are refused.
+    """
+    if code_value in _IBSI_BY_CODE:
         return CodedConcept(code_value, "IBSI", _IBSI_BY_CODE[code_value])
-    except KeyError as err:
-        raise ValueError(f"{code_value!r} is not an IBSI code in PS3.16") from err
+    if meaning:
+        return CodedConcept(code_value, "IBSI", meaning[:64])
+    raise ValueError(f"{code_value!r} is not an IBSI code in PS3.16 and no meaning was given")
 
 
 def pyradiomics_private_code(feature: str) -> CodedConcept:

@@ -1,0 +1,480 @@
+"""Longitudinal TID 1500 Measurement Report (Comprehensive 3D SR), built with highdicom.
+
+One SR holds, for every lesion and time point handed in, a TID 1411 volumetric measurement group
+(option (b) of domain.md §4.4): the baseline and follow-up groups of a lesion share its Tracking
+UID and differ by their TID 1502 Time Point Context; the follow-up groups add the changes from
+baseline and the response call. The document belongs to the study of the latest time point;
+instances of earlier studies (the baseline SEG, maps, images) are recorded as other-study evidence
+(Pertinent Other Evidence Sequence) by highdicom.
+
+Content of each measurement group (TID 1411)
+--------------------------------------------
+* Tracking Identifier / Tracking Unique Identifier: the persisted lesion identifiers.
+* Time Point Context (TID 1502): Time Point ``"<role> <YYYYMMDD>"``, Time Point Type Baseline
+  (C1442488, UMLS) or Post-radiation (264908009, SCT), Time Point Order (1 = earliest), and the
+  Longitudinal Temporal Offset from Event in days with event type (SBRTSTART, 99SPINESBRT) —
+  CID 280 has no treatment-start event (negative for a pre-treatment baseline).
+* Referenced Segment (the SEG of this lesion at this time point, found by Study Instance UID and
+  Tracking UID) with its source series; Finding = the segment type; Finding Site = the vertebra.
+* Measurement Method: the response rule set (private ``RSET-``) when a response was assessed.
+* Measurements (NUM):
+
+  - Volume (118565006, SCT) in cm3; maximum axial diameter, craniocaudal extent and 3-D diameter
+    (private AXDIAM, CCEXT, MAX3D) in mm; epidural volume (private EPIVOL) in cm3;
+  - per map statistic: concept = the map's quantity code, Derivation = Mean / Median / Standard
+    Deviation / Peak Value Within ROI / private P10, P90; unit = the Parametric Map's unit; each
+    references its Parametric Map as (121112, DCM, "Source of Measurement") IMAGE when the map of
+    that quantity and study is in ``parametric_maps``. (126100, DCM, "Real World Value Map used
+    for measurement") is not used: it references a stand-alone Real World Value Mapping object
+    (SOP Class 1.2.840.10008.5.1.4.1.1.67), not a Parametric Map, and dciodvfy rejects the
+    latter. Statistics of quantities without a quantity code (``T2w``, ``T1w`` signal) are not
+    written;
+  - radiomics: IBSI code (from :data:`processing.radiomics.IBSI_FEATURES`) for ``original_``
+    features; values are converted to the IBSI definition where ``processing.radiomics`` documents
+    a difference (``firstorder_Kurtosis`` - 3); PCA axis lengths, whose correction needs the voxel
+    count, and every other feature keep the pyradiomics value under a ``99PYRADIOMICS`` code. Shape
+    features carry real units (mm, mm2, mm3, /mm); first-order intensity features of a map (mean,
+    percentiles, range, deviations…, computed on the map in the node's internal unit) are converted
+    to the map's output unit; the rest have unit ``1``. The image the feature was computed on is
+    named in the measurement's algorithm parameters (``image=ADC``) and its Parametric Map is
+    referenced (Source of Measurement) when present;
+  - criterion values (private ``CR-`` concepts) and the site model's probability of progression.
+* Changes go into further TID 1411 groups of the same lesion and time point (same tracking
+  identifiers, segment and time point context), one per kind of change, whose group-level
+  Measurement Method is private CHGREL (relative change from baseline, %), CHGABS (absolute change
+  from baseline, quantity unit) or CHGRELP/CHGABSP (from the previous time point). Each NUM has
+  the concept and derivation of the quantity that changed. (dcmqi reads a Measurement Method only
+  at group level, hence groups rather than per-NUM methods.)
+* Qualitative evaluations (CODE): Response Evaluation (112020, DCM) = private response category;
+  per criterion Present/Absent (fired or not); Epidural progression Present/Absent; Vertebral
+  compression fracture = new / progressive / none; Acquisition comparability.
+* Algorithm identification (TID 4019): name, version and the settings (``algorithm_parameters``).
+
+The private codes are documented in :mod:`reporting.codes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from processing.change import flatten_measurements
+from processing.radiomics import IBSI_FEATURES
+from processing.results import (
+    LesionMeasurements,
+    TimePointResult,
+    TimePointRole,
+)
+from reporting import codes as rcodes
+from reporting.pmap import map_quantity
+from reporting.seg import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME
+from reporting.uids import deterministic_uid, digest_text, digest_uids
+
+logger = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9200
+ALGORITHM_NAME = "spine-node response assessment"
+DEVICE_OBSERVER_NAME = "Spine Response Node"
+PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
+
+#: pyradiomics first-order features that carry the unit of the image intensities.
+_INTENSITY_FEATURES = frozenset({
+    "Mean", "Median", "Minimum", "Maximum", "10Percentile", "90Percentile", "Range",
+    "InterquartileRange", "MeanAbsoluteDeviation", "RobustMeanAbsoluteDeviation",
+    "RootMeanSquared", "StandardDeviation",
+})
+_SHAPE_UNITS = {
+    "MeshVolume": "mm3", "VoxelVolume": "mm3", "SurfaceArea": "mm2", "SurfaceVolumeRatio": "/mm",
+    "Maximum3DDiameter": "mm", "Maximum2DDiameterSlice": "mm", "Maximum2DDiameterColumn": "mm",
+    "Maximum2DDiameterRow": "mm", "MajorAxisLength": "mm", "MinorAxisLength": "mm",
+    "LeastAxisLength": "mm",
+}
+#: IBSI value = pyradiomics value + offset (processing.radiomics.IBSI_CORRECTIONS).
+_IBSI_OFFSETS = {"firstorder_Kurtosis": -3.0}
+#: mapped features whose IBSI correction needs data the SR writer does not have.
+_IBSI_NEEDS_VOXEL_COUNT = frozenset({
+    "shape_MajorAxisLength", "shape_MinorAxisLength", "shape_LeastAxisLength"})
+
+
+@dataclass(frozen=True)
+class _Concept:
+    """How one dotted quantity path is written as a NUM."""
+
+    name: CodedConcept
+    derivation: CodedConcept | None
+    unit: str
+    scale: float  # from the internal value to ``unit``
+    offset: float = 0.0  # added after scaling (IBSI corrections)
+    image: str | None = None  # quantity of the image/map the value was computed on
+
+
+def _unit_with_extras(unit: str) -> CodedConcept:
+    if unit == "/mm":
+        return CodedConcept("/mm", "UCUM", "/mm")
+    return rcodes.unit_code(unit)
+
+
+def _radiomics_concept(
+    quantity: str, feature: str, ibsi_codes: Mapping[str, str] | None,
+) -> _Concept:
+    image_type, _, rest = feature.partition("_")
+    cls, _, name = rest.partition("_")
+    key = f"{cls}_{name}"
+    scale = 1.0
+    if cls == "shape":
+        unit = _SHAPE_UNITS.get(name, "1")
+    elif cls == "firstorder" and name in _INTENSITY_FEATURES and quantity in rcodes.QUANTITIES:
+        unit = rcodes.QUANTITIES[quantity].unit
+        scale = rcodes.QUANTITIES[quantity].scale  # these features scale with the intensities
+    else:
+        unit = "1"
+    code: CodedConcept | None = None
+    offset = 0.0
+    if image_type == "original" and key not in _IBSI_NEEDS_VOXEL_COUNT:
+        meaning = IBSI_FEATURES[key].name if key in IBSI_FEATURES else None
+        ibsi = ibsi_codes.get(key) if ibsi_codes is not None else (
+            IBSI_FEATURES[key].code if key in IBSI_FEATURES else None)
+        if ibsi is not None:
+            code = rcodes.ibsi_code(ibsi, meaning)
+            offset = _IBSI_OFFSETS.get(key, 0.0)
+    if code is None:
+        code = rcodes.pyradiomics_private_code(feature)
+    return _Concept(code, None, unit, scale, offset, image=quantity)
+
+
+def _concept_for_path(
+    path: str, measurements: LesionMeasurements, ibsi_codes: Mapping[str, str] | None,
+) -> _Concept | None:
+    """Concept, derivation and unit of a dotted path (``volume``, ``ADC.mean``, ``radiomics.…``).
+
+    Returns None for paths that are not written (quantities without a code).
+    """
+    fixed = {
+        "volume": _Concept(rcodes.VOLUME, None, "cm3", 1.0),
+        "max_axial_diameter": _Concept(rcodes.MAX_AXIAL_DIAMETER, None, "mm", 1.0),
+        "max_craniocaudal_extent": _Concept(rcodes.MAX_CRANIOCAUDAL_EXTENT, None, "mm", 1.0),
+        "max_3d_diameter": _Concept(rcodes.MAX_3D_DIAMETER, None, "mm", 1.0),
+        "epidural_volume": _Concept(rcodes.EPIDURAL_VOLUME, None, "cm3", 1.0),
+    }
+    if path in fixed:
+        return fixed[path]
+    if path.startswith("radiomics."):
+        _, quantity, feature = path.split(".", 2)
+        return _radiomics_concept(quantity, feature, ibsi_codes)
+    quantity, _, stat = path.partition(".")
+    if quantity not in rcodes.QUANTITIES or stat not in rcodes.STATISTIC_DERIVATIONS:
+        logger.debug("no coded concept for %s: not written to the SR", path)
+        return None
+    spec = rcodes.QUANTITIES[quantity]
+    stats = measurements.map_statistics.get(quantity)
+    unit = stats.unit if stats is not None else spec.internal_unit
+    return _Concept(spec.quantity, rcodes.STATISTIC_DERIVATIONS[stat], spec.unit,
+                    rcodes.conversion_factor(unit, spec.unit), image=quantity)
+
+
+def reported_value(path: str, value: float, measurements: LesionMeasurements,
+                   ibsi_codes: Mapping[str, str] | None = None) -> tuple[float, str] | None:
+    """The value and UCUM unit written to the SR for an internal value at ``path``.
+
+    Useful to compare what dcmqi reads back with ``summary.json``. None if not written.
+    """
+    concept = _concept_for_path(path, measurements, ibsi_codes)
+    if concept is None:
+        return None
+    return value * concept.scale + concept.offset, concept.unit
+
+
+class _GroupBuilder:
+    """Collects the content of one TID 1411 group."""
+
+    def __init__(self, result: TimePointResult, *, algorithm: hd.sr.AlgorithmIdentification,
+                 algorithm_name: str, algorithm_version: str,
+                 maps: Mapping[str, str], ibsi_codes: Mapping[str, str] | None) -> None:
+        self.result = result
+        self.algorithm = algorithm
+        self.algorithm_name = algorithm_name
+        self.algorithm_version = algorithm_version
+        self.maps = maps  # quantity -> PM SOP Instance UID of this study
+        self.ibsi_codes = ibsi_codes
+        self.measurements: list[hd.sr.Measurement] = []
+        self.evaluations: list[hd.sr.QualitativeEvaluation] = []
+
+    def _source_map(self, quantity: str | None) -> list[hd.sr.SourceImageForMeasurement] | None:
+        uid = self.maps.get(quantity) if quantity else None
+        if uid is None:
+            return None
+        return [hd.sr.SourceImageForMeasurement(PARAMETRIC_MAP_STORAGE, uid)]
+
+    def _image_algorithm(self, concept: _Concept) -> hd.sr.AlgorithmIdentification | None:
+        if concept.image is None or concept.name.scheme_designator not in (
+                "IBSI", rcodes.PYRADIOMICS_SCHEME):
+            return None  # map statistics are named by their quantity code already
+        return hd.sr.AlgorithmIdentification(
+            name=self.algorithm_name, version=self.algorithm_version,
+            parameters=[f"image={concept.image}"])
+
+    def add(self, path: str, value: float, *, change: bool = False,
+            relative: bool = False) -> None:
+        """Add the NUM of ``path``; ``change``: ``value`` is a difference (no IBSI offset)."""
+        concept = _concept_for_path(path, self.result.measurements, self.ibsi_codes)
+        if concept is None:
+            return
+        if relative:
+            number, unit = value * 100.0, "%"
+        elif change:
+            number, unit = value * concept.scale, concept.unit
+        else:
+            number, unit = value * concept.scale + concept.offset, concept.unit
+        if not math.isfinite(number):
+            logger.warning("non-finite value for %s at study %s not written", path,
+                           self.result.study_instance_uid)
+            return
+        self.measurements.append(hd.sr.Measurement(
+            name=concept.name, value=number, unit=_unit_with_extras(unit),
+            derivation=concept.derivation,
+            referenced_images=self._source_map(concept.image),
+            algorithm_id=self._image_algorithm(concept),
+        ))
+
+    def add_response(self) -> None:
+        response = self.result.response
+        if response is None:
+            return
+        self.evaluations.append(hd.sr.QualitativeEvaluation(
+            rcodes.RESPONSE_EVALUATION, rcodes.RESPONSE_CATEGORIES[response.category]))
+        for criterion in response.criteria:
+            name = rcodes.criterion_code(criterion.code, criterion.description)
+            self.evaluations.append(hd.sr.QualitativeEvaluation(
+                name, rcodes.PRESENT if criterion.fired else rcodes.ABSENT))
+            if criterion.value is not None and math.isfinite(criterion.value):
+                self.measurements.append(hd.sr.Measurement(
+                    name=name, value=float(criterion.value),
+                    unit=rcodes.unit_code(criterion.unit or "1")))
+        if response.epidural_progression is not None:
+            self.evaluations.append(hd.sr.QualitativeEvaluation(
+                rcodes.EPIDURAL_PROGRESSION,
+                rcodes.PRESENT if response.epidural_progression else rcodes.ABSENT))
+        if response.compression_fracture is not None:
+            self.evaluations.append(hd.sr.QualitativeEvaluation(
+                rcodes.VCF_EVALUATION, rcodes.VCF_VALUES[response.compression_fracture]))
+        if response.model_probability is not None:
+            self.measurements.append(hd.sr.Measurement(
+                name=rcodes.PROGRESSION_PROBABILITY, value=float(response.model_probability),
+                unit=rcodes.unit_code("1"),
+                algorithm_id=hd.sr.AlgorithmIdentification(
+                    name=(response.model_name or "site response model")[:64],
+                    version=self.algorithm_version,
+                    parameters=[f"{name}={weight:.4g}"
+                                for name, weight in response.model_top_features] or None)))
+
+
+def _time_point_context(result: TimePointResult, order: int) -> hd.sr.TimePointContext:
+    offset = None
+    if result.days_since_treatment is not None:
+        offset = hd.sr.LongitudinalTemporalOffsetFromEvent(
+            value=float(result.days_since_treatment), unit=rcodes.UNITS["d"],
+            event_type=rcodes.EVENT_SBRT_START)
+    baseline = result.role == TimePointRole.BASELINE
+    return hd.sr.TimePointContext(
+        time_point=f"{result.role.value} {result.study_date}",
+        time_point_type=(rcodes.TIME_POINT_BASELINE if baseline
+                         else rcodes.TIME_POINT_POST_RADIATION),
+        time_point_order=order,
+        temporal_offset_from_event=offset,
+    )
+
+
+def _segment_for(result: TimePointResult, segmentations: Sequence[Dataset]
+                 ) -> tuple[Dataset, int]:
+    for seg in segmentations:
+        if str(seg.StudyInstanceUID) != result.study_instance_uid:
+            continue
+        for item in seg.SegmentSequence:
+            if str(item.get("TrackingUID", "")) == result.lesion.tracking_uid:
+                return seg, int(item.SegmentNumber)
+    raise ValueError(
+        f"no SEG of study {result.study_instance_uid} holds a segment with Tracking UID "
+        f"{result.lesion.tracking_uid}")
+
+
+def _referenced_segment(seg: Dataset, segment_number: int) -> hd.sr.ReferencedSegment:
+    """Whole segment of a SEG with its source series.
+
+    Built directly rather than with ``ReferencedSegment.from_segmentation``, which expects a
+    per-frame Segment Identification that highdicom itself shares when a SEG has one segment.
+    """
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(
+            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)))
+
+
+def build_measurement_report(
+    results: Sequence[TimePointResult],
+    *,
+    segmentations: Sequence[Dataset],
+    parametric_maps: Sequence[Dataset] = (),
+    source_images: Sequence[Dataset] = (),
+    algorithm_version: str,
+    algorithm_parameters: Mapping[str, str] | None = None,
+    segment_type: str = "metastasis",
+    ibsi_codes: Mapping[str, str] | None = None,
+    device_observer_uid: str | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the longitudinal TID 1500 report of the lesions' time points.
+
+    Parameters
+    ----------
+    results : Sequence[processing.results.TimePointResult]
+        Every lesion at every time point to report (typically baseline and follow-ups).
+    segmentations : Sequence[pydicom.Dataset]
+        The SEGs built by :func:`reporting.seg.build_segmentation`; each result needs one of its
+        study with a segment of its Tracking UID.
+    parametric_maps : Sequence[pydicom.Dataset]
+        The Parametric Maps of the studies; map statistics reference the map of their quantity and
+        study.
+    source_images : Sequence[pydicom.Dataset]
+        Optional further evidence (source image headers); the source series are referenced through
+        the SEGs in any case.
+    algorithm_version : str
+        Version written in the algorithm identification and part of the UIDs.
+    algorithm_parameters : Mapping[str, str], optional
+        Settings used (rule set, bin width, resampling, AIF, model…), written as Algorithm
+        Parameters.
+    segment_type : str
+        Finding type (same names as :func:`reporting.seg.build_segmentation`).
+    ibsi_codes : Mapping[str, str], optional
+        pyradiomics ``class_Feature`` -> IBSI code; default :data:`processing.radiomics.IBSI_FEATURES`.
+    device_observer_uid : str, optional
+        Device Observer UID; default derived from the manufacturer and model name.
+    series_number : int
+        Series Number of the SR.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The report, in the study of the latest time point; UIDs deterministic from the studies,
+        lesions, algorithm version and the reported content.
+
+    References
+    ----------
+    DICOM PS3.16 TID 1500, 1411, 1502, 4019; PS3.3 A.35.13 Comprehensive 3D SR IOD.
+    """
+    if not results:
+        raise ValueError("results is empty: nothing to report")
+    if not algorithm_version:
+        raise ValueError("algorithm_version must be given")
+    if not segmentations:
+        raise ValueError("segmentations is empty: every measurement group needs its SEG")
+    parameters = [f"{k}={v}" for k, v in sorted((algorithm_parameters or {}).items())]
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME, version=algorithm_version, parameters=parameters or None)
+    maps: dict[tuple[str, str], str] = {
+        (str(pm.StudyInstanceUID), map_quantity(pm)): str(pm.SOPInstanceUID)
+        for pm in parametric_maps}
+    ordered = sorted(results, key=lambda r: (r.lesion.tracking_uid, r.study_date))
+    current = max(results, key=lambda r: r.study_date)
+    groups = []
+    order_by_lesion: dict[str, int] = {}
+    for result in ordered:
+        order = order_by_lesion.get(result.lesion.tracking_uid, 0) + 1
+        order_by_lesion[result.lesion.tracking_uid] = order
+        seg, segment_number = _segment_for(result, segmentations)
+        study_maps = {q: uid for (study, q), uid in maps.items()
+                      if study == result.study_instance_uid}
+        builder = _GroupBuilder(result, algorithm=algorithm, algorithm_name=ALGORITHM_NAME,
+                                algorithm_version=algorithm_version, maps=study_maps,
+                                ibsi_codes=ibsi_codes)
+        for path, value in flatten_measurements(result.measurements).items():
+            builder.add(path, value)
+        builder.add_response()
+        if result.comparability is not None:
+            builder.evaluations.append(hd.sr.QualitativeEvaluation(
+                rcodes.COMPARABILITY, rcodes.COMPARABILITY_VALUES[result.comparability]))
+        response = result.response
+        common = dict(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=result.lesion.tracking_uid, identifier=result.lesion.tracking_id),
+            referenced_segment=_referenced_segment(seg, segment_number),
+            time_point_context=_time_point_context(result, order),
+            finding_type=rcodes.segment_type(segment_type),
+            finding_sites=[hd.sr.FindingSite(rcodes.vertebra_code(result.lesion.vertebral_level))],
+            algorithm_id=algorithm,
+        )
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            method=rcodes.rule_set_code(response.rule_set) if response is not None else None,
+            measurements=builder.measurements,
+            qualitative_evaluations=builder.evaluations or None,
+            **common,
+        ))
+        for (reference, relative), method in rcodes.CHANGE_METHODS.items():
+            changes = [c for c in result.changes if c.reference == reference
+                       and (c.relative is not None or not relative)]
+            if not changes:
+                continue
+            change_builder = _GroupBuilder(
+                result, algorithm=algorithm, algorithm_name=ALGORITHM_NAME,
+                algorithm_version=algorithm_version, maps=study_maps, ibsi_codes=ibsi_codes)
+            for change in changes:
+                change_builder.add(change.quantity,
+                                   change.relative if relative else change.absolute,
+                                   change=True, relative=relative)
+            if change_builder.measurements:
+                groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    method=method, measurements=change_builder.measurements, **common))
+
+    observer_uid = device_observer_uid or deterministic_uid(
+        source_study_uid="device", tracking_uid=None, kind="device-observer",
+        algorithm_version=MODEL_NAME, input_digest=MANUFACTURER)
+    observation_context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=observer_uid, name=DEVICE_OBSERVER_NAME, manufacturer_name=MANUFACTURER,
+                model_name=MODEL_NAME, serial_number=DEVICE_SERIAL_NUMBER)))
+    evidence_all = [*segmentations, *parametric_maps, *source_images]
+    current_study = current.study_instance_uid
+    evidence = sorted(evidence_all, key=lambda ds: str(ds.StudyInstanceUID) != current_study)
+    if str(evidence[0].StudyInstanceUID) != current_study:
+        raise ValueError(f"no evidence of the latest study {current_study} was given")
+    image_library = list(source_images)
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context,
+        procedure_reported=rcodes.PROCEDURE_REPORTED,
+        imaging_measurements=groups,
+        referenced_images=image_library or None,
+    )
+    content_digest = digest_text(
+        digest_uids(evidence_all),
+        repr([(r.lesion.tracking_uid, r.study_instance_uid, r.role.value, r.measurements,
+               r.changes, r.response, r.comparability) for r in ordered]),
+        repr(parameters), segment_type)
+    uid_args = dict(source_study_uid=current_study,
+                    tracking_uid="+".join(sorted(order_by_lesion)),
+                    algorithm_version=algorithm_version, input_digest=content_digest)
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=deterministic_uid(kind="sr/series", **uid_args),
+        series_number=series_number,
+        sop_instance_uid=deterministic_uid(kind="sr/instance", **uid_args),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = "Spine SBRT response report"
+    sr.CodingSchemeIdentificationSequence = rcodes.coding_scheme_identification()
+    logger.info("built TID 1500 SR %s: %d groups for %d lesion(s), study %s",
+                sr.SOPInstanceUID, len(groups), len(order_by_lesion), current_study)
+    return sr

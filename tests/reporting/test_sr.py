@@ -1,0 +1,223 @@
+"""TID 1500 report: dciodvfy, highdicom content tree (values, codes, units), dcmqi tid1500reader,
+other-study evidence and deterministic UIDs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+
+from processing.results import TimePointResult
+from reporting import codes as rcodes
+from reporting.sr import PARAMETRIC_MAP_STORAGE, build_measurement_report, reported_value
+from reporting.summary import summary_records
+from tests.reporting.results_fixture import BASELINE, FOLLOW_UP, LESION, VERSION, build_inputs
+from tests.reporting.sources import FOLLOW_UP_STUDY_UID, STUDY_UID
+from tests.reporting.tools import dciodvfy, tid1500_json
+
+PARAMETERS = {"rule_set": "spine-sbrt-response 1.0", "radiomics_bin_width": "25",
+              "dce_model": "extended_tofts", "aif": "Parker population AIF, Hct 0.42"}
+
+
+def _build(version: str = VERSION) -> tuple[hd.sr.Comprehensive3DSR, object]:
+    objects = build_inputs(version)
+    sr = build_measurement_report(
+        [FOLLOW_UP, BASELINE], segmentations=objects.segs, parametric_maps=objects.pmaps,
+        source_images=objects.baseline_sources + objects.follow_up_sources,
+        algorithm_version=version, algorithm_parameters=PARAMETERS)
+    return sr, objects
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    sr, objects = _build()
+    path = tmp_path_factory.mktemp("sr") / "sr.dcm"
+    sr.save_as(path)
+    return path, objects
+
+
+def test_sr_passes_dciodvfy(report: tuple[Path, object]) -> None:
+    dciodvfy(report[0])
+
+
+def _find(group, name: str, derivation: str | None = None, unit: str | None = None):
+    hits = [m for m in group.get_measurements()
+            if m.name.value == name
+            and (m.derivation.value if m.derivation is not None else None) == derivation
+            and (unit is None or m.unit.value == unit)]
+    assert len(hits) == 1, f"{len(hits)} measurements {name}/{derivation}/{unit}"
+    return hits[0]
+
+
+def _groups(sr) -> dict[tuple[str, str | None], object]:
+    """(time point text, group method code value) -> group."""
+    out = {}
+    for group in sr.content.get_volumetric_roi_measurement_groups(
+            tracking_uid=LESION.tracking_uid):
+        time_point = next(item for item in group[0].ContentSequence
+                          if item.name.value == "C2348792")
+        method = group.method.value if group.method is not None else None
+        out[(time_point.value, method)] = group
+    return out
+
+
+def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object]) -> None:
+    path, objects = report
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    # document in the follow-up study; baseline objects as other-study evidence
+    assert sr.StudyInstanceUID == FOLLOW_UP_STUDY_UID
+    other = {item.StudyInstanceUID for item in sr.PertinentOtherEvidenceSequence}
+    current = {item.StudyInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence}
+    assert (other, current) == ({STUDY_UID}, {FOLLOW_UP_STUDY_UID})
+    other_uids = {ref.ReferencedSOPInstanceUID
+                  for study in sr.PertinentOtherEvidenceSequence
+                  for series in study.ReferencedSeriesSequence
+                  for ref in series.ReferencedSOPSequence}
+    assert objects.segs[0].SOPInstanceUID in other_uids
+    assert {pm.SOPInstanceUID for pm in objects.pmaps[:2]} <= other_uids
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
+    assert sr.content.get_observer_contexts()[0].observer_type.value == "121007"  # Device
+
+    rule_set = rcodes.rule_set_code(FOLLOW_UP.response.rule_set).value
+    groups = _groups(sr)
+    assert set(groups) == {("baseline 20260105", None), ("follow-up 20260420", rule_set),
+                           ("follow-up 20260420", "CHGREL"), ("follow-up 20260420", "CHGABS")}
+    base, fu = groups[("baseline 20260105", None)], groups[("follow-up 20260420", rule_set)]
+
+    # tracking, segment, source series, finding, site
+    for group, seg in ((base, objects.segs[0]), (fu, objects.segs[1])):
+        assert group.tracking_uid == LESION.tracking_uid
+        assert group.tracking_identifier == "GTV L2"
+        image, series = list(group.referenced_segment)
+        assert image.name.value == "121191"  # Referenced Segment
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert int(image.ReferencedSOPSequence[0].ReferencedSegmentNumber) == 1
+        assert series.value == seg.ReferencedSeriesSequence[0].SeriesInstanceUID
+        assert group.finding_type.value == "14799000"
+        assert [site.value.value for site in group.finding_sites] == ["14293000"]  # L2
+
+    # measurements in reported units
+    assert _find(fu, "118565006", unit="cm3").value == pytest.approx(3.1)
+    assert _find(base, "118565006", unit="cm3").value == pytest.approx(4.2)
+    adc_mean = _find(fu, "113041", "373098007")
+    assert (adc_mean.value, adc_mean.unit.value) == (pytest.approx(1350.0), "um2/s")
+    adc_pm = objects.pmaps[2]
+    assert adc_mean.referenced_images[0].value == (PARAMETRIC_MAP_STORAGE, adc_pm.SOPInstanceUID)
+    assert _find(fu, "113041", "P10").value == pytest.approx(1350.0 * 0.7)
+    assert _find(fu, "113041", "126031").value == pytest.approx(1350.0 * 0.6)  # peak
+    ktrans_median = _find(base, "126312", "373099004")
+    assert (ktrans_median.value, ktrans_median.unit.value) == (pytest.approx(0.133), "/min")
+    assert _find(fu, "AXDIAM").value == pytest.approx(21.5)
+    # T2w signal has no quantity code: not written
+    assert not [m for m in fu.get_measurements() if m.value == pytest.approx(310.0)]
+    # radiomics: IBSI codes, kurtosis converted to excess kurtosis, shape units
+    kurtosis = _find(fu, "IPH6")
+    assert (kurtosis.name.scheme_designator, kurtosis.value) == ("IBSI", pytest.approx(1.25))
+    assert (_find(fu, "RNU0").value, _find(fu, "RNU0").unit.value) == (
+        pytest.approx(3100.0), "mm3")
+    assert _find(fu, "Q4LE").value == pytest.approx(1350.0)  # mean intensity, in um2/s
+    private = rcodes.pyradiomics_private_code("wavelet-LLH_glcm_Contrast").value
+    assert _find(fu, private).name.scheme_designator == "99PYRADIOMICS"
+
+    # changes from baseline
+    rel, absolute = (groups[("follow-up 20260420", "CHGREL")],
+                     groups[("follow-up 20260420", "CHGABS")])
+    assert _find(rel, "118565006", unit="%").value == pytest.approx(-1.1 / 4.2 * 100)
+    assert _find(absolute, "118565006", unit="cm3").value == pytest.approx(-1.1)
+    assert _find(absolute, "113041", "373098007").value == pytest.approx(400.0)
+    assert _find(rel, "126312", "373099004").value == pytest.approx(-50.0)
+
+    # response and criteria as coded qualitative evaluations
+    evaluations = {q.name.value: q.value for q in fu.get_qualitative_evaluations()}
+    assert evaluations["112020"].value == "LC"
+    assert evaluations["112020"].scheme_designator == "99SPINESBRT"
+    fired = rcodes.criterion_code("perfusion-decrease", "").value
+    not_fired = rcodes.criterion_code("volume-increase", "").value
+    assert (evaluations[fired].value, evaluations[not_fired].value) == ("52101004", "272519000")
+    assert evaluations["EPIPROG"].value == "272519000"
+    assert evaluations["VCF"].value == "VCFNONE"
+    assert evaluations["CMPAB"].value == "CMPOK"
+    assert _find(fu, not_fired).value == pytest.approx(-26.19)
+    assert _find(fu, "PPROB").value == pytest.approx(0.12)
+
+
+def test_time_point_context(report: tuple[Path, object]) -> None:
+    sr = hd.sr.srread(report[0])
+    groups = _groups(sr)
+    for (time_point, method), group in groups.items():
+        items = {item.name.value: item for item in group[0].ContentSequence}
+        baseline = time_point.startswith("baseline")
+        assert items["126072"].value.value == ("C1442488" if baseline else "264908009")
+        assert float(items["126073"].value) == (1.0 if baseline else 2.0)
+        offset = items["128740"]
+        assert float(offset.value) == (-9.0 if baseline else 96.0)
+        assert offset.unit.value == "d"
+        assert offset.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "SBRTSTART"
+
+
+def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object],
+                                             tmp_path: Path) -> None:
+    data = tid1500_json(report[0], tmp_path)
+    groups = data["Measurements"]
+    assert {g["TrackingUniqueIdentifier"] for g in groups} == {LESION.tracking_uid}
+    by_time_point: dict[tuple[str, str | None], list] = {}
+    for g in groups:
+        method = g.get("measurementMethod", {}).get("CodeValue")
+        by_time_point[(g["timePoint"], method)] = g["measurementItems"]
+
+    def dcmqi_value(items, code, derivation=None, unit=None):
+        hits = [float(i["value"]) for i in items if i["quantity"]["CodeValue"] == code
+                and i.get("derivationModifier", {}).get("CodeValue") == derivation
+                and (unit is None or i["units"]["CodeValue"] == unit)]
+        assert len(hits) == 1, (code, derivation, unit, hits)
+        return hits[0]
+
+    checked = 0
+    for record, result in zip(summary_records([BASELINE, FOLLOW_UP]), (BASELINE, FOLLOW_UP)):
+        method = (rcodes.rule_set_code(result.response.rule_set).value
+                  if result.response is not None else None)
+        items = by_time_point[(f"{result.role.value} {result.study_date}", method)]
+        for path, value in record["measurements"].items():
+            written = reported_value(path, value, result.measurements)
+            if written is None:
+                continue
+            code, derivation = _codes_for(path, result)
+            assert dcmqi_value(items, code, derivation, written[1]) == pytest.approx(
+                written[0], rel=1e-9), path
+            checked += 1
+        for change in record["changes"]:
+            if change["relative"] is None:
+                continue
+            items = by_time_point[(f"{result.role.value} {result.study_date}", "CHGREL")]
+            code, derivation = _codes_for(change["quantity"], result)
+            assert dcmqi_value(items, code, derivation, "%") == pytest.approx(
+                change["relative"] * 100.0, rel=1e-9)
+            checked += 1
+    assert checked >= 40
+
+
+def _codes_for(path: str, result: TimePointResult) -> tuple[str, str | None]:
+    from reporting.sr import _concept_for_path
+
+    concept = _concept_for_path(path, result.measurements, None)
+    assert concept is not None
+    return concept.name.value, (concept.derivation.value if concept.derivation else None)
+
+
+def test_sr_uids_are_deterministic() -> None:
+    first, _ = _build()
+    again, _ = _build()
+    newer, _ = _build("0.2.0")
+    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
+        again.SeriesInstanceUID, again.SOPInstanceUID)
+    assert first.SOPInstanceUID != newer.SOPInstanceUID
+    assert first.SeriesInstanceUID != newer.SeriesInstanceUID
+
+
+def test_sr_requires_the_segment_of_each_time_point() -> None:
+    objects = build_inputs()
+    with pytest.raises(ValueError, match="no SEG of study"):
+        build_measurement_report([BASELINE, FOLLOW_UP], segmentations=objects.segs[:1],
+                                 algorithm_version=VERSION)
