@@ -161,7 +161,8 @@ IBSI_FEATURES: dict[str, IbsiFeature] = {
     "glrlm_GrayLevelVariance": _f("rlm_gl_var_3D_avg", "Grey level variance", "8CE5"),
     "glrlm_RunVariance": _f("rlm_rl_var_3D_avg", "Run length variance", "SXLW"),
     "glrlm_RunEntropy": _f("rlm_rl_entr_3D_avg", "Run entropy", "HJ9O"),
-    # grey level size zone matrix, 3D
+    # grey level size zone matrix, 3D (the stored IBSI doc omits the code of small zone emphasis;
+    # 5QRC is the IBSI reference manual's identifier)
     "glszm_SmallAreaEmphasis": _f("szm_sze_3D", "Small zone emphasis", "5QRC"),
     "glszm_LargeAreaEmphasis": _f("szm_lze_3D", "Large zone emphasis", "48P8"),
     "glszm_LowGrayLevelZoneEmphasis": _f("szm_lgze_3D", "Low grey level zone emphasis", "XMSY"),

@@ -152,3 +152,28 @@ def test_bad_settings_and_empty_roi_are_refused(digital_phantom):
         extract_features(image, mask, RadiomicsSettings(), label=7)
     with pytest.raises(RadiomicsError, match="re-segmentation"):
         extract_features(image, mask, RadiomicsSettings(resegment_range=(100.0, 200.0)))
+
+
+def test_ibsi_codes_and_names_come_from_the_ibsi_reference_manual(shared_data: Path):
+    import re
+
+    lines = (shared_data / "ibsi1/ibsi_doc/03_Image_features.rst").read_text().splitlines()
+    heading_of_code: dict[str, set[str]] = {}
+    for i, line in enumerate(lines):
+        match = re.search(r'text-align:right">(\w{4})</p>', line)
+        if not match:
+            continue
+        j = i - 1
+        while j > 0 and not re.fullmatch(r"[\^~=\-\"]{3,}", lines[j].strip()):
+            j -= 1
+        heading = re.sub(r"\\ :sup:`th`", "th", lines[j - 1]).strip().lower()
+        heading_of_code.setdefault(match.group(1), set()).add(heading)
+    checked = 0
+    for key, feature in IBSI_FEATURES.items():
+        if feature.code == "5QRC":  # small zone emphasis: code absent from the stored doc
+            continue
+        assert feature.code in heading_of_code, (key, feature.code)
+        assert feature.name.lower() in heading_of_code[feature.code], (key, feature)
+        checked += 1
+    assert checked == 101
+    assert len({f.tag for f in IBSI_FEATURES.values()}) == 102
