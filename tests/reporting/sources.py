@@ -33,6 +33,7 @@ def classic_mr_series(
     spacing: tuple[float, float] = (1.25, 1.25),
     slice_thickness: float = 4.0,
     series_description: str = "DWI b0",
+    frame_of_reference_uid: str = FRAME_OF_REFERENCE_UID,
 ) -> list[Dataset]:
     """A sagittal classic single-frame MR series with realistic attributes (LPS, mm)."""
     rng = np.random.default_rng(0)
@@ -75,7 +76,7 @@ def classic_mr_series(
         ds.StudyID = "1"
         ds.SeriesNumber = 5
         ds.InstanceNumber = k + 1
-        ds.FrameOfReferenceUID = FRAME_OF_REFERENCE_UID
+        ds.FrameOfReferenceUID = frame_of_reference_uid
         ds.PositionReferenceIndicator = ""
         # sagittal: rows along -z (feet), columns along +y (posterior); slices step along +x
         ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
