@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.phantom_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 #: ../shared/data beside the checkout (CI lays a copy of shared/ there, read-only).
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,0 +1,69 @@
+"""``spine-node phantom``: write a synthetic CyberKnife patient and its ground truth.
+
+Layout written under ``--out DIR`` (documented in :mod:`processing.phantom`)::
+
+    DIR/baseline/seriesNNN/00001.dcm ...
+    DIR/rt/rtplan.dcm, DIR/rt/rtstruct.dcm, DIR/rt/rtdose.dcm
+    DIR/followup1/seriesNNN/*.dcm (followup2 ...)
+    DIR/ground_truth.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: choices, kept literal so that building the CLI parser imports no science (a test checks that
+#: they equal processing.phantom's SCENARIOS, VENDORS and SIZES)
+SCENARIOS = ("responder", "progression", "pseudoprogression", "stable")
+VENDORS = ("standard", "siemens", "ge", "philips", "enhanced")
+SIZES = ("full", "small")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="output folder (created; must be empty if it exists)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="responder", help="response scenario (default responder)")
+    parser.add_argument("--vendor", choices=VENDORS, default="standard", help="DICOM encoding variant (default standard)")
+    parser.add_argument("--size", choices=SIZES, default="full", help="full or small (coarser, fewer slices)")
+    parser.add_argument("--followups", type=int, default=1, help="number of follow-up studies (default 1, max 4)")
+
+
+def write_phantom(out: Path, *, seed: int = 0, scenario: str = "responder", vendor: str = "standard",
+                  size: str = "full", followups: int = 1) -> dict:
+    """Generate a phantom patient and write it under ``out``; returns the ground truth."""
+    from processing.phantom import generate_patient
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output folder {out} is not empty")
+    phantom = generate_patient(seed=seed, scenario=scenario, vendor=vendor, size=size, followups=followups)
+    n = 0
+    made: set[Path] = set()
+    for relpath, ds in phantom.iter_datasets():
+        path = out / relpath
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        ds.save_as(path, enforce_file_format=True)
+        n += 1
+    (out / "ground_truth.json").write_text(json.dumps(phantom.ground_truth, indent=1, default=float))
+    logger.info("phantom written: %d DICOM files, study %s", n, phantom.studies[0].study_uid)
+    return phantom.ground_truth
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    try:
+        write_phantom(args.out, seed=args.seed, scenario=args.scenario, vendor=args.vendor, size=args.size,
+                      followups=args.followups)
+    except (FileExistsError, ValueError) as err:
+        logger.error("%s", err)
+        return 2
+    logger.info("done in %.1f s: %s", time.perf_counter() - t0, args.out)
+    return 0

@@ -1,0 +1,289 @@
+"""MR DICOM objects of the phantom: classic single-frame MR Image per vendor, and Enhanced MR.
+
+Vendor encodings follow what the scanners write (domain.md §3.5/3.6 and the real files in
+``../shared/data/dwi_dcmqa``); the deviations from the standard are listed in the package
+docstring of :mod:`processing.phantom`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+from processing.phantom import protocol as proto
+
+if TYPE_CHECKING:
+    from processing.phantom.patient import Phantom, SeriesData, StudyData
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1453.1"  # phantom writer (2.25-style root stand-in)
+IMPLEMENTATION_VERSION = "SPINENODE_PH1"
+
+VENDOR_EQUIPMENT: dict[str, dict[str, Any]] = {
+    "standard": dict(Manufacturer="Spine Response Node", ManufacturerModelName="Synthetic MR 3T",
+                     SoftwareVersions="phantom 1.0", DeviceSerialNumber="PH0001"),
+    "siemens": dict(Manufacturer="SIEMENS", ManufacturerModelName="MAGNETOM Vida",
+                    SoftwareVersions="syngo MR XA50", DeviceSerialNumber="175542"),
+    "ge": dict(Manufacturer="GE MEDICAL SYSTEMS", ManufacturerModelName="SIGNA Premier",
+               SoftwareVersions=["30", "LX", "MR30.1_R01_2135.a"], DeviceSerialNumber="0000000000SPINE1"),
+    "philips": dict(Manufacturer="Philips", ManufacturerModelName="Ingenia Elition X",
+                    SoftwareVersions=["5.7.1", "5.7.1.2"], DeviceSerialNumber="45190"),
+    "enhanced": dict(Manufacturer="SIEMENS", ManufacturerModelName="MAGNETOM Vida",
+                     SoftwareVersions="syngo MR XA50", DeviceSerialNumber="175542"),
+}
+
+
+def _ds_str(v: float) -> str:
+    """A DS value that fits 16 characters."""
+    s = f"{v:.10g}"
+    if len(s) > 16:
+        s = f"{v:.8g}"
+    return s
+
+
+def file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    return meta
+
+
+def patient_study_module(ds: Dataset, ph: Phantom, study: StudyData) -> None:
+    """Patient, General Study and Patient Study attributes shared by every object."""
+    p = ph.patient
+    ds.PatientName = p["PatientName"]
+    ds.PatientID = p["PatientID"]
+    ds.IssuerOfPatientID = p["IssuerOfPatientID"]
+    ds.PatientBirthDate = p["PatientBirthDate"]
+    ds.PatientSex = p["PatientSex"]
+    ds.PatientWeight = p["PatientWeight"]
+    ds.StudyInstanceUID = study.study_uid
+    ds.StudyDate = study.date.strftime("%Y%m%d")
+    ds.StudyTime = study.start.strftime("%H%M%S")
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = f"{ph.seed % 100000}{study.key[-1] if study.key != 'baseline' else '0'}"
+    ds.AccessionNumber = f"PHA{ph.seed % 100000:05d}{study.key[-1] if study.key != 'baseline' else '0'}"
+    ds.StudyDescription = "MRI SPINE W WO CONTRAST" if study.key == "baseline" else "MRI SPINE FOLLOW-UP"
+
+
+def _tm(t: dt.datetime) -> str:
+    return t.strftime("%H%M%S.%f")[:13]
+
+
+def series_datasets(ph: Phantom, study: StudyData, series: SeriesData) -> Iterator[tuple[str, Dataset]]:
+    """Yield (relative path, Dataset) for every file of one series."""
+    if ph.vendor == "enhanced":
+        from processing.phantom import enhanced
+
+        yield f"{study.key}/{series.folder}/00001.dcm", enhanced.enhanced_series_dataset(ph, study, series)
+        return
+    nz = series.grid.size[2]
+    for v, meta in enumerate(series.volumes):
+        for k in range(nz):
+            ds = _classic_instance(ph, study, series, v, k, meta)
+            yield f"{study.key}/{series.folder}/{v * nz + k + 1:05d}.dcm", ds
+
+
+def image_type(role: str, vendor: str) -> list[str]:
+    if role == "dwi":
+        return ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"] if vendor in ("siemens", "enhanced") else ["ORIGINAL", "PRIMARY", "OTHER"]
+    return ["ORIGINAL", "PRIMARY", "OTHER"] if vendor != "siemens" else ["ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"]
+
+
+def sequence_name(series: SeriesData, meta: dict[str, Any]) -> str:
+    sp = series.protocol
+    if series.role == "dwi":
+        return f"ep_b{int(meta['b'])}" + ("#1" if meta["b"] > 0 else "")
+    return {"t2w": "tse2d1_17", "t1w": "tse2d1_3", "stir": "tir2d1_13"}.get(sp.role, "fl3d1")
+
+
+def _classic_instance(ph: Phantom, study: StudyData, series: SeriesData, v: int, k: int, meta: dict[str, Any]) -> Dataset:
+    sp = series.protocol
+    grid = series.grid
+    nz = grid.size[2]
+    vendor = ph.vendor
+    sop_uid = series.sop_uids[v][k]
+    ds = Dataset()
+    ds.file_meta = file_meta(MRImageStorage, sop_uid)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    acq_time = series.start + dt.timedelta(seconds=meta["time_s"])
+    content_time = series.start + dt.timedelta(seconds=series.volumes[-1]["time_s"] + 15.0)
+    ds.ImageType = image_type(series.role, vendor)
+    ds.InstanceCreationDate = study.date.strftime("%Y%m%d")
+    ds.InstanceCreationTime = _tm(content_time)
+    ds.SOPClassUID = MRImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = study.date.strftime("%Y%m%d")
+    ds.SeriesDate = study.date.strftime("%Y%m%d")
+    ds.AcquisitionDate = study.date.strftime("%Y%m%d")
+    ds.ContentDate = study.date.strftime("%Y%m%d")
+    ds.SeriesTime = _tm(series.start)
+    ds.AcquisitionTime = _tm(acq_time)
+    ds.ContentTime = _tm(content_time)
+    ds.Modality = "MR"
+    for key, value in VENDOR_EQUIPMENT[vendor].items():
+        setattr(ds, key, value)
+    ds.InstitutionName = "Phantom Hospital"
+    ds.StationName = "PHMR01"
+    ds.SeriesDescription = sp.description
+    ds.ProtocolName = sp.description
+    ds.BodyPartExamined = "SPINE"
+    patient_study_module(ds, ph, study)
+    ds.ScanningSequence = list(sp.scanning_sequence)
+    ds.SequenceVariant = list(sp.sequence_variant)
+    ds.ScanOptions = "FS" if series.role in ("dwi",) else ""
+    ds.MRAcquisitionType = sp.acquisition_type
+    ds.SequenceName = sequence_name(series, meta)
+    ds.AngioFlag = "N"
+    ds.SliceThickness = _ds_str(grid.spacing[2])
+    ds.RepetitionTime = _ds_str(sp.tr_ms)
+    ds.EchoTime = _ds_str(sp.te_ms)
+    if sp.ti_ms is not None:
+        ds.InversionTime = _ds_str(sp.ti_ms)
+    ds.NumberOfAverages = "1"
+    ds.ImagingFrequency = "123.2"
+    ds.ImagedNucleus = "1H"
+    ds.EchoNumbers = "1"
+    ds.MagneticFieldStrength = _ds_str(proto.FIELD_STRENGTH_T)
+    ds.SpacingBetweenSlices = _ds_str(grid.spacing[2])
+    ds.EchoTrainLength = "1" if sp.acquisition_type == "3D" else ("64" if series.role == "dwi" else "17")
+    ds.PercentSampling = "100"
+    ds.PercentPhaseFieldOfView = "100"
+    ds.PixelBandwidth = "300"
+    ds.InPlanePhaseEncodingDirection = "COL"
+    ds.FlipAngle = _ds_str(meta.get("flip_deg", sp.flip_deg))
+    ds.PatientPosition = "HFS"
+    ds.SeriesInstanceUID = series.series_uid
+    ds.SeriesNumber = str(sp.series_number)
+    ds.AcquisitionNumber = str(v + 1) if series.role in ("vfa_t1",) else "1"
+    ds.InstanceNumber = str(v * nz + k + 1)
+    ipp = grid.slice_position(k)
+    ds.ImagePositionPatient = [_ds_str(x) for x in ipp]
+    ds.ImageOrientationPatient = [_ds_str(x) for x in (list(grid.matrix[:, 0]) + list(grid.matrix[:, 1]))]
+    ds.FrameOfReferenceUID = study.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = _ds_str(float(ipp @ grid.matrix[:, 2]))
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = grid.size[1]
+    ds.Columns = grid.size[0]
+    ds.PixelSpacing = [_ds_str(grid.spacing[1]), _ds_str(grid.spacing[0])]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = "1000"
+    ds.WindowWidth = "2000"
+    if series.role == "dwi":
+        _diffusion_tags(ds, vendor, meta, grid)
+    if series.role == "dce":
+        _dce_tags(ds, vendor, series, meta, ph)
+    if series.role == "vfa_t1" and vendor == "philips":
+        ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x23, "DS", _ds_str(meta["flip_deg"]))
+    ds.PixelData = np.ascontiguousarray(series.pixels[v, k]).tobytes()
+    return ds
+
+
+def ge_logical_gradient(g_lps: np.ndarray, grid_matrix: np.ndarray) -> list[float]:
+    """GE (0019,10BB-BD): gradient in the logical (frequency, phase, slice) frame.
+
+    Written as (−row, −column, normal) components of the LPS vector, which is what dcm2niix reads
+    back as the image-frame vector with its documented (−x, y, z) GE sign convention
+    (verified against dcm2niix by the phantom tests).
+    """
+    img = grid_matrix.T @ g_lps
+    return [float(-img[0]), float(-img[1]), float(img[2])]
+
+
+def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -> None:
+    b = float(meta["b"])
+    g = np.asarray(meta["gradient"], dtype=np.float64)
+    directional = b > 0
+    if vendor == "standard":
+        ds.DiffusionBValue = b
+        ds.DiffusionDirectionality = "DIRECTIONAL" if directional else "NONE"
+        if directional:
+            ds.DiffusionGradientOrientation = [float(x) for x in g]
+    elif vendor == "siemens":
+        blk = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+        blk.add_new(0x08, "CS", "IMAGE NUM 4")
+        blk.add_new(0x09, "LO", "1.0")
+        blk.add_new(0x0C, "IS", str(int(round(b))))
+        blk.add_new(0x0D, "CS", "DIRECTIONAL" if directional else "NONE")
+        if directional:
+            blk.add_new(0x0E, "FD", [float(x) for x in g])
+            bm = b * np.outer(g, g)
+            blk.add_new(0x27, "FD", [float(bm[0, 0]), float(bm[0, 1]), float(bm[0, 2]), float(bm[1, 1]),
+                                     float(bm[1, 2]), float(bm[2, 2])])
+    elif vendor == "ge":
+        blk = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
+        blk.add_new(0x39, "IS", [str(int(round(b)) + 1_000_000_000), "8", "0", "0"])
+        acq = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+        lg = ge_logical_gradient(g, grid.matrix) if directional else [0.0, 0.0, 0.0]
+        acq.add_new(0xBB, "DS", _ds_str(lg[0]))
+        acq.add_new(0xBC, "DS", _ds_str(lg[1]))
+        acq.add_new(0xBD, "DS", _ds_str(lg[2]))
+        acq.add_new(0xE0, "DS", "15")  # number of diffusion directions (User data 24)
+        ds.private_block(0x0043, "GEMS_PARM_01").add_new(0x8A, "CS", "COL")
+    elif vendor == "philips":
+        blk = ds.private_block(0x2001, "Philips Imaging DD 001", create=True)
+        blk.add_new(0x03, "FL", b)
+        blk.add_new(0x04, "CS", "O" if directional else "N")
+        mr = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+        mr.add_new(0xB0, "FL", float(g[0]))
+        mr.add_new(0xB1, "FL", float(g[1]))
+        mr.add_new(0xB2, "FL", float(g[2]))
+        idx = ds.private_block(0x2005, "Philips MR Imaging DD 005", create=True)
+        bvals = sorted({b for b, _ in proto.DWI_SHELLS})
+        idx.add_new(0x12, "IS", str(bvals.index(b) + 1))
+        idx.add_new(0x13, "IS", str(meta.get("gradient_number", 1)))
+
+
+def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any], ph: Phantom) -> None:
+    n = len(series.volumes)
+    dt_s = series.volumes[1]["time_s"] - series.volumes[0]["time_s"]
+    inj = series.start + dt.timedelta(seconds=proto.BOLUS_ARRIVAL_S - 10.0)
+    ds.ContrastBolusAgent = proto.CONTRAST_AGENT
+    ds.ContrastBolusRoute = "IV"
+    ds.ContrastBolusVolume = _ds_str(round(float(ph.patient["PatientWeight"]) * proto.CONTRAST_DOSE_MMOL_PER_KG / 0.5, 1))
+    ds.ContrastBolusStartTime = _tm(inj)
+    ds.ContrastBolusTotalDose = ds.ContrastBolusVolume
+    ds.ContrastFlowRate = "3"
+    ds.ContrastFlowDuration = _ds_str(round(float(ds.ContrastBolusVolume) / 3.0, 1))
+    ds.ContrastBolusIngredient = "GADOLINIUM"
+    ds.ContrastBolusIngredientConcentration = "0.5"
+    tp = int(meta["temporal_position"])
+    if vendor in ("standard", "philips"):
+        ds.TemporalPositionIdentifier = str(tp)
+        ds.NumberOfTemporalPositions = str(n)
+        ds.TemporalResolution = _ds_str(dt_s * 1000.0)
+    if vendor in ("ge", "philips"):
+        ds.TriggerTime = _ds_str(meta["time_s"] * 1000.0)
+    if vendor == "ge":
+        ds.NumberOfTemporalPositions = str(n)
+    if vendor == "siemens":
+        blk = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+        blk.add_new(0x16, "DS", _ds_str(meta["time_s"]))  # TimeAfterStart (s)
+    if vendor == "philips":
+        dd = ds.private_block(0x2001, "Philips Imaging DD 001", create=True)
+        dd.add_new(0x08, "IS", str(tp))  # Phase Number
+        dd.add_new(0x12, "CS", "Y")  # Dynamic Series
+        dd.add_new(0x17, "SL", n)  # Number of Phases MR
+        dd.add_new(0x81, "IS", str(n))  # Number of Dynamic Scans
+        mr = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+        mr.add_new(0xA0, "FL", float(meta["time_s"]))  # MR Image Dynamic Scan Begin Time (s)
+    ds.AcquisitionDateTime = series.start.strftime("%Y%m%d") + _tm(series.start + dt.timedelta(seconds=meta["time_s"]))
+
+
+def gradient_sequence(g: np.ndarray) -> Sequence:
+    item = Dataset()
+    item.DiffusionGradientOrientation = [float(x) for x in g]
+    return Sequence([item])

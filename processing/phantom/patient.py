@@ -1,0 +1,586 @@
+"""Build one synthetic CyberKnife patient in memory: images, timing, geometry and ground truth."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from processing.phantom import protocol as proto
+from processing.phantom.anatomy import (
+    BODY_SEMI_AXES_MM,
+    LABEL,
+    TISSUE_PARAMS,
+    VERTEBRAL_NAMES,
+    Anatomy,
+    Grid,
+    TumourShape,
+    axis_angle_matrix,
+    centred_grid,
+    continuous_volume_ml,
+    epidural_volume_ml,
+    make_tumour,
+)
+from processing.phantom.signals import (
+    add_rician_noise,
+    diffusion_attenuation,
+    extended_tofts,
+    kurtosis_ols,
+    loglinear_adc,
+    parker_aif_blood,
+    spgr_signal,
+)
+from processing.results import ResponseCategory
+
+logger = logging.getLogger(__name__)
+
+SCENARIOS = ("responder", "progression", "pseudoprogression", "stable")
+VENDORS = ("standard", "siemens", "ge", "philips", "enhanced")
+
+#: Per scenario, per follow-up: multipliers of baseline tumour volume, mono-exponential ADC
+#: (b = 50-1000; the diffusivity D is scaled so that this ADC changes by exactly that factor),
+#: Ktrans, ve, vp; whether an epidural component is present; the expected response call.
+SCENARIO_CHANGES: dict[str, list[dict[str, Any]]] = {
+    "responder": [
+        dict(volume=0.70, adc=1.35, ktrans=0.40, ve=1.0, vp=0.40, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+        dict(volume=0.60, adc=1.40, ktrans=0.35, ve=1.0, vp=0.35, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+    ],
+    "progression": [
+        dict(volume=1.40, adc=0.95, ktrans=1.30, ve=1.0, vp=1.20, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
+        dict(volume=1.90, adc=0.92, ktrans=1.40, ve=1.0, vp=1.30, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
+    ],
+    "pseudoprogression": [
+        dict(volume=1.20, adc=1.20, ktrans=0.70, ve=1.0, vp=0.40, epidural=False, category=ResponseCategory.INDETERMINATE),
+        dict(volume=0.95, adc=1.30, ktrans=0.50, ve=1.0, vp=0.35, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+    ],
+    "stable": [
+        dict(volume=1.02, adc=1.03, ktrans=0.95, ve=1.0, vp=0.95, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+        dict(volume=1.00, adc=1.04, ktrans=0.95, ve=1.0, vp=0.95, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+    ],
+}
+#: days after treatment of follow-up n (1-based); pseudoprogression's first follow-up is at ~12 weeks
+FOLLOWUP_DAYS = (70, 182, 273, 365)
+REGIMENS = ((24.0, 1), (27.0, 3), (24.0, 2), (30.0, 5))
+MACHINES = ("CK1", "CyberKnife M6")
+
+#: counts that the nominal tumour signal is scaled to in every series (uint16 storage)
+REFERENCE_COUNTS = 1000.0
+
+
+def phantom_uid(*parts: object) -> str:
+    """Deterministic UID ``2.25.<uuid5>`` from the phantom identity and an object name."""
+    name = "/".join(str(p) for p in parts)
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'spine-node-phantom:' + name).int}"
+
+
+@dataclass
+class SeriesData:
+    """One generated MR series: pixels (volume, slice, row, column) and per-volume metadata."""
+
+    role: str
+    protocol: proto.SeriesProtocol
+    grid: Grid
+    series_uid: str
+    folder: str
+    pixels: NDArray[np.uint16]
+    volumes: list[dict[str, Any]]  # per volume: b, gradient, flip_deg, time_s, temporal_position
+    start: dt.datetime
+    sop_uids: list[list[str]] = field(default_factory=list)  # [volume][slice]
+
+
+@dataclass
+class StudyData:
+    key: str  # "baseline", "followup1", ...
+    study_uid: str
+    frame_of_reference_uid: str
+    date: dt.date
+    start: dt.datetime
+    series: list[SeriesData]
+    truth: dict[str, Any]
+
+
+@dataclass
+class Phantom:
+    """A generated patient: studies with pixel data, RT course, and the ground-truth dict."""
+
+    seed: int
+    scenario: str
+    vendor: str
+    size: str
+    patient: dict[str, str]
+    studies: list[StudyData]
+    anatomy: Anatomy
+    ground_truth: dict[str, Any]
+    rt: dict[str, Any]
+
+    def iter_datasets(self) -> Iterator[tuple[str, Any]]:
+        """Yield ``(relative path, pydicom Dataset)`` for every object, built lazily."""
+        from processing.phantom import mr, rt
+
+        for study in self.studies:
+            for series in study.series:
+                for relpath, ds in mr.series_datasets(self, study, series):
+                    yield relpath, ds
+        yield from rt.rt_datasets(self)
+
+
+def _rigid(rng: np.random.Generator, centre: NDArray[np.float64]) -> dict[str, Any]:
+    """A random rigid displacement of a few mm and degrees about ``centre`` (LPS)."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle_deg = float(rng.uniform(2.0, 4.0))
+    rot = axis_angle_matrix(axis, np.deg2rad(angle_deg))
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    translation = direction * rng.uniform(3.0, 6.0)
+    # baseline -> follow-up: x_fu = R (x_b - c) + c + t
+    m_b2f = np.eye(4)
+    m_b2f[:3, :3] = rot
+    m_b2f[:3, 3] = centre + translation - rot @ centre
+    m_f2b = np.linalg.inv(m_b2f)
+    import SimpleITK as sitk
+
+    euler = sitk.Euler3DTransform()
+    euler.SetCenter([float(v) for v in centre])
+    euler.SetMatrix([float(v) for v in rot.ravel()])
+    euler.SetTranslation([float(v) for v in translation])
+    return {
+        "description": "followup_to_baseline maps a point in follow-up patient coordinates (LPS mm) to "
+                       "the same anatomical point in baseline coordinates; baseline_to_followup is its "
+                       "inverse, i.e. the SimpleITK transform a registration with fixed = baseline and "
+                       "moving = follow-up returns (sitk_euler3d_baseline_to_followup).",
+        "followup_to_baseline": m_f2b.tolist(),
+        "baseline_to_followup": m_b2f.tolist(),
+        "rotation_axis": axis.tolist(),
+        "rotation_deg": angle_deg,
+        "rotation_centre_mm": centre.tolist(),
+        "translation_mm": translation.tolist(),
+        "translation_norm_mm": float(np.linalg.norm(translation)),
+        "sitk_euler3d_baseline_to_followup": {
+            "center": list(euler.GetCenter()),
+            "angles_rad_xyz": [euler.GetAngleX(), euler.GetAngleY(), euler.GetAngleZ()],
+            "translation": list(euler.GetTranslation()),
+        },
+    }
+
+
+def _tumour_means(params: dict[str, NDArray[np.float64]], mask: NDArray[np.bool_]) -> dict[str, float]:
+    out = {
+        "D": params["d"], "K": params["k"], "f": params["f"], "Dstar": params["dstar"],
+        "T1_ms": params["t1"], "T2_ms": params["t2"], "PD": params["pd"],
+        "Ktrans": params["ktrans"], "ve": params["ve"], "vp": params["vp"],
+    }
+    means = {k: float(np.mean(v[mask])) for k, v in out.items()}
+    kep = np.divide(params["ktrans"], params["ve"], out=np.zeros_like(params["ve"]), where=params["ve"] > 0)
+    means["kep"] = float(np.mean(kep[mask]))
+    return means
+
+
+MEAN_UNITS = {"D": "mm2/s", "K": "1", "f": "1", "Dstar": "mm2/s", "T1_ms": "ms", "T2_ms": "ms", "PD": "a.u.",
+              "Ktrans": "/min", "ve": "1", "vp": "1", "kep": "/min"}
+
+
+def _sample(anatomy: Anatomy, grid: Grid, to_body: NDArray[np.float64] | None) -> tuple[NDArray[np.int16], dict[str, NDArray[np.float64]]]:
+    pts = grid.points()
+    if to_body is not None:
+        pts = pts @ to_body[:3, :3].T + to_body[:3, 3]
+    labels = anatomy.labels(pts)
+    return labels, anatomy.parameters(pts, labels)
+
+
+def _scale_for(reference_signal: float) -> float:
+    return REFERENCE_COUNTS / reference_signal
+
+
+def _to_uint16(x: NDArray[np.float64]) -> NDArray[np.uint16]:
+    return np.clip(np.rint(x), 0, 65535).astype(np.uint16)
+
+
+def _nominal_tumour(anatomy: Anatomy) -> dict[str, float]:
+    nominal = dict(TISSUE_PARAMS["tumour"])
+    nominal.update(anatomy.tumour_params)
+    return nominal
+
+
+def generate_patient(
+    *,
+    seed: int = 0,
+    scenario: str = "responder",
+    vendor: str = "standard",
+    size: str = "full",
+    followups: int = 1,
+) -> Phantom:
+    """Generate a synthetic CyberKnife spine patient (baseline MR, RT course, follow-up MR).
+
+    Parameters
+    ----------
+    seed : int
+        Everything (anatomy, tumour, dates, noise, UIDs) is a deterministic function of
+        (seed, scenario, vendor, size).
+    scenario : {'responder', 'progression', 'pseudoprogression', 'stable'}
+    vendor : {'standard', 'siemens', 'ge', 'philips', 'enhanced'}
+    size : {'full', 'small'}
+    followups : int
+        Number of follow-up studies (1 = ~10 weeks; then ~6, ~9, ~12 months).
+
+    Returns
+    -------
+    Phantom
+        In-memory patient; :meth:`Phantom.iter_datasets` builds the DICOM objects and
+        ``Phantom.ground_truth`` is the JSON-serialisable truth.
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose one of {SCENARIOS}")
+    if vendor not in VENDORS:
+        raise ValueError(f"unknown vendor {vendor!r}; choose one of {VENDORS}")
+    if followups < 0 or followups > len(FOLLOWUP_DAYS):
+        raise ValueError(f"followups must be between 0 and {len(FOLLOWUP_DAYS)}, got {followups}")
+    protocol = proto.protocol_for(size)
+    ident = (seed, scenario, vendor, size)
+    rng = np.random.default_rng([seed, SCENARIOS.index(scenario)])
+    # anatomy: treated vertebra centre in baseline scanner coordinates
+    c0 = np.round(np.array([rng.uniform(-3, 3), rng.uniform(10, 40), rng.uniform(-40, 40)]), 2)
+    level_index = int(rng.integers(2, len(VERTEBRAL_NAMES) - 2))
+    level_names = VERTEBRAL_NAMES[level_index - 2: level_index + 3]
+    v0 = float(rng.uniform(5.0, 9.0))
+    tumour0 = make_tumour(rng, c0, v0)
+    jitter = {k: float(rng.uniform(0.92, 1.08)) for k in ("d", "k", "ktrans", "ve", "vp", "t1")}
+    base_params = {k: TISSUE_PARAMS["tumour"][k] * jitter.get(k, 1.0) for k in ("d", "k", "ktrans", "ve", "vp", "t1")}
+    texture_seed = int(rng.integers(0, 2**31))
+    # dates
+    base_date = dt.date(2024, 1, 8) + dt.timedelta(days=int(rng.integers(0, 540)))
+    treat_delay = int(rng.integers(3, 15))
+    treatment_date = base_date + dt.timedelta(days=treat_delay)
+    dose_gy, fractions = REGIMENS[int(rng.integers(0, len(REGIMENS)))]
+    machine = MACHINES[int(rng.integers(0, len(MACHINES)))]
+    birth = dt.date(1945, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 30)))
+    patient = {
+        "PatientName": f"PHANTOM^{seed}",
+        "PatientID": f"PHID-{seed:05d}-{scenario[:4].upper()}-{vendor[:3].upper()}-{size[0].upper()}",
+        "PatientBirthDate": birth.strftime("%Y%m%d"),
+        "PatientSex": "F" if rng.random() < 0.5 else "M",
+        "PatientWeight": f"{rng.uniform(55, 95):.0f}",
+        "IssuerOfPatientID": "SPINE-NODE-PHANTOM",
+    }
+    anatomy0 = Anatomy(tuple(float(v) for v in c0), tumour0, base_params, texture_seed, level_names)
+    studies: list[StudyData] = []
+    noise_sigma: dict[str, float] = {}
+    scales: dict[str, float] = {}
+    visits: list[tuple[str, dt.date, dict[str, Any] | None]] = [("baseline", base_date, None)]
+    changes = SCENARIO_CHANGES[scenario]
+    for n in range(1, followups + 1):
+        days = FOLLOWUP_DAYS[n - 1]
+        if n == 1 and scenario == "pseudoprogression":
+            days = 84
+        visits.append((f"followup{n}", treatment_date + dt.timedelta(days=days), changes[min(n, len(changes)) - 1]))
+    transforms: dict[str, dict[str, Any]] = {}
+    for key, date, change in visits:
+        srng = np.random.default_rng([seed, SCENARIOS.index(scenario), VENDORS.index(vendor), len(studies), 7])
+        if change is None:
+            anatomy, to_body, rigid = anatomy0, None, None
+            grid_centre = c0 + np.round(srng.uniform(-2, 2, 3), 1)
+        else:
+            shape = _changed_shape(tumour0, c0, v0, change)
+            params = {k: base_params[k] * change.get(k, 1.0) for k in base_params}
+            params["d"] = base_params["d"] * _d_multiplier_for_adc(base_params, change["adc"])
+            anatomy = Anatomy(anatomy0.vertebra_centre, shape, params, texture_seed, level_names)
+            rigid = _rigid(srng, c0)
+            transforms[key] = rigid
+            to_body = np.asarray(rigid["followup_to_baseline"])
+            grid_centre = np.asarray(rigid["baseline_to_followup"])[:3, :3] @ c0 + np.asarray(rigid["baseline_to_followup"])[:3, 3]
+            grid_centre = grid_centre + np.round(srng.uniform(-3, 3, 3), 1)
+        start = dt.datetime.combine(date, dt.time(8, 0)) + dt.timedelta(minutes=int(srng.integers(0, 540)))
+        study = _make_study(ident, key, date, start, anatomy, to_body, grid_centre, protocol, srng,
+                            noise_sigma, scales)
+        study.truth["rigid_transform"] = rigid
+        if change is not None:
+            study.truth["expected_response"] = change["category"].value
+            study.truth["days_since_treatment"] = (date - treatment_date).days
+            study.truth["scenario_multipliers"] = {k: v for k, v in change.items() if k != "category"}
+        else:
+            study.truth["days_before_treatment"] = (treatment_date - date).days
+        studies.append(study)
+    course = {
+        "machine": machine,
+        "manufacturer": "Accuray Inc.",
+        "model": "CyberKnife",
+        "fractions": fractions,
+        "total_dose_gy": dose_gy,
+        "dose_per_fraction_gy": dose_gy / fractions,
+        "prescription_isodose_percent": 80.0,
+        "treatment_date": treatment_date.strftime("%Y%m%d"),
+        "plan_date": (treatment_date - dt.timedelta(days=2)).strftime("%Y%m%d"),
+        "review_date": (treatment_date - dt.timedelta(days=1)).strftime("%Y%m%d"),
+        "treated_level": level_names[2],
+        "bed10_gy": fractions * (dose_gy / fractions) * (1 + (dose_gy / fractions) / 10.0),
+    }
+    phantom = Phantom(seed, scenario, vendor, size, patient, studies, anatomy0, {}, {"course": course})
+    from processing.phantom import rt
+
+    rt_truth = rt.plan_rt(phantom, np.random.default_rng([seed, SCENARIOS.index(scenario), 99]))
+    phantom.ground_truth = _ground_truth(phantom, protocol, rt_truth)
+    return phantom
+
+
+def _d_multiplier_for_adc(base: dict[str, float], adc_factor: float) -> float:
+    """Multiplier m of D such that the nominal tumour's ADC over b = 50-1000 changes by adc_factor."""
+    from scipy.optimize import brentq
+
+    b = np.asarray(proto.ADC_SUBSETS["b50-1000"])
+    f, ds = TISSUE_PARAMS["tumour"]["f"], TISSUE_PARAMS["tumour"]["dstar"]
+
+    def adc(m: float) -> float:
+        sig = diffusion_attenuation(b[:, None], np.array([base["d"] * m]), np.array([base["k"]]), f, ds)
+        return float(loglinear_adc(b, sig)[0])
+
+    target = adc(1.0) * adc_factor
+    return float(brentq(lambda m: adc(m) - target, 0.3, 3.0, xtol=1e-10))
+
+
+def _changed_shape(tumour0: TumourShape, c0: NDArray[np.float64], v0: float, change: dict[str, Any]) -> TumourShape:
+    target = v0 * change["volume"]
+    shape = tumour0.scaled(change["volume"])
+    if not change["epidural"]:
+        return shape
+    ec = (tumour0.centre[0], float(c0[1] + BODY_SEMI_AXES_MM[1] + 2.5), tumour0.centre[2])
+    er = (8.0, 3.5, 11.0)
+    factor = change["volume"]
+    for _ in range(4):  # secant-free fixed point: rescale the main part until the union hits target
+        shape = tumour0.scaled(factor).with_epidural(ec, er)
+        vol = continuous_volume_ml(shape, step_mm=0.3)
+        factor *= (target / vol) ** 1.2 if vol > 0 else 1.0
+    return tumour0.scaled(factor).with_epidural(ec, er)
+
+
+def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.datetime, anatomy: Anatomy,
+                to_body: NDArray[np.float64] | None, grid_centre: NDArray[np.float64], protocol: proto.Protocol,
+                rng: np.random.Generator, noise_sigma: dict[str, float], scales: dict[str, float]) -> StudyData:
+    study_uid = phantom_uid(*ident, key, "study")
+    for_uid = phantom_uid(*ident, key, "frame-of-reference")
+    nominal = _nominal_tumour(anatomy) if key == "baseline" else None
+    series_list: list[SeriesData] = []
+    truth_series: dict[str, Any] = {}
+    tumour_truth: dict[str, Any] = {"means_by_series": {}, "voxel_counts": {}}
+    t = start
+    for sp in protocol.series:
+        grid = centred_grid(grid_centre, sp.size, sp.spacing)
+        labels, params = _sample(anatomy, grid, to_body)
+        mask = labels == LABEL["tumour"]
+        signal, volumes, extra = _synthesise(sp, params, labels, protocol, t)
+        # per-series scaling and noise fixed at baseline (same protocol -> same receiver settings)
+        if nominal is not None:
+            ref = _reference_signal(sp, nominal, protocol)
+            scales[sp.role] = _scale_for(ref)
+            noise_sigma[sp.role] = REFERENCE_COUNTS / sp.snr
+        nrng = np.random.default_rng(rng.integers(0, 2**63))
+        noisy = add_rician_noise(signal * scales[sp.role], noise_sigma[sp.role], nrng)
+        series_uid = phantom_uid(*ident, key, sp.role, "series")
+        folder = f"series{sp.series_number:03d}"
+        sd = SeriesData(sp.role, sp, grid, series_uid, folder, _to_uint16(noisy), volumes, t)
+        sd.sop_uids = [[phantom_uid(*ident, key, sp.role, v, k) for k in range(sp.size[2])] for v in range(len(volumes))]
+        series_list.append(sd)
+        duration = volumes[-1]["time_s"] + 10.0
+        t = t + dt.timedelta(seconds=int(duration) + 60)
+        tumour_truth["means_by_series"][sp.role] = _tumour_means(params, mask)
+        tumour_truth["voxel_counts"][sp.role] = int(mask.sum())
+        truth_series[sp.role] = {
+            "SeriesInstanceUID": series_uid,
+            "SeriesNumber": sp.series_number,
+            "folder": folder,
+            "role": sp.role,
+            "geometry": grid.as_dict(),
+            "number_of_files": len(volumes) * sp.size[2],
+            "acquisition": _acquisition_truth(sp, protocol, volumes),
+            "noise_sigma_counts": noise_sigma[sp.role],
+            "counts_per_unit_signal": scales[sp.role],
+            **extra,
+        }
+        if sp.role == "dwi":
+            tumour_truth.update(_diffusion_truth(params, mask))
+        if sp.role == "t2w":
+            tumour_truth["volume_ml_voxels_t2w"] = float(mask.sum() * np.prod(sp.spacing) / 1000.0)
+    means = {}
+    by = tumour_truth["means_by_series"]
+    for q in ("D", "K", "f", "Dstar"):
+        means[q] = by["dwi"][q]
+    means["T1_ms"] = by["vfa_t1"]["T1_ms"]
+    for q in ("T2_ms", "PD"):
+        means[q] = by["t2w"][q]
+    for q in ("Ktrans", "ve", "vp", "kep"):
+        means[q] = by["dce"][q]
+    tumour_truth["means"] = means
+    tumour_truth["mean_units"] = MEAN_UNITS
+    tumour_truth["means_note"] = ("means over the voxels whose centre is inside the tumour on the grid of "
+                                  "the series that measures the quantity (D, K, f, Dstar: dwi; T1: vfa_t1; "
+                                  "Ktrans, ve, vp, kep: dce; T2, PD: t2w); means_by_series gives every "
+                                  "quantity on every grid")
+    tumour_truth["volume_ml_continuous"] = continuous_volume_ml(anatomy.tumour)
+    tumour_truth["epidural_volume_ml"] = epidural_volume_ml(anatomy.tumour, np.asarray(anatomy.vertebra_centre))
+    tumour_truth["shape"] = anatomy.tumour.to_dict()
+    tumour_truth["nominal_parameters"] = _nominal_tumour(anatomy)
+    truth = {
+        "StudyInstanceUID": study_uid,
+        "FrameOfReferenceUID": for_uid,
+        "StudyDate": date.strftime("%Y%m%d"),
+        "StudyTime": start.strftime("%H%M%S"),
+        "series": truth_series,
+        "tumour": tumour_truth,
+    }
+    return StudyData(key, study_uid, for_uid, date, start, series_list, truth)
+
+
+def _reference_signal(sp: proto.SeriesProtocol, p: dict[str, float], protocol: proto.Protocol) -> float:
+    """Noiseless signal of the nominal tumour in this series (b = 0 / pre-contrast / DCE flip)."""
+    one = {k: np.array([v], dtype=np.float64) for k, v in p.items()}
+    lab = np.array([LABEL["tumour"]], dtype=np.int16)
+    if sp.role in ("vfa_t1", "dce"):
+        return float(spgr_signal(one["pd"], 1000.0 / one["t1"], flip_deg=sp.flip_deg, tr_s=sp.tr_ms / 1000.0)[0])
+    return float(_weighted(sp, one, lab)[0])
+
+
+def _weighted(sp: proto.SeriesProtocol, p: dict[str, NDArray[np.float64]], labels: NDArray[np.int16]) -> NDArray[np.float64]:
+    """Spin-echo family signal (T2w/T1w: PD·(1−e^{−TR/T1})·e^{−TE/T2}; STIR adds the inversion)."""
+    t1, t2 = p["t1"], p["t2"]
+    if sp.ti_ms is not None:
+        mz = np.abs(1.0 - 2.0 * np.exp(-sp.ti_ms / t1) + np.exp(-sp.tr_ms / t1))
+    else:
+        mz = 1.0 - np.exp(-sp.tr_ms / t1)
+    s = p["pd"] * mz * np.exp(-sp.te_ms / t2)
+    if sp.role == "dwi":
+        s = s * p["dwi"]
+    return s
+
+
+def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]], labels: NDArray[np.int16],
+                protocol: proto.Protocol, start: dt.datetime) -> tuple[NDArray[np.float64], list[dict[str, Any]], dict[str, Any]]:
+    """Noiseless signal (V, k, j, i) and per-volume metadata of one series."""
+    extra: dict[str, Any] = {}
+    if sp.role in ("t2w", "t1w", "stir"):
+        return _weighted(sp, params, labels)[None], [{"time_s": 0.0}], extra
+    if sp.role == "dwi":
+        s0 = _weighted(sp, params, labels)
+        vols = proto.dwi_volumes()
+        out = np.empty((len(vols),) + s0.shape)
+        meta = []
+        for v, (b, g) in enumerate(vols):
+            out[v] = s0 * diffusion_attenuation(b, params["d"], params["k"], params["f"], params["dstar"])
+            meta.append({"b": b, "gradient": [float(x) for x in g], "time_s": v * sp.tr_ms / 1000.0})
+        return out, meta, extra
+    r10 = 1000.0 / params["t1"]
+    tr_s = sp.tr_ms / 1000.0
+    if sp.role == "vfa_t1":
+        out = np.stack([spgr_signal(params["pd"], r10, flip_deg=a, tr_s=tr_s) for a in protocol.vfa_flip_deg])
+        meta = [{"flip_deg": a, "time_s": 20.0 * i} for i, a in enumerate(protocol.vfa_flip_deg)]
+        return out, meta, extra
+    if sp.role == "dce":
+        t = np.arange(protocol.dce_frames) * protocol.dce_dt_s
+        shape = params["pd"].shape
+        flat = {k: v.ravel() for k, v in params.items()}
+        conc = extended_tofts(t, flat["ktrans"], flat["ve"], flat["vp"], bolus_arrival_s=proto.BOLUS_ARRIVAL_S,
+                              hct=proto.HCT)
+        blood = labels.ravel() == LABEL["blood"]
+        cb = parker_aif_blood(t, bolus_arrival_s=proto.BOLUS_ARRIVAL_S)
+        conc[:, blood] = cb[:, None]
+        r1 = r10.ravel()[None, :] + proto.R1_PER_MM_PER_S * conc
+        out = spgr_signal(flat["pd"][None, :], r1, flip_deg=sp.flip_deg, tr_s=tr_s).reshape((t.size,) + shape)
+        meta = [{"time_s": float(ti), "temporal_position": n + 1} for n, ti in enumerate(t)]
+        extra["aif_whole_blood_mM"] = [float(v) for v in cb]
+        extra["frame_times_s"] = [float(v) for v in t]
+        return out, meta, extra
+    raise ValueError(f"no signal model for role {sp.role!r}")
+
+
+def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volumes: list[dict[str, Any]]) -> dict[str, Any]:
+    acq: dict[str, Any] = {
+        "RepetitionTime_ms": sp.tr_ms, "EchoTime_ms": sp.te_ms, "FlipAngle_deg": sp.flip_deg,
+        "InversionTime_ms": sp.ti_ms, "MagneticFieldStrength_T": proto.FIELD_STRENGTH_T,
+        "MRAcquisitionType": sp.acquisition_type, "ScanningSequence": list(sp.scanning_sequence),
+        "snr_tumour": sp.snr,
+    }
+    if sp.role == "dwi":
+        acq["bvalues"] = sorted({v["b"] for v in volumes})
+        acq["shells"] = [[b, n] for b, n in proto.DWI_SHELLS]
+    if sp.role == "vfa_t1":
+        acq["flip_angles_deg"] = list(protocol.vfa_flip_deg)
+    if sp.role == "dce":
+        acq.update({
+            "temporal_resolution_s": protocol.dce_dt_s, "number_of_temporal_positions": protocol.dce_frames,
+            "bolus_arrival_s": proto.BOLUS_ARRIVAL_S, "injection_start_s": proto.BOLUS_ARRIVAL_S - 10.0,
+            "contrast_agent": proto.CONTRAST_AGENT, "dose_mmol_per_kg": proto.CONTRAST_DOSE_MMOL_PER_KG,
+            "r1_per_mM_per_s": proto.R1_PER_MM_PER_S, "hct": proto.HCT,
+            "aif": {"model": "Parker 2006 population AIF, whole blood, evaluated at (t - bolus_arrival_s)/60 min",
+                    "plasma": "Cp = Cb / (1 - hct)", "tissue_model": "extended Tofts",
+                    "signal_model": "SPGR with R1 = R10 + r1*C, R10 = 1/T10 of each tissue",
+                    "aorta": "blood voxels carry C = Cb (whole blood)"},
+        })
+    return acq
+
+
+def _diffusion_truth(params: dict[str, NDArray[np.float64]], mask: NDArray[np.bool_]) -> dict[str, Any]:
+    """Exact mono-exponential ADC per b subset and apparent kurtosis per subset (noiseless, tumour)."""
+    d, k, f, ds = (params[n][mask] for n in ("d", "k", "f", "dstar"))
+    adc = {}
+    for name, bset in proto.ADC_SUBSETS.items():
+        b = np.asarray(bset)
+        sig = np.stack([diffusion_attenuation(bi, d, k, f, ds) for bi in b])
+        adc[name] = {"bvalues": list(bset), "adc_mm2_s": float(np.mean(loglinear_adc(b, sig)))}
+    kurt = {}
+    for name, bset in proto.KURTOSIS_SUBSETS.items():
+        b = np.asarray(bset)
+        sig = np.stack([diffusion_attenuation(bi, d, k, f, ds) for bi in b])
+        dapp, kapp = kurtosis_ols(b, sig)
+        kurt[name] = {"bvalues": list(bset), "D_mm2_s": float(np.mean(dapp)), "K": float(np.mean(kapp))}
+    return {
+        "adc_by_bvalues": adc,
+        "kurtosis_by_bvalues": kurt,
+        "diffusion_note": ("signal S(b)/S0 = f exp(-b D*) + (1-f) exp(-b D + b^2 D^2 K/6), isotropic; ADC truth = "
+                           "mean over tumour voxels of the per-voxel OLS log-linear ADC of the noiseless "
+                           "direction-averaged signal over the listed b-values"),
+    }
+
+
+def _ground_truth(ph: Phantom, protocol: proto.Protocol, rt_truth: dict[str, Any]) -> dict[str, Any]:
+    gt: dict[str, Any] = {
+        "generator": {"name": "spine-node phantom", "seed": ph.seed, "scenario": ph.scenario, "vendor": ph.vendor,
+                      "size": ph.size, "followups": len(ph.studies) - 1},
+        "patient": ph.patient,
+        "course": ph.rt["course"] | rt_truth,
+        "treated_level": ph.anatomy.level_names[2],
+        "vertebral_levels": list(ph.anatomy.level_names),
+        "vertebra_centre_mm": list(ph.anatomy.vertebra_centre),
+        "tissue_parameters": TISSUE_PARAMS,
+        "studies": {},
+        "dwi_files": {},
+    }
+    for study in ph.studies:
+        gt["studies"][study.key] = study.truth
+        dwi = next(s for s in study.series if s.role == "dwi")
+        files = []
+        nz = dwi.grid.size[2]
+        for v, meta in enumerate(dwi.volumes):
+            for k in range(nz):
+                files.append({"file": f"{study.key}/{dwi.folder}/{v * nz + k + 1:05d}.dcm", "b": meta["b"],
+                              "gradient_lps": meta["gradient"]})
+        if ph.vendor == "enhanced":
+            files = [{"file": f"{study.key}/{dwi.folder}/00001.dcm", "frames": [
+                {"frame": v * nz + k + 1, "b": m["b"], "gradient_lps": m["gradient"]}
+                for v, m in enumerate(dwi.volumes) for k in range(nz)]}]
+        gt["dwi_files"][study.key] = files
+    baseline = gt["studies"]["baseline"]["tumour"]
+    for key, st in gt["studies"].items():
+        if key == "baseline":
+            continue
+        tum = st["tumour"]
+        st["change_from_baseline"] = {
+            "volume_relative": tum["volume_ml_continuous"] / baseline["volume_ml_continuous"] - 1.0,
+            **{f"{q}_relative": tum["means"][q] / baseline["means"][q] - 1.0 for q in ("D", "Ktrans", "vp", "ve")},
+            "adc_b50-1000_relative": tum["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
+            / baseline["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"] - 1.0,
+        }
+    return gt

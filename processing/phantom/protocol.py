@@ -1,0 +1,134 @@
+"""Acquisition protocol of the phantom: series, grids, b-values, flip angles, timing.
+
+Units: TR/TE/TI in ms (as DICOM writes them), b in s/mm², flip angles in degrees, times in s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+SIZES = ("full", "small")
+
+#: field strength (T), and the r1 relaxivity of gadoterate meglumine in plasma at 3 T (/mM/s),
+#: Rohrer M et al., Invest Radiol 2005;40:715-724 (3.5 L/mmol/s at 3 T, 37 °C).
+FIELD_STRENGTH_T = 3.0
+R1_PER_MM_PER_S = 3.5
+HCT = 0.42
+BOLUS_ARRIVAL_S = 30.0
+CONTRAST_AGENT = "Gadoterate meglumine (Dotarem) 0.5 mmol/mL"
+CONTRAST_DOSE_MMOL_PER_KG = 0.1
+
+#: DWI b-values (s/mm²) and number of directions per shell
+DWI_SHELLS: tuple[tuple[float, int], ...] = (
+    (0.0, 1), (50.0, 3), (100.0, 3), (400.0, 3), (800.0, 3), (1000.0, 15), (1500.0, 3), (2000.0, 15),
+)
+
+
+@dataclass(frozen=True)
+class SeriesProtocol:
+    role: str
+    series_number: int
+    description: str
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    tr_ms: float
+    te_ms: float
+    flip_deg: float
+    ti_ms: float | None = None
+    snr: float = 40.0  # tumour signal / noise sigma (at b = 0 for DWI, pre-contrast for DCE)
+    scanning_sequence: tuple[str, ...] = ("SE",)
+    sequence_variant: tuple[str, ...] = ("SK",)
+    acquisition_type: str = "2D"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    size_name: str
+    series: tuple[SeriesProtocol, ...]
+    vfa_flip_deg: tuple[float, ...]
+    dce_frames: int
+    dce_dt_s: float
+
+    def by_role(self, role: str) -> SeriesProtocol:
+        for s in self.series:
+            if s.role == role:
+                return s
+        raise KeyError(role)
+
+
+def protocol_for(size: str) -> Protocol:
+    """The phantom's MR protocol for ``size`` ('full' or 'small')."""
+    if size == "full":
+        anat = ((256, 256, 25), (0.78125, 0.78125, 4.0))
+        dwi = ((112, 112, 20), (1.8, 1.8, 5.0))
+        dce = ((128, 128, 20), (1.5625, 1.5625, 4.0))
+        vfa, frames, dt = (2.0, 5.0, 10.0, 15.0, 20.0), 60, 4.5
+    elif size == "small":
+        anat = ((128, 128, 16), (1.5625, 1.5625, 5.0))
+        dwi = ((64, 64, 12), (3.125, 3.125, 5.0))
+        dce = ((64, 64, 10), (3.125, 3.125, 5.0))
+        vfa, frames, dt = (3.0, 10.0, 20.0), 40, 5.0
+    else:
+        raise ValueError(f"unknown phantom size {size!r}; choose one of {SIZES}")
+    series = (
+        SeriesProtocol("t2w", 2, "T2 TSE AX", *anat, tr_ms=4000.0, te_ms=100.0, flip_deg=150.0, snr=40.0),
+        SeriesProtocol("t1w", 3, "T1 TSE AX", *anat, tr_ms=600.0, te_ms=10.0, flip_deg=150.0, snr=40.0),
+        SeriesProtocol("stir", 4, "STIR AX", *anat, tr_ms=5000.0, te_ms=60.0, flip_deg=150.0,
+                       ti_ms=round(float(np.log(2.0) * 380.0), 1), snr=30.0,
+                       scanning_sequence=("IR", "SE"), sequence_variant=("SK", "SP")),
+        SeriesProtocol("dwi", 5, "DWI IVIM DKI AX", *dwi, tr_ms=5000.0, te_ms=70.0, flip_deg=90.0, snr=80.0,
+                       scanning_sequence=("EP",), sequence_variant=("SK", "SP")),
+        SeriesProtocol("vfa_t1", 6, "T1 MAP VFA 3D", *dce, tr_ms=4.0, te_ms=1.5, flip_deg=15.0, snr=60.0,
+                       scanning_sequence=("GR",), sequence_variant=("SP", "SS"), acquisition_type="3D"),
+        SeriesProtocol("dce", 7, "DCE 3D SPGR AX", *dce, tr_ms=4.0, te_ms=1.5, flip_deg=15.0, snr=60.0,
+                       scanning_sequence=("GR",), sequence_variant=("SP", "SS"), acquisition_type="3D"),
+    )
+    return Protocol(size, series, vfa, frames, dt)
+
+
+def gradient_directions(n: int) -> NDArray[np.float64]:
+    """``n`` well-spread unit vectors on a hemisphere (Fibonacci lattice), LPS."""
+    if n == 1:
+        return np.array([[0.0, 0.0, 1.0]])
+    if n == 3:
+        return np.eye(3)
+    i = np.arange(n) + 0.5
+    z = 1.0 - i / n  # upper hemisphere
+    phi = np.pi * (1 + 5**0.5) * i
+    r = np.sqrt(1 - z**2)
+    v = np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+    return np.round(v / np.linalg.norm(v, axis=1, keepdims=True), 6)
+
+
+def dwi_volumes() -> list[tuple[float, NDArray[np.float64]]]:
+    """(b, unit gradient in LPS) per DWI volume in acquisition order; b = 0 has a zero vector."""
+    volumes: list[tuple[float, NDArray[np.float64]]] = []
+    for b, n in DWI_SHELLS:
+        if b == 0:
+            volumes.append((0.0, np.zeros(3)))
+            continue
+        for g in gradient_directions(n):
+            volumes.append((b, g / np.linalg.norm(g)))
+    return volumes
+
+
+#: b-value subsets a mono-exponential ADC fit may use (ground_truth ``adc_by_bvalues``)
+ADC_SUBSETS: dict[str, tuple[float, ...]] = {
+    "b50-1000": (50.0, 100.0, 400.0, 800.0, 1000.0),
+    "b0,1000": (0.0, 1000.0),
+    "b0,800": (0.0, 800.0),
+    "b0-1000": (0.0, 50.0, 100.0, 400.0, 800.0, 1000.0),
+    "b50,800": (50.0, 800.0),
+    "b50,1000": (50.0, 1000.0),
+    "b100-1000": (100.0, 400.0, 800.0, 1000.0),
+    "b400-1000": (400.0, 800.0, 1000.0),
+}
+#: b-value subsets for the apparent-kurtosis truth (OLS of ln S = ln S0 − bD + b²D²K/6)
+KURTOSIS_SUBSETS: dict[str, tuple[float, ...]] = {
+    "b0-2000": (0.0, 50.0, 100.0, 400.0, 800.0, 1000.0, 1500.0, 2000.0),
+    "b400-2000": (400.0, 800.0, 1000.0, 1500.0, 2000.0),
+    "b0,1000,2000": (0.0, 1000.0, 2000.0),
+}

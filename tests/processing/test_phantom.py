@@ -1,0 +1,287 @@
+"""The synthetic CyberKnife patient: determinism, geometry, signal models, truth, DICOM validity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from processing.phantom import generate_patient
+from processing.phantom.anatomy import Grid, TumourShape
+from processing.phantom.signals import parker_aif_blood
+from tests.phantom_fixtures import PHANTOM_SEED
+
+DCM2NIIX = Path(sys.executable).with_name("dcm2niix")
+
+
+def _truth(path: Path) -> dict:
+    return json.loads((path / "ground_truth.json").read_text())
+
+
+def _series_files(path: Path, study: str, series: dict) -> list[Path]:
+    return sorted((path / study / series["folder"]).glob("*.dcm"))
+
+
+def _volume(path: Path, study: str, series: dict, index: int = 0) -> sitk.Image:
+    nz = series["geometry"]["size"][2]
+    files = _series_files(path, study, series)[index * nz:(index + 1) * nz]
+    return sitk.ReadImage([str(f) for f in files])
+
+
+def _volume_array(path: Path, study: str, series: dict) -> np.ndarray:
+    """All volumes of a series as (V, k, j, i) float."""
+    files = _series_files(path, study, series)
+    nz = series["geometry"]["size"][2]
+    arr = np.stack([pydicom.dcmread(f).pixel_array for f in files]).astype(float)
+    return arr.reshape(len(files) // nz, nz, *arr.shape[1:])
+
+
+def _tumour_mask(truth: dict, study: str, geometry: dict) -> np.ndarray:
+    shape = truth["studies"][study]["tumour"]["shape"]
+    tum = TumourShape(tuple(shape["centre"]), tuple(shape["rotation"]), tuple(shape["radii"]),
+                      tuple(tuple(lb) for lb in shape["lobes"]),
+                      tuple(shape["epidural_centre"]) if shape["epidural_centre"] else None,
+                      tuple(shape["epidural_radii"]) if shape["epidural_radii"] else None)
+    grid = Grid(tuple(geometry["size"]), tuple(geometry["spacing"]), tuple(geometry["origin"]),
+                tuple(geometry["direction"]))
+    pts = grid.points()
+    rigid = truth["studies"][study]["rigid_transform"]
+    if rigid is not None:
+        m = np.asarray(rigid["followup_to_baseline"])
+        pts = pts @ m[:3, :3].T + m[:3, 3]
+    return tum.contains(pts)
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_same_seed_gives_identical_pixels_and_uids(phantom_small: Path) -> None:
+    again = generate_patient(seed=PHANTOM_SEED, scenario="responder", vendor="standard", size="small")
+    truth = _truth(phantom_small)
+    for study in again.studies:
+        for series in study.series:
+            t = truth["studies"][study.key]["series"][series.role]
+            assert series.series_uid == t["SeriesInstanceUID"]
+            files = _series_files(phantom_small, study.key, t)
+            written = b"".join(pydicom.dcmread(f).PixelData for f in files)
+            fresh = b"".join(np.ascontiguousarray(series.pixels[v, k]).tobytes()
+                             for v in range(series.pixels.shape[0]) for k in range(series.pixels.shape[1]))
+            assert hashlib.sha256(written).digest() == hashlib.sha256(fresh).digest(), (study.key, series.role)
+            first = pydicom.dcmread(files[0], stop_before_pixels=True)
+            assert first.SOPInstanceUID == series.sop_uids[0][0]
+    assert json.loads(json.dumps(again.ground_truth, default=float)) == truth
+    other = generate_patient(seed=PHANTOM_SEED + 1, scenario="responder", vendor="standard", size="small", followups=0)
+    assert other.studies[0].study_uid != again.studies[0].study_uid
+    assert not np.array_equal(other.studies[0].series[0].pixels, again.studies[0].series[0].pixels)
+
+
+def test_ground_truth_geometry_equals_what_simpleitk_and_pydicom_read(phantom_small: Path) -> None:
+    truth = _truth(phantom_small)
+    assert set(truth["studies"]) == {"baseline", "followup1"}
+    for study, st in truth["studies"].items():
+        uids = set()
+        for role, series in st["series"].items():
+            img = _volume(phantom_small, study, series)
+            g = series["geometry"]
+            np.testing.assert_allclose(img.GetOrigin(), g["origin"], atol=1e-4)
+            np.testing.assert_allclose(img.GetSpacing(), g["spacing"], atol=1e-6)
+            np.testing.assert_allclose(img.GetDirection(), g["direction"], atol=1e-9)
+            assert list(img.GetSize()) == g["size"]
+            files = _series_files(phantom_small, study, series)
+            assert len(files) == series["number_of_files"]
+            ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+            assert ds.StudyInstanceUID == st["StudyInstanceUID"]
+            assert ds.FrameOfReferenceUID == st["FrameOfReferenceUID"]
+            assert ds.SeriesInstanceUID == series["SeriesInstanceUID"]
+            assert float(ds.RepetitionTime) == series["acquisition"]["RepetitionTime_ms"]
+            uids.add(ds.SeriesInstanceUID)
+        assert len(uids) == 6
+    assert truth["studies"]["baseline"]["FrameOfReferenceUID"] != truth["studies"]["followup1"]["FrameOfReferenceUID"]
+
+
+def test_tumour_truth_volume_and_masks(phantom_small: Path) -> None:
+    truth = _truth(phantom_small)
+    base = truth["studies"]["baseline"]["tumour"]
+    fu = truth["studies"]["followup1"]["tumour"]
+    assert 3.0 <= base["volume_ml_continuous"] <= 20.0
+    # voxel-centre volume on the 1.56 x 1.56 x 5 mm grid agrees with the continuous truth within 8 %
+    assert base["volume_ml_voxels_t2w"] == pytest.approx(base["volume_ml_continuous"], rel=0.08)
+    # responder: -30 % volume, ADC(b50-1000) +35 %, Ktrans and vp -60 %
+    ch = truth["studies"]["followup1"]["change_from_baseline"]
+    assert ch["volume_relative"] == pytest.approx(-0.30, abs=0.01)
+    assert ch["adc_b50-1000_relative"] == pytest.approx(0.35, abs=0.01)
+    assert ch["Ktrans_relative"] == pytest.approx(-0.60, abs=0.02)
+    assert ch["vp_relative"] == pytest.approx(-0.60, abs=0.02)
+    assert truth["studies"]["followup1"]["expected_response"] == "local control"
+    # the published shape reproduces the voxel counts on every grid, through the rigid transform
+    for study in ("baseline", "followup1"):
+        for role, series in truth["studies"][study]["series"].items():
+            mask = _tumour_mask(truth, study, series["geometry"])
+            assert int(mask.sum()) == truth["studies"][study]["tumour"]["voxel_counts"][role]
+    assert fu["adc_by_bvalues"]["b0,1000"]["bvalues"] == [0.0, 1000.0]
+
+
+def test_rigid_transform_is_consistent(phantom_small: Path) -> None:
+    rigid = _truth(phantom_small)["studies"]["followup1"]["rigid_transform"]
+    f2b = np.asarray(rigid["followup_to_baseline"])
+    b2f = np.asarray(rigid["baseline_to_followup"])
+    np.testing.assert_allclose(f2b @ b2f, np.eye(4), atol=1e-9)
+    rot = b2f[:3, :3]
+    angle = np.degrees(np.arccos((np.trace(rot) - 1) / 2))
+    assert angle == pytest.approx(rigid["rotation_deg"], abs=1e-6)
+    assert 2.0 <= rigid["rotation_deg"] <= 4.0 and 3.0 <= rigid["translation_norm_mm"] <= 6.0
+    e = rigid["sitk_euler3d_baseline_to_followup"]
+    tx = sitk.Euler3DTransform(e["center"], *e["angles_rad_xyz"], e["translation"])
+    p = np.array([10.0, -20.0, 30.0])
+    np.testing.assert_allclose(tx.TransformPoint(p.tolist()), b2f[:3, :3] @ p + b2f[:3, 3], atol=1e-6)
+
+
+def test_dwi_signal_reproduces_truth_adc_and_snr(phantom_small: Path) -> None:
+    truth = _truth(phantom_small)
+    st = truth["studies"]["baseline"]
+    dwi = st["series"]["dwi"]
+    arr = _volume_array(phantom_small, "baseline", dwi)
+    mask = _tumour_mask(truth, "baseline", dwi["geometry"])
+    files = truth["dwi_files"]["baseline"]
+    nz = dwi["geometry"]["size"][2]
+    bvals = np.array([files[v * nz]["b"] for v in range(arr.shape[0])])
+    b0 = arr[bvals == 0][0][mask]
+    snr = b0.mean() / dwi["noise_sigma_counts"]
+    assert 50 <= snr <= 100
+    # noise at the stated level: two directions of the isotropic b = 50 shell differ by noise only
+    b50 = arr[bvals == 50][:, mask]
+    assert np.std(b50[0] - b50[1]) / np.sqrt(2) == pytest.approx(dwi["noise_sigma_counts"], rel=0.2)
+    # log-linear OLS ADC of the tumour-mean direction-averaged signal over b = 50..1000
+    subset = st["tumour"]["adc_by_bvalues"]["b50-1000"]
+    b = np.asarray(subset["bvalues"])
+    sig = np.array([np.exp(np.mean(np.log(arr[bvals == bi][:, mask]), axis=0)).mean() for bi in b])
+    adc = -np.polyfit(b, np.log(sig), 1)[0]
+    assert adc == pytest.approx(subset["adc_mm2_s"], rel=0.03)
+    # kurtosis visible: ADC over b0-1000 differs from D
+    assert st["tumour"]["adc_by_bvalues"]["b400-1000"]["adc_mm2_s"] < st["tumour"]["means"]["D"]
+
+
+def test_dce_aorta_follows_parker_aif_and_tumour_enhances(phantom_small: Path) -> None:
+    truth = _truth(phantom_small)
+    st = truth["studies"]["baseline"]
+    dce = st["series"]["dce"]
+    acq = dce["acquisition"]
+    assert acq["number_of_temporal_positions"] >= 40 and acq["temporal_resolution_s"] <= 5.0
+    arr = _volume_array(phantom_small, "baseline", dce)
+    t = np.asarray(dce["frame_times_s"])
+    cb = parker_aif_blood(t, bolus_arrival_s=acq["bolus_arrival_s"])
+    np.testing.assert_allclose(dce["aif_whole_blood_mM"], cb)
+    # aorta: voxels brighter than anything at the first-pass peak; invert SPGR with blood T1
+    peak = int(np.argmax(cb))
+    aorta = arr[peak] > np.percentile(arr[peak], 99.5)
+    s = arr[:, aorta].mean(axis=1)
+    tr = acq["RepetitionTime_ms"] / 1000.0
+    a = np.deg2rad(acq["FlipAngle_deg"])
+    r10 = 1000.0 / truth["tissue_parameters"]["blood"]["t1"]
+    e10 = np.exp(-tr * r10)
+    s_pre = s[: int(acq["bolus_arrival_s"] // acq["temporal_resolution_s"])].mean()
+    m0 = s_pre * (1 - np.cos(a) * e10) / (np.sin(a) * (1 - e10))
+    r1 = -np.log((m0 * np.sin(a) - s) / (m0 * np.sin(a) - s * np.cos(a))) / tr
+    conc = (r1 - r10) / acq["r1_per_mM_per_s"]
+    assert conc[peak] == pytest.approx(cb[peak], rel=0.1)
+    assert conc[-1] == pytest.approx(cb[-1], rel=0.15)
+    mask = _tumour_mask(truth, "baseline", dce["geometry"])
+    tum = arr[:, mask].mean(axis=1)
+    assert tum[-1] > 1.3 * tum[0]
+    ds = pydicom.dcmread(_series_files(phantom_small, "baseline", dce)[-1], stop_before_pixels=True)
+    assert int(ds.TemporalPositionIdentifier) == acq["number_of_temporal_positions"]
+    assert ds.ContrastBolusAgent and float(ds.FlipAngle) == acq["FlipAngle_deg"]
+
+
+def test_rt_course_as_cyberknife_writes_it(phantom_small: Path) -> None:
+    truth = _truth(phantom_small)
+    course = truth["course"]
+    plan = pydicom.dcmread(phantom_small / "rt" / "rtplan.dcm")
+    assert "Accuray" in plan.Manufacturer and plan.BeamSequence[0].TreatmentMachineName == course["machine"]
+    assert len(plan.BeamSequence) == course["rtplan"]["number_of_beams"] >= 100
+    isos = {tuple(b.ControlPointSequence[0].IsocenterPosition) for b in plan.BeamSequence}
+    assert len(isos) > 50  # non-isocentric
+    assert int(plan.FractionGroupSequence[0].NumberOfFractionsPlanned) == course["fractions"]
+    assert float(plan.DoseReferenceSequence[0].TargetPrescriptionDose) == course["total_dose_gy"]
+    assert plan.ApprovalStatus == "APPROVED" and plan.ReviewDate == course["review_date"]
+    assert plan.RTPlanDate < course["treatment_date"] and truth["studies"]["baseline"]["StudyDate"] < plan.RTPlanDate
+    ss = pydicom.dcmread(phantom_small / "rt" / "rtstruct.dcm")
+    types = {o.ReferencedROINumber: o.RTROIInterpretedType for o in ss.RTROIObservationsSequence}
+    names = {r.ROINumber: r.ROIName for r in ss.StructureSetROISequence}
+    assert {names[k]: v for k, v in types.items()} == {"GTV": "GTV", "PTV": "PTV", "SpinalCord": "ORGAN"}
+    ref_series = ss.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert ref_series.SeriesInstanceUID == truth["studies"]["baseline"]["series"]["t2w"]["SeriesInstanceUID"]
+    # GTV contour area summed over slices x thickness ≈ tumour volume
+    t2 = truth["studies"]["baseline"]["series"]["t2w"]["geometry"]
+    vol = 0.0
+    for c in ss.ROIContourSequence[0].ContourSequence:
+        xy = np.asarray(c.ContourData, dtype=float).reshape(-1, 3)[:, :2]
+        vol += 0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1))) * t2["spacing"][2]
+    assert vol / 1000 == pytest.approx(truth["studies"]["baseline"]["tumour"]["volume_ml_continuous"], rel=0.12)
+    dose = pydicom.dcmread(phantom_small / "rt" / "rtdose.dcm")
+    assert dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+    dmax = dose.pixel_array.max() * float(dose.DoseGridScaling)
+    assert course["total_dose_gy"] < dmax <= course["rtdose"]["max_dose_gy_analytic"] + 1e-6
+
+
+def test_standard_objects_pass_dciodvfy(phantom_small: Path) -> None:
+    truth = _truth(phantom_small)
+    files = [phantom_small / "rt" / n for n in ("rtplan.dcm", "rtstruct.dcm", "rtdose.dcm")]
+    for study in truth["studies"]:
+        for series in truth["studies"][study]["series"].values():
+            f = _series_files(phantom_small, study, series)
+            files += [f[0], f[len(f) // 2]] if study == "baseline" else [f[-1]]
+    errors = {str(f.relative_to(phantom_small)): e for f in files if (e := _dciodvfy_errors(f))}
+    assert errors == {}
+
+
+@pytest.mark.skipif(not DCM2NIIX.exists() and shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
+def test_dcm2niix_reads_standard_dwi_bvalues_and_vectors(phantom_small: Path, tmp_path: Path) -> None:
+    _check_dcm2niix(phantom_small, tmp_path)
+
+
+def _check_dcm2niix(path: Path, tmp_path: Path) -> None:
+    truth = _truth(path)
+    dwi = truth["studies"]["baseline"]["series"]["dwi"]
+    exe = str(DCM2NIIX) if DCM2NIIX.exists() else "dcm2niix"
+    subprocess.run([exe, "-o", str(tmp_path), "-f", "dwi", str(path / "baseline" / dwi["folder"])],
+                   check=True, capture_output=True, timeout=300)
+    bval = np.loadtxt(tmp_path / "dwi.bval")
+    bvec = np.loadtxt(tmp_path / "dwi.bvec")
+    files = truth["dwi_files"]["baseline"]
+    if "frames" in files[0]:
+        frames = files[0]["frames"]
+        nz = dwi["geometry"]["size"][2]
+        per_volume = [frames[v * nz] for v in range(len(frames) // nz)]
+    else:
+        nz = dwi["geometry"]["size"][2]
+        per_volume = [files[v * nz] for v in range(len(files) // nz)]
+    np.testing.assert_allclose(bval, [f["b"] for f in per_volume], atol=0.5)
+    rot = np.asarray(dwi["geometry"]["direction"]).reshape(3, 3)
+    expected = np.array([rot.T @ np.asarray(f["gradient_lps"]) for f in per_volume]).T * np.array([[1], [-1], [1]])
+    np.testing.assert_allclose(bvec, expected + 0.0, atol=1e-3)
+
+
+def test_cli_refuses_a_non_empty_output_folder(tmp_path: Path) -> None:
+    from node.cli import build_parser
+
+    (tmp_path / "x").write_text("occupied")
+    args = build_parser().parse_args(["phantom", "--out", str(tmp_path), "--size", "small"])
+    assert args._run(args) == 2
+
+
+def test_cli_choices_match_the_generator() -> None:
+    from node.commands import phantom as command
+    from processing import phantom
+
+    assert (command.SCENARIOS, command.VENDORS, command.SIZES) == (phantom.SCENARIOS, phantom.VENDORS, phantom.SIZES)
