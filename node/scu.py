@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
@@ -81,6 +83,26 @@ class _FileInfo:
     transfer_syntax_uid: str
 
 
+def _pause_reactor(assoc: Association, timeout_s: float = 5.0) -> None:
+    """Make sure the association's reactor thread is blocked before a request is sent.
+
+    pynetdicom's ``send_c_*`` clear the reactor checkpoint and then poll ``_is_paused``, which
+    the reactor sets to ``True`` just *before* its ``wait()``: a reactor that has already passed
+    ``wait()`` looks paused, takes the fast response off the queue and drops it ("Received
+    unexpected C-STORE service message"), and the sender hangs until the DIMSE timeout. With
+    TCP_NODELAY responses arrive quickly enough to hit this often. Waiting until the reactor is
+    really blocked on the checkpoint's condition closes the window.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout_s
+    # Event.wait() registers a waiter on the event's condition while it blocks (CPython)
+    while not checkpoint._cond._waiters and assoc.is_established:  # type: ignore[attr-defined]
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.0001)
+
+
 def _make_ae(calling_ae: str, *, timeout_s: float) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
@@ -106,6 +128,7 @@ def echo(peer: PeerAddress, *, calling_ae: str = "SPINENODE", timeout_s: float =
         raise PeerError(f"association with {peer} was not established "
                         f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})")
     try:
+        _pause_reactor(assoc)
         status = assoc.send_c_echo()
     finally:
         assoc.release()
@@ -224,6 +247,7 @@ def _send_batch(
                                   "association ended before sending"))
                 continue
             try:
+                _pause_reactor(assoc)
                 rsp = assoc.send_c_store(info.path)
             except (ValueError, RuntimeError, OSError) as err:
                 # no accepted context for this file, or a transport failure
