@@ -263,7 +263,7 @@ class RadiomicsSettings:
         Outlier filtering: keep mean ± k·σ of the intensities left by the range step (IBSI: 3).
     bin_count, bin_width : int or None, float or None
         Discretisation: fixed bin number (IBSI FBN) or fixed bin size (FBS); exactly one is set.
-    gldm_alpha : float
+    gldm_alpha : int
         Coarseness parameter of the NGLDM (IBSI: 0).
     min_texture_voxels : int
         Minimum voxels in the intensity mask for texture classes; smaller ROIs get shape and
@@ -283,6 +283,10 @@ class RadiomicsSettings:
     version: str = RADIOMICS_SETTINGS_VERSION
 
     def __post_init__(self) -> None:
+        for name in ("spacing_mm", "bin_width", "resegment_sigma", "mask_partial_volume"):
+            value = getattr(self, name)
+            if value is not None:  # canonical floats: equal settings, equal digests
+                object.__setattr__(self, name, float(value))
         if self.spacing_mm is not None and not self.spacing_mm > 0:
             raise ValueError(f"spacing_mm must be > 0 mm, got {self.spacing_mm}")
         if self.interpolator not in _INTERPOLATORS:
@@ -305,7 +309,11 @@ class RadiomicsSettings:
             low, high = self.resegment_range
             if low is not None and high is not None and not low < high:
                 raise ValueError(f"resegment_range low must be < high, got {self.resegment_range}")
-            object.__setattr__(self, "resegment_range", (low, high))
+            # floats, so that equal settings have equal digests whatever number type was given
+            object.__setattr__(self, "resegment_range", (
+                None if low is None else float(low), None if high is None else float(high)))
+        if self.gldm_alpha < 0:
+            raise ValueError(f"gldm_alpha must be >= 0, got {self.gldm_alpha}")
         if self.min_texture_voxels < 1:
             raise ValueError(f"min_texture_voxels must be >= 1, got {self.min_texture_voxels}")
 

@@ -132,6 +132,8 @@ def test_extraction_is_deterministic_and_course_parameters_round_trip(digital_ph
     assert again == course
     assert {q: s.digest() for q, s in again.items()} == {q: s.digest() for q, s in course.items()}
     assert course["ADC"].resegment_range == (0.0, 5.0e-3)
+    assert RadiomicsSettings(spacing_mm=2, resegment_range=(-1000, 400)).digest() == \
+        RadiomicsSettings(spacing_mm=2.0, resegment_range=(-1000.0, 400.0)).digest()
     settings = RadiomicsSettings(spacing_mm=1.5, bin_count=8)
     first = extract_features(image, mask, settings)
     second = extract_features(image, mask, RadiomicsSettings.from_dict(
