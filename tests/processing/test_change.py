@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -110,4 +112,49 @@ def test_one_voxel_roi_shift_stays_within_repeatability_but_a_real_change_does_n
     assert by_q["ADC.mean"].relative == pytest.approx(0.30)
     assert by_q["ADC.mean"].beyond_repeatability is True
     assert by_q["ADC.median"].beyond_repeatability is True
+    assert by_q["volume"].beyond_repeatability is False
+
+
+# --- with the phantom (issue 3): baseline T2w series and the RTSTRUCT GTV ----------------------
+
+@pytest.mark.slow
+def test_phantom_re_extraction_is_identical_and_a_one_voxel_shift_is_within_repeatability(
+        make_phantom):
+    import pydicom
+
+    from processing.radiomics import default_course_settings
+    from processing.rtstruct import rtstruct_to_mask
+
+    folder = make_phantom("responder", "standard", "small")
+    truth = json.loads((folder / "ground_truth.json").read_text())
+    t2w_folder = folder / "baseline" / truth["studies"]["baseline"]["series"]["t2w"]["folder"]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(t2w_folder)))
+    t2w = reader.Execute()
+    gtv = rtstruct_to_mask(pydicom.dcmread(folder / "rt" / "rtstruct.dcm"), "GTV", t2w)
+    settings = default_course_settings(["T2w"], spacing_mm=1.5)
+
+    baseline = measure_lesion(gtv, {"T2w": t2w}, radiomics_settings=settings)
+    again = measure_lesion(gtv, {"T2w": t2w}, radiomics_settings=settings)
+    assert flatten_measurements(again) == flatten_measurements(baseline)
+    # the voxelised GTV is the phantom's tumour within a few voxels of 5 mm slices
+    assert baseline.volume_ml == pytest.approx(
+        truth["studies"]["baseline"]["tumour"]["volume_ml_continuous"], rel=0.35)
+    assert len(baseline.radiomics["T2w"]) == 102
+
+    mdc = perturbation_repeatability(gtv, {"T2w": t2w}, radiomics_settings=settings)
+    roi = sitk.GetArrayFromImage(gtv)
+    for axis in (0, 1, 2):  # slices, rows, columns
+        shifted = sitk.GetImageFromArray(np.roll(roi, 1, axis=axis))
+        shifted.CopyInformation(gtv)
+        follow_up = measure_lesion(shifted, {"T2w": t2w}, radiomics_settings=settings)
+        changes = compute_changes(follow_up, baseline, repeatability=mdc)
+        assert len(changes) > 100
+        assert [c.quantity for c in changes if c.beyond_repeatability] == []
+
+    brighter = sitk.Cast(t2w, sitk.sitkFloat64) * 1.6  # T2 signal +60 %
+    follow_up = measure_lesion(gtv, {"T2w": brighter}, radiomics_settings=settings)
+    by_q = {c.quantity: c for c in compute_changes(follow_up, baseline, repeatability=mdc)}
+    assert by_q["T2w.mean"].relative == pytest.approx(0.6)
+    assert by_q["T2w.mean"].beyond_repeatability is True
     assert by_q["volume"].beyond_repeatability is False

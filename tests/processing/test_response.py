@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -174,3 +176,34 @@ def test_scenarios_from_images_through_measure_change_response():
     assert calls["progression"].category == LP and calls["progression"].epidural_progression
     assert calls["responder"].category == LC
     assert _crit(calls["responder"], "adc-increase").fired
+
+
+# --- with the phantom (processing.phantom, issue 3): ground-truth tumour values per study ------
+
+def _truth_measurements(truth: dict) -> LesionMeasurements:
+    tumour = truth["tumour"]
+    means = tumour["means"]
+    adc = tumour["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
+    return LesionMeasurements(
+        volume_ml=tumour["volume_ml_continuous"], epidural_volume_ml=tumour["epidural_volume_ml"],
+        map_statistics={"ADC": _stats("ADC", adc), "Ktrans": _stats("Ktrans", means["Ktrans"]),
+                        "vp": _stats("vp", means["vp"])})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["responder", "stable", "progression", "pseudoprogression"])
+def test_phantom_scenarios_ground_truth_give_the_phantoms_expected_call(scenario, make_phantom):
+    folder = make_phantom(scenario, "standard", "small")
+    studies = json.loads((folder / "ground_truth.json").read_text())["studies"]
+    baseline = _truth_measurements(studies["baseline"])
+    follow_up = studies["followup1"]
+    call = assess_response(compute_changes(_truth_measurements(follow_up), baseline),
+                           days_since_treatment=follow_up["days_since_treatment"])
+    assert call.category.value == follow_up["expected_response"]
+    if scenario == "pseudoprogression":
+        assert follow_up["days_since_treatment"] == 84
+        vp = _crit(call, "perfusion-decrease-vp")
+        assert vp.fired and vp.value < -50
+        assert _crit(call, "volume-increase").fired
+    if scenario == "progression":
+        assert call.epidural_progression is True
