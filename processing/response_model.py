@@ -344,9 +344,15 @@ def fit_response_model(cases: TrainingCases, *, k_features: int = 10, c: float =
 
 
 def attach_model_prediction(assessment: ResponseAssessment, model: ResponseModel,
-                            features: Mapping[str, float], *, n_top: int = 5,
-                            ) -> ResponseAssessment:
-    """The rule-based assessment with the site model's probability and top features beside it."""
+                            features: Mapping[str, float] | Sequence[Change], *,
+                            n_top: int = 5) -> ResponseAssessment:
+    """The rule-based assessment with the site model's probability and top features beside it.
+
+    ``features`` is either the ``delta.*`` feature mapping or the follow-up's changes (turned into
+    features by :func:`delta_features`).
+    """
+    if not isinstance(features, Mapping):
+        features = delta_features(features)
     return dataclasses.replace(
         assessment, model_probability=model.predict_probability(features),
         model_top_features=model.top_features(features, n=n_top),

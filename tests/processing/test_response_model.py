@@ -125,3 +125,5 @@ def test_node_uses_the_model_beside_the_rule_based_call():
     assert combined.model_probability > 0.7
     assert combined.model_top_features[0][0] in ("delta.volume", "delta.vp.mean")
     assert "NOT clinically meaningful" in combined.model_name
+    # the node may hand over the changes themselves
+    assert attach_model_prediction(rule_call, model, changes) == combined
