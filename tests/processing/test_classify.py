@@ -186,3 +186,63 @@ def test_real_siemens_mosaic_dwi_inventory(shared_data: Path):
     assert inv.shells[0] == (0.0, 0) and inv.shells[1][0] == 2000.0
     assert inv.n_directions == 20
     assert (inv.adc, inv.ivim, inv.kurtosis_apparent, inv.dki_tensor) == (True, False, False, False)
+
+
+# ----------------------------------------------------------------------------- phantom (acceptance 2)
+#: Every vendor variant, and every scenario at least once (scenarios change the tumour, not the
+#: acquisition, so each vendor is generated once to keep the suite fast).
+PHANTOM_CASES = [
+    ("standard", "responder"),
+    ("siemens", "progression"),
+    ("ge", "pseudoprogression"),
+    ("philips", "stable"),
+]
+
+
+def read_phantom_blanked(root: Path) -> list[Dataset]:
+    """Every DICOM file of a phantom patient, with descriptions and protocol names blanked out."""
+    datasets = []
+    for path in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        for keyword in ("SeriesDescription", "ProtocolName", "StudyDescription"):
+            if keyword in ds:
+                setattr(ds, keyword, "")
+        ds.filename = str(path.relative_to(root))
+        datasets.append(ds)
+    return datasets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vendor, scenario", PHANTOM_CASES, ids=[v for v, _ in PHANTOM_CASES])
+def test_phantom_every_series_gets_its_true_role_with_descriptions_blank(vendor, scenario, make_phantom):
+    import json
+
+    root = make_phantom(scenario, vendor, "small")
+    truth = json.loads((root / "ground_truth.json").read_text())
+    datasets = read_phantom_blanked(root)
+    expected: dict[str, str] = {}
+    for study in truth["studies"].values():
+        for role, series in study["series"].items():
+            expected[series["SeriesInstanceUID"]] = role
+    for role in ("rtplan", "rtstruct", "rtdose"):
+        rel = truth["course"][role]["file"]
+        expected[next(ds for ds in datasets if ds.filename == rel).SeriesInstanceUID] = role
+    by_study: dict[str, list[Dataset]] = {}
+    for ds in datasets:
+        by_study.setdefault(ds.StudyInstanceUID, []).append(ds)
+    seen = {}
+    for study_uid, members in by_study.items():
+        inventory = classify_study(members)
+        assert inventory.errors == ()
+        for c in inventory.series:
+            seen[c.series_instance_uid] = c.role.value
+        mr_truth = next((s for s in truth["studies"].values() if s["StudyInstanceUID"] == study_uid), None)
+        if mr_truth is not None:
+            assert inventory.analyses >= {"adc", "ivim", "dki_tensor", "kurtosis_apparent", "dce_quantitative",
+                                          "t1_vfa", "anatomy"}
+            assert inventory.dce_t1_method == "vfa"
+            assert inventory.anatomy_reference == mr_truth["series"]["t2w"]["SeriesInstanceUID"]
+            dwi = next(c for c in inventory.series if c.role is SeriesRole.DWI)
+            assert [list(s) for s in dwi.diffusion.shells] == [
+                [b, 0 if b == 0 else n] for b, n in mr_truth["series"]["dwi"]["acquisition"]["shells"]]
+    assert seen == expected

@@ -419,3 +419,53 @@ def test_real_geometry_matches_dcm2niix(case, shared_data: Path, tmp_path: Path)
                         best = (d, float(ours[k, j, i]))
         assert best[0] < 0.05, f"{case}: corner {position} is {best[0]:.3f} mm from ours"
         assert best[1] == pytest.approx(value, rel=1e-5, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- phantom (acceptance 2)
+PHANTOM_CASES = [
+    ("standard", "responder"),
+    ("siemens", "progression"),
+    ("ge", "pseudoprogression"),
+    ("philips", "stable"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("vendor, scenario", PHANTOM_CASES, ids=[v for v, _ in PHANTOM_CASES])
+def test_phantom_geometry_and_diffusion_encoding_equal_ground_truth(vendor, scenario, make_phantom):
+    """Every MR series of every study: grid = ground_truth.json geometry; every DWI file's b-value and
+    LPS gradient = the truth written for that file (GE: logical frame, Philips/Siemens: private)."""
+    import json
+
+    root = make_phantom(scenario, vendor, "small")
+    truth = json.loads((root / "ground_truth.json").read_text())
+    by_series: dict[str, list[Dataset]] = {}
+    sop_to_file: dict[str, str] = {}
+    for path in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        by_series.setdefault(ds.SeriesInstanceUID, []).append(ds)
+        sop_to_file[ds.SOPInstanceUID] = str(path.relative_to(root))
+    for key, study in truth["studies"].items():
+        for role, series in study["series"].items():
+            sv = read_series(by_series[series["SeriesInstanceUID"]])
+            geo = series["geometry"]
+            assert list(sv.geometry.size) == geo["size"], (key, role)
+            np.testing.assert_allclose(sv.geometry.origin, geo["origin"], atol=1e-3)
+            np.testing.assert_allclose(sv.geometry.spacing, geo["spacing"], atol=1e-4)
+            np.testing.assert_allclose(sv.geometry.direction, geo["direction"], atol=1e-5)
+            assert sv.frame_of_reference_uid == study["FrameOfReferenceUID"]
+            if role != "dwi":
+                continue
+            file_truth = {f["file"]: f for f in truth["dwi_files"][key]}
+            checked = 0
+            for v, frames in enumerate(sv.source_frames):
+                meta = sv.volumes[v]
+                for frame in frames:
+                    t = file_truth[sop_to_file[frame.sop_instance_uid]]
+                    assert meta.b_value == pytest.approx(t["b"], abs=1e-3)
+                    if t["b"] > 5:
+                        np.testing.assert_allclose(meta.gradient, t["gradient_lps"], atol=1e-4)
+                    else:
+                        assert meta.gradient is None
+                    checked += 1
+            assert checked == len(file_truth)
