@@ -122,6 +122,28 @@ def delta_features(changes: Sequence[Change], *, reference: str = "baseline",
             if c.reference == reference and c.comparable and c.relative is not None}
 
 
+def case_row(changes: Sequence[Change], *, outcome: bool, case_id: str,
+             data_origin: str = "synthetic") -> dict[str, str]:
+    """One row of a cases table (see :func:`cases_from_rows`) from a follow-up's changes.
+
+    Parameters
+    ----------
+    changes : sequence of Change
+        The follow-up's changes (:func:`processing.change.compute_changes`).
+    outcome : bool
+        True for local progression (the label), False for local control.
+    case_id : str
+        Identifier of the lesion follow-up (a UID or pseudonym; never a patient identifier).
+    data_origin : {"synthetic", "clinical"}
+    """
+    if data_origin not in DATA_ORIGINS:
+        raise ValueError(f"data_origin must be one of {DATA_ORIGINS}, got {data_origin!r}")
+    row = {"case_id": case_id, "data_origin": data_origin,
+           "outcome": "local progression" if outcome else "local control"}
+    row.update({name: repr(value) for name, value in sorted(delta_features(changes).items())})
+    return row
+
+
 def build_pipeline(*, k_features: int = 10, c: float = 1.0, calibration_folds: int = 3,
                    seed: int = 0) -> Any:
     """The calibrated pipeline (unfitted): impute, scale, select k best, logistic regression.

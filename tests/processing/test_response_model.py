@@ -12,6 +12,7 @@ from processing.response_model import (
     ResponseModel,
     TrainingCases,
     attach_model_prediction,
+    case_row,
     cases_from_rows,
     delta_features,
     fit_response_model,
@@ -127,3 +128,20 @@ def test_node_uses_the_model_beside_the_rule_based_call():
     assert "NOT clinically meaningful" in combined.model_name
     # the node may hand over the changes themselves
     assert attach_model_prediction(rule_call, model, changes) == combined
+
+
+def test_case_rows_from_changes_parse_back_to_the_same_features():
+    def lm(volume, vp):
+        return LesionMeasurements(volume_ml=volume, map_statistics={
+            "vp": MapStatistics("vp", "1", 100, vp, vp, 0.01, vp, vp)})
+
+    base = lm(6.0, 0.08)
+    rows = [case_row(compute_changes(lm(6.0 * (1 + dv), 0.08 * (1 + dvp)), base),
+                     outcome=dv > 0.2, case_id=f"L{i}")
+            for i, (dv, dvp) in enumerate([(0.4, 0.3), (0.3, 0.2), (-0.2, -0.5), (0.0, -0.1)])]
+    assert rows[0]["outcome"] == "local progression" and rows[0]["data_origin"] == "synthetic"
+    cases = cases_from_rows(rows)
+    assert cases.case_ids == ("L0", "L1", "L2", "L3")
+    assert cases.outcomes.tolist() == [1, 1, 0, 0]
+    column = cases.feature_names.index("delta.volume")
+    np.testing.assert_allclose(cases.features[:, column], [0.4, 0.3, -0.2, 0.0], atol=1e-12)
