@@ -86,9 +86,10 @@ def series_datasets(ph: Phantom, study: StudyData, series: SeriesData) -> Iterat
         yield f"{study.key}/{series.folder}/00001.dcm", enhanced.enhanced_series_dataset(ph, study, series)
         return
     nz = series.grid.size[2]
+    template = _classic_template(ph, study, series)
     for v, meta in enumerate(series.volumes):
         for k in range(nz):
-            ds = _classic_instance(ph, study, series, v, k, meta)
+            ds = _classic_instance(ph, series, template, v, k, meta)
             yield f"{study.key}/{series.folder}/{v * nz + k + 1:05d}.dcm", ds
 
 
@@ -105,28 +106,23 @@ def sequence_name(series: SeriesData, meta: dict[str, Any]) -> str:
     return {"t2w": "tse2d1_17", "t1w": "tse2d1_3", "stir": "tir2d1_13"}.get(sp.role, "fl3d1")
 
 
-def _classic_instance(ph: Phantom, study: StudyData, series: SeriesData, v: int, k: int, meta: dict[str, Any]) -> Dataset:
+def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Dataset:
+    """Attributes shared by every file of a classic series (copied per instance)."""
     sp = series.protocol
     grid = series.grid
-    nz = grid.size[2]
     vendor = ph.vendor
-    sop_uid = series.sop_uids[v][k]
     ds = Dataset()
-    ds.file_meta = file_meta(MRImageStorage, sop_uid)
     ds.SpecificCharacterSet = "ISO_IR 100"
-    acq_time = series.start + dt.timedelta(seconds=meta["time_s"])
     content_time = series.start + dt.timedelta(seconds=series.volumes[-1]["time_s"] + 15.0)
     ds.ImageType = image_type(series.role, vendor)
     ds.InstanceCreationDate = study.date.strftime("%Y%m%d")
     ds.InstanceCreationTime = _tm(content_time)
     ds.SOPClassUID = MRImageStorage
-    ds.SOPInstanceUID = sop_uid
     ds.StudyDate = study.date.strftime("%Y%m%d")
     ds.SeriesDate = study.date.strftime("%Y%m%d")
     ds.AcquisitionDate = study.date.strftime("%Y%m%d")
     ds.ContentDate = study.date.strftime("%Y%m%d")
     ds.SeriesTime = _tm(series.start)
-    ds.AcquisitionTime = _tm(acq_time)
     ds.ContentTime = _tm(content_time)
     ds.Modality = "MR"
     for key, value in VENDOR_EQUIPMENT[vendor].items():
@@ -141,7 +137,6 @@ def _classic_instance(ph: Phantom, study: StudyData, series: SeriesData, v: int,
     ds.SequenceVariant = list(sp.sequence_variant)
     ds.ScanOptions = "FS" if series.role in ("dwi",) else ""
     ds.MRAcquisitionType = sp.acquisition_type
-    ds.SequenceName = sequence_name(series, meta)
     ds.AngioFlag = "N"
     ds.SliceThickness = _ds_str(grid.spacing[2])
     ds.RepetitionTime = _ds_str(sp.tr_ms)
@@ -159,18 +154,14 @@ def _classic_instance(ph: Phantom, study: StudyData, series: SeriesData, v: int,
     ds.PercentPhaseFieldOfView = "100"
     ds.PixelBandwidth = "300"
     ds.InPlanePhaseEncodingDirection = "COL"
-    ds.FlipAngle = _ds_str(meta.get("flip_deg", sp.flip_deg))
+    ds.FlipAngle = _ds_str(sp.flip_deg)
     ds.PatientPosition = "HFS"
     ds.SeriesInstanceUID = series.series_uid
     ds.SeriesNumber = str(sp.series_number)
-    ds.AcquisitionNumber = str(v + 1) if series.role in ("vfa_t1",) else "1"
-    ds.InstanceNumber = str(v * nz + k + 1)
-    ipp = grid.slice_position(k)
-    ds.ImagePositionPatient = [_ds_str(x) for x in ipp]
+    ds.AcquisitionNumber = "1"
     ds.ImageOrientationPatient = [_ds_str(x) for x in (list(grid.matrix[:, 0]) + list(grid.matrix[:, 1]))]
     ds.FrameOfReferenceUID = study.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
-    ds.SliceLocation = _ds_str(float(ipp @ grid.matrix[:, 2]))
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = grid.size[1]
@@ -182,13 +173,37 @@ def _classic_instance(ph: Phantom, study: StudyData, series: SeriesData, v: int,
     ds.PixelRepresentation = 0
     ds.WindowCenter = "1000"
     ds.WindowWidth = "2000"
+    if series.role == "dce":
+        _dce_series_tags(ds, ph, series)
+    return ds
+
+
+def _classic_instance(ph: Phantom, series: SeriesData, template: Dataset, v: int, k: int,
+                      meta: dict[str, Any]) -> Dataset:
+    grid = series.grid
+    nz = grid.size[2]
+    vendor = ph.vendor
+    sop_uid = series.sop_uids[v][k]
+    ds = Dataset()
+    ds.update(template)
+    ds.file_meta = file_meta(MRImageStorage, sop_uid)
+    ds.SOPInstanceUID = sop_uid
+    ds.AcquisitionTime = _tm(series.start + dt.timedelta(seconds=meta["time_s"]))
+    ds.SequenceName = sequence_name(series, meta)
+    ds.InstanceNumber = str(v * nz + k + 1)
+    ipp = grid.slice_position(k)
+    ds.ImagePositionPatient = [_ds_str(x) for x in ipp]
+    ds.SliceLocation = _ds_str(float(ipp @ grid.matrix[:, 2]))
+    if series.role == "vfa_t1":
+        ds.AcquisitionNumber = str(v + 1)
+        ds.FlipAngle = _ds_str(meta["flip_deg"])
+        if vendor == "philips":
+            ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x23, "DS", _ds_str(meta["flip_deg"]))
     if series.role == "dwi":
         _diffusion_tags(ds, vendor, meta, grid)
     if series.role == "dce":
-        _dce_tags(ds, vendor, series, meta, ph)
-    if series.role == "vfa_t1" and vendor == "philips":
-        ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x23, "DS", _ds_str(meta["flip_deg"]))
-    ds.PixelData = np.ascontiguousarray(series.pixels[v, k]).tobytes()
+        _dce_tags(ds, vendor, series, meta)
+    ds.PixelData = series.pixels[v, k].tobytes()
     return ds
 
 
@@ -247,19 +262,25 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -
         idx.add_new(0x13, "IS", str(meta.get("gradient_number", 1)))
 
 
-def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any], ph: Phantom) -> None:
-    n = len(series.volumes)
-    dt_s = series.volumes[1]["time_s"] - series.volumes[0]["time_s"]
+def _dce_series_tags(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
+    """Contrast/Bolus module (same in every phase of the series)."""
     inj = series.start + dt.timedelta(seconds=proto.BOLUS_ARRIVAL_S - 10.0)
+    volume_ml = round(float(ph.patient["PatientWeight"]) * proto.CONTRAST_DOSE_MMOL_PER_KG / 0.5, 1)
     ds.ContrastBolusAgent = proto.CONTRAST_AGENT
     ds.ContrastBolusRoute = "IV"
-    ds.ContrastBolusVolume = _ds_str(round(float(ph.patient["PatientWeight"]) * proto.CONTRAST_DOSE_MMOL_PER_KG / 0.5, 1))
+    ds.ContrastBolusVolume = _ds_str(volume_ml)
     ds.ContrastBolusStartTime = _tm(inj)
-    ds.ContrastBolusTotalDose = ds.ContrastBolusVolume
+    ds.ContrastBolusTotalDose = _ds_str(volume_ml)
     ds.ContrastFlowRate = "3"
-    ds.ContrastFlowDuration = _ds_str(round(float(ds.ContrastBolusVolume) / 3.0, 1))
+    ds.ContrastFlowDuration = _ds_str(round(volume_ml / 3.0, 1))
     ds.ContrastBolusIngredient = "GADOLINIUM"
     ds.ContrastBolusIngredientConcentration = "0.5"
+
+
+def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any]) -> None:
+    """Per-phase timing as each vendor writes it (domain.md §3.6)."""
+    n = len(series.volumes)
+    dt_s = series.volumes[1]["time_s"] - series.volumes[0]["time_s"]
     tp = int(meta["temporal_position"])
     if vendor in ("standard", "philips"):
         ds.TemporalPositionIdentifier = str(tp)

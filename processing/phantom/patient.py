@@ -25,6 +25,7 @@ from processing.phantom.anatomy import (
     centred_grid,
     continuous_volume_ml,
     epidural_volume_ml,
+    main_volume_ml,
     make_tumour,
 )
 from processing.phantom.signals import (
@@ -353,7 +354,7 @@ def _changed_shape(tumour0: TumourShape, c0: NDArray[np.float64], v0: float, cha
     factor = change["volume"]
     for _ in range(4):  # secant-free fixed point: rescale the main part until the union hits target
         shape = tumour0.scaled(factor).with_epidural(ec, er)
-        vol = continuous_volume_ml(shape, step_mm=0.3)
+        vol = main_volume_ml(shape, n_directions=20_000) + epidural_volume_ml(shape, step_mm=0.25)
         factor *= (target / vol) ** 1.2 if vol > 0 else 1.0
     return tumour0.scaled(factor).with_epidural(ec, er)
 
@@ -368,9 +369,12 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
     truth_series: dict[str, Any] = {}
     tumour_truth: dict[str, Any] = {"means_by_series": {}, "voxel_counts": {}}
     t = start
+    sampled: dict[Grid, tuple[NDArray[np.int16], dict[str, NDArray[np.float64]]]] = {}
     for sp in protocol.series:
         grid = centred_grid(grid_centre, sp.size, sp.spacing)
-        labels, params = _sample(anatomy, grid, to_body)
+        if grid not in sampled:  # T2w/T1w/STIR and VFA/DCE share their grids
+            sampled[grid] = _sample(anatomy, grid, to_body)
+        labels, params = sampled[grid]
         mask = labels == LABEL["tumour"]
         signal, volumes, extra = _synthesise(sp, params, labels, protocol, t)
         # per-series scaling and noise fixed at baseline (same protocol -> same receiver settings)
@@ -421,7 +425,7 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
                                   "Ktrans, ve, vp, kep: dce; T2, PD: t2w); means_by_series gives every "
                                   "quantity on every grid")
     tumour_truth["volume_ml_continuous"] = continuous_volume_ml(anatomy.tumour)
-    tumour_truth["epidural_volume_ml"] = epidural_volume_ml(anatomy.tumour, np.asarray(anatomy.vertebra_centre))
+    tumour_truth["epidural_volume_ml"] = epidural_volume_ml(anatomy.tumour)
     tumour_truth["shape"] = anatomy.tumour.to_dict()
     tumour_truth["nominal_parameters"] = _nominal_tumour(anatomy)
     truth = {
@@ -482,13 +486,16 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
         t = np.arange(protocol.dce_frames) * protocol.dce_dt_s
         shape = params["pd"].shape
         flat = {k: v.ravel() for k, v in params.items()}
-        conc = extended_tofts(t, flat["ktrans"], flat["ve"], flat["vp"], bolus_arrival_s=proto.BOLUS_ARRIVAL_S,
-                              hct=proto.HCT)
+        conc = np.zeros((t.size, flat["pd"].size))
+        perfused = (flat["ktrans"] > 0) | (flat["vp"] > 0)
+        conc[:, perfused] = extended_tofts(t, flat["ktrans"][perfused], flat["ve"][perfused], flat["vp"][perfused],
+                                           bolus_arrival_s=proto.BOLUS_ARRIVAL_S, hct=proto.HCT)
         blood = labels.ravel() == LABEL["blood"]
         cb = parker_aif_blood(t, bolus_arrival_s=proto.BOLUS_ARRIVAL_S)
         conc[:, blood] = cb[:, None]
-        r1 = r10.ravel()[None, :] + proto.R1_PER_MM_PER_S * conc
-        out = spgr_signal(flat["pd"][None, :], r1, flip_deg=sp.flip_deg, tr_s=tr_s).reshape((t.size,) + shape)
+        r1 = (r10.ravel()[None, :] + proto.R1_PER_MM_PER_S * conc).astype(np.float32)
+        out = spgr_signal(flat["pd"].astype(np.float32)[None, :], r1, flip_deg=sp.flip_deg,
+                          tr_s=tr_s).reshape((t.size,) + shape)
         meta = [{"time_s": float(ti), "temporal_position": n + 1} for n, ti in enumerate(t)]
         extra["aif_whole_blood_mM"] = [float(v) for v in cb]
         extra["frame_times_s"] = [float(v) for v in t]
