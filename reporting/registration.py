@@ -29,7 +29,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
-from reporting.seg import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, validate_sources
+from reporting.seg import (
+    DEVICE_SERIAL_NUMBER,
+    MANUFACTURER,
+    MODEL_NAME,
+    sanitized_source,
+    validate_sources,
+)
 from reporting.uids import deterministic_uid, digest_arrays, digest_text, digest_uids
 
 logger = logging.getLogger(__name__)
@@ -137,7 +143,7 @@ def build_spatial_registration(
     validate_sources(fixed_images)
     validate_sources(moving_images)
     matrix = _check_rigid(matrix_moving_to_fixed)
-    fixed, moving = fixed_images[0], moving_images[0]
+    fixed, moving = fixed_images[0], sanitized_source(moving_images[0])
     if fixed.FrameOfReferenceUID == moving.FrameOfReferenceUID:
         raise ValueError("fixed and moving images share one Frame of Reference: nothing to register")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -75,11 +76,7 @@ def _with_shared_geometry(src: Dataset, orientation: Dataset, measures: Dataset)
     Always a copy: highdicom 0.28 writes Spacing Between Slices into the source's shared Pixel
     Measures item while building.
     """
-    view = Dataset()  # new element dict (copy.copy of a pydicom Dataset shares it)
-    for element in src:
-        view.add(element)
-    if hasattr(src, "file_meta"):
-        view.file_meta = src.file_meta
+    view = _header_view(src)
     new_shared = copy.deepcopy(src.SharedFunctionalGroupsSequence[0])
     new_shared.PlaneOrientationSequence = DicomSequence([copy.deepcopy(orientation)])
     new_shared.PixelMeasuresSequence = DicomSequence([copy.deepcopy(measures)])
@@ -87,6 +84,64 @@ def _with_shared_geometry(src: Dataset, orientation: Dataset, measures: Dataset)
     # that ``view`` shares with ``src``
     del view.SharedFunctionalGroupsSequence
     view.SharedFunctionalGroupsSequence = DicomSequence([new_shared])
+    return view
+
+
+_DA = re.compile(r"^\d{8}$")
+_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_AS = re.compile(r"^\d{3}[DWMY]$")
+
+
+def _invalid_patient_study_attributes(ds: Dataset) -> dict[str, str | None]:
+    """Attributes copied into derived objects whose source values are invalid -> replacement.
+
+    ``None`` means remove (type 3), ``""`` means present but empty (type 2).
+    """
+    fixes: dict[str, str | None] = {}
+    sex = ds.get("PatientSex")
+    if sex is not None and str(sex) not in ("M", "F", "O", ""):
+        fixes["PatientSex"] = ""
+    for keyword, pattern, replacement in (
+        ("PatientBirthDate", _DA, ""), ("StudyDate", _DA, ""), ("StudyTime", _TM, ""),
+        ("PatientAge", _AS, None),
+    ):
+        value = ds.get(keyword)
+        if value not in (None, "") and not pattern.match(str(value).strip()):
+            fixes[keyword] = replacement
+    return fixes
+
+
+def sanitized_source(ds: Dataset, *, log: bool = True) -> Dataset:
+    """``ds``, or a header view of it with invalid patient/study attribute values neutralised.
+
+    highdicom copies the Patient and General Study attributes of the source into the derived
+    object and refuses e.g. a Patient's Sex of ``"X"``; an invalid Patient's Age would make the
+    derived object fail validation (dcmqi issue 453). Such values are emptied (type 2) or dropped
+    (type 3) in a view that shares every other element with ``ds``; ``ds`` is not modified and the
+    offending values are not logged (they may identify the patient).
+    """
+    fixes = _invalid_patient_study_attributes(ds)
+    if not fixes:
+        return ds
+    view = _header_view(ds)
+    for keyword, replacement in fixes.items():
+        del view[keyword]
+        if replacement is not None:
+            setattr(view, keyword, replacement)
+    if log:
+        logger.warning("source %s: invalid %s not copied into the derived object",
+                       ds.get("SOPInstanceUID"), ", ".join(sorted(fixes)))
+    return view
+
+
+def _header_view(ds: Dataset) -> Dataset:
+    """New dataset holding the same element objects (copy.copy of a pydicom Dataset shares the
+    element dict, so replacing an element there would alter ``ds``)."""
+    view = Dataset()
+    for element in ds:
+        view.add(element)
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
     return view
 
 
@@ -146,7 +201,12 @@ def source_geometry(
         if n_frames != len(source_images):
             raise ValueError(
                 f"array has {n_frames} frames but {len(source_images)} source images were given")
-        return FrameGeometry(list(source_images), None, None, None)
+        views = [sanitized_source(ds, log=False) for ds in source_images]
+        changed = sum(view is not ds for view, ds in zip(views, source_images))
+        if changed:
+            logger.warning("series %s: invalid patient/study attributes in %d source images not "
+                           "copied into the derived object", src.SeriesInstanceUID, changed)
+        return FrameGeometry(views, None, None, None)
     frames = list(source_frames) if source_frames is not None else list(range(1, n_src + 1))
     if len(frames) != n_frames:
         raise ValueError(
@@ -175,7 +235,7 @@ def source_geometry(
         positions.append(PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, ipp))
     assert orientation is not None and spacing is not None and first_items is not None
     return FrameGeometry(
-        sources=[_with_shared_geometry(src, *first_items)],
+        sources=[_with_shared_geometry(sanitized_source(src), *first_items)],
         pixel_measures=PixelMeasuresSequence(
             pixel_spacing=spacing[0], slice_thickness=spacing[1]),
         plane_orientation=PlaneOrientationSequence(

@@ -141,3 +141,19 @@ def test_enhanced_mr_segmentation(tmp_path: Path, shared_data: Path,
     ipps = [source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0]
             .ImagePositionPatient for f in frames]
     np.testing.assert_array_equal(_itk_slices_by_position(label, ipps).astype(bool), mask)
+
+
+def test_invalid_source_patient_attributes_do_not_break_the_seg(tmp_path: Path) -> None:
+    """A source with an invalid Patient's Sex/Age (dcmqi issue 453) still gives a valid SEG."""
+    sources = classic_mr_series()
+    for ds in sources:
+        ds.PatientSex = "X"
+        with pytest.warns(UserWarning, match="Invalid value for VR AS"):
+            ds.PatientAge = "45"
+    seg = build_segmentation(sources, _mask((len(sources), 24, 20)), LESION,
+                             algorithm_version="0.1.0")
+    assert (seg.PatientSex, "PatientAge" in seg) == ("", False)
+    assert sources[0].PatientSex == "X"  # the caller's datasets are untouched
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    dciodvfy(path)
