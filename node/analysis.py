@@ -1,0 +1,91 @@
+"""Running the analysis chain on what the node's index holds, and writing its outputs.
+
+Shared by the node (a stable study makes its patient analysable) and ``spine-node analyze``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from node.chain import ChainResult
+from node.index import Index
+
+logger = logging.getLogger(__name__)
+
+
+def patients_in_index(index: Index) -> list[int]:
+    """Row ids of the patients that have at least one stored instance."""
+    rows = index.query(
+        "SELECT DISTINCT s.patient_key FROM studies s JOIN instances i ON i.study_uid = s.study_uid"
+        " WHERE s.patient_key IS NOT NULL ORDER BY s.patient_key")
+    return [int(r[0]) for r in rows]
+
+
+def patient_of_study(index: Index, study_uid: str) -> int | None:
+    rows = index.query("SELECT patient_key FROM studies WHERE study_uid=?", (study_uid,))
+    return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+def patient_datasets(index: Index, store_root: Path, patient_row: int) -> list[Dataset]:
+    """Every stored instance of one patient, read from the store (with pixel data)."""
+    rows = index.query(
+        "SELECT i.path FROM instances i JOIN studies s ON i.study_uid = s.study_uid"
+        " WHERE s.patient_key = ? ORDER BY i.study_uid, i.series_uid, i.sop_instance_uid",
+        (patient_row,))
+    datasets = []
+    with warnings.catch_warnings():
+        # pydicom's validation warnings quote element values (possibly identifiers)
+        warnings.simplefilter("ignore")
+        for row in rows:
+            datasets.append(dcmread(Path(store_root) / row[0]))
+    return datasets
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "object"
+
+
+def write_outputs(result: ChainResult, out_dir: Path) -> list[Path]:
+    """Write every produced DICOM object and ``summary.json``; return the object paths.
+
+    File names come from the object kind, time point and description — never from patient data
+    or raw UIDs.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    roles = {s.study_instance_uid: s.role for s in result.studies}
+    paths: list[Path] = []
+    for n, ds in enumerate(result.outputs, start=1):
+        role = roles.get(str(ds.StudyInstanceUID), "study")
+        name = f"{n:02d}-{ds.Modality}-{role}-{_slug(str(ds.get('SeriesDescription', '')))}.dcm"
+        path = out_dir / name
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    summary = result.summary()
+    summary["files"] = [p.name for p in paths]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str),
+                                          encoding="utf-8")
+    return paths
+
+
+def format_course(result: ChainResult) -> str:
+    course = result.course
+    fx = course.fractionation
+    date = course.treatment_date
+    return (f"CyberKnife course: {fx.prescription_dose_gy} Gy in {fx.fractions} fraction(s) on "
+            f"{course.machine or 'unknown machine'} ({course.n_beams} beams), treated "
+            f"{date.date.isoformat()}{' (estimated from ' + date.source + ')' if date.estimated else ''}"
+            f"; BED10 {fx.bed_gy:.1f} Gy" if fx.bed_gy is not None else "")
+
+
+def chain_datasets_summary(datasets: Sequence[Dataset]) -> str:
+    studies = {str(ds.StudyInstanceUID) for ds in datasets}
+    series = {str(ds.SeriesInstanceUID) for ds in datasets}
+    return f"{len(datasets)} instances in {len(series)} series of {len(studies)} studies"

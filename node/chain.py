@@ -1,0 +1,489 @@
+"""The analysis chain: one patient's DICOM datasets in, results and DICOM outputs out.
+
+Used unchanged by the running node (when a study becomes analysable) and by
+``spine-node analyze`` (offline), so that both produce the same numbers and the same UIDs.
+
+Steps (design.md, data flow 5–7):
+
+1. check that every dataset belongs to one patient (PatientID + IssuerOfPatientID);
+2. recognise the CyberKnife course from the RT objects (:mod:`processing.course`);
+3. assign baseline and follow-ups among the MR studies (:mod:`node.roles`);
+4. per MR study: classify the series from their physics, read the anatomical reference and compute
+   every map the protocol allows (:mod:`processing.maps`);
+5. baseline: the GTV from the RT Structure Set on the baseline anatomical reference;
+   follow-up: rigid registration to the baseline, the GTV propagated and refined on the follow-up;
+6. measurements, radiomics, changes, comparability, response (:mod:`processing.measure`,
+   :mod:`processing.change`, :mod:`processing.comparability`, :mod:`processing.response`);
+7. SEG per time point, one Parametric Map per quantity and study, a Spatial Registration per
+   follow-up and one longitudinal TID 1500 report (:mod:`reporting`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+
+from node import __version__
+from node.roles import RoleAssignment, assign_roles, check_single_patient, dicom_date
+
+logger = logging.getLogger(__name__)
+
+ALGORITHM_VERSION = __version__
+RT_MODALITIES = frozenset({"RTPLAN", "RTSTRUCT", "RTDOSE", "RTRECORD"})
+#: maps fed to the follow-up lesion refinement together with the anatomical reference
+_REFINEMENT_CHANNELS = ("T1w", "STIR", "ADC")
+
+
+class ChainError(ValueError):
+    """Nothing can be analysed for these datasets; the message says why (no PHI)."""
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """The chain's configurable policy (a section of the node's settings)."""
+
+    baseline_window_days: int = 90
+    segment_type: str = "metastasis"
+    radiomics: bool = True
+    radiomics_bin_count: int = 32
+    radiomics_spacing_mm: float = 1.0
+    radiomics_quantities: tuple[str, ...] = ("ADC", "MK", "Kapp", "Ktrans", "ve", "vp", "IAUC60",
+                                             "T2w", "T1w")
+    alpha_beta_gy: float = 10.0
+    model_path: Path | None = None
+
+
+@dataclass
+class StudyAnalysis:
+    """What the chain computed for one MR study."""
+
+    study_instance_uid: str
+    study_date: dt.date
+    role: str
+    days_since_treatment: int
+    inventory: Any
+    anatomy: Any  # SeriesVolume of the anatomical reference
+    anatomy_image: sitk.Image
+    anatomy_datasets: list[Dataset]
+    maps: dict[str, Any] = field(default_factory=dict)  # quantity -> processing.maps result
+    lesion_mask: sitk.Image | None = None
+    registration: Any = None
+    lesion_notes: tuple[str, ...] = ()
+
+
+@dataclass
+class ChainResult:
+    """Everything the chain produced for one patient."""
+
+    course: Any
+    roles: RoleAssignment
+    lesion: Any
+    studies: list[StudyAnalysis]
+    results: list[Any]  # processing.results.TimePointResult
+    outputs: list[Dataset]
+    notes: list[str]
+    timings: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary (``summary.json``)."""
+        from reporting.summary import summary_records
+
+        course = self.course
+        fx = course.fractionation
+        return {
+            "algorithm_version": ALGORITHM_VERSION,
+            "course": {
+                "rtplan_sop_instance_uid": course.rtplan_sop_instance_uid,
+                "machine": course.machine,
+                "n_beams": course.n_beams,
+                "treatment_date": course.treatment_date.date.isoformat(),
+                "treatment_date_source": course.treatment_date.source,
+                "treatment_date_estimated": course.treatment_date.estimated,
+                "fractions": fx.fractions,
+                "prescription_dose_gy": fx.prescription_dose_gy,
+                "dose_per_fraction_gy": fx.dose_per_fraction_gy,
+                "bed10_gy": fx.bed_gy,
+                "eqd2_gy": fx.eqd2_gy,
+                "gtv": None if course.gtv is None else course.gtv.name,
+                "gtv_dose": None if course.gtv_dose is None else _asdict(course.gtv_dose),
+            },
+            "studies": [
+                {
+                    "study_instance_uid": s.study_instance_uid,
+                    "study_date": s.study_date.isoformat(),
+                    "role": s.role,
+                    "days_since_treatment": s.days_since_treatment,
+                    "maps": sorted(s.maps),
+                    "analyses_possible": sorted(s.inventory.analyses),
+                    "registration": None if s.registration is None else {
+                        "translation_mm": list(s.registration.translation_mm),
+                        "rotation_deg": list(s.registration.rotation_deg),
+                        "final_mutual_information": s.registration.final_mutual_information,
+                        "dice": s.registration.dice,
+                        "passed": s.registration.passed,
+                        "reasons": list(s.registration.reasons),
+                    },
+                    "lesion_notes": list(s.lesion_notes),
+                }
+                for s in self.studies
+            ],
+            "time_points": summary_records(self.results),
+            "outputs": [
+                {"modality": str(ds.Modality), "sop_class_uid": str(ds.SOPClassUID),
+                 "sop_instance_uid": str(ds.SOPInstanceUID),
+                 "series_instance_uid": str(ds.SeriesInstanceUID),
+                 "study_instance_uid": str(ds.StudyInstanceUID),
+                 "series_description": str(ds.get("SeriesDescription", ""))}
+                for ds in self.outputs
+            ],
+            "notes": self.notes,
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: (v.isoformat() if isinstance(v, dt.date) else v) for k, v in asdict(obj).items()}
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = defaultdict(float)
+
+    def __call__(self, stage: str) -> _Stage:
+        return _Stage(self.timings, stage)
+
+
+class _Stage:
+    def __init__(self, timings: dict[str, float], stage: str) -> None:
+        self.timings, self.stage = timings, stage
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.stage] += time.perf_counter() - self.start
+
+
+def split_studies(datasets: Iterable[Dataset]) -> tuple[list[Dataset], dict[str, list[Dataset]]]:
+    """RT objects, and the MR (and other image) datasets grouped by Study Instance UID."""
+    rt: list[Dataset] = []
+    studies: dict[str, list[Dataset]] = defaultdict(list)
+    for ds in datasets:
+        modality = str(ds.get("Modality", ""))
+        if modality in RT_MODALITIES:
+            rt.append(ds)
+        elif modality == "MR":
+            studies[str(ds.StudyInstanceUID)].append(ds)
+    return rt, dict(studies)
+
+
+def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = None) -> ChainResult:
+    """Analyse one patient: see the module docstring.
+
+    Raises
+    ------
+    ChainError
+        No CyberKnife course, no baseline, no usable anatomical series — anything that leaves
+        nothing to analyse. Partial problems (a map that cannot be fitted, a failed registration
+        check) are recorded in the notes and the results, not raised.
+    node.roles.PatientMismatchError
+        Datasets of more than one patient.
+    """
+    from processing.course import recognise_course
+
+    settings = settings or ChainSettings()
+    timer = _Timer()
+    notes: list[str] = []
+    check_single_patient(datasets)
+    rt, mr_studies = split_studies(datasets)
+    with timer("course"):
+        course = recognise_course(rt, alpha_beta_gy=settings.alpha_beta_gy)
+    if course is None:
+        raise ChainError("no CyberKnife treatment course among the datasets "
+                         "(an RT Plan from an Accuray/CyberKnife system is needed)")
+    if not mr_studies:
+        raise ChainError("no MR study among the datasets")
+    dates = {}
+    for uid, study in mr_studies.items():
+        date = dicom_date(study[0].get("StudyDate"))
+        if date is None:
+            notes.append(f"MR study {uid} has no valid StudyDate; ignored")
+            continue
+        dates[uid] = date
+    roles = assign_roles(dates.items(), course.treatment_date.date,
+                         baseline_window_days=settings.baseline_window_days)
+    if roles.baseline is None:
+        raise ChainError(
+            f"no baseline MR study within {settings.baseline_window_days} days before the "
+            f"treatment date {course.treatment_date.date.isoformat()}")
+    for other in roles.others:
+        notes.append(f"MR study {other.study_instance_uid}: {other.reason}")
+
+    baseline = _prepare_study(mr_studies[roles.baseline.study_instance_uid], roles.baseline, timer)
+    rtstruct = _find_rtstruct(rt, course)
+    lesion, gtv = _baseline_lesion(rtstruct, course, baseline)
+    baseline.lesion_mask = gtv
+    if course.gtv_dose is None and course.rtdose_sop_instance_uid is not None:
+        course = _with_gtv_dose(rt, course, gtv, settings)
+    follow_ups = [_prepare_study(mr_studies[f.study_instance_uid], f, timer)
+                  for f in roles.follow_ups]
+    for study in follow_ups:
+        with timer("registration+lesion"):
+            _follow_up_lesion(baseline, study, gtv)
+    studies = [baseline, *follow_ups]
+    results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
+    with timer("reporting"):
+        outputs = _build_outputs(studies, results, lesion, settings)
+    return ChainResult(course, roles, lesion, studies, results, outputs, notes, dict(timer.timings))
+
+
+def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer) -> StudyAnalysis:
+    from processing.classify import classify_study
+    from processing.maps import compute_maps
+    from processing.series import group_by_series, read_series
+
+    with timer("classify"):
+        inventory = classify_study(datasets)
+    if inventory.anatomy_reference is None:
+        raise ChainError(f"study {role.study_instance_uid} has no anatomical series (T2w, T1w or "
+                         "STIR) to delineate the lesion on")
+    series = group_by_series(datasets)
+    with timer("read"):
+        anatomy = read_series(series[inventory.anatomy_reference])
+    with timer("maps"):
+        maps = compute_maps(series, inventory)
+    return StudyAnalysis(
+        study_instance_uid=role.study_instance_uid, study_date=role.study_date, role=role.role,
+        days_since_treatment=role.days_since_treatment, inventory=inventory, anatomy=anatomy,
+        anatomy_image=anatomy.volume_image(0),
+        anatomy_datasets=list(series[inventory.anatomy_reference]), maps=dict(maps))
+
+
+def _find_rtstruct(rt: Sequence[Dataset], course: Any) -> Dataset:
+    for ds in rt:
+        if str(ds.get("Modality")) == "RTSTRUCT" and (
+                course.rtstruct_sop_instance_uid is None
+                or str(ds.SOPInstanceUID) == course.rtstruct_sop_instance_uid):
+            return ds
+    raise ChainError("the treatment course has no RT Structure Set with a GTV")
+
+
+def _baseline_lesion(rtstruct: Dataset, course: Any, baseline: StudyAnalysis) -> tuple[Any, sitk.Image]:
+    from processing.lesion import make_lesion
+    from processing.rtstruct import RTStructError, rtstruct_to_mask
+
+    if course.gtv is None:
+        raise ChainError("no GTV found in the RT Structure Set (by ROI interpreted type or name)")
+    try:
+        gtv = rtstruct_to_mask(rtstruct, course.gtv.number, baseline.anatomy_image,
+                               frame_of_reference_uid=baseline.anatomy.frame_of_reference_uid)
+    except RTStructError as err:
+        raise ChainError(f"the GTV cannot be placed on the baseline MR: {err}") from err
+    level = _vertebral_level(course.gtv.name)
+    lesion = make_lesion(rtstruct_sop_instance_uid=str(rtstruct.SOPInstanceUID), roi=course.gtv,
+                         vertebral_level=level)
+    return lesion, gtv
+
+
+def _vertebral_level(name: str) -> str | None:
+    import re
+
+    match = re.search(r"\b([CTLS])\s?(\d{1,2})\b", name.upper())
+    return f"{match.group(1)}{match.group(2)}" if match else None
+
+
+def _with_gtv_dose(rt: Sequence[Dataset], course: Any, gtv: sitk.Image, settings: ChainSettings) -> Any:
+    import dataclasses
+
+    from processing.course import CourseError, dose_statistics, rtdose_image
+
+    for ds in rt:
+        if str(ds.SOPInstanceUID) == course.rtdose_sop_instance_uid:
+            try:
+                dose = rtdose_image(ds, fractions=course.fractionation.fractions)
+                stats = dose_statistics(dose, gtv, fractions=course.fractionation.fractions,
+                                        alpha_beta_gy=settings.alpha_beta_gy)
+            except CourseError as err:
+                logger.warning("GTV dose statistics not computed: %s", err)
+                return course
+            return dataclasses.replace(course, gtv_dose=stats)
+    return course
+
+
+def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.Image) -> None:
+    from processing.lesion import LesionError, refine_lesion
+    from processing.registration import register_rigid
+
+    registration = register_rigid(baseline.anatomy_image, study.anatomy_image, region=gtv)
+    study.registration = registration
+    base_channels = [baseline.anatomy_image]
+    follow_channels = [study.anatomy_image]
+    for name in _REFINEMENT_CHANNELS:
+        if name in baseline.maps and name in study.maps:
+            base_channels.append(_on_grid(baseline.maps[name].image, baseline.anatomy_image))
+            follow_channels.append(_on_grid(study.maps[name].image, study.anatomy_image))
+    try:
+        lesion = refine_lesion(base_channels, gtv, follow_channels,
+                               registration.matrix_moving_to_fixed)
+    except LesionError as err:
+        raise ChainError(f"the lesion cannot be placed on follow-up {study.study_instance_uid}: "
+                         f"{err}") from err
+    study.lesion_mask = lesion.mask
+    study.lesion_notes = tuple(lesion.notes) + (() if registration.passed else tuple(
+        f"registration check failed: {r}" for r in registration.reasons))
+
+
+def _on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    from processing.registration import resample_onto
+
+    same = (image.GetSize() == reference.GetSize()
+            and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+            and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+            and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5))
+    if same:
+        return sitk.Cast(image, sitk.sitkFloat32)
+    return resample_onto(sitk.Cast(image, sitk.sitkFloat32), reference, default_value=float("nan"))
+
+
+def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
+                        settings: ChainSettings, timer: _Timer, notes: list[str]) -> list[Any]:
+    from processing.change import compute_changes
+    from processing.comparability import assess_comparability
+    from processing.measure import measure_lesion
+    from processing.radiomics import default_course_settings
+    from processing.response import assess_response
+    from processing.results import TimePointResult, TimePointRole
+
+    common = set(studies[0].maps)
+    for study in studies[1:]:
+        common &= set(study.maps)
+    radiomics_settings = None
+    if settings.radiomics:
+        quantities = [q for q in settings.radiomics_quantities if q in common]
+        radiomics_settings = default_course_settings(
+            quantities, spacing_mm=settings.radiomics_spacing_mm,
+            bin_count=settings.radiomics_bin_count)
+    measurements = []
+    for study in studies:
+        with timer("measure+radiomics"):
+            maps = {q: _on_grid(m.image, study.anatomy_image) for q, m in study.maps.items()}
+            measurements.append(measure_lesion(study.lesion_mask, maps,
+                                               radiomics_settings=radiomics_settings))
+    baseline_protocol = _protocol(studies[0])
+    results = []
+    previous_category = None
+    for index, (study, current) in enumerate(zip(studies, measurements)):
+        provenance = {"maps": {q: m.provenance for q, m in study.maps.items()},
+                      "lesion_notes": list(study.lesion_notes),
+                      "algorithm_version": ALGORITHM_VERSION}
+        if index == 0:
+            results.append(TimePointResult(
+                lesion=lesion, role=TimePointRole.BASELINE,
+                study_instance_uid=study.study_instance_uid,
+                study_date=study.study_date.strftime("%Y%m%d"),
+                days_since_treatment=study.days_since_treatment, measurements=current,
+                provenance=provenance))
+            continue
+        comparability = assess_comparability(baseline_protocol, _protocol(study))
+        not_comparable = [q for q, verdict in comparability.per_quantity.items()
+                          if verdict.value == "not comparable"]
+        previous = measurements[index - 1] if index > 1 else None
+        changes = compute_changes(current, measurements[0], previous, not_comparable=not_comparable)
+        response = assess_response(changes, days_since_treatment=study.days_since_treatment,
+                                   previous_category=previous_category)
+        response = _with_site_model(response, changes, settings, notes)
+        previous_category = response.category
+        results.append(TimePointResult(
+            lesion=lesion, role=TimePointRole.FOLLOW_UP,
+            study_instance_uid=study.study_instance_uid,
+            study_date=study.study_date.strftime("%Y%m%d"),
+            days_since_treatment=study.days_since_treatment, measurements=current,
+            changes=changes, response=response, comparability=comparability.overall,
+            comparability_reasons=tuple(comparability.reasons), provenance=provenance))
+    return results
+
+
+def _with_site_model(response: Any, changes: Any, settings: ChainSettings, notes: list[str]) -> Any:
+    if settings.model_path is None:
+        return response
+    from processing.response_model import ResponseModel, attach_model_prediction
+
+    model = ResponseModel.load(settings.model_path)
+    return attach_model_prediction(response, model, changes)
+
+
+def _protocol(study: StudyAnalysis) -> Any:
+    from processing.comparability import protocol_from_datasets
+
+    inv = study.inventory
+    dwi = study.maps.get("ADC")
+    dce = study.maps.get("Ktrans")
+    return protocol_from_datasets(
+        anatomical=study.anatomy_datasets[0],
+        dwi=None if dwi is None else dwi.source_datasets[0],
+        dce=None if dce is None else dce.source_datasets[0],
+        dwi_b_values=() if dwi is None else tuple(dwi.provenance.get("b_values_used", ())),
+        dce_temporal_resolution_s=next(
+            (s.temporal_resolution for s in inv.series if s.series_instance_uid == inv.dce), None),
+    )
+
+
+def _source_alignment(volume: Any, datasets_by_uid: Mapping[str, Dataset],
+                      volume_index: int = 0) -> tuple[list[Dataset], list[int] | None]:
+    """Source images (and frame numbers) of one volume of a series, in slice order."""
+    frames = volume.source_frames[volume_index]
+    if frames and frames[0].frame_number is not None:
+        return [datasets_by_uid[frames[0].sop_instance_uid]], [f.frame_number for f in frames]
+    return [datasets_by_uid[f.sop_instance_uid] for f in frames], None
+
+
+def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any,
+                   settings: ChainSettings) -> list[Dataset]:
+    from reporting.pmap import build_parametric_map
+    from reporting.seg import build_segmentation
+    from reporting.sr import build_measurement_report
+
+    segs: list[Dataset] = []
+    pmaps: list[Dataset] = []
+    regs: list[Dataset] = []
+    for study in studies:
+        by_uid = {str(ds.SOPInstanceUID): ds for ds in study.anatomy_datasets}
+        sources, frames = _source_alignment(study.anatomy, by_uid)
+        mask = sitk.GetArrayFromImage(study.lesion_mask).astype(bool)
+        segs.append(build_segmentation(sources, mask, lesion, segment_type=settings.segment_type,
+                                       algorithm_version=ALGORITHM_VERSION, source_frames=frames))
+        for quantity, qmap in sorted(study.maps.items()):
+            if quantity in ("T2w", "T1w", "STIR"):
+                continue
+            by_uid = {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets}
+            sources, frames = _source_alignment(qmap.source_volume, by_uid)
+            values = sitk.GetArrayFromImage(qmap.image).astype(np.float32)
+            pmaps.append(build_parametric_map(
+                sources, values, quantity, provenance=qmap.provenance,
+                algorithm_version=ALGORITHM_VERSION, source_frames=frames,
+                vertebral_level=lesion.vertebral_level))
+        if study.registration is not None:
+            regs.append(_registration_object(studies[0], study))
+    report = build_measurement_report(results, segmentations=segs, parametric_maps=pmaps,
+                                      algorithm_version=ALGORITHM_VERSION)
+    return [*segs, *pmaps, *regs, report]
+
+
+def _registration_object(baseline: StudyAnalysis, study: StudyAnalysis) -> Dataset:
+    from reporting.registration import build_spatial_registration
+
+    return build_spatial_registration(
+        baseline.anatomy_datasets, study.anatomy_datasets,
+        study.registration.matrix_moving_to_fixed, algorithm_version=ALGORITHM_VERSION)

@@ -1,0 +1,84 @@
+"""``spine-node analyze PATH... --out DIR``: the node's whole chain, offline.
+
+The files are imported into a temporary store and index exactly as received instances would be,
+then the same chain the node runs analyses each patient. Writes every produced DICOM object and
+``summary.json`` to DIR and prints a short summary. Exit status 0 on success, 2 when nothing can be
+analysed (with the reason), 1 on an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (any mix)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="node configuration (its [analysis] section is used)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.analysis import (chain_datasets_summary, format_course, patient_datasets,
+                               patients_in_index, write_outputs)
+    from node.chain import ChainError, run_chain
+    from node.index import Index
+    from node.ingest import import_files, iter_files
+    from node.roles import PatientMismatchError
+    from node.store import Store
+    from reporting.summary import format_summary
+
+    settings = _chain_settings(args.config)
+    try:
+        files = list(iter_files(args.paths))
+    except FileNotFoundError as err:
+        print(f"spine-node analyze: {err}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="spine-node-analyze-") as tmp:
+        index = Index(Path(tmp) / "index.sqlite")
+        store = Store(Path(tmp), index)
+        report = import_files(store, files)
+        for path, reason in report.skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        if not report.stored:
+            print("spine-node analyze: no DICOM instance could be read from the given paths",
+                  file=sys.stderr)
+            return 2
+        patients = patients_in_index(index)
+        if len(patients) > 1:
+            print(f"spine-node analyze: the files hold {len(patients)} patients; analyse one "
+                  "patient at a time", file=sys.stderr)
+            return 2
+        datasets = patient_datasets(index, store.root, patients[0])
+        print(f"imported {chain_datasets_summary(datasets)}")
+        try:
+            result = run_chain(datasets, settings=settings)
+        except (ChainError, PatientMismatchError) as err:
+            print(f"spine-node analyze: nothing to analyse: {err}", file=sys.stderr)
+            return 2
+        finally:
+            index.close()
+    paths = write_outputs(result, args.out)
+    print(format_course(result))
+    print(format_summary(result.results))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {len(paths)} DICOM objects and summary.json to {args.out}")
+    return 0
+
+
+def _chain_settings(config: Path | None):
+    from node.chain import ChainSettings
+    from node.worker import analysis_section  # registers the [analysis] section
+
+    if config is None:
+        return ChainSettings()
+    from node.config import load_settings
+
+    return analysis_section(load_settings(config)).chain_settings()

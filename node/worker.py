@@ -1,0 +1,154 @@
+"""The node's analysis worker: a stable study makes its patient's chain run, off the SCP's threads.
+
+When the stability monitor reports a study stable (or amended), the worker finds the study's
+patient and runs :func:`node.chain.run_chain` on everything the node holds for that patient, in a
+separate process (the C-STORE handler never waits for analysis; numerical libraries never share the
+listener's process). Outputs are written under ``<storage>/results/`` and queued in the durable
+outbox for every configured result destination. Each outcome is an event in the index:
+
+* ``analysis_started`` / ``analysis_done`` (with the number of objects and the response call),
+* ``analysis_waiting`` — nothing to analyse yet, with the reason (e.g. no course, no baseline);
+  a later study of the same patient re-triggers the analysis,
+* ``analysis_failed`` — an unexpected error (the study can be re-queued with
+  ``spine-node reprocess``).
+
+Deterministic output UIDs make a re-run replace, not duplicate, the results in the PACS.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import threading
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from node.chain import ChainSettings
+from node.config import register_section
+
+logger = logging.getLogger(__name__)
+
+
+class AnalysisSection(BaseModel):
+    """The ``[analysis]`` table of the configuration (mirrors :class:`node.chain.ChainSettings`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    baseline_window_days: int = Field(90, ge=0, le=3650)
+    segment_type: str = Field("metastasis", pattern="^(metastasis|neoplasm|primary|gtv)$")
+    radiomics: bool = True
+    radiomics_bin_count: int = Field(32, ge=2, le=1024)
+    radiomics_spacing_mm: float = Field(1.0, gt=0, le=10)
+    alpha_beta_gy: float = Field(10.0, gt=0, le=100)
+    model_path: Path | None = None
+
+    def chain_settings(self) -> ChainSettings:
+        names = {f.name for f in fields(ChainSettings)}
+        return ChainSettings(**{k: v for k, v in self.model_dump().items() if k in names})
+
+
+register_section("analysis", AnalysisSection)
+
+
+def analysis_section(settings: Any) -> AnalysisSection:
+    section = settings.section("analysis")
+    return section if isinstance(section, AnalysisSection) else AnalysisSection(**section)
+
+
+def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_settings: dict,
+                     out_dir: str) -> dict[str, Any]:
+    """Child-process entry: run the chain for one patient; return what the parent records."""
+    from node.analysis import patient_datasets, write_outputs
+    from node.chain import ChainError, ChainSettings, run_chain
+    from node.index import Index
+    from node.roles import PatientMismatchError
+
+    index = Index(Path(db_path))
+    try:
+        datasets = patient_datasets(index, Path(store_root), patient_row)
+    finally:
+        index.close()
+    try:
+        result = run_chain(datasets, settings=ChainSettings(**chain_settings))
+    except (ChainError, PatientMismatchError) as err:
+        return {"state": "waiting", "reason": str(err)}
+    paths = write_outputs(result, Path(out_dir))
+    calls = [r.response.category.value for r in result.results if r.response is not None]
+    return {"state": "done", "paths": [str(p) for p in paths], "calls": calls,
+            "timings": result.timings}
+
+
+class AnalysisWorker:
+    """Runs the chain for patients whose studies became stable; see the module docstring.
+
+    Parameters
+    ----------
+    service : node.service.NodeService
+        The running node (index, store, outbox, settings).
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+        self.section = analysis_section(service.settings)
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.section.enabled:
+            self.service.stability.add_listener(self.on_stable)
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+
+    def _pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                # spawn: the node's process holds threads (listener, scheduler); never fork them
+                self._executor = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            return self._executor
+
+    def on_stable(self, study_uid: str, amended: bool) -> None:
+        """Stability listener (runs in a scheduler thread): analyse the study's patient."""
+        from node.analysis import patient_of_study
+
+        index = self.service.index
+        patient = patient_of_study(index, study_uid)
+        if patient is None:
+            return
+        self.analyse(patient, study_uid=study_uid)
+
+    def analyse(self, patient_row: int, *, study_uid: str | None = None) -> dict[str, Any]:
+        """Run the chain for one patient now (blocking the calling thread, not the listener)."""
+        index = self.service.index
+        store = self.service.store
+        out_dir = store.root / "results" / f"patient-{patient_row}"
+        index.add_event("analysis_started", study_uid=study_uid)
+        try:
+            outcome = self._pool().submit(
+                _analyse_patient, str(index.path), str(store.root), patient_row,
+                asdict(self.section.chain_settings()), str(out_dir)).result()
+        except Exception as err:  # the child's failure must not take the node down
+            logger.exception("analysis of study %s failed", study_uid)
+            index.add_event("analysis_failed", study_uid=study_uid,
+                            detail=f"{type(err).__name__}: {str(err)[:300]}")
+            return {"state": "failed", "reason": f"{type(err).__name__}: {err}"}
+        if outcome["state"] == "waiting":
+            logger.info("study %s: not analysable yet: %s", study_uid, outcome["reason"])
+            index.add_event("analysis_waiting", study_uid=study_uid, detail=outcome["reason"])
+            return outcome
+        paths = [Path(p) for p in outcome["paths"]]
+        for destination in self.service.settings.node.result_destinations:
+            self.service.outbox.enqueue(paths, destination, f"analysis of study {study_uid}")
+        detail = f"{len(paths)} objects; response: {', '.join(outcome['calls']) or 'baseline only'}"
+        index.add_event("analysis_done", study_uid=study_uid, detail=detail)
+        logger.info("study %s analysed: %s", study_uid, detail)
+        return outcome
