@@ -2,8 +2,8 @@
 
 Every code is either a standard code (DCM, SCT, UCUM, UMLS, IBSI) checked against pydicom's
 PS3.16 concept dictionary (``pydicom.sr._concepts_dict``) and dcmqi's Parametric Map context files
-(``pm-dwi-context.json``, ``pm-dce-context.json``), or a code of the node's documented private coding
-scheme where DICOM has none.
+(``pm-dwi-context.json``, ``pm-dce-context.json``), or a code of the node's documented private
+coding scheme where DICOM has none.
 
 Conformance notes (private coding scheme)
 -----------------------------------------

@@ -145,7 +145,8 @@ def build_spatial_registration(
     matrix = _check_rigid(matrix_moving_to_fixed)
     fixed, moving = fixed_images[0], sanitized_source(moving_images[0])
     if fixed.FrameOfReferenceUID == moving.FrameOfReferenceUID:
-        raise ValueError("fixed and moving images share one Frame of Reference: nothing to register")
+        raise ValueError(
+            "fixed and moving images share one Frame of Reference: nothing to register")
 
     digest = digest_text(digest_uids(fixed_images), digest_uids(moving_images),
                          digest_arrays(np.round(matrix, 6)))

@@ -33,9 +33,9 @@ Content of each measurement group (TID 1411)
     features; values are converted to the IBSI definition where ``processing.radiomics`` documents
     a difference (``firstorder_Kurtosis`` - 3); PCA axis lengths, whose correction needs the voxel
     count, and every other feature keep the pyradiomics value under a ``99PYRADIOMICS`` code. Shape
-    features carry real units (mm, mm2, mm3, /mm); first-order intensity features of a map (mean,
-    percentiles, range, deviations…, computed on the map in the node's internal unit) are converted
-    to the map's output unit; the rest have unit ``1``. The image the feature was computed on is
+    features carry real units (mm, mm2, mm3, /mm); first-order intensity features of a map
+    (mean, percentiles, range, deviations…, computed on the map in the node's internal unit) are
+    converted to the map's output unit; the rest have unit ``1``. The image the feature was computed on is
     named in the measurement's algorithm parameters (``image=ADC``) and its Parametric Map is
     referenced (Source of Measurement) when present;
   - criterion values (private ``CR-`` concepts) and the site model's probability of progression.
@@ -353,7 +353,8 @@ def build_measurement_report(
     segment_type : str
         Finding type (same names as :func:`reporting.seg.build_segmentation`).
     ibsi_codes : Mapping[str, str], optional
-        pyradiomics ``class_Feature`` -> IBSI code; default :data:`processing.radiomics.IBSI_FEATURES`.
+        pyradiomics ``class_Feature`` -> IBSI code; default
+        :data:`processing.radiomics.IBSI_FEATURES`.
     device_observer_uid : str, optional
         Device Observer UID; default derived from the manufacturer and model name.
     series_number : int

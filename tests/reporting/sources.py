@@ -4,7 +4,6 @@ Enhanced MR DWI from the dcm2niix validation set (per-frame spatial functional g
 from __future__ import annotations
 
 import copy
-import datetime
 import gzip
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import dcmread
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 CANON_ENHANCED = Path("dwi_dcmqa/canon_dwi/In/enh/8000.dcm.gz")
 

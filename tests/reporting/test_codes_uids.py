@@ -82,7 +82,8 @@ def test_segment_anatomy_and_private_codes() -> None:
     # the private scheme is documented in the module docstring, code by code
     for code in [*rcodes.RESPONSE_CATEGORIES.values(), *rcodes.VCF_VALUES.values(),
                  *rcodes.COMPARABILITY_VALUES.values(), *rcodes.CHANGE_METHODS.values(),
-                 rcodes.EPIDURAL_PROGRESSION, rcodes.EVENT_SBRT_START, rcodes.PROGRESSION_PROBABILITY]:
+                 rcodes.EPIDURAL_PROGRESSION, rcodes.EVENT_SBRT_START,
+                 rcodes.PROGRESSION_PROBABILITY]:
         assert re.search(rf"^{code.value}\s", rcodes.__doc__, re.M), code.value
 
 

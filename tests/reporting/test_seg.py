@@ -15,7 +15,8 @@ from reporting.seg import build_segmentation
 from tests.reporting.sources import b0_frames, canon_enhanced, classic_mr_series
 from tests.reporting.tools import dciodvfy, dcmqi
 
-LESION = Lesion(tracking_id="GTV L2", tracking_uid="1.2.826.0.1.3680043.8.498.77", vertebral_level="L2")
+LESION = Lesion(tracking_id="GTV L2", tracking_uid="1.2.826.0.1.3680043.8.498.77",
+                vertebral_level="L2")
 
 
 def _mask(shape: tuple[int, int, int]) -> np.ndarray:
