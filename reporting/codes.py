@@ -134,6 +134,8 @@ UNITS: dict[str, CodedConcept] = {
     "mm3": CodedConcept("mm3", "UCUM", "mm3"),
     "%": CodedConcept("%", "UCUM", "%"),
     "d": CodedConcept("d", "UCUM", "day"),
+    "wk": CodedConcept("wk", "UCUM", "week"),
+    "mo": CodedConcept("mo", "UCUM", "month"),
     "Gy": CodedConcept("Gy", "UCUM", "Gy"),
     "mmol/l": CodedConcept("mmol/l", "UCUM", "mmol/l"),
 }
@@ -143,7 +145,8 @@ _UNIT_ALIASES: dict[str, str] = {
     "mm^2/s": "mm2/s", "mm²/s": "mm2/s", "um^2/s": "um2/s", "µm²/s": "um2/s", "µm2/s": "um2/s",
     "1/min": "/min", "min-1": "/min", "1/s": "/s", "mmol/L.s": "mmol/l.s", "mM.s": "mmol/l.s",
     "mmol/L": "mmol/l", "mM": "mmol/l", "mL": "cm3", "ml": "cm3", "fraction": "1",
-    "ratio": "{ratio}", "": "1",
+    "ratio": "{ratio}", "": "1", "days": "d", "day": "d", "weeks": "wk", "week": "wk",
+    "months": "mo", "month": "mo",
 }
 
 #: (from, to) -> multiplicative factor.
@@ -254,6 +257,10 @@ QUANTITIES: dict[str, QuantitySpec] = {
                      KURTOSIS_MODEL, "DIFFUSION"),
         QuantitySpec("MK", _c(_DCM.MeanKurtosis), "1", "1", KURTOSIS_MODEL, "DIFFUSION"),
         QuantitySpec("Kapp", _c(_DCM.ApparentKurtosisCoefficient), "1", "1", KURTOSIS_MODEL,
+                     "DIFFUSION"),
+        QuantitySpec("AK", _c(_DCM.AxialKurtosis), "1", "1", KURTOSIS_MODEL, "DIFFUSION"),
+        QuantitySpec("RK", _c(_DCM.RadialKurtosis), "1", "1", KURTOSIS_MODEL, "DIFFUSION"),
+        QuantitySpec("FA", _c(_DCM.FractionalAnisotropy), "{0:1}", "1", KURTOSIS_MODEL,
                      "DIFFUSION"),
         QuantitySpec("IVIM_D", _c(_DCM.SlowDiffusionCoefficient), "um2/s", "mm2/s", IVIM_MODEL,
                      "DIFFUSION"),

@@ -254,9 +254,16 @@ class _GroupBuilder:
             self.evaluations.append(hd.sr.QualitativeEvaluation(
                 name, rcodes.PRESENT if criterion.fired else rcodes.ABSENT))
             if criterion.value is not None and math.isfinite(criterion.value):
+                try:
+                    unit = rcodes.unit_code(criterion.unit or "1")
+                except ValueError:
+                    # the Present/Absent evaluation is still written; a value with a wrong
+                    # unit would be worse than none
+                    logger.warning("criterion %s: unit %r has no UCUM code; value not written",
+                                   criterion.code, criterion.unit)
+                    continue
                 self.measurements.append(hd.sr.Measurement(
-                    name=name, value=float(criterion.value),
-                    unit=rcodes.unit_code(criterion.unit or "1")))
+                    name=name, value=float(criterion.value), unit=unit))
         if response.epidural_progression is not None:
             self.evaluations.append(hd.sr.QualitativeEvaluation(
                 rcodes.EPIDURAL_PROGRESSION,

@@ -44,8 +44,8 @@ def test_quantity_codes_and_units_match_dcmqi_contexts(shared_data: Path) -> Non
             in_dcmqi += 1
         if spec.method is not None:
             assert _ps316("DCM", spec.method.value) == spec.method.meaning
-    # ADC, Dapp, IVIM D/D*/f, Ktrans, kep, ve, vp, IAUC60, TTP are in dcmqi's contexts
-    assert in_dcmqi == 11
+    # ADC, Dapp, IVIM D/D*/f, FA, Ktrans, kep, ve, vp, IAUC60, TTP are in dcmqi's contexts
+    assert in_dcmqi == 12
 
 
 def test_units_and_conversions() -> None:
@@ -112,3 +112,12 @@ def test_deterministic_uid() -> None:
         assert deterministic_uid(**{**args, key: other}) != uid
     with pytest.raises(ValueError, match="algorithm_version"):
         deterministic_uid(**{**args, "algorithm_version": ""})
+
+
+def test_every_map_of_processing_maps_has_an_encoding() -> None:
+    """Each quantity processing.maps produces can become a Parametric Map, from its unit."""
+    from processing.maps import UNITS as MAP_UNITS
+
+    for quantity, unit in MAP_UNITS.items():
+        spec = rcodes.quantity_spec(quantity)
+        assert rcodes.normalize_unit(unit) == rcodes.normalize_unit(spec.internal_unit), quantity

@@ -25,6 +25,9 @@ EXPECTED = {
     "Dapp": (1.3e-3, "113294", "um2/s", 1e6, "113252"),
     "MK": (0.9, "113205", "1", 1.0, "113252"),
     "Kapp": (1.1, "113206", "1", 1.0, "113252"),
+    "AK": (1.2, "113208", "1", 1.0, "113252"),
+    "RK": (0.8, "113207", "1", 1.0, "113252"),
+    "FA": (0.3, "110808", "{0:1}", 1.0, "113252"),
     "IVIM_D": (0.43e-3, "113291", "um2/s", 1e6, "113251"),
     "IVIM_Dstar": (50e-3, "113292", "um2/s", 1e6, "113251"),
     "IVIM_f": (0.145, "113293", "{0:1}", 1.0, "113251"),
@@ -133,7 +136,7 @@ def test_parametric_map_uids_are_deterministic() -> None:
 def test_parametric_map_rejects_bad_input() -> None:
     sources = classic_mr_series()
     with pytest.raises(ValueError, match="unknown quantity"):
-        build_parametric_map(sources, np.ones((6, 24, 20), np.float32), "FA", provenance={},
+        build_parametric_map(sources, np.ones((6, 24, 20), np.float32), "RA", provenance={},
                              algorithm_version="1")
     with pytest.raises(ValueError, match="floating point"):
         build_parametric_map(sources, np.ones((6, 24, 20), np.int16), "ADC", provenance={},
