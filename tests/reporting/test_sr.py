@@ -221,3 +221,53 @@ def test_sr_requires_the_segment_of_each_time_point() -> None:
     with pytest.raises(ValueError, match="no SEG of study"):
         build_measurement_report([BASELINE, FOLLOW_UP], segmentations=objects.segs[:1],
                                  algorithm_version=VERSION)
+
+
+def test_two_lesions_and_changes_from_previous(tmp_path: Path) -> None:
+    """Groups per lesion, previous-time-point changes, criterion units (wk) and one without UCUM."""
+    import dataclasses
+
+    import numpy as np
+
+    from processing.results import Change, Criterion, Lesion
+    from reporting.seg import build_segmentation
+
+    objects = build_inputs()
+    second = Lesion("GTV T11", "1.2.826.0.1.3680043.8.498.556", "T11")
+    mask = np.zeros((6, 24, 20), dtype=bool)
+    mask[1:3, 2:6, 2:6] = True
+    segs = list(objects.segs)
+    for sources in (objects.baseline_sources, objects.follow_up_sources):
+        segs.append(build_segmentation(sources, mask, second, algorithm_version=VERSION))
+    response = dataclasses.replace(FOLLOW_UP.response, criteria=(
+        Criterion("pseudoprogression-window", "follow-up 6-26 weeks after treatment", True,
+                  value=13.7, threshold=26.0, unit="wk"),
+        Criterion("bilsky-increase", "Bilsky grade 1a -> 1b", False, value=1.0, unit="grade"),
+    ))
+    follow_up_2 = dataclasses.replace(
+        FOLLOW_UP, lesion=second, response=response,
+        changes=(Change("volume", "previous", 2.0, 2.5, 0.5, 0.25, 0.2, True),))
+    baseline_2 = dataclasses.replace(BASELINE, lesion=second)
+    sr = build_measurement_report([BASELINE, FOLLOW_UP, baseline_2, follow_up_2],
+                                  segmentations=segs, parametric_maps=objects.pmaps,
+                                  algorithm_version=VERSION)
+    path = tmp_path / "sr2.dcm"
+    sr.save_as(path)
+    dciodvfy(path)
+    back = hd.sr.srread(path)
+    groups = back.content.get_volumetric_roi_measurement_groups(tracking_uid=second.tracking_uid)
+    methods = sorted(g.method.value for g in groups if g.method is not None)
+    assert methods == sorted(["CHGABSP", "CHGRELP", rcodes.rule_set_code(
+        response.rule_set).value])
+    rel = next(g for g in groups if g.method is not None and g.method.value == "CHGRELP")
+    assert _find(rel, "118565006", unit="%").value == pytest.approx(25.0)
+    main = next(g for g in groups if g.method is not None and g.method.value.startswith("RSET"))
+    window = rcodes.criterion_code("pseudoprogression-window", "").value
+    assert (_find(main, window).value, _find(main, window).unit.value) == (
+        pytest.approx(13.7), "wk")
+    bilsky = rcodes.criterion_code("bilsky-increase", "").value
+    assert not [m for m in main.get_measurements() if m.name.value == bilsky]
+    evaluations = {q.name.value: q.value.value for q in main.get_qualitative_evaluations()}
+    assert evaluations[bilsky] == "272519000"  # Absent, still reported
+    assert len(back.content.get_volumetric_roi_measurement_groups(
+        tracking_uid=LESION.tracking_uid)) == 4
