@@ -38,6 +38,17 @@ VENDOR_EQUIPMENT: dict[str, dict[str, Any]] = {
 }
 
 
+#: dciodvfy errors each vendor variant really produces (the documented deviations; see the
+#: package docstring). Anything else is a defect of the phantom.
+VENDOR_DEVIATIONS: dict[str, tuple[str, ...]] = {
+    "standard": (),
+    "siemens": (),
+    "ge": ("Element=<TriggerTime> Module=<MRImage>",),
+    "philips": ("Element=<TriggerTime> Module=<MRImage>",),
+    "enhanced": (),
+}
+
+
 def _ds_str(v: float) -> str:
     """A DS value that fits 16 characters."""
     s = f"{v:.10g}"
@@ -256,6 +267,7 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -
         mr.add_new(0xB0, "FL", float(g[0]))
         mr.add_new(0xB1, "FL", float(g[1]))
         mr.add_new(0xB2, "FL", float(g[2]))
+        blk.add_new(0x0B, "CS", "TRANSVERSAL")  # Slice Orientation (dcm2niix needs it for the vectors)
         idx = ds.private_block(0x2005, "Philips MR Imaging DD 005", create=True)
         bvals = sorted({b for b, _ in proto.DWI_SHELLS})
         idx.add_new(0x12, "IS", str(bvals.index(b) + 1))
@@ -274,7 +286,7 @@ def _dce_series_tags(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
     ds.ContrastFlowRate = "3"
     ds.ContrastFlowDuration = _ds_str(round(volume_ml / 3.0, 1))
     ds.ContrastBolusIngredient = "GADOLINIUM"
-    ds.ContrastBolusIngredientConcentration = "0.5"
+    ds.ContrastBolusIngredientConcentration = _ds_str(proto.GADOLINIUM_MG_PER_ML)
 
 
 def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any]) -> None:

@@ -20,6 +20,8 @@ HCT = 0.42
 BOLUS_ARRIVAL_S = 30.0
 CONTRAST_AGENT = "Gadoterate meglumine (Dotarem) 0.5 mmol/mL"
 CONTRAST_DOSE_MMOL_PER_KG = 0.1
+#: gadolinium content of a 0.5 mmol/mL agent in mg/mL (0.5 mmol/mL x 157.25 mg/mmol)
+GADOLINIUM_MG_PER_ML = 78.6
 
 #: DWI b-values (s/mm²) and number of directions per shell
 DWI_SHELLS: tuple[tuple[float, int], ...] = (
