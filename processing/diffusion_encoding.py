@@ -150,7 +150,7 @@ def private_value(ds: Dataset, group: int, creator: str, offset: int, expected_v
 def _first_float(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, list | tuple) or hasattr(value, "__getitem__") and not isinstance(value, str):
+    if not isinstance(value, str | bytes) and hasattr(value, "__len__"):  # multi-valued element
         if len(value) == 0:
             return None
         value = value[0]
@@ -272,6 +272,11 @@ def _ge_logical_to_image(v: np.ndarray, phase_encoding: str, normal: np.ndarray,
 
 
 def _from_ge(ds: Dataset, what: str, orientation: np.ndarray | None) -> DiffusionEncoding | None:
+    scanning = ds.get("ScanningSequence") or []
+    scanning = [scanning] if isinstance(scanning, str) else list(scanning)
+    if "EP" not in [str(s).upper() for s in scanning]:
+        # GE writes (0043,xx39) in every image; only its echo-planar diffusion images use it as b.
+        return None
     slop = private_value(ds, 0x0043, GE_PARM, 0x39, "IS")
     b = _first_float(slop)
     if b is None:

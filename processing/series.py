@@ -123,7 +123,8 @@ class VolumeMetadata:
     Attributes
     ----------
     b_value : float or None
-        Diffusion b-value in s/mm² (None when the series is not diffusion-weighted).
+        Diffusion b-value in s/mm²; None when the images record no diffusion encoding (Philips
+        records b = 0 in every image, so non-diffusion Philips series show 0).
     gradient : tuple of 3 float or None
         Diffusion gradient unit vector in LPS; None for b ≈ 0 and for isotropic (trace) volumes.
     diffusion_directionality : str or None
@@ -298,8 +299,7 @@ def group_by_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
 def _float(value: Any) -> float | None:
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and not isinstance(value, str)
-                                             and not isinstance(value, bytes)):
+    if not isinstance(value, str | bytes) and hasattr(value, "__len__"):  # multi-valued element
         if len(value) == 0:
             return None
         value = value[0]

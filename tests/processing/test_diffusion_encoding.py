@@ -134,6 +134,7 @@ def _ge_like(b_raw: int, block: int) -> Dataset:
     ds.Manufacturer = "GE MEDICAL SYSTEMS"
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.InPlanePhaseEncodingDirection = "COL"
+    ds.ScanningSequence = ["EP", "SE"]
     ds.add_new((0x0019, 0x0010), "LO", "SOME OTHER CREATOR")
     ds.add_new((0x0019, 0x10BB), "DS", "0.9")  # decoy at the usual element number
     ds.add_new((0x0019, block), "LO", GE_ACQU)
@@ -179,3 +180,10 @@ def test_philips_isotropic_label_gives_trace_without_direction():
     enc = diffusion_encoding(ds)
     assert enc is not None
     assert (enc.b_value, enc.gradient, enc.directionality) == (1000.0, None, "ISOTROPIC")
+
+
+def test_ge_slop_int_in_a_non_epi_image_is_not_a_b_value():
+    """GE writes (0043,xx39) in every image; a spin-echo T2w is not diffusion-weighted."""
+    ds = _ge_like(1_000_000_008, 0x10)
+    ds.ScanningSequence = "SE"
+    assert diffusion_encoding(ds) is None

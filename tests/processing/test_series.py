@@ -177,11 +177,6 @@ def make_series(
     return [ds]
 
 
-def _expected_geometry(size, spacing, angles, origin):
-    r = rotation(angles)
-    return np.asarray(origin), np.asarray(spacing), r
-
-
 def _check_volume_order(array: np.ndarray) -> None:
     n_vol, nz = array.shape[:2]
     expected = 1000 * np.arange(n_vol)[:, None] + 10 * np.arange(nz)[None, :] + 1
