@@ -271,3 +271,18 @@ def test_two_lesions_and_changes_from_previous(tmp_path: Path) -> None:
     assert evaluations[bilsky] == "272519000"  # Absent, still reported
     assert len(back.content.get_volumetric_roi_measurement_groups(
         tracking_uid=LESION.tracking_uid)) == 4
+
+
+def test_baseline_only_report_without_image_library(tmp_path: Path) -> None:
+    """The report of a baseline alone (no follow-up yet, no source headers) is valid too."""
+    objects = build_inputs()
+    sr = build_measurement_report([BASELINE], segmentations=objects.segs[:1],
+                                  parametric_maps=objects.pmaps[:2], algorithm_version=VERSION)
+    path = tmp_path / "baseline.dcm"
+    sr.save_as(path)
+    dciodvfy(path)
+    data = tid1500_json(path, tmp_path)
+    assert sr.StudyInstanceUID == STUDY_UID and "PertinentOtherEvidenceSequence" not in sr
+    (group,) = data["Measurements"]
+    volume = [i for i in group["measurementItems"] if i["quantity"]["CodeValue"] == "118565006"]
+    assert [float(i["value"]) for i in volume] == [pytest.approx(4.2)]
