@@ -270,6 +270,8 @@ class IvimModel:
         b-value per volume (s/mm²); volumes of equal b are direction-averaged.
     b_threshold : float, optional
         Lowest b-value of the D fit (default 200 s/mm²).
+    max_b : float, optional
+        Highest b-value used (default: all); kurtosis bends the curve beyond ~1000 s/mm².
     d_bounds : (float, float)
         Bounds of D (mm²/s), default (0, 5e-3).
     d_star_bounds : (float, float)
@@ -279,12 +281,14 @@ class IvimModel:
     """
 
     def __init__(self, bvalues: ArrayLike, *, b_threshold: float = 200.0,
-                 d_bounds: tuple[float, float] = (0.0, 5e-3),
+                 max_b: float | None = None, d_bounds: tuple[float, float] = (0.0, 5e-3),
                  d_star_bounds: tuple[float, float] = (3e-3, 0.5),
                  b0_threshold: float = 0.5, shell_tolerance: float = 0.02,
-                 n_grid: int = 128, refine_iterations: int = 25) -> None:
+                 n_grid: int = 64, refine_iterations: int = 20) -> None:
         b = np.asarray(bvalues, dtype=float)
         shells, _ = group_shells(b, b0_threshold, shell_tolerance)
+        if max_b is not None:
+            shells = shells[shells <= max_b]
         high = shells[shells >= b_threshold]
         low = shells[shells < b_threshold]
         if high.size < 2 or low.size < 2 or shells[0] != 0.0:
@@ -311,7 +315,9 @@ class IvimModel:
         avg, shells = direction_average(signals, self.bvalues, b0_threshold=self.b0_threshold,
                                         shell_tolerance=self.shell_tolerance)
         spatial = avg.shape[:-1]
-        s = avg.reshape(-1, shells.size)
+        cols = [int(np.argmin(np.abs(shells - u))) for u in self.shells]
+        shells = self.shells
+        s = avg[..., cols].reshape(-1, shells.size)
         use = np.all(np.isfinite(s) & (s > 0), axis=1)
         if mask is not None:
             use &= np.asarray(mask, dtype=bool).reshape(-1)

@@ -9,7 +9,12 @@ from dipy.core.sphere import HemiSphere, disperse_charges
 from dipy.reconst import dki as dipy_dki
 from dipy.sims.voxel import multi_tensor_dki
 
-from processing.dki import ApparentKurtosisModel, TensorDkiModel, protocol_allows_tensor_dki
+from processing.dki import (
+    ApparentKurtosisModel,
+    TensorDkiModel,
+    protocol_allows_tensor_dki,
+    tensor_dki_volumes,
+)
 
 
 def _protocol(n_dirs: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -60,6 +65,11 @@ def test_protocol_decision() -> None:
     few_b, few_g = _protocol(10)
     ok, reason = protocol_allows_tensor_dki(few_b, few_g)
     assert not ok and "non-collinear" in reason
+    # 3-direction shells (IVIM part of a protocol) are left out, not disqualifying
+    b_mixed = np.concatenate([few_b[:2], np.full(3, 100.0), _protocol()[0][2:]])
+    g_mixed = np.concatenate([few_g[:2], np.eye(3), _protocol()[1][2:]])
+    selection, _ = tensor_dki_volumes(b_mixed, g_mixed)
+    assert selection is not None and not selection[2:5].any() and selection[5:].all()
     ok, reason = protocol_allows_tensor_dki([0, 1000, 1000], np.eye(3)[[0, 0, 1]])
     assert not ok and "two non-zero shells" in reason
     assert not protocol_allows_tensor_dki(bvals, None)[0]
@@ -90,3 +100,26 @@ def test_kurtosis_bounds_clip_like_dipy() -> None:
     s = np.exp(-b * d + b**2 * d**2 * k / 6.0)
     fit = ApparentKurtosisModel(b, max_kurtosis=3.0).fit(s)
     assert fit.kapp == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("method", ["WLS", "OLS"])
+def test_batched_fit_equals_dipy_model_fit(method: str) -> None:
+    """The batched solve reproduces dipy's own (per-voxel) DiffusionKurtosisModel fit."""
+    bvals, bvecs = _protocol()
+    rng = np.random.default_rng(3)
+    gtab = gradient_table(bvals, bvecs=bvecs)
+    signals = []
+    for _ in range(40):
+        ev = np.sort(rng.uniform(0.2e-3, 2.0e-3, 3))[::-1]
+        sig, _, _ = multi_tensor_dki(gtab, np.array([ev, ev[::-1] * 1.1]), S0=200,
+                                     angles=[tuple(rng.uniform(0, 90, 2)), (0, 0)],
+                                     fractions=[60, 40], snr=None)
+        signals.append(sig * (1 + 0.01 * rng.standard_normal(sig.size)))
+    signals = np.array(signals)
+    ours = TensorDkiModel(bvals, bvecs, fit_method=method).fit(signals)
+    ref = dipy_dki.DiffusionKurtosisModel(gtab, fit_method=method).fit(signals)
+    np.testing.assert_allclose(ours.mk, ref.mk(), rtol=1e-6)
+    np.testing.assert_allclose(ours.ak, ref.ak(), rtol=1e-6)
+    np.testing.assert_allclose(ours.rk, ref.rk(), rtol=1e-6)
+    np.testing.assert_allclose(ours.md, ref.md, rtol=1e-8)
+    np.testing.assert_allclose(ours.fa, ref.fa, rtol=1e-6, atol=1e-9)

@@ -1,0 +1,361 @@
+"""From the series of one study to every quantitative map they allow.
+
+:func:`compute_maps` classifies the given series (:mod:`processing.classify`), then fits
+ADC (+ IVIM when the b-values allow), tensor DKI (MK, MD, AK, RK, FA) or apparent kurtosis
+(Kapp, Dapp), VFA T1 (or a flagged fixed T10) and DCE (extended Tofts Ktrans, ve, vp, kep with a
+Parker population AIF; IAUC60 and time to peak). Each map is a :class:`QuantMap` on its source
+grid with its unit, provenance and source series.
+
+Units follow design.md: ADC/MD/D in mm²/s, Ktrans/kep in /min, ve/vp/f fractions, T1 in s,
+IAUC60 in mmol/L·s, TTP in s.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from numpy.typing import NDArray
+
+from processing.classify import SeriesRole, classify_volume, protocol_inventory
+from processing.dce import (
+    ArterialInputFunction,
+    ToftsModel,
+    bolus_arrival_time,
+    semi_quantitative,
+    spgr_signal_to_concentration,
+)
+from processing.dki import ApparentKurtosisModel, TensorDkiModel
+from processing.dwi import AdcModel, IvimModel
+from processing.series import Geometry, SeriesVolume
+from processing.t1 import T1Fit, VfaT1Model, fixed_t10
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MapSettings", "QuantMap", "compute_maps", "map_statistics"]
+
+#: Internal UCUM unit of every quantity (design.md conventions).
+UNITS: dict[str, str] = {
+    "ADC": "mm2/s", "MD": "mm2/s", "Dapp": "mm2/s", "IVIM_D": "mm2/s", "IVIM_Dstar": "mm2/s",
+    "MK": "1", "AK": "1", "RK": "1", "FA": "1", "Kapp": "1", "IVIM_f": "1",
+    "Ktrans": "/min", "kep": "/min", "ve": "1", "vp": "1", "T1": "s", "IAUC60": "mmol/l.s",
+    "TTP": "s",
+}
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """Settings of the map computation (recorded in every map's provenance).
+
+    Attributes
+    ----------
+    adc_min_b, adc_max_b : float
+        b-range of the ADC fit (s/mm²); default 50-1000 (body DWI consensus; kurtosis bends the
+        curve beyond ~1000).
+    ivim_b_threshold, ivim_max_b : float
+        Lowest b of the IVIM D fit and highest b of the IVIM fit (s/mm²).
+    hematocrit : float
+        Large-vessel haematocrit for the Parker AIF (blood -> plasma).
+    relaxivity : float
+        Contrast agent r1 (/mM/s); default 3.5 (gadoterate in plasma, 3 T, Rohrer 2005).
+    fixed_t10 : float
+        T10 (s) used when no VFA series exists (flagged in provenance).
+    extended_tofts : bool
+        Fit the extended (vp) Tofts model; else standard.
+    background_fraction : float
+        Voxels whose reference signal is below this fraction of the 99th percentile are background.
+    """
+
+    adc_min_b: float = 50.0
+    adc_max_b: float = 1000.0
+    ivim_b_threshold: float = 200.0
+    ivim_max_b: float = 1000.0
+    hematocrit: float = 0.42
+    relaxivity: float = 3.5
+    fixed_t10: float = 1.0
+    extended_tofts: bool = True
+    background_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hematocrit < 1:
+            raise ValueError(f"hematocrit must be in [0, 1), got {self.hematocrit}")
+        if self.relaxivity <= 0 or self.fixed_t10 <= 0:
+            raise ValueError("relaxivity and fixed T10 must be positive")
+        if not 0 <= self.adc_min_b < self.adc_max_b:
+            raise ValueError("invalid ADC b-range")
+
+
+@dataclass(frozen=True)
+class QuantMap:
+    """One quantitative map on the grid of its source series.
+
+    Attributes
+    ----------
+    quantity : str
+        ``ADC``, ``MK``, ``Ktrans``... (reporting.codes.QUANTITIES names where one exists).
+    values : ndarray, shape (z, y, x)
+        float32 values in `unit`; NaN where the fit is invalid or outside the analysed region.
+    valid : ndarray of bool, shape (z, y, x)
+    unit : str
+        UCUM unit of `values`.
+    geometry : Geometry
+        Grid (origin, spacing, direction, size) of the source series.
+    source_series_instance_uid : str
+    provenance : dict
+        Model, inputs used (b-values, time points, AIF, Hct, r1, T1 method...), settings.
+    """
+
+    quantity: str
+    values: NDArray[np.float32]
+    valid: NDArray[np.bool_]
+    unit: str
+    geometry: Geometry
+    source_series_instance_uid: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def image(self) -> sitk.Image:
+        """The map as a SimpleITK image with the source geometry."""
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.values, dtype=np.float32))
+        img.SetOrigin(self.geometry.origin)
+        img.SetSpacing(self.geometry.spacing)
+        img.SetDirection(self.geometry.direction)
+        return img
+
+
+def map_statistics(qmap: QuantMap, mask: NDArray[np.bool_] | None = None) -> dict[str, Any]:
+    """Summary statistics of the valid voxels (inside `mask` when given)."""
+    sel = qmap.valid if mask is None else (qmap.valid & mask)
+    v = qmap.values[sel].astype(float)
+    if v.size == 0:
+        return {"n_voxels": 0}
+    return {"n_voxels": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
+            "sd": float(v.std()), "p10": float(np.percentile(v, 10)),
+            "p90": float(np.percentile(v, 90)), "min": float(v.min()), "max": float(v.max())}
+
+
+def _to_voxels_last(volume: SeriesVolume) -> NDArray[np.float64]:
+    """(n, z, y, x) -> (z, y, x, n) float64."""
+    return np.moveaxis(np.asarray(volume.array, dtype=np.float64), 0, -1)
+
+
+def _foreground(reference: NDArray[np.float64], fraction: float) -> NDArray[np.bool_]:
+    finite = reference[np.isfinite(reference)]
+    if finite.size == 0:
+        return np.zeros(reference.shape, dtype=bool)
+    return np.isfinite(reference) & (reference > fraction * np.percentile(finite, 99))
+
+
+def _qmap(quantity: str, values: NDArray, valid: NDArray, volume: SeriesVolume,
+          provenance: dict[str, Any]) -> QuantMap:
+    v = np.where(valid, values, np.nan).astype(np.float32)
+    return QuantMap(quantity, v, np.asarray(valid, dtype=bool) & np.isfinite(v), UNITS[quantity],
+                    volume.geometry, volume.series_instance_uid, dict(provenance))
+
+
+def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
+                    settings: MapSettings) -> dict[str, QuantMap]:
+    out: dict[str, QuantMap] = {}
+    b = volume.b_values
+    keep = np.isfinite(b)
+    signals = _to_voxels_last(volume)[..., keep]
+    b = b[keep]
+    grads = volume.gradients[keep]
+    fg = _foreground(signals[..., int(np.argmin(b))], settings.background_fraction)
+    adc = AdcModel(b, min_b=settings.adc_min_b, max_b=settings.adc_max_b).fit(signals, mask=fg)
+    prov = {**adc.provenance, "b_values": list(adc.b_values_used)}
+    out["ADC"] = _qmap("ADC", adc.adc, adc.valid, volume, prov)
+    if inventory_flags.get("ivim"):
+        try:
+            ivim = IvimModel(b, b_threshold=settings.ivim_b_threshold,
+                             max_b=settings.ivim_max_b).fit(signals, mask=fg)
+        except ValueError as err:
+            logger.info("IVIM skipped for series %s: %s", volume.series_instance_uid, err)
+        else:
+            prov = {**ivim.provenance, "b_values": ivim.provenance["b_values_used"]}
+            out["IVIM_D"] = _qmap("IVIM_D", ivim.d, ivim.valid, volume, prov)
+            out["IVIM_f"] = _qmap("IVIM_f", ivim.f, ivim.valid, volume, prov)
+            out["IVIM_Dstar"] = _qmap("IVIM_Dstar", ivim.d_star, ivim.valid, volume, prov)
+    if inventory_flags.get("dki_tensor"):
+        dki_model = TensorDkiModel(b, grads)
+        dki = dki_model.fit(signals, mask=fg)
+        prov = {**dki.provenance, "b_values": dki.provenance["b_values_used"]}
+        for name, arr in (("MK", dki.mk), ("MD", dki.md), ("AK", dki.ak), ("RK", dki.rk),
+                          ("FA", dki.fa)):
+            out[name] = _qmap(name, arr, dki.valid, volume, prov)
+    elif inventory_flags.get("kurtosis_apparent"):
+        kapp = ApparentKurtosisModel(b).fit(signals, mask=fg)
+        prov = {**kapp.provenance, "b_values": list(kapp.b_values_used)}
+        out["Kapp"] = _qmap("Kapp", kapp.kapp, kapp.valid, volume, prov)
+        out["Dapp"] = _qmap("Dapp", kapp.dapp, kapp.valid, volume, prov)
+    return out
+
+
+def _resample_to(values: NDArray[np.float64], src: Geometry, dst: Geometry) -> NDArray[np.float64]:
+    """Linear resampling of a (z, y, x) map from grid `src` to grid `dst` (NaN outside)."""
+    if (np.allclose(src.origin, dst.origin, atol=1e-3) and np.allclose(src.spacing, dst.spacing)
+            and np.allclose(src.direction, dst.direction, atol=1e-6) and src.size == dst.size):
+        return values
+    img = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float64))
+    img.SetOrigin(src.origin)
+    img.SetSpacing(src.spacing)
+    img.SetDirection(src.direction)
+    ref = sitk.Image([int(s) for s in dst.size], sitk.sitkFloat64)
+    ref.SetOrigin(dst.origin)
+    ref.SetSpacing(dst.spacing)
+    ref.SetDirection(dst.direction)
+    out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, float("nan"))
+    return sitk.GetArrayFromImage(out)
+
+
+def _t1_map(vfa: SeriesVolume | None, dce: SeriesVolume, settings: MapSettings
+            ) -> tuple[T1Fit, SeriesVolume | None]:
+    shape = tuple(dce.array.shape[1:])
+    if vfa is None:
+        return fixed_t10(shape, settings.fixed_t10, reason="no VFA T1 series"), None
+    flips = np.array([v.flip_angle for v in vfa.volumes], dtype=float)
+    tr_s = float(vfa.volumes[0].repetition_time) / 1000.0
+    signals = _to_voxels_last(vfa)
+    fg = _foreground(signals.mean(axis=-1), settings.background_fraction)
+    fit = VfaT1Model(flips, tr_s).fit(signals, mask=fg)
+    if vfa.geometry != dce.geometry:
+        t1 = _resample_to(fit.t1, vfa.geometry, dce.geometry)
+        valid = np.isfinite(t1)
+        fit = T1Fit(t1=t1, r1=1.0 / t1, m0=np.full(shape, np.nan), r2=np.full(shape, np.nan),
+                    valid=valid, method=fit.method,
+                    provenance={**fit.provenance, "resampled_to_dce_grid": "linear"})
+    return fit, vfa
+
+
+def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
+              ) -> dict[str, QuantMap]:
+    out: dict[str, QuantMap] = {}
+    times = np.array([v.time for v in dce.volumes], dtype=float)
+    if not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
+        raise ValueError(f"DCE series {dce.series_instance_uid} has no increasing frame times")
+    flip = dce.volumes[0].flip_angle
+    tr_ms = dce.volumes[0].repetition_time
+    if flip is None or tr_ms is None:
+        raise ValueError(f"DCE series {dce.series_instance_uid} lacks flip angle or TR")
+    signal = _to_voxels_last(dce)
+    t1, vfa_used = _t1_map(vfa, dce, settings)
+    if vfa_used is not None:
+        out["T1"] = _qmap("T1", t1.t1, t1.valid, vfa_used if vfa_used.geometry == dce.geometry
+                          else dce, t1.provenance)
+    fg = _foreground(signal[..., 0], settings.background_fraction) & t1.valid
+    # bolus arrival from the mean relative enhancement of the most enhancing voxels
+    base0 = signal[..., :2].mean(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        enh = np.where(fg[..., None], signal / base0[..., None] - 1.0, np.nan)
+    if not fg.any():
+        raise ValueError(f"DCE series {dce.series_instance_uid}: no voxel with signal and T10")
+    peak = np.full(fg.shape, np.nan)
+    peak[fg] = np.nanmax(enh[fg], axis=-1)
+    strong = fg & np.isfinite(peak) & (peak >= np.nanpercentile(peak[fg], 90))
+    curve = np.nanmean(enh[strong], axis=0)
+    bat = float(bolus_arrival_time(times, curve))
+    if not np.isfinite(bat):
+        raise ValueError(f"DCE series {dce.series_instance_uid}: no bolus arrival detected")
+    n_baseline = int(np.searchsorted(times, bat, side="left"))
+    conc = spgr_signal_to_concentration(
+        signal, flip_angle=float(flip), repetition_time=float(tr_ms) / 1000.0,
+        t10=np.where(fg, t1.t1, np.nan), relaxivity=settings.relaxivity, n_baseline=n_baseline)
+    fg &= np.all(np.isfinite(conc), axis=-1)
+    # population AIF aligned on the detected arrival, then a global delay fitted on the mean
+    # curve of the enhancing voxels (the sampling interval limits the detected arrival)
+    aif0 = ArterialInputFunction.parker(times, hematocrit=settings.hematocrit,
+                                        bolus_arrival_time=bat)
+    enhancing = fg & strong
+    mean_conc = np.nanmean(conc[enhancing], axis=0)
+    step = float(np.median(np.diff(times)))
+    delay_fit = ToftsModel(times, aif0, extended=settings.extended_tofts, fit_delay=True,
+                           delay_bounds=(-2.0 * step, 2.0 * step), delay_step=0.25
+                           ).fit(mean_conc[None, :])
+    delay = float(delay_fit.delay[0]) if np.isfinite(delay_fit.delay[0]) else 0.0
+    aif = ArterialInputFunction.parker(times, hematocrit=settings.hematocrit,
+                                       bolus_arrival_time=bat + delay)
+    model = ToftsModel(times, aif, extended=settings.extended_tofts)
+    fit = model.fit(conc, mask=fg)
+    prov = {**fit.provenance, "model": "extended_tofts" if settings.extended_tofts else "tofts",
+            "relaxivity_per_mM_s": settings.relaxivity, "t1_method": t1.method,
+            "t1_provenance": t1.provenance, "n_baseline_frames": n_baseline,
+            "bolus_arrival_s": bat, "aif_delay_fit_s": delay,
+            "frame_times_s": times.tolist()}
+    if t1.is_fallback:
+        prov["warning"] = "fixed T10 (no VFA series): Ktrans, ve, IAUC60 depend on the assumed T10"
+    out["Ktrans"] = _qmap("Ktrans", fit.ktrans, fit.valid, dce, prov)
+    out["ve"] = _qmap("ve", fit.ve, fit.valid & np.isfinite(fit.ve), dce, prov)
+    out["kep"] = _qmap("kep", fit.kep, fit.valid & np.isfinite(fit.kep), dce, prov)
+    if fit.vp is not None:
+        out["vp"] = _qmap("vp", fit.vp, fit.valid, dce, prov)
+    sq = semi_quantitative(times, np.where(fg[..., None], conc, np.nan), bolus_arrival=bat)
+    sq_prov = {**sq.provenance, "bolus_arrival_s": bat, "t1_method": t1.method,
+               "relaxivity_per_mM_s": settings.relaxivity}
+    out["IAUC60"] = _qmap("IAUC60", sq.iauc60, sq.valid, dce, sq_prov)
+    out["TTP"] = _qmap("TTP", sq.time_to_peak, sq.valid, dce, sq_prov)
+    return out
+
+
+def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None = None
+                 ) -> dict[str, QuantMap]:
+    """Every quantitative map the given series of one study allow.
+
+    Parameters
+    ----------
+    series : iterable of SeriesVolume
+        Assembled series (:func:`processing.series.read_series`) of one study; anatomical and
+        unrelated series are ignored.
+    settings : MapSettings, optional
+
+    Returns
+    -------
+    dict[str, QuantMap]
+        Keyed by quantity (``ADC``, ``IVIM_D``, ``IVIM_f``, ``IVIM_Dstar``, ``MK``, ``MD``,
+        ``AK``, ``RK``, ``FA`` or ``Kapp``/``Dapp``, ``T1``, ``Ktrans``, ``ve``, ``vp``, ``kep``,
+        ``IAUC60``, ``TTP``); empty when no series allows a map. Each map's provenance carries
+        ``elapsed_s`` (wall time of its group).
+
+    Raises
+    ------
+    ValueError
+        A DWI/DCE series is unusable (e.g. DCE without baseline frames); the message names it.
+    """
+    settings = settings or MapSettings()
+    volumes = {v.series_instance_uid: v for v in series}
+    classes = [classify_volume(v) for v in volumes.values()]
+    inv = protocol_inventory(classes)
+    settings_prov = {"settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__}}
+    out: dict[str, QuantMap] = {}
+    if inv.adc:
+        uid = inv.adc[0]
+        flags = {"ivim": uid in inv.ivim, "dki_tensor": uid in inv.dki_tensor,
+                 "kurtosis_apparent": uid in inv.kurtosis_apparent}
+        start = time.perf_counter()
+        maps = _diffusion_maps(volumes[uid], flags, settings)
+        elapsed = time.perf_counter() - start
+        for name, m in maps.items():
+            m.provenance.update(settings_prov, elapsed_s=elapsed)
+        out.update(maps)
+        logger.info("diffusion maps of series %s: %s (%.1f s)", uid, sorted(maps), elapsed)
+    if inv.dce:
+        dce = volumes[inv.dce]
+        vfa = volumes[inv.vfa_t1] if inv.vfa_t1 and inv.dce_t1_method == "vfa" else None
+        start = time.perf_counter()
+        if inv.dce_quantitative:
+            maps = _dce_maps(dce, vfa, settings)
+        else:
+            logger.info("DCE series %s too short/slow for pharmacokinetics", inv.dce)
+            maps = {}
+        elapsed = time.perf_counter() - start
+        for name, m in maps.items():
+            m.provenance.update(settings_prov, elapsed_s=elapsed)
+        out.update(maps)
+        logger.info("DCE maps of series %s: %s (%.1f s)", inv.dce, sorted(maps), elapsed)
+    roles = {c.series_instance_uid: c.role for c in classes}
+    if not out and any(r in (SeriesRole.DWI, SeriesRole.DCE) for r in roles.values()):
+        logger.warning("functional series present but no map could be computed")
+    return out
