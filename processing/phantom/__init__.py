@@ -40,7 +40,10 @@ ground_truth.json (units in the keys or in ``mean_units``)
   counts per grid, ``means`` of every parameter (D, K, f, Dstar, T1_ms, T2_ms, PD, Ktrans, ve,
   vp, kep), ``means_by_series``, ``adc_by_bvalues`` (exact mono-exponential ADC for each b subset
   a fit may use: mean over tumour voxels of the per-voxel OLS log-linear ADC of the noiseless
-  direction-averaged signal), ``kurtosis_by_bvalues`` (same for the DKI signal equation), and the
+  direction-averaged signal), ``kurtosis_by_bvalues`` (same for the DKI signal equation),
+  ``dki_tensor_fit_noiseless`` (tumour-mean MK/MD that dipy's DKI model returns on the noiseless
+  signal for b subsets "all", "b0+b400-2000", "b400-2000": with IVIM perfusion in the signal a
+  fit that includes b = 0-100 is biased away from K; b >= 400 recovers K and D), and the
   ``shape`` parameters from which the true mask on any grid is recomputed
   (:meth:`anatomy.TumourShape.contains`, after mapping follow-up points with
   ``rigid_transform.followup_to_baseline``).
