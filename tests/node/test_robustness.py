@@ -1,0 +1,125 @@
+"""Hostile or odd peers (docs/reliability.md B.3 #1, #3): non-DICOM bytes, bare TCP health
+checks, truncated PDUs, and TLS with and without a client certificate."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from node.config import settings_from_mapping
+from node.scu import PeerAddress, echo
+from node.service import NodeService
+
+pytestmark = pytest.mark.network
+
+
+def _service(storage: Path, **tls) -> NodeService:
+    mapping = {
+        "node": {"port": 0, "storage": str(storage), "disk_low_water_mb": 0,
+                 "network_timeout_s": 5, "acse_timeout_s": 5},
+        "peers": [{"ae_title": "ECHOSCU"}],
+    }
+    if tls:
+        mapping["tls"] = {"enabled": True, **tls}
+    svc = NodeService(settings_from_mapping(mapping))
+    svc.start()
+    return svc
+
+
+def _raw(port: int, payload: bytes) -> None:
+    """Connect, send the bytes and hang up (a port scanner or a misdirected client)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        if payload:
+            s.sendall(payload)
+
+
+def test_garbage_on_the_port_leaves_the_node_serving_without_leaking_threads(tmp_path):
+    svc = _service(tmp_path / "storage")
+    port = svc.address[1]
+    peer = PeerAddress("SPINENODE", "127.0.0.1", port)
+    try:
+        assert echo(peer, calling_ae="ECHOSCU") == 0
+        time.sleep(0.5)
+        baseline = threading.active_count()
+        payloads = [
+            b"SSH-2.0-OpenSSH_9.2p1\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"\x01\x00\x00\x00\x00\xc4\x00\x01",  # A-ASSOCIATE-RQ header, body missing
+            b"\x53" + b"\x00" * 64,  # unknown PDU type 0x53
+            b"",  # a load-balancer health check: connect and close
+        ]
+        for _ in range(10):
+            for payload in payloads:
+                _raw(port, payload)
+        # each hung-up connection holds an association slot until its timeout (5 s here);
+        # then every thread is gone and the node answers as before
+        deadline = time.monotonic() + 20
+        while threading.active_count() > baseline and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert threading.active_count() <= baseline
+        assert echo(peer, calling_ae="ECHOSCU") == 0
+    finally:
+        svc.stop()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", "/CN=localhost", cwd=d)
+        (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile",
+                 f"{name}.ext", cwd=d)
+    return d
+
+
+def _tls_echo(port: int, pki: Path, *, client_cert: bool) -> bool:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
+    if client_cert:
+        context.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    ae = AE(ae_title="ECHOSCU")
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE",
+                         tls_args=(context, "localhost"))
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+def test_tls_requires_a_client_certificate_signed_by_the_ca(tmp_path, pki):
+    svc = _service(tmp_path / "storage", certificate=str(pki / "server.crt"),
+                   key=str(pki / "server.key"), ca=str(pki / "ca.crt"))
+    try:
+        port = svc.address[1]
+        assert _tls_echo(port, pki, client_cert=True)
+        assert not _tls_echo(port, pki, client_cert=False)
+        # a plain (non-TLS) association is refused too
+        ae = AE(ae_title="ECHOSCU")
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE")
+        assert not assoc.is_established
+    finally:
+        svc.stop()
