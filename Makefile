@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test bench sysdeps venv clean
 
 # Debian tools the tests use (dcmtk's storescu/storescp/echoscu, dicom3tools' dciodvfy, Orthanc).
-SYSTOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+SYSTOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium chromedriver:chromium-driver
 
 sysdeps:
 	@missing=""; for pair in $(SYSTOOLS); do \
