@@ -196,6 +196,7 @@ PHANTOM_CASES = [
     ("siemens", "progression"),
     ("ge", "pseudoprogression"),
     ("philips", "stable"),
+    ("enhanced", "responder"),
 ]
 
 

@@ -422,6 +422,7 @@ PHANTOM_CASES = [
     ("siemens", "progression"),
     ("ge", "pseudoprogression"),
     ("philips", "stable"),
+    ("enhanced", "responder"),
 ]
 
 
@@ -449,14 +450,24 @@ def test_phantom_geometry_and_diffusion_encoding_equal_ground_truth(vendor, scen
             np.testing.assert_allclose(sv.geometry.spacing, geo["spacing"], atol=1e-4)
             np.testing.assert_allclose(sv.geometry.direction, geo["direction"], atol=1e-5)
             assert sv.frame_of_reference_uid == study["FrameOfReferenceUID"]
+            acquisition = series["acquisition"]
+            if role == "dce":
+                times = np.array([m.time for m in sv.volumes])
+                assert len(times) == acquisition["number_of_temporal_positions"]
+                np.testing.assert_allclose(np.diff(times), acquisition["temporal_resolution_s"], atol=1e-3)
+            if role == "vfa_t1":
+                assert [m.flip_angle for m in sv.volumes] == pytest.approx(acquisition["flip_angles_deg"])
             if role != "dwi":
                 continue
-            file_truth = {f["file"]: f for f in truth["dwi_files"][key]}
+            file_truth = {}
+            for entry in truth["dwi_files"][key]:
+                for frame in entry.get("frames", [dict(entry, frame=None)]):
+                    file_truth[(entry["file"], frame["frame"])] = frame
             checked = 0
             for v, frames in enumerate(sv.source_frames):
                 meta = sv.volumes[v]
                 for frame in frames:
-                    t = file_truth[sop_to_file[frame.sop_instance_uid]]
+                    t = file_truth[(sop_to_file[frame.sop_instance_uid], frame.frame_number)]
                     assert meta.b_value == pytest.approx(t["b"], abs=1e-3)
                     if t["b"] > 5:
                         np.testing.assert_allclose(meta.gradient, t["gradient_lps"], atol=1e-4)
