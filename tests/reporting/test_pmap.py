@@ -101,10 +101,12 @@ def test_parametric_map_codes_units_and_values(tmp_path: Path, quantity: str) ->
     assert list(ds.ImageType) == ["DERIVED", "PRIMARY", flavor, "QUANTITY"]
 
 
-@pytest.mark.parametrize("quantity", ["ADC", "Ktrans", "T1"])
-def test_dcmqi_reads_parametric_map_values(tmp_path: Path, quantity: str) -> None:
+@pytest.mark.parametrize("quantity,reverse", [("ADC", False), ("ADC", True), ("Ktrans", False),
+                                              ("T1", False)])
+def test_dcmqi_reads_parametric_map_values(tmp_path: Path, quantity: str, reverse: bool) -> None:
+    """Values at every voxel position read back by dcmqi, for either source slice order."""
     value, code, unit, scale, _ = EXPECTED[quantity]
-    sources = classic_mr_series()
+    sources = classic_mr_series()[::-1] if reverse else classic_mr_series()
     values = _map(value, (len(sources), 24, 20))
     path = tmp_path / f"{quantity}.dcm"
     build_parametric_map(sources, values, quantity, provenance={}, algorithm_version="0.1.0"
