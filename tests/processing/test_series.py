@@ -475,3 +475,50 @@ def test_phantom_geometry_and_diffusion_encoding_equal_ground_truth(vendor, scen
                         assert meta.gradient is None
                     checked += 1
             assert checked == len(file_truth)
+
+
+def _phantom_series(root: Path, role: str, study: str = "baseline") -> list[Dataset]:
+    import json
+
+    truth = json.loads((root / "ground_truth.json").read_text())
+    folder = truth["studies"][study]["series"][role]["folder"]
+    return [pydicom.dcmread(p) for p in sorted((root / study / folder).glob("*.dcm"))]
+
+
+@pytest.mark.slow
+def test_phantom_corrupt_series_give_specific_errors(make_phantom):
+    """Acceptance 4 on phantom data: a dropped file, a duplicated slice, a re-oriented slice, a
+    dropped enhanced frame and a stripped or unknown diffusion encoding each raise their error."""
+    standard = make_phantom("responder", "standard", "small")
+    t2w = _phantom_series(standard, "t2w")
+    with pytest.raises(MissingSliceError):
+        read_series(t2w[:5] + t2w[6:])
+    dwi = _phantom_series(standard, "dwi")
+    with pytest.raises(MissingSliceError):
+        read_series(dwi[:100] + dwi[101:])
+    extra = copy.deepcopy(dwi[100])
+    extra.SOPInstanceUID = generate_uid()
+    with pytest.raises(DuplicateSliceError):
+        read_series(dwi + [extra])
+    tilted = copy.deepcopy(t2w)
+    tilted[3].ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, 0.0998334]
+    with pytest.raises(InconsistentGeometryError):
+        read_series(tilted)
+    stripped = copy.deepcopy(dwi)
+    for ds in stripped:
+        del ds.DiffusionBValue  # the "ep_b…" diffusion sequence still says what it is
+    with pytest.raises(UnknownDiffusionEncodingError):
+        read_series(stripped)
+    siemens_dwi = _phantom_series(make_phantom("progression", "siemens", "small"), "dwi")
+    for ds in siemens_dwi:
+        ds[0x0019, 0x0010].value = "ACME MR HEADER"  # a private creator this node does not know
+    with pytest.raises(UnknownDiffusionEncodingError):
+        read_series(siemens_dwi)
+    (enhanced,) = _phantom_series(make_phantom("responder", "enhanced", "small"), "dwi")
+    n = int(enhanced.NumberOfFrames)
+    pixels = enhanced.pixel_array
+    del enhanced.PerFrameFunctionalGroupsSequence[n // 2]
+    enhanced.PixelData = np.delete(pixels, n // 2, axis=0).tobytes()
+    enhanced.NumberOfFrames = n - 1
+    with pytest.raises(MissingSliceError):
+        read_series([enhanced])
