@@ -1,0 +1,80 @@
+"""Lesion history (issue 9, acceptance 4): trend plots and the one-page Encapsulated PDF, which
+passes dciodvfy, reads back byte-identical and has deterministic UIDs."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pydicom
+import pytest
+
+from processing.change import VOLUME_MDC
+from reporting.history import (ENCAPSULATED_PDF_STORAGE, build_encapsulated_pdf, history_pdf,
+                               repeatability_band, trend_image)
+from tests.node.dicom_factory import PATIENT_ID, mr_dataset
+from tests.node.test_timeline import build_summary
+from tests.reporting.tools import dciodvfy
+
+SUMMARY = build_summary()
+RECORDS = SUMMARY["time_points"]
+
+
+def test_repeatability_band_around_baseline() -> None:
+    low, high = repeatability_band(RECORDS, "ADC.mean")
+    assert (low, high) == pytest.approx((0.90e-3 * 0.88, 0.90e-3 * 1.12))
+    low, high = repeatability_band(RECORDS, "volume")
+    assert (low, high) == pytest.approx((10.0 * (1 - VOLUME_MDC), 10.0 * (1 + VOLUME_MDC)))
+    assert repeatability_band(RECORDS, "T1.mean") is None
+    assert repeatability_band(RECORDS[:1], "ADC.mean") is None  # baseline only: no changes
+
+
+def test_trend_image_renders(tmp_path: Path) -> None:
+    png = trend_image(RECORDS, fmt="png", dpi=80)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    pixels = mpimg.imread(io.BytesIO(png), format="png")
+    assert pixels.shape[:2] == (480, 640)  # 8 x 6 in at 80 dpi
+    assert float(np.std(pixels[..., :3])) > 0.05  # not blank
+    (tmp_path / "trend.png").write_bytes(png)
+    svg = trend_image(RECORDS, fmt="svg")
+    assert b"<svg" in svg and b"days since treatment" in svg
+    assert b"PsP?" in svg and b"LC" in svg  # the calls are marked
+    with pytest.raises(ValueError, match="one lesion"):
+        trend_image(RECORDS + [{**RECORDS[0], "lesion": {"tracking_uid": "2.25.9"}}])
+
+
+def test_history_pdf_is_one_deterministic_page() -> None:
+    pdf = history_pdf(RECORDS, course=SUMMARY["course"], algorithm_version="test")
+    assert pdf.startswith(b"%PDF-")
+    assert len(re.findall(rb"/Type\s*/Page\b(?!s)", pdf)) == 1
+    assert history_pdf(RECORDS, course=SUMMARY["course"], algorithm_version="test") == pdf
+    assert b"CreationDate" not in pdf
+
+
+def test_encapsulated_pdf_passes_dciodvfy_and_reads_back(tmp_path: Path) -> None:
+    source = mr_dataset(study_uid="2.25.1003", series_uid="2.25.1003.1", instance_number=1)
+    pdf = history_pdf(RECORDS, course=SUMMARY["course"], algorithm_version="test")
+    ds = build_encapsulated_pdf(pdf, source, tracking_uid="2.25.222", algorithm_version="test")
+    path = tmp_path / "history.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    dciodvfy(path)
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == ENCAPSULATED_PDF_STORAGE
+    assert back.Modality == "DOC" and back.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert back.StudyInstanceUID == "2.25.1003" and back.PatientID == PATIENT_ID
+    assert back.EncapsulatedDocumentLength == len(pdf)
+    assert back.EncapsulatedDocument[:len(pdf)] == pdf
+    assert back.SourceInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    # deterministic UIDs: same inputs, same UIDs; a new document supersedes in the same series
+    again = build_encapsulated_pdf(pdf, source, tracking_uid="2.25.222", algorithm_version="test")
+    assert again.SOPInstanceUID == ds.SOPInstanceUID
+    newer = build_encapsulated_pdf(history_pdf(RECORDS[:2], algorithm_version="test"), source,
+                                   tracking_uid="2.25.222", algorithm_version="test")
+    assert newer.SOPInstanceUID != ds.SOPInstanceUID
+    assert newer.SeriesInstanceUID == ds.SeriesInstanceUID
+    with pytest.raises(ValueError, match="PDF header"):
+        build_encapsulated_pdf(b"not a pdf", source, tracking_uid="2.25.222",
+                               algorithm_version="test")
