@@ -45,7 +45,8 @@ TISSUE_PARAMS: dict[str, dict[str, float]] = {
 }
 PARAM_NAMES: tuple[str, ...] = ("pd", "t1", "t2", "d", "k", "f", "dstar", "ktrans", "ve", "vp", "dwi")
 #: relative texture amplitude (standard deviation of a smooth multiplicative field) in tumour
-TEXTURE_SD: dict[str, float] = {"d": 0.04, "k": 0.04, "t1": 0.03, "t2": 0.03, "ktrans": 0.05, "ve": 0.04, "vp": 0.05}
+TEXTURE_SD: dict[str, float] = {"d": 0.04, "k": 0.04, "f": 0.05, "dstar": 0.05, "pd": 0.02, "t1": 0.03, "t2": 0.03,
+                                "ktrans": 0.05, "ve": 0.04, "vp": 0.05}
 
 VERTEBRAL_NAMES = ("T8", "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5")
 LEVEL_PITCH_MM = 33.0  # vertebral body 25 mm + disc 8 mm
