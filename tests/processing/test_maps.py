@@ -102,3 +102,30 @@ def test_settings_are_validated() -> None:
         MapSettings(hematocrit=1.2)
     with pytest.raises(ValueError, match="b-range"):
         MapSettings(adc_min_b=1000.0, adc_max_b=800.0)
+
+
+@pytest.mark.slow
+def test_maps_command_writes_parametric_maps_and_json(phantom_small: Path, tmp_path: Path) -> None:
+    from node.cli import main
+
+    out = tmp_path / "maps"
+    assert main(["maps", str(phantom_small / "followup1"), "--out", str(out)]) == 0
+    report = json.loads((out / "maps.json").read_text())
+    adc = report["maps"]["ADC"]
+    assert adc["unit"] == "mm2/s" and adc["model"] == "mono-exponential"
+    assert adc["provenance"]["b_values"] == [50.0, 100.0, 400.0, 800.0, 1000.0]
+    assert report["maps"]["Ktrans"]["provenance"]["hematocrit"] == 0.42
+    pm = pydicom.dcmread(out / adc["parametric_map"])
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
+    stored = pm.pixel_array.astype(float)  # um2/s, 0 where invalid
+    assert np.nanmean(np.where(stored > 0, stored, np.nan)) * 1e-6 == pytest.approx(
+        adc["statistics"]["mean"], rel=1e-4)
+
+
+def test_maps_command_without_functional_series_fails_clearly(phantom_small: Path,
+                                                              tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    from node.cli import main
+
+    assert main(["maps", str(phantom_small / "rt"), "--out", str(tmp_path / "o")]) == 1
+    assert "no quantitative map" in capsys.readouterr().out
