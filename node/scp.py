@@ -154,7 +154,29 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._states: dict[int, _AssociationState] = {}
         self._states_lock = threading.Lock()
+        self._peer_addresses = self._resolve_peer_hosts()
         self.ae = self._make_ae()
+
+    def _resolve_peer_hosts(self) -> dict[str, set[str] | None]:
+        """Calling AE title -> the IP addresses it may connect from (``None``: any host)."""
+        allowed: dict[str, set[str] | None] = {}
+        for peer in self.settings.peers:
+            if not peer.may_send:
+                continue
+            if peer.host == "*":
+                allowed[peer.ae_title] = None
+                continue
+            try:
+                infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
+                addresses = {str(info[4][0]) for info in infos}
+            except socket.gaierror:
+                logger.warning("peer %s: host %r does not resolve; only the literal is allowed",
+                               peer.ae_title, peer.host)
+                addresses = {peer.host}
+            if peer.ae_title in allowed and allowed[peer.ae_title] is None:
+                continue  # another entry of this AE title already allows any host
+            allowed[peer.ae_title] = (allowed.get(peer.ae_title) or set()) | addresses
+        return allowed
 
     def _make_ae(self) -> AE:
         node = self.settings.node
@@ -178,6 +200,7 @@ class StorageSCP:
         node = self.settings.node
         handlers = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_ended, ["released"]),
@@ -209,6 +232,32 @@ class StorageSCP:
     def _peer(self, event: evt.Event) -> tuple[str, str, int]:
         requestor = event.assoc.requestor
         return str(requestor.ae_title).strip(), str(requestor.address), int(requestor.port)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject a known calling AE title connecting from a host it is not configured on.
+
+        DICOM has no "wrong host" reason, so the A-ASSOCIATE-RJ says "calling AE title not
+        recognised" (PS3.8 9.3.4: result 1, source 1, reason 3), as for an unknown title.
+        """
+        if not self.settings.node.reject_unknown_calling_ae:
+            return
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        if calling not in self._peer_addresses:
+            return  # unknown titles are rejected by pynetdicom's own check
+        allowed = self._peer_addresses[calling]
+        host = str(assoc.requestor.address)
+        if allowed is None or host in allowed or host.removeprefix("::ffff:") in allowed:
+            return
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.is_rejected = True
+        index_id = self.index.open_association("in", calling, host, int(assoc.requestor.port),
+                                               outcome="rejected")
+        self.index.add_event("association_rejected",
+                             detail=f"calling AE {calling!r} from unexpected host {host}")
+        logger.warning("association %d from %r at %s rejected: not the peer's configured host",
+                       index_id, calling, host)
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         ae_title, host, port = self._peer(event)

@@ -16,6 +16,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import settings_from_mapping
+from node.errors import PeerError
 from node.scu import PeerAddress, echo
 from node.service import NodeService
 
@@ -121,5 +122,25 @@ def test_tls_requires_a_client_certificate_signed_by_the_ca(tmp_path, pki):
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE")
         assert not assoc.is_established
+    finally:
+        svc.stop()
+
+
+def test_known_ae_title_from_an_unexpected_host_is_rejected(tmp_path):
+    svc = NodeService(settings_from_mapping({
+        "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
+        "peers": [{"ae_title": "FARAWAY", "host": "192.0.2.10"},  # TEST-NET-1, not us
+                  {"ae_title": "ANYWHERE", "host": "*"},
+                  {"ae_title": "LOOPBACK", "host": "localhost"}],
+    }))
+    svc.start()
+    try:
+        peer = PeerAddress("SPINENODE", "127.0.0.1", svc.address[1])
+        with pytest.raises(PeerError, match="rejected"):
+            echo(peer, calling_ae="FARAWAY", timeout_s=5)
+        assert echo(peer, calling_ae="ANYWHERE", timeout_s=5) == 0
+        assert echo(peer, calling_ae="LOOPBACK", timeout_s=5) == 0
+        events = svc.index.events("association_rejected")
+        assert len(events) == 1 and "unexpected host 127.0.0.1" in events[0]["detail"]
     finally:
         svc.stop()
