@@ -1,0 +1,104 @@
+"""The node's web dashboard (Flask, server-rendered): worklist, outbox, lesion timelines with
+trend plots, follow-ups and associations; see :mod:`node.dashboard.app`.
+
+``spine-node serve`` runs it with :func:`start_dashboard` on the configured local port.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from node.dashboard.app import (DashboardActions, DashboardSection, create_app,
+                                dashboard_section)
+from node.dashboard.state import StudyState, outbox_reason, study_states
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DashboardActions", "DashboardSection", "DashboardServer", "StudyState",
+           "create_app", "dashboard_section", "requeue_failed_outputs", "start_dashboard",
+           "study_states"]
+
+
+class DashboardServer:
+    """A WSGI app served by werkzeug's threaded server in a daemon thread.
+
+    Parameters
+    ----------
+    app : WSGI application
+    host : str
+        Bind address (default loopback).
+    port : int
+        TCP port; 0 picks a free one (see :attr:`address`).
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8080) -> None:
+        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="dashboard", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound ``(host, port)``."""
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self) -> DashboardServer:
+        self._thread.start()
+        logger.info("dashboard on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+def requeue_failed_outputs(outbox: Any, index: Any, study_uid: str) -> str:
+    """Re-queue the failed outbox items of a study's analysis (a ``requeue`` action).
+
+    Parameters
+    ----------
+    outbox : node.dispatch.Outbox
+    index : node.index.Index
+    study_uid : str
+
+    Returns
+    -------
+    str
+        The message shown on the dashboard.
+    """
+    ids = [r[0] for r in index.query("SELECT id FROM outbox WHERE state='failed' AND reason=?",
+                                     (outbox_reason(study_uid),))]
+    n = outbox.requeue(ids) if ids else 0
+    index.add_event("outbox_requeued", study_uid=study_uid, detail=f"{n} object(s) from dashboard")
+    return f"{n} object(s) of study {study_uid} queued again"
+
+
+def start_dashboard(service: Any, *, reanalyse: Any = None) -> DashboardServer | None:
+    """Serve the dashboard of a running :class:`node.service.NodeService` (``None`` if disabled).
+
+    Parameters
+    ----------
+    service : NodeService
+        Its ``settings``, ``index`` and ``outbox`` are used.
+    reanalyse : callable, optional
+        ``reanalyse(study_uid) -> str`` (e.g. submit ``AnalysisWorker.analyse`` for the study's
+        patient to a thread and return a message); without it no re-analyse button is shown.
+    """
+    section = dashboard_section(service.settings)
+    if not section.enabled:
+        return None
+    actions = DashboardActions(
+        requeue=lambda uid: requeue_failed_outputs(service.outbox, service.index, uid),
+        reanalyse=reanalyse)
+    app = create_app(service.index, section, actions=actions)
+    return DashboardServer(app, section.bind_address, section.port).start()

@@ -1,0 +1,254 @@
+"""Dashboard (issue 9, acceptances 3 and 5).
+
+A node index is populated the way the node fills it: studies indexed, stability and analysis
+events, a lesion timeline (``record_analysis``), follow-up windows, and results that really failed
+to reach a dead PACS through the real outbox and dispatcher. Then:
+
+* the Flask test client checks the pages and the access rules (a non-local client without login
+  gets 403 and no patient data; with a configured login it must log in first);
+* Debian's chromium, driven headless by Selenium through chromedriver, shows the worklist with the
+  failed study and its reason, presses Re-queue (the outbox item is queued again) and renders the
+  trend plot (screenshot saved in the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from werkzeug.security import generate_password_hash
+
+from node.config import Settings, settings_from_mapping
+from node.dashboard import (DashboardActions, DashboardSection, DashboardServer, create_app,
+                            requeue_failed_outputs, study_states)
+from node.dashboard.state import outbox_reason
+from node.dispatch import Dispatcher, Outbox
+from node.followup import FollowupSection, FollowupTracker
+from node.index import Index
+from node.store import Store
+from node.timeline import record_analysis
+from tests.node.conftest import free_port
+from tests.node.dicom_factory import write_mr_series
+from tests.node.test_followup import FakeClock, add_mr_study
+from tests.node.test_timeline import STUDIES, TRACKING_UID, TREATMENT, build_summary
+
+BASELINE, FOLLOW_UP_1, FOLLOW_UP_2 = (uid for uid, _ in STUDIES)
+RECEIVING = "2.25.4000"
+WAITING = "2.25.5000"
+ANALYSIS_ERROR = "ValueError: Input X contains NaN"
+#: identifiers of the test patient (tests.node.test_followup.add_mr_study)
+PHI = ("FOLLOWUP-TEST", "Test^Followup", "19500101")
+
+
+@dataclass
+class Node:
+    index: Index
+    outbox: Outbox
+    settings: Settings
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    storage = tmp_path / "storage"
+    settings = settings_from_mapping({
+        "node": {"storage": str(storage), "dimse_timeout_s": 5},
+        "peers": [{"ae_title": "DEADPACS", "port": free_port(), "may_receive": True}],
+        "dispatch": {"max_tries": 1},
+    })
+    index = Index(settings.node.database_path)
+    outbox = Outbox(index, Store(storage, index), settings)
+    for uid, days in STUDIES:
+        add_mr_study(index, uid, TREATMENT + dt.timedelta(days=days))
+        index.mark_stable(uid)
+    add_mr_study(index, WAITING, TREATMENT + dt.timedelta(days=300))
+    index.mark_stable(WAITING)
+    add_mr_study(index, RECEIVING, TREATMENT + dt.timedelta(days=301))
+    for uid in (BASELINE, FOLLOW_UP_1):
+        index.add_event("analysis_started", study_uid=uid)
+        index.add_event("analysis_done", study_uid=uid, detail="6 objects")
+    index.add_event("analysis_started", study_uid=FOLLOW_UP_2)
+    index.add_event("analysis_failed", study_uid=FOLLOW_UP_2, detail=ANALYSIS_ERROR)
+    index.add_event("analysis_waiting", study_uid=WAITING,
+                    detail="no baseline MR study within 90 days before the course")
+    # the follow-up's results fail to reach the dead PACS (max_tries 1)
+    outbox.enqueue(write_mr_series(tmp_path / "results", 2, rows=8, columns=8), "DEADPACS",
+                   outbox_reason(FOLLOW_UP_1))
+    Dispatcher(outbox, settings).run_once()
+    assert outbox.counts() == {"failed": 2}
+    record_analysis(index, 1, build_summary())
+    FollowupTracker(index, FollowupSection(), clock=FakeClock(TREATMENT + dt.timedelta(days=200))
+                    ).update_patient(1, build_summary())
+    yield Node(index, outbox, settings)
+    index.close()
+
+
+def _client(node: Node, section: DashboardSection | None = None):  # noqa: ANN202
+    actions = DashboardActions(
+        requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid))
+    return create_app(node.index, section, actions=actions).test_client()
+
+
+def test_worklist_states_and_reasons(node: Node) -> None:
+    states = {s.study_uid: s for s in study_states(node.index)}
+    assert states[BASELINE].state == "analysed"
+    assert states[FOLLOW_UP_1].state == "failed"
+    assert "sending failed: 2 object(s) after 1 tries" in states[FOLLOW_UP_1].reason
+    assert "not established" in states[FOLLOW_UP_1].reason
+    assert states[FOLLOW_UP_1].can_requeue
+    assert states[FOLLOW_UP_2].state == "failed"
+    assert states[FOLLOW_UP_2].reason == f"analysis failed: {ANALYSIS_ERROR}"
+    assert states[WAITING].state == "waiting" and "no baseline" in states[WAITING].reason
+    assert states[RECEIVING].state == "receiving"
+
+
+def test_local_pages(node: Node) -> None:
+    client = _client(node)
+    page = client.get("/").get_data(as_text=True)
+    assert FOLLOW_UP_1 in page and ANALYSIS_ERROR in page and "Re-queue" in page
+    patient = client.get("/patients/1").get_data(as_text=True)
+    assert "GTV L2" in patient and "indeterminate - possible pseudoprogression" in patient
+    assert "(+15 %*)" in patient and "6-12 weeks" in patient
+    assert "state-missed\">" not in patient  # nothing missed yet (clock at day 200)
+    trend = client.get(f"/patients/1/lesions/{TRACKING_UID}/trend.png")
+    assert trend.status_code == 200 and trend.mimetype == "image/png"
+    assert trend.data.startswith(b"\x89PNG")
+    assert "DEADPACS" in client.get("/outbox").get_data(as_text=True)
+    assert "confirmation after" in client.get("/followups").get_data(as_text=True)
+    assert client.get("/associations").status_code == 200
+    assert client.get("/patients/99").status_code == 404
+    # actions are POST forms with the session's token
+    assert client.post(f"/studies/{FOLLOW_UP_1}/requeue").status_code == 400
+    assert node.outbox.counts() == {"failed": 2}
+
+
+REMOTE = {"REMOTE_ADDR": "10.20.30.40"}
+PATIENT_PATHS = ("/", "/outbox", "/patients", "/patients/1", "/followups", "/associations",
+                 f"/patients/1/lesions/{TRACKING_UID}/trend.png")
+
+
+def _no_patient_data(body: bytes) -> None:
+    text = body.decode("latin-1")
+    for token in (*PHI, BASELINE, FOLLOW_UP_1, TRACKING_UID, "GTV L2"):
+        assert token not in text
+
+
+def test_remote_client_without_login_gets_no_patient_data(node: Node) -> None:
+    client = _client(node)
+    for path in PATIENT_PATHS:
+        response = client.get(path, environ_base=REMOTE)
+        assert response.status_code == 403, path
+        _no_patient_data(response.data)
+    response = client.post(f"/studies/{FOLLOW_UP_1}/requeue", environ_base=REMOTE)
+    assert response.status_code == 403
+    assert node.outbox.counts() == {"failed": 2}
+    # and the loopback test client sees them
+    assert client.get("/").status_code == 200
+
+
+def test_remote_client_must_log_in(node: Node) -> None:
+    section = DashboardSection(bind_address="0.0.0.0", username="onc",
+                               password_hash=generate_password_hash("s3cret", method="pbkdf2:sha256:20000"))
+    client = _client(node, section)
+    for path in PATIENT_PATHS:
+        response = client.get(path, environ_base=REMOTE)
+        assert response.status_code == 302 and response.headers["Location"] == "/login"
+        _no_patient_data(response.data)
+    login = client.get("/login", environ_base=REMOTE)
+    _no_patient_data(login.data)
+    token = login.get_data(as_text=True).split('name="csrf" value="')[1].split('"')[0]
+    wrong = client.post("/login", data={"csrf": token, "username": "onc", "password": "nope"},
+                        environ_base=REMOTE)
+    assert "Wrong user or password" in wrong.get_data(as_text=True)
+    _no_patient_data(wrong.data)
+    assert client.get("/", environ_base=REMOTE).status_code == 302
+    client.get("/patients/1", environ_base=REMOTE)  # where to go after the login
+    ok = client.post("/login", data={"csrf": token, "username": "onc", "password": "s3cret"},
+                     environ_base=REMOTE)
+    assert ok.status_code == 302 and ok.headers["Location"].endswith("/patients/1")
+    assert "GTV L2" in client.get("/patients/1", environ_base=REMOTE).get_data(as_text=True)
+    client.get("/logout", environ_base=REMOTE)
+    assert client.get("/", environ_base=REMOTE).status_code == 302
+
+
+def test_non_loopback_bind_requires_login() -> None:
+    with pytest.raises(ValueError, match="password_hash are required"):
+        DashboardSection(bind_address="0.0.0.0")
+    with pytest.raises(ValueError, match="both or neither"):
+        DashboardSection(username="onc")
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
+        pytest.fail("chromium and chromium-driver are needed: run `make sysdeps`")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def _row(driver: object, study_uid: str) -> object:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f'tr[data-study="{study_uid}"]')  # type: ignore[attr-defined]
+
+
+def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser
+    actions = DashboardActions(
+        requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid))
+    server = DashboardServer(create_app(node.index, actions=actions), "127.0.0.1", 0).start()
+    try:
+        driver.get(server.url + "/")  # type: ignore[attr-defined]
+        row = _row(driver, FOLLOW_UP_1)
+        assert row.find_element(By.CLASS_NAME, "state").text == "failed"
+        assert "sending failed" in row.find_element(By.CLASS_NAME, "reason").text
+        analysis = _row(driver, FOLLOW_UP_2)
+        assert analysis.find_element(By.CLASS_NAME, "state").text == "failed"
+        assert ANALYSIS_ERROR in analysis.find_element(By.CLASS_NAME, "reason").text
+        driver.save_screenshot(str(tmp_path / "worklist.png"))  # type: ignore[attr-defined]
+
+        row.find_element(By.CSS_SELECTOR, "button.requeue").click()
+        WebDriverWait(driver, 10).until(
+            expected_conditions.presence_of_element_located((By.ID, "flash")))
+        assert "2 object(s)" in driver.find_element(By.ID, "flash").text  # type: ignore[attr-defined]
+        assert _row(driver, FOLLOW_UP_1).find_element(By.CLASS_NAME, "state").text == "sending"
+        assert node.outbox.counts() == {"queued": 2}
+        assert [e["study_uid"] for e in node.index.events("outbox_requeued")] == [FOLLOW_UP_1]
+
+        driver.get(server.url + "/patients/1")  # type: ignore[attr-defined]
+        image = driver.find_element(By.CSS_SELECTOR, "img.trend")  # type: ignore[attr-defined]
+        WebDriverWait(driver, 20).until(lambda d: d.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth", image))
+        assert driver.execute_script(  # type: ignore[attr-defined]
+            "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [800, 600]
+        shot = tmp_path / "patient-trend.png"
+        image.screenshot(str(shot))
+        pixels = mpimg.imread(shot)
+        assert pixels.shape[0] > 300 and float(np.std(pixels[..., :3])) > 0.05
+        driver.save_screenshot(str(tmp_path / "patient.png"))  # type: ignore[attr-defined]
+    finally:
+        server.stop()
