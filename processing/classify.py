@@ -467,9 +467,20 @@ def protocol_inventory(classifications: Iterable[SeriesClassification],
     )
 
 
-def classify_study(datasets: Iterable[Dataset]) -> ProtocolInventory:
+def classify_study(datasets: Iterable[Dataset], *,
+                   volumes: dict[str, SeriesVolume] | None = None) -> ProtocolInventory:
     """Classify every series of one study and build its protocol inventory.
 
+    Parameters
+    ----------
+    datasets : iterable of Dataset
+        Every object of one study (MR images, RT objects, SEG...).
+    volumes : dict, optional
+        If given, filled with the :class:`~processing.series.SeriesVolume` of every image series that
+        was assembled, keyed by Series Instance UID, so that callers need not assemble them twice.
+
+    Notes
+    -----
     A series that cannot be read is kept with role ``other`` and its error message (logged with the
     Series Instance UID) so that the rest of the study can still be analysed; nothing is silently
     dropped.
@@ -482,7 +493,10 @@ def classify_study(datasets: Iterable[Dataset]) -> ProtocolInventory:
     results = []
     for uid, members in group_by_series(datasets).items():
         try:
-            results.append(classify_series(members))
+            if _non_image_role(members[0]) is not None:
+                results.append(classify_series(members))
+                continue
+            volume = read_series(members)
         except (SeriesError, DiffusionEncodingError) as err:
             logger.warning("series %s cannot be assembled: %s", uid, err)
             first = members[0]
@@ -491,4 +505,8 @@ def classify_study(datasets: Iterable[Dataset]) -> ProtocolInventory:
                 frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
                 modality=str(first.get("Modality", "")), role=SeriesRole.OTHER,
                 reasons=("unreadable series",), n_volumes=0, error=str(err)))
+            continue
+        if volumes is not None:
+            volumes[uid] = volume
+        results.append(classify_volume(volume))
     return protocol_inventory(results, study_instance_uid=study)

@@ -13,7 +13,9 @@ normal (row × column). Slices are ordered along the normal, as ``SimpleITK.Imag
 A series that cannot be assembled without guessing (missing or duplicated slice, mixed orientation /
 pixel spacing / matrix, irregular slice spacing, sheared stack, unknown diffusion encoding) raises a
 subclass of :class:`SeriesError` (a ``ValueError``) naming the problem; a silently wrong volume is
-never returned.
+never returned. Diffusion-encoding failures are raised as :class:`SeriesUnknownDiffusionEncodingError`
+/ :class:`SeriesDiffusionEncodingError`, which are also the
+:mod:`processing.diffusion_encoding` exceptions, so either ``except`` clause catches them.
 
 References
 ----------
@@ -42,6 +44,8 @@ from processing.diffusion_encoding import (
     SIEMENS_CSA_HEADER,
     SIEMENS_MR_HEADER,
     DiffusionEncoding,
+    DiffusionEncodingError,
+    UnknownDiffusionEncodingError,
     diffusion_encoding,
     private_value,
 )
@@ -81,6 +85,24 @@ class DuplicateSliceError(SeriesError):
 
 class InconsistentGeometryError(SeriesError):
     """Frames disagree in orientation, pixel spacing, matrix size, or the stack is irregular."""
+
+
+class SeriesDiffusionEncodingError(SeriesError, DiffusionEncodingError):
+    """An image of the series has an inconsistent diffusion encoding."""
+
+
+class SeriesUnknownDiffusionEncodingError(SeriesDiffusionEncodingError, UnknownDiffusionEncodingError):
+    """An image of the series is diffusion-weighted but its encoding is unknown (vendor/creator)."""
+
+
+def _encoding(ds: Dataset, **kwargs: Any) -> DiffusionEncoding | None:
+    """:func:`diffusion_encoding`, with its errors raised as :class:`SeriesError` subclasses."""
+    try:
+        return diffusion_encoding(ds, **kwargs)
+    except UnknownDiffusionEncodingError as err:
+        raise SeriesUnknownDiffusionEncodingError(str(err)) from err
+    except DiffusionEncodingError as err:
+        raise SeriesDiffusionEncodingError(str(err)) from err
 
 
 @dataclass(frozen=True)
@@ -457,7 +479,7 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
     ps = tuple(float(v) for v in ds.PixelSpacing)
     pixels = _rescale(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
     common = _classic_common(ds)
-    encoding = diffusion_encoding(ds, orientation=iop)
+    encoding = _encoding(ds, orientation=iop)
     spacing = _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness"))
     source_class = str(ds.SOPClassUID)
     image_type = common["image_type"]
@@ -530,7 +552,7 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
             iop=iop,
             pixel_spacing=tuple(float(v) for v in meas.PixelSpacing),
             slice_spacing=_float(meas.get("SpacingBetweenSlices")) or _float(meas.get("SliceThickness")),
-            encoding=diffusion_encoding(ds, frame_groups=groups, orientation=iop),
+            encoding=_encoding(ds, frame_groups=groups, orientation=iop),
             flip_angle=_float(timing.get("FlipAngle")) or base["flip_angle"],
             repetition_time=_float(timing.get("RepetitionTime")) or base["repetition_time"],
             echo_time=_float(echo.get("EffectiveEchoTime")) or base["echo_time"],
@@ -655,8 +677,11 @@ def read_series(datasets: Sequence[Dataset]) -> SeriesVolume:
         A volume lacks a position the others have, or a gap in an otherwise regular stack.
     InconsistentGeometryError
         Mixed orientation, pixel spacing or matrix, irregular spacing, or a sheared stack.
-    processing.diffusion_encoding.UnknownDiffusionEncodingError
-        Diffusion-weighted images with no decodable encoding.
+    SeriesUnknownDiffusionEncodingError
+        Diffusion-weighted images with no decodable encoding (also an
+        :class:`~processing.diffusion_encoding.UnknownDiffusionEncodingError`).
+    SeriesDiffusionEncodingError
+        Inconsistent diffusion encoding (negative b, directional without a direction).
     """
     if not datasets:
         raise MixedSeriesError("no datasets given")
@@ -833,7 +858,9 @@ __all__ = [
     "InconsistentGeometryError",
     "MissingSliceError",
     "MixedSeriesError",
+    "SeriesDiffusionEncodingError",
     "SeriesError",
+    "SeriesUnknownDiffusionEncodingError",
     "SeriesVolume",
     "SourceFrame",
     "VolumeMetadata",

@@ -139,9 +139,13 @@ def test_protocol_inventory_of_a_full_study():
     study, frame = generate_uid(), generate_uid()
     series = study_series(study, frame)
     datasets = [ds for dss in series.values() for ds in dss]
-    inv = classify_study(datasets)
+    volumes = {}
+    inv = classify_study(datasets, volumes=volumes)
     uid = {role: dss[0].SeriesInstanceUID for role, dss in series.items()}
     assert inv.study_instance_uid == study
+    image_roles = {"t2w", "t1w", "stir", "dwi", "vfa_t1", "dce", "adc_map", "trace"}
+    assert set(volumes) == {uid[r] for r in image_roles}
+    assert volumes[uid["dce"]].n_volumes == 40
     assert inv.adc[0] == uid["dwi"] and uid["trace"] in inv.adc  # trace usable, ranked after
     assert inv.ivim == (uid["dwi"],)
     assert inv.dki_tensor == (uid["dwi"],) and inv.kurtosis_apparent == (uid["dwi"],)

@@ -26,6 +26,7 @@ from processing.series import (
     InconsistentGeometryError,
     MissingSliceError,
     MixedSeriesError,
+    SeriesError,
     group_by_series,
     read_series,
 )
@@ -348,7 +349,16 @@ def test_two_series_are_refused_and_grouped():
 
 def test_unknown_vendor_diffusion_encoding_is_an_error():
     dss = make_series([{"ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]}], size=(3, 3, 2))
-    with pytest.raises(UnknownDiffusionEncodingError):
+    with pytest.raises(UnknownDiffusionEncodingError, match="no standard"):
+        read_series(dss)
+    with pytest.raises(SeriesError):  # callers catching SeriesError see it too
+        read_series(dss)
+
+
+def test_directional_diffusion_without_direction_is_an_error():
+    dss = make_series([{"DiffusionBValue": 1000.0, "DiffusionDirectionality": "DIRECTIONAL"}],
+                      size=(3, 3, 2))
+    with pytest.raises(SeriesError, match="no gradient direction"):
         read_series(dss)
 
 
