@@ -187,3 +187,21 @@ def test_ge_slop_int_in_a_non_epi_image_is_not_a_b_value():
     ds = _ge_like(1_000_000_008, 0x10)
     ds.ScanningSequence = "SE"
     assert diffusion_encoding(ds) is None
+
+
+def test_siemens_csa_header_alone_gives_the_same_encoding_and_mosaic(dcmqa, series_cache):
+    """Without the "SIEMENS MR HEADER" elements (older VB/VD exports), b, gradient and the mosaic
+    tile count come from the CSA Image Header Info and still equal dcm2niix's .bval/.bvec."""
+    pattern, stem, _ = CASES["siemens_sag_mosaic"]
+    datasets = [_read(p) for p in sorted(dcmqa.glob(pattern))]
+    for ds in datasets:
+        block = ds.private_block(0x0019, "SIEMENS MR HEADER")
+        for offset in (0x0A, 0x0C, 0x0D, 0x0E):
+            if offset in block:
+                del ds[block.get_tag(offset)]
+    volume = read_series(datasets)
+    assert {v.source for v in (diffusion_encoding(ds) for ds in datasets)} == {"siemens_csa"}
+    _, reference = series_cache["siemens_sag_mosaic"]
+    np.testing.assert_allclose(volume.b_values, np.loadtxt(dcmqa / (stem + ".bval")), atol=TOL)
+    np.testing.assert_allclose(volume.gradients, reference.gradients, atol=1e-6)
+    np.testing.assert_array_equal(volume.array, reference.array)
