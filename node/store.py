@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import struct
 import threading
 import time
@@ -327,7 +328,10 @@ class Store:
         path = self.instance_path(study, series, sop_instance)
         lock = self._locks[hash(sop_instance) % len(self._locks)]
         with lock:
-            existing = self.index.instance(sop_instance)
+            try:
+                existing = self.index.instance(sop_instance)
+            except sqlite3.Error as err:
+                raise OutOfResourcesError(f"index unavailable: {err}") from err
             if existing is not None:
                 if existing.sha256 == digest:
                     logger.info("duplicate instance %s (identical content) ignored", sop_instance)
@@ -363,8 +367,12 @@ class Store:
                     series_number=_int(header.get("SeriesNumber")),
                     series_description=_text(header.get("SeriesDescription")),
                 ))
-            except Exception:
-                # not indexed means not acknowledged: do not leave an orphan file behind
+            except sqlite3.Error as err:
+                # not indexed means not acknowledged: do not leave an orphan file behind; a
+                # busy or full database is a resource problem the sender may retry (0xA700)
+                path.unlink(missing_ok=True)
+                raise OutOfResourcesError(f"index unavailable: {err}") from err
+            except BaseException:
                 path.unlink(missing_ok=True)
                 raise
         return StoreResult(StoreOutcome.STORED, sop_instance, study, path)

@@ -187,3 +187,17 @@ def test_factory_dataset_bytes_helper(tmp_path):
     path = tmp_path / "a.dcm"
     ds.save_as(path, enforce_file_format=True)
     assert dataset_bytes(path) == _encode(ds)[1]
+
+
+def test_index_failure_refuses_with_a700_and_removes_the_written_file(store):
+    ds = _mr()
+    # the index can look up but no longer record: the file is written, then removed again
+    store.index._conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON instances "
+                              "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(OutOfResourcesError, match="index unavailable") as info:
+        _accept(store, ds)
+    assert store_status(info.value) == 0xA700
+    assert not list(store.instances_dir.rglob("*.dcm")) and not list(store.tmp_dir.iterdir())
+    store.index._conn.execute("DROP TABLE instances")  # and one that cannot even look up
+    with pytest.raises(OutOfResourcesError, match="index unavailable"):
+        _accept(store, _mr())
