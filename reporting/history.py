@@ -377,3 +377,49 @@ def build_encapsulated_pdf(
     logger.info("history PDF %s for lesion %s in study %s (%d bytes)", sop_instance_uid,
                 tracking_uid, source.StudyInstanceUID, len(pdf))
     return ds
+
+
+def lesion_history_documents(
+    time_points: Sequence[Mapping[str, Any]],
+    *,
+    follow_up_images: Mapping[str, Dataset],
+    algorithm_version: str,
+    course: Mapping[str, Any] | None = None,
+) -> list[Dataset]:
+    """One Encapsulated PDF per lesion and follow-up study: the history up to that study.
+
+    Parameters
+    ----------
+    time_points : sequence of mapping
+        All time points of the analysis (``ChainResult.summary()["time_points"]``, any lesions).
+    follow_up_images : mapping of str to pydicom.Dataset
+        Study Instance UID -> one image of that follow-up study (e.g. its anatomical reference);
+        follow-ups without an image get no document.
+    algorithm_version : str
+    course : mapping, optional
+        ``ChainResult.summary()["course"]``.
+
+    Returns
+    -------
+    list of pydicom.Dataset
+        Encapsulated PDF instances, to be sent with the other outputs. A re-analysis that changes
+        the history gives new SOP Instance UIDs in the same series (see
+        :func:`build_encapsulated_pdf`).
+    """
+    by_lesion: dict[str, list[Mapping[str, Any]]] = {}
+    for record in time_points:
+        by_lesion.setdefault((record.get("lesion") or {}).get("tracking_uid") or "",
+                             []).append(record)
+    documents = []
+    for tracking_uid, records in sorted(by_lesion.items()):
+        if not tracking_uid:
+            raise ValueError("a time point has no lesion tracking_uid")
+        points = _ordered(records)
+        for i, record in enumerate(points):
+            image = follow_up_images.get(str(record.get("study_instance_uid")))
+            if record.get("role") != "follow-up" or image is None:
+                continue
+            pdf = history_pdf(points[:i + 1], course=course, algorithm_version=algorithm_version)
+            documents.append(build_encapsulated_pdf(
+                pdf, image, tracking_uid=tracking_uid, algorithm_version=algorithm_version))
+    return documents

@@ -14,7 +14,7 @@ import pytest
 
 from processing.change import VOLUME_MDC
 from reporting.history import (ENCAPSULATED_PDF_STORAGE, build_encapsulated_pdf, history_pdf,
-                               repeatability_band, trend_image)
+                               lesion_history_documents, repeatability_band, trend_image)
 from tests.node.dicom_factory import PATIENT_ID, mr_dataset
 from tests.node.test_timeline import build_summary
 from tests.reporting.tools import dciodvfy
@@ -78,3 +78,68 @@ def test_encapsulated_pdf_passes_dciodvfy_and_reads_back(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="PDF header"):
         build_encapsulated_pdf(b"not a pdf", source, tracking_uid="2.25.222",
                                algorithm_version="test")
+
+
+def test_lesion_history_documents_per_follow_up() -> None:
+    images = {uid: mr_dataset(study_uid=uid, series_uid=f"{uid}.1", instance_number=1)
+              for uid in ("2.25.1001", "2.25.1002", "2.25.1003")}
+    documents = lesion_history_documents(RECORDS, follow_up_images=images,
+                                         algorithm_version="test", course=SUMMARY["course"])
+    # one per follow-up (the baseline gets none), each in its follow-up's study
+    assert [d.StudyInstanceUID for d in documents] == ["2.25.1002", "2.25.1003"]
+    assert len({d.SOPInstanceUID for d in documents}) == 2
+    assert all(d.EncapsulatedDocument.startswith(b"%PDF-") for d in documents)
+
+
+@pytest.mark.network
+def test_history_pdf_arrives_at_the_destination_with_other_outputs(tmp_path: Path) -> None:
+    """The node's real outbox and dispatcher deliver the PDF with a SEG-like companion output to
+    dcmtk's storescp."""
+    import os
+    import subprocess
+    import time
+
+    from node.config import settings_from_mapping
+    from node.dispatch import Dispatcher, Outbox
+    from node.index import Index
+    from node.store import Store
+    from tests.node.conftest import free_port, require_tool
+    from tests.node.dicom_factory import write_mr_series
+
+    require_tool("storescp")
+    port = free_port()
+    received = tmp_path / "received"
+    received.mkdir()
+    storage = tmp_path / "storage"
+    settings = settings_from_mapping({
+        "node": {"storage": str(storage), "dimse_timeout_s": 10},
+        "peers": [{"ae_title": "STORESCP", "port": port, "may_receive": True}],
+    })
+    source = mr_dataset(study_uid="2.25.1003", series_uid="2.25.1003.1", instance_number=1)
+    pdf_ds = build_encapsulated_pdf(history_pdf(RECORDS, algorithm_version="test"), source,
+                                    tracking_uid="2.25.222", algorithm_version="test")
+    outputs = tmp_path / "outputs"
+    companions = write_mr_series(outputs, 1, study_uid="2.25.1003", rows=8, columns=8)
+    pdf_path = outputs / "history.dcm"
+    pdf_ds.save_as(pdf_path, enforce_file_format=True)
+    pacs = subprocess.Popen(["storescp", "+uf", "-od", str(received), "-aet", "STORESCP",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = Index(settings.node.database_path)
+    try:
+        outbox = Outbox(index, Store(storage, index), settings)
+        outbox.enqueue([*companions, pdf_path], "STORESCP", "analysis of study 2.25.1003")
+        deadline = time.monotonic() + 20
+        while outbox.counts() != {"sent": 2}:
+            assert time.monotonic() < deadline, f"not delivered: {outbox.counts()}"
+            Dispatcher(outbox, settings).run_once()
+            time.sleep(0.2)
+    finally:
+        index.close()
+        pacs.terminate()
+        pacs.wait(10)
+    got = {pydicom.dcmread(p).SOPClassUID: pydicom.dcmread(p) for p in received.iterdir()}
+    assert set(got) == {ENCAPSULATED_PDF_STORAGE, "1.2.840.10008.5.1.4.1.1.4"}
+    arrived = got[ENCAPSULATED_PDF_STORAGE]
+    assert arrived.SOPInstanceUID == pdf_ds.SOPInstanceUID
+    assert arrived.EncapsulatedDocument == pdf_ds.EncapsulatedDocument
+    assert os.path.getsize(next(received.iterdir())) > 0
