@@ -32,17 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vendor", choices=VENDORS, default="standard", help="DICOM encoding variant (default standard)")
     parser.add_argument("--size", choices=SIZES, default="full", help="full or small (coarser, fewer slices)")
     parser.add_argument("--followups", type=int, default=1, help="number of follow-up studies (default 1, max 4)")
+    parser.add_argument("--sagittal", action="store_true", help="add a sagittal T2-weighted series to each MR study")
 
 
 def write_phantom(out: Path, *, seed: int = 0, scenario: str = "responder", vendor: str = "standard",
-                  size: str = "full", followups: int = 1) -> dict:
+                  size: str = "full", followups: int = 1, sagittal: bool = False) -> dict:
     """Generate a phantom patient and write it under ``out``; returns the ground truth."""
     from processing.phantom import generate_patient
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty")
-    phantom = generate_patient(seed=seed, scenario=scenario, vendor=vendor, size=size, followups=followups)
+    phantom = generate_patient(seed=seed, scenario=scenario, vendor=vendor, size=size, followups=followups,
+                               sagittal=sagittal)
     n = 0
     made: set[Path] = set()
     for relpath, ds in phantom.iter_datasets():
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         write_phantom(args.out, seed=args.seed, scenario=args.scenario, vendor=args.vendor, size=args.size,
-                      followups=args.followups)
+                      followups=args.followups, sagittal=args.sagittal)
     except (FileExistsError, ValueError) as err:
         logger.error("%s", err)
         return 2

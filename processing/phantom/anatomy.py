@@ -91,12 +91,12 @@ class Grid:
                 "direction": [float(v) for v in self.direction], "size": [int(v) for v in self.size]}
 
 
-def centred_grid(centre: NDArray[np.float64], size: tuple[int, int, int],
-                 spacing: tuple[float, float, float]) -> Grid:
-    """An axial grid whose voxel-centre box is centred on ``centre`` (LPS mm)."""
+def centred_grid(centre: NDArray[np.float64], size: tuple[int, int, int], spacing: tuple[float, float, float],
+                 direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)) -> Grid:
+    """A grid whose voxel-centre box is centred on ``centre`` (LPS mm)."""
     half = (np.asarray(size) - 1) * np.asarray(spacing) / 2.0
-    origin = np.round(np.asarray(centre) - half, 4)
-    return Grid(size=size, spacing=spacing, origin=tuple(float(v) for v in origin))
+    origin = np.round(np.asarray(centre) - np.asarray(direction).reshape(3, 3) @ half, 4)
+    return Grid(size=size, spacing=spacing, origin=tuple(float(v) for v in origin), direction=direction)
 
 
 def _legendre2(x: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -289,7 +289,7 @@ class Anatomy:
         lab[torso] = LABEL["fat"]
         lab[inner] = LABEL["soft_tissue"]
         # paravertebral fat pad and paraspinal muscles
-        lab[inner & (y > 10) & (np.abs(x) < 70)] = LABEL["fat"]
+        lab[inner & ((x / 80.0) ** 2 + ((y - 55.0) / 48.0) ** 2 < 1.0)] = LABEL["fat"]
         for sx in (-1, 1):
             lab[((x - sx * 32.0) / 26.0) ** 2 + ((y - 58.0) / 24.0) ** 2 < 1.0] = LABEL["muscle"]
         for sx in (-1, 1):

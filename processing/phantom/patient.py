@@ -216,6 +216,7 @@ def generate_patient(
     vendor: str = "standard",
     size: str = "full",
     followups: int = 1,
+    sagittal: bool = False,
 ) -> Phantom:
     """Generate a synthetic CyberKnife spine patient (baseline MR, RT course, follow-up MR).
 
@@ -229,6 +230,8 @@ def generate_patient(
     size : {'full', 'small'}
     followups : int
         Number of follow-up studies (1 = ~10 weeks; then ~6, ~9, ~12 months).
+    sagittal : bool
+        Add a sagittal T2-weighted series (key ``t2w_sag``, role ``t2w``) to every MR study.
 
     Returns
     -------
@@ -242,7 +245,7 @@ def generate_patient(
         raise ValueError(f"unknown vendor {vendor!r}; choose one of {VENDORS}")
     if followups < 0 or followups > len(FOLLOWUP_DAYS):
         raise ValueError(f"followups must be between 0 and {len(FOLLOWUP_DAYS)}, got {followups}")
-    protocol = proto.protocol_for(size)
+    protocol = proto.protocol_for(size, sagittal=sagittal)
     ident = (seed, scenario, vendor, size)
     rng = np.random.default_rng([seed, SCENARIOS.index(scenario)])
     # anatomy: treated vertebra centre in baseline scanner coordinates
@@ -371,7 +374,7 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
     t = start
     sampled: dict[Grid, tuple[NDArray[np.int16], dict[str, NDArray[np.float64]]]] = {}
     for sp in protocol.series:
-        grid = centred_grid(grid_centre, sp.size, sp.spacing)
+        grid = centred_grid(grid_centre, sp.size, sp.spacing, sp.direction)
         if grid not in sampled:  # T2w/T1w/STIR and VFA/DCE share their grids
             sampled[grid] = _sample(anatomy, grid, to_body)
         labels, params = sampled[grid]
@@ -380,20 +383,20 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
         # per-series scaling and noise fixed at baseline (same protocol -> same receiver settings)
         if nominal is not None:
             ref = _reference_signal(sp, nominal, protocol)
-            scales[sp.role] = _scale_for(ref)
-            noise_sigma[sp.role] = REFERENCE_COUNTS / sp.snr
+            scales[sp.key] = _scale_for(ref)
+            noise_sigma[sp.key] = REFERENCE_COUNTS / sp.snr
         nrng = np.random.default_rng(rng.integers(0, 2**63))
-        noisy = add_rician_noise(signal * scales[sp.role], noise_sigma[sp.role], nrng)
-        series_uid = phantom_uid(*ident, key, sp.role, "series")
+        noisy = add_rician_noise(signal * scales[sp.key], noise_sigma[sp.key], nrng)
+        series_uid = phantom_uid(*ident, key, sp.key, "series")
         folder = f"series{sp.series_number:03d}"
         sd = SeriesData(sp.role, sp, grid, series_uid, folder, _to_uint16(noisy), volumes, t)
-        sd.sop_uids = [[phantom_uid(*ident, key, sp.role, v, k) for k in range(sp.size[2])] for v in range(len(volumes))]
+        sd.sop_uids = [[phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])] for v in range(len(volumes))]
         series_list.append(sd)
         duration = volumes[-1]["time_s"] + 10.0
         t = t + dt.timedelta(seconds=int(duration) + 60)
-        tumour_truth["means_by_series"][sp.role] = _tumour_means(params, mask)
-        tumour_truth["voxel_counts"][sp.role] = int(mask.sum())
-        truth_series[sp.role] = {
+        tumour_truth["means_by_series"][sp.key] = _tumour_means(params, mask)
+        tumour_truth["voxel_counts"][sp.key] = int(mask.sum())
+        truth_series[sp.key] = {
             "SeriesInstanceUID": series_uid,
             "SeriesNumber": sp.series_number,
             "folder": folder,
@@ -401,13 +404,13 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             "geometry": grid.as_dict(),
             "number_of_files": len(volumes) * sp.size[2],
             "acquisition": _acquisition_truth(sp, protocol, volumes),
-            "noise_sigma_counts": noise_sigma[sp.role],
-            "counts_per_unit_signal": scales[sp.role],
+            "noise_sigma_counts": noise_sigma[sp.key],
+            "counts_per_unit_signal": scales[sp.key],
             **extra,
         }
         if sp.role == "dwi":
             tumour_truth.update(_diffusion_truth(params, mask))
-        if sp.role == "t2w":
+        if sp.key == "t2w":
             tumour_truth["volume_ml_voxels_t2w"] = float(mask.sum() * np.prod(sp.spacing) / 1000.0)
     means = {}
     by = tumour_truth["means_by_series"]

@@ -44,6 +44,20 @@ class SeriesProtocol:
     scanning_sequence: tuple[str, ...] = ("SE",)
     sequence_variant: tuple[str, ...] = ("SK",)
     acquisition_type: str = "2D"
+    orientation: str = "axial"
+
+    @property
+    def key(self) -> str:
+        """Key of the series in ground_truth.json: the role, suffixed for a sagittal series."""
+        return self.role if self.orientation == "axial" else f"{self.role}_sag"
+
+    @property
+    def direction(self) -> tuple[float, ...]:
+        """Row-major direction matrix (columns: row, column, slice normal) in LPS."""
+        if self.orientation == "sagittal":
+            # rows run anterior->posterior, columns superior->inferior; normal = row x column
+            return (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+        return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -61,18 +75,20 @@ class Protocol:
         raise KeyError(role)
 
 
-def protocol_for(size: str) -> Protocol:
-    """The phantom's MR protocol for ``size`` ('full' or 'small')."""
+def protocol_for(size: str, *, sagittal: bool = False) -> Protocol:
+    """The phantom's MR protocol for ``size`` ('full' or 'small'), optionally with a sagittal T2w."""
     if size == "full":
         anat = ((256, 256, 25), (0.78125, 0.78125, 4.0))
         dwi = ((112, 112, 20), (1.8, 1.8, 5.0))
         dce = ((128, 128, 20), (1.5625, 1.5625, 4.0))
         vfa, frames, dt = (2.0, 5.0, 10.0, 15.0, 20.0), 60, 4.5
+        sag = ((320, 320, 15), (0.875, 0.875, 3.0))
     elif size == "small":
         anat = ((128, 128, 16), (1.5625, 1.5625, 5.0))
         dwi = ((64, 64, 12), (3.125, 3.125, 5.0))
         dce = ((64, 64, 10), (3.125, 3.125, 5.0))
         vfa, frames, dt = (3.0, 10.0, 20.0), 40, 5.0
+        sag = ((160, 160, 11), (1.75, 1.75, 4.0))
     else:
         raise ValueError(f"unknown phantom size {size!r}; choose one of {SIZES}")
     series = (
@@ -88,6 +104,9 @@ def protocol_for(size: str) -> Protocol:
         SeriesProtocol("dce", 7, "DCE 3D SPGR AX", *dce, tr_ms=4.0, te_ms=1.5, flip_deg=15.0, snr=60.0,
                        scanning_sequence=("GR",), sequence_variant=("SP", "SS"), acquisition_type="3D"),
     )
+    if sagittal:
+        series = series + (SeriesProtocol("t2w", 8, "T2 TSE SAG", *sag, tr_ms=3500.0, te_ms=100.0, flip_deg=150.0,
+                                          snr=40.0, orientation="sagittal"),)
     return Protocol(size, series, vfa, frames, dt)
 
 

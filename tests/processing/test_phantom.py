@@ -427,3 +427,25 @@ def test_scenarios_change_the_tumour_as_specified(scenario: str, followups: int)
         assert abs(ch["volume_relative"]) < 0.05 and fu1["expected_response"] == "local control"
     for key in gt["studies"]:
         assert 3.0 <= gt["studies"][key]["tumour"]["volume_ml_continuous"] <= 20.0
+
+
+def test_optional_sagittal_t2w_geometry(tmp_path: Path) -> None:
+    ph = generate_patient(seed=5, scenario="stable", vendor="standard", size="small", followups=0, sagittal=True)
+    sag = ph.ground_truth["studies"]["baseline"]["series"]["t2w_sag"]
+    assert sag["role"] == "t2w"
+    for relpath, ds in ph.iter_datasets():
+        if relpath.startswith(f"baseline/{sag['folder']}/"):
+            (tmp_path / relpath).parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(tmp_path / relpath, enforce_file_format=True)
+    files = sorted((tmp_path / "baseline" / sag["folder"]).glob("*.dcm"))
+    assert [float(v) for v in pydicom.dcmread(files[0]).ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]
+    img = sitk.ReadImage([str(f) for f in files])
+    g = sag["geometry"]
+    np.testing.assert_allclose(img.GetOrigin(), g["origin"], atol=1e-4)
+    np.testing.assert_allclose(img.GetSpacing(), g["spacing"], atol=1e-6)
+    np.testing.assert_allclose(img.GetDirection(), g["direction"], atol=1e-9)
+    assert list(img.GetSize()) == g["size"]
+    # the tumour is inside the sagittal slab and its mask on this grid matches the truth count
+    mask = _tumour_mask(ph.ground_truth, "baseline", g)
+    assert int(mask.sum()) == ph.ground_truth["studies"]["baseline"]["tumour"]["voxel_counts"]["t2w_sag"] > 0
+    assert _dciodvfy_errors(files[len(files) // 2]) == []
