@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from node.index import Index
@@ -346,6 +347,36 @@ def record_analysis(index: Index, patient_row: int, summary: Mapping[str, Any], 
                             tuple(dict.fromkeys(changed)), removed)
     logger.info("timeline of patient row %d, course %s: %d time points, %d changed, %d removed",
                 patient_row, course_uid, len(rows), len(outcome.changed_studies), len(removed))
+    return outcome
+
+
+def on_analysis_done(index: Index, patient_row: int, summary: Mapping[str, Any] | Path, *,
+                     followups: Any = None) -> RecordOutcome:
+    """What the node does after each successful analysis of a patient.
+
+    Records the run in the timeline and, given a :class:`node.followup.FollowupTracker`, lays out
+    the patient's follow-up windows (including a confirmation scan after a possible
+    pseudoprogression).
+
+    Parameters
+    ----------
+    index : Index
+    patient_row : int
+    summary : mapping or Path
+        ``ChainResult.summary()``, or the ``summary.json`` the worker wrote
+        (``<storage>/results/patient-<row>/summary.json``).
+    followups : FollowupTracker, optional
+    """
+    if isinstance(summary, Path):
+        try:
+            summary = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise TimelineError(f"cannot read analysis summary {summary}: {err}") from err
+    if not isinstance(summary, Mapping):
+        raise TimelineError(f"analysis summary must be a JSON object, not {type(summary).__name__}")
+    outcome = record_analysis(index, patient_row, summary)
+    if followups is not None:
+        followups.update_patient(patient_row, summary)
     return outcome
 
 

@@ -19,7 +19,8 @@ from node.dashboard.state import StudyState, outbox_reason, study_states
 logger = logging.getLogger(__name__)
 
 __all__ = ["DashboardActions", "DashboardSection", "DashboardServer", "StudyState",
-           "create_app", "dashboard_section", "requeue_failed_outputs", "start_dashboard",
+           "create_app", "dashboard_section", "reanalyse_action", "requeue_failed_outputs",
+           "start_dashboard",
            "study_states"]
 
 
@@ -83,6 +84,37 @@ def requeue_failed_outputs(outbox: Any, index: Any, study_uid: str) -> str:
     return f"{n} object(s) of study {study_uid} queued again"
 
 
+def reanalyse_action(service: Any, worker: Any) -> Any:
+    """A ``reanalyse(study_uid) -> str`` action running the analysis in the node's scheduler.
+
+    Parameters
+    ----------
+    service : NodeService
+        Its ``index`` and ``scheduler`` (a thread of its pool runs the analysis, which itself
+        runs in the worker's child process).
+    worker : node.worker.AnalysisWorker
+
+    Notes
+    -----
+    An ``analysis_requeued`` event marks the study *analysing* on the worklist until the
+    worker records the outcome.
+    """
+    from node.analysis import patient_of_study
+
+    def reanalyse(study_uid: str) -> str:
+        patient_row = patient_of_study(service.index, study_uid)
+        if patient_row is None:
+            return f"study {study_uid} has no patient in the index: nothing to analyse"
+        service.index.add_event("analysis_requeued", study_uid=study_uid,
+                                detail="from dashboard")
+        service.scheduler.add_job(worker.analyse, args=[patient_row],
+                                  kwargs={"study_uid": study_uid},
+                                  id=f"reanalyse-{study_uid}", replace_existing=True)
+        return f"analysis of study {study_uid} queued"
+
+    return reanalyse
+
+
 def start_dashboard(service: Any, *, reanalyse: Any = None) -> DashboardServer | None:
     """Serve the dashboard of a running :class:`node.service.NodeService` (``None`` if disabled).
 
@@ -91,8 +123,8 @@ def start_dashboard(service: Any, *, reanalyse: Any = None) -> DashboardServer |
     service : NodeService
         Its ``settings``, ``index`` and ``outbox`` are used.
     reanalyse : callable, optional
-        ``reanalyse(study_uid) -> str`` (e.g. submit ``AnalysisWorker.analyse`` for the study's
-        patient to a thread and return a message); without it no re-analyse button is shown.
+        ``reanalyse(study_uid) -> str``, e.g. ``reanalyse_action(service, worker)``; without it
+        no re-analyse button is shown.
     """
     section = dashboard_section(service.settings)
     if not section.enabled:

@@ -252,3 +252,44 @@ def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: P
         driver.save_screenshot(str(tmp_path / "patient.png"))  # type: ignore[attr-defined]
     finally:
         server.stop()
+
+
+def test_reanalyse_button_runs_the_real_worker(tmp_path: Path) -> None:
+    """Re-analyse from the dashboard: the node's AnalysisWorker runs the chain (in its child
+    process) for the study's patient; with MR images only there is no RT course, so the study
+    ends up *waiting* with the chain's reason."""
+    import time
+
+    from node.ingest import import_files
+    from node.service import NodeService
+    from node.worker import AnalysisWorker
+
+    from node.dashboard import reanalyse_action
+
+    settings = settings_from_mapping({"node": {"storage": str(tmp_path / "storage"), "port": 0}})
+    service = NodeService(settings)
+    worker = AnalysisWorker(service)
+    service.scheduler.start()
+    try:
+        files = write_mr_series(tmp_path / "mr", 2, rows=8, columns=8)
+        assert import_files(service.store, files).stored
+        (study_uid,) = [r[0] for r in service.index.query("SELECT study_uid FROM studies")]
+        service.index.mark_stable(study_uid)
+        client = create_app(service.index, actions=DashboardActions(
+            reanalyse=reanalyse_action(service, worker))).test_client()
+        page = client.get("/").get_data(as_text=True)
+        token = page.split('name="csrf" value="')[1].split('"')[0]
+        response = client.post(f"/studies/{study_uid}/reanalyse", data={"csrf": token})
+        assert response.status_code == 302
+        assert [e["study_uid"] for e in service.index.events("analysis_requeued")] == [study_uid]
+        deadline = time.monotonic() + 90
+        while not (service.index.events("analysis_waiting")
+                   or service.index.events("analysis_failed")):
+            assert time.monotonic() < deadline, "the analysis did not finish"
+            time.sleep(0.2)
+        (state,) = study_states(service.index)
+        assert state.state == "waiting" and state.reason, (state.state, state.reason)
+    finally:
+        service.scheduler.shutdown(wait=True)
+        worker.stop()
+        service.index.close()

@@ -176,3 +176,24 @@ def test_summary_without_course_is_refused(tmp_path: Path) -> None:
     summary["course"] = {}
     with pytest.raises(TimelineError, match="rtplan_sop_instance_uid"):
         record_analysis(index, 1, summary)
+
+
+def test_on_analysis_done_reads_summary_json_and_lays_out_followups(tmp_path: Path) -> None:
+    import json
+
+    from node.followup import FollowupSection, FollowupTracker, windows
+    from node.timeline import on_analysis_done
+
+    index = Index(tmp_path / "index.sqlite3")
+    path = tmp_path / "results" / "patient-1" / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(build_summary()), encoding="utf-8")
+    tracker = FollowupTracker(index, FollowupSection(),
+                              clock=lambda: dt.datetime(2025, 8, 10, tzinfo=dt.timezone.utc))
+    outcome = on_analysis_done(index, 1, path, followups=tracker)
+    assert outcome.n_points == 3 and len(timeline(index, 1)) == 3
+    assert {w.label for w in windows(index, 1)} >= {"6-12 weeks", "6 months",
+                                                    "confirmation after 2025-04-17"}
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(TimelineError, match="JSON object"):
+        on_analysis_done(index, 1, path)
