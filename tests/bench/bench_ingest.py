@@ -1,5 +1,8 @@
 """Benchmark: C-STORE ingest rate of the node vs Orthanc and dcmtk ``storescp``.
 
+A plain pynetdicom SCP (raw write, no fsync, no index) shows what
+pynetdicom itself costs.
+
 The same synthetic MR set (default 1,000 images of 256 x 256 x 16 bit, ~129 kB each) is sent by
 the same dcmtk ``storescu`` to each receiver on one association and on four parallel ones
 (four ``storescu`` processes, a quarter of the files each). Every receiver writes to disk and
@@ -115,6 +118,36 @@ class Orthanc(Receiver):
         return port
 
 
+_PLAIN_SCP = """
+import sys, uuid
+from pathlib import Path
+from pynetdicom import AE, evt, AllStoragePresentationContexts
+out = Path(sys.argv[1])
+def handle(event):
+    (out / uuid.uuid4().hex).write_bytes(event.encoded_dataset())
+    return 0
+ae = AE(ae_title="PLAIN")
+ae.supported_contexts = AllStoragePresentationContexts
+ae.start_server(("127.0.0.1", int(sys.argv[2])), evt_handlers=[(evt.EVT_C_STORE, handle)])
+"""
+
+
+class PlainPynetdicom(Receiver):
+    """The pynetdicom documentation's storage SCP: raw write, no fsync, no index, defaults."""
+
+    name = "plain pynetdicom"
+    ae_title = "PLAIN"
+
+    def start(self, work: Path, parallel: int) -> int:
+        port = _free_port()
+        out = work / "plain"
+        out.mkdir()
+        self.proc = subprocess.Popen([sys.executable, "-c", _PLAIN_SCP, str(out), str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(port)
+        return port
+
+
 class Node(Receiver):
     name = "spine-node"
     ae_title = "SPINENODE"
@@ -163,6 +196,8 @@ def _count(receiver: Receiver, work: Path) -> int:
             return int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
     if isinstance(receiver, Storescp):
         return sum(1 for _ in (work / "storescp").iterdir())
+    if isinstance(receiver, PlainPynetdicom):
+        return sum(1 for _ in (work / "plain").iterdir())
     return sum(1 for p in (work / "orthanc").rglob("*") if p.is_file() and len(p.name) > 30)
 
 
@@ -189,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             quarters.append(folder)
         print(f"ingest: {args.images} MR images {args.size}x{args.size} ({size_mb:.0f} MB), "
               f"dcmtk storescu, TCP_NODELAY=1")
-        receivers: list[Callable[[], Receiver]] = [Node, Storescp]
+        receivers: list[Callable[[], Receiver]] = [Node, PlainPynetdicom, Storescp]
         if have_orthanc:
             receivers.insert(1, Orthanc)
         rates: dict[tuple[str, int], float] = {}
