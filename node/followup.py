@@ -243,6 +243,8 @@ class FollowupTracker:
         self.clock = clock
         self.notifier = notifier if notifier is not None else Notifier(section.notify)
         self._lock = threading.Lock()
+        # one check at a time (the catch-up and a window's job may fire together)
+        self._check_lock = threading.Lock()
         ensure_schema(index)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -367,6 +369,10 @@ class FollowupTracker:
         list of FollowupWindow
             The windows newly found missed.
         """
+        with self._check_lock:
+            return self._check_due()
+
+    def _check_due(self) -> list[FollowupWindow]:
         today = self.clock().date()
         limit = (today - dt.timedelta(days=self.section.grace_days + 1)).isoformat()
         due = self.index.query(

@@ -1,7 +1,8 @@
 """Worklist state of each study, derived from the index's studies, events and outbox.
 
-States (issue 9): ``receiving``, ``stable`` (not analysed yet), ``analysing``, ``waiting``
-(nothing to analyse yet, e.g. waiting for the baseline or the RT course; the reason says which),
+States (issue 9): ``receiving``, ``stable`` (not analysed yet), ``analysing``,
+``waiting for baseline`` / ``waiting`` (nothing to analyse yet: no baseline, or e.g. no RT
+course; the reason says which),
 ``analysed`` (no result destination configured), ``sending`` (results queued or being retried),
 ``sent`` and ``failed`` (analysis failed, or sending failed after the last retry; with the reason).
 
@@ -78,7 +79,8 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
         elif event["kind"] == "analysis_failed":
             state, reason = "failed", f"analysis failed: {event['detail'] or ''}"
         elif event["kind"] == "analysis_waiting":
-            state, reason = "waiting", event["detail"] or ""
+            reason = event["detail"] or ""
+            state = "waiting for baseline" if "baseline" in reason.lower() else "waiting"
         elif counts.get("failed"):
             errors = [b["error"] for b in boxes if b["state"] == "failed" and b["error"]]
             state = "failed"
@@ -98,5 +100,5 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
             modalities=s["modalities"] or "", n_instances=int(s["n_instances"]), state=state,
             reason=reason, outbox=counts, last_received=float(s["last_received"]),
             can_requeue=state == "failed" and bool(counts.get("failed")),
-            can_reanalyse=state in ("failed", "waiting", "analysed", "sent", "stable")))
+            can_reanalyse=state not in ("receiving", "analysing")))
     return out

@@ -103,7 +103,8 @@ def test_worklist_states_and_reasons(node: Node) -> None:
     assert states[FOLLOW_UP_1].can_requeue
     assert states[FOLLOW_UP_2].state == "failed"
     assert states[FOLLOW_UP_2].reason == f"analysis failed: {ANALYSIS_ERROR}"
-    assert states[WAITING].state == "waiting" and "no baseline" in states[WAITING].reason
+    assert states[WAITING].state == "waiting for baseline"
+    assert "no baseline" in states[WAITING].reason
     assert states[RECEIVING].state == "receiving"
 
 
@@ -153,7 +154,8 @@ def test_remote_client_without_login_gets_no_patient_data(node: Node) -> None:
 
 def test_remote_client_must_log_in(node: Node) -> None:
     section = DashboardSection(bind_address="0.0.0.0", username="onc",
-                               password_hash=generate_password_hash("s3cret", method="pbkdf2:sha256:20000"))
+                               password_hash=generate_password_hash(
+                                   "s3cret", method="pbkdf2:sha256:20000"))
     client = _client(node, section)
     for path in PATIENT_PATHS:
         response = client.get(path, environ_base=REMOTE)
@@ -209,7 +211,8 @@ def browser(tmp_path: Path) -> Iterator[object]:
 def _row(driver: object, study_uid: str) -> object:
     from selenium.webdriver.common.by import By
 
-    return driver.find_element(By.CSS_SELECTOR, f'tr[data-study="{study_uid}"]')  # type: ignore[attr-defined]
+    selector = f'tr[data-study="{study_uid}"]'
+    return driver.find_element(By.CSS_SELECTOR, selector)  # type: ignore[attr-defined]
 
 
 def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: Path) -> None:
@@ -234,7 +237,8 @@ def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: P
         row.find_element(By.CSS_SELECTOR, "button.requeue").click()
         WebDriverWait(driver, 10).until(
             expected_conditions.presence_of_element_located((By.ID, "flash")))
-        assert "2 object(s)" in driver.find_element(By.ID, "flash").text  # type: ignore[attr-defined]
+        flash = driver.find_element(By.ID, "flash")  # type: ignore[attr-defined]
+        assert "2 object(s)" in flash.text
         assert _row(driver, FOLLOW_UP_1).find_element(By.CLASS_NAME, "state").text == "sending"
         assert node.outbox.counts() == {"queued": 2}
         assert [e["study_uid"] for e in node.index.events("outbox_requeued")] == [FOLLOW_UP_1]
