@@ -8,12 +8,14 @@ and shrinkage are measured rather than assumed:
    a shell of surrounding tissue (mostly vertebral marrow, restricted to the vertebra plus a margin
    when a vertebra mask is given), one Gaussian mixture per class on the channels handed in (e.g.
    T1w, T2w, STIR, ADC), each channel divided by the median of a reference shell around the lesion
-   so scanner gain changes between sessions cancel.
+   and the follow-up channels are rescaled by the median voxelwise ratio follow-up / registered
+   baseline in a shell around the lesion, so scanner gain changes between sessions cancel.
 2. On the follow-up, the model's lesion posterior (equal priors) is computed in a search region: the
    propagated GTV dilated by ``search_margin_mm`` (how far the lesion may have grown), intersected
    with the propagated vertebra plus margin when a vertebra mask is given; it is smoothed (Gaussian,
    ``smoothing_sigma_mm``) and thresholded at 0.5.
-3. Connected components touching the propagated GTV are kept and holes filled.
+3. Connected components touching the propagated GTV, and separate ones of at least
+   ``min_component_ml`` (an epidural extension behind the cortex), are kept and holes filled.
 4. The model is checked on the baseline itself (Dice of its segmentation against the GTV); when that
    fails, or the refined lesion is implausible, the propagated GTV is returned and the note says so.
 
@@ -92,15 +94,20 @@ class RefinementSettings:
     vertebra_margin_mm : float
         Margin around the vertebra mask (when given) that still counts as the treated region (mm),
         e.g. for epidural or paraspinal extension.
-    ring_mm : float
-        Thickness of the baseline background shell around the GTV used for training (mm).
+    ring_mm : float or None
+        Thickness of the baseline background shell around the GTV used for training (mm). Default:
+        ``search_margin_mm + 5``, so every tissue the follow-up search region can reach (e.g. an
+        adjacent disc) is represented in the background model.
     reference_shell_mm : tuple of float
-        Inner and outer distance (mm) from the lesion of the shell whose median normalises each
-        channel (both studies).
+        Inner and outer distance (mm) from the propagated lesion of the shell where the follow-up /
+        baseline intensity scale of each channel is estimated.
     smoothing_sigma_mm : float
         Gaussian smoothing of the lesion posterior before thresholding (mm).
     lesion_components, background_components : int
         Gaussian mixture components per class.
+    min_component_ml : float
+        Parts of the segmentation not touching the propagated GTV are kept when at least this large
+        (mL), so an extension separated by the cortex (epidural, paraspinal) is measured.
     min_training_dice : float
         The model must re-find the baseline GTV with at least this Dice, else no refinement.
     min_volume_factor, max_volume_factor : float
@@ -111,18 +118,19 @@ class RefinementSettings:
 
     search_margin_mm: float = 10.0
     vertebra_margin_mm: float = 10.0
-    ring_mm: float = 8.0
+    ring_mm: float | None = None
     reference_shell_mm: tuple[float, float] = (12.0, 24.0)
     smoothing_sigma_mm: float = 1.0
     lesion_components: int = 2
     background_components: int = 4
+    min_component_ml: float = 0.2
     min_training_dice: float = 0.7
     min_volume_factor: float = 0.05
     max_volume_factor: float = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.search_margin_mm < 0 or self.vertebra_margin_mm < 0 or self.ring_mm <= 0:
+        if self.search_margin_mm < 0 or self.vertebra_margin_mm < 0 or (self.ring_mm is not None and self.ring_mm <= 0):
             raise ValueError("margins must be >= 0 mm and ring_mm > 0 mm")
         inner, outer = self.reference_shell_mm
         if not 0 <= inner < outer:
@@ -211,16 +219,30 @@ def _stack(images: Sequence[sitk.Image], reference: sitk.Image) -> np.ndarray:
     return np.stack(arrays)
 
 
-def _normalise(channels: np.ndarray, shell: np.ndarray) -> tuple[np.ndarray, list[float]]:
+def _follow_up_scales(
+    follow_channels: np.ndarray, baseline_on_follow: np.ndarray, region: np.ndarray
+) -> list[float]:
+    """Per-channel intensity scale of the follow-up relative to the baseline.
+
+    The median of the voxelwise ratio follow-up / registered baseline over ``region`` (the same
+    anatomy in both studies, away from the lesion): robust to the tissue composition of the region
+    and to slice positions, unlike a ratio of regional medians. Voxels where the baseline is dark
+    (< 10 % of its 99th percentile in the region) are left out.
+    """
     scales = []
-    out = np.empty_like(channels)
-    for c in range(channels.shape[0]):
-        values = channels[c][shell]
-        median = float(np.median(values)) if values.size else 0.0
-        scale = median if abs(median) > 1e-12 else 1.0
-        scales.append(scale)
-        out[c] = channels[c] / scale
-    return out, scales
+    for c in range(follow_channels.shape[0]):
+        base = baseline_on_follow[c][region]
+        follow = follow_channels[c][region]
+        if base.size == 0:
+            scales.append(1.0)
+            continue
+        bright = np.abs(base) > 0.1 * np.percentile(np.abs(base), 99)
+        if np.count_nonzero(bright) < 10:
+            scales.append(1.0)
+            continue
+        scale = float(np.median(follow[bright] / base[bright]))
+        scales.append(scale if np.isfinite(scale) and scale > 0 else 1.0)
+    return scales
 
 
 @dataclass(frozen=True)
@@ -272,12 +294,15 @@ def _segment(
         probability = sitk.Mask(probability, _as_image(search, reference))
     lesion = sitk.GetArrayFromImage(probability) >= 0.5
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_as_image(lesion, reference), True))
-    touching = np.unique(labels[seed & (labels > 0)])
-    if touching.size == 0 and labels.max() > 0:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        touching = np.array([int(np.argmax(sizes))])
-    kept = np.isin(labels, touching) & (labels > 0)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    touching = set(np.unique(labels[seed & (labels > 0)]).tolist())
+    # separate parts within the search region (e.g. an epidural extension behind the cortex)
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+    touching |= {int(i) for i in np.flatnonzero(sizes * voxel_ml >= settings.min_component_ml)}
+    if not touching and labels.max() > 0:
+        touching = {int(np.argmax(sizes))}
+    kept = np.isin(labels, sorted(touching)) & (labels > 0)
     filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(_as_image(kept, reference), fullyConnected=False))
     return filled.astype(bool), probability
 
@@ -382,11 +407,11 @@ def refine_lesion(
     if baseline_vertebra is not None:
         vertebra_on_grid = baseline_vertebra if _same_grid(baseline_vertebra, gtv) else resample_mask(baseline_vertebra, gtv)
         vertebra_region = sitk.GetArrayFromImage(_dilate(vertebra_on_grid, settings.vertebra_margin_mm)).astype(bool)
-    ring = sitk.GetArrayFromImage(_dilate(gtv, settings.ring_mm)).astype(bool) & ~gtv_array
+    ring_mm = settings.ring_mm if settings.ring_mm is not None else settings.search_margin_mm + 5.0
+    ring = sitk.GetArrayFromImage(_dilate(gtv, ring_mm)).astype(bool) & ~gtv_array
     if vertebra_region is not None:
         ring &= vertebra_region
-    base_shell = _shell(gtv, *settings.reference_shell_mm)
-    base_norm, base_scales = _normalise(base_channels, base_shell)
+    base_norm = base_channels
     lesion_samples = base_norm[:, gtv_array].T
     background_samples = base_norm[:, ring].T
     if lesion_samples.shape[0] < 10 or background_samples.shape[0] < 10:
@@ -413,11 +438,18 @@ def refine_lesion(
     if baseline_vertebra is not None:
         vertebra_follow = propagate_mask(vertebra_on_grid, reference, follow_up_to_baseline)
         search &= sitk.GetArrayFromImage(_dilate(vertebra_follow, settings.vertebra_margin_mm)).astype(bool) | propagated_array
-    follow_shell = _shell(propagated, *settings.reference_shell_mm)
-    follow_norm, follow_scales = _normalise(follow_channels, follow_shell)
+    to_baseline = matrix_to_transform(np.asarray(follow_up_to_baseline, dtype=float))
+    baseline_on_follow = np.stack(
+        [sitk.GetArrayFromImage(resample_onto(image, reference, transform=to_baseline, default_value=np.nan))
+         for image in baseline_images]
+    )
+    inner, outer = settings.reference_shell_mm
+    shell = _shell(propagated, inner, outer) & np.all(np.isfinite(baseline_on_follow), axis=0)
+    follow_scales = _follow_up_scales(follow_channels, baseline_on_follow, shell)
+    follow_norm = follow_channels / np.asarray(follow_scales)[:, None, None, None]
     notes.append(
-        "channel scales (reference shell medians) baseline/follow-up: "
-        + ", ".join(f"{a:.4g}/{b:.4g}" for a, b in zip(base_scales, follow_scales))
+        "follow-up/baseline intensity scales (median voxel ratio in a shell "
+        f"{inner:g}-{outer:g} mm around the lesion): " + ", ".join(f"{v:.3f}" for v in follow_scales)
     )
     segmentation, probability = _segment(model, follow_norm, search, propagated_array, reference, settings)
     mask = _as_image(segmentation, reference)

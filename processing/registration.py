@@ -67,7 +67,7 @@ class RegistrationSettings:
         Seed of the metric sampling (determinism).
     """
 
-    margin_mm: float = 20.0
+    margin_mm: float = 40.0
     histogram_bins: int = 50
     sampling_fraction: float = 0.5
     shrink_factors: tuple[int, ...] = (4, 2, 1)
