@@ -89,11 +89,12 @@ def direction_average(signals: ArrayLike, bvalues: ArrayLike, *,
     return out, shells
 
 
-def _weighted_loglinear(b: NDArray[np.float64], s: NDArray[np.float64]
+def _weighted_loglinear(b: NDArray[np.float64], s: NDArray[np.float64], *,
+                        weighting: str = "S2"
                         ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Weighted (w = S²) log-linear fit ln S = ln S0 - b D per row of s (m, n); returns D, S0."""
+    """Log-linear fit ln S = ln S0 - b D per row of s (m, n), weights S² or none; returns D, S0."""
     y = np.log(s)
-    w = s * s
+    w = s * s if weighting == "S2" else np.ones_like(s)
     sw = w.sum(axis=1)
     bm = (w * b).sum(axis=1) / sw
     ym = (w * y).sum(axis=1) / sw
@@ -131,7 +132,7 @@ class AdcFit:
 
 
 class AdcModel:
-    """Mono-exponential ADC, S(b) = S0 exp(-b ADC), weighted log-linear fit.
+    """Mono-exponential ADC, S(b) = S0 exp(-b ADC), log-linear least squares.
 
     Parameters
     ----------
@@ -146,14 +147,22 @@ class AdcModel:
         Highest b-value used (default None: all). Kurtosis bends the curve beyond ~1000-1500.
     min_adc, max_adc : float, optional
         Physical bounds (mm²/s), default 0 and 5e-3 (free water at 37 °C is 3.0e-3).
+    weighting : {"S2", "none"}, optional
+        ``"S2"`` (default): weighted log-linear least squares with weights S² [2] (lower variance
+        at low SNR); ``"none"``: ordinary least squares, the definition of scanner ADC maps.
+        Both estimate the same ADC for a mono-exponential signal; for a curved signal (IVIM,
+        kurtosis) they differ by up to a few per cent, so compare like with like.
     """
 
     def __init__(self, bvalues: ArrayLike, *, min_b: float = 50.0, max_b: float | None = None,
-                 min_adc: float = 0.0, max_adc: float = 5e-3,
+                 min_adc: float = 0.0, max_adc: float = 5e-3, weighting: str = "S2",
                  b0_threshold: float = B0_THRESHOLD, shell_tolerance: float = 0.02) -> None:
         b = np.asarray(bvalues, dtype=float)
         if b.ndim != 1 or not np.all(np.isfinite(b)) or np.any(b < 0):
             raise ValueError("b-values must be a 1-D array of finite non-negative numbers")
+        if weighting not in ("S2", "none"):
+            raise ValueError(f"weighting must be 'S2' or 'none', got {weighting!r}")
+        self.weighting = weighting
         shells, _ = group_shells(b, b0_threshold, shell_tolerance)
         candidates = shells if max_b is None else shells[shells <= max_b]
         if candidates.size < 2:
@@ -171,7 +180,9 @@ class AdcModel:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return {"model": "mono-exponential", "fit": "weighted log-linear least squares (w = S^2)",
+        fit = ("weighted log-linear least squares (w = S^2)" if self.weighting == "S2"
+               else "ordinary log-linear least squares")
+        return {"model": "mono-exponential", "fit": fit,
                 "b_values_used": self.used.tolist(), "min_b": self.min_b, "max_b": self.max_b,
                 "direction_average": "geometric mean per shell",
                 "bounds_mm2_s": [self.min_adc, self.max_adc]}
@@ -202,7 +213,7 @@ class AdcModel:
         s0 = np.full(n, np.nan)
         r2 = np.full(n, np.nan)
         if use.any():
-            d, a = _weighted_loglinear(self.used, s[use])
+            d, a = _weighted_loglinear(self.used, s[use], weighting=self.weighting)
             adc[use], s0[use] = d, a
             pred = a[:, None] * np.exp(-d[:, None] * self.used[None, :])
             sv = s[use]
