@@ -12,7 +12,7 @@ import pytest
 
 from node.errors import IndexDatabaseError
 from node.index import SCHEMA_VERSION, Index
-from tests.node.conftest import REPO, free_port, write_config
+from tests.node.fixtures import REPO, free_port, write_config
 from tests.node.dicom_factory import write_mr_series
 
 pytestmark = pytest.mark.network

@@ -17,7 +17,7 @@ from node.config import settings_from_mapping
 from node.dispatch import Dispatcher, Outbox, backoff_delay
 from node.index import Index
 from node.store import Store
-from tests.node.conftest import REPO, free_port, require_tool, write_config
+from tests.node.fixtures import REPO, free_port, require_tool, write_config
 from tests.node.dicom_factory import write_mr_series
 
 pytestmark = pytest.mark.network

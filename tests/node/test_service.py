@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from node.config import settings_from_mapping
 from node.scu import PeerAddress, send_files
 from node.service import NodeService
-from tests.node.conftest import free_port, require_tool
+from tests.node.fixtures import free_port, require_tool
 from tests.node.dicom_factory import mr_dataset, write_mr_series
 
 pytestmark = pytest.mark.network

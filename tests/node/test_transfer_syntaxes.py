@@ -16,7 +16,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.node.conftest import require_tool, write_config
+from tests.node.fixtures import require_tool, write_config
 from tests.node.dicom_factory import dataset_bytes, mr_dataset
 
 pytestmark = pytest.mark.network

@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from node.scu import PeerAddress, send_files
-from tests.node.conftest import require_tool, write_config
+from tests.node.fixtures import require_tool, write_config
 from tests.node.dicom_factory import BIRTH_DATE, PHI_TOKENS, mr_dataset
 
 pytestmark = pytest.mark.network
