@@ -3,7 +3,8 @@
 Modules log with ``logging.getLogger(__name__)`` and only UIDs or task ids. pydicom's validation
 warnings quote the offending value and pynetdicom can dump identifiers and whole datasets, so
 records from those libraries pass through :class:`PhiFilter`, which drops their debug chatter and
-redacts every quoted value and every ``(0010,xxxx)`` element line.
+redacts every quoted value and every ``(0010,xxxx)`` element line. Python warnings are captured
+into logging (logger ``py.warnings``) and filtered the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 
 _QUOTED = re.compile(r"('[^']*'|\"[^\"]*\")")
 _PATIENT_ELEMENT = re.compile(r"\(0010,\s*[0-9A-Fa-f]{4}\)[^\n]*")
-_THIRD_PARTY = ("pydicom", "pynetdicom", "highdicom", "radiomics", "apscheduler")
+_THIRD_PARTY = ("pydicom", "pynetdicom", "highdicom", "radiomics", "apscheduler", "py.warnings")
 
 
 class PhiFilter(logging.Filter):
@@ -48,6 +49,9 @@ def configure_logging(level: str = "INFO", log_file: str | None = None) -> None:
         handler.addFilter(PhiFilter())
         root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings (pydicom's quote the offending value, e.g. a malformed birth date) would
+    # otherwise go straight to stderr; route them through the filtered handlers.
+    logging.captureWarnings(True)
     # pynetdicom's INFO level narrates every association and PDU; keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("radiomics").setLevel(logging.WARNING)
