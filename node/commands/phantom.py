@@ -47,12 +47,12 @@ def write_phantom(out: Path, *, seed: int = 0, scenario: str = "responder", vend
                                sagittal=sagittal)
     n = 0
     made: set[Path] = set()
-    for relpath, ds in phantom.iter_datasets():
+    for relpath, data in phantom.iter_files():
         path = out / relpath
         if path.parent not in made:
             path.parent.mkdir(parents=True, exist_ok=True)
             made.add(path.parent)
-        ds.save_as(path, enforce_file_format=True)
+        path.write_bytes(data)
         n += 1
     (out / "ground_truth.json").write_text(json.dumps(phantom.ground_truth, indent=1, default=float))
     logger.info("phantom written: %d DICOM files, study %s", n, phantom.studies[0].study_uid)

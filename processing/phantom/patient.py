@@ -130,6 +130,16 @@ class Phantom:
                     yield relpath, ds
         yield from rt.rt_datasets(self)
 
+    def iter_files(self) -> Iterator[tuple[str, bytes]]:
+        """Yield ``(relative path, DICOM Part 10 bytes)`` for every object (what the command writes)."""
+        from processing.phantom import mr, rt
+
+        for study in self.studies:
+            for series in study.series:
+                yield from mr.series_files(self, study, series)
+        for relpath, ds in rt.rt_datasets(self):
+            yield relpath, mr.part10_bytes(ds)
+
 
 def _rigid(rng: np.random.Generator, centre: NDArray[np.float64]) -> dict[str, Any]:
     """A random rigid displacement of a few mm and degrees about ``centre`` (LPS)."""
