@@ -21,6 +21,7 @@ from tests.node.dicom_factory import dataset_bytes, mr_dataset
 
 pytestmark = pytest.mark.network
 
+DEFLATED = "1.2.840.10008.1.2.1.99"
 #: transfer syntax -> (dcmtk conversion command, storescu option proposing that syntax)
 CONVERSIONS = {
     "1.2.840.10008.1.2": (["dcmconv", "+ti"], "-xi"),
@@ -63,4 +64,8 @@ def test_each_transfer_syntax_is_stored_as_received(tmp_path, node_factory):
     for uid, (ts, path) in sent.items():
         stored_ts, rel = rows[uid]
         assert stored_ts == ts
-        assert dataset_bytes(storage / rel) == dataset_bytes(path), ts
+        received, original = dataset_bytes(storage / rel), dataset_bytes(path)
+        if ts == DEFLATED and len(original) % 2:
+            # PS3.5 A.5: an odd-length deflated stream is sent with one trailing null byte
+            original += b"\x00"
+        assert received == original, ts
