@@ -137,12 +137,14 @@ class VfaT1Model:
         self.n_grid = int(n_grid)
         self.refine_iterations = int(refine_iterations)
 
-    def _basis(self, r1: NDArray[np.float64], alpha: NDArray[np.float64]) -> NDArray[np.float64]:
+    def _basis(self, r1: NDArray[np.float64], sin_a: NDArray[np.float64],
+               cos_a: NDArray[np.float64]) -> NDArray[np.float64]:
         e1 = np.exp(-self.repetition_time * r1)[..., None]
-        return np.sin(alpha) * (1.0 - e1) / (1.0 - np.cos(alpha) * e1)
+        return sin_a * (1.0 - e1) / (1.0 - cos_a * e1)
 
-    def _sse(self, s: NDArray, r1: NDArray, alpha: NDArray) -> tuple[NDArray, NDArray]:
-        f = self._basis(r1, alpha)
+    def _sse(self, s: NDArray, r1: NDArray, sin_a: NDArray, cos_a: NDArray
+             ) -> tuple[NDArray, NDArray]:
+        f = self._basis(r1, sin_a, cos_a)
         fs = np.sum(f * s, axis=-1)
         ff = np.sum(f * f, axis=-1)
         m0 = fs / ff
@@ -225,22 +227,33 @@ class VfaT1Model:
         return r1, m0
 
     def _fit_nonlinear(self, s: NDArray, alpha: NDArray) -> tuple[NDArray, NDArray]:
+        sin_a, cos_a = np.sin(alpha), np.cos(alpha)
         grid = np.linspace(np.log(1.0 / self.max_t1), np.log(1.0 / self.min_t1), self.n_grid)
-        sse_grid = np.stack([self._sse(s, np.full(s.shape[0], np.exp(g)), alpha)[0]
-                             for g in grid])
+        ss = np.sum(s * s, axis=-1)
+        if np.all(alpha == alpha[:1]):
+            # one flip-angle set for all voxels: the grid SSE is a single matrix product
+            f = self._basis(np.exp(grid), sin_a[:1], cos_a[:1])  # (n_grid, n_fa)
+            sse_grid = ss[None, :] - (f @ s.T) ** 2 / np.sum(f * f, axis=1)[:, None]
+        else:
+            sse_grid = np.stack([self._sse(s, np.full(s.shape[0], np.exp(g)), sin_a, cos_a)[0]
+                                 for g in grid])
         best = np.argmin(sse_grid, axis=0)
         lo = grid[np.maximum(best - 1, 0)]
         hi = grid[np.minimum(best + 1, grid.size - 1)]
         ratio = (np.sqrt(5.0) - 1.0) / 2.0
+        x1 = hi - ratio * (hi - lo)
+        x2 = lo + ratio * (hi - lo)
+        f1 = self._sse(s, np.exp(x1), sin_a, cos_a)[0]
+        f2 = self._sse(s, np.exp(x2), sin_a, cos_a)[0]
         for _ in range(self.refine_iterations):
-            x1 = hi - ratio * (hi - lo)
-            x2 = lo + ratio * (hi - lo)
-            f1 = self._sse(s, np.exp(x1), alpha)[0]
-            f2 = self._sse(s, np.exp(x2), alpha)[0]
             left = f1 < f2
             hi = np.where(left, x2, hi)
             lo = np.where(left, lo, x1)
+            x_new = np.where(left, hi - ratio * (hi - lo), lo + ratio * (hi - lo))
+            f_new = self._sse(s, np.exp(x_new), sin_a, cos_a)[0]
+            x1, x2 = np.where(left, x_new, x2), np.where(left, x1, x_new)
+            f1, f2 = np.where(left, f_new, f2), np.where(left, f1, f_new)
         r1 = np.exp(0.5 * (lo + hi))
         # optimum on the grid edge: no interior minimum within the physical range
         r1 = np.where((best == 0) | (best == grid.size - 1), np.nan, r1)
-        return r1, self._sse(s, r1, alpha)[1]
+        return r1, self._sse(s, r1, sin_a, cos_a)[1]
