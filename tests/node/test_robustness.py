@@ -26,7 +26,7 @@ pytestmark = pytest.mark.network
 def _service(storage: Path, **tls) -> NodeService:
     mapping = {
         "node": {"port": 0, "storage": str(storage), "disk_low_water_mb": 0,
-                 "network_timeout_s": 5, "acse_timeout_s": 5},
+                 "network_timeout_s": 3, "acse_timeout_s": 3},
         "peers": [{"ae_title": "ECHOSCU"}],
     }
     if tls:
@@ -58,10 +58,10 @@ def test_garbage_on_the_port_leaves_the_node_serving_without_leaking_threads(tmp
             b"\x53" + b"\x00" * 64,  # unknown PDU type 0x53
             b"",  # a load-balancer health check: connect and close
         ]
-        for _ in range(10):
+        for _ in range(4):
             for payload in payloads:
                 _raw(port, payload)
-        # each hung-up connection holds an association slot until its timeout (5 s here);
+        # each hung-up connection holds an association slot until its timeout (3 s here);
         # then every thread is gone and the node answers as before
         deadline = time.monotonic() + 20
         while threading.active_count() > baseline and time.monotonic() < deadline:
