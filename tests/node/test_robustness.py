@@ -144,3 +144,17 @@ def test_known_ae_title_from_an_unexpected_host_is_rejected(tmp_path):
         assert len(events) == 1 and "unexpected host 127.0.0.1" in events[0]["detail"]
     finally:
         svc.stop()
+
+
+def test_unknown_calling_ae_is_accepted_when_the_check_is_switched_off(tmp_path):
+    svc = NodeService(settings_from_mapping({
+        "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0,
+                 "reject_unknown_calling_ae": False},
+        "peers": [{"ae_title": "ECHOSCU"}],
+    }))
+    svc.start()
+    try:
+        assert echo(PeerAddress("SPINENODE", "127.0.0.1", svc.address[1]),
+                    calling_ae="ANYONE", timeout_s=5) == 0
+    finally:
+        svc.stop()
