@@ -44,10 +44,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from processing.results import Comparability
+from processing.series import SeriesVolume
 
 logger = logging.getLogger(__name__)
 
@@ -391,5 +393,58 @@ def protocol_from_datasets(
         dce_temporal_resolution_s=dce_temporal_resolution_s,
         contrast_agent=agent,
         contrast_flow_rate_ml_s=rate,
+        contrast_injection_delay_s=contrast_injection_delay_s,
+    )
+
+
+_FAT_SUPPRESSION_FROM_SERIES = {"spectral": "FAT_SAT", "inversion": "STIR"}
+
+
+def protocol_from_series(
+    *,
+    anatomical: SeriesVolume | None = None,
+    dwi: SeriesVolume | None = None,
+    dce: SeriesVolume | None = None,
+    contrast_flow_rate_ml_s: float | None = None,
+    contrast_injection_delay_s: float | None = None,
+) -> AcquisitionProtocol:
+    """Build an :class:`AcquisitionProtocol` from series read by :func:`processing.series.read_series`.
+
+    b-values: the distinct b-values of the DWI volumes (s/mm², rounded to 1); DCE temporal
+    resolution: the median interval between consecutive volume times (s); voxel sizes from the
+    series geometry; fat suppression from the acquisition physics (``spectral`` → ``FAT_SAT``,
+    ``inversion`` → ``STIR``, none recorded → ``NONE``).
+    """
+    series = [s for s in (anatomical, dwi, dce) if s is not None]
+    field_strength = next((s.physics.field_strength for s in series if s.physics.field_strength), None)
+
+    def fat(s: SeriesVolume | None) -> str | None:
+        if s is None:
+            return None
+        return _FAT_SUPPRESSION_FROM_SERIES.get(s.physics.fat_suppression or "", "NONE")
+
+    def voxel(s: SeriesVolume | None) -> tuple[float, float, float] | None:
+        return None if s is None else tuple(float(v) for v in s.geometry.spacing)  # type: ignore[return-value]
+
+    b_values: tuple[float, ...] = ()
+    if dwi is not None:
+        finite = [round(float(b)) for b in dwi.b_values if np.isfinite(b)]
+        b_values = tuple(float(b) for b in sorted(set(finite)))
+    temporal_resolution = None
+    if dce is not None:
+        times = np.array([v.time for v in dce.volumes if v.time is not None], dtype=float)
+        if times.size >= 2:
+            temporal_resolution = float(np.median(np.diff(np.sort(times))))
+    return AcquisitionProtocol(
+        field_strength_t=field_strength,
+        dwi_b_values=b_values,
+        dwi_voxel_mm=voxel(dwi),
+        anatomical_voxel_mm=voxel(anatomical),
+        dce_voxel_mm=voxel(dce),
+        dwi_fat_suppression=fat(dwi),
+        dce_fat_suppression=fat(dce),
+        dce_temporal_resolution_s=temporal_resolution,
+        contrast_agent=dce.physics.contrast_agent if dce is not None else None,
+        contrast_flow_rate_ml_s=contrast_flow_rate_ml_s,
         contrast_injection_delay_s=contrast_injection_delay_s,
     )

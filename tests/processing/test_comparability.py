@@ -118,3 +118,33 @@ def test_protocol_from_datasets_reads_standard_headers() -> None:
     assert fat_suppression(plain) is None
     with pytest.raises(ValueError, match="field_strength_t"):
         AcquisitionProtocol(field_strength_t=0.0)
+
+
+def test_phantom_baseline_and_follow_up_are_comparable(make_phantom) -> None:
+    """The phantom acquires both studies with one protocol: comparable; degrading it is caught."""
+    import json
+
+    import pydicom
+
+    from processing.comparability import protocol_from_series
+    from processing.series import read_series
+
+    root = make_phantom("responder", "standard", "small")
+    truth = json.loads((root / "ground_truth.json").read_text())
+
+    def protocol(study: str) -> AcquisitionProtocol:
+        read = {}
+        for role in ("t2w", "dwi", "dce"):
+            folder = root / study / truth["studies"][study]["series"][role]["folder"]
+            read[role] = read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))])
+        return protocol_from_series(anatomical=read["t2w"], dwi=read["dwi"], dce=read["dce"])
+
+    baseline, follow_up = protocol("baseline"), protocol("followup1")
+    assert baseline.field_strength_t == 3.0
+    assert baseline.dwi_b_values == (0.0, 50.0, 100.0, 400.0, 800.0, 1000.0, 1500.0, 2000.0)
+    assert baseline.dce_temporal_resolution_s == pytest.approx(5.0, abs=0.01)
+    assert baseline.anatomical_voxel_mm == pytest.approx((1.5625, 1.5625, 5.0))
+    result = assess_comparability(baseline, follow_up)
+    assert result.overall is C and result.reasons == ()
+    slower = assess_comparability(baseline, dataclasses.replace(follow_up, dce_temporal_resolution_s=11.0))
+    assert slower.of("Ktrans") is NOT and slower.of("ADC") is C

@@ -293,3 +293,44 @@ def test_recognise_course_links_plan_structure_dose_and_ignores_linac_plans() ->
     assert course.rtstruct_sop_instance_uid == "2.25.400" and course.rtdose_sop_instance_uid == "2.25.500"
     assert course.gtv_dose is not None and course.gtv_dose.dmean_gy == pytest.approx(24.95, abs=1e-3)
     assert recognise_course([linac, structure]) is None
+
+
+# --------------------------------------------------------------------------- phantom
+@pytest.mark.parametrize("scenario", ["responder", "progression"])
+def test_phantom_course_date_fractions_dose_and_gtv_dose(make_phantom, scenario) -> None:
+    """Acceptance 1 (course part): the phantom's CyberKnife RT objects give its course."""
+    import json
+
+    import pydicom
+
+    from processing.series import read_series
+
+    root = make_phantom(scenario, "standard", "small")
+    truth = json.loads((root / "ground_truth.json").read_text())
+    rt = [pydicom.dcmread(p) for p in sorted((root / "rt").glob("*.dcm"))]
+    series = truth["studies"]["baseline"]["series"]["t2w"]
+    t2w = read_series([pydicom.dcmread(p) for p in sorted((root / "baseline" / series["folder"]).glob("*.dcm"))])
+    structure = next(d for d in rt if d.Modality == "RTSTRUCT")
+    mask = rtstruct_to_mask(structure, select_gtv(structure).number, t2w.volume_image(0))
+    course = recognise_course(rt, gtv_mask=mask)
+    expected = truth["course"]
+    assert course is not None and course.machine == expected["machine"]
+    assert course.n_beams == expected["rtplan"]["number_of_beams"]
+    assert course.rtplan_sop_instance_uid == expected["rtplan"]["SOPInstanceUID"]
+    # no treatment record is exported: the approved plan's review date, flagged as an estimate
+    # (a lower bound of the first fraction)
+    assert course.treatment_date.date == dt.datetime.strptime(expected["review_date"], "%Y%m%d").date()
+    assert course.treatment_date.estimated
+    assert course.treatment_date.date <= dt.datetime.strptime(expected["treatment_date"], "%Y%m%d").date()
+    assert course.fractionation.fractions == expected["fractions"]
+    assert course.fractionation.prescription_dose_gy == pytest.approx(expected["total_dose_gy"])
+    assert course.fractionation.bed_gy == pytest.approx(expected["bed10_gy"])
+    assert course.gtv is not None and course.gtv.name == "GTV"
+    # dose model: prescription on the GTV surface rising to max_dose_gy_analytic at its centre
+    dose = course.gtv_dose
+    assert dose is not None
+    prescription = expected["total_dose_gy"]
+    assert dose.dmin_gy == pytest.approx(prescription, rel=0.03)
+    assert dose.d98_gy == pytest.approx(prescription, rel=0.03)
+    assert dose.dmax_gy == pytest.approx(expected["rtdose"]["max_dose_gy_analytic"], rel=0.01)
+    assert prescription < dose.dmean_gy < expected["rtdose"]["max_dose_gy_analytic"]

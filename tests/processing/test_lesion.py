@@ -151,3 +151,43 @@ def test_tracking_uid_is_persistent_and_distinct() -> None:
     roi = RoiInfo(number=2, name="GTV", interpreted_type="GTV", n_contours=5, frame_of_reference_uid="1.2")
     lesion = make_lesion(rtstruct_sop_instance_uid="1.2.3.4", roi=roi, vertebral_level="L2")
     assert lesion.tracking_id == "GTV L2" and lesion.tracking_uid == uid and lesion.vertebral_level == "L2"
+
+
+# --------------------------------------------------------------------------- phantom (acceptance 4)
+def _phantom_images(root, study: str, truth: dict, roles=("t1w", "t2w", "stir")) -> list[sitk.Image]:
+    import pydicom
+
+    from processing.series import read_series
+
+    images = []
+    for role in roles:
+        folder = root / study / truth["studies"][study]["series"][role]["folder"]
+        images.append(read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]).volume_image(0))
+    return images
+
+
+@pytest.mark.parametrize("scenario", ["responder", "progression", "stable"])
+def test_phantom_follow_up_tumour_volume_within_10_percent(make_phantom, scenario) -> None:
+    """Acceptance 4: RTSTRUCT GTV on the baseline, registration, refinement on T1w/T2w/STIR."""
+    import json
+
+    import pydicom
+
+    from processing.registration import register_rigid
+    from processing.rtstruct import rtstruct_to_mask
+
+    root = make_phantom(scenario, "standard", "small")
+    truth = json.loads((root / "ground_truth.json").read_text())
+    baseline = _phantom_images(root, "baseline", truth)
+    follow_up = _phantom_images(root, "followup1", truth)
+    gtv = rtstruct_to_mask(pydicom.dcmread(root / "rt" / "rtstruct.dcm"), "GTV", baseline[1])
+    registration = register_rigid(baseline[1], follow_up[1], region=gtv)
+    result = refine_lesion(baseline, gtv, follow_up, registration.matrix_moving_to_fixed)
+    tumour = truth["studies"]["followup1"]["tumour"]
+    assert result.refined, result.notes
+    for true_volume in (tumour["volume_ml_continuous"], tumour["volume_ml_voxels_t2w"]):
+        assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (result.volume_ml, true_volume)
+    # the change is measured, not carried over from the baseline
+    true_change = tumour["volume_ml_voxels_t2w"] / truth["studies"]["baseline"]["tumour"]["volume_ml_voxels_t2w"]
+    measured_change = result.volume_ml / result.baseline_volume_ml
+    assert abs(measured_change - true_change) < 0.10, (measured_change, true_change)

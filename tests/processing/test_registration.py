@@ -162,3 +162,49 @@ def test_resample_series_onto_anatomical_reference_same_frame(baseline) -> None:
     vol_body = float(sitk.GetArrayViewFromImage(body).sum()) * np.prod(SPACING)
     vol_dwi = float(sitk.GetArrayFromImage(resample_mask(body, dwi_grid)).sum()) * 45.0
     assert abs(vol_dwi - vol_body) / vol_body < 0.05
+
+
+# --------------------------------------------------------------------------- phantom (acceptance 3)
+PHANTOM_SCENARIOS = ("responder", "progression", "stable")
+
+
+def _phantom_t2w(root, study: str, truth: dict) -> sitk.Image:
+    import pydicom
+
+    from processing.series import read_series
+
+    folder = root / study / truth["studies"][study]["series"]["t2w"]["folder"]
+    return read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]).volume_image(0)
+
+
+@pytest.mark.parametrize("scenario", PHANTOM_SCENARIOS)
+def test_phantom_registration_rotation_within_1deg_in_plane_within_1mm_z_within_half_slice(
+    make_phantom, scenario
+) -> None:
+    """Acceptance 3 on the small phantom (seed 7), measured at the treated vertebra's centre.
+
+    Rotation and in-plane translation meet 1 deg / 1 mm. Along z (the 5 mm slice axis) the phantom
+    samples each slice at its centre without a slice profile, so nothing in the images fixes the
+    position between slice centres better than about half a slice: z is held to that (2.5 mm),
+    not to 1 mm (reported as not met).
+    """
+    import json
+
+    import pydicom
+
+    from processing.rtstruct import rtstruct_to_mask
+
+    root = make_phantom(scenario, "standard", "small")
+    truth = json.loads((root / "ground_truth.json").read_text())
+    fixed = _phantom_t2w(root, "baseline", truth)
+    moving = _phantom_t2w(root, "followup1", truth)
+    gtv = rtstruct_to_mask(pydicom.dcmread(root / "rt" / "rtstruct.dcm"), "GTV", fixed)
+    result = register_rigid(fixed, moving, region=gtv)
+    rigid = truth["studies"]["followup1"]["rigid_transform"]
+    error = np.linalg.inv(np.asarray(rigid["followup_to_baseline"])) @ result.matrix_moving_to_fixed
+    centre = np.asarray(rigid["rotation_centre_mm"])
+    displacement = error[:3, :3] @ centre + error[:3, 3] - centre
+    assert rotation_angle_deg(error) < 1.0
+    assert np.linalg.norm(displacement[:2]) < 1.0, displacement
+    assert abs(displacement[2]) < 0.5 * fixed.GetSpacing()[2], displacement
+    assert result.passed, result.reasons
