@@ -6,13 +6,19 @@ synthetic voxels (3.5 s sampling over 280 s, noise SD 0.01 mM). Prints voxels/s 
 ratio (target >= 50x) and the accuracy of each against the truth, so that "same accuracy" is
 visible.
 
-Run: ``.venv/bin/python -m tests.bench.bench_tofts [--voxels N]``.
+With ``--study`` it also times :func:`processing.maps.compute_maps` on one full-size phantom
+follow-up study (DWI + DKI + DCE, whole volume): wall time per map group and peak memory
+(targets <= 60 s and <= 4 GB on the 2-core machine).
+
+Run: ``.venv/bin/python -m tests.bench.bench_tofts [--voxels N] [--study [DIR]]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import curve_fit
@@ -70,10 +76,54 @@ def _accuracy(name: str, kt: np.ndarray, ve: np.ndarray, vp: np.ndarray, truth) 
           f"vp |err| p95 {np.percentile(np.abs(vp[ok] - t_vp[ok]), 95):.4f}; failed {np.count_nonzero(~ok)}")
 
 
+def bench_study(folder: Path | None) -> None:
+    """Wall time and peak memory of compute_maps on a full phantom follow-up study."""
+    import resource
+    import tempfile
+
+    import pydicom
+
+    from processing.maps import compute_maps
+    from processing.series import read_series
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if folder is None:
+            from node.commands.phantom import write_phantom
+
+            folder = Path(tmp) / "phantom"
+            start = time.perf_counter()
+            write_phantom(folder, seed=7, scenario="responder", vendor="standard", size="full")
+            print(f"full phantom written in {time.perf_counter() - start:.1f} s")
+        study = folder / "followup1"
+        start = time.perf_counter()
+        series = [read_series([pydicom.dcmread(f) for f in sorted(d.glob("*.dcm"))])
+                  for d in sorted(study.iterdir()) if d.is_dir()]
+        t_read = time.perf_counter() - start
+        start, cpu0 = time.perf_counter(), time.process_time()
+        maps = compute_maps(series)
+        t_maps, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    groups: dict[float, list[str]] = {}
+    for name, m in maps.items():
+        groups.setdefault(round(float(m.provenance["elapsed_s"]), 2), []).append(name)
+    load = os.getloadavg()[0]
+    print(f"compute_maps on a full follow-up study: {t_maps:.1f} s wall (target <= 60 s), "
+          f"{cpu:.1f} s CPU, load average {load:.1f} on {os.cpu_count()} cores; "
+          f"series reading {t_read:.1f} s")
+    for elapsed, names in sorted(groups.items()):
+        print(f"  {elapsed:7.1f} s  {', '.join(sorted(names))}")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"  peak memory (max RSS of this process): {peak_gb:.2f} GB (target <= 4 GB)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voxels", type=int, default=10_000)
+    parser.add_argument("--study", nargs="?", const="generate", default=None,
+                        help="also time compute_maps on a full phantom study (DIR of a phantom "
+                             "written by `spine-node phantom --size full`, or generate one)")
     args = parser.parse_args(argv)
+    if args.study is not None:
+        bench_study(None if args.study == "generate" else Path(args.study))
     t, aif, c, kt, ve, vp = _synthetic(args.voxels)
     print(f"extended Tofts, {args.voxels} voxels x {t.size} time points")
 
