@@ -24,8 +24,8 @@ from reporting.pmap import build_parametric_map
 from reporting.seg import build_segmentation
 from tests.reporting.tools import dciodvfy, dcmqi
 
-#: vendor variants whose phantom exists in this tree (add "enhanced" when processing.phantom has it)
-VENDORS = ["standard", "siemens", "ge", "philips"]
+#: every vendor variant of the phantom ("enhanced": per-frame plane orientation and pixel measures)
+VENDORS = ["standard", "siemens", "ge", "philips", "enhanced"]
 
 
 def _shape(tumour: dict) -> TumourShape:
