@@ -34,7 +34,7 @@ from node.index import Index
 from node.store import Store
 from node.timeline import record_analysis
 from tests.node.conftest import free_port
-from tests.node.dicom_factory import write_mr_series
+from tests.node.dicom_factory import PHI_TOKENS, write_mr_series
 from tests.node.test_followup import FakeClock, add_mr_study
 from tests.node.test_timeline import STUDIES, TRACKING_UID, TREATMENT, build_summary
 
@@ -43,7 +43,7 @@ RECEIVING = "2.25.4000"
 WAITING = "2.25.5000"
 ANALYSIS_ERROR = "ValueError: Input X contains NaN"
 #: identifiers of the test patient (tests.node.test_followup.add_mr_study)
-PHI = ("FOLLOWUP-TEST", "Test^Followup", "19500101")
+PHI = PHI_TOKENS
 
 
 @dataclass

@@ -15,6 +15,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.followup import DEFAULT_WINDOWS, FollowupSection, FollowupTracker, windows
 from node.index import Index, NewInstance
 from node.notify import NotifySettings
+from tests.node.dicom_factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, PHI_TOKENS
 from tests.node.test_notify import HttpReceiver, SmtpReceiver, http_receiver, smtp_receiver
 from tests.node.test_timeline import STUDIES, TREATMENT, VALUES, build_summary
 
@@ -36,13 +37,14 @@ class FakeClock:
 
 
 def add_mr_study(index: Index, study_uid: str, date: dt.date, *, modality: str = "MR") -> None:
-    """Index one instance of an MR study of the test patient (patient row 1)."""
+    """Index one instance of an MR study of the test patient (patient row 1), who carries the
+    suite's seeded identifiers (tests.node.dicom_factory.PHI_TOKENS, checked in every log)."""
     index.add_instance(NewInstance(
         sop_instance_uid=f"{study_uid}.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
         series_uid=f"{study_uid}.1", study_uid=study_uid, transfer_syntax_uid="1.2.840.10008.1.2.1",
         path=f"/nonexistent/{study_uid}.dcm", size=1, sha256="0", calling_ae="STORESCU",
-        association_id=None, patient_id="FOLLOWUP-TEST", issuer_of_patient_id="",
-        patient_name="Test^Followup", birth_date="19500101", study_date=date.strftime("%Y%m%d"),
+        association_id=None, patient_id=PATIENT_ID, issuer_of_patient_id="",
+        patient_name=PATIENT_NAME, birth_date=BIRTH_DATE, study_date=date.strftime("%Y%m%d"),
         accession_number="", modality=modality, series_number=1, series_description="T1"))
 
 
@@ -133,7 +135,7 @@ def test_missed_window_recorded_notified_and_survives_restart(
     assert smtp.messages[n_mail]["to"] == ["oncology@test"]
     # no patient identifier leaves the node in a notification
     for text in (str(hook), mail.as_string()):
-        assert "FOLLOWUP-TEST" not in text and "Followup" not in text and "1950" not in text
+        assert not [token for token in PHI_TOKENS if token in text]
     assert windows(index, state="missed")[0].notified is not None
     # a second check does not notify twice
     assert tracker.check_due() == []
