@@ -309,6 +309,7 @@ class FollowupTracker:
                     study_date + dt.timedelta(days=self.section.confirmation_days),
                     record["study_instance_uid"]))
         created: list[int] = []
+        dropped: list[int] = []
         now = self.clock().timestamp()
         with self._lock, self.index.transaction() as db:
             for kind, label, opens, closes, trigger in wanted:
@@ -326,6 +327,21 @@ class FollowupTracker:
                 elif row["state"] == "due":  # a re-estimated treatment date moves due windows
                     db.execute("UPDATE followup_windows SET opens=?, closes=? WHERE id=?",
                                (opens.isoformat(), closes.isoformat(), row["id"]))
+            # due windows no longer expected (a re-analysis changed the call, or the configured
+            # windows changed) are dropped; met and missed ones are history and stay
+            labels = {(kind, label) for kind, label, *_ in wanted}
+            for row in db.execute("SELECT id, kind, label FROM followup_windows WHERE"
+                                  " patient_row=? AND course_uid=? AND state='due'",
+                                  (patient_row, course_uid)).fetchall():
+                if (row["kind"], row["label"]) not in labels:
+                    db.execute("DELETE FROM followup_windows WHERE id=?", (row["id"],))
+                    dropped.append(int(row["id"]))
+        for window_id in dropped:
+            logger.info("follow-up window %d of patient row %d no longer expected: dropped",
+                        window_id, patient_row)
+            if self.scheduler is not None and self.scheduler.get_job(
+                    f"followup-window-{window_id}") is not None:
+                self.scheduler.remove_job(f"followup-window-{window_id}")
         self.resolve_met(patient_row)
         current = windows(self.index, patient_row)
         for window in current:

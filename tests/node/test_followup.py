@@ -214,3 +214,21 @@ def test_section_validation() -> None:
         FollowupSection(windows=[{"label": "x", "start_days": 10, "end_days": 5}])
     with pytest.raises(ValueError, match="unique"):
         FollowupSection(windows=[{"label": "x", "start_days": 1, "end_days": 5}] * 2)
+
+
+def test_reanalysis_that_changes_the_call_drops_the_confirmation_window(
+        tmp_path: Path, scheduler: BackgroundScheduler) -> None:
+    index = Index(tmp_path / "index.sqlite3")
+    for uid, days in STUDIES[:2]:
+        add_mr_study(index, uid, _date(days))
+    tracker = FollowupTracker(index, FollowupSection(), scheduler, clock=FakeClock(_date(75)))
+    tracker.update_patient(1, build_summary(VALUES[:2], STUDIES[:2]))
+    (confirmation,) = [w for w in windows(index) if w.kind == "confirmation"]
+    assert scheduler.get_job(f"followup-window-{confirmation.id}") is not None
+    # a corrected baseline makes the day-70 growth small: no pseudoprogression call any more
+    corrected = ((11.4, 0.90e-3, 0.120, 0.080), VALUES[1])
+    summary = build_summary(corrected, STUDIES[:2])
+    assert summary["time_points"][1]["response"]["category"] == "local control"
+    tracker.update_patient(1, summary)
+    assert [w.kind for w in windows(index)] == ["scheduled"] * len(DEFAULT_WINDOWS)
+    assert scheduler.get_job(f"followup-window-{confirmation.id}") is None
