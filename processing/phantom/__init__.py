@@ -1,7 +1,8 @@
 """Synthetic CyberKnife spine patients with known answers (``spine-node phantom``).
 
 Pure: :func:`generate_patient` builds numpy arrays, pydicom Datasets (lazily, through
-:meth:`Phantom.iter_datasets`) and the ground-truth dict in memory; ``node/commands/phantom.py``
+:meth:`Phantom.iter_datasets`, or as Part 10 bytes through :meth:`Phantom.iter_files`) and the
+ground-truth dict in memory; ``node/commands/phantom.py``
 writes them to disk. Deterministic for (seed, scenario, vendor, size): same pixel data and UIDs
 (``2.25.<uuid5>``). Different vendors/scenarios/sizes of one seed are different patients (their
 identifiers and UIDs differ), so they can coexist on one node.
@@ -91,13 +92,16 @@ Vendor variants and their deviations from the standard
 - ``enhanced``: one Enhanced MR Image Storage object per series as Siemens XA writes it (see
   :mod:`processing.phantom.enhanced`).
 
+``VENDOR_DEVIATIONS`` lists, per variant, the dciodvfy errors those deviations produce.
+
 RT objects (all vendors): see :mod:`processing.phantom.rt`; RT Dose is stored 16-bit (dciodvfy
 cannot parse 32-bit OW dose grids).
 """
 
 from __future__ import annotations
 
+from processing.phantom.mr import VENDOR_DEVIATIONS
 from processing.phantom.patient import SCENARIOS, VENDORS, Phantom, generate_patient
 from processing.phantom.protocol import SIZES
 
-__all__ = ["SCENARIOS", "SIZES", "VENDORS", "Phantom", "generate_patient"]
+__all__ = ["SCENARIOS", "SIZES", "VENDORS", "VENDOR_DEVIATIONS", "Phantom", "generate_patient"]

@@ -8,6 +8,7 @@ docstring of :mod:`processing.phantom`.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,8 @@ from processing.phantom import protocol as proto
 if TYPE_CHECKING:
     from processing.phantom.patient import Phantom, SeriesData, StudyData
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1453.1"  # phantom writer (2.25-style root stand-in)
+#: the phantom writer's Implementation Class UID (a UUID-derived 2.25 UID, PS3.5 B.2)
+IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'spine-node-phantom:implementation-1').int}"
 IMPLEMENTATION_VERSION = "SPINENODE_PH1"
 
 VENDOR_EQUIPMENT: dict[str, dict[str, Any]] = {

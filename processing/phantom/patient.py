@@ -396,10 +396,12 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             scales[sp.key] = _scale_for(ref)
             noise_sigma[sp.key] = REFERENCE_COUNTS / sp.snr
         nrng = np.random.default_rng(rng.integers(0, 2**63))
-        noisy = add_rician_noise(signal * scales[sp.key], noise_sigma[sp.key], nrng)
+        pixels = np.empty(signal.shape, dtype=np.uint16)
+        for v in range(signal.shape[0]):  # volume by volume to bound memory
+            pixels[v] = _to_uint16(add_rician_noise(signal[v] * scales[sp.key], noise_sigma[sp.key], nrng))
         series_uid = phantom_uid(*ident, key, sp.key, "series")
         folder = f"series{sp.series_number:03d}"
-        sd = SeriesData(sp.role, sp, grid, series_uid, folder, _to_uint16(noisy), volumes, t)
+        sd = SeriesData(sp.role, sp, grid, series_uid, folder, pixels, volumes, t)
         sd.sop_uids = [[phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])] for v in range(len(volumes))]
         series_list.append(sd)
         duration = volumes[-1]["time_s"] + 10.0
@@ -483,11 +485,14 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
     if sp.role == "dwi":
         s0 = _weighted(sp, params, labels)
         vols = proto.dwi_volumes()
-        out = np.empty((len(vols),) + s0.shape)
+        out = np.empty((len(vols),) + s0.shape, dtype=np.float32)
         meta = []
+        seen: dict[float, int] = {}
         for v, (b, g) in enumerate(vols):
             out[v] = s0 * diffusion_attenuation(b, params["d"], params["k"], params["f"], params["dstar"])
-            meta.append({"b": b, "gradient": [float(x) for x in g], "time_s": v * sp.tr_ms / 1000.0})
+            seen[b] = seen.get(b, 0) + 1
+            meta.append({"b": b, "gradient": [float(x) for x in g], "gradient_number": seen[b],
+                         "time_s": v * sp.tr_ms / 1000.0})
         return out, meta, extra
     r10 = 1000.0 / params["t1"]
     tr_s = sp.tr_ms / 1000.0
@@ -499,16 +504,23 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
         t = np.arange(protocol.dce_frames) * protocol.dce_dt_s
         shape = params["pd"].shape
         flat = {k: v.ravel() for k, v in params.items()}
-        conc = np.zeros((t.size, flat["pd"].size))
-        perfused = (flat["ktrans"] > 0) | (flat["vp"] > 0)
-        conc[:, perfused] = extended_tofts(t, flat["ktrans"][perfused], flat["ve"][perfused], flat["vp"][perfused],
-                                           bolus_arrival_s=proto.BOLUS_ARRIVAL_S, hct=proto.HCT)
         blood = labels.ravel() == LABEL["blood"]
         cb = parker_aif_blood(t, bolus_arrival_s=proto.BOLUS_ARRIVAL_S)
-        conc[:, blood] = cb[:, None]
-        r1 = (r10.ravel()[None, :] + proto.R1_PER_MM_PER_S * conc).astype(np.float32)
-        out = spgr_signal(flat["pd"].astype(np.float32)[None, :], r1, flip_deg=sp.flip_deg,
-                          tr_s=tr_s).reshape((t.size,) + shape)
+        r10_flat = r10.ravel()
+        out = np.empty((t.size, r10_flat.size), dtype=np.float32)
+        chunk = 32768  # voxels per block: bounds the (time x voxel) temporaries to a few tens of MB
+        for lo in range(0, r10_flat.size, chunk):
+            sl = slice(lo, lo + chunk)
+            conc = np.zeros((t.size, r10_flat[sl].size))
+            perfused = (flat["ktrans"][sl] > 0) | (flat["vp"][sl] > 0)
+            if perfused.any():
+                conc[:, perfused] = extended_tofts(t, flat["ktrans"][sl][perfused], flat["ve"][sl][perfused],
+                                                   flat["vp"][sl][perfused], bolus_arrival_s=proto.BOLUS_ARRIVAL_S,
+                                                   hct=proto.HCT)
+            conc[:, blood[sl]] = cb[:, None]
+            r1 = (r10_flat[sl][None, :] + proto.R1_PER_MM_PER_S * conc).astype(np.float32)
+            out[:, sl] = spgr_signal(flat["pd"][sl].astype(np.float32)[None, :], r1, flip_deg=sp.flip_deg, tr_s=tr_s)
+        out = out.reshape((t.size,) + shape)
         meta = [{"time_s": float(ti), "temporal_position": n + 1} for n, ti in enumerate(t)]
         extra["aif_whole_blood_mM"] = [float(v) for v in cb]
         extra["frame_times_s"] = [float(v) for v in t]
