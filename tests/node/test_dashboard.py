@@ -297,3 +297,33 @@ def test_reanalyse_button_runs_the_real_worker(tmp_path: Path) -> None:
         service.scheduler.shutdown(wait=True)
         worker.stop()
         service.index.close()
+
+
+def test_start_dashboard_serves_a_running_node(tmp_path: Path) -> None:
+    """``start_dashboard(service)`` as ``spine-node serve`` calls it: configured port (0: free),
+    loopback by default, worklist over real HTTP."""
+    import urllib.request
+
+    from node.dashboard import start_dashboard
+    from node.service import NodeService
+
+    settings = settings_from_mapping({"node": {"storage": str(tmp_path / "storage"), "port": 0},
+                                      "dashboard": {"port": 0}})
+    service = NodeService(settings)
+    service.start()
+    server = start_dashboard(service)
+    try:
+        assert server is not None and server.address[0] == "127.0.0.1"
+        with urllib.request.urlopen(server.url + "/", timeout=10) as response:
+            assert response.status == 200 and b"Worklist" in response.read()
+    finally:
+        if server is not None:
+            server.stop()
+        service.stop()
+    disabled = settings_from_mapping({"node": {"storage": str(tmp_path / "s2")},
+                                      "dashboard": {"enabled": False}})
+
+    class _Service:
+        settings = disabled
+
+    assert start_dashboard(_Service()) is None
