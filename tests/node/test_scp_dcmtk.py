@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from node.scu import PeerAddress, send_files, echo
 from node.store import uid_hash
-from tests.node.fixtures import free_port, require_tool, write_config
+from tests.node.fixtures import require_tool, write_config
 from tests.node.dicom_factory import dataset_bytes, mr_dataset, write_mr_series
 
 pytestmark = pytest.mark.network
