@@ -16,6 +16,8 @@ Content of each measurement group (TID 1411)
   CID 280 has no treatment-start event (negative for a pre-treatment baseline).
 * Referenced Segment (the SEG of this lesion at this time point, found by Study Instance UID and
   Tracking UID) with its source series; Finding = the segment type; Finding Site = the vertebra.
+  A time point without a SEG (e.g. the lesion could not be delineated: "not assessable") gets a
+  TID 1501 measurement group (no ROI) with the same content otherwise.
 * Measurement Method: the response rule set (private ``RSET-``) when a response was assessed.
 * Measurements (NUM):
 
@@ -59,6 +61,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
@@ -299,16 +302,14 @@ def _time_point_context(result: TimePointResult, order: int) -> hd.sr.TimePointC
 
 
 def _segment_for(result: TimePointResult, segmentations: Sequence[Dataset]
-                 ) -> tuple[Dataset, int]:
+                 ) -> tuple[Dataset, int] | None:
     for seg in segmentations:
         if str(seg.StudyInstanceUID) != result.study_instance_uid:
             continue
         for item in seg.SegmentSequence:
             if str(item.get("TrackingUID", "")) == result.lesion.tracking_uid:
                 return seg, int(item.SegmentNumber)
-    raise ValueError(
-        f"no SEG of study {result.study_instance_uid} holds a segment with Tracking UID "
-        f"{result.lesion.tracking_uid}")
+    return None
 
 
 def _referenced_segment(seg: Dataset, segment_number: int) -> hd.sr.ReferencedSegment:
@@ -344,8 +345,9 @@ def build_measurement_report(
     results : Sequence[processing.results.TimePointResult]
         Every lesion at every time point to report (typically baseline and follow-ups).
     segmentations : Sequence[pydicom.Dataset]
-        The SEGs built by :func:`reporting.seg.build_segmentation`; each result needs one of its
-        study with a segment of its Tracking UID.
+        The SEGs built by :func:`reporting.seg.build_segmentation`; a result is tied to the SEG of
+        its study holding a segment of its Tracking UID (TID 1411), or reported without ROI
+        (TID 1501) when there is none.
     parametric_maps : Sequence[pydicom.Dataset]
         The Parametric Maps of the studies; map statistics reference the map of their quantity and
         study.
@@ -381,8 +383,6 @@ def build_measurement_report(
         raise ValueError("results is empty: nothing to report")
     if not algorithm_version:
         raise ValueError("algorithm_version must be given")
-    if not segmentations:
-        raise ValueError("segmentations is empty: every measurement group needs its SEG")
     parameters = [f"{k}={v}" for k, v in sorted((algorithm_parameters or {}).items())]
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME, version=algorithm_version, parameters=parameters or None)
@@ -396,7 +396,7 @@ def build_measurement_report(
     for result in ordered:
         order = order_by_lesion.get(result.lesion.tracking_uid, 0) + 1
         order_by_lesion[result.lesion.tracking_uid] = order
-        seg, segment_number = _segment_for(result, segmentations)
+        segment = _segment_for(result, segmentations)
         study_maps = {q: uid for (study, q), uid in maps.items()
                       if study == result.study_instance_uid}
         builder = _GroupBuilder(result, algorithm=algorithm, algorithm_name=ALGORITHM_NAME,
@@ -409,16 +409,22 @@ def build_measurement_report(
             builder.evaluations.append(hd.sr.QualitativeEvaluation(
                 rcodes.COMPARABILITY, rcodes.COMPARABILITY_VALUES[result.comparability]))
         response = result.response
-        common = dict(
+        common: dict[str, Any] = dict(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=result.lesion.tracking_uid, identifier=result.lesion.tracking_id),
-            referenced_segment=_referenced_segment(seg, segment_number),
             time_point_context=_time_point_context(result, order),
             finding_type=rcodes.segment_type(segment_type),
             finding_sites=[hd.sr.FindingSite(rcodes.vertebra_code(result.lesion.vertebral_level))],
             algorithm_id=algorithm,
         )
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        if segment is not None:
+            common["referenced_segment"] = _referenced_segment(*segment)
+            group_class: type = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        else:
+            logger.warning("no SEG of study %s for lesion %s: TID 1501 group without ROI",
+                           result.study_instance_uid, result.lesion.tracking_uid)
+            group_class = hd.sr.MeasurementsAndQualitativeEvaluations
+        groups.append(group_class(
             method=rcodes.rule_set_code(response.rule_set) if response is not None else None,
             measurements=builder.measurements,
             qualitative_evaluations=builder.evaluations or None,
@@ -437,7 +443,7 @@ def build_measurement_report(
                                    change.relative if relative else change.absolute,
                                    change=True, relative=relative)
             if change_builder.measurements:
-                groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                groups.append(group_class(
                     method=method, measurements=change_builder.measurements, **common))
 
     observer_uid = device_observer_uid or deterministic_uid(
@@ -452,7 +458,7 @@ def build_measurement_report(
     evidence_all = [*segmentations, *parametric_maps, *source_images]
     current_study = current.study_instance_uid
     evidence = sorted(evidence_all, key=lambda ds: str(ds.StudyInstanceUID) != current_study)
-    if str(evidence[0].StudyInstanceUID) != current_study:
+    if not evidence or str(evidence[0].StudyInstanceUID) != current_study:
         raise ValueError(f"no evidence of the latest study {current_study} was given")
     image_library = list(source_images)
     report = hd.sr.MeasurementReport(

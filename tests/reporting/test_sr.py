@@ -216,9 +216,40 @@ def test_sr_uids_are_deterministic() -> None:
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
 
 
-def test_sr_requires_the_segment_of_each_time_point() -> None:
+def test_time_point_without_seg_is_reported_without_roi(tmp_path: Path) -> None:
+    """A follow-up whose lesion could not be delineated (no SEG): TID 1501 group, still valid."""
+    import dataclasses
+
+    from processing.results import ResponseCategory
+
     objects = build_inputs()
-    with pytest.raises(ValueError, match="no SEG of study"):
+    not_assessable = dataclasses.replace(FOLLOW_UP, response=dataclasses.replace(
+        FOLLOW_UP.response, category=ResponseCategory.NOT_ASSESSABLE))
+    sr = build_measurement_report([BASELINE, not_assessable], segmentations=objects.segs[:1],
+                                  parametric_maps=objects.pmaps, algorithm_version=VERSION)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    dciodvfy(path)
+    back = hd.sr.srread(path)
+    assert len(back.content.get_volumetric_roi_measurement_groups()) == 1  # the baseline
+    # follow-up: TID 1501 groups (response, relative and absolute changes)
+    assert len(back.content.get_image_measurement_groups(
+        tracking_uid=LESION.tracking_uid)) == 3
+    data = tid1500_json(path, tmp_path)
+    assert {g["timePoint"] for g in data["Measurements"]} == {
+        "baseline 20260105", "follow-up 20260420"}
+    follow_up = [g for g in data["Measurements"] if g["timePoint"] == "follow-up 20260420"
+                 and g.get("measurementMethod", {}).get("CodeValue", "").startswith("RSET")]
+    (group,) = follow_up
+    assert "ReferencedSegment" not in group
+    values = {(q["conceptCode"]["CodeValue"], q["conceptValue"]["CodeValue"])
+              for q in group["qualitativeEvaluations"]}
+    assert ("112020", "NA") in values
+
+
+def test_sr_needs_evidence_of_the_latest_study() -> None:
+    objects = build_inputs()
+    with pytest.raises(ValueError, match="no evidence of the latest study"):
         build_measurement_report([BASELINE, FOLLOW_UP], segmentations=objects.segs[:1],
                                  algorithm_version=VERSION)
 
