@@ -94,8 +94,8 @@ def build_parametric_map(
         Quantity name (``reporting.codes.QUANTITIES``).
     provenance : Mapping[str, Any]
         How the map was made. Recognised keys: ``model`` (DCE: ``tofts``/``extended_tofts``),
-        ``b_values`` (s/mm², diffusion maps). All items are summarised in the Content
-        Description and LUT Explanation is built from the quantity and model.
+        ``b_values`` (s/mm², diffusion maps), written in the Content Description; every item
+        enters the input digest of the UIDs.
     algorithm_version : str
         Software version written in the object and part of the UIDs.
     source_frames : Sequence[int], optional
@@ -152,8 +152,8 @@ def build_parametric_map(
         slope=1.0,
         intercept=0.0,
     )
-    # highdicom accepts a single quantity concept; the full definition (quantity, method,
-    # b-values as dcmqi writes them) is set on the mapping item directly.
+    # highdicom accepts a single quantity concept; the definition with the method is set on
+    # the mapping item directly.
     mapping.QuantityDefinitionSequence = DicomSequence(_quantity_definitions(spec))
 
     settings = repr(sorted((str(k), repr(v)) for k, v in provenance.items()))
