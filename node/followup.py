@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,8 @@ FOLLOWUP_MIGRATIONS: tuple[str, ...] = (
     """,
 )
 FOLLOWUP_SCHEMA_VERSION = len(FOLLOWUP_MIGRATIONS)
+#: Index objects whose tables are known to be current (reads then take no write lock)
+_CURRENT: weakref.WeakSet[Index] = weakref.WeakSet()
 
 
 class FollowupWindowSetting(BaseModel):
@@ -140,6 +143,8 @@ def utc_now() -> dt.datetime:
 
 def ensure_schema(index: Index) -> int:
     """Create or migrate the follow-up tables; return the schema version in place."""
+    if index in _CURRENT:
+        return FOLLOWUP_SCHEMA_VERSION
     with index.transaction() as db:
         db.execute("CREATE TABLE IF NOT EXISTS followup_schema_version (version INTEGER NOT NULL)")
         row = db.execute("SELECT version FROM followup_schema_version").fetchone()
@@ -155,6 +160,7 @@ def ensure_schema(index: Index) -> int:
                 if statement.strip():
                     db.execute(statement)
             db.execute("UPDATE followup_schema_version SET version=?", (target + 1,))
+    _CURRENT.add(index)
     return FOLLOWUP_SCHEMA_VERSION
 
 

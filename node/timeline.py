@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,8 @@ TIMELINE_MIGRATIONS: tuple[str, ...] = (
 )
 
 TIMELINE_SCHEMA_VERSION = len(TIMELINE_MIGRATIONS)
+#: Index objects whose tables are known to be current (reads then take no write lock)
+_CURRENT: weakref.WeakSet[Index] = weakref.WeakSet()
 
 
 class TimelineError(ValueError):
@@ -104,6 +107,8 @@ def ensure_schema(index: Index) -> int:
     TimelineError
         When the database holds a newer timeline schema than this node knows.
     """
+    if index in _CURRENT:
+        return TIMELINE_SCHEMA_VERSION
     with index.transaction() as db:
         db.execute("CREATE TABLE IF NOT EXISTS timeline_schema_version (version INTEGER NOT NULL)")
         row = db.execute("SELECT version FROM timeline_schema_version").fetchone()
@@ -120,6 +125,7 @@ def ensure_schema(index: Index) -> int:
                 if statement.strip():
                     db.execute(statement)
             db.execute("UPDATE timeline_schema_version SET version=?", (target + 1,))
+    _CURRENT.add(index)
     return TIMELINE_SCHEMA_VERSION
 
 

@@ -166,8 +166,9 @@ def test_schema_is_versioned_and_survives_reopen(tmp_path: Path) -> None:
     assert len(timeline(index)) == 3
     with index.transaction() as db:
         db.execute("UPDATE timeline_schema_version SET version=99")
+    index.close()
     with pytest.raises(TimelineError, match="newer than this node"):
-        ensure_schema(index)
+        ensure_schema(Index(path))
 
 
 def test_summary_without_course_is_refused(tmp_path: Path) -> None:
