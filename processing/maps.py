@@ -74,6 +74,9 @@ class MapSettings:
         Fit the extended (vp) Tofts model; else standard.
     background_fraction : float
         Voxels whose reference signal is below this fraction of the 99th percentile are background.
+    min_baseline_frames : int
+        DCE frames needed before the detected bolus arrival (the first is excluded from the
+        baseline as not yet in steady state); fewer raise "DCE without baseline".
     """
 
     adc_min_b: float = 50.0
@@ -86,6 +89,7 @@ class MapSettings:
     fixed_t10: float = 1.0
     extended_tofts: bool = True
     background_fraction: float = 0.05
+    min_baseline_frames: int = 3
 
     def __post_init__(self) -> None:
         if not 0 <= self.hematocrit < 1:
@@ -266,8 +270,14 @@ def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
     curve = np.nanmean(enh[strong], axis=0)
     bat = float(bolus_arrival_time(times, curve))
     if not np.isfinite(bat):
-        raise ValueError(f"DCE series {dce.series_instance_uid}: no bolus arrival detected")
+        raise ValueError(f"DCE without baseline: no bolus arrival detected in series "
+                         f"{dce.series_instance_uid} (the contrast must arrive after >= "
+                         f"{settings.min_baseline_frames} pre-contrast frames)")
     n_baseline = int(np.searchsorted(times, bat, side="left"))
+    if n_baseline < settings.min_baseline_frames:
+        raise ValueError(
+            f"DCE without baseline: series {dce.series_instance_uid} has {n_baseline} frame(s) "
+            f"before the bolus arrival at {bat:.1f} s (need {settings.min_baseline_frames})")
     conc = spgr_signal_to_concentration(
         signal, flip_angle=float(flip), repetition_time=float(tr_ms) / 1000.0,
         t10=np.where(fg, t1.t1, np.nan), relaxivity=settings.relaxivity, n_baseline=n_baseline)
@@ -307,8 +317,8 @@ def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
     return out
 
 
-def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None = None
-                 ) -> dict[str, QuantMap]:
+def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None = None,
+                 skipped: list[str] | None = None) -> dict[str, QuantMap]:
     """Every quantitative map the given series of one study allow.
 
     Parameters
@@ -317,6 +327,10 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
         Assembled series (:func:`processing.series.read_series`) of one study; anatomical and
         unrelated series are ignored.
     settings : MapSettings, optional
+    skipped : list of str, optional
+        When given, a group of maps that cannot be computed (e.g. DCE without baseline) is left
+        out, its reason appended here and the other groups are still returned; when None the
+        ValueError propagates.
 
     Returns
     -------
@@ -342,7 +356,14 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
         flags = {"ivim": uid in inv.ivim, "dki_tensor": uid in inv.dki_tensor,
                  "kurtosis_apparent": uid in inv.kurtosis_apparent}
         start = time.perf_counter()
-        maps = _diffusion_maps(volumes[uid], flags, settings)
+        try:
+            maps = _diffusion_maps(volumes[uid], flags, settings)
+        except ValueError as err:
+            if skipped is None:
+                raise
+            logger.warning("diffusion maps of series %s skipped: %s", uid, err)
+            skipped.append(f"diffusion ({uid}): {err}")
+            maps = {}
         elapsed = time.perf_counter() - start
         for name, m in maps.items():
             m.provenance.update(settings_prov, elapsed_s=elapsed)
@@ -353,7 +374,14 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
         vfa = volumes[inv.vfa_t1] if inv.vfa_t1 and inv.dce_t1_method == "vfa" else None
         start = time.perf_counter()
         if inv.dce_quantitative:
-            maps = _dce_maps(dce, vfa, settings)
+            try:
+                maps = _dce_maps(dce, vfa, settings)
+            except ValueError as err:
+                if skipped is None:
+                    raise
+                logger.warning("DCE maps of series %s skipped: %s", inv.dce, err)
+                skipped.append(f"DCE ({inv.dce}): {err}")
+                maps = {}
         else:
             logger.info("DCE series %s too short/slow for pharmacokinetics", inv.dce)
             maps = {}

@@ -118,12 +118,11 @@ def run(args: argparse.Namespace) -> int:
             except SeriesError as err:
                 logger.warning("series %s skipped: %s", series_uid, err)
         start = time.perf_counter()
-        try:
-            maps = compute_maps(volumes.values())
-        except ValueError as err:
-            logger.error("study %s: maps failed: %s", study_uid, err)
-            continue
+        skipped: list[str] = []
+        maps = compute_maps(volumes.values(), skipped=skipped)
         elapsed = time.perf_counter() - start
+        for reason in skipped:
+            print(f"{study_uid}: skipped {reason}")
         if not maps:
             logger.info("study %s: no series allows a quantitative map", study_uid)
             continue
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         by_sop = {str(ds.SOPInstanceUID): ds for ds in members}
         report: dict[str, Any] = {"study_instance_uid": study_uid, "elapsed_s": elapsed,
-                                  "maps": {}}
+                                  "skipped": skipped, "maps": {}}
         for name, qmap in sorted(maps.items()):
             entry: dict[str, Any] = {
                 "quantity": name, "unit": qmap.unit,

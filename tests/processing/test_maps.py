@@ -129,3 +129,25 @@ def test_maps_command_without_functional_series_fails_clearly(phantom_small: Pat
 
     assert main(["maps", str(phantom_small / "rt"), "--out", str(tmp_path / "o")]) == 1
     assert "no quantitative map" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dce_without_baseline_is_a_clear_error_and_other_maps_survive(phantom_small: Path) -> None:
+    import dataclasses
+
+    series = _read_study(phantom_small / "baseline")
+    truth = json.loads((phantom_small / "ground_truth.json").read_text())
+    dce_uid = truth["studies"]["baseline"]["series"]["dce"]["SeriesInstanceUID"]
+    first = int(30.0 / 5.0)  # drop every frame before the bolus arrival (30 s, 5 s frames)
+    cut = []
+    for v in series:
+        if v.series_instance_uid == dce_uid:
+            v = dataclasses.replace(v, array=v.array[first:], volumes=v.volumes[first:],
+                                    source_frames=v.source_frames[first:])
+        cut.append(v)
+    with pytest.raises(ValueError, match="DCE without baseline"):
+        compute_maps(cut)
+    skipped: list[str] = []
+    maps = compute_maps(cut, skipped=skipped)
+    assert len(skipped) == 1 and "without baseline" in skipped[0]
+    assert "ADC" in maps and "Ktrans" not in maps
