@@ -14,13 +14,13 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from node.dashboard.app import (DashboardActions, DashboardSection, create_app,
                                 dashboard_section)
-from node.dashboard.state import StudyState, outbox_reason, study_states
+from node.dashboard.state import StudyState, outbox_reason, study_states, worklist_text
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DashboardActions", "DashboardSection", "DashboardServer", "StudyState",
            "create_app", "dashboard_section", "reanalyse_action", "requeue_failed_outputs",
-           "start_dashboard",
+           "start_dashboard", "worklist_text",
            "study_states"]
 
 

@@ -102,3 +102,19 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
             can_requeue=state == "failed" and bool(counts.get("failed")),
             can_reanalyse=state not in ("receiving", "analysing")))
     return out
+
+
+def worklist_text(index: Index, *, limit: int = 50) -> str:
+    """The dashboard's worklist as plain text for ``spine-node status`` (UIDs only, no patient
+    name, ID or birth date; the patient is the index's row number)."""
+    states = study_states(index, limit=limit)
+    if not states:
+        return "No study received yet."
+    lines = [f"{'study date':<10}  {'patient':>7}  {'state':<20}  study UID / reason"]
+    for s in states:
+        date = s.study_date or ""
+        lines.append(f"{date:<10}  {'#' + str(s.patient_row) if s.patient_row else '':>7}  "
+                     f"{s.state:<20}  {s.study_uid}")
+        if s.reason:
+            lines.append(f"{'':<43}{s.reason}")
+    return "\n".join(lines)

@@ -26,7 +26,7 @@ from werkzeug.security import generate_password_hash
 
 from node.config import Settings, settings_from_mapping
 from node.dashboard import (DashboardActions, DashboardSection, DashboardServer, create_app,
-                            requeue_failed_outputs, study_states)
+                            requeue_failed_outputs, study_states, worklist_text)
 from node.dashboard.state import outbox_reason
 from node.dispatch import Dispatcher, Outbox
 from node.followup import FollowupSection, FollowupTracker
@@ -106,6 +106,11 @@ def test_worklist_states_and_reasons(node: Node) -> None:
     assert states[WAITING].state == "waiting for baseline"
     assert "no baseline" in states[WAITING].reason
     assert states[RECEIVING].state == "receiving"
+    # the same worklist for `spine-node status`, without patient identifiers
+    text = worklist_text(node.index)
+    assert f"#1  failed                {FOLLOW_UP_2}" in text
+    assert f"analysis failed: {ANALYSIS_ERROR}" in text
+    assert not [token for token in PHI if token in text]
 
 
 def test_local_pages(node: Node) -> None:
