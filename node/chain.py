@@ -75,7 +75,8 @@ class StudyAnalysis:
     anatomy: Any  # SeriesVolume of the anatomical reference
     anatomy_image: sitk.Image
     anatomy_datasets: list[Dataset]
-    maps: dict[str, Any] = field(default_factory=dict)  # quantity -> processing.maps result
+    input_digest: str  # of every instance of the study (reporting.uids.digest_uids)
+    maps: dict[str, Any] = field(default_factory=dict)  # quantity -> StudyMap
     lesion_mask: sitk.Image | None = None
     registration: Any = None
     lesion_notes: tuple[str, ...] = ()
@@ -231,13 +232,14 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     for other in roles.others:
         notes.append(f"MR study {other.study_instance_uid}: {other.reason}")
 
-    baseline = _prepare_study(mr_studies[roles.baseline.study_instance_uid], roles.baseline, timer)
+    baseline = _prepare_study(mr_studies[roles.baseline.study_instance_uid], roles.baseline, timer,
+                              notes)
     rtstruct = _find_rtstruct(rt, course)
     lesion, gtv = _baseline_lesion(rtstruct, course, baseline)
     baseline.lesion_mask = gtv
     if course.gtv_dose is None and course.rtdose_sop_instance_uid is not None:
         course = _with_gtv_dose(rt, course, gtv, settings)
-    follow_ups = [_prepare_study(mr_studies[f.study_instance_uid], f, timer)
+    follow_ups = [_prepare_study(mr_studies[f.study_instance_uid], f, timer, notes)
                   for f in roles.follow_ups]
     for study in follow_ups:
         with timer("registration+lesion"):
@@ -245,14 +247,34 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     studies = [baseline, *follow_ups]
     results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
     with timer("reporting"):
-        outputs = _build_outputs(studies, results, lesion, settings)
+        outputs = _build_outputs(studies, results, lesion, settings, rt)
     return ChainResult(course, roles, lesion, studies, results, outputs, notes, dict(timer.timings))
 
 
-def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer) -> StudyAnalysis:
+@dataclass
+class StudyMap:
+    """A map (or an anatomical image used like one) of a study, with what it was made from."""
+
+    quantity: str
+    image: sitk.Image
+    unit: str
+    provenance: dict[str, Any]
+    source_volume: Any  # SeriesVolume
+    source_datasets: list[Dataset]
+    exported: bool = True  # False for anatomical images (no Parametric Map of a T2w)
+
+
+#: series roles read by the chain (maps and anatomical channels)
+_READ_ROLES = ("dwi", "dce", "vfa_t1", "t1w", "t2w", "stir")
+_ANATOMICAL = {"t2w": "T2w", "t1w": "T1w", "stir": "STIR"}
+
+
+def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
+                   notes: list[str]) -> StudyAnalysis:
     from processing.classify import classify_study
     from processing.maps import compute_maps
-    from processing.series import group_by_series, read_series
+    from processing.series import SeriesError, group_by_series, read_series
+    from reporting.uids import digest_uids
 
     with timer("classify"):
         inventory = classify_study(datasets)
@@ -260,15 +282,47 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer) -> Stu
         raise ChainError(f"study {role.study_instance_uid} has no anatomical series (T2w, T1w or "
                          "STIR) to delineate the lesion on")
     series = group_by_series(datasets)
+    volumes: dict[str, Any] = {}
+    roles: dict[str, str] = {}
     with timer("read"):
-        anatomy = read_series(series[inventory.anatomy_reference])
+        for cls in inventory.series:
+            if cls.role.value not in _READ_ROLES:
+                continue
+            try:
+                volumes[cls.series_instance_uid] = read_series(series[cls.series_instance_uid])
+            except SeriesError as err:
+                notes.append(f"series {cls.series_instance_uid} not used: {err}")
+                continue
+            roles[cls.series_instance_uid] = cls.role.value
+    anatomy = volumes.get(inventory.anatomy_reference)
+    if anatomy is None:
+        raise ChainError(f"the anatomical series of study {role.study_instance_uid} cannot be read")
+    maps: dict[str, StudyMap] = {}
     with timer("maps"):
-        maps = compute_maps(series, inventory)
+        try:
+            quant = compute_maps([v for uid, v in volumes.items()
+                                  if roles[uid] in ("dwi", "dce", "vfa_t1")])
+        except ValueError as err:
+            notes.append(f"study {role.study_instance_uid}: maps not computed: {err}")
+            quant = {}
+    for quantity, qmap in quant.items():
+        uid = qmap.source_series_instance_uid
+        maps[quantity] = StudyMap(quantity, qmap.image(), qmap.unit, dict(qmap.provenance),
+                                  volumes[uid], list(series[uid]))
+    # anatomical channels: radiomics and the follow-up lesion refinement use them like maps
+    for uid, role_name in roles.items():
+        name = _ANATOMICAL.get(role_name)
+        if name is None or name in maps and uid != inventory.anatomy_reference:
+            continue
+        volume = volumes[uid]
+        maps[name] = StudyMap(name, volume.volume_image(0), "1", {"series": uid}, volume,
+                              list(series[uid]), exported=False)
     return StudyAnalysis(
         study_instance_uid=role.study_instance_uid, study_date=role.study_date, role=role.role,
         days_since_treatment=role.days_since_treatment, inventory=inventory, anatomy=anatomy,
         anatomy_image=anatomy.volume_image(0),
-        anatomy_datasets=list(series[inventory.anatomy_reference]), maps=dict(maps))
+        anatomy_datasets=list(series[inventory.anatomy_reference]),
+        input_digest=digest_uids(datasets), maps=maps)
 
 
 def _find_rtstruct(rt: Sequence[Dataset], course: Any) -> Dataset:
@@ -332,8 +386,9 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
     follow_channels = [study.anatomy_image]
     for name in _REFINEMENT_CHANNELS:
         if name in baseline.maps and name in study.maps:
-            base_channels.append(_on_grid(baseline.maps[name].image, baseline.anatomy_image))
-            follow_channels.append(_on_grid(study.maps[name].image, study.anatomy_image))
+            base_channels.append(_finite(_on_grid(baseline.maps[name].image,
+                                                  baseline.anatomy_image)))
+            follow_channels.append(_finite(_on_grid(study.maps[name].image, study.anatomy_image)))
     try:
         lesion = refine_lesion(base_channels, gtv, follow_channels,
                                registration.matrix_moving_to_fixed)
@@ -343,6 +398,108 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
     study.lesion_mask = lesion.mask
     study.lesion_notes = tuple(lesion.notes) + (() if registration.passed else tuple(
         f"registration check failed: {r}" for r in registration.reasons))
+
+
+#: margin kept around the lesion for measurements and radiomics (mm): beyond the 1 cm³ peak sphere,
+#: the perturbation shifts and the resampling kernel
+_CROP_MARGIN_MM = 20.0
+
+
+def _crop_to_lesion(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
+    """``image`` (on the mask's grid) cropped to the lesion's bounding box plus a margin.
+
+    Radiomics resample to a fine isotropic grid; doing that on the whole field of view costs
+    minutes per map for nothing.
+    """
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
+    if not stats.HasLabel(1):
+        return image
+    box = stats.GetBoundingBox(1)
+    dim = mask.GetDimension()
+    start = list(box[:dim])
+    size = list(box[dim:])
+    for axis in range(dim):
+        pad = int(np.ceil(_CROP_MARGIN_MM / mask.GetSpacing()[axis]))
+        lo = max(0, start[axis] - pad)
+        hi = min(mask.GetSize()[axis], start[axis] + size[axis] + pad)
+        start[axis], size[axis] = lo, hi - lo
+    return sitk.RegionOfInterest(image, size, start)
+
+
+def _grid_key(image: sitk.Image) -> tuple:
+    return (image.GetSize(), tuple(np.round(image.GetOrigin(), 3)),
+            tuple(np.round(image.GetSpacing(), 4)), tuple(np.round(image.GetDirection(), 5)))
+
+
+def _grid_groups(study: StudyAnalysis) -> list[tuple[sitk.Image, dict[str, sitk.Image]]]:
+    """(lesion mask, maps) per acquisition grid, each cropped around the lesion.
+
+    Quantitative maps are measured on the grid they were fitted on (the lesion mask resampled onto
+    it, linear interpolation >= 0.5), not interpolated onto the anatomical grid: interpolating a
+    map mixes tumour and marrow values at the lesion's edge. A map whose grid holds no lesion voxel
+    (a lesion smaller than its voxels) falls back to the anatomical grid. The first group is the
+    anatomical grid (volume and diameters come from it).
+    """
+    from processing.registration import resample_mask
+
+    anatomy_key = _grid_key(study.anatomy_image)
+    by_grid: dict[tuple, dict[str, sitk.Image]] = {anatomy_key: {}}
+    references = {anatomy_key: study.anatomy_image}
+    for quantity, qmap in study.maps.items():
+        key = _grid_key(qmap.image)
+        references.setdefault(key, qmap.image)
+        by_grid.setdefault(key, {})[quantity] = qmap.image
+    groups = []
+    anatomy_maps: dict[str, sitk.Image] = {}
+    for key, maps in by_grid.items():
+        if key == anatomy_key:
+            anatomy_maps.update(maps)
+            continue
+        mask = resample_mask(study.lesion_mask, references[key])
+        if not sitk.GetArrayViewFromImage(mask).any():
+            anatomy_maps.update({q: _on_grid(m, study.anatomy_image) for q, m in maps.items()})
+            continue
+        groups.append((_crop_to_lesion(mask, mask),
+                       {q: _crop_to_lesion(m, mask) for q, m in maps.items()}))
+    anatomy = (_crop_to_lesion(study.lesion_mask, study.lesion_mask),
+               {q: _crop_to_lesion(m, study.lesion_mask) for q, m in anatomy_maps.items()})
+    return [anatomy, *groups]
+
+
+def _subset(settings: Mapping[str, Any] | None, maps: Mapping[str, Any]) -> dict[str, Any] | None:
+    if settings is None:
+        return None
+    return {q: v for q, v in settings.items() if q in maps}
+
+
+def _merge_measurements(parts: Sequence[Any]) -> Any:
+    """One LesionMeasurements from the anatomical grid's (first) and the other grids' parts."""
+    import dataclasses
+
+    first = parts[0]
+    statistics = dict(first.map_statistics)
+    radiomics = dict(first.radiomics)
+    notes = list(first.radiomics_notes)
+    for part in parts[1:]:
+        statistics.update(part.map_statistics)
+        radiomics.update(part.radiomics)
+        notes.extend(part.radiomics_notes)
+    return dataclasses.replace(first, map_statistics=statistics, radiomics=radiomics,
+                               radiomics_notes=tuple(notes))
+
+
+def _finite(image: sitk.Image) -> sitk.Image:
+    """Failed fits and voxels outside a map's field of view (NaN) set to the map's median."""
+    values = sitk.GetArrayFromImage(image)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        values = values.copy()
+        values[bad] = float(np.median(values[~bad])) if (~bad).any() else 0.0
+        out = sitk.GetImageFromArray(values)
+        out.CopyInformation(image)
+        return out
+    return image
 
 
 def _on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
@@ -359,7 +516,7 @@ def _on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
 
 def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
                         settings: ChainSettings, timer: _Timer, notes: list[str]) -> list[Any]:
-    from processing.change import compute_changes
+    from processing.change import compute_changes, perturbation_repeatability
     from processing.comparability import assess_comparability
     from processing.measure import measure_lesion
     from processing.radiomics import default_course_settings
@@ -376,11 +533,19 @@ def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
             quantities, spacing_mm=settings.radiomics_spacing_mm,
             bin_count=settings.radiomics_bin_count)
     measurements = []
-    for study in studies:
+    repeatability: dict[str, float] = {}
+    for index, study in enumerate(studies):
+        groups = _grid_groups(study)
         with timer("measure+radiomics"):
-            maps = {q: _on_grid(m.image, study.anatomy_image) for q, m in study.maps.items()}
-            measurements.append(measure_lesion(study.lesion_mask, maps,
-                                               radiomics_settings=radiomics_settings))
+            measurements.append(_merge_measurements([
+                measure_lesion(mask, maps, radiomics_settings=_subset(radiomics_settings, maps))
+                for mask, maps in groups]))
+        if index == 0 and len(studies) > 1:
+            # per-case minimum detectable change from small perturbations of the baseline ROI
+            with timer("repeatability"):
+                for mask, maps in reversed(groups):  # the anatomical grid's volume MDC wins
+                    repeatability.update(perturbation_repeatability(
+                        mask, maps, radiomics_settings=_subset(radiomics_settings, maps)))
     baseline_protocol = _protocol(studies[0])
     results = []
     previous_category = None
@@ -400,7 +565,8 @@ def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
         not_comparable = [q for q, verdict in comparability.per_quantity.items()
                           if verdict.value == "not comparable"]
         previous = measurements[index - 1] if index > 1 else None
-        changes = compute_changes(current, measurements[0], previous, not_comparable=not_comparable)
+        changes = compute_changes(current, measurements[0], previous, repeatability=repeatability,
+                                  not_comparable=not_comparable)
         response = assess_response(changes, days_since_treatment=study.days_since_treatment,
                                    previous_category=previous_category)
         response = _with_site_model(response, changes, settings, notes)
@@ -434,7 +600,8 @@ def _protocol(study: StudyAnalysis) -> Any:
         anatomical=study.anatomy_datasets[0],
         dwi=None if dwi is None else dwi.source_datasets[0],
         dce=None if dce is None else dce.source_datasets[0],
-        dwi_b_values=() if dwi is None else tuple(dwi.provenance.get("b_values_used", ())),
+        dwi_b_values=() if dwi is None else tuple(sorted({
+            round(float(b)) for b in dwi.source_volume.b_values if np.isfinite(b)})),
         dce_temporal_resolution_s=next(
             (s.temporal_resolution for s in inv.series if s.series_instance_uid == inv.dce), None),
     )
@@ -450,10 +617,24 @@ def _source_alignment(volume: Any, datasets_by_uid: Mapping[str, Dataset],
 
 
 def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any,
-                   settings: ChainSettings) -> list[Dataset]:
+                   settings: ChainSettings, rt: Sequence[Dataset]) -> list[Dataset]:
+    """SEG per time point, Parametric Maps, Spatial Registrations and the TID 1500 report.
+
+    Output UIDs derive from the inputs' instance UIDs and the settings (never from computed
+    values, so a re-run on the same inputs replaces the objects in the PACS): a SEG or map changes
+    UID only when an instance it depends on, the settings or the algorithm version change.
+    """
+    import json
+    from dataclasses import asdict
+
     from reporting.pmap import build_parametric_map
     from reporting.seg import build_segmentation
     from reporting.sr import build_measurement_report
+    from reporting.uids import digest_text, digest_uids
+
+    settings_text = json.dumps(asdict(settings), sort_keys=True, default=str)
+    rt_digest = digest_uids(rt)
+    baseline_digest = studies[0].input_digest
 
     segs: list[Dataset] = []
     pmaps: list[Dataset] = []
@@ -462,10 +643,12 @@ def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any
         by_uid = {str(ds.SOPInstanceUID): ds for ds in study.anatomy_datasets}
         sources, frames = _source_alignment(study.anatomy, by_uid)
         mask = sitk.GetArrayFromImage(study.lesion_mask).astype(bool)
+        seg_digest = digest_text(study.input_digest, baseline_digest, rt_digest, settings_text)
         segs.append(build_segmentation(sources, mask, lesion, segment_type=settings.segment_type,
-                                       algorithm_version=ALGORITHM_VERSION, source_frames=frames))
+                                       algorithm_version=ALGORITHM_VERSION, source_frames=frames,
+                                       input_digest=seg_digest))
         for quantity, qmap in sorted(study.maps.items()):
-            if quantity in ("T2w", "T1w", "STIR"):
+            if not qmap.exported:
                 continue
             by_uid = {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets}
             sources, frames = _source_alignment(qmap.source_volume, by_uid)
@@ -473,7 +656,8 @@ def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any
             pmaps.append(build_parametric_map(
                 sources, values, quantity, provenance=qmap.provenance,
                 algorithm_version=ALGORITHM_VERSION, source_frames=frames,
-                vertebral_level=lesion.vertebral_level))
+                vertebral_level=lesion.vertebral_level,
+                input_digest=digest_text(study.input_digest, quantity, settings_text)))
         if study.registration is not None:
             regs.append(_registration_object(studies[0], study))
     report = build_measurement_report(results, segmentations=segs, parametric_maps=pmaps,

@@ -1,0 +1,92 @@
+"""``spine-node analyze`` on phantom patients: the whole chain, offline, against ground truth."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+pytestmark = pytest.mark.slow
+
+SCENARIO_CALLS = {
+    "responder": "local control",
+    "progression": "local progression",
+}
+
+
+def _analyze(paths: list[Path], out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.cli", "analyze", *map(str, paths),
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def responder_run(make_phantom, tmp_path_factory):
+    patient = make_phantom("responder", "standard", "small")
+    out = tmp_path_factory.mktemp("analyze-responder")
+    run = _analyze([patient], out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return patient, out, run
+
+
+def test_outputs_and_summary(responder_run):
+    patient, out, run = responder_run
+    truth = json.loads((patient / "ground_truth.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    headers = [dcmread(out / name, stop_before_pixels=True) for name in summary["files"]]
+    modalities = [ds.Modality for ds in headers]
+    assert modalities.count("SEG") == 2  # the lesion on baseline and follow-up
+    assert modalities.count("SR") == 1
+    assert modalities.count("REG") == 1
+    pmaps = [ds for ds in headers if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"]
+    assert len(pmaps) >= 20  # ADC, IVIM, DKI, T1, Ktrans, ve, vp, kep, IAUC60, TTP per study
+    course = summary["course"]
+    assert course["fractions"] == truth["course"]["fractions"]
+    assert course["prescription_dose_gy"] == pytest.approx(truth["course"]["total_dose_gy"])
+    baseline, follow_up = summary["time_points"]
+    assert baseline["role"] == "baseline" and follow_up["role"] == "follow-up"
+    # the phantom writes no treatment record: the date is the approved plan's review date, flagged
+    # as estimated (domain.md 5.3), at most a day before the true first fraction
+    assert course["treatment_date_estimated"] is True
+    true_days = truth["studies"]["followup1"]["days_since_treatment"]
+    assert 0 <= follow_up["days_since_treatment"] - true_days <= 1
+    assert follow_up["response"]["category"] == SCENARIO_CALLS["responder"]
+    # baseline GTV from the RT Structure Set: within 3 % of the voxelised truth
+    true_baseline = truth["studies"]["baseline"]["tumour"]["volume_ml_voxels_t2w"]
+    assert baseline["measurements"]["volume"] == pytest.approx(true_baseline, rel=0.03)
+    # tumour map means on the lesion found by the chain (not the true mask)
+    for tp, key in ((baseline, "baseline"), (follow_up, "followup1")):
+        tumour = truth["studies"][key]["tumour"]
+        adc_truth = tumour["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
+        assert tp["measurements"]["ADC.mean"] == pytest.approx(adc_truth, rel=0.05)
+        dce = tumour["means_by_series"]["dce"]
+        assert tp["measurements"]["Ktrans.mean"] == pytest.approx(dce["Ktrans"], rel=0.10)
+        assert tp["measurements"]["ve.mean"] == pytest.approx(dce["ve"], abs=0.05)
+        assert tp["measurements"]["vp.mean"] == pytest.approx(dce["vp"], abs=0.02)
+    assert "local control" in run.stdout
+
+
+def test_rerun_gives_identical_uids(responder_run, tmp_path):
+    patient, out, _ = responder_run
+    again = _analyze([patient], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    first = json.loads((out / "summary.json").read_text())["outputs"]
+    second = json.loads((tmp_path / "summary.json").read_text())["outputs"]
+    assert [o["sop_instance_uid"] for o in first] == [o["sop_instance_uid"] for o in second]
+    assert [o["series_instance_uid"] for o in first] == [o["series_instance_uid"] for o in second]
+
+
+def test_nothing_to_analyse_is_a_clear_error(make_phantom, tmp_path):
+    patient = make_phantom("responder", "standard", "small")
+    run = _analyze([patient / "followup1"], tmp_path)  # no course, no baseline
+    assert run.returncode == 2
+    assert "no CyberKnife treatment course" in run.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not DICOM")
+    run = _analyze([empty], tmp_path / "out2")
+    assert run.returncode == 2
+    assert "no DICOM instance" in run.stderr
