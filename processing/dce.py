@@ -15,13 +15,11 @@ References
 .. [2] Parker GJM et al. Experimentally-derived functional form for a population-averaged
    high-temporal-resolution arterial input function for dynamic contrast-enhanced MRI.
    MRM 2006;56:993-1000.
-.. [3] Murase K. Efficient method for calculating kinetic parameters using T1-weighted dynamic
-   contrast-enhanced magnetic resonance imaging. MRM 2004;51:858-862.
-.. [4] Golub G, Pereyra V. Separable nonlinear least squares: the variable projection method and
+.. [3] Golub G, Pereyra V. Separable nonlinear least squares: the variable projection method and
    its applications. Inverse Problems 2003;19:R1-R26.
-.. [5] Cheong LH, Koh TS, Hou Z. An automatic approach for estimating bolus arrival time in
+.. [4] Cheong LH, Koh TS, Hou Z. An automatic approach for estimating bolus arrival time in
    dynamic contrast MRI using piecewise continuous regression models. PMB 2003;48:N83-N88.
-.. [6] OSIPI DCE-DSC-MRI CodeCollection, https://github.com/OSIPI/DCE-DSC-MRI_CodeCollection
+.. [5] OSIPI DCE-DSC-MRI CodeCollection, https://github.com/OSIPI/DCE-DSC-MRI_CodeCollection
 """
 
 from __future__ import annotations
@@ -467,7 +465,7 @@ class ToftsModel:
 
     Notes
     -----
-    Variable projection [4]: for fixed kep (and delay) the model is linear in (Ktrans, vp). A
+    Variable projection [3]: for fixed kep (and delay) the model is linear in (Ktrans, vp). A
     table of convolution bases E_k(t) over a fine log grid of kep is computed once (it depends
     only on the AIF). For every voxel: (1) the box-constrained linear problem is solved in
     closed form at every coarse kep (one matrix product for all voxels); (2) a parabola in log
@@ -746,7 +744,7 @@ def bolus_arrival_time(time: ArrayLike, concentration: ArrayLike, *, min_baselin
 
     References
     ----------
-    Cheong, Koh and Hou, PMB 2003 ([5]): the linear-quadratic model.
+    Cheong, Koh and Hou, PMB 2003 ([4]): the linear-quadratic model.
     """
     t = np.asarray(time, dtype=float)
     c = np.asarray(concentration, dtype=float)
