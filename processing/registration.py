@@ -15,6 +15,10 @@ Conventions
   (3006,00C6) of a DICOM Spatial Registration object whose registered frame is the baseline's
   (PS3.3 C.20.2.1.1; PS3.17 "Spatial Registration").
 
+With thick slices the position along the slice normal is poorly determined; when series of
+several orientations exist (axial and sagittal), :func:`register_rigid_multi` registers each pair
+and fuses the translations by the in-plane/through-plane precision of each series.
+
 Quality: the final Mattes mutual information (nats; larger is better) and, when vertebral-body masks
 of both studies are given, their Dice overlap after registration (pass when ≥ ``min_dice``); without
 masks, the overlap of Otsu foregrounds within the region is used as a proxy.
@@ -375,11 +379,7 @@ def register_rigid(
         raise RegistrationError("registration needs 3-D fixed and moving images")
     fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)
     moving_f = sitk.Cast(moving, sitk.sitkFloat32)
-    if region is not None:
-        metric_region = region_mask(region, margin_mm=settings.margin_mm)
-    else:
-        metric_region = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
-        metric_region.CopyInformation(fixed)
+    metric_region = _metric_region(fixed, region, settings)
 
     start = sitk.Euler3DTransform()
     if initial_transform is not None:
@@ -419,21 +419,41 @@ def register_rigid(
     except RuntimeError as err:
         raise RegistrationError(f"rigid registration failed: {err}") from err
     transform = sitk.Euler3DTransform(sitk.CompositeTransform(result).GetBackTransform())
-    final_mi = _mutual_information(fixed_f, moving_f, metric_region, transform, settings)
+    return _evaluate(
+        fixed_f, moving_f, transform, metric_region, initial_mi, settings,
+        fixed_vertebra=fixed_vertebra, moving_vertebra=moving_vertebra,
+        stop_condition=method.GetOptimizerStopConditionDescription(),
+    )
 
+
+def _evaluate(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Euler3DTransform,
+    metric_region: sitk.Image,
+    initial_mi: float,
+    settings: RegistrationSettings,
+    *,
+    fixed_vertebra: sitk.Image | None,
+    moving_vertebra: sitk.Image | None,
+    stop_condition: str,
+    extra_reasons: Sequence[str] = (),
+) -> RigidRegistration:
+    """Quality metrics and the result object for a fixed → moving ``transform``."""
+    final_mi = _mutual_information(fixed, moving, metric_region, transform, settings)
     fixed_to_moving = transform_to_matrix(transform)
     moving_to_fixed = np.linalg.inv(fixed_to_moving)
     inverse = matrix_to_transform(moving_to_fixed)
     angles = tuple(math.degrees(a) for a in (inverse.GetAngleX(), inverse.GetAngleY(), inverse.GetAngleZ()))
 
-    reasons: list[str] = []
+    reasons: list[str] = list(extra_reasons)
     if fixed_vertebra is not None and moving_vertebra is not None:
         warped = resample_mask(moving_vertebra, fixed, transform=transform)
         overlap = dice(sitk.NotEqual(fixed_vertebra, 0), warped)
         source = "vertebral masks"
     else:
-        warped_image = resample_onto(moving_f, fixed_f, transform=transform)
-        overlap = _otsu_overlap(fixed_f, warped_image, metric_region)
+        warped_image = resample_onto(moving, fixed, transform=transform)
+        overlap = _otsu_overlap(fixed, warped_image, metric_region)
         source = "otsu foreground in region"
     if overlap < settings.min_dice:
         reasons.append(f"overlap ({source}) {overlap:.3f} < {settings.min_dice:.3f}")
@@ -451,7 +471,7 @@ def register_rigid(
         dice_source=source,
         passed=not reasons,
         reasons=tuple(reasons),
-        stop_condition=method.GetOptimizerStopConditionDescription(),
+        stop_condition=stop_condition,
     )
     logger.info(
         "rigid registration: |t| %.2f mm, angle %.2f deg, MI %.4f -> %.4f, overlap %.3f (%s), %s",
@@ -464,3 +484,102 @@ def register_rigid(
         "passed" if registration.passed else "FAILED",
     )
     return registration
+
+
+def _metric_region(fixed: sitk.Image, region: sitk.Image | None, settings: RegistrationSettings) -> sitk.Image:
+    if region is not None:
+        return region_mask(region, margin_mm=settings.margin_mm)
+    whole = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
+    whole.CopyInformation(fixed)
+    return whole
+
+
+def register_rigid_multi(
+    pairs: Sequence[tuple[sitk.Image, sitk.Image]],
+    *,
+    region: sitk.Image | None = None,
+    fixed_vertebra: sitk.Image | None = None,
+    moving_vertebra: sitk.Image | None = None,
+    settings: RegistrationSettings | None = None,
+) -> RigidRegistration:
+    """Register with several series of different slice orientations and fuse the translations.
+
+    With thick slices the position along a series' slice normal is poorly determined (about half a
+    slice when the object is sampled at slice centres), while in-plane it is resolved to a fraction
+    of a pixel. Spine protocols acquire axial and sagittal series, so every axis is in-plane in at
+    least one of them. The first pair (e.g. axial T2w baseline/follow-up) is registered as in
+    :func:`register_rigid` and gives the rotation; every further pair (e.g. sagittal T2w) is
+    registered from that start. At the centre ``p`` of the region, each registration i maps the
+    follow-up point to ``q_i``; the fused position is the precision-weighted mean
+    ``q = (Σ W_i)⁻¹ Σ W_i q_i`` with ``W_i = (D_i diag(s_i²) D_i^T)⁻¹`` (D_i the direction
+    matrix and s_i the voxel size of fixed image i, i.e. uncertainty proportional to voxel extent
+    along each axis). Registrations that fail their quality check are left out (noted).
+
+    Parameters
+    ----------
+    pairs : sequence of (fixed, moving) SimpleITK.Image
+        Baseline and follow-up images of the same series type, primary pair first; each pair on its
+        own grids, all in the two studies' frames of reference.
+    region : SimpleITK.Image, optional
+        Treated-region mask on the grid of the first fixed image (resampled onto the others).
+    fixed_vertebra, moving_vertebra : SimpleITK.Image, optional
+        Vertebral-body masks for the quality check (on the first pair's grids).
+    settings : RegistrationSettings, optional
+
+    Returns
+    -------
+    RigidRegistration
+        The fused transform, with quality metrics evaluated on the first pair.
+    """
+    if not pairs:
+        raise RegistrationError("no image pairs to register")
+    settings = settings or RegistrationSettings()
+    primary_fixed, primary_moving = pairs[0]
+    primary = register_rigid(
+        primary_fixed, primary_moving, region=region, fixed_vertebra=fixed_vertebra,
+        moving_vertebra=moving_vertebra, settings=settings,
+    )
+    if len(pairs) == 1:
+        return primary
+    metric_region = _metric_region(primary_fixed, region, settings)
+    centre_index = np.argwhere(sitk.GetArrayViewFromImage(metric_region) != 0).mean(axis=0)[::-1]
+    centre = np.asarray(primary_fixed.TransformContinuousIndexToPhysicalPoint(centre_index.tolist()))
+    follow_point = (transform_to_matrix(primary.transform) @ np.append(centre, 1.0))[:3]
+
+    def weight(fixed: sitk.Image) -> np.ndarray:
+        direction = np.asarray(fixed.GetDirection(), dtype=float).reshape(3, 3)
+        spacing = np.asarray(fixed.GetSpacing(), dtype=float)
+        return np.linalg.inv(direction @ np.diag(spacing**2) @ direction.T)
+
+    weights = [weight(primary_fixed)]
+    positions = [(primary.matrix_moving_to_fixed @ np.append(follow_point, 1.0))[:3]]
+    notes: list[str] = []
+    for index, (fixed, moving) in enumerate(pairs[1:], start=1):
+        own_region = resample_mask(region, fixed) if region is not None else None
+        if own_region is not None and not sitk.GetArrayViewFromImage(own_region).any():
+            notes.append(f"pair {index}: region outside its field of view, not used")
+            continue
+        result = register_rigid(fixed, moving, region=own_region, initial_transform=primary.transform, settings=settings)
+        if not result.passed:
+            notes.append(f"pair {index} not used: {'; '.join(result.reasons)}")
+            continue
+        weights.append(weight(fixed))
+        positions.append((result.matrix_moving_to_fixed @ np.append(follow_point, 1.0))[:3])
+    fused_position = np.linalg.solve(np.sum(weights, axis=0), np.sum([w @ q for w, q in zip(weights, positions)], axis=0))
+    rotation = primary.matrix_moving_to_fixed[:3, :3]
+    moving_to_fixed = np.eye(4)
+    moving_to_fixed[:3, :3] = rotation
+    moving_to_fixed[:3, 3] = fused_position - rotation @ follow_point
+    fused = matrix_to_transform(np.linalg.inv(moving_to_fixed))
+    logger.info(
+        "fused %d of %d registrations: position shifted %.2f mm from the primary one",
+        len(weights), len(pairs), float(np.linalg.norm(fused_position - positions[0])),
+    )
+    fixed_f = sitk.Cast(primary_fixed, sitk.sitkFloat32)
+    moving_f = sitk.Cast(primary_moving, sitk.sitkFloat32)
+    return _evaluate(
+        fixed_f, moving_f, fused, metric_region, primary.initial_mutual_information, settings,
+        fixed_vertebra=fixed_vertebra, moving_vertebra=moving_vertebra,
+        stop_condition=f"fused {len(weights)} of {len(pairs)} registrations ({primary.stop_condition})"
+        + ("; " + "; ".join(notes) if notes else ""),
+    )
