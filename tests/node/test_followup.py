@@ -232,3 +232,40 @@ def test_reanalysis_that_changes_the_call_drops_the_confirmation_window(
     tracker.update_patient(1, summary)
     assert [w.kind for w in windows(index)] == ["scheduled"] * len(DEFAULT_WINDOWS)
     assert scheduler.get_job(f"followup-window-{confirmation.id}") is None
+
+
+def test_followup_section_from_the_node_configuration(tmp_path: Path) -> None:
+    from node.config import ConfigError, load_settings
+    from node.followup import followup_section
+
+    config = tmp_path / "node.toml"
+    config.write_text(f"""
+[node]
+storage = "{tmp_path / 'storage'}"
+
+[followup]
+confirmation_days = 42
+grace_days = 7
+
+[[followup.windows]]
+label = "8 weeks"
+start_days = 42
+end_days = 70
+
+[[followup.windows]]
+label = "3 months"
+start_days = 80
+end_days = 110
+
+[followup.notify]
+webhook_url = "http://127.0.0.1:9/hook"
+smtp_host = "127.0.0.1"
+mail_to = ["oncology@example.org"]
+""")
+    section = followup_section(load_settings(config))
+    assert [w.label for w in section.windows] == ["8 weeks", "3 months"]
+    assert section.confirmation_days == 42 and section.grace_days == 7
+    assert section.notify.mail_to == ("oncology@example.org",)
+    config.write_text(config.read_text().replace("end_days = 110", "end_days = 10"))
+    with pytest.raises(ConfigError, match="end_days"):
+        load_settings(config)
