@@ -20,6 +20,7 @@ from node.index import Index
 from node.scp import StorageSCP
 from node.stability import StabilityMonitor
 from node.store import Store, StoreResult
+from node.worker import AnalysisWorker
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class NodeService:
         self.outbox = Outbox(self.index, self.store, settings)
         self.dispatcher = Dispatcher(self.outbox, settings)
         self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
+        self.analysis = AnalysisWorker(self)
         self.address: tuple[str, int] | None = None
 
     def _on_stored(self, result: StoreResult) -> None:
@@ -64,6 +66,7 @@ class NodeService:
         self.store.remove_stale_temporaries()
         self.outbox.recover_claims()
         self.scheduler.start()
+        self.analysis.start()
         self.stability.rearm_pending()
         self.scheduler.add_job(
             self.dispatcher.run_once, "interval", id="dispatch",
@@ -78,5 +81,6 @@ class NodeService:
         """Stop listening, finish running jobs, close the index."""
         self.scp.stop()
         self.scheduler.shutdown(wait=True)
+        self.analysis.stop()
         self.index.add_event("node_stopped")
         self.index.close()

@@ -97,6 +97,9 @@ class AnalysisWorker:
         self.section = analysis_section(service.settings)
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        #: one analysis at a time (2 cores); patients waiting for their turn
+        self._run_lock = threading.Lock()
+        self._queued: set[int] = set()
 
     def start(self) -> None:
         if self.section.enabled:
@@ -127,7 +130,23 @@ class AnalysisWorker:
         self.analyse(patient, study_uid=study_uid)
 
     def analyse(self, patient_row: int, *, study_uid: str | None = None) -> dict[str, Any]:
-        """Run the chain for one patient now (blocking the calling thread, not the listener)."""
+        """Run the chain for one patient (blocking the calling thread, not the listener).
+
+        Several studies of a patient usually become stable within minutes of each other (baseline,
+        RT objects, follow-up sent together): a run that is still waiting for its turn already
+        covers them, so further requests for the same patient are coalesced into it.
+        """
+        with self._lock:
+            if patient_row in self._queued:
+                logger.info("analysis for study %s coalesced with a queued run", study_uid)
+                return {"state": "coalesced"}
+            self._queued.add(patient_row)
+        with self._run_lock:
+            with self._lock:
+                self._queued.discard(patient_row)
+            return self._analyse(patient_row, study_uid=study_uid)
+
+    def _analyse(self, patient_row: int, *, study_uid: str | None) -> dict[str, Any]:
         index = self.service.index
         store = self.service.store
         out_dir = store.root / "results" / f"patient-{patient_row}"
