@@ -17,9 +17,17 @@ Output layout (other packages and tests depend on it)
     DIR/baseline/series005/...             DWI (b 0,50,100,400,800,1000,1500,2000)
     DIR/baseline/series006/...             VFA T1 (3D SPGR, 3-5 flip angles, same TR)
     DIR/baseline/series007/...             DCE (3D SPGR, >= 40 phases at <= 5 s)
+    DIR/baseline/series008/...             sagittal T2w (only with sagittal=True / --sagittal;
+                                           ground-truth key "t2w_sag", role "t2w")
     DIR/rt/rtplan.dcm, rtstruct.dcm, rtdose.dcm
     DIR/followup1/series00N/...            same series, later study (followup2 ...)
     DIR/ground_truth.json
+
+Sizes: ``full`` (T2w/T1w/STIR 256x256x25 at 0.78x0.78x4 mm, DWI 112x112x20 at 1.8x1.8x5 mm,
+VFA/DCE 128x128x20 at 1.56x1.56x4 mm, 5 flip angles, 60 phases at 4.5 s) and ``small``
+(128x128x16 at 1.56x1.56x5, 64x64x12 at 3.125x3.125x5, 64x64x10 at 3.125x3.125x5, 3 flip angles,
+40 phases at 5 s). Both have the full b-value/direction scheme (b 0; 50, 100, 400, 800, 1500 x 3;
+1000 and 2000 x 15 directions). A full patient takes ~10-20 s, a small one ~3-6 s.
 
 Folder names do not reveal the role (``ground_truth.json`` maps them). In classic files the file
 ``NNNNN.dcm`` is InstanceNumber NNNNN: volume-major (all slices of volume 0, then volume 1 ...),

@@ -97,6 +97,8 @@ class SeriesData:
 
 @dataclass
 class StudyData:
+    """One generated MR study: its identity, date, series, and its part of the ground truth."""
+
     key: str  # "baseline", "followup1", ...
     study_uid: str
     frame_of_reference_uid: str
@@ -339,6 +341,8 @@ def generate_patient(
 
     rt_truth = rt.plan_rt(phantom, np.random.default_rng([seed, SCENARIOS.index(scenario), 99]))
     phantom.ground_truth = _ground_truth(phantom, protocol, rt_truth)
+    logger.debug("phantom seed %d (%s, %s, %s): %d studies, baseline study %s", seed, scenario, vendor, size,
+                 len(studies), studies[0].study_uid)
     return phantom
 
 

@@ -319,6 +319,7 @@ def _private_diffusion(ds: pydicom.Dataset, vendor: str) -> tuple[float, np.ndar
     raise ValueError(vendor)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vendor", ["siemens", "ge", "philips"])
 def test_classic_vendor_private_diffusion_tags_dcm2niix_and_dciodvfy(make_phantom, vendor: str, tmp_path: Path) -> None:
     from processing.phantom.mr import VENDOR_DEVIATIONS
@@ -359,6 +360,7 @@ def test_classic_vendor_private_diffusion_tags_dcm2niix_and_dciodvfy(make_phanto
         np.testing.assert_allclose(img.GetOrigin(), series["geometry"]["origin"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_enhanced_variant_one_multiframe_object_per_series(make_phantom, tmp_path: Path) -> None:
     path = make_phantom("responder", "enhanced", "small")
     truth = _truth(path)
