@@ -279,6 +279,14 @@ QUANTITIES: dict[str, QuantitySpec] = {
 }
 
 
+#: Anatomical images whose ROI signal statistics are reported (arbitrary units, written as "1").
+SIGNAL_QUANTITIES: dict[str, CodedConcept] = {
+    "T1w": _c(_DCM.T1WeightedMRSignalIntensity),
+    "T2w": _c(_DCM.T2WeightedMRSignalIntensity),
+    "STIR": _c(_DCM.MRSignalIntensity),
+}
+
+
 def quantity_spec(name: str, *, model: str | None = None) -> QuantitySpec:
     """Return the encoding of quantity ``name``, with the DCE model taken from provenance.
 

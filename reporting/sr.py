@@ -29,8 +29,10 @@ Content of each measurement group (TID 1411)
     that quantity and study is in ``parametric_maps``. (126100, DCM, "Real World Value Map used
     for measurement") is not used: it references a stand-alone Real World Value Mapping object
     (SOP Class 1.2.840.10008.5.1.4.1.1.67), not a Parametric Map, and dciodvfy rejects the
-    latter. Statistics of quantities without a quantity code (``T2w``, ``T1w`` signal) are not
-    written;
+    latter. Signal statistics of the anatomical images (T1w, T2w, STIR) use (110804, DCM,
+    "T1 Weighted MR Signal Intensity"), (110805, DCM, "T2 Weighted MR Signal Intensity") and
+    (110852, DCM, "MR signal intensity") with unit ``1`` (scanner units) and ``image=<name>`` in
+    the measurement's algorithm parameters;
   - radiomics: IBSI code (from :data:`processing.radiomics.IBSI_FEATURES`) for ``original_``
     features; values are converted to the IBSI definition where ``processing.radiomics`` documents
     a difference (``firstorder_Kurtosis`` - 3); PCA axis lengths, whose correction needs the voxel
@@ -172,6 +174,9 @@ def _concept_for_path(
         _, quantity, feature = path.split(".", 2)
         return _radiomics_concept(quantity, feature, ibsi_codes)
     quantity, _, stat = path.partition(".")
+    if quantity in rcodes.SIGNAL_QUANTITIES and stat in rcodes.STATISTIC_DERIVATIONS:
+        return _Concept(rcodes.SIGNAL_QUANTITIES[quantity], rcodes.STATISTIC_DERIVATIONS[stat],
+                        "1", 1.0, image=quantity)
     if quantity not in rcodes.QUANTITIES or stat not in rcodes.STATISTIC_DERIVATIONS:
         logger.debug("no coded concept for %s: not written to the SR", path)
         return None
@@ -216,8 +221,8 @@ class _GroupBuilder:
         return [hd.sr.SourceImageForMeasurement(PARAMETRIC_MAP_STORAGE, uid)]
 
     def _image_algorithm(self, concept: _Concept) -> hd.sr.AlgorithmIdentification | None:
-        if concept.image is None or concept.name.scheme_designator not in (
-                "IBSI", rcodes.PYRADIOMICS_SCHEME):
+        if concept.image is None or concept.image in rcodes.QUANTITIES and (
+                concept.name.scheme_designator == "DCM"):
             return None  # map statistics are named by their quantity code already
         return hd.sr.AlgorithmIdentification(
             name=self.algorithm_name, version=self.algorithm_version,

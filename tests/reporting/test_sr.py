@@ -110,8 +110,9 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     ktrans_median = _find(base, "126312", "373099004")
     assert (ktrans_median.value, ktrans_median.unit.value) == (pytest.approx(0.133), "/min")
     assert _find(fu, "AXDIAM").value == pytest.approx(21.5)
-    # T2w signal has no quantity code: not written
-    assert not [m for m in fu.get_measurements() if m.value == pytest.approx(310.0)]
+    # T2w signal statistics: T2 Weighted MR Signal Intensity, scanner units
+    t2w_mean = _find(fu, "110805", "373098007")
+    assert (t2w_mean.value, t2w_mean.unit.value) == (pytest.approx(310.0), "1")
     # radiomics: IBSI codes, kurtosis converted to excess kurtosis, shape units
     kurtosis = _find(fu, "IPH6")
     assert (kurtosis.name.scheme_designator, kurtosis.value) == ("IBSI", pytest.approx(1.25))
