@@ -61,9 +61,13 @@ def analysis_section(settings: Any) -> AnalysisSection:
 
 
 def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_settings: dict,
-                     out_dir: str) -> dict[str, Any]:
+                     out_dir: str, log_level: int, log_file: str | None) -> dict[str, Any]:
     """Child-process entry: run the chain for one patient; return what the parent records."""
     from node.analysis import patient_datasets, write_outputs
+    from node.logs import configure_logging
+
+    # the child logs like the node: same file, same patient-identifier filter
+    configure_logging(logging.getLevelName(log_level), log_file)
     from node.chain import ChainError, ChainSettings, run_chain
     from node.index import Index
     from node.roles import PatientMismatchError
@@ -81,6 +85,13 @@ def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_sett
     calls = [r.response.category.value for r in result.results if r.response is not None]
     return {"state": "done", "paths": [str(p) for p in paths], "calls": calls,
             "timings": result.timings}
+
+
+def _log_target() -> tuple[int, str | None]:
+    """The node's log level and log file, for the analysis child process."""
+    root = logging.getLogger()
+    files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]
+    return root.level, (files[0] if files else None)
 
 
 class AnalysisWorker:
@@ -154,7 +165,7 @@ class AnalysisWorker:
         try:
             outcome = self._pool().submit(
                 _analyse_patient, str(index.path), str(store.root), patient_row,
-                asdict(self.section.chain_settings()), str(out_dir)).result()
+                asdict(self.section.chain_settings()), str(out_dir), *_log_target()).result()
         except Exception as err:  # the child's failure must not take the node down
             logger.exception("analysis of study %s failed", study_uid)
             index.add_event("analysis_failed", study_uid=study_uid,
