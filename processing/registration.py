@@ -60,6 +60,9 @@ class RegistrationSettings:
         Mattes MI histogram bins.
     sampling_fraction : float
         Fraction of region voxels sampled per iteration (0 < f ≤ 1; random, fixed seed).
+    max_samples : int
+        Upper bound of the metric samples per iteration (the fraction is lowered for large
+        regions; keeps fine-grid registrations to seconds).
     shrink_factors, smoothing_sigmas_mm :
         Multi-resolution pyramid (shrink factors and Gaussian sigmas in mm, coarse → fine).
     learning_rate_mm, min_step_mm, iterations :
@@ -81,6 +84,7 @@ class RegistrationSettings:
     iterations: int = 300
     min_dice: float = 0.8
     seed: int = 20240601
+    max_samples: int = 40_000
 
     def __post_init__(self) -> None:
         if self.margin_mm < 0:
@@ -91,6 +95,8 @@ class RegistrationSettings:
             raise ValueError("shrink_factors and smoothing_sigmas_mm must have the same, non-zero length")
         if not 0 <= self.min_dice <= 1:
             raise ValueError(f"min_dice must be in [0, 1], got {self.min_dice}")
+        if self.max_samples < 1000:
+            raise ValueError(f"max_samples must be >= 1000, got {self.max_samples}")
         if self.histogram_bins < 8:
             raise ValueError(f"histogram_bins must be >= 8, got {self.histogram_bins}")
 
@@ -400,7 +406,9 @@ def register_rigid(
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
     method.SetMetricFixedMask(metric_region)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(settings.sampling_fraction, settings.seed)
+    n_region = int(np.count_nonzero(region_array))
+    fraction = min(settings.sampling_fraction, settings.max_samples / max(n_region, 1))
+    method.SetMetricSamplingPercentage(fraction, settings.seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=settings.learning_rate_mm,
