@@ -114,6 +114,8 @@ def test_history_pdf_arrives_at_the_destination_with_other_outputs(tmp_path: Pat
     settings = settings_from_mapping({
         "node": {"storage": str(storage), "dimse_timeout_s": 10},
         "peers": [{"ae_title": "STORESCP", "port": port, "may_receive": True}],
+        # storescp may still be starting at the first try
+        "dispatch": {"backoff_initial_s": 0.2, "backoff_max_s": 0.5},
     })
     source = mr_dataset(study_uid="2.25.1003", series_uid="2.25.1003.1", instance_number=1)
     pdf_ds = build_encapsulated_pdf(history_pdf(RECORDS, algorithm_version="test"), source,
