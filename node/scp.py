@@ -69,6 +69,9 @@ logger = logging.getLogger(__name__)
 # pynetdicom logs query/response identifiers by default (patient names and IDs).
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# Received datasets go to a temporary file as their fragments arrive instead of being collected
+# in memory: a multi-frame Enhanced MR or DCE object can be hundreds of MB.
+_config.STORE_RECV_CHUNKED_DATASET = True
 
 #: SOP classes the node stores (issue 2 scope)
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
@@ -293,14 +296,18 @@ class StorageSCP:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         result: StoreResult | None = None
         try:
-            meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-            result = self.store.accept(
-                event.encoded_dataset(include_meta=False), meta,
+            common = dict(
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 request_sop_class_uid=str(request.AffectedSOPClassUID),
                 request_sop_instance_uid=str(request.AffectedSOPInstanceUID),
                 calling_ae=calling_ae, association_id=state.index_id if state else None,
             )
+            if getattr(request, "_dataset_path", None) is not None:
+                result = self.store.accept_file(event.dataset_path, **common)
+            else:
+                meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+                result = self.store.accept(event.encoded_dataset(include_meta=False), meta,
+                                           **common)
             status = store_status(result.outcome)
         except NodeError as err:
             status = store_status(err)

@@ -22,9 +22,11 @@ PS3.10 section 7 (file meta information).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -83,7 +85,8 @@ class _Truncated(ValueError):
     pass
 
 
-def check_dataset_structure(data: bytes, *, implicit_vr: bool, little_endian: bool) -> None:
+def check_dataset_structure(data: bytes | memoryview, *, implicit_vr: bool,
+                            little_endian: bool) -> None:
     """Check that an encoded dataset is complete: every length and delimiter is consistent.
 
     pydicom reads a truncated value silently, so this walks the element headers (PS3.5 7.1),
@@ -91,7 +94,7 @@ def check_dataset_structure(data: bytes, *, implicit_vr: bool, little_endian: bo
 
     Parameters
     ----------
-    data : bytes
+    data : bytes or memoryview
         The dataset as encoded in its transfer syntax (no file meta, already inflated).
     implicit_vr, little_endian : bool
         The transfer syntax's encoding.
@@ -125,7 +128,7 @@ def check_dataset_structure(data: bytes, *, implicit_vr: bool, little_endian: bo
                 length = u32.unpack_from(data, pos + 4)[0]
                 pos += 8
             else:
-                vr = data[pos + 4:pos + 6]
+                vr = bytes(data[pos + 4:pos + 6])
                 if vr in _LONG_VRS:
                     if pos + 12 > end:
                         raise _Truncated(f"element header cut at byte {pos}")
@@ -164,6 +167,83 @@ def check_dataset_structure(data: bytes, *, implicit_vr: bool, little_endian: bo
                     raise _Truncated(f"item cut at byte {end}")
 
     elements(0, 0, in_item=False)
+
+
+class _Received:
+    """A received instance: the dataset bytes for checking, and how to copy the whole file.
+
+    Either in memory (``meta`` + ``dataset`` bytes) or in a Part 10 file written by pynetdicom
+    (``STORE_RECV_CHUNKED_DATASET``), which is memory-mapped instead of read, so large
+    multi-frame objects do not grow the node's memory.
+    """
+
+    def __init__(self, *, meta: bytes | None = None, dataset: bytes | None = None,
+                 path: Path | None = None) -> None:
+        self.path = path
+        self._mmap: mmap.mmap | None = None
+        if path is not None:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            whole = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+            if bytes(whole[128:132]) != b"DICM" or len(whole) < 144:
+                whole.release()
+                self.close()
+                raise UnparseableDatasetError("received file has no DICOM file meta")
+            meta_end = 144 + int.from_bytes(whole[140:144], "little")
+            self.meta = bytes(whole[:meta_end])
+            self.dataset: bytes | memoryview = whole[meta_end:]
+            self._whole = whole
+        else:
+            assert meta is not None and dataset is not None
+            self.meta, self.dataset = meta, dataset
+
+    @property
+    def size(self) -> int:
+        return len(self.meta) + len(self.dataset)
+
+    def stream(self) -> io.BufferedIOBase:
+        """The whole Part 10 file as a binary stream (for pydicom)."""
+        if self.path is not None:
+            return open(self.path, "rb")
+        return io.BytesIO(self.meta + bytes(self.dataset))
+
+    def sha256(self) -> str:
+        """SHA-256 (hex) of the dataset bytes, read in 1 MiB blocks for a file (no mapping of
+        the pixel data into memory)."""
+        if self.path is None:
+            return hashlib.sha256(self.dataset).hexdigest()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as fh:
+            fh.seek(len(self.meta))
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def write_into(self, fd: int) -> None:
+        """Write the whole file to ``fd`` (``sendfile`` from a received file)."""
+        if self.path is None:
+            for chunk in (self.meta, self.dataset):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            return
+        with open(self.path, "rb") as fh:
+            offset, total = 0, os.fstat(fh.fileno()).st_size
+            while offset < total:
+                sent = os.sendfile(fd, fh.fileno(), offset, total - offset)
+                if sent == 0:
+                    raise OSError(errno.EIO, "received file shrank while being copied")
+                offset += sent
+
+    def close(self) -> None:
+        """Release the memory map (before pynetdicom deletes its temporary file)."""
+        if self._mmap is not None:
+            if isinstance(self.dataset, memoryview):
+                self.dataset.release()
+            self._whole.release()
+            self._mmap.close()
+            self._mmap = None
 
 
 @dataclass(frozen=True)
@@ -223,7 +303,8 @@ class Store:
         return path
 
     # -- writing --------------------------------------------------------------------------------
-    def write_durably(self, data: bytes | memoryview, destination: Path) -> None:
+    def write_durably(self, data: bytes | memoryview | list[bytes | memoryview] | _Received,
+                      destination: Path) -> None:
         """Write bytes to ``destination`` atomically: temporary file, fsync, rename, fsync folder.
 
         Raises
@@ -234,12 +315,19 @@ class Store:
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            # same file system: a hard link to pynetdicom's received file, no second copy
+            linked = (isinstance(data, _Received) and data.path is not None
+                      and _try_link(data.path, tmp))
+            fd = os.open(tmp, os.O_RDONLY) if linked else os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                if isinstance(data, _Received) and not linked:
+                    data.write_into(fd)
+                elif not linked:
+                    for chunk in data if isinstance(data, list) else [data]:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -264,7 +352,8 @@ class Store:
                 f"{self.low_water_bytes / 1e6:.0f} MB"
             )
 
-    def quarantine(self, data: bytes, reason: str) -> Path:
+    def quarantine(self, data: bytes | list[bytes | memoryview] | _Received, reason: str
+                   ) -> Path:
         """Keep rejected bytes with a ``.error`` reason file; returns the data file's path."""
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         path = self.quarantine_dir / f"{stem}.dcm"
@@ -282,7 +371,7 @@ class Store:
         request_sop_class_uid: str, request_sop_instance_uid: str,
         calling_ae: str | None = None, association_id: int | None = None,
     ) -> StoreResult:
-        """Store one received instance durably and index it.
+        """Store one received instance (held in memory) durably and index it.
 
         Parameters
         ----------
@@ -308,7 +397,33 @@ class Store:
         OutOfResourcesError, UnparseableDatasetError, DatasetMismatchError
         """
         self.check_free_space()
-        header = self._parse(dataset_bytes, file_meta_bytes, transfer_syntax_uid)
+        return self._accept(_Received(meta=file_meta_bytes, dataset=dataset_bytes),
+                            transfer_syntax_uid, request_sop_class_uid,
+                            request_sop_instance_uid, calling_ae, association_id)
+
+    def accept_file(
+        self, received_path: Path, *, transfer_syntax_uid: str, request_sop_class_uid: str,
+        request_sop_instance_uid: str, calling_ae: str | None = None,
+        association_id: int | None = None,
+    ) -> StoreResult:
+        """Like :meth:`accept`, for an instance pynetdicom received into a Part 10 file.
+
+        The file (``event.dataset_path`` with ``STORE_RECV_CHUNKED_DATASET``) is memory-mapped,
+        checked, hashed and copied; it is left in place (pynetdicom deletes it).
+        """
+        self.check_free_space()
+        received = _Received(path=Path(received_path))
+        try:
+            return self._accept(received, transfer_syntax_uid, request_sop_class_uid,
+                                request_sop_instance_uid, calling_ae, association_id)
+        finally:
+            received.close()
+
+    def _accept(
+        self, received: _Received, transfer_syntax_uid: str, request_sop_class_uid: str,
+        request_sop_instance_uid: str, calling_ae: str | None, association_id: int | None,
+    ) -> StoreResult:
+        header = self._parse(received, transfer_syntax_uid)
         sop_class = str(header.get("SOPClassUID", "") or "")
         sop_instance = str(header.get("SOPInstanceUID", "") or "")
         study = str(header.get("StudyInstanceUID", "") or "")
@@ -317,14 +432,14 @@ class Store:
                             ("Series Instance UID", series), ("SOP Class UID", sop_class)):
             if not is_valid_uid(value):
                 reason = f"invalid or missing {name} (not a PS3.5 9.1 UID)"
-                self.quarantine(file_meta_bytes + dataset_bytes, reason)
+                self.quarantine(received, reason)
                 raise UnparseableDatasetError(reason)
         if sop_class != request_sop_class_uid or sop_instance != request_sop_instance_uid:
             raise DatasetMismatchError(
                 f"dataset SOP Class/Instance UID {sop_class}/{sop_instance} differ from the "
                 f"request's {request_sop_class_uid}/{request_sop_instance_uid}"
             )
-        digest = hashlib.sha256(dataset_bytes).hexdigest()
+        digest = received.sha256()
         path = self.instance_path(study, series, sop_instance)
         lock = self._locks[hash(sop_instance) % len(self._locks)]
         with lock:
@@ -349,13 +464,13 @@ class Store:
                 )
                 return StoreResult(StoreOutcome.CONFLICT_KEPT_FIRST, sop_instance,
                                    existing.study_uid, Path(existing.path))
-            self.write_durably(file_meta_bytes + dataset_bytes, path)
+            self.write_durably(received, path)
             try:
                 self.index.add_instance(NewInstance(
                     sop_instance_uid=sop_instance, sop_class_uid=sop_class, series_uid=series,
                     study_uid=study, transfer_syntax_uid=transfer_syntax_uid,
                     path=str(path.relative_to(self.root)),
-                    size=len(file_meta_bytes) + len(dataset_bytes), sha256=digest,
+                    size=received.size, sha256=digest,
                     calling_ae=calling_ae, association_id=association_id,
                     patient_id=_text(header.get("PatientID")) or "",
                     issuer_of_patient_id=_text(header.get("IssuerOfPatientID")) or "",
@@ -377,29 +492,39 @@ class Store:
                 raise
         return StoreResult(StoreOutcome.STORED, sop_instance, study, path)
 
-    def _parse(self, dataset_bytes: bytes, file_meta_bytes: bytes,
-               transfer_syntax_uid: str) -> dict[str, object]:
+    def _parse(self, received: _Received, transfer_syntax_uid: str) -> dict[str, object]:
         """Check completeness and read the header elements the index needs (no pixel data)."""
         ts = UID(transfer_syntax_uid)
         try:
-            raw = dataset_bytes
+            raw = received.dataset
             if ts == DeflatedExplicitVRLittleEndian:
-                raw = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
+                raw = zlib.decompress(bytes(received.dataset), -zlib.MAX_WBITS)
             check_dataset_structure(raw, implicit_vr=ts.is_implicit_VR,
                                     little_endian=ts.is_little_endian)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), received.stream() as stream:
                 # pydicom's warnings quote element values, which may be patient identifiers
                 warnings.simplefilter("ignore")
-                ds = dcmread(io.BytesIO(file_meta_bytes + dataset_bytes),
-                             stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+                ds = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
                 header = {k: ds.get(k) for k in _HEADER_TAGS}
         except (ValueError, InvalidDicomError, EOFError, KeyError, struct.error, zlib.error,
                 NotImplementedError, TypeError, UnicodeDecodeError, AttributeError,
                 RecursionError) as err:
             reason = f"dataset cannot be parsed: {type(err).__name__}: {_safe(err)}"
-            self.quarantine(file_meta_bytes + dataset_bytes, reason)
+            self.quarantine(received, reason)
             raise UnparseableDatasetError(reason) from err
         return header
+
+
+def _try_link(source: Path, link: Path) -> bool:
+    """Hard-link ``source`` as ``link``; ``False`` when the file system cannot (e.g. another
+    device), so the caller copies instead."""
+    try:
+        os.link(source, link)
+    except OSError as err:
+        if err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def _safe(err: BaseException) -> str:

@@ -201,3 +201,30 @@ def test_index_failure_refuses_with_a700_and_removes_the_written_file(store):
     store.index._conn.execute("DROP TABLE instances")  # and one that cannot even look up
     with pytest.raises(OutOfResourcesError, match="index unavailable"):
         _accept(store, _mr())
+
+
+@pytest.mark.parametrize("can_link", [True, False])
+def test_instance_received_into_a_file_is_stored_from_it(store, tmp_path, monkeypatch, can_link):
+    import node.store as store_module
+
+    if not can_link:  # another file system: the bytes are copied instead of hard-linked
+        monkeypatch.setattr(store_module, "_try_link", lambda source, link: False)
+    ds = _mr()
+    received = tmp_path / "received.dcm"
+    meta, body = _encode(ds)
+    received.write_bytes(meta + body)
+    result = store.accept_file(received, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                               request_sop_class_uid=ds.SOPClassUID,
+                               request_sop_instance_uid=ds.SOPInstanceUID)
+    assert result.outcome is StoreOutcome.STORED
+    assert result.path.read_bytes() == meta + body
+    assert (result.path.stat().st_ino == received.stat().st_ino) is can_link
+    received.unlink()  # as pynetdicom does after the handler: the stored copy stays
+    assert result.path.read_bytes() == meta + body
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(meta + body[:-10])
+    with pytest.raises(UnparseableDatasetError):
+        store.accept_file(truncated, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                          request_sop_class_uid=ds.SOPClassUID,
+                          request_sop_instance_uid=ds.SOPInstanceUID)
+    assert len(list(store.quarantine_dir.glob("*.dcm"))) == 1
