@@ -277,18 +277,31 @@ class Store:
         self.tmp_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         self.outbox_dir = self.root / "outbox"
-        for folder in (self.instances_dir, self.tmp_dir, self.quarantine_dir, self.outbox_dir):
+        #: where the serve process's temporary files (pynetdicom's received datasets) go
+        self.incoming_dir = self.tmp_dir / "incoming"
+        for folder in (self.instances_dir, self.tmp_dir, self.incoming_dir, self.quarantine_dir,
+                       self.outbox_dir):
             folder.mkdir(parents=True, exist_ok=True)
         #: striped locks, so two associations storing the same SOP Instance UID serialise
         self._locks = [threading.Lock() for _ in range(64)]
 
     # -- start-up -------------------------------------------------------------------------------
     def remove_stale_temporaries(self) -> int:
-        """Delete temporary files left by a killed process (never acknowledged); return count."""
+        """Delete temporary files left by a killed process (never acknowledged); return count.
+
+        Covers ``tmp/`` and ``tmp/incoming/``, where ``spine-node serve`` lets pynetdicom write
+        datasets as they arrive (``tempfile.tempdir``), so that they are on the storage's file
+        system (hard link instead of copy) and cleaned here after a crash.
+        """
         count = 0
         for path in self.tmp_dir.iterdir():
-            path.unlink(missing_ok=True)
-            count += 1
+            if path.is_dir():
+                count += sum(1 for p in path.rglob("*") if p.is_file())
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+                count += 1
+        self.incoming_dir.mkdir(exist_ok=True)
         if count:
             logger.warning("removed %d temporary file(s) left by an interrupted run", count)
         return count

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         service = NodeService(settings)
+        # this process's temporary files (pynetdicom writes each arriving dataset to one) go
+        # to the storage's file system, where received files are hard-linked into the store and
+        # leftovers of a crash are removed at the next start
+        tempfile.tempdir = str(service.store.incoming_dir)
         host, port = service.start()
     except (NodeError, OSError) as err:
         print(f"spine-node serve: cannot start: {err}", file=sys.stderr)
