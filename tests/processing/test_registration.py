@@ -210,6 +210,7 @@ def test_phantom_registration_rotation_within_1deg_in_plane_within_1mm_z_within_
     assert result.passed, result.reasons
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario", PHANTOM_SCENARIOS)
 def test_phantom_registration_with_sagittal_series_within_1mm_1deg(make_phantom, scenario) -> None:
     """Acceptance 3: axial and sagittal T2w registered and fused recover the displacement within
