@@ -80,11 +80,13 @@ Vendor variants and their deviations from the standard
   (as Philips and Canon classic exports do: dciodvfy warns "not present in standard IOD",
   no error); DCE with TemporalPositionIdentifier, NumberOfTemporalPositions, TemporalResolution
   and per-phase AcquisitionTime; no TriggerTime.
-- ``siemens`` (XA classic/interoperability export): b-value (0019,xx0C) IS, directionality
-  (0019,xx0D), gradient (0019,xx0E) FD in LPS (absent for b = 0), B_matrix (0019,xx27), private
-  creator "SIEMENS MR HEADER"; no standard diffusion tags and no CSA header; DCE without
-  TemporalPositionIdentifier, timing only in AcquisitionTime and private TimeAfterStart
-  (0019,xx16, s).
+- ``siemens`` (VE11 classic single-frame, as the real Prisma files in ``dwi_dcmqa``): b-value
+  (0019,xx0C) IS, directionality (0019,xx0D), gradient (0019,xx0E) FD in LPS (absent for b = 0),
+  B_matrix (0019,xx27), private creator "SIEMENS MR HEADER"; the same b-value, gradient,
+  B_matrix and SliceNormalVector in the CSA Image Header Info (0029,xx10, "SV10" format,
+  creator "SIEMENS CSA HEADER"); no standard diffusion tags; no mosaic (one slice per file);
+  DCE without TemporalPositionIdentifier, timing only in AcquisitionTime and private
+  TimeAfterStart (0019,xx16, s).
 - ``ge``: b-value only as the first value of (0043,xx39) "Slop_int_6" with the +1,000,000,000
   offset (creator "GEMS_PARM_01"); gradient only in (0019,xxBB/BC/BD) (creator "GEMS_ACQU_01")
   in the logical frame: (−row, −column, slice-normal) components of the LPS vector, which

@@ -8,6 +8,7 @@ docstring of :mod:`processing.phantom`.
 from __future__ import annotations
 
 import datetime as dt
+import struct
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -31,8 +32,8 @@ IMPLEMENTATION_VERSION = "SPINENODE_PH1"
 VENDOR_EQUIPMENT: dict[str, dict[str, Any]] = {
     "standard": dict(Manufacturer="Spine Response Node", ManufacturerModelName="Synthetic MR 3T",
                      SoftwareVersions="phantom 1.0", DeviceSerialNumber="PH0001"),
-    "siemens": dict(Manufacturer="SIEMENS", ManufacturerModelName="MAGNETOM Vida",
-                    SoftwareVersions="syngo MR XA50", DeviceSerialNumber="175542"),
+    "siemens": dict(Manufacturer="SIEMENS", ManufacturerModelName="Prisma",
+                    SoftwareVersions="syngo MR E11", DeviceSerialNumber="67060"),
     "ge": dict(Manufacturer="GE MEDICAL SYSTEMS", ManufacturerModelName="SIGNA Premier",
                SoftwareVersions=["30", "LX", "MR30.1_R01_2135.a"], DeviceSerialNumber="0000000000SPINE1"),
     "philips": dict(Manufacturer="Philips", ManufacturerModelName="Ingenia Elition X",
@@ -272,6 +273,33 @@ def _classic_parts(ph: Phantom, series: SeriesData, v: int, k: int, meta: dict[s
     return ds
 
 
+#: syngo data type codes of the CSA header (as in the real files: IS 6, FD 4)
+_CSA_SYNGODT = {"IS": 6, "FD": 4}
+
+
+def siemens_csa_header(fields: list[tuple[str, str, int, list[str]]]) -> bytes:
+    """A Siemens CSA2 ("SV10") header holding ``fields`` as (name, VR, VM, item strings).
+
+    Layout as the VE-series scanners write (0029,xx10) and the readers of dcm2niix and nibabel
+    parse it: "SV10" 04 03 02 01, tag count, 77; per tag a 64-byte name, VM, VR (4 bytes),
+    syngo data type, 6 items and 77; per item (length, length, 77, length) and the value padded
+    to 4 bytes, empty items as (0, 0, 205, 0); 4 zero bytes at the end.
+    """
+    out = [b"SV10\x04\x03\x02\x01", struct.pack("<2I", len(fields), 77)]
+    for name, vr, vm, values in fields:
+        out.append(name.encode("ascii").ljust(64, b"\0"))
+        out.append(struct.pack("<i4s3i", vm, vr.encode("ascii").ljust(4, b"\0"), _CSA_SYNGODT[vr], 6, 77))
+        for i in range(6):
+            if i < len(values):
+                data = values[i].encode("ascii") + b"\0"
+                out.append(struct.pack("<4i", len(data), len(data), 77, len(data)))
+                out.append(data.ljust((len(data) + 3) // 4 * 4, b"\0"))
+            else:
+                out.append(struct.pack("<4i", 0, 0, 205, 0))
+    out.append(b"\0" * 4)
+    return b"".join(out)
+
+
 def ge_logical_gradient(g_lps: np.ndarray, grid_matrix: np.ndarray) -> list[float]:
     """GE (0019,10BB-BD): gradient in the logical (frequency, phase, slice) frame.
 
@@ -303,6 +331,18 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -
             bm = b * np.outer(g, g)
             blk.add_new(0x27, "FD", [float(bm[0, 0]), float(bm[0, 1]), float(bm[0, 2]), float(bm[1, 1]),
                                      float(bm[1, 2]), float(bm[2, 2])])
+        # the same encoding in the CSA Image Header Info, as VE-series scanners also write it
+        fields = [("B_value", "IS", 1, [f"{int(round(b)):<8d}"])]
+        if directional:
+            bm = b * np.outer(g, g)
+            fields += [("DiffusionGradientDirection", "FD", 3, [f"{x:.8f}" for x in g]),
+                       ("B_matrix", "FD", 6, [f"{x:.8f}" for x in (bm[0, 0], bm[0, 1], bm[0, 2], bm[1, 1],
+                                                                  bm[1, 2], bm[2, 2])])]
+        fields.append(("SliceNormalVector", "FD", 3, [f"{x:.8f}" for x in grid.matrix[:, 2]]))
+        csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
+        csa.add_new(0x08, "CS", "IMAGE NUM 4")
+        csa.add_new(0x09, "LO", "20241009")
+        csa.add_new(0x10, "OB", siemens_csa_header(fields))
     elif vendor == "ge":
         blk = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
         blk.add_new(0x39, "IS", [str(int(round(b)) + 1_000_000_000), "8", "0", "0"])

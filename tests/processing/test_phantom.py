@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,15 @@ def _private_diffusion(ds: pydicom.Dataset, vendor: str) -> tuple[float, np.ndar
         blk = ds.private_block(0x0019, "SIEMENS MR HEADER")
         b = float(blk[0x0C].value)
         g = np.asarray(blk[0x0E].value, dtype=float) if b > 0 else np.zeros(3)
+        # the CSA Image Header Info carries the same encoding (read with nibabel's CSA reader)
+        with warnings.catch_warnings():  # nibabel warns that its DICOM readers are experimental
+            warnings.simplefilter("ignore", UserWarning)
+            from nibabel.nicom import csareader
+
+        tags = csareader.read(ds.private_block(0x0029, "SIEMENS CSA HEADER")[0x10].value)["tags"]
+        assert tags["B_value"]["items"] == [b]
+        if b > 0:
+            np.testing.assert_allclose(tags["DiffusionGradientDirection"]["items"], g, atol=1e-8)
         return b, g
     if vendor == "ge":
         b = float(int(ds.private_block(0x0043, "GEMS_PARM_01")[0x39].value[0]) % 1_000_000_000)
