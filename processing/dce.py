@@ -393,9 +393,11 @@ def _box_lsq(p: NDArray, q: NDArray, cc: NDArray, g11: NDArray, g12: NDArray, g2
 
     p = E.C, q = Cp.C, cc = C.C, g = Gram matrix entries; all broadcastable. Exact for the
     two-variable box QP: the optimum is the interior solution when feasible, else lies on one of
-    the four edges, each solved exactly by clipping the 1-D optimum.
+    the four edges, each solved exactly by clipping the 1-D optimum (evaluated only where the
+    interior solution is infeasible).
     """
-    def sse(x1: NDArray, x2: NDArray) -> NDArray:
+    def sse(x1: NDArray, x2: NDArray, p: NDArray, q: NDArray, cc: NDArray, g11: NDArray,
+            g12: NDArray, g22: NDArray) -> NDArray:
         return cc - 2.0 * (x1 * p + x2 * q) + x1 * x1 * g11 + 2.0 * x1 * x2 * g12 + x2 * x2 * g22
 
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -403,30 +405,42 @@ def _box_lsq(p: NDArray, q: NDArray, cc: NDArray, g11: NDArray, g12: NDArray, g2
             x1 = np.clip(p / g11, 0.0, k_ub)
             x1 = np.where(np.isfinite(x1), x1, 0.0)
             x2 = np.zeros_like(x1)
-            return x1, x2, sse(x1, x2)
+            return x1, x2, sse(x1, x2, p, q, cc, g11, g12, g22)
+        shape = np.broadcast_shapes(np.shape(p), np.shape(q), np.shape(cc), np.shape(g11),
+                                    np.shape(g12), np.shape(g22), np.shape(k_ub))
+        p, q, cc, g11, g12, g22, k_ub = (np.broadcast_to(np.asarray(a, dtype=float), shape)
+                                         for a in (p, q, cc, g11, g12, g22, k_ub))
         det = g11 * g22 - g12 * g12
-        best_x1 = (p * g22 - q * g12) / det
-        best_x2 = (q * g11 - p * g12) / det
-        feasible = (det > 0) & (best_x1 >= 0) & (best_x1 <= k_ub) & (best_x2 >= 0) & (best_x2 <= vp_ub)
-        best_x1 = np.where(feasible, best_x1, 0.0)
-        best_x2 = np.where(feasible, best_x2, 0.0)
-        best = np.where(feasible, sse(best_x1, best_x2), np.inf)
+        x1 = (p * g22 - q * g12) / det
+        x2 = (q * g11 - p * g12) / det
+        feasible = (det > 0) & (x1 >= 0) & (x1 <= k_ub) & (x2 >= 0) & (x2 <= vp_ub)
+        best = sse(x1, x2, p, q, cc, g11, g12, g22)
+        bad = ~feasible
+        if not bad.any():
+            return x1, x2, best
+        # edges, only where the interior solution is infeasible
+        pb, qb, ccb, g11b, g12b, g22b, kb = (a[bad] for a in (p, q, cc, g11, g12, g22, k_ub))
+        bx1 = np.zeros(pb.shape)
+        bx2 = np.zeros(pb.shape)
+        bs = np.full(pb.shape, np.inf)
         candidates = []
         for x2_fix in (0.0, vp_ub):  # edges with vp fixed
-            x1 = np.clip((p - x2_fix * g12) / g11, 0.0, k_ub)
-            x1 = np.where(np.isfinite(x1), x1, 0.0)
-            candidates.append((x1, np.full_like(x1, x2_fix)))
-        for x1_fix in (np.zeros_like(k_ub), k_ub):  # edges with Ktrans fixed
-            x2 = np.clip((q - x1_fix * g12) / g22, 0.0, vp_ub)
-            x2 = np.where(np.isfinite(x2), x2, 0.0)
-            candidates.append((np.broadcast_to(x1_fix, x2.shape), x2))
-        for x1, x2 in candidates:
-            s = sse(x1, x2)
-            better = s < best
-            best = np.where(better, s, best)
-            best_x1 = np.where(better, x1, best_x1)
-            best_x2 = np.where(better, x2, best_x2)
-    return best_x1, best_x2, best
+            e1 = np.clip((pb - x2_fix * g12b) / g11b, 0.0, kb)
+            candidates.append((np.where(np.isfinite(e1), e1, 0.0), np.full(pb.shape, x2_fix)))
+        for x1_fix in (np.zeros(pb.shape), kb):  # edges with Ktrans fixed
+            e2 = np.clip((qb - x1_fix * g12b) / g22b, 0.0, vp_ub)
+            candidates.append((x1_fix, np.where(np.isfinite(e2), e2, 0.0)))
+        for c1, c2 in candidates:
+            cs = sse(c1, c2, pb, qb, ccb, g11b, g12b, g22b)
+            better = cs < bs
+            bs = np.where(better, cs, bs)
+            bx1 = np.where(better, c1, bx1)
+            bx2 = np.where(better, c2, bx2)
+        x1 = x1.copy()
+        x2 = x2.copy()
+        best = best.copy()
+        x1[bad], x2[bad], best[bad] = bx1, bx2, bs
+    return x1, x2, best
 
 
 class ToftsModel:
@@ -529,9 +543,17 @@ class ToftsModel:
         return e, cp, np.einsum("kt,kt->k", e, e), e @ cp, float(cp @ cp)
 
     def _table(self, j: int) -> tuple:
+        """(table (n_table, n_t), Cp, band of the Gram matrix, table·Cp, Cp·Cp) for delay j.
+
+        ``band[i, d] = T[i]·T[i + d]`` for d = 0..3: all that cubic interpolation needs.
+        """
         if j not in self._tables:
-            self._tables[j] = self._gram(self._convolve(self._grids[j], self.kep_table),
-                                         self._grids[j])
+            e, cp, _, ecp, g22 = self._gram(self._convolve(self._grids[j], self.kep_table),
+                                            self._grids[j])
+            band = np.zeros((e.shape[0], 4))
+            for d in range(4):
+                band[: e.shape[0] - d, d] = np.einsum("kt,kt->k", e[: e.shape[0] - d], e[d:])
+            self._tables[j] = (e, cp, band, ecp, g22)
         return self._tables[j]
 
     @property
@@ -607,15 +629,6 @@ class ToftsModel:
             sse=out["sse"].reshape(spatial), r2=out["r2"].reshape(spatial),
             valid=valid.reshape(spatial), provenance=self.provenance)
 
-    def _solve(self, c: NDArray, cc: NDArray, q: NDArray, e: NDArray, cp: NDArray, g22: float,
-               kep: NDArray) -> tuple[NDArray, NDArray, NDArray]:
-        """Box-constrained linear solution at per-voxel basis rows e (m, n_t)."""
-        p = np.einsum("mt,mt->m", e, c)
-        g11 = np.einsum("mt,mt->m", e, e)
-        g12 = e @ cp
-        k_ub = np.minimum(self.max_ktrans, self.max_ve * kep)
-        return _box_lsq(p, q, cc, g11, g12, g22, k_ub, self.max_vp, self.extended)
-
     def _coarse_sse(self, c: NDArray, cc: NDArray, j: int) -> NDArray[np.float64]:
         """SSE (n_coarse, m) on the coarse kep grid for delay index j: one matrix product."""
         e, cp, g11, g12, g22 = self._coarse_basis[j]
@@ -627,25 +640,39 @@ class ToftsModel:
         """Best (Ktrans, vp, kep, SSE) at delay index j for voxels c (m, n_t)."""
         m = c.shape[0]
         rows = np.arange(m)
-        sse = self._coarse_sse(c, cc, j)
-        n_c = self._coarse.size
+        table, cp, band, tcp, g22 = self._table(j)
+        q = c @ cp
+        # the interpolated basis is sum_j w_j T[i+j], so its products with the data, itself and
+        # Cp follow from T C^T (one matrix product), the table's Gram band and T Cp: every
+        # evaluation after this product costs O(voxels), not O(voxels x time points)
+        proj = table @ c.T  # (n_table, m)
+        co = self._coarse
+        k_ub_c = np.minimum(self.max_ktrans, self.max_ve * self.kep_table[co])[:, None]
+        sse = _box_lsq(proj[co], q[None, :], cc[None, :], band[co, 0][:, None],
+                       tcp[co][:, None], g22, k_ub_c, self.max_vp, self.extended)[2]
+        n_c = co.size
         k_idx = np.argmin(sse, axis=0)
         fb = sse[k_idx, rows]
         f_lo = sse[np.maximum(k_idx - 1, 0), rows]
         f_hi = sse[np.minimum(k_idx + 1, n_c - 1), rows]
         # parabola through the coarse minimum and its neighbours (positions in table rows)
-        xb = self._coarse[k_idx].astype(float)
-        step = float(np.max(np.diff(self._coarse)))
+        xb = co[k_idx].astype(float)
+        step = float(np.max(np.diff(co)))
         interior = (k_idx > 0) & (k_idx < n_c - 1)
         x_max = float(self.kep_table.size - 1)
         xs = np.clip(xb + np.where(interior, step * _parabola_shift(f_lo, fb, f_hi), 0.0),
                      0.0, x_max)
-        table, cp, _, _, g22 = self._table(j)
-        q = c @ cp
 
         def solve(xx: NDArray[np.float64]) -> tuple[NDArray, NDArray, NDArray]:
+            i, w = _lagrange_weights(xx, table.shape[0])
+            idx = i[:, None] + np.arange(4)[None, :]  # (m, 4)
+            p = np.einsum("mj,mj->m", w, proj[idx, rows[:, None]])
+            g12 = np.einsum("mj,mj->m", w, tcp[idx])
+            gram = band[i[:, None, None] + _BAND_ROW[None], _BAND_COL[None]]  # (m, 4, 4)
+            g11 = np.einsum("mj,mjk,mk->m", w, gram, w)
             k = self.kep_table[0] * np.exp(self._log_step * xx)
-            return self._solve(c, cc, q, _lagrange_rows(table, xx), cp, g22, k)
+            k_ub = np.minimum(self.max_ktrans, self.max_ve * k)
+            return _box_lsq(p, q, cc, g11, g12, g22, k_ub, self.max_vp, self.extended)
 
         # parabolic Newton steps on interpolated bases with shrinking spacing; the best point
         # ever evaluated is kept (never worse than the coarse grid point)
@@ -702,16 +729,17 @@ def _parabola_shift(fm: NDArray, f0: NDArray, fp: NDArray, *, limit: float = 1.0
     return np.clip(np.nan_to_num(shift), -limit, limit)
 
 
-def _lagrange_rows(table: NDArray[np.float64], x: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Cubic Lagrange interpolation of table rows at fractional row positions x (m,)."""
-    n = table.shape[0]
+_BAND_ROW = np.minimum.outer(np.arange(4), np.arange(4))
+_BAND_COL = np.abs(np.subtract.outer(np.arange(4), np.arange(4)))
+
+
+def _lagrange_weights(x: NDArray[np.float64], n: int) -> tuple[NDArray[np.intp], NDArray]:
+    """First row index and the 4 cubic Lagrange weights for fractional row positions x (m,)."""
     i = np.clip(np.floor(x).astype(int) - 1, 0, n - 4)
     u = (x - i)[:, None]  # position relative to row i, in [1, 2] away from the edges
-    w0 = -(u - 1) * (u - 2) * (u - 3) / 6.0
-    w1 = u * (u - 2) * (u - 3) / 2.0
-    w2 = -u * (u - 1) * (u - 3) / 2.0
-    w3 = u * (u - 1) * (u - 2) / 6.0
-    return w0 * table[i] + w1 * table[i + 1] + w2 * table[i + 2] + w3 * table[i + 3]
+    w = np.concatenate([-(u - 1) * (u - 2) * (u - 3) / 6.0, u * (u - 2) * (u - 3) / 2.0,
+                        -u * (u - 1) * (u - 3) / 2.0, u * (u - 1) * (u - 2) / 6.0], axis=1)
+    return i, w
 
 
 # --------------------------------------------------------------------------------------------
