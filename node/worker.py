@@ -174,6 +174,10 @@ class AnalysisWorker:
         if outcome["state"] == "waiting":
             logger.info("study %s: not analysable yet: %s", study_uid, outcome["reason"])
             index.add_event("analysis_waiting", study_uid=study_uid, detail=outcome["reason"])
+            # what is missing may be on the PACS (issue 5): check the patient, fetch priors
+            from node.priors import on_analysis_waiting
+
+            on_analysis_waiting(self.service, patient_row, study_uid, outcome["reason"])
             return outcome
         paths = [Path(p) for p in outcome["paths"]]
         for destination in self.service.settings.node.result_destinations:

@@ -398,3 +398,63 @@ def test_courses_section_validation():
     unknown = settings_from_mapping({**base, "courses": {"pacs": "NOBODY"}})
     with pytest.raises(ConfigError, match="no peer"):
         pacs_peer(unknown, courses_section(unknown))
+
+
+def _wait_for_event(service: NodeService, kind: str, timeout_s: float = 60.0) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    while not service.index.events(kind):
+        assert time.monotonic() < deadline, f"no {kind} event within {timeout_s} s"
+        time.sleep(0.05)
+    return service.index.events(kind)
+
+
+def test_patient_mismatch_is_refused_and_recorded_by_the_worker(tmp_path):
+    """Acceptance 6 on the node path: the analysis worker runs the chain (child process), which
+    refuses; the worker's hook records it; nothing is combined and the PACS is not asked."""
+    fu_uid = generate_uid()
+    intruder = _mr_series(fu_uid, D0 + dt.timedelta(days=90), 1, patient_id="PID-999", seed=5)
+    follow_up = _mr_series(fu_uid, D0 + dt.timedelta(days=90), 2, seed=4) + intruder
+    # a baseline (with a CyberKnife-less plan) under another issuer, same PatientID
+    other_base = generate_uid()
+    other_issuer = _mr_series(other_base, D0, 2, patient_id="PID-456", issuer="HOSPITAL-B")
+    fu2_uid = generate_uid()
+    follow_up2 = _mr_series(fu2_uid, D0 + dt.timedelta(days=90), 2, patient_id="PID-456")
+    pacs = FakePacs(other_issuer)  # the PACS only has the other issuer's baseline
+    settings = _settings(tmp_path / "storage", pacs.port)
+    settings = settings.model_copy(update={"analysis": {"enabled": True}})
+    service = NodeService(settings)
+    service.start()
+    from node.priors import fetcher_for
+
+    try:
+        folder = tmp_path / "in"
+        folder.mkdir()
+        paths = []
+        for ds in follow_up + other_issuer + follow_up2:
+            path = folder / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        assert len(import_files(service.store, paths).stored) == 7
+        # 1) one study UID, two PatientIDs: the study belongs to the first patient's row
+        row = _patient_row(service, fu_uid)
+        outcome = service.analysis.analyse(row, study_uid=fu_uid)
+        assert outcome["state"] == "waiting" and "two different patients" in outcome["reason"]
+        mismatch = _wait_for_event(service, "patient_mismatch")
+        assert len(mismatch) == 1 and mismatch[0]["study_uid"] == fu_uid
+        assert "PID-999" not in mismatch[0]["detail"] and PATIENT_ID not in mismatch[0]["detail"]
+        assert pacs.find_log == []  # a mismatched patient is never queried for
+        # 2) a baseline with a different issuer is another patient: never in this analysis
+        row2 = _patient_row(service, fu2_uid)
+        assert row2 != _patient_row(service, other_base)
+        outcome = service.analysis.analyse(row2, study_uid=fu2_uid)
+        assert outcome["state"] == "waiting" and "no CyberKnife" in outcome["reason"]
+        _wait_for_event(service, "priors_none")
+        refused = service.index.events("priors_refused")
+        assert [r["study_uid"] for r in refused] == [other_base]
+        assert pacs.retrieve_log == []
+        assert not service.index.events("analysis_done")
+        assert len(service.index.events("patient_mismatch")) == 1
+    finally:
+        fetcher_for(service).stop()
+        service.stop()
+        pacs.close()
