@@ -107,10 +107,15 @@ def reanalyse_action(service: Any, worker: Any) -> Any:
             return f"study {study_uid} has no patient in the index: nothing to analyse"
         service.index.add_event("analysis_requeued", study_uid=study_uid,
                                 detail="from dashboard")
-        service.scheduler.add_job(worker.analyse, args=[patient_row],
-                                  kwargs={"study_uid": study_uid},
+        service.scheduler.add_job(run, args=[patient_row, study_uid],
                                   id=f"reanalyse-{study_uid}", replace_existing=True)
         return f"analysis of study {study_uid} queued"
+
+    def run(patient_row: int, study_uid: str) -> None:
+        outcome = worker.analyse(patient_row, study_uid=study_uid)
+        if outcome.get("state") == "coalesced":
+            service.index.add_event("analysis_coalesced", study_uid=study_uid,
+                                    detail="covered by the patient's queued analysis")
 
     return reanalyse
 

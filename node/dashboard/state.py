@@ -22,7 +22,9 @@ from node.index import Index
 logger = logging.getLogger(__name__)
 
 ANALYSIS_EVENTS = ("analysis_started", "analysis_done", "analysis_waiting", "analysis_failed",
-                   "analysis_requeued")
+                   "analysis_requeued", "analysis_coalesced")
+_PENDING = ("analysis_started", "analysis_requeued", "analysis_coalesced")
+_OUTCOMES = ("analysis_done", "analysis_waiting", "analysis_failed")
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,15 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
         " FROM studies s ORDER BY s.last_received DESC LIMIT ?", (limit,))
     placeholders = ",".join("?" * len(ANALYSIS_EVENTS))
     latest: dict[str, Any] = {}
+    #: latest outcome of any analysis run of each patient (a run covers all its studies)
+    patient_outcome: dict[int, Any] = {}
     for r in index.query(
-            f"SELECT study_uid, kind, detail FROM events WHERE kind IN ({placeholders})"
-            " AND study_uid IS NOT NULL ORDER BY id", ANALYSIS_EVENTS):
+            "SELECT e.id, e.study_uid, e.kind, e.detail, s.patient_key FROM events e"
+            f" JOIN studies s ON s.study_uid=e.study_uid WHERE e.kind IN ({placeholders})"
+            " ORDER BY e.id", ANALYSIS_EVENTS):
         latest[r["study_uid"]] = r
+        if r["kind"] in _OUTCOMES:
+            patient_outcome[r["patient_key"]] = r
     out = []
     for s in studies:
         uid = s["study_uid"]
@@ -69,12 +76,16 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
             " FROM outbox WHERE reason=? GROUP BY state", (outbox_reason(uid),))
         counts = {b["state"]: int(b["n"]) for b in boxes}
         event = latest.get(uid)
+        later = patient_outcome.get(s["patient_key"])
+        if (event is not None and event["kind"] in _PENDING and later is not None
+                and later["id"] > event["id"]):
+            event = later  # a request coalesced into a run triggered by another study
         reason = ""
         if s["state"] == "receiving":
             state = "receiving"
         elif event is None:
             state = "stable"
-        elif event["kind"] in ("analysis_started", "analysis_requeued"):
+        elif event["kind"] in _PENDING:
             state = "analysing"
         elif event["kind"] == "analysis_failed":
             state, reason = "failed", f"analysis failed: {event['detail'] or ''}"

@@ -332,3 +332,15 @@ def test_start_dashboard_serves_a_running_node(tmp_path: Path) -> None:
         settings = disabled
 
     assert start_dashboard(_Service()) is None
+
+
+def test_coalesced_reanalysis_takes_the_patients_next_outcome(node: Node) -> None:
+    """A re-analysis request coalesced into a run another study of the patient triggered shows
+    that run's outcome, not 'analysing' forever."""
+    node.index.add_event("analysis_requeued", study_uid=FOLLOW_UP_2)
+    node.index.add_event("analysis_coalesced", study_uid=FOLLOW_UP_2)
+    assert {s.study_uid: s.state for s in study_states(node.index)}[FOLLOW_UP_2] == "analysing"
+    node.index.add_event("analysis_started", study_uid=BASELINE)
+    node.index.add_event("analysis_done", study_uid=BASELINE, detail="54 objects")
+    state = {s.study_uid: s for s in study_states(node.index)}[FOLLOW_UP_2]
+    assert (state.state, state.reason) == ("analysed", "54 objects")
