@@ -46,7 +46,8 @@ VENDORS = ("standard", "siemens", "ge", "philips", "enhanced")
 
 #: Per scenario, per follow-up: multipliers of baseline tumour volume, mono-exponential ADC
 #: (b = 50-1000; the diffusivity D is scaled so that this ADC changes by exactly that factor),
-#: Ktrans, ve, vp; whether an epidural component is present; the expected response call.
+#: Ktrans, ve, vp; whether an epidural component is present; the expected response call. Later
+#: follow-ups than listed repeat the last entry (the tumour stays at its last state).
 SCENARIO_CHANGES: dict[str, list[dict[str, Any]]] = {
     "responder": [
         dict(volume=0.70, adc=1.35, ktrans=0.40, ve=1.0, vp=0.40, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
@@ -55,10 +56,13 @@ SCENARIO_CHANGES: dict[str, list[dict[str, Any]]] = {
     "progression": [
         dict(volume=1.40, adc=0.95, ktrans=1.30, ve=1.0, vp=1.20, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
         dict(volume=1.90, adc=0.92, ktrans=1.40, ve=1.0, vp=1.30, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
+        dict(volume=2.05, adc=0.90, ktrans=1.45, ve=1.0, vp=1.35, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
+        dict(volume=2.15, adc=0.90, ktrans=1.50, ve=1.0, vp=1.40, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
     ],
     "pseudoprogression": [
         dict(volume=1.20, adc=1.20, ktrans=0.70, ve=1.0, vp=0.40, epidural=False, category=ResponseCategory.INDETERMINATE),
         dict(volume=0.95, adc=1.30, ktrans=0.50, ve=1.0, vp=0.35, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+        dict(volume=0.90, adc=1.30, ktrans=0.45, ve=1.0, vp=0.35, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
     ],
     "stable": [
         dict(volume=1.02, adc=1.03, ktrans=0.95, ve=1.0, vp=0.95, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
