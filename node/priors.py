@@ -393,35 +393,55 @@ class PriorsFetcher:
             index.add_event("priors_none", study_uid=study_uid, detail=why)
             logger.info("priors for study %s: nothing to retrieve (%s)", study_uid, why)
             return report
-        for study, series in wanted:
-            report.requested.append(series.series_uid)
-            index.add_event(
-                "priors_retrieve", study_uid=study.study_uid,
-                detail=(f"series {series.series_uid} ({series.modality}, "
-                        f"{series.n_instances if series.n_instances is not None else '?'} "
-                        f"instances) by C-{self.section.method.upper()}"))
+        method = f"C-{self.section.method.upper()}"
+        for study, series_list in self._retrievals(wanted):
+            report.requested.extend(se.series_uid for se in series_list)
+            if series_list == study.series:
+                # the whole study is missing: one STUDY-level retrieval, one stream of C-STOREs
+                series_uid, what = None, f"study level ({len(series_list)} series)"
+            else:
+                series_uid = series_list[0].series_uid
+                what = f"series {series_uid}"
+            kinds = ", ".join(sorted({se.modality for se in series_list}))
+            n = sum(se.n_instances or 0 for se in series_list)
+            index.add_event("priors_retrieve", study_uid=study.study_uid,
+                            detail=f"{what}: {kinds}, {n} instances by {method}")
             try:
-                counts = self._with_retries(
-                    report, f"C-{self.section.method.upper()}",
-                    lambda st=study, se=series: self._retrieve(st.study_uid, se.series_uid))
+                completed, failed, warning = self._with_retries(
+                    report, method,
+                    lambda st=study.study_uid, se=series_uid: self._retrieve(st, se))
             except RetrieveError as err:
                 report.failed += 1
                 index.add_event("priors_failed", study_uid=study.study_uid,
-                                detail=f"series {series.series_uid}: {str(err)[:300]}")
+                                detail=f"{what}: {str(err)[:300]}")
                 continue
-            completed, failed, warning = counts
             report.completed += completed
             report.failed += failed
             report.warning += warning
             index.add_event(
                 "priors_retrieved", study_uid=study.study_uid,
-                detail=(f"series {series.series_uid}: {completed} completed, {failed} failed, "
-                        f"{warning} warning"))
+                detail=f"{what}: {completed} completed, {failed} failed, {warning} warning")
         report.state = "retrieved" if report.completed else "failed"
         report.detail = (f"{len(report.requested)} series asked, {report.completed} instances "
                          f"came, {report.failed} failed")
         logger.info("priors for study %s: %s", study_uid, report.detail)
         return report
+
+    @staticmethod
+    def _retrievals(wanted: list[tuple[RemoteStudy, RemoteSeries]]
+                    ) -> list[tuple[RemoteStudy, list[RemoteSeries]]]:
+        """Group the wanted series: a whole study in one item, else one item per series."""
+        by_study: dict[str, tuple[RemoteStudy, list[RemoteSeries]]] = {}
+        for study, series in wanted:
+            by_study.setdefault(study.study_uid, (study, []))[1].append(series)
+        out: list[tuple[RemoteStudy, list[RemoteSeries]]] = []
+        for study, series_list in by_study.values():
+            series_list.sort(key=lambda se: se.series_uid)
+            if series_list == study.series:
+                out.append((study, series_list))
+            else:
+                out.extend((study, [se]) for se in series_list)
+        return out
 
     # -- what the node holds --------------------------------------------------------------------
     def _study_date(self, study_uid: str | None) -> dt.date | None:
@@ -648,12 +668,20 @@ class PriorsFetcher:
             out.append(RemoteSeries(uid, str(match.get("Modality", "") or "").upper(), count))
         return sorted(out, key=lambda s: s.series_uid)
 
-    def _retrieve(self, study_uid: str, series_uid: str) -> tuple[int, int, int]:
-        """C-MOVE or C-GET one series; returns (completed, failed, warning) sub-operations."""
+    def _retrieve(self, study_uid: str, series_uid: str | None) -> tuple[int, int, int]:
+        """C-MOVE or C-GET one series (or the whole study when ``series_uid`` is None).
+
+        Returns
+        -------
+        tuple of int
+            (completed, failed, warning) sub-operations of the final response.
+        """
         identifier = Dataset()
-        identifier.QueryRetrieveLevel = "SERIES"
+        identifier.QueryRetrieveLevel = "STUDY" if series_uid is None else "SERIES"
         identifier.StudyInstanceUID = study_uid
-        identifier.SeriesInstanceUID = series_uid
+        if series_uid is not None:
+            identifier.SeriesInstanceUID = series_uid
+        what = f"study {study_uid}" if series_uid is None else f"series {series_uid}"
         ae = self._ae()
         if self.section.method == "move":
             model = StudyRootQueryRetrieveInformationModelMove
@@ -686,10 +714,10 @@ class PriorsFetcher:
         completed, failed, warning = counts
         if final is None or (final not in (0x0000, 0xB000) and final & 0xF000 != 0xB000):
             raise RetrieveError(
-                f"C-{self.section.method.upper()} of series {series_uid} ended with status "
+                f"C-{self.section.method.upper()} of {what} ended with status "
                 f"{'none' if final is None else f'0x{final:04X}'}")
         if failed:
-            raise RetrieveError(f"C-{self.section.method.upper()} of series {series_uid}: "
+            raise RetrieveError(f"C-{self.section.method.upper()} of {what}: "
                                 f"{failed} sub-operations failed, {completed} completed")
         return completed, failed, warning
 

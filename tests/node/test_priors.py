@@ -143,11 +143,16 @@ class FakePacs:
         yield 0x0000, None
 
     def _matches(self, identifier: Dataset) -> list[Dataset]:
+        if identifier.QueryRetrieveLevel == "STUDY":
+            return [ds for ds in self.datasets
+                    if ds.StudyInstanceUID == identifier.StudyInstanceUID]
         return [ds for ds in self.datasets if ds.SeriesInstanceUID == identifier.SeriesInstanceUID]
 
     def _enter(self, identifier: Dataset) -> bool:
         with self._lock:
-            self.retrieve_log.append(str(identifier.SeriesInstanceUID))
+            self.retrieve_log.append(
+                f"STUDY {identifier.StudyInstanceUID}" if identifier.QueryRetrieveLevel == "STUDY"
+                else f"SERIES {identifier.SeriesInstanceUID}")
             self.active += 1
             self.max_active = max(self.max_active, self.active)
             if self.fail_retrieves > 0:
@@ -272,14 +277,16 @@ def test_fetch_retrieves_course_and_baseline_and_refuses_other_issuer(tmp_path, 
         assert _held(service, uids["old"]) == 0 and _held(service, uids["other"]) == 0
         # what came is the same patient row: never another patient's
         assert _patient_row(service, uids["baseline"]) == row
+        # the whole baseline study was missing: one STUDY-level retrieval
+        assert pacs.retrieve_log == [f"STUDY {uids['baseline']}"]
         assert _kinds(service) == {"priors_query": 1, "priors_refused": 1,
-                                   "priors_retrieve": 2, "priors_retrieved": 2}
+                                   "priors_retrieve": 1, "priors_retrieved": 1}
         detail = service.index.events("priors_query")[0]["detail"]
         assert "3 studies, 2 prior" in detail and PATIENT_ID not in detail
         # a second round finds everything on the node: nothing is asked again
         again = fetcher.fetch(row, uids["follow_up"])
         assert again.state == "none" and again.requested == []
-        assert len(pacs.retrieve_log) == 2
+        assert len(pacs.retrieve_log) == 1
         assert _kinds(service)["priors_none"] == 1
     finally:
         service.stop()
@@ -293,13 +300,12 @@ def test_retries_then_success_and_retries_exhausted(tmp_path, pacs_data):
     try:
         row = _patient_row(service, uids["follow_up"])
         fetcher = PriorsFetcher(service)
-        pacs.fail_retrieves = 2  # the first series fails twice, succeeds on the 3rd attempt
+        pacs.fail_retrieves = 2  # the retrieval fails twice, succeeds on the 3rd attempt
         report = fetcher.fetch(row, uids["follow_up"])
         assert report.state == "retrieved" and report.completed == 4
-        # 2 C-FIND (study level, series level of the one prior study) + 2 failed and 2 good
-        # retrievals
-        assert len(pacs.retrieve_log) == 4
-        assert report.attempts == 2 + 4
+        # 2 C-FIND (study level, series level of the one prior study) + 3 retrievals
+        assert len(pacs.retrieve_log) == 3
+        assert report.attempts == 2 + 3
         assert _held(service, uids["baseline"]) == 4
     finally:
         service.stop()
@@ -310,13 +316,30 @@ def test_retries_then_success_and_retries_exhausted(tmp_path, pacs_data):
                     retry_delay_s=0.05)
     try:
         row = _patient_row(service, uids["follow_up"])
-        pacs.fail_retrieves = 10  # never succeeds: 2 attempts per series, then recorded
+        pacs.fail_retrieves = 10  # never succeeds: 2 attempts, then recorded
         report = PriorsFetcher(service).fetch(row, uids["follow_up"])
         assert report.state == "failed" and report.completed == 0
-        assert len(pacs.retrieve_log) == 4
+        assert len(pacs.retrieve_log) == 2
         failed = service.index.events("priors_failed")
-        assert len(failed) == 2 and "0xA702" in failed[0]["detail"]
+        assert len(failed) == 1 and "0xA702" in failed[0]["detail"]
         assert _held(service, uids["baseline"]) == 0
+    finally:
+        service.stop()
+        pacs.close()
+
+
+def test_series_level_retrieval_of_the_missing_part_only(tmp_path, pacs_data):
+    """The node holds the planning study's RT Plan: only the baseline MR series is asked for."""
+    pacs = FakePacs(pacs_data["baseline"] + [pacs_data["plan"]] + pacs_data["follow_up"])
+    uids = pacs_data["uids"]
+    service = _node(tmp_path, pacs, pacs_data["follow_up"] + [pacs_data["plan"]])
+    try:
+        row = _patient_row(service, uids["follow_up"])
+        report = PriorsFetcher(service).fetch(row, uids["follow_up"])
+        assert report.requested == [pacs_data["baseline"][0].SeriesInstanceUID]
+        assert pacs.retrieve_log == [f"SERIES {pacs_data['baseline'][0].SeriesInstanceUID}"]
+        assert (report.completed, report.failed) == (3, 0)
+        assert _held(service, uids["baseline"]) == 4
     finally:
         service.stop()
         pacs.close()
