@@ -54,8 +54,8 @@ ground_truth.json (units in the keys or in ``mean_units``)
   signal for b subsets "all", "b0+b400-2000", "b400-2000": with IVIM perfusion in the signal a
   fit that includes b = 0-100 is biased away from K; b >= 400 recovers K and D), and the
   ``shape`` parameters from which the true mask on any grid is recomputed
-  (:meth:`anatomy.TumourShape.contains`, after mapping follow-up points with
-  ``rigid_transform.followup_to_baseline``).
+  (:func:`true_tumour_mask`, i.e. :meth:`anatomy.TumourShape.contains` after mapping follow-up
+  points with ``rigid_transform.followup_to_baseline``).
 - follow-ups: ``rigid_transform`` (4x4 matrices follow-up→baseline and baseline→follow-up in LPS
   mm, rotation axis/angle in degrees, translation in mm, the SimpleITK Euler3D parameters),
   ``expected_response`` (a :class:`processing.results.ResponseCategory` value),
@@ -111,7 +111,7 @@ cannot parse 32-bit OW dose grids).
 from __future__ import annotations
 
 from processing.phantom.mr import VENDOR_DEVIATIONS
-from processing.phantom.patient import SCENARIOS, VENDORS, Phantom, generate_patient
+from processing.phantom.patient import SCENARIOS, VENDORS, Phantom, generate_patient, true_tumour_mask
 from processing.phantom.protocol import SIZES
 
-__all__ = ["SCENARIOS", "SIZES", "VENDORS", "VENDOR_DEVIATIONS", "Phantom", "generate_patient"]
+__all__ = ["SCENARIOS", "SIZES", "VENDORS", "VENDOR_DEVIATIONS", "Phantom", "generate_patient", "true_tumour_mask"]

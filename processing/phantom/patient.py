@@ -147,6 +147,39 @@ class Phantom:
             yield relpath, mr.part10_bytes(ds)
 
 
+def true_tumour_mask(ground_truth: dict[str, Any], study: str, geometry: dict[str, Any]) -> NDArray[np.bool_]:
+    """The exact tumour mask of ``study`` on any grid (voxel-centre rule), from ground_truth.json.
+
+    Parameters
+    ----------
+    ground_truth : dict
+        The parsed ``ground_truth.json``.
+    study : str
+        ``"baseline"``, ``"followup1"``, ...
+    geometry : dict
+        ``origin``, ``spacing``, ``direction`` (row-major 3x3) and ``size`` of the grid, in that
+        study's patient coordinates (LPS, mm), e.g. ``ground_truth["studies"][study]["series"]
+        [role]["geometry"]``.
+
+    Returns
+    -------
+    Boolean array (k, j, i), the numpy order of a SimpleITK image of that grid.
+    """
+    st = ground_truth["studies"][study]
+    shape = st["tumour"]["shape"]
+    tumour = TumourShape(tuple(shape["centre"]), tuple(shape["rotation"]), tuple(shape["radii"]),
+                         tuple(tuple(lb) for lb in shape["lobes"]),
+                         tuple(shape["epidural_centre"]) if shape["epidural_centre"] else None,
+                         tuple(shape["epidural_radii"]) if shape["epidural_radii"] else None)
+    grid = Grid(tuple(geometry["size"]), tuple(geometry["spacing"]), tuple(geometry["origin"]),
+                tuple(geometry["direction"]))
+    pts = grid.points()
+    if st.get("rigid_transform"):
+        m = np.asarray(st["rigid_transform"]["followup_to_baseline"])
+        pts = pts @ m[:3, :3].T + m[:3, 3]
+    return tumour.contains(pts)
+
+
 def _rigid(rng: np.random.Generator, centre: NDArray[np.float64]) -> dict[str, Any]:
     """A random rigid displacement of a few mm and degrees about ``centre`` (LPS)."""
     axis = rng.normal(size=3)

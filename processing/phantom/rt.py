@@ -90,14 +90,14 @@ def _slice_contours(tumour: TumourShape, grid: Grid, margin_mm: float) -> list[t
     lo, hi = tumour.bounding_box()
     for k in range(grid.size[2]):
         p0 = grid.slice_position(k)
+        if not (lo[2] - 1 <= p0[2] <= hi[2] + 1):  # axial structure-set grid: skip distant slices
+            continue
         normal = grid.matrix[:, 2]
         # fine in-plane sampling around the tumour to find the section and its centroid
         s = np.arange(-45, 45, 0.5)
         uu, vv = np.meshgrid(s, s, indexing="ij")
         centre_proj = np.asarray(tumour.centre) - ((np.asarray(tumour.centre) - p0) @ normal) * normal
         pts = centre_proj + uu[..., None] * row + vv[..., None] * col
-        if not (lo[2] - 1 <= p0[2] <= hi[2] + 1):
-            continue
         inside = tumour.contains(pts)
         if not inside.any():
             continue

@@ -14,8 +14,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from processing.phantom import generate_patient
-from processing.phantom.anatomy import Grid, TumourShape
+from processing.phantom import generate_patient, true_tumour_mask
 from processing.phantom.signals import parker_aif_blood
 from tests.phantom_fixtures import PHANTOM_SEED
 
@@ -45,19 +44,7 @@ def _volume_array(path: Path, study: str, series: dict) -> np.ndarray:
 
 
 def _tumour_mask(truth: dict, study: str, geometry: dict) -> np.ndarray:
-    shape = truth["studies"][study]["tumour"]["shape"]
-    tum = TumourShape(tuple(shape["centre"]), tuple(shape["rotation"]), tuple(shape["radii"]),
-                      tuple(tuple(lb) for lb in shape["lobes"]),
-                      tuple(shape["epidural_centre"]) if shape["epidural_centre"] else None,
-                      tuple(shape["epidural_radii"]) if shape["epidural_radii"] else None)
-    grid = Grid(tuple(geometry["size"]), tuple(geometry["spacing"]), tuple(geometry["origin"]),
-                tuple(geometry["direction"]))
-    pts = grid.points()
-    rigid = truth["studies"][study]["rigid_transform"]
-    if rigid is not None:
-        m = np.asarray(rigid["followup_to_baseline"])
-        pts = pts @ m[:3, :3].T + m[:3, 3]
-    return tum.contains(pts)
+    return true_tumour_mask(truth, study, geometry)
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
