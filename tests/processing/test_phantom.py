@@ -269,6 +269,23 @@ def _check_dcm2niix(path: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(bvec, expected + 0.0, atol=1e-3)
 
 
+def test_cli_writes_the_documented_layout(tmp_path: Path) -> None:
+    from node.cli import build_parser
+
+    out = tmp_path / "p"
+    args = build_parser().parse_args(["phantom", "--out", str(out), "--size", "small", "--seed", "3",
+                                      "--scenario", "stable", "--followups", "0"])
+    assert args._run(args) == 0
+    truth = _truth(out)
+    assert sorted(p.name for p in out.iterdir()) == ["baseline", "ground_truth.json", "rt"]
+    assert sorted(p.name for p in (out / "rt").iterdir()) == ["rtdose.dcm", "rtplan.dcm", "rtstruct.dcm"]
+    series = truth["studies"]["baseline"]["series"]
+    assert sorted(p.name for p in (out / "baseline").iterdir()) == sorted(s["folder"] for s in series.values())
+    for s in series.values():
+        assert len(list((out / "baseline" / s["folder"]).glob("*.dcm"))) == s["number_of_files"]
+    assert truth["patient"]["PatientName"] == "PHANTOM^3"
+
+
 def test_cli_refuses_a_non_empty_output_folder(tmp_path: Path) -> None:
     from node.cli import build_parser
 
