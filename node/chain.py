@@ -99,25 +99,9 @@ class ChainResult:
         """JSON-able summary (``summary.json``)."""
         from reporting.summary import summary_records
 
-        course = self.course
-        fx = course.fractionation
         return {
             "algorithm_version": ALGORITHM_VERSION,
-            "course": {
-                "rtplan_sop_instance_uid": course.rtplan_sop_instance_uid,
-                "machine": course.machine,
-                "n_beams": course.n_beams,
-                "treatment_date": course.treatment_date.date.isoformat(),
-                "treatment_date_source": course.treatment_date.source,
-                "treatment_date_estimated": course.treatment_date.estimated,
-                "fractions": fx.fractions,
-                "prescription_dose_gy": fx.prescription_dose_gy,
-                "dose_per_fraction_gy": fx.dose_per_fraction_gy,
-                "bed10_gy": fx.bed_gy,
-                "eqd2_gy": fx.eqd2_gy,
-                "gtv": None if course.gtv is None else course.gtv.name,
-                "gtv_dose": None if course.gtv_dose is None else _asdict(course.gtv_dose),
-            },
+            "course": course_summary(self.course),
             "studies": [
                 {
                     "study_instance_uid": s.study_instance_uid,
@@ -150,6 +134,26 @@ class ChainResult:
             "notes": self.notes,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
         }
+
+
+def course_summary(course: Any) -> dict[str, Any]:
+    """JSON-able summary of a :class:`processing.course.TreatmentCourse`."""
+    fx = course.fractionation
+    return {
+        "rtplan_sop_instance_uid": course.rtplan_sop_instance_uid,
+        "machine": course.machine,
+        "n_beams": course.n_beams,
+        "treatment_date": course.treatment_date.date.isoformat(),
+        "treatment_date_source": course.treatment_date.source,
+        "treatment_date_estimated": course.treatment_date.estimated,
+        "fractions": fx.fractions,
+        "prescription_dose_gy": fx.prescription_dose_gy,
+        "dose_per_fraction_gy": fx.dose_per_fraction_gy,
+        "bed10_gy": fx.bed_gy,
+        "eqd2_gy": fx.eqd2_gy,
+        "gtv": None if course.gtv is None else course.gtv.name,
+        "gtv_dose": None if course.gtv_dose is None else _asdict(course.gtv_dose),
+    }
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -248,6 +252,7 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
     with timer("reporting"):
         outputs = _build_outputs(studies, results, lesion, settings, rt)
+        outputs += _history_documents(studies, results, course)
     return ChainResult(course, roles, lesion, studies, results, outputs, notes, dict(timer.timings))
 
 
@@ -663,6 +668,20 @@ def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any
     report = build_measurement_report(results, segmentations=segs, parametric_maps=pmaps,
                                       algorithm_version=ALGORITHM_VERSION)
     return [*segs, *pmaps, *regs, report]
+
+
+def _history_documents(studies: list[StudyAnalysis], results: list[Any], course: Any
+                       ) -> list[Dataset]:
+    """The lesion's history (trend plot and table) as an Encapsulated PDF in each follow-up."""
+    from reporting.history import lesion_history_documents
+    from reporting.summary import summary_records
+
+    follow_up_images = {s.study_instance_uid: s.anatomy_datasets[0] for s in studies[1:]}
+    if not follow_up_images:
+        return []
+    return lesion_history_documents(summary_records(results), follow_up_images=follow_up_images,
+                                    algorithm_version=ALGORITHM_VERSION,
+                                    course=course_summary(course))
 
 
 def _registration_object(baseline: StudyAnalysis, study: StudyAnalysis) -> Dataset:

@@ -20,6 +20,8 @@ from node.index import Index
 from node.scp import StorageSCP
 from node.stability import StabilityMonitor
 from node.store import Store, StoreResult
+from node.dashboard import reanalyse_action, start_dashboard
+from node.followup import FollowupTracker, followup_section
 from node.worker import AnalysisWorker
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class NodeService:
         self.dispatcher = Dispatcher(self.outbox, settings)
         self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
         self.analysis = AnalysisWorker(self)
+        self.followups = FollowupTracker(self.index, followup_section(settings), self.scheduler)
+        self.dashboard = None
         self.address: tuple[str, int] | None = None
 
     def _on_stored(self, result: StoreResult) -> None:
@@ -67,6 +71,13 @@ class NodeService:
         self.outbox.recover_claims()
         self.scheduler.start()
         self.analysis.start()
+        self.followups.start()
+        try:
+            self.dashboard = start_dashboard(self, reanalyse=reanalyse_action(self, self.analysis))
+        except OSError as err:
+            # the DICOM service matters more than its dashboard: keep receiving, say why
+            logger.error("dashboard not started: %s", err)
+            self.index.add_event("dashboard_failed", detail=str(err)[:300])
         self.stability.rearm_pending()
         self.scheduler.add_job(
             self.dispatcher.run_once, "interval", id="dispatch",
@@ -80,6 +91,8 @@ class NodeService:
     def stop(self) -> None:
         """Stop listening, finish running jobs, close the index."""
         self.scp.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.scheduler.shutdown(wait=True)
         self.analysis.stop()
         self.index.add_event("node_stopped")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.chain import ChainSettings
 from node.config import register_section
+from node.timeline import on_analysis_done
 
 logger = logging.getLogger(__name__)
 
@@ -184,5 +185,7 @@ class AnalysisWorker:
             self.service.outbox.enqueue(paths, destination, f"analysis of study {study_uid}")
         detail = f"{len(paths)} objects; response: {', '.join(outcome['calls']) or 'baseline only'}"
         index.add_event("analysis_done", study_uid=study_uid, detail=detail)
+        followups = getattr(self.service, "followups", None)
+        on_analysis_done(index, patient_row, out_dir / "summary.json", followups=followups)
         logger.info("study %s analysed: %s", study_uid, detail)
         return outcome
