@@ -45,7 +45,10 @@ ground_truth.json (units in the keys or in ``mean_units``)
   direction, size of one 3D volume in LPS exactly as SimpleITK reports them), acquisition
   parameters, noise sigma; DCE frame times and the AIF samples.
 - ``studies.<key>.tumour``: ``volume_ml_continuous`` (analytic surface, 0.2 mm integration) and
-  ``volume_ml_voxels_t2w`` (voxel-centre mask on the T2w grid), ``epidural_volume_ml``, voxel
+  ``volume_ml_voxels_t2w`` (voxel-centre mask on the T2w grid), ``epidural_volume_ml``,
+  ``max_3d_diameter_mm``, ``max_axial_diameter_mm``, ``max_craniocaudal_extent_mm`` (of the
+  continuous shape in that study's coordinates, accurate to ~0.4 mm; a voxel-corner measurement
+  on a grid reads up to about one voxel more), voxel
   counts per grid, ``means`` of every parameter (D, K, f, Dstar, T1_ms, T2_ms, PD, Ktrans, ve,
   vp, kep), ``means_by_series``, ``adc_by_bvalues`` (exact mono-exponential ADC for each b subset
   a fit may use: mean over tumour voxels of the per-voxel OLS log-linear ADC of the noiseless

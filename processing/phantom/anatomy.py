@@ -251,6 +251,44 @@ def epidural_volume_ml(shape: TumourShape, *, step_mm: float = 0.15) -> float:
     return total * step_mm**3 / 1000.0
 
 
+def tumour_diameters_mm(shape: TumourShape, to_study: NDArray[np.float64] | None = None, *,
+                        step_mm: float = 0.4) -> dict[str, float]:
+    """Maximum 3-D diameter, maximum axial diameter and craniocaudal extent (mm) of the shape.
+
+    Measured on the continuous shape (sampled on a ``step_mm`` lattice, accurate to about one
+    step) in the study's patient coordinates: ``to_study`` (4x4) maps baseline to study
+    coordinates; axial means perpendicular to that study's S axis.
+    """
+    from scipy.spatial import ConvexHull, QhullError, distance
+
+    lo, hi = shape.bounding_box()
+    axes = [np.arange(lo[d], hi[d] + step_mm, step_mm) for d in range(3)]
+    zz, yy, xx = np.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    pts = np.stack([xx, yy, zz], axis=-1)
+    inside = shape.contains(pts)
+    boundary = inside & ~ndimage.binary_erosion(inside)
+    surface = pts[boundary]
+    if to_study is not None:
+        surface = surface @ to_study[:3, :3].T + to_study[:3, 3]
+
+    def hull_diameter(p: NDArray[np.float64]) -> float:
+        if len(p) < 2:
+            return 0.0
+        try:
+            p = p[ConvexHull(p).vertices]
+        except QhullError:  # degenerate (collinear) section: every point is a candidate
+            pass
+        return float(distance.pdist(p).max())
+
+    axial = 0.0
+    z = surface[:, 2]
+    for z0 in np.arange(z.min(), z.max() + step_mm, step_mm):
+        section = surface[np.abs(z - z0) <= step_mm / 2, :2]
+        axial = max(axial, hull_diameter(section))
+    return {"max_3d_diameter_mm": hull_diameter(surface), "max_axial_diameter_mm": axial,
+            "max_craniocaudal_extent_mm": float(z.max() - z.min()), "accuracy_mm": step_mm}
+
+
 def continuous_volume_ml(shape: TumourShape) -> float:
     """Tumour volume (mL) of the continuous shape: main part plus epidural component."""
     return main_volume_ml(shape) + epidural_volume_ml(shape)

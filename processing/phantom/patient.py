@@ -27,6 +27,7 @@ from processing.phantom.anatomy import (
     epidural_volume_ml,
     main_volume_ml,
     make_tumour,
+    tumour_diameters_mm,
 )
 from processing.phantom.signals import (
     add_rician_noise,
@@ -482,6 +483,7 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
                                   "quantity on every grid")
     tumour_truth["volume_ml_continuous"] = continuous_volume_ml(anatomy.tumour)
     tumour_truth["epidural_volume_ml"] = epidural_volume_ml(anatomy.tumour)
+    tumour_truth.update(tumour_diameters_mm(anatomy.tumour, None if to_body is None else np.linalg.inv(to_body)))
     tumour_truth["shape"] = anatomy.tumour.to_dict()
     tumour_truth["nominal_parameters"] = _nominal_tumour(anatomy)
     truth = {

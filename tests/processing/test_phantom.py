@@ -120,6 +120,12 @@ def test_tumour_truth_volume_and_masks(phantom_small: Path) -> None:
             mask = _tumour_mask(truth, study, series["geometry"])
             assert int(mask.sum()) == truth["studies"][study]["tumour"]["voxel_counts"][role]
     assert fu["adc_by_bvalues"]["b0,1000"]["bvalues"] == [0.0, 1000.0]
+    # diameters of the continuous shape: consistent with each other and with the volume
+    for tum in (base, fu):
+        d3 = tum["max_3d_diameter_mm"]
+        assert d3 >= tum["max_axial_diameter_mm"] > 10.0 and d3 >= tum["max_craniocaudal_extent_mm"] > 10.0
+        assert tum["volume_ml_continuous"] * 1000.0 < np.pi / 6.0 * d3**3
+    assert fu["max_3d_diameter_mm"] < base["max_3d_diameter_mm"]  # responder shrinks
 
 
 def test_rigid_transform_is_consistent(phantom_small: Path) -> None:
