@@ -666,8 +666,28 @@ def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any
         if study.registration is not None:
             regs.append(_registration_object(studies[0], study))
     report = build_measurement_report(results, segmentations=segs, parametric_maps=pmaps,
-                                      algorithm_version=ALGORITHM_VERSION)
+                                      algorithm_version=ALGORITHM_VERSION,
+                                      algorithm_parameters=_algorithm_parameters(settings),
+                                      segment_type=settings.segment_type)
     return [*segs, *pmaps, *regs, report]
+
+
+def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
+    """The settings behind the numbers, written in the SR's algorithm identification."""
+    from dataclasses import asdict
+
+    from processing.maps import MapSettings
+    from processing.response import RULE_SET
+
+    parameters = {"response rule set": RULE_SET,
+                  "radiomics": (f"IBSI preprocessing, {settings.radiomics_spacing_mm} mm isotropic, "
+                                f"{settings.radiomics_bin_count} fixed bins")
+                  if settings.radiomics else "off",
+                  "baseline window (days)": str(settings.baseline_window_days),
+                  "alpha/beta (Gy)": str(settings.alpha_beta_gy),
+                  "DCE arterial input function": "Parker 2006 population AIF"}
+    parameters.update({f"maps {k}": str(v) for k, v in asdict(MapSettings()).items()})
+    return parameters
 
 
 def _history_documents(studies: list[StudyAnalysis], results: list[Any], course: Any
