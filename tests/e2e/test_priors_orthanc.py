@@ -1,0 +1,216 @@
+"""Issue 5, acceptance 2: priors from a real PACS (Debian Orthanc on loopback).
+
+Orthanc holds the phantom's baseline study (MR series and the CyberKnife RT Structure Set, Plan and
+Dose, which the phantom files under the planning study). The node (``spine-node serve``) receives
+only the follow-up by dcmtk ``storescu``; its analysis waits (no course), it queries Orthanc
+(C-FIND study then series level), retrieves the baseline study by C-MOVE to its own AE title, the
+retrieved study becomes stable and the analysis completes with a response call.
+
+The Orthanc launcher lives here until ``tests/orthanc_fixture.py`` (another engineer's) lands.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.node.fixtures import free_port, require_tool, write_config
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+class OrthancProcess:
+    """Orthanc on 127.0.0.1 with a generated configuration (no remote access, no plugins)."""
+
+    def __init__(self, folder: Path, modalities: dict[str, dict]) -> None:
+        self.folder = folder
+        self.http_port = free_port()
+        self.dicom_port = free_port()
+        config = {
+            "Name": "spine-node-test",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "Plugins": [],
+            "DicomModalities": modalities,
+            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomCheckCalledAet": True,
+            "StableAge": 2,
+            "LogExportedResources": False,
+        }
+        self.config_path = folder / "orthanc.json"
+        self.config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+        self.log = open(folder / "orthanc.log", "w", encoding="utf-8")
+        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], cwd=folder,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.get("/system")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Orthanc did not start; see {folder / 'orthanc.log'}")
+                time.sleep(0.2)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(self.url + path, timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def upload(self, path: Path) -> dict:
+        request = urllib.request.Request(self.url + "/instances", data=path.read_bytes(),
+                                         headers={"Content-Type": "application/dicom"})
+        with urllib.request.urlopen(request, timeout=30) as rsp:
+            return json.loads(rsp.read())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator:
+    if not Path(ORTHANC).exists():
+        pytest.skip("Debian orthanc not installed")
+    started: list[OrthancProcess] = []
+
+    def make(modalities: dict[str, dict]) -> OrthancProcess:
+        folder = tmp_path / f"orthanc-{len(started)}"
+        folder.mkdir()
+        server = OrthancProcess(folder, modalities)
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.close()
+
+
+def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
+    if not db.exists():
+        return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return [(r[0], r[1], r[2]) for r in
+                con.execute("SELECT kind, study_uid, detail FROM events ORDER BY id")]
+    except sqlite3.OperationalError:  # schema not created yet
+        return []
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_follow_up_alone_makes_the_node_fetch_course_and_baseline_from_orthanc(
+        tmp_path, make_phantom, node_factory, orthanc_factory):
+    storescu = require_tool("storescu")
+    phantom = make_phantom("responder", "standard", "small")
+    truth = json.loads((phantom / "ground_truth.json").read_text(encoding="utf-8"))
+    baseline_uid = truth["studies"]["baseline"]["StudyInstanceUID"]
+    expected = truth["studies"]["followup1"]["expected_response"]
+    node_port = free_port()
+    storage = tmp_path / "node"
+    # Orthanc knows the node (the C-MOVE destination) and lets it query and retrieve
+    server = orthanc_factory({"node": {"AET": "SPINENODE", "Host": "127.0.0.1",
+                                       "Port": node_port, "AllowEcho": True, "AllowFind": True,
+                                       "AllowMove": True, "AllowGet": True,
+                                       "AllowStore": False}})
+    prior_files = sorted(p for sub in ("baseline", "rt")
+                         for p in (phantom / sub).rglob("*") if p.is_file())
+    for path in prior_files:
+        server.upload(path)
+    stats = server.get("/statistics")
+    assert stats["CountInstances"] == len(prior_files)
+    assert stats["CountStudies"] == 1  # the phantom files its RT objects under the planning study
+
+    config = write_config(
+        tmp_path / "node.toml", storage=storage, port=node_port, quiet_period_s=1.5,
+        extra=f"""
+[[peers]]
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {server.dicom_port}
+may_send = true
+may_receive = true
+
+[courses]
+pacs = "ORTHANC"
+method = "move"
+max_concurrent = 1
+min_interval_s = 10
+retries = 2
+retry_delay_s = 2
+timeout_s = 60
+
+[dashboard]
+enabled = false
+""")
+    node = node_factory(config)
+    assert node.start() == node_port
+    followup = phantom / "followup1"
+    n_followup = sum(1 for p in followup.rglob("*") if p.is_file())
+    start = time.monotonic()
+    sent = subprocess.run(
+        [storescu, "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "+r", "127.0.0.1",
+         str(node_port), str(followup)], capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+
+    db = storage / "index.sqlite3"
+    events: list[tuple[str, str | None, str | None]] = []
+    while time.monotonic() < start + 240:
+        events = _events(db)
+        kinds = [e[0] for e in events]
+        if "analysis_done" in kinds:
+            break
+        assert "analysis_failed" not in kinds, events
+        time.sleep(1.0)
+    elapsed = time.monotonic() - start
+    kinds = [e[0] for e in events]
+    print(f"follow-up sent -> analysis done in {elapsed:.0f} s; "
+          f"{[k for k in kinds if k.startswith(('priors', 'analysis'))]}")
+    assert "analysis_done" in kinds, f"no analysis_done within 240 s: {kinds}"
+    # what was asked and what came is in the index
+    query = [e for e in events if e[0] == "priors_query"]
+    assert len(query) == 1 and "1 studies, 1 prior" in query[0][2], query  # baseline only
+    assert "course on node: no" in query[0][2]
+    retrieved = [e for e in events if e[0] == "priors_retrieved"]
+    assert [e[1] for e in retrieved] == [baseline_uid]
+    assert f"{len(prior_files)} completed, 0 failed" in retrieved[0][2]
+    # everything came: the node holds the follow-up plus every prior instance
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        n_node = con.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        n_patients = con.execute("SELECT COUNT(*) FROM patients").fetchone()[0]
+    finally:
+        con.close()
+    assert (n_node, n_patients) == (n_followup + len(prior_files), 1)
+    # the assignment completed: the follow-up was assessed against the retrieved baseline
+    detail = [e for e in events if e[0] == "analysis_done"][-1][2]
+    assert "response:" in detail and "baseline only" not in detail
+    print(f"analysis_done: {detail}; phantom truth: {expected}")
+    assert expected in detail
+    assert node.stop() == 0
