@@ -110,6 +110,15 @@ class RefinementSettings:
         (mL), so an extension separated by the cortex (epidural, paraspinal) is measured.
     min_training_dice : float
         The model must re-find the baseline GTV with at least this Dice, else no refinement.
+    core_erosion_mm : float
+        Erosion of the propagated lesion (mm) whose core tests whether a channel changed.
+    max_channel_shift : float
+        A channel whose lesion median moved by more than this fraction of the baseline
+        lesion-background contrast is not used.
+    adapt_iterations : int
+        Hard-EM iterations re-fitting the model on the follow-up (0: baseline model only).
+    min_adapted_dice : float
+        The adapted segmentation must agree with the baseline model's one at least this much.
     min_volume_factor, max_volume_factor : float
         Plausible refined/propagated volume ratios; outside them the propagated GTV is kept.
     seed : int
@@ -125,6 +134,10 @@ class RefinementSettings:
     background_components: int = 4
     min_component_ml: float = 0.2
     min_training_dice: float = 0.7
+    core_erosion_mm: float = 3.0
+    max_channel_shift: float = 0.5
+    adapt_iterations: int = 2
+    min_adapted_dice: float = 0.75
     min_volume_factor: float = 0.05
     max_volume_factor: float = 10.0
     seed: int = 0
@@ -401,7 +414,7 @@ def refine_lesion(
             baseline_volume_ml=baseline_volume, refined=False, training_dice=training, notes=tuple(notes),
         )
 
-    # --- baseline: training samples and normalisation
+    # --- baseline: training samples
     base_channels = _stack(baseline_images, gtv)
     vertebra_region = None
     if baseline_vertebra is not None:
@@ -411,28 +424,10 @@ def refine_lesion(
     ring = sitk.GetArrayFromImage(_dilate(gtv, ring_mm)).astype(bool) & ~gtv_array
     if vertebra_region is not None:
         ring &= vertebra_region
-    base_norm = base_channels
-    lesion_samples = base_norm[:, gtv_array].T
-    background_samples = base_norm[:, ring].T
-    if lesion_samples.shape[0] < 10 or background_samples.shape[0] < 10:
+    if np.count_nonzero(gtv_array) < 10 or np.count_nonzero(ring) < 10:
         return fallback("too few voxels to learn the intensity model", None)
-    model = _fit_model(lesion_samples, background_samples, settings)
 
-    # model check on the baseline: segment it in the analogous search region
-    base_search = sitk.GetArrayFromImage(_dilate(gtv, settings.search_margin_mm)).astype(bool)
-    if vertebra_region is not None:
-        base_search &= vertebra_region | gtv_array
-    base_segmentation, _ = _segment(model, base_norm, base_search, gtv_array, gtv, settings)
-    training_dice = dice(_as_image(base_segmentation, gtv), gtv)
-    notes.append(f"intensity model ({len(baseline_images)} channels) re-finds the baseline GTV with Dice {training_dice:.3f}")
-    if training_dice < settings.min_training_dice:
-        return fallback(
-            f"the intensity model does not separate lesion from marrow (Dice {training_dice:.3f} < "
-            f"{settings.min_training_dice})",
-            training_dice,
-        )
-
-    # --- follow-up: search region, normalisation, segmentation
+    # --- follow-up: search region and intensity scale
     follow_channels = _stack(follow_up_images, reference)
     search = sitk.GetArrayFromImage(_dilate(propagated, settings.search_margin_mm)).astype(bool)
     if baseline_vertebra is not None:
@@ -451,7 +446,32 @@ def refine_lesion(
         "follow-up/baseline intensity scales (median voxel ratio in a shell "
         f"{inner:g}-{outer:g} mm around the lesion): " + ", ".join(f"{v:.3f}" for v in follow_scales)
     )
+
+    # --- channels whose lesion values changed with treatment are not used
+    keep = _stable_channels(base_channels, gtv_array, ring, follow_norm, propagated, settings, notes)
+    if not keep:
+        return fallback("every channel changed inside the lesion since the baseline", None)
+    base_norm = base_channels[keep]
+    follow_norm = follow_norm[keep]
+
+    # --- intensity model, checked on the baseline in the analogous search region
+    model = _fit_model(base_norm[:, gtv_array].T, base_norm[:, ring].T, settings)
+    base_search = sitk.GetArrayFromImage(_dilate(gtv, settings.search_margin_mm)).astype(bool)
+    if vertebra_region is not None:
+        base_search &= vertebra_region | gtv_array
+    base_segmentation, _ = _segment(model, base_norm, base_search, gtv_array, gtv, settings)
+    training_dice = dice(_as_image(base_segmentation, gtv), gtv)
+    notes.append(f"intensity model ({len(keep)} channels) re-finds the baseline GTV with Dice {training_dice:.3f}")
+    if training_dice < settings.min_training_dice:
+        return fallback(
+            f"the intensity model does not separate lesion from marrow (Dice {training_dice:.3f} < "
+            f"{settings.min_training_dice})",
+            training_dice,
+        )
     segmentation, probability = _segment(model, follow_norm, search, propagated_array, reference, settings)
+    segmentation, probability = _adapt(
+        segmentation, probability, follow_norm, search, propagated_array, reference, settings, notes
+    )
     mask = _as_image(segmentation, reference)
     volume = mask_volume_ml(mask)
     ratio = volume / propagated_volume
@@ -470,6 +490,92 @@ def refine_lesion(
         propagated_volume_ml=propagated_volume, baseline_volume_ml=baseline_volume, refined=True,
         training_dice=training_dice, notes=tuple(notes),
     )
+
+
+def _stable_channels(
+    base_channels: np.ndarray,
+    gtv: np.ndarray,
+    ring: np.ndarray,
+    follow_norm: np.ndarray,
+    propagated: sitk.Image,
+    settings: RefinementSettings,
+    notes: list[str],
+) -> list[int]:
+    """Indices of the channels whose lesion values did not move towards the background.
+
+    For each channel: baseline lesion median ``m_l``, background median ``m_b`` and the follow-up
+    median ``m_f`` in the core of the propagated lesion (eroded by ``core_erosion_mm``; still
+    lesion unless it nearly vanished). A channel whose ``|m_f − m_l|`` exceeds
+    ``max_channel_shift × |m_l − m_b|`` changed with treatment (ADC rises, Ktrans falls after a
+    response) and would make the baseline model mistake lesion for marrow: it is left out.
+    """
+    # distance (mm) of each lesion voxel centre from the nearest voxel centre outside the lesion
+    depth = sitk.GetArrayFromImage(
+        sitk.SignedMaurerDistanceMap(sitk.Equal(propagated, 0), insideIsPositive=False,
+                                     squaredDistance=False, useImageSpacing=True)
+    )
+    core = depth >= settings.core_erosion_mm
+    if np.count_nonzero(core) < 10:
+        notes.append("lesion core too small to check channel stability; all channels used")
+        return list(range(base_channels.shape[0]))
+    keep = []
+    for c in range(base_channels.shape[0]):
+        lesion_median = float(np.median(base_channels[c][gtv]))
+        background_median = float(np.median(base_channels[c][ring]))
+        follow_median = float(np.median(follow_norm[c][core]))
+        contrast = abs(lesion_median - background_median)
+        shift = abs(follow_median - lesion_median)
+        if contrast > 0 and shift > settings.max_channel_shift * contrast:
+            notes.append(
+                f"channel {c} not used: its lesion median moved {shift / contrast:.0%} of the baseline "
+                f"lesion-background contrast ({lesion_median:.4g} -> {follow_median:.4g}; background "
+                f"{background_median:.4g})"
+            )
+            continue
+        keep.append(c)
+    return keep
+
+
+def _adapt(
+    segmentation: np.ndarray,
+    probability: sitk.Image,
+    channels: np.ndarray,
+    search: np.ndarray,
+    seed: np.ndarray,
+    reference: sitk.Image,
+    settings: RefinementSettings,
+    notes: list[str],
+) -> tuple[np.ndarray, sitk.Image]:
+    """Re-fit the intensity model on the follow-up's own lesion / background split (hard EM).
+
+    Treatment changes some channels inside the lesion (ADC rises, Ktrans falls after a response), so
+    a model learnt on the baseline alone can shave the lesion. Each iteration re-fits both classes on
+    the current follow-up segmentation within the search region and segments again. An adaptation
+    that moves the segmentation far from the baseline model's one (Dice < ``min_adapted_dice``) is
+    refused and the baseline model's segmentation kept.
+    """
+    current, current_probability = segmentation, probability
+    for _ in range(settings.adapt_iterations):
+        lesion_samples = channels[:, current].T
+        background_samples = channels[:, search & ~current].T
+        if lesion_samples.shape[0] < 20 or background_samples.shape[0] < 20:
+            notes.append("model adaptation skipped: too few voxels in one class")
+            return segmentation, probability
+        model = _fit_model(lesion_samples, background_samples, settings)
+        current, current_probability = _segment(model, channels, search, seed, reference, settings)
+    if settings.adapt_iterations:
+        agreement = dice(_as_image(current, reference), _as_image(segmentation, reference))
+        if agreement < settings.min_adapted_dice:
+            notes.append(
+                f"model adaptation to the follow-up refused (Dice {agreement:.3f} with the baseline "
+                f"model's segmentation < {settings.min_adapted_dice})"
+            )
+            return segmentation, probability
+        notes.append(
+            f"model adapted to the follow-up ({settings.adapt_iterations} iterations): "
+            f"{int(segmentation.sum())} -> {int(current.sum())} voxels"
+        )
+    return current, current_probability
 
 
 def _erode_search(search: np.ndarray, reference: sitk.Image) -> np.ndarray:

@@ -34,6 +34,23 @@ def _grid(origin) -> sitk.Image:
     return image
 
 
+def _adc(grid: sitk.Image, radius_mm: float, to_body: np.ndarray, tumour_adc: float, seed: int) -> sitk.Image:
+    """ADC-like channel (1e-6 mm2/s): tumour value changes with treatment, unlike T1w/T2w."""
+    k, j, i = np.indices(SIZE[::-1]).astype(float)
+    points = np.asarray(grid.GetOrigin()) + (np.stack([i, j, k], axis=-1) * np.asarray(SPACING))
+    body = points @ to_body[:3, :3].T + to_body[:3, 3]
+    x, y, z = body[..., 0], body[..., 1], body[..., 2]
+    in_column = (x / 22.0) ** 2 + (y / 17.0) ** 2 < 1.0
+    values = np.full(x.shape, 1400.0)
+    values[in_column & (np.abs(z) < 12.5)] = 430.0
+    values[in_column & (np.abs(z) >= 12.5) & (np.abs(z) < 20.5)] = 1700.0
+    values[np.linalg.norm(body - TUMOUR_CENTRE, axis=-1) < radius_mm] = tumour_adc
+    values += np.random.default_rng(seed).normal(0.0, 60.0, values.shape)
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.CopyInformation(grid)
+    return image
+
+
 def _scene(grid: sitk.Image, radius_mm: float, to_body: np.ndarray, seed: int, gain: float = 1.0):
     """(T1w, T2w, vertebra mask, tumour mask) sampled at the voxel centres of ``grid``.
 
@@ -101,6 +118,20 @@ def test_refined_follow_up_volume_within_10_percent(baseline, radius_mm, gain) -
     overlap = np.logical_and(sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(truth)).sum()
     dice = 2 * overlap / (sitk.GetArrayViewFromImage(result.mask).sum() + sitk.GetArrayViewFromImage(truth).sum())
     assert dice > 0.85, dice
+
+
+def test_channel_changed_by_treatment_is_adapted_to(baseline) -> None:
+    """ADC of the lesion rises by 35 % after treatment: the follow-up adaptation keeps the volume."""
+    images, gtv, vertebra = baseline
+    matrix = _follow_up_to_baseline()
+    follow_grid = _grid((-46.0, -48.0, -33.0))
+    t1, t2, _, _ = _scene(follow_grid, 7.0, matrix, seed=4)
+    base_adc = _adc(images[0], BASELINE_RADIUS, np.eye(4), 850.0, seed=5)
+    follow_adc = _adc(follow_grid, 7.0, matrix, 1150.0, seed=6)
+    result = refine_lesion([*images, base_adc], gtv, [t1, t2, follow_adc], matrix)
+    true_volume = 4.0 / 3.0 * math.pi * 7.0**3 / 1000.0
+    assert result.refined and any("model adapted" in note for note in result.notes), result.notes
+    assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (result.volume_ml, true_volume)
 
 
 def test_propagation_follows_the_registration(baseline) -> None:
@@ -191,3 +222,38 @@ def test_phantom_follow_up_tumour_volume_within_10_percent(make_phantom, scenari
     true_change = tumour["volume_ml_voxels_t2w"] / truth["studies"]["baseline"]["tumour"]["volume_ml_voxels_t2w"]
     measured_change = result.volume_ml / result.baseline_volume_ml
     assert abs(measured_change - true_change) < 0.10, (measured_change, true_change)
+
+
+def test_phantom_responder_with_adc_channel_volume_within_10_percent(make_phantom) -> None:
+    """Regression: the responder's tumour ADC rises ~35 % after treatment; with ADC among the
+    channels, the baseline-only model shaved the lesion (-13.5 %); the follow-up adaptation keeps
+    the volume within 10 %."""
+    import json
+
+    import pydicom
+
+    from processing.dwi import AdcModel
+    from processing.registration import register_rigid, resample_onto
+    from processing.rtstruct import rtstruct_to_mask
+    from processing.series import read_series
+
+    root = make_phantom("responder", "standard", "small")
+    truth = json.loads((root / "ground_truth.json").read_text())
+
+    def channels(study: str) -> list[sitk.Image]:
+        anatomy = _phantom_images(root, study, truth, roles=("t2w", "t1w", "stir"))
+        folder = root / study / truth["studies"][study]["series"]["dwi"]["folder"]
+        dwi = read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))])
+        fit = AdcModel(dwi.b_values, max_b=1000.0).fit(np.moveaxis(dwi.array, 0, -1))
+        adc = sitk.GetImageFromArray(np.nan_to_num(fit.adc * 1e6).astype(np.float32))  # um2/s
+        adc.CopyInformation(dwi.volume_image(0))
+        on_anatomy = resample_onto(adc, anatomy[0])
+        return [*anatomy, on_anatomy]
+
+    baseline, follow_up = channels("baseline"), channels("followup1")
+    gtv = rtstruct_to_mask(pydicom.dcmread(root / "rt" / "rtstruct.dcm"), "GTV", baseline[0])
+    registration = register_rigid(baseline[0], follow_up[0], region=gtv)
+    result = refine_lesion(baseline, gtv, follow_up, registration.matrix_moving_to_fixed)
+    true_volume = truth["studies"]["followup1"]["tumour"]["volume_ml_voxels_t2w"]
+    assert result.refined, result.notes
+    assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (result.volume_ml, true_volume)
