@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
 
 from tests.node.fixtures import free_port, require_tool, write_config
 
@@ -214,3 +215,64 @@ enabled = false
     print(f"analysis_done: {detail}; phantom truth: {expected}")
     assert expected in detail
     assert node.stop() == 0
+
+
+@pytest.mark.parametrize("method", ["get", "move"])
+def test_orthanc_query_retrieve_and_other_issuer_never_combined(tmp_path, orthanc_factory,
+                                                                method):
+    """Both retrieve methods against Orthanc on small synthetic studies, with a same-PatientID
+    study under another IssuerOfPatientID on the PACS (acceptance 6: never retrieved into this
+    patient, whether Orthanc filters it out or the node refuses it)."""
+    import datetime as dt
+
+    from node.config import settings_from_mapping
+    from node.ingest import import_files
+    from node.priors import PriorsFetcher
+    from node.service import NodeService
+    from tests.node.test_priors import D0, _mr_series, _rtplan
+
+    node_port = free_port()
+    server = orthanc_factory({"node": {"AET": "SPINENODE", "Host": "127.0.0.1",
+                                       "Port": node_port, "AllowFind": True, "AllowMove": True,
+                                       "AllowGet": True, "AllowStore": False}})
+    base_uid, other_uid, fu_uid = (generate_uid() for _ in range(3))
+    baseline = _mr_series(base_uid, D0, 3, seed=1) + [_rtplan(base_uid, D0)]
+    other = _mr_series(other_uid, D0 - dt.timedelta(days=3), 2, issuer="HOSPITAL-B", seed=2)
+    follow_up = _mr_series(fu_uid, D0 + dt.timedelta(days=90), 2, seed=3)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    paths = {}
+    for ds in baseline + other + follow_up:
+        paths[ds.SOPInstanceUID] = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(paths[ds.SOPInstanceUID], enforce_file_format=True)
+    for ds in baseline + other:
+        server.upload(paths[ds.SOPInstanceUID])
+    settings = settings_from_mapping({
+        "node": {"ae_title": "SPINENODE", "port": node_port, "storage": str(tmp_path / "node"),
+                 "quiet_period_s": 30, "disk_low_water_mb": 0},
+        "peers": [{"ae_title": "ORTHANC", "port": server.dicom_port, "may_send": True,
+                   "may_receive": True}],
+        "analysis": {"enabled": False},
+        "dashboard": {"enabled": False},
+        "courses": {"pacs": "ORTHANC", "method": method, "retries": 1, "retry_delay_s": 0.5,
+                    "min_interval_s": 0, "timeout_s": 30},
+    })
+    service = NodeService(settings)
+    service.start()
+    try:
+        stored = import_files(service.store, [paths[ds.SOPInstanceUID] for ds in follow_up])
+        assert len(stored.stored) == 2
+        row = int(service.index.query("SELECT patient_key FROM studies WHERE study_uid=?",
+                                      (fu_uid,))[0][0])
+        report = PriorsFetcher(service).fetch(row, fu_uid)
+        assert report.state == "retrieved", report
+        assert (report.completed, report.failed) == (4, 0)
+        held = {r[0]: r[1] for r in service.index.query(
+            "SELECT study_uid, patient_key FROM studies")}
+        assert held == {fu_uid: row, base_uid: row}  # the other issuer's study never came
+        refused = [e["study_uid"] for e in service.index.events("priors_refused")]
+        print(f"C-{method.upper()}: {report.completed} instances; other issuer "
+              f"{'refused by the node' if refused else 'filtered out by Orthanc'}")
+        assert refused in ([], [other_uid])
+    finally:
+        service.stop()
