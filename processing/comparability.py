@@ -31,11 +31,15 @@ contrast timing     agent differs: DCE caution; injection rate differs      caut
 
 References
 ----------
-.. [1] Winfield J.M. et al., "Modelling DW-MRI data from primary and metastatic ovarian tumours",
-   and the QIBA DWI profile (2019): ADC depends on the b-values used.
-.. [2] Yankeelov T.E., Gore J.C., "Dynamic contrast enhanced MRI in oncology", Curr Med Imaging Rev
-   2009;3:91-107: temporal resolution and T10 effects on Ktrans.
-.. [3] Zwanenburg A. et al., IBSI, Radiology 2020: voxel-size dependence of texture features.
+.. [1] QIBA Profile: Diffusion-Weighted Magnetic Resonance Imaging (DWI), RSNA QIBA 2019:
+   ADC depends on the b-values used and must be acquired with one protocol for change measurement.
+.. [2] Yankeelov T.E., Gore J.C., "Dynamic contrast enhanced magnetic resonance imaging in
+   oncology: theory, data acquisition, analysis, and examples", Curr Med Imaging Rev 2009;3:91-107:
+   temporal resolution, T10 and the arterial input function drive Ktrans and ve.
+.. [3] Zwanenburg A. et al., "The Image Biomarker Standardization Initiative", Radiology 2020;
+   295:328-338: texture features depend on voxel size and resampling.
+.. [4] domain.md §2.5 and §3.3 (protocol-identity flags with every delta; fat saturation biases
+   SPGR T1 by up to 35 %).
 """
 
 from __future__ import annotations

@@ -4,20 +4,27 @@ On a follow-up the baseline GTV is first **propagated** through the rigid regist
 mask resampled onto the follow-up grid) and then **refined on the follow-up images**, so growth
 and shrinkage are measured rather than assumed:
 
-1. A multiparametric intensity model is learnt on the baseline: the voxels of the GTV (lesion) versus
-   a shell of surrounding tissue (mostly vertebral marrow, restricted to the vertebra plus a margin
-   when a vertebra mask is given), one Gaussian mixture per class on the channels handed in (e.g.
-   T1w, T2w, STIR, ADC), each channel divided by the median of a reference shell around the lesion
-   and the follow-up channels are rescaled by the median voxelwise ratio follow-up / registered
+1. The follow-up channels are rescaled by the median voxelwise ratio follow-up / registered
    baseline in a shell around the lesion, so scanner gain changes between sessions cancel.
-2. On the follow-up, the model's lesion posterior (equal priors) is computed in a search region: the
+2. Channels whose lesion values moved with treatment are left out: a channel is dropped when the
+   follow-up median in the core of the propagated lesion moved by more than ``max_channel_shift``
+   of the baseline lesion-background contrast (ADC rises, Ktrans falls after a response; the
+   anatomical T1w/T2w/STIR contrast of the tumour usually stays).
+3. A multiparametric intensity model is learnt on the baseline: the voxels of the GTV (lesion) versus
+   a shell of surrounding tissue reaching as far as the follow-up search (vertebral marrow, cortex,
+   discs; restricted to the vertebra plus a margin when a vertebra mask is given), one Gaussian
+   mixture per class. It is checked on the baseline itself (Dice of its segmentation against the
+   GTV).
+4. On the follow-up, the model's lesion posterior (equal priors) is computed in a search region: the
    propagated GTV dilated by ``search_margin_mm`` (how far the lesion may have grown), intersected
    with the propagated vertebra plus margin when a vertebra mask is given; it is smoothed (Gaussian,
-   ``smoothing_sigma_mm``) and thresholded at 0.5.
-3. Connected components touching the propagated GTV, and separate ones of at least
-   ``min_component_ml`` (an epidural extension behind the cortex), are kept and holes filled.
-4. The model is checked on the baseline itself (Dice of its segmentation against the GTV); when that
-   fails, or the refined lesion is implausible, the propagated GTV is returned and the note says so.
+   ``smoothing_sigma_mm``) and thresholded at 0.5. Connected components touching the propagated
+   GTV, and separate ones of at least ``min_component_ml`` (an epidural extension behind the
+   cortex), are kept and holes filled.
+5. The model is adapted to the follow-up by a few hard-EM iterations (both classes re-fitted on the
+   follow-up's own split), kept only when it agrees with the baseline model's segmentation.
+6. When the baseline check fails, no channel is stable, or the refined lesion is implausible, the
+   propagated GTV is returned and the notes say that growth/shrinkage was not measured.
 
 The lesion keeps a persistent tracking UID derived from the structure set and ROI that defined it
 (TID 1500 Tracking Unique Identifier), so every time point refers to the same lesion.
