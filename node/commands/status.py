@@ -58,11 +58,21 @@ def run(args: argparse.Namespace) -> int:
     index = Index(path)
     try:
         status = collect(index, args.last)
+        if not args.json:
+            from node.dashboard.state import worklist_text
+            from node.timeline import timeline_text
+
+            worklist, timelines = worklist_text(index), timeline_text(index)
     finally:
         index.close()
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    print("worklist:")
+    print(worklist)
+    if timelines.strip():
+        print("lesion timelines:")
+        print(timelines)
     print(f"studies: {status['studies'] or 'none'}   instances: {status['instances']}")
     print(f"outbox: {status['outbox'] or 'empty'}")
     for item in status["outbox_failed"]:
