@@ -331,6 +331,11 @@ class PriorsFetcher:
             self.service.index.add_event("priors_failed", study_uid=study_uid,
                                          detail=f"{type(err).__name__}: {str(err)[:300]}")
             return FetchReport(state="failed", detail=str(err))
+        except Exception as err:  # last resort of a background thread: record, never lose it
+            logger.exception("priors for study %s failed unexpectedly", study_uid)
+            self.service.index.add_event("priors_failed", study_uid=study_uid,
+                                         detail=f"{type(err).__name__}: unexpected error")
+            return FetchReport(state="failed", detail=f"{type(err).__name__}")
 
     def stop(self) -> None:
         """Cancel deferred requests and wait for running fetches (no new retries start)."""

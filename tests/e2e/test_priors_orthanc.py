@@ -6,7 +6,7 @@ only the follow-up by dcmtk ``storescu``; its analysis waits (no course), it que
 (C-FIND study then series level), retrieves the baseline study by C-MOVE to its own AE title, the
 retrieved study becomes stable and the analysis completes with a response call.
 
-The Orthanc launcher lives here until ``tests/orthanc_fixture.py`` (another engineer's) lands.
+Orthanc runs through :func:`tests.orthanc_fixture.orthanc_factory`.
 """
 
 from __future__ import annotations
@@ -15,101 +15,13 @@ import json
 import sqlite3
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 
 from tests.node.fixtures import free_port, require_tool, write_config
-
-ORTHANC = "/usr/sbin/Orthanc"
-
-
-class OrthancProcess:
-    """Orthanc on 127.0.0.1 with a generated configuration (no remote access, no plugins)."""
-
-    def __init__(self, folder: Path, modalities: dict[str, dict]) -> None:
-        self.folder = folder
-        self.http_port = free_port()
-        self.dicom_port = free_port()
-        config = {
-            "Name": "spine-node-test",
-            "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "index"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": "ORTHANC",
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpServerEnabled": True,
-            "DicomServerEnabled": True,
-            "Plugins": [],
-            "DicomModalities": modalities,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": False,
-            "DicomCheckCalledAet": True,
-            "StableAge": 2,
-            "LogExportedResources": False,
-        }
-        self.config_path = folder / "orthanc.json"
-        self.config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
-        self.log = open(folder / "orthanc.log", "w", encoding="utf-8")
-        self.proc = subprocess.Popen([ORTHANC, str(self.config_path)], cwd=folder,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.get("/system")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"Orthanc did not start; see {folder / 'orthanc.log'}")
-                time.sleep(0.2)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(self.url + path, timeout=10) as rsp:
-            return json.loads(rsp.read())
-
-    def upload(self, path: Path) -> dict:
-        request = urllib.request.Request(self.url + "/instances", data=path.read_bytes(),
-                                         headers={"Content-Type": "application/dicom"})
-        with urllib.request.urlopen(request, timeout=30) as rsp:
-            return json.loads(rsp.read())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log.close()
-
-
-@pytest.fixture
-def orthanc_factory(tmp_path: Path) -> Iterator:
-    if not Path(ORTHANC).exists():
-        pytest.skip("Debian orthanc not installed")
-    started: list[OrthancProcess] = []
-
-    def make(modalities: dict[str, dict]) -> OrthancProcess:
-        folder = tmp_path / f"orthanc-{len(started)}"
-        folder.mkdir()
-        server = OrthancProcess(folder, modalities)
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.close()
+from tests.orthanc_fixture import orthanc_factory  # noqa: F401 (fixture)
 
 
 def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
@@ -136,14 +48,12 @@ def test_follow_up_alone_makes_the_node_fetch_course_and_baseline_from_orthanc(
     node_port = free_port()
     storage = tmp_path / "node"
     # Orthanc knows the node (the C-MOVE destination) and lets it query and retrieve
-    server = orthanc_factory({"node": {"AET": "SPINENODE", "Host": "127.0.0.1",
-                                       "Port": node_port, "AllowEcho": True, "AllowFind": True,
-                                       "AllowMove": True, "AllowGet": True,
-                                       "AllowStore": False}})
+    server = orthanc_factory(modalities={"node": {
+        "AET": "SPINENODE", "Host": "127.0.0.1", "Port": node_port, "AllowEcho": True,
+        "AllowFind": True, "AllowMove": True, "AllowGet": True, "AllowStore": False}})
     prior_files = sorted(p for sub in ("baseline", "rt")
                          for p in (phantom / sub).rglob("*") if p.is_file())
-    for path in prior_files:
-        server.upload(path)
+    server.upload(prior_files)
     stats = server.get("/statistics")
     assert stats["CountInstances"] == len(prior_files)
     assert stats["CountStudies"] == 1  # the phantom files its RT objects under the planning study
@@ -232,9 +142,9 @@ def test_orthanc_query_retrieve_and_other_issuer_never_combined(tmp_path, orthan
     from tests.node.test_priors import D0, _mr_series, _rtplan
 
     node_port = free_port()
-    server = orthanc_factory({"node": {"AET": "SPINENODE", "Host": "127.0.0.1",
-                                       "Port": node_port, "AllowFind": True, "AllowMove": True,
-                                       "AllowGet": True, "AllowStore": False}})
+    server = orthanc_factory(modalities={"node": {
+        "AET": "SPINENODE", "Host": "127.0.0.1", "Port": node_port, "AllowFind": True,
+        "AllowMove": True, "AllowGet": True, "AllowStore": False}})
     base_uid, other_uid, fu_uid = (generate_uid() for _ in range(3))
     baseline = _mr_series(base_uid, D0, 3, seed=1) + [_rtplan(base_uid, D0)]
     other = _mr_series(other_uid, D0 - dt.timedelta(days=3), 2, issuer="HOSPITAL-B", seed=2)
@@ -245,8 +155,7 @@ def test_orthanc_query_retrieve_and_other_issuer_never_combined(tmp_path, orthan
     for ds in baseline + other + follow_up:
         paths[ds.SOPInstanceUID] = folder / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(paths[ds.SOPInstanceUID], enforce_file_format=True)
-    for ds in baseline + other:
-        server.upload(paths[ds.SOPInstanceUID])
+    server.upload(paths[ds.SOPInstanceUID] for ds in baseline + other)
     settings = settings_from_mapping({
         "node": {"ae_title": "SPINENODE", "port": node_port, "storage": str(tmp_path / "node"),
                  "quiet_period_s": 30, "disk_low_water_mb": 0},
