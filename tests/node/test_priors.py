@@ -205,6 +205,7 @@ def _settings(storage: Path, pacs_port: int, **courses: Any) -> Any:
         "peers": [{"ae_title": "FAKEPACS", "port": pacs_port, "may_send": True,
                    "may_receive": True}],
         "analysis": {"enabled": False},
+        "dashboard": {"enabled": False},
         "courses": section,
     })
 
