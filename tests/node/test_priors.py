@@ -482,3 +482,45 @@ def test_patient_mismatch_is_refused_and_recorded_by_the_worker(tmp_path):
         fetcher_for(service).stop()
         service.stop()
         pacs.close()
+
+
+def test_with_the_course_on_the_node_the_baseline_window_uses_its_treatment_date(
+        tmp_path, make_phantom):
+    """The node holds the phantom's CyberKnife RT Plan (treatment date T from processing.course):
+    of the PACS's MR studies only the latest one within ``baseline_window_days`` before T is
+    asked for — not one after T, not one outside the window."""
+    import json
+
+    from pydicom import dcmread
+
+    phantom = make_phantom("responder", "standard", "small")
+    truth = json.loads((phantom / "ground_truth.json").read_text(encoding="utf-8"))
+    treatment = dt.datetime.strptime(truth["course"]["treatment_date"], "%Y%m%d").date()
+    pid = truth["patient"]["PatientID"]
+    issuer = truth["patient"]["IssuerOfPatientID"]
+    plan = dcmread(phantom / "rt" / "rtplan.dcm")
+    studies = {name: generate_uid() for name in ("in_window", "earlier", "outside", "after")}
+    dates = {"in_window": treatment - dt.timedelta(days=6),
+             "earlier": treatment - dt.timedelta(days=30),
+             "outside": treatment - dt.timedelta(days=40),
+             "after": treatment + dt.timedelta(days=10)}
+    pacs_sets = []
+    for k, name in enumerate(studies):
+        pacs_sets += _mr_series(studies[name], dates[name], 2, patient_id=pid, issuer=issuer,
+                                seed=20 + k)
+    fu_uid = generate_uid()
+    follow_up = _mr_series(fu_uid, treatment + dt.timedelta(days=90), 1, patient_id=pid,
+                           issuer=issuer)
+    pacs = FakePacs(pacs_sets + follow_up)
+    service = _node(tmp_path, pacs, follow_up + [plan], baseline_window_days=35)
+    try:
+        row = _patient_row(service, fu_uid)
+        report = PriorsFetcher(service).fetch(row, fu_uid)
+        assert "course on node: yes" in service.index.events("priors_query")[0]["detail"]
+        assert pacs.retrieve_log == [f"STUDY {studies['in_window']}"]
+        assert report.completed == 2
+        held = {r[0] for r in service.index.query("SELECT study_uid FROM studies")}
+        assert held == {fu_uid, plan.StudyInstanceUID, studies["in_window"]}
+    finally:
+        service.stop()
+        pacs.close()
