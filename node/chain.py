@@ -76,6 +76,12 @@ class StudyAnalysis:
     anatomy_image: sitk.Image
     anatomy_datasets: list[Dataset]
     input_digest: str  # of every instance of the study (reporting.uids.digest_uids)
+    #: a sagittal series of the anatomical reference's contrast, if any (registration along the
+    #: axial series' slice direction)
+    sagittal_image: sitk.Image | None = None
+    #: the spinal canal around the cord (epidural space), on the anatomical grid, if the RT
+    #: Structure Set has a spinal cord contour
+    canal_mask: sitk.Image | None = None
     maps: dict[str, Any] = field(default_factory=dict)  # quantity -> StudyMap
     lesion_mask: sitk.Image | None = None
     registration: Any = None
@@ -111,6 +117,8 @@ class ChainResult:
                     "maps": sorted(s.maps),
                     "analyses_possible": sorted(s.inventory.analyses),
                     "registration": None if s.registration is None else {
+                        "matrix_followup_to_baseline":
+                            np.asarray(s.registration.matrix_moving_to_fixed).tolist(),
                         "translation_mm": list(s.registration.translation_mm),
                         "rotation_deg": list(s.registration.rotation_deg),
                         "final_mutual_information": s.registration.final_mutual_information,
@@ -241,6 +249,7 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     rtstruct = _find_rtstruct(rt, course)
     lesion, gtv = _baseline_lesion(rtstruct, course, baseline)
     baseline.lesion_mask = gtv
+    baseline.canal_mask = _canal(rtstruct, baseline, notes)
     if course.gtv_dose is None and course.rtdose_sop_instance_uid is not None:
         course = _with_gtv_dose(rt, course, gtv, settings)
     follow_ups = [_prepare_study(mr_studies[f.study_instance_uid], f, timer, notes)
@@ -322,12 +331,23 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
         volume = volumes[uid]
         maps[name] = StudyMap(name, volume.volume_image(0), "1", {"series": uid}, volume,
                               list(series[uid]), exported=False)
+    reference_role = roles[inventory.anatomy_reference]
+    sagittal = next((v for uid, v in volumes.items()
+                     if roles[uid] == reference_role and uid != inventory.anatomy_reference
+                     and _is_sagittal(v) and not _is_sagittal(anatomy)), None)
     return StudyAnalysis(
+        sagittal_image=None if sagittal is None else sagittal.volume_image(0),
         study_instance_uid=role.study_instance_uid, study_date=role.study_date, role=role.role,
         days_since_treatment=role.days_since_treatment, inventory=inventory, anatomy=anatomy,
         anatomy_image=anatomy.volume_image(0),
         anatomy_datasets=list(series[inventory.anatomy_reference]),
         input_digest=digest_uids(datasets), maps=maps)
+
+
+def _is_sagittal(volume: Any) -> bool:
+    """The slice normal of a series runs left-right."""
+    normal = np.asarray(volume.geometry.direction, dtype=float).reshape(3, 3)[:, 2]
+    return abs(normal[0]) > 0.8
 
 
 def _find_rtstruct(rt: Sequence[Dataset], course: Any) -> Dataset:
@@ -356,6 +376,37 @@ def _baseline_lesion(rtstruct: Dataset, course: Any, baseline: StudyAnalysis) ->
     return lesion, gtv
 
 
+#: how far the epidural space reaches beyond the cord contour (mm): the canal's CSF sleeve and
+#: epidural fat, less than the cord-to-vertebral-body distance so the body is not counted
+_CANAL_MARGIN_MM = 4.0
+
+
+def _canal(rtstruct: Dataset, baseline: StudyAnalysis, notes: list[str]) -> sitk.Image | None:
+    """The spinal canal (cord contour dilated by :data:`_CANAL_MARGIN_MM`) on the baseline grid.
+
+    Lesion voxels inside it are the epidural component (SPINO: new or progressive epidural tumour
+    is local progression). Without a cord contour the epidural component is not measurable.
+    """
+    from processing.rtstruct import RTStructError, list_rois, rtstruct_to_mask
+
+    import re
+
+    cord = next((roi for roi in list_rois(rtstruct)
+                 if re.search(r"cord|myelon", roi.name, re.IGNORECASE)), None)
+    if cord is None:
+        notes.append("no spinal cord contour in the RT Structure Set: the epidural component "
+                     "is not measured")
+        return None
+    try:
+        mask = rtstruct_to_mask(rtstruct, cord.number, baseline.anatomy_image,
+                                frame_of_reference_uid=baseline.anatomy.frame_of_reference_uid)
+    except RTStructError as err:
+        notes.append(f"spinal cord contour not usable ({err}): epidural component not measured")
+        return None
+    radius = [max(1, int(round(_CANAL_MARGIN_MM / sp))) for sp in mask.GetSpacing()]
+    return sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
+
+
 def _vertebral_level(name: str) -> str | None:
     import re
 
@@ -382,10 +433,16 @@ def _with_gtv_dose(rt: Sequence[Dataset], course: Any, gtv: sitk.Image, settings
 
 
 def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.Image) -> None:
-    from processing.lesion import LesionError, refine_lesion
-    from processing.registration import register_rigid
+    from processing.lesion import LesionError, propagate_mask, refine_lesion
+    from processing.registration import register_rigid, register_rigid_multi
 
-    registration = register_rigid(baseline.anatomy_image, study.anatomy_image, region=gtv)
+    if baseline.sagittal_image is not None and study.sagittal_image is not None:
+        # thick axial slices leave the cranio-caudal position to a sagittal series
+        registration = register_rigid_multi(
+            [(baseline.anatomy_image, study.anatomy_image),
+             (baseline.sagittal_image, study.sagittal_image)], region=gtv)
+    else:
+        registration = register_rigid(baseline.anatomy_image, study.anatomy_image, region=gtv)
     study.registration = registration
     base_channels = [baseline.anatomy_image]
     follow_channels = [study.anatomy_image]
@@ -401,6 +458,9 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
         raise ChainError(f"the lesion cannot be placed on follow-up {study.study_instance_uid}: "
                          f"{err}") from err
     study.lesion_mask = lesion.mask
+    if baseline.canal_mask is not None:
+        study.canal_mask = propagate_mask(baseline.canal_mask, study.anatomy_image,
+                                          registration.matrix_moving_to_fixed)
     study.lesion_notes = tuple(lesion.notes) + (() if registration.passed else tuple(
         f"registration check failed: {r}" for r in registration.reasons))
 
@@ -472,6 +532,15 @@ def _grid_groups(study: StudyAnalysis) -> list[tuple[sitk.Image, dict[str, sitk.
     return [anatomy, *groups]
 
 
+def _epidural(study: StudyAnalysis) -> sitk.Image | None:
+    """The lesion's part inside the spinal canal, cropped like the anatomical group."""
+    if study.canal_mask is None:
+        return None
+    inside = sitk.And(sitk.Cast(study.lesion_mask > 0, sitk.sitkUInt8),
+                      sitk.Cast(study.canal_mask > 0, sitk.sitkUInt8))
+    return _crop_to_lesion(inside, study.lesion_mask)
+
+
 def _subset(settings: Mapping[str, Any] | None, maps: Mapping[str, Any]) -> dict[str, Any] | None:
     if settings is None:
         return None
@@ -541,10 +610,12 @@ def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
     repeatability: dict[str, float] = {}
     for index, study in enumerate(studies):
         groups = _grid_groups(study)
+        epidural = _epidural(study)
         with timer("measure+radiomics"):
             measurements.append(_merge_measurements([
-                measure_lesion(mask, maps, radiomics_settings=_subset(radiomics_settings, maps))
-                for mask, maps in groups]))
+                measure_lesion(mask, maps, radiomics_settings=_subset(radiomics_settings, maps),
+                               epidural_mask=epidural if n == 0 else None)
+                for n, (mask, maps) in enumerate(groups)]))
         if index == 0 and len(studies) > 1:
             # per-case minimum detectable change from small perturbations of the baseline ROI
             with timer("repeatability"):

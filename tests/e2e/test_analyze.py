@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
@@ -90,3 +91,39 @@ def test_nothing_to_analyse_is_a_clear_error(make_phantom, tmp_path):
     run = _analyze([empty], tmp_path / "out2")
     assert run.returncode == 2
     assert "no DICOM instance" in run.stderr
+
+
+@pytest.mark.parametrize("scenario", ["progression", "pseudoprogression", "stable"])
+def test_every_scenario_gets_its_call(make_phantom, tmp_path, scenario):
+    patient = make_phantom(scenario, "standard", "small")
+    truth = json.loads((patient / "ground_truth.json").read_text())
+    run = _analyze([patient], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    follow_up = summary["time_points"][-1]
+    expected = truth["studies"]["followup1"]["expected_response"]
+    assert follow_up["response"]["category"] == expected
+    true_volume = truth["studies"]["followup1"]["tumour"]["volume_ml_voxels_t2w"]
+    assert follow_up["measurements"]["volume"] == pytest.approx(true_volume, rel=0.10)
+    if scenario == "pseudoprogression":
+        fired = {c["code"] for c in follow_up["response"]["criteria"] if c["fired"]}
+        assert any("perfusion" in code or "vp" in code for code in fired), fired
+
+
+def test_registration_recovers_the_known_displacement(make_phantom, tmp_path):
+    """Issue 5, acceptance 3: within 1 mm and 1 degree (axial + sagittal T2w, as spine protocols)."""
+    patient = make_phantom("stable", "standard", "small", sagittal=True)
+    truth = json.loads((patient / "ground_truth.json").read_text())
+    run = _analyze([patient], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    registration = summary["studies"][1]["registration"]
+    assert registration["passed"], registration["reasons"]
+    found = np.array(registration["matrix_followup_to_baseline"])
+    true = np.array(truth["studies"]["followup1"]["rigid_transform"]["followup_to_baseline"])
+    centre = np.append(truth["vertebra_centre_mm"], 1.0)
+    error_mm = np.linalg.norm((found - true) @ centre)
+    residual = found[:3, :3] @ true[:3, :3].T
+    angle_deg = np.degrees(np.arccos(np.clip((np.trace(residual) - 1) / 2, -1, 1)))
+    assert error_mm < 1.0
+    assert angle_deg < 1.0
