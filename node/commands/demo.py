@@ -213,20 +213,6 @@ may_receive = true
     return path
 
 
-def _start_dashboard(service: Any) -> Any:
-    """The node's dashboard over the running service, or ``None`` if it cannot start."""
-    try:
-        from node.dashboard import reanalyse_action, start_dashboard
-    except ImportError as err:
-        logger.warning("dashboard not available: %s", err)
-        return None
-    try:
-        return start_dashboard(service, reanalyse=reanalyse_action(service, service.analysis))
-    except OSError as err:
-        logger.warning("dashboard not started: %s", err)
-        return None
-
-
 # ----------------------------------------------------------------------------- results
 def find_summary(storage: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest ``results/patient-*/summary.json`` under ``storage`` and its content."""
@@ -523,13 +509,12 @@ def _run(args: argparse.Namespace, out: Path, console: Any, t_start: float) -> i
     receiver_port = receiver.start()
     print(f"result receiver {RECEIVER_AE} listening on 127.0.0.1:{receiver_port}", flush=True)
     service = None
-    dashboard = None
     try:
         settings = load_settings(write_demo_config(out, receiver_port, args.quiet_period))
         service = NodeService(settings)
         host, port = service.start()
-        dashboard = _start_dashboard(service)
-        dashboard_url = getattr(dashboard, "url", None)
+        # NodeService starts the dashboard of the [dashboard] section (None when it could not)
+        dashboard_url = getattr(service.dashboard, "url", None)
         print(f"node {NODE_AE} listening on {host}:{port}; storage {settings.node.storage}"
               + (f"; dashboard {dashboard_url}" if dashboard_url else ""), flush=True)
 
@@ -586,8 +571,6 @@ def _run(args: argparse.Namespace, out: Path, console: Any, t_start: float) -> i
         print(f"spine-node demo: cannot run: {err}", file=console)
         return 1
     finally:
-        if dashboard is not None:
-            dashboard.stop()
         if service is not None:
             service.stop()
         receiver.stop()
