@@ -764,6 +764,14 @@ def fetcher_for(service: Any) -> PriorsFetcher:
         return fetcher
 
 
+def stop_fetcher(service: Any) -> None:
+    """Stop the fetcher of a node that is shutting down (if one was ever created)."""
+    with _FETCHERS_LOCK:
+        fetcher = _FETCHERS.pop(service, None)
+    if fetcher is not None:
+        fetcher.stop()
+
+
 def on_analysis_waiting(service: Any, patient_row: int, study_uid: str | None,
                         reason: str) -> None:
     """Hook of :class:`node.worker.AnalysisWorker`: an analysis waits for something missing.

@@ -22,6 +22,7 @@ from node.stability import StabilityMonitor
 from node.store import Store, StoreResult
 from node.dashboard import reanalyse_action, start_dashboard
 from node.followup import FollowupTracker, followup_section
+from node.priors import courses_section, pacs_peer, stop_fetcher
 from node.worker import AnalysisWorker
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class NodeService:
         self.dispatcher = Dispatcher(self.outbox, settings)
         self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
         self.analysis = AnalysisWorker(self)
+        # a misconfigured PACS for priors must stop the start-up, not the first analysis
+        pacs_peer(settings, courses_section(settings))
         self.followups = FollowupTracker(self.index, followup_section(settings), self.scheduler)
         self.dashboard = None
         self.address: tuple[str, int] | None = None
@@ -94,6 +97,7 @@ class NodeService:
         if self.dashboard is not None:
             self.dashboard.stop()
         self.scheduler.shutdown(wait=True)
+        stop_fetcher(self)
         self.analysis.stop()
         self.index.add_event("node_stopped")
         self.index.close()

@@ -37,7 +37,10 @@ class DashboardServer:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8080) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+        try:
+            self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+        except SystemExit as err:  # werkzeug exits the process when the port is taken
+            raise OSError(f"dashboard cannot listen on {host}:{port} (in use?)") from err
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="dashboard", daemon=True)
 

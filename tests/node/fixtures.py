@@ -90,7 +90,11 @@ def _suite_log_capture(node_log_dir: Path) -> Iterator[None]:
 
 def write_config(path: Path, *, storage: Path, port: int = 0, quiet_period_s: float = 60.0,
                  extra: str = "", node_extra: str = "") -> Path:
-    """A node configuration for tests (dcmtk's STORESCU/ECHOSCU plus PYSCU may send)."""
+    """A node configuration for tests (dcmtk's STORESCU/ECHOSCU plus PYSCU may send).
+
+    The dashboard listens on a free port, so that nodes of different tests never compete for the
+    default one.
+    """
     path.write_text(
         f"""
 [node]
@@ -110,6 +114,9 @@ ae_title = "ECHOSCU"
 [[peers]]
 ae_title = "PYSCU"
 {extra}
+
+[dashboard]
+port = 0
 """,
         encoding="utf-8",
     )
