@@ -308,7 +308,14 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
                 notes.append(f"series {cls.series_instance_uid} not used: {err}")
                 continue
             roles[cls.series_instance_uid] = cls.role.value
-    anatomy = volumes.get(inventory.anatomy_reference)
+    reference_uid = inventory.anatomy_reference
+    if reference_uid in volumes and _is_sagittal(volumes[reference_uid]):
+        # lesions are delineated and measured on the axial series (the planning orientation);
+        # a sagittal series of the same contrast only helps the registration
+        reference_uid = next((uid for uid, v in volumes.items()
+                              if roles[uid] == roles[reference_uid] and not _is_sagittal(v)),
+                             reference_uid)
+    anatomy = volumes.get(reference_uid)
     if anatomy is None:
         raise ChainError(f"the anatomical series of study {role.study_instance_uid} cannot be read")
     maps: dict[str, StudyMap] = {}
@@ -326,21 +333,21 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
     # anatomical channels: radiomics and the follow-up lesion refinement use them like maps
     for uid, role_name in roles.items():
         name = _ANATOMICAL.get(role_name)
-        if name is None or name in maps and uid != inventory.anatomy_reference:
+        if name is None or (name in maps and uid != reference_uid) or _is_sagittal(volumes[uid]):
             continue
         volume = volumes[uid]
         maps[name] = StudyMap(name, volume.volume_image(0), "1", {"series": uid}, volume,
                               list(series[uid]), exported=False)
-    reference_role = roles[inventory.anatomy_reference]
+    reference_role = roles[reference_uid]
     sagittal = next((v for uid, v in volumes.items()
-                     if roles[uid] == reference_role and uid != inventory.anatomy_reference
+                     if roles[uid] == reference_role and uid != reference_uid
                      and _is_sagittal(v) and not _is_sagittal(anatomy)), None)
     return StudyAnalysis(
         sagittal_image=None if sagittal is None else sagittal.volume_image(0),
         study_instance_uid=role.study_instance_uid, study_date=role.study_date, role=role.role,
         days_since_treatment=role.days_since_treatment, inventory=inventory, anatomy=anatomy,
         anatomy_image=anatomy.volume_image(0),
-        anatomy_datasets=list(series[inventory.anatomy_reference]),
+        anatomy_datasets=list(series[reference_uid]),
         input_digest=digest_uids(datasets), maps=maps)
 
 
