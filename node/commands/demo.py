@@ -134,7 +134,16 @@ class ResultReceiver:
             logger.warning("result receiver: refused an instance with a malformed SOP UID")
             return 0xC210
         path = self.folder / f"{sop_uid}.dcm"
-        path.write_bytes(event.encoded_dataset())
+        # atomic: a re-sent object (same UID) never shows a half-written file to a reader
+        part = path.with_name(f"{sop_uid}.{threading.get_ident()}.part")
+        chunked = getattr(event.request, "_dataset_path", None)
+        if chunked is not None:
+            # STORE_RECV_CHUNKED_DATASET (set by node.scp): pynetdicom wrote the whole file,
+            # file meta included, to a temporary path it removes after this handler
+            shutil.copyfile(event.dataset_path, part)
+        else:
+            part.write_bytes(event.encoded_dataset())
+        os.replace(part, path)
         with self._lock:
             self.received[sop_uid] = ReceivedObject(sop_class, sop_uid, path)
         return 0x0000
