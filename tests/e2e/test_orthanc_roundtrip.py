@@ -10,6 +10,9 @@ follow-up MRI. On every stable study the Lua script routes the MR and RT series 
 Maps and TID 1500 SR back to Orthanc. The test then asserts through Orthanc's REST API that each
 produced object arrived, sent by the node, under the right patient and study, with the counts the
 node's ``summary.json`` lists, and that the derived objects were never routed back to the node.
+
+A fast test runs the routing script alone against a stand-in node: new MR series are routed once,
+Parametric Maps (Modality MR), SEG and non-MR/RT series never.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pydicom import dcmread
 from tests.node.fixtures import free_port, write_config
 from tests.orthanc_fixture import OrthancServer, orthanc_factory  # noqa: F401 (fixture)
 
-pytestmark = [pytest.mark.slow, pytest.mark.network]
+pytestmark = pytest.mark.network
 
 REPO = Path(__file__).resolve().parents[2]
 LUA = REPO / "deploy" / "orthanc" / "route-to-node.lua"
@@ -122,6 +125,7 @@ def _study_objects(pacs: OrthancServer, study_uid: str) -> tuple[dict[str, Any],
     return study, objects
 
 
+@pytest.mark.slow
 def test_orthanc_routes_to_node_and_stores_results(make_phantom, node_factory, orthanc_factory,
                                                     tmp_path):
     patients = {"responder": make_phantom("responder", "standard", "small"),
@@ -228,3 +232,60 @@ def _node_instances(storage: Path) -> list[dict[str, str]]:
                 for r in db.execute("SELECT sop_class_uid, calling_ae FROM instances")]
     finally:
         db.close()
+
+
+def _mr_copy(source: Path, out: Path, *, series: str, sop: str, sop_class: str | None = None,
+             modality: str | None = None) -> Path:
+    ds = dcmread(source)
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    ds.SeriesInstanceUID = series
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+    if sop_class is not None:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    if modality is not None:
+        ds.Modality = modality
+    ds.save_as(out)
+    return out
+
+
+def test_lua_routes_new_mr_series_once_and_never_derived_objects(orthanc_factory, tmp_path):
+    """The routing script alone (seconds): a stand-in node receives what Orthanc routes."""
+    from pydicom.data import get_testdata_file
+
+    from node.commands.demo import ResultReceiver
+
+    receiver = ResultReceiver(tmp_path / "node", ae_title="SPINENODE")
+    port = receiver.start()
+    try:
+        pacs = orthanc_factory(lua_scripts=[LUA], stable_age_s=1,
+                               modalities={"spinenode": ["SPINENODE", "127.0.0.1", port]},
+                               extra_config=_deployed_config_for_test())
+        mr = Path(get_testdata_file("MR_small.dcm"))
+        pacs.upload([
+            _mr_copy(mr, tmp_path / "a.dcm", series="1.2.3.1", sop="1.2.3.1.1"),
+            _mr_copy(mr, tmp_path / "b.dcm", series="1.2.3.1", sop="1.2.3.1.2"),
+            # a Parametric Map (Modality MR!) and a SEG in the same study: never routed
+            _mr_copy(mr, tmp_path / "pm.dcm", series="1.2.3.2", sop="1.2.3.2.1", sop_class=PMAP),
+            _mr_copy(mr, tmp_path / "seg.dcm", series="1.2.3.3", sop="1.2.3.3.1",
+                     sop_class=SEG, modality="SEG"),
+            # not an MR or RT series
+            _mr_copy(mr, tmp_path / "ct.dcm", series="1.2.3.4", sop="1.2.3.4.1", modality="CT"),
+        ])
+        pacs.wait_for(lambda: len(receiver.snapshot()) >= 2, timeout_s=60,
+                      what="the MR series at the stand-in node")
+        time.sleep(3)  # a second stable event or a stray job would show up by now
+        assert sorted(receiver.snapshot()) == ["1.2.3.1.1", "1.2.3.1.2"]
+        # the study changes again (a new MR series): only the new series goes
+        pacs.upload([_mr_copy(mr, tmp_path / "c.dcm", series="1.2.3.5", sop="1.2.3.5.1")])
+        pacs.wait_for(lambda: "1.2.3.5.1" in receiver.snapshot(), timeout_s=60,
+                      what="the new MR series at the stand-in node")
+        time.sleep(3)
+        assert sorted(receiver.snapshot()) == ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.5.1"]
+        routed = [s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.series()
+                  if "SpineNodeRouted" in pacs.get(f"/series/{s['ID']}/metadata")]
+        assert sorted(routed) == ["1.2.3.1", "1.2.3.5"]
+        # what arrived is the uploaded instance, pixel data included
+        got = dcmread(receiver.snapshot()["1.2.3.5.1"].path)
+        assert got.SeriesInstanceUID == "1.2.3.5" and got.pixel_array.shape == (64, 64)
+    finally:
+        receiver.stop()
