@@ -373,6 +373,7 @@ _OUTCOMES = ("analysis_done", "analysis_waiting", "analysis_failed")
 
 
 def _outcomes(index: Any, study_uid: str) -> list[Any]:
+    """The worker's outcome events (rows of ``events``) recorded for ``study_uid`` so far."""
     return [e for kind in _OUTCOMES for e in index.events(kind) if e["study_uid"] == study_uid]
 
 
@@ -579,6 +580,10 @@ def _run(args: argparse.Namespace, out: Path, console: Any, t_start: float) -> i
     except (ConfigError, NodeError, OSError) as err:
         print(f"spine-node demo: cannot run: {err}", file=console)
         return 1
+    except KeyboardInterrupt:
+        print("spine-node demo: interrupted; stopping the node (a running analysis finishes "
+              "first)", file=console)
+        return 130
     finally:
         if service is not None:
             service.stop()
