@@ -231,9 +231,13 @@ def _send_batch(
     ae = _make_ae(calling_ae, timeout_s=timeout_s)
     requested = []
     for sop_class, ts in sorted(keys):
-        # one context per SOP class and stored syntax, with the uncompressed ones as fallbacks
-        syntaxes = [ts] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts]
-        requested.append(build_context(sop_class, syntaxes))
+        # the stored syntax in a context of its own: a receiver that prefers another syntax
+        # (pynetdicom picks implicit VR from a list) must not leave us a context the file does
+        # not match; the other uncompressed syntax is offered in a second context
+        requested.append(build_context(sop_class, [ts]))
+        for other in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if other != ts:
+                requested.append(build_context(sop_class, [other]))
     ae.requested_contexts = requested[:MAX_CONTEXTS]
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])

@@ -173,8 +173,7 @@ def test_orthanc_routes_to_node_and_stores_results(make_phantom, node_factory, o
     # the call itself is tested against ground truth in tests/e2e/test_analyze.py; here: a call
     # was made at the follow-up, and the two phantoms are told apart
     allowed_calls = {"responder": {"local control"},
-                     "progression": {"local progression",
-                                     "indeterminate - possible pseudoprogression"}}
+                     "progression": {"local progression"}}
     orthanc_patients = {p["MainDicomTags"]["PatientID"]: p for p in pacs.patients()}
     assert len(orthanc_patients) == 2
     for name, u in uids.items():
