@@ -114,9 +114,7 @@ ae_title = "ECHOSCU"
 [[peers]]
 ae_title = "PYSCU"
 {extra}
-
-[dashboard]
-port = 0
+{"" if "[dashboard]" in extra else "[dashboard]" + chr(10) + "port = 0"}
 """,
         encoding="utf-8",
     )
