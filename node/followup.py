@@ -25,7 +25,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,6 @@ FOLLOWUP_MIGRATIONS: tuple[str, ...] = (
 )
 FOLLOWUP_SCHEMA_VERSION = len(FOLLOWUP_MIGRATIONS)
 #: Index objects whose tables are known to be current (reads then take no write lock)
-_CURRENT: weakref.WeakSet[Index] = weakref.WeakSet()
 
 
 class FollowupWindowSetting(BaseModel):
@@ -143,25 +141,7 @@ def utc_now() -> dt.datetime:
 
 def ensure_schema(index: Index) -> int:
     """Create or migrate the follow-up tables; return the schema version in place."""
-    if index in _CURRENT:
-        return FOLLOWUP_SCHEMA_VERSION
-    with index.transaction() as db:
-        db.execute("CREATE TABLE IF NOT EXISTS followup_schema_version (version INTEGER NOT NULL)")
-        row = db.execute("SELECT version FROM followup_schema_version").fetchone()
-        version = 0 if row is None else int(row[0])
-        if row is None:
-            db.execute("INSERT INTO followup_schema_version (version) VALUES (0)")
-        if version > FOLLOWUP_SCHEMA_VERSION:
-            raise ValueError(f"follow-up tables have schema version {version}, newer than this "
-                             f"node ({FOLLOWUP_SCHEMA_VERSION}); upgrade the node")
-        for target in range(version, FOLLOWUP_SCHEMA_VERSION):
-            logger.info("migrating follow-up tables of %s to version %d", index.path, target + 1)
-            for statement in FOLLOWUP_MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("UPDATE followup_schema_version SET version=?", (target + 1,))
-    _CURRENT.add(index)
-    return FOLLOWUP_SCHEMA_VERSION
+    return index.ensure_extension_schema("followup", FOLLOWUP_MIGRATIONS)
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,8 @@ class Index:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        #: extension schemas already checked by this connection
+        self._extensions: set[tuple[str, int]] = set()
         try:
             self._conn = sqlite3.connect(
                 str(self.path), timeout=timeout_s, check_same_thread=False,
@@ -237,6 +239,50 @@ class Index:
         """Close the connection (checkpointing the WAL)."""
         with self._lock:
             self._conn.close()
+
+    # -- extension schemas ----------------------------------------------------------------------
+    def ensure_extension_schema(self, name: str, migrations: Sequence[str]) -> int:
+        """Create or migrate the tables of a part of the node that keeps its own schema.
+
+        Parts such as the timeline or the follow-up tracker version their tables in
+        ``<name>_schema_version`` (one row), independently of the core schema, with the same
+        rules: migrations run in order inside one transaction, and a newer schema than this node
+        knows is refused.
+
+        Returns
+        -------
+        int
+            The schema version now in place (``len(migrations)``).
+
+        Raises
+        ------
+        IndexDatabaseError
+            The database holds a newer schema of this part than the node knows.
+        """
+        target_version = len(migrations)
+        with self._lock:
+            if (name, target_version) in self._extensions:
+                return target_version
+        table = f"{name}_schema_version"
+        with self.transaction() as db:
+            db.execute(f"CREATE TABLE IF NOT EXISTS {table} (version INTEGER NOT NULL)")
+            row = db.execute(f"SELECT version FROM {table}").fetchone()
+            version = 0 if row is None else int(row[0])
+            if row is None:
+                db.execute(f"INSERT INTO {table} (version) VALUES (0)")
+            if version > target_version:
+                raise IndexDatabaseError(
+                    f"{name} tables have schema version {version}, newer than this node "
+                    f"({target_version}); upgrade the node")
+            for target in range(version, target_version):
+                logger.info("migrating %s tables of %s to version %d", name, self.path, target + 1)
+                for statement in migrations[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"UPDATE {table} SET version=?", (target + 1,))
+        with self._lock:
+            self._extensions.add((name, target_version))
+        return target_version
 
     # -- instances ------------------------------------------------------------------------------
     def instance(self, sop_instance_uid: str) -> InstanceRecord | None:

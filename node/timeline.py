@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +91,6 @@ TIMELINE_MIGRATIONS: tuple[str, ...] = (
 
 TIMELINE_SCHEMA_VERSION = len(TIMELINE_MIGRATIONS)
 #: Index objects whose tables are known to be current (reads then take no write lock)
-_CURRENT: weakref.WeakSet[Index] = weakref.WeakSet()
 
 
 class TimelineError(ValueError):
@@ -107,26 +105,12 @@ def ensure_schema(index: Index) -> int:
     TimelineError
         When the database holds a newer timeline schema than this node knows.
     """
-    if index in _CURRENT:
-        return TIMELINE_SCHEMA_VERSION
-    with index.transaction() as db:
-        db.execute("CREATE TABLE IF NOT EXISTS timeline_schema_version (version INTEGER NOT NULL)")
-        row = db.execute("SELECT version FROM timeline_schema_version").fetchone()
-        version = 0 if row is None else int(row[0])
-        if row is None:
-            db.execute("INSERT INTO timeline_schema_version (version) VALUES (0)")
-        if version > TIMELINE_SCHEMA_VERSION:
-            raise TimelineError(
-                f"timeline tables have schema version {version}, newer than this node "
-                f"({TIMELINE_SCHEMA_VERSION}); upgrade the node")
-        for target in range(version, TIMELINE_SCHEMA_VERSION):
-            logger.info("migrating timeline tables of %s to version %d", index.path, target + 1)
-            for statement in TIMELINE_MIGRATIONS[target].split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("UPDATE timeline_schema_version SET version=?", (target + 1,))
-    _CURRENT.add(index)
-    return TIMELINE_SCHEMA_VERSION
+    from node.errors import IndexDatabaseError
+
+    try:
+        return index.ensure_extension_schema("timeline", TIMELINE_MIGRATIONS)
+    except IndexDatabaseError as err:
+        raise TimelineError(str(err)) from err
 
 
 @dataclass(frozen=True)
