@@ -189,17 +189,30 @@ class _Stage:
         self.timings[self.stage] += time.perf_counter() - self.start
 
 
-def split_studies(datasets: Iterable[Dataset]) -> tuple[list[Dataset], dict[str, list[Dataset]]]:
-    """RT objects, and the MR (and other image) datasets grouped by Study Instance UID."""
+def split_studies(datasets: Iterable[Dataset]) -> tuple[list[Dataset], dict[str, list[Dataset]],
+                                                       dict[str, list[Dataset]]]:
+    """RT objects, MR images by Study Instance UID, and readers' SEGs by Study Instance UID.
+
+    Parametric Maps (Modality MR, SOP class Parametric Map) and SEGs this node produced itself
+    (a PACS may route them back) are not inputs and are left out.
+    """
+    from reporting.seg import MANUFACTURER
+
     rt: list[Dataset] = []
     studies: dict[str, list[Dataset]] = defaultdict(list)
+    segs: dict[str, list[Dataset]] = defaultdict(list)
     for ds in datasets:
         modality = str(ds.get("Modality", ""))
         if modality in RT_MODALITIES:
             rt.append(ds)
-        elif modality == "MR":
+        elif modality == "MR" and str(ds.get("SOPClassUID")) != _PARAMETRIC_MAP:
             studies[str(ds.StudyInstanceUID)].append(ds)
-    return rt, dict(studies)
+        elif modality == "SEG" and str(ds.get("Manufacturer", "")) != MANUFACTURER:
+            segs[str(ds.StudyInstanceUID)].append(ds)
+    return rt, dict(studies), dict(segs)
+
+
+_PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 
 def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = None) -> ChainResult:
@@ -220,7 +233,7 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     timer = _Timer()
     notes: list[str] = []
     check_single_patient(datasets)
-    rt, mr_studies = split_studies(datasets)
+    rt, mr_studies, reader_segs = split_studies(datasets)
     with timer("course"):
         course = recognise_course(rt, alpha_beta_gy=settings.alpha_beta_gy)
     if course is None:
@@ -248,6 +261,9 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
                               notes)
     rtstruct = _find_rtstruct(rt, course)
     lesion, gtv = _baseline_lesion(rtstruct, course, baseline)
+    corrected = _reader_lesion(reader_segs.get(baseline.study_instance_uid, ()), baseline, notes)
+    if corrected is not None:
+        gtv = corrected
     baseline.lesion_mask = gtv
     baseline.canal_mask = _canal(rtstruct, baseline, notes)
     if course.gtv_dose is None and course.rtdose_sop_instance_uid is not None:
@@ -257,6 +273,10 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     for study in follow_ups:
         with timer("registration+lesion"):
             _follow_up_lesion(baseline, study, gtv)
+        corrected = _reader_lesion(reader_segs.get(study.study_instance_uid, ()), study, notes)
+        if corrected is not None:
+            study.lesion_mask = corrected
+            study.lesion_notes += ("lesion from a reader's SEG (preferred over the refinement)",)
     studies = [baseline, *follow_ups]
     results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
     with timer("reporting"):
@@ -412,6 +432,46 @@ def _canal(rtstruct: Dataset, baseline: StudyAnalysis, notes: list[str]) -> sitk
         return None
     radius = [max(1, int(round(_CANAL_MARGIN_MM / sp))) for sp in mask.GetSpacing()]
     return sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
+
+
+def _reader_lesion(segs: Sequence[Dataset], study: StudyAnalysis,
+                   notes: list[str]) -> sitk.Image | None:
+    """The lesion from a reader's DICOM SEG of this study (a radiologist's correction), if any.
+
+    The latest SEG (by Content Date/Time) that segments the study's anatomical reference series
+    wins over the RT Structure Set GTV (baseline) or the refined lesion (follow-up); all its
+    segments are combined. A SEG drawn on another series, or on a multi-frame source, is recorded
+    in the notes and not used.
+    """
+    import highdicom as hd
+
+    if not segs:
+        return None
+    latest = max(segs, key=lambda ds: (str(ds.get("ContentDate", "")),
+                                       str(ds.get("ContentTime", "")), str(ds.SOPInstanceUID)))
+    frames = study.anatomy.source_frames[0]
+    if frames and frames[0].frame_number is not None:
+        notes.append(f"reader SEG {latest.SOPInstanceUID} not used: multi-frame sources are not "
+                     "supported for corrections yet")
+        return None
+    try:
+        seg = hd.seg.Segmentation.from_dataset(latest)
+        array = seg.get_pixels_by_source_instance(
+            [f.sop_instance_uid for f in frames], combine_segments=True,
+            skip_overlap_checks=True, assert_missing_frames_are_empty=True)
+    except (ValueError, KeyError, AttributeError) as err:
+        notes.append(f"reader SEG {latest.SOPInstanceUID} not used: it does not segment the "
+                     f"anatomical series of study {study.study_instance_uid} ({err})")
+        return None
+    mask = sitk.GetImageFromArray((np.asarray(array) > 0).astype(np.uint8))
+    mask.CopyInformation(study.anatomy_image)
+    if not sitk.GetArrayViewFromImage(mask).any():
+        notes.append(f"reader SEG {latest.SOPInstanceUID} is empty on the anatomical series; "
+                     "not used")
+        return None
+    notes.append(f"study {study.study_instance_uid}: lesion taken from reader SEG "
+                 f"{latest.SOPInstanceUID}")
+    return mask
 
 
 def _vertebral_level(name: str) -> str | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 pytestmark = pytest.mark.slow
 
@@ -127,3 +128,56 @@ def test_registration_recovers_the_known_displacement(make_phantom, tmp_path):
     angle_deg = np.degrees(np.arccos(np.clip((np.trace(residual) - 1) / 2, -1, 1)))
     assert error_mm < 1.0
     assert angle_deg < 1.0
+
+
+def _reader_seg(series_folder: Path, mask: np.ndarray) -> Dataset:
+    """A radiologist's SEG drawn on the baseline T2w (another manufacturer than the node)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    sources = sorted((dcmread(p) for p in series_folder.glob("*.dcm")),
+                     key=lambda ds: float(ds.ImagePositionPatient[2]))
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="corrected GTV",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    return hd.seg.Segmentation(
+        source_images=sources, pixel_array=mask.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=50,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Reader Workstation",
+        manufacturer_model_name="viewer", software_versions="1", device_serial_number="1")
+
+
+def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(make_phantom, tmp_path,
+                                                                        responder_run):
+    """A corrected baseline (a radiologist's SEG) replaces the RTSTRUCT GTV; later deltas follow."""
+    from scipy import ndimage
+
+    from processing.phantom import true_tumour_mask
+
+    patient, first_out, _ = responder_run
+    truth = json.loads((patient / "ground_truth.json").read_text())
+    t2w = truth["studies"]["baseline"]["series"]["t2w"]
+    # the reader trims the GTV by one voxel in-plane
+    mask = true_tumour_mask(truth, "baseline", t2w["geometry"])
+    mask = ndimage.binary_erosion(mask, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]]))
+    seg = _reader_seg(patient / "baseline" / t2w["folder"], mask)
+    seg_folder = tmp_path / "reader"
+    seg_folder.mkdir()
+    seg.save_as(seg_folder / "corrected-gtv.dcm")
+    run = _analyze([patient, seg_folder], tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    before = json.loads((first_out / "summary.json").read_text())
+    voxel_ml = np.prod(t2w["geometry"]["spacing"]) / 1000.0
+    baseline = summary["time_points"][0]["measurements"]
+    assert baseline["volume"] == pytest.approx(mask.sum() * voxel_ml, rel=1e-6)
+    assert any("reader SEG" in note for note in summary["notes"])
+
+    def volume_change(s):
+        return next(c["relative"] for c in s["time_points"][-1]["changes"]
+                    if c["quantity"] == "volume" and c["reference"] == "baseline")
+
+    assert volume_change(summary) != pytest.approx(volume_change(before), abs=1e-3)
