@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/spine-node demo
 
 test: sysdeps $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: sysdeps $(STAMP)
 	$(PY) -m tests.bench
