@@ -268,11 +268,18 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     baseline.canal_mask = _canal(rtstruct, baseline, notes)
     if course.gtv_dose is None and course.rtdose_sop_instance_uid is not None:
         course = _with_gtv_dose(rt, course, gtv, settings)
-    follow_ups = [_prepare_study(mr_studies[f.study_instance_uid], f, timer, notes)
-                  for f in roles.follow_ups]
-    for study in follow_ups:
-        with timer("registration+lesion"):
-            _follow_up_lesion(baseline, study, gtv)
+    follow_ups = []
+    for role in roles.follow_ups:
+        # one unusable follow-up (no anatomical series, lesion outside its field of view) must
+        # not cost the patient the analysis of the others
+        try:
+            study = _prepare_study(mr_studies[role.study_instance_uid], role, timer, notes)
+            with timer("registration+lesion"):
+                _follow_up_lesion(baseline, study, gtv)
+        except ChainError as err:
+            notes.append(f"follow-up {role.study_instance_uid} not analysed: {err}")
+            continue
+        follow_ups.append(study)
         corrected = _reader_lesion(reader_segs.get(study.study_instance_uid, ()), study, notes)
         if corrected is not None:
             study.lesion_mask = corrected

@@ -35,7 +35,14 @@ def iter_files(paths: Sequence[Path | str]) -> Iterator[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
+            # follow linked folders (a study assembled from links), but never twice (link cycles)
+            seen: set[str] = set()
+            for root, dirs, files in os.walk(path, followlinks=True):
+                real = os.path.realpath(root)
+                if real in seen:
+                    dirs[:] = []
+                    continue
+                seen.add(real)
                 dirs.sort()
                 for name in sorted(files):
                     yield Path(root) / name

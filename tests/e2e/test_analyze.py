@@ -181,3 +181,21 @@ def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(make_pha
                     if c["quantity"] == "volume" and c["reference"] == "baseline")
 
     assert volume_change(summary) != pytest.approx(volume_change(before), abs=1e-3)
+
+
+def test_an_unusable_follow_up_is_skipped_not_fatal(make_phantom, tmp_path):
+    """A follow-up without any anatomical series cannot carry the lesion: it is reported and
+    skipped, and the rest of the patient is still analysed."""
+    patient = make_phantom("responder", "standard", "small")
+    truth = json.loads((patient / "ground_truth.json").read_text())
+    partial = tmp_path / "followup-without-anatomy"
+    partial.mkdir()
+    for role, series in truth["studies"]["followup1"]["series"].items():
+        if role in ("dwi", "dce", "vfa_t1"):
+            (partial / series["folder"]).symlink_to(patient / "followup1" / series["folder"])
+    run = _analyze([patient / "baseline", patient / "rt", partial], tmp_path / "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [tp["role"] for tp in summary["time_points"]] == ["baseline"]
+    follow_up_uid = truth["studies"]["followup1"]["StudyInstanceUID"]
+    assert any(follow_up_uid in note and "not analysed" in note for note in summary["notes"])
