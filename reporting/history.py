@@ -27,7 +27,6 @@ Encapsulated Document module; C.8.6.1 SC Equipment module.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 import logging
@@ -36,11 +35,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from reporting.seg import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, sanitized_source
+from reporting.header import derived_dataset
 from reporting.uids import deterministic_uid, digest_text
 
 logger = logging.getLogger(__name__)
@@ -73,13 +72,6 @@ _CALL_SHORT = {
 #: response category -> table text
 _TABLE_CALLS = {"indeterminate - possible pseudoprogression": "indeterminate (PsP?)"}
 
-_PATIENT_STUDY_KEYWORDS = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
-    "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyID", "AccessionNumber", "StudyDescription",
-)
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-          "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def _ordered(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -330,23 +322,7 @@ def build_encapsulated_pdf(
     series_uid = deterministic_uid(kind="history-pdf/series", input_digest="lesion-history",
                                    **uid_args)
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            setattr(ds, keyword, source.data_element(keyword).value)
-        elif keyword in _TYPE2:
-            setattr(ds, keyword, "")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    # SOP Common
-    ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds = derived_dataset(ENCAPSULATED_PDF_STORAGE, sop_instance_uid, source)
     # Encapsulated Document Series
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = series_uid
@@ -360,8 +336,8 @@ def build_encapsulated_pdf(
     ds.ConversionType = "SYN"
     # Encapsulated Document
     ds.InstanceNumber = 1
-    ds.ContentDate = now.strftime("%Y%m%d")
-    ds.ContentTime = now.strftime("%H%M%S")
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
     ds.AcquisitionDateTime = ""
     ds.BurnedInAnnotation = "NO"
     ds.RecognizableVisualFeatures = "NO"

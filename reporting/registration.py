@@ -20,14 +20,12 @@ Encoding
 
 from __future__ import annotations
 
-import datetime
 import logging
 from collections.abc import Sequence
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from reporting.seg import (
     DEVICE_SERIAL_NUMBER,
@@ -36,6 +34,7 @@ from reporting.seg import (
     sanitized_source,
     validate_sources,
 )
+from reporting.header import derived_dataset
 from reporting.uids import deterministic_uid, digest_arrays, digest_text, digest_uids
 
 logger = logging.getLogger(__name__)
@@ -43,14 +42,6 @@ logger = logging.getLogger(__name__)
 SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 REG_SERIES_NUMBER = 9300
 
-_PATIENT_STUDY_KEYWORDS = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
-    "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyID", "AccessionNumber", "StudyDescription",
-)
-#: Type 2 attributes of the Patient and General Study modules (present, possibly empty)
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-          "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def _check_rigid(matrix: np.ndarray) -> np.ndarray:
@@ -154,24 +145,7 @@ def build_spatial_registration(
                     algorithm_version=algorithm_version, input_digest=digest)
     sop_instance_uid = deterministic_uid(kind="reg/instance", **uid_args)
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SPATIAL_REGISTRATION_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in moving:
-            setattr(ds, keyword, moving.data_element(keyword).value)
-        elif keyword in _TYPE2:
-            setattr(ds, keyword, "")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    # SOP Common
-    ds.SOPClassUID = SPATIAL_REGISTRATION_STORAGE
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds = derived_dataset(SPATIAL_REGISTRATION_STORAGE, sop_instance_uid, moving)
     # General Series + Spatial Registration Series
     ds.Modality = "REG"
     ds.SeriesInstanceUID = deterministic_uid(kind="reg/series", **uid_args)
@@ -188,8 +162,8 @@ def build_spatial_registration(
     ds.DeviceSerialNumber = DEVICE_SERIAL_NUMBER
     ds.SoftwareVersions = algorithm_version
     # Spatial Registration (with Content Identification)
-    ds.ContentDate = now.strftime("%Y%m%d")
-    ds.ContentTime = now.strftime("%H%M%S")
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
     ds.InstanceNumber = 1
     ds.ContentLabel = "REGISTRATION"
     ds.ContentDescription = content_description[:64]
