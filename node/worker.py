@@ -88,6 +88,20 @@ def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_sett
             "timings": result.timings}
 
 
+def _end_with_parent() -> None:
+    """Analysis child initializer: end with the node, even when the node is killed (SIGKILL).
+
+    Linux's PR_SET_PDEATHSIG; elsewhere the child ends when its task queue closes.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
 def _log_target() -> tuple[int, str | None]:
     """The node's log level and log file, for the analysis child process."""
     root = logging.getLogger()
@@ -128,7 +142,8 @@ class AnalysisWorker:
             if self._executor is None:
                 # spawn: the node's process holds threads (listener, scheduler); never fork them
                 self._executor = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_end_with_parent)
             return self._executor
 
     def on_stable(self, study_uid: str, amended: bool) -> None:
