@@ -199,3 +199,14 @@ def test_an_unusable_follow_up_is_skipped_not_fatal(make_phantom, tmp_path):
     assert [tp["role"] for tp in summary["time_points"]] == ["baseline"]
     follow_up_uid = truth["studies"]["followup1"]["StudyInstanceUID"]
     assert any(follow_up_uid in note and "not analysed" in note for note in summary["notes"])
+
+
+def test_every_produced_object_passes_dciodvfy(responder_run):
+    """Issue 7, acceptance 1, on the chain's real outputs (every object, warnings listed)."""
+    from tests.reporting.tools import dciodvfy
+
+    _, out, _ = responder_run
+    files = json.loads((out / "summary.json").read_text())["files"]
+    assert len(files) >= 30
+    for name in files:
+        dciodvfy(out / name)
