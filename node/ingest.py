@@ -13,8 +13,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from node.errors import NodeError
 from node.store import Store, StoreResult
@@ -52,41 +52,21 @@ def iter_files(paths: Sequence[Path | str]) -> Iterator[Path]:
             raise FileNotFoundError(f"no such file or folder: {path}")
 
 
-def split_part10(data: bytes) -> tuple[bytes, bytes, str]:
-    """Split a DICOM Part 10 file into (file meta bytes incl. preamble, dataset bytes, TS UID).
-
-    Raises
-    ------
-    pydicom.errors.InvalidDicomError
-        Not a Part 10 file (no preamble/``DICM``, or no Transfer Syntax UID in the file meta).
-    """
-    import io
-
-    fp = io.BytesIO(data)
-    read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
-    ts = meta.get("TransferSyntaxUID")
-    if not ts:
-        raise InvalidDicomError("file meta information has no Transfer Syntax UID")
-    offset = fp.tell()
-    return data[:offset], data[offset:], str(ts)
-
-
 def import_files(store: Store, paths: Iterable[Path]) -> ImportReport:
     """Store every DICOM file of ``paths``; report skipped ones (not DICOM, unparseable)."""
     report = ImportReport()
     for path in paths:
-        data = path.read_bytes()
         try:
-            meta_bytes, dataset_bytes, ts = split_part10(data)
-            from pydicom import dcmread
-
-            meta = dcmread(path, stop_before_pixels=True,
-                           specific_tags=["SOPClassUID", "SOPInstanceUID"])
-            result = store.accept(
-                dataset_bytes, meta_bytes, transfer_syntax_uid=ts,
-                request_sop_class_uid=str(meta.get("SOPClassUID", "")),
-                request_sop_instance_uid=str(meta.get("SOPInstanceUID", "")),
+            header = dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            transfer_syntax = header.file_meta.get("TransferSyntaxUID")
+            if not transfer_syntax:
+                raise InvalidDicomError("no file meta information with a Transfer Syntax UID")
+            # the C-STORE path for files: memory-mapped, checked, hashed, copied
+            result = store.accept_file(
+                path, transfer_syntax_uid=str(transfer_syntax),
+                request_sop_class_uid=str(header.get("SOPClassUID", "")),
+                request_sop_instance_uid=str(header.get("SOPInstanceUID", "")),
                 calling_ae="IMPORT")
         except (InvalidDicomError, EOFError, ValueError, NodeError) as err:
             logger.warning("skipped %s: %s", path.name, type(err).__name__)

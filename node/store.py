@@ -186,7 +186,9 @@ class _Received:
                 size = os.fstat(fh.fileno()).st_size
                 self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
             whole = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
-            if bytes(whole[128:132]) != b"DICM" or len(whole) < 144:
+            # Part 10: preamble, "DICM", then (0002,0000) File Meta Group Length, UL
+            if (len(whole) < 144 or bytes(whole[128:132]) != b"DICM"
+                    or bytes(whole[132:138]) != b"\x02\x00\x00\x00UL"):
                 whole.release()
                 self.close()
                 raise UnparseableDatasetError("received file has no DICOM file meta")
