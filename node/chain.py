@@ -314,26 +314,24 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
                    notes: list[str]) -> StudyAnalysis:
     from processing.classify import classify_study
     from processing.maps import compute_maps
-    from processing.series import SeriesError, group_by_series, read_series
+    from processing.series import group_by_series
     from reporting.uids import digest_uids
 
-    with timer("classify"):
-        inventory = classify_study(datasets)
+    assembled: dict[str, Any] = {}
+    with timer("read+classify"):
+        # classification assembles every image series; keep them rather than reading twice
+        inventory = classify_study(datasets, volumes=assembled)
     if inventory.anatomy_reference is None:
         raise ChainError(f"study {role.study_instance_uid} has no anatomical series (T2w, T1w or "
                          "STIR) to delineate the lesion on")
     series = group_by_series(datasets)
     volumes: dict[str, Any] = {}
     roles: dict[str, str] = {}
-    with timer("read"):
-        for cls in inventory.series:
-            if cls.role.value not in _READ_ROLES:
-                continue
-            try:
-                volumes[cls.series_instance_uid] = read_series(series[cls.series_instance_uid])
-            except SeriesError as err:
-                notes.append(f"series {cls.series_instance_uid} not used: {err}")
-                continue
+    for cls in inventory.series:
+        if cls.error is not None:
+            notes.append(f"series {cls.series_instance_uid} not used: {cls.error}")
+        elif cls.role.value in _READ_ROLES and cls.series_instance_uid in assembled:
+            volumes[cls.series_instance_uid] = assembled[cls.series_instance_uid]
             roles[cls.series_instance_uid] = cls.role.value
     reference_uid = inventory.anatomy_reference
     if reference_uid in volumes and _is_sagittal(volumes[reference_uid]):
