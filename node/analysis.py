@@ -11,6 +11,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -75,14 +76,33 @@ def write_outputs(result: ChainResult, out_dir: Path) -> list[Path]:
     return paths
 
 
-def format_course(result: ChainResult) -> str:
-    course = result.course
-    fx = course.fractionation
-    date = course.treatment_date
-    return (f"CyberKnife course: {fx.prescription_dose_gy} Gy in {fx.fractions} fraction(s) on "
-            f"{course.machine or 'unknown machine'} ({course.n_beams} beams), treated "
-            f"{date.date.isoformat()}{' (estimated from ' + date.source + ')' if date.estimated else ''}"
-            f"; BED10 {fx.bed_gy:.1f} Gy" if fx.bed_gy is not None else "")
+def _gy(value: float | None, digits: int) -> str:
+    """A dose for the text summary; plans without a prescription leave it unknown."""
+    return "unknown" if value is None else f"{value:.{digits}f} Gy"
+
+
+def format_course(course: dict[str, Any]) -> str:
+    """A treatment course (``summary.json``'s ``course``, :func:`node.chain.course_summary`) as
+    a few lines of text, for ``analyze`` and the demo."""
+    date = course.get("treatment_date")
+    source = course.get("treatment_date_source")
+    estimated = " (estimated)" if course.get("treatment_date_estimated") else ""
+    lines = [f"  treated {date}{estimated} (date from {source}), machine "
+             f"{course.get('machine') or 'unknown'}, {course.get('n_beams')} beams",
+             f"  {course.get('fractions') or '?'} x {_gy(course.get('dose_per_fraction_gy'), 2)}"
+             f" = {_gy(course.get('prescription_dose_gy'), 2)} prescribed; "
+             f"BED10 {_gy(course.get('bed10_gy'), 1)}, EQD2 {_gy(course.get('eqd2_gy'), 1)}"]
+    if course.get("gtv"):
+        gtv = f"  target {course['gtv']}"
+        dose = course.get("gtv_dose") or {}
+        parts = [f"{k.removesuffix('_gy')} {v:.2f} Gy" for k, v in dose.items()
+                 if k.endswith("_gy") and k != "alpha_beta_gy" and isinstance(v, (int, float))]
+        if isinstance(dose.get("volume_ml"), (int, float)):
+            parts.insert(0, f"{dose['volume_ml']:.2f} mL")
+        if parts:
+            gtv += ": " + ", ".join(parts)
+        lines.append(gtv)
+    return "\n".join(lines)
 
 
 def chain_datasets_summary(datasets: Sequence[Dataset]) -> str:

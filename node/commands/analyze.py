@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from node.analysis import (chain_datasets_summary, format_course, patient_datasets,
                                patients_in_index, write_outputs)
-    from node.chain import ChainError, run_chain
+    from node.chain import ChainError, course_summary, run_chain
     from node.index import Index
     from node.ingest import import_files, iter_files
     from node.roles import PatientMismatchError
@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             index.close()
     paths = write_outputs(result, args.out)
-    print(format_course(result))
+    print("CyberKnife course:")
+    print(format_course(course_summary(result.course)))
     print(format_summary(result.results))
     for note in result.notes:
         print(f"note: {note}")

@@ -312,29 +312,6 @@ def results_from_summary(summary: dict[str, Any]) -> list[Any]:
     return results
 
 
-def format_course(course: dict[str, Any]) -> str:
-    """The RT course found in ``summary.json`` (``course``), as a few lines of text."""
-    date = course.get("treatment_date")
-    source = course.get("treatment_date_source")
-    estimated = " (estimated)" if course.get("treatment_date_estimated") else ""
-    lines = [f"  treated {date}{estimated} (date from {source}), machine "
-             f"{course.get('machine') or 'unknown'}, {course.get('n_beams')} beams",
-             f"  {course.get('fractions')} x {course.get('dose_per_fraction_gy'):.2f} Gy = "
-             f"{course.get('prescription_dose_gy'):.2f} Gy prescribed; "
-             f"BED10 {course.get('bed10_gy'):.1f} Gy, EQD2 {course.get('eqd2_gy'):.1f} Gy"]
-    if course.get("gtv"):
-        gtv = f"  target {course['gtv']}"
-        dose = course.get("gtv_dose") or {}
-        parts = [f"{k.removesuffix('_gy')} {v:.2f} Gy" for k, v in dose.items()
-                 if k.endswith("_gy") and k != "alpha_beta_gy" and isinstance(v, (int, float))]
-        if isinstance(dose.get("volume_ml"), (int, float)):
-            parts.insert(0, f"{dose['volume_ml']:.2f} mL")
-        if parts:
-            gtv += ": " + ", ".join(parts)
-        lines.append(gtv)
-    return "\n".join(lines)
-
-
 def _sop_name(uid: str) -> str:
     from pydicom.uid import UID
 
@@ -416,6 +393,7 @@ def _wait_for_delivery(service: Any, receiver: ResultReceiver, deadline: float,
 
 def _print_report(out: Path, summary_path: Path, summary: dict[str, Any],
                   receiver: ResultReceiver, dashboard_url: str | None) -> None:
+    from node.analysis import format_course
     from reporting.summary import format_summary
 
     print("\n=== Course found ===")
