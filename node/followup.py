@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from node.config import register_section
 from node.index import Index
 from node.notify import Notification, Notifier, NotifySettings
+from node.roles import dicom_date
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +196,11 @@ def _mr_studies(index: Index, patient_row: int) -> list[tuple[str, dt.date]]:
         " WHERE se.study_uid=s.study_uid AND se.modality='MR')", (patient_row,))
     out = []
     for r in rows:
-        text = str(r["study_date"]).strip()
-        try:
-            out.append((r["study_uid"], dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))))
-        except ValueError:
+        date = dicom_date(r["study_date"])
+        if date is None:
             logger.warning("study %s: unreadable study date; ignored for follow-up", r["study_uid"])
+        else:
+            out.append((r["study_uid"], date))
     return out
 
 
