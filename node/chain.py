@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -421,8 +422,6 @@ def _canal(rtstruct: Dataset, baseline: StudyAnalysis, notes: list[str]) -> sitk
     """
     from processing.rtstruct import RTStructError, list_rois, rtstruct_to_mask
 
-    import re
-
     cord = next((roi for roi in list_rois(rtstruct)
                  if re.search(r"cord|myelon", roi.name, re.IGNORECASE)), None)
     if cord is None:
@@ -480,8 +479,6 @@ def _reader_lesion(segs: Sequence[Dataset], study: StudyAnalysis,
 
 
 def _vertebral_level(name: str) -> str | None:
-    import re
-
     match = re.search(r"\b([CTLS])\s?(\d{1,2})\b", name.upper())
     return f"{match.group(1)}{match.group(2)}" if match else None
 
