@@ -15,6 +15,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from node.chain import ChainResult
 from node.index import Index
@@ -36,11 +37,18 @@ def patient_of_study(index: Index, study_uid: str) -> int | None:
 
 
 def patient_datasets(index: Index, store_root: Path, patient_row: int) -> list[Dataset]:
-    """Every stored instance of one patient, read from the store (with pixel data)."""
+    """Every stored instance of one patient, read from the store (with pixel data).
+
+    Instances withdrawn by an IHE IOCM rejection note are left out (:mod:`node.rejection`), and
+    so are key object selections (the notes themselves among them): the chain has no use for them.
+    """
     rows = index.query(
         "SELECT i.path FROM instances i JOIN studies s ON i.study_uid = s.study_uid"
-        " WHERE s.patient_key = ? ORDER BY i.study_uid, i.series_uid, i.sop_instance_uid",
-        (patient_row,))
+        " WHERE s.patient_key = ?"
+        " AND i.sop_instance_uid NOT IN (SELECT sop_instance_uid FROM rejections)"
+        " AND i.sop_class_uid != ?"
+        " ORDER BY i.study_uid, i.series_uid, i.sop_instance_uid",
+        (patient_row, KeyObjectSelectionDocumentStorage))
     datasets = []
     with warnings.catch_warnings():
         # pydicom's validation warnings quote element values (possibly identifiers)
@@ -74,6 +82,61 @@ def write_outputs(result: ChainResult, out_dir: Path) -> list[Path]:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str),
                                           encoding="utf-8")
     return paths
+
+
+def link_superseded_reports(paths: Sequence[Path],
+                            previous: dict[str, list[dict[str, str]]]) -> int:
+    """Name, in each new SR, the earlier SR of the same study that it replaces.
+
+    A re-analysis (a corrected baseline, a reader's SEG, a late series) changes the numbers of a
+    follow-up's report, so the report gets new UIDs; its Predecessor Documents Sequence
+    (0040,A360; PS3.3 C.17.2, Hierarchical SOP Instance Reference Macro) points at the report it
+    supersedes, so a viewer or the PACS can show that the earlier one was amended. A report whose
+    UID did not change (same inputs, same numbers) is left as it is.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        The objects of the new analysis (only SR documents are changed, in place).
+    previous : dict
+        :func:`node.timeline.recorded_reports` of the patient, read before the new analysis is
+        recorded.
+
+    Returns
+    -------
+    int
+        How many reports now name a predecessor.
+    """
+    linked = 0
+    for path in paths:
+        ds = dcmread(path)
+        if ds.Modality != "SR":
+            continue
+        study = str(ds.StudyInstanceUID)
+        older = [r for r in previous.get(study, [])
+                 if r["sop_instance_uid"] != str(ds.SOPInstanceUID)]
+        if not older:
+            continue
+        item = Dataset()
+        item.StudyInstanceUID = study
+        item.ReferencedSeriesSequence = []
+        for series_uid in dict.fromkeys(r["series_instance_uid"] for r in older):
+            series = Dataset()
+            series.SeriesInstanceUID = series_uid
+            series.ReferencedSOPSequence = []
+            for r in older:
+                if r["series_instance_uid"] == series_uid:
+                    ref = Dataset()
+                    ref.ReferencedSOPClassUID = r["sop_class_uid"]
+                    ref.ReferencedSOPInstanceUID = r["sop_instance_uid"]
+                    series.ReferencedSOPSequence.append(ref)
+            item.ReferencedSeriesSequence.append(series)
+        ds.PredecessorDocumentsSequence = [item]
+        ds.save_as(path, enforce_file_format=True)
+        logger.info("report %s supersedes %s", ds.SOPInstanceUID,
+                    ", ".join(r["sop_instance_uid"] for r in older))
+        linked += 1
+    return linked
 
 
 def _gy(value: float | None, digits: int) -> str:

@@ -2,8 +2,9 @@
 
 Tables: ``patients``, ``studies``, ``series``, ``instances`` (path, size, hash, received time,
 calling AE), ``associations`` (peer, times, counts, outcome), ``events`` (audit-style record of
-what happened: duplicates, stable/amended studies, rejected associations) and ``outbox`` (results
-waiting to be sent, with their retry state).
+what happened: duplicates, stable/amended studies, rejected associations), ``outbox`` (results
+waiting to be sent, with their retry state) and ``rejections`` (instances an IHE IOCM rejection
+note withdrew, see :mod:`node.rejection`).
 
 One :class:`Index` object is shared by the node's threads: a single connection guarded by a lock
 (SQLite serialises writers anyway). Other processes (``spine-node status``, ``send --queue``) open
@@ -120,6 +121,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX outbox_due ON outbox(state, next_attempt);
     """,
+    # IHE IOCM rejection notes (node.rejection): rejected instances are hidden from analysis
+    """
+    CREATE TABLE rejections (
+        sop_instance_uid TEXT PRIMARY KEY,
+        note_uid TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        time REAL NOT NULL
+    );
+    CREATE INDEX rejections_note ON rejections(note_uid);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -164,6 +175,9 @@ class NewInstance:
     modality: str | None
     series_number: int | None
     series_description: str | None
+    #: an IOCM rejection note (node.rejection): the SOP Instance UIDs it rejects, and why
+    rejects: tuple[str, ...] = ()
+    rejection_reason: str | None = None
 
 
 class Index:
@@ -332,6 +346,17 @@ class Index:
                  new.transfer_syntax_uid, new.path, new.size, new.sha256, now, new.calling_ae,
                  new.association_id),
             )
+            if new.rejection_reason is not None:
+                db.executemany(
+                    "INSERT INTO rejections (sop_instance_uid, note_uid, reason, time)"
+                    " VALUES (?,?,?,?) ON CONFLICT (sop_instance_uid) DO NOTHING",
+                    [(uid, new.sop_instance_uid, new.rejection_reason, now)
+                     for uid in new.rejects])
+                db.execute(
+                    "INSERT INTO events (time, kind, study_uid, sop_instance_uid, detail)"
+                    " VALUES (?,?,?,?,?)",
+                    (now, "instances_rejected", new.study_uid, new.sop_instance_uid,
+                     f"{len(new.rejects)} instance(s): {new.rejection_reason}"))
 
     def study_instances(self, study_uid: str) -> list[InstanceRecord]:
         """All instances of a study (for the analysis a stable study starts)."""

@@ -48,6 +48,7 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
+    KeyObjectSelectionDocumentStorage,
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     ParametricMapStorage,
@@ -79,6 +80,8 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
     CTImageStorage, EnhancedCTImageStorage, RTStructureSetStorage, RTPlanStorage,
     RTDoseStorage, SegmentationStorage, ParametricMapStorage, ComprehensiveSRStorage,
     Comprehensive3DSRStorage,
+    # IHE IOCM rejection notes (node.rejection) and other key object selections
+    KeyObjectSelectionDocumentStorage,
 )
 #: uncompressed and the common compressed transfer syntaxes; data is stored as received
 TRANSFER_SYNTAXES: tuple[str, ...] = (

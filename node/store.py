@@ -51,6 +51,7 @@ from node.errors import (
     UnparseableDatasetError,
 )
 from node.index import Index, NewInstance
+from node.rejection import rejection_note
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ _HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
     "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyDate", "AccessionNumber",
     "Modality", "SeriesNumber", "SeriesDescription", "SpecificCharacterSet",
+    # an IHE IOCM rejection note's title and list of rejected instances (node.rejection)
+    "ConceptNameCodeSequence", "CurrentRequestedProcedureEvidenceSequence",
 ]
 
 
@@ -454,6 +457,10 @@ class Store:
                 f"dataset SOP Class/Instance UID {sop_class}/{sop_instance} differ from the "
                 f"request's {request_sop_class_uid}/{request_sop_instance_uid}"
             )
+        rejection = header.get("rejection")
+        if rejection is not None:
+            logger.info("rejection note %s (%s) withdraws %d instance(s)", sop_instance,
+                        rejection.reason, len(rejection.rejected))
         digest = received.sha256()
         path = self.instance_path(study, series, sop_instance)
         lock = self._locks[hash(sop_instance) % len(self._locks)]
@@ -496,6 +503,8 @@ class Store:
                     modality=_text(header.get("Modality")),
                     series_number=_int(header.get("SeriesNumber")),
                     series_description=_text(header.get("SeriesDescription")),
+                    rejects=rejection.rejected if rejection else (),
+                    rejection_reason=rejection.reason if rejection else None,
                 ))
             except sqlite3.Error as err:
                 # not indexed means not acknowledged: do not leave an orphan file behind; a
@@ -521,6 +530,7 @@ class Store:
                 warnings.simplefilter("ignore")
                 ds = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
                 header = {k: ds.get(k) for k in _HEADER_TAGS}
+                header["rejection"] = rejection_note(ds)
         except (ValueError, InvalidDicomError, EOFError, KeyError, struct.error, zlib.error,
                 NotImplementedError, TypeError, UnicodeDecodeError, AttributeError,
                 RecursionError) as err:

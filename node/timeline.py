@@ -383,6 +383,30 @@ def _outputs(index: Index, patient_row: int, course_uid: str) -> dict[str, list[
     return by_study
 
 
+def recorded_reports(index: Index, patient_row: int) -> dict[str, list[dict[str, str]]]:
+    """The structured reports the last recorded analysis of a patient produced, by study.
+
+    Read before a new analysis is recorded, so that its reports can name the ones they
+    supersede (:func:`node.analysis.link_superseded_reports`).
+
+    Returns
+    -------
+    dict
+        Study Instance UID -> list of ``{"sop_class_uid", "sop_instance_uid",
+        "series_instance_uid"}`` of the SR documents recorded for that study.
+    """
+    ensure_schema(index)
+    rows = index.query(
+        "SELECT study_instance_uid, sop_class_uid, sop_instance_uid, series_instance_uid"
+        " FROM timeline_outputs WHERE patient_row=? AND modality='SR' ORDER BY id",
+        (patient_row,))
+    reports: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        reports.setdefault(r["study_instance_uid"], []).append(
+            {k: r[k] for k in ("sop_class_uid", "sop_instance_uid", "series_instance_uid")})
+    return reports
+
+
 def timeline(index: Index, patient_row: int | None = None, *,
              tracking_uid: str | None = None) -> list[TimePoint]:
     """Recorded time points, ordered by patient, course, lesion and study date.

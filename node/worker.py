@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.chain import ChainSettings
 from node.config import register_section
-from node.timeline import on_analysis_done
+from node.analysis import link_superseded_reports
+from node.timeline import on_analysis_done, recorded_reports
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class AnalysisWorker:
             on_analysis_waiting(self.service, patient_row, study_uid, outcome["reason"])
             return outcome
         paths = [Path(p) for p in outcome["paths"]]
+        link_superseded_reports(paths, recorded_reports(index, patient_row))
         for destination in self.service.settings.node.result_destinations:
             self.service.outbox.enqueue(paths, destination, f"analysis of study {study_uid}")
         detail = f"{len(paths)} objects; response: {', '.join(outcome['calls']) or 'baseline only'}"

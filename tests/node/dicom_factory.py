@@ -97,3 +97,22 @@ def dataset_bytes(path: Path) -> bytes:
 def paths_of(items: Sequence[Path]) -> list[str]:
     """Paths as strings (for subprocess argument lists)."""
     return [str(p) for p in items]
+
+
+def rejection_note(rejected: Sequence[Dataset], *, code_value: str = "113001",
+                   meaning: str = "Rejected for Quality Reasons") -> Dataset:
+    """An IHE IOCM rejection note (Key Object Selection Document, built by highdicom) that
+    withdraws ``rejected`` (instances of one study), as a PACS sends it after a correction."""
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+
+    content = hd.ko.KeyObjectSelection(
+        document_title=Code(code_value, "DCM", meaning), referenced_objects=list(rejected))
+    study_uid = str(rejected[0].StudyInstanceUID)
+    return hd.ko.KeyObjectSelectionDocument(
+        evidence=list(rejected), content=content,
+        series_instance_uid=generate_uid(entropy_srcs=[study_uid, "rejection-series"]),
+        series_number=9990,
+        sop_instance_uid=generate_uid(entropy_srcs=[study_uid, code_value,
+                                                    *(str(d.SOPInstanceUID) for d in rejected)]),
+        instance_number=1, manufacturer="Test PACS")
