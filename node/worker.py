@@ -155,6 +155,19 @@ class AnalysisWorker:
         patient = patient_of_study(index, study_uid)
         if patient is None:
             return
+        # a patient's history often arrives in one go (baseline, RT objects, follow-ups): while
+        # another of its studies is still receiving, that study's own stability will start the
+        # analysis, which then sees everything, instead of one run (and one set of results)
+        # per study
+        pending = index.query(
+            "SELECT count(*) FROM studies WHERE patient_key=? AND state='receiving'"
+            " AND study_uid != ?", (patient, study_uid))[0][0]
+        if pending:
+            logger.info("study %s: analysis deferred, %d other stud%s of the patient still "
+                        "receiving", study_uid, pending, "y" if pending == 1 else "ies")
+            index.add_event("analysis_deferred", study_uid=study_uid,
+                            detail=f"{pending} other studies of the patient still receiving")
+            return
         self.analyse(patient, study_uid=study_uid)
 
     def analyse(self, patient_row: int, *, study_uid: str | None = None) -> dict[str, Any]:

@@ -2,34 +2,123 @@
 
 Issue 7, acceptance 6: the running node analyses the patient once its studies are stable and
 delivers the SEG, Parametric Maps and TID 1500 SR to the configured destination.
+
+Issue 9, acceptance 1, through the running node: three time points (baseline, ~10 weeks, ~6
+months) give a timeline in order with days since treatment and deltas; then the PACS corrects the
+baseline the IHE IOCM way — a rejection note for the defective diffusion series and the corrected
+series — and the node re-analyses the patient: every later delta is recomputed and superseding
+reports (naming the ones they replace) reach the destination.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
+from node.index import Index
+from node.timeline import courses as timeline_courses
+from node.timeline import timeline
+from tests.node.dicom_factory import rejection_note
 from tests.node.fixtures import free_port, require_tool, write_config
+from tests.reporting.tools import dciodvfy
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 PMAP = "1.2.840.10008.5.1.4.1.1.30"
 SR_3D = "1.2.840.10008.5.1.4.1.1.88.34"
+PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+#: the defective baseline diffusion series: each image darkened by exp(-b * shift), so its ADC is
+#: too high by the shift (mm2/s) at every b-value range the fit uses
+DEFECT_ADC_SHIFT = 0.25e-3
 
 
-def _received(folder: Path) -> list:
-    return [dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir()) if p.is_file()]
+def _received(folder: Path) -> dict[str, object]:
+    """Received objects by SOP Instance UID (a re-send under the same UID counts once)."""
+    return {str(ds.SOPInstanceUID): ds for ds in
+            (dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir()) if p.is_file())}
 
 
-def test_phantom_patient_in_results_out(make_phantom, node_factory, tmp_path):
+def _storescu(port: int, *paths: Path) -> None:
+    sent = subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "+r", "127.0.0.1", str(port),
+         *map(str, paths)], capture_output=True, text=True, timeout=300,
+        env={"TCP_NODELAY": "1"})
+    assert sent.returncode == 0, sent.stderr[-2000:]
+
+
+def _diffusion_series(study: Path) -> Path:
+    for series in sorted(p for p in study.iterdir() if p.is_dir()):
+        if dcmread(next(series.iterdir()), stop_before_pixels=True).get("DiffusionBValue") \
+                is not None:
+            return series
+    raise AssertionError(f"no diffusion series in {study}")
+
+
+def _defective_copy(series: Path, out: Path) -> list:
+    """The diffusion series as a scanner might first have sent it: new UIDs, the signal of each
+    image darkened by exp(-b * :data:`DEFECT_ADC_SHIFT`). Returns the datasets (headers)."""
+    out.mkdir()
+    series_uid = generate_uid(entropy_srcs=[str(series), "defective"])
+    written = []
+    for path in sorted(series.iterdir()):
+        ds = dcmread(path)
+        b = float(ds.DiffusionBValue)
+        if b > 0:
+            pixels = ds.pixel_array
+            darker = pixels * np.exp(-b * DEFECT_ADC_SHIFT)
+            ds.PixelData = np.round(darker).astype(pixels.dtype).tobytes()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), "defective"])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(out / path.name, enforce_file_format=True)
+        del ds.PixelData
+        written.append(ds)
+    return written
+
+
+def _settled(db: Path, analyses_before: int, timeout_s: float = 600) -> Index:
+    """Wait until the node finished a new analysis and nothing is pending: every study stable,
+    every started analysis ended."""
+    index = Index(db)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        started = len(index.events("analysis_started"))
+        ended = sum(len(index.events(k)) for k in ("analysis_done", "analysis_waiting",
+                                                   "analysis_failed"))
+        receiving = index.query("SELECT count(*) FROM studies WHERE state='receiving'")[0][0]
+        done = len(index.events("analysis_done"))
+        if done > analyses_before and started == ended and receiving == 0:
+            return index
+        time.sleep(2)
+    raise AssertionError(f"the node did not settle within {timeout_s} s")
+
+
+def _wait_for(predicate, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError("timed out")
+
+
+def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_later_deltas(
+        make_phantom, node_factory, tmp_path):
     require_tool("storescu")
     require_tool("storescp")
-    patient = make_phantom("responder", "standard", "small")
+    patient = make_phantom("responder", "standard", "small", followups=2)
+    good_dwi = _diffusion_series(patient / "baseline")
+    defective = _defective_copy(good_dwi, tmp_path / "defective")
     received = tmp_path / "received"
     received.mkdir()
     results_port = free_port()
@@ -44,28 +133,102 @@ def test_phantom_patient_in_results_out(make_phantom, node_factory, tmp_path):
                   'may_send = false\nmay_receive = true\n')
         node = node_factory(config)
         port = node.start()
-        sent = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "+r", "127.0.0.1",
-             str(port), str(patient / "baseline"), str(patient / "rt"),
-             str(patient / "followup1")],
-            capture_output=True, text=True, timeout=300, env={"TCP_NODELAY": "1"})
-        assert sent.returncode == 0, sent.stderr[-2000:]
-        follow_up_uid = str(dcmread(next((patient / "followup1").rglob("*.dcm")),
-                                    stop_before_pixels=True).StudyInstanceUID)
+        db = tmp_path / "storage" / "index.sqlite3"
+        baseline_series = [p for p in sorted((patient / "baseline").iterdir())
+                           if p.is_dir() and p != good_dwi]
+        _storescu(port, *baseline_series, tmp_path / "defective", patient / "rt",
+                  patient / "followup1", patient / "followup2")
+
+        # -- three time points, in order, with days since treatment and deltas ----------------
         # on a loaded machine a study can look stable before its last series arrived: the node
-        # then analyses it again when it is amended. Wait for the complete set.
-        deadline = time.monotonic() + 600
-        classes: list = []
-        while time.monotonic() < deadline:
-            # a re-analysis resends objects under the same UIDs: count instances, not files
-            classes = list({ds.SOPInstanceUID: ds.SOPClassUID for ds in _received(received)
-                            if ds.StudyInstanceUID == follow_up_uid}.values())
-            if classes.count(SEG) and classes.count(SR_3D) and classes.count(PMAP) >= 10:
-                break
-            time.sleep(2)
-        assert classes.count(SEG) == 1, classes
-        assert classes.count(PMAP) >= 10, classes
-        assert classes.count(SR_3D) == 1, classes
+        # then analyses again when it is amended. Wait until nothing is pending.
+        index = _settled(db, 0)
+        points = timeline(index)
+        truth = json.loads((patient / "ground_truth.json").read_text())["studies"]
+        keys = ("baseline", "followup1", "followup2")
+        assert [p.study_instance_uid for p in points] == [truth[k]["StudyInstanceUID"]
+                                                          for k in keys]
+        assert [p.role for p in points] == ["baseline", "follow-up", "follow-up"]
+        assert [p.study_date.strftime("%Y%m%d") for p in points] == [truth[k]["StudyDate"]
+                                                                     for k in keys]
+        treatment = dt.date.fromisoformat(timeline_courses(index)[0]["treatment_date"])
+        days = [p.days_since_treatment for p in points]
+        assert days == [(p.study_date - treatment).days for p in points]
+        assert days[0] <= 0 and 56 <= days[1] <= 84 and 160 <= days[2] <= 200  # ~10 wk, ~6 mo
+        volumes = [p.volume_ml for p in points]
+        assert points[2].change("volume", "previous")["relative"] == pytest.approx(
+            volumes[2] / volumes[1] - 1)
+        assert points[2].response_category == "local control"  # the responder scenario
+        follow_ups = [p.study_instance_uid for p in points[1:]]
+        latest = follow_ups[-1]
+
+        def report_and_histories():
+            r = _received(received)
+            wanted = {(latest, SR_3D)} | {(uid, PDF) for uid in follow_ups}
+            return r if wanted <= {(ds.StudyInstanceUID, ds.SOPClassUID)
+                                   for ds in r.values()} else None
+
+        # one TID 1500 report (in the latest study, covering every time point); a SEG, the
+        # parametric maps and the lesion-history PDF in each follow-up
+        objects = _wait_for(report_and_histories)
+        for uid in follow_ups:
+            classes = [ds.SOPClassUID for ds in objects.values() if ds.StudyInstanceUID == uid]
+            assert classes.count(SEG) >= 1 and classes.count(PMAP) >= 10, classes
+            assert classes.count(PDF) >= 1, classes
+        adc = [p.measurements["ADC.mean"] for p in points]
+        for p in points[1:]:
+            assert p.change("ADC.mean")["relative"] == pytest.approx(
+                p.measurements["ADC.mean"] / adc[0] - 1, rel=1e-6)
+        for path in received.iterdir():  # the lesion-history documents are valid DICOM
+            if dcmread(path, stop_before_pixels=True).SOPClassUID == PDF:
+                dciodvfy(path)
+        first_report = {k for k, ds in objects.items() if ds.SOPClassUID == SR_3D}
+        first_pdfs = {k for k, ds in objects.items() if ds.SOPClassUID == PDF}
+        analyses = len(index.events("analysis_done"))
+
+        # -- the PACS corrects the baseline: rejection note + the corrected series -------------
+        note = rejection_note(defective)
+        note_path = tmp_path / "correction" / "note.dcm"
+        note_path.parent.mkdir()
+        note.save_as(note_path, enforce_file_format=True)
+        _storescu(port, note_path, good_dwi)
+        index = _settled(db, analyses)
+        [event] = index.events("instances_rejected")
+        assert event["detail"].startswith(f"{len(defective)} instance(s)")
+        corrected = timeline(index)
+        assert [p.study_instance_uid for p in corrected] == [p.study_instance_uid
+                                                             for p in points]
+        new_adc = [p.measurements["ADC.mean"] for p in corrected]
+        # the corrected baseline ADC is lower by the defect (the defective one was too high); the
+        # follow-ups' own values are unchanged, their deltas recomputed against the new baseline
+        assert adc[0] - new_adc[0] == pytest.approx(DEFECT_ADC_SHIFT, rel=0.15)
+        assert new_adc[1:] == pytest.approx(adc[1:], rel=1e-6)
+        for p, old in zip(corrected[1:], points[1:]):
+            relative = p.change("ADC.mean")["relative"]
+            assert relative == pytest.approx(p.measurements["ADC.mean"] / new_adc[0] - 1,
+                                             rel=1e-6)
+            assert relative > old.change("ADC.mean")["relative"] + 0.05
+        previous = corrected[2].change("ADC.mean", "previous")["relative"]
+        assert previous == pytest.approx(new_adc[2] / new_adc[1] - 1, rel=1e-6)
+
+        # a superseding report reaches the destination and names the report it replaces; each
+        # follow-up's history document is re-issued (new instance in the same series)
+        def new_objects():
+            r = _received(received)
+            reports = [ds for k, ds in r.items() if ds.SOPClassUID == SR_3D
+                       and k not in first_report]
+            pdfs = {ds.StudyInstanceUID for k, ds in r.items() if ds.SOPClassUID == PDF
+                    and k not in first_pdfs}
+            return reports if reports and pdfs == set(follow_ups) else None
+
+        [report] = _wait_for(new_objects)
+        assert report.StudyInstanceUID == latest
+        [item] = report.PredecessorDocumentsSequence
+        named = {ref.ReferencedSOPInstanceUID for series in item.ReferencedSeriesSequence
+                 for ref in series.ReferencedSOPSequence}
+        # the report of the analysis before the correction (an earlier, partial one may exist
+        # when a study looked stable before the next one arrived)
+        assert len(named) == 1 and named <= first_report
         assert node.stop() == 0
     finally:
         receiver.terminate()

@@ -174,3 +174,34 @@ def test_sending_to_storescp_is_not_stalled_by_nagle(tmp_path):
     assert len(list(out.iterdir())) == len(files)
     # 40 images/s is the Nagle/delayed-ACK ceiling (docs/peers.md 3.3); we measure ~300
     assert rate > 100, f"{rate:.0f} images/s"
+
+
+def test_patient_analysed_once_when_its_last_receiving_study_is_stable(tmp_path):
+    """Two studies of one patient: the first becomes stable while the second is still arriving;
+    its analysis is deferred, and the second's stability starts one analysis that sees both."""
+    settings = _settings(tmp_path / "storage").model_copy(
+        update={"analysis": {"enabled": True}})
+    service = NodeService(settings)
+    service.start()
+    try:
+        first, second = generate_uid(), generate_uid()
+        peer = _peer(service)
+        early = write_mr_series(tmp_path / "a", 2, study_uid=first, rows=16, columns=16)
+        assert all(r.status == 0 for r in send_files(early, peer, calling_ae="PYSCU"))
+        # the second study keeps arriving for longer than the first study's quiet period
+        for n in range(4):
+            part = write_mr_series(tmp_path / f"b{n}", 1, study_uid=second, rows=16, columns=16,
+                                   seed=n + 3)
+            assert send_files(part, peer, calling_ae="PYSCU")[0].status == 0
+            time.sleep(QUIET_S * 0.6)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not service.index.events("analysis_waiting"):
+            time.sleep(0.2)
+        [deferred] = service.index.events("analysis_deferred")
+        assert deferred["study_uid"] == first
+        # one run, for the study that was stable last; it found no RT course and waits
+        assert [e["study_uid"] for e in service.index.events("analysis_started")] == [second]
+        [waiting] = service.index.events("analysis_waiting")
+        assert "no CyberKnife" in waiting["detail"]
+    finally:
+        service.stop()
