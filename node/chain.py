@@ -62,6 +62,10 @@ class ChainSettings:
                                              "T2w", "T1w")
     alpha_beta_gy: float = 10.0
     model_path: Path | None = None
+    #: True: only what a training cohort needs (measurements, changes, rule-based call) - no
+    #: per-case repeatability perturbation (changes are flagged against the published MDCs
+    #: only) and no SEG/PM/SR/PDF outputs (``spine-node cohort``)
+    features_only: bool = False
 
 
 @dataclass
@@ -287,9 +291,11 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
             study.lesion_notes += ("lesion from a reader's SEG (preferred over the refinement)",)
     studies = [baseline, *follow_ups]
     results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
-    with timer("reporting"):
-        outputs = _build_outputs(studies, results, lesion, settings, rt)
-        outputs += _history_documents(studies, results, course)
+    outputs: list[Dataset] = []
+    if not settings.features_only:
+        with timer("reporting"):
+            outputs = _build_outputs(studies, results, lesion, settings, rt)
+            outputs += _history_documents(studies, results, course)
     return ChainResult(course, roles, lesion, studies, results, outputs, notes, dict(timer.timings))
 
 
@@ -685,7 +691,7 @@ def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
                 measure_lesion(mask, maps, radiomics_settings=_subset(radiomics_settings, maps),
                                epidural_mask=epidural if n == 0 else None)
                 for n, (mask, maps) in enumerate(groups)]))
-        if index == 0 and len(studies) > 1:
+        if index == 0 and len(studies) > 1 and not settings.features_only:
             # per-case minimum detectable change from small perturbations of the baseline ROI
             with timer("repeatability"):
                 for mask, maps in reversed(groups):  # the anatomical grid's volume MDC wins

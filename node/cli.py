@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "maps": ("node.commands.maps", "compute every quantitative map the given series allow"),
     "analyze": ("node.commands.analyze", "run the node's whole analysis chain offline"),
     "train": ("node.commands.train", "fit a site response model on labelled cases"),
+    "cohort": ("node.commands.cohort", "analyse a phantom cohort into labelled cases for train"),
     "demo": ("node.commands.demo", "a newcomer's first run: a full round trip on this machine"),
 }
 

