@@ -259,6 +259,16 @@ class OrthancServer:
             ids.append(answer["ID"])
         return ids
 
+    def store(self, paths: Iterable[Path], *, calling_ae: str = "MODALITY") -> None:
+        """C-STORE files to Orthanc with dcmtk ``storescu``, as a modality sends them (one
+        association; far quicker than one REST request per file)."""
+        sent = subprocess.run(
+            ["storescu", "-aet", calling_ae, "-aec", self.aet, "127.0.0.1", str(self.dicom_port),
+             *map(str, paths)], capture_output=True, text=True, timeout=600,
+            env={"TCP_NODELAY": "1"})
+        if sent.returncode != 0:
+            raise RuntimeError(f"storescu to Orthanc failed: {sent.stderr[-2000:]}")
+
     def _expanded(self, level: str) -> list[dict[str, Any]]:
         return list(self.get(f"/{level}?expand"))
 
