@@ -120,6 +120,10 @@ class Peer(_Frozen):
     may_send: bool = True
     #: may be sent to (a destination for results)
     may_receive: bool = False
+    #: associations the node opens to this peer use TLS (PS3.15 B.12): the peer's certificate is
+    #: checked against ``[tls] ca`` and its host name; ``[tls] certificate``/``key`` are sent as
+    #: the node's client certificate
+    tls: bool = False
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -192,6 +196,16 @@ class Settings(_Frozen):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"peers: duplicate peer name(s) {duplicates}")
+        tls_peers = [p.name for p in self.peers if p.tls]
+        if tls_peers:
+            if self.tls.ca is None:
+                raise ValueError(f"tls.ca: required to verify the TLS peer(s) {tls_peers}")
+            if (self.tls.certificate is None) != (self.tls.key is None):
+                raise ValueError("tls: certificate and key go together")
+            for name in ("ca", "certificate", "key"):
+                path = getattr(self.tls, name)
+                if path is not None and not Path(path).is_file():
+                    raise ValueError(f"tls.{name}: file {str(path)!r} does not exist")
         receivers = {p.name for p in self.peers if p.may_receive}
         for dest in self.node.result_destinations:
             if dest not in receivers:

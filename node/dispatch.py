@@ -29,7 +29,7 @@ from pathlib import Path
 from node.config import DispatchSettings, Settings
 from node.errors import PeerError, is_success_or_warning
 from node.index import Index
-from node.scu import PeerAddress, SendResult, read_file_info, send_files
+from node.scu import SendResult, peer_address, read_file_info, send_files
 from node.store import Store
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class Dispatcher:
                 self._failed_try(item_id, tries, result.status,
                                  result.error or f"status 0x{result.status or 0:04X}")
 
-        address = PeerAddress(peer.ae_title, peer.host, peer.port)
+        address = peer_address(peer, self.settings)
         outcome = "released"
         try:
             send_files([p for _i, p, _t in items], address, calling_ae=self.calling_ae,

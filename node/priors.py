@@ -68,7 +68,7 @@ from node.config import Peer, Settings, register_section
 from node.errors import ConfigError, NodeError, PeerError, StoreOutcome, store_status
 from node.roles import PatientMismatchError, check_single_patient, dicom_date
 from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, set_tcp_nodelay
-from node.scu import _pause_reactor
+from node.scu import _pause_reactor, peer_address
 
 logger = logging.getLogger(__name__)
 
@@ -583,8 +583,9 @@ class PriorsFetcher:
     def _associate(self, ae: AE, **kwargs: Any) -> Association:
         assert self.pacs is not None
         handlers = [(evt.EVT_CONN_OPEN, set_tcp_nodelay), *kwargs.pop("evt_handlers", [])]
+        address = peer_address(self.pacs, self.service.settings)
         assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title,
-                             evt_handlers=handlers, **kwargs)
+                             evt_handlers=handlers, tls_args=address.tls_args, **kwargs)
         if not assoc.is_established:
             raise RetrieveError(
                 f"association with {self.pacs.name} at {self.pacs.host}:{self.pacs.port} not "

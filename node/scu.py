@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -30,6 +31,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
+from node.config import Peer, Settings, TlsSettings
 from node.errors import PeerError
 from node.scp import set_tcp_nodelay
 
@@ -47,11 +49,18 @@ MAX_CONTEXTS = 128
 
 @dataclass(frozen=True)
 class PeerAddress:
-    """Where to send: the peer's AE title, host and TCP port."""
+    """Where to send: the peer's AE title, host and TCP port (and TLS context, if any)."""
 
     ae_title: str
     host: str
     port: int
+    #: client TLS context (:func:`client_ssl_context`); ``None``: plain TCP
+    tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def tls_args(self) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for ``AE.associate`` (the host name is verified)."""
+        return None if self.tls is None else (self.tls, self.host)
 
     @classmethod
     def parse(cls, text: str) -> PeerAddress:
@@ -62,7 +71,29 @@ class PeerAddress:
         return cls(match["ae"], match["host"], int(match["port"]))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """TLS context for associations the node opens (PS3.15 B.12: TLS 1.2 or newer).
+
+    The peer's certificate must chain to ``tls.ca`` and name the peer's host (DNS name or IP
+    address in its subjectAltName); ``tls.certificate``/``tls.key``, when given, are presented
+    as the node's client certificate (mutual authentication, which dcmtk and Orthanc require
+    by default).
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                         cafile=str(tls.ca) if tls.ca else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certificate is not None and tls.key is not None:
+        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
+    return context
+
+
+def peer_address(peer: Peer, settings: Settings) -> PeerAddress:
+    """Where to reach a configured peer, with a TLS context when the peer uses TLS."""
+    return PeerAddress(peer.ae_title, peer.host, peer.port,
+                       client_ssl_context(settings.tls) if peer.tls else None)
 
 
 @dataclass(frozen=True)
@@ -123,7 +154,8 @@ def echo(peer: PeerAddress, *, calling_ae: str = "SPINENODE", timeout_s: float =
     ae = _make_ae(calling_ae, timeout_s=timeout_s)
     ae.add_requested_context(Verification)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
         raise PeerError(f"association with {peer} was not established "
                         f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})")
@@ -240,7 +272,8 @@ def _send_batch(
                 requested.append(build_context(sop_class, [other]))
     ae.requested_contexts = requested[:MAX_CONTEXTS]
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+                         tls_args=peer.tls_args)
     if not assoc.is_established:
         raise PeerError(f"association with {peer} was not established "
                         f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})")

@@ -21,14 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_peer(target: str | None, config: Path | None) -> "PeerAddress":  # noqa: F821
     """``AE@host:port`` as given, or a configured peer's / the node's own address."""
-    from node.scu import PeerAddress
+    from node.scu import PeerAddress, peer_address
 
     if target and "@" in target:
         return PeerAddress.parse(target)
     settings = load_settings(config)
     if target:
-        peer = settings.peer(target)
-        return PeerAddress(peer.ae_title, peer.host, peer.port)
+        return peer_address(settings.peer(target), settings)
     node = settings.node
     host = "127.0.0.1" if node.bind_address in ("", "0.0.0.0") else node.bind_address
     return PeerAddress(node.ae_title, host, node.port)

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.scu import PeerAddress, expand_paths, send_files
+    from node.scu import PeerAddress, expand_paths, peer_address, send_files
 
     overrides = {"node": {"storage": str(args.storage)}} if args.storage else {}
     try:
@@ -61,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if "@" in args.to:
             peer = PeerAddress.parse(args.to)
         else:
-            p = settings.peer(args.to)
-            peer = PeerAddress(p.ae_title, p.host, p.port)
+            peer = peer_address(settings.peer(args.to), settings)
     except (KeyError, ValueError) as err:
         print(f"spine-node send: {err}", file=sys.stderr)
         return 2

@@ -16,9 +16,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from node.config import settings_from_mapping
-from node.errors import PeerError
-from node.scu import PeerAddress, echo
+from node.errors import ConfigError, PeerError
+from node.scu import PeerAddress, echo, peer_address, send_files
 from node.service import NodeService
+from tests.node.dicom_factory import write_mr_series
+from tests.node.fixtures import free_port, require_tool
 
 pytestmark = pytest.mark.network
 
@@ -124,6 +126,63 @@ def test_tls_requires_a_client_certificate_signed_by_the_ca(tmp_path, pki):
         assert not assoc.is_established
     finally:
         svc.stop()
+
+
+def _tls_storescp(pki: Path, out: Path, port: int) -> subprocess.Popen:
+    """dcmtk storescp with TLS, requiring a client certificate signed by the test CA."""
+    out.mkdir()
+    return subprocess.Popen(
+        ["storescp", "+tls", str(pki / "server.key"), str(pki / "server.crt"),
+         "+cf", str(pki / "ca.crt"), "-rc", "-od", str(out), "-aet", "TLSPACS", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_results_go_to_a_tls_peer_with_the_nodes_client_certificate(tmp_path, pki):
+    """Outgoing TLS (issue 2): a peer with ``tls = true`` is reached over TLS 1.2+, its
+    certificate checked against ``[tls] ca`` and its host name, the node's certificate
+    presented."""
+    require_tool("storescp")
+    port = free_port()
+    receiver = _tls_storescp(pki, tmp_path / "received", port)
+    try:
+        files = write_mr_series(tmp_path / "series", 3, rows=16, columns=16)
+        peers = [{"ae_title": "TLSPACS", "port": port, "may_receive": True, "tls": True}]
+        tls = {"certificate": str(pki / "client.crt"), "key": str(pki / "client.key"),
+               "ca": str(pki / "ca.crt")}
+        settings = settings_from_mapping({
+            "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
+            "peers": peers, "tls": tls})
+        peer = peer_address(settings.peer("TLSPACS"), settings)
+        deadline = time.monotonic() + 10
+        while True:  # storescp needs a moment to listen
+            try:
+                assert echo(peer, timeout_s=5) == 0
+                break
+            except PeerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        results = send_files(files, peer, timeout_s=10)
+        assert [r.status for r in results] == [0, 0, 0]
+        assert len(list((tmp_path / "received").iterdir())) == 3
+        # without TLS, or with TLS but no client certificate, the peer refuses the association
+        with pytest.raises(PeerError):
+            echo(PeerAddress("TLSPACS", "127.0.0.1", port), timeout_s=5)
+        anonymous = settings_from_mapping({
+            "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
+            "peers": peers, "tls": {"ca": str(pki / "ca.crt")}})
+        with pytest.raises(PeerError):
+            echo(peer_address(anonymous.peer("TLSPACS"), anonymous), timeout_s=5)
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=10)
+
+
+def test_a_tls_peer_needs_a_ca_to_verify_it(tmp_path):
+    with pytest.raises(ConfigError, match="tls.ca: required"):
+        settings_from_mapping({
+            "node": {"port": 0, "storage": str(tmp_path / "storage")},
+            "peers": [{"ae_title": "TLSPACS", "port": 2762, "tls": True}]})
 
 
 def test_known_ae_title_from_an_unexpected_host_is_rejected(tmp_path):
