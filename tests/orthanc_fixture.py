@@ -163,6 +163,10 @@ class OrthancServer:
         self.proc = subprocess.Popen(
             [exe, f"--logfile={self.log_path}.internal", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            # Orthanc's DICOM layer is DCMTK's, which disables Nagle's algorithm only when told
+            # so by this variable: without it every C-STORE Orthanc sends waits ~40 ms for a
+            # delayed ACK (routing to the node ran at ~20 images/s)
+            env={**os.environ, "TCP_NODELAY": "1"},
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
