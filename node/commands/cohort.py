@@ -21,8 +21,8 @@ patient failed, 2 on bad arguments. The phantom DICOM files are deleted once the
 analysed unless ``--keep`` is given. The chain runs with ``features_only=True``: a cohort needs
 the changes (``delta.*`` are relative changes, independent of the repeatability flags), not the
 per-case repeatability perturbation nor the SEG / Parametric Map / SR / PDF objects; the
-rule-based call in ``patients.json`` is therefore made against the published MDCs only. Patients are pseudonymised as
-``P001``...; no patient identifier is written or logged.
+rule-based call in ``patients.json`` is therefore made against the published MDCs only.
+Patients are pseudonymised as ``P001``...; no patient identifier is written or logged.
 
 A model trained on such a cohort is labelled as not clinically meaningful (``spine-node train``).
 """
@@ -275,7 +275,8 @@ def _line(done: int, total: int, status: dict[str, Any]) -> str:
         return f"{head} FAILED after {times.get('total', 0):.1f} s: {status['reason']}"
     calls = ", ".join(c["rule_based"] for c in status["calls"])
     return (f"{head} {len(status['rows'])} case(s), rule-based {calls}; chain "
-            f"{times['chain']:.1f} s (phantom {times['phantom']:.1f} s, read {times['read']:.1f} s)")
+            f"{times['chain']:.1f} s (phantom {times['phantom']:.1f} s, "
+            f"read {times['read']:.1f} s)")
 
 
 def run(args: argparse.Namespace) -> int:

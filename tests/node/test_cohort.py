@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -21,8 +20,6 @@ from node.cli import build_parser
 from node.commands.cohort import cohort_plan
 from processing.phantom import generate_patient
 from processing.response_model import SYNTHETIC_STATEMENT, ResponseModel
-
-pytestmark = pytest.mark.slow
 
 SEED = 100  # the cohort's patients have seeds 100-107; the analysed further patient has seed 7
 PATIENTS = 8
@@ -61,6 +58,26 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_patient_the_chain_cannot_analyse_is_reported_not_a_crash(tmp_path, capsys):
+    # a node configured with a 0-day baseline window finds no baseline (the phantom's baseline is
+    # 3-14 days before treatment): the chain refuses, the cohort reports it and exits 1
+    config = tmp_path / "node.toml"
+    config.write_text("[analysis]\nbaseline_window_days = 0\n", encoding="utf-8")
+    out = tmp_path / "cohort"
+    rc = main(["cohort", "--patients", "1", "--jobs", "1", "--seed", str(SEED), "--out", str(out),
+               "--config", str(config)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    report = json.loads((out / "patients.json").read_text())
+    assert report["summary"]["failed"] == 1 and report["summary"]["cases"] == 0
+    (status,) = report["patients"]
+    assert status["state"] == "failed"
+    assert status["reason"].startswith("nothing to analyse: no baseline MR study within 0 days")
+    assert "FAILED P001" in captured.out and "--seed 100" in captured.out
+    assert "no cases.csv written" in captured.err
+    assert not (out / "cases.csv").exists() and not list(out.rglob("*.dcm"))
+
+
 def _truth(patient) -> dict:
     """The phantom's ground truth without writing it (same seed, scenario, vendor, size)."""
     return generate_patient(seed=patient.seed, scenario=patient.scenario, vendor=patient.vendor,
@@ -73,6 +90,7 @@ def _content_items(ds):
         yield from _content_items(item)
 
 
+@pytest.mark.slow
 def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom):
     out = tmp_path / "cohort"
     rc = main(["cohort", "--patients", str(PATIENTS), "--jobs", "2", "--seed", str(SEED),
