@@ -536,8 +536,23 @@ def preprocess(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings,
     roi0 = sitk.GetArrayFromImage(roi) > 0.5
     if not roi0.any():
         raise RadiomicsError(f"mask has no voxel with label {label}")
+    # Fitted maps leave voxels undefined (NaN: the fit failed or was masked out). One NaN would
+    # spread through the interpolation kernel into the whole resampled image, so undefined voxels
+    # are filled with the median of the ROI's defined values before interpolation and removed
+    # from the intensity mask afterwards (re-segmentation; a resampled voxel drawing half or
+    # more of its weight from undefined voxels is undefined). Shape uses the ROI as drawn.
+    finite0 = np.isfinite(img0)
+    n_undefined = int((~finite0 & roi0).sum())
+    if not finite0.all():
+        if not (finite0 & roi0).any():
+            raise RadiomicsError("the image is undefined (NaN) in every ROI voxel")
+        img0 = np.where(finite0, img0, np.median(img0[finite0 & roi0]))
+        image_f = sitk.GetImageFromArray(img0)
+        image_f.CopyInformation(roi)
     diagnostics = _image_diagnostics("init", image_f)
-    diagnostics.update(_roi_diagnostics("init", img0, roi0, roi0))
+    diagnostics.update(_roi_diagnostics("init", img0, roi0, roi0 & finite0))
+    if n_undefined:  # not an IBSI diagnostic: only present when it matters
+        diagnostics["undefined_vox_count_init_roi"] = n_undefined
 
     if settings.spacing_mm is not None:
         size, origin = centre_aligned_grid(image_f, settings.spacing_mm)
@@ -560,10 +575,18 @@ def preprocess(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings,
         img1 = sitk.GetArrayFromImage(image_i)
         # 1e-9 guards against float noise at exactly half partial volume
         morph = sitk.GetArrayFromImage(roi_i) >= settings.mask_partial_volume - 1e-9
+        if finite0.all():
+            defined = np.ones_like(morph)
+        else:
+            support = sitk.GetImageFromArray(finite0.astype(np.float64))
+            support.CopyInformation(roi)
+            support = sitk.ConstantPad(support, pad, pad, 0.0)
+            defined = sitk.GetArrayFromImage(resampler.Execute(support)) >= 0.5 + 1e-9
     else:
         image_i = image_f
         img1 = img0
         morph = roi0
+        defined = finite0
     if settings.round_intensities:
         img1 = np.rint(img1)
     image_out = sitk.GetImageFromArray(img1)
@@ -573,7 +596,9 @@ def preprocess(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings,
         raise RadiomicsError("ROI vanished after interpolation (smaller than half a voxel)")
     diagnostics.update(_roi_diagnostics("interp", img1, morph, morph))
 
-    intensity = morph.copy()
+    intensity = morph & defined
+    if not intensity.any():
+        raise RadiomicsError("the image is undefined (NaN) in every ROI voxel after interpolation")
     if settings.resegment_range is not None:
         low, high = settings.resegment_range
         if low is not None:
@@ -736,6 +761,10 @@ def extract_features(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSet
              "directions (IBSI 3D_avg); GLDM alpha " + f"{settings.gldm_alpha:g}",
              *(f"IBSI correction: {text}" for text in IBSI_CORRECTIONS.values()),
              *IBSI_UNMAPPED_NOTES]
+    n_undefined = int(pre.diagnostics.get("undefined_vox_count_init_roi", 0))
+    if n_undefined:
+        notes.append(f"{n_undefined} ROI voxel(s) undefined in the map (failed fit) left out of "
+                     "the intensity and texture features")
     features = _run_pyradiomics(pre.image, pre.morphological_mask, settings, ["shape"])
     texture = n_int >= settings.min_texture_voxels
     classes = ["firstorder", *TEXTURE_CLASSES] if texture else ["firstorder"]

@@ -72,6 +72,7 @@ from pydicom.sr.codedict import codes
 
 from processing.change import flatten_measurements
 from processing.radiomics import IBSI_FEATURES
+from processing.response_model import SYNTHETIC_STATEMENT
 from processing.results import (
     LesionMeasurements,
     TimePointResult,
@@ -284,10 +285,31 @@ class _GroupBuilder:
                 name=rcodes.PROGRESSION_PROBABILITY, value=float(response.model_probability),
                 unit=rcodes.unit_code("1"),
                 algorithm_id=hd.sr.AlgorithmIdentification(
-                    name=(response.model_name or "site response model")[:64],
+                    name=model_algorithm_name(response.model_name),
                     version=self.algorithm_version,
-                    parameters=[f"{name}={weight:.4g}"
-                                for name, weight in response.model_top_features] or None)))
+                    parameters=[response.model_name or "site response model",
+                                *(f"{name}={weight:.4g}"
+                                  for name, weight in response.model_top_features)])))
+
+
+#: Algorithm Name is LO (64 characters); what a synthetic-data model's name must keep
+_SYNTHETIC_MARK = " [SYNTHETIC DATA: NOT CLINICAL]"
+
+
+def model_algorithm_name(model_name: str | None) -> str:
+    """The site model's name as an Algorithm Name (0066,0036; LO, at most 64 characters).
+
+    A model trained on synthetic data carries :data:`SYNTHETIC_STATEMENT` in its name; when the
+    name is too long, the model's own name is shortened, never that warning (a cut "... data:
+    NOT" would read as the opposite). The full name is the first Algorithm Parameter.
+    """
+    name = model_name or "site response model"
+    if len(name) <= 64:
+        return name
+    if SYNTHETIC_STATEMENT in name:
+        base = name.replace(f" [{SYNTHETIC_STATEMENT}]", "").replace(SYNTHETIC_STATEMENT, "")
+        return base.strip()[:64 - len(_SYNTHETIC_MARK)].rstrip() + _SYNTHETIC_MARK
+    return name[:61].rstrip() + "..."
 
 
 def _time_point_context(result: TimePointResult, order: int) -> hd.sr.TimePointContext:

@@ -68,6 +68,14 @@ def test_outputs_and_summary(responder_run):
         assert tp["measurements"]["Ktrans.mean"] == pytest.approx(dce["Ktrans"], rel=0.10)
         assert tp["measurements"]["ve.mean"] == pytest.approx(dce["ve"], abs=0.05)
         assert tp["measurements"]["vp.mean"] == pytest.approx(dce["vp"], abs=0.02)
+        # radiomics of the lesion on every map the issue names, failed-fit voxels or not; the
+        # first-order mean of a map equals its ROI mean up to the resampling to 1 mm
+        for quantity in ("ADC", "MK", "Ktrans", "ve", "vp", "IAUC60", "T2w", "T1w"):
+            names = [k for k in tp["measurements"] if k.startswith(f"radiomics.{quantity}.")]
+            assert len(names) > 90, (quantity, len(names))
+            assert any(".glcm_" in k or "_glcm_" in k for k in names), quantity
+        assert tp["measurements"]["radiomics.ADC.original_firstorder_Mean"] == pytest.approx(
+            tp["measurements"]["ADC.mean"], rel=0.08)  # 1 mm B-spline resampling, edges
     assert "local control" in run.stdout
 
 

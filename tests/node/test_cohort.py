@@ -199,3 +199,5 @@ def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom
                                                                                    abs=1e-4)
     texts = " ".join(str(i.TextValue) for i in _content_items(pprob[0]) if "TextValue" in i)
     assert all(name in texts for name, _ in top)
+    # the synthetic-data warning survives the 64-character Algorithm Name, and in full beside it
+    assert "[SYNTHETIC DATA: NOT CLINICAL]" in texts and SYNTHETIC_STATEMENT in texts

@@ -125,6 +125,48 @@ def test_roi_too_small_for_texture_gives_shape_and_first_order_with_reason():
     assert any("texture features not computed" in n and "4 voxels" in n for n in result.notes)
 
 
+@pytest.mark.parametrize("spacing_mm", [None, 1.0])
+def test_undefined_map_voxels_are_left_out_not_spread(spacing_mm):
+    """A fitted map with failed-fit voxels (NaN) inside and outside the lesion: the features
+    stay defined and equal those of the defined voxels (no resampling), or nearly so (1 mm
+    B-spline resampling of a 1 mm map)."""
+    rng = np.random.default_rng(5)
+    arr = rng.normal(1.0e-3, 1.0e-4, size=(16, 16, 16))
+    roi = np.zeros_like(arr, dtype=np.uint8)
+    roi[4:12, 4:12, 4:12] = 1
+    nan = np.zeros_like(roi, dtype=bool)
+    nan[6, 6, 6:9] = True  # inside the lesion
+    nan[1, 1, 1] = nan[14, 2, 3] = True  # outside
+    arr[nan] = np.nan
+    image = sitk.GetImageFromArray(arr)
+    mask = sitk.GetImageFromArray(roi)
+    mask.CopyInformation(image)
+    result = extract_features(image, mask, RadiomicsSettings(bin_count=16, spacing_mm=spacing_mm))
+    assert all(np.isfinite(v) for v in result.ibsi.values())
+    assert result.texture_computed
+    defined = arr[(roi == 1) & ~nan]
+    assert result.diagnostics["undefined_vox_count_init_roi"] == 3
+    assert any("3 ROI voxel(s) undefined" in n for n in result.notes)
+    if spacing_mm is None:
+        assert result.n_intensity_voxels == defined.size
+        assert result.ibsi["stat_mean"] == pytest.approx(defined.mean())
+    else:
+        assert abs(result.n_intensity_voxels - defined.size) <= 3
+        assert result.ibsi["stat_mean"] == pytest.approx(defined.mean(), rel=0.01)
+    assert result.n_morphological_voxels == 512  # shape from the ROI as drawn
+
+
+def test_map_undefined_in_the_whole_roi_is_refused():
+    arr = np.full((8, 8, 8), np.nan)
+    arr[0, 0, 0] = 1.0
+    roi = np.zeros(arr.shape, dtype=np.uint8)
+    roi[3:6, 3:6, 3:6] = 1
+    image = sitk.GetImageFromArray(arr)
+    mask = sitk.GetImageFromArray(roi)
+    with pytest.raises(RadiomicsError, match="undefined"):
+        extract_features(image, mask, RadiomicsSettings(bin_count=16))
+
+
 def test_extraction_is_deterministic_and_course_parameters_round_trip(digital_phantom):
     image, mask, _ = digital_phantom
     course = default_course_settings(["ADC", "Ktrans", "T2w"], spacing_mm=1.5, bin_count=16)

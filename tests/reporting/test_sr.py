@@ -318,3 +318,18 @@ def test_baseline_only_report_without_image_library(tmp_path: Path) -> None:
     (group,) = data["Measurements"]
     volume = [i for i in group["measurementItems"] if i["quantity"]["CodeValue"] == "118565006"]
     assert [float(i["value"]) for i in volume] == [pytest.approx(4.2)]
+
+
+def test_a_synthetic_models_long_name_keeps_its_warning() -> None:
+    from processing.response_model import SYNTHETIC_STATEMENT
+    from reporting.sr import model_algorithm_name
+
+    long_name = f"site response model v1 [{SYNTHETIC_STATEMENT}]"
+    assert len(long_name) > 64
+    name = model_algorithm_name(long_name)
+    assert len(name) <= 64
+    assert name == "site response model v1 [SYNTHETIC DATA: NOT CLINICAL]"
+    assert model_algorithm_name("site logistic model") == "site logistic model"
+    clinical = "a very long clinical model name " * 3
+    assert len(model_algorithm_name(clinical)) <= 64
+    assert model_algorithm_name(clinical).endswith("...")
