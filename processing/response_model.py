@@ -63,6 +63,9 @@ class TrainingCases:
     features: np.ndarray
     outcomes: np.ndarray  # 1 = local progression, 0 = local control
     case_ids: tuple[str, ...]
+    #: the patient of each case (the ``patient`` column), when known: cases of one patient are
+    #: kept in the same cross-validation fold and resampled together by the bootstrap
+    patients: tuple[str, ...] | None = None
 
 
 def cases_from_rows(rows: Iterable[Mapping[str, str]], *,
@@ -109,7 +112,8 @@ def cases_from_rows(rows: Iterable[Mapping[str, str]], *,
     if counts.min() < 2:
         raise ValueError(f"need at least 2 cases of each outcome, got {counts.tolist()} "
                          "(control, progression)")
-    return TrainingCases(names, x, y, tuple(ids))
+    patients = tuple(str(row.get("patient") or "").strip() for row in rows)
+    return TrainingCases(names, x, y, tuple(ids), patients if all(patients) else None)
 
 
 def delta_features(changes: Sequence[Change], *, reference: str = "baseline",
@@ -200,15 +204,24 @@ def cross_validated_auc(cases: TrainingCases, *, folds: int = 5, k_features: int
     """
     from sklearn.base import clone
     from sklearn.metrics import brier_score_loss, roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     y = cases.outcomes
     smallest = int(np.bincount(y, minlength=2).min())
+    groups = np.asarray(cases.patients) if cases.patients is not None else None
+    if groups is not None:
+        # several follow-ups of one patient are not independent cases: folds split patients
+        smallest = min(smallest, *(len(set(groups[y == k])) for k in (0, 1)))
     n_folds = max(2, min(folds, smallest))
-    splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    if groups is not None:
+        splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(cases.features, y, groups)
+    else:
+        splits = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(
+            cases.features, y)
     oof = np.zeros(len(y))
     fold_aucs = []
-    for train, test in splitter.split(cases.features, y):
+    for train, test in splits:
         sub = TrainingCases(cases.feature_names, cases.features[train], y[train],
                             tuple(cases.case_ids[i] for i in train))
         model = clone(_pipeline_for(sub, k_features, c, seed))
@@ -218,14 +231,22 @@ def cross_validated_auc(cases: TrainingCases, *, folds: int = 5, k_features: int
             fold_aucs.append(float(roc_auc_score(y[test], oof[test])))
     auc = float(roc_auc_score(y, oof))
     rng = np.random.default_rng(seed)
+    # resampling units: patients (all their cases together) when known, else cases
+    if groups is not None:
+        units = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups)]
+    else:
+        units = [np.array([i]) for i in range(len(y))]
     boot = []
     for _ in range(n_bootstrap):
-        idx = rng.integers(0, len(y), len(y))
+        idx = np.concatenate([units[k] for k in rng.integers(0, len(units), len(units))])
         if len(set(y[idx])) == 2:
             boot.append(roc_auc_score(y[idx], oof[idx]))
     low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    return {"auc": auc, "auc_ci95": [low, high], "ci_method": f"percentile bootstrap over cases "
-            f"of out-of-fold probabilities ({len(boot)} resamples)", "fold_aucs": fold_aucs,
+    unit = "patients" if groups is not None else "cases"
+    return {"auc": auc, "auc_ci95": [low, high], "ci_method": f"percentile bootstrap over {unit} "
+            f"of out-of-fold probabilities ({len(boot)} resamples)",
+            "fold_split": "by patient" if groups is not None else "by case",
+            "fold_aucs": fold_aucs,
             "folds": n_folds, "brier": float(brier_score_loss(y, oof)),
             "n_cases": int(len(y)), "n_progression": int(y.sum())}
 

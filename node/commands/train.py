@@ -1,7 +1,9 @@
 """``spine-node train --cases CSV --out MODEL``: fit a site's response model on labelled cases.
 
 The CSV has one row per lesion follow-up: an ``outcome`` column (``local progression`` / ``1`` or
-``local control`` / ``0``), optional ``case_id`` and ``data_origin`` columns, and numeric
+``local control`` / ``0``), optional ``case_id``, ``patient`` (several follow-ups of one patient
+are then kept in one cross-validation fold and bootstrapped together) and ``data_origin``
+columns, and numeric
 ``delta.*`` feature columns (relative changes from baseline, see
 :func:`processing.response_model.delta_features`). The command writes the model (joblib, with
 version, feature list and training metadata) and a metrics report (JSON: cross-validated AUC with
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {model.display_name} on {m['n_cases']} cases "
           f"({m['n_progression']} local progression), {len(model.feature_names)} features")
     print(f"cross-validated AUC {m['auc']:.3f} (95 % CI {low:.3f}-{high:.3f}, "
-          f"{m['folds']}-fold, bootstrap)")
+          f"{m['folds']}-fold split {m.get('fold_split', 'by case')}, bootstrap)")
     print(f"NOTE: model {model.metadata['clinical_validity']}")
     print(f"model: {args.out}\nmetrics: {report_path}")
     logger.info("response model written (%d cases, AUC %.3f)", m["n_cases"], m["auc"])

@@ -14,6 +14,7 @@ from processing.response_model import (
     attach_model_prediction,
     case_row,
     cases_from_rows,
+    cross_validated_auc,
     delta_features,
     fit_response_model,
 )
@@ -85,6 +86,38 @@ def test_feature_selection_inside_cv_keeps_random_labels_near_chance():
     low, high = model.metrics["auc_ci95"]
     assert low < 0.5 < high
     assert model.metrics["auc"] < 0.75
+
+
+def test_follow_ups_of_one_patient_stay_in_one_fold():
+    # 30 patients with random outcomes and noise features, each seen at two follow-ups with
+    # nearly the same features: splitting folds by case lets a patient's twin row in the
+    # training fold predict it (optimistic AUC); splitting by patient keeps chance at chance
+    rng = np.random.default_rng(4)
+    n = 30
+    base = rng.normal(size=(n, 50))
+    x = np.repeat(base, 2, axis=0) + rng.normal(scale=0.01, size=(2 * n, 50))
+    y = np.repeat(np.array([1] * 12 + [0] * 18), 2)
+    ids = tuple(str(i) for i in range(2 * n))
+    patients = tuple(f"P{i // 2:03d}" for i in range(2 * n))
+    names = tuple(f"delta.f{i}" for i in range(50))
+    by_case = cross_validated_auc(TrainingCases(names, x, y, ids), k_features=50,
+                                  n_bootstrap=200)
+    by_patient = cross_validated_auc(TrainingCases(names, x, y, ids, patients), k_features=50,
+                                     n_bootstrap=200)
+    assert by_patient["fold_split"] == "by patient"
+    assert "over patients" in by_patient["ci_method"]
+    assert by_case["auc"] > 0.85
+    assert by_patient["auc"] < 0.75
+    low, high = by_patient["auc_ci95"]
+    assert low < 0.5 < high
+
+
+def test_patient_column_is_read():
+    rows = synthetic_cohort(48, seed=2)
+    for i, row in enumerate(rows):
+        row["patient"] = f"P{i // 2}"
+    assert cases_from_rows(rows).patients[:3] == ("P0", "P0", "P1")
+    assert cases_from_rows(synthetic_cohort(48, seed=2)).patients is None
 
 
 def test_save_load_round_trip_and_refuses_other_files(tmp_path):
