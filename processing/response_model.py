@@ -148,6 +148,20 @@ def case_row(changes: Sequence[Change], *, outcome: bool, case_id: str,
     return row
 
 
+def f_scores(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ANOVA F scores (sklearn ``f_classif``) for feature selection; a feature constant over
+    the training cases (F undefined) scores 0 instead of NaN with a warning per fit."""
+    import warnings
+
+    from sklearn.feature_selection import f_classif
+
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        f, p = f_classif(x, y)
+    return np.nan_to_num(f, nan=0.0), np.nan_to_num(p, nan=1.0)
+
+
 def build_pipeline(*, k_features: int = 10, c: float = 1.0, calibration_folds: int = 3,
                    seed: int = 0) -> Any:
     """The calibrated pipeline (unfitted): impute, scale, select k best, logistic regression.
@@ -162,7 +176,7 @@ def build_pipeline(*, k_features: int = 10, c: float = 1.0, calibration_folds: i
         Internal folds of the sigmoid calibration.
     """
     from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.feature_selection import SelectKBest, f_classif
+    from sklearn.feature_selection import SelectKBest
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -176,7 +190,7 @@ def build_pipeline(*, k_features: int = 10, c: float = 1.0, calibration_folds: i
     base = Pipeline([
         ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
         ("scale", StandardScaler()),
-        ("select", SelectKBest(f_classif, k=k_features)),
+        ("select", SelectKBest(f_scores, k=k_features)),
         ("classify", LogisticRegression(C=c, max_iter=1000)),
     ])
     return CalibratedClassifierCV(
