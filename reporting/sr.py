@@ -292,6 +292,17 @@ class _GroupBuilder:
                                   for name, weight in response.model_top_features)])))
 
 
+def reported_as_change(quantity: str) -> bool:
+    """Whether the change of ``quantity`` gets a NUM in the report's change groups.
+
+    Volume, diameters and map statistics do. Radiomics features are reported at each time point
+    only: their changes (about 100 features on each of eight maps, four kinds of change) would
+    make a report of thousands of items that no viewer shows usefully and that took highdicom
+    ~30 s to build; they are in ``summary.json``, the lesion timeline and the site model.
+    """
+    return not quantity.startswith("radiomics.")
+
+
 #: Algorithm Name is LO (64 characters); what a synthetic-data model's name must keep
 _SYNTHETIC_MARK = " [SYNTHETIC DATA: NOT CLINICAL]"
 
@@ -459,7 +470,8 @@ def build_measurement_report(
         ))
         for (reference, relative), method in rcodes.CHANGE_METHODS.items():
             changes = [c for c in result.changes if c.reference == reference
-                       and (c.relative is not None or not relative)]
+                       and (c.relative is not None or not relative)
+                       and reported_as_change(c.quantity)]
             if not changes:
                 continue
             change_builder = _GroupBuilder(

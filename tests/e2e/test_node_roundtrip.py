@@ -208,6 +208,11 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
             assert relative == pytest.approx(p.measurements["ADC.mean"] / new_adc[0] - 1,
                                              rel=1e-6)
             assert relative > old.change("ADC.mean")["relative"] + 0.05
+        for p, old in zip(corrected, points):  # shown with pytest -s
+            print(f"{p.role} day {p.days_since_treatment:+d}: ADC {old.measurements['ADC.mean']:.3e}"
+                  f" -> {p.measurements['ADC.mean']:.3e} mm2/s; change from baseline "
+                  f"{(old.change('ADC.mean') or {}).get('relative')} -> "
+                  f"{(p.change('ADC.mean') or {}).get('relative')}; {p.response_category}")
         previous = corrected[2].change("ADC.mean", "previous")["relative"]
         assert previous == pytest.approx(new_adc[2] / new_adc[1] - 1, rel=1e-6)
 

@@ -10,7 +10,8 @@ import pytest
 
 from processing.results import TimePointResult
 from reporting import codes as rcodes
-from reporting.sr import PARAMETRIC_MAP_STORAGE, build_measurement_report, reported_value
+from reporting.sr import (PARAMETRIC_MAP_STORAGE, build_measurement_report, reported_as_change,
+                          reported_value)
 from reporting.summary import summary_records
 from tests.reporting.results_fixture import BASELINE, FOLLOW_UP, LESION, VERSION, build_inputs
 from tests.reporting.sources import FOLLOW_UP_STUDY_UID, STUDY_UID
@@ -190,6 +191,12 @@ def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object],
             checked += 1
         for change in record["changes"]:
             if change["relative"] is None:
+                continue
+            if not reported_as_change(change["quantity"]):
+                # radiomics changes stay in summary.json: none in the report
+                assert all(i["quantity"]["CodeValue"] != _codes_for(change["quantity"], result)[0]
+                           for i in by_time_point[(f"{result.role.value} {result.study_date}",
+                                                   "CHGREL")])
                 continue
             items = by_time_point[(f"{result.role.value} {result.study_date}", "CHGREL")]
             code, derivation = _codes_for(change["quantity"], result)
