@@ -102,13 +102,30 @@ def test_nothing_to_analyse_is_a_clear_error(make_phantom, tmp_path):
     assert "no DICOM instance" in run.stderr
 
 
+@pytest.fixture(scope="module")
+def scenario_run(make_phantom, tmp_path_factory):
+    """``analyze`` of one scenario's small phantom, once per module; the stable patient has the
+    sagittal T2w too (spine protocols), so the registration test shares its run."""
+    runs: dict[str, tuple[Path, Path]] = {}
+
+    def run(scenario: str) -> tuple[Path, Path]:
+        if scenario not in runs:
+            patient = make_phantom(scenario, "standard", "small",
+                                   sagittal=scenario == "stable")
+            out = tmp_path_factory.mktemp(f"analyze-{scenario}")
+            done = _analyze([patient], out)
+            assert done.returncode == 0, done.stderr[-3000:]
+            runs[scenario] = (patient, out)
+        return runs[scenario]
+
+    return run
+
+
 @pytest.mark.parametrize("scenario", ["progression", "pseudoprogression", "stable"])
-def test_every_scenario_gets_its_call(make_phantom, tmp_path, scenario):
-    patient = make_phantom(scenario, "standard", "small")
+def test_every_scenario_gets_its_call(scenario_run, scenario):
+    patient, out = scenario_run(scenario)
     truth = json.loads((patient / "ground_truth.json").read_text())
-    run = _analyze([patient], tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     follow_up = summary["time_points"][-1]
     expected = truth["studies"]["followup1"]["expected_response"]
     assert follow_up["response"]["category"] == expected
@@ -119,13 +136,11 @@ def test_every_scenario_gets_its_call(make_phantom, tmp_path, scenario):
         assert any("perfusion" in code or "vp" in code for code in fired), fired
 
 
-def test_registration_recovers_the_known_displacement(make_phantom, tmp_path):
+def test_registration_recovers_the_known_displacement(scenario_run):
     """Issue 5, acceptance 3: within 1 mm and 1 degree (axial + sagittal T2w, as spine protocols)."""
-    patient = make_phantom("stable", "standard", "small", sagittal=True)
+    patient, out = scenario_run("stable")
     truth = json.loads((patient / "ground_truth.json").read_text())
-    run = _analyze([patient], tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     registration = summary["studies"][1]["registration"]
     assert registration["passed"], registration["reasons"]
     found = np.array(registration["matrix_followup_to_baseline"])
