@@ -109,9 +109,11 @@ def link_superseded_reports(paths: Sequence[Path],
     """
     linked = 0
     for path in paths:
-        ds = dcmread(path)
-        if ds.Modality != "SR":
+        # most outputs are Parametric Maps and SEGs: look at their Modality only
+        if dcmread(path, stop_before_pixels=True,
+                   specific_tags=["Modality"]).get("Modality") != "SR":
             continue
+        ds = dcmread(path)
         study = str(ds.StudyInstanceUID)
         older = [r for r in previous.get(study, [])
                  if r["sop_instance_uid"] != str(ds.SOPInstanceUID)]

@@ -103,9 +103,15 @@ class TlsSettings(_Frozen):
                 continue
             if path is None:
                 raise ValueError(f"{name}: required when TLS is enabled")
-            if not Path(path).is_file():
-                raise ValueError(f"{name}: file {str(path)!r} does not exist")
+            self.check_file(name)
         return self
+
+    def check_file(self, name: str, *, prefix: str = "") -> None:
+        """Raise ``ValueError`` when the file ``name`` (certificate, key, ca) is given but
+        missing."""
+        path = getattr(self, name)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{prefix}{name}: file {str(path)!r} does not exist")
 
 
 class Peer(_Frozen):
@@ -203,9 +209,7 @@ class Settings(_Frozen):
             if (self.tls.certificate is None) != (self.tls.key is None):
                 raise ValueError("tls: certificate and key go together")
             for name in ("ca", "certificate", "key"):
-                path = getattr(self.tls, name)
-                if path is not None and not Path(path).is_file():
-                    raise ValueError(f"tls.{name}: file {str(path)!r} does not exist")
+                self.tls.check_file(name, prefix="tls.")
         receivers = {p.name for p in self.peers if p.may_receive}
         for dest in self.node.result_destinations:
             if dest not in receivers:

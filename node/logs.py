@@ -57,3 +57,11 @@ def configure_logging(level: str = "INFO", log_file: str | None = None) -> None:
     logging.getLogger("radiomics").setLevel(logging.WARNING)
     # APScheduler narrates every run of every job (the dispatcher polls every few seconds).
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def logging_target() -> tuple[str, str | None]:
+    """This process's log level name and log file, so that a child process (an analysis, a
+    cohort worker) logs like its parent through :func:`configure_logging`."""
+    root = logging.getLogger()
+    files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]
+    return logging.getLevelName(root.level), (files[0] if files else None)

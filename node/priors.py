@@ -584,7 +584,7 @@ class PriorsFetcher:
         assert self.pacs is not None
         handlers = [(evt.EVT_CONN_OPEN, set_tcp_nodelay), *kwargs.pop("evt_handlers", [])]
         address = peer_address(self.pacs, self.service.settings)
-        assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title,
+        assoc = ae.associate(address.host, address.port, ae_title=address.ae_title,
                              evt_handlers=handlers, tls_args=address.tls_args, **kwargs)
         if not assoc.is_established:
             raise RetrieveError(

@@ -458,9 +458,6 @@ class Store:
                 f"request's {request_sop_class_uid}/{request_sop_instance_uid}"
             )
         rejection = header.get("rejection")
-        if rejection is not None:
-            logger.info("rejection note %s (%s) withdraws %d instance(s)", sop_instance,
-                        rejection.reason, len(rejection.rejected))
         digest = received.sha256()
         path = self.instance_path(study, series, sop_instance)
         lock = self._locks[hash(sop_instance) % len(self._locks)]
@@ -514,6 +511,9 @@ class Store:
             except BaseException:
                 path.unlink(missing_ok=True)
                 raise
+        if rejection is not None:
+            logger.info("rejection note %s (%s) withdraws %d instance(s)", sop_instance,
+                        rejection.reason, len(rejection.rejected))
         return StoreResult(StoreOutcome.STORED, sop_instance, study, path)
 
     def _parse(self, received: _Received, transfer_syntax_uid: str) -> dict[str, object]:

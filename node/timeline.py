@@ -90,7 +90,6 @@ TIMELINE_MIGRATIONS: tuple[str, ...] = (
 )
 
 TIMELINE_SCHEMA_VERSION = len(TIMELINE_MIGRATIONS)
-#: Index objects whose tables are known to be current (reads then take no write lock)
 
 
 class TimelineError(ValueError):

@@ -28,8 +28,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from node.chain import ChainSettings
-from node.config import register_section
 from node.analysis import link_superseded_reports
+from node.config import register_section
+from node.logs import logging_target
 from node.timeline import on_analysis_done, recorded_reports
 
 logger = logging.getLogger(__name__)
@@ -63,13 +64,13 @@ def analysis_section(settings: Any) -> AnalysisSection:
 
 
 def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_settings: dict,
-                     out_dir: str, log_level: int, log_file: str | None) -> dict[str, Any]:
+                     out_dir: str, log_level: str, log_file: str | None) -> dict[str, Any]:
     """Child-process entry: run the chain for one patient; return what the parent records."""
     from node.analysis import patient_datasets, write_outputs
     from node.logs import configure_logging
 
     # the child logs like the node: same file, same patient-identifier filter
-    configure_logging(logging.getLevelName(log_level), log_file)
+    configure_logging(log_level, log_file)
     from node.chain import ChainError, ChainSettings, run_chain
     from node.index import Index
     from node.roles import PatientMismatchError
@@ -101,13 +102,6 @@ def _end_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
-
-
-def _log_target() -> tuple[int, str | None]:
-    """The node's log level and log file, for the analysis child process."""
-    root = logging.getLogger()
-    files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]
-    return root.level, (files[0] if files else None)
 
 
 class AnalysisWorker:
@@ -195,7 +189,8 @@ class AnalysisWorker:
         try:
             outcome = self._pool().submit(
                 _analyse_patient, str(index.path), str(store.root), patient_row,
-                asdict(self.section.chain_settings()), str(out_dir), *_log_target()).result()
+                asdict(self.section.chain_settings()), str(out_dir),
+                *logging_target()).result()
         except Exception as err:  # the child's failure must not take the node down
             logger.exception("analysis of study %s failed", study_uid)
             index.add_event("analysis_failed", study_uid=study_uid,

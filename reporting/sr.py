@@ -298,7 +298,7 @@ def reported_as_change(quantity: str) -> bool:
     Volume, diameters and map statistics do. Radiomics features are reported at each time point
     only: their changes (about 100 features on each of eight maps, four kinds of change) would
     make a report of thousands of items that no viewer shows usefully and that took highdicom
-    ~30 s to build; they are in ``summary.json``, the lesion timeline and the site model.
+    ~15 s to build; they are in ``summary.json``, the lesion timeline and the site model.
     """
     return not quantity.startswith("radiomics.")
 

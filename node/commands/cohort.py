@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from node.commands.phantom import SCENARIOS, SIZES, VENDORS
+from node.logs import logging_target
 
 logger = logging.getLogger(__name__)
 
@@ -236,13 +237,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the phantom DICOM files under OUT/phantoms/")
 
 
-def _log_target() -> tuple[str, str | None]:
-    """This process's log level and log file, for the worker processes."""
-    root = logging.getLogger()
-    files = [h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)]
-    return logging.getLevelName(root.level), (files[0] if files else None)
-
-
 def _init_worker(level: str, log_file: str | None, threads: int) -> None:
     """Worker process set-up: the node's logging, and ``threads`` threads for the numerical
     libraries (J workers each using every core would oversubscribe the CPUs). Runs in a fresh
@@ -308,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"cohort of {len(plan)} {args.size} phantom patients "
           f"({', '.join(f'{s} {mix[s]}' for s in SCENARIOS if mix[s])}), "
           f"{args.followups} follow-up(s) each, {jobs} worker process(es)")
-    level, log_file = _log_target()
+    level, log_file = logging_target()
     statuses: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     executor = concurrent.futures.ProcessPoolExecutor(
