@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -313,16 +314,43 @@ def resample_mask(
     return sitk.Cast(sitk.GreaterEqual(resampled, threshold), sitk.sitkUInt8)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run ITK filters and metrics created inside on one thread.
+
+    ITK 5.4 sums the Mattes joint histogram and its derivative over threads in an order that
+    changes from run to run, so a multi-threaded registration of the same images differs in the last
+    bits every time (15 runs, 15 distinct matrices; the method's own SetNumberOfThreads does not
+    reach the metric) and a re-analysis of the same inputs would not reproduce its numbers or its
+    output UIDs. ITK objects take the global default thread count when they are created, so it is
+    set to one for the registration and restored after; the registration is a small part of an
+    analysis (about 1 s of a small phantom's).
+    """
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _registration_method(settings: RegistrationSettings) -> sitk.ImageRegistrationMethod:
+    """A Mattes mutual-information registration method (run it inside :func:`_one_thread`)."""
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
+    return method
+
+
 def _mutual_information(
     fixed: sitk.Image, moving: sitk.Image, region: sitk.Image, transform: sitk.Transform,
     settings: RegistrationSettings,
 ) -> float:
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
+    method = _registration_method(settings)
     method.SetMetricFixedMask(region)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetInitialTransform(transform, inPlace=False)
-    return -float(method.MetricEvaluate(fixed, moving))
+    with _one_thread():
+        return -float(method.MetricEvaluate(fixed, moving))
 
 
 def _otsu_overlap(fixed: sitk.Image, resampled_moving: sitk.Image, region: sitk.Image) -> float:
@@ -402,8 +430,7 @@ def register_rigid(
 
     initial_mi = _mutual_information(fixed_f, moving_f, metric_region, start, settings)
 
-    method = sitk.ImageRegistrationMethod()
-    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=settings.histogram_bins)
+    method = _registration_method(settings)
     method.SetMetricFixedMask(metric_region)
     method.SetMetricSamplingStrategy(method.RANDOM)
     n_region = int(np.count_nonzero(region_array))
@@ -423,7 +450,8 @@ def register_rigid(
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(start, inPlace=False)
     try:
-        result = method.Execute(fixed_f, moving_f)
+        with _one_thread():
+            result = method.Execute(fixed_f, moving_f)
     except RuntimeError as err:
         raise RegistrationError(f"rigid registration failed: {err}") from err
     transform = sitk.Euler3DTransform(sitk.CompositeTransform(result).GetBackTransform())

@@ -100,6 +100,18 @@ def test_recovers_known_rigid_displacement_within_1mm_1deg(baseline, angles_deg,
     assert np.allclose(transform_to_matrix(result.transform) @ result.matrix_moving_to_fixed, np.eye(4), atol=1e-9)
 
 
+def test_registration_is_bit_for_bit_repeatable_and_restores_the_thread_count(baseline) -> None:
+    # a re-analysis of the same inputs must give the same matrix (and so the same REG UID); ITK's
+    # multi-threaded Mattes metric does not, so the registration runs on one thread
+    fixed, body = baseline
+    moving = _follow_up(fixed, _known_rigid((2.0, -1.0, 1.5), (1.5, -2.0, 1.0)), seed=11)
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    matrices = {register_rigid(fixed, moving, region=body).matrix_moving_to_fixed.tobytes()
+                for _ in range(3)}
+    assert len(matrices) == 1
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads
+
+
 def test_without_vertebral_masks_uses_foreground_overlap_and_flags_failure(baseline) -> None:
     fixed, body = baseline
     moving = _follow_up(fixed, _known_rigid((2.0, 0.0, -2.0), (2.0, 3.0, -1.0)), seed=3)
