@@ -324,7 +324,10 @@ def _one_thread() -> Iterator[None]:
     reach the metric) and a re-analysis of the same inputs would not reproduce its numbers or its
     output UIDs. ITK objects take the global default thread count when they are created, so it is
     set to one for the registration and restored after; the registration is a small part of an
-    analysis (about 1 s of a small phantom's).
+    analysis (about 1 s of a small phantom's). The setting is process-wide: ITK work started by
+    another thread meanwhile also gets one thread, and two registrations in threads of one process
+    would race on the restore. The node runs one analysis at a time in its own process
+    (node.worker), and the cohort one per process.
     """
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
