@@ -52,8 +52,10 @@ from pynetdicom.sop_class import (
     LegacyConvertedEnhancedMRImageStorage,
     MRImageStorage,
     ParametricMapStorage,
+    RTBeamsTreatmentRecordStorage,
     RTDoseStorage,
     RTPlanStorage,
+    RTTreatmentSummaryRecordStorage,
     RTStructureSetStorage,
     SegmentationStorage,
     Verification,
@@ -80,6 +82,9 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
     CTImageStorage, EnhancedCTImageStorage, RTStructureSetStorage, RTPlanStorage,
     RTDoseStorage, SegmentationStorage, ParametricMapStorage, ComprehensiveSRStorage,
     Comprehensive3DSRStorage,
+    # treatment records date the course (processing.course: first fraction delivered); without
+    # them the date is the plan's approval date, marked estimated
+    RTBeamsTreatmentRecordStorage, RTTreatmentSummaryRecordStorage,
     # IHE IOCM rejection notes (node.rejection) and other key object selections
     KeyObjectSelectionDocumentStorage,
 )

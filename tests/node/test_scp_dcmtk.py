@@ -180,3 +180,39 @@ def test_bad_inputs_get_their_status_and_the_node_keeps_serving(tmp_path, node_f
     assert not (storage.parent.parent / "x").exists() and not (storage.parent / "x").exists()
     names = {p.name for p in (storage / "instances").rglob("*.dcm")}
     assert names == {uid_hash(str(dcmread(good).SOPInstanceUID)) + ".dcm"}
+
+
+def test_rt_beams_treatment_record_is_stored(tmp_path, node_factory):
+    """A CyberKnife RT Beams Treatment Record (the delivered fractions, which date the course) is
+    accepted from storescu and indexed; it used to be refused (no presentation context)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    require_tool("storescu")
+    record = Dataset()
+    record.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.4"
+    record.SOPInstanceUID = generate_uid()
+    record.StudyInstanceUID = generate_uid()
+    record.SeriesInstanceUID = generate_uid()
+    record.PatientName, record.PatientID = "Record^Patient", "REC-0001"
+    record.Modality = "RTRECORD"
+    record.Manufacturer = "Accuray Inc."
+    record.TreatmentDate, record.TreatmentTime = "20260105", "093000"
+    record.InstanceNumber = 1
+    record.file_meta = Dataset()
+    record.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = _write(record, tmp_path / "record.dcm")
+    storage = tmp_path / "storage"
+    node = node_factory(write_config(tmp_path / "node.toml", storage=storage))
+    port = node.start()
+    run = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "127.0.0.1",
+                          str(port), str(path)], capture_output=True, text=True, env=DCMTK_ENV)
+    assert run.returncode == 0, run.stderr
+    indexed = _indexed(storage)
+    assert str(record.SOPInstanceUID) in indexed
+    rel, _sha = indexed[str(record.SOPInstanceUID)]
+    assert dataset_bytes(storage / rel) == dataset_bytes(path)
+    with _db(storage) as db:
+        modality = db.execute("SELECT modality FROM series").fetchone()
+    assert modality == ("RTRECORD",)
+    assert node.stop() == 0
