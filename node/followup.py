@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from node.config import register_section
 from node.index import Index
 from node.notify import Notification, Notifier, NotifySettings
-from node.roles import dicom_date
+from processing.dates import dicom_date
 
 logger = logging.getLogger(__name__)
 

@@ -66,9 +66,10 @@ from pynetdicom.sop_class import (
 
 from node.config import Peer, Settings, register_section
 from node.errors import ConfigError, NodeError, PeerError, StoreOutcome, store_status
-from node.roles import PatientMismatchError, check_single_patient, dicom_date
+from node.roles import PatientMismatchError, check_single_patient
 from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, set_tcp_nodelay
 from node.scu import _pause_reactor, peer_address
+from processing.dates import dicom_date
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from processing.dates import dicom_date  # noqa: F401  (node.chain imports it from here)
+
 
 class PatientMismatchError(ValueError):
     """Datasets of different patients (PatientID + IssuerOfPatientID) were offered together."""
@@ -47,16 +49,6 @@ def check_single_patient(datasets: Iterable[Dataset]) -> tuple[str, str]:
             f"the datasets belong to {len(keys)} different patients (PatientID + "
             "IssuerOfPatientID); analyse one patient at a time")
     return keys.pop()
-
-
-def dicom_date(value: str | None) -> dt.date | None:
-    """A DICOM DA value (YYYYMMDD) as a date, None when absent or malformed."""
-    if not value:
-        return None
-    try:
-        return dt.datetime.strptime(str(value)[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)

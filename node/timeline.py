@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from node.index import Index
+from processing.dates import dicom_date
 
 logger = logging.getLogger(__name__)
 
@@ -196,17 +197,10 @@ class RecordOutcome:
 
 def _date(value: Any) -> dt.date:
     """A date from a ``datetime.date``, ISO ``YYYY-MM-DD`` or DICOM DA ``YYYYMMDD`` value."""
-    if isinstance(value, dt.date):
-        return value
-    if isinstance(value, str):
-        text = value.strip()
-        if len(text) == 8 and text.isdigit():
-            text = f"{text[:4]}-{text[4:6]}-{text[6:]}"
-        try:
-            return dt.date.fromisoformat(text)
-        except ValueError as err:
-            raise TimelineError(f"not a date: {value!r}") from err
-    raise TimelineError(f"not a date: {value!r}")
+    parsed = dicom_date(value)
+    if parsed is None:
+        raise TimelineError(f"not a date: {value!r}")
+    return parsed
 
 
 def _finite(value: Any) -> float | None:

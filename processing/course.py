@@ -41,6 +41,7 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from processing.dates import dicom_date
 from processing.rtstruct import RoiInfo, list_rois
 
 logger = logging.getLogger(__name__)
@@ -272,14 +273,10 @@ def recognise(ds: Dataset, *, patterns: CyberKnifePatterns | None = None) -> Rec
 
 
 def _parse_date(value: object) -> dt.date | None:
-    text = str(value or "").strip()
-    if len(text) < 8:
-        return None
-    try:
-        return dt.datetime.strptime(text[:8], "%Y%m%d").date()
-    except ValueError:
+    parsed = dicom_date(value)
+    if parsed is None and str(value or "").strip():
         logger.warning("unparseable DICOM date ignored")
-        return None
+    return parsed
 
 
 def treatment_date(
