@@ -19,7 +19,10 @@ Thresholds (documented so that a reviewer can check them against the protocols i
 * STIR: inversion recovery with TI 80–300 ms; T1w: spin echo TR ≤ 1000 ms and TE ≤ 30 ms, gradient
   echo TR < 50 ms with TE < 10 ms and flip ≥ 5°, or inversion recovery with TI 300–1500 ms;
   T2w: TR ≥ 1500 ms and TE ≥ 60 ms.
-* VFA T1: ≥ 2 volumes with distinct flip angles at one TR (± 2 %), gradient echo (§3.3).
+* VFA T1: ≥ 2 volumes with distinct flip angles at one TR (± 2 %), gradient echo (§3.3); or
+  one-volume spoiled gradient-echo series (TR < 50 ms), one per flip angle, with the same frame
+  of reference, grid, TR (± 2 %), sequence and contrast state (:func:`group_vfa_series`). A lone
+  single-flip series is never VFA (``ProtocolInventory.vfa_notes`` says why).
 * DCE: ≥ 5 volumes at one flip angle with strictly increasing acquisition times (§3.6).
 
 References
@@ -34,13 +37,20 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from processing.diffusion_encoding import B0_THRESHOLD, DiffusionEncodingError
-from processing.series import SeriesError, SeriesVolume, group_by_series, read_series
+from processing.series import (
+    SeriesError,
+    SeriesVolume,
+    group_by_series,
+    read_series,
+    split_set_aside,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +68,9 @@ class SeriesRole(str, enum.Enum):
     """What a series is, for the analysis chain."""
 
     DWI = "dwi"
+    #: a scanner-computed ADC map (Image Type ADC); values via :func:`scanner_adc_mm2_s`
     ADC_MAP = "adc_map"
+    SCANNER_ADC = "adc_map"  # noqa: PIE796 - deliberate alias of ADC_MAP
     TRACE = "trace"
     DCE = "dce"
     VFA_T1 = "vfa_t1"
@@ -145,6 +157,13 @@ class SeriesClassification:
     temporal_resolution: float | None = None
     contrast_agent: str | None = None
     error: str | None = None
+    #: grid of the series (processing.series.Geometry), for grouping VFA series
+    geometry: Any = None
+    #: scanning sequence tokens and sequence name, for grouping VFA series
+    sequence: tuple[str, ...] = ()
+    #: Series Instance UIDs of the VFA acquisition this single-flip series belongs to (ordered by
+    #: flip angle), when the flip angles were acquired as separate series
+    vfa_group: tuple[str, ...] = ()
 
 
 def _shells(b_values: np.ndarray) -> list[list[int]]:
@@ -267,6 +286,9 @@ def classify_volume(volume: SeriesVolume) -> SeriesClassification:
         flip_angles=tuple(float(f) for f in flips),
         repetition_time=tr,
         contrast_agent=volume.physics.contrast_agent,
+        geometry=volume.geometry,
+        sequence=(*volume.physics.scanning_sequence, volume.physics.echo_pulse_sequence,
+                  volume.physics.sequence_name),
     )
     if "ADC" in tokens:
         return SeriesClassification(role=SeriesRole.ADC_MAP, reasons=("Image Type ADC",), **base)
@@ -302,6 +324,9 @@ def classify_volume(volume: SeriesVolume) -> SeriesClassification:
             reasons=(f"{volume.n_volumes} volumes that are neither diffusion, VFA nor dynamic",), **base)
     role, facts = _anatomical_role(volume)
     return SeriesClassification(role=role, reasons=tuple(facts), **base)
+
+
+_RT_AND_SEG_ROLES = (SeriesRole.RTPLAN, SeriesRole.RTSTRUCT, SeriesRole.RTDOSE, SeriesRole.SEG)
 
 
 def _non_image_role(ds: Dataset) -> SeriesRole | None:
@@ -348,6 +373,156 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesClassification:
     return classify_volume(read_series(datasets))
 
 
+#: UCUM units of a scanner ADC map -> factor to mm²/s (Real World Value Mapping units).
+_ADC_UNIT_FACTORS = {"mm2/s": 1.0, "um2/s": 1e-6, "10-6.mm2/s": 1e-6, "10^-6.mm2/s": 1e-6,
+                     "10-3.mm2/s": 1e-3, "10^-3.mm2/s": 1e-3, "m2/s": 1e6}
+
+
+def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None) -> tuple[np.ndarray, str]:
+    """Values of a scanner ADC series (:attr:`SeriesRole.ADC_MAP`) in mm²/s, and how they were scaled.
+
+    ``volume.array`` already holds modality values (Rescale Slope/Intercept applied). Their unit:
+
+    1. Real World Value Mapping of ``first`` (or of its first frame's functional groups): the mapping
+       (slope/intercept on stored values) and its Measurement Units (UCUM ``mm2/s``, ``um2/s``,
+       ``10-6.mm2/s``, ``10-3.mm2/s``) are used when present;
+    2. otherwise the vendors' common convention: Siemens, GE, Philips, Canon and UIH store ADC maps as
+       integers in 10⁻⁶ mm²/s (e.g. 800 for 0.8·10⁻³ mm²/s), so values are multiplied by 10⁻⁶ —
+       unless the tissue values are already below 0.01 (a float map in mm²/s), left as they are.
+
+    Returns
+    -------
+    values : numpy.ndarray
+        float64 array shaped like ``volume.array[0]`` (first volume) in mm²/s.
+    note : str
+        One line saying which rule was applied (for provenance).
+    """
+    data = np.asarray(volume.array[0], dtype=np.float64)
+    rwvm = None
+    if first is not None:
+        rwvm = first.get("RealWorldValueMappingSequence")
+        if not rwvm:
+            for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+                groups = first.get(key)
+                if groups and groups[0].get("RealWorldValueMappingSequence"):
+                    rwvm = groups[0].RealWorldValueMappingSequence
+                    break
+    if rwvm:
+        item = rwvm[0]
+        units = item.get("MeasurementUnitsCodeSequence")
+        code = str(units[0].get("CodeValue", "")) if units else ""
+        factor = _ADC_UNIT_FACTORS.get(code.replace("²", "2").replace("μ", "u"))
+        slope = item.get("RealWorldValueSlope")
+        if factor is not None and slope is not None:
+            stored = data
+            rescale_slope = float(first.get("RescaleSlope", 1.0) or 1.0)
+            rescale_intercept = float(first.get("RescaleIntercept", 0.0) or 0.0)
+            stored = (data - rescale_intercept) / rescale_slope
+            real = stored * float(slope) + float(item.get("RealWorldValueIntercept", 0.0) or 0.0)
+            return real * factor, f"Real World Value Mapping, unit {code} (x{factor:g} to mm2/s)"
+    positive = data[data > 0]
+    if positive.size and float(np.median(positive)) < 0.01:
+        return data, "values already in mm2/s (median below 0.01)"
+    return data * 1e-6, ("no Real World Value Mapping: vendor convention, stored in 1e-6 mm2/s "
+                         f"({volume.physics.manufacturer or 'unknown manufacturer'})")
+
+
+#: geometry agreement for VFA series acquired separately (mm for origin, relative for spacing,
+#: cosine components for direction)
+VFA_GROUP_ORIGIN_MM = 0.01
+VFA_GROUP_DIRECTION = 1e-4
+VFA_GROUP_TR_REL = 0.02
+
+
+def _single_flip_gre(s: SeriesClassification) -> bool:
+    """A one-volume spoiled gradient-echo series at one flip angle (a VFA group candidate)."""
+    gradient_echo = "GR" in s.sequence or "GRADIENT" in s.sequence
+    return (s.role in (SeriesRole.T1W, SeriesRole.OTHER) and s.error is None
+            and s.diffusion is None and s.n_volumes == 1 and len(s.flip_angles) == 1
+            and s.repetition_time is not None and 0 < s.repetition_time < 50.0
+            and gradient_echo and s.geometry is not None)
+
+
+def _same_grid(a: Any, b: Any) -> bool:
+    return (tuple(a.size) == tuple(b.size)
+            and np.allclose(a.origin, b.origin, atol=VFA_GROUP_ORIGIN_MM, rtol=0)
+            and np.allclose(a.spacing, b.spacing, rtol=1e-4, atol=1e-4)
+            and np.allclose(a.direction, b.direction, atol=VFA_GROUP_DIRECTION, rtol=0))
+
+
+def group_vfa_series(series: Sequence[SeriesClassification]
+                     ) -> tuple[list[tuple[SeriesClassification, ...]], list[str]]:
+    """VFA acquisitions written as one series per flip angle.
+
+    One-volume spoiled gradient-echo series (TR < 50 ms, one flip angle) of one study are grouped
+    when they share the frame of reference, the grid (origin within 0.01 mm, spacing, direction,
+    size), the TR (within 2 %), the scanning sequence and sequence name and the contrast state
+    (Contrast/Bolus Agent), and differ in flip angle. A group with at least two distinct flip
+    angles is one VFA acquisition (three or more are preferred for precision).
+
+    Parameters
+    ----------
+    series : sequence of SeriesClassification
+        Classifications of one study.
+
+    Returns
+    -------
+    groups : list of tuple of SeriesClassification
+        Each VFA group, members ordered by flip angle (one series per flip; for a repeated flip
+        the first series is kept).
+    notes : list of str
+        Why each remaining single-flip gradient-echo series is not a VFA acquisition.
+    """
+    clusters: list[list[SeriesClassification]] = []
+    for s in (s for s in series if _single_flip_gre(s)):
+        for cluster in clusters:
+            ref = cluster[0]
+            if (ref.frame_of_reference_uid == s.frame_of_reference_uid
+                    and ref.sequence == s.sequence and ref.contrast_agent == s.contrast_agent
+                    and abs(ref.repetition_time - s.repetition_time)
+                    <= VFA_GROUP_TR_REL * ref.repetition_time
+                    and _same_grid(ref.geometry, s.geometry)):
+                cluster.append(s)
+                break
+        else:
+            clusters.append([s])
+    groups: list[tuple[SeriesClassification, ...]] = []
+    notes: list[str] = []
+    for cluster in clusters:
+        by_flip: dict[float, SeriesClassification] = {}
+        for s in cluster:
+            by_flip.setdefault(s.flip_angles[0], s)
+        if len(by_flip) >= 2:
+            groups.append(tuple(by_flip[f] for f in sorted(by_flip)))
+            continue
+        for s in cluster:
+            notes.append(
+                f"series {s.series_instance_uid} not used for VFA T1: a single flip angle "
+                f"({s.flip_angles[0]:g} deg at TR {s.repetition_time:g} ms) and no other series "
+                "of the study with the same frame of reference, grid, TR and sequence at a "
+                "different flip angle; T1 needs at least two flip angles")
+    return groups, notes
+
+
+def _with_vfa_groups(series: tuple[SeriesClassification, ...]
+                     ) -> tuple[tuple[SeriesClassification, ...], list[str]]:
+    """``series`` with the members of VFA groups re-roled ``vfa_t1``; notes on the rest."""
+    groups, notes = group_vfa_series(series)
+    if not groups:
+        return series, notes
+    member: dict[str, SeriesClassification] = {}
+    for group in groups:
+        uids = tuple(s.series_instance_uid for s in group)
+        flips = [s.flip_angles[0] for s in group]
+        for s in group:
+            member[s.series_instance_uid] = replace(
+                s, role=SeriesRole.VFA_T1, vfa_group=uids,
+                reasons=s.reasons + ((f"one flip angle of a VFA acquisition written as "
+                                      f"{len(group)} series (flip angles {flips} deg at TR "
+                                      f"{group[0].repetition_time} ms, same grid and sequence)"),))
+    return tuple(member.get(s.series_instance_uid, s) for s in series), notes
+
+
 @dataclass(frozen=True)
 class ProtocolInventory:
     """Which analyses one study allows, and with which series.
@@ -368,7 +543,12 @@ class ProtocolInventory:
         ``"vfa"`` when a VFA T1 series shares the DCE frame of reference and TR (± 5 %),
         ``"fixed_t10"`` otherwise, None without DCE.
     vfa_t1 : str or None
-        The VFA series used for T10.
+        The VFA series used for T10 (the first series of a VFA written one series per flip).
+    vfa_t1_series : tuple of str
+        Every series of that VFA acquisition: one multi-flip series, or one series per flip angle
+        ordered by flip.
+    vfa_notes : tuple of str
+        Why single-flip gradient-echo series were not used as VFA T1.
     anatomy_reference : str or None
         Anatomical series for registration and lesion delineation: T2w, else T1w, else STIR.
     adc_maps : tuple of str
@@ -388,6 +568,12 @@ class ProtocolInventory:
     anatomy_reference: str | None = None
     adc_maps: tuple[str, ...] = ()
     errors: tuple[tuple[str, str], ...] = field(default=())
+    vfa_t1_series: tuple[str, ...] = ()
+    vfa_notes: tuple[str, ...] = ()
+    #: objects and derived volumes kept out of the analysis (processing.series.SetAside), each with
+    #: its one-line reason: DICOMDIR, presentation states, vendor private objects, SR, Philips
+    #: isotropic image, derived images inside an acquired series
+    set_aside: tuple[Any, ...] = ()
 
     def by_role(self, role: SeriesRole | str) -> tuple[SeriesClassification, ...]:
         """Classifications of the series with ``role``."""
@@ -420,6 +606,7 @@ def protocol_inventory(classifications: Iterable[SeriesClassification],
             raise ValueError(f"classifications span {len(uids)} studies; give study_instance_uid")
         study_instance_uid = uids.pop() if uids else ""
     series = tuple(s for s in series if s.study_instance_uid in ("", study_instance_uid))
+    series, vfa_notes = _with_vfa_groups(series)
 
     def ranked(pred) -> tuple[str, ...]:
         chosen = [s for s in series if s.diffusion is not None and pred(s.diffusion)]
@@ -431,9 +618,18 @@ def protocol_inventory(classifications: Iterable[SeriesClassification],
     vfa = None
     method = None
     quantitative = False
+    # VFA candidates, one per acquisition (a group counts once), most flip angles first
+    vfa_candidates: list[SeriesClassification] = []
+    seen_groups: set[tuple[str, ...]] = set()
+    for s in series:
+        if s.role is SeriesRole.VFA_T1 and s.vfa_group not in seen_groups:
+            vfa_candidates.append(s)
+            if s.vfa_group:
+                seen_groups.add(s.vfa_group)
+    vfa_candidates.sort(key=lambda s: -(len(s.vfa_group) or len(s.flip_angles)))
     if dce is not None:
         quantitative = dce.n_volumes >= 10 and (dce.temporal_resolution or 1e9) <= 10.0
-        for cand in (s for s in series if s.role is SeriesRole.VFA_T1):
+        for cand in vfa_candidates:
             same_for = cand.frame_of_reference_uid == dce.frame_of_reference_uid
             same_tr = (cand.repetition_time is not None and dce.repetition_time is not None
                        and abs(cand.repetition_time - dce.repetition_time)
@@ -442,8 +638,8 @@ def protocol_inventory(classifications: Iterable[SeriesClassification],
                 vfa = cand
                 break
         method = "vfa" if vfa is not None else "fixed_t10"
-    elif any(s.role is SeriesRole.VFA_T1 for s in series):
-        vfa = next(s for s in series if s.role is SeriesRole.VFA_T1)
+    elif vfa_candidates:
+        vfa = vfa_candidates[0]
     anatomy = None
     for role in (SeriesRole.T2W, SeriesRole.T1W, SeriesRole.STIR):
         found = [s for s in series if s.role is role]
@@ -460,10 +656,13 @@ def protocol_inventory(classifications: Iterable[SeriesClassification],
         dce=None if dce is None else dce.series_instance_uid,
         dce_quantitative=quantitative,
         dce_t1_method=method,
-        vfa_t1=None if vfa is None else vfa.series_instance_uid,
+        vfa_t1=None if vfa is None else (vfa.vfa_group or (vfa.series_instance_uid,))[0],
         anatomy_reference=anatomy,
         adc_maps=tuple(s.series_instance_uid for s in series if s.role is SeriesRole.ADC_MAP),
         errors=tuple((s.series_instance_uid, s.error) for s in series if s.error),
+        vfa_t1_series=(() if vfa is None else
+                       (vfa.vfa_group or (vfa.series_instance_uid,))),
+        vfa_notes=tuple(vfa_notes),
     )
 
 
@@ -483,15 +682,26 @@ def classify_study(datasets: Iterable[Dataset], *,
     -----
     A series that cannot be read is kept with role ``other`` and its error message (logged with the
     Series Instance UID) so that the rest of the study can still be analysed; nothing is silently
-    dropped.
+    dropped. Objects that are not images to analyse (DICOMDIR, presentation states, key objects,
+    SR, RWVM, vendor private objects, anything without pixel data other than RT objects) and
+    derived volumes found inside an acquired series are listed in ``ProtocolInventory.set_aside``.
     """
-    datasets = list(datasets)
+    kept: list[Dataset] = []
+    aside: list[Any] = []
+    for ds in datasets:
+        if _non_image_role(ds) in _RT_AND_SEG_ROLES:
+            kept.append(ds)
+        else:
+            images, rest = split_set_aside([ds], keep_segmentations=True)
+            kept.extend(images)
+            aside.extend(rest)
+    datasets = kept
     studies = {str(ds.get("StudyInstanceUID", "")) for ds in datasets}
     if len(studies) != 1:
         raise ValueError(f"datasets span {len(studies)} studies; classify one study at a time")
     study = studies.pop()
     results = []
-    for uid, members in group_by_series(datasets).items():
+    for uid, members in group_by_series(datasets, set_aside=aside).items():
         try:
             if _non_image_role(members[0]) is not None:
                 results.append(classify_series(members))
@@ -508,5 +718,9 @@ def classify_study(datasets: Iterable[Dataset], *,
             continue
         if volumes is not None:
             volumes[uid] = volume
+        aside.extend(volume.excluded)
         results.append(classify_volume(volume))
-    return protocol_inventory(results, study_instance_uid=study)
+    for entry in aside:
+        logger.info("set aside %s: %s", entry.sop_instance_uid or entry.file_name or "object",
+                    entry.reason)
+    return replace(protocol_inventory(results, study_instance_uid=study), set_aside=tuple(aside))

@@ -18,6 +18,10 @@ Sources, in order of preference (domain.md §3.5):
    slice) frame, rotated to LPS here following dcm2niix ``geCorrectBvecs``.
 5. Philips: "Philips Imaging DD 001" (2001,xx03) b-value, (2001,xx04) direction label ("I" =
    isotropic), "Philips MR Imaging DD 001" (2005,xxB0/xxB1/xxB2) gradient RL/AP/FH (patient frame).
+6. United Imaging (UIH): "Image Private Header" (0065,xx09) *effective* b-value (the one dcm2niix
+   writes to ``.bval``, e.g. 929.75 for a nominal 1000 in (0065,xx0A), 1.25 for a nominal 0), falling
+   back to the nominal (0065,xx0A); gradient (0065,xx37) in patient coordinates (LPS), as dcm2niix
+   reads it (a zero vector at b > 0 would be an isotropic image).
 
 References
 ----------
@@ -60,6 +64,7 @@ GE_ACQU = "GEMS_ACQU_01"
 GE_PARM = "GEMS_PARM_01"
 PHILIPS_IMAGING_1 = "Philips Imaging DD 001"
 PHILIPS_MR_IMAGING_1 = "Philips MR Imaging DD 001"
+UIH_IMAGE_HEADER = "Image Private Header"
 
 
 class DiffusionEncodingError(ValueError):
@@ -318,6 +323,20 @@ def _from_philips(ds: Dataset, what: str) -> DiffusionEncoding | None:
     return _make(b, gradient, directionality, "philips", what)
 
 
+def _from_uih(ds: Dataset, what: str) -> DiffusionEncoding | None:
+    if "UIH" not in str(ds.get("Manufacturer", "") or "").upper():
+        return None
+    b = _first_float(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x09, "FD"))
+    if b is None:
+        b = _first_float(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x0A, "FD"))
+    if b is None:
+        return None
+    gradient = private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x37, "FD")
+    if gradient is not None and not hasattr(gradient, "__len__"):
+        gradient = None
+    return _make(b, None if gradient is None else [float(g) for g in gradient], "", "uih", what)
+
+
 def _looks_diffusion_weighted(ds: Dataset) -> bool:
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "DERIVED" in image_type[:1]:
@@ -374,7 +393,7 @@ def diffusion_encoding(ds: Dataset, *, frame_groups: Sequence[Dataset] = (),
         return standard
     # A standard b-value without direction (GE writes (0018,9087) only) is completed from the
     # vendor's private elements; without them it is an isotropic (trace) image.
-    for reader in (_from_siemens, _from_philips):
+    for reader in (_from_siemens, _from_philips, _from_uih):
         enc = reader(ds, what)
         if enc is not None:
             return enc

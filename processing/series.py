@@ -2,7 +2,17 @@
 
 Pure functions on pydicom datasets (the caller reads the files). Handles classic single-frame images,
 Enhanced MR multi-frame objects (per-frame and shared functional groups, including Siemens XA which
-writes the spatial groups per frame) and Siemens mosaics. A series becomes an array of shape
+writes the spatial groups per frame), Siemens mosaics and United Imaging tiled ``VFRAME`` images
+(one volume per file as a grid of slices, each slice's position in the private (0065,xx51) items).
+
+A series is what its images say, not every object that shares its UID: :func:`split_set_aside` /
+:func:`set_aside_reason` keep out DICOMDIRs, presentation states, key objects, SR, Real World Value
+Mapping, Philips private objects (1.3.46.670589.11.0.0.12.x) and anything without pixel data, each
+as a :class:`SetAside` with a one-line reason (:func:`read_series` does the same for the datasets it
+is given). Scanner-derived volumes inside an acquired series (ADC/FA/EADC maps, DERIVED images,
+trace images and the Philips isotropic image beside directional ones) are left out of the volumes
+and listed in :attr:`SeriesVolume.excluded`; a series made only of derived images (a TRACEW or
+scanner ADC series) is read whole. A series becomes an array of shape
 ``(n_volumes, z, y, x)``: one 3-D volume per b-value/direction, time point, flip angle or echo, with a
 :class:`VolumeMetadata` for each and the source frame of every slice (reporting references them).
 
@@ -22,7 +32,7 @@ References
 .. [1] DICOM PS3.3 C.7.6.2 Image Plane Module; C.7.6.16 Multi-frame Functional Groups;
        C.8.13 Enhanced MR Image.
 .. [2] nibabel ``nicom.dicomwrappers.MosaicWrapper`` (mosaic position correction) and dcm2niix
-       (Philips volume order from (2005,xx96)).
+       (Philips volume order from (2005,xx96); UIH GRID images, ``UIH/README.md``).
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from pydicom.dataset import Dataset
 from processing.diffusion_encoding import (
     SIEMENS_CSA_HEADER,
     SIEMENS_MR_HEADER,
+    UIH_IMAGE_HEADER,
     DiffusionEncoding,
     DiffusionEncodingError,
     UnknownDiffusionEncodingError,
@@ -57,6 +68,7 @@ with warnings.catch_warnings():
 logger = logging.getLogger(__name__)
 
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: Philips (2005,1596) "diffusion order" (temporal order of volumes, R5.6+) sits in the block of
 #: this creator (dcm2niix Philips/README).
 PHILIPS_MR_IMAGING_6 = "Philips MR Imaging DD 006"
@@ -257,6 +269,9 @@ class SeriesVolume:
     source_frames : tuple of tuple of SourceFrame
         ``source_frames[v][k]``: the stored frame of slice ``k`` of volume ``v``.
     physics : AcquisitionPhysics
+    excluded : tuple of SetAside
+        Derived volumes found inside the series and kept out of it (Philips isotropic image, scanner
+        ADC/FA/TRACEW images among original ones), one entry per volume with the reason.
     """
 
     series_instance_uid: str
@@ -271,6 +286,7 @@ class SeriesVolume:
     volumes: tuple[VolumeMetadata, ...]
     source_frames: tuple[tuple[SourceFrame, ...], ...]
     physics: AcquisitionPhysics = field(default_factory=AcquisitionPhysics)
+    excluded: tuple[SetAside, ...] = ()
 
     @property
     def n_volumes(self) -> int:
@@ -299,19 +315,146 @@ class SeriesVolume:
         return image
 
 
+# ----------------------------------------------------------------------------- set-aside objects
+#: Media Storage Directory (DICOMDIR) SOP Class.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+#: Philips private non-image objects (exam cards, spectro/raw data) share the images' series.
+PHILIPS_PRIVATE_SOP_PREFIX = "1.3.46.670589.11.0.0.12."
+#: Standard SOP Classes that hold no image to assemble (prefix match where it ends with a dot).
+NON_IMAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.11.": "Presentation State",
+    "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection",
+    "1.2.840.10008.5.1.4.1.1.88.": "Structured Report",
+    "1.2.840.10008.5.1.4.1.1.67": "Real World Value Mapping",
+    "1.2.840.10008.5.1.4.1.1.104.": "Encapsulated Document",
+    "1.2.840.10008.5.1.4.1.1.66": "Raw Data",
+    "1.2.840.10008.5.1.4.1.1.66.1": "Spatial Registration",
+    "1.2.840.10008.5.1.4.1.1.66.3": "Deformable Spatial Registration",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.": "Radiotherapy object",
+}
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """An object (or a derived volume of a series) kept out of series assembly, with the reason.
+
+    Attributes
+    ----------
+    reason : str
+        One line: why it was set aside.
+    sop_instance_uid, sop_class_uid, series_instance_uid : str
+        Identifiers of the object ("" when it has none, e.g. a DICOMDIR's series).
+    file_name : str or None
+        File name (no folder) when known.
+    """
+
+    reason: str
+    sop_instance_uid: str = ""
+    sop_class_uid: str = ""
+    series_instance_uid: str = ""
+    file_name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``maps.json`` ``set_aside`` entries)."""
+        return {"file": self.file_name, "sop_instance_uid": self.sop_instance_uid,
+                "sop_class_uid": self.sop_class_uid,
+                "series_instance_uid": self.series_instance_uid, "reason": self.reason}
+
+
+def _sop_class(ds: Dataset) -> str:
+    sop = str(ds.get("SOPClassUID", "") or "")
+    if not sop and getattr(ds, "file_meta", None) is not None:
+        sop = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+    return sop
+
+
+def set_aside_reason(ds: Dataset, *, keep_segmentations: bool = False) -> str | None:
+    """Why ``ds`` is not an image to assemble into a series, or None when it is one.
+
+    Set aside: a DICOMDIR (Media Storage Directory), objects without Series Instance UID, known
+    non-image SOP Classes (presentation states, key objects, SR, Real World Value Mapping, Philips
+    private objects 1.3.46.670589.11.0.0.12.x, RT objects, and Segmentation unless
+    ``keep_segmentations``) and anything without pixel data.
+    """
+    sop = _sop_class(ds)
+    if sop == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        return "DICOMDIR (Media Storage Directory): an index of the files, not an image"
+    if sop.startswith(PHILIPS_PRIVATE_SOP_PREFIX):
+        return f"Philips private non-image object (SOP Class {sop})"
+    segmentation = sop == SEGMENTATION_SOP_CLASS or str(ds.get("Modality", "")).upper() == "SEG"
+    if not (keep_segmentations and segmentation):
+        for prefix, name in sorted(NON_IMAGE_SOP_CLASSES.items(), key=lambda kv: -len(kv[0])):
+            if sop == prefix or (prefix.endswith(".") and sop.startswith(prefix)):
+                return f"{name} (SOP Class {sop}): not a source image"
+    if not ds.get("SeriesInstanceUID"):
+        return f"no Series Instance UID (SOP Class {sop or '?'})"
+    if ("PixelData" not in ds and "FloatPixelData" not in ds
+            and "DoubleFloatPixelData" not in ds and not segmentation):
+        return f"no pixel data (SOP Class {sop or '?'}, Modality {ds.get('Modality', '?')})"
+    return None
+
+
+def _file_name(ds: Dataset) -> str | None:
+    name = getattr(ds, "filename", None)
+    if isinstance(name, str) and name:
+        return name.replace("\\", "/").rsplit("/", 1)[-1]
+    return None
+
+
+def split_set_aside(datasets: Iterable[Dataset], *, keep_segmentations: bool = False,
+                    ) -> tuple[list[Dataset], list[SetAside]]:
+    """Separate the images to assemble from the objects to set aside (:func:`set_aside_reason`).
+
+    Returns
+    -------
+    images : list of Dataset
+        Datasets to group and assemble, order kept.
+    set_aside : list of SetAside
+        One entry per other dataset, with its one-line reason.
+    """
+    images: list[Dataset] = []
+    aside: list[SetAside] = []
+    for ds in datasets:
+        reason = set_aside_reason(ds, keep_segmentations=keep_segmentations)
+        if reason is None:
+            images.append(ds)
+            continue
+        aside.append(SetAside(reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+                              sop_class_uid=_sop_class(ds),
+                              series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+                              file_name=_file_name(ds)))
+        logger.debug("set aside %s: %s", aside[-1].sop_instance_uid or aside[-1].file_name, reason)
+    return images, aside
+
+
 # ----------------------------------------------------------------------------- helpers
-def group_by_series(datasets: Iterable[Dataset]) -> dict[str, list[Dataset]]:
+def group_by_series(datasets: Iterable[Dataset], *,
+                    set_aside: list[SetAside] | None = None) -> dict[str, list[Dataset]]:
     """Group datasets by Series Instance UID (insertion order kept).
+
+    Parameters
+    ----------
+    datasets : iterable of Dataset
+    set_aside : list, optional
+        When given, datasets without a Series Instance UID (e.g. a DICOMDIR) are appended to it as
+        :class:`SetAside` instead of raising.
 
     Raises
     ------
     MixedSeriesError
-        A dataset has no Series Instance UID.
+        A dataset has no Series Instance UID (and ``set_aside`` is None).
     """
     groups: dict[str, list[Dataset]] = defaultdict(list)
     for ds in datasets:
         uid = ds.get("SeriesInstanceUID")
         if not uid:
+            if set_aside is not None:
+                reason = set_aside_reason(ds) or "no Series Instance UID"
+                set_aside.append(SetAside(
+                    reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+                    sop_class_uid=_sop_class(ds), file_name=_file_name(ds)))
+                continue
             raise MixedSeriesError(
                 f"dataset {ds.get('SOPInstanceUID', '?')} has no Series Instance UID")
         groups[str(uid)].append(ds)
@@ -469,8 +612,56 @@ def _csa_slice_normal(ds: Dataset) -> np.ndarray | None:
     return None if normal is None else np.asarray(normal, dtype=float)
 
 
+def _uih_tiles(ds: Dataset) -> list[_Frame] | None:
+    """De-tile a United Imaging ``VFRAME`` image (one volume as a grid of slices), or None.
+
+    UIH writes the number of slices in "Image Private Header" (0065,xx50) and one item per slice,
+    in tile order (row-major over the grid), with its own ImagePositionPatient in (0065,xx51); the
+    tile matrix is (0065,xx04) ``"rows*cols"`` (dcm2niix reads the same elements).
+    """
+    items = private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x51, "SQ")
+    if "VFRAME" not in _strings(ds.get("ImageType")) or not items:
+        return None
+    uid = str(ds.get("SOPInstanceUID", "?"))
+    n = _int(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x50, "DS")) or len(items)
+    matrix = str(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x04, "SH") or "")
+    try:
+        tr, tc = (int(v) for v in matrix.replace("x", "*").split("*"))
+    except ValueError:
+        raise InconsistentGeometryError(
+            f"SOP Instance {uid}: UIH tiled image without a tile matrix (0065,xx04)") from None
+    pixels = _rescale(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
+    rows, cols = pixels.shape
+    if rows % tr or cols % tc or len(items) < n or n > (rows // tr) * (cols // tc):
+        raise InconsistentGeometryError(
+            f"SOP Instance {uid}: UIH tiled image {rows}×{cols} cannot hold {n} tiles of {tr}×{tc} "
+            f"({len(items)} slice positions)")
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    ps = tuple(float(v) for v in ds.PixelSpacing)
+    common = _classic_common(ds)
+    encoding = _encoding(ds, orientation=iop)
+    spacing = _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness"))
+    per_row = cols // tc
+    frames = []
+    for k in range(n):
+        item = items[k]
+        if "ImagePositionPatient" not in item:
+            raise InconsistentGeometryError(
+                f"SOP Instance {uid}: UIH tile {k} has no ImagePositionPatient")
+        r0, c0 = (k // per_row) * tr, (k % per_row) * tc
+        frames.append(_Frame(
+            pixels=pixels[r0:r0 + tr, c0:c0 + tc],
+            ipp=np.asarray(item.ImagePositionPatient, dtype=float), iop=iop, pixel_spacing=ps,
+            slice_spacing=spacing, encoding=encoding,
+            source=SourceFrame(str(ds.SOPClassUID), uid, None, k), **common))
+    return frames
+
+
 def _frames_classic(ds: Dataset) -> list[_Frame]:
     uid = str(ds.get("SOPInstanceUID", "?"))
+    tiles = _uih_tiles(ds)
+    if tiles is not None:
+        return tiles
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if kw not in ds or not ds[kw].value:
             raise InconsistentGeometryError(f"SOP Instance {uid} has no {kw}")
@@ -689,6 +880,9 @@ def read_series(datasets: Sequence[Dataset]) -> SeriesVolume:
     if len(uids) != 1:
         raise MixedSeriesError(f"datasets belong to {len(uids)} series: {sorted(uids)}")
     series_uid = uids.pop()
+    datasets, aside = split_set_aside(datasets, keep_segmentations=True)
+    if not datasets:
+        raise MixedSeriesError(f"series {series_uid} holds no image: {aside[0].reason}")
     seen: set[str] = set()
     frames: list[_Frame] = []
     for ds in datasets:
@@ -701,11 +895,77 @@ def read_series(datasets: Sequence[Dataset]) -> SeriesVolume:
             frames.extend(_frames_enhanced(ds))
         else:
             frames.extend(_frames_classic(ds))
-    first = datasets[0]
-    return _assemble(series_uid, first, frames)
+    frames, excluded = _without_derived(series_uid, frames)
+    excluded = tuple(aside) + excluded
+    first = next((ds for ds in datasets
+                  if str(ds.get("SOPInstanceUID", "")) == frames[0].source.sop_instance_uid),
+                 datasets[0])
+    return _assemble(series_uid, first, frames, excluded)
 
 
-def _assemble(series_uid: str, first: Dataset, frames: list[_Frame]) -> SeriesVolume:
+#: Image/Frame Type values of scanner-computed maps (PS3.3 C.8.13.1.1.1 and vendor usage: Siemens
+#: EADC/EXP, Philips/GE FA and ADC): never diffusion-weighted images to fit.
+DERIVED_MAP_TOKENS = frozenset({"ADC", "EADC", "EXP", "FA", "COLFA", "CALC_BVALUE", "MD"})
+#: Image/Frame Type values of scanner-combined (trace) diffusion-weighted images.
+TRACE_TOKENS = frozenset({"TRACEW", "TRACE", "ISOTROPIC"})
+
+
+def _derived_reason(f: _Frame, directional_series: bool) -> str | None:
+    """Why a frame is a scanner-derived image rather than an acquired one (None if acquired).
+
+    Maps (ADC, FA, EADC…) and other DERIVED images are always derived; trace images (TRACEW, an
+    isotropic image at b > 0 such as the Philips (2001,1004) = I image) only count as derived in a
+    series that holds directional images, which they were computed from (a trace-only series —
+    e.g. Siemens b0 ``NONE`` + b1000 ``TRACEW`` — is an acquisition in its own right).
+    """
+    tokens = set(f.image_type)
+    enc = f.encoding
+    text = "/".join(f.image_type)
+    isotropic = enc is not None and not enc.is_b0 and enc.directionality == "ISOTROPIC"
+    if tokens & DERIVED_MAP_TOKENS:
+        return f"scanner-derived map (Image Type {text})"
+    if directional_series and isotropic and enc is not None:
+        if enc.source == "philips":
+            return (f"Philips isotropic (trace) image, (2001,1004) = I, b = {enc.b_value:g} s/mm², "
+                    "computed by the scanner inside a directional series")
+        return f"isotropic (trace) image at b = {enc.b_value:g} s/mm² inside a directional series"
+    if directional_series and tokens & TRACE_TOKENS:
+        return f"scanner-combined trace image (Image Type {text}) inside a directional series"
+    if f.image_type[:1] == ("DERIVED",) and not tokens & TRACE_TOKENS:
+        return f"derived image (Image Type {text})"
+    return None
+
+
+def _without_derived(series_uid: str, frames: list[_Frame]) -> tuple[list[_Frame], tuple[SetAside, ...]]:
+    """Drop derived frames from a series that also holds acquired ones (one entry per volume).
+
+    A series made only of derived images (a scanner ADC or TRACEW series) is kept whole: its role is
+    decided by :mod:`processing.classify`.
+    """
+    directional = any(f.encoding is not None and f.encoding.gradient is not None
+                      and not set(f.image_type) & (TRACE_TOKENS | DERIVED_MAP_TOKENS)
+                      for f in frames)
+    reasons = [_derived_reason(f, directional) for f in frames]
+    if not any(reasons) or all(reasons):
+        return frames, ()
+    kept = [f for f, r in zip(frames, reasons) if r is None]
+    dropped: dict[tuple, list[_Frame]] = defaultdict(list)
+    for f, r in zip(frames, reasons):
+        if r is not None:
+            dropped[(r, _volume_key(f))].append(f)
+    excluded = []
+    for (reason, _), members in dropped.items():
+        sops = sorted({m.source.sop_instance_uid for m in members})
+        excluded.append(SetAside(
+            reason=f"{reason}: left out of fitting ({len(members)} frame(s))",
+            sop_instance_uid=sops[0] if len(sops) == 1 else f"{len(sops)} SOP instances",
+            sop_class_uid=members[0].source.sop_class_uid, series_instance_uid=series_uid))
+    logger.info("series %s: %d derived volume(s) left out", series_uid, len(excluded))
+    return kept, tuple(excluded)
+
+
+def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
+              excluded: tuple[SetAside, ...] = ()) -> SeriesVolume:
     ref = frames[0]
     for f in frames:
         if np.max(np.abs(f.iop - ref.iop)) > ORIENTATION_TOLERANCE:
@@ -815,6 +1075,7 @@ def _assemble(series_uid: str, first: Dataset, frames: list[_Frame]) -> SeriesVo
         volumes=metas,
         source_frames=sources,
         physics=_physics(first),
+        excluded=excluded,
     )
 
 
@@ -862,9 +1123,12 @@ __all__ = [
     "SeriesError",
     "SeriesUnknownDiffusionEncodingError",
     "SeriesVolume",
+    "SetAside",
     "SourceFrame",
     "VolumeMetadata",
     "group_by_series",
     "read_series",
+    "set_aside_reason",
+    "split_set_aside",
 ]
 

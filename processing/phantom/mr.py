@@ -206,7 +206,7 @@ def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Data
     ds.ImagingFrequency = "123.2"
     ds.ImagedNucleus = "1H"
     ds.EchoNumbers = "1"
-    ds.MagneticFieldStrength = _ds_str(proto.FIELD_STRENGTH_T)
+    ds.MagneticFieldStrength = _ds_str(ph.contrast["field_strength_t"])
     ds.SpacingBetweenSlices = _ds_str(grid.spacing[2])
     ds.EchoTrainLength = "1" if sp.acquisition_type == "3D" else ("64" if series.role == "dwi" else "17")
     ds.PercentSampling = "100"
@@ -370,8 +370,10 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -
 def _dce_series_tags(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
     """Contrast/Bolus module (same in every phase of the series)."""
     inj = series.start + dt.timedelta(seconds=proto.BOLUS_ARRIVAL_S - 10.0)
-    volume_ml = round(float(ph.patient["PatientWeight"]) * proto.CONTRAST_DOSE_MMOL_PER_KG / 0.5, 1)
-    ds.ContrastBolusAgent = proto.CONTRAST_AGENT
+    agent = ph.contrast
+    volume_ml = round(float(ph.patient["PatientWeight"]) * agent["dose_mmol_per_kg"]
+                      / agent["mmol_per_ml"], 1)
+    ds.ContrastBolusAgent = agent["agent_text"]
     ds.ContrastBolusRoute = "IV"
     ds.ContrastBolusVolume = _ds_str(volume_ml)
     ds.ContrastBolusStartTime = _tm(inj)
@@ -379,7 +381,7 @@ def _dce_series_tags(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
     ds.ContrastFlowRate = "3"
     ds.ContrastFlowDuration = _ds_str(round(volume_ml / 3.0, 1))
     ds.ContrastBolusIngredient = "GADOLINIUM"
-    ds.ContrastBolusIngredientConcentration = _ds_str(proto.GADOLINIUM_MG_PER_ML)
+    ds.ContrastBolusIngredientConcentration = _ds_str(agent["gadolinium_mg_per_ml"])
 
 
 def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any]) -> None:
@@ -407,3 +409,46 @@ def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any]
         mr = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
         mr.add_new(0xA0, "FL", float(meta["time_s"]))  # MR Image Dynamic Scan Begin Time (s)
     ds.AcquisitionDateTime = series.start.strftime("%Y%m%d") + _tm(series.start + dt.timedelta(seconds=meta["time_s"]))
+
+
+#: SOP Class of the Philips private non-image objects that real Philips exports file in the image
+#: series (exam card / raw-data companions; the real CD export in dwi_dcmqa/philips_dwi has two).
+PHILIPS_PRIVATE_SOP_CLASS = "1.3.46.670589.11.0.0.12.2"
+
+
+def non_image_objects(ph: Phantom, study: StudyData, series: SeriesData
+                      ) -> Iterator[tuple[str, Dataset]]:
+    """Yield (relative path, Dataset) of the non-image objects a CD export puts beside a series.
+
+    Opt-in (not part of :meth:`Phantom.iter_files`): a Grayscale Softcopy Presentation State on
+    the series' first image (its own series, made with highdicom) and a Philips-style private
+    non-image object (SOP Class 1.3.46.670589.11.0.0.12.2, no pixel data) sharing the image
+    series' Series Instance UID, as in real Philips exports. Readers must set both aside.
+    """
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    first = next(iter(series_datasets(ph, study, series)))[1]
+    equipment = VENDOR_EQUIPMENT[ph.vendor]
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[first], series_instance_uid=generate_uid(), series_number=99,
+        sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer=str(equipment["Manufacturer"]),
+        manufacturer_model_name=str(equipment["ManufacturerModelName"]),
+        software_versions="phantom 1.0", device_serial_number="PH0001", content_label="PHANTOM")
+    yield f"{study.key}/{series.folder}/PS_0001.dcm", gsps
+    private = Dataset()
+    private.file_meta = file_meta(PHILIPS_PRIVATE_SOP_CLASS, generate_uid())
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber"):
+        if keyword in first:
+            setattr(private, keyword, first.get(keyword))
+    private.SOPClassUID = PHILIPS_PRIVATE_SOP_CLASS
+    private.SOPInstanceUID = private.file_meta.MediaStorageSOPInstanceUID
+    private.Modality = "MR"
+    private.SeriesInstanceUID = series.series_uid
+    private.SeriesNumber = first.get("SeriesNumber")
+    private.InstanceNumber = 9999
+    block = private.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+    block.add_new(0x10, "LO", "EXAMCARD")
+    yield f"{study.key}/{series.folder}/XX_0001.dcm", private
