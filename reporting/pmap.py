@@ -18,7 +18,8 @@ Encoding (domain.md §4.2)
   ``paramap2itkimage`` refuses maps without it.
 * Non-finite values (voxels where the fit failed or was rejected) are written as 0; the LUT
   Explanation says so.
-* Frame alignment with the sources: see :mod:`reporting.seg`.
+* Frame alignment with the sources, the orientation tolerance (oblique GE series) and maps on an
+  explicit grid (de-tiled mosaics): see :mod:`reporting.seg`.
 * Stored frame order: ascending along the slice normal (row direction × column direction).
   highdicom sorts planes the other way round; dcmqi's ``paramap2itkimage`` (1.3) fills its volume
   in stored frame order but takes the origin from the lowest position along the normal, so it
@@ -40,6 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
+from processing.series import Geometry
 from reporting import codes as rcodes
 from reporting.seg import (
     DEVICE_SERIAL_NUMBER,
@@ -79,6 +81,7 @@ def build_parametric_map(
     vertebral_level: str | None = None,
     input_digest: str | None = None,
     series_number: int | None = None,
+    grid: Geometry | None = None,
 ) -> hd.pm.ParametricMap:
     """Build the Parametric Map of one quantity on the grid of its source images.
 
@@ -108,6 +111,11 @@ def build_parametric_map(
         provenance.
     series_number : int, optional
         Default 9100 + position of the quantity in ``QUANTITIES``.
+    grid : processing.series.Geometry, optional
+        The map's own grid (``values`` is ``(size_z, size_y, size_x)`` on it). Required when no
+        source frame has the map's geometry (Siemens mosaic, United Imaging tiled images): plane
+        positions, orientation and spacing are then written from the grid and the sources are only
+        referenced (see :mod:`reporting.seg`). Not with ``source_frames``.
 
     Returns
     -------
@@ -127,10 +135,12 @@ def build_parametric_map(
     if not np.issubdtype(values.dtype, np.floating):
         raise ValueError(f"values must be floating point, got {values.dtype}")
     src = source_images[0] if source_images else None
-    if src is not None and values.shape[1:] != (int(src.Rows), int(src.Columns)):
-        raise ValueError(
-            f"values frames are {values.shape[1:]} but sources are {(src.Rows, src.Columns)}")
-    geometry = source_geometry(source_images, values.shape[0], source_frames)
+    expected = (int(grid.size[1]), int(grid.size[0])) if grid is not None else (
+        None if src is None else (int(src.Rows), int(src.Columns)))
+    if expected is not None and values.shape[1:] != expected:
+        raise ValueError(f"values frames are {values.shape[1:]} but "
+                         f"{'the grid has' if grid is not None else 'sources are'} {expected}")
+    geometry = source_geometry(source_images, values.shape[0], source_frames, grid)
     assert src is not None
 
     finite = np.isfinite(values)
@@ -159,7 +169,8 @@ def build_parametric_map(
     settings = repr(sorted((str(k), repr(v)) for k, v in provenance.items()))
     if input_digest is None:
         input_digest = digest_text(digest_uids(source_images), digest_arrays(values), quantity,
-                                   settings, repr(list(source_frames or [])))
+                                   settings, repr(list(source_frames or [])),
+                                   *([repr(grid)] if grid is not None else []))
     uid_args = dict(source_study_uid=str(src.StudyInstanceUID), tracking_uid=None,
                     algorithm_version=algorithm_version, input_digest=input_digest)
     series_uid = deterministic_uid(kind=f"pm/{quantity}/series", **uid_args)
