@@ -25,13 +25,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from node.chain import ChainSettings
 from node.analysis import link_superseded_reports
 from node.config import register_section
 from node.logs import logging_target
 from node.timeline import on_analysis_done, recorded_reports
+from processing.relaxivity import DEFAULT_RELAXIVITY_PER_MM_S, normalise_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ class AnalysisSection(BaseModel):
     radiomics_spacing_mm: float = Field(1.0, gt=0, le=10)
     alpha_beta_gy: float = Field(10.0, gt=0, le=100)
     model_path: Path | None = None
+    #: site r1 (/mM/s) by contrast agent (generic or brand name), e.g. ``{ gadobutrol = 5.0 }``;
+    #: wins over the published table (processing.relaxivity)
+    relaxivity_per_mM_s: dict[str, float] = Field(default_factory=dict)
+    #: r1 (/mM/s) for an undeclared or unrecognised agent (a warning is recorded)
+    default_relaxivity_per_mM_s: float = Field(DEFAULT_RELAXIVITY_PER_MM_S, gt=0, le=100)
+
+    @field_validator("relaxivity_per_mM_s")
+    @classmethod
+    def _known_agents(cls, value: dict[str, float]) -> dict[str, float]:
+        normalise_overrides(value)  # RelaxivityError (a ValueError) names the bad entry
+        return value
 
     def chain_settings(self) -> ChainSettings:
         names = {f.name for f in fields(ChainSettings)}

@@ -12,6 +12,7 @@ IAUC60 in mmol/L·s, TTP in s.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -32,6 +33,11 @@ from processing.dce import (
 )
 from processing.dki import ApparentKurtosisModel, TensorDkiModel
 from processing.dwi import AdcModel, IvimModel
+from processing.relaxivity import (
+    DEFAULT_RELAXIVITY_PER_MM_S,
+    normalise_overrides,
+    resolve_relaxivity,
+)
 from processing.series import Geometry, SeriesVolume
 from processing.t1 import T1Fit, VfaT1Model, fixed_t10
 
@@ -56,7 +62,9 @@ class MapSettings:
     ----------
     adc_min_b, adc_max_b : float
         b-range of the ADC fit (s/mm²); default 50-1000 (body DWI consensus; kurtosis bends the
-        curve beyond ~1000).
+        curve beyond ~1000). With fewer than two shells in the range, b = 0 joins; a two-point
+        high-b protocol (b0 + b1500/2000/2500) uses b0 and its lowest shell above `adc_max_b`
+        (:func:`processing.dwi.select_adc_shells`; the reason is in the ADC's provenance).
     adc_weighting : {"none", "S2"}
         ADC estimator. Default ``"none"`` (ordinary log-linear least squares): the definition of
         scanner ADC maps and of the phantom truth. With IVIM/kurtosis curvature the S²-weighted
@@ -67,7 +75,11 @@ class MapSettings:
     hematocrit : float
         Large-vessel haematocrit for the Parker AIF (blood -> plasma).
     relaxivity : float
-        Contrast agent r1 (/mM/s); default 3.5 (gadoterate in plasma, 3 T, Rohrer 2005).
+        Contrast agent r1 (/mM/s) used when the DCE series declares no agent that the table of
+        :mod:`processing.relaxivity` (or `relaxivity_by_agent`) knows; the map provenance then
+        carries a warning. Default 3.5 (gadoterate in plasma, 3 T, Rohrer 2005).
+    relaxivity_by_agent : dict of str to float
+        Site r1 values (/mM/s) by agent (generic or brand name); they win over the table.
     fixed_t10 : float
         T10 (s) used when no VFA series exists (flagged in provenance).
     extended_tofts : bool
@@ -85,7 +97,8 @@ class MapSettings:
     ivim_b_threshold: float = 200.0
     ivim_max_b: float = 1000.0
     hematocrit: float = 0.42
-    relaxivity: float = 3.5
+    relaxivity: float = DEFAULT_RELAXIVITY_PER_MM_S
+    relaxivity_by_agent: dict[str, float] = field(default_factory=dict)
     fixed_t10: float = 1.0
     extended_tofts: bool = True
     background_fraction: float = 0.05
@@ -96,6 +109,7 @@ class MapSettings:
             raise ValueError(f"hematocrit must be in [0, 1), got {self.hematocrit}")
         if self.relaxivity <= 0 or self.fixed_t10 <= 0:
             raise ValueError("relaxivity and fixed T10 must be positive")
+        normalise_overrides(self.relaxivity_by_agent)
         if not 0 <= self.adc_min_b < self.adc_max_b:
             raise ValueError("invalid ADC b-range")
 
@@ -167,6 +181,20 @@ def _qmap(quantity: str, values: NDArray, valid: NDArray, volume: SeriesVolume,
                     volume.geometry, volume.series_instance_uid, dict(provenance))
 
 
+def _diffusion_models_not_fitted(shells: list[float], flags: dict[str, bool]) -> dict[str, str]:
+    """Why IVIM / kurtosis are not fitted for this b-scheme (model -> plain-language reason)."""
+    scheme = ", ".join(f"{b:g}" for b in shells)
+    out: dict[str, str] = {}
+    if not flags.get("ivim"):
+        out["IVIM"] = (f"b-values {scheme} s/mm²: IVIM needs at least four shells, three of them "
+                       "at b <= 200 s/mm² (perfusion regime) and one at b >= 400")
+    if not flags.get("dki_tensor") and not flags.get("kurtosis_apparent"):
+        out["DKI"] = (f"b-values {scheme} s/mm²: kurtosis needs at least three shells from "
+                      "b <= 100 to b >= 1400 s/mm² (tensor DKI also two directional shells and "
+                      ">= 15 directions)")
+    return out
+
+
 def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
                     settings: MapSettings) -> dict[str, QuantMap]:
     out: dict[str, QuantMap] = {}
@@ -176,9 +204,13 @@ def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
     b = b[keep]
     grads = volume.gradients[keep]
     fg = _foreground(signals[..., int(np.argmin(b))], settings.background_fraction)
-    adc = AdcModel(b, min_b=settings.adc_min_b, max_b=settings.adc_max_b,
-                   weighting=settings.adc_weighting).fit(signals, mask=fg)
+    adc_model = AdcModel(b, min_b=settings.adc_min_b, max_b=settings.adc_max_b,
+                         weighting=settings.adc_weighting)
+    adc = adc_model.fit(signals, mask=fg)
     prov = {**adc.provenance, "b_values": list(adc.b_values_used)}
+    not_fitted = _diffusion_models_not_fitted(adc_model.shells.tolist(), inventory_flags)
+    if not_fitted:
+        prov["models_not_fitted"] = not_fitted
     out["ADC"] = _qmap("ADC", adc.adc, adc.valid, volume, prov)
     if inventory_flags.get("ivim"):
         try:
@@ -223,16 +255,37 @@ def _resample_to(values: NDArray[np.float64], src: Geometry, dst: Geometry) -> N
     return sitk.GetArrayFromImage(out)
 
 
-def _t1_map(vfa: SeriesVolume | None, dce: SeriesVolume, settings: MapSettings
-            ) -> tuple[T1Fit, SeriesVolume | None]:
+def _stack_vfa(members: list[SeriesVolume]) -> SeriesVolume:
+    """One VFA volume from one series per flip angle (same grid), first series' identity."""
+    first = members[0]
+    for m in members[1:]:
+        if m.geometry.size != first.geometry.size:
+            raise ValueError(f"VFA series {m.series_instance_uid} is not on the grid of "
+                             f"{first.series_instance_uid}")
+    return dataclasses.replace(
+        first, array=np.concatenate([np.asarray(m.array) for m in members], axis=0),
+        volumes=tuple(v for m in members for v in m.volumes),
+        source_frames=tuple(f for m in members for f in m.source_frames))
+
+
+def _t1_map(vfa: list[SeriesVolume] | None, dce: SeriesVolume, settings: MapSettings,
+            notes: tuple[str, ...] = ()) -> tuple[T1Fit, SeriesVolume | None]:
     shape = tuple(dce.array.shape[1:])
-    if vfa is None:
-        return fixed_t10(shape, settings.fixed_t10, reason="no VFA T1 series"), None
+    if not vfa:
+        reason = "; ".join(("no VFA T1 series", *notes))
+        return fixed_t10(shape, settings.fixed_t10, reason=reason), None
+    members = list(vfa)
+    used = [{"series_instance_uid": m.series_instance_uid,
+             "flip_angles_deg": [v.flip_angle for v in m.volumes]} for m in members]
+    vfa = _stack_vfa(members) if len(members) > 1 else members[0]
     flips = np.array([v.flip_angle for v in vfa.volumes], dtype=float)
     tr_s = float(vfa.volumes[0].repetition_time) / 1000.0
     signals = _to_voxels_last(vfa)
     fg = _foreground(signals.mean(axis=-1), settings.background_fraction)
     fit = VfaT1Model(flips, tr_s).fit(signals, mask=fg)
+    fit = dataclasses.replace(fit, provenance={
+        **fit.provenance, "vfa_series": used,
+        "vfa_layout": "one series per flip angle" if len(members) > 1 else "one multi-flip series"})
     if vfa.geometry != dce.geometry:
         t1 = _resample_to(fit.t1, vfa.geometry, dce.geometry)
         valid = np.isfinite(t1)
@@ -242,8 +295,8 @@ def _t1_map(vfa: SeriesVolume | None, dce: SeriesVolume, settings: MapSettings
     return fit, vfa
 
 
-def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
-              ) -> dict[str, QuantMap]:
+def _dce_maps(dce: SeriesVolume, vfa: list[SeriesVolume] | None, settings: MapSettings,
+              vfa_notes: tuple[str, ...] = ()) -> dict[str, QuantMap]:
     out: dict[str, QuantMap] = {}
     times = np.array([v.time for v in dce.volumes], dtype=float)
     if not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
@@ -253,7 +306,9 @@ def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
     if flip is None or tr_ms is None:
         raise ValueError(f"DCE series {dce.series_instance_uid} lacks flip angle or TR")
     signal = _to_voxels_last(dce)
-    t1, vfa_used = _t1_map(vfa, dce, settings)
+    t1, vfa_used = _t1_map(vfa, dce, settings, vfa_notes)
+    rel = resolve_relaxivity(dce.physics.contrast_agent, dce.physics.field_strength,
+                             overrides=settings.relaxivity_by_agent, default=settings.relaxivity)
     if vfa_used is not None:
         out["T1"] = _qmap("T1", t1.t1, t1.valid, vfa_used if vfa_used.geometry == dce.geometry
                           else dce, t1.provenance)
@@ -280,7 +335,7 @@ def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
             f"before the bolus arrival at {bat:.1f} s (need {settings.min_baseline_frames})")
     conc = spgr_signal_to_concentration(
         signal, flip_angle=float(flip), repetition_time=float(tr_ms) / 1000.0,
-        t10=np.where(fg, t1.t1, np.nan), relaxivity=settings.relaxivity, n_baseline=n_baseline)
+        t10=np.where(fg, t1.t1, np.nan), relaxivity=rel.value, n_baseline=n_baseline)
     fg &= np.all(np.isfinite(conc), axis=-1)
     # population AIF aligned on the detected arrival, then a global delay fitted on the mean
     # curve of the enhancing voxels (the sampling interval limits the detected arrival)
@@ -298,12 +353,15 @@ def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
     model = ToftsModel(times, aif, extended=settings.extended_tofts)
     fit = model.fit(conc, mask=fg)
     prov = {**fit.provenance, "model": "extended_tofts" if settings.extended_tofts else "tofts",
-            "relaxivity_per_mM_s": settings.relaxivity, "t1_method": t1.method,
+            **rel.provenance(), "t1_method": t1.method,
             "t1_provenance": t1.provenance, "n_baseline_frames": n_baseline,
             "bolus_arrival_s": bat, "aif_delay_fit_s": delay,
             "frame_times_s": times.tolist()}
+    warnings = list(rel.warnings)
     if t1.is_fallback:
-        prov["warning"] = "fixed T10 (no VFA series): Ktrans, ve, IAUC60 depend on the assumed T10"
+        warnings.append("fixed T10 (no VFA series): Ktrans, ve, IAUC60 depend on the assumed T10")
+    if warnings:
+        prov["warning"] = "; ".join(warnings)
     out["Ktrans"] = _qmap("Ktrans", fit.ktrans, fit.valid, dce, prov)
     out["ve"] = _qmap("ve", fit.ve, fit.valid & np.isfinite(fit.ve), dce, prov)
     out["kep"] = _qmap("kep", fit.kep, fit.valid & np.isfinite(fit.kep), dce, prov)
@@ -311,7 +369,9 @@ def _dce_maps(dce: SeriesVolume, vfa: SeriesVolume | None, settings: MapSettings
         out["vp"] = _qmap("vp", fit.vp, fit.valid, dce, prov)
     sq = semi_quantitative(times, np.where(fg[..., None], conc, np.nan), bolus_arrival=bat)
     sq_prov = {**sq.provenance, "bolus_arrival_s": bat, "t1_method": t1.method,
-               "relaxivity_per_mM_s": settings.relaxivity}
+               **rel.provenance()}
+    if warnings:
+        sq_prov["warning"] = "; ".join(warnings)
     out["IAUC60"] = _qmap("IAUC60", sq.iauc60, sq.valid, dce, sq_prov)
     out["TTP"] = _qmap("TTP", sq.time_to_peak, sq.valid, dce, sq_prov)
     return out
@@ -371,11 +431,12 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
         logger.info("diffusion maps of series %s: %s (%.1f s)", uid, sorted(maps), elapsed)
     if inv.dce:
         dce = volumes[inv.dce]
-        vfa = volumes[inv.vfa_t1] if inv.vfa_t1 and inv.dce_t1_method == "vfa" else None
+        vfa = ([volumes[u] for u in inv.vfa_t1_series]
+               if inv.vfa_t1_series and inv.dce_t1_method == "vfa" else None)
         start = time.perf_counter()
         if inv.dce_quantitative:
             try:
-                maps = _dce_maps(dce, vfa, settings)
+                maps = _dce_maps(dce, vfa, settings, inv.vfa_notes)
             except ValueError as err:
                 if skipped is None:
                     raise
@@ -393,4 +454,12 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
     roles = {c.series_instance_uid: c.role for c in classes}
     if not out and any(r in (SeriesRole.DWI, SeriesRole.DCE) for r in roles.values()):
         logger.warning("functional series present but no map could be computed")
+    if not out and skipped is not None:
+        # say why each series gives nothing (functional series already have their reason)
+        for c in classes:
+            if c.role in (SeriesRole.DWI, SeriesRole.TRACE, SeriesRole.DCE):
+                continue
+            skipped.append(f"no map from series {c.series_instance_uid} ({c.role.value}: "
+                           f"{'; '.join(c.reasons)}): maps need diffusion weighting, a dynamic "
+                           "series of >= 10 frames or >= 2 flip angles (VFA T1)")
     return out

@@ -27,11 +27,18 @@ from numpy.typing import ArrayLike, NDArray
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["T1Fit", "VfaT1Model", "fixed_t10", "spgr_signal"]
+__all__ = ["B1_CAVEAT", "T1Fit", "T1MappingError", "VfaT1Model", "fixed_t10", "spgr_signal"]
 
 #: DICOM CID 4100 codes for the T1 method, recorded in provenance.
 T1_METHOD_VFA = ("126350", "DCM", "T1 by Multiple Flip Angles")
 T1_METHOD_FIXED = ("126352", "DCM", "T1 by Fixed Value")
+
+#: recorded in the provenance of every VFA T1 fitted with the nominal flip angles
+B1_CAVEAT = "no B1 correction: flip-angle error biases T1"
+
+
+class T1MappingError(ValueError):
+    """The acquisition does not allow a T1 map (e.g. a single flip angle)."""
 
 
 def spgr_signal(m0: ArrayLike, r1: ArrayLike, flip_angle: ArrayLike, repetition_time: float
@@ -120,7 +127,9 @@ class VfaT1Model:
                  n_grid: int = 256, refine_iterations: int = 30) -> None:
         fa = np.asarray(flip_angles, dtype=float)
         if fa.ndim != 1 or np.unique(fa).size < 2:
-            raise ValueError("VFA T1 needs at least two distinct flip angles")
+            raise T1MappingError(
+                f"VFA T1 needs at least two distinct flip angles, got {np.unique(fa).tolist()} "
+                "deg: a single flip angle does not determine T1")
         if np.any((fa <= 0) | (fa >= 180)):
             raise ValueError("flip angles must be in (0, 180) degrees")
         if repetition_time <= 0:
@@ -209,6 +218,7 @@ class VfaT1Model:
                 "flip_angles_deg": self.flip_angles.tolist(),
                 "repetition_time_s": self.repetition_time,
                 "b1_corrected": bool(np.any(self.b1 != 1.0)),
+                **({} if np.any(self.b1 != 1.0) else {"b1_caveat": B1_CAVEAT}),
                 "t1_bounds_s": [self.min_t1, self.max_t1]}
 
     def _fit_linear(self, s: NDArray, alpha: NDArray) -> tuple[NDArray, NDArray]:

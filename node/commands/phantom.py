@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 SCENARIOS = ("responder", "progression", "pseudoprogression", "stable")
 VENDORS = ("standard", "siemens", "ge", "philips", "enhanced")
 SIZES = ("full", "small")
+#: declared contrast agents and field strengths (processing.phantom.protocol.CONTRAST_AGENTS and
+#: FIELD_STRENGTHS_T)
+CONTRAST_AGENTS = ("gadoterate", "gadobutrol", "gadoteridol", "gadobenate", "gadopentetate",
+                   "gadodiamide", "gadoxetate")
+FIELD_STRENGTHS = (1.5, 3.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,10 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=SIZES, default="full", help="full or small (coarser, fewer slices)")
     parser.add_argument("--followups", type=int, default=1, help="number of follow-up studies (default 1, max 4)")
     parser.add_argument("--sagittal", action="store_true", help="add a sagittal T2-weighted series to each MR study")
+    parser.add_argument("--contrast-agent", choices=CONTRAST_AGENTS, default="gadoterate",
+                        help="declared contrast agent; the DCE signal uses its true r1 (Rohrer "
+                             "2005 plasma) at the field strength (default gadoterate)")
+    parser.add_argument("--field-strength", type=float, choices=FIELD_STRENGTHS, default=3.0,
+                        help="Magnetic Field Strength in T (default 3)")
+    parser.add_argument("--vfa-series", action="store_true",
+                        help="write the VFA T1 acquisition as one series per flip angle")
 
 
 def write_phantom(out: Path, *, seed: int = 0, scenario: str = "responder", vendor: str = "standard",
-                  size: str = "full", followups: int = 1, sagittal: bool = False) -> dict:
+                  size: str = "full", followups: int = 1, sagittal: bool = False,
+                  contrast_agent: str = "gadoterate", field_strength: float = 3.0,
+                  vfa_series: bool = False) -> dict:
     """Generate a phantom patient and write it under ``out``; returns the ground truth."""
     from processing.phantom import generate_patient
 
@@ -44,7 +58,8 @@ def write_phantom(out: Path, *, seed: int = 0, scenario: str = "responder", vend
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} is not empty")
     phantom = generate_patient(seed=seed, scenario=scenario, vendor=vendor, size=size, followups=followups,
-                               sagittal=sagittal)
+                               sagittal=sagittal, contrast_agent=contrast_agent,
+                               field_strength=field_strength, vfa_series=vfa_series)
     n = 0
     made: set[Path] = set()
     for relpath, data in phantom.iter_files():
@@ -63,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         write_phantom(args.out, seed=args.seed, scenario=args.scenario, vendor=args.vendor, size=args.size,
-                      followups=args.followups, sagittal=args.sagittal)
+                      followups=args.followups, sagittal=args.sagittal,
+                      contrast_agent=args.contrast_agent, field_strength=args.field_strength,
+                      vfa_series=args.vfa_series)
     except (FileExistsError, ValueError) as err:
         logger.error("%s", err)
         return 2

@@ -15,7 +15,10 @@ Output layout (other packages and tests depend on it)
     DIR/baseline/series003/...             T1w
     DIR/baseline/series004/...             STIR
     DIR/baseline/series005/...             DWI (b 0,50,100,400,800,1000,1500,2000)
-    DIR/baseline/series006/...             VFA T1 (3D SPGR, 3-5 flip angles, same TR)
+    DIR/baseline/series006/...             VFA T1 (3D SPGR, 3-5 flip angles, same TR); with
+                                           vfa_series=True / --vfa-series one series per flip
+                                           angle instead: series061, series062, ... (ground
+                                           truth ``vfa_t1.separate_series``)
     DIR/baseline/series007/...             DCE (3D SPGR, >= 40 phases at <= 5 s)
     DIR/baseline/series008/...             sagittal T2w (only with sagittal=True / --sagittal;
                                            ground-truth key "t2w_sag", role "t2w")
@@ -71,8 +74,12 @@ Every series samples the same analytic body at its voxel centres (no partial vol
 Rician noise (tumour SNR: T2w/T1w 40, STIR 30, DWI b0 80, VFA/DCE 60) and stores uint16 with one
 scale per series. T2w/T1w: PD·(1 − e^(−TR/T1))·e^(−TE/T2); STIR adds the inversion with TI =
 ln2·T1(fat). DWI: S0·[f·e^(−b·D*) + (1 − f)·e^(−b·D + b²D²K/6)], isotropic, so every direction
-has the same noiseless signal. VFA and DCE: SPGR, R1 = 1/T10 + r1·C (r1 3.5 /mM/s, gadoterate,
-3 T); C from the extended Tofts model with the Parker whole-blood AIF (bolus arrival 30 s),
+has the same noiseless signal. VFA and DCE: SPGR, R1 = 1/T10 + r1·C with the true r1 of the
+declared agent at the declared field strength (``contrast_agent`` / ``--contrast-agent``, default
+gadoterate; ``field_strength`` / ``--field-strength`` 1.5 or 3 T, default 3 T; r1 from the Rohrer
+2005 plasma table of :mod:`processing.relaxivity`, e.g. 3.5 /mM/s for gadoterate at 3 T, 5.2 for
+gadobutrol at 1.5 T; written in Contrast/Bolus Agent and Ingredient and in ground_truth.json
+``contrast``); C from the extended Tofts model with the Parker whole-blood AIF (bolus arrival 30 s),
 plasma Cp = Cb/(1 − 0.42); aorta voxels carry Cb. Tumour parameters carry a mild smooth texture
 (3-5 % SD).
 

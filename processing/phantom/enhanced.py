@@ -101,7 +101,7 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.AcquisitionDuration = float(series.volumes[-1]["time_s"] + (sp.tr_ms / 1000.0 if role != "dce" else 5.0))
     ds.ResonantNucleus = "1H"
     ds.KSpaceFiltering = "NONE"
-    ds.MagneticFieldStrength = _ds_str(proto.FIELD_STRENGTH_T)
+    ds.MagneticFieldStrength = _ds_str(ph.contrast["field_strength_t"])
     ds.ApplicableSafetyStandardAgency = "IEC"
     ds.ContentQualification = "PRODUCT"
     ds.PixelPresentation = "MONOCHROME"
@@ -340,15 +340,17 @@ def _shared_groups(ph: Phantom, series: SeriesData) -> Dataset:
 
 def _enhanced_contrast(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
     """Enhanced Contrast/Bolus module (PS3.3 C.7.6.4b)."""
-    volume_ml = round(float(ph.patient["PatientWeight"]) * proto.CONTRAST_DOSE_MMOL_PER_KG / 0.5, 1)
-    agent = _code(codes.SCT.GadoterateMeglumine)
+    declared = ph.contrast
+    volume_ml = round(float(ph.patient["PatientWeight"]) * declared["dose_mmol_per_kg"]
+                      / declared["mmol_per_ml"], 1)
+    agent = _code(getattr(codes.SCT, declared["sct"]))
     agent.ContrastBolusAgentNumber = 1
     route = _code(codes.SCT.IntravenousRoute)
     agent.ContrastBolusAdministrationRouteSequence = Sequence([route])
     ingredient = _code(codes.SCT.Gadolinium)
     agent.ContrastBolusIngredientCodeSequence = Sequence([ingredient])
     agent.ContrastBolusVolume = volume_ml
-    agent.ContrastBolusIngredientConcentration = proto.GADOLINIUM_MG_PER_ML
+    agent.ContrastBolusIngredientConcentration = declared["gadolinium_mg_per_ml"]
     agent.ContrastBolusIngredientOpaque = "NO"
     admin = Dataset()
     admin.ContrastBolusVolume = volume_ml

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import uuid
@@ -74,6 +75,8 @@ SCENARIO_CHANGES: dict[str, list[dict[str, Any]]] = {
 }
 #: days after treatment of follow-up n (1-based); pseudoprogression's first follow-up is at ~12 weeks
 FOLLOWUP_DAYS = (70, 182, 273, 365)
+#: series numbers of a VFA written one series per flip angle: 61, 62, ...
+VFA_SERIES_NUMBER = 60
 REGIMENS = ((24.0, 1), (27.0, 3), (24.0, 2), (30.0, 5))
 MACHINES = ("CK1", "CyberKnife M6")
 
@@ -128,6 +131,11 @@ class Phantom:
     anatomy: Anatomy
     ground_truth: dict[str, Any]
     rt: dict[str, Any]
+    #: declared contrast agent, field strength and true r1 (:func:`protocol.contrast_truth`)
+    contrast: dict[str, Any] = field(
+        default_factory=lambda: proto.contrast_truth("gadoterate", proto.FIELD_STRENGTH_T))
+    #: VFA written as one series per flip angle
+    vfa_series: bool = False
 
     def iter_datasets(self) -> Iterator[tuple[str, Any]]:
         """Yield ``(relative path, pydicom Dataset)`` for every object, built lazily."""
@@ -269,6 +277,9 @@ def generate_patient(
     size: str = "full",
     followups: int = 1,
     sagittal: bool = False,
+    contrast_agent: str = "gadoterate",
+    field_strength: float = proto.FIELD_STRENGTH_T,
+    vfa_series: bool = False,
 ) -> Phantom:
     """Generate a synthetic CyberKnife spine patient (baseline MR, RT course, follow-up MR).
 
@@ -284,6 +295,15 @@ def generate_patient(
         Number of follow-up studies (1 = ~10 weeks; then ~6, ~9, ~12 months).
     sagittal : bool
         Add a sagittal T2-weighted series (key ``t2w_sag``, role ``t2w``) to every MR study.
+    contrast_agent : str
+        Declared agent (a key of :data:`protocol.CONTRAST_AGENTS`, default gadoterate); the DCE
+        signal is simulated with its true r1 at `field_strength` (Rohrer 2005 plasma table) and
+        the agent and r1 are recorded in ``ground_truth.json`` (``contrast``).
+    field_strength : {1.5, 3.0}
+        Magnetic Field Strength (T) of every MR series.
+    vfa_series : bool
+        Write the VFA T1 acquisition as one series per flip angle (series numbers 61, 62...,
+        same grid, TR and sequence) instead of one multi-flip series.
 
     Returns
     -------
@@ -298,7 +318,12 @@ def generate_patient(
     if followups < 0 or followups > len(FOLLOWUP_DAYS):
         raise ValueError(f"followups must be between 0 and {len(FOLLOWUP_DAYS)}, got {followups}")
     protocol = proto.protocol_for(size, sagittal=sagittal)
-    ident = (seed, scenario, vendor, size)
+    contrast = proto.contrast_truth(contrast_agent, field_strength)
+    ident: tuple[object, ...] = (seed, scenario, vendor, size)
+    if (contrast_agent, float(field_strength), vfa_series) != ("gadoterate", 3.0, False):
+        # another declared acquisition is another patient (distinct UIDs)
+        ident = ident + (contrast_agent, float(field_strength),
+                         "vfa-series" if vfa_series else "vfa")
     rng = np.random.default_rng([seed, SCENARIOS.index(scenario)])
     # anatomy: treated vertebra centre in baseline scanner coordinates
     c0 = np.round(np.array([rng.uniform(-3, 3), rng.uniform(10, 40), rng.uniform(-40, 40)]), 2)
@@ -353,7 +378,7 @@ def generate_patient(
             grid_centre = grid_centre + np.round(srng.uniform(-3, 3, 3), 1)
         start = dt.datetime.combine(date, dt.time(8, 0)) + dt.timedelta(minutes=int(srng.integers(0, 540)))
         study = _make_study(ident, key, date, start, anatomy, to_body, grid_centre, protocol, srng,
-                            noise_sigma, scales)
+                            noise_sigma, scales, contrast=contrast, vfa_series=vfa_series)
         study.truth["rigid_transform"] = rigid
         if change is not None:
             study.truth["expected_response"] = change["category"].value
@@ -376,7 +401,8 @@ def generate_patient(
         "treated_level": level_names[2],
         "bed10_gy": fractions * (dose_gy / fractions) * (1 + (dose_gy / fractions) / 10.0),
     }
-    phantom = Phantom(seed, scenario, vendor, size, patient, studies, anatomy0, {}, {"course": course})
+    phantom = Phantom(seed, scenario, vendor, size, patient, studies, anatomy0, {},
+                      {"course": course}, contrast=contrast, vfa_series=vfa_series)
     from processing.phantom import rt
 
     rt_truth = rt.plan_rt(phantom, np.random.default_rng([seed, SCENARIOS.index(scenario), 99]))
@@ -418,7 +444,9 @@ def _changed_shape(tumour0: TumourShape, c0: NDArray[np.float64], v0: float, cha
 
 def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.datetime, anatomy: Anatomy,
                 to_body: NDArray[np.float64] | None, grid_centre: NDArray[np.float64], protocol: proto.Protocol,
-                rng: np.random.Generator, noise_sigma: dict[str, float], scales: dict[str, float]) -> StudyData:
+                rng: np.random.Generator, noise_sigma: dict[str, float], scales: dict[str, float], *,
+                contrast: dict[str, Any] | None = None, vfa_series: bool = False) -> StudyData:
+    contrast = contrast or proto.contrast_truth("gadoterate", proto.FIELD_STRENGTH_T)
     study_uid = phantom_uid(*ident, key, "study")
     for_uid = phantom_uid(*ident, key, "frame-of-reference")
     nominal = _nominal_tumour(anatomy) if key == "baseline" else None
@@ -433,7 +461,8 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             sampled[grid] = _sample(anatomy, grid, to_body)
         labels, params = sampled[grid]
         mask = labels == LABEL["tumour"]
-        signal, volumes, extra = _synthesise(sp, params, labels, protocol, t)
+        signal, volumes, extra = _synthesise(sp, params, labels, protocol, t,
+                                             r1_per_mM_s=float(contrast["r1_per_mM_per_s"]))
         # per-series scaling and noise fixed at baseline (same protocol -> same receiver settings)
         if nominal is not None:
             ref = _reference_signal(sp, nominal, protocol)
@@ -445,9 +474,27 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             pixels[v] = _to_uint16(add_rician_noise(signal[v] * scales[sp.key], noise_sigma[sp.key], nrng))
         series_uid = phantom_uid(*ident, key, sp.key, "series")
         folder = f"series{sp.series_number:03d}"
-        sd = SeriesData(sp.role, sp, grid, series_uid, folder, pixels, volumes, t)
-        sd.sop_uids = [[phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])] for v in range(len(volumes))]
-        series_list.append(sd)
+        separate: list[dict[str, Any]] = []
+        if sp.role == "vfa_t1" and vfa_series:
+            # one series per flip angle: same grid, TR, sequence and scaling, own UID and number
+            for v, meta in enumerate(volumes):
+                spv = dataclasses.replace(sp, series_number=VFA_SERIES_NUMBER + v + 1,
+                                          description=f"{sp.description} FA{meta['flip_deg']:g}",
+                                          flip_deg=float(meta["flip_deg"]))
+                uid_v = phantom_uid(*ident, key, sp.key, "series", v)
+                folder_v = f"series{spv.series_number:03d}"
+                sdv = SeriesData(sp.role, spv, grid, uid_v, folder_v, pixels[v:v + 1],
+                                 [{**meta, "time_s": 0.0}],
+                                 t + dt.timedelta(seconds=float(meta["time_s"])))
+                sdv.sop_uids = [[phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])]]
+                series_list.append(sdv)
+                separate.append({"SeriesInstanceUID": uid_v, "SeriesNumber": spv.series_number,
+                                 "folder": folder_v, "flip_deg": float(meta["flip_deg"])})
+            series_uid, folder = separate[0]["SeriesInstanceUID"], separate[0]["folder"]
+        else:
+            sd = SeriesData(sp.role, sp, grid, series_uid, folder, pixels, volumes, t)
+            sd.sop_uids = [[phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])] for v in range(len(volumes))]
+            series_list.append(sd)
         duration = volumes[-1]["time_s"] + 10.0
         t = t + dt.timedelta(seconds=int(duration) + 60)
         tumour_truth["means_by_series"][sp.key] = _tumour_means(params, mask)
@@ -459,11 +506,13 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             "role": sp.role,
             "geometry": grid.as_dict(),
             "number_of_files": len(volumes) * sp.size[2],
-            "acquisition": _acquisition_truth(sp, protocol, volumes),
+            "acquisition": _acquisition_truth(sp, protocol, volumes, contrast),
             "noise_sigma_counts": noise_sigma[sp.key],
             "counts_per_unit_signal": scales[sp.key],
             **extra,
         }
+        if separate:
+            truth_series[sp.key]["separate_series"] = separate
         if sp.role == "dwi":
             tumour_truth.update(_diffusion_truth(params, mask))
         if sp.key == "t2w":
@@ -522,7 +571,8 @@ def _weighted(sp: proto.SeriesProtocol, p: dict[str, NDArray[np.float64]], label
 
 
 def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]], labels: NDArray[np.int16],
-                protocol: proto.Protocol, start: dt.datetime) -> tuple[NDArray[np.float64], list[dict[str, Any]], dict[str, Any]]:
+                protocol: proto.Protocol, start: dt.datetime, *,
+                r1_per_mM_s: float = proto.R1_PER_MM_PER_S) -> tuple[NDArray[np.float64], list[dict[str, Any]], dict[str, Any]]:
     """Noiseless signal (V, k, j, i) and per-volume metadata of one series."""
     extra: dict[str, Any] = {}
     if sp.role in ("t2w", "t1w", "stir"):
@@ -563,7 +613,7 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
                                                    flat["vp"][sl][perfused], bolus_arrival_s=proto.BOLUS_ARRIVAL_S,
                                                    hct=proto.HCT)
             conc[:, blood[sl]] = cb[:, None]
-            r1 = (r10_flat[sl][None, :] + proto.R1_PER_MM_PER_S * conc).astype(np.float32)
+            r1 = (r10_flat[sl][None, :] + r1_per_mM_s * conc).astype(np.float32)
             out[:, sl] = spgr_signal(flat["pd"][sl].astype(np.float32)[None, :], r1, flip_deg=sp.flip_deg, tr_s=tr_s)
         out = out.reshape((t.size,) + shape)
         meta = [{"time_s": float(ti), "temporal_position": n + 1} for n, ti in enumerate(t)]
@@ -573,10 +623,11 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
     raise ValueError(f"no signal model for role {sp.role!r}")
 
 
-def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volumes: list[dict[str, Any]]) -> dict[str, Any]:
+def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volumes: list[dict[str, Any]],
+                       contrast: dict[str, Any]) -> dict[str, Any]:
     acq: dict[str, Any] = {
         "RepetitionTime_ms": sp.tr_ms, "EchoTime_ms": sp.te_ms, "FlipAngle_deg": sp.flip_deg,
-        "InversionTime_ms": sp.ti_ms, "MagneticFieldStrength_T": proto.FIELD_STRENGTH_T,
+        "InversionTime_ms": sp.ti_ms, "MagneticFieldStrength_T": contrast["field_strength_t"],
         "MRAcquisitionType": sp.acquisition_type, "ScanningSequence": list(sp.scanning_sequence),
         "snr_tumour": sp.snr,
     }
@@ -589,8 +640,10 @@ def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volum
         acq.update({
             "temporal_resolution_s": protocol.dce_dt_s, "number_of_temporal_positions": protocol.dce_frames,
             "bolus_arrival_s": proto.BOLUS_ARRIVAL_S, "injection_start_s": proto.BOLUS_ARRIVAL_S - 10.0,
-            "contrast_agent": proto.CONTRAST_AGENT, "dose_mmol_per_kg": proto.CONTRAST_DOSE_MMOL_PER_KG,
-            "r1_per_mM_per_s": proto.R1_PER_MM_PER_S, "hct": proto.HCT,
+            "contrast_agent": contrast["agent_text"],
+            "dose_mmol_per_kg": contrast["dose_mmol_per_kg"],
+            "r1_per_mM_per_s": contrast["r1_per_mM_per_s"], "r1_source": contrast["r1_source"],
+            "hct": proto.HCT,
             "aif": {"model": "Parker 2006 population AIF, whole blood, evaluated at (t - bolus_arrival_s)/60 min",
                     "plasma": "Cp = Cb / (1 - hct)", "tissue_model": "extended Tofts",
                     "signal_model": "SPGR with R1 = R10 + r1*C, R10 = 1/T10 of each tissue",
@@ -671,6 +724,8 @@ def _ground_truth(ph: Phantom, protocol: proto.Protocol, rt_truth: dict[str, Any
         "tissue_parameters": TISSUE_PARAMS,
         "studies": {},
         "dwi_files": {},
+        "contrast": dict(ph.contrast),
+        "vfa_layout": "one series per flip angle" if ph.vfa_series else "one multi-flip series",
     }
     for study in ph.studies:
         gt["studies"][study.key] = study.truth

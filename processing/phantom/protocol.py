@@ -23,6 +23,65 @@ CONTRAST_DOSE_MMOL_PER_KG = 0.1
 #: gadolinium content of a 0.5 mmol/mL agent in mg/mL (0.5 mmol/mL x 157.25 mg/mmol)
 GADOLINIUM_MG_PER_ML = 78.6
 
+#: field strengths (T) the phantom can declare (the tabulated fields of processing.relaxivity)
+FIELD_STRENGTHS_T = (1.5, 3.0)
+
+
+@dataclass(frozen=True)
+class ContrastAgent:
+    """A contrast agent the phantom can declare (Contrast/Bolus module and signal simulation).
+
+    ``generic`` is a key of :data:`processing.relaxivity.R1_PLASMA_ROHRER_2005`; the true r1 of a
+    phantom is that table's value at its field strength. ``sct`` names the SNOMED CT concept
+    (pydicom ``codes.SCT`` keyword) written in the Enhanced Contrast/Bolus Agent Sequence.
+    """
+
+    generic: str
+    agent_text: str  # Contrast/Bolus Agent (0018,0010)
+    sct: str
+    mmol_per_ml: float
+    dose_mmol_per_kg: float = 0.1
+
+    @property
+    def gadolinium_mg_per_ml(self) -> float:
+        """Contrast/Bolus Ingredient Concentration (Gd, mg/mL; 157.25 mg/mmol)."""
+        return round(self.mmol_per_ml * 157.25, 1)
+
+
+#: agents the phantom declares (``--contrast-agent``), by generic name
+CONTRAST_AGENTS: dict[str, ContrastAgent] = {a.generic: a for a in (
+    ContrastAgent("gadoterate", CONTRAST_AGENT, "GadoterateMeglumine", 0.5),
+    ContrastAgent("gadobutrol", "Gadobutrol (Gadovist) 1.0 mmol/mL", "Gadobutrol", 1.0),
+    ContrastAgent("gadoteridol", "Gadoteridol (ProHance) 0.5 mmol/mL", "Gadoteridol", 0.5),
+    ContrastAgent("gadobenate", "Gadobenate dimeglumine (MultiHance) 0.5 mmol/mL",
+                  "GadobenateDimeglumine", 0.5),
+    ContrastAgent("gadopentetate", "Gadopentetate dimeglumine (Magnevist) 0.5 mmol/mL",
+                  "GadopentetateDimeglumine", 0.5),
+    ContrastAgent("gadodiamide", "Gadodiamide (Omniscan) 0.5 mmol/mL", "Gadodiamide", 0.5),
+    ContrastAgent("gadoxetate", "Gadoxetate disodium (Primovist) 0.25 mmol/mL",
+                  "GadoxetateDisodium", 0.25, dose_mmol_per_kg=0.025),
+)}
+
+
+def contrast_truth(agent: str, field_strength_t: float) -> dict[str, object]:
+    """The declared agent and its true r1 (plasma, Rohrer 2005) at ``field_strength_t``."""
+    from processing.relaxivity import R1_PLASMA_ROHRER_2005
+
+    if agent not in CONTRAST_AGENTS:
+        raise ValueError(f"unknown phantom contrast agent {agent!r}; choose one of "
+                         f"{sorted(CONTRAST_AGENTS)}")
+    if float(field_strength_t) not in FIELD_STRENGTHS_T:
+        raise ValueError(f"phantom field strength must be one of {FIELD_STRENGTHS_T} T, "
+                         f"got {field_strength_t}")
+    a = CONTRAST_AGENTS[agent]
+    return {"generic": a.generic, "agent_text": a.agent_text, "sct": a.sct,
+            "mmol_per_ml": a.mmol_per_ml, "dose_mmol_per_kg": a.dose_mmol_per_kg,
+            "gadolinium_mg_per_ml": a.gadolinium_mg_per_ml,
+            "field_strength_t": float(field_strength_t),
+            "r1_per_mM_per_s": R1_PLASMA_ROHRER_2005[agent][float(field_strength_t)],
+            "r1_source": "Rohrer et al. Invest Radiol 2005;40:715-724, plasma 37 °C"}
+
+
 #: DWI b-values (s/mm²) and number of directions per shell
 DWI_SHELLS: tuple[tuple[float, int], ...] = (
     (0.0, 1), (50.0, 3), (100.0, 3), (400.0, 3), (800.0, 3), (1000.0, 15), (1500.0, 3), (2000.0, 15),
