@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 
 from node import __version__
 from node.roles import RoleAssignment, assign_roles, check_single_patient, dicom_date
+from processing.relaxivity import DEFAULT_RELAXIVITY_PER_MM_S
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,18 @@ class ChainSettings:
     #: per-case repeatability perturbation (changes are flagged against the published MDCs
     #: only) and no SEG/PM/SR/PDF outputs (``spine-node cohort``)
     features_only: bool = False
+    #: site r1 (/mM/s) by contrast agent (generic or brand name); wins over the published table
+    #: of processing.relaxivity
+    relaxivity_per_mM_s: dict[str, float] = field(default_factory=dict)
+    #: r1 (/mM/s) for a DCE series whose agent is undeclared or not in the table (flagged)
+    default_relaxivity_per_mM_s: float = DEFAULT_RELAXIVITY_PER_MM_S
+
+    def map_settings(self) -> Any:
+        """The :class:`processing.maps.MapSettings` these settings imply."""
+        from processing.maps import MapSettings
+
+        return MapSettings(relaxivity=self.default_relaxivity_per_mM_s,
+                           relaxivity_by_agent=dict(self.relaxivity_per_mM_s))
 
 
 @dataclass
@@ -91,6 +104,10 @@ class StudyAnalysis:
     lesion_mask: sitk.Image | None = None
     registration: Any = None
     lesion_notes: tuple[str, ...] = ()
+    #: the scanner's own ADC series of the study (SeriesVolume), if any, and the node's ADC
+    #: compared with it (processing.adc_qa: median differences in the tumour and whole tissue)
+    scanner_adc: Any = None
+    scanner_adc_qa: dict[str, Any] | None = None
 
 
 @dataclass
@@ -132,6 +149,7 @@ class ChainResult:
                         "reasons": list(s.registration.reasons),
                     },
                     "lesion_notes": list(s.lesion_notes),
+                    "scanner_adc_qa": s.scanner_adc_qa,
                 }
                 for s in self.studies
             ],
@@ -263,7 +281,7 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
         notes.append(f"MR study {other.study_instance_uid}: {other.reason}")
 
     baseline = _prepare_study(mr_studies[roles.baseline.study_instance_uid], roles.baseline, timer,
-                              notes)
+                              notes, settings.map_settings())
     rtstruct = _find_rtstruct(rt, course)
     lesion, gtv = _baseline_lesion(rtstruct, course, baseline)
     corrected = _reader_lesion(reader_segs.get(baseline.study_instance_uid, ()), baseline, notes)
@@ -278,7 +296,8 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
         # one unusable follow-up (no anatomical series, lesion outside its field of view) must
         # not cost the patient the analysis of the others
         try:
-            study = _prepare_study(mr_studies[role.study_instance_uid], role, timer, notes)
+            study = _prepare_study(mr_studies[role.study_instance_uid], role, timer, notes,
+                                   settings.map_settings())
             with timer("registration+lesion"):
                 _follow_up_lesion(baseline, study, gtv)
         except ChainError as err:
@@ -290,6 +309,8 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
             study.lesion_mask = corrected
             study.lesion_notes += ("lesion from a reader's SEG (preferred over the refinement)",)
     studies = [baseline, *follow_ups]
+    for study in studies:
+        _scanner_adc_qa(study, notes)
     results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
     outputs: list[Dataset] = []
     if not settings.features_only:
@@ -318,7 +339,7 @@ _ANATOMICAL = {"t2w": "T2w", "t1w": "T1w", "stir": "STIR"}
 
 
 def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
-                   notes: list[str]) -> StudyAnalysis:
+                   notes: list[str], map_settings: Any = None) -> StudyAnalysis:
     from processing.classify import classify_study
     from processing.maps import compute_maps
     from processing.series import group_by_series
@@ -354,7 +375,8 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
     with timer("maps"):
         try:
             quant = compute_maps([v for uid, v in volumes.items()
-                                  if roles[uid] in ("dwi", "dce", "vfa_t1")])
+                                  if roles[uid] in ("dwi", "dce", "vfa_t1")],
+                                 settings=map_settings)
         except ValueError as err:
             notes.append(f"study {role.study_instance_uid}: maps not computed: {err}")
             quant = {}
@@ -380,7 +402,29 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
         days_since_treatment=role.days_since_treatment, inventory=inventory, anatomy=anatomy,
         anatomy_image=anatomy.volume_image(0),
         anatomy_datasets=list(series[reference_uid]),
-        input_digest=digest_uids(datasets), maps=maps)
+        input_digest=digest_uids(datasets), maps=maps,
+        scanner_adc=next((assembled[uid] for uid in inventory.adc_maps if uid in assembled), None))
+
+
+def _scanner_adc_qa(study: StudyAnalysis, notes: list[str]) -> None:
+    """The node's ADC against the study's scanner ADC series, in the tumour and whole tissue."""
+    from processing.adc_qa import AdcQaError, compare_images, scanner_adc_image
+
+    if study.scanner_adc is None:
+        return
+    uid = study.scanner_adc.series_instance_uid
+    if "ADC" not in study.maps:
+        study.scanner_adc_qa = {"scanner_series_instance_uid": uid,
+                                "error": "the node computed no ADC"}
+        return
+    try:
+        study.scanner_adc_qa = compare_images(
+            study.maps["ADC"].image, scanner_adc_image(study.scanner_adc),
+            tumour_mask=study.lesion_mask, scanner_series_instance_uid=uid).to_dict()
+    except AdcQaError as err:
+        notes.append(f"study {study.study_instance_uid}: ADC QA against the scanner ADC "
+                     f"impossible: {err}")
+        study.scanner_adc_qa = {"scanner_series_instance_uid": uid, "error": str(err)}
 
 
 def _is_sagittal(volume: Any) -> bool:
@@ -450,31 +494,24 @@ def _reader_lesion(segs: Sequence[Dataset], study: StudyAnalysis,
 
     The latest SEG (by Content Date/Time) that segments the study's anatomical reference series
     wins over the RT Structure Set GTV (baseline) or the refined lesion (follow-up); all its
-    segments are combined. A SEG drawn on another series, or on a multi-frame source, is recorded
+    segments are combined. The SEG is read with :func:`reporting.seg.read_segmentation` and
+    matched to the anatomical series (classic images, or frames of one multi-frame image) through
+    its source references; a SEG drawn on another series, or one that cannot be read, is recorded
     in the notes and not used.
     """
-    import highdicom as hd
+    from reporting.seg import ReaderSegmentationError, read_segmentation
 
     if not segs:
         return None
     latest = max(segs, key=lambda ds: (str(ds.get("ContentDate", "")),
                                        str(ds.get("ContentTime", "")), str(ds.SOPInstanceUID)))
     frames = study.anatomy.source_frames[0]
-    if frames and frames[0].frame_number is not None:
-        notes.append(f"reader SEG {latest.SOPInstanceUID} not used: multi-frame sources are not "
-                     "supported for corrections yet")
-        return None
     try:
-        seg = hd.seg.Segmentation.from_dataset(latest)
-        array = seg.get_pixels_by_source_instance(
-            [f.sop_instance_uid for f in frames], combine_segments=True,
-            skip_overlap_checks=True, assert_missing_frames_are_empty=True)
-    except (ValueError, KeyError, AttributeError) as err:
+        mask = read_segmentation(latest).mask_on(study.anatomy_image, source_frames=frames)
+    except ReaderSegmentationError as err:
         notes.append(f"reader SEG {latest.SOPInstanceUID} not used: it does not segment the "
                      f"anatomical series of study {study.study_instance_uid} ({err})")
         return None
-    mask = sitk.GetImageFromArray((np.asarray(array) > 0).astype(np.uint8))
-    mask.CopyInformation(study.anatomy_image)
     if not sitk.GetArrayViewFromImage(mask).any():
         notes.append(f"reader SEG {latest.SOPInstanceUID} is empty on the anatomical series; "
                      "not used")
@@ -704,6 +741,8 @@ def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
         provenance = {"maps": {q: m.provenance for q, m in study.maps.items()},
                       "lesion_notes": list(study.lesion_notes),
                       "algorithm_version": ALGORITHM_VERSION}
+        if study.scanner_adc_qa is not None:
+            provenance["scanner_adc_qa"] = study.scanner_adc_qa
         if index == 0:
             results.append(TimePointResult(
                 lesion=lesion, role=TimePointRole.BASELINE,
@@ -822,7 +861,6 @@ def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
     """The settings behind the numbers, written in the SR's algorithm identification."""
     from dataclasses import asdict
 
-    from processing.maps import MapSettings
     from processing.response import RULE_SET
 
     parameters = {"response rule set": RULE_SET,
@@ -832,7 +870,7 @@ def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
                   "baseline window (days)": str(settings.baseline_window_days),
                   "alpha/beta (Gy)": str(settings.alpha_beta_gy),
                   "DCE arterial input function": "Parker 2006 population AIF"}
-    parameters.update({f"maps {k}": str(v) for k, v in asdict(MapSettings()).items()})
+    parameters.update({f"maps {k}": str(v) for k, v in asdict(settings.map_settings()).items()})
     return parameters
 
 

@@ -30,7 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 logger = logging.getLogger(__name__)
 
 __all__ = ["AdcFit", "AdcModel", "IvimFit", "IvimModel", "direction_average", "group_shells",
-           "ivim_signal"]
+           "ivim_signal", "select_adc_shells"]
 
 #: b-values below this (s/mm²) are treated as b = 0 (Philips stores b0 as 0.001-0.004).
 B0_THRESHOLD = 5.0
@@ -89,6 +89,58 @@ def direction_average(signals: ArrayLike, bvalues: ArrayLike, *,
     return out, shells
 
 
+def select_adc_shells(shells: NDArray[np.float64], *, min_b: float, max_b: float | None
+                      ) -> tuple[NDArray[np.float64], str]:
+    """The b-value shells of a mono-exponential ADC fit, and why (plain language).
+
+    1. At least two shells in [`min_b`, `max_b`]: those (b = 0 left out, limiting perfusion [4]).
+    2. Otherwise every shell <= `max_b` when there are at least two (e.g. b0/b800, or b0/b500 of
+       a b0/500/1500 scheme: the shells above `max_b` stay out, kurtosis bends the curve there).
+    3. Otherwise (two-point high-b protocols such as b0 + b1500/2000/2500): the shells <= `max_b`
+       and the lowest shell above it, so that the fit has two points.
+
+    Parameters
+    ----------
+    shells : ndarray
+        Shell b-values (s/mm²), ascending (:func:`group_shells`); b = 0 as 0.
+    min_b, max_b : float
+        Preferred b-range (s/mm²); `max_b` None means no upper limit.
+
+    Returns
+    -------
+    used : ndarray
+        Shell b-values of the fit, ascending.
+    reason : str
+
+    Raises
+    ------
+    ValueError
+        Fewer than two distinct shells.
+    """
+    shells = np.asarray(shells, dtype=float)
+    if shells.size < 2:
+        raise ValueError(f"ADC needs at least two distinct b-values, got {shells.tolist()}")
+    top = "" if max_b is None else f"-{max_b:g}"
+    candidates = shells if max_b is None else shells[shells <= max_b]
+    high = candidates[candidates >= min_b]
+    if high.size >= 2:
+        return high, (f"the shells in the preferred range {min_b:g}{top} s/mm²; b = 0 left out "
+                      "to limit the perfusion contribution")
+    if candidates.size >= 2:
+        above = "" if candidates.size == shells.size else (
+            f"; shells above {max_b:g} s/mm² ({shells[shells > max_b].tolist()}) left out "
+            "(kurtosis bends the signal there)")
+        return candidates, (f"fewer than two shells in {min_b:g}{top} s/mm², so b = 0 is "
+                            f"included{above}")
+    # here max_b is set (else candidates == shells, which has >= 2 shells)
+    added = shells[candidates.size:2]
+    used = shells[:2]
+    below = (f"only b = {candidates[0]:g}" if candidates.size else "no shell")
+    return used, (f"two-point scheme: {below} at or below {max_b:g} s/mm², so ADC uses the "
+                  f"lowest shell(s) above it (b = {', '.join(f'{x:g}' for x in added)}); in "
+                  f"tissue with kurtosis a high-b ADC is lower than one over b <= {max_b:g}")
+
+
 def _weighted_loglinear(b: NDArray[np.float64], s: NDArray[np.float64], *,
                         weighting: str = "S2"
                         ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -145,6 +197,9 @@ class AdcModel:
         are used so that the common two-point b0/b800-1000 protocol works.
     max_b : float, optional
         Highest b-value used (default None: all). Kurtosis bends the curve beyond ~1000-1500.
+        When no shell but b = 0 lies at or below it (b0 + b1500/2000/2500 protocols), the
+        lowest shell above it is used instead: see :func:`select_adc_shells` and the
+        ``b_selection_reason`` of the provenance.
     min_adc, max_adc : float, optional
         Physical bounds (mm²/s), default 0 and 5e-3 (free water at 37 °C is 3.0e-3).
     weighting : {"S2", "none"}, optional
@@ -164,26 +219,22 @@ class AdcModel:
             raise ValueError(f"weighting must be 'S2' or 'none', got {weighting!r}")
         self.weighting = weighting
         shells, _ = group_shells(b, b0_threshold, shell_tolerance)
-        candidates = shells if max_b is None else shells[shells <= max_b]
-        if candidates.size < 2:
-            raise ValueError(f"ADC needs at least two distinct b-values, got {shells.tolist()}")
-        high = candidates[candidates >= min_b]
-        self.used = high if high.size >= 2 else candidates
+        self.used, self.b_selection_reason = select_adc_shells(shells, min_b=min_b, max_b=max_b)
         self.bvalues = b
         self.shells = shells
         self.min_b, self.max_b = float(min_b), max_b
         self.min_adc, self.max_adc = float(min_adc), float(max_adc)
         self.b0_threshold, self.shell_tolerance = b0_threshold, shell_tolerance
         if self.used[0] == 0.0:
-            logger.info("ADC from b = %s s/mm² including b = 0 (fewer than two shells >= %g)",
-                        self.used.tolist(), min_b)
+            logger.info("ADC from b = %s s/mm²: %s", self.used.tolist(), self.b_selection_reason)
 
     @property
     def provenance(self) -> dict[str, Any]:
         fit = ("weighted log-linear least squares (w = S^2)" if self.weighting == "S2"
                else "ordinary log-linear least squares")
         return {"model": "mono-exponential", "fit": fit,
-                "b_values_used": self.used.tolist(), "min_b": self.min_b, "max_b": self.max_b,
+                "b_values_used": self.used.tolist(), "b_selection_reason": self.b_selection_reason,
+                "min_b": self.min_b, "max_b": self.max_b,
                 "direction_average": "geometric mean per shell",
                 "bounds_mm2_s": [self.min_adc, self.max_adc]}
 

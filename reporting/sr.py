@@ -200,6 +200,20 @@ def reported_value(path: str, value: float, measurements: LesionMeasurements,
     return value * concept.scale + concept.offset, concept.unit
 
 
+def _relaxivity_parameters(result: TimePointResult, quantity: str | None) -> list[str]:
+    """The contrast-agent r1 behind a DCE map (value, source, agent, field, warnings), if any."""
+    maps = (result.provenance or {}).get("maps") or {}
+    prov = maps.get(quantity) if quantity else None
+    if not prov or "relaxivity_per_mM_s" not in prov:
+        return []
+    agent = prov.get("contrast_agent") or prov.get("contrast_agent_declared") or "not recorded"
+    out = [(f"r1={prov['relaxivity_per_mM_s']} /mM/s ({prov.get('relaxivity_source', '?')}: "
+            f"{prov.get('relaxivity_reference', '')})"),
+           f"contrast agent={agent}", f"field strength={prov.get('field_strength_T')} T"]
+    out += [f"warning={w}" for w in prov.get("relaxivity_warnings", [])]
+    return out
+
+
 class _GroupBuilder:
     """Collects the content of one TID 1411 group."""
 
@@ -224,7 +238,13 @@ class _GroupBuilder:
     def _image_algorithm(self, concept: _Concept) -> hd.sr.AlgorithmIdentification | None:
         if concept.image is None or concept.image in rcodes.QUANTITIES and (
                 concept.name.scheme_designator == "DCM"):
-            return None  # map statistics are named by their quantity code already
+            # map statistics are named by their quantity code already; DCE ones say which
+            # contrast-agent r1 their concentrations used
+            relaxivity = _relaxivity_parameters(self.result, concept.image)
+            if not relaxivity:
+                return None
+            return hd.sr.AlgorithmIdentification(
+                name=self.algorithm_name, version=self.algorithm_version, parameters=relaxivity)
         return hd.sr.AlgorithmIdentification(
             name=self.algorithm_name, version=self.algorithm_version,
             parameters=[f"image={concept.image}"])
@@ -290,6 +310,37 @@ class _GroupBuilder:
                     parameters=[response.model_name or "site response model",
                                 *(f"{name}={weight:.4g}"
                                   for name, weight in response.model_top_features)])))
+
+
+#: (region, key of the region's dict, private code value, meaning, unit, scale) of the ADC QA
+#: against the scanner's ADC (processing.adc_qa) written in the time point's group
+_ADC_QA_ITEMS = (
+    ("tumour", "median_relative_difference", "ADCQA-TUM-REL",
+     "Median ADC difference to scanner ADC, tumour (relative)", "%", 100.0),
+    ("tumour", "median_difference_mm2_s", "ADCQA-TUM-ABS",
+     "Median ADC difference to scanner ADC, tumour", "um2/s", 1e6),
+    ("tissue", "median_relative_difference", "ADCQA-TIS-REL",
+     "Median ADC difference to scanner ADC, whole tissue (relative)", "%", 100.0),
+    ("tissue", "median_difference_mm2_s", "ADCQA-TIS-ABS",
+     "Median ADC difference to scanner ADC, whole tissue", "um2/s", 1e6),
+)
+
+
+def _add_scanner_adc_qa(builder: _GroupBuilder) -> None:
+    """QA measurements: the node's ADC against the scanner's ADC series (when the study has one)."""
+    qa = (builder.result.provenance or {}).get("scanner_adc_qa")
+    if not qa or qa.get("error"):
+        return
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=builder.algorithm_name, version=builder.algorithm_version,
+        parameters=[f"scanner ADC series {qa.get('scanner_series_instance_uid', '')}"])
+    for region, key, code, meaning, unit, scale in _ADC_QA_ITEMS:
+        value = (qa.get(region) or {}).get(key)
+        if value is None or not math.isfinite(float(value)):
+            continue
+        builder.measurements.append(hd.sr.Measurement(
+            name=rcodes.private_code(code, meaning), value=float(value) * scale,
+            unit=rcodes.unit_code(unit), algorithm_id=algorithm))
 
 
 def reported_as_change(quantity: str) -> bool:
@@ -443,6 +494,7 @@ def build_measurement_report(
         for path, value in flatten_measurements(result.measurements).items():
             builder.add(path, value)
         builder.add_response()
+        _add_scanner_adc_qa(builder)
         if result.comparability is not None:
             builder.evaluations.append(hd.sr.QualitativeEvaluation(
                 rcodes.COMPARABILITY, rcodes.COMPARABILITY_VALUES[result.comparability]))

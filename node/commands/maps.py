@@ -4,7 +4,12 @@ Reads DICOM files (files or folders, recursively), groups them by study and seri
 the series (:mod:`processing.series`), computes the maps (:func:`processing.maps.compute_maps`)
 and writes, per study, one DICOM Parametric Map per quantity (when :mod:`reporting.pmap` can
 encode it) and ``maps.json``: per map the model, inputs used, unit, source series, summary
-statistics, wall time and the Parametric Map file. Exit status 1 when no map could be computed.
+statistics, wall time and the Parametric Map file. Objects that are not images to analyse
+(DICOMDIR, presentation states, vendor private objects, SR, SEG, non-DICOM companion files) and
+derived volumes left out of a series are listed under ``set_aside`` with a one-line reason each,
+and counted on the console; when the study holds a scanner ADC series,
+``scanner_adc_qa`` compares the node's ADC with it (:mod:`processing.adc_qa`). Exit status 1
+when no map could be computed.
 """
 
 from __future__ import annotations
@@ -39,17 +44,44 @@ def _dicom_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _read(files: list[Path]) -> list[Any]:
+#: Companion files of exports and conversions (dcm2niix sidecars, notes): set aside quietly.
+#: (Compressed archives are not among them: a gzipped DICOM is worth a warning.)
+_NON_DICOM_SUFFIXES = {".bval", ".bvec", ".json", ".nii", ".txt", ".csv", ".md", ".xml",
+                       ".html", ".pdf", ".jpg", ".png"}
+
+
+def _read(files: list[Path], set_aside: list[Any] | None = None) -> list[Any]:
+    """Read every file as DICOM; the others are recorded in ``set_aside`` (one-line reason each).
+
+    Known companion files (``.bval``/``.bvec``/``.json``/``.nii``/``.txt``…) are set aside quietly;
+    any other unreadable file is logged (by file name only) as well.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    from processing.series import SetAside
 
     datasets = []
     for f in files:
         try:
             datasets.append(pydicom.dcmread(f))
-        except (InvalidDicomError, OSError) as err:
-            logger.warning("skipping %s: not readable as DICOM (%s)", f.name, err)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+            quiet = f.suffix.lower() in _NON_DICOM_SUFFIXES
+            (logger.debug if quiet else logger.warning)(
+                "skipping %s: not readable as DICOM (%s)", f.name, err)
+            if set_aside is not None:
+                set_aside.append(SetAside(reason=f"not a DICOM file ({type(err).__name__})",
+                                          file_name=f.name))
     return datasets
+
+
+def _set_aside_summary(entries: list[Any]) -> str:
+    """``"3 object(s) set aside: 1 DICOMDIR, 1 Presentation State, …"`` for the console."""
+    from collections import Counter
+
+    kinds = Counter(e.reason.split(" (")[0].split(":")[0] for e in entries)
+    return (f"{len(entries)} object(s) set aside: "
+            + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()))
 
 
 def _jsonable(value: Any) -> Any:
@@ -68,17 +100,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _source_images(volume: Any, by_sop: dict[str, Any]) -> tuple[list[Any], list[int] | None]:
-    """Source datasets (and frame numbers for multi-frame) aligned with the map's slices."""
+def _source_images(volume: Any, by_sop: dict[str, Any]
+                   ) -> tuple[list[Any], list[int] | None, bool]:
+    """Source datasets aligned with the map's slices.
+
+    Returns ``(datasets, frame_numbers, explicit_grid)``: the classic images of volume 0 in slice
+    order, or one multi-frame image and the 1-based frame numbers of volume 0. Mosaic or tiled
+    images (a volume in one stored frame) give the images holding volume 0 and
+    ``explicit_grid=True``: no stored frame has the geometry of a de-tiled slice, so the Parametric
+    Map takes its plane positions from the map's grid and only references them.
+    """
     frames = volume.source_frames[0]
     if any(f.mosaic_tile is not None for f in frames):
-        raise ValueError("mosaic sources are not supported by the Parametric Map writer")
+        uids = list(dict.fromkeys(f.sop_instance_uid for f in frames))
+        return [by_sop[uid] for uid in uids], None, True
     if frames[0].frame_number is not None:
-        return [by_sop[frames[0].sop_instance_uid]], [int(f.frame_number) for f in frames]
-    return [by_sop[f.sop_instance_uid] for f in frames], None
+        return [by_sop[frames[0].sop_instance_uid]], [int(f.frame_number) for f in frames], False
+    return [by_sop[f.sop_instance_uid] for f in frames], None, False
 
 
 def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -> str | None:
+    """Write the Parametric Map of ``qmap`` into ``out_dir``; its file name (None: no encoding).
+
+    Raises
+    ------
+    ValueError
+        The map cannot be encoded (e.g. :class:`reporting.seg.SourceGeometryError` for source
+        orientations that differ beyond the stated tolerance).
+    """
     try:
         from reporting.pmap import build_parametric_map
     except ImportError:
@@ -89,48 +138,84 @@ def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -
 
     if qmap.quantity not in QUANTITIES:
         return None
-    sources, frames = _source_images(volume, by_sop)
+    sources, frames, explicit_grid = _source_images(volume, by_sop)
     pm = build_parametric_map(sources, qmap.values, qmap.quantity, provenance=qmap.provenance,
-                              algorithm_version=__version__, source_frames=frames)
+                              algorithm_version=__version__, source_frames=frames,
+                              grid=qmap.geometry if explicit_grid else None)
     name = f"pm_{qmap.quantity}.dcm"
     pm.save_as(out_dir / name)
     return name
 
 
 def run(args: argparse.Namespace) -> int:
+    from processing.adc_qa import scanner_adc_qa
     from processing.maps import compute_maps, map_statistics
-    from processing.series import SeriesError, group_by_series, read_series
+    from processing.series import (
+        SeriesError,
+        SetAside,
+        group_by_series,
+        read_series,
+        set_aside_reason,
+    )
 
     files = _dicom_files(list(args.paths))
-    datasets = _read(files)
+    unstudied: list[Any] = []  # objects that belong to no study (non-DICOM files, DICOMDIR)
+    datasets = _read(files, unstudied)
     by_study: dict[str, list[Any]] = defaultdict(list)
+    aside_by_study: dict[str, list[Any]] = defaultdict(list)
     for ds in datasets:
-        by_study[str(ds.get("StudyInstanceUID", ""))].append(ds)
+        study = str(ds.get("StudyInstanceUID", "") or "")
+        reason = set_aside_reason(ds)
+        if reason is None:
+            by_study[study].append(ds)
+            continue
+        entry = SetAside(reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+                         sop_class_uid=str(ds.get("SOPClassUID", "") or getattr(
+                             getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or ""),
+                         series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+                         file_name=Path(str(getattr(ds, "filename", "") or "")).name or None)
+        (aside_by_study[study] if study else unstudied).append(entry)
     args.out.mkdir(parents=True, exist_ok=True)
+    if not by_study and (unstudied or aside_by_study):
+        # nothing to analyse: still say what was found and why it was set aside
+        everything = unstudied + [e for entries in aside_by_study.values() for e in entries]
+        print(f"spine-node maps: {_set_aside_summary(everything)}")
+        (args.out / "maps.json").write_text(json.dumps(_jsonable(
+            {"study_instance_uid": None, "skipped": [],
+             "set_aside": [e.as_dict() for e in everything], "maps": {}}), indent=1))
     n_maps = 0
     for study_uid, members in by_study.items():
+        set_aside: list[Any] = unstudied + aside_by_study.get(study_uid, [])
         volumes = {}
-        for series_uid, series in group_by_series(members).items():
-            if "PixelData" not in series[0]:
-                continue
+        for series_uid, series in group_by_series(members, set_aside=set_aside).items():
             try:
                 volumes[series_uid] = read_series(series)
-            except SeriesError as err:
+            except (SeriesError, ValueError, NotImplementedError, RuntimeError) as err:
                 logger.warning("series %s skipped: %s", series_uid, err)
+                set_aside.append(SetAside(
+                    reason=f"series not assembled: {err}", series_instance_uid=series_uid,
+                    sop_class_uid=str(series[0].get("SOPClassUID", "") or "")))
+                continue
+            set_aside.extend(volumes[series_uid].excluded)
         start = time.perf_counter()
         skipped: list[str] = []
         maps = compute_maps(volumes.values(), skipped=skipped)
         elapsed = time.perf_counter() - start
         for reason in skipped:
             print(f"{study_uid}: skipped {reason}")
-        if not maps:
+        if set_aside:
+            print(f"{study_uid}: {_set_aside_summary(set_aside)} (reasons in maps.json)")
+        if not maps and not set_aside:
             logger.info("study %s: no series allows a quantitative map", study_uid)
             continue
         out_dir = args.out / study_uid if len(by_study) > 1 else args.out
         out_dir.mkdir(parents=True, exist_ok=True)
         by_sop = {str(ds.SOPInstanceUID): ds for ds in members}
         report: dict[str, Any] = {"study_instance_uid": study_uid, "elapsed_s": elapsed,
-                                  "skipped": skipped, "maps": {}}
+                                  "skipped": skipped,
+                                  "set_aside": [e.as_dict() for e in set_aside], "maps": {}}
+        if not maps:
+            logger.info("study %s: no series allows a quantitative map", study_uid)
         for name, qmap in sorted(maps.items()):
             entry: dict[str, Any] = {
                 "quantity": name, "unit": qmap.unit,
@@ -150,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
                     entry["parametric_map_error"] = str(err)
             report["maps"][name] = entry
             n_maps += 1
+        qa = scanner_adc_qa(maps.get("ADC"), volumes.values())
+        if qa is not None:
+            report["scanner_adc_qa"] = qa
         (out_dir / "maps.json").write_text(json.dumps(_jsonable(report), indent=1))
         logger.info("study %s: %d maps written to %s (%.1f s)", study_uid, len(maps), out_dir,
                     elapsed)

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from processing.dwi import AdcModel, IvimModel, direction_average, ivim_signal
+from processing.dwi import (
+    AdcModel,
+    IvimModel,
+    direction_average,
+    ivim_signal,
+    select_adc_shells,
+)
 
 IVIM_DIR = Path("osipi_ivim") / "tests" / "IVIMmodels" / "unit_tests"
 GENERIC = ["generic.json", "generic_brain.json", "generic_one.json", "generic_two.json",
@@ -141,3 +147,31 @@ def test_adc_weighting_options_match_their_analytic_values() -> None:
     assert "ordinary" in ols.provenance["fit"]
     with pytest.raises(ValueError, match="weighting"):
         AdcModel(b, weighting="S")
+
+
+@pytest.mark.parametrize(("scheme", "high"), [(1500.0, 1500.0), (2000.0, 2000.0),
+                                              (2500.0, 2500.0)])
+def test_adc_two_point_high_b_protocol(scheme: float, high: float) -> None:
+    """b0 + one shell above max_b (Canon b1500, Siemens b2000): ADC = ln(S0/Sb)/b, reason given."""
+    b = np.array([0.0, scheme, scheme, scheme])
+    d = np.array([0.5e-3, 1.0e-3, 2.0e-3])
+    s = ivim_signal(b, d=d, f=0.0, d_star=0.01) * 800.0
+    fit = AdcModel(b, max_b=1000.0, weighting="none").fit(s)
+    assert fit.b_values_used == (0.0, high)
+    np.testing.assert_allclose(fit.adc, d, rtol=1e-12)
+    reason = fit.provenance["b_selection_reason"]
+    assert "two-point" in reason and f"b = {high:g}" in reason
+
+
+def test_adc_three_shells_keep_b_up_to_max_b() -> None:
+    """b0/500/1500 (Siemens E11 RSI): ADC over b <= 1000 uses b0/b500 and says b1500 is left out."""
+    used, reason = select_adc_shells(np.array([0.0, 500.0, 1500.0]), min_b=50.0, max_b=1000.0)
+    assert used.tolist() == [0.0, 500.0]
+    assert "1500" in reason and "left out" in reason
+    used, reason = select_adc_shells(np.array([0.0, 50.0, 400.0, 800.0, 1500.0]), min_b=50.0,
+                                     max_b=1000.0)
+    assert used.tolist() == [50.0, 400.0, 800.0] and "b = 0 left out" in reason
+    used, _ = select_adc_shells(np.array([0.0, 1000.0, 2000.0]), min_b=50.0, max_b=1000.0)
+    assert used.tolist() == [0.0, 1000.0]
+    with pytest.raises(ValueError, match="at least two distinct b-values"):
+        select_adc_shells(np.array([0.0]), min_b=50.0, max_b=1000.0)

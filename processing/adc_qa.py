@@ -1,0 +1,266 @@
+"""Quality check of the node's ADC against the scanner's own ADC map of the same study.
+
+When a study holds a scanner-computed ADC series (:attr:`processing.classify.SeriesRole.ADC_MAP`,
+Image Type ``ADC``), :func:`compare_with_scanner_adc` resamples it onto the grid of the node's ADC
+(SimpleITK, linear) and reports the median difference, absolute (mm²/s) and relative, over the
+whole tissue (the node's valid ADC voxels where the scanner map has a positive value) and in the
+tumour (the lesion mask, when given). Scanners store ADC as integers in 10^-6 mm²/s (sometimes
+10^-3 mm²/s or mm²/s): the unit is taken from the magnitude of the stored values and stated in the
+result. A difference reflects different b-values, estimator, noise handling or registration
+between series, not necessarily an error: the result is information for the reader, not a gate.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from numpy.typing import NDArray
+
+from processing.classify import SeriesRole, classify_volume
+from processing.series import Geometry, SeriesVolume
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdcQaError",
+    "AdcQaRegion",
+    "AdcQaResult",
+    "compare_images",
+    "compare_with_scanner_adc",
+    "find_scanner_adc",
+    "scanner_adc_image",
+    "scanner_adc_qa",
+]
+
+#: (lowest median stored value, scale to mm²/s, unit name) tried in order.
+_UNIT_RULES: tuple[tuple[float, float, str], ...] = (
+    (10.0, 1e-6, "10^-6 mm2/s"),
+    (0.01, 1e-3, "10^-3 mm2/s"),
+    (0.0, 1.0, "mm2/s"),
+)
+
+
+class AdcQaError(ValueError):
+    """The scanner ADC cannot be compared (no overlap, empty map, wrong shape)."""
+
+
+@dataclass(frozen=True)
+class AdcQaRegion:
+    """Agreement in one region.
+
+    Attributes
+    ----------
+    n_voxels : int
+        Voxels compared (node ADC valid, scanner ADC > 0 after resampling).
+    median_node, median_scanner : float
+        Median ADC (mm²/s) of each map over those voxels.
+    median_difference : float
+        Median of node - scanner (mm²/s).
+    median_relative_difference : float
+        Median of (node - scanner) / scanner.
+    """
+
+    n_voxels: int
+    median_node: float
+    median_scanner: float
+    median_difference: float
+    median_relative_difference: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_voxels": self.n_voxels, "median_node_mm2_s": self.median_node,
+                "median_scanner_mm2_s": self.median_scanner,
+                "median_difference_mm2_s": self.median_difference,
+                "median_relative_difference": self.median_relative_difference}
+
+
+@dataclass(frozen=True)
+class AdcQaResult:
+    """The node's ADC against the scanner's ADC.
+
+    Attributes
+    ----------
+    scanner_series_instance_uid : str
+    scanner_unit : str
+        Unit of the scanner's stored values, inferred from their magnitude.
+    tissue : AdcQaRegion
+        Whole tissue: every valid voxel of the node's ADC the scanner map covers.
+    tumour : AdcQaRegion or None
+        Inside the lesion mask (None without a mask or without overlap).
+    method : str
+    """
+
+    scanner_series_instance_uid: str
+    scanner_unit: str
+    tissue: AdcQaRegion
+    tumour: AdcQaRegion | None
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scanner_series_instance_uid": self.scanner_series_instance_uid,
+                "scanner_unit": self.scanner_unit, "method": self.method,
+                "tissue": self.tissue.to_dict(),
+                "tumour": None if self.tumour is None else self.tumour.to_dict()}
+
+
+def find_scanner_adc(volumes: Iterable[SeriesVolume]) -> SeriesVolume | None:
+    """The first scanner ADC series (role ``ADC_MAP``, Image Type ``ADC``) of a study, if any."""
+    for volume in volumes:
+        if classify_volume(volume).role is SeriesRole.ADC_MAP:
+            return volume
+    return None
+
+
+def _image(values: NDArray, geometry: Geometry) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float64))
+    img.SetOrigin(tuple(float(x) for x in geometry.origin))
+    img.SetSpacing(tuple(float(x) for x in geometry.spacing))
+    img.SetDirection(tuple(float(x) for x in geometry.direction))
+    return img
+
+
+def scanner_adc_image(volume: SeriesVolume) -> sitk.Image:
+    """The scanner ADC series as a SimpleITK image of its stored values (first volume)."""
+    return _image(np.asarray(volume.array[0], dtype=np.float64), volume.geometry)
+
+
+def _region(node: NDArray[np.float64], scanner: NDArray[np.float64],
+            sel: NDArray[np.bool_]) -> AdcQaRegion | None:
+    if not sel.any():
+        return None
+    a, s = node[sel], scanner[sel]
+    return AdcQaRegion(n_voxels=int(sel.sum()), median_node=float(np.median(a)),
+                       median_scanner=float(np.median(s)),
+                       median_difference=float(np.median(a - s)),
+                       median_relative_difference=float(np.median((a - s) / s)))
+
+
+def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
+                             node_geometry: Geometry, scanner: sitk.Image, *,
+                             tumour_mask: NDArray[np.bool_] | None = None,
+                             scanner_series_instance_uid: str = "") -> AdcQaResult:
+    """Median difference between the node's ADC and a scanner ADC map, in tissue and tumour.
+
+    Parameters
+    ----------
+    node_adc : ndarray, shape (z, y, x)
+        The node's ADC (mm²/s) on `node_geometry`.
+    node_valid : ndarray of bool, shape (z, y, x)
+        Valid voxels of the node's ADC.
+    node_geometry : Geometry
+    scanner : SimpleITK.Image
+        The scanner's ADC map in its stored values (:func:`scanner_adc_image`), any grid.
+    tumour_mask : ndarray of bool, shape (z, y, x), optional
+        Lesion mask on `node_geometry`.
+    scanner_series_instance_uid : str, optional
+
+    Returns
+    -------
+    AdcQaResult
+
+    Raises
+    ------
+    AdcQaError
+        Shapes disagree, the scanner map has no positive value, or the maps do not overlap.
+    """
+    node = np.asarray(node_adc, dtype=np.float64)
+    valid = np.asarray(node_valid, dtype=bool) & np.isfinite(node)
+    if node.shape != tuple(reversed(node_geometry.size)) or valid.shape != node.shape:
+        raise AdcQaError(f"node ADC shape {node.shape} does not match its grid "
+                         f"{tuple(reversed(node_geometry.size))}")
+    stored = sitk.GetArrayFromImage(scanner).astype(np.float64)
+    positive = stored[np.isfinite(stored) & (stored > 0)]
+    if positive.size == 0:
+        raise AdcQaError("the scanner ADC map has no positive value")
+    median_stored = float(np.median(positive))
+    scale, unit = next((s, u) for low, s, u in _UNIT_RULES if median_stored >= low)
+    scaled = sitk.Cast(scanner, sitk.sitkFloat64) * scale
+    reference = _image(node, node_geometry)
+    on_grid = sitk.GetArrayFromImage(sitk.Resample(scaled, reference, sitk.Transform(),
+                                                   sitk.sitkLinear, float("nan"),
+                                                   sitk.sitkFloat64))
+    covered = valid & np.isfinite(on_grid) & (on_grid > 0)
+    tissue = _region(node, on_grid, covered)
+    if tissue is None:
+        raise AdcQaError("the scanner ADC map does not overlap the node's valid ADC voxels")
+    tumour = None
+    if tumour_mask is not None:
+        mask = np.asarray(tumour_mask, dtype=bool)
+        if mask.shape != node.shape:
+            raise AdcQaError(f"tumour mask shape {mask.shape} differs from the ADC {node.shape}")
+        tumour = _region(node, on_grid, covered & mask)
+    method = (f"scanner ADC (stored values read as {unit}) resampled onto the node's ADC grid "
+              "(SimpleITK linear, physical coordinates); medians over the node's valid voxels "
+              "with a positive scanner value (tissue) and inside the lesion mask (tumour)")
+    logger.info("ADC QA vs scanner series %s: tissue median relative difference %+.1f %% over "
+                "%d voxels", scanner_series_instance_uid,
+                100 * tissue.median_relative_difference, tissue.n_voxels)
+    return AdcQaResult(scanner_series_instance_uid=scanner_series_instance_uid,
+                       scanner_unit=unit, tissue=tissue, tumour=tumour, method=method)
+
+
+def scanner_adc_qa(node_adc: Any, volumes: Iterable[SeriesVolume], *,
+                   tumour_mask: NDArray[np.bool_] | None = None) -> dict[str, Any] | None:
+    """The QA result of a study as a JSON-ready dict, or None when it has no scanner ADC series.
+
+    Parameters
+    ----------
+    node_adc : processing.maps.QuantMap or None
+        The node's ADC map (``values``, ``valid``, ``geometry``); None when it computed none.
+    volumes : iterable of SeriesVolume
+        The assembled series of the study.
+    tumour_mask : ndarray of bool, optional
+        Lesion mask on the ADC grid.
+
+    Returns
+    -------
+    dict or None
+        :meth:`AdcQaResult.to_dict`, or ``{"scanner_series_instance_uid", "error"}`` when the
+        comparison is impossible (no node ADC, no overlap...).
+    """
+    scanner = find_scanner_adc(volumes)
+    if scanner is None:
+        return None
+    uid = scanner.series_instance_uid
+    if node_adc is None:
+        return {"scanner_series_instance_uid": uid, "error": "the node computed no ADC"}
+    try:
+        return compare_with_scanner_adc(node_adc.values, node_adc.valid, node_adc.geometry,
+                                        scanner_adc_image(scanner), tumour_mask=tumour_mask,
+                                        scanner_series_instance_uid=uid).to_dict()
+    except AdcQaError as err:
+        logger.warning("ADC QA vs scanner series %s impossible: %s", uid, err)
+        return {"scanner_series_instance_uid": uid, "error": str(err)}
+
+
+def compare_images(node_adc: sitk.Image, scanner: sitk.Image, *,
+                   tumour_mask: sitk.Image | None = None,
+                   scanner_series_instance_uid: str = "") -> AdcQaResult:
+    """:func:`compare_with_scanner_adc` for SimpleITK images (the analysis chain's form).
+
+    Parameters
+    ----------
+    node_adc : SimpleITK.Image
+        The node's ADC (mm²/s); non-finite voxels are invalid.
+    scanner : SimpleITK.Image
+        The scanner's ADC in its stored values.
+    tumour_mask : SimpleITK.Image, optional
+        Lesion mask on any grid; resampled onto the ADC grid by nearest neighbour.
+    scanner_series_instance_uid : str, optional
+    """
+    values = sitk.GetArrayFromImage(node_adc).astype(np.float64)
+    geometry = Geometry(origin=tuple(node_adc.GetOrigin()), spacing=tuple(node_adc.GetSpacing()),
+                        direction=tuple(node_adc.GetDirection()),
+                        size=tuple(int(s) for s in node_adc.GetSize()))
+    mask = None
+    if tumour_mask is not None:
+        on_grid = sitk.Resample(sitk.Cast(tumour_mask > 0, sitk.sitkUInt8), node_adc,
+                                sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        mask = sitk.GetArrayFromImage(on_grid).astype(bool)
+    return compare_with_scanner_adc(values, np.isfinite(values), geometry, scanner,
+                                    tumour_mask=mask,
+                                    scanner_series_instance_uid=scanner_series_instance_uid)
