@@ -107,6 +107,10 @@ class StudyAnalysis:
     #: the scanner's own ADC series of the study (SeriesVolume), if any, and the node's ADC
     #: compared with it (processing.adc_qa: median differences in the tumour and whole tissue)
     scanner_adc: Any = None
+    scanner_adc_dataset: Dataset | None = None  # a dataset of that series (its RWVM units)
+    #: objects and derived volumes kept out of the analysis, with their reasons
+    #: (processing.series.SetAside: presentation states, vendor private objects, scanner maps...)
+    set_aside: tuple[Any, ...] = ()
     scanner_adc_qa: dict[str, Any] | None = None
 
 
@@ -150,6 +154,7 @@ class ChainResult:
                     },
                     "lesion_notes": list(s.lesion_notes),
                     "scanner_adc_qa": s.scanner_adc_qa,
+                    "set_aside": [entry.as_dict() for entry in s.set_aside],
                 }
                 for s in self.studies
             ],
@@ -352,7 +357,7 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
     if inventory.anatomy_reference is None:
         raise ChainError(f"study {role.study_instance_uid} has no anatomical series (T2w, T1w or "
                          "STIR) to delineate the lesion on")
-    series = group_by_series(datasets)
+    series = group_by_series(datasets, set_aside=[])  # classify_study listed what it set aside
     volumes: dict[str, Any] = {}
     roles: dict[str, str] = {}
     for cls in inventory.series:
@@ -396,6 +401,7 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
     sagittal = next((v for uid, v in volumes.items()
                      if roles[uid] == reference_role and uid != reference_uid
                      and _is_sagittal(v) and not _is_sagittal(anatomy)), None)
+    scanner_uid = next((uid for uid in inventory.adc_maps if uid in assembled), None)
     return StudyAnalysis(
         sagittal_image=None if sagittal is None else sagittal.volume_image(0),
         study_instance_uid=role.study_instance_uid, study_date=role.study_date, role=role.role,
@@ -403,28 +409,25 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
         anatomy_image=anatomy.volume_image(0),
         anatomy_datasets=list(series[reference_uid]),
         input_digest=digest_uids(datasets), maps=maps,
-        scanner_adc=next((assembled[uid] for uid in inventory.adc_maps if uid in assembled), None))
+        scanner_adc=None if scanner_uid is None else assembled[scanner_uid],
+        scanner_adc_dataset=None if scanner_uid is None else series[scanner_uid][0],
+        set_aside=(*inventory.set_aside,
+                   *(entry for volume in volumes.values() for entry in volume.excluded)))
 
 
 def _scanner_adc_qa(study: StudyAnalysis, notes: list[str]) -> None:
     """The node's ADC against the study's scanner ADC series, in the tumour and whole tissue."""
-    from processing.adc_qa import AdcQaError, compare_images, scanner_adc_image
+    from processing.adc_qa import scanner_adc_qa
 
     if study.scanner_adc is None:
         return
-    uid = study.scanner_adc.series_instance_uid
-    if "ADC" not in study.maps:
-        study.scanner_adc_qa = {"scanner_series_instance_uid": uid,
-                                "error": "the node computed no ADC"}
-        return
-    try:
-        study.scanner_adc_qa = compare_images(
-            study.maps["ADC"].image, scanner_adc_image(study.scanner_adc),
-            tumour_mask=study.lesion_mask, scanner_series_instance_uid=uid).to_dict()
-    except AdcQaError as err:
+    adc = study.maps.get("ADC")
+    study.scanner_adc_qa = scanner_adc_qa(None if adc is None else adc.image, study.scanner_adc,
+                                          study.scanner_adc_dataset,
+                                          tumour_mask=study.lesion_mask)
+    if "error" in study.scanner_adc_qa:
         notes.append(f"study {study.study_instance_uid}: ADC QA against the scanner ADC "
-                     f"impossible: {err}")
-        study.scanner_adc_qa = {"scanner_series_instance_uid": uid, "error": str(err)}
+                     f"impossible: {study.scanner_adc_qa['error']}")
 
 
 def _is_sagittal(volume: Any) -> bool:
@@ -797,15 +800,6 @@ def _protocol(study: StudyAnalysis) -> Any:
     )
 
 
-def _source_alignment(volume: Any, datasets_by_uid: Mapping[str, Dataset],
-                      volume_index: int = 0) -> tuple[list[Dataset], list[int] | None]:
-    """Source images (and frame numbers) of one volume of a series, in slice order."""
-    frames = volume.source_frames[volume_index]
-    if frames and frames[0].frame_number is not None:
-        return [datasets_by_uid[frames[0].sop_instance_uid]], [f.frame_number for f in frames]
-    return [datasets_by_uid[f.sop_instance_uid] for f in frames], None
-
-
 def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any,
                    settings: ChainSettings, rt: Sequence[Dataset]) -> list[Dataset]:
     """SEG per time point, Parametric Maps, Spatial Registrations and the TID 1500 report.
@@ -818,7 +812,7 @@ def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any
     from dataclasses import asdict
 
     from reporting.pmap import build_parametric_map
-    from reporting.seg import build_segmentation
+    from reporting.seg import build_segmentation, source_alignment
     from reporting.sr import build_measurement_report
     from reporting.uids import digest_text, digest_uids
 
@@ -831,21 +825,21 @@ def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any
     regs: list[Dataset] = []
     for study in studies:
         by_uid = {str(ds.SOPInstanceUID): ds for ds in study.anatomy_datasets}
-        sources, frames = _source_alignment(study.anatomy, by_uid)
+        sources, frames, grid = source_alignment(study.anatomy, by_uid)
         mask = sitk.GetArrayFromImage(study.lesion_mask).astype(bool)
         seg_digest = digest_text(study.input_digest, baseline_digest, rt_digest, settings_text)
         segs.append(build_segmentation(sources, mask, lesion, segment_type=settings.segment_type,
                                        algorithm_version=ALGORITHM_VERSION, source_frames=frames,
-                                       input_digest=seg_digest))
+                                       input_digest=seg_digest, grid=grid))
         for quantity, qmap in sorted(study.maps.items()):
             if not qmap.exported:
                 continue
             by_uid = {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets}
-            sources, frames = _source_alignment(qmap.source_volume, by_uid)
+            sources, frames, grid = source_alignment(qmap.source_volume, by_uid)
             values = sitk.GetArrayFromImage(qmap.image).astype(np.float32)
             pmaps.append(build_parametric_map(
                 sources, values, quantity, provenance=qmap.provenance,
-                algorithm_version=ALGORITHM_VERSION, source_frames=frames,
+                algorithm_version=ALGORITHM_VERSION, source_frames=frames, grid=grid,
                 vertebral_level=lesion.vertebral_level,
                 input_digest=digest_text(study.input_digest, quantity, settings_text)))
         if study.registration is not None:

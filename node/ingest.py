@@ -19,6 +19,9 @@ from pydicom.errors import InvalidDicomError
 from node.errors import NodeError
 from node.store import Store, StoreResult
 
+#: Media Storage Directory Storage: a DICOMDIR indexes a CD/DVD export's files, it is no instance
+MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,6 +62,12 @@ def import_files(store: Store, paths: Iterable[Path]) -> ImportReport:
         try:
             header = dcmread(path, stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            if str(header.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY:
+                logger.info("set aside %s: a DICOMDIR (media directory, not an instance)",
+                            path.name)
+                report.skipped.append((path, "DICOMDIR: a media directory, not an instance "
+                                             "(its files are imported on their own)"))
+                continue
             transfer_syntax = header.file_meta.get("TransferSyntaxUID")
             if not transfer_syntax:
                 raise InvalidDicomError("no file meta information with a Transfer Syntax UID")
@@ -68,7 +77,11 @@ def import_files(store: Store, paths: Iterable[Path]) -> ImportReport:
                 request_sop_class_uid=str(header.get("SOPClassUID", "")),
                 request_sop_instance_uid=str(header.get("SOPInstanceUID", "")),
                 calling_ae="IMPORT")
-        except (InvalidDicomError, EOFError, ValueError, NodeError) as err:
+        except NodeError as err:  # refused by the store: its reason names no patient data
+            logger.warning("skipped %s: %s", path.name, type(err).__name__)
+            report.skipped.append((path, f"{type(err).__name__}: {err}"))
+            continue
+        except (InvalidDicomError, EOFError, ValueError) as err:
             logger.warning("skipped %s: %s", path.name, type(err).__name__)
             report.skipped.append((path, f"{type(err).__name__}: not a readable DICOM file"))
             continue

@@ -4,10 +4,10 @@ When a study holds a scanner-computed ADC series (:attr:`processing.classify.Ser
 Image Type ``ADC``), :func:`compare_with_scanner_adc` resamples it onto the grid of the node's ADC
 (SimpleITK, linear) and reports the median difference, absolute (mm²/s) and relative, over the
 whole tissue (the node's valid ADC voxels where the scanner map has a positive value) and in the
-tumour (the lesion mask, when given). Scanners store ADC as integers in 10^-6 mm²/s (sometimes
-10^-3 mm²/s or mm²/s): the unit is taken from the magnitude of the stored values and stated in the
-result. A difference reflects different b-values, estimator, noise handling or registration
-between series, not necessarily an error: the result is information for the reader, not a gate.
+tumour (the lesion mask, when given). The scanner's values are brought to mm²/s by
+:func:`scanner_adc_mm2_s` (its Real World Value Mapping, else the vendors' 10^-6 mm²/s
+convention), and the result says how. A difference reflects different b-values, estimator,
+noise handling or registration between series, not necessarily an error: the result is information for the reader, not a gate.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
 from processing.classify import SeriesRole, classify_volume
 from processing.series import Geometry, SeriesVolume
@@ -34,15 +35,64 @@ __all__ = [
     "compare_with_scanner_adc",
     "find_scanner_adc",
     "scanner_adc_image",
+    "scanner_adc_mm2_s",
     "scanner_adc_qa",
 ]
 
-#: (lowest median stored value, scale to mm²/s, unit name) tried in order.
-_UNIT_RULES: tuple[tuple[float, float, str], ...] = (
-    (10.0, 1e-6, "10^-6 mm2/s"),
-    (0.01, 1e-3, "10^-3 mm2/s"),
-    (0.0, 1.0, "mm2/s"),
-)
+#: UCUM units of a scanner ADC map -> factor to mm²/s (Real World Value Mapping units).
+_ADC_UNIT_FACTORS = {"mm2/s": 1.0, "um2/s": 1e-6, "10-6.mm2/s": 1e-6, "10^-6.mm2/s": 1e-6,
+                     "10-3.mm2/s": 1e-3, "10^-3.mm2/s": 1e-3, "m2/s": 1e6}
+
+
+def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None
+                      ) -> tuple[np.ndarray, str]:
+    """Values of a scanner ADC series (role ``ADC_MAP``) in mm²/s, and how they were scaled.
+
+    ``volume.array`` already holds modality values (Rescale Slope/Intercept applied). Their unit:
+
+    1. Real World Value Mapping of ``first`` (or of its first frame's functional groups): the
+       mapping (slope/intercept on stored values) and its Measurement Units (UCUM ``mm2/s``,
+       ``um2/s``, ``10-6.mm2/s``, ``10-3.mm2/s``) are used when present;
+    2. otherwise the vendors' common convention: Siemens, GE, Philips, Canon and UIH store ADC
+       maps as integers in 10⁻⁶ mm²/s (e.g. 800 for 0.8·10⁻³ mm²/s), so values are multiplied
+       by 10⁻⁶ — unless the tissue values are already below 0.01 (a float map in mm²/s), left as they are.
+
+    Returns
+    -------
+    values : numpy.ndarray
+        float64 array shaped like ``volume.array[0]`` (first volume) in mm²/s.
+    note : str
+        One line saying which rule was applied (for provenance).
+    """
+    data = np.asarray(volume.array[0], dtype=np.float64)
+    rwvm = None
+    if first is not None:
+        rwvm = first.get("RealWorldValueMappingSequence")
+        if not rwvm:
+            for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+                groups = first.get(key)
+                if groups and groups[0].get("RealWorldValueMappingSequence"):
+                    rwvm = groups[0].RealWorldValueMappingSequence
+                    break
+    if rwvm:
+        item = rwvm[0]
+        units = item.get("MeasurementUnitsCodeSequence")
+        code = str(units[0].get("CodeValue", "")) if units else ""
+        factor = _ADC_UNIT_FACTORS.get(code.replace("²", "2").replace("μ", "u"))
+        slope = item.get("RealWorldValueSlope")
+        if factor is not None and slope is not None:
+            stored = data
+            rescale_slope = float(first.get("RescaleSlope", 1.0) or 1.0)
+            rescale_intercept = float(first.get("RescaleIntercept", 0.0) or 0.0)
+            stored = (data - rescale_intercept) / rescale_slope
+            real = stored * float(slope) + float(item.get("RealWorldValueIntercept", 0.0) or 0.0)
+            return real * factor, f"Real World Value Mapping, unit {code} (x{factor:g} to mm2/s)"
+    positive = data[data > 0]
+    if positive.size and float(np.median(positive)) < 0.01:
+        return data, "values already in mm2/s (median below 0.01)"
+    return data * 1e-6, ("no Real World Value Mapping: vendor convention, stored in 1e-6 mm2/s "
+                         f"({volume.physics.manufacturer or 'unknown manufacturer'})")
+
 
 
 class AdcQaError(ValueError):
@@ -85,8 +135,8 @@ class AdcQaResult:
     Attributes
     ----------
     scanner_series_instance_uid : str
-    scanner_unit : str
-        Unit of the scanner's stored values, inferred from their magnitude.
+    scanner_scaling : str
+        How the scanner's stored values were brought to mm²/s (:func:`scanner_adc_mm2_s`).
     tissue : AdcQaRegion
         Whole tissue: every valid voxel of the node's ADC the scanner map covers.
     tumour : AdcQaRegion or None
@@ -95,14 +145,14 @@ class AdcQaResult:
     """
 
     scanner_series_instance_uid: str
-    scanner_unit: str
+    scanner_scaling: str
     tissue: AdcQaRegion
     tumour: AdcQaRegion | None
     method: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"scanner_series_instance_uid": self.scanner_series_instance_uid,
-                "scanner_unit": self.scanner_unit, "method": self.method,
+                "scanner_scaling": self.scanner_scaling, "method": self.method,
                 "tissue": self.tissue.to_dict(),
                 "tumour": None if self.tumour is None else self.tumour.to_dict()}
 
@@ -123,9 +173,15 @@ def _image(values: NDArray, geometry: Geometry) -> sitk.Image:
     return img
 
 
-def scanner_adc_image(volume: SeriesVolume) -> sitk.Image:
-    """The scanner ADC series as a SimpleITK image of its stored values (first volume)."""
-    return _image(np.asarray(volume.array[0], dtype=np.float64), volume.geometry)
+def scanner_adc_image(volume: SeriesVolume, first: Dataset | None = None
+                      ) -> tuple[sitk.Image, str]:
+    """The scanner ADC series as a SimpleITK image in mm²/s, and how it was scaled.
+
+    ``first`` is a dataset of the series (its Real World Value Mapping gives the unit; see
+    :func:`scanner_adc_mm2_s`).
+    """
+    values, scaling = scanner_adc_mm2_s(volume, first)
+    return _image(values, volume.geometry), scaling
 
 
 def _region(node: NDArray[np.float64], scanner: NDArray[np.float64],
@@ -141,6 +197,7 @@ def _region(node: NDArray[np.float64], scanner: NDArray[np.float64],
 
 def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
                              node_geometry: Geometry, scanner: sitk.Image, *,
+                             scanner_scaling: str = "values in mm2/s",
                              tumour_mask: NDArray[np.bool_] | None = None,
                              scanner_series_instance_uid: str = "") -> AdcQaResult:
     """Median difference between the node's ADC and a scanner ADC map, in tissue and tumour.
@@ -153,7 +210,9 @@ def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
         Valid voxels of the node's ADC.
     node_geometry : Geometry
     scanner : SimpleITK.Image
-        The scanner's ADC map in its stored values (:func:`scanner_adc_image`), any grid.
+        The scanner's ADC map in mm²/s (:func:`scanner_adc_image`), any grid.
+    scanner_scaling : str, optional
+        How its stored values were brought to mm²/s (recorded in the result).
     tumour_mask : ndarray of bool, shape (z, y, x), optional
         Lesion mask on `node_geometry`.
     scanner_series_instance_uid : str, optional
@@ -172,13 +231,10 @@ def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
     if node.shape != tuple(reversed(node_geometry.size)) or valid.shape != node.shape:
         raise AdcQaError(f"node ADC shape {node.shape} does not match its grid "
                          f"{tuple(reversed(node_geometry.size))}")
-    stored = sitk.GetArrayFromImage(scanner).astype(np.float64)
-    positive = stored[np.isfinite(stored) & (stored > 0)]
-    if positive.size == 0:
+    scaled = sitk.Cast(scanner, sitk.sitkFloat64)
+    values = sitk.GetArrayViewFromImage(scaled)
+    if not np.any(np.isfinite(values) & (values > 0)):
         raise AdcQaError("the scanner ADC map has no positive value")
-    median_stored = float(np.median(positive))
-    scale, unit = next((s, u) for low, s, u in _UNIT_RULES if median_stored >= low)
-    scaled = sitk.Cast(scanner, sitk.sitkFloat64) * scale
     reference = _image(node, node_geometry)
     on_grid = sitk.GetArrayFromImage(sitk.Resample(scaled, reference, sitk.Transform(),
                                                    sitk.sitkLinear, float("nan"),
@@ -193,51 +249,18 @@ def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
         if mask.shape != node.shape:
             raise AdcQaError(f"tumour mask shape {mask.shape} differs from the ADC {node.shape}")
         tumour = _region(node, on_grid, covered & mask)
-    method = (f"scanner ADC (stored values read as {unit}) resampled onto the node's ADC grid "
+    method = ("scanner ADC resampled onto the node's ADC grid "
               "(SimpleITK linear, physical coordinates); medians over the node's valid voxels "
               "with a positive scanner value (tissue) and inside the lesion mask (tumour)")
     logger.info("ADC QA vs scanner series %s: tissue median relative difference %+.1f %% over "
                 "%d voxels", scanner_series_instance_uid,
                 100 * tissue.median_relative_difference, tissue.n_voxels)
     return AdcQaResult(scanner_series_instance_uid=scanner_series_instance_uid,
-                       scanner_unit=unit, tissue=tissue, tumour=tumour, method=method)
-
-
-def scanner_adc_qa(node_adc: Any, volumes: Iterable[SeriesVolume], *,
-                   tumour_mask: NDArray[np.bool_] | None = None) -> dict[str, Any] | None:
-    """The QA result of a study as a JSON-ready dict, or None when it has no scanner ADC series.
-
-    Parameters
-    ----------
-    node_adc : processing.maps.QuantMap or None
-        The node's ADC map (``values``, ``valid``, ``geometry``); None when it computed none.
-    volumes : iterable of SeriesVolume
-        The assembled series of the study.
-    tumour_mask : ndarray of bool, optional
-        Lesion mask on the ADC grid.
-
-    Returns
-    -------
-    dict or None
-        :meth:`AdcQaResult.to_dict`, or ``{"scanner_series_instance_uid", "error"}`` when the
-        comparison is impossible (no node ADC, no overlap...).
-    """
-    scanner = find_scanner_adc(volumes)
-    if scanner is None:
-        return None
-    uid = scanner.series_instance_uid
-    if node_adc is None:
-        return {"scanner_series_instance_uid": uid, "error": "the node computed no ADC"}
-    try:
-        return compare_with_scanner_adc(node_adc.values, node_adc.valid, node_adc.geometry,
-                                        scanner_adc_image(scanner), tumour_mask=tumour_mask,
-                                        scanner_series_instance_uid=uid).to_dict()
-    except AdcQaError as err:
-        logger.warning("ADC QA vs scanner series %s impossible: %s", uid, err)
-        return {"scanner_series_instance_uid": uid, "error": str(err)}
+                       scanner_scaling=scanner_scaling, tissue=tissue, tumour=tumour, method=method)
 
 
 def compare_images(node_adc: sitk.Image, scanner: sitk.Image, *,
+                   scanner_scaling: str = "values in mm2/s",
                    tumour_mask: sitk.Image | None = None,
                    scanner_series_instance_uid: str = "") -> AdcQaResult:
     """:func:`compare_with_scanner_adc` for SimpleITK images (the analysis chain's form).
@@ -247,7 +270,9 @@ def compare_images(node_adc: sitk.Image, scanner: sitk.Image, *,
     node_adc : SimpleITK.Image
         The node's ADC (mm²/s); non-finite voxels are invalid.
     scanner : SimpleITK.Image
-        The scanner's ADC in its stored values.
+        The scanner's ADC in mm²/s (:func:`scanner_adc_image`).
+    scanner_scaling : str, optional
+        How its stored values were brought to mm²/s.
     tumour_mask : SimpleITK.Image, optional
         Lesion mask on any grid; resampled onto the ADC grid by nearest neighbour.
     scanner_series_instance_uid : str, optional
@@ -262,5 +287,39 @@ def compare_images(node_adc: sitk.Image, scanner: sitk.Image, *,
                                 sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         mask = sitk.GetArrayFromImage(on_grid).astype(bool)
     return compare_with_scanner_adc(values, np.isfinite(values), geometry, scanner,
-                                    tumour_mask=mask,
+                                    scanner_scaling=scanner_scaling, tumour_mask=mask,
                                     scanner_series_instance_uid=scanner_series_instance_uid)
+
+
+def scanner_adc_qa(node_adc: sitk.Image | None, scanner: SeriesVolume,
+                   first: Dataset | None = None, *,
+                   tumour_mask: sitk.Image | None = None) -> dict[str, Any]:
+    """The QA result of a study as a JSON-ready dict (``spine-node maps`` and the chain).
+
+    Parameters
+    ----------
+    node_adc : SimpleITK.Image or None
+        The node's ADC (mm²/s; non-finite voxels invalid); None when it computed none.
+    scanner : SeriesVolume
+        The study's scanner ADC series (:func:`find_scanner_adc`).
+    first : pydicom Dataset, optional
+        A dataset of that series (its Real World Value Mapping gives the unit).
+    tumour_mask : SimpleITK.Image, optional
+        Lesion mask on any grid.
+
+    Returns
+    -------
+    dict
+        :meth:`AdcQaResult.to_dict`, or ``{"scanner_series_instance_uid", "error"}`` when the
+        comparison is impossible (no node ADC, no overlap...).
+    """
+    uid = scanner.series_instance_uid
+    if node_adc is None:
+        return {"scanner_series_instance_uid": uid, "error": "the node computed no ADC"}
+    try:
+        image, scaling = scanner_adc_image(scanner, first)
+        return compare_images(node_adc, image, scanner_scaling=scaling, tumour_mask=tumour_mask,
+                              scanner_series_instance_uid=uid).to_dict()
+    except AdcQaError as err:
+        logger.warning("ADC QA vs scanner series %s impossible: %s", uid, err)
+        return {"scanner_series_instance_uid": uid, "error": str(err)}

@@ -68,7 +68,7 @@ class SeriesRole(str, enum.Enum):
     """What a series is, for the analysis chain."""
 
     DWI = "dwi"
-    #: a scanner-computed ADC map (Image Type ADC); values via :func:`scanner_adc_mm2_s`
+    #: a scanner-computed ADC map (Image Type ADC); values via :func:`processing.adc_qa.scanner_adc_mm2_s`
     ADC_MAP = "adc_map"
     SCANNER_ADC = "adc_map"  # noqa: PIE796 - deliberate alias of ADC_MAP
     TRACE = "trace"
@@ -371,60 +371,6 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesClassification:
             reasons=(f"SOP Class {first.get('SOPClassUID', '?')}, Modality {first.get('Modality', '?')}",),
         )
     return classify_volume(read_series(datasets))
-
-
-#: UCUM units of a scanner ADC map -> factor to mm²/s (Real World Value Mapping units).
-_ADC_UNIT_FACTORS = {"mm2/s": 1.0, "um2/s": 1e-6, "10-6.mm2/s": 1e-6, "10^-6.mm2/s": 1e-6,
-                     "10-3.mm2/s": 1e-3, "10^-3.mm2/s": 1e-3, "m2/s": 1e6}
-
-
-def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None) -> tuple[np.ndarray, str]:
-    """Values of a scanner ADC series (:attr:`SeriesRole.ADC_MAP`) in mm²/s, and how they were scaled.
-
-    ``volume.array`` already holds modality values (Rescale Slope/Intercept applied). Their unit:
-
-    1. Real World Value Mapping of ``first`` (or of its first frame's functional groups): the mapping
-       (slope/intercept on stored values) and its Measurement Units (UCUM ``mm2/s``, ``um2/s``,
-       ``10-6.mm2/s``, ``10-3.mm2/s``) are used when present;
-    2. otherwise the vendors' common convention: Siemens, GE, Philips, Canon and UIH store ADC maps as
-       integers in 10⁻⁶ mm²/s (e.g. 800 for 0.8·10⁻³ mm²/s), so values are multiplied by 10⁻⁶ —
-       unless the tissue values are already below 0.01 (a float map in mm²/s), left as they are.
-
-    Returns
-    -------
-    values : numpy.ndarray
-        float64 array shaped like ``volume.array[0]`` (first volume) in mm²/s.
-    note : str
-        One line saying which rule was applied (for provenance).
-    """
-    data = np.asarray(volume.array[0], dtype=np.float64)
-    rwvm = None
-    if first is not None:
-        rwvm = first.get("RealWorldValueMappingSequence")
-        if not rwvm:
-            for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-                groups = first.get(key)
-                if groups and groups[0].get("RealWorldValueMappingSequence"):
-                    rwvm = groups[0].RealWorldValueMappingSequence
-                    break
-    if rwvm:
-        item = rwvm[0]
-        units = item.get("MeasurementUnitsCodeSequence")
-        code = str(units[0].get("CodeValue", "")) if units else ""
-        factor = _ADC_UNIT_FACTORS.get(code.replace("²", "2").replace("μ", "u"))
-        slope = item.get("RealWorldValueSlope")
-        if factor is not None and slope is not None:
-            stored = data
-            rescale_slope = float(first.get("RescaleSlope", 1.0) or 1.0)
-            rescale_intercept = float(first.get("RescaleIntercept", 0.0) or 0.0)
-            stored = (data - rescale_intercept) / rescale_slope
-            real = stored * float(slope) + float(item.get("RealWorldValueIntercept", 0.0) or 0.0)
-            return real * factor, f"Real World Value Mapping, unit {code} (x{factor:g} to mm2/s)"
-    positive = data[data > 0]
-    if positive.size and float(np.median(positive)) < 0.01:
-        return data, "values already in mm2/s (median below 0.01)"
-    return data * 1e-6, ("no Real World Value Mapping: vendor convention, stored in 1e-6 mm2/s "
-                         f"({volume.physics.manufacturer or 'unknown manufacturer'})")
 
 
 #: geometry agreement for VFA series acquired separately (mm for origin, relative for spacing,

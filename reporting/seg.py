@@ -69,7 +69,7 @@ from pydicom.sr.codedict import codes
 
 from processing.results import Lesion
 from processing.series import ORIENTATION_TOLERANCE as _READER_ORIENTATION_TOLERANCE
-from processing.series import Geometry, SourceFrame
+from processing.series import Geometry, SeriesVolume, SourceFrame
 from reporting import codes as rcodes
 from reporting.uids import deterministic_uid, digest_arrays, digest_text, digest_uids
 
@@ -324,6 +324,39 @@ def _grid_geometry(source_images: Sequence[Dataset], n_frames: int, grid: Geomet
             [float(v) for v in (*direction[:, 0], *direction[:, 1])]),
         plane_positions=positions,
     )
+
+
+def source_alignment(volume: SeriesVolume, datasets_by_uid: Mapping[str, Dataset],
+                     volume_index: int = 0
+                     ) -> tuple[list[Dataset], list[int] | None, Geometry | None]:
+    """The sources of a derived object on one volume of a series, as the builders take them.
+
+    Parameters
+    ----------
+    volume : processing.series.SeriesVolume
+        The assembled series the map or mask was computed on.
+    datasets_by_uid : mapping
+        The series' datasets by SOP Instance UID.
+    volume_index : int, optional
+        Which volume (b-value, time point...) the object refers to.
+
+    Returns
+    -------
+    sources, source_frames, grid
+        Classic images: the images of the volume in slice order, None, None. One multi-frame
+        image: ``[image]``, its 1-based frame numbers in slice order, None. Mosaic or tiled images
+        (a whole volume in one stored frame, so no stored frame has the geometry of a slice): the
+        images holding the volume, None, and the volume's grid, from which the builders take the
+        plane positions (see "Explicit grid" above).
+    """
+    frames = volume.source_frames[volume_index]
+    if any(f.mosaic_tile is not None for f in frames):
+        uids = list(dict.fromkeys(f.sop_instance_uid for f in frames))
+        return [datasets_by_uid[uid] for uid in uids], None, volume.geometry
+    if frames and frames[0].frame_number is not None:
+        return ([datasets_by_uid[frames[0].sop_instance_uid]],
+                [int(f.frame_number) for f in frames], None)
+    return [datasets_by_uid[f.sop_instance_uid] for f in frames], None, None
 
 
 def source_geometry(

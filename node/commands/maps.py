@@ -100,25 +100,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _source_images(volume: Any, by_sop: dict[str, Any]
-                   ) -> tuple[list[Any], list[int] | None, bool]:
-    """Source datasets aligned with the map's slices.
-
-    Returns ``(datasets, frame_numbers, explicit_grid)``: the classic images of volume 0 in slice
-    order, or one multi-frame image and the 1-based frame numbers of volume 0. Mosaic or tiled
-    images (a volume in one stored frame) give the images holding volume 0 and
-    ``explicit_grid=True``: no stored frame has the geometry of a de-tiled slice, so the Parametric
-    Map takes its plane positions from the map's grid and only references them.
-    """
-    frames = volume.source_frames[0]
-    if any(f.mosaic_tile is not None for f in frames):
-        uids = list(dict.fromkeys(f.sop_instance_uid for f in frames))
-        return [by_sop[uid] for uid in uids], None, True
-    if frames[0].frame_number is not None:
-        return [by_sop[frames[0].sop_instance_uid]], [int(f.frame_number) for f in frames], False
-    return [by_sop[f.sop_instance_uid] for f in frames], None, False
-
-
 def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -> str | None:
     """Write the Parametric Map of ``qmap`` into ``out_dir``; its file name (None: no encoding).
 
@@ -128,27 +109,24 @@ def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -
         The map cannot be encoded (e.g. :class:`reporting.seg.SourceGeometryError` for source
         orientations that differ beyond the stated tolerance).
     """
-    try:
-        from reporting.pmap import build_parametric_map
-    except ImportError:
-        return None
     from reporting.codes import QUANTITIES
+    from reporting.pmap import build_parametric_map
+    from reporting.seg import source_alignment
 
     from node import __version__
 
     if qmap.quantity not in QUANTITIES:
         return None
-    sources, frames, explicit_grid = _source_images(volume, by_sop)
+    sources, frames, grid = source_alignment(volume, by_sop)
     pm = build_parametric_map(sources, qmap.values, qmap.quantity, provenance=qmap.provenance,
-                              algorithm_version=__version__, source_frames=frames,
-                              grid=qmap.geometry if explicit_grid else None)
+                              algorithm_version=__version__, source_frames=frames, grid=grid)
     name = f"pm_{qmap.quantity}.dcm"
     pm.save_as(out_dir / name)
     return name
 
 
 def run(args: argparse.Namespace) -> int:
-    from processing.adc_qa import scanner_adc_qa
+    from processing.adc_qa import find_scanner_adc, scanner_adc_qa
     from processing.maps import compute_maps, map_statistics
     from processing.series import (
         SeriesError,
@@ -235,9 +213,12 @@ def run(args: argparse.Namespace) -> int:
                     entry["parametric_map_error"] = str(err)
             report["maps"][name] = entry
             n_maps += 1
-        qa = scanner_adc_qa(maps.get("ADC"), volumes.values())
-        if qa is not None:
-            report["scanner_adc_qa"] = qa
+        scanner = find_scanner_adc(volumes.values())
+        if scanner is not None:
+            adc = maps.get("ADC")
+            report["scanner_adc_qa"] = scanner_adc_qa(
+                None if adc is None else adc.image(), scanner,
+                by_sop.get(scanner.source_frames[0][0].sop_instance_uid))
         (out_dir / "maps.json").write_text(json.dumps(_jsonable(report), indent=1))
         logger.info("study %s: %d maps written to %s (%.1f s)", study_uid, len(maps), out_dir,
                     elapsed)

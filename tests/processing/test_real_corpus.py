@@ -468,6 +468,8 @@ def _scanner_like_image(ref: NiftiRef, factor: float) -> Any:
 def test_adc_qa_against_a_scanner_map_made_from_the_reference(corpus: dict[str, Any],
                                                                factor: float) -> None:
     """Node ADC vs reference-as-scanner-map (x `factor`): median relative difference 1/f - 1."""
+    import SimpleITK as sitk
+
     from processing.adc_qa import compare_with_scanner_adc
     from processing.maps import compute_maps
     from processing.series import group_by_series, read_series
@@ -484,11 +486,13 @@ def test_adc_qa_against_a_scanner_map_made_from_the_reference(corpus: dict[str, 
     centre = np.array([z.mean(), y.mean(), x.mean()])
     grid = np.indices(adc.valid.shape).transpose(1, 2, 3, 0)
     tumour = np.linalg.norm((grid - centre) * [1.0, 1.0, 1.0], axis=-1) <= 6
+    stored = _scanner_like_image(ref_adc, factor)  # integers in 1e-6 mm2/s, as scanners store
     qa = compare_with_scanner_adc(adc.values, adc.valid, adc.geometry,
-                                  _scanner_like_image(ref_adc, factor), tumour_mask=tumour,
+                                  sitk.Cast(stored, sitk.sitkFloat64) * 1e-6,
+                                  scanner_scaling="x1e-6", tumour_mask=tumour,
                                   scanner_series_instance_uid="synthetic")
     expected = 1.0 / factor - 1.0
-    assert qa.scanner_unit == "10^-6 mm2/s"
+    assert qa.scanner_scaling == "x1e-6"
     assert qa.tissue.n_voxels >= 0.9 * int(adc.valid.sum()), qa
     assert qa.tumour is not None and qa.tumour.n_voxels >= 100, qa
     for region in (qa.tissue, qa.tumour):
@@ -602,7 +606,7 @@ def test_maps_json_reports_the_node_adc_against_a_scanner_adc_series(
     report = json.loads((out / "maps.json").read_text())
     qa = report["scanner_adc_qa"]
     assert "error" not in qa, qa
-    assert qa["scanner_unit"] == "10^-6 mm2/s"
+    assert "vendor convention, stored in 1e-6 mm2/s" in qa["scanner_scaling"], qa
     assert qa["tumour"] is None  # no lesion mask outside the analysis chain
     assert qa["tissue"]["n_voxels"] >= 0.5 * report["maps"]["ADC"]["statistics"]["n_voxels"]
     assert abs(qa["tissue"]["median_relative_difference"]) < 0.005, qa
@@ -642,7 +646,8 @@ def _check_chain_qa(run: Run, adc_dir: Path) -> None:
     mask = sitk.GetImageFromArray(
         (np.linalg.norm(idx - 19.5, axis=0) * 2.0 <= 15.0).astype(np.uint8))
     mask.CopyInformation(grid)
-    study = SimpleNamespace(scanner_adc=scanner, maps={"ADC": SimpleNamespace(image=image)},
+    study = SimpleNamespace(scanner_adc=scanner, scanner_adc_dataset=adc_series[0],
+                            maps={"ADC": SimpleNamespace(image=image)},
                             lesion_mask=mask, study_instance_uid=run.case.id,
                             scanner_adc_qa=None)
     notes: list[str] = []

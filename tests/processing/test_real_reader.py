@@ -17,12 +17,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from processing.classify import (
-    SeriesRole,
-    classify_study,
-    classify_volume,
-    scanner_adc_mm2_s,
-)
+from processing.adc_qa import scanner_adc_mm2_s
+from processing.classify import SeriesRole, classify_study, classify_volume
 from processing.diffusion_encoding import diffusion_encoding, gradients_to_image_frame
 from processing.series import (
     group_by_series,

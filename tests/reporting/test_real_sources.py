@@ -27,7 +27,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from node.commands.maps import _source_images, _write_pmap
+from node.commands.maps import _write_pmap
 from processing.maps import QuantMap
 from processing.results import Lesion
 from processing.series import Geometry, SeriesVolume, SourceFrame, group_by_series, read_series
@@ -38,6 +38,7 @@ from reporting.seg import (
     SourceGeometryError,
     build_segmentation,
     read_segmentation,
+    source_alignment,
 )
 from tests.real_data import real_data_root, real_series_dir
 from tests.reporting.tools import VENV_BIN, dciodvfy, dcmqi
@@ -178,8 +179,8 @@ def test_mosaic_sources_use_the_map_grid() -> None:
     """A mosaic holds a volume in one stored frame: the map is referenced to it on its own grid."""
     volume, series = _series("siemens_mosaic", None)
     by_sop = {str(ds.SOPInstanceUID): ds for ds in series}
-    sources, frames, explicit_grid = _source_images(volume, by_sop)
-    assert explicit_grid and frames is None
+    sources, frames, grid = source_alignment(volume, by_sop)
+    assert grid == volume.geometry and frames is None
     assert [ds.SOPInstanceUID for ds in sources] == [volume.source_frames[0][0].sop_instance_uid]
     assert (int(sources[0].Rows), int(sources[0].Columns)) != volume.array.shape[2:]
     qmap = _adc_like(volume)
@@ -241,7 +242,7 @@ def test_orientation_beyond_the_tolerance_is_refused() -> None:
 def test_segmentation_of_a_mosaic_on_the_map_grid(tmp_path: Path) -> None:
     volume, series = _series("siemens_mosaic", None)
     by_sop = {str(ds.SOPInstanceUID): ds for ds in series}
-    sources, _, _ = _source_images(volume, by_sop)
+    sources, _, _ = source_alignment(volume, by_sop)
     mask = np.zeros(volume.array.shape[1:], dtype=bool)
     mask[20:26, 30:50, 35:45] = True
     seg = build_segmentation(sources, mask, Lesion("L1", "1.2.826.0.1.3680043.8.498.778", "L4"),
