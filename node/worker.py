@@ -75,6 +75,16 @@ def analysis_section(settings: Any) -> AnalysisSection:
     return section if isinstance(section, AnalysisSection) else AnalysisSection(**section)
 
 
+def chain_settings_from(config: Path | None) -> ChainSettings:
+    """The chain's settings from the ``[analysis]`` table of a configuration file (defaults
+    without one): what ``analyze``, ``maps`` and ``cohort`` run with."""
+    if config is None:
+        return ChainSettings()
+    from node.config import load_settings
+
+    return analysis_section(load_settings(config)).chain_settings()
+
+
 def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_settings: dict,
                      out_dir: str, log_level: str, log_file: str | None) -> dict[str, Any]:
     """Child-process entry: run the chain for one patient; return what the parent records."""

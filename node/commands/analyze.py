@@ -32,9 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from node.ingest import import_files, iter_files
     from node.roles import PatientMismatchError
     from node.store import Store
+    from node.worker import chain_settings_from
     from reporting.summary import format_summary
 
-    settings = _chain_settings(args.config)
+    settings = chain_settings_from(args.config)
     try:
         files = list(iter_files(args.paths))
     except FileNotFoundError as err:
@@ -72,14 +73,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"wrote {len(paths)} DICOM objects and summary.json to {args.out}")
     return 0
-
-
-def _chain_settings(config: Path | None):
-    from node.chain import ChainSettings
-    from node.worker import analysis_section  # registers the [analysis] section
-
-    if config is None:
-        return ChainSettings()
-    from node.config import load_settings
-
-    return analysis_section(load_settings(config)).chain_settings()

@@ -251,12 +251,6 @@ def _init_worker(level: str, log_file: str | None, threads: int) -> None:
     configure_logging(level, log_file)
 
 
-def _chain_settings(config: Path | None) -> Any:
-    from node.commands.analyze import _chain_settings as analyze_settings
-
-    return analyze_settings(config)
-
-
 def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.1f} s"
 
@@ -289,7 +283,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"spine-node cohort: {problem}", file=sys.stderr)
         return 2
     try:
-        settings = _chain_settings(args.config)
+        from node.worker import chain_settings_from
+
+        settings = chain_settings_from(args.config)
     except (OSError, ValueError) as err:
         print(f"spine-node cohort: cannot use the configuration {args.config}: {err}",
               file=sys.stderr)

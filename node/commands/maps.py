@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--no-dicom", action="store_true",
                         help="write maps.json only (no Parametric Maps)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="the node's TOML configuration: its [analysis] map settings "
+                             "(contrast agent relaxivities) apply")
 
 
 def _dicom_files(paths: list[Path]) -> list[Path]:
@@ -136,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         set_aside_reason,
     )
 
+    from node.worker import chain_settings_from
+
+    map_settings = chain_settings_from(args.config).map_settings()
     files = _dicom_files(list(args.paths))
     unstudied: list[Any] = []  # objects that belong to no study (non-DICOM files, DICOMDIR)
     datasets = _read(files, unstudied)
@@ -177,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             set_aside.extend(volumes[series_uid].excluded)
         start = time.perf_counter()
         skipped: list[str] = []
-        maps = compute_maps(volumes.values(), skipped=skipped)
+        maps = compute_maps(volumes.values(), settings=map_settings, skipped=skipped)
         elapsed = time.perf_counter() - start
         for reason in skipped:
             print(f"{study_uid}: skipped {reason}")

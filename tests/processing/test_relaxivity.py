@@ -162,3 +162,25 @@ def test_sr_carries_the_relaxivity_of_dce_statistics(tmp_path) -> None:
     assert "r1=3.5 /mM/s (default: configured default_relaxivity_per_mM_s)" in texts
     assert any(t.startswith("warning=contrast agent 'Investigational agent X' not recognised")
                for t in texts)
+
+
+def test_maps_command_applies_the_configured_relaxivity(tmp_path) -> None:
+    """``spine-node maps --config``: the node's [analysis] relaxivities reach the maps."""
+    import contextlib
+    import io
+    import json
+
+    from node.cli import main
+
+    patient = tmp_path / "patient"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["phantom", "--out", str(patient), "--size", "small", "--contrast-agent",
+                     "gadobutrol", "--field-strength", "1.5"]) == 0
+    config = tmp_path / "node.toml"
+    config.write_text('[analysis]\nrelaxivity_per_mM_s = { gadobutrol = 4.0 }\n')
+    out = tmp_path / "maps"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["maps", str(patient / "baseline"), "--out", str(out), "--no-dicom",
+                     "--config", str(config)]) == 0
+    prov = json.loads((out / "maps.json").read_text())["maps"]["Ktrans"]["provenance"]
+    assert (prov["relaxivity_per_mM_s"], prov["relaxivity_source"]) == (4.0, "config")
