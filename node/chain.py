@@ -3,7 +3,7 @@
 Used unchanged by the running node (when a study becomes analysable) and by
 ``spine-node analyze`` (offline), so that both produce the same numbers and the same UIDs.
 
-Steps (design.md, data flow 5–7):
+Steps (docs/architecture.md, Data flow 5, 7, 8):
 
 1. check that every dataset belongs to one patient (PatientID + IssuerOfPatientID);
 2. recognise the CyberKnife course from the RT objects (:mod:`processing.course`);

@@ -78,7 +78,7 @@ def assign_roles(
     """Assign baseline and follow-ups among a patient's MR studies.
 
     The baseline is the latest study dated before the treatment date and not earlier than
-    ``baseline_window_days`` before it (domain.md §5.3: ideally ≤ 4–6 weeks); studies after the
+    ``baseline_window_days`` before it (docs/science.md §4.3: ideally ≤ 4–6 weeks); studies after the
     treatment date are follow-ups, ordered by date. A study on the treatment day itself is taken as
     pre-treatment (planning MR is acquired before the first fraction). Ties are broken by UID so the
     result never depends on arrival order.

@@ -4,7 +4,7 @@ Every change is flagged as beyond or within measurement repeatability, expressed
 minimum detectable change (MDC):
 
 * GTV volume: the published minimum detectable difference of **10.9 %** for spine SBRT GTVs
-  (domain.md §1.3, PMID 34392364);
+  (docs/science.md §1.3, PMID 34392364);
 * every other quantity (diameters, map statistics, radiomics features): the per-case spread of the
   quantity under small perturbations of the ROI, computed from the images of the case by
   :func:`perturbation_repeatability` (erosion and dilation by one voxel, shifts by one voxel along
@@ -42,7 +42,7 @@ from processing.results import Change, LesionMeasurements
 
 logger = logging.getLogger(__name__)
 
-#: Minimum detectable difference of GTV volume after spine SBRT (relative), domain.md §1.3.
+#: Minimum detectable difference of GTV volume after spine SBRT (relative), docs/science.md §1.3.
 VOLUME_MDC = 0.109
 
 #: 1.96 * sqrt(2): repeatability coefficient from a within-subject SD.

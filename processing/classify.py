@@ -6,7 +6,7 @@ DERIVED/ADC/TRACEW, the SOP Class — never from Series Description, which sites
 at all). The inventory says which analyses a study allows (ADC, IVIM, tensor DKI, apparent kurtosis,
 quantitative DCE with a VFA or a fixed T10) and which series each would use.
 
-Thresholds (documented so that a reviewer can check them against the protocols in domain.md §3):
+Thresholds (documented so that a reviewer can check them against the protocols in docs/science.md §3):
 
 * b-values below 5 s/mm² are b = 0 (Philips stores repeated b0 as 0.001–0.004); b-values within
   max(25 s/mm², 5 %) form one shell.
@@ -27,7 +27,7 @@ Thresholds (documented so that a reviewer can check them against the protocols i
 
 References
 ----------
-.. [1] domain.md §3.1–3.6 (acquisition facts, diffusion and DCE metadata).
+.. [1] docs/science.md §3.1–3.7 (acquisition facts, diffusion and DCE metadata).
 .. [2] Tabesh A et al. Magn Reson Med 2011;65:823-836 (DKI estimation).
 .. [3] DICOM PS3.3 C.8.13.1 (Image Type / Frame Type values, e.g. ADC, TRACEW, DIFFUSION).
 """

@@ -2,7 +2,7 @@
 
 Functional MRI numbers depend on how they were acquired: ADC on the b-values, Ktrans on the field
 strength (T10, r1), the temporal resolution and the contrast injection, texture on the voxel size
-(domain.md §2.5: "report protocol-identity flags with every delta"). :func:`assess_comparability`
+(docs/science.md §2.5: protocol-identity flags with every delta). :func:`assess_comparability`
 compares two :class:`AcquisitionProtocol` summaries and returns, for every quantity of the node
 (``ADC``, ``MK``, ``Ktrans``..., ``volume``, ``radiomics``), whether its change is
 :attr:`~processing.results.Comparability.COMPARABLE`, to be read with ``CAUTION`` or
@@ -38,7 +38,7 @@ References
    temporal resolution, T10 and the arterial input function drive Ktrans and ve.
 .. [3] Zwanenburg A. et al., "The Image Biomarker Standardization Initiative", Radiology 2020;
    295:328-338: texture features depend on voxel size and resampling.
-.. [4] domain.md §2.5 and §3.3 (protocol-identity flags with every delta; fat saturation biases
+.. [4] docs/science.md §2.5 and §3.3 (protocol-identity flags with every delta; fat saturation biases
    SPGR T1 by up to 35 %).
 """
 

@@ -3,7 +3,7 @@
 Pure functions on pydicom Datasets (RT Plan, RT Structure Set, RT Dose, RT Beams Treatment Record)
 and SimpleITK images; no network, no index (the node keeps the courses it builds from these).
 
-* **Recognition** (domain.md §5.3): Manufacturer matching a configurable pattern (default
+* **Recognition** (docs/science.md §4.2): Manufacturer matching a configurable pattern (default
   ``accuray``) or TreatmentMachineName / ManufacturerModelName matching a configurable pattern
   (default ``cyber|\\bck|m6|s7|vsi|g4``); when only the model/machine matches, a plan with many beams
   (more than ``min_beams``, default 30: CyberKnife plans have ~100-150 non-isocentric beams,
@@ -18,7 +18,7 @@ and SimpleITK images; no network, no index (the node keeps the courses it builds
   :func:`select_gtv`.
 * **GTV dose** from the RT Dose grid resampled (linear) onto the GTV mask grid: Dmin, D98, D95, D50,
   Dmean, D2, Dmax (Gy, plan total), with BED and EQD2 at α/β = 10 Gy (linear-quadratic model,
-  BED = n·d·(1 + d/(α/β)), EQD2 = BED/(1 + 2/(α/β)); domain.md §3.4) keeping n and d.
+  BED = n·d·(1 + d/(α/β)), EQD2 = BED/(1 + 2/(α/β)); docs/science.md §3.4) keeping n and d.
 
 References
 ----------
@@ -55,7 +55,7 @@ RT_TREATMENT_RECORDS = {
     "1.2.840.10008.5.1.4.1.1.481.7",  # RT Treatment Summary Record
 }
 
-#: default α/β of tumour (Gy), domain.md §3.4
+#: default α/β of tumour (Gy), docs/science.md §3.4
 ALPHA_BETA_TUMOUR_GY = 10.0
 
 
@@ -285,7 +285,7 @@ def treatment_date(
     records: Sequence[Dataset] = (),
     dose: Dataset | None = None,
 ) -> TreatmentDate:
-    """Date of the first fraction, with its source and whether it is estimated (domain.md §5.3).
+    """Date of the first fraction, with its source and whether it is estimated (docs/science.md §4.3).
 
     Parameters
     ----------

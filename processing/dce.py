@@ -211,7 +211,7 @@ def spgr_signal_to_concentration(
     References
     ----------
     Schabel MC, Parker DL. Uncertainty and bias in contrast concentration measurements using
-    spoiled gradient echo pulse sequences. PMB 2008;53:2345. domain.md section 3.4.
+    spoiled gradient echo pulse sequences. PMB 2008;53:2345. docs/science.md §3.4 (item 5).
     """
     s = np.asarray(signal, dtype=float)
     if s.ndim < 1 or s.shape[-1] < 2:

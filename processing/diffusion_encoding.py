@@ -5,7 +5,7 @@ in the DICOM patient coordinate system (LPS), whatever the vendor wrote. Private
 found through their private creator (:meth:`pydicom.dataset.Dataset.private_block`), never by a fixed
 element number, because the block a creator reserves varies between files.
 
-Sources, in order of preference (domain.md §3.5):
+Sources, in order of preference (docs/science.md §3.5):
 
 1. Enhanced MR per-frame / shared functional groups: MR Diffusion Sequence (0018,9117).
 2. Standard attributes in a classic image: DiffusionBValue (0018,9087), DiffusionGradientOrientation

@@ -67,7 +67,7 @@ def tensor_dki_volumes(bvalues: ArrayLike, bvecs: ArrayLike | None, *,
 
     Selected: the b = 0 volumes and every shell with >= `min_shell_directions` non-collinear
     directions and b <= `max_b_max`. Required: b = 0, >= 2 such shells, >= `min_directions`
-    non-collinear directions in all, and a highest selected b >= `min_b_max` (domain.md §3.2;
+    non-collinear directions in all, and a highest selected b >= `min_b_max` (docs/science.md §3.2;
     the same thresholds as :mod:`processing.classify`). Shells with fewer directions (e.g. the
     3-direction low-b shells of IVIM protocols) are left out of the tensor fit.
 

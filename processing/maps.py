@@ -6,7 +6,7 @@ ADC (+ IVIM when the b-values allow), tensor DKI (MK, MD, AK, RK, FA) or apparen
 Parker population AIF; IAUC60 and time to peak). Each map is a :class:`QuantMap` on its source
 grid with its unit, provenance and source series.
 
-Units follow design.md: ADC/MD/D in mm²/s, Ktrans/kep in /min, ve/vp/f fractions, T1 in s,
+Units follow docs/architecture.md, Conventions: ADC/MD/D in mm²/s, Ktrans/kep in /min, ve/vp/f fractions, T1 in s,
 IAUC60 in mmol/L·s, TTP in s.
 """
 
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MapSettings", "QuantMap", "compute_maps", "map_statistics"]
 
-#: Internal UCUM unit of every quantity (design.md conventions).
+#: Internal UCUM unit of every quantity (docs/architecture.md, Conventions).
 UNITS: dict[str, str] = {
     "ADC": "mm2/s", "MD": "mm2/s", "Dapp": "mm2/s", "IVIM_D": "mm2/s", "IVIM_Dstar": "mm2/s",
     "MK": "1", "AK": "1", "RK": "1", "FA": "1", "Kapp": "1", "IVIM_f": "1",

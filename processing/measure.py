@@ -11,8 +11,8 @@ same grid. Distances are measured on the voxelised lesion in patient coordinates
   axis lies within 8° of the patient S axis (oblique acquisitions), the mask is first resampled
   (nearest neighbour) onto an axial grid at the finest in-plane spacing.
 
-Per-map statistics follow design.md units and exclude voxels whose map value is not finite (failed
-fits). Peak statistics follow the PERCIST idea transferred to MRI (domain.md §1.6): mean of the
+Per-map statistics follow the units of docs/architecture.md, Conventions, and exclude voxels whose map value is not finite (failed
+fits). Peak statistics follow the PERCIST idea transferred to MRI (docs/science.md §1.6): mean of the
 lowest 10 % for diffusion maps (ADC, MD, IVIM D), and mean of the hottest 1 cm³ sphere for
 perfusion maps (Ktrans, vp, IAUC60); the sphere is restricted to lesion voxels so that neighbouring
 vessels (aorta, epidural venous plexus) cannot raise a lesion's peak.
@@ -40,7 +40,7 @@ from processing.results import LesionMeasurements, MapStatistics
 
 logger = logging.getLogger(__name__)
 
-#: UCUM units of the node's quantities (design.md conventions).
+#: UCUM units of the node's quantities (docs/architecture.md, Conventions).
 DEFAULT_UNITS: dict[str, str] = {
     "ADC": "mm2/s", "MD": "mm2/s", "Dapp": "mm2/s", "IVIM_D": "mm2/s", "IVIM_Dstar": "mm2/s",
     "MK": "1", "Kapp": "1", "IVIM_f": "1",
@@ -232,7 +232,7 @@ def map_statistics(image: sitk.Image, mask: sitk.Image, quantity: str, *,
     Parameters
     ----------
     image : SimpleITK.Image
-        The quantitative map, on the mask's grid, in design.md units; non-finite values are
+        The quantitative map, on the mask's grid, in the units of docs/architecture.md, Conventions; non-finite values are
         excluded (failed fits).
     mask : SimpleITK.Image
         Lesion label image.

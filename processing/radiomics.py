@@ -363,7 +363,7 @@ _INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
 }
 
-#: Default re-segmentation ranges per MR map (physically possible values, map units of design.md).
+#: Default re-segmentation ranges per MR map (physically possible values, units of docs/architecture.md, Conventions).
 _MR_RANGES: dict[str, tuple[float | None, float | None]] = {
     "ADC": (0.0, 5.0e-3), "MD": (0.0, 5.0e-3), "IVIM_D": (0.0, 5.0e-3),
     "MK": (0.0, 3.0), "Kapp": (0.0, 3.0),

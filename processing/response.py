@@ -1,6 +1,6 @@
 """Response assessment of a treated spinal metastasis: the documented rule set.
 
-Rule set ``spine-sbrt-response 1.0`` encodes the decision logic of domain.md §1.11 (design, not a
+Rule set ``spine-sbrt-response 1.0`` encodes the decision logic of docs/science.md §1.11 (design, not a
 guideline; decision support only):
 
 1. **Local progression** if any of
@@ -24,7 +24,7 @@ guideline; decision support only):
    progression are reported separately from the tumour call whenever measurable.
 
 Size increase means the GTV volume change from baseline exceeds the size-dependent threshold of
-the Sunnybrook study (domain.md §1.3): baseline GTV < 2 mL: 42.0 % at the first follow-up,
+the Sunnybrook study (docs/science.md §1.3): baseline GTV < 2 mL: 42.0 % at the first follow-up,
 71.3 % later, 37.2 % from the previous scan; 2-8.3 mL: 14.7 % (the cohort's optimal B-P2 threshold,
 since the medium-size thresholds were below the MDD), 10.9 % from the previous scan; > 8.3 mL:
 13.3 %; never below the MDD of 10.9 %. A linear increase of the maximum axial diameter by >= 20 %
@@ -54,7 +54,7 @@ RULE_SET_VERSION = "1.0"
 #: Name and version recorded in every :class:`ResponseAssessment`.
 RULE_SET = f"{RULE_SET_NAME} {RULE_SET_VERSION}"
 
-#: Pseudoprogression window after treatment, days (6-26 weeks, domain.md §1.2/§1.11).
+#: Pseudoprogression window after treatment, days (6-26 weeks, docs/science.md §1.2/§1.11).
 PSEUDOPROGRESSION_WINDOW_DAYS = (42, 182)
 SMALL_GTV_ML = 2.0
 LARGE_GTV_ML = 8.3
@@ -79,7 +79,7 @@ PROGRESSION_RECOMMENDATION = "multidisciplinary review of local progression at t
 
 def volume_threshold(baseline_volume_ml: float, *, reference: str = "baseline",
                      first_follow_up: bool = True) -> float:
-    """Relative GTV volume increase that counts as growth (size-dependent, domain.md §1.3).
+    """Relative GTV volume increase that counts as growth (size-dependent, docs/science.md §1.3).
 
     Parameters
     ----------

@@ -2,7 +2,7 @@
 
 Plain frozen dataclasses: ``processing`` fills them, ``reporting`` turns them into DICOM objects and
 ``node`` stores them in the timeline. Units are part of each field's name or docstring; internal
-conventions follow design.md (ADC/MD in mm²/s, Ktrans/kep in /min, ve/vp as fractions, volumes in
+conventions follow docs/architecture.md, Conventions (ADC/MD in mm²/s, Ktrans/kep in /min, ve/vp as fractions, volumes in
 mL, times in s).
 """
 

@@ -114,7 +114,7 @@ def _hash_code(text: str, length: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Units (UCUM) and unit conversion from the node's internal conventions (design.md)
+# Units (UCUM) and unit conversion from the node's internal conventions (docs/architecture.md, Conventions)
 # --------------------------------------------------------------------------------------------
 
 UNITS: dict[str, CodedConcept] = {
@@ -196,7 +196,7 @@ def conversion_factor(from_unit: str, to_unit: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# Parametric Map quantities (domain.md §4.2; dcmqi pm-dwi/pm-dce contexts)
+# Parametric Map quantities (docs/conformance.md §2; dcmqi pm-dwi/pm-dce contexts)
 # --------------------------------------------------------------------------------------------
 
 
@@ -214,7 +214,7 @@ class QuantitySpec:
     unit : str
         UCUM code of the stored values (PM pixels after the Real World Value Mapping and SR NUMs).
     internal_unit : str
-        Unit of the values handed in by ``processing`` (design.md conventions).
+        Unit of the values handed in by ``processing`` (docs/architecture.md, Conventions).
     method : CodedConcept or None
         Model / method code (370129005, SCT, "Measurement Method") — CID 7273, 4101, 4100.
     image_flavor : str
@@ -328,7 +328,7 @@ def quantity_from_code(code: CodedConcept | Code) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Segmentation: category, type, anatomy (domain.md §4.3)
+# Segmentation: category, type, anatomy (docs/conformance.md §3)
 # --------------------------------------------------------------------------------------------
 
 SEGMENT_CATEGORY = _c(codes.SCT.MorphologicallyAbnormalStructure)

@@ -4,8 +4,8 @@ One Parametric Map per quantity (ADC, MD, MK, Kapp, Dapp, IVIM D/f/D*, Ktrans, v
 IAUC60, TTP) on the source grid, referencing the source series (Derivation Image / Source Image
 Sequences written by highdicom).
 
-Encoding (domain.md §4.2)
--------------------------
+Encoding (docs/conformance.md §2)
+---------------------------------
 * Pixels are 32-bit floats (Float Pixel Data) in the *output* unit of the quantity
   (:data:`reporting.codes.QUANTITIES`): diffusivities in um2/s (internal mm²/s × 10⁶), T1 in ms
   (internal s × 10³), Ktrans/kep in /min, ve/vp as ``{ratio}``, IVIM f as ``{0:1}``.
@@ -90,7 +90,7 @@ def build_parametric_map(
     source_images : Sequence[pydicom.Dataset]
         The series the map was computed from (classic MR series, or one Enhanced MR image).
     values : numpy.ndarray
-        Map ``(n, rows, columns)`` in the node's internal unit of ``quantity`` (design.md: ADC/MD
+        Map ``(n, rows, columns)`` in the node's internal unit of ``quantity`` (docs/architecture.md, Conventions: ADC/MD
         in mm²/s, Ktrans/kep in /min, ve/vp/f as fractions, T1 in s, IAUC60 in mmol/L·s, TTP in
         s), aligned with the source frames (see :mod:`reporting.seg`).
     quantity : str

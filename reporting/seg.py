@@ -2,7 +2,7 @@
 
 One binary segment per SEG: the lesion at one time point (the GTV on the baseline grid, the refined
 lesion on the follow-up grid), with the persistent Tracking ID/UID of the lesion so every SEG of the
-same lesion carries the same Tracking UID across time points (domain.md §4.3).
+same lesion carries the same Tracking UID across time points (docs/conformance.md §3).
 
 A SEG written by someone else (a radiologist's correction, dcmqi, 3D Slicer...) is read with
 :func:`read_segmentation`: segments, per-frame geometry and source references from the SEG alone,

@@ -1,7 +1,7 @@
 """Longitudinal TID 1500 Measurement Report (Comprehensive 3D SR), built with highdicom.
 
 One SR holds, for every lesion and time point handed in, a TID 1411 volumetric measurement group
-(option (b) of domain.md §4.4): the baseline and follow-up groups of a lesion share its Tracking
+(docs/conformance.md §4): the baseline and follow-up groups of a lesion share its Tracking
 UID and differ by their TID 1502 Time Point Context; the follow-up groups add the changes from
 baseline and the response call. The document belongs to the study of the latest time point;
 instances of earlier studies (the baseline SEG, maps, images) are recorded as other-study evidence

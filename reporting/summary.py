@@ -1,7 +1,7 @@
 """Human-readable and JSON summaries of :class:`processing.results.TimePointResult` lists.
 
 :func:`summary_records` gives the JSON-able records the ``analyze`` command writes to
-``summary.json`` (values in the node's internal units, design.md: volumes in mL, ADC in mm²/s,
+``summary.json`` (values in the node's internal units, docs/architecture.md, Conventions: volumes in mL, ADC in mm²/s,
 Ktrans in /min…; the SR converts them to its reported units, see
 :func:`reporting.sr.reported_value`). :func:`format_summary` gives the short text printed for the
 user: per lesion and time point the volume, the main map statistics, the changes from baseline and

@@ -6,9 +6,9 @@ volume): a voxel *is* tumour when its centre lies inside the tumour surface. The
 on any grid is therefore :func:`TumourShape.contains` at that grid's voxel centres, mapped through
 the study's rigid transform for follow-ups.
 
-Tissue values (3 T) follow the sources cited in domain.md: marrow D/f/D* from the OSIPI IVIM
+Tissue values (3 T) follow the sources of docs/science.md §2: marrow D/f/D* from the OSIPI IVIM
 bone-marrow reference (D 0.43e-3 mm²/s, f 0.145, D* 50e-3 mm²/s); tumour ADC ~0.7-0.9e-3 mm²/s
-(Lee 2021) with higher kurtosis than marrow (domain.md §2.3); hypervascular metastasis DCE values
+(Lee 2021) with higher kurtosis than marrow (docs/science.md §2.3); hypervascular metastasis DCE values
 of the MSKCC series (Ktrans ~0.1-0.3 /min, vp 0.05-0.1); T1/T2 from standard 3 T tables.
 """
 

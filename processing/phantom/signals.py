@@ -1,4 +1,4 @@
-"""Signal equations of the phantom (domain.md §3.4, implemented exactly) and exact truths.
+"""Signal equations of the phantom (docs/science.md §3.4, implemented exactly) and exact truths.
 
 Every function is vectorised over voxels. Units: times in s unless the name says otherwise,
 diffusivities in mm²/s, b in s/mm², Ktrans in /min, concentrations in mmol/L (mM), r1 in /mM/s.
@@ -114,7 +114,7 @@ def diffusion_attenuation(
     """IVIM-kurtosis attenuation S(b)/S0 = f·exp(−b·D*) + (1 − f)·exp(−b·D + b²·D²·K/6).
 
     Isotropic tissue, so it is also the direction-averaged signal. With f = 0 this is exactly the
-    DKI model of domain.md §3.2; with K = 0 the bi-exponential IVIM model [4]_.
+    kurtosis model of docs/science.md §3.4 (item 3); with K = 0 the bi-exponential IVIM model [4]_.
     """
     b = np.asarray(b, dtype=np.float64)
     return f * np.exp(-b * dstar) + (1.0 - f) * np.exp(-b * d + (b * d) ** 2 * k / 6.0)

@@ -51,7 +51,7 @@ def test_outputs_and_summary(responder_run):
     baseline, follow_up = summary["time_points"]
     assert baseline["role"] == "baseline" and follow_up["role"] == "follow-up"
     # the phantom writes no treatment record: the date is the approved plan's review date, flagged
-    # as estimated (domain.md 5.3), at most a day before the true first fraction
+    # as estimated (docs/science.md §4.3), at most a day before the true first fraction
     assert course["treatment_date_estimated"] is True
     true_days = truth["studies"]["followup1"]["days_since_treatment"]
     assert 0 <= follow_up["days_since_treatment"] - true_days <= 1
