@@ -35,13 +35,14 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from node import __version__
-from node.roles import RoleAssignment, assign_roles, check_single_patient, dicom_date
+from node.roles import RoleAssignment, assign_roles, check_single_patient
+from processing.course import RT_MODALITIES
+from processing.dates import dicom_date
 from processing.relaxivity import DEFAULT_RELAXIVITY_PER_MM_S
 
 logger = logging.getLogger(__name__)
 
 ALGORITHM_VERSION = __version__
-RT_MODALITIES = frozenset({"RTPLAN", "RTSTRUCT", "RTDOSE", "RTRECORD"})
 #: maps fed to the follow-up lesion refinement together with the anatomical reference
 _REFINEMENT_CHANNELS = ("T1w", "STIR", "ADC")
 

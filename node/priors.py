@@ -69,6 +69,7 @@ from node.errors import ConfigError, NodeError, PeerError, StoreOutcome, store_s
 from node.roles import PatientMismatchError, check_single_patient
 from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, set_tcp_nodelay
 from node.scu import _pause_reactor, peer_address
+from processing.course import RT_MODALITIES
 from processing.dates import dicom_date
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,6 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 #: series modalities that make up a treatment course
-RT_MODALITIES = frozenset({"RTPLAN", "RTSTRUCT", "RTDOSE", "RTRECORD"})
 #: series modalities retrieved from a baseline study
 BASELINE_MODALITIES = frozenset({"MR", "SEG"})
 _PENDING = (0xFF00, 0xFF01)

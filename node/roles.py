@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from processing.dates import dicom_date  # noqa: F401  (node.chain imports it from here)
-
 
 class PatientMismatchError(ValueError):
     """Datasets of different patients (PatientID + IssuerOfPatientID) were offered together."""

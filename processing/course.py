@@ -46,6 +46,8 @@ from processing.rtstruct import RoiInfo, list_rois
 
 logger = logging.getLogger(__name__)
 
+#: modalities of the objects that describe a treatment course (plan, contours, dose, records)
+RT_MODALITIES = frozenset({"RTPLAN", "RTSTRUCT", "RTDOSE", "RTRECORD"})
 RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
 RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
