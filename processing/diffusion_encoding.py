@@ -34,6 +34,7 @@ References
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import warnings
 from collections.abc import Sequence
@@ -152,17 +153,20 @@ def private_value(ds: Dataset, group: int, creator: str, offset: int, expected_v
     return _decode(elem.value, elem.VR, expected_vr)
 
 
-def _first_float(value: Any) -> float | None:
-    if value is None:
+def first_float(value: Any) -> float | None:
+    """The (first) value of a numeric DICOM element as a finite float; None when absent, empty,
+    not a number or not finite."""
+    if value is None or value == "":
         return None
     if not isinstance(value, str | bytes) and hasattr(value, "__len__"):  # multi-valued element
         if len(value) == 0:
             return None
         value = value[0]
     try:
-        return float(value)
+        f = float(value)
     except (TypeError, ValueError):
         return None
+    return f if math.isfinite(f) else None
 
 
 def _unit(vector: Sequence[float] | np.ndarray, what: str) -> tuple[float, float, float] | None:
@@ -228,7 +232,7 @@ def _from_standard(ds: Dataset, what: str) -> DiffusionEncoding | None:
 
 
 def _from_siemens(ds: Dataset, what: str) -> DiffusionEncoding | None:
-    b = _first_float(private_value(ds, 0x0019, SIEMENS_MR_HEADER, 0x0C, "IS"))
+    b = first_float(private_value(ds, 0x0019, SIEMENS_MR_HEADER, 0x0C, "IS"))
     if b is not None:
         gradient = private_value(ds, 0x0019, SIEMENS_MR_HEADER, 0x0E, "FD")
         directionality = private_value(ds, 0x0019, SIEMENS_MR_HEADER, 0x0D, "CS")
@@ -283,11 +287,11 @@ def _from_ge(ds: Dataset, what: str, orientation: np.ndarray | None) -> Diffusio
         # GE writes (0043,xx39) in every image; only its echo-planar diffusion images use it as b.
         return None
     slop = private_value(ds, 0x0043, GE_PARM, 0x39, "IS")
-    b = _first_float(slop)
+    b = first_float(slop)
     if b is None:
         return None
     b = float(b) % GE_B_VALUE_OFFSET
-    comps = [_first_float(private_value(ds, 0x0019, GE_ACQU, off, "DS")) for off in (0xBB, 0xBC, 0xBD)]
+    comps = [first_float(private_value(ds, 0x0019, GE_ACQU, off, "DS")) for off in (0xBB, 0xBC, 0xBD)]
     if b < B0_THRESHOLD:
         return DiffusionEncoding(b, None, "NONE", "ge")
     if any(c is None for c in comps):
@@ -312,11 +316,11 @@ def _from_ge(ds: Dataset, what: str, orientation: np.ndarray | None) -> Diffusio
 
 
 def _from_philips(ds: Dataset, what: str) -> DiffusionEncoding | None:
-    b = _first_float(private_value(ds, 0x2001, PHILIPS_IMAGING_1, 0x03, "FL"))
+    b = first_float(private_value(ds, 0x2001, PHILIPS_IMAGING_1, 0x03, "FL"))
     if b is None:
         return None
     label = private_value(ds, 0x2001, PHILIPS_IMAGING_1, 0x04, "CS")
-    comps = [_first_float(private_value(ds, 0x2005, PHILIPS_MR_IMAGING_1, off, "FL"))
+    comps = [first_float(private_value(ds, 0x2005, PHILIPS_MR_IMAGING_1, off, "FL"))
              for off in (0xB0, 0xB1, 0xB2)]
     directionality = "ISOTROPIC" if isinstance(label, str) and label.strip().upper() == "I" else ""
     gradient = None if any(c is None for c in comps) else comps
@@ -326,9 +330,9 @@ def _from_philips(ds: Dataset, what: str) -> DiffusionEncoding | None:
 def _from_uih(ds: Dataset, what: str) -> DiffusionEncoding | None:
     if "UIH" not in str(ds.get("Manufacturer", "") or "").upper():
         return None
-    b = _first_float(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x09, "FD"))
+    b = first_float(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x09, "FD"))
     if b is None:
-        b = _first_float(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x0A, "FD"))
+        b = first_float(private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x0A, "FD"))
     if b is None:
         return None
     gradient = private_value(ds, 0x0065, UIH_IMAGE_HEADER, 0x37, "FD")

@@ -58,6 +58,7 @@ from processing.diffusion_encoding import (
     DiffusionEncodingError,
     UnknownDiffusionEncodingError,
     diffusion_encoding,
+    first_float,
     private_value,
 )
 
@@ -461,22 +462,8 @@ def group_by_series(datasets: Iterable[Dataset], *,
     return dict(groups)
 
 
-def _float(value: Any) -> float | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str | bytes) and hasattr(value, "__len__"):  # multi-valued element
-        if len(value) == 0:
-            return None
-        value = value[0]
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _int(value: Any) -> int | None:
-    f = _float(value)
+    f = first_float(value)
     return None if f is None else int(round(f))
 
 
@@ -550,8 +537,8 @@ class _Frame:
 
 def _rescale(pixels: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
     out = pixels.astype(np.float32)
-    s = _float(slope)
-    i = _float(intercept)
+    s = first_float(slope)
+    i = first_float(intercept)
     if s is not None and s != 1.0:
         out *= np.float32(s)
     if i:
@@ -571,11 +558,11 @@ def _pixel_array(ds: Dataset) -> np.ndarray:
 
 def _classic_common(ds: Dataset) -> dict[str, Any]:
     return dict(
-        flip_angle=_float(ds.get("FlipAngle")),
-        repetition_time=_float(ds.get("RepetitionTime")),
-        echo_time=_float(ds.get("EchoTime")),
-        inversion_time=_float(ds.get("InversionTime")),
-        trigger_time=None if _float(ds.get("TriggerTime")) is None else _float(ds.get("TriggerTime")) / 1000.0,
+        flip_angle=first_float(ds.get("FlipAngle")),
+        repetition_time=first_float(ds.get("RepetitionTime")),
+        echo_time=first_float(ds.get("EchoTime")),
+        inversion_time=first_float(ds.get("InversionTime")),
+        trigger_time=None if first_float(ds.get("TriggerTime")) is None else first_float(ds.get("TriggerTime")) / 1000.0,
         acquisition_seconds=_datetime_seconds(ds.get("AcquisitionDateTime"))
         if ds.get("AcquisitionDateTime")
         else _datetime_seconds(None, ds.get("AcquisitionDate") or ds.get("SeriesDate"),
@@ -640,7 +627,7 @@ def _uih_tiles(ds: Dataset) -> list[_Frame] | None:
     ps = tuple(float(v) for v in ds.PixelSpacing)
     common = _classic_common(ds)
     encoding = _encoding(ds, orientation=iop)
-    spacing = _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness"))
+    spacing = first_float(ds.get("SpacingBetweenSlices")) or first_float(ds.get("SliceThickness"))
     per_row = cols // tc
     frames = []
     for k in range(n):
@@ -671,7 +658,7 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
     pixels = _rescale(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
     common = _classic_common(ds)
     encoding = _encoding(ds, orientation=iop)
-    spacing = _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness"))
+    spacing = first_float(ds.get("SpacingBetweenSlices")) or first_float(ds.get("SliceThickness"))
     source_class = str(ds.SOPClassUID)
     image_type = common["image_type"]
     if "MOSAIC" in image_type:
@@ -734,7 +721,7 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
         content = _item(groups, "FrameContentSequence") or Dataset()
         ftype = _item(groups, "MRImageFrameTypeSequence") or Dataset()
         transform = _item(groups, "PixelValueTransformationSequence") or Dataset()
-        inversion = _float(modifier.get("InversionTimes")) if "InversionTimes" in modifier else None
+        inversion = first_float(modifier.get("InversionTimes")) if "InversionTimes" in modifier else None
         acq = content.get("FrameAcquisitionDateTime") or content.get("FrameReferenceDateTime")
         frames.append(_Frame(
             pixels=_rescale(pixels[i], transform.get("RescaleSlope", ds.get("RescaleSlope")),
@@ -742,11 +729,11 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
             ipp=np.asarray(pos.ImagePositionPatient, dtype=float),
             iop=iop,
             pixel_spacing=tuple(float(v) for v in meas.PixelSpacing),
-            slice_spacing=_float(meas.get("SpacingBetweenSlices")) or _float(meas.get("SliceThickness")),
+            slice_spacing=first_float(meas.get("SpacingBetweenSlices")) or first_float(meas.get("SliceThickness")),
             encoding=_encoding(ds, frame_groups=groups, orientation=iop),
-            flip_angle=_float(timing.get("FlipAngle")) or base["flip_angle"],
-            repetition_time=_float(timing.get("RepetitionTime")) or base["repetition_time"],
-            echo_time=_float(echo.get("EffectiveEchoTime")) or base["echo_time"],
+            flip_angle=first_float(timing.get("FlipAngle")) or base["flip_angle"],
+            repetition_time=first_float(timing.get("RepetitionTime")) or base["repetition_time"],
+            echo_time=first_float(echo.get("EffectiveEchoTime")) or base["echo_time"],
             inversion_time=inversion if inversion is not None else base["inversion_time"],
             trigger_time=base["trigger_time"],
             acquisition_seconds=_datetime_seconds(acq) if acq else base["acquisition_seconds"],
@@ -769,9 +756,9 @@ def _physics(ds: Dataset) -> AcquisitionPhysics:
     variant = _strings(ds.get("SequenceVariant"))
     options = _strings(ds.get("ScanOptions"))
     echo_pulse = str(ds.get("EchoPulseSequence", "") or "").upper()
-    ti = _float(ds.get("InversionTime"))
+    ti = first_float(ds.get("InversionTime"))
     if ti is None and "InversionTimes" in modifier:
-        ti = _float(modifier.InversionTimes)
+        ti = first_float(modifier.InversionTimes)
     inversion = ("IR" in scanning or str(modifier.get("InversionRecovery", "")).upper() == "YES"
                  or (ti is not None and ti > 0))
     if not scanning and echo_pulse:
@@ -798,7 +785,7 @@ def _physics(ds: Dataset) -> AcquisitionPhysics:
     return AcquisitionPhysics(
         manufacturer=str(ds.get("Manufacturer", "") or ""),
         model=str(ds.get("ManufacturerModelName", "") or ""),
-        field_strength=_float(ds.get("MagneticFieldStrength")),
+        field_strength=first_float(ds.get("MagneticFieldStrength")),
         scanning_sequence=scanning,
         sequence_variant=variant,
         scan_options=options,

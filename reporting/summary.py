@@ -1,9 +1,9 @@
 """Human-readable and JSON summaries of :class:`processing.results.TimePointResult` lists.
 
 :func:`summary_records` gives the JSON-able records the ``analyze`` command writes to
-``summary.json`` (values in the node's internal units, docs/architecture.md, Conventions: volumes in mL, ADC in mm²/s,
-Ktrans in /min…; the SR converts them to its reported units, see
-:func:`reporting.sr.reported_value`). :func:`format_summary` gives the short text printed for the
+``summary.json`` (values in the node's internal units, docs/architecture.md, Conventions: volumes
+in mL, ADC in mm²/s, Ktrans in /min…; the SR converts them to its reported units, see
+:func:`reporting.sr.reported_value`); :func:`results_from_summary` reads them back. :func:`format_summary` gives the short text printed for the
 user: per lesion and time point the volume, the main map statistics, the changes from baseline and
 the response call with the criteria behind it.
 """
@@ -16,7 +16,18 @@ from dataclasses import asdict
 from typing import Any
 
 from processing.change import flatten_measurements
-from processing.results import TimePointResult
+from processing.results import (
+    Change,
+    Comparability,
+    Criterion,
+    Lesion,
+    LesionMeasurements,
+    MapStatistics,
+    ResponseAssessment,
+    ResponseCategory,
+    TimePointResult,
+    TimePointRole,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +154,60 @@ def format_summary(results: Sequence[TimePointResult]) -> str:
                     lines.append(f"    {response.model_name or 'model'}: probability of "
                                  f"progression {response.model_probability:.2f}")
     return "\n".join(lines)
+
+
+def results_from_summary(summary: dict[str, Any]) -> list[TimePointResult]:
+    """Rebuild :class:`processing.results.TimePointResult` objects from ``summary.json``.
+
+    The records (:func:`reporting.summary.summary_records`) keep every value shown by
+    :func:`reporting.summary.format_summary`; the per-map voxel count is not stored there and is
+    set to 0 (it is not displayed).
+    """
+    results = []
+    for record in summary.get("time_points") or []:
+        values: dict[str, float] = record["measurements"]
+        units: dict[str, str] = record.get("units") or {}
+        per_map: dict[str, dict[str, float]] = {}
+        for path, value in values.items():
+            head, _, stat = path.partition(".")
+            if stat and head != "radiomics" and "." not in stat:
+                per_map.setdefault(head, {})[stat] = value
+        stats = {
+            q: MapStatistics(quantity=q, unit=units.get(f"{q}.mean", ""), n_voxels=0,
+                             mean=s.get("mean", float("nan")),
+                             median=s.get("median", float("nan")),
+                             sd=s.get("sd", float("nan")), p10=s.get("p10", float("nan")),
+                             p90=s.get("p90", float("nan")), peak=s.get("peak"))
+            for q, s in per_map.items()
+        }
+        measurements = LesionMeasurements(
+            volume_ml=values["volume"],
+            max_axial_diameter_mm=values.get("max_axial_diameter"),
+            max_craniocaudal_extent_mm=values.get("max_craniocaudal_extent"),
+            max_3d_diameter_mm=values.get("max_3d_diameter"),
+            epidural_volume_ml=values.get("epidural_volume"),
+            map_statistics=stats,
+            radiomics_notes=tuple(record.get("radiomics_notes") or ()),
+        )
+        response = None
+        if record.get("response"):
+            r = dict(record["response"])
+            r["category"] = ResponseCategory(r["category"])
+            r["criteria"] = tuple(Criterion(**c) for c in r.get("criteria") or ())
+            r["model_top_features"] = tuple(tuple(f) for f in r.get("model_top_features") or ())
+            response = ResponseAssessment(**r)
+        comparability = record.get("comparability")
+        results.append(TimePointResult(
+            lesion=Lesion(**record["lesion"]),
+            role=TimePointRole(record["role"]),
+            study_instance_uid=record["study_instance_uid"],
+            study_date=record["study_date"],
+            days_since_treatment=record.get("days_since_treatment"),
+            measurements=measurements,
+            changes=tuple(Change(**c) for c in record.get("changes") or ()),
+            response=response,
+            comparability=None if comparability is None else Comparability(comparability),
+            comparability_reasons=tuple(record.get("comparability_reasons") or ()),
+            provenance=record.get("provenance") or {},
+        ))
+    return results

@@ -44,3 +44,15 @@ def test_format_summary_text() -> None:
     # PHI never appears (the fixtures' patient name and ID)
     assert "Test^Spine" not in text and "SRN-TEST-1" not in text
     assert format_summary([]) == "No lesion was analysed."
+
+
+def test_results_from_summary_reads_back_what_summary_records_wrote():
+    """summary.json records -> TimePointResult -> the same records and the same printed text."""
+    import json
+
+    from reporting.summary import format_summary, results_from_summary, summary_records
+
+    records = json.loads(json.dumps(summary_records([BASELINE, FOLLOW_UP]), default=str))
+    back = results_from_summary({"time_points": records})
+    assert format_summary(back) == format_summary([BASELINE, FOLLOW_UP])
+    assert [r.lesion for r in back] == [BASELINE.lesion, FOLLOW_UP.lesion]
