@@ -28,6 +28,8 @@ SIZES = ("full", "small")
 CONTRAST_AGENTS = ("gadoterate", "gadobutrol", "gadoteridol", "gadobenate", "gadopentetate",
                    "gadodiamide", "gadoxetate")
 FIELD_STRENGTHS = (1.5, 3.0)
+#: DWI b-value schemes (processing.phantom.protocol.DIFFUSION_SCHEMES)
+DIFFUSION_SCHEMES = ("standard", "two-point")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,12 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Magnetic Field Strength in T (default 3)")
     parser.add_argument("--vfa-series", action="store_true",
                         help="write the VFA T1 acquisition as one series per flip angle")
+    parser.add_argument("--diffusion-scheme", choices=DIFFUSION_SCHEMES, default="standard",
+                        help="DWI b-values: standard (b 0-2000, 8 shells) or two-point "
+                             "(b 0 + b 1500 x 3 directions, as body protocols)")
+    parser.add_argument("--scanner-maps", action="store_true",
+                        help="add the scanner's TRACEW (series 51) and ADC (series 52, 1e-6 mm2/s) "
+                             "series derived from each DWI series")
+    parser.add_argument("--non-image-objects", action="store_true",
+                        help="write a presentation state and a Philips private non-image object "
+                             "into each DWI series folder, as CD exports do")
 
 
 def write_phantom(out: Path, *, seed: int = 0, scenario: str = "responder", vendor: str = "standard",
                   size: str = "full", followups: int = 1, sagittal: bool = False,
                   contrast_agent: str = "gadoterate", field_strength: float = 3.0,
-                  vfa_series: bool = False) -> dict:
+                  vfa_series: bool = False, diffusion_scheme: str = "standard",
+                  scanner_maps: bool = False, non_image_objects: bool = False) -> dict:
     """Generate a phantom patient and write it under ``out``; returns the ground truth."""
     from processing.phantom import generate_patient
 
@@ -59,7 +71,9 @@ def write_phantom(out: Path, *, seed: int = 0, scenario: str = "responder", vend
         raise FileExistsError(f"output folder {out} is not empty")
     phantom = generate_patient(seed=seed, scenario=scenario, vendor=vendor, size=size, followups=followups,
                                sagittal=sagittal, contrast_agent=contrast_agent,
-                               field_strength=field_strength, vfa_series=vfa_series)
+                               field_strength=field_strength, vfa_series=vfa_series,
+                               diffusion_scheme=diffusion_scheme, scanner_maps=scanner_maps,
+                               non_image_objects=non_image_objects)
     n = 0
     made: set[Path] = set()
     for relpath, data in phantom.iter_files():
@@ -80,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         write_phantom(args.out, seed=args.seed, scenario=args.scenario, vendor=args.vendor, size=args.size,
                       followups=args.followups, sagittal=args.sagittal,
                       contrast_agent=args.contrast_agent, field_strength=args.field_strength,
-                      vfa_series=args.vfa_series)
+                      vfa_series=args.vfa_series, diffusion_scheme=args.diffusion_scheme,
+                      scanner_maps=args.scanner_maps, non_image_objects=args.non_image_objects)
     except (FileExistsError, ValueError) as err:
         logger.error("%s", err)
         return 2

@@ -1,4 +1,4 @@
-"""Synthetic CyberKnife spine patients with known answers (``spine-node phantom``).
+r"""Synthetic CyberKnife spine patients with known answers (``spine-node phantom``).
 
 Pure: :func:`generate_patient` builds numpy arrays, pydicom Datasets (lazily, through
 :meth:`Phantom.iter_datasets`, or as Part 10 bytes through :meth:`Phantom.iter_files`) and the
@@ -22,6 +22,20 @@ Output layout (other packages and tests depend on it)
     DIR/baseline/series007/...             DCE (3D SPGR, >= 40 phases at <= 5 s)
     DIR/baseline/series008/...             sagittal T2w (only with sagittal=True / --sagittal;
                                            ground-truth key "t2w_sag", role "t2w")
+    DIR/baseline/series051/...             scanner TRACEW series (only with scanner_maps=True /
+                                           --scanner-maps; key "dwi_trace", role "trace"): Image
+                                           Type DERIVED\PRIMARY\DIFFUSION\TRACEW, the b 0 image
+                                           and the geometric mean over directions of the stored
+                                           high-b images (b 1000, or 1500 for two-point), b-value
+                                           in the variant's own diffusion tags (isotropic)
+    DIR/baseline/series052/...             scanner ADC series (same option; key "adc_scanner",
+                                           role "adc_map"): DERIVED\PRIMARY\DIFFUSION\ADC,
+                                           uint16 in 1e-6 mm2/s, OLS log-linear fit of the
+                                           noiseless signal over b 0-1000 (two-point: b 0, 1500);
+                                           expected values in the tumour truth ``scanner_adc``
+    DIR/baseline/series005/PS_0001.dcm,    with non_image_objects=True / --non-image-objects: a
+                    .../XX_0001.dcm        presentation state (own series) and a Philips private
+                                           non-image object (the DWI series' UID), as CD exports
     DIR/rt/rtplan.dcm, rtstruct.dcm, rtdose.dcm
     DIR/followup1/series00N/...            same series, later study (followup2 ...)
     DIR/ground_truth.json
@@ -30,7 +44,10 @@ Sizes: ``full`` (T2w/T1w/STIR 256x256x25 at 0.78x0.78x4 mm, DWI 112x112x20 at 1.
 VFA/DCE 128x128x20 at 1.56x1.56x4 mm, 5 flip angles, 60 phases at 4.5 s) and ``small``
 (128x128x16 at 1.56x1.56x5, 64x64x12 at 3.125x3.125x5, 64x64x10 at 3.125x3.125x5, 3 flip angles,
 40 phases at 5 s). Both have the full b-value/direction scheme (b 0; 50, 100, 400, 800, 1500 x 3;
-1000 and 2000 x 15 directions). A full patient takes ~10-20 s, a small one ~3-6 s.
+1000 and 2000 x 15 directions); ``diffusion_scheme='two-point'`` / ``--diffusion-scheme
+two-point`` acquires b 0 + b 1500 x 3 directions instead (ground truth ``adc_by_bvalues`` then
+has "b0,1500"). Any non-default encoding option makes another patient (distinct UIDs).
+A full patient takes ~10-20 s, a small one ~3-6 s.
 
 Folder names do not reveal the role (``ground_truth.json`` maps them). In classic files the file
 ``NNNNN.dcm`` is InstanceNumber NNNNN: volume-major (all slices of volume 0, then volume 1 ...),

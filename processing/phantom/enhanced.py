@@ -54,6 +54,15 @@ def _dimension(org_uid: str, pointer: int, group: int, label: str) -> Dataset:
     return d
 
 
+#: MR Pulse Sequence module attributes (Type 1C: present only in ORIGINAL or MIXED images)
+PULSE_SEQUENCE_KEYWORDS = (
+    "PulseSequenceName", "MRAcquisitionType", "EchoPulseSequence", "MultipleSpinEcho",
+    "MultiPlanarExcitation", "PhaseContrast", "TimeOfFlightContrast", "SteadyStatePulseSequence",
+    "EchoPlanarPulseSequence", "SaturationRecovery", "SpectrallySelectedSuppression",
+    "OversamplingPhase", "GeometryOfKSpaceTraversal", "SegmentedKSpaceTraversal",
+    "RectilinearPhaseEncodeReordering", "NumberOfKSpaceTrajectories", "CoverageOfKSpace")
+
+
 def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -> Dataset:
     """The Enhanced MR Image object holding every frame of ``series``."""
     from processing.phantom.patient import phantom_uid
@@ -69,7 +78,9 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.SpecificCharacterSet = "ISO_IR 100"
     end = series.start + dt.timedelta(seconds=series.volumes[-1]["time_s"] + 15.0)
     image_type_3 = "DIFFUSION" if role == "dwi" else ("PERFUSION" if role == "dce" else "STATIC")
-    ds.ImageType = ["ORIGINAL", "PRIMARY", image_type_3, "NONE"]
+    frame_type = (["DERIVED", "PRIMARY", image_type_3, series.derived] if series.derived
+                  else ["ORIGINAL", "PRIMARY", image_type_3, "NONE"])
+    ds.ImageType = frame_type
     ds.InstanceCreationDate = study.date.strftime("%Y%m%d")
     ds.InstanceCreationTime = _tm(end)
     ds.SOPClassUID = EnhancedMRImageStorage
@@ -133,6 +144,11 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.CoverageOfKSpace = "FULL" if sp.acquisition_type == "3D" else None
     if sp.acquisition_type != "3D":
         del ds.CoverageOfKSpace
+    if series.derived:
+        # a DERIVED image carries no MR Pulse Sequence attributes (Type 1C: only ORIGINAL/MIXED)
+        for keyword in PULSE_SEQUENCE_KEYWORDS:
+            if keyword in ds:
+                delattr(ds, keyword)
     # Image Pixel
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -145,7 +161,8 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     if role == "dce":
         _enhanced_contrast(ds, ph, series)
     # Multi-frame Dimension module
-    org_uid = phantom_uid(ph.seed, ph.scenario, ph.vendor, ph.size, study.key, role, "dimension-organization")
+    org_uid = phantom_uid(ph.seed, ph.scenario, ph.vendor, ph.size, study.key, role,
+                          *([series.derived] if series.derived else []), "dimension-organization")
     org = Dataset()
     org.DimensionOrganizationUID = org_uid
     ds.DimensionOrganizationSequence = Sequence([org])
@@ -154,7 +171,9 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
         del ds.DimensionOrganizationType
     dims = [_dimension(org_uid, 0x00209056, 0x00209111, "Stack ID"),
             _dimension(org_uid, 0x00209057, 0x00209111, "In-Stack Position Number")]
-    if role == "dwi":
+    if role == "dwi" and series.derived == "TRACEW":
+        dims.append(_dimension(org_uid, 0x00189087, 0x00189117, "Diffusion b-value"))
+    elif role == "dwi" and series.derived is None:
         dims += [_dimension(org_uid, 0x00189087, 0x00189117, "Diffusion b-value"),
                  _dimension(org_uid, 0x00189089, 0x00189076, "Diffusion Gradient Orientation")]
     elif role == "dce":
@@ -185,7 +204,9 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
             fc.StackID = "1"
             fc.InStackPositionNumber = k + 1
             index = [1, k + 1]
-            if role == "dwi":
+            if role == "dwi" and series.derived == "TRACEW":
+                index.append(bvals.index(meta["b"]) + 1)
+            elif role == "dwi" and series.derived is None:
                 index += [bvals.index(meta["b"]) + 1, grads.index(tuple(meta["gradient"])) + 1]
             elif role == "dce":
                 fc.TemporalPositionIndex = int(meta["temporal_position"])
@@ -206,7 +227,7 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
             pm.SpacingBetweenSlices = _ds_str(grid.spacing[2])
             fg.PixelMeasuresSequence = Sequence([pm])
             ft = Dataset()
-            ft.FrameType = ["ORIGINAL", "PRIMARY", image_type_3, "NONE"]
+            ft.FrameType = frame_type
             ft.PixelPresentation = "MONOCHROME"
             ft.VolumetricProperties = "VOLUME"
             ft.VolumeBasedCalculationTechnique = "NONE"
@@ -257,7 +278,9 @@ def _diffusion_item(meta: dict[str, Any]) -> Dataset:
     d = Dataset()
     b = float(meta["b"])
     d.DiffusionBValue = b
-    if b > 0:
+    if meta.get("isotropic"):  # scanner-combined trace / map frame, as Siemens XA writes it
+        d.DiffusionDirectionality = "ISOTROPIC"
+    elif b > 0:
         d.DiffusionDirectionality = "DIRECTIONAL"
         g = Dataset()
         g.DiffusionGradientOrientation = [float(x) for x in meta["gradient"]]

@@ -160,6 +160,8 @@ def image_type(role: str, vendor: str) -> list[str]:
 
 def sequence_name(series: SeriesData, meta: dict[str, Any]) -> str:
     sp = series.protocol
+    if "sequence_name" in meta:
+        return str(meta["sequence_name"])
     if series.role == "dwi":
         return f"ep_b{int(meta['b'])}" + ("#1" if meta["b"] > 0 else "")
     return {"t2w": "tse2d1_17", "t1w": "tse2d1_3", "stir": "tir2d1_13"}.get(sp.role, "fl3d1")
@@ -174,6 +176,8 @@ def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Data
     ds.SpecificCharacterSet = "ISO_IR 100"
     content_time = series.start + dt.timedelta(seconds=series.volumes[-1]["time_s"] + 15.0)
     ds.ImageType = image_type(series.role, vendor)
+    if series.derived:
+        ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", series.derived]
     ds.InstanceCreationDate = study.date.strftime("%Y%m%d")
     ds.InstanceCreationTime = _tm(content_time)
     ds.SOPClassUID = MRImageStorage
@@ -264,8 +268,9 @@ def _classic_parts(ph: Phantom, series: SeriesData, v: int, k: int, meta: dict[s
         ds.FlipAngle = _ds_str(meta["flip_deg"])
         if vendor == "philips":
             ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x23, "DS", _ds_str(meta["flip_deg"]))
-    if series.role == "dwi":
-        _diffusion_tags(ds, vendor, meta, grid)
+    if series.role == "dwi" and series.derived != "ADC":
+        _diffusion_tags(ds, vendor, meta, grid, bvalues=sorted({m["b"] for m in series.volumes}),
+                        directions=max(n for _, n in _shells(series)))
     if series.role == "dce":
         _dce_tags(ds, vendor, series, meta)
     ds.add_new(0x7FE00010, "OW", series.pixels[v, k].tobytes())  # Pixel Data, 16-bit
@@ -310,13 +315,28 @@ def ge_logical_gradient(g_lps: np.ndarray, grid_matrix: np.ndarray) -> list[floa
     return [float(-img[0]), float(-img[1]), float(img[2])]
 
 
-def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -> None:
+def _shells(series: SeriesData) -> list[tuple[float, int]]:
+    """(b, number of volumes) per b-value of a DWI series, ascending b."""
+    bs = [float(m["b"]) for m in series.volumes]
+    return [(b, bs.count(b)) for b in sorted(set(bs))]
+
+
+def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any, *,
+                    bvalues: list[float] | None = None, directions: int = 15) -> None:
+    """Diffusion encoding of one classic file as ``vendor`` writes it.
+
+    ``meta["isotropic"]`` marks a scanner-combined trace image (b > 0, no gradient): standard
+    DiffusionDirectionality ISOTROPIC, Siemens the b-value alone (no directionality, gradient or
+    B-matrix), GE a zero gradient, Philips (2001,1004) "I".
+    """
     b = float(meta["b"])
     g = np.asarray(meta["gradient"], dtype=np.float64)
-    directional = b > 0
+    isotropic = bool(meta.get("isotropic")) and b > 0
+    directional = b > 0 and not isotropic
     if vendor == "standard":
         ds.DiffusionBValue = b
-        ds.DiffusionDirectionality = "DIRECTIONAL" if directional else "NONE"
+        ds.DiffusionDirectionality = "DIRECTIONAL" if directional else (
+            "ISOTROPIC" if isotropic else "NONE")
         if directional:
             ds.DiffusionGradientOrientation = [float(x) for x in g]
     elif vendor == "siemens":
@@ -324,7 +344,8 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -
         blk.add_new(0x08, "CS", "IMAGE NUM 4")
         blk.add_new(0x09, "LO", "1.0")
         blk.add_new(0x0C, "IS", str(int(round(b))))
-        blk.add_new(0x0D, "CS", "DIRECTIONAL" if directional else "NONE")
+        if not meta.get("isotropic"):
+            blk.add_new(0x0D, "CS", "DIRECTIONAL" if directional else "NONE")
         if directional:
             blk.add_new(0x0E, "FD", [float(x) for x in g])
             bm = b * np.outer(g, g)
@@ -350,19 +371,19 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any) -
         acq.add_new(0xBB, "DS", _ds_str(lg[0]))
         acq.add_new(0xBC, "DS", _ds_str(lg[1]))
         acq.add_new(0xBD, "DS", _ds_str(lg[2]))
-        acq.add_new(0xE0, "DS", "15")  # number of diffusion directions (User data 24)
+        acq.add_new(0xE0, "DS", str(directions))  # number of diffusion directions (User data 24)
         ds.private_block(0x0043, "GEMS_PARM_01").add_new(0x8A, "CS", "COL")
     elif vendor == "philips":
         blk = ds.private_block(0x2001, "Philips Imaging DD 001", create=True)
         blk.add_new(0x03, "FL", b)
-        blk.add_new(0x04, "CS", "O" if directional else "N")
+        blk.add_new(0x04, "CS", "O" if directional else ("I" if isotropic else "N"))
         mr = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
         mr.add_new(0xB0, "FL", float(g[0]))
         mr.add_new(0xB1, "FL", float(g[1]))
         mr.add_new(0xB2, "FL", float(g[2]))
         blk.add_new(0x0B, "CS", "TRANSVERSAL")  # Slice Orientation (dcm2niix needs it for the vectors)
         idx = ds.private_block(0x2005, "Philips MR Imaging DD 005", create=True)
-        bvals = sorted({b for b, _ in proto.DWI_SHELLS})
+        bvals = bvalues if bvalues is not None else sorted({b for b, _ in proto.DWI_SHELLS})
         idx.add_new(0x12, "IS", str(bvals.index(b) + 1))
         idx.add_new(0x13, "IS", str(meta.get("gradient_number", 1)))
 
@@ -420,25 +441,31 @@ def non_image_objects(ph: Phantom, study: StudyData, series: SeriesData
                       ) -> Iterator[tuple[str, Dataset]]:
     """Yield (relative path, Dataset) of the non-image objects a CD export puts beside a series.
 
-    Opt-in (not part of :meth:`Phantom.iter_files`): a Grayscale Softcopy Presentation State on
+    Opt-in (``generate_patient(non_image_objects=True)``, ``--non-image-objects``; UIDs as
+    deterministic as the rest of the phantom): a Grayscale Softcopy Presentation State on
     the series' first image (its own series, made with highdicom) and a Philips-style private
     non-image object (SOP Class 1.3.46.670589.11.0.0.12.2, no pixel data) sharing the image
     series' Series Instance UID, as in real Philips exports. Readers must set both aside.
     """
     import highdicom as hd
-    from pydicom.uid import generate_uid
+
+    from processing.phantom.patient import phantom_uid
+
+    def generate_uid(name: str) -> str:
+        return phantom_uid(ph.seed, ph.scenario, ph.vendor, ph.size, study.key, series.series_uid,
+                           "non-image", name)
 
     first = next(iter(series_datasets(ph, study, series)))[1]
     equipment = VENDOR_EQUIPMENT[ph.vendor]
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[first], series_instance_uid=generate_uid(), series_number=99,
-        sop_instance_uid=generate_uid(), instance_number=1,
+        referenced_images=[first], series_instance_uid=generate_uid("gsps-series"),
+        series_number=99, sop_instance_uid=generate_uid("gsps"), instance_number=1,
         manufacturer=str(equipment["Manufacturer"]),
         manufacturer_model_name=str(equipment["ManufacturerModelName"]),
         software_versions="phantom 1.0", device_serial_number="PH0001", content_label="PHANTOM")
     yield f"{study.key}/{series.folder}/PS_0001.dcm", gsps
     private = Dataset()
-    private.file_meta = file_meta(PHILIPS_PRIVATE_SOP_CLASS, generate_uid())
+    private.file_meta = file_meta(PHILIPS_PRIVATE_SOP_CLASS, generate_uid("philips-private"))
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
                     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber"):
         if keyword in first:

@@ -103,6 +103,8 @@ class SeriesData:
     volumes: list[dict[str, Any]]  # per volume: b, gradient, flip_deg, time_s, temporal_position
     start: dt.datetime
     sop_uids: list[list[str]] = field(default_factory=list)  # [volume][slice]
+    #: scanner-derived series: "TRACEW" or "ADC" (Image Type value 4), None for an acquisition
+    derived: str | None = None
 
 
 @dataclass
@@ -136,6 +138,17 @@ class Phantom:
         default_factory=lambda: proto.contrast_truth("gadoterate", proto.FIELD_STRENGTH_T))
     #: VFA written as one series per flip angle
     vfa_series: bool = False
+    #: DWI b-value scheme (:data:`protocol.DIFFUSION_SCHEMES`)
+    diffusion_scheme: str = "standard"
+    #: a Grayscale Softcopy Presentation State and a Philips private object in every DWI series
+    non_image_objects: bool = False
+
+    def _extras(self, study: StudyData) -> Iterator[tuple[str, Any]]:
+        from processing.phantom import mr
+
+        if self.non_image_objects:
+            dwi = next(s for s in study.series if s.role == "dwi" and s.derived is None)
+            yield from mr.non_image_objects(self, study, dwi)
 
     def iter_datasets(self) -> Iterator[tuple[str, Any]]:
         """Yield ``(relative path, pydicom Dataset)`` for every object, built lazily."""
@@ -145,6 +158,7 @@ class Phantom:
             for series in study.series:
                 for relpath, ds in mr.series_datasets(self, study, series):
                     yield relpath, ds
+            yield from self._extras(study)
         yield from rt.rt_datasets(self)
 
     def iter_files(self) -> Iterator[tuple[str, bytes]]:
@@ -154,6 +168,8 @@ class Phantom:
         for study in self.studies:
             for series in study.series:
                 yield from mr.series_files(self, study, series)
+            for relpath, ds in self._extras(study):
+                yield relpath, mr.part10_bytes(ds)
         for relpath, ds in rt.rt_datasets(self):
             yield relpath, mr.part10_bytes(ds)
 
@@ -280,6 +296,9 @@ def generate_patient(
     contrast_agent: str = "gadoterate",
     field_strength: float = proto.FIELD_STRENGTH_T,
     vfa_series: bool = False,
+    diffusion_scheme: str = "standard",
+    scanner_maps: bool = False,
+    non_image_objects: bool = False,
 ) -> Phantom:
     """Generate a synthetic CyberKnife spine patient (baseline MR, RT course, follow-up MR).
 
@@ -304,6 +323,19 @@ def generate_patient(
     vfa_series : bool
         Write the VFA T1 acquisition as one series per flip angle (series numbers 61, 62...,
         same grid, TR and sequence) instead of one multi-flip series.
+    diffusion_scheme : {'standard', 'two-point'}
+        DWI b-values: 'standard' (b 0-2000, 8 shells) or 'two-point' (b 0 + b 1500 x 3
+        directions, as Canon/Siemens body protocols); ground truth ``adc_by_bvalues`` then also
+        has "b0,1500".
+    scanner_maps : bool
+        Add to every MR study the scanner's derived diffusion series: a TRACEW series (series 51:
+        the b 0 image and the geometric mean over directions of the noisy high-b images) and an
+        ADC series (series 52: unsigned integers in 1e-6 mm²/s, OLS log-linear fit of the noiseless
+        signal over :data:`protocol.SCANNER_ADC_BVALUES`); truth in ``series.dwi_trace`` and
+        ``series.adc_scanner`` and the tumour's ``scanner_adc``.
+    non_image_objects : bool
+        Write beside every DWI series the non-image objects of a CD export
+        (:func:`mr.non_image_objects`: a presentation state and a Philips private object).
 
     Returns
     -------
@@ -317,13 +349,16 @@ def generate_patient(
         raise ValueError(f"unknown vendor {vendor!r}; choose one of {VENDORS}")
     if followups < 0 or followups > len(FOLLOWUP_DAYS):
         raise ValueError(f"followups must be between 0 and {len(FOLLOWUP_DAYS)}, got {followups}")
-    protocol = proto.protocol_for(size, sagittal=sagittal)
+    protocol = proto.protocol_for(size, sagittal=sagittal, diffusion_scheme=diffusion_scheme)
     contrast = proto.contrast_truth(contrast_agent, field_strength)
     ident: tuple[object, ...] = (seed, scenario, vendor, size)
     if (contrast_agent, float(field_strength), vfa_series) != ("gadoterate", 3.0, False):
         # another declared acquisition is another patient (distinct UIDs)
         ident = ident + (contrast_agent, float(field_strength),
                          "vfa-series" if vfa_series else "vfa")
+    if (diffusion_scheme, scanner_maps, non_image_objects) != ("standard", False, False):
+        ident = ident + (diffusion_scheme, "scanner-maps" if scanner_maps else "",
+                         "non-image-objects" if non_image_objects else "")
     rng = np.random.default_rng([seed, SCENARIOS.index(scenario)])
     # anatomy: treated vertebra centre in baseline scanner coordinates
     c0 = np.round(np.array([rng.uniform(-3, 3), rng.uniform(10, 40), rng.uniform(-40, 40)]), 2)
@@ -378,7 +413,8 @@ def generate_patient(
             grid_centre = grid_centre + np.round(srng.uniform(-3, 3, 3), 1)
         start = dt.datetime.combine(date, dt.time(8, 0)) + dt.timedelta(minutes=int(srng.integers(0, 540)))
         study = _make_study(ident, key, date, start, anatomy, to_body, grid_centre, protocol, srng,
-                            noise_sigma, scales, contrast=contrast, vfa_series=vfa_series)
+                            noise_sigma, scales, contrast=contrast, vfa_series=vfa_series,
+                            scanner_maps=scanner_maps)
         study.truth["rigid_transform"] = rigid
         if change is not None:
             study.truth["expected_response"] = change["category"].value
@@ -402,7 +438,8 @@ def generate_patient(
         "bed10_gy": fractions * (dose_gy / fractions) * (1 + (dose_gy / fractions) / 10.0),
     }
     phantom = Phantom(seed, scenario, vendor, size, patient, studies, anatomy0, {},
-                      {"course": course}, contrast=contrast, vfa_series=vfa_series)
+                      {"course": course}, contrast=contrast, vfa_series=vfa_series,
+                      diffusion_scheme=diffusion_scheme, non_image_objects=non_image_objects)
     from processing.phantom import rt
 
     rt_truth = rt.plan_rt(phantom, np.random.default_rng([seed, SCENARIOS.index(scenario), 99]))
@@ -445,7 +482,8 @@ def _changed_shape(tumour0: TumourShape, c0: NDArray[np.float64], v0: float, cha
 def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.datetime, anatomy: Anatomy,
                 to_body: NDArray[np.float64] | None, grid_centre: NDArray[np.float64], protocol: proto.Protocol,
                 rng: np.random.Generator, noise_sigma: dict[str, float], scales: dict[str, float], *,
-                contrast: dict[str, Any] | None = None, vfa_series: bool = False) -> StudyData:
+                contrast: dict[str, Any] | None = None, vfa_series: bool = False,
+                scanner_maps: bool = False) -> StudyData:
     contrast = contrast or proto.contrast_truth("gadoterate", proto.FIELD_STRENGTH_T)
     study_uid = phantom_uid(*ident, key, "study")
     for_uid = phantom_uid(*ident, key, "frame-of-reference")
@@ -468,6 +506,8 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             ref = _reference_signal(sp, nominal, protocol)
             scales[sp.key] = _scale_for(ref)
             noise_sigma[sp.key] = REFERENCE_COUNTS / sp.snr
+        if sp.role == "dwi" and scanner_maps:
+            dwi_noiseless = (signal, mask)
         nrng = np.random.default_rng(rng.integers(0, 2**63))
         pixels = np.empty(signal.shape, dtype=np.uint16)
         for v in range(signal.shape[0]):  # volume by volume to bound memory
@@ -514,9 +554,18 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
         if separate:
             truth_series[sp.key]["separate_series"] = separate
         if sp.role == "dwi":
-            tumour_truth.update(_diffusion_truth(params, mask))
+            tumour_truth.update(_diffusion_truth(params, mask, protocol))
+            if scanner_maps:
+                dwi_series = series_list[-1]
         if sp.key == "t2w":
             tumour_truth["volume_ml_voxels_t2w"] = float(mask.sum() * np.prod(sp.spacing) / 1000.0)
+    if scanner_maps:
+        signal, mask = dwi_noiseless
+        for sd, series_truth in _scanner_series(ident, key, dwi_series, signal, mask, protocol,
+                                                scales["dwi"], noise_sigma["dwi"],
+                                                tumour_truth):
+            series_list.append(sd)
+            truth_series[series_truth.pop("key")] = series_truth
     means = {}
     by = tumour_truth["means_by_series"]
     for q in ("D", "K", "f", "Dstar"):
@@ -546,6 +595,120 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
         "tumour": tumour_truth,
     }
     return StudyData(key, study_uid, for_uid, date, start, series_list, truth)
+
+
+#: series numbers of the scanner's derived diffusion series (``scanner_maps``)
+TRACEW_SERIES_NUMBER = 51
+ADC_SERIES_NUMBER = 52
+#: the scanner's ADC is computed where the noiseless b = 0 signal is at least this many noise
+#: sigmas (background and signal voids are 0, as scanners threshold them)
+SCANNER_ADC_THRESHOLD_SIGMA = 5.0
+
+
+def _geometric_mean(images: NDArray[Any]) -> NDArray[np.float64]:
+    """Geometric mean over axis 0; 0 where any image is 0."""
+    x = np.asarray(images, dtype=np.float64)
+    out = np.zeros(x.shape[1:])
+    ok = np.all(x > 0, axis=0)
+    out[ok] = np.exp(np.mean(np.log(x[:, ok]), axis=0))
+    return out
+
+
+def _scanner_series(ident: tuple[object, ...], key: str, dwi: SeriesData,
+                    signal: NDArray[np.floating], mask: NDArray[np.bool_], protocol: proto.Protocol,
+                    scale: float, sigma: float, tumour_truth: dict[str, Any]
+                    ) -> list[tuple[SeriesData, dict[str, Any]]]:
+    """The scanner's TRACEW and ADC series derived from one DWI series, with their truth.
+
+    TRACEW: the b = 0 image and, at :data:`protocol.SCANNER_TRACE_B`, the geometric mean over the
+    directions of the stored (noisy) directional images, rounded to integers, as Siemens scanners
+    combine them. ADC: ordinary least-squares log-linear fit of the noiseless signal (in stored
+    counts) over :data:`protocol.SCANNER_ADC_BVALUES`, stored as unsigned integers in
+    1e-6 mm²/s, 0 where the b = 0 signal is below :data:`SCANNER_ADC_THRESHOLD_SIGMA` noise
+    sigmas. Adds ``scanner_adc`` (expected values of the stored map) to ``tumour_truth``.
+    """
+    scheme = protocol.diffusion_scheme
+    bvals = np.array([float(m["b"]) for m in dwi.volumes])
+    b_trace = proto.SCANNER_TRACE_B[scheme]
+    b0 = int(np.flatnonzero(bvals == 0.0)[0])
+    high = np.flatnonzero(bvals == b_trace)
+    trace_pixels = np.stack([dwi.pixels[b0], _to_uint16(_geometric_mean(dwi.pixels[high]))])
+    sp_t = dataclasses.replace(dwi.protocol, series_number=TRACEW_SERIES_NUMBER,
+                               description=f"{dwi.protocol.description}_TRACEW")
+    vols_t = [{"b": float(bvals[i]), "gradient": [0.0, 0.0, 0.0], "isotropic": True,
+               "time_s": float(dwi.volumes[i]["time_s"])} for i in (b0, int(high[0]))]
+    trace = SeriesData("dwi", sp_t, dwi.grid, phantom_uid(*ident, key, "dwi_trace", "series"),
+                       f"series{TRACEW_SERIES_NUMBER:03d}", trace_pixels, vols_t, dwi.start,
+                       derived="TRACEW")
+    nz = dwi.grid.size[2]
+    trace.sop_uids = [[phantom_uid(*ident, key, "dwi_trace", v, k) for k in range(nz)]
+                      for v in range(2)]
+
+    used = np.asarray(proto.SCANNER_ADC_BVALUES[scheme])
+    counts = np.stack([_geometric_mean(signal[bvals == b] * scale) for b in used])
+    valid = (counts[0] >= SCANNER_ADC_THRESHOLD_SIGMA * sigma) & np.all(counts > 0, axis=0)
+    adc = np.zeros(valid.shape)
+    adc[valid] = loglinear_adc(used, counts[:, valid])
+    stored = _to_uint16(adc * 1e6)
+    sp_a = dataclasses.replace(dwi.protocol, series_number=ADC_SERIES_NUMBER,
+                               description=f"{dwi.protocol.description}_ADC")
+    vols_a = [{"b": float(used.max()), "gradient": [0.0, 0.0, 0.0], "isotropic": True,
+               "time_s": 0.0, "sequence_name": f"ep_b{int(used.min())}_{int(used.max())}"}]
+    adc_series = SeriesData("dwi", sp_a, dwi.grid,
+                            phantom_uid(*ident, key, "adc_scanner", "series"),
+                            f"series{ADC_SERIES_NUMBER:03d}", stored[None], vols_a, dwi.start,
+                            derived="ADC")
+    adc_series.sop_uids = [[phantom_uid(*ident, key, "adc_scanner", 0, k) for k in range(nz)]]
+
+    values = stored.astype(np.float64) * 1e-6
+    tissue = stored > 0
+    tumour = mask & tissue
+    expected: dict[str, Any] = {}
+    subsets = dict(proto.ADC_SUBSETS)
+    if scheme == "two-point":
+        subsets.update(proto.TWO_POINT_ADC_SUBSETS)
+    acquired = set(bvals.tolist())
+    for name, bset in subsets.items():
+        if not set(bset) <= acquired:
+            continue
+        b = np.asarray(bset)
+        sig = np.stack([_geometric_mean(signal[bvals == bi]) for bi in b])
+        ok = tissue & np.all(sig > 0, axis=0)
+        fit = np.full(tissue.shape, np.nan)
+        fit[ok] = loglinear_adc(b, sig[:, ok])
+        rel = fit / np.where(tissue, values, np.nan) - 1.0
+        expected[name] = {"tumour_median_relative_difference": float(np.nanmedian(rel[tumour])),
+                          "tissue_median_relative_difference": float(np.nanmedian(rel[ok]))}
+    tumour_truth["scanner_adc"] = {
+        "bvalues_used": used.tolist(),
+        "fit": "ordinary least squares of ln S on b per voxel, noiseless direction-averaged signal",
+        "stored_unit": "unsigned integers in 1e-6 mm2/s (0 = not computed)",
+        "threshold": f"b = 0 signal >= {SCANNER_ADC_THRESHOLD_SIGMA:g} noise sigma",
+        "tumour_mean_mm2_s": float(values[tumour].mean()),
+        "tumour_median_mm2_s": float(np.median(values[tumour])),
+        "tissue_median_mm2_s": float(np.median(values[tissue])),
+        "tumour_voxels": int(tumour.sum()), "tissue_voxels": int(tissue.sum()),
+        "expected_node_vs_scanner": expected,
+        "expected_note": ("per b subset: median over voxels of (noiseless OLS ADC over that "
+                          "subset) / (stored scanner ADC) - 1, in the tumour and over every voxel "
+                          "the scanner map covers; what an ADC QA fitting that subset should find, "
+                          "up to noise"),
+    }
+    common = {"geometry": dwi.grid.as_dict(), "number_of_files": None,
+              "derived_from": dwi.series_uid}
+    out = []
+    for sd, role, name, extra in (
+            (trace, "trace", "dwi_trace",
+             {"bvalues": [0.0, b_trace],
+              "combination": (f"b {b_trace:g}: geometric mean of the {high.size} stored "
+                              "directional images, rounded; b 0: the acquired b = 0 image")}),
+            (adc_series, "adc_map", "adc_scanner",
+             {"bvalues_used": used.tolist(), "stored_unit": "1e-6 mm2/s"})):
+        out.append((sd, {"key": name, "SeriesInstanceUID": sd.series_uid,
+                         "SeriesNumber": sd.protocol.series_number, "folder": sd.folder,
+                         "role": role, **common,
+                         "number_of_files": len(sd.volumes) * nz, **extra}))
+    return out
 
 
 def _reference_signal(sp: proto.SeriesProtocol, p: dict[str, float], protocol: proto.Protocol) -> float:
@@ -579,7 +742,7 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
         return _weighted(sp, params, labels)[None], [{"time_s": 0.0}], extra
     if sp.role == "dwi":
         s0 = _weighted(sp, params, labels)
-        vols = proto.dwi_volumes()
+        vols = proto.dwi_volumes(protocol.dwi_shells)
         out = np.empty((len(vols),) + s0.shape, dtype=np.float32)
         meta = []
         seen: dict[float, int] = {}
@@ -633,7 +796,9 @@ def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volum
     }
     if sp.role == "dwi":
         acq["bvalues"] = sorted({v["b"] for v in volumes})
-        acq["shells"] = [[b, n] for b, n in proto.DWI_SHELLS]
+        acq["shells"] = [[b, n] for b, n in protocol.dwi_shells]
+        if protocol.diffusion_scheme != "standard":
+            acq["diffusion_scheme"] = protocol.diffusion_scheme
     if sp.role == "vfa_t1":
         acq["flip_angles_deg"] = list(protocol.vfa_flip_deg)
     if sp.role == "dce":
@@ -652,11 +817,15 @@ def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volum
     return acq
 
 
-def _diffusion_truth(params: dict[str, NDArray[np.float64]], mask: NDArray[np.bool_]) -> dict[str, Any]:
+def _diffusion_truth(params: dict[str, NDArray[np.float64]], mask: NDArray[np.bool_],
+                     protocol: proto.Protocol | None = None) -> dict[str, Any]:
     """Exact mono-exponential ADC per b subset and apparent kurtosis per subset (noiseless, tumour)."""
     d, k, f, ds = (params[n][mask] for n in ("d", "k", "f", "dstar"))
     adc = {}
-    for name, bset in proto.ADC_SUBSETS.items():
+    subsets = dict(proto.ADC_SUBSETS)
+    if protocol is not None and protocol.diffusion_scheme == "two-point":
+        subsets.update(proto.TWO_POINT_ADC_SUBSETS)
+    for name, bset in subsets.items():
         b = np.asarray(bset)
         sig = np.stack([diffusion_attenuation(bi, d, k, f, ds) for bi in b])
         adc[name] = {"bvalues": list(bset), "adc_mm2_s": float(np.mean(loglinear_adc(b, sig)))}
@@ -727,9 +896,13 @@ def _ground_truth(ph: Phantom, protocol: proto.Protocol, rt_truth: dict[str, Any
         "contrast": dict(ph.contrast),
         "vfa_layout": "one series per flip angle" if ph.vfa_series else "one multi-flip series",
     }
+    if ph.diffusion_scheme != "standard":
+        gt["generator"]["diffusion_scheme"] = ph.diffusion_scheme
+    if ph.non_image_objects:
+        gt["generator"]["non_image_objects"] = True
     for study in ph.studies:
         gt["studies"][study.key] = study.truth
-        dwi = next(s for s in study.series if s.role == "dwi")
+        dwi = next(s for s in study.series if s.role == "dwi" and s.derived is None)
         files = []
         nz = dwi.grid.size[2]
         for v, meta in enumerate(dwi.volumes):

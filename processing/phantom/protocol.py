@@ -86,6 +86,18 @@ def contrast_truth(agent: str, field_strength_t: float) -> dict[str, object]:
 DWI_SHELLS: tuple[tuple[float, int], ...] = (
     (0.0, 1), (50.0, 3), (100.0, 3), (400.0, 3), (800.0, 3), (1000.0, 15), (1500.0, 3), (2000.0, 15),
 )
+#: two-point high-b body protocol (Canon/Siemens body DWI): b 0 and one b 1500 shell, 3 directions
+TWO_POINT_SHELLS: tuple[tuple[float, int], ...] = ((0.0, 1), (1500.0, 3))
+#: diffusion schemes the phantom can acquire (``--diffusion-scheme``)
+DIFFUSION_SCHEMES: dict[str, tuple[tuple[float, int], ...]] = {
+    "standard": DWI_SHELLS, "two-point": TWO_POINT_SHELLS}
+#: b-values (s/mm²) over which the phantom's scanner computes its ADC series, per scheme
+#: (``--scanner-maps``): every shell up to b 1000 — as Siemens' inline ADC does with the b-values
+#: of its protocol — or both points of a two-point scheme
+SCANNER_ADC_BVALUES: dict[str, tuple[float, ...]] = {
+    "standard": (0.0, 50.0, 100.0, 400.0, 800.0, 1000.0), "two-point": (0.0, 1500.0)}
+#: b-value (s/mm²) of the high-b trace volume of the scanner's TRACEW series, per scheme
+SCANNER_TRACE_B: dict[str, float] = {"standard": 1000.0, "two-point": 1500.0}
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,8 @@ class Protocol:
     vfa_flip_deg: tuple[float, ...]
     dce_frames: int
     dce_dt_s: float
+    dwi_shells: tuple[tuple[float, int], ...] = DWI_SHELLS
+    diffusion_scheme: str = "standard"
 
     def by_role(self, role: str) -> SeriesProtocol:
         for s in self.series:
@@ -134,8 +148,15 @@ class Protocol:
         raise KeyError(role)
 
 
-def protocol_for(size: str, *, sagittal: bool = False) -> Protocol:
-    """The phantom's MR protocol for ``size`` ('full' or 'small'), optionally with a sagittal T2w."""
+def protocol_for(size: str, *, sagittal: bool = False,
+                 diffusion_scheme: str = "standard") -> Protocol:
+    """The phantom's MR protocol for ``size`` ('full' or 'small'), optionally with a sagittal T2w.
+
+    ``diffusion_scheme`` 'standard' (b 0-2000, 8 shells) or 'two-point' (b 0 + b 1500 x 3).
+    """
+    if diffusion_scheme not in DIFFUSION_SCHEMES:
+        raise ValueError(f"unknown diffusion scheme {diffusion_scheme!r}; choose one of "
+                         f"{sorted(DIFFUSION_SCHEMES)}")
     if size == "full":
         anat = ((256, 256, 25), (0.78125, 0.78125, 4.0))
         dwi = ((112, 112, 20), (1.8, 1.8, 5.0))
@@ -156,7 +177,9 @@ def protocol_for(size: str, *, sagittal: bool = False) -> Protocol:
         SeriesProtocol("stir", 4, "STIR AX", *anat, tr_ms=5000.0, te_ms=60.0, flip_deg=150.0,
                        ti_ms=round(float(np.log(2.0) * 380.0), 1), snr=30.0,
                        scanning_sequence=("IR", "SE"), sequence_variant=("SK", "SP")),
-        SeriesProtocol("dwi", 5, "DWI IVIM DKI AX", *dwi, tr_ms=5000.0, te_ms=70.0, flip_deg=90.0, snr=80.0,
+        SeriesProtocol("dwi", 5,
+                       "DWI IVIM DKI AX" if diffusion_scheme == "standard" else "DWI AX b0 b1500",
+                       *dwi, tr_ms=5000.0, te_ms=70.0, flip_deg=90.0, snr=80.0,
                        scanning_sequence=("EP",), sequence_variant=("SK", "SP")),
         SeriesProtocol("vfa_t1", 6, "T1 MAP VFA 3D", *dce, tr_ms=4.0, te_ms=1.5, flip_deg=15.0, snr=60.0,
                        scanning_sequence=("GR",), sequence_variant=("SP", "SS"), acquisition_type="3D"),
@@ -166,7 +189,8 @@ def protocol_for(size: str, *, sagittal: bool = False) -> Protocol:
     if sagittal:
         series = series + (SeriesProtocol("t2w", 8, "T2 TSE SAG", *sag, tr_ms=3500.0, te_ms=100.0, flip_deg=150.0,
                                           snr=40.0, orientation="sagittal"),)
-    return Protocol(size, series, vfa, frames, dt)
+    return Protocol(size, series, vfa, frames, dt, DIFFUSION_SCHEMES[diffusion_scheme],
+                    diffusion_scheme)
 
 
 def gradient_directions(n: int) -> NDArray[np.float64]:
@@ -183,10 +207,11 @@ def gradient_directions(n: int) -> NDArray[np.float64]:
     return np.round(v / np.linalg.norm(v, axis=1, keepdims=True), 6)
 
 
-def dwi_volumes() -> list[tuple[float, NDArray[np.float64]]]:
+def dwi_volumes(shells: tuple[tuple[float, int], ...] = DWI_SHELLS
+                ) -> list[tuple[float, NDArray[np.float64]]]:
     """(b, unit gradient in LPS) per DWI volume in acquisition order; b = 0 has a zero vector."""
     volumes: list[tuple[float, NDArray[np.float64]]] = []
-    for b, n in DWI_SHELLS:
+    for b, n in shells:
         if b == 0:
             volumes.append((0.0, np.zeros(3)))
             continue
@@ -206,6 +231,8 @@ ADC_SUBSETS: dict[str, tuple[float, ...]] = {
     "b100-1000": (100.0, 400.0, 800.0, 1000.0),
     "b400-1000": (400.0, 800.0, 1000.0),
 }
+#: further ADC subsets recorded for the two-point scheme
+TWO_POINT_ADC_SUBSETS: dict[str, tuple[float, ...]] = {"b0,1500": (0.0, 1500.0)}
 #: b-value subsets for the apparent-kurtosis truth (OLS of ln S = ln S0 − bD + b²D²K/6)
 KURTOSIS_SUBSETS: dict[str, tuple[float, ...]] = {
     "b0-2000": (0.0, 50.0, 100.0, 400.0, 800.0, 1000.0, 1500.0, 2000.0),
