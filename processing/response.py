@@ -196,7 +196,7 @@ def assess_response(
     volume_up = volume.comparable and volume.relative > base_threshold
     criteria.append(Criterion(
         "volume-increase", f"GTV volume change from baseline above the size-dependent threshold "
-        f"(baseline {volume.reference_value:.2f} mL; domain.md 1.3)",
+        f"(baseline {volume.reference_value:.2f} mL; Sunnybrook thresholds, Neurosurgery 2021)",
         volume_up, _pct(volume.relative), _pct(base_threshold), "%"))
 
     diameter = _find(changes, "max_axial_diameter")

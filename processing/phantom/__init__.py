@@ -85,8 +85,8 @@ ground_truth.json (units in the keys or in ``mean_units``)
   ``days_since_treatment``, ``change_from_baseline``.
 - ``dwi_files.<key>``: per DWI file (or per frame for ``enhanced``) its b-value and LPS gradient.
 
-Signal models (domain.md §3.4, exactly)
----------------------------------------
+Signal models (docs/science.md §3.4, exactly)
+----------------------------------------------
 Every series samples the same analytic body at its voxel centres (no partial volume), adds
 Rician noise (tumour SNR: T2w/T1w 40, STIR 30, DWI b0 80, VFA/DCE 60) and stores uint16 with one
 scale per series. T2w/T1w: PD·(1 − e^(−TR/T1))·e^(−TE/T2); STIR adds the inversion with TI =

@@ -1,6 +1,6 @@
 """MR DICOM objects of the phantom: classic single-frame MR Image per vendor, and Enhanced MR.
 
-Vendor encodings follow what the scanners write (domain.md §3.5/3.6 and the real files in
+Vendor encodings follow what the scanners write (docs/science.md §3.5/3.6 and the real files in
 ``../shared/data/dwi_dcmqa``); the deviations from the standard are listed in the package
 docstring of :mod:`processing.phantom`.
 """
@@ -406,7 +406,7 @@ def _dce_series_tags(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
 
 
 def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any]) -> None:
-    """Per-phase timing as each vendor writes it (domain.md §3.6)."""
+    """Per-phase timing as each vendor writes it (docs/science.md §3.6)."""
     n = len(series.volumes)
     dt_s = series.volumes[1]["time_s"] - series.volumes[0]["time_s"]
     tp = int(meta["temporal_position"])
