@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(VENV)/bin/spine-node demo
 
 test: sysdeps $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: sysdeps $(STAMP)
 	$(PY) -m tests.bench
