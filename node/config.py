@@ -1,27 +1,31 @@
 """The node's settings: one TOML file validated at start-up into a frozen :class:`Settings`.
 
 Bad values are refused with a :class:`~node.errors.ConfigError` whose message names the key
-(``node.port: ...``); nothing is clamped. Later parts of the node add their own sections either as
-the declared optional tables (``analysis``, ``courses``, ``followup``, ``dashboard``, kept as plain
-tables until their owners give them a model) or by registering a pydantic model with
-:func:`register_section`, which :meth:`Settings.section` then uses to validate the table.
-Unknown top-level tables are refused.
+(``node.port: ...``); nothing is clamped. Every table is declared here as a model - the network
+(``node``, ``tls``, ``peers``, ``dispatch``) and the parts' sections (``analysis``, ``courses``,
+``followup`` with ``followup.notify``, ``dashboard``) - so any command that reads the file
+validates all of it at start-up. Unknown tables and keys are refused.
 
 Example: ``deploy/node.example.toml``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.errors import ConfigError
+from processing.relaxivity import DEFAULT_RELAXIVITY_PER_MM_S, normalise_overrides
+
+if TYPE_CHECKING:
+    from node.chain import ChainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -158,27 +162,253 @@ class DispatchSettings(_Frozen):
         return self
 
 
-#: section name -> model registered by other parts of the node
-_SECTION_MODELS: dict[str, type[BaseModel]] = {}
+# -- the sections of the node's parts (one place: every command that reads the file validates
+# all of them at start-up) ------------------------------------------------------------------------
 
+class NotifySettings(BaseModel):
+    """Where notifications go (the ``[followup.notify]`` table).
 
-def register_section(name: str, model: type[BaseModel]) -> None:
-    """Declare the model of an extension section (e.g. ``analysis``) so it is validated.
-
-    Parameters
+    Attributes
     ----------
-    name : str
-        Top-level TOML table name; must be one of :data:`EXTENSION_SECTIONS`.
-    model : type of pydantic.BaseModel
-        Model the table is validated into by :meth:`Settings.section`.
+    webhook_url : str
+        ``http(s)://`` URL receiving a JSON POST per notification; empty: no webhook.
+    webhook_timeout_s : float
+        Connect/read timeout of the POST (s).
+    smtp_host, smtp_port :
+        SMTP server; empty host: no e-mail.
+    smtp_security : {"none", "starttls", "tls"}
+        Plain SMTP, STARTTLS upgrade (RFC 3207) or implicit TLS (SMTPS).
+    smtp_username, smtp_password_env :
+        Login (optional); the password is read from the named environment variable.
+    mail_from, mail_to :
+        Sender and recipients.
     """
-    if name not in EXTENSION_SECTIONS:
-        raise ValueError(f"unknown extension section {name!r}; declare it in node.config")
-    _SECTION_MODELS[name] = model
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    webhook_url: str = ""
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300)
+    smtp_host: str = ""
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_security: str = Field("none", pattern="^(none|starttls|tls)$")
+    smtp_timeout_s: float = Field(30.0, gt=0, le=600)
+    smtp_username: str = ""
+    smtp_password_env: str = ""
+    mail_from: str = "spine-node@localhost"
+    mail_to: tuple[str, ...] = ()
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_only(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (or empty)")
+        return value
+
+    @model_validator(mode="after")
+    def _recipients(self) -> NotifySettings:
+        if self.smtp_host and not self.mail_to:
+            raise ValueError("mail_to: at least one recipient is needed when smtp_host is set")
+        return self
 
 
-#: top-level tables other parts of the node own
-EXTENSION_SECTIONS = ("analysis", "courses", "followup", "dashboard")
+class FollowupWindowSetting(BaseModel):
+    """One expected follow-up window, in days after the first treatment day."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: str = Field(min_length=1, max_length=64)
+    start_days: int = Field(ge=0, le=3650)
+    end_days: int = Field(ge=1, le=3650)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FollowupWindowSetting:
+        if self.end_days < self.start_days:
+            raise ValueError(f"window {self.label!r}: end_days must be >= start_days")
+        return self
+
+
+#: 6-12 weeks, then about every 3 months in year 1 (±1 month), docs/science.md §1.10
+DEFAULT_WINDOWS = (
+    FollowupWindowSetting(label="6-12 weeks", start_days=42, end_days=84),
+    FollowupWindowSetting(label="6 months", start_days=152, end_days=213),
+    FollowupWindowSetting(label="9 months", start_days=244, end_days=305),
+    FollowupWindowSetting(label="12 months", start_days=335, end_days=396),
+)
+
+
+class FollowupSection(BaseModel):
+    """The ``[followup]`` table of the configuration.
+
+    Attributes
+    ----------
+    windows : list of FollowupWindowSetting
+        Expected windows (days after the first treatment day).
+    confirmation_days : int
+        A confirmation MRI is due within this many days of a study called possible
+        pseudoprogression (default 56 d = 8 weeks).
+    grace_days : int
+        Days after a window's end before it counts as missed (late reads, transfers).
+    check_interval_s : float
+        Period of the catch-up check (s); it also runs at start-up.
+    notify : NotifySettings
+        Webhook and e-mail.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    windows: tuple[FollowupWindowSetting, ...] = DEFAULT_WINDOWS
+    confirmation_days: int = Field(56, ge=1, le=365)
+    grace_days: int = Field(0, ge=0, le=365)
+    check_interval_s: float = Field(3600.0, gt=0)
+    notify: NotifySettings = NotifySettings()
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> FollowupSection:
+        labels = [w.label for w in self.windows]
+        if len(set(labels)) != len(labels):
+            raise ValueError("windows: labels must be unique")
+        return self
+
+
+class AnalysisSection(BaseModel):
+    """The ``[analysis]`` table: the analysis chain's policy (its defaults are the chain's too)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    baseline_window_days: int = Field(90, ge=0, le=3650)
+    segment_type: str = Field("metastasis", pattern="^(metastasis|neoplasm|primary|gtv)$")
+    radiomics: bool = True
+    radiomics_bin_count: int = Field(32, ge=2, le=1024)
+    radiomics_spacing_mm: float = Field(1.0, gt=0, le=10)
+    alpha_beta_gy: float = Field(10.0, gt=0, le=100)
+    model_path: Path | None = None
+    #: site r1 (/mM/s) by contrast agent (generic or brand name), e.g. ``{ gadobutrol = 5.0 }``;
+    #: wins over the published table (processing.relaxivity)
+    relaxivity_per_mM_s: dict[str, float] = Field(default_factory=dict)
+    #: r1 (/mM/s) for an undeclared or unrecognised agent (a warning is recorded)
+    default_relaxivity_per_mM_s: float = Field(DEFAULT_RELAXIVITY_PER_MM_S, gt=0, le=100)
+
+    @field_validator("relaxivity_per_mM_s")
+    @classmethod
+    def _known_agents(cls, value: dict[str, float]) -> dict[str, float]:
+        normalise_overrides(value)  # RelaxivityError (a ValueError) names the bad entry
+        return value
+
+    def chain_settings(self) -> ChainSettings:
+        """The analysis chain's settings (:class:`node.chain.ChainSettings`) of this table."""
+        from dataclasses import fields
+
+        from node.chain import ChainSettings
+
+        names = {f.name for f in fields(ChainSettings)}
+        return ChainSettings(**{k: v for k, v in self.model_dump().items() if k in names})
+
+
+class CoursesSection(BaseModel):
+    """The ``[courses]`` table: where priors come from and how they are fetched.
+
+    Attributes
+    ----------
+    enabled : bool
+        Fetch priors at all (the patient-mismatch check runs regardless).
+    pacs : str
+        Name (or AE title) of the peer to query; it needs ``may_receive`` (we associate with it),
+        and for ``method = "move"`` also ``may_send`` (it C-STOREs into our listener) and it must
+        know our AE title, host and port. Empty: no priors are fetched.
+    method : {"move", "get"}
+        C-MOVE to our own AE title, or C-GET on the query association.
+    max_concurrent : int
+        Patients retrieving at the same time.
+    min_interval_s : float
+        Minimum time between two queries of the same patient (s).
+    retries : int
+        Further attempts of a failed query or retrieval.
+    retry_delay_s : float
+        Delay before the first retry (s), doubled for each further one.
+    baseline_window_days : int
+        A baseline is the latest MR study at most this many days before the treatment date.
+    timeout_s : float
+        ACSE/DIMSE/network timeouts of the query/retrieve associations (s).
+    calling_ae_title : str
+        Our AE title on these associations; empty means ``node.ae_title``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    pacs: str = ""
+    method: Literal["move", "get"] = "move"
+    max_concurrent: int = Field(2, ge=1, le=16)
+    min_interval_s: float = Field(300.0, ge=0)
+    retries: int = Field(3, ge=0, le=20)
+    retry_delay_s: float = Field(10.0, ge=0)
+    baseline_window_days: int = Field(90, ge=0, le=3650)
+    timeout_s: float = Field(60.0, gt=0)
+    calling_ae_title: str = ""
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        if value and (len(value) > 16 or "\\" in value or value != value.strip()):
+            raise ValueError(f"{value!r} is not a valid AE title")
+        return value
+
+
+def _is_loopback(address: str | None) -> bool:
+    if not address:
+        return False
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class DashboardSection(BaseModel):
+    """The ``[dashboard]`` table of the configuration.
+
+    Attributes
+    ----------
+    enabled : bool
+    bind_address : str
+        Default 127.0.0.1 (local only).
+    port : int
+        TCP port; 0 picks a free one.
+    username, password_hash :
+        Login; ``password_hash`` as made by ``werkzeug.security.generate_password_hash``.
+        Required when ``bind_address`` is not a loopback address.
+    allow_local_without_login : bool
+        Loopback clients need no login.
+    secret_key_env : str
+        Environment variable holding the session-signing key (default: a random key per start,
+        which logs everybody out at a restart).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    username: str = ""
+    password_hash: str = ""
+    allow_local_without_login: bool = True
+    secret_key_env: str = ""
+
+    @model_validator(mode="after")
+    def _login_when_remote(self) -> DashboardSection:
+        if bool(self.username) != bool(self.password_hash):
+            raise ValueError("username and password_hash: give both or neither")
+        if not _is_loopback(self.bind_address) and not self.password_hash:
+            raise ValueError(f"bind_address {self.bind_address!r} is not a loopback address: "
+                             "a username and password_hash are required")
+        return self
+
+
+#: the tables of the node's parts, beside ``node``, ``tls``, ``peers`` and ``dispatch``
+SECTIONS = ("analysis", "courses", "followup", "dashboard")
 
 
 class Settings(_Frozen):
@@ -191,10 +421,10 @@ class Settings(_Frozen):
         Peer(ae_title="ECHOSCU", host="127.0.0.1", may_send=True),
     )
     dispatch: DispatchSettings = DispatchSettings()
-    analysis: dict[str, Any] = Field(default_factory=dict)
-    courses: dict[str, Any] = Field(default_factory=dict)
-    followup: dict[str, Any] = Field(default_factory=dict)
-    dashboard: dict[str, Any] = Field(default_factory=dict)
+    analysis: AnalysisSection = AnalysisSection()
+    courses: CoursesSection = CoursesSection()
+    followup: FollowupSection = FollowupSection()
+    dashboard: DashboardSection = DashboardSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -216,22 +446,13 @@ class Settings(_Frozen):
                 raise ValueError(
                     f"node.result_destinations: {dest!r} is not a peer with may_receive = true"
                 )
-        for name in EXTENSION_SECTIONS:
-            model = _SECTION_MODELS.get(name)
-            if model is not None:
-                try:
-                    model.model_validate(getattr(self, name))
-                except ValidationError as err:
-                    raise ValueError(_format_errors(err, prefix=name)) from err
         return self
 
-    def section(self, name: str) -> BaseModel | dict[str, Any]:
-        """An extension section, validated by its registered model when there is one."""
-        if name not in EXTENSION_SECTIONS:
+    def section(self, name: str) -> BaseModel:
+        """One of the parts' sections (``analysis``, ``courses``, ``followup``, ``dashboard``)."""
+        if name not in SECTIONS:
             raise KeyError(name)
-        raw = getattr(self, name)
-        model = _SECTION_MODELS.get(name)
-        return model.model_validate(raw) if model is not None else dict(raw)
+        return getattr(self, name)
 
     def peer(self, name: str) -> Peer:
         """The peer called ``name`` (its ``name`` or AE title)."""

@@ -29,11 +29,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from node.config import register_section
+from node.config import FollowupSection, Settings
 from node.index import Index
-from node.notify import Notification, Notifier, NotifySettings
+from node.notify import Notification, Notifier
 from processing.dates import dicom_date
 
 logger = logging.getLogger(__name__)
@@ -66,73 +65,9 @@ FOLLOWUP_SCHEMA_VERSION = len(FOLLOWUP_MIGRATIONS)
 #: Index objects whose tables are known to be current (reads then take no write lock)
 
 
-class FollowupWindowSetting(BaseModel):
-    """One expected follow-up window, in days after the first treatment day."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    label: str = Field(min_length=1, max_length=64)
-    start_days: int = Field(ge=0, le=3650)
-    end_days: int = Field(ge=1, le=3650)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> FollowupWindowSetting:
-        if self.end_days < self.start_days:
-            raise ValueError(f"window {self.label!r}: end_days must be >= start_days")
-        return self
-
-
-#: 6-12 weeks, then about every 3 months in year 1 (±1 month), docs/science.md §1.10
-DEFAULT_WINDOWS = (
-    FollowupWindowSetting(label="6-12 weeks", start_days=42, end_days=84),
-    FollowupWindowSetting(label="6 months", start_days=152, end_days=213),
-    FollowupWindowSetting(label="9 months", start_days=244, end_days=305),
-    FollowupWindowSetting(label="12 months", start_days=335, end_days=396),
-)
-
-
-class FollowupSection(BaseModel):
-    """The ``[followup]`` table of the configuration.
-
-    Attributes
-    ----------
-    windows : list of FollowupWindowSetting
-        Expected windows (days after the first treatment day).
-    confirmation_days : int
-        A confirmation MRI is due within this many days of a study called possible
-        pseudoprogression (default 56 d = 8 weeks).
-    grace_days : int
-        Days after a window's end before it counts as missed (late reads, transfers).
-    check_interval_s : float
-        Period of the catch-up check (s); it also runs at start-up.
-    notify : NotifySettings
-        Webhook and e-mail.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = True
-    windows: tuple[FollowupWindowSetting, ...] = DEFAULT_WINDOWS
-    confirmation_days: int = Field(56, ge=1, le=365)
-    grace_days: int = Field(0, ge=0, le=365)
-    check_interval_s: float = Field(3600.0, gt=0)
-    notify: NotifySettings = NotifySettings()
-
-    @model_validator(mode="after")
-    def _unique_labels(self) -> FollowupSection:
-        labels = [w.label for w in self.windows]
-        if len(set(labels)) != len(labels):
-            raise ValueError("windows: labels must be unique")
-        return self
-
-
-register_section("followup", FollowupSection)
-
-
-def followup_section(settings: Any) -> FollowupSection:
-    """The validated ``[followup]`` section of a :class:`node.config.Settings`."""
-    section = settings.section("followup")
-    return section if isinstance(section, FollowupSection) else FollowupSection(**section)
+def followup_section(settings: Settings) -> FollowupSection:
+    """The ``[followup]`` table of the configuration."""
+    return settings.followup
 
 
 def utc_now() -> dt.datetime:

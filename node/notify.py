@@ -25,59 +25,14 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from node.config import NotifySettings
 
 logger = logging.getLogger(__name__)
 
 
 class NotificationError(RuntimeError):
     """A notification could not be delivered on one channel; the message says where and why."""
-
-
-class NotifySettings(BaseModel):
-    """Where notifications go (the ``[followup.notify]`` table).
-
-    Attributes
-    ----------
-    webhook_url : str
-        ``http(s)://`` URL receiving a JSON POST per notification; empty: no webhook.
-    webhook_timeout_s : float
-        Connect/read timeout of the POST (s).
-    smtp_host, smtp_port :
-        SMTP server; empty host: no e-mail.
-    smtp_security : {"none", "starttls", "tls"}
-        Plain SMTP, STARTTLS upgrade (RFC 3207) or implicit TLS (SMTPS).
-    smtp_username, smtp_password_env :
-        Login (optional); the password is read from the named environment variable.
-    mail_from, mail_to :
-        Sender and recipients.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    webhook_url: str = ""
-    webhook_timeout_s: float = Field(10.0, gt=0, le=300)
-    smtp_host: str = ""
-    smtp_port: int = Field(25, ge=1, le=65535)
-    smtp_security: str = Field("none", pattern="^(none|starttls|tls)$")
-    smtp_timeout_s: float = Field(30.0, gt=0, le=600)
-    smtp_username: str = ""
-    smtp_password_env: str = ""
-    mail_from: str = "spine-node@localhost"
-    mail_to: tuple[str, ...] = ()
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _http_only(cls, value: str) -> str:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL (or empty)")
-        return value
-
-    @model_validator(mode="after")
-    def _recipients(self) -> NotifySettings:
-        if self.smtp_host and not self.mail_to:
-            raise ValueError("mail_to: at least one recipient is needed when smtp_host is set")
-        return self
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -64,7 +63,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.config import Peer, Settings, register_section
+from node.config import CoursesSection, Peer, Settings
 from node.errors import ConfigError, NodeError, PeerError, StoreOutcome, store_status
 from node.roles import PatientMismatchError, check_single_patient
 from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, set_tcp_nodelay
@@ -84,68 +83,9 @@ BASELINE_MODALITIES = frozenset({"MR", "SEG"})
 _PENDING = (0xFF00, 0xFF01)
 
 
-class CoursesSection(BaseModel):
-    """The ``[courses]`` table: where priors come from and how they are fetched.
-
-    Attributes
-    ----------
-    enabled : bool
-        Fetch priors at all (the patient-mismatch check runs regardless).
-    pacs : str
-        Name (or AE title) of the peer to query; it needs ``may_receive`` (we associate with it),
-        and for ``method = "move"`` also ``may_send`` (it C-STOREs into our listener) and it must
-        know our AE title, host and port. Empty: no priors are fetched.
-    method : {"move", "get"}
-        C-MOVE to our own AE title, or C-GET on the query association.
-    max_concurrent : int
-        Patients retrieving at the same time.
-    min_interval_s : float
-        Minimum time between two queries of the same patient (s).
-    retries : int
-        Further attempts of a failed query or retrieval.
-    retry_delay_s : float
-        Delay before the first retry (s), doubled for each further one.
-    baseline_window_days : int
-        A baseline is the latest MR study at most this many days before the treatment date.
-    timeout_s : float
-        ACSE/DIMSE/network timeouts of the query/retrieve associations (s).
-    calling_ae_title : str
-        Our AE title on these associations; empty means ``node.ae_title``.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = True
-    pacs: str = ""
-    method: Literal["move", "get"] = "move"
-    max_concurrent: int = Field(2, ge=1, le=16)
-    min_interval_s: float = Field(300.0, ge=0)
-    retries: int = Field(3, ge=0, le=20)
-    retry_delay_s: float = Field(10.0, ge=0)
-    baseline_window_days: int = Field(90, ge=0, le=3650)
-    timeout_s: float = Field(60.0, gt=0)
-    calling_ae_title: str = ""
-
-    @field_validator("calling_ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        if value and (len(value) > 16 or "\\" in value or value != value.strip()):
-            raise ValueError(f"{value!r} is not a valid AE title")
-        return value
-
-
-register_section("courses", CoursesSection)
-
-
 def courses_section(settings: Settings) -> CoursesSection:
-    """The validated ``[courses]`` table of ``settings``."""
-    section = settings.section("courses")
-    if isinstance(section, CoursesSection):
-        return section
-    try:
-        return CoursesSection.model_validate(section)
-    except ValidationError as err:
-        raise ConfigError(f"invalid [courses] section: {err}") from err
+    """The ``[courses]`` table of the configuration."""
+    return settings.courses
 
 
 def pacs_peer(settings: Settings, section: CoursesSection) -> Peer | None:

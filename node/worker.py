@@ -21,58 +21,23 @@ import concurrent.futures
 import logging
 import multiprocessing
 import threading
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from node.chain import ChainSettings
+from node.config import AnalysisSection, Settings
 from node.analysis import link_superseded_reports
-from node.config import register_section
 from node.logs import logging_target
 from node.timeline import on_analysis_done, recorded_reports
-from processing.relaxivity import DEFAULT_RELAXIVITY_PER_MM_S, normalise_overrides
 
 logger = logging.getLogger(__name__)
 
 
-class AnalysisSection(BaseModel):
-    """The ``[analysis]`` table of the configuration (mirrors :class:`node.chain.ChainSettings`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = True
-    baseline_window_days: int = Field(90, ge=0, le=3650)
-    segment_type: str = Field("metastasis", pattern="^(metastasis|neoplasm|primary|gtv)$")
-    radiomics: bool = True
-    radiomics_bin_count: int = Field(32, ge=2, le=1024)
-    radiomics_spacing_mm: float = Field(1.0, gt=0, le=10)
-    alpha_beta_gy: float = Field(10.0, gt=0, le=100)
-    model_path: Path | None = None
-    #: site r1 (/mM/s) by contrast agent (generic or brand name), e.g. ``{ gadobutrol = 5.0 }``;
-    #: wins over the published table (processing.relaxivity)
-    relaxivity_per_mM_s: dict[str, float] = Field(default_factory=dict)
-    #: r1 (/mM/s) for an undeclared or unrecognised agent (a warning is recorded)
-    default_relaxivity_per_mM_s: float = Field(DEFAULT_RELAXIVITY_PER_MM_S, gt=0, le=100)
-
-    @field_validator("relaxivity_per_mM_s")
-    @classmethod
-    def _known_agents(cls, value: dict[str, float]) -> dict[str, float]:
-        normalise_overrides(value)  # RelaxivityError (a ValueError) names the bad entry
-        return value
-
-    def chain_settings(self) -> ChainSettings:
-        names = {f.name for f in fields(ChainSettings)}
-        return ChainSettings(**{k: v for k, v in self.model_dump().items() if k in names})
-
-
-register_section("analysis", AnalysisSection)
-
-
-def analysis_section(settings: Any) -> AnalysisSection:
-    section = settings.section("analysis")
-    return section if isinstance(section, AnalysisSection) else AnalysisSection(**section)
+def analysis_section(settings: Settings) -> AnalysisSection:
+    """The ``[analysis]`` table of the configuration."""
+    return settings.analysis
 
 
 def chain_settings_from(config: Path | None) -> ChainSettings:
@@ -103,7 +68,12 @@ def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_sett
     finally:
         index.close()
     try:
-        result = run_chain(datasets, settings=ChainSettings(**chain_settings))
+        # a re-analysis (new follow-up, corrected study) refits only the studies whose map
+        # inputs changed; the cache lives beside the results, under the storage folder
+        from node.map_cache import MapCache
+
+        result = run_chain(datasets, settings=ChainSettings(**chain_settings),
+                           map_cache=MapCache(Path(store_root) / "cache" / "maps"))
     except (ChainError, PatientMismatchError) as err:
         return {"state": "waiting", "reason": str(err)}
     paths = write_outputs(result, Path(out_dir))

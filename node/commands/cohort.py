@@ -18,7 +18,7 @@ on each in a pool of worker processes, and writes:
 
 A patient whose phantom or chain fails is reported and left out; the exit status is 1 when any
 patient failed, 2 on bad arguments. The phantom DICOM files are deleted once their patient is
-analysed unless ``--keep`` is given. The chain runs with ``features_only=True``: a cohort needs
+analysed unless ``--keep`` is given. The chain runs with ``repeatability=False, outputs=False``: a cohort needs
 the changes (``delta.*`` are relative changes, independent of the repeatability flags), not the
 per-case repeatability perturbation nor the SEG / Parametric Map / SR / PDF objects; the
 rule-based call in ``patients.json`` is therefore made against the published MDCs only.
@@ -122,7 +122,7 @@ def analyse_patient(patient: CohortPatient, folder: Path, *, size: str = "small"
     followups : int
         Follow-up studies per patient (one case row each).
     settings : node.chain.ChainSettings, optional
-        The chain's settings (default: the node's defaults); run with ``features_only=True``.
+        The chain's settings (default: the node's defaults); run without repeatability and outputs.
     keep : bool
         Keep the phantom's DICOM files.
 
@@ -146,8 +146,8 @@ def analyse_patient(patient: CohortPatient, folder: Path, *, size: str = "small"
                               "state": "failed", "reason": None, "rows": [], "calls": [],
                               "notes": [], "times_s": {}, "chain_timings_s": {}}
     times = status["times_s"]
-    settings = dataclasses.replace(settings or ChainSettings(), features_only=True,
-                                   model_path=None)
+    settings = dataclasses.replace(settings or ChainSettings(), repeatability=False,
+                                   outputs=False, model_path=None)
     t0 = time.perf_counter()
     try:
         truth = write_phantom(folder, seed=patient.seed, scenario=patient.scenario,

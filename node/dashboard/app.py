@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -28,75 +27,19 @@ from typing import Any
 
 from flask import (Flask, Response, abort, flash, redirect, render_template, request, session,
                    url_for)
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from werkzeug.security import check_password_hash
 
 from node import followup, timeline
-from node.config import register_section
+from node.config import DashboardSection, Settings, _is_loopback
 from node.dashboard.state import study_states
 from node.index import Index
 
 logger = logging.getLogger(__name__)
 
 
-class DashboardSection(BaseModel):
-    """The ``[dashboard]`` table of the configuration.
-
-    Attributes
-    ----------
-    enabled : bool
-    bind_address : str
-        Default 127.0.0.1 (local only).
-    port : int
-        TCP port; 0 picks a free one.
-    username, password_hash :
-        Login; ``password_hash`` as made by ``werkzeug.security.generate_password_hash``.
-        Required when ``bind_address`` is not a loopback address.
-    allow_local_without_login : bool
-        Loopback clients need no login.
-    secret_key_env : str
-        Environment variable holding the session-signing key (default: a random key per start,
-        which logs everybody out at a restart).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enabled: bool = True
-    bind_address: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    username: str = ""
-    password_hash: str = ""
-    allow_local_without_login: bool = True
-    secret_key_env: str = ""
-
-    @model_validator(mode="after")
-    def _login_when_remote(self) -> DashboardSection:
-        if bool(self.username) != bool(self.password_hash):
-            raise ValueError("username and password_hash: give both or neither")
-        if not _is_loopback(self.bind_address) and not self.password_hash:
-            raise ValueError(f"bind_address {self.bind_address!r} is not a loopback address: "
-                             "a username and password_hash are required")
-        return self
-
-
-register_section("dashboard", DashboardSection)
-
-
-def dashboard_section(settings: Any) -> DashboardSection:
-    """The validated ``[dashboard]`` section of a :class:`node.config.Settings`."""
-    section = settings.section("dashboard")
-    return section if isinstance(section, DashboardSection) else DashboardSection(**section)
-
-
-def _is_loopback(address: str | None) -> bool:
-    if not address:
-        return False
-    if address == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
+def dashboard_section(settings: Settings) -> DashboardSection:
+    """The ``[dashboard]`` table of the configuration."""
+    return settings.dashboard
 
 
 @dataclass(frozen=True)

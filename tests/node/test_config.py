@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
-from node.config import load_settings, register_section, settings_from_mapping
+from node.config import load_settings, settings_from_mapping
 from node.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,17 +62,38 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
         load_settings(bad)
 
 
-def test_registered_extension_section_is_validated():
-    class Analysis(BaseModel):
-        bin_width: float
+@pytest.mark.parametrize("table, message", [
+    ({"analysis": {"radiomics_bin_count": 1}}, "analysis.radiomics_bin_count"),
+    ({"analysis": {"relaxivity_per_mM_s": {"gadobutrol": 0}}}, "analysis.relaxivity_per_mM_s"),
+    ({"courses": {"method": "fetch"}}, "courses.method"),
+    ({"followup": {"confirmation_days": 0}}, "followup.confirmation_days"),
+    ({"followup": {"notify": {"smtp_host": "mail.example"}}}, "followup.notify"),
+    ({"dashboard": {"bind_address": "0.0.0.0"}}, "dashboard"),
+    ({"dashboard": {"colour": "blue"}}, "dashboard.colour"),
+])
+def test_every_section_is_validated_by_the_configuration_alone(table, message):
+    """Each part's table is declared in node.config: a bad value is refused at load time, by any
+    command, whatever modules it imported (a fresh interpreter imports node.config only)."""
+    import json
+    import subprocess
+    import sys
 
-    register_section("analysis", Analysis)
-    try:
-        assert settings_from_mapping({"analysis": {"bin_width": 25}}).section(
-            "analysis").bin_width == 25
-        with pytest.raises(ConfigError, match="analysis.bin_width"):
-            settings_from_mapping({"analysis": {"bin_width": "wide"}})
-    finally:
-        from node import config
+    code = ("import json, sys\n"
+            "from node.config import settings_from_mapping\n"
+            "from node.errors import ConfigError\n"
+            f"table = json.loads({json.dumps(json.dumps(table))})\n"
+            "try:\n    settings_from_mapping(table)\n"
+            "except ConfigError as err:\n    print(err)\n    sys.exit(3)\n"
+            "assert 'node.worker' not in sys.modules and 'node.dashboard' not in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 3, (run.stdout, run.stderr)
+    assert message in run.stdout
 
-        config._SECTION_MODELS.pop("analysis")
+
+def test_sections_have_their_defaults_without_a_table():
+    settings = settings_from_mapping({})
+    assert settings.analysis.baseline_window_days == 90
+    assert settings.courses.method == "move"
+    assert settings.followup.confirmation_days == 56
+    assert settings.dashboard.bind_address == "127.0.0.1"
+    assert settings.section("followup") is settings.followup

@@ -255,6 +255,8 @@ def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: P
         assert driver.execute_script(  # type: ignore[attr-defined]
             "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [800, 600]
         shot = tmp_path / "patient-trend.png"
+        # the criteria listed above the plot vary in length: bring the plot into the viewport
+        driver.execute_script("arguments[0].scrollIntoView(true)", image)  # type: ignore[attr-defined]
         image.screenshot(str(shot))
         pixels = mpimg.imread(shot)
         assert pixels.shape[0] > 300 and float(np.std(pixels[..., :3])) > 0.05

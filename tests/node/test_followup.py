@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.followup import DEFAULT_WINDOWS, FollowupSection, FollowupTracker, windows
+from node.config import DEFAULT_WINDOWS, FollowupSection
+from node.followup import FollowupTracker, windows
 from node.index import Index, NewInstance
-from node.notify import NotifySettings
+from node.config import NotifySettings
 from tests.node.dicom_factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, PHI_TOKENS
 from tests.node.test_notify import HttpReceiver, SmtpReceiver, http_receiver, smtp_receiver
 from tests.node.test_timeline import STUDIES, TREATMENT, VALUES, build_summary

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node.config import AnalysisSection
 from node.config import settings_from_mapping
 from node.errors import ConfigError
 from node.ingest import import_files
@@ -445,7 +446,7 @@ def test_patient_mismatch_is_refused_and_recorded_by_the_worker(tmp_path):
     follow_up2 = _mr_series(fu2_uid, D0 + dt.timedelta(days=90), 2, patient_id="PID-456")
     pacs = FakePacs(other_issuer)  # the PACS only has the other issuer's baseline
     settings = _settings(tmp_path / "storage", pacs.port)
-    settings = settings.model_copy(update={"analysis": {"enabled": True}})
+    settings = settings.model_copy(update={"analysis": AnalysisSection(enabled=True)})
     service = NodeService(settings)
     service.start()
     from node.priors import fetcher_for

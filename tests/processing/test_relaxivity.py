@@ -76,7 +76,7 @@ def test_site_override_wins() -> None:
 
 
 def test_config_section_carries_the_overrides() -> None:
-    from node.worker import AnalysisSection
+    from node.config import AnalysisSection
 
     section = AnalysisSection(relaxivity_per_mM_s={"Gadovist": 4.8},
                               default_relaxivity_per_mM_s=4.0)
