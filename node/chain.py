@@ -35,10 +35,10 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from node import __version__
+from node.config import AnalysisSection
 from node.roles import RoleAssignment, assign_roles, check_single_patient
 from processing.course import RT_MODALITIES
 from processing.dates import dicom_date
-from processing.relaxivity import DEFAULT_RELAXIVITY_PER_MM_S
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +51,35 @@ class ChainError(ValueError):
     """Nothing can be analysed for these datasets; the message says why (no PHI)."""
 
 
+#: the [analysis] table's defaults
+_ANALYSIS = AnalysisSection()
+
+
 @dataclass(frozen=True)
 class ChainSettings:
     """The chain's configurable policy (a section of the node's settings)."""
 
-    baseline_window_days: int = 90
-    segment_type: str = "metastasis"
-    radiomics: bool = True
-    radiomics_bin_count: int = 32
-    radiomics_spacing_mm: float = 1.0
+    # the configurable fields take their defaults from the [analysis] table's model (one source)
+    baseline_window_days: int = _ANALYSIS.baseline_window_days
+    segment_type: str = _ANALYSIS.segment_type
+    radiomics: bool = _ANALYSIS.radiomics
+    radiomics_bin_count: int = _ANALYSIS.radiomics_bin_count
+    radiomics_spacing_mm: float = _ANALYSIS.radiomics_spacing_mm
     radiomics_quantities: tuple[str, ...] = ("ADC", "MK", "Kapp", "Ktrans", "ve", "vp", "IAUC60",
                                              "T2w", "T1w")
-    alpha_beta_gy: float = 10.0
-    model_path: Path | None = None
-    #: True: only what a training cohort needs (measurements, changes, rule-based call) - no
-    #: per-case repeatability perturbation (changes are flagged against the published MDCs
-    #: only) and no SEG/PM/SR/PDF outputs (``spine-node cohort``)
-    features_only: bool = False
+    alpha_beta_gy: float = _ANALYSIS.alpha_beta_gy
+    model_path: Path | None = _ANALYSIS.model_path
+    #: per-case minimum detectable changes from perturbations of the baseline ROI; False: changes
+    #: are flagged against the published MDCs only (``spine-node cohort``)
+    repeatability: bool = True
+    #: build the DICOM outputs (SEG, Parametric Maps, SR, registration, PDF); False: the
+    #: measurements, changes and call only (``spine-node cohort``)
+    outputs: bool = True
     #: site r1 (/mM/s) by contrast agent (generic or brand name); wins over the published table
     #: of processing.relaxivity
     relaxivity_per_mM_s: dict[str, float] = field(default_factory=dict)
     #: r1 (/mM/s) for a DCE series whose agent is undeclared or not in the table (flagged)
-    default_relaxivity_per_mM_s: float = DEFAULT_RELAXIVITY_PER_MM_S
+    default_relaxivity_per_mM_s: float = _ANALYSIS.default_relaxivity_per_mM_s
 
     def map_settings(self) -> Any:
         """The :class:`processing.maps.MapSettings` these settings imply."""
@@ -244,8 +251,20 @@ def split_studies(datasets: Iterable[Dataset]) -> tuple[list[Dataset], dict[str,
 _PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 
-def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = None) -> ChainResult:
+def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = None,
+              map_cache: Any = None) -> ChainResult:
     """Analyse one patient: see the module docstring.
+
+    Parameters
+    ----------
+    datasets : sequence of Dataset
+        Every instance of the patient.
+    settings : ChainSettings, optional
+    map_cache : node.map_cache.MapCache, optional
+        When given, a study's maps are taken from it when the study's map inputs (instances and
+        their content), the map settings and the algorithm version are those of a stored entry,
+        and stored there after a fit otherwise; the results and output UIDs are the same as
+        without it. Cached studies appear in the timings as ``maps cached: <Study Instance UID>``.
 
     Raises
     ------
@@ -287,7 +306,7 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
         notes.append(f"MR study {other.study_instance_uid}: {other.reason}")
 
     baseline = _prepare_study(mr_studies[roles.baseline.study_instance_uid], roles.baseline, timer,
-                              notes, settings.map_settings())
+                              notes, settings.map_settings(), map_cache)
     rtstruct = _find_rtstruct(rt, course)
     lesion, gtv = _baseline_lesion(rtstruct, course, baseline)
     corrected = _reader_lesion(reader_segs.get(baseline.study_instance_uid, ()), baseline, notes)
@@ -303,7 +322,7 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
         # not cost the patient the analysis of the others
         try:
             study = _prepare_study(mr_studies[role.study_instance_uid], role, timer, notes,
-                                   settings.map_settings())
+                                   settings.map_settings(), map_cache)
             with timer("registration+lesion"):
                 _follow_up_lesion(baseline, study, gtv)
         except ChainError as err:
@@ -319,7 +338,7 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
         _scanner_adc_qa(study, notes)
     results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
     outputs: list[Dataset] = []
-    if not settings.features_only:
+    if settings.outputs:
         with timer("reporting"):
             outputs = _build_outputs(studies, results, lesion, settings, rt)
             outputs += _history_documents(studies, results, course)
@@ -345,7 +364,8 @@ _ANATOMICAL = {"t2w": "T2w", "t1w": "T1w", "stir": "STIR"}
 
 
 def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
-                   notes: list[str], map_settings: Any = None) -> StudyAnalysis:
+                   notes: list[str], map_settings: Any = None,
+                   map_cache: Any = None) -> StudyAnalysis:
     from processing.classify import classify_study
     from processing.maps import compute_maps
     from processing.series import group_by_series
@@ -378,14 +398,31 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
     if anatomy is None:
         raise ChainError(f"the anatomical series of study {role.study_instance_uid} cannot be read")
     maps: dict[str, StudyMap] = {}
-    with timer("maps"):
-        try:
-            quant = compute_maps([v for uid, v in volumes.items()
-                                  if roles[uid] in ("dwi", "dce", "vfa_t1")],
-                                 settings=map_settings)
-        except ValueError as err:
-            notes.append(f"study {role.study_instance_uid}: maps not computed: {err}")
-            quant = {}
+    map_inputs = [uid for uid in volumes if roles[uid] in ("dwi", "dce", "vfa_t1")]
+    quant = None
+    cache_key = None
+    if map_cache is not None and map_inputs:
+        from node.map_cache import cache_key as map_cache_key
+
+        stage = f"maps cached: {role.study_instance_uid}"
+        with timer(stage):
+            cache_key = map_cache_key([ds for uid in map_inputs for ds in series[uid]],
+                                      map_settings)
+            quant = map_cache.get(cache_key)
+        if quant is None:  # a miss: the key's time belongs to the fit
+            timer.timings["maps"] += timer.timings.pop(stage)
+        else:
+            logger.info("maps of study %s taken from the cache", role.study_instance_uid)
+    if quant is None:
+        with timer("maps"):
+            try:
+                quant = compute_maps([volumes[uid] for uid in map_inputs], settings=map_settings)
+            except ValueError as err:
+                notes.append(f"study {role.study_instance_uid}: maps not computed: {err}")
+                quant = {}
+            else:
+                if cache_key is not None:
+                    map_cache.put(cache_key, quant)
     for quantity, qmap in quant.items():
         uid = qmap.source_series_instance_uid
         maps[quantity] = StudyMap(quantity, qmap.image(), qmap.unit, dict(qmap.provenance),
@@ -732,7 +769,7 @@ def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
                 measure_lesion(mask, maps, radiomics_settings=_subset(radiomics_settings, maps),
                                epidural_mask=epidural if n == 0 else None)
                 for n, (mask, maps) in enumerate(groups)]))
-        if index == 0 and len(studies) > 1 and not settings.features_only:
+        if index == 0 and len(studies) > 1 and settings.repeatability:
             # per-case minimum detectable change from small perturbations of the baseline ROI
             with timer("repeatability"):
                 for mask, maps in reversed(groups):  # the anatomical grid's volume MDC wins

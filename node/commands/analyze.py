@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--config", type=Path, default=None,
                         help="node configuration (its [analysis] section is used)")
+    parser.add_argument("--map-cache", type=Path, default=None, metavar="DIR",
+                        help="folder of computed maps kept between runs: a study whose map "
+                             "inputs and settings are unchanged is not refitted (default: none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from node.chain import ChainError, course_summary, run_chain
     from node.index import Index
     from node.ingest import import_files, iter_files
+    from node.map_cache import MapCache
     from node.roles import PatientMismatchError
     from node.store import Store
     from node.worker import chain_settings_from
@@ -59,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
         datasets = patient_datasets(index, store.root, patients[0])
         print(f"imported {chain_datasets_summary(datasets)}")
         try:
-            result = run_chain(datasets, settings=settings)
+            result = run_chain(datasets, settings=settings,
+                               map_cache=None if args.map_cache is None
+                               else MapCache(args.map_cache))
         except (ChainError, PatientMismatchError) as err:
             print(f"spine-node analyze: nothing to analyse: {err}", file=sys.stderr)
             return 2

@@ -1,0 +1,272 @@
+"""Per-study cache of computed quantitative maps, so a re-analysis does not refit unchanged studies.
+
+A patient is re-analysed whenever something of theirs arrives (a new follow-up, a corrected
+baseline, a reader's SEG); the map fits (IVIM, DKI, DCE) dominate the chain's time and depend only
+on the instances fed to :func:`processing.maps.compute_maps`, the
+:class:`processing.maps.MapSettings` and the algorithm version. The cache key covers exactly those:
+
+* every input instance as ``(SOP Instance UID, SHA-256 of its content)``, sorted by UID. The content
+  digest is the SHA-256 of the stored file the dataset was read from (``Dataset.filename``: the
+  store and ``analyze`` read every instance from disk, so this is the digest the store records on
+  reception, at the cost of reading the files once more); a dataset built in memory (no file) is
+  digested from its encoding by :func:`pydicom.dcmwrite`. A corrected instance re-sent under the
+  same SOP Instance UID therefore changes the key, and so does any added or withdrawn instance;
+* every field of the map settings (``repr`` of each, sorted by name);
+* :data:`node.__version__`.
+
+An entry is two files named after the key: ``<key>.npz`` (``values`` and ``valid`` per quantity)
+and ``<key>.json`` (unit, geometry, source series and provenance of each map, and the SHA-256 of
+the ``.npz``). Both are written under temporary names and renamed; the JSON, renamed last, commits
+the entry. The provenance is stored with a type-tagged JSON encoding (tuples, numpy scalars and
+arrays, non-string dictionary keys) so that a cached map's provenance equals the computed one,
+value for value and type for type: the summary and every output are the same as without the cache
+(output UIDs do not depend on map values anyway). An unreadable, incomplete or inconsistent entry
+is a miss, with a warning; a failure to write an entry is a warning too, never an analysis failure.
+
+The cache is unbounded: entries are a few MB per study (float32 maps of the source grids);
+:meth:`MapCache.prune` removes the least recently used entries above a size when asked to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+from node import __version__
+from processing.maps import MapSettings, QuantMap
+from processing.series import Geometry
+
+logger = logging.getLogger(__name__)
+
+#: format of the stored entries; bump when the layout changes (old entries become misses)
+CACHE_FORMAT = 1
+_CHUNK = 1 << 20
+
+
+class MapCacheError(Exception):
+    """A cache entry cannot be encoded (e.g. a provenance value of an unsupported type)."""
+
+
+def instance_digest(ds: Dataset) -> str:
+    """SHA-256 of one instance's content: its stored file when it was read from one, else its
+    DICOM encoding."""
+    filename = getattr(ds, "filename", None)
+    if isinstance(filename, (str, os.PathLike)) and Path(filename).is_file():
+        digest = hashlib.sha256()
+        with open(filename, "rb") as fh:
+            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+    buffer = io.BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=False)
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def cache_key(datasets: Sequence[Dataset], settings: MapSettings | None) -> str:
+    """The key of the maps computed from `datasets` with `settings` (see the module docstring)."""
+    settings = settings or MapSettings()
+    digest = hashlib.sha256()
+    digest.update(f"map-cache/{CACHE_FORMAT}/{__version__}\n".encode())
+    for uid, content in sorted((str(ds.SOPInstanceUID), instance_digest(ds)) for ds in datasets):
+        digest.update(f"{uid}:{content}\n".encode())
+    settings_text = repr(sorted((f.name, repr(getattr(settings, f.name)))
+                                for f in fields(settings)))
+    digest.update(settings_text.encode())
+    return digest.hexdigest()
+
+
+def _encode(value: Any) -> Any:
+    """A JSON-able form of `value` that :func:`_decode` turns back into an equal value of the same
+    types."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)) and type(value) in (int, float):
+        if isinstance(value, float) and not np.isfinite(value):
+            return {"__float__": repr(value)}
+        return value
+    if isinstance(value, np.generic):
+        return {"__np__": value.dtype.str, "v": _encode(value.item())}
+    if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise MapCacheError("object arrays in a map provenance cannot be cached")
+        return {"__ndarray__": value.dtype.str, "shape": list(value.shape),
+                "v": [_encode(v) for v in value.ravel().tolist()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        if all(type(k) is str for k in value) and not any(k.startswith("__") for k in value):
+            return {k: _encode(v) for k, v in value.items()}
+        return {"__dict__": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    raise MapCacheError(f"a map provenance value of type {type(value).__name__} cannot be cached")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__float__" in value:
+        return float(value["__float__"])
+    if "__np__" in value:
+        return np.dtype(value["__np__"]).type(_decode(value["v"]))
+    if "__ndarray__" in value:
+        return np.asarray([_decode(v) for v in value["v"]],
+                          dtype=np.dtype(value["__ndarray__"])).reshape(value["shape"])
+    if "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {_decode(k): _decode(v) for k, v in value["__dict__"]}
+    return {k: _decode(v) for k, v in value.items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of the same types, NaN equal to NaN (what the cache must preserve)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and bool(
+            np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (float, np.floating)) and np.isnan(a):
+        return bool(np.isnan(b))
+    return bool(a == b)
+
+
+class MapCache:
+    """Computed maps of studies, on disk under `root`, keyed by :func:`cache_key`.
+
+    Parameters
+    ----------
+    root : Path
+        Folder of the entries (created on the first write).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+            raise ValueError(f"not a map cache key: {key!r}")
+        return self.root / f"{key}.npz", self.root / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, QuantMap] | None:
+        """The maps stored under `key`, or None (absent, unreadable or inconsistent: a miss)."""
+        npz_path, json_path = self._paths(key)
+        if not json_path.is_file():
+            return None
+        try:
+            meta = json.loads(json_path.read_text(encoding="utf-8"))
+            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+                raise MapCacheError("entry of another format or key")
+            data = npz_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
+                raise MapCacheError("array file does not match its description")
+            maps: dict[str, QuantMap] = {}
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                for i, item in enumerate(meta["maps"]):
+                    values = arrays[f"values_{i}"]
+                    valid = arrays[f"valid_{i}"]
+                    geom = item["geometry"]
+                    geometry = Geometry(origin=tuple(float(v) for v in geom["origin"]),
+                                        spacing=tuple(float(v) for v in geom["spacing"]),
+                                        direction=tuple(float(v) for v in geom["direction"]),
+                                        size=tuple(int(v) for v in geom["size"]))
+                    if values.dtype != np.float32 or valid.dtype != np.bool_ or \
+                            values.shape != valid.shape or \
+                            values.shape != tuple(reversed(geometry.size)):
+                        raise MapCacheError(f"map {item['quantity']} has inconsistent arrays")
+                    maps[item["quantity"]] = QuantMap(
+                        quantity=item["quantity"], values=values, valid=valid, unit=item["unit"],
+                        geometry=geometry,
+                        source_series_instance_uid=item["source_series_instance_uid"],
+                        provenance=_decode(item["provenance"]))
+            return maps
+        except (OSError, ValueError, KeyError, TypeError, IndexError, MapCacheError) as err:
+            # zipfile.BadZipFile and json.JSONDecodeError are ValueError/OSError subclasses
+            logger.warning("map cache entry %s unreadable (%s: %s); maps are recomputed",
+                           key[:16], type(err).__name__, err)
+            return None
+
+    def put(self, key: str, maps: Mapping[str, QuantMap]) -> bool:
+        """Store `maps` under `key`; False (with a warning) when they cannot be stored."""
+        npz_path, json_path = self._paths(key)
+        try:
+            items, arrays = [], {}
+            for i, (quantity, qmap) in enumerate(sorted(maps.items())):
+                provenance = _encode(qmap.provenance)
+                if not _same(_decode(json.loads(json.dumps(provenance))), qmap.provenance):
+                    raise MapCacheError(f"the provenance of map {quantity} does not round-trip")
+                geometry = qmap.geometry
+                items.append({"quantity": quantity, "unit": qmap.unit,
+                              "geometry": {"origin": list(geometry.origin),
+                                           "spacing": list(geometry.spacing),
+                                           "direction": list(geometry.direction),
+                                           "size": list(geometry.size)},
+                              "source_series_instance_uid": qmap.source_series_instance_uid,
+                              "provenance": provenance})
+                arrays[f"values_{i}"] = np.asarray(qmap.values, dtype=np.float32)
+                arrays[f"valid_{i}"] = np.asarray(qmap.valid, dtype=np.bool_)
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            data = buffer.getvalue()
+            meta = {"format": CACHE_FORMAT, "key": key, "algorithm_version": __version__,
+                    "npz_sha256": hashlib.sha256(data).hexdigest(), "maps": items}
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write_atomic(npz_path, data)
+            self._write_atomic(json_path, json.dumps(meta, allow_nan=False).encode("utf-8"))
+            return True
+        except (OSError, ValueError, TypeError, MapCacheError) as err:
+            logger.warning("maps not cached (entry %s): %s: %s", key[:16], type(err).__name__, err)
+            return False
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def prune(self, max_bytes: int) -> int:
+        """Remove the least recently written entries until the cache holds at most `max_bytes`;
+        return how many entries were removed."""
+        entries = []
+        for json_path in self.root.glob("*.json"):
+            npz_path = json_path.with_suffix(".npz")
+            try:
+                size = json_path.stat().st_size + (npz_path.stat().st_size
+                                                   if npz_path.exists() else 0)
+                entries.append((json_path.stat().st_mtime, size, json_path, npz_path))
+            except OSError:
+                continue
+        total = sum(e[1] for e in entries)
+        removed = 0
+        for _, size, json_path, npz_path in sorted(entries):
+            if total <= max_bytes:
+                break
+            json_path.unlink(missing_ok=True)  # the commit point first: never a half entry
+            npz_path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        return removed

@@ -1,0 +1,167 @@
+"""The per-study map cache (node.map_cache): a re-analysis refits only the studies that changed.
+
+Issue 14, acceptance 3: re-analysing a patient after one new follow-up refits only the new study's
+maps (the fits are counted by wrapping the real :func:`processing.maps.compute_maps`), and the
+summary and every output UID equal those of an uncached run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+import processing.maps
+from node.analysis import write_outputs
+from node.chain import ChainSettings, run_chain
+from node.map_cache import MapCache, cache_key, instance_digest
+
+
+def _datasets(patient: Path, folders: list[str]) -> list:
+    return [dcmread(path) for folder in folders
+            for path in sorted((patient / folder).rglob("*")) if path.is_file()
+            and path.suffix.lower() in (".dcm", "")]
+
+
+def _without_timings(value: Any) -> Any:
+    """The summary without wall times (chain timings, per-map fit durations)."""
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items()
+                if k not in ("timings_s", "elapsed_s")}
+    if isinstance(value, list):
+        return [_without_timings(v) for v in value]
+    return value
+
+
+@pytest.fixture
+def counted_fits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry (the number of maps) per call of the real compute_maps."""
+    calls: list[int] = []
+    real = processing.maps.compute_maps
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        calls.append(len(out))
+        return out
+
+    monkeypatch.setattr(processing.maps, "compute_maps", counting)
+    return calls
+
+
+def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fits):
+    patient = make_phantom("responder", "standard", "small", followups=2)
+    cache = MapCache(tmp_path / "cache")
+    first = run_chain(_datasets(patient, ["baseline", "rt", "followup1"]),
+                      settings=ChainSettings(repeatability=False, outputs=False),
+                      map_cache=cache)
+    assert len(counted_fits) == 2 and all(counted_fits)  # baseline and follow-up 1, with maps
+    assert not any(k.startswith("maps cached") for k in first.timings)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+    counted_fits.clear()
+    cached = run_chain(_datasets(patient, ["baseline", "rt", "followup1", "followup2"]),
+                       map_cache=cache)
+    assert len(counted_fits) == 1  # only follow-up 2 is fitted
+    assert len(cached.studies) == 3
+    hits = sorted(k.removeprefix("maps cached: ") for k in cached.timings
+                  if k.startswith("maps cached: "))
+    assert hits == sorted(s.study_instance_uid for s in cached.studies[:2])
+
+    counted_fits.clear()
+    uncached = run_chain(_datasets(patient, ["baseline", "rt", "followup1", "followup2"]))
+    assert len(counted_fits) == 3
+    fit_time = uncached.timings["maps"]
+    read_time = sum(v for k, v in cached.timings.items() if k.startswith("maps cached: "))
+    print(f"maps: {fit_time:.1f} s for 3 studies uncached; cached run: "
+          f"{cached.timings['maps']:.1f} s fitting 1 study + {read_time:.2f} s reading 2 entries")
+
+    for study_c, study_u in zip(cached.studies, uncached.studies, strict=True):
+        assert study_c.maps.keys() == study_u.maps.keys()
+        for quantity, qmap in study_u.maps.items():
+            prov_c = dict(study_c.maps[quantity].provenance)
+            prov_u = dict(qmap.provenance)
+            prov_c.pop("elapsed_s", None), prov_u.pop("elapsed_s", None)
+            assert repr(prov_c) == repr(prov_u), quantity  # same values and types
+    out_c, out_u = tmp_path / "cached", tmp_path / "uncached"
+    write_outputs(cached, out_c)
+    write_outputs(uncached, out_u)
+    summary_c = json.loads((out_c / "summary.json").read_text())
+    summary_u = json.loads((out_u / "summary.json").read_text())
+    assert _without_timings(summary_c) == _without_timings(summary_u)
+    assert summary_c["outputs"] and summary_c["outputs"] == summary_u["outputs"]
+    uids_c = sorted(str(ds.SOPInstanceUID) for ds in cached.outputs)
+    uids_u = sorted(str(ds.SOPInstanceUID) for ds in uncached.outputs)
+    assert uids_c == uids_u and len(uids_c) == len(cached.outputs)
+    # the Parametric Maps carry the same pixel values (cached float32 maps are exact)
+    pm = "1.2.840.10008.5.1.4.1.1.30"
+    pixels_c = {str(ds.SOPInstanceUID): ds.FloatPixelData for ds in cached.outputs
+                if ds.SOPClassUID == pm}
+    pixels_u = {str(ds.SOPInstanceUID): ds.FloatPixelData for ds in uncached.outputs
+                if ds.SOPClassUID == pm}
+    assert pixels_c and pixels_c == pixels_u
+
+
+def test_corrupt_entry_is_a_miss_and_a_corrected_instance_changes_the_key(
+        make_phantom, tmp_path, caplog):
+    patient = make_phantom("responder", "standard", "small", followups=2)
+    import numpy as np
+
+    from processing.classify import classify_study
+    from processing.maps import MapSettings, QuantMap
+    from processing.series import group_by_series
+
+    baseline = _datasets(patient, ["baseline"])
+    volumes: dict[str, Any] = {}
+    inventory = classify_study(baseline, volumes=volumes)
+    series_uid = next(c.series_instance_uid for c in inventory.series if c.role.value == "dwi")
+    dwi = list(group_by_series(baseline, set_aside=[])[series_uid])
+    settings = MapSettings()
+    key = cache_key(dwi, settings)
+    # a map on the DWI grid whose provenance has the types a fit records (tuples, numpy scalars,
+    # NaN, nested settings); the full round trip of fitted maps is checked above
+    volume = volumes[series_uid]
+    geometry = volume.geometry
+    values = np.full(tuple(reversed(geometry.size)), np.nan, dtype=np.float32)
+    values[:, 2:5, 3:7] = np.float32(1.25e-3)
+    maps = {"ADC": QuantMap("ADC", values, np.isfinite(values), "mm2/s", geometry, series_uid,
+                            {"model": "monoexponential", "b_values": (0.0, 50.0, 1000.0),
+                             "snr": np.float64(12.5), "n": np.int64(3), "r2": float("nan"),
+                             "settings": {"adc_weighting": "none", "grid": [1, (2, 3)]},
+                             "elapsed_s": 0.5})}
+    cache = MapCache(tmp_path / "cache")
+    assert cache.put(key, maps)
+    again = cache.get(key)
+    assert again is not None and again.keys() == maps.keys()
+    for quantity, qmap in maps.items():
+        got = again[quantity]
+        assert (got.values.tobytes() == qmap.values.tobytes()
+                and (got.valid == qmap.valid).all() and got.geometry == qmap.geometry
+                and got.unit == qmap.unit and repr(got.provenance) == repr(qmap.provenance))
+
+    # a truncated array file: a miss with a warning, never a crash
+    npz = tmp_path / "cache" / f"{key}.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="node.map_cache"):
+        assert cache.get(key) is None
+    assert "unreadable" in caplog.text
+    # an unreadable description too
+    assert cache.put(key, maps) and cache.get(key) is not None
+    (tmp_path / "cache" / f"{key}.json").write_text("{not json")
+    assert cache.get(key) is None
+
+    # a corrected instance re-sent under the same SOP Instance UID changes the key, as do the
+    # settings
+    pristine = [dcmread(ds.filename) for ds in dwi]
+    corrected = [dcmread(ds.filename) for ds in dwi]
+    corrected[0].PixelData = bytes(len(corrected[0].PixelData))
+    for ds in (*pristine, *corrected):
+        ds.filename = None  # held in memory: digested from their encoding
+    assert instance_digest(corrected[-1]) == instance_digest(pristine[-1])
+    assert instance_digest(corrected[0]) != instance_digest(pristine[0])
+    assert cache_key(corrected, settings) != cache_key(pristine, settings)
+    assert str(corrected[0].SOPInstanceUID) == str(dwi[0].SOPInstanceUID)
+    assert cache_key(dwi, MapSettings(adc_weighting="S2")) != key
