@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench sysdeps venv clean
+.PHONY: demo test lint bench sysdeps venv clean
 
 # Debian tools the tests use (dcmtk's storescu/storescp/echoscu, dicom3tools' dciodvfy, Orthanc).
 SYSTOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium chromedriver:chromium-driver
@@ -33,6 +33,12 @@ demo: $(STAMP)
 
 test: sysdeps $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+
+# ruff (the baseline rule set in pyproject.toml) on the whole tree, mypy on the science and the
+# DICOM encoders (processing/, reporting/)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check node processing reporting tests
+	$(VENV)/bin/mypy processing reporting
 
 bench: sysdeps $(STAMP)
 	$(PY) -m tests.bench

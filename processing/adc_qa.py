@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -75,6 +75,7 @@ def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None
                     rwvm = groups[0].RealWorldValueMappingSequence
                     break
     if rwvm:
+        assert first is not None  # rwvm is only ever read from `first`
         item = rwvm[0]
         units = item.get("MeasurementUnitsCodeSequence")
         code = str(units[0].get("CodeValue", "")) if units else ""
@@ -280,7 +281,8 @@ def compare_images(node_adc: sitk.Image, scanner: sitk.Image, *,
     values = sitk.GetArrayFromImage(node_adc).astype(np.float64)
     geometry = Geometry(origin=tuple(node_adc.GetOrigin()), spacing=tuple(node_adc.GetSpacing()),
                         direction=tuple(node_adc.GetDirection()),
-                        size=tuple(int(s) for s in node_adc.GetSize()))
+                        size=cast("tuple[int, int, int]",
+                                  tuple(int(s) for s in node_adc.GetSize())))
     mask = None
     if tumour_mask is not None:
         on_grid = sitk.Resample(sitk.Cast(tumour_mask > 0, sitk.sitkUInt8), node_adc,

@@ -196,12 +196,12 @@ def perturbation_repeatability(
         image = sitk.GetImageFromArray(perturbed.astype(np.uint8))
         image.CopyInformation(mask)
         try:
-            values = flatten_measurements(measure(image, maps, label=1,
-                                                  radiomics_settings=radiomics_settings))
+            flat = flatten_measurements(measure(image, maps, label=1,
+                                                radiomics_settings=radiomics_settings))
         except ValueError as err:  # e.g. a perturbed ROI with no finite map value
             logger.info("ROI perturbation %s not measurable: %s", name, err)
             continue
-        for key, value in values.items():
+        for key, value in flat.items():
             if key in samples:
                 samples[key].append(value)
     out: dict[str, float] = {}

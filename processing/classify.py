@@ -38,7 +38,7 @@ import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -277,7 +277,7 @@ def classify_volume(volume: SeriesVolume) -> SeriesClassification:
     has_diffusion = bool(np.any(np.isfinite(b)))
     flips = sorted({round(v.flip_angle, 2) for v in volume.volumes if v.flip_angle is not None})
     tr = volume.volumes[0].repetition_time
-    base = dict(
+    base: dict[str, Any] = dict(
         series_instance_uid=volume.series_instance_uid,
         study_instance_uid=volume.study_instance_uid,
         frame_of_reference_uid=volume.frame_of_reference_uid,
@@ -306,6 +306,7 @@ def classify_volume(volume: SeriesVolume) -> SeriesClassification:
     if volume.n_volumes >= 2:
         times = [v.time for v in volume.volumes]
         trs = [v.repetition_time for v in volume.volumes if v.repetition_time is not None]
+        known = cast("list[float]", times)  # only compared once all are known not None
         gradient_echo = ("GR" in volume.physics.scanning_sequence
                          or volume.physics.echo_pulse_sequence == "GRADIENT")
         if len(flips) >= 2 and len(flips) == volume.n_volumes and _rel_equal(trs, 0.02) and gradient_echo:
@@ -313,7 +314,7 @@ def classify_volume(volume: SeriesVolume) -> SeriesClassification:
                 role=SeriesRole.VFA_T1,
                 reasons=(f"gradient echo at TR {tr} ms with flip angles {flips} deg",), **base)
         if (volume.n_volumes >= 5 and len(flips) <= 1 and all(t is not None for t in times)
-                and all(b > a for a, b in zip(times, times[1:]))):
+                and all(b > a for a, b in zip(known, known[1:]))):
             dt = float(np.median(np.diff(np.asarray(times, dtype=float))))
             return SeriesClassification(
                 role=SeriesRole.DCE, temporal_resolution=dt,
@@ -423,6 +424,8 @@ def group_vfa_series(series: Sequence[SeriesClassification]
     for s in (s for s in series if _single_flip_gre(s)):
         for cluster in clusters:
             ref = cluster[0]
+            # Both passed _single_flip_gre, which requires a repetition time.
+            assert ref.repetition_time is not None and s.repetition_time is not None
             if (ref.frame_of_reference_uid == s.frame_of_reference_uid
                     and ref.sequence == s.sequence and ref.contrast_agent == s.contrast_agent
                     and abs(ref.repetition_time - s.repetition_time)

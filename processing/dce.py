@@ -915,7 +915,9 @@ def semi_quantitative(time: ArrayLike, concentration: ArrayLike, *,
     results = [bat, ttp, peak, iauc, max_slope, washout]
     for r in results:
         r[~valid] = np.nan
+    bat_map, ttp_map, peak_map, iauc_map, slope_map, washout_map = (
+        r.reshape(spatial) for r in results)
     return SemiQuantitativeMaps(
-        *(r.reshape(spatial) for r in results), valid=valid.reshape(spatial),
+        bat_map, ttp_map, peak_map, iauc_map, slope_map, washout_map, valid=valid.reshape(spatial),
         provenance={"bolus_arrival": method, "iauc_window_s": iauc_window,
                     "time_points_s": [float(t[0]), float(t[-1]), int(t.size)]})

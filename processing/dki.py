@@ -242,8 +242,10 @@ class TensorDkiModel:
             md[use] = dipy_dti.mean_diffusivity(sub[:, :3])
             fa[use] = dipy_dti.fractional_anisotropy(sub[:, :3])
         valid = use & np.isfinite(mk) & np.isfinite(md) & (md > 0) & (md <= self.max_md)
-        maps = [np.where(valid, x, np.nan) for x in (mk, md, ak, rk, fa)]
-        return DkiFit(*maps, valid=valid, provenance=self.provenance)
+        mk_map, md_map, ak_map, rk_map, fa_map = (
+            np.where(valid, x, np.nan) for x in (mk, md, ak, rk, fa))
+        return DkiFit(mk_map, md_map, ak_map, rk_map, fa_map, valid=valid,
+                      provenance=self.provenance)
 
 
 @dataclass(frozen=True)

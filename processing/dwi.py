@@ -127,7 +127,7 @@ def select_adc_shells(shells: NDArray[np.float64], *, min_b: float, max_b: float
         return high, (f"the shells in the preferred range {min_b:g}{top} s/mm²; b = 0 left out "
                       "to limit the perfusion contribution")
     if candidates.size >= 2:
-        above = "" if candidates.size == shells.size else (
+        above = "" if max_b is None or candidates.size == shells.size else (
             f"; shells above {max_b:g} s/mm² ({shells[shells > max_b].tolist()}) left out "
             "(kurtosis bends the signal there)")
         return candidates, (f"fewer than two shells in {min_b:g}{top} s/mm², so b = 0 is "

@@ -277,22 +277,26 @@ def _t1_map(vfa: list[SeriesVolume] | None, dce: SeriesVolume, settings: MapSett
     members = list(vfa)
     used = [{"series_instance_uid": m.series_instance_uid,
              "flip_angles_deg": [v.flip_angle for v in m.volumes]} for m in members]
-    vfa = _stack_vfa(members) if len(members) > 1 else members[0]
-    flips = np.array([v.flip_angle for v in vfa.volumes], dtype=float)
-    tr_s = float(vfa.volumes[0].repetition_time) / 1000.0
-    signals = _to_voxels_last(vfa)
+    vfa_volume = _stack_vfa(members) if len(members) > 1 else members[0]
+    flips = np.array([v.flip_angle for v in vfa_volume.volumes], dtype=float)
+    tr = vfa_volume.volumes[0].repetition_time
+    if tr is None:  # classify_volume accepts a multi-flip series without Repetition Time
+        raise ValueError(f"VFA T1 series {vfa_volume.series_instance_uid} has no Repetition "
+                         "Time (0018,0080): T1 cannot be fitted")
+    tr_s = float(tr) / 1000.0
+    signals = _to_voxels_last(vfa_volume)
     fg = _foreground(signals.mean(axis=-1), settings.background_fraction)
     fit = VfaT1Model(flips, tr_s).fit(signals, mask=fg)
     fit = dataclasses.replace(fit, provenance={
         **fit.provenance, "vfa_series": used,
         "vfa_layout": "one series per flip angle" if len(members) > 1 else "one multi-flip series"})
-    if vfa.geometry != dce.geometry:
-        t1 = _resample_to(fit.t1, vfa.geometry, dce.geometry)
+    if vfa_volume.geometry != dce.geometry:
+        t1 = _resample_to(fit.t1, vfa_volume.geometry, dce.geometry)
         valid = np.isfinite(t1)
         fit = T1Fit(t1=t1, r1=1.0 / t1, m0=np.full(shape, np.nan), r2=np.full(shape, np.nan),
                     valid=valid, method=fit.method,
                     provenance={**fit.provenance, "resampled_to_dce_grid": "linear"})
-    return fit, vfa
+    return fit, vfa_volume
 
 
 def _dce_maps(dce: SeriesVolume, vfa: list[SeriesVolume] | None, settings: MapSettings,

@@ -38,6 +38,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -171,7 +172,7 @@ def transform_to_matrix(transform: sitk.Transform) -> np.ndarray:
         matrix = np.eye(4)
         matrix[:3, 3] = transform.GetParameters()
         return matrix
-    specific = transform.Downcast() if type(transform) is sitk.Transform else transform
+    specific: Any = transform.Downcast() if type(transform) is sitk.Transform else transform
     if not all(hasattr(specific, m) for m in ("GetMatrix", "GetCenter", "GetTranslation")):
         raise RegistrationError(f"{name} is not an affine-family transform")
     a = np.asarray(specific.GetMatrix(), dtype=float).reshape(3, 3)

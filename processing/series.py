@@ -44,7 +44,7 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -557,12 +557,13 @@ def _pixel_array(ds: Dataset) -> np.ndarray:
 
 
 def _classic_common(ds: Dataset) -> dict[str, Any]:
+    trigger = first_float(ds.get("TriggerTime"))
     return dict(
         flip_angle=first_float(ds.get("FlipAngle")),
         repetition_time=first_float(ds.get("RepetitionTime")),
         echo_time=first_float(ds.get("EchoTime")),
         inversion_time=first_float(ds.get("InversionTime")),
-        trigger_time=None if first_float(ds.get("TriggerTime")) is None else first_float(ds.get("TriggerTime")) / 1000.0,
+        trigger_time=None if trigger is None else trigger / 1000.0,
         acquisition_seconds=_datetime_seconds(ds.get("AcquisitionDateTime"))
         if ds.get("AcquisitionDateTime")
         else _datetime_seconds(None, ds.get("AcquisitionDate") or ds.get("SeriesDate"),
@@ -624,7 +625,7 @@ def _uih_tiles(ds: Dataset) -> list[_Frame] | None:
             f"SOP Instance {uid}: UIH tiled image {rows}×{cols} cannot hold {n} tiles of {tr}×{tc} "
             f"({len(items)} slice positions)")
     iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-    ps = tuple(float(v) for v in ds.PixelSpacing)
+    ps = cast("tuple[float, float]", tuple(float(v) for v in ds.PixelSpacing))
     common = _classic_common(ds)
     encoding = _encoding(ds, orientation=iop)
     spacing = first_float(ds.get("SpacingBetweenSlices")) or first_float(ds.get("SliceThickness"))
@@ -654,7 +655,7 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
             raise InconsistentGeometryError(f"SOP Instance {uid} has no {kw}")
     ipp = np.asarray(ds.ImagePositionPatient, dtype=float)
     iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-    ps = tuple(float(v) for v in ds.PixelSpacing)
+    ps = cast("tuple[float, float]", tuple(float(v) for v in ds.PixelSpacing))
     pixels = _rescale(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
     common = _classic_common(ds)
     encoding = _encoding(ds, orientation=iop)
@@ -666,12 +667,12 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
         if n is None or n < 1:
             raise InconsistentGeometryError(
                 f"SOP Instance {uid} is a Siemens MOSAIC without NumberOfImagesInMosaic")
-        tiles = math.ceil(math.sqrt(n))
+        grid = math.ceil(math.sqrt(n))
         rows, cols = pixels.shape
-        if rows % tiles or cols % tiles:
+        if rows % grid or cols % grid:
             raise InconsistentGeometryError(
-                f"SOP Instance {uid}: mosaic {rows}×{cols} not divisible into {tiles}×{tiles} tiles")
-        tr, tc = rows // tiles, cols // tiles
+                f"SOP Instance {uid}: mosaic {rows}×{cols} not divisible into {grid}×{grid} tiles")
+        tr, tc = rows // grid, cols // grid
         row_cos, col_cos = iop[:3], iop[3:]
         # ImagePositionPatient of a mosaic is that of the whole mosaic's corner (nibabel MosaicWrapper).
         corner = ipp + row_cos * ps[1] * (cols - tc) / 2.0 + col_cos * ps[0] * (rows - tr) / 2.0
@@ -682,7 +683,7 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
             raise InconsistentGeometryError(f"SOP Instance {uid}: mosaic without slice spacing")
         frames = []
         for k in range(n):
-            r0, c0 = (k // tiles) * tr, (k % tiles) * tc
+            r0, c0 = (k // grid) * tr, (k % grid) * tc
             frames.append(_Frame(
                 pixels=pixels[r0:r0 + tr, c0:c0 + tc], ipp=corner + k * spacing * normal, iop=iop,
                 pixel_spacing=ps, slice_spacing=spacing, encoding=encoding,
@@ -728,7 +729,7 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
                             transform.get("RescaleIntercept", ds.get("RescaleIntercept"))),
             ipp=np.asarray(pos.ImagePositionPatient, dtype=float),
             iop=iop,
-            pixel_spacing=tuple(float(v) for v in meas.PixelSpacing),
+            pixel_spacing=cast("tuple[float, float]", tuple(float(v) for v in meas.PixelSpacing)),
             slice_spacing=first_float(meas.get("SpacingBetweenSlices")) or first_float(meas.get("SliceThickness")),
             encoding=_encoding(ds, frame_groups=groups, orientation=iop),
             flip_angle=first_float(timing.get("FlipAngle")) or base["flip_angle"],
@@ -1041,7 +1042,7 @@ def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
     array = np.stack([np.stack([frames[i].pixels for i in vol]) for vol in volumes]).astype(np.float32)
     direction = np.column_stack([row, col, normal])
     geometry = Geometry(
-        origin=tuple(float(v) for v in origin),
+        origin=cast("tuple[float, float, float]", tuple(float(v) for v in origin)),
         spacing=(float(ref.pixel_spacing[1]), float(ref.pixel_spacing[0]), float(step)),
         direction=tuple(float(v) for v in direction.reshape(-1)),
         size=(int(array.shape[3]), int(array.shape[2]), int(array.shape[1])),
@@ -1068,15 +1069,19 @@ def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
 
 def _volume_metadata(frames: list[_Frame], volumes: list[list[int]]) -> tuple[VolumeMetadata, ...]:
     trig = [frames[vol[0]].trigger_time for vol in volumes]
-    acq = [min((frames[i].acquisition_seconds for i in vol
-                if frames[i].acquisition_seconds is not None), default=None) for vol in volumes]
-    use_trigger = all(t is not None for t in trig) and len({round(t, 4) for t in trig}) > 1
+    acq = [min((a for i in vol if (a := frames[i].acquisition_seconds) is not None),
+               default=None) for vol in volumes]
+    # Only used as lists of floats once every entry is known not to be None.
+    trig_known = cast("list[float]", trig)
+    acq_known = cast("list[float]", acq)
+    use_trigger = (all(t is not None for t in trig)
+                   and len({round(t, 4) for t in trig_known}) > 1)
     if use_trigger:
-        t0 = min(trig)
-        times: list[float | None] = [t - t0 for t in trig]
+        t0 = min(trig_known)
+        times: list[float | None] = [t - t0 for t in trig_known]
     elif all(a is not None for a in acq):
-        t0 = min(acq)
-        times = [a - t0 for a in acq]
+        t0 = min(acq_known)
+        times = [a - t0 for a in acq_known]
     else:
         times = [None] * len(volumes)
     out = []

@@ -57,6 +57,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
@@ -446,7 +447,8 @@ def rule_set_code(rule_set: str) -> CodedConcept:
 
 _IBSI_BY_CODE: dict[str, str] = {
     code: meaning
-    for entry in _concepts.get("IBSI", {}).values()
+    for entry in cast("dict[str, dict[str, tuple[str, list[int]]]]",
+                      _concepts.get("IBSI", {})).values()
     for code, (meaning, _cids) in entry.items()
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 #: Patient and General Study attributes copied from the source image
 PATIENT_STUDY_KEYWORDS = (
@@ -36,13 +36,15 @@ def derived_dataset(sop_class_uid: str, sop_instance_uid: str, source: Dataset) 
     """
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source:
-            setattr(ds, keyword, source.data_element(keyword).value)
+            element = source.data_element(keyword)
+            assert element is not None  # `keyword in source` was just checked
+            setattr(ds, keyword, element.value)
         elif keyword in TYPE2_KEYWORDS:
             setattr(ds, keyword, "")
     now = datetime.datetime.now(datetime.timezone.utc)

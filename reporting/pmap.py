@@ -164,14 +164,16 @@ def build_parametric_map(
     )
     # highdicom accepts a single quantity concept; the definition with the method is set on
     # the mapping item directly.
-    mapping.QuantityDefinitionSequence = DicomSequence(_quantity_definitions(spec))
+    # highdicom annotates the attribute as a list; a pydicom Sequence is what it stores itself
+    mapping.QuantityDefinitionSequence = DicomSequence(  # type: ignore[assignment]
+        _quantity_definitions(spec))
 
     settings = repr(sorted((str(k), repr(v)) for k, v in provenance.items()))
     if input_digest is None:
         input_digest = digest_text(digest_uids(source_images), digest_arrays(values), quantity,
                                    settings, repr(list(source_frames or [])),
                                    *([repr(grid)] if grid is not None else []))
-    uid_args = dict(source_study_uid=str(src.StudyInstanceUID), tracking_uid=None,
+    uid_args: dict[str, Any] = dict(source_study_uid=str(src.StudyInstanceUID), tracking_uid=None,
                     algorithm_version=algorithm_version, input_digest=input_digest)
     series_uid = deterministic_uid(kind=f"pm/{quantity}/series", **uid_args)
     instance_uid = deterministic_uid(kind=f"pm/{quantity}/instance", **uid_args)
@@ -240,7 +242,9 @@ def _order_frames_along_normal(pmap: hd.pm.ParametricMap) -> bool:
     frames = np.frombuffer(pmap.FloatPixelData, dtype="<f4").reshape(
         n_frames, int(pmap.Rows), int(pmap.Columns))
     pmap.FloatPixelData = np.ascontiguousarray(frames[order]).tobytes()
-    pmap.PerFrameFunctionalGroupsSequence = DicomSequence([items[i] for i in order])
+    # highdicom annotates the attribute as a list; a pydicom Sequence is what it stores itself
+    pmap.PerFrameFunctionalGroupsSequence = DicomSequence(  # type: ignore[assignment]
+        [items[i] for i in order])
     for index, item in enumerate(pmap.PerFrameFunctionalGroupsSequence, start=1):
         item.FrameContentSequence[0].DimensionIndexValues = index
     return True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -141,8 +142,9 @@ def build_spatial_registration(
 
     digest = digest_text(digest_uids(fixed_images), digest_uids(moving_images),
                          digest_arrays(np.round(matrix, 6)))
-    uid_args = dict(source_study_uid=str(moving.StudyInstanceUID), tracking_uid=None,
-                    algorithm_version=algorithm_version, input_digest=digest)
+    uid_args: dict[str, Any] = dict(
+        source_study_uid=str(moving.StudyInstanceUID), tracking_uid=None,
+        algorithm_version=algorithm_version, input_digest=digest)
     sop_instance_uid = deterministic_uid(kind="reg/instance", **uid_args)
 
     ds = derived_dataset(SPATIAL_REGISTRATION_STORAGE, sop_instance_uid, moving)

@@ -53,7 +53,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -355,7 +355,7 @@ def source_alignment(volume: SeriesVolume, datasets_by_uid: Mapping[str, Dataset
         return [datasets_by_uid[uid] for uid in uids], None, volume.geometry
     if frames and frames[0].frame_number is not None:
         return ([datasets_by_uid[frames[0].sop_instance_uid]],
-                [int(f.frame_number) for f in frames], None)
+                [int(cast(int, f.frame_number)) for f in frames], None)
     return [datasets_by_uid[f.sop_instance_uid] for f in frames], None, None
 
 

@@ -63,7 +63,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
@@ -531,7 +531,8 @@ def build_measurement_report(
                 algorithm_version=algorithm_version, maps=study_maps, ibsi_codes=ibsi_codes)
             for change in changes:
                 change_builder.add(change.quantity,
-                                   change.relative if relative else change.absolute,
+                                   # `relative` changes were filtered to those with a value
+                                   cast(float, change.relative) if relative else change.absolute,
                                    change=True, relative=relative)
             if change_builder.measurements:
                 groups.append(group_class(

@@ -21,4 +21,4 @@ def shared_data() -> Path:
 
 # The node's fixtures (issue 2): `node_factory` (spine-node serve subprocesses), `node_log_dir`,
 # and the suite-wide log capture that fails the session on a seeded patient identifier.
-pytest_plugins = [*pytest_plugins, "tests.node.fixtures"]
+pytest_plugins = [*pytest_plugins, "tests.node.fixtures", "tests.orthanc_fixture"]

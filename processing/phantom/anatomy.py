@@ -15,6 +15,7 @@ of the MSKCC series (Ktrans ~0.1-0.3 /min, vp 0.05-0.1); T1/T2 from standard 3 T
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -96,7 +97,9 @@ def centred_grid(centre: NDArray[np.float64], size: tuple[int, int, int], spacin
     """A grid whose voxel-centre box is centred on ``centre`` (LPS mm)."""
     half = (np.asarray(size) - 1) * np.asarray(spacing) / 2.0
     origin = np.round(np.asarray(centre) - np.asarray(direction).reshape(3, 3) @ half, 4)
-    return Grid(size=size, spacing=spacing, origin=tuple(float(v) for v in origin), direction=direction)
+    return Grid(size=size, spacing=spacing,
+                origin=cast("tuple[float, float, float]", tuple(float(v) for v in origin)),
+                direction=direction)
 
 
 def _legendre2(x: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -218,8 +221,10 @@ def make_tumour(rng: np.random.Generator, vertebra_centre: NDArray[np.float64],
         lobes.append((float(v[0]), float(v[1]), float(v[2]), float(rng.uniform(0.06, 0.12) * rng.choice([-1, 1])), deg))
     rot = random_rotation(rng, 15.0)
     base = np.array([1.35, 1.05, 0.85])  # LR, AP, SI proportions
-    shape = TumourShape(tuple(float(v) for v in centre), tuple(float(v) for v in rot.ravel()),
-                        tuple(float(v) for v in base), tuple(lobes))
+    shape = TumourShape(cast("tuple[float, float, float]", tuple(float(v) for v in centre)),
+                        tuple(float(v) for v in rot.ravel()),
+                        cast("tuple[float, float, float]", tuple(float(v) for v in base)),
+                        tuple(lobes))
     unit_volume = continuous_volume_ml(shape)
     return shape.scaled(target_volume_ml / unit_volume)
 
@@ -251,7 +256,7 @@ def epidural_volume_ml(shape: TumourShape, *, step_mm: float = 0.15) -> float:
     return total * step_mm**3 / 1000.0
 
 
-def tumour_diameters_mm(shape: TumourShape, to_study: NDArray[np.float64] | None = None, *,
+def tumour_diameters_mm(shape: TumourShape, to_study: NDArray[np.floating[Any]] | None = None, *,
                         step_mm: float = 0.4) -> dict[str, float]:
     """Maximum 3-D diameter, maximum axial diameter and craniocaudal extent (mm) of the shape.
 

@@ -186,8 +186,8 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.SharedFunctionalGroupsSequence = Sequence([_shared_groups(ph, series)])
     bvals = sorted({v.get("b", 0.0) for v in series.volumes})
     grads: list[tuple[float, ...]] = []
-    for v in series.volumes:
-        g = tuple(v.get("gradient", (0.0, 0.0, 0.0)))
+    for vol in series.volumes:
+        g = tuple(vol.get("gradient", (0.0, 0.0, 0.0)))
         if g not in grads:
             grads.append(g)
     per_frame = Sequence()

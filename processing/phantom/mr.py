@@ -17,7 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 
 from processing.phantom import protocol as proto
 
@@ -63,10 +63,10 @@ def _ds_str(v: float) -> str:
 
 def file_meta(sop_class: str, sop_instance: str) -> FileMetaDataset:
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     return meta
 

@@ -8,7 +8,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -384,7 +384,8 @@ def generate_patient(
         "PatientWeight": f"{rng.uniform(55, 95):.0f}",
         "IssuerOfPatientID": "SPINE-NODE-PHANTOM",
     }
-    anatomy0 = Anatomy(tuple(float(v) for v in c0), tumour0, base_params, texture_seed, level_names)
+    anatomy0 = Anatomy(cast("tuple[float, float, float]", tuple(float(v) for v in c0)), tumour0,
+                       base_params, texture_seed, level_names)
     studies: list[StudyData] = []
     noise_sigma: dict[str, float] = {}
     scales: dict[str, float] = {}
@@ -735,7 +736,8 @@ def _weighted(sp: proto.SeriesProtocol, p: dict[str, NDArray[np.float64]], label
 
 def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]], labels: NDArray[np.int16],
                 protocol: proto.Protocol, start: dt.datetime, *,
-                r1_per_mM_s: float = proto.R1_PER_MM_PER_S) -> tuple[NDArray[np.float64], list[dict[str, Any]], dict[str, Any]]:
+                r1_per_mM_s: float = proto.R1_PER_MM_PER_S,
+                ) -> tuple[NDArray[np.floating[Any]], list[dict[str, Any]], dict[str, Any]]:
     """Noiseless signal (V, k, j, i) and per-volume metadata of one series."""
     extra: dict[str, Any] = {}
     if sp.role in ("t2w", "t1w", "stir"):
@@ -744,7 +746,7 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
         s0 = _weighted(sp, params, labels)
         vols = proto.dwi_volumes(protocol.dwi_shells)
         out = np.empty((len(vols),) + s0.shape, dtype=np.float32)
-        meta = []
+        meta: list[dict[str, Any]] = []
         seen: dict[float, int] = {}
         for v, (b, g) in enumerate(vols):
             out[v] = s0 * diffusion_attenuation(b, params["d"], params["k"], params["f"], params["dstar"])

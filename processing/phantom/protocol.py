@@ -6,6 +6,7 @@ Units: TR/TE/TI in ms (as DICOM writes them), b in s/mm², flip angles in degree
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -63,7 +64,7 @@ CONTRAST_AGENTS: dict[str, ContrastAgent] = {a.generic: a for a in (
 )}
 
 
-def contrast_truth(agent: str, field_strength_t: float) -> dict[str, object]:
+def contrast_truth(agent: str, field_strength_t: float) -> dict[str, Any]:
     """The declared agent and its true r1 (plasma, Rohrer 2005) at ``field_strength_t``."""
     from processing.relaxivity import R1_PLASMA_ROHRER_2005
 
@@ -157,6 +158,7 @@ def protocol_for(size: str, *, sagittal: bool = False,
     if diffusion_scheme not in DIFFUSION_SCHEMES:
         raise ValueError(f"unknown diffusion scheme {diffusion_scheme!r}; choose one of "
                          f"{sorted(DIFFUSION_SCHEMES)}")
+    vfa: tuple[float, ...]
     if size == "full":
         anat = ((256, 256, 25), (0.78125, 0.78125, 4.0))
         dwi = ((112, 112, 20), (1.8, 1.8, 5.0))
@@ -171,7 +173,7 @@ def protocol_for(size: str, *, sagittal: bool = False,
         sag = ((160, 160, 11), (1.75, 1.75, 4.0))
     else:
         raise ValueError(f"unknown phantom size {size!r}; choose one of {SIZES}")
-    series = (
+    series: tuple[SeriesProtocol, ...] = (
         SeriesProtocol("t2w", 2, "T2 TSE AX", *anat, tr_ms=4000.0, te_ms=100.0, flip_deg=150.0, snr=40.0),
         SeriesProtocol("t1w", 3, "T1 TSE AX", *anat, tr_ms=600.0, te_ms=10.0, flip_deg=150.0, snr=40.0),
         SeriesProtocol("stir", 4, "STIR AX", *anat, tr_ms=5000.0, te_ms=60.0, flip_deg=150.0,

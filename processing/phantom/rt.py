@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -43,7 +43,7 @@ def plan_rt(ph: Phantom, rng: np.random.Generator) -> dict[str, Any]:
     tumour = ph.anatomy.tumour
     n_beams = int(rng.integers(110, 161))
     centre = np.asarray(tumour.centre)
-    beams = []
+    beams: list[dict[str, Any]] = []
     for i in range(n_beams):
         iso = centre + rng.normal(0.0, 3.0, 3)
         beams.append({
@@ -128,7 +128,8 @@ def _dose_grid(tumour: TumourShape) -> dict[str, Any]:
     n = (40, 40, 24)
     half = (np.asarray(n) - 1) * spacing / 2
     origin = np.round(np.asarray(tumour.centre) - half, 2)
-    grid = Grid(n, (spacing, spacing, spacing), tuple(float(v) for v in origin))
+    grid = Grid(n, (spacing, spacing, spacing),
+                cast("tuple[float, float, float]", tuple(float(v) for v in origin)))
     return {"grid": grid}
 
 

@@ -18,6 +18,8 @@ References
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -28,7 +30,8 @@ PARKER = {
 }
 
 
-def parker_aif_blood(t_s: NDArray[np.float64], *, bolus_arrival_s: float) -> NDArray[np.float64]:
+def parker_aif_blood(t_s: NDArray[np.floating[Any]], *,
+                     bolus_arrival_s: float) -> NDArray[np.float64]:
     """Whole-blood Parker AIF Cb(t) in mM, ``t_s`` in s (Parker 2006 [1]_).
 
     The function is evaluated at ``(t - bolus_arrival_s) / 60`` minutes for every t (no clipping;
@@ -44,7 +47,7 @@ def parker_aif_blood(t_s: NDArray[np.float64], *, bolus_arrival_s: float) -> NDA
 
 
 def extended_tofts(
-    t_s: NDArray[np.float64],
+    t_s: NDArray[np.floating[Any]],
     ktrans_per_min: NDArray[np.float64],
     ve: NDArray[np.float64],
     vp: NDArray[np.float64],
@@ -77,7 +80,7 @@ def extended_tofts(
     vp = np.asarray(vp, dtype=np.float64)
     kep = np.divide(ktrans, ve, out=np.zeros_like(ktrans), where=ve > 0)
 
-    def cp(t: NDArray[np.float64]) -> NDArray[np.float64]:
+    def cp(t: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
         return parker_aif_blood(t, bolus_arrival_s=bolus_arrival_s) / (1.0 - hct)
 
     x, w = np.polynomial.legendre.leggauss(n_nodes)
@@ -96,8 +99,9 @@ def extended_tofts(
 
 
 def spgr_signal(
-    m0: NDArray[np.float64], r1_per_s: NDArray[np.float64], *, flip_deg: float, tr_s: float
-) -> NDArray[np.float64]:
+    m0: NDArray[np.floating[Any]], r1_per_s: NDArray[np.floating[Any]], *, flip_deg: float,
+    tr_s: float
+) -> NDArray[np.floating[Any]]:
     """Spoiled gradient echo steady state S = M0·sinα·(1 − E1)/(1 − cosα·E1), E1 = exp(−TR·R1)."""
     a = np.deg2rad(flip_deg)
     e1 = np.exp(-tr_s * np.asarray(r1_per_s))
@@ -108,8 +112,8 @@ def diffusion_attenuation(
     b: float | NDArray[np.float64],
     d: NDArray[np.float64],
     k: NDArray[np.float64],
-    f: NDArray[np.float64],
-    dstar: NDArray[np.float64],
+    f: float | NDArray[np.float64],
+    dstar: float | NDArray[np.float64],
 ) -> NDArray[np.float64]:
     """IVIM-kurtosis attenuation S(b)/S0 = f·exp(−b·D*) + (1 − f)·exp(−b·D + b²·D²·K/6).
 

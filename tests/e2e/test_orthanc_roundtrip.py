@@ -30,7 +30,7 @@ import pytest
 from pydicom import dcmread
 
 from tests.node.fixtures import free_port, write_config
-from tests.orthanc_fixture import OrthancServer, orthanc_factory  # noqa: F401 (fixture)
+from tests.orthanc_fixture import OrthancServer
 
 pytestmark = pytest.mark.network
 

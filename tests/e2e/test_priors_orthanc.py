@@ -21,7 +21,6 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.node.fixtures import free_port, require_tool, write_config
-from tests.orthanc_fixture import orthanc_factory  # noqa: F401 (fixture)
 
 
 def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
