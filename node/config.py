@@ -289,6 +289,9 @@ class AnalysisSection(BaseModel):
     relaxivity_per_mM_s: dict[str, float] = Field(default_factory=dict)
     #: r1 (/mM/s) for an undeclared or unrecognised agent (a warning is recorded)
     default_relaxivity_per_mM_s: float = Field(DEFAULT_RELAXIVITY_PER_MM_S, gt=0, le=100)
+    #: size limit of the per-study map cache under ``<storage>/cache/maps`` (MB): the oldest
+    #: entries go first when an analysis leaves it larger; 0 disables the cache
+    map_cache_mb: int = Field(2048, ge=0, le=10_000_000)
 
     @field_validator("relaxivity_per_mM_s")
     @classmethod

@@ -51,7 +51,8 @@ def chain_settings_from(config: Path | None) -> ChainSettings:
 
 
 def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_settings: dict,
-                     out_dir: str, log_level: str, log_file: str | None) -> dict[str, Any]:
+                     out_dir: str, log_level: str, log_file: str | None,
+                     map_cache_mb: int = 0) -> dict[str, Any]:
     """Child-process entry: run the chain for one patient; return what the parent records."""
     from node.analysis import patient_datasets, write_outputs
     from node.logs import configure_logging
@@ -72,10 +73,15 @@ def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_sett
         # inputs changed; the cache lives beside the results, under the storage folder
         from node.map_cache import MapCache
 
-        result = run_chain(datasets, settings=ChainSettings(**chain_settings),
-                           map_cache=MapCache(Path(store_root) / "cache" / "maps"))
+        cache = MapCache(Path(store_root) / "cache" / "maps") if map_cache_mb > 0 else None
+        result = run_chain(datasets, settings=ChainSettings(**chain_settings), map_cache=cache)
     except (ChainError, PatientMismatchError) as err:
         return {"state": "waiting", "reason": str(err)}
+    if cache is not None:
+        try:
+            cache.prune(map_cache_mb * 2**20)
+        except OSError as err:  # a full or read-only cache folder costs refits, not the analysis
+            logging.getLogger(__name__).warning("map cache not pruned: %s", err)
     paths = write_outputs(result, Path(out_dir))
     calls = [r.response.category.value for r in result.results if r.response is not None]
     return {"state": "done", "paths": [str(p) for p in paths], "calls": calls,
@@ -182,7 +188,7 @@ class AnalysisWorker:
             outcome = self._pool().submit(
                 _analyse_patient, str(index.path), str(store.root), patient_row,
                 asdict(self.section.chain_settings()), str(out_dir),
-                *logging_target()).result()
+                *logging_target(), self.section.map_cache_mb).result()
         except Exception as err:  # the child's failure must not take the node down
             logger.exception("analysis of study %s failed", study_uid)
             index.add_event("analysis_failed", study_uid=study_uid,

@@ -165,3 +165,32 @@ def test_corrupt_entry_is_a_miss_and_a_corrected_instance_changes_the_key(
     assert cache_key(corrected, settings) != cache_key(pristine, settings)
     assert str(corrected[0].SOPInstanceUID) == str(dwi[0].SOPInstanceUID)
     assert cache_key(dwi, MapSettings(adc_weighting="S2")) != key
+
+
+def test_prune_keeps_the_newest_entries_within_the_limit(tmp_path):
+    """The worker prunes the cache to ``[analysis] map_cache_mb`` after each analysis."""
+    import os
+
+    import numpy as np
+
+    from node.config import AnalysisSection
+    from processing.maps import QuantMap
+    from processing.series import Geometry
+
+    geometry = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0),
+                        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+                        size=(64, 64, 16))
+    rng = np.random.default_rng(0)  # incompressible values: every entry has the same size
+    cache = MapCache(tmp_path / "cache")
+    keys = [f"{n:064x}" for n in range(4)]
+    for n, key in enumerate(keys):
+        values = rng.random((16, 64, 64), dtype=np.float32)
+        assert cache.put(key, {"ADC": QuantMap("ADC", values, np.isfinite(values), "mm2/s",
+                                               geometry, "1.2.3", {"n": n})})
+        for path in (tmp_path / "cache").glob(f"{key}.*"):
+            os.utime(path, (1_000_000 + n, 1_000_000 + n))  # written in this order
+    entry = sum(p.stat().st_size for p in (tmp_path / "cache").glob(f"{keys[0]}.*"))
+    assert cache.prune(int(2.5 * entry)) == 2
+    assert [cache.get(k) is not None for k in keys] == [False, False, True, True]
+    assert cache.prune(10 * entry) == 0
+    assert AnalysisSection().map_cache_mb == 2048 and AnalysisSection(map_cache_mb=0)
