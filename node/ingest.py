@@ -18,9 +18,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.errors import NodeError
 from node.store import Store, StoreResult
-
-#: Media Storage Directory Storage: a DICOMDIR indexes a CD/DVD export's files, it is no instance
-MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"
+from processing.series import MEDIA_STORAGE_DIRECTORY
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def import_files(store: Store, paths: Iterable[Path]) -> ImportReport:
         try:
             header = dcmread(path, stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SOPInstanceUID"])
-            if str(header.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY:
+            if str(header.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
                 logger.info("set aside %s: a DICOMDIR (media directory, not an instance)",
                             path.name)
                 report.skipped.append((path, "DICOMDIR: a media directory, not an instance "

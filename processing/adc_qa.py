@@ -166,14 +166,6 @@ def find_scanner_adc(volumes: Iterable[SeriesVolume]) -> SeriesVolume | None:
     return None
 
 
-def _image(values: NDArray, geometry: Geometry) -> sitk.Image:
-    img = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float64))
-    img.SetOrigin(tuple(float(x) for x in geometry.origin))
-    img.SetSpacing(tuple(float(x) for x in geometry.spacing))
-    img.SetDirection(tuple(float(x) for x in geometry.direction))
-    return img
-
-
 def scanner_adc_image(volume: SeriesVolume, first: Dataset | None = None
                       ) -> tuple[sitk.Image, str]:
     """The scanner ADC series as a SimpleITK image in mm²/s, and how it was scaled.
@@ -182,7 +174,7 @@ def scanner_adc_image(volume: SeriesVolume, first: Dataset | None = None
     :func:`scanner_adc_mm2_s`).
     """
     values, scaling = scanner_adc_mm2_s(volume, first)
-    return _image(values, volume.geometry), scaling
+    return volume.geometry.image(np.asarray(values, dtype=np.float64)), scaling
 
 
 def _region(node: NDArray[np.float64], scanner: NDArray[np.float64],
@@ -236,7 +228,7 @@ def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
     values = sitk.GetArrayViewFromImage(scaled)
     if not np.any(np.isfinite(values) & (values > 0)):
         raise AdcQaError("the scanner ADC map has no positive value")
-    reference = _image(node, node_geometry)
+    reference = node_geometry.image(node)
     on_grid = sitk.GetArrayFromImage(sitk.Resample(scaled, reference, sitk.Transform(),
                                                    sitk.sitkLinear, float("nan"),
                                                    sitk.sitkFloat64))

@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset
 
 from processing.diffusion_encoding import B0_THRESHOLD, DiffusionEncodingError
 from processing.series import (
+    SEGMENTATION_SOP_CLASS,
     SeriesError,
     SeriesVolume,
     group_by_series,
@@ -57,7 +58,6 @@ logger = logging.getLogger(__name__)
 RT_PLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 RT_DOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 SHELL_ABS_TOLERANCE = 25.0  # s/mm²
 SHELL_REL_TOLERANCE = 0.05
@@ -70,7 +70,6 @@ class SeriesRole(str, enum.Enum):
     DWI = "dwi"
     #: a scanner-computed ADC map (Image Type ADC); values via :func:`processing.adc_qa.scanner_adc_mm2_s`
     ADC_MAP = "adc_map"
-    SCANNER_ADC = "adc_map"  # noqa: PIE796 - deliberate alias of ADC_MAP
     TRACE = "trace"
     DCE = "dce"
     VFA_T1 = "vfa_t1"
@@ -339,7 +338,7 @@ def _non_image_role(ds: Dataset) -> SeriesRole | None:
         return SeriesRole.RTSTRUCT
     if sop == RT_DOSE_STORAGE or modality == "RTDOSE":
         return SeriesRole.RTDOSE
-    if sop == SEGMENTATION_STORAGE or modality == "SEG":
+    if sop == SEGMENTATION_SOP_CLASS or modality == "SEG":
         return SeriesRole.SEG
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         return SeriesRole.OTHER

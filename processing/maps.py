@@ -144,11 +144,7 @@ class QuantMap:
 
     def image(self) -> sitk.Image:
         """The map as a SimpleITK image with the source geometry."""
-        img = sitk.GetImageFromArray(np.ascontiguousarray(self.values, dtype=np.float32))
-        img.SetOrigin(self.geometry.origin)
-        img.SetSpacing(self.geometry.spacing)
-        img.SetDirection(self.geometry.direction)
-        return img
+        return self.geometry.image(np.asarray(self.values, dtype=np.float32))
 
 
 def map_statistics(qmap: QuantMap, mask: NDArray[np.bool_] | None = None) -> dict[str, Any]:
@@ -243,14 +239,8 @@ def _resample_to(values: NDArray[np.float64], src: Geometry, dst: Geometry) -> N
     if (np.allclose(src.origin, dst.origin, atol=1e-3) and np.allclose(src.spacing, dst.spacing)
             and np.allclose(src.direction, dst.direction, atol=1e-6) and src.size == dst.size):
         return values
-    img = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float64))
-    img.SetOrigin(src.origin)
-    img.SetSpacing(src.spacing)
-    img.SetDirection(src.direction)
-    ref = sitk.Image([int(s) for s in dst.size], sitk.sitkFloat64)
-    ref.SetOrigin(dst.origin)
-    ref.SetSpacing(dst.spacing)
-    ref.SetDirection(dst.direction)
+    img = src.image(np.asarray(values, dtype=np.float64))
+    ref = dst.image(np.zeros(tuple(reversed(dst.size)), dtype=np.float64))
     out = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, float("nan"))
     return sitk.GetArrayFromImage(out)
 

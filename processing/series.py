@@ -150,6 +150,14 @@ class Geometry:
         return np.asarray(self.origin) + self.direction_matrix @ (
             np.asarray(self.spacing) * np.asarray(index, dtype=float))
 
+    def image(self, values: np.ndarray) -> sitk.Image:
+        """``values`` (z, y, x) as a SimpleITK image on this grid (the array's dtype is kept)."""
+        image = sitk.GetImageFromArray(np.ascontiguousarray(values))
+        image.SetOrigin(tuple(float(v) for v in self.origin))
+        image.SetSpacing(tuple(float(v) for v in self.spacing))
+        image.SetDirection(tuple(float(v) for v in self.direction))
+        return image
+
 
 @dataclass(frozen=True)
 class VolumeMetadata:
@@ -309,11 +317,7 @@ class SeriesVolume:
         """Volume ``index`` as a SimpleITK image (float32) with the series geometry."""
         if not -self.n_volumes <= index < self.n_volumes:
             raise IndexError(f"volume {index} out of range (series has {self.n_volumes})")
-        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array[index]))
-        image.SetOrigin(self.geometry.origin)
-        image.SetSpacing(self.geometry.spacing)
-        image.SetDirection(self.geometry.direction)
-        return image
+        return self.geometry.image(self.array[index])
 
 
 # ----------------------------------------------------------------------------- set-aside objects
@@ -403,6 +407,14 @@ def _file_name(ds: Dataset) -> str | None:
     return None
 
 
+def set_aside_entry(ds: Dataset, reason: str) -> SetAside:
+    """The :class:`SetAside` record of ``ds`` (its UIDs and file name) with ``reason``."""
+    return SetAside(reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+                    sop_class_uid=_sop_class(ds),
+                    series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+                    file_name=_file_name(ds))
+
+
 def split_set_aside(datasets: Iterable[Dataset], *, keep_segmentations: bool = False,
                     ) -> tuple[list[Dataset], list[SetAside]]:
     """Separate the images to assemble from the objects to set aside (:func:`set_aside_reason`).
@@ -421,10 +433,7 @@ def split_set_aside(datasets: Iterable[Dataset], *, keep_segmentations: bool = F
         if reason is None:
             images.append(ds)
             continue
-        aside.append(SetAside(reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
-                              sop_class_uid=_sop_class(ds),
-                              series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-                              file_name=_file_name(ds)))
+        aside.append(set_aside_entry(ds, reason))
         logger.debug("set aside %s: %s", aside[-1].sop_instance_uid or aside[-1].file_name, reason)
     return images, aside
 
@@ -451,10 +460,8 @@ def group_by_series(datasets: Iterable[Dataset], *,
         uid = ds.get("SeriesInstanceUID")
         if not uid:
             if set_aside is not None:
-                reason = set_aside_reason(ds) or "no Series Instance UID"
-                set_aside.append(SetAside(
-                    reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
-                    sop_class_uid=_sop_class(ds), file_name=_file_name(ds)))
+                set_aside.append(set_aside_entry(
+                    ds, set_aside_reason(ds) or "no Series Instance UID"))
                 continue
             raise MixedSeriesError(
                 f"dataset {ds.get('SOPInstanceUID', '?')} has no Series Instance UID")
@@ -1120,6 +1127,7 @@ __all__ = [
     "VolumeMetadata",
     "group_by_series",
     "read_series",
+    "set_aside_entry",
     "set_aside_reason",
     "split_set_aside",
 ]

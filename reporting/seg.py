@@ -69,7 +69,7 @@ from pydicom.sr.codedict import codes
 
 from processing.results import Lesion
 from processing.series import ORIENTATION_TOLERANCE as _READER_ORIENTATION_TOLERANCE
-from processing.series import Geometry, SeriesVolume, SourceFrame
+from processing.series import SEGMENTATION_SOP_CLASS, Geometry, SeriesVolume, SourceFrame
 from reporting import codes as rcodes
 from reporting.uids import deterministic_uid, digest_arrays, digest_text, digest_uids
 
@@ -581,7 +581,6 @@ def build_segmentation(
 
 
 # ----------------------------------------------------------------------------- reading a reader's SEG
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 #: Largest distance (mm) between a SEG frame's Image Position (Patient) and the position of the
@@ -896,7 +895,7 @@ def read_segmentation(ds: Dataset) -> ReaderSegmentation:
     PS3.3 A.51 Segmentation IOD; C.8.20.2 Segmentation Image Module; C.7.6.16 functional groups.
     """
     sop_class = str(ds.get("SOPClassUID", ""))
-    if sop_class != SEGMENTATION_STORAGE:
+    if sop_class != SEGMENTATION_SOP_CLASS:
         raise ReaderSegmentationError(
             f"{ds.get('SOPInstanceUID', '?')} is not a Segmentation (SOP Class {sop_class})")
     try:

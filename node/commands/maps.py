@@ -136,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         SetAside,
         group_by_series,
         read_series,
+        set_aside_entry,
         set_aside_reason,
     )
 
@@ -153,12 +154,7 @@ def run(args: argparse.Namespace) -> int:
         if reason is None:
             by_study[study].append(ds)
             continue
-        entry = SetAside(reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
-                         sop_class_uid=str(ds.get("SOPClassUID", "") or getattr(
-                             getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or ""),
-                         series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-                         file_name=Path(str(getattr(ds, "filename", "") or "")).name or None)
-        (aside_by_study[study] if study else unstudied).append(entry)
+        (aside_by_study[study] if study else unstudied).append(set_aside_entry(ds, reason))
     args.out.mkdir(parents=True, exist_ok=True)
     if not by_study and (unstudied or aside_by_study):
         # nothing to analyse: still say what was found and why it was set aside

@@ -10,11 +10,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from processing.series import SEGMENTATION_SOP_CLASS
 from processing.classify import (
     RT_DOSE_STORAGE,
     RT_PLAN_STORAGE,
     RT_STRUCTURE_SET_STORAGE,
-    SEGMENTATION_STORAGE,
     SeriesRole,
     classify_series,
     classify_study,
@@ -83,7 +83,7 @@ def study_series(study: str, frame_of_ref: str, description: str = "") -> dict[s
     for role, sop_class, modality in (("rtplan", RT_PLAN_STORAGE, "RTPLAN"),
                                       ("rtstruct", RT_STRUCTURE_SET_STORAGE, "RTSTRUCT"),
                                       ("rtdose", RT_DOSE_STORAGE, "RTDOSE"),
-                                      ("seg", SEGMENTATION_STORAGE, "SEG")):
+                                      ("seg", SEGMENTATION_SOP_CLASS, "SEG")):
         ds = Dataset()
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = generate_uid()

@@ -267,7 +267,7 @@ def test_scanner_adc_series_role_and_values_in_mm2_per_s() -> None:
     datasets = _as_scanner_adc(_ge_series(), 850)
     volume = read_series(datasets)
     cls = classify_volume(volume)
-    assert cls.role is SeriesRole.SCANNER_ADC is SeriesRole.ADC_MAP
+    assert cls.role is SeriesRole.ADC_MAP
     values, note = scanner_adc_mm2_s(volume, datasets[0])
     np.testing.assert_allclose(values, 850e-6)
     assert "1e-6" in note
