@@ -30,7 +30,7 @@ from node.chain import ChainSettings
 from node.config import AnalysisSection, Settings
 from node.analysis import link_superseded_reports
 from node.logs import logging_target
-from node.timeline import on_analysis_done, recorded_reports
+from node.timeline import TimelineError, on_analysis_done, recorded_reports
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,14 @@ class AnalysisWorker:
         for destination in self.service.settings.node.result_destinations:
             self.service.outbox.enqueue(paths, destination, f"analysis of study {study_uid}")
         detail = f"{len(paths)} objects; response: {', '.join(outcome['calls']) or 'baseline only'}"
-        index.add_event("analysis_done", study_uid=study_uid, detail=detail)
         followups = getattr(self.service, "followups", None)
-        on_analysis_done(index, patient_row, out_dir / "summary.json", followups=followups)
+        # the timeline and follow-up windows are recorded before ``analysis_done``: whoever sees
+        # that event (an operator, the dashboard, a test) then also sees the time points
+        try:
+            on_analysis_done(index, patient_row, out_dir / "summary.json", followups=followups)
+        except TimelineError as err:  # the outputs are on their way; say what was not recorded
+            logger.error("study %s: timeline not recorded: %s", study_uid, err)
+            detail += f"; timeline not recorded: {err}"
+        index.add_event("analysis_done", study_uid=study_uid, detail=detail)
         logger.info("study %s analysed: %s", study_uid, detail)
         return outcome
