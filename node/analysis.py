@@ -27,7 +27,8 @@ def patients_in_index(index: Index) -> list[int]:
     """Row ids of the patients that have at least one stored instance."""
     rows = index.query(
         "SELECT DISTINCT s.patient_key FROM studies s JOIN instances i ON i.study_uid = s.study_uid"
-        " WHERE s.patient_key IS NOT NULL ORDER BY s.patient_key")
+        " WHERE s.patient_key IS NOT NULL ORDER BY s.patient_key"
+    )
     return [int(r[0]) for r in rows]
 
 
@@ -48,7 +49,8 @@ def patient_datasets(index: Index, store_root: Path, patient_row: int) -> list[D
         " AND i.sop_instance_uid NOT IN (SELECT sop_instance_uid FROM rejections)"
         " AND i.sop_class_uid != ?"
         " ORDER BY i.study_uid, i.series_uid, i.sop_instance_uid",
-        (patient_row, KeyObjectSelectionDocumentStorage))
+        (patient_row, KeyObjectSelectionDocumentStorage),
+    )
     datasets = []
     with warnings.catch_warnings():
         # pydicom's validation warnings quote element values (possibly identifiers)
@@ -79,13 +81,15 @@ def write_outputs(result: ChainResult, out_dir: Path) -> list[Path]:
         paths.append(path)
     summary = result.summary()
     summary["files"] = [p.name for p in paths]
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str),
-                                          encoding="utf-8")
+    (out_dir / "summary.json").write_text(
+        json.dumps(summary, indent=2, default=str), encoding="utf-8"
+    )
     return paths
 
 
-def link_superseded_reports(paths: Sequence[Path],
-                            previous: dict[str, list[dict[str, str]]]) -> int:
+def link_superseded_reports(
+    paths: Sequence[Path], previous: dict[str, list[dict[str, str]]]
+) -> int:
     """Name, in each new SR, the earlier SR of the same study that it replaces.
 
     A re-analysis (a corrected baseline, a reader's SEG, a late series) changes the numbers of a
@@ -110,13 +114,16 @@ def link_superseded_reports(paths: Sequence[Path],
     linked = 0
     for path in paths:
         # most outputs are Parametric Maps and SEGs: look at their Modality only
-        if dcmread(path, stop_before_pixels=True,
-                   specific_tags=["Modality"]).get("Modality") != "SR":
+        if (
+            dcmread(path, stop_before_pixels=True, specific_tags=["Modality"]).get("Modality")
+            != "SR"
+        ):
             continue
         ds = dcmread(path)
         study = str(ds.StudyInstanceUID)
-        older = [r for r in previous.get(study, [])
-                 if r["sop_instance_uid"] != str(ds.SOPInstanceUID)]
+        older = [
+            r for r in previous.get(study, []) if r["sop_instance_uid"] != str(ds.SOPInstanceUID)
+        ]
         if not older:
             continue
         item = Dataset()
@@ -135,8 +142,11 @@ def link_superseded_reports(paths: Sequence[Path],
             item.ReferencedSeriesSequence.append(series)
         ds.PredecessorDocumentsSequence = [item]
         ds.save_as(path, enforce_file_format=True)
-        logger.info("report %s supersedes %s", ds.SOPInstanceUID,
-                    ", ".join(r["sop_instance_uid"] for r in older))
+        logger.info(
+            "report %s supersedes %s",
+            ds.SOPInstanceUID,
+            ", ".join(r["sop_instance_uid"] for r in older),
+        )
         linked += 1
     return linked
 
@@ -152,16 +162,21 @@ def format_course(course: dict[str, Any]) -> str:
     date = course.get("treatment_date")
     source = course.get("treatment_date_source")
     estimated = " (estimated)" if course.get("treatment_date_estimated") else ""
-    lines = [f"  treated {date}{estimated} (date from {source}), machine "
-             f"{course.get('machine') or 'unknown'}, {course.get('n_beams')} beams",
-             f"  {course.get('fractions') or '?'} x {_gy(course.get('dose_per_fraction_gy'), 2)}"
-             f" = {_gy(course.get('prescription_dose_gy'), 2)} prescribed; "
-             f"BED10 {_gy(course.get('bed10_gy'), 1)}, EQD2 {_gy(course.get('eqd2_gy'), 1)}"]
+    lines = [
+        f"  treated {date}{estimated} (date from {source}), machine "
+        f"{course.get('machine') or 'unknown'}, {course.get('n_beams')} beams",
+        f"  {course.get('fractions') or '?'} x {_gy(course.get('dose_per_fraction_gy'), 2)}"
+        f" = {_gy(course.get('prescription_dose_gy'), 2)} prescribed; "
+        f"BED10 {_gy(course.get('bed10_gy'), 1)}, EQD2 {_gy(course.get('eqd2_gy'), 1)}",
+    ]
     if course.get("gtv"):
         gtv = f"  target {course['gtv']}"
         dose = course.get("gtv_dose") or {}
-        parts = [f"{k.removesuffix('_gy')} {v:.2f} Gy" for k, v in dose.items()
-                 if k.endswith("_gy") and k != "alpha_beta_gy" and isinstance(v, (int, float))]
+        parts = [
+            f"{k.removesuffix('_gy')} {v:.2f} Gy"
+            for k, v in dose.items()
+            if k.endswith("_gy") and k != "alpha_beta_gy" and isinstance(v, (int, float))
+        ]
         if isinstance(dose.get("volume_ml"), (int, float)):
             parts.insert(0, f"{dose['volume_ml']:.2f} mL")
         if parts:

@@ -65,8 +65,17 @@ class ChainSettings:
     radiomics: bool = _ANALYSIS.radiomics
     radiomics_bin_count: int = _ANALYSIS.radiomics_bin_count
     radiomics_spacing_mm: float = _ANALYSIS.radiomics_spacing_mm
-    radiomics_quantities: tuple[str, ...] = ("ADC", "MK", "Kapp", "Ktrans", "ve", "vp", "IAUC60",
-                                             "T2w", "T1w")
+    radiomics_quantities: tuple[str, ...] = (
+        "ADC",
+        "MK",
+        "Kapp",
+        "Ktrans",
+        "ve",
+        "vp",
+        "IAUC60",
+        "T2w",
+        "T1w",
+    )
     alpha_beta_gy: float = _ANALYSIS.alpha_beta_gy
     model_path: Path | None = _ANALYSIS.model_path
     #: per-case minimum detectable changes from perturbations of the baseline ROI; False: changes
@@ -85,8 +94,10 @@ class ChainSettings:
         """The :class:`processing.maps.MapSettings` these settings imply."""
         from processing.maps import MapSettings
 
-        return MapSettings(relaxivity=self.default_relaxivity_per_mM_s,
-                           relaxivity_by_agent=dict(self.relaxivity_per_mM_s))
+        return MapSettings(
+            relaxivity=self.default_relaxivity_per_mM_s,
+            relaxivity_by_agent=dict(self.relaxivity_per_mM_s),
+        )
 
 
 @dataclass
@@ -150,9 +161,12 @@ class ChainResult:
                     "days_since_treatment": s.days_since_treatment,
                     "maps": sorted(s.maps),
                     "analyses_possible": sorted(s.inventory.analyses),
-                    "registration": None if s.registration is None else {
-                        "matrix_followup_to_baseline":
-                            np.asarray(s.registration.matrix_moving_to_fixed).tolist(),
+                    "registration": None
+                    if s.registration is None
+                    else {
+                        "matrix_followup_to_baseline": np.asarray(
+                            s.registration.matrix_moving_to_fixed
+                        ).tolist(),
                         "translation_mm": list(s.registration.translation_mm),
                         "rotation_deg": list(s.registration.rotation_deg),
                         "final_mutual_information": s.registration.final_mutual_information,
@@ -168,11 +182,14 @@ class ChainResult:
             ],
             "time_points": summary_records(self.results),
             "outputs": [
-                {"modality": str(ds.Modality), "sop_class_uid": str(ds.SOPClassUID),
-                 "sop_instance_uid": str(ds.SOPInstanceUID),
-                 "series_instance_uid": str(ds.SeriesInstanceUID),
-                 "study_instance_uid": str(ds.StudyInstanceUID),
-                 "series_description": str(ds.get("SeriesDescription", ""))}
+                {
+                    "modality": str(ds.Modality),
+                    "sop_class_uid": str(ds.SOPClassUID),
+                    "sop_instance_uid": str(ds.SOPInstanceUID),
+                    "series_instance_uid": str(ds.SeriesInstanceUID),
+                    "study_instance_uid": str(ds.StudyInstanceUID),
+                    "series_description": str(ds.get("SeriesDescription", "")),
+                }
                 for ds in self.outputs
             ],
             "notes": self.notes,
@@ -225,8 +242,9 @@ class _Stage:
         self.timings[self.stage] += time.perf_counter() - self.start
 
 
-def split_studies(datasets: Iterable[Dataset]) -> tuple[list[Dataset], dict[str, list[Dataset]],
-                                                       dict[str, list[Dataset]]]:
+def split_studies(
+    datasets: Iterable[Dataset],
+) -> tuple[list[Dataset], dict[str, list[Dataset]], dict[str, list[Dataset]]]:
     """RT objects, MR images by Study Instance UID, and readers' SEGs by Study Instance UID.
 
     Parametric Maps (Modality MR, SOP class Parametric Map) and SEGs this node produced itself
@@ -251,8 +269,9 @@ def split_studies(datasets: Iterable[Dataset]) -> tuple[list[Dataset], dict[str,
 _PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 
 
-def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = None,
-              map_cache: Any = None) -> ChainResult:
+def run_chain(
+    datasets: Sequence[Dataset], *, settings: ChainSettings | None = None, map_cache: Any = None
+) -> ChainResult:
     """Analyse one patient: see the module docstring.
 
     Parameters
@@ -285,8 +304,10 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
     with timer("course"):
         course = recognise_course(rt, alpha_beta_gy=settings.alpha_beta_gy)
     if course is None:
-        raise ChainError("no CyberKnife treatment course among the datasets "
-                         "(an RT Plan from an Accuray/CyberKnife system is needed)")
+        raise ChainError(
+            "no CyberKnife treatment course among the datasets "
+            "(an RT Plan from an Accuray/CyberKnife system is needed)"
+        )
     if not mr_studies:
         raise ChainError("no MR study among the datasets")
     dates = {}
@@ -296,17 +317,27 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
             notes.append(f"MR study {uid} has no valid StudyDate; ignored")
             continue
         dates[uid] = date
-    roles = assign_roles(dates.items(), course.treatment_date.date,
-                         baseline_window_days=settings.baseline_window_days)
+    roles = assign_roles(
+        dates.items(),
+        course.treatment_date.date,
+        baseline_window_days=settings.baseline_window_days,
+    )
     if roles.baseline is None:
         raise ChainError(
             f"no baseline MR study within {settings.baseline_window_days} days before the "
-            f"treatment date {course.treatment_date.date.isoformat()}")
+            f"treatment date {course.treatment_date.date.isoformat()}"
+        )
     for other in roles.others:
         notes.append(f"MR study {other.study_instance_uid}: {other.reason}")
 
-    baseline = _prepare_study(mr_studies[roles.baseline.study_instance_uid], roles.baseline, timer,
-                              notes, settings.map_settings(), map_cache)
+    baseline = _prepare_study(
+        mr_studies[roles.baseline.study_instance_uid],
+        roles.baseline,
+        timer,
+        notes,
+        settings.map_settings(),
+        map_cache,
+    )
     rtstruct = _find_rtstruct(rt, course)
     lesion, gtv = _baseline_lesion(rtstruct, course, baseline)
     corrected = _reader_lesion(reader_segs.get(baseline.study_instance_uid, ()), baseline, notes)
@@ -321,8 +352,14 @@ def run_chain(datasets: Sequence[Dataset], *, settings: ChainSettings | None = N
         # one unusable follow-up (no anatomical series, lesion outside its field of view) must
         # not cost the patient the analysis of the others
         try:
-            study = _prepare_study(mr_studies[role.study_instance_uid], role, timer, notes,
-                                   settings.map_settings(), map_cache)
+            study = _prepare_study(
+                mr_studies[role.study_instance_uid],
+                role,
+                timer,
+                notes,
+                settings.map_settings(),
+                map_cache,
+            )
             with timer("registration+lesion"):
                 _follow_up_lesion(baseline, study, gtv)
         except ChainError as err:
@@ -363,9 +400,14 @@ _READ_ROLES = ("dwi", "dce", "vfa_t1", "t1w", "t2w", "stir")
 _ANATOMICAL = {"t2w": "T2w", "t1w": "T1w", "stir": "STIR"}
 
 
-def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
-                   notes: list[str], map_settings: Any = None,
-                   map_cache: Any = None) -> StudyAnalysis:
+def _prepare_study(
+    datasets: Sequence[Dataset],
+    role: Any,
+    timer: _Timer,
+    notes: list[str],
+    map_settings: Any = None,
+    map_cache: Any = None,
+) -> StudyAnalysis:
     from processing.classify import classify_study
     from processing.maps import compute_maps
     from processing.series import group_by_series
@@ -376,8 +418,10 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
         # classification assembles every image series; keep them rather than reading twice
         inventory = classify_study(datasets, volumes=assembled)
     if inventory.anatomy_reference is None:
-        raise ChainError(f"study {role.study_instance_uid} has no anatomical series (T2w, T1w or "
-                         "STIR) to delineate the lesion on")
+        raise ChainError(
+            f"study {role.study_instance_uid} has no anatomical series (T2w, T1w or "
+            "STIR) to delineate the lesion on"
+        )
     series = group_by_series(datasets, set_aside=[])  # classify_study listed what it set aside
     volumes: dict[str, Any] = {}
     roles: dict[str, str] = {}
@@ -391,9 +435,14 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
     if reference_uid in volumes and _is_sagittal(volumes[reference_uid]):
         # lesions are delineated and measured on the axial series (the planning orientation);
         # a sagittal series of the same contrast only helps the registration
-        reference_uid = next((uid for uid, v in volumes.items()
-                              if roles[uid] == roles[reference_uid] and not _is_sagittal(v)),
-                             reference_uid)
+        reference_uid = next(
+            (
+                uid
+                for uid, v in volumes.items()
+                if roles[uid] == roles[reference_uid] and not _is_sagittal(v)
+            ),
+            reference_uid,
+        )
     anatomy = volumes.get(reference_uid)
     if anatomy is None:
         raise ChainError(f"the anatomical series of study {role.study_instance_uid} cannot be read")
@@ -406,8 +455,9 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
 
         stage = f"maps cached: {role.study_instance_uid}"
         with timer(stage):
-            cache_key = map_cache_key([ds for uid in map_inputs for ds in series[uid]],
-                                      map_settings)
+            cache_key = map_cache_key(
+                [ds for uid in map_inputs for ds in series[uid]], map_settings
+            )
             quant = map_cache.get(cache_key)
         if quant is None:  # a miss: the key's time belongs to the fit
             timer.timings["maps"] += timer.timings.pop(stage)
@@ -425,32 +475,61 @@ def _prepare_study(datasets: Sequence[Dataset], role: Any, timer: _Timer,
                     map_cache.put(cache_key, quant)
     for quantity, qmap in quant.items():
         uid = qmap.source_series_instance_uid
-        maps[quantity] = StudyMap(quantity, qmap.image(), qmap.unit, dict(qmap.provenance),
-                                  volumes[uid], list(series[uid]))
+        maps[quantity] = StudyMap(
+            quantity,
+            qmap.image(),
+            qmap.unit,
+            dict(qmap.provenance),
+            volumes[uid],
+            list(series[uid]),
+        )
     # anatomical channels: radiomics and the follow-up lesion refinement use them like maps
     for uid, role_name in roles.items():
         name = _ANATOMICAL.get(role_name)
         if name is None or (name in maps and uid != reference_uid) or _is_sagittal(volumes[uid]):
             continue
         volume = volumes[uid]
-        maps[name] = StudyMap(name, volume.volume_image(0), "1", {"series": uid}, volume,
-                              list(series[uid]), exported=False)
+        maps[name] = StudyMap(
+            name,
+            volume.volume_image(0),
+            "1",
+            {"series": uid},
+            volume,
+            list(series[uid]),
+            exported=False,
+        )
     reference_role = roles[reference_uid]
-    sagittal = next((v for uid, v in volumes.items()
-                     if roles[uid] == reference_role and uid != reference_uid
-                     and _is_sagittal(v) and not _is_sagittal(anatomy)), None)
+    sagittal = next(
+        (
+            v
+            for uid, v in volumes.items()
+            if roles[uid] == reference_role
+            and uid != reference_uid
+            and _is_sagittal(v)
+            and not _is_sagittal(anatomy)
+        ),
+        None,
+    )
     scanner_uid = next((uid for uid in inventory.adc_maps if uid in assembled), None)
     return StudyAnalysis(
         sagittal_image=None if sagittal is None else sagittal.volume_image(0),
-        study_instance_uid=role.study_instance_uid, study_date=role.study_date, role=role.role,
-        days_since_treatment=role.days_since_treatment, inventory=inventory, anatomy=anatomy,
+        study_instance_uid=role.study_instance_uid,
+        study_date=role.study_date,
+        role=role.role,
+        days_since_treatment=role.days_since_treatment,
+        inventory=inventory,
+        anatomy=anatomy,
         anatomy_image=anatomy.volume_image(0),
         anatomy_datasets=list(series[reference_uid]),
-        input_digest=digest_uids(datasets), maps=maps,
+        input_digest=digest_uids(datasets),
+        maps=maps,
         scanner_adc=None if scanner_uid is None else assembled[scanner_uid],
         scanner_adc_dataset=None if scanner_uid is None else series[scanner_uid][0],
-        set_aside=(*inventory.set_aside,
-                   *(entry for volume in volumes.values() for entry in volume.excluded)))
+        set_aside=(
+            *inventory.set_aside,
+            *(entry for volume in volumes.values() for entry in volume.excluded),
+        ),
+    )
 
 
 def _scanner_adc_qa(study: StudyAnalysis, notes: list[str]) -> None:
@@ -460,12 +539,17 @@ def _scanner_adc_qa(study: StudyAnalysis, notes: list[str]) -> None:
     if study.scanner_adc is None:
         return
     adc = study.maps.get("ADC")
-    study.scanner_adc_qa = scanner_adc_qa(None if adc is None else adc.image, study.scanner_adc,
-                                          study.scanner_adc_dataset,
-                                          tumour_mask=study.lesion_mask)
+    study.scanner_adc_qa = scanner_adc_qa(
+        None if adc is None else adc.image,
+        study.scanner_adc,
+        study.scanner_adc_dataset,
+        tumour_mask=study.lesion_mask,
+    )
     if "error" in study.scanner_adc_qa:
-        notes.append(f"study {study.study_instance_uid}: ADC QA against the scanner ADC "
-                     f"impossible: {study.scanner_adc_qa['error']}")
+        notes.append(
+            f"study {study.study_instance_uid}: ADC QA against the scanner ADC "
+            f"impossible: {study.scanner_adc_qa['error']}"
+        )
 
 
 def _is_sagittal(volume: Any) -> bool:
@@ -477,26 +561,36 @@ def _is_sagittal(volume: Any) -> bool:
 def _find_rtstruct(rt: Sequence[Dataset], course: Any) -> Dataset:
     for ds in rt:
         if str(ds.get("Modality")) == "RTSTRUCT" and (
-                course.rtstruct_sop_instance_uid is None
-                or str(ds.SOPInstanceUID) == course.rtstruct_sop_instance_uid):
+            course.rtstruct_sop_instance_uid is None
+            or str(ds.SOPInstanceUID) == course.rtstruct_sop_instance_uid
+        ):
             return ds
     raise ChainError("the treatment course has no RT Structure Set with a GTV")
 
 
-def _baseline_lesion(rtstruct: Dataset, course: Any, baseline: StudyAnalysis) -> tuple[Any, sitk.Image]:
+def _baseline_lesion(
+    rtstruct: Dataset, course: Any, baseline: StudyAnalysis
+) -> tuple[Any, sitk.Image]:
     from processing.lesion import make_lesion
     from processing.rtstruct import RTStructError, rtstruct_to_mask
 
     if course.gtv is None:
         raise ChainError("no GTV found in the RT Structure Set (by ROI interpreted type or name)")
     try:
-        gtv = rtstruct_to_mask(rtstruct, course.gtv.number, baseline.anatomy_image,
-                               frame_of_reference_uid=baseline.anatomy.frame_of_reference_uid)
+        gtv = rtstruct_to_mask(
+            rtstruct,
+            course.gtv.number,
+            baseline.anatomy_image,
+            frame_of_reference_uid=baseline.anatomy.frame_of_reference_uid,
+        )
     except RTStructError as err:
         raise ChainError(f"the GTV cannot be placed on the baseline MR: {err}") from err
     level = _vertebral_level(course.gtv.name)
-    lesion = make_lesion(rtstruct_sop_instance_uid=str(rtstruct.SOPInstanceUID), roi=course.gtv,
-                         vertebral_level=level)
+    lesion = make_lesion(
+        rtstruct_sop_instance_uid=str(rtstruct.SOPInstanceUID),
+        roi=course.gtv,
+        vertebral_level=level,
+    )
     return lesion, gtv
 
 
@@ -513,15 +607,22 @@ def _canal(rtstruct: Dataset, baseline: StudyAnalysis, notes: list[str]) -> sitk
     """
     from processing.rtstruct import RTStructError, list_rois, rtstruct_to_mask
 
-    cord = next((roi for roi in list_rois(rtstruct)
-                 if re.search(r"cord|myelon", roi.name, re.IGNORECASE)), None)
+    cord = next(
+        (roi for roi in list_rois(rtstruct) if re.search(r"cord|myelon", roi.name, re.IGNORECASE)),
+        None,
+    )
     if cord is None:
-        notes.append("no spinal cord contour in the RT Structure Set: the epidural component "
-                     "is not measured")
+        notes.append(
+            "no spinal cord contour in the RT Structure Set: the epidural component is not measured"
+        )
         return None
     try:
-        mask = rtstruct_to_mask(rtstruct, cord.number, baseline.anatomy_image,
-                                frame_of_reference_uid=baseline.anatomy.frame_of_reference_uid)
+        mask = rtstruct_to_mask(
+            rtstruct,
+            cord.number,
+            baseline.anatomy_image,
+            frame_of_reference_uid=baseline.anatomy.frame_of_reference_uid,
+        )
     except RTStructError as err:
         notes.append(f"spinal cord contour not usable ({err}): epidural component not measured")
         return None
@@ -529,8 +630,9 @@ def _canal(rtstruct: Dataset, baseline: StudyAnalysis, notes: list[str]) -> sitk
     return sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
 
 
-def _reader_lesion(segs: Sequence[Dataset], study: StudyAnalysis,
-                   notes: list[str]) -> sitk.Image | None:
+def _reader_lesion(
+    segs: Sequence[Dataset], study: StudyAnalysis, notes: list[str]
+) -> sitk.Image | None:
     """The lesion from a reader's DICOM SEG of this study (a radiologist's correction), if any.
 
     The latest SEG (by Content Date/Time) that segments the study's anatomical reference series
@@ -544,21 +646,31 @@ def _reader_lesion(segs: Sequence[Dataset], study: StudyAnalysis,
 
     if not segs:
         return None
-    latest = max(segs, key=lambda ds: (str(ds.get("ContentDate", "")),
-                                       str(ds.get("ContentTime", "")), str(ds.SOPInstanceUID)))
+    latest = max(
+        segs,
+        key=lambda ds: (
+            str(ds.get("ContentDate", "")),
+            str(ds.get("ContentTime", "")),
+            str(ds.SOPInstanceUID),
+        ),
+    )
     frames = study.anatomy.source_frames[0]
     try:
         mask = read_segmentation(latest).mask_on(study.anatomy_image, source_frames=frames)
     except ReaderSegmentationError as err:
-        notes.append(f"reader SEG {latest.SOPInstanceUID} not used: it does not segment the "
-                     f"anatomical series of study {study.study_instance_uid} ({err})")
+        notes.append(
+            f"reader SEG {latest.SOPInstanceUID} not used: it does not segment the "
+            f"anatomical series of study {study.study_instance_uid} ({err})"
+        )
         return None
     if not sitk.GetArrayViewFromImage(mask).any():
-        notes.append(f"reader SEG {latest.SOPInstanceUID} is empty on the anatomical series; "
-                     "not used")
+        notes.append(
+            f"reader SEG {latest.SOPInstanceUID} is empty on the anatomical series; not used"
+        )
         return None
-    notes.append(f"study {study.study_instance_uid}: lesion taken from reader SEG "
-                 f"{latest.SOPInstanceUID}")
+    notes.append(
+        f"study {study.study_instance_uid}: lesion taken from reader SEG {latest.SOPInstanceUID}"
+    )
     return mask
 
 
@@ -567,7 +679,9 @@ def _vertebral_level(name: str) -> str | None:
     return f"{match.group(1)}{match.group(2)}" if match else None
 
 
-def _with_gtv_dose(rt: Sequence[Dataset], course: Any, gtv: sitk.Image, settings: ChainSettings) -> Any:
+def _with_gtv_dose(
+    rt: Sequence[Dataset], course: Any, gtv: sitk.Image, settings: ChainSettings
+) -> Any:
     import dataclasses
 
     from processing.course import CourseError, dose_statistics, rtdose_image
@@ -576,8 +690,12 @@ def _with_gtv_dose(rt: Sequence[Dataset], course: Any, gtv: sitk.Image, settings
         if str(ds.SOPInstanceUID) == course.rtdose_sop_instance_uid:
             try:
                 dose = rtdose_image(ds, fractions=course.fractionation.fractions)
-                stats = dose_statistics(dose, gtv, fractions=course.fractionation.fractions,
-                                        alpha_beta_gy=settings.alpha_beta_gy)
+                stats = dose_statistics(
+                    dose,
+                    gtv,
+                    fractions=course.fractionation.fractions,
+                    alpha_beta_gy=settings.alpha_beta_gy,
+                )
             except CourseError as err:
                 logger.warning("GTV dose statistics not computed: %s", err)
                 return course
@@ -592,8 +710,12 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
     if baseline.sagittal_image is not None and study.sagittal_image is not None:
         # thick axial slices leave the cranio-caudal position to a sagittal series
         registration = register_rigid_multi(
-            [(baseline.anatomy_image, study.anatomy_image),
-             (baseline.sagittal_image, study.sagittal_image)], region=gtv)
+            [
+                (baseline.anatomy_image, study.anatomy_image),
+                (baseline.sagittal_image, study.sagittal_image),
+            ],
+            region=gtv,
+        )
     else:
         registration = register_rigid(baseline.anatomy_image, study.anatomy_image, region=gtv)
     study.registration = registration
@@ -601,21 +723,28 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
     follow_channels = [study.anatomy_image]
     for name in _REFINEMENT_CHANNELS:
         if name in baseline.maps and name in study.maps:
-            base_channels.append(_finite(_on_grid(baseline.maps[name].image,
-                                                  baseline.anatomy_image)))
+            base_channels.append(
+                _finite(_on_grid(baseline.maps[name].image, baseline.anatomy_image))
+            )
             follow_channels.append(_finite(_on_grid(study.maps[name].image, study.anatomy_image)))
     try:
-        lesion = refine_lesion(base_channels, gtv, follow_channels,
-                               registration.matrix_moving_to_fixed)
+        lesion = refine_lesion(
+            base_channels, gtv, follow_channels, registration.matrix_moving_to_fixed
+        )
     except LesionError as err:
-        raise ChainError(f"the lesion cannot be placed on follow-up {study.study_instance_uid}: "
-                         f"{err}") from err
+        raise ChainError(
+            f"the lesion cannot be placed on follow-up {study.study_instance_uid}: {err}"
+        ) from err
     study.lesion_mask = lesion.mask
     if baseline.canal_mask is not None:
-        study.canal_mask = propagate_mask(baseline.canal_mask, study.anatomy_image,
-                                          registration.matrix_moving_to_fixed)
-    study.lesion_notes = tuple(lesion.notes) + (() if registration.passed else tuple(
-        f"registration check failed: {r}" for r in registration.reasons))
+        study.canal_mask = propagate_mask(
+            baseline.canal_mask, study.anatomy_image, registration.matrix_moving_to_fixed
+        )
+    study.lesion_notes = tuple(lesion.notes) + (
+        ()
+        if registration.passed
+        else tuple(f"registration check failed: {r}" for r in registration.reasons)
+    )
 
 
 #: margin kept around the lesion for measurements and radiomics (mm): beyond the 1 cm³ peak sphere,
@@ -646,8 +775,12 @@ def _crop_to_lesion(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
 
 
 def _grid_key(image: sitk.Image) -> tuple:
-    return (image.GetSize(), tuple(np.round(image.GetOrigin(), 3)),
-            tuple(np.round(image.GetSpacing(), 4)), tuple(np.round(image.GetDirection(), 5)))
+    return (
+        image.GetSize(),
+        tuple(np.round(image.GetOrigin(), 3)),
+        tuple(np.round(image.GetSpacing(), 4)),
+        tuple(np.round(image.GetDirection(), 5)),
+    )
 
 
 def _grid_groups(study: StudyAnalysis) -> list[tuple[sitk.Image, dict[str, sitk.Image]]]:
@@ -678,10 +811,13 @@ def _grid_groups(study: StudyAnalysis) -> list[tuple[sitk.Image, dict[str, sitk.
         if not sitk.GetArrayViewFromImage(mask).any():
             anatomy_maps.update({q: _on_grid(m, study.anatomy_image) for q, m in maps.items()})
             continue
-        groups.append((_crop_to_lesion(mask, mask),
-                       {q: _crop_to_lesion(m, mask) for q, m in maps.items()}))
-    anatomy = (_crop_to_lesion(study.lesion_mask, study.lesion_mask),
-               {q: _crop_to_lesion(m, study.lesion_mask) for q, m in anatomy_maps.items()})
+        groups.append(
+            (_crop_to_lesion(mask, mask), {q: _crop_to_lesion(m, mask) for q, m in maps.items()})
+        )
+    anatomy = (
+        _crop_to_lesion(study.lesion_mask, study.lesion_mask),
+        {q: _crop_to_lesion(m, study.lesion_mask) for q, m in anatomy_maps.items()},
+    )
     return [anatomy, *groups]
 
 
@@ -689,8 +825,10 @@ def _epidural(study: StudyAnalysis) -> sitk.Image | None:
     """The lesion's part inside the spinal canal, cropped like the anatomical group."""
     if study.canal_mask is None:
         return None
-    inside = sitk.And(sitk.Cast(study.lesion_mask > 0, sitk.sitkUInt8),
-                      sitk.Cast(study.canal_mask > 0, sitk.sitkUInt8))
+    inside = sitk.And(
+        sitk.Cast(study.lesion_mask > 0, sitk.sitkUInt8),
+        sitk.Cast(study.canal_mask > 0, sitk.sitkUInt8),
+    )
     return _crop_to_lesion(inside, study.lesion_mask)
 
 
@@ -712,8 +850,9 @@ def _merge_measurements(parts: Sequence[Any]) -> Any:
         statistics.update(part.map_statistics)
         radiomics.update(part.radiomics)
         notes.extend(part.radiomics_notes)
-    return dataclasses.replace(first, map_statistics=statistics, radiomics=radiomics,
-                               radiomics_notes=tuple(notes))
+    return dataclasses.replace(
+        first, map_statistics=statistics, radiomics=radiomics, radiomics_notes=tuple(notes)
+    )
 
 
 def _finite(image: sitk.Image) -> sitk.Image:
@@ -732,17 +871,25 @@ def _finite(image: sitk.Image) -> sitk.Image:
 def _on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     from processing.registration import resample_onto
 
-    same = (image.GetSize() == reference.GetSize()
-            and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-            and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-            and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5))
+    same = (
+        image.GetSize() == reference.GetSize()
+        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
+        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
+        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5)
+    )
     if same:
         return sitk.Cast(image, sitk.sitkFloat32)
     return resample_onto(sitk.Cast(image, sitk.sitkFloat32), reference, default_value=float("nan"))
 
 
-def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
-                        settings: ChainSettings, timer: _Timer, notes: list[str]) -> list[Any]:
+def _measure_and_assess(
+    studies: list[StudyAnalysis],
+    lesion: Any,
+    course: Any,
+    settings: ChainSettings,
+    timer: _Timer,
+    notes: list[str],
+) -> list[Any]:
     from processing.change import compute_changes, perturbation_repeatability
     from processing.comparability import assess_comparability
     from processing.measure import measure_lesion
@@ -757,58 +904,98 @@ def _measure_and_assess(studies: list[StudyAnalysis], lesion: Any, course: Any,
     if settings.radiomics:
         quantities = [q for q in settings.radiomics_quantities if q in common]
         radiomics_settings = default_course_settings(
-            quantities, spacing_mm=settings.radiomics_spacing_mm,
-            bin_count=settings.radiomics_bin_count)
+            quantities,
+            spacing_mm=settings.radiomics_spacing_mm,
+            bin_count=settings.radiomics_bin_count,
+        )
     measurements = []
     repeatability: dict[str, float] = {}
     for index, study in enumerate(studies):
         groups = _grid_groups(study)
         epidural = _epidural(study)
         with timer("measure+radiomics"):
-            measurements.append(_merge_measurements([
-                measure_lesion(mask, maps, radiomics_settings=_subset(radiomics_settings, maps),
-                               epidural_mask=epidural if n == 0 else None)
-                for n, (mask, maps) in enumerate(groups)]))
+            measurements.append(
+                _merge_measurements(
+                    [
+                        measure_lesion(
+                            mask,
+                            maps,
+                            radiomics_settings=_subset(radiomics_settings, maps),
+                            epidural_mask=epidural if n == 0 else None,
+                        )
+                        for n, (mask, maps) in enumerate(groups)
+                    ]
+                )
+            )
         if index == 0 and len(studies) > 1 and settings.repeatability:
             # per-case minimum detectable change from small perturbations of the baseline ROI
             with timer("repeatability"):
                 for mask, maps in reversed(groups):  # the anatomical grid's volume MDC wins
-                    repeatability.update(perturbation_repeatability(
-                        mask, maps, radiomics_settings=_subset(radiomics_settings, maps)))
+                    repeatability.update(
+                        perturbation_repeatability(
+                            mask, maps, radiomics_settings=_subset(radiomics_settings, maps)
+                        )
+                    )
     baseline_protocol = _protocol(studies[0])
     results = []
     previous_category = None
     for index, (study, current) in enumerate(zip(studies, measurements)):
-        provenance = {"maps": {q: m.provenance for q, m in study.maps.items()},
-                      "lesion_notes": list(study.lesion_notes),
-                      "algorithm_version": ALGORITHM_VERSION}
+        provenance = {
+            "maps": {q: m.provenance for q, m in study.maps.items()},
+            "lesion_notes": list(study.lesion_notes),
+            "algorithm_version": ALGORITHM_VERSION,
+        }
         if study.scanner_adc_qa is not None:
             provenance["scanner_adc_qa"] = study.scanner_adc_qa
         if index == 0:
-            results.append(TimePointResult(
-                lesion=lesion, role=TimePointRole.BASELINE,
-                study_instance_uid=study.study_instance_uid,
-                study_date=study.study_date.strftime("%Y%m%d"),
-                days_since_treatment=study.days_since_treatment, measurements=current,
-                provenance=provenance))
+            results.append(
+                TimePointResult(
+                    lesion=lesion,
+                    role=TimePointRole.BASELINE,
+                    study_instance_uid=study.study_instance_uid,
+                    study_date=study.study_date.strftime("%Y%m%d"),
+                    days_since_treatment=study.days_since_treatment,
+                    measurements=current,
+                    provenance=provenance,
+                )
+            )
             continue
         comparability = assess_comparability(baseline_protocol, _protocol(study))
-        not_comparable = [q for q, verdict in comparability.per_quantity.items()
-                          if verdict.value == "not comparable"]
+        not_comparable = [
+            q
+            for q, verdict in comparability.per_quantity.items()
+            if verdict.value == "not comparable"
+        ]
         previous = measurements[index - 1] if index > 1 else None
-        changes = compute_changes(current, measurements[0], previous, repeatability=repeatability,
-                                  not_comparable=not_comparable)
-        response = assess_response(changes, days_since_treatment=study.days_since_treatment,
-                                   previous_category=previous_category)
+        changes = compute_changes(
+            current,
+            measurements[0],
+            previous,
+            repeatability=repeatability,
+            not_comparable=not_comparable,
+        )
+        response = assess_response(
+            changes,
+            days_since_treatment=study.days_since_treatment,
+            previous_category=previous_category,
+        )
         response = _with_site_model(response, changes, settings, notes)
         previous_category = response.category
-        results.append(TimePointResult(
-            lesion=lesion, role=TimePointRole.FOLLOW_UP,
-            study_instance_uid=study.study_instance_uid,
-            study_date=study.study_date.strftime("%Y%m%d"),
-            days_since_treatment=study.days_since_treatment, measurements=current,
-            changes=changes, response=response, comparability=comparability.overall,
-            comparability_reasons=tuple(comparability.reasons), provenance=provenance))
+        results.append(
+            TimePointResult(
+                lesion=lesion,
+                role=TimePointRole.FOLLOW_UP,
+                study_instance_uid=study.study_instance_uid,
+                study_date=study.study_date.strftime("%Y%m%d"),
+                days_since_treatment=study.days_since_treatment,
+                measurements=current,
+                changes=changes,
+                response=response,
+                comparability=comparability.overall,
+                comparability_reasons=tuple(comparability.reasons),
+                provenance=provenance,
+            )
+        )
     return results
 
 
@@ -831,15 +1018,22 @@ def _protocol(study: StudyAnalysis) -> Any:
         anatomical=study.anatomy_datasets[0],
         dwi=None if dwi is None else dwi.source_datasets[0],
         dce=None if dce is None else dce.source_datasets[0],
-        dwi_b_values=() if dwi is None else tuple(sorted({
-            round(float(b)) for b in dwi.source_volume.b_values if np.isfinite(b)})),
+        dwi_b_values=()
+        if dwi is None
+        else tuple(sorted({round(float(b)) for b in dwi.source_volume.b_values if np.isfinite(b)})),
         dce_temporal_resolution_s=next(
-            (s.temporal_resolution for s in inv.series if s.series_instance_uid == inv.dce), None),
+            (s.temporal_resolution for s in inv.series if s.series_instance_uid == inv.dce), None
+        ),
     )
 
 
-def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any,
-                   settings: ChainSettings, rt: Sequence[Dataset]) -> list[Dataset]:
+def _build_outputs(
+    studies: list[StudyAnalysis],
+    results: list[Any],
+    lesion: Any,
+    settings: ChainSettings,
+    rt: Sequence[Dataset],
+) -> list[Dataset]:
     """SEG per time point, Parametric Maps, Spatial Registrations and the TID 1500 report.
 
     Output UIDs derive from the inputs' instance UIDs and the settings (never from computed
@@ -866,26 +1060,47 @@ def _build_outputs(studies: list[StudyAnalysis], results: list[Any], lesion: Any
         sources, frames, grid = source_alignment(study.anatomy, by_uid)
         mask = sitk.GetArrayFromImage(study.lesion_mask).astype(bool)
         seg_digest = digest_text(study.input_digest, baseline_digest, rt_digest, settings_text)
-        segs.append(build_segmentation(sources, mask, lesion, segment_type=settings.segment_type,
-                                       algorithm_version=ALGORITHM_VERSION, source_frames=frames,
-                                       input_digest=seg_digest, grid=grid))
+        segs.append(
+            build_segmentation(
+                sources,
+                mask,
+                lesion,
+                segment_type=settings.segment_type,
+                algorithm_version=ALGORITHM_VERSION,
+                source_frames=frames,
+                input_digest=seg_digest,
+                grid=grid,
+            )
+        )
         for quantity, qmap in sorted(study.maps.items()):
             if not qmap.exported:
                 continue
             by_uid = {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets}
             sources, frames, grid = source_alignment(qmap.source_volume, by_uid)
             values = sitk.GetArrayFromImage(qmap.image).astype(np.float32)
-            pmaps.append(build_parametric_map(
-                sources, values, quantity, provenance=qmap.provenance,
-                algorithm_version=ALGORITHM_VERSION, source_frames=frames, grid=grid,
-                vertebral_level=lesion.vertebral_level,
-                input_digest=digest_text(study.input_digest, quantity, settings_text)))
+            pmaps.append(
+                build_parametric_map(
+                    sources,
+                    values,
+                    quantity,
+                    provenance=qmap.provenance,
+                    algorithm_version=ALGORITHM_VERSION,
+                    source_frames=frames,
+                    grid=grid,
+                    vertebral_level=lesion.vertebral_level,
+                    input_digest=digest_text(study.input_digest, quantity, settings_text),
+                )
+            )
         if study.registration is not None:
             regs.append(_registration_object(studies[0], study))
-    report = build_measurement_report(results, segmentations=segs, parametric_maps=pmaps,
-                                      algorithm_version=ALGORITHM_VERSION,
-                                      algorithm_parameters=_algorithm_parameters(settings),
-                                      segment_type=settings.segment_type)
+    report = build_measurement_report(
+        results,
+        segmentations=segs,
+        parametric_maps=pmaps,
+        algorithm_version=ALGORITHM_VERSION,
+        algorithm_parameters=_algorithm_parameters(settings),
+        segment_type=settings.segment_type,
+    )
     return [*segs, *pmaps, *regs, report]
 
 
@@ -895,19 +1110,25 @@ def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
 
     from processing.response import RULE_SET
 
-    parameters = {"response rule set": RULE_SET,
-                  "radiomics": (f"IBSI preprocessing, {settings.radiomics_spacing_mm} mm isotropic, "
-                                f"{settings.radiomics_bin_count} fixed bins")
-                  if settings.radiomics else "off",
-                  "baseline window (days)": str(settings.baseline_window_days),
-                  "alpha/beta (Gy)": str(settings.alpha_beta_gy),
-                  "DCE arterial input function": "Parker 2006 population AIF"}
+    parameters = {
+        "response rule set": RULE_SET,
+        "radiomics": (
+            f"IBSI preprocessing, {settings.radiomics_spacing_mm} mm isotropic, "
+            f"{settings.radiomics_bin_count} fixed bins"
+        )
+        if settings.radiomics
+        else "off",
+        "baseline window (days)": str(settings.baseline_window_days),
+        "alpha/beta (Gy)": str(settings.alpha_beta_gy),
+        "DCE arterial input function": "Parker 2006 population AIF",
+    }
     parameters.update({f"maps {k}": str(v) for k, v in asdict(settings.map_settings()).items()})
     return parameters
 
 
-def _history_documents(studies: list[StudyAnalysis], results: list[Any], course: Any
-                       ) -> list[Dataset]:
+def _history_documents(
+    studies: list[StudyAnalysis], results: list[Any], course: Any
+) -> list[Dataset]:
     """The lesion's history (trend plot and table) as an Encapsulated PDF in each follow-up."""
     from reporting.history import lesion_history_documents
     from reporting.summary import summary_records
@@ -915,14 +1136,20 @@ def _history_documents(studies: list[StudyAnalysis], results: list[Any], course:
     follow_up_images = {s.study_instance_uid: s.anatomy_datasets[0] for s in studies[1:]}
     if not follow_up_images:
         return []
-    return lesion_history_documents(summary_records(results), follow_up_images=follow_up_images,
-                                    algorithm_version=ALGORITHM_VERSION,
-                                    course=course_summary(course))
+    return lesion_history_documents(
+        summary_records(results),
+        follow_up_images=follow_up_images,
+        algorithm_version=ALGORITHM_VERSION,
+        course=course_summary(course),
+    )
 
 
 def _registration_object(baseline: StudyAnalysis, study: StudyAnalysis) -> Dataset:
     from reporting.registration import build_spatial_registration
 
     return build_spatial_registration(
-        baseline.anatomy_datasets, study.anatomy_datasets,
-        study.registration.matrix_moving_to_fixed, algorithm_version=ALGORITHM_VERSION)
+        baseline.anatomy_datasets,
+        study.anatomy_datasets,
+        study.registration.matrix_moving_to_fixed,
+        algorithm_version=ALGORITHM_VERSION,
+    )

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spine-node", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"spine-node {__version__}")
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (default INFO)",
     )
     parser.add_argument("--log-file", default=None, help="also write the log to this file")

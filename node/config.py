@@ -165,6 +165,7 @@ class DispatchSettings(_Frozen):
 # -- the sections of the node's parts (one place: every command that reads the file validates
 # all of them at start-up) ------------------------------------------------------------------------
 
+
 class NotifySettings(BaseModel):
     """Where notifications go (the ``[followup.notify]`` table).
 
@@ -405,8 +406,10 @@ class DashboardSection(BaseModel):
         if bool(self.username) != bool(self.password_hash):
             raise ValueError("username and password_hash: give both or neither")
         if not _is_loopback(self.bind_address) and not self.password_hash:
-            raise ValueError(f"bind_address {self.bind_address!r} is not a loopback address: "
-                             "a username and password_hash are required")
+            raise ValueError(
+                f"bind_address {self.bind_address!r} is not a loopback address: "
+                "a username and password_hash are required"
+            )
         return self
 
 
@@ -492,8 +495,10 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
 
 
 def settings_from_mapping(
-    data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
-    *, base_dir: Path | None = None,
+    data: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    base_dir: Path | None = None,
 ) -> Settings:
     """Validate a parsed TOML mapping (plus overrides, which win) into :class:`Settings`.
 

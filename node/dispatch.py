@@ -102,33 +102,41 @@ class Outbox:
             if ids is None:
                 cur = db.execute(
                     "UPDATE outbox SET state='queued', tries=0, next_attempt=?, updated=?"
-                    " WHERE state='failed'", (now, now))
+                    " WHERE state='failed'",
+                    (now, now),
+                )
             else:
                 cur = db.executemany(
                     "UPDATE outbox SET state='queued', tries=0, next_attempt=?, updated=?"
                     " WHERE id=? AND state IN ('failed','queued')",
-                    [(now, now, i) for i in ids])
+                    [(now, now, i) for i in ids],
+                )
             return int(cur.rowcount)
 
     def recover_claims(self) -> int:
         """Put rows left ``sending`` by a killed process back to ``queued`` (start-up)."""
         with self.index.transaction() as db:
-            cur = db.execute("UPDATE outbox SET state='queued', updated=? WHERE state='sending'",
-                             (time.time(),))
+            cur = db.execute(
+                "UPDATE outbox SET state='queued', updated=? WHERE state='sending'", (time.time(),)
+            )
             count = int(cur.rowcount)
         if count:
-            logger.warning("%d outbox item(s) were being sent when the node stopped: re-queued",
-                           count)
+            logger.warning(
+                "%d outbox item(s) were being sent when the node stopped: re-queued", count
+            )
         return count
 
     def counts(self) -> dict[str, int]:
         """Number of outbox items per state."""
-        return {r[0]: r[1] for r in
-                self.index.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
+        return {
+            r[0]: r[1]
+            for r in self.index.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+        }
 
 
-def backoff_delay(tries: int, settings: DispatchSettings, *, rng: random.Random | None = None
-                  ) -> float:
+def backoff_delay(
+    tries: int, settings: DispatchSettings, *, rng: random.Random | None = None
+) -> float:
     """Seconds before the next try after ``tries`` failed ones (exponential, with ±20 % jitter)."""
     base = min(settings.backoff_initial_s * 2 ** max(0, tries - 1), settings.backoff_max_s)
     return base * (rng or random).uniform(0.8, 1.2)
@@ -164,7 +172,8 @@ class Dispatcher:
             sent = 0
             due = self.index.query(
                 "SELECT DISTINCT destination FROM outbox WHERE state='queued' AND next_attempt<=?",
-                (time.time(),))
+                (time.time(),),
+            )
             for row in due:
                 sent += self._send_destination(row[0])
             return sent
@@ -177,9 +186,12 @@ class Dispatcher:
             rows = db.execute(
                 "SELECT id, path, tries FROM outbox WHERE state='queued' AND destination=?"
                 " AND next_attempt<=? ORDER BY id LIMIT ?",
-                (destination, now, self.settings.dispatch.batch_size)).fetchall()
-            db.executemany("UPDATE outbox SET state='sending', updated=? WHERE id=?",
-                           [(now, r[0]) for r in rows])
+                (destination, now, self.settings.dispatch.batch_size),
+            ).fetchall()
+            db.executemany(
+                "UPDATE outbox SET state='sending', updated=? WHERE id=?",
+                [(now, r[0]) for r in rows],
+            )
         return [(int(r[0]), Path(r[1]), int(r[2])) for r in rows]
 
     def _failed_try(self, item_id: int, tries: int, status: int | None, error: str) -> None:
@@ -194,7 +206,8 @@ class Dispatcher:
             db.execute(
                 "UPDATE outbox SET state=?, tries=?, next_attempt=?, last_status=?, last_error=?,"
                 " updated=? WHERE id=?",
-                (state, tries, next_attempt, status, error, now, item_id))
+                (state, tries, next_attempt, status, error, now, item_id),
+            )
         if state == "failed":
             logger.error("outbox item %d failed after %d tries: %s", item_id, tries, error)
 
@@ -224,7 +237,8 @@ class Dispatcher:
                     db.execute(
                         "UPDATE outbox SET state='sent', tries=?, last_status=?, last_error=NULL,"
                         " updated=? WHERE id=?",
-                        (tries + 1, result.status, time.time(), item_id))
+                        (tries + 1, result.status, time.time(), item_id),
+                    )
                 acknowledged += 1
                 if result.status == 0:
                     n_ok += 1
@@ -232,14 +246,23 @@ class Dispatcher:
                     n_warn += 1
             else:
                 n_fail += 1
-                self._failed_try(item_id, tries, result.status,
-                                 result.error or f"status 0x{result.status or 0:04X}")
+                self._failed_try(
+                    item_id,
+                    tries,
+                    result.status,
+                    result.error or f"status 0x{result.status or 0:04X}",
+                )
 
         address = peer_address(peer, self.settings)
         outcome = "released"
         try:
-            send_files([p for _i, p, _t in items], address, calling_ae=self.calling_ae,
-                       timeout_s=self.settings.node.dimse_timeout_s, on_result=on_result)
+            send_files(
+                [p for _i, p, _t in items],
+                address,
+                calling_ae=self.calling_ae,
+                timeout_s=self.settings.node.dimse_timeout_s,
+                on_result=on_result,
+            )
         except PeerError as err:
             outcome = "failed"
             logger.warning("dispatch to %s: %s", address, err)
@@ -251,8 +274,9 @@ class Dispatcher:
             for item_id, _path, tries in items:
                 if item_id not in done and outcome != "failed":
                     self._failed_try(item_id, tries, None, "not sent")
-            self.index.close_association(assoc_id, outcome=outcome, n_ok=n_ok,
-                                         n_warning=n_warn, n_failed=n_fail)
+            self.index.close_association(
+                assoc_id, outcome=outcome, n_ok=n_ok, n_warning=n_warn, n_failed=n_fail
+            )
         if acknowledged:
             logger.info("dispatched %d instance(s) to %s", acknowledged, address)
         return acknowledged
@@ -265,4 +289,3 @@ def copy_into_outbox(store: Store, path: Path) -> Path:
     if not kept.exists():
         store.write_durably(data, kept)
     return kept
-

@@ -29,7 +29,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-
 from node.config import FollowupSection, Settings
 from node.index import Index
 from node.notify import Notification, Notifier
@@ -103,8 +102,9 @@ class FollowupWindow:
     notify_detail: str | None
 
 
-def windows(index: Index, patient_row: int | None = None, *,
-            state: str | None = None) -> list[FollowupWindow]:
+def windows(
+    index: Index, patient_row: int | None = None, *, state: str | None = None
+) -> list[FollowupWindow]:
     """Recorded windows, by patient and closing date."""
     ensure_schema(index)
     sql = "SELECT * FROM followup_windows WHERE 1=1"
@@ -116,19 +116,32 @@ def windows(index: Index, patient_row: int | None = None, *,
         sql += " AND state=?"
         params.append(state)
     rows = index.query(sql + " ORDER BY patient_row, closes, id", params)
-    return [FollowupWindow(
-        id=r["id"], patient_row=r["patient_row"], course_uid=r["course_uid"], kind=r["kind"],
-        label=r["label"], opens=dt.date.fromisoformat(r["opens"]),
-        closes=dt.date.fromisoformat(r["closes"]), trigger_study_uid=r["trigger_study_uid"],
-        state=r["state"], met_study_uid=r["met_study_uid"], notified=r["notified"],
-        notify_detail=r["notify_detail"]) for r in rows]
+    return [
+        FollowupWindow(
+            id=r["id"],
+            patient_row=r["patient_row"],
+            course_uid=r["course_uid"],
+            kind=r["kind"],
+            label=r["label"],
+            opens=dt.date.fromisoformat(r["opens"]),
+            closes=dt.date.fromisoformat(r["closes"]),
+            trigger_study_uid=r["trigger_study_uid"],
+            state=r["state"],
+            met_study_uid=r["met_study_uid"],
+            notified=r["notified"],
+            notify_detail=r["notify_detail"],
+        )
+        for r in rows
+    ]
 
 
 def _mr_studies(index: Index, patient_row: int) -> list[tuple[str, dt.date]]:
     rows = index.query(
         "SELECT s.study_uid, s.study_date FROM studies s WHERE s.patient_key=?"
         " AND s.study_date IS NOT NULL AND EXISTS (SELECT 1 FROM series se"
-        " WHERE se.study_uid=s.study_uid AND se.modality='MR')", (patient_row,))
+        " WHERE se.study_uid=s.study_uid AND se.modality='MR')",
+        (patient_row,),
+    )
     out = []
     for r in rows:
         date = dicom_date(r["study_date"])
@@ -157,8 +170,15 @@ class FollowupTracker:
         Default: built from ``section.notify``.
     """
 
-    def __init__(self, index: Index, section: FollowupSection, scheduler: Any = None, *,
-                 clock: Clock = utc_now, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        index: Index,
+        section: FollowupSection,
+        scheduler: Any = None,
+        *,
+        clock: Clock = utc_now,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.index = index
         self.section = section
         self.scheduler = scheduler
@@ -175,9 +195,16 @@ class FollowupTracker:
         if self.scheduler is None or not self.section.enabled:
             return
         self.scheduler.add_job(
-            self.check_due, "interval", id="followup-check", replace_existing=True,
-            seconds=self.section.check_interval_s, next_run_time=dt.datetime.now(dt.timezone.utc),
-            misfire_grace_time=None, coalesce=True, max_instances=1)
+            self.check_due,
+            "interval",
+            id="followup-check",
+            replace_existing=True,
+            seconds=self.section.check_interval_s,
+            next_run_time=dt.datetime.now(dt.timezone.utc),
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=1,
+        )
         for window in windows(self.index, state="due"):
             self._schedule(window)
 
@@ -185,14 +212,20 @@ class FollowupTracker:
         if self.scheduler is None:
             return
         missed_from = dt.datetime.combine(
-            window.closes + dt.timedelta(days=self.section.grace_days + 1), dt.time(0, 5),
-            tzinfo=dt.timezone.utc)
+            window.closes + dt.timedelta(days=self.section.grace_days + 1),
+            dt.time(0, 5),
+            tzinfo=dt.timezone.utc,
+        )
         # the job runs on the real clock; an injected clock is mapped by its offset
-        run_at = dt.datetime.now(dt.timezone.utc) + max(missed_from - self.clock(),
-                                                        dt.timedelta(0))
+        run_at = dt.datetime.now(dt.timezone.utc) + max(missed_from - self.clock(), dt.timedelta(0))
         self.scheduler.add_job(
-            self.check_due, "date", id=f"followup-window-{window.id}", replace_existing=True,
-            run_date=run_at, misfire_grace_time=None)
+            self.check_due,
+            "date",
+            id=f"followup-window-{window.id}",
+            replace_existing=True,
+            run_date=run_at,
+            misfire_grace_time=None,
+        )
 
     # -- laying out windows ---------------------------------------------------------------------
     def update_patient(self, patient_row: int, summary: Mapping[str, Any]) -> list[FollowupWindow]:
@@ -219,17 +252,28 @@ class FollowupTracker:
             raise ValueError("summary has no course.rtplan_sop_instance_uid or treatment_date")
         first_day = dt.date.fromisoformat(str(treatment))
         wanted: list[tuple[str, str, dt.date, dt.date, str | None]] = [
-            ("scheduled", w.label, first_day + dt.timedelta(days=w.start_days),
-             first_day + dt.timedelta(days=w.end_days), None) for w in self.section.windows]
+            (
+                "scheduled",
+                w.label,
+                first_day + dt.timedelta(days=w.start_days),
+                first_day + dt.timedelta(days=w.end_days),
+                None,
+            )
+            for w in self.section.windows
+        ]
         for record in summary.get("time_points") or []:
             category = (record.get("response") or {}).get("category") or ""
             if category.startswith("indeterminate"):
                 study_date = dt.date.fromisoformat(str(record["study_date"]))
-                wanted.append((
-                    "confirmation", f"confirmation after {study_date.isoformat()}",
-                    study_date + dt.timedelta(days=1),
-                    study_date + dt.timedelta(days=self.section.confirmation_days),
-                    record["study_instance_uid"]))
+                wanted.append(
+                    (
+                        "confirmation",
+                        f"confirmation after {study_date.isoformat()}",
+                        study_date + dt.timedelta(days=1),
+                        study_date + dt.timedelta(days=self.section.confirmation_days),
+                        record["study_instance_uid"],
+                    )
+                )
         created: list[int] = []
         dropped: list[int] = []
         now = self.clock().timestamp()
@@ -237,32 +281,52 @@ class FollowupTracker:
             for kind, label, opens, closes, trigger in wanted:
                 row = db.execute(
                     "SELECT id, state FROM followup_windows WHERE patient_row=? AND course_uid=?"
-                    " AND kind=? AND label=?", (patient_row, course_uid, kind, label)).fetchone()
+                    " AND kind=? AND label=?",
+                    (patient_row, course_uid, kind, label),
+                ).fetchone()
                 if row is None:
                     cur = db.execute(
                         "INSERT INTO followup_windows (patient_row, course_uid, kind, label,"
                         " opens, closes, trigger_study_uid, created) VALUES (?,?,?,?,?,?,?,?)",
-                        (patient_row, course_uid, kind, label, opens.isoformat(),
-                         closes.isoformat(), trigger, now))
+                        (
+                            patient_row,
+                            course_uid,
+                            kind,
+                            label,
+                            opens.isoformat(),
+                            closes.isoformat(),
+                            trigger,
+                            now,
+                        ),
+                    )
                     if kind == "confirmation":
                         created.append(int(cur.lastrowid or 0))
                 elif row["state"] == "due":  # a re-estimated treatment date moves due windows
-                    db.execute("UPDATE followup_windows SET opens=?, closes=? WHERE id=?",
-                               (opens.isoformat(), closes.isoformat(), row["id"]))
+                    db.execute(
+                        "UPDATE followup_windows SET opens=?, closes=? WHERE id=?",
+                        (opens.isoformat(), closes.isoformat(), row["id"]),
+                    )
             # due windows no longer expected (a re-analysis changed the call, or the configured
             # windows changed) are dropped; met and missed ones are history and stay
             labels = {(kind, label) for kind, label, *_ in wanted}
-            for row in db.execute("SELECT id, kind, label FROM followup_windows WHERE"
-                                  " patient_row=? AND course_uid=? AND state='due'",
-                                  (patient_row, course_uid)).fetchall():
+            for row in db.execute(
+                "SELECT id, kind, label FROM followup_windows WHERE"
+                " patient_row=? AND course_uid=? AND state='due'",
+                (patient_row, course_uid),
+            ).fetchall():
                 if (row["kind"], row["label"]) not in labels:
                     db.execute("DELETE FROM followup_windows WHERE id=?", (row["id"],))
                     dropped.append(int(row["id"]))
         for window_id in dropped:
-            logger.info("follow-up window %d of patient row %d no longer expected: dropped",
-                        window_id, patient_row)
-            if self.scheduler is not None and self.scheduler.get_job(
-                    f"followup-window-{window_id}") is not None:
+            logger.info(
+                "follow-up window %d of patient row %d no longer expected: dropped",
+                window_id,
+                patient_row,
+            )
+            if (
+                self.scheduler is not None
+                and self.scheduler.get_job(f"followup-window-{window_id}") is not None
+            ):
                 self.scheduler.remove_job(f"followup-window-{window_id}")
         self.resolve_met(patient_row)
         current = windows(self.index, patient_row)
@@ -271,9 +335,11 @@ class FollowupTracker:
                 self._schedule(window)
             if window.id in created:
                 self.index.add_event(
-                    "followup_confirmation_due", study_uid=window.trigger_study_uid,
+                    "followup_confirmation_due",
+                    study_uid=window.trigger_study_uid,
                     detail=f"patient row {patient_row}: confirmation MRI due by "
-                           f"{window.closes.isoformat()}")
+                    f"{window.closes.isoformat()}",
+                )
                 self._notify(window, "followup_confirmation_due")
         return current
 
@@ -283,16 +349,24 @@ class FollowupTracker:
         n = 0
         now = self.clock().timestamp()
         with self._lock, self.index.transaction() as db:
-            for r in db.execute("SELECT * FROM followup_windows WHERE patient_row=?"
-                                " AND state='due'", (patient_row,)).fetchall():
+            for r in db.execute(
+                "SELECT * FROM followup_windows WHERE patient_row=? AND state='due'", (patient_row,)
+            ).fetchall():
                 opens = dt.date.fromisoformat(r["opens"])
                 closes = dt.date.fromisoformat(r["closes"]) + dt.timedelta(
-                    days=self.section.grace_days)
-                hits = sorted((d, uid) for uid, d in studies
-                              if opens <= d <= closes and uid != r["trigger_study_uid"])
+                    days=self.section.grace_days
+                )
+                hits = sorted(
+                    (d, uid)
+                    for uid, d in studies
+                    if opens <= d <= closes and uid != r["trigger_study_uid"]
+                )
                 if hits:
-                    db.execute("UPDATE followup_windows SET state='met', met_study_uid=?,"
-                               " resolved=? WHERE id=?", (hits[0][1], now, r["id"]))
+                    db.execute(
+                        "UPDATE followup_windows SET state='met', met_study_uid=?,"
+                        " resolved=? WHERE id=?",
+                        (hits[0][1], now, r["id"]),
+                    )
                     n += 1
         return n
 
@@ -315,28 +389,41 @@ class FollowupTracker:
         limit = (today - dt.timedelta(days=self.section.grace_days + 1)).isoformat()
         due = self.index.query(
             "SELECT DISTINCT patient_row FROM followup_windows WHERE state='due' AND closes<=?",
-            (limit,))
+            (limit,),
+        )
         for r in due:
             self.resolve_met(r["patient_row"])
         missed: list[FollowupWindow] = []
         now = self.clock().timestamp()
         with self._lock, self.index.transaction() as db:
-            ids = [r["id"] for r in db.execute(
-                "SELECT id FROM followup_windows WHERE state='due' AND closes<=?", (limit,))]
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM followup_windows WHERE state='due' AND closes<=?", (limit,)
+                )
+            ]
             for window_id in ids:
-                db.execute("UPDATE followup_windows SET state='missed', resolved=? WHERE id=?",
-                           (now, window_id))
+                db.execute(
+                    "UPDATE followup_windows SET state='missed', resolved=? WHERE id=?",
+                    (now, window_id),
+                )
         by_id = {w.id: w for w in windows(self.index)}
         for window_id in ids:
             window = by_id[window_id]
             missed.append(window)
-            logger.info("follow-up window %s of patient row %d (course %s) missed",
-                        window.label, window.patient_row, window.course_uid)
+            logger.info(
+                "follow-up window %s of patient row %d (course %s) missed",
+                window.label,
+                window.patient_row,
+                window.course_uid,
+            )
             self.index.add_event(
-                "followup_missed", study_uid=window.trigger_study_uid,
+                "followup_missed",
+                study_uid=window.trigger_study_uid,
                 detail=f"patient row {window.patient_row}, course {window.course_uid}: "
-                       f"{window.kind} window '{window.label}' {window.opens.isoformat()}.."
-                       f"{window.closes.isoformat()} passed without an MR study")
+                f"{window.kind} window '{window.label}' {window.opens.isoformat()}.."
+                f"{window.closes.isoformat()} passed without an MR study",
+            )
         for window in windows(self.index, state="missed"):
             if window.notified is None:
                 self._notify(window, "followup_missed")
@@ -346,31 +433,55 @@ class FollowupTracker:
         if not self.notifier.channels:
             return
         if kind == "followup_missed":
-            subject = (f"Missed follow-up MRI: patient row {window.patient_row}, "
-                       f"{window.label}")
-            text = (f"The expected follow-up MRI window '{window.label}' "
-                    f"({window.opens.isoformat()} to {window.closes.isoformat()}) passed without "
-                    "an MR study.")
+            subject = f"Missed follow-up MRI: patient row {window.patient_row}, {window.label}"
+            text = (
+                f"The expected follow-up MRI window '{window.label}' "
+                f"({window.opens.isoformat()} to {window.closes.isoformat()}) passed without "
+                "an MR study."
+            )
         else:
-            subject = (f"Confirmation MRI due by {window.closes.isoformat()}: patient row "
-                       f"{window.patient_row}")
-            text = ("A follow-up was called indeterminate (possible pseudoprogression); a "
-                    f"confirmation MRI is due by {window.closes.isoformat()}.")
-        body = (f"{text}\n\nPatient row: {window.patient_row} (see the node's dashboard)\n"
-                f"RT course plan UID: {window.course_uid}\n"
-                + (f"Triggering study UID: {window.trigger_study_uid}\n"
-                   if window.trigger_study_uid else ""))
-        notification = Notification(kind=kind, subject=subject, body=body, data={
-            "patient_row": window.patient_row, "course_uid": window.course_uid,
-            "window": window.label, "window_kind": window.kind,
-            "opens": window.opens.isoformat(), "closes": window.closes.isoformat(),
-            "trigger_study_uid": window.trigger_study_uid})
+            subject = (
+                f"Confirmation MRI due by {window.closes.isoformat()}: patient row "
+                f"{window.patient_row}"
+            )
+            text = (
+                "A follow-up was called indeterminate (possible pseudoprogression); a "
+                f"confirmation MRI is due by {window.closes.isoformat()}."
+            )
+        body = (
+            f"{text}\n\nPatient row: {window.patient_row} (see the node's dashboard)\n"
+            f"RT course plan UID: {window.course_uid}\n"
+            + (
+                f"Triggering study UID: {window.trigger_study_uid}\n"
+                if window.trigger_study_uid
+                else ""
+            )
+        )
+        notification = Notification(
+            kind=kind,
+            subject=subject,
+            body=body,
+            data={
+                "patient_row": window.patient_row,
+                "course_uid": window.course_uid,
+                "window": window.label,
+                "window_kind": window.kind,
+                "opens": window.opens.isoformat(),
+                "closes": window.closes.isoformat(),
+                "trigger_study_uid": window.trigger_study_uid,
+            },
+        )
         deliveries = self.notifier.send(notification)
         detail = "; ".join(f"{d.channel}: {'ok' if d.ok else d.detail}" for d in deliveries)
         ok = all(d.ok for d in deliveries)
         if kind == "followup_missed":
             with self._lock, self.index.transaction() as db:
-                db.execute("UPDATE followup_windows SET notified=?, notify_detail=? WHERE id=?",
-                           (self.clock().timestamp() if ok else None, detail, window.id))
-        self.index.add_event("notification_sent" if ok else "notification_failed",
-                             study_uid=window.trigger_study_uid, detail=f"{kind}: {detail}")
+                db.execute(
+                    "UPDATE followup_windows SET notified=?, notify_detail=? WHERE id=?",
+                    (self.clock().timestamp() if ok else None, detail, window.id),
+                )
+        self.index.add_event(
+            "notification_sent" if ok else "notification_failed",
+            study_uid=window.trigger_study_uid,
+            detail=f"{kind}: {detail}",
+        )

@@ -199,7 +199,9 @@ class Index:
         self._extensions: set[tuple[str, int]] = set()
         try:
             self._conn = sqlite3.connect(
-                str(self.path), timeout=timeout_s, check_same_thread=False,
+                str(self.path),
+                timeout=timeout_s,
+                check_same_thread=False,
                 isolation_level=None,
             )
         except sqlite3.Error as err:
@@ -287,7 +289,8 @@ class Index:
             if version > target_version:
                 raise IndexDatabaseError(
                     f"{name} tables have schema version {version}, newer than this node "
-                    f"({target_version}); upgrade the node")
+                    f"({target_version}); upgrade the node"
+                )
             for target in range(version, target_version):
                 logger.info("migrating %s tables of %s to version %d", name, self.path, target + 1)
                 for statement in migrations[target].split(";"):
@@ -335,28 +338,49 @@ class Index:
             db.execute(
                 "INSERT INTO series (series_uid, study_uid, modality, series_number,"
                 " series_description) VALUES (?,?,?,?,?) ON CONFLICT (series_uid) DO NOTHING",
-                (new.series_uid, new.study_uid, new.modality, new.series_number,
-                 new.series_description),
+                (
+                    new.series_uid,
+                    new.study_uid,
+                    new.modality,
+                    new.series_number,
+                    new.series_description,
+                ),
             )
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid,"
                 " transfer_syntax_uid, path, size, sha256, received, calling_ae, association_id)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (new.sop_instance_uid, new.sop_class_uid, new.series_uid, new.study_uid,
-                 new.transfer_syntax_uid, new.path, new.size, new.sha256, now, new.calling_ae,
-                 new.association_id),
+                (
+                    new.sop_instance_uid,
+                    new.sop_class_uid,
+                    new.series_uid,
+                    new.study_uid,
+                    new.transfer_syntax_uid,
+                    new.path,
+                    new.size,
+                    new.sha256,
+                    now,
+                    new.calling_ae,
+                    new.association_id,
+                ),
             )
             if new.rejection_reason is not None:
                 db.executemany(
                     "INSERT INTO rejections (sop_instance_uid, note_uid, reason, time)"
                     " VALUES (?,?,?,?) ON CONFLICT (sop_instance_uid) DO NOTHING",
-                    [(uid, new.sop_instance_uid, new.rejection_reason, now)
-                     for uid in new.rejects])
+                    [(uid, new.sop_instance_uid, new.rejection_reason, now) for uid in new.rejects],
+                )
                 db.execute(
                     "INSERT INTO events (time, kind, study_uid, sop_instance_uid, detail)"
                     " VALUES (?,?,?,?,?)",
-                    (now, "instances_rejected", new.study_uid, new.sop_instance_uid,
-                     f"{len(new.rejects)} instance(s): {new.rejection_reason}"))
+                    (
+                        now,
+                        "instances_rejected",
+                        new.study_uid,
+                        new.sop_instance_uid,
+                        f"{len(new.rejects)} instance(s): {new.rejection_reason}",
+                    ),
+                )
 
     def study_instances(self, study_uid: str) -> list[InstanceRecord]:
         """All instances of a study (for the analysis a stable study starts)."""
@@ -401,7 +425,11 @@ class Index:
 
     # -- events ---------------------------------------------------------------------------------
     def add_event(
-        self, kind: str, *, study_uid: str | None = None, sop_instance_uid: str | None = None,
+        self,
+        kind: str,
+        *,
+        study_uid: str | None = None,
+        sop_instance_uid: str | None = None,
         detail: str | None = None,
     ) -> None:
         """Record an event (never with patient identifiers in ``detail``)."""
@@ -420,8 +448,13 @@ class Index:
 
     # -- associations ---------------------------------------------------------------------------
     def open_association(
-        self, direction: str, peer_ae: str | None, peer_host: str | None, peer_port: int | None,
-        *, outcome: str | None = None,
+        self,
+        direction: str,
+        peer_ae: str | None,
+        peer_host: str | None,
+        peer_port: int | None,
+        *,
+        outcome: str | None = None,
     ) -> int:
         """Record the start of an association; returns its id."""
         now = time.time()
@@ -429,8 +462,15 @@ class Index:
             cur = db.execute(
                 "INSERT INTO associations (direction, peer_ae, peer_host, peer_port, started,"
                 " ended, outcome) VALUES (?,?,?,?,?,?,?)",
-                (direction, peer_ae, peer_host, peer_port, now,
-                 now if outcome is not None else None, outcome),
+                (
+                    direction,
+                    peer_ae,
+                    peer_host,
+                    peer_port,
+                    now,
+                    now if outcome is not None else None,
+                    outcome,
+                ),
             )
             return int(cur.lastrowid or 0)
 

@@ -58,23 +58,32 @@ def import_files(store: Store, paths: Iterable[Path]) -> ImportReport:
     report = ImportReport()
     for path in paths:
         try:
-            header = dcmread(path, stop_before_pixels=True,
-                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+            header = dcmread(
+                path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"]
+            )
             if str(header.file_meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
-                logger.info("set aside %s: a DICOMDIR (media directory, not an instance)",
-                            path.name)
-                report.skipped.append((path, "DICOMDIR: a media directory, not an instance "
-                                             "(its files are imported on their own)"))
+                logger.info(
+                    "set aside %s: a DICOMDIR (media directory, not an instance)", path.name
+                )
+                report.skipped.append(
+                    (
+                        path,
+                        "DICOMDIR: a media directory, not an instance "
+                        "(its files are imported on their own)",
+                    )
+                )
                 continue
             transfer_syntax = header.file_meta.get("TransferSyntaxUID")
             if not transfer_syntax:
                 raise InvalidDicomError("no file meta information with a Transfer Syntax UID")
             # the C-STORE path for files: memory-mapped, checked, hashed, copied
             result = store.accept_file(
-                path, transfer_syntax_uid=str(transfer_syntax),
+                path,
+                transfer_syntax_uid=str(transfer_syntax),
                 request_sop_class_uid=str(header.get("SOPClassUID", "")),
                 request_sop_instance_uid=str(header.get("SOPInstanceUID", "")),
-                calling_ae="IMPORT")
+                calling_ae="IMPORT",
+            )
         except NodeError as err:  # refused by the store: its reason names no patient data
             logger.warning("skipped %s: %s", path.name, type(err).__name__)
             report.skipped.append((path, f"{type(err).__name__}: {err}"))

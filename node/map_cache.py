@@ -81,8 +81,9 @@ def cache_key(datasets: Sequence[Dataset], settings: MapSettings | None) -> str:
     digest.update(f"map-cache/{CACHE_FORMAT}/{__version__}\n".encode())
     for uid, content in sorted((str(ds.SOPInstanceUID), instance_digest(ds)) for ds in datasets):
         digest.update(f"{uid}:{content}\n".encode())
-    settings_text = repr(sorted((f.name, repr(getattr(settings, f.name)))
-                                for f in fields(settings)))
+    settings_text = repr(
+        sorted((f.name, repr(getattr(settings, f.name))) for f in fields(settings))
+    )
     digest.update(settings_text.encode())
     return digest.hexdigest()
 
@@ -101,8 +102,11 @@ def _encode(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype.hasobject:
             raise MapCacheError("object arrays in a map provenance cannot be cached")
-        return {"__ndarray__": value.dtype.str, "shape": list(value.shape),
-                "v": [_encode(v) for v in value.ravel().tolist()]}
+        return {
+            "__ndarray__": value.dtype.str,
+            "shape": list(value.shape),
+            "v": [_encode(v) for v in value.ravel().tolist()],
+        }
     if isinstance(value, tuple):
         return {"__tuple__": [_encode(v) for v in value]}
     if isinstance(value, list):
@@ -124,8 +128,9 @@ def _decode(value: Any) -> Any:
     if "__np__" in value:
         return np.dtype(value["__np__"]).type(_decode(value["v"]))
     if "__ndarray__" in value:
-        return np.asarray([_decode(v) for v in value["v"]],
-                          dtype=np.dtype(value["__ndarray__"])).reshape(value["shape"])
+        return np.asarray(
+            [_decode(v) for v in value["v"]], dtype=np.dtype(value["__ndarray__"])
+        ).reshape(value["shape"])
     if "__tuple__" in value:
         return tuple(_decode(v) for v in value["__tuple__"])
     if "__dict__" in value:
@@ -138,8 +143,11 @@ def _same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
     if isinstance(a, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and bool(
-            np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+        )
     if isinstance(a, dict):
         return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
@@ -184,24 +192,37 @@ class MapCache:
                     values = arrays[f"values_{i}"]
                     valid = arrays[f"valid_{i}"]
                     geom = item["geometry"]
-                    geometry = Geometry(origin=tuple(float(v) for v in geom["origin"]),
-                                        spacing=tuple(float(v) for v in geom["spacing"]),
-                                        direction=tuple(float(v) for v in geom["direction"]),
-                                        size=tuple(int(v) for v in geom["size"]))
-                    if values.dtype != np.float32 or valid.dtype != np.bool_ or \
-                            values.shape != valid.shape or \
-                            values.shape != tuple(reversed(geometry.size)):
+                    geometry = Geometry(
+                        origin=tuple(float(v) for v in geom["origin"]),
+                        spacing=tuple(float(v) for v in geom["spacing"]),
+                        direction=tuple(float(v) for v in geom["direction"]),
+                        size=tuple(int(v) for v in geom["size"]),
+                    )
+                    if (
+                        values.dtype != np.float32
+                        or valid.dtype != np.bool_
+                        or values.shape != valid.shape
+                        or values.shape != tuple(reversed(geometry.size))
+                    ):
                         raise MapCacheError(f"map {item['quantity']} has inconsistent arrays")
                     maps[item["quantity"]] = QuantMap(
-                        quantity=item["quantity"], values=values, valid=valid, unit=item["unit"],
+                        quantity=item["quantity"],
+                        values=values,
+                        valid=valid,
+                        unit=item["unit"],
                         geometry=geometry,
                         source_series_instance_uid=item["source_series_instance_uid"],
-                        provenance=_decode(item["provenance"]))
+                        provenance=_decode(item["provenance"]),
+                    )
             return maps
         except (OSError, ValueError, KeyError, TypeError, IndexError, MapCacheError) as err:
             # zipfile.BadZipFile and json.JSONDecodeError are ValueError/OSError subclasses
-            logger.warning("map cache entry %s unreadable (%s: %s); maps are recomputed",
-                           key[:16], type(err).__name__, err)
+            logger.warning(
+                "map cache entry %s unreadable (%s: %s); maps are recomputed",
+                key[:16],
+                type(err).__name__,
+                err,
+            )
             return None
 
     def put(self, key: str, maps: Mapping[str, QuantMap]) -> bool:
@@ -214,20 +235,32 @@ class MapCache:
                 if not _same(_decode(json.loads(json.dumps(provenance))), qmap.provenance):
                     raise MapCacheError(f"the provenance of map {quantity} does not round-trip")
                 geometry = qmap.geometry
-                items.append({"quantity": quantity, "unit": qmap.unit,
-                              "geometry": {"origin": list(geometry.origin),
-                                           "spacing": list(geometry.spacing),
-                                           "direction": list(geometry.direction),
-                                           "size": list(geometry.size)},
-                              "source_series_instance_uid": qmap.source_series_instance_uid,
-                              "provenance": provenance})
+                items.append(
+                    {
+                        "quantity": quantity,
+                        "unit": qmap.unit,
+                        "geometry": {
+                            "origin": list(geometry.origin),
+                            "spacing": list(geometry.spacing),
+                            "direction": list(geometry.direction),
+                            "size": list(geometry.size),
+                        },
+                        "source_series_instance_uid": qmap.source_series_instance_uid,
+                        "provenance": provenance,
+                    }
+                )
                 arrays[f"values_{i}"] = np.asarray(qmap.values, dtype=np.float32)
                 arrays[f"valid_{i}"] = np.asarray(qmap.valid, dtype=np.bool_)
             buffer = io.BytesIO()
             np.savez(buffer, **arrays)
             data = buffer.getvalue()
-            meta = {"format": CACHE_FORMAT, "key": key, "algorithm_version": __version__,
-                    "npz_sha256": hashlib.sha256(data).hexdigest(), "maps": items}
+            meta = {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "algorithm_version": __version__,
+                "npz_sha256": hashlib.sha256(data).hexdigest(),
+                "maps": items,
+            }
             self.root.mkdir(parents=True, exist_ok=True)
             self._write_atomic(npz_path, data)
             self._write_atomic(json_path, json.dumps(meta, allow_nan=False).encode("utf-8"))
@@ -255,8 +288,9 @@ class MapCache:
         for json_path in self.root.glob("*.json"):
             npz_path = json_path.with_suffix(".npz")
             try:
-                size = json_path.stat().st_size + (npz_path.stat().st_size
-                                                   if npz_path.exists() else 0)
+                size = json_path.stat().st_size + (
+                    npz_path.stat().st_size if npz_path.exists() else 0
+                )
                 entries.append((json_path.stat().st_mtime, size, json_path, npz_path))
             except OSError:
                 continue

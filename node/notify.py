@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Any
 
-
 from node.config import NotifySettings
 
 logger = logging.getLogger(__name__)
@@ -66,10 +65,17 @@ def send_webhook(url: str, notification: Notification, *, timeout_s: float = 10.
     NotificationError
         On a connection error or a non-2xx status.
     """
-    payload = json.dumps({"kind": notification.kind, "subject": notification.subject,
-                          **notification.data}, sort_keys=True, default=str).encode()
-    request = urllib.request.Request(url, data=payload, method="POST", headers={
-        "Content-Type": "application/json", "User-Agent": "spine-response-node"})
+    payload = json.dumps(
+        {"kind": notification.kind, "subject": notification.subject, **notification.data},
+        sort_keys=True,
+        default=str,
+    ).encode()
+    request = urllib.request.Request(
+        url,
+        data=payload,
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "spine-response-node"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
             status = int(response.status)
@@ -100,16 +106,21 @@ def send_email(settings: NotifySettings, notification: Notification) -> None:
     if settings.smtp_username:
         if not settings.smtp_password_env or settings.smtp_password_env not in os.environ:
             raise NotificationError(
-                f"smtp: password variable {settings.smtp_password_env!r} is not set")
+                f"smtp: password variable {settings.smtp_password_env!r} is not set"
+            )
         password = os.environ[settings.smtp_password_env]
     try:
         if settings.smtp_security == "tls":
             client: smtplib.SMTP = smtplib.SMTP_SSL(
-                settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout_s,
-                context=ssl.create_default_context())
+                settings.smtp_host,
+                settings.smtp_port,
+                timeout=settings.smtp_timeout_s,
+                context=ssl.create_default_context(),
+            )
         else:
-            client = smtplib.SMTP(settings.smtp_host, settings.smtp_port,
-                                  timeout=settings.smtp_timeout_s)
+            client = smtplib.SMTP(
+                settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout_s
+            )
         with client:
             if settings.smtp_security == "starttls":
                 client.starttls(context=ssl.create_default_context())
@@ -154,8 +165,11 @@ class Notifier:
         deliveries = []
         if self.settings.webhook_url:
             try:
-                status = send_webhook(self.settings.webhook_url, notification,
-                                      timeout_s=self.settings.webhook_timeout_s)
+                status = send_webhook(
+                    self.settings.webhook_url,
+                    notification,
+                    timeout_s=self.settings.webhook_timeout_s,
+                )
                 deliveries.append(Delivery("webhook", True, f"HTTP {status}"))
             except NotificationError as err:
                 logger.warning("notification %s not delivered: %s", notification.kind, err)

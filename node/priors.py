@@ -103,11 +103,15 @@ def pacs_peer(settings: Settings, section: CoursesSection) -> Peer | None:
     except KeyError as err:
         raise ConfigError(f"courses.pacs: no peer named {section.pacs!r}") from err
     if not peer.may_receive:
-        raise ConfigError(f"courses.pacs: peer {peer.name!r} needs may_receive = true "
-                          "(the node associates with it to query and retrieve)")
+        raise ConfigError(
+            f"courses.pacs: peer {peer.name!r} needs may_receive = true "
+            "(the node associates with it to query and retrieve)"
+        )
     if section.method == "move" and not peer.may_send:
-        raise ConfigError(f"courses.pacs: peer {peer.name!r} needs may_send = true for "
-                          "method 'move' (it sends the retrieved instances to our listener)")
+        raise ConfigError(
+            f"courses.pacs: peer {peer.name!r} needs may_send = true for "
+            "method 'move' (it sends the retrieved instances to our listener)"
+        )
     return peer
 
 
@@ -201,7 +205,8 @@ class PriorsFetcher:
             logger.error("priors from the PACS are off: %s", err)
         self.calling_ae = self.section.calling_ae_title or settings.node.ae_title
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.section.max_concurrent, thread_name_prefix="priors")
+            max_workers=self.section.max_concurrent, thread_name_prefix="priors"
+        )
         self._lock = threading.Lock()
         self._pending: set[int] = set()
         self._last_query: dict[int, float] = {}
@@ -214,8 +219,9 @@ class PriorsFetcher:
         """True when priors are fetched (enabled, a PACS configured, no configuration error)."""
         return self.section.enabled and self.pacs is not None and self.config_error is None
 
-    def request(self, patient_row: int, study_uid: str | None, reason: str = ""
-                ) -> concurrent.futures.Future[FetchReport] | None:
+    def request(
+        self, patient_row: int, study_uid: str | None, reason: str = ""
+    ) -> concurrent.futures.Future[FetchReport] | None:
         """Fetch the priors of a patient in the background (throttled, coalesced).
 
         Parameters
@@ -242,12 +248,15 @@ class PriorsFetcher:
             self._pending.add(patient_row)
             last = self._last_query.get(patient_row)
             delay = 0.0 if last is None else last + self.section.min_interval_s - time.monotonic()
-        logger.info("priors requested for study %s (patient row %d): %s", study_uid,
-                    patient_row, reason)
+        logger.info(
+            "priors requested for study %s (patient row %d): %s", study_uid, patient_row, reason
+        )
         if self.active and delay > 0:
             self.service.index.add_event(
-                "priors_deferred", study_uid=study_uid,
-                detail=f"patient row {patient_row}: next query in {delay:.1f} s (min_interval_s)")
+                "priors_deferred",
+                study_uid=study_uid,
+                detail=f"patient row {patient_row}: next query in {delay:.1f} s (min_interval_s)",
+            )
             timer = threading.Timer(delay, self._submit, args=(patient_row, study_uid))
             timer.daemon = True
             with self._lock:
@@ -256,8 +265,9 @@ class PriorsFetcher:
             return None
         return self._submit(patient_row, study_uid)
 
-    def _submit(self, patient_row: int, study_uid: str | None
-                ) -> concurrent.futures.Future[FetchReport] | None:
+    def _submit(
+        self, patient_row: int, study_uid: str | None
+    ) -> concurrent.futures.Future[FetchReport] | None:
         if self._stopping.is_set():
             return None
         return self._executor.submit(self._run, patient_row, study_uid)
@@ -269,13 +279,19 @@ class PriorsFetcher:
             return self.fetch(patient_row, study_uid)
         except (NodeError, OSError, ValueError) as err:
             logger.error("priors for study %s failed: %s", study_uid, err)
-            self.service.index.add_event("priors_failed", study_uid=study_uid,
-                                         detail=f"{type(err).__name__}: {str(err)[:300]}")
+            self.service.index.add_event(
+                "priors_failed",
+                study_uid=study_uid,
+                detail=f"{type(err).__name__}: {str(err)[:300]}",
+            )
             return FetchReport(state="failed", detail=str(err))
         except Exception as err:  # last resort of a background thread: record, never lose it
             logger.exception("priors for study %s failed unexpectedly", study_uid)
-            self.service.index.add_event("priors_failed", study_uid=study_uid,
-                                         detail=f"{type(err).__name__}: unexpected error")
+            self.service.index.add_event(
+                "priors_failed",
+                study_uid=study_uid,
+                detail=f"{type(err).__name__}: unexpected error",
+            )
             return FetchReport(state="failed", detail=f"{type(err).__name__}")
 
     def stop(self) -> None:
@@ -318,21 +334,32 @@ class PriorsFetcher:
         held = self._held_series(patient_row)
         course_date = self._course_date(patient_row)
 
-        studies = self._with_retries(report, "C-FIND study level",
-                                     lambda: self._find_studies(patient_id, issuer, report))
-        priors = [s for s in studies if s.study_uid != study_uid and s.study_date is not None
-                  and (trigger_date is None or s.study_date <= trigger_date)]
+        studies = self._with_retries(
+            report, "C-FIND study level", lambda: self._find_studies(patient_id, issuer, report)
+        )
+        priors = [
+            s
+            for s in studies
+            if s.study_uid != study_uid
+            and s.study_date is not None
+            and (trigger_date is None or s.study_date <= trigger_date)
+        ]
         report.studies_found = len(studies)
         for study in priors:
             study.series = self._with_retries(
-                report, "C-FIND series level", lambda s=study: self._find_series(s.study_uid))
+                report, "C-FIND series level", lambda s=study: self._find_series(s.study_uid)
+            )
         wanted, why = self._select(priors, held, course_date, patient_row)
         n_series = sum(len(s.series) for s in priors)
         index.add_event(
-            "priors_query", study_uid=study_uid,
-            detail=(f"{self.pacs.name}: {len(studies)} studies, {len(priors)} prior, {n_series} "
-                    f"series; course on node: {'yes' if course_date else 'no'}; "
-                    f"{len(wanted)} series to retrieve ({why})"))
+            "priors_query",
+            study_uid=study_uid,
+            detail=(
+                f"{self.pacs.name}: {len(studies)} studies, {len(priors)} prior, {n_series} "
+                f"series; course on node: {'yes' if course_date else 'no'}; "
+                f"{len(wanted)} series to retrieve ({why})"
+            ),
+        )
         if not wanted:
             report.state = "none"
             report.detail = why
@@ -350,32 +377,41 @@ class PriorsFetcher:
                 what = f"series {series_uid}"
             kinds = ", ".join(sorted({se.modality for se in series_list}))
             n = sum(se.n_instances or 0 for se in series_list)
-            index.add_event("priors_retrieve", study_uid=study.study_uid,
-                            detail=f"{what}: {kinds}, {n} instances by {method}")
+            index.add_event(
+                "priors_retrieve",
+                study_uid=study.study_uid,
+                detail=f"{what}: {kinds}, {n} instances by {method}",
+            )
             try:
                 completed, failed, warning = self._with_retries(
-                    report, method,
-                    lambda st=study.study_uid, se=series_uid: self._retrieve(st, se))
+                    report, method, lambda st=study.study_uid, se=series_uid: self._retrieve(st, se)
+                )
             except RetrieveError as err:
                 report.failed += 1
-                index.add_event("priors_failed", study_uid=study.study_uid,
-                                detail=f"{what}: {str(err)[:300]}")
+                index.add_event(
+                    "priors_failed", study_uid=study.study_uid, detail=f"{what}: {str(err)[:300]}"
+                )
                 continue
             report.completed += completed
             report.failed += failed
             report.warning += warning
             index.add_event(
-                "priors_retrieved", study_uid=study.study_uid,
-                detail=f"{what}: {completed} completed, {failed} failed, {warning} warning")
+                "priors_retrieved",
+                study_uid=study.study_uid,
+                detail=f"{what}: {completed} completed, {failed} failed, {warning} warning",
+            )
         report.state = "retrieved" if report.completed else "failed"
-        report.detail = (f"{len(report.requested)} series asked, {report.completed} instances "
-                         f"came, {report.failed} failed")
+        report.detail = (
+            f"{len(report.requested)} series asked, {report.completed} instances "
+            f"came, {report.failed} failed"
+        )
         logger.info("priors for study %s: %s", study_uid, report.detail)
         return report
 
     @staticmethod
-    def _retrievals(wanted: list[tuple[RemoteStudy, RemoteSeries]]
-                    ) -> list[tuple[RemoteStudy, list[RemoteSeries]]]:
+    def _retrievals(
+        wanted: list[tuple[RemoteStudy, RemoteSeries]],
+    ) -> list[tuple[RemoteStudy, list[RemoteSeries]]]:
         """Group the wanted series: a whole study in one item, else one item per series."""
         by_study: dict[str, tuple[RemoteStudy, list[RemoteSeries]]] = {}
         for study, series in wanted:
@@ -393,21 +429,29 @@ class PriorsFetcher:
     def _study_date(self, study_uid: str | None) -> dt.date | None:
         if study_uid is None:
             return None
-        rows = self.service.index.query("SELECT study_date FROM studies WHERE study_uid=?",
-                                        (study_uid,))
+        rows = self.service.index.query(
+            "SELECT study_date FROM studies WHERE study_uid=?", (study_uid,)
+        )
         return dicom_date(rows[0][0]) if rows else None
 
     def _held_series(self, patient_row: int) -> dict[str, int]:
         rows = self.service.index.query(
             "SELECT i.series_uid, COUNT(*) FROM instances i JOIN studies s"
             " ON i.study_uid = s.study_uid WHERE s.patient_key=? GROUP BY i.series_uid",
-            (patient_row,))
+            (patient_row,),
+        )
         return {str(r[0]): int(r[1]) for r in rows}
 
-    def _headers(self, patient_row: int, modalities: tuple[str, ...] | None = None,
-                 tags: list[str] | None = None) -> Iterator[Dataset]:
-        sql = ("SELECT i.path FROM instances i JOIN studies s ON i.study_uid = s.study_uid"
-               " JOIN series r ON r.series_uid = i.series_uid WHERE s.patient_key = ?")
+    def _headers(
+        self,
+        patient_row: int,
+        modalities: tuple[str, ...] | None = None,
+        tags: list[str] | None = None,
+    ) -> Iterator[Dataset]:
+        sql = (
+            "SELECT i.path FROM instances i JOIN studies s ON i.study_uid = s.study_uid"
+            " JOIN series r ON r.series_uid = i.series_uid WHERE s.patient_key = ?"
+        )
         params: list[Any] = [patient_row]
         if modalities:
             sql += f" AND r.modality IN ({','.join('?' * len(modalities))})"
@@ -420,8 +464,7 @@ class PriorsFetcher:
                 try:
                     yield dcmread(root / row[0], stop_before_pixels=True, specific_tags=tags)
                 except (InvalidDicomError, OSError) as err:
-                    logger.warning("stored instance %s unreadable: %s", row[0],
-                                   type(err).__name__)
+                    logger.warning("stored instance %s unreadable: %s", row[0], type(err).__name__)
 
     def check_patient(self, patient_row: int) -> None:
         """Refuse a patient whose stored instances carry more than one patient key.
@@ -432,8 +475,9 @@ class PriorsFetcher:
             A study UID of the patient holds instances of two patients (PatientID +
             IssuerOfPatientID); the message names the study UID only.
         """
-        headers = list(self._headers(
-            patient_row, tags=["PatientID", "IssuerOfPatientID", "StudyInstanceUID"]))
+        headers = list(
+            self._headers(patient_row, tags=["PatientID", "IssuerOfPatientID", "StudyInstanceUID"])
+        )
         if headers:
             check_single_patient(headers)
 
@@ -451,7 +495,8 @@ class PriorsFetcher:
         rows = self.service.index.query(
             "SELECT DISTINCT s.study_uid, s.study_date FROM studies s JOIN series r"
             " ON r.study_uid = s.study_uid WHERE s.patient_key=? AND r.modality='MR'",
-            (patient_row,))
+            (patient_row,),
+        )
         window = self.section.baseline_window_days
         for row in rows:
             date = dicom_date(row[1])
@@ -459,9 +504,13 @@ class PriorsFetcher:
                 return True
         return False
 
-    def _select(self, priors: list[RemoteStudy], held: dict[str, int],
-                course_date: dt.date | None, patient_row: int
-                ) -> tuple[list[tuple[RemoteStudy, RemoteSeries]], str]:
+    def _select(
+        self,
+        priors: list[RemoteStudy],
+        held: dict[str, int],
+        course_date: dt.date | None,
+        patient_row: int,
+    ) -> tuple[list[tuple[RemoteStudy, RemoteSeries]], str]:
         """The (study, series) pairs to retrieve and a one-line reason."""
 
         def missing(series: RemoteSeries) -> bool:
@@ -473,8 +522,11 @@ class PriorsFetcher:
         if course_date is None:
             rt = [(st, se) for st in priors for se in st.series if se.modality in RT_MODALITIES]
             wanted.extend((st, se) for st, se in rt if missing(se))
-            plan_dates = [st.study_date for st, se in rt
-                          if se.modality == "RTPLAN" and st.study_date is not None]
+            plan_dates = [
+                st.study_date
+                for st, se in rt
+                if se.modality == "RTPLAN" and st.study_date is not None
+            ]
             reference = max(plan_dates) if plan_dates else None
             notes.append(f"{len(rt)} RT series on the PACS" if rt else "no RT series on the PACS")
         if reference is None:
@@ -483,18 +535,27 @@ class PriorsFetcher:
             notes.append("baseline on the node")
         else:
             window = self.section.baseline_window_days
-            candidates = [st for st in priors if st.study_date is not None
-                          and 0 <= (reference - st.study_date).days <= window
-                          and any(se.modality == "MR" for se in st.series)]
+            candidates = [
+                st
+                for st in priors
+                if st.study_date is not None
+                and 0 <= (reference - st.study_date).days <= window
+                and any(se.modality == "MR" for se in st.series)
+            ]
             if candidates:
                 baseline = max(candidates, key=lambda s: (s.study_date, s.study_uid))
-                wanted.extend((baseline, se) for se in baseline.series
-                              if se.modality in BASELINE_MODALITIES and missing(se)
-                              and (baseline, se) not in wanted)
+                wanted.extend(
+                    (baseline, se)
+                    for se in baseline.series
+                    if se.modality in BASELINE_MODALITIES
+                    and missing(se)
+                    and (baseline, se) not in wanted
+                )
                 notes.append(f"baseline {baseline.study_uid}")
             else:
-                notes.append(f"no MR study on the PACS within {window} days before "
-                             f"{reference.isoformat()}")
+                notes.append(
+                    f"no MR study on the PACS within {window} days before {reference.isoformat()}"
+                )
         return wanted, "; ".join(notes)
 
     # -- DIMSE ----------------------------------------------------------------------------------
@@ -507,9 +568,15 @@ class PriorsFetcher:
             except RetrieveError as err:
                 if attempt == self.section.retries or self._stopping.is_set():
                     raise
-                logger.warning("%s with %s failed (attempt %d of %d): %s; retrying in %.1f s",
-                               what, self.pacs.name if self.pacs else "?", attempt + 1,
-                               self.section.retries + 1, err, delay)
+                logger.warning(
+                    "%s with %s failed (attempt %d of %d): %s; retrying in %.1f s",
+                    what,
+                    self.pacs.name if self.pacs else "?",
+                    attempt + 1,
+                    self.section.retries + 1,
+                    err,
+                    delay,
+                )
                 self._stopping.wait(delay)
                 delay *= 2
         raise AssertionError("unreachable")
@@ -525,12 +592,19 @@ class PriorsFetcher:
         assert self.pacs is not None
         handlers = [(evt.EVT_CONN_OPEN, set_tcp_nodelay), *kwargs.pop("evt_handlers", [])]
         address = peer_address(self.pacs, self.service.settings)
-        assoc = ae.associate(address.host, address.port, ae_title=address.ae_title,
-                             evt_handlers=handlers, tls_args=address.tls_args, **kwargs)
+        assoc = ae.associate(
+            address.host,
+            address.port,
+            ae_title=address.ae_title,
+            evt_handlers=handlers,
+            tls_args=address.tls_args,
+            **kwargs,
+        )
         if not assoc.is_established:
             raise RetrieveError(
                 f"association with {self.pacs.name} at {self.pacs.host}:{self.pacs.port} not "
-                f"established ({'rejected' if assoc.is_rejected else 'no answer or aborted'})")
+                f"established ({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
+            )
         return assoc
 
     def _find(self, identifier: Dataset) -> list[Dataset]:
@@ -542,7 +616,8 @@ class PriorsFetcher:
             _pause_reactor(assoc)
             final: int | None = None
             for status, match in assoc.send_c_find(
-                    identifier, StudyRootQueryRetrieveInformationModelFind):
+                identifier, StudyRootQueryRetrieveInformationModelFind
+            ):
                 final = _status(status)
                 if final in _PENDING and match is not None:
                     found.append(match)
@@ -552,11 +627,11 @@ class PriorsFetcher:
         if final != 0x0000:
             raise RetrieveError(
                 f"C-FIND at {identifier.QueryRetrieveLevel} level ended with status "
-                f"{'none' if final is None else f'0x{final:04X}'}")
+                f"{'none' if final is None else f'0x{final:04X}'}"
+            )
         return found
 
-    def _find_studies(self, patient_id: str, issuer: str, report: FetchReport
-                      ) -> list[RemoteStudy]:
+    def _find_studies(self, patient_id: str, issuer: str, report: FetchReport) -> list[RemoteStudy]:
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.PatientID = patient_id
@@ -582,17 +657,23 @@ class PriorsFetcher:
             modalities = match.get("ModalitiesInStudy", [])
             if isinstance(modalities, str):
                 modalities = [modalities] if modalities else []
-            studies[uid] = RemoteStudy(uid, dicom_date(match.get("StudyDate")),
-                                       tuple(str(m) for m in modalities))
+            studies[uid] = RemoteStudy(
+                uid, dicom_date(match.get("StudyDate")), tuple(str(m) for m in modalities)
+            )
         for uid in refused:
             if uid not in report.refused:
                 report.refused.append(uid)
-                logger.warning("PACS study %s belongs to another patient key "
-                               "(PatientID/IssuerOfPatientID); refused", uid)
+                logger.warning(
+                    "PACS study %s belongs to another patient key "
+                    "(PatientID/IssuerOfPatientID); refused",
+                    uid,
+                )
                 self.service.index.add_event(
-                    "priors_refused", study_uid=uid,
+                    "priors_refused",
+                    study_uid=uid,
                     detail="the PACS study has a different PatientID or IssuerOfPatientID; "
-                           "not retrieved, never combined")
+                    "not retrieved, never combined",
+                )
         return sorted(studies.values(), key=lambda s: (s.study_date or dt.date.min, s.study_uid))
 
     def _find_series(self, study_uid: str) -> list[RemoteSeries]:
@@ -635,15 +716,17 @@ class PriorsFetcher:
             ae.add_requested_context(model)
             assoc = self._associate(ae)
             responses = lambda: assoc.send_c_move(  # noqa: E731
-                identifier, self.service.settings.node.ae_title, model)
+                identifier, self.service.settings.node.ae_title, model
+            )
         else:
             model = StudyRootQueryRetrieveInformationModelGet
             ae.add_requested_context(model)
             for sop_class in STORAGE_SOP_CLASSES:
                 ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
             roles = [build_role(sop_class, scp_role=True) for sop_class in STORAGE_SOP_CLASSES]
-            assoc = self._associate(ae, ext_neg=roles,
-                                    evt_handlers=[(evt.EVT_C_STORE, self._on_get_store)])
+            assoc = self._associate(
+                ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, self._on_get_store)]
+            )
             responses = lambda: assoc.send_c_get(identifier, model)  # noqa: E731
         final: int | None = None
         last: Dataset | None = None
@@ -655,17 +738,25 @@ class PriorsFetcher:
         finally:
             if assoc.is_established:
                 assoc.release()
-        counts = tuple(int(last.get(k, 0) or 0) if last is not None else 0 for k in (
-            "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
-            "NumberOfWarningSuboperations"))
+        counts = tuple(
+            int(last.get(k, 0) or 0) if last is not None else 0
+            for k in (
+                "NumberOfCompletedSuboperations",
+                "NumberOfFailedSuboperations",
+                "NumberOfWarningSuboperations",
+            )
+        )
         completed, failed, warning = counts
         if final is None or (final not in (0x0000, 0xB000) and final & 0xF000 != 0xB000):
             raise RetrieveError(
                 f"C-{self.section.method.upper()} of {what} ended with status "
-                f"{'none' if final is None else f'0x{final:04X}'}")
+                f"{'none' if final is None else f'0x{final:04X}'}"
+            )
         if failed:
-            raise RetrieveError(f"C-{self.section.method.upper()} of {what}: "
-                                f"{failed} sub-operations failed, {completed} completed")
+            raise RetrieveError(
+                f"C-{self.section.method.upper()} of {what}: "
+                f"{failed} sub-operations failed, {completed} completed"
+            )
         return completed, failed, warning
 
     def _on_get_store(self, event: evt.Event) -> int:
@@ -676,7 +767,8 @@ class PriorsFetcher:
             transfer_syntax_uid=str(event.context.transfer_syntax),
             request_sop_class_uid=str(request.AffectedSOPClassUID),
             request_sop_instance_uid=str(request.AffectedSOPInstanceUID),
-            calling_ae=self.pacs.ae_title if self.pacs else None, association_id=None,
+            calling_ae=self.pacs.ae_title if self.pacs else None,
+            association_id=None,
         )
         try:
             if getattr(request, "_dataset_path", None) is not None:
@@ -685,8 +777,9 @@ class PriorsFetcher:
                 meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
                 result = store.accept(event.encoded_dataset(include_meta=False), meta, **common)
         except NodeError as err:
-            logger.warning("C-GET sub-operation for %s refused: %s",
-                           request.AffectedSOPInstanceUID, err)
+            logger.warning(
+                "C-GET sub-operation for %s refused: %s", request.AffectedSOPInstanceUID, err
+            )
             return store_status(err)
         if result.outcome is StoreOutcome.STORED:
             self.service.stability.touch(result.study_uid)
@@ -714,8 +807,7 @@ def stop_fetcher(service: Any) -> None:
         fetcher.stop()
 
 
-def on_analysis_waiting(service: Any, patient_row: int, study_uid: str | None,
-                        reason: str) -> None:
+def on_analysis_waiting(service: Any, patient_row: int, study_uid: str | None, reason: str) -> None:
     """Hook of :class:`node.worker.AnalysisWorker`: an analysis waits for something missing.
 
     Schedules the patient-mismatch check and, when configured, the priors fetch; never raises

@@ -62,8 +62,10 @@ def rejection_note(ds: Dataset) -> RejectionNote | None:
     if not title:
         return None
     code = title[0]
-    if str(code.get("CodingSchemeDesignator", "")) != "DCM" or \
-            str(code.get("CodeValue", "")) not in REJECTION_CODES:
+    if (
+        str(code.get("CodingSchemeDesignator", "")) != "DCM"
+        or str(code.get("CodeValue", "")) not in REJECTION_CODES
+    ):
         return None
     rejected = []
     for study in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
@@ -72,6 +74,8 @@ def rejection_note(ds: Dataset) -> RejectionNote | None:
                 uid = str(item.get("ReferencedSOPInstanceUID", "") or "")
                 if uid:
                     rejected.append(uid)
-    return RejectionNote(note_uid=str(ds.SOPInstanceUID),
-                         reason=REJECTION_CODES[str(code.CodeValue)],
-                         rejected=tuple(dict.fromkeys(rejected)))
+    return RejectionNote(
+        note_uid=str(ds.SOPInstanceUID),
+        reason=REJECTION_CODES[str(code.CodeValue)],
+        rejected=tuple(dict.fromkeys(rejected)),
+    )

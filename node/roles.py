@@ -40,12 +40,14 @@ def check_single_patient(datasets: Iterable[Dataset]) -> tuple[str, str]:
         study_uid = str(ds.get("StudyInstanceUID", ""))
         if study_uid in study_keys and study_keys[study_uid] != key:
             raise PatientMismatchError(
-                f"study {study_uid} holds instances of two different patients; refused")
+                f"study {study_uid} holds instances of two different patients; refused"
+            )
         study_keys.setdefault(study_uid, key)
     if len(keys) != 1:
         raise PatientMismatchError(
             f"the datasets belong to {len(keys)} different patients (PatientID + "
-            "IssuerOfPatientID); analyse one patient at a time")
+            "IssuerOfPatientID); analyse one patient at a time"
+        )
     return keys.pop()
 
 
@@ -91,18 +93,32 @@ def assign_roles(
     in_window = [s for s in before if (treatment_date - s[1]).days <= baseline_window_days]
     if in_window:
         uid, date = in_window[-1]
-        baseline = StudyRole(uid, date, "baseline", (date - treatment_date).days,
-                             f"latest MR study within {baseline_window_days} days before treatment")
+        baseline = StudyRole(
+            uid,
+            date,
+            "baseline",
+            (date - treatment_date).days,
+            f"latest MR study within {baseline_window_days} days before treatment",
+        )
     for uid, date in before:
         if baseline is not None and uid == baseline.study_instance_uid:
             continue
         days = (date - treatment_date).days
         if -days > baseline_window_days:
-            others.append(StudyRole(uid, date, "outside-window", days,
-                                    f"{-days} days before treatment, outside the "
-                                    f"{baseline_window_days}-day baseline window"))
+            others.append(
+                StudyRole(
+                    uid,
+                    date,
+                    "outside-window",
+                    days,
+                    f"{-days} days before treatment, outside the "
+                    f"{baseline_window_days}-day baseline window",
+                )
+            )
         else:
-            others.append(StudyRole(uid, date, "earlier", days, "a later pre-treatment study exists"))
+            others.append(
+                StudyRole(uid, date, "earlier", days, "a later pre-treatment study exists")
+            )
     follow_ups = tuple(
         StudyRole(uid, date, "follow-up", (date - treatment_date).days, "after treatment")
         for uid, date in after

@@ -26,16 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessSV1,
     JPEGLossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -43,8 +43,8 @@ from pydicom.uid import (
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (
-    ComprehensiveSRStorage,
     Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
     CTImageStorage,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
@@ -55,15 +55,15 @@ from pynetdicom.sop_class import (
     RTBeamsTreatmentRecordStorage,
     RTDoseStorage,
     RTPlanStorage,
-    RTTreatmentSummaryRecordStorage,
     RTStructureSetStorage,
+    RTTreatmentSummaryRecordStorage,
     SegmentationStorage,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Settings
-from node.errors import NodeError, StoreOutcome, store_status, FAILURE_UNABLE_TO_PROCESS
+from node.errors import FAILURE_UNABLE_TO_PROCESS, NodeError, StoreOutcome, store_status
 from node.index import Index
 from node.store import Store, StoreResult
 
@@ -78,21 +78,40 @@ _config.STORE_RECV_CHUNKED_DATASET = True
 
 #: SOP classes the node stores (issue 2 scope)
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
-    MRImageStorage, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage,
-    CTImageStorage, EnhancedCTImageStorage, RTStructureSetStorage, RTPlanStorage,
-    RTDoseStorage, SegmentationStorage, ParametricMapStorage, ComprehensiveSRStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    RTStructureSetStorage,
+    RTPlanStorage,
+    RTDoseStorage,
+    SegmentationStorage,
+    ParametricMapStorage,
+    ComprehensiveSRStorage,
     Comprehensive3DSRStorage,
     # treatment records date the course (processing.course: first fraction delivered); without
     # them the date is the plan's approval date, marked estimated
-    RTBeamsTreatmentRecordStorage, RTTreatmentSummaryRecordStorage,
+    RTBeamsTreatmentRecordStorage,
+    RTTreatmentSummaryRecordStorage,
     # IHE IOCM rejection notes (node.rejection) and other key object selections
     KeyObjectSelectionDocumentStorage,
 )
 #: uncompressed and the common compressed transfer syntaxes; data is stored as received
 TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-    JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000, RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
 )
 
 
@@ -120,8 +139,9 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     tls = settings.tls
     if not tls.enabled:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH,
-                                         cafile=str(tls.ca) if tls.ca else None)
+    context = ssl.create_default_context(
+        ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca) if tls.ca else None
+    )
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
@@ -155,7 +175,10 @@ class StorageSCP:
     """
 
     def __init__(
-        self, settings: Settings, store: Store, index: Index,
+        self,
+        settings: Settings,
+        store: Store,
+        index: Index,
         on_stored: Callable[[StoreResult], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -181,8 +204,11 @@ class StorageSCP:
                 infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
                 addresses = {str(info[4][0]) for info in infos}
             except socket.gaierror:
-                logger.warning("peer %s: host %r does not resolve; only the literal is allowed",
-                               peer.ae_title, peer.host)
+                logger.warning(
+                    "peer %s: host %r does not resolve; only the literal is allowed",
+                    peer.ae_title,
+                    peer.host,
+                )
                 addresses = {peer.host}
             if peer.ae_title in allowed and allowed[peer.ae_title] is None:
                 continue  # another entry of this AE title already allows any host
@@ -221,7 +247,9 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         self._server = self.ae.start_server(
-            (node.bind_address, node.port), block=False, evt_handlers=handlers,
+            (node.bind_address, node.port),
+            block=False,
+            evt_handlers=handlers,
             ssl_context=server_ssl_context(self.settings),
         )
         host, port = self._server.server_address[:2]
@@ -262,12 +290,18 @@ class StorageSCP:
             return
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         assoc.is_rejected = True
-        index_id = self.index.open_association("in", calling, host, int(assoc.requestor.port),
-                                               outcome="rejected")
-        self.index.add_event("association_rejected",
-                             detail=f"calling AE {calling!r} from unexpected host {host}")
-        logger.warning("association %d from %r at %s rejected: not the peer's configured host",
-                       index_id, calling, host)
+        index_id = self.index.open_association(
+            "in", calling, host, int(assoc.requestor.port), outcome="rejected"
+        )
+        self.index.add_event(
+            "association_rejected", detail=f"calling AE {calling!r} from unexpected host {host}"
+        )
+        logger.warning(
+            "association %d from %r at %s rejected: not the peer's configured host",
+            index_id,
+            calling,
+            host,
+        )
         assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -280,8 +314,7 @@ class StorageSCP:
     def _on_rejected(self, event: evt.Event) -> None:
         ae_title, host, port = self._peer(event)
         index_id = self.index.open_association("in", ae_title, host, port, outcome="rejected")
-        self.index.add_event("association_rejected",
-                             detail=f"calling AE {ae_title!r} from {host}")
+        self.index.add_event("association_rejected", detail=f"calling AE {ae_title!r} from {host}")
         logger.warning("association %d from %r at %s:%d rejected", index_id, ae_title, host, port)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
@@ -289,10 +322,21 @@ class StorageSCP:
             state = self._states.pop(id(event.assoc), None)
         if state is None:
             return
-        self.index.close_association(state.index_id, outcome=outcome, n_ok=state.n_ok,
-                                     n_warning=state.n_warning, n_failed=state.n_failed)
-        logger.info("association %d %s: %d stored, %d warnings, %d failed", state.index_id,
-                    outcome, state.n_ok, state.n_warning, state.n_failed)
+        self.index.close_association(
+            state.index_id,
+            outcome=outcome,
+            n_ok=state.n_ok,
+            n_warning=state.n_warning,
+            n_failed=state.n_failed,
+        )
+        logger.info(
+            "association %d %s: %d stored, %d warnings, %d failed",
+            state.index_id,
+            outcome,
+            state.n_ok,
+            state.n_warning,
+            state.n_failed,
+        )
 
     # -- services -------------------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -308,23 +352,33 @@ class StorageSCP:
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 request_sop_class_uid=str(request.AffectedSOPClassUID),
                 request_sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                calling_ae=calling_ae, association_id=state.index_id if state else None,
+                calling_ae=calling_ae,
+                association_id=state.index_id if state else None,
             )
             if getattr(request, "_dataset_path", None) is not None:
                 result = self.store.accept_file(event.dataset_path, **common)
             else:
                 meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-                result = self.store.accept(event.encoded_dataset(include_meta=False), meta,
-                                           **common)
+                result = self.store.accept(
+                    event.encoded_dataset(include_meta=False), meta, **common
+                )
             status = store_status(result.outcome)
         except NodeError as err:
             status = store_status(err)
-            logger.warning("C-STORE of %s from %s refused (0x%04X): %s",
-                           request.AffectedSOPInstanceUID, calling_ae, status, err)
+            logger.warning(
+                "C-STORE of %s from %s refused (0x%04X): %s",
+                request.AffectedSOPInstanceUID,
+                calling_ae,
+                status,
+                err,
+            )
         except Exception as err:  # the status mapper's catch-all: the peer must get an answer
             status = FAILURE_UNABLE_TO_PROCESS
-            logger.error("C-STORE of %s failed unexpectedly: %s", request.AffectedSOPInstanceUID,
-                         type(err).__name__)
+            logger.error(
+                "C-STORE of %s failed unexpectedly: %s",
+                request.AffectedSOPInstanceUID,
+                type(err).__name__,
+            )
         if state is not None:
             with state.lock:
                 if status == 0:

@@ -82,8 +82,9 @@ def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     as the node's client certificate (mutual authentication, which dcmtk and Orthanc require
     by default).
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=str(tls.ca) if tls.ca else None)
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None
+    )
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.certificate is not None and tls.key is not None:
         context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.key))
@@ -92,8 +93,9 @@ def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
 
 def peer_address(peer: Peer, settings: Settings) -> PeerAddress:
     """Where to reach a configured peer, with a TLS context when the peer uses TLS."""
-    return PeerAddress(peer.ae_title, peer.host, peer.port,
-                       client_ssl_context(settings.tls) if peer.tls else None)
+    return PeerAddress(
+        peer.ae_title, peer.host, peer.port, client_ssl_context(settings.tls) if peer.tls else None
+    )
 
 
 @dataclass(frozen=True)
@@ -153,12 +155,18 @@ def echo(peer: PeerAddress, *, calling_ae: str = "SPINENODE", timeout_s: float =
     """
     ae = _make_ae(calling_ae, timeout_s=timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-                         tls_args=peer.tls_args)
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        tls_args=peer.tls_args,
+    )
     if not assoc.is_established:
-        raise PeerError(f"association with {peer} was not established "
-                        f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})")
+        raise PeerError(
+            f"association with {peer} was not established "
+            f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
+        )
     try:
         _pause_reactor(assoc)
         status = assoc.send_c_echo()
@@ -173,8 +181,7 @@ def read_file_info(path: Path) -> _FileInfo:
     """SOP Class/Instance and transfer syntax of a DICOM file (header only)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = dcmread(path, stop_before_pixels=True,
-                     specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
     meta = ds.file_meta
     return _FileInfo(
         path=path,
@@ -197,8 +204,12 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def send_files(
-    paths: Sequence[Path], peer: PeerAddress, *, calling_ae: str = "SPINENODE",
-    timeout_s: float = 60.0, on_result: Callable[[SendResult], None] | None = None,
+    paths: Sequence[Path],
+    peer: PeerAddress,
+    *,
+    calling_ae: str = "SPINENODE",
+    timeout_s: float = 60.0,
+    on_result: Callable[[SendResult], None] | None = None,
 ) -> list[SendResult]:
     """C-STORE files to a peer over as few associations as the contexts allow.
 
@@ -257,8 +268,12 @@ def send_files(
 
 
 def _send_batch(
-    batch: list[_FileInfo], keys: set[tuple[str, str]], peer: PeerAddress, calling_ae: str,
-    timeout_s: float, record: Callable[[SendResult], None],
+    batch: list[_FileInfo],
+    keys: set[tuple[str, str]],
+    peer: PeerAddress,
+    calling_ae: str,
+    timeout_s: float,
+    record: Callable[[SendResult], None],
 ) -> None:
     ae = _make_ae(calling_ae, timeout_s=timeout_s)
     requested = []
@@ -271,29 +286,47 @@ def _send_batch(
             if other != ts:
                 requested.append(build_context(sop_class, [other]))
     ae.requested_contexts = requested[:MAX_CONTEXTS]
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-                         tls_args=peer.tls_args)
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        tls_args=peer.tls_args,
+    )
     if not assoc.is_established:
-        raise PeerError(f"association with {peer} was not established "
-                        f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})")
+        raise PeerError(
+            f"association with {peer} was not established "
+            f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
+        )
     try:
         for info in batch:
             if not assoc.is_established:
-                record(SendResult(info.path, info.sop_instance_uid, None,
-                                  "association ended before sending"))
+                record(
+                    SendResult(
+                        info.path, info.sop_instance_uid, None, "association ended before sending"
+                    )
+                )
                 continue
             try:
                 _pause_reactor(assoc)
                 rsp = assoc.send_c_store(info.path)
             except (ValueError, RuntimeError, OSError) as err:
                 # no accepted context for this file, or a transport failure
-                record(SendResult(info.path, info.sop_instance_uid, None,
-                                  f"{type(err).__name__}: not sent"))
+                record(
+                    SendResult(
+                        info.path, info.sop_instance_uid, None, f"{type(err).__name__}: not sent"
+                    )
+                )
                 continue
             status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
-            record(SendResult(info.path, info.sop_instance_uid, status,
-                              None if status is not None else "no response"))
+            record(
+                SendResult(
+                    info.path,
+                    info.sop_instance_uid,
+                    status,
+                    None if status is not None else "no response",
+                )
+            )
     finally:
         if assoc.is_established:
             assoc.release()

@@ -15,14 +15,14 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Settings
+from node.dashboard import reanalyse_action, start_dashboard
 from node.dispatch import Dispatcher, Outbox
+from node.followup import FollowupTracker, followup_section
 from node.index import Index
+from node.priors import courses_section, pacs_peer, stop_fetcher
 from node.scp import StorageSCP
 from node.stability import StabilityMonitor
 from node.store import Store, StoreResult
-from node.dashboard import reanalyse_action, start_dashboard
-from node.followup import FollowupTracker, followup_section
-from node.priors import courses_section, pacs_peer, stop_fetcher
 from node.worker import AnalysisWorker
 
 logger = logging.getLogger(__name__)
@@ -41,14 +41,17 @@ class NodeService:
         self.settings = settings
         node = settings.node
         self.index = Index(node.database_path)
-        self.store = Store(node.storage, self.index,
-                           low_water_bytes=int(node.disk_low_water_mb * 1e6))
+        self.store = Store(
+            node.storage, self.index, low_water_bytes=int(node.disk_low_water_mb * 1e6)
+        )
         self.scheduler = BackgroundScheduler(
-            timezone=timezone.utc, executors={"default": ThreadPoolExecutor(4)},
+            timezone=timezone.utc,
+            executors={"default": ThreadPoolExecutor(4)},
             job_defaults={"coalesce": True, "max_instances": 1},
         )
-        self.stability = StabilityMonitor(self.index, self.scheduler,
-                                          quiet_period_s=node.quiet_period_s)
+        self.stability = StabilityMonitor(
+            self.index, self.scheduler, quiet_period_s=node.quiet_period_s
+        )
         self.outbox = Outbox(self.index, self.store, settings)
         self.dispatcher = Dispatcher(self.outbox, settings)
         self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
@@ -83,7 +86,9 @@ class NodeService:
             self.index.add_event("dashboard_failed", detail=str(err)[:300])
         self.stability.rearm_pending()
         self.scheduler.add_job(
-            self.dispatcher.run_once, "interval", id="dispatch",
+            self.dispatcher.run_once,
+            "interval",
+            id="dispatch",
             seconds=self.settings.dispatch.poll_interval_s,
             next_run_time=datetime.now(timezone.utc),
         )

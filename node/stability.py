@@ -20,8 +20,8 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
-from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers.base import BaseScheduler
 
 from node.index import Index
 
@@ -46,7 +46,11 @@ class StabilityMonitor:
     """
 
     def __init__(
-        self, index: Index, scheduler: BaseScheduler, *, quiet_period_s: float,
+        self,
+        index: Index,
+        scheduler: BaseScheduler,
+        *,
+        quiet_period_s: float,
         on_stable: StableListener | None = None,
     ) -> None:
         if quiet_period_s <= 0:
@@ -78,8 +82,14 @@ class StabilityMonitor:
             self.scheduler.reschedule_job(job_id, trigger="date", run_date=run_date)
         except JobLookupError:
             self.scheduler.add_job(
-                self._fire, "date", run_date=run_date, args=[study_uid], id=job_id,
-                replace_existing=True, max_instances=1, coalesce=True,
+                self._fire,
+                "date",
+                run_date=run_date,
+                args=[study_uid],
+                id=job_id,
+                replace_existing=True,
+                max_instances=1,
+                coalesce=True,
                 misfire_grace_time=None,
             )
 
@@ -107,7 +117,13 @@ class StabilityMonitor:
                 listener(study_uid, amended)
             except Exception:
                 # one failing consumer must not stop the others; the study stays recorded stable
-                logger.exception("stable-study listener %r failed for study %s",
-                                 getattr(listener, "__name__", listener), study_uid)
-                self.index.add_event("listener_failed", study_uid=study_uid,
-                                     detail=getattr(listener, "__name__", repr(listener)))
+                logger.exception(
+                    "stable-study listener %r failed for study %s",
+                    getattr(listener, "__name__", listener),
+                    study_uid,
+                )
+                self.index.add_event(
+                    "listener_failed",
+                    study_uid=study_uid,
+                    detail=getattr(listener, "__name__", repr(listener)),
+                )

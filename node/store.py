@@ -42,7 +42,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.errors import (
     DatasetMismatchError,
@@ -63,14 +63,39 @@ _ITEM = 0xFFFEE000
 _ITEM_DELIMITER = 0xFFFEE00D
 _SEQUENCE_DELIMITER = 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
-             b"UT", b"UV"}
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
 _HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID",
-    "IssuerOfPatientID", "PatientName", "PatientBirthDate", "StudyDate", "AccessionNumber",
-    "Modality", "SeriesNumber", "SeriesDescription", "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyDate",
+    "AccessionNumber",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SpecificCharacterSet",
     # an IHE IOCM rejection note's title and list of rejected instances (node.rejection)
-    "ConceptNameCodeSequence", "CurrentRequestedProcedureEvidenceSequence",
+    "ConceptNameCodeSequence",
+    "CurrentRequestedProcedureEvidenceSequence",
 ]
 
 
@@ -88,8 +113,9 @@ class _Truncated(ValueError):
     pass
 
 
-def check_dataset_structure(data: bytes | memoryview, *, implicit_vr: bool,
-                            little_endian: bool) -> None:
+def check_dataset_structure(
+    data: bytes | memoryview, *, implicit_vr: bool, little_endian: bool
+) -> None:
     """Check that an encoded dataset is complete: every length and delimiter is consistent.
 
     pydicom reads a truncated value silently, so this walks the element headers (PS3.5 7.1),
@@ -131,7 +157,7 @@ def check_dataset_structure(data: bytes | memoryview, *, implicit_vr: bool,
                 length = u32.unpack_from(data, pos + 4)[0]
                 pos += 8
             else:
-                vr = bytes(data[pos + 4:pos + 6])
+                vr = bytes(data[pos + 4 : pos + 6])
                 if vr in _LONG_VRS:
                     if pos + 12 > end:
                         raise _Truncated(f"element header cut at byte {pos}")
@@ -180,8 +206,9 @@ class _Received:
     multi-frame objects do not grow the node's memory.
     """
 
-    def __init__(self, *, meta: bytes | None = None, dataset: bytes | None = None,
-                 path: Path | None = None) -> None:
+    def __init__(
+        self, *, meta: bytes | None = None, dataset: bytes | None = None, path: Path | None = None
+    ) -> None:
         self.path = path
         self._mmap: mmap.mmap | None = None
         if path is not None:
@@ -190,8 +217,11 @@ class _Received:
                 self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
             whole = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
             # Part 10: preamble, "DICM", then (0002,0000) File Meta Group Length, UL
-            if (len(whole) < 144 or bytes(whole[128:132]) != b"DICM"
-                    or bytes(whole[132:138]) != b"\x02\x00\x00\x00UL"):
+            if (
+                len(whole) < 144
+                or bytes(whole[128:132]) != b"DICM"
+                or bytes(whole[132:138]) != b"\x02\x00\x00\x00UL"
+            ):
                 whole.release()
                 self.close()
                 raise UnparseableDatasetError("received file has no DICOM file meta")
@@ -231,7 +261,7 @@ class _Received:
             for chunk in (self.meta, self.dataset):
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             return
         with open(self.path, "rb") as fh:
             offset, total = 0, os.fstat(fh.fileno()).st_size
@@ -284,8 +314,13 @@ class Store:
         self.outbox_dir = self.root / "outbox"
         #: where the serve process's temporary files (pynetdicom's received datasets) go
         self.incoming_dir = self.tmp_dir / "incoming"
-        for folder in (self.instances_dir, self.tmp_dir, self.incoming_dir, self.quarantine_dir,
-                       self.outbox_dir):
+        for folder in (
+            self.instances_dir,
+            self.tmp_dir,
+            self.incoming_dir,
+            self.quarantine_dir,
+            self.outbox_dir,
+        ):
             folder.mkdir(parents=True, exist_ok=True)
         #: striped locks, so two associations storing the same SOP Instance UID serialise
         self._locks = [threading.Lock() for _ in range(64)]
@@ -314,15 +349,20 @@ class Store:
     # -- paths ----------------------------------------------------------------------------------
     def instance_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Storage path of an instance: hashes of its UIDs, always under ``instances/``."""
-        path = (self.instances_dir / uid_hash(study_uid) / uid_hash(series_uid)
-                / f"{uid_hash(sop_instance_uid)}.dcm")
+        path = (
+            self.instances_dir
+            / uid_hash(study_uid)
+            / uid_hash(series_uid)
+            / f"{uid_hash(sop_instance_uid)}.dcm"
+        )
         if not path.resolve().is_relative_to(self.instances_dir):
             raise OutOfResourcesError("storage path escapes the storage folder")
         return path
 
     # -- writing --------------------------------------------------------------------------------
-    def write_durably(self, data: bytes | memoryview | list[bytes | memoryview] | _Received,
-                      destination: Path) -> None:
+    def write_durably(
+        self, data: bytes | memoryview | list[bytes | memoryview] | _Received, destination: Path
+    ) -> None:
         """Write bytes to ``destination`` atomically: temporary file, fsync, rename, fsync folder.
 
         Raises
@@ -334,10 +374,14 @@ class Store:
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
             # same file system: a hard link to pynetdicom's received file, no second copy
-            linked = (isinstance(data, _Received) and data.path is not None
-                      and _try_link(data.path, tmp))
-            fd = os.open(tmp, os.O_RDONLY) if linked else os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            linked = (
+                isinstance(data, _Received) and data.path is not None and _try_link(data.path, tmp)
+            )
+            fd = (
+                os.open(tmp, os.O_RDONLY)
+                if linked
+                else os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            )
             try:
                 if isinstance(data, _Received) and not linked:
                     data.write_into(fd)
@@ -345,7 +389,7 @@ class Store:
                     for chunk in data if isinstance(data, list) else [data]:
                         view = memoryview(chunk)
                         while view:
-                            view = view[os.write(fd, view):]
+                            view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -370,24 +414,30 @@ class Store:
                 f"{self.low_water_bytes / 1e6:.0f} MB"
             )
 
-    def quarantine(self, data: bytes | list[bytes | memoryview] | _Received, reason: str
-                   ) -> Path:
+    def quarantine(self, data: bytes | list[bytes | memoryview] | _Received, reason: str) -> Path:
         """Keep rejected bytes with a ``.error`` reason file; returns the data file's path."""
         stem = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
         path = self.quarantine_dir / f"{stem}.dcm"
         try:
             self.write_durably(data, path)
-            self.write_durably(reason.encode("utf-8", "replace") + b"\n",
-                               self.quarantine_dir / f"{stem}.error")
+            self.write_durably(
+                reason.encode("utf-8", "replace") + b"\n", self.quarantine_dir / f"{stem}.error"
+            )
         except OutOfResourcesError as err:
             logger.error("could not quarantine rejected instance: %s", err)
         return path
 
     # -- the handler's work ---------------------------------------------------------------------
     def accept(
-        self, dataset_bytes: bytes, file_meta_bytes: bytes, *, transfer_syntax_uid: str,
-        request_sop_class_uid: str, request_sop_instance_uid: str,
-        calling_ae: str | None = None, association_id: int | None = None,
+        self,
+        dataset_bytes: bytes,
+        file_meta_bytes: bytes,
+        *,
+        transfer_syntax_uid: str,
+        request_sop_class_uid: str,
+        request_sop_instance_uid: str,
+        calling_ae: str | None = None,
+        association_id: int | None = None,
     ) -> StoreResult:
         """Store one received instance (held in memory) durably and index it.
 
@@ -415,13 +465,23 @@ class Store:
         OutOfResourcesError, UnparseableDatasetError, DatasetMismatchError
         """
         self.check_free_space()
-        return self._accept(_Received(meta=file_meta_bytes, dataset=dataset_bytes),
-                            transfer_syntax_uid, request_sop_class_uid,
-                            request_sop_instance_uid, calling_ae, association_id)
+        return self._accept(
+            _Received(meta=file_meta_bytes, dataset=dataset_bytes),
+            transfer_syntax_uid,
+            request_sop_class_uid,
+            request_sop_instance_uid,
+            calling_ae,
+            association_id,
+        )
 
     def accept_file(
-        self, received_path: Path, *, transfer_syntax_uid: str, request_sop_class_uid: str,
-        request_sop_instance_uid: str, calling_ae: str | None = None,
+        self,
+        received_path: Path,
+        *,
+        transfer_syntax_uid: str,
+        request_sop_class_uid: str,
+        request_sop_instance_uid: str,
+        calling_ae: str | None = None,
         association_id: int | None = None,
     ) -> StoreResult:
         """Like :meth:`accept`, for an instance pynetdicom received into a Part 10 file.
@@ -432,22 +492,37 @@ class Store:
         self.check_free_space()
         received = _Received(path=Path(received_path))
         try:
-            return self._accept(received, transfer_syntax_uid, request_sop_class_uid,
-                                request_sop_instance_uid, calling_ae, association_id)
+            return self._accept(
+                received,
+                transfer_syntax_uid,
+                request_sop_class_uid,
+                request_sop_instance_uid,
+                calling_ae,
+                association_id,
+            )
         finally:
             received.close()
 
     def _accept(
-        self, received: _Received, transfer_syntax_uid: str, request_sop_class_uid: str,
-        request_sop_instance_uid: str, calling_ae: str | None, association_id: int | None,
+        self,
+        received: _Received,
+        transfer_syntax_uid: str,
+        request_sop_class_uid: str,
+        request_sop_instance_uid: str,
+        calling_ae: str | None,
+        association_id: int | None,
     ) -> StoreResult:
         header = self._parse(received, transfer_syntax_uid)
         sop_class = str(header.get("SOPClassUID", "") or "")
         sop_instance = str(header.get("SOPInstanceUID", "") or "")
         study = str(header.get("StudyInstanceUID", "") or "")
         series = str(header.get("SeriesInstanceUID", "") or "")
-        for name, value in (("SOP Instance UID", sop_instance), ("Study Instance UID", study),
-                            ("Series Instance UID", series), ("SOP Class UID", sop_class)):
+        for name, value in (
+            ("SOP Instance UID", sop_instance),
+            ("Study Instance UID", study),
+            ("Series Instance UID", series),
+            ("SOP Class UID", sop_class),
+        ):
             if not is_valid_uid(value):
                 reason = f"invalid or missing {name} (not a PS3.5 9.1 UID)"
                 self.quarantine(received, reason)
@@ -469,40 +544,56 @@ class Store:
             if existing is not None:
                 if existing.sha256 == digest:
                     logger.info("duplicate instance %s (identical content) ignored", sop_instance)
-                    return StoreResult(StoreOutcome.ALREADY_STORED, sop_instance,
-                                       existing.study_uid, Path(existing.path))
+                    return StoreResult(
+                        StoreOutcome.ALREADY_STORED,
+                        sop_instance,
+                        existing.study_uid,
+                        Path(existing.path),
+                    )
                 logger.warning(
                     "instance %s received again with different content: first copy kept",
                     sop_instance,
                 )
                 self.index.add_event(
-                    "duplicate_conflict", study_uid=existing.study_uid,
+                    "duplicate_conflict",
+                    study_uid=existing.study_uid,
                     sop_instance_uid=sop_instance,
                     detail=f"kept sha256 {existing.sha256[:16]}, discarded {digest[:16]}"
-                           f" from {calling_ae or '?'}",
+                    f" from {calling_ae or '?'}",
                 )
-                return StoreResult(StoreOutcome.CONFLICT_KEPT_FIRST, sop_instance,
-                                   existing.study_uid, Path(existing.path))
+                return StoreResult(
+                    StoreOutcome.CONFLICT_KEPT_FIRST,
+                    sop_instance,
+                    existing.study_uid,
+                    Path(existing.path),
+                )
             self.write_durably(received, path)
             try:
-                self.index.add_instance(NewInstance(
-                    sop_instance_uid=sop_instance, sop_class_uid=sop_class, series_uid=series,
-                    study_uid=study, transfer_syntax_uid=transfer_syntax_uid,
-                    path=str(path.relative_to(self.root)),
-                    size=received.size, sha256=digest,
-                    calling_ae=calling_ae, association_id=association_id,
-                    patient_id=_text(header.get("PatientID")) or "",
-                    issuer_of_patient_id=_text(header.get("IssuerOfPatientID")) or "",
-                    patient_name=_text(header.get("PatientName")),
-                    birth_date=_text(header.get("PatientBirthDate")),
-                    study_date=_text(header.get("StudyDate")),
-                    accession_number=_text(header.get("AccessionNumber")),
-                    modality=_text(header.get("Modality")),
-                    series_number=_int(header.get("SeriesNumber")),
-                    series_description=_text(header.get("SeriesDescription")),
-                    rejects=rejection.rejected if rejection else (),
-                    rejection_reason=rejection.reason if rejection else None,
-                ))
+                self.index.add_instance(
+                    NewInstance(
+                        sop_instance_uid=sop_instance,
+                        sop_class_uid=sop_class,
+                        series_uid=series,
+                        study_uid=study,
+                        transfer_syntax_uid=transfer_syntax_uid,
+                        path=str(path.relative_to(self.root)),
+                        size=received.size,
+                        sha256=digest,
+                        calling_ae=calling_ae,
+                        association_id=association_id,
+                        patient_id=_text(header.get("PatientID")) or "",
+                        issuer_of_patient_id=_text(header.get("IssuerOfPatientID")) or "",
+                        patient_name=_text(header.get("PatientName")),
+                        birth_date=_text(header.get("PatientBirthDate")),
+                        study_date=_text(header.get("StudyDate")),
+                        accession_number=_text(header.get("AccessionNumber")),
+                        modality=_text(header.get("Modality")),
+                        series_number=_int(header.get("SeriesNumber")),
+                        series_description=_text(header.get("SeriesDescription")),
+                        rejects=rejection.rejected if rejection else (),
+                        rejection_reason=rejection.reason if rejection else None,
+                    )
+                )
             except sqlite3.Error as err:
                 # not indexed means not acknowledged: do not leave an orphan file behind; a
                 # busy or full database is a resource problem the sender may retry (0xA700)
@@ -512,8 +603,12 @@ class Store:
                 path.unlink(missing_ok=True)
                 raise
         if rejection is not None:
-            logger.info("rejection note %s (%s) withdraws %d instance(s)", sop_instance,
-                        rejection.reason, len(rejection.rejected))
+            logger.info(
+                "rejection note %s (%s) withdraws %d instance(s)",
+                sop_instance,
+                rejection.reason,
+                len(rejection.rejected),
+            )
         return StoreResult(StoreOutcome.STORED, sop_instance, study, path)
 
     def _parse(self, received: _Received, transfer_syntax_uid: str) -> dict[str, object]:
@@ -523,17 +618,28 @@ class Store:
             raw = received.dataset
             if ts == DeflatedExplicitVRLittleEndian:
                 raw = zlib.decompress(bytes(received.dataset), -zlib.MAX_WBITS)
-            check_dataset_structure(raw, implicit_vr=ts.is_implicit_VR,
-                                    little_endian=ts.is_little_endian)
+            check_dataset_structure(
+                raw, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
+            )
             with warnings.catch_warnings(), received.stream() as stream:
                 # pydicom's warnings quote element values, which may be patient identifiers
                 warnings.simplefilter("ignore")
                 ds = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
                 header = {k: ds.get(k) for k in _HEADER_TAGS}
                 header["rejection"] = rejection_note(ds)
-        except (ValueError, InvalidDicomError, EOFError, KeyError, struct.error, zlib.error,
-                NotImplementedError, TypeError, UnicodeDecodeError, AttributeError,
-                RecursionError) as err:
+        except (
+            ValueError,
+            InvalidDicomError,
+            EOFError,
+            KeyError,
+            struct.error,
+            zlib.error,
+            NotImplementedError,
+            TypeError,
+            UnicodeDecodeError,
+            AttributeError,
+            RecursionError,
+        ) as err:
             reason = f"dataset cannot be parsed: {type(err).__name__}: {_safe(err)}"
             self.quarantine(received, reason)
             raise UnparseableDatasetError(reason) from err

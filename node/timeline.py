@@ -166,13 +166,19 @@ class TimePoint:
     def as_record(self) -> dict[str, Any]:
         """The point in the shape of :func:`reporting.summary.summary_records` (for plots/PDF)."""
         return {
-            "lesion": {"tracking_uid": self.tracking_uid, "tracking_id": self.tracking_id,
-                       "vertebral_level": self.vertebral_level},
-            "role": self.role, "study_instance_uid": self.study_instance_uid,
+            "lesion": {
+                "tracking_uid": self.tracking_uid,
+                "tracking_id": self.tracking_id,
+                "vertebral_level": self.vertebral_level,
+            },
+            "role": self.role,
+            "study_instance_uid": self.study_instance_uid,
             "study_date": self.study_date.isoformat(),
             "days_since_treatment": self.days_since_treatment,
-            "measurements": dict(self.measurements), "units": dict(self.units),
-            "changes": list(self.changes), "response": self.response,
+            "measurements": dict(self.measurements),
+            "units": dict(self.units),
+            "changes": list(self.changes),
+            "response": self.response,
             "comparability": self.comparability,
             "comparability_reasons": list(self.comparability_reasons),
         }
@@ -216,12 +222,20 @@ def _json(value: Any) -> str:
 
 def _fingerprint(point: Mapping[str, Any]) -> str:
     response = point.get("response") or {}
-    return _json([point.get("volume_ml"), point.get("changes"), response.get("category"),
-                  point.get("days_since_treatment"), point.get("comparability")])
+    return _json(
+        [
+            point.get("volume_ml"),
+            point.get("changes"),
+            response.get("category"),
+            point.get("days_since_treatment"),
+            point.get("comparability"),
+        ]
+    )
 
 
-def record_analysis(index: Index, patient_row: int, summary: Mapping[str, Any], *,
-                    now: float | None = None) -> RecordOutcome:
+def record_analysis(
+    index: Index, patient_row: int, summary: Mapping[str, Any], *, now: float | None = None
+) -> RecordOutcome:
     """Record one chain run of a patient (``ChainResult.summary()``) in the timeline.
 
     Parameters
@@ -262,42 +276,66 @@ def record_analysis(index: Index, patient_row: int, summary: Mapping[str, Any], 
         lesion = record.get("lesion") or {}
         if not lesion.get("tracking_uid") or not record.get("study_instance_uid"):
             raise TimelineError(f"time point {i} has no lesion tracking_uid or study_instance_uid")
-        measurements = {k: v for k, v in (record.get("measurements") or {}).items()
-                        if _finite(v) is not None}
+        measurements = {
+            k: v for k, v in (record.get("measurements") or {}).items() if _finite(v) is not None
+        }
         response = record.get("response")
-        rows.append({
-            "tracking_uid": lesion["tracking_uid"], "tracking_id": lesion.get("tracking_id"),
-            "vertebral_level": lesion.get("vertebral_level"),
-            "study_instance_uid": record["study_instance_uid"],
-            "study_date": _date(record.get("study_date")).isoformat(),
-            "role": record.get("role") or "", "days_since_treatment":
-                record.get("days_since_treatment"),
-            "volume_ml": _finite(measurements.get("volume")),
-            "measurements": measurements, "units": record.get("units") or {},
-            "changes": record.get("changes") or [], "response": response,
-            "comparability": record.get("comparability"),
-            "comparability_reasons": record.get("comparability_reasons") or [],
-        })
+        rows.append(
+            {
+                "tracking_uid": lesion["tracking_uid"],
+                "tracking_id": lesion.get("tracking_id"),
+                "vertebral_level": lesion.get("vertebral_level"),
+                "study_instance_uid": record["study_instance_uid"],
+                "study_date": _date(record.get("study_date")).isoformat(),
+                "role": record.get("role") or "",
+                "days_since_treatment": record.get("days_since_treatment"),
+                "volume_ml": _finite(measurements.get("volume")),
+                "measurements": measurements,
+                "units": record.get("units") or {},
+                "changes": record.get("changes") or [],
+                "response": response,
+                "comparability": record.get("comparability"),
+                "comparability_reasons": record.get("comparability_reasons") or [],
+            }
+        )
     with index.transaction() as db:
         previous = {
-            (r["tracking_uid"], r["study_instance_uid"]): _fingerprint({
-                "volume_ml": r["volume_ml"], "changes": json.loads(r["changes_json"]),
-                "response": json.loads(r["response_json"]) if r["response_json"] else None,
-                "days_since_treatment": r["days_since_treatment"],
-                "comparability": r["comparability"]})
+            (r["tracking_uid"], r["study_instance_uid"]): _fingerprint(
+                {
+                    "volume_ml": r["volume_ml"],
+                    "changes": json.loads(r["changes_json"]),
+                    "response": json.loads(r["response_json"]) if r["response_json"] else None,
+                    "days_since_treatment": r["days_since_treatment"],
+                    "comparability": r["comparability"],
+                }
+            )
             for r in db.execute(
                 "SELECT * FROM timeline_points WHERE patient_row=? AND course_uid=?",
-                (patient_row, course_uid)).fetchall()}
+                (patient_row, course_uid),
+            ).fetchall()
+        }
         cur = db.execute(
             "INSERT INTO timeline_runs (patient_row, course_uid, recorded, algorithm_version,"
             " treatment_date, course_json, n_points) VALUES (?,?,?,?,?,?,?)",
-            (patient_row, course_uid, now, summary.get("algorithm_version"),
-             course.get("treatment_date"), _json(course), len(rows)))
+            (
+                patient_row,
+                course_uid,
+                now,
+                summary.get("algorithm_version"),
+                course.get("treatment_date"),
+                _json(course),
+                len(rows),
+            ),
+        )
         run_id = int(cur.lastrowid or 0)
-        db.execute("DELETE FROM timeline_points WHERE patient_row=? AND course_uid=?",
-                   (patient_row, course_uid))
-        db.execute("DELETE FROM timeline_outputs WHERE patient_row=? AND course_uid=?",
-                   (patient_row, course_uid))
+        db.execute(
+            "DELETE FROM timeline_points WHERE patient_row=? AND course_uid=?",
+            (patient_row, course_uid),
+        )
+        db.execute(
+            "DELETE FROM timeline_outputs WHERE patient_row=? AND course_uid=?",
+            (patient_row, course_uid),
+        )
         changed: list[str] = []
         for row in rows:
             key = (row["tracking_uid"], row["study_instance_uid"])
@@ -309,32 +347,62 @@ def record_analysis(index: Index, patient_row: int, summary: Mapping[str, Any], 
                 " days_since_treatment, volume_ml, measurements_json, units_json, changes_json,"
                 " response_category, response_json, comparability, comparability_reasons_json)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, patient_row, course_uid, row["tracking_uid"], row["tracking_id"],
-                 row["vertebral_level"], row["study_instance_uid"], row["study_date"],
-                 row["role"], row["days_since_treatment"], row["volume_ml"],
-                 _json(row["measurements"]), _json(row["units"]), _json(row["changes"]),
-                 (row["response"] or {}).get("category"),
-                 _json(row["response"]) if row["response"] is not None else None,
-                 row["comparability"], _json(row["comparability_reasons"])))
+                (
+                    run_id,
+                    patient_row,
+                    course_uid,
+                    row["tracking_uid"],
+                    row["tracking_id"],
+                    row["vertebral_level"],
+                    row["study_instance_uid"],
+                    row["study_date"],
+                    row["role"],
+                    row["days_since_treatment"],
+                    row["volume_ml"],
+                    _json(row["measurements"]),
+                    _json(row["units"]),
+                    _json(row["changes"]),
+                    (row["response"] or {}).get("category"),
+                    _json(row["response"]) if row["response"] is not None else None,
+                    row["comparability"],
+                    _json(row["comparability_reasons"]),
+                ),
+            )
         for output in summary.get("outputs") or []:
             db.execute(
                 "INSERT INTO timeline_outputs (run_id, patient_row, course_uid,"
                 " study_instance_uid, sop_instance_uid, sop_class_uid, series_instance_uid,"
                 " modality, series_description) VALUES (?,?,?,?,?,?,?,?,?)",
-                (run_id, patient_row, course_uid, output["study_instance_uid"],
-                 output["sop_instance_uid"], output["sop_class_uid"],
-                 output.get("series_instance_uid"), output.get("modality"),
-                 output.get("series_description")))
+                (
+                    run_id,
+                    patient_row,
+                    course_uid,
+                    output["study_instance_uid"],
+                    output["sop_instance_uid"],
+                    output["sop_class_uid"],
+                    output.get("series_instance_uid"),
+                    output.get("modality"),
+                    output.get("series_description"),
+                ),
+            )
     removed = tuple(sorted({study for _, study in previous}))
-    outcome = RecordOutcome(run_id, patient_row, course_uid, len(rows),
-                            tuple(dict.fromkeys(changed)), removed)
-    logger.info("timeline of patient row %d, course %s: %d time points, %d changed, %d removed",
-                patient_row, course_uid, len(rows), len(outcome.changed_studies), len(removed))
+    outcome = RecordOutcome(
+        run_id, patient_row, course_uid, len(rows), tuple(dict.fromkeys(changed)), removed
+    )
+    logger.info(
+        "timeline of patient row %d, course %s: %d time points, %d changed, %d removed",
+        patient_row,
+        course_uid,
+        len(rows),
+        len(outcome.changed_studies),
+        len(removed),
+    )
     return outcome
 
 
-def on_analysis_done(index: Index, patient_row: int, summary: Mapping[str, Any] | Path, *,
-                     followups: Any = None) -> RecordOutcome:
+def on_analysis_done(
+    index: Index, patient_row: int, summary: Mapping[str, Any] | Path, *, followups: Any = None
+) -> RecordOutcome:
     """What the node does after each successful analysis of a patient.
 
     Records the run in the timeline and, given a :class:`node.followup.FollowupTracker`, lays out
@@ -369,7 +437,8 @@ def _outputs(index: Index, patient_row: int, course_uid: str) -> dict[str, list[
         " o.series_description, x.destination, x.state, x.tries, x.last_error"
         " FROM timeline_outputs o LEFT JOIN outbox x ON x.sop_instance_uid=o.sop_instance_uid"
         " WHERE o.patient_row=? AND o.course_uid=? ORDER BY o.id, x.id",
-        (patient_row, course_uid))
+        (patient_row, course_uid),
+    )
     by_study: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_study.setdefault(r["study_instance_uid"], []).append(dict(r))
@@ -392,16 +461,19 @@ def recorded_reports(index: Index, patient_row: int) -> dict[str, list[dict[str,
     rows = index.query(
         "SELECT study_instance_uid, sop_class_uid, sop_instance_uid, series_instance_uid"
         " FROM timeline_outputs WHERE patient_row=? AND modality='SR' ORDER BY id",
-        (patient_row,))
+        (patient_row,),
+    )
     reports: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         reports.setdefault(r["study_instance_uid"], []).append(
-            {k: r[k] for k in ("sop_class_uid", "sop_instance_uid", "series_instance_uid")})
+            {k: r[k] for k in ("sop_class_uid", "sop_instance_uid", "series_instance_uid")}
+        )
     return reports
 
 
-def timeline(index: Index, patient_row: int | None = None, *,
-             tracking_uid: str | None = None) -> list[TimePoint]:
+def timeline(
+    index: Index, patient_row: int | None = None, *, tracking_uid: str | None = None
+) -> list[TimePoint]:
     """Recorded time points, ordered by patient, course, lesion and study date.
 
     Parameters
@@ -428,19 +500,28 @@ def timeline(index: Index, patient_row: int | None = None, *,
         key = (r["patient_row"], r["course_uid"])
         if key not in outputs_cache:
             outputs_cache[key] = _outputs(index, *key)
-        points.append(TimePoint(
-            patient_row=r["patient_row"], course_uid=r["course_uid"],
-            tracking_uid=r["tracking_uid"], tracking_id=r["tracking_id"],
-            vertebral_level=r["vertebral_level"], study_instance_uid=r["study_instance_uid"],
-            study_date=dt.date.fromisoformat(r["study_date"]), role=r["role"],
-            days_since_treatment=r["days_since_treatment"], volume_ml=r["volume_ml"],
-            measurements=json.loads(r["measurements_json"]), units=json.loads(r["units_json"]),
-            changes=json.loads(r["changes_json"]), response_category=r["response_category"],
-            response=json.loads(r["response_json"]) if r["response_json"] else None,
-            comparability=r["comparability"],
-            comparability_reasons=json.loads(r["comparability_reasons_json"]),
-            outputs=outputs_cache[key].get(r["study_instance_uid"], []),
-        ))
+        points.append(
+            TimePoint(
+                patient_row=r["patient_row"],
+                course_uid=r["course_uid"],
+                tracking_uid=r["tracking_uid"],
+                tracking_id=r["tracking_id"],
+                vertebral_level=r["vertebral_level"],
+                study_instance_uid=r["study_instance_uid"],
+                study_date=dt.date.fromisoformat(r["study_date"]),
+                role=r["role"],
+                days_since_treatment=r["days_since_treatment"],
+                volume_ml=r["volume_ml"],
+                measurements=json.loads(r["measurements_json"]),
+                units=json.loads(r["units_json"]),
+                changes=json.loads(r["changes_json"]),
+                response_category=r["response_category"],
+                response=json.loads(r["response_json"]) if r["response_json"] else None,
+                comparability=r["comparability"],
+                comparability_reasons=json.loads(r["comparability_reasons_json"]),
+                outputs=outputs_cache[key].get(r["study_instance_uid"], []),
+            )
+        )
     return points
 
 
@@ -448,20 +529,32 @@ def courses(index: Index, patient_row: int | None = None) -> list[dict[str, Any]
     """Latest recorded run per patient and course: ``patient_row``, ``course_uid``,
     ``treatment_date`` (ISO date), ``course`` (the summary's course dict), ``recorded`` (s)."""
     ensure_schema(index)
-    sql = ("SELECT r.* FROM timeline_runs r JOIN (SELECT patient_row, course_uid, MAX(id) AS id"
-           " FROM timeline_runs GROUP BY patient_row, course_uid) m ON m.id=r.id")
+    sql = (
+        "SELECT r.* FROM timeline_runs r JOIN (SELECT patient_row, course_uid, MAX(id) AS id"
+        " FROM timeline_runs GROUP BY patient_row, course_uid) m ON m.id=r.id"
+    )
     params: tuple[Any, ...] = ()
     if patient_row is not None:
         sql += " WHERE r.patient_row=?"
         params = (patient_row,)
-    return [{"patient_row": r["patient_row"], "course_uid": r["course_uid"],
-             "treatment_date": r["treatment_date"], "course": json.loads(r["course_json"]),
-             "recorded": r["recorded"], "algorithm_version": r["algorithm_version"]}
-            for r in index.query(sql + " ORDER BY r.patient_row, r.course_uid", params)]
+    return [
+        {
+            "patient_row": r["patient_row"],
+            "course_uid": r["course_uid"],
+            "treatment_date": r["treatment_date"],
+            "course": json.loads(r["course_json"]),
+            "recorded": r["recorded"],
+            "algorithm_version": r["algorithm_version"],
+        }
+        for r in index.query(sql + " ORDER BY r.patient_row, r.course_uid", params)
+    ]
 
 
-_TEXT_QUANTITIES = (("ADC.mean", "ADC", 1e3, "e-3 mm²/s"), ("Ktrans.mean", "Ktrans", 1.0, "/min"),
-                    ("vp.mean", "vp", 1.0, ""))
+_TEXT_QUANTITIES = (
+    ("ADC.mean", "ADC", 1e3, "e-3 mm²/s"),
+    ("Ktrans.mean", "Ktrans", 1.0, "/min"),
+    ("vp.mean", "vp", 1.0, ""),
+)
 
 
 def _percent(change: Mapping[str, Any] | None) -> str:
@@ -472,8 +565,9 @@ def _percent(change: Mapping[str, Any] | None) -> str:
     return f" ({change['relative'] * 100:+.0f} %{flag})"
 
 
-def timeline_text(index: Index, patient_row: int | None = None, *,
-                  points: Sequence[TimePoint] | None = None) -> str:
+def timeline_text(
+    index: Index, patient_row: int | None = None, *, points: Sequence[TimePoint] | None = None
+) -> str:
     """The timeline as plain text, one block per patient, course and lesion (no patient data).
 
     For ``spine-node status``. Changes are relative to the baseline; ``*`` marks a change beyond
@@ -493,12 +587,15 @@ def timeline_text(index: Index, patient_row: int | None = None, *,
             last_key = key
         days = f"day {p.days_since_treatment:+d}" if p.days_since_treatment is not None else "day ?"
         volume = f"{p.volume_ml:.2f} mL" if p.volume_ml is not None else "n/a"
-        parts = [f"    {p.study_date.isoformat()} {days:>9} {p.role:<9} volume {volume}"
-                 f"{_percent(p.change('volume'))}"]
+        parts = [
+            f"    {p.study_date.isoformat()} {days:>9} {p.role:<9} volume {volume}"
+            f"{_percent(p.change('volume'))}"
+        ]
         for path, label, scale, unit in _TEXT_QUANTITIES:
             if path in p.measurements:
-                parts.append(f"{label} {p.measurements[path] * scale:.3g}{unit}"
-                             f"{_percent(p.change(path))}")
+                parts.append(
+                    f"{label} {p.measurements[path] * scale:.3g}{unit}{_percent(p.change(path))}"
+                )
         line = "; ".join(parts)
         if p.response_category:
             line += f"; RESPONSE {p.response_category}"

@@ -25,10 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-
+from node.analysis import link_superseded_reports
 from node.chain import ChainSettings
 from node.config import AnalysisSection, Settings
-from node.analysis import link_superseded_reports
 from node.logs import logging_target
 from node.timeline import TimelineError, on_analysis_done, recorded_reports
 
@@ -50,9 +49,16 @@ def chain_settings_from(config: Path | None) -> ChainSettings:
     return analysis_section(load_settings(config)).chain_settings()
 
 
-def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_settings: dict,
-                     out_dir: str, log_level: str, log_file: str | None,
-                     map_cache_mb: int = 0) -> dict[str, Any]:
+def _analyse_patient(
+    db_path: str,
+    store_root: str,
+    patient_row: int,
+    chain_settings: dict,
+    out_dir: str,
+    log_level: str,
+    log_file: str | None,
+    map_cache_mb: int = 0,
+) -> dict[str, Any]:
     """Child-process entry: run the chain for one patient; return what the parent records."""
     from node.analysis import patient_datasets, write_outputs
     from node.logs import configure_logging
@@ -84,8 +90,12 @@ def _analyse_patient(db_path: str, store_root: str, patient_row: int, chain_sett
             logging.getLogger(__name__).warning("map cache not pruned: %s", err)
     paths = write_outputs(result, Path(out_dir))
     calls = [r.response.category.value for r in result.results if r.response is not None]
-    return {"state": "done", "paths": [str(p) for p in paths], "calls": calls,
-            "timings": result.timings}
+    return {
+        "state": "done",
+        "paths": [str(p) for p in paths],
+        "calls": calls,
+        "timings": result.timings,
+    }
 
 
 def _end_with_parent() -> None:
@@ -135,8 +145,10 @@ class AnalysisWorker:
             if self._executor is None:
                 # spawn: the node's process holds threads (listener, scheduler); never fork them
                 self._executor = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_end_with_parent)
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_end_with_parent,
+                )
             return self._executor
 
     def on_stable(self, study_uid: str, amended: bool) -> None:
@@ -153,12 +165,21 @@ class AnalysisWorker:
         # per study
         pending = index.query(
             "SELECT count(*) FROM studies WHERE patient_key=? AND state='receiving'"
-            " AND study_uid != ?", (patient, study_uid))[0][0]
+            " AND study_uid != ?",
+            (patient, study_uid),
+        )[0][0]
         if pending:
-            logger.info("study %s: analysis deferred, %d other stud%s of the patient still "
-                        "receiving", study_uid, pending, "y" if pending == 1 else "ies")
-            index.add_event("analysis_deferred", study_uid=study_uid,
-                            detail=f"{pending} other studies of the patient still receiving")
+            logger.info(
+                "study %s: analysis deferred, %d other stud%s of the patient still receiving",
+                study_uid,
+                pending,
+                "y" if pending == 1 else "ies",
+            )
+            index.add_event(
+                "analysis_deferred",
+                study_uid=study_uid,
+                detail=f"{pending} other studies of the patient still receiving",
+            )
             return
         self.analyse(patient, study_uid=study_uid)
 
@@ -185,14 +206,27 @@ class AnalysisWorker:
         out_dir = store.root / "results" / f"patient-{patient_row}"
         index.add_event("analysis_started", study_uid=study_uid)
         try:
-            outcome = self._pool().submit(
-                _analyse_patient, str(index.path), str(store.root), patient_row,
-                asdict(self.section.chain_settings()), str(out_dir),
-                *logging_target(), self.section.map_cache_mb).result()
+            outcome = (
+                self._pool()
+                .submit(
+                    _analyse_patient,
+                    str(index.path),
+                    str(store.root),
+                    patient_row,
+                    asdict(self.section.chain_settings()),
+                    str(out_dir),
+                    *logging_target(),
+                    self.section.map_cache_mb,
+                )
+                .result()
+            )
         except Exception as err:  # the child's failure must not take the node down
             logger.exception("analysis of study %s failed", study_uid)
-            index.add_event("analysis_failed", study_uid=study_uid,
-                            detail=f"{type(err).__name__}: {str(err)[:300]}")
+            index.add_event(
+                "analysis_failed",
+                study_uid=study_uid,
+                detail=f"{type(err).__name__}: {str(err)[:300]}",
+            )
             return {"state": "failed", "reason": f"{type(err).__name__}: {err}"}
         if outcome["state"] == "waiting":
             logger.info("study %s: not analysable yet: %s", study_uid, outcome["reason"])

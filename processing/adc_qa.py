@@ -40,12 +40,18 @@ __all__ = [
 ]
 
 #: UCUM units of a scanner ADC map -> factor to mm²/s (Real World Value Mapping units).
-_ADC_UNIT_FACTORS = {"mm2/s": 1.0, "um2/s": 1e-6, "10-6.mm2/s": 1e-6, "10^-6.mm2/s": 1e-6,
-                     "10-3.mm2/s": 1e-3, "10^-3.mm2/s": 1e-3, "m2/s": 1e6}
+_ADC_UNIT_FACTORS = {
+    "mm2/s": 1.0,
+    "um2/s": 1e-6,
+    "10-6.mm2/s": 1e-6,
+    "10^-6.mm2/s": 1e-6,
+    "10-3.mm2/s": 1e-3,
+    "10^-3.mm2/s": 1e-3,
+    "m2/s": 1e6,
+}
 
 
-def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None
-                      ) -> tuple[np.ndarray, str]:
+def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None) -> tuple[np.ndarray, str]:
     """Values of a scanner ADC series (role ``ADC_MAP``) in mm²/s, and how they were scaled.
 
     ``volume.array`` already holds modality values (Rescale Slope/Intercept applied). Their unit:
@@ -91,9 +97,10 @@ def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None
     positive = data[data > 0]
     if positive.size and float(np.median(positive)) < 0.01:
         return data, "values already in mm2/s (median below 0.01)"
-    return data * 1e-6, ("no Real World Value Mapping: vendor convention, stored in 1e-6 mm2/s "
-                         f"({volume.physics.manufacturer or 'unknown manufacturer'})")
-
+    return data * 1e-6, (
+        "no Real World Value Mapping: vendor convention, stored in 1e-6 mm2/s "
+        f"({volume.physics.manufacturer or 'unknown manufacturer'})"
+    )
 
 
 class AdcQaError(ValueError):
@@ -123,10 +130,13 @@ class AdcQaRegion:
     median_relative_difference: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n_voxels": self.n_voxels, "median_node_mm2_s": self.median_node,
-                "median_scanner_mm2_s": self.median_scanner,
-                "median_difference_mm2_s": self.median_difference,
-                "median_relative_difference": self.median_relative_difference}
+        return {
+            "n_voxels": self.n_voxels,
+            "median_node_mm2_s": self.median_node,
+            "median_scanner_mm2_s": self.median_scanner,
+            "median_difference_mm2_s": self.median_difference,
+            "median_relative_difference": self.median_relative_difference,
+        }
 
 
 @dataclass(frozen=True)
@@ -152,10 +162,13 @@ class AdcQaResult:
     method: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"scanner_series_instance_uid": self.scanner_series_instance_uid,
-                "scanner_scaling": self.scanner_scaling, "method": self.method,
-                "tissue": self.tissue.to_dict(),
-                "tumour": None if self.tumour is None else self.tumour.to_dict()}
+        return {
+            "scanner_series_instance_uid": self.scanner_series_instance_uid,
+            "scanner_scaling": self.scanner_scaling,
+            "method": self.method,
+            "tissue": self.tissue.to_dict(),
+            "tumour": None if self.tumour is None else self.tumour.to_dict(),
+        }
 
 
 def find_scanner_adc(volumes: Iterable[SeriesVolume]) -> SeriesVolume | None:
@@ -166,8 +179,7 @@ def find_scanner_adc(volumes: Iterable[SeriesVolume]) -> SeriesVolume | None:
     return None
 
 
-def scanner_adc_image(volume: SeriesVolume, first: Dataset | None = None
-                      ) -> tuple[sitk.Image, str]:
+def scanner_adc_image(volume: SeriesVolume, first: Dataset | None = None) -> tuple[sitk.Image, str]:
     """The scanner ADC series as a SimpleITK image in mm²/s, and how it was scaled.
 
     ``first`` is a dataset of the series (its Real World Value Mapping gives the unit; see
@@ -177,22 +189,31 @@ def scanner_adc_image(volume: SeriesVolume, first: Dataset | None = None
     return volume.geometry.image(np.asarray(values, dtype=np.float64)), scaling
 
 
-def _region(node: NDArray[np.float64], scanner: NDArray[np.float64],
-            sel: NDArray[np.bool_]) -> AdcQaRegion | None:
+def _region(
+    node: NDArray[np.float64], scanner: NDArray[np.float64], sel: NDArray[np.bool_]
+) -> AdcQaRegion | None:
     if not sel.any():
         return None
     a, s = node[sel], scanner[sel]
-    return AdcQaRegion(n_voxels=int(sel.sum()), median_node=float(np.median(a)),
-                       median_scanner=float(np.median(s)),
-                       median_difference=float(np.median(a - s)),
-                       median_relative_difference=float(np.median((a - s) / s)))
+    return AdcQaRegion(
+        n_voxels=int(sel.sum()),
+        median_node=float(np.median(a)),
+        median_scanner=float(np.median(s)),
+        median_difference=float(np.median(a - s)),
+        median_relative_difference=float(np.median((a - s) / s)),
+    )
 
 
-def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
-                             node_geometry: Geometry, scanner: sitk.Image, *,
-                             scanner_scaling: str = "values in mm2/s",
-                             tumour_mask: NDArray[np.bool_] | None = None,
-                             scanner_series_instance_uid: str = "") -> AdcQaResult:
+def compare_with_scanner_adc(
+    node_adc: NDArray,
+    node_valid: NDArray[np.bool_],
+    node_geometry: Geometry,
+    scanner: sitk.Image,
+    *,
+    scanner_scaling: str = "values in mm2/s",
+    tumour_mask: NDArray[np.bool_] | None = None,
+    scanner_series_instance_uid: str = "",
+) -> AdcQaResult:
     """Median difference between the node's ADC and a scanner ADC map, in tissue and tumour.
 
     Parameters
@@ -222,16 +243,20 @@ def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
     node = np.asarray(node_adc, dtype=np.float64)
     valid = np.asarray(node_valid, dtype=bool) & np.isfinite(node)
     if node.shape != tuple(reversed(node_geometry.size)) or valid.shape != node.shape:
-        raise AdcQaError(f"node ADC shape {node.shape} does not match its grid "
-                         f"{tuple(reversed(node_geometry.size))}")
+        raise AdcQaError(
+            f"node ADC shape {node.shape} does not match its grid "
+            f"{tuple(reversed(node_geometry.size))}"
+        )
     scaled = sitk.Cast(scanner, sitk.sitkFloat64)
     values = sitk.GetArrayViewFromImage(scaled)
     if not np.any(np.isfinite(values) & (values > 0)):
         raise AdcQaError("the scanner ADC map has no positive value")
     reference = node_geometry.image(node)
-    on_grid = sitk.GetArrayFromImage(sitk.Resample(scaled, reference, sitk.Transform(),
-                                                   sitk.sitkLinear, float("nan"),
-                                                   sitk.sitkFloat64))
+    on_grid = sitk.GetArrayFromImage(
+        sitk.Resample(
+            scaled, reference, sitk.Transform(), sitk.sitkLinear, float("nan"), sitk.sitkFloat64
+        )
+    )
     covered = valid & np.isfinite(on_grid) & (on_grid > 0)
     tissue = _region(node, on_grid, covered)
     if tissue is None:
@@ -242,20 +267,34 @@ def compare_with_scanner_adc(node_adc: NDArray, node_valid: NDArray[np.bool_],
         if mask.shape != node.shape:
             raise AdcQaError(f"tumour mask shape {mask.shape} differs from the ADC {node.shape}")
         tumour = _region(node, on_grid, covered & mask)
-    method = ("scanner ADC resampled onto the node's ADC grid "
-              "(SimpleITK linear, physical coordinates); medians over the node's valid voxels "
-              "with a positive scanner value (tissue) and inside the lesion mask (tumour)")
-    logger.info("ADC QA vs scanner series %s: tissue median relative difference %+.1f %% over "
-                "%d voxels", scanner_series_instance_uid,
-                100 * tissue.median_relative_difference, tissue.n_voxels)
-    return AdcQaResult(scanner_series_instance_uid=scanner_series_instance_uid,
-                       scanner_scaling=scanner_scaling, tissue=tissue, tumour=tumour, method=method)
+    method = (
+        "scanner ADC resampled onto the node's ADC grid "
+        "(SimpleITK linear, physical coordinates); medians over the node's valid voxels "
+        "with a positive scanner value (tissue) and inside the lesion mask (tumour)"
+    )
+    logger.info(
+        "ADC QA vs scanner series %s: tissue median relative difference %+.1f %% over %d voxels",
+        scanner_series_instance_uid,
+        100 * tissue.median_relative_difference,
+        tissue.n_voxels,
+    )
+    return AdcQaResult(
+        scanner_series_instance_uid=scanner_series_instance_uid,
+        scanner_scaling=scanner_scaling,
+        tissue=tissue,
+        tumour=tumour,
+        method=method,
+    )
 
 
-def compare_images(node_adc: sitk.Image, scanner: sitk.Image, *,
-                   scanner_scaling: str = "values in mm2/s",
-                   tumour_mask: sitk.Image | None = None,
-                   scanner_series_instance_uid: str = "") -> AdcQaResult:
+def compare_images(
+    node_adc: sitk.Image,
+    scanner: sitk.Image,
+    *,
+    scanner_scaling: str = "values in mm2/s",
+    tumour_mask: sitk.Image | None = None,
+    scanner_series_instance_uid: str = "",
+) -> AdcQaResult:
     """:func:`compare_with_scanner_adc` for SimpleITK images (the analysis chain's form).
 
     Parameters
@@ -271,23 +310,41 @@ def compare_images(node_adc: sitk.Image, scanner: sitk.Image, *,
     scanner_series_instance_uid : str, optional
     """
     values = sitk.GetArrayFromImage(node_adc).astype(np.float64)
-    geometry = Geometry(origin=tuple(node_adc.GetOrigin()), spacing=tuple(node_adc.GetSpacing()),
-                        direction=tuple(node_adc.GetDirection()),
-                        size=cast("tuple[int, int, int]",
-                                  tuple(int(s) for s in node_adc.GetSize())))
+    geometry = Geometry(
+        origin=tuple(node_adc.GetOrigin()),
+        spacing=tuple(node_adc.GetSpacing()),
+        direction=tuple(node_adc.GetDirection()),
+        size=cast("tuple[int, int, int]", tuple(int(s) for s in node_adc.GetSize())),
+    )
     mask = None
     if tumour_mask is not None:
-        on_grid = sitk.Resample(sitk.Cast(tumour_mask > 0, sitk.sitkUInt8), node_adc,
-                                sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        on_grid = sitk.Resample(
+            sitk.Cast(tumour_mask > 0, sitk.sitkUInt8),
+            node_adc,
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor,
+            0,
+            sitk.sitkUInt8,
+        )
         mask = sitk.GetArrayFromImage(on_grid).astype(bool)
-    return compare_with_scanner_adc(values, np.isfinite(values), geometry, scanner,
-                                    scanner_scaling=scanner_scaling, tumour_mask=mask,
-                                    scanner_series_instance_uid=scanner_series_instance_uid)
+    return compare_with_scanner_adc(
+        values,
+        np.isfinite(values),
+        geometry,
+        scanner,
+        scanner_scaling=scanner_scaling,
+        tumour_mask=mask,
+        scanner_series_instance_uid=scanner_series_instance_uid,
+    )
 
 
-def scanner_adc_qa(node_adc: sitk.Image | None, scanner: SeriesVolume,
-                   first: Dataset | None = None, *,
-                   tumour_mask: sitk.Image | None = None) -> dict[str, Any]:
+def scanner_adc_qa(
+    node_adc: sitk.Image | None,
+    scanner: SeriesVolume,
+    first: Dataset | None = None,
+    *,
+    tumour_mask: sitk.Image | None = None,
+) -> dict[str, Any]:
     """The QA result of a study as a JSON-ready dict (``spine-node maps`` and the chain).
 
     Parameters
@@ -312,8 +369,13 @@ def scanner_adc_qa(node_adc: sitk.Image | None, scanner: SeriesVolume,
         return {"scanner_series_instance_uid": uid, "error": "the node computed no ADC"}
     try:
         image, scaling = scanner_adc_image(scanner, first)
-        return compare_images(node_adc, image, scanner_scaling=scaling, tumour_mask=tumour_mask,
-                              scanner_series_instance_uid=uid).to_dict()
+        return compare_images(
+            node_adc,
+            image,
+            scanner_scaling=scaling,
+            tumour_mask=tumour_mask,
+            scanner_series_instance_uid=uid,
+        ).to_dict()
     except AdcQaError as err:
         logger.warning("ADC QA vs scanner series %s impossible: %s", uid, err)
         return {"scanner_series_instance_uid": uid, "error": str(err)}

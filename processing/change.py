@@ -52,8 +52,9 @@ _RC_FACTOR = 1.96 * math.sqrt(2.0)
 MAP_STATISTICS = ("mean", "median", "sd", "p10", "p90", "peak")
 
 
-def flatten_measurements(measurements: LesionMeasurements, *,
-                         include_radiomics: bool = True) -> dict[str, float]:
+def flatten_measurements(
+    measurements: LesionMeasurements, *, include_radiomics: bool = True
+) -> dict[str, float]:
     """Dotted-path view of every scalar in a :class:`LesionMeasurements` (``None`` left out)."""
     out: dict[str, float] = {"volume": measurements.volume_ml}
     for name in ("max_axial_diameter", "max_craniocaudal_extent", "max_3d_diameter"):
@@ -74,8 +75,15 @@ def flatten_measurements(measurements: LesionMeasurements, *,
     return out
 
 
-def quantity_change(quantity: str, reference: str, reference_value: float, value: float, *,
-                    repeatability: float | None, comparable: bool = True) -> Change:
+def quantity_change(
+    quantity: str,
+    reference: str,
+    reference_value: float,
+    value: float,
+    *,
+    repeatability: float | None,
+    comparable: bool = True,
+) -> Change:
     """One :class:`Change`; ``relative`` is ``None`` when the reference value is 0.
 
     Parameters
@@ -98,10 +106,17 @@ def quantity_change(quantity: str, reference: str, reference_value: float, value
     beyond = None
     if repeatability is not None and relative is not None:
         beyond = bool(abs(relative) > repeatability)
-    return Change(quantity=quantity, reference=reference, reference_value=float(reference_value),
-                  value=float(value), absolute=float(absolute), relative=relative,
-                  repeatability=repeatability, beyond_repeatability=beyond,
-                  comparable=comparable)
+    return Change(
+        quantity=quantity,
+        reference=reference,
+        reference_value=float(reference_value),
+        value=float(value),
+        absolute=float(absolute),
+        relative=relative,
+        repeatability=repeatability,
+        beyond_repeatability=beyond,
+        comparable=comparable,
+    )
 
 
 def compute_changes(
@@ -143,9 +158,16 @@ def compute_changes(
             continue
         before = flatten_measurements(ref, include_radiomics=include_radiomics)
         for path in sorted(set(now) & set(before)):
-            changes.append(quantity_change(path, label, before[path], now[path],
-                                           repeatability=mdc.get(path),
-                                           comparable=is_comparable(path)))
+            changes.append(
+                quantity_change(
+                    path,
+                    label,
+                    before[path],
+                    now[path],
+                    repeatability=mdc.get(path),
+                    comparable=is_comparable(path),
+                )
+            )
     return tuple(changes)
 
 
@@ -189,15 +211,17 @@ def perturbation_repeatability(
     roi = sitk.GetArrayFromImage(mask) == label
     if not roi.any():
         raise ValueError(f"lesion mask has no voxel with label {label}")
-    original = flatten_measurements(measure(mask, maps, label=label,
-                                            radiomics_settings=radiomics_settings))
+    original = flatten_measurements(
+        measure(mask, maps, label=label, radiomics_settings=radiomics_settings)
+    )
     samples: dict[str, list[float]] = {k: [v] for k, v in original.items()}
     for name, perturbed in _perturbed_masks(roi, shift_voxels):
         image = sitk.GetImageFromArray(perturbed.astype(np.uint8))
         image.CopyInformation(mask)
         try:
-            flat = flatten_measurements(measure(image, maps, label=1,
-                                                radiomics_settings=radiomics_settings))
+            flat = flatten_measurements(
+                measure(image, maps, label=1, radiomics_settings=radiomics_settings)
+            )
         except ValueError as err:  # e.g. a perturbed ROI with no finite map value
             logger.info("ROI perturbation %s not measurable: %s", name, err)
             continue

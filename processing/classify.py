@@ -172,7 +172,9 @@ def _shells(b_values: np.ndarray) -> list[list[int]]:
     for i in order:
         b = float(b_values[i])
         b_eff = 0.0 if b < B0_THRESHOLD else b
-        if start is not None and b_eff - start <= max(SHELL_ABS_TOLERANCE, SHELL_REL_TOLERANCE * start):
+        if start is not None and b_eff - start <= max(
+            SHELL_ABS_TOLERANCE, SHELL_REL_TOLERANCE * start
+        ):
             shells[-1].append(int(i))
         else:
             shells.append([int(i)])
@@ -245,8 +247,13 @@ def _anatomical_role(volume: SeriesVolume) -> tuple[SeriesRole, list[str]]:
     first = volume.volumes[0]
     tr, te, ti, fa = first.repetition_time, first.echo_time, first.inversion_time, first.flip_angle
     gradient_echo = "GR" in phys.scanning_sequence or phys.echo_pulse_sequence == "GRADIENT"
-    facts = [f"TR={tr} ms", f"TE={te} ms", f"TI={ti} ms", f"flip={fa} deg",
-             f"scanning sequence {'/'.join(phys.scanning_sequence) or '?'}"]
+    facts = [
+        f"TR={tr} ms",
+        f"TE={te} ms",
+        f"TI={ti} ms",
+        f"flip={fa} deg",
+        f"scanning sequence {'/'.join(phys.scanning_sequence) or '?'}",
+    ]
     if phys.inversion_recovery and ti is not None and ti > 0:
         if 80.0 <= ti <= 300.0:
             return SeriesRole.STIR, facts + ["short-TI inversion recovery (fat nulled)"]
@@ -286,42 +293,69 @@ def classify_volume(volume: SeriesVolume) -> SeriesClassification:
         repetition_time=tr,
         contrast_agent=volume.physics.contrast_agent,
         geometry=volume.geometry,
-        sequence=(*volume.physics.scanning_sequence, volume.physics.echo_pulse_sequence,
-                  volume.physics.sequence_name),
+        sequence=(
+            *volume.physics.scanning_sequence,
+            volume.physics.echo_pulse_sequence,
+            volume.physics.sequence_name,
+        ),
     )
     if "ADC" in tokens:
         return SeriesClassification(role=SeriesRole.ADC_MAP, reasons=("Image Type ADC",), **base)
     if has_diffusion and np.nanmax(b) >= B0_THRESHOLD:
         inventory = diffusion_inventory(volume)
         derived_trace = bool(tokens & {"TRACEW", "TRACE", "ISOTROPIC"}) or (
-            "DERIVED" in tokens and inventory.n_directions == 0)
+            "DERIVED" in tokens and inventory.n_directions == 0
+        )
         if derived_trace and inventory.n_directions == 0:
             return SeriesClassification(
-                role=SeriesRole.TRACE, diffusion=inventory,
-                reasons=(f"scanner-combined trace images, b = {inventory.b_values} s/mm²",), **base)
+                role=SeriesRole.TRACE,
+                diffusion=inventory,
+                reasons=(f"scanner-combined trace images, b = {inventory.b_values} s/mm²",),
+                **base,
+            )
         return SeriesClassification(
-            role=SeriesRole.DWI, diffusion=inventory,
-            reasons=(f"diffusion-weighted, shells (b, directions) = {inventory.shells}",), **base)
+            role=SeriesRole.DWI,
+            diffusion=inventory,
+            reasons=(f"diffusion-weighted, shells (b, directions) = {inventory.shells}",),
+            **base,
+        )
     if volume.n_volumes >= 2:
         times = [v.time for v in volume.volumes]
         trs = [v.repetition_time for v in volume.volumes if v.repetition_time is not None]
         known = cast("list[float]", times)  # only compared once all are known not None
-        gradient_echo = ("GR" in volume.physics.scanning_sequence
-                         or volume.physics.echo_pulse_sequence == "GRADIENT")
-        if len(flips) >= 2 and len(flips) == volume.n_volumes and _rel_equal(trs, 0.02) and gradient_echo:
+        gradient_echo = (
+            "GR" in volume.physics.scanning_sequence
+            or volume.physics.echo_pulse_sequence == "GRADIENT"
+        )
+        if (
+            len(flips) >= 2
+            and len(flips) == volume.n_volumes
+            and _rel_equal(trs, 0.02)
+            and gradient_echo
+        ):
             return SeriesClassification(
                 role=SeriesRole.VFA_T1,
-                reasons=(f"gradient echo at TR {tr} ms with flip angles {flips} deg",), **base)
-        if (volume.n_volumes >= 5 and len(flips) <= 1 and all(t is not None for t in times)
-                and all(b > a for a, b in zip(known, known[1:]))):
+                reasons=(f"gradient echo at TR {tr} ms with flip angles {flips} deg",),
+                **base,
+            )
+        if (
+            volume.n_volumes >= 5
+            and len(flips) <= 1
+            and all(t is not None for t in times)
+            and all(b > a for a, b in zip(known, known[1:]))
+        ):
             dt = float(np.median(np.diff(np.asarray(times, dtype=float))))
             return SeriesClassification(
-                role=SeriesRole.DCE, temporal_resolution=dt,
+                role=SeriesRole.DCE,
+                temporal_resolution=dt,
                 reasons=(f"{volume.n_volumes} time points every {dt:.2f} s at flip {flips} deg",),
-                **base)
+                **base,
+            )
         return SeriesClassification(
             role=SeriesRole.OTHER,
-            reasons=(f"{volume.n_volumes} volumes that are neither diffusion, VFA nor dynamic",), **base)
+            reasons=(f"{volume.n_volumes} volumes that are neither diffusion, VFA nor dynamic",),
+            **base,
+        )
     role, facts = _anatomical_role(volume)
     return SeriesClassification(role=role, reasons=tuple(facts), **base)
 
@@ -368,7 +402,9 @@ def classify_series(datasets: Sequence[Dataset]) -> SeriesClassification:
             frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
             modality=str(first.get("Modality", "")),
             role=role,
-            reasons=(f"SOP Class {first.get('SOPClassUID', '?')}, Modality {first.get('Modality', '?')}",),
+            reasons=(
+                f"SOP Class {first.get('SOPClassUID', '?')}, Modality {first.get('Modality', '?')}",
+            ),
         )
     return classify_volume(read_series(datasets))
 
@@ -383,21 +419,31 @@ VFA_GROUP_TR_REL = 0.02
 def _single_flip_gre(s: SeriesClassification) -> bool:
     """A one-volume spoiled gradient-echo series at one flip angle (a VFA group candidate)."""
     gradient_echo = "GR" in s.sequence or "GRADIENT" in s.sequence
-    return (s.role in (SeriesRole.T1W, SeriesRole.OTHER) and s.error is None
-            and s.diffusion is None and s.n_volumes == 1 and len(s.flip_angles) == 1
-            and s.repetition_time is not None and 0 < s.repetition_time < 50.0
-            and gradient_echo and s.geometry is not None)
+    return (
+        s.role in (SeriesRole.T1W, SeriesRole.OTHER)
+        and s.error is None
+        and s.diffusion is None
+        and s.n_volumes == 1
+        and len(s.flip_angles) == 1
+        and s.repetition_time is not None
+        and 0 < s.repetition_time < 50.0
+        and gradient_echo
+        and s.geometry is not None
+    )
 
 
 def _same_grid(a: Any, b: Any) -> bool:
-    return (tuple(a.size) == tuple(b.size)
-            and np.allclose(a.origin, b.origin, atol=VFA_GROUP_ORIGIN_MM, rtol=0)
-            and np.allclose(a.spacing, b.spacing, rtol=1e-4, atol=1e-4)
-            and np.allclose(a.direction, b.direction, atol=VFA_GROUP_DIRECTION, rtol=0))
+    return (
+        tuple(a.size) == tuple(b.size)
+        and np.allclose(a.origin, b.origin, atol=VFA_GROUP_ORIGIN_MM, rtol=0)
+        and np.allclose(a.spacing, b.spacing, rtol=1e-4, atol=1e-4)
+        and np.allclose(a.direction, b.direction, atol=VFA_GROUP_DIRECTION, rtol=0)
+    )
 
 
-def group_vfa_series(series: Sequence[SeriesClassification]
-                     ) -> tuple[list[tuple[SeriesClassification, ...]], list[str]]:
+def group_vfa_series(
+    series: Sequence[SeriesClassification],
+) -> tuple[list[tuple[SeriesClassification, ...]], list[str]]:
     """VFA acquisitions written as one series per flip angle.
 
     One-volume spoiled gradient-echo series (TR < 50 ms, one flip angle) of one study are grouped
@@ -425,11 +471,14 @@ def group_vfa_series(series: Sequence[SeriesClassification]
             ref = cluster[0]
             # Both passed _single_flip_gre, which requires a repetition time.
             assert ref.repetition_time is not None and s.repetition_time is not None
-            if (ref.frame_of_reference_uid == s.frame_of_reference_uid
-                    and ref.sequence == s.sequence and ref.contrast_agent == s.contrast_agent
-                    and abs(ref.repetition_time - s.repetition_time)
-                    <= VFA_GROUP_TR_REL * ref.repetition_time
-                    and _same_grid(ref.geometry, s.geometry)):
+            if (
+                ref.frame_of_reference_uid == s.frame_of_reference_uid
+                and ref.sequence == s.sequence
+                and ref.contrast_agent == s.contrast_agent
+                and abs(ref.repetition_time - s.repetition_time)
+                <= VFA_GROUP_TR_REL * ref.repetition_time
+                and _same_grid(ref.geometry, s.geometry)
+            ):
                 cluster.append(s)
                 break
         else:
@@ -448,12 +497,14 @@ def group_vfa_series(series: Sequence[SeriesClassification]
                 f"series {s.series_instance_uid} not used for VFA T1: a single flip angle "
                 f"({s.flip_angles[0]:g} deg at TR {s.repetition_time:g} ms) and no other series "
                 "of the study with the same frame of reference, grid, TR and sequence at a "
-                "different flip angle; T1 needs at least two flip angles")
+                "different flip angle; T1 needs at least two flip angles"
+            )
     return groups, notes
 
 
-def _with_vfa_groups(series: tuple[SeriesClassification, ...]
-                     ) -> tuple[tuple[SeriesClassification, ...], list[str]]:
+def _with_vfa_groups(
+    series: tuple[SeriesClassification, ...],
+) -> tuple[tuple[SeriesClassification, ...], list[str]]:
     """``series`` with the members of VFA groups re-roled ``vfa_t1``; notes on the rest."""
     groups, notes = group_vfa_series(series)
     if not groups:
@@ -464,10 +515,18 @@ def _with_vfa_groups(series: tuple[SeriesClassification, ...]
         flips = [s.flip_angles[0] for s in group]
         for s in group:
             member[s.series_instance_uid] = replace(
-                s, role=SeriesRole.VFA_T1, vfa_group=uids,
-                reasons=s.reasons + ((f"one flip angle of a VFA acquisition written as "
-                                      f"{len(group)} series (flip angles {flips} deg at TR "
-                                      f"{group[0].repetition_time} ms, same grid and sequence)"),))
+                s,
+                role=SeriesRole.VFA_T1,
+                vfa_group=uids,
+                reasons=s.reasons
+                + (
+                    (
+                        f"one flip angle of a VFA acquisition written as "
+                        f"{len(group)} series (flip angles {flips} deg at TR "
+                        f"{group[0].repetition_time} ms, same grid and sequence)"
+                    ),
+                ),
+            )
     return tuple(member.get(s.series_instance_uid, s) for s in series), notes
 
 
@@ -532,7 +591,11 @@ class ProtocolInventory:
     def analyses(self) -> frozenset[str]:
         """Names of the possible analyses: ``adc``, ``ivim``, ``dki_tensor``, ``kurtosis_apparent``,
         ``dce_semi_quantitative``, ``dce_quantitative``, ``t1_vfa``, ``anatomy``."""
-        out = {name for name in ("adc", "ivim", "dki_tensor", "kurtosis_apparent") if getattr(self, name)}
+        out = {
+            name
+            for name in ("adc", "ivim", "dki_tensor", "kurtosis_apparent")
+            if getattr(self, name)
+        }
         if self.dce:
             out.add("dce_semi_quantitative")
         if self.dce_quantitative:
@@ -544,8 +607,9 @@ class ProtocolInventory:
         return frozenset(out)
 
 
-def protocol_inventory(classifications: Iterable[SeriesClassification],
-                       *, study_instance_uid: str | None = None) -> ProtocolInventory:
+def protocol_inventory(
+    classifications: Iterable[SeriesClassification], *, study_instance_uid: str | None = None
+) -> ProtocolInventory:
     """Build the :class:`ProtocolInventory` of one study from its series classifications."""
     series = tuple(classifications)
     uids = {s.study_instance_uid for s in series if s.study_instance_uid}
@@ -579,9 +643,11 @@ def protocol_inventory(classifications: Iterable[SeriesClassification],
         quantitative = dce.n_volumes >= 10 and (dce.temporal_resolution or 1e9) <= 10.0
         for cand in vfa_candidates:
             same_for = cand.frame_of_reference_uid == dce.frame_of_reference_uid
-            same_tr = (cand.repetition_time is not None and dce.repetition_time is not None
-                       and abs(cand.repetition_time - dce.repetition_time)
-                       <= 0.05 * dce.repetition_time)
+            same_tr = (
+                cand.repetition_time is not None
+                and dce.repetition_time is not None
+                and abs(cand.repetition_time - dce.repetition_time) <= 0.05 * dce.repetition_time
+            )
             if same_for and same_tr:
                 vfa = cand
                 break
@@ -608,14 +674,14 @@ def protocol_inventory(classifications: Iterable[SeriesClassification],
         anatomy_reference=anatomy,
         adc_maps=tuple(s.series_instance_uid for s in series if s.role is SeriesRole.ADC_MAP),
         errors=tuple((s.series_instance_uid, s.error) for s in series if s.error),
-        vfa_t1_series=(() if vfa is None else
-                       (vfa.vfa_group or (vfa.series_instance_uid,))),
+        vfa_t1_series=(() if vfa is None else (vfa.vfa_group or (vfa.series_instance_uid,))),
         vfa_notes=tuple(vfa_notes),
     )
 
 
-def classify_study(datasets: Iterable[Dataset], *,
-                   volumes: dict[str, SeriesVolume] | None = None) -> ProtocolInventory:
+def classify_study(
+    datasets: Iterable[Dataset], *, volumes: dict[str, SeriesVolume] | None = None
+) -> ProtocolInventory:
     """Classify every series of one study and build its protocol inventory.
 
     Parameters
@@ -658,17 +724,25 @@ def classify_study(datasets: Iterable[Dataset], *,
         except (SeriesError, DiffusionEncodingError) as err:
             logger.warning("series %s cannot be assembled: %s", uid, err)
             first = members[0]
-            results.append(SeriesClassification(
-                series_instance_uid=uid, study_instance_uid=study,
-                frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
-                modality=str(first.get("Modality", "")), role=SeriesRole.OTHER,
-                reasons=("unreadable series",), n_volumes=0, error=str(err)))
+            results.append(
+                SeriesClassification(
+                    series_instance_uid=uid,
+                    study_instance_uid=study,
+                    frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+                    modality=str(first.get("Modality", "")),
+                    role=SeriesRole.OTHER,
+                    reasons=("unreadable series",),
+                    n_volumes=0,
+                    error=str(err),
+                )
+            )
             continue
         if volumes is not None:
             volumes[uid] = volume
         aside.extend(volume.excluded)
         results.append(classify_volume(volume))
     for entry in aside:
-        logger.info("set aside %s: %s", entry.sop_instance_uid or entry.file_name or "object",
-                    entry.reason)
+        logger.info(
+            "set aside %s: %s", entry.sop_instance_uid or entry.file_name or "object", entry.reason
+        )
     return replace(protocol_inventory(results, study_instance_uid=study), set_aside=tuple(aside))

@@ -160,7 +160,9 @@ class ComparabilityAssessment:
 
 class _Verdicts:
     def __init__(self) -> None:
-        self.per_quantity: dict[str, Comparability] = {q: Comparability.COMPARABLE for q in ALL_QUANTITIES}
+        self.per_quantity: dict[str, Comparability] = {
+            q: Comparability.COMPARABLE for q in ALL_QUANTITIES
+        }
         self.reasons: list[str] = []
         self.missing: set[str] = set()
 
@@ -236,7 +238,9 @@ def assess_comparability(
     b0, b1 = baseline.field_strength_t, follow_up.field_strength_t
     if b0 is not None and b1 is not None and abs(b0 - b1) > field_strength_tolerance_t:
         text = f"field strength {b0:g} T vs {b1:g} T"
-        v.flag(("Ktrans", "ve", "vp", "T1", "IAUC60", "T2w", "T1w", "radiomics"), not_comparable, text)
+        v.flag(
+            ("Ktrans", "ve", "vp", "T1", "IAUC60", "T2w", "T1w", "radiomics"), not_comparable, text
+        )
         v.flag((*DIFFUSION_QUANTITIES, "kep"), caution, text)
     elif b0 is None or b1 is None:
         v.reasons.append("field strength unknown in one study: not checked")
@@ -244,9 +248,15 @@ def assess_comparability(
     # diffusion weighting
     bv0, bv1 = sorted(set(baseline.dwi_b_values)), sorted(set(follow_up.dwi_b_values))
     if not bv0 or not bv1:
-        v.flag(DIFFUSION_QUANTITIES, not_comparable, f"DWI missing at {'baseline' if not bv0 else 'follow-up'}")
+        v.flag(
+            DIFFUSION_QUANTITIES,
+            not_comparable,
+            f"DWI missing at {'baseline' if not bv0 else 'follow-up'}",
+        )
         v.missing.update(DIFFUSION_QUANTITIES)
-    elif len(bv0) != len(bv1) or any(abs(x - y) > max(1.0, 0.01 * max(x, y)) for x, y in zip(bv0, bv1)):
+    elif len(bv0) != len(bv1) or any(
+        abs(x - y) > max(1.0, 0.01 * max(x, y)) for x, y in zip(bv0, bv1)
+    ):
         text = f"b-values {bv0} vs {bv1} s/mm2"
         if _relative_difference(max(bv0), max(bv1)) <= b_max_tolerance:
             v.flag(DIFFUSION_QUANTITIES, caution, text)
@@ -257,7 +267,11 @@ def assess_comparability(
     dce_timing = ("Ktrans", "ve", "vp", "kep", "IAUC60", "TTP")
     t0, t1 = baseline.dce_temporal_resolution_s, follow_up.dce_temporal_resolution_s
     if t0 is None or t1 is None:
-        v.flag(DCE_QUANTITIES, not_comparable, f"DCE missing at {'baseline' if t0 is None else 'follow-up'}")
+        v.flag(
+            DCE_QUANTITIES,
+            not_comparable,
+            f"DCE missing at {'baseline' if t0 is None else 'follow-up'}",
+        )
         v.missing.update(DCE_QUANTITIES)
     else:
         ratio = max(t0, t1) / min(t0, t1)
@@ -269,8 +283,12 @@ def assess_comparability(
 
     # voxel sizes
     if baseline.anatomical_voxel_mm and follow_up.anatomical_voxel_mm:
-        axis, ratio = _voxel_differences(baseline.anatomical_voxel_mm, follow_up.anatomical_voxel_mm)
-        text = f"anatomical voxel {baseline.anatomical_voxel_mm} vs {follow_up.anatomical_voxel_mm} mm"
+        axis, ratio = _voxel_differences(
+            baseline.anatomical_voxel_mm, follow_up.anatomical_voxel_mm
+        )
+        text = (
+            f"anatomical voxel {baseline.anatomical_voxel_mm} vs {follow_up.anatomical_voxel_mm} mm"
+        )
         if ratio > voxel_volume_limit_ratio:
             v.flag(("radiomics",), not_comparable, text)
             v.flag(("volume", "diameter"), caution, text)
@@ -280,13 +298,18 @@ def assess_comparability(
         axis, _ = _voxel_differences(baseline.dwi_voxel_mm, follow_up.dwi_voxel_mm)
         if axis > voxel_axis_tolerance:
             v.flag(
-                DIFFUSION_QUANTITIES, caution,
+                DIFFUSION_QUANTITIES,
+                caution,
                 f"DWI voxel {baseline.dwi_voxel_mm} vs {follow_up.dwi_voxel_mm} mm",
             )
     if baseline.dce_voxel_mm and follow_up.dce_voxel_mm:
         axis, _ = _voxel_differences(baseline.dce_voxel_mm, follow_up.dce_voxel_mm)
         if axis > voxel_axis_tolerance:
-            v.flag(DCE_QUANTITIES, caution, f"DCE voxel {baseline.dce_voxel_mm} vs {follow_up.dce_voxel_mm} mm")
+            v.flag(
+                DCE_QUANTITIES,
+                caution,
+                f"DCE voxel {baseline.dce_voxel_mm} vs {follow_up.dce_voxel_mm} mm",
+            )
 
     # fat suppression
     f0, f1 = _norm(baseline.dwi_fat_suppression), _norm(follow_up.dwi_fat_suppression)
@@ -310,8 +333,14 @@ def assess_comparability(
             v.flag(bolus, caution, f"injection {d0:.0f} s vs {d1:.0f} s after DCE start")
 
     measured = [q for q in ALL_QUANTITIES if q not in v.missing]
-    overall = max((v.per_quantity[q] for q in measured), key=_RANK.__getitem__, default=Comparability.COMPARABLE)
-    assessment = ComparabilityAssessment(overall=overall, reasons=tuple(v.reasons), per_quantity=dict(v.per_quantity))
+    overall = max(
+        (v.per_quantity[q] for q in measured),
+        key=_RANK.__getitem__,
+        default=Comparability.COMPARABLE,
+    )
+    assessment = ComparabilityAssessment(
+        overall=overall, reasons=tuple(v.reasons), per_quantity=dict(v.per_quantity)
+    )
     logger.info("comparability %s (%d reasons)", overall.value, len(v.reasons))
     return assessment
 
@@ -328,12 +357,17 @@ def fat_suppression(ds: Dataset) -> str | None:
     if selected in ("FAT", "WATER_FAT", "FAT_AND_WATER"):
         return "FAT_SAT"
     scanning = ds.get("ScanningSequence", "")
-    scanning = [str(s).upper() for s in (scanning if isinstance(scanning, (MultiValue, list)) else [scanning])]
+    scanning = [
+        str(s).upper()
+        for s in (scanning if isinstance(scanning, (MultiValue, list)) else [scanning])
+    ]
     ti = ds.get("InversionTime")
     if "IR" in scanning and ti not in (None, "") and float(ti) < 250.0:
         return "STIR"
     options = ds.get("ScanOptions", "")
-    options = {str(s).upper() for s in (options if isinstance(options, (MultiValue, list)) else [options])}
+    options = {
+        str(s).upper() for s in (options if isinstance(options, (MultiValue, list)) else [options])
+    }
     if options & {"FS", "SFS", "FAT_SAT"}:
         return "FAT_SAT"
     if "WE" in options:
@@ -420,7 +454,9 @@ def protocol_from_series(
     ``inversion`` → ``STIR``, none recorded → ``NONE``).
     """
     series = [s for s in (anatomical, dwi, dce) if s is not None]
-    field_strength = next((s.physics.field_strength for s in series if s.physics.field_strength), None)
+    field_strength = next(
+        (s.physics.field_strength for s in series if s.physics.field_strength), None
+    )
 
     def fat(s: SeriesVolume | None) -> str | None:
         if s is None:

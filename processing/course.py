@@ -174,7 +174,9 @@ class TreatmentCourse:
     gtv_dose: DoseStatistics | None = None
 
 
-def bed(total_dose_gy: float, fractions: int, *, alpha_beta_gy: float = ALPHA_BETA_TUMOUR_GY) -> float:
+def bed(
+    total_dose_gy: float, fractions: int, *, alpha_beta_gy: float = ALPHA_BETA_TUMOUR_GY
+) -> float:
     """Biologically effective dose, BED = n·d·(1 + d/(α/β)) with d = D/n (Gy).
 
     Parameters
@@ -196,7 +198,9 @@ def bed(total_dose_gy: float, fractions: int, *, alpha_beta_gy: float = ALPHA_BE
     return total_dose_gy * (1.0 + d / alpha_beta_gy)
 
 
-def eqd2(total_dose_gy: float, fractions: int, *, alpha_beta_gy: float = ALPHA_BETA_TUMOUR_GY) -> float:
+def eqd2(
+    total_dose_gy: float, fractions: int, *, alpha_beta_gy: float = ALPHA_BETA_TUMOUR_GY
+) -> float:
     """Equivalent dose in 2-Gy fractions, EQD2 = BED/(1 + 2/(α/β)) (Gy)."""
     return bed(total_dose_gy, fractions, alpha_beta_gy=alpha_beta_gy) / (1.0 + 2.0 / alpha_beta_gy)
 
@@ -249,7 +253,9 @@ def recognise(ds: Dataset, *, patterns: CyberKnifePatterns | None = None) -> Rec
     manufacturer = _text(ds, "Manufacturer")
     model = _text(ds, "ManufacturerModelName")
     machines = _machines(ds)
-    by_manufacturer = bool(manufacturer) and re.search(patterns.manufacturer, manufacturer, re.I) is not None
+    by_manufacturer = (
+        bool(manufacturer) and re.search(patterns.manufacturer, manufacturer, re.I) is not None
+    )
     machine_hits = [m for m in [model, *machines] if m and re.search(patterns.machine, m, re.I)]
     n_beams = count_beams(ds) if str(ds.get("SOPClassUID", "")) == RT_PLAN_STORAGE else None
     if by_manufacturer:
@@ -257,7 +263,9 @@ def recognise(ds: Dataset, *, patterns: CyberKnifePatterns | None = None) -> Rec
     if machine_hits:
         reasons.append("machine/model name matches")
     if n_beams is not None:
-        reasons.append(f"{n_beams} beams ({'>' if n_beams > patterns.min_beams else '<='} {patterns.min_beams})")
+        reasons.append(
+            f"{n_beams} beams ({'>' if n_beams > patterns.min_beams else '<='} {patterns.min_beams})"
+        )
     if by_manufacturer:
         # Accuray also builds TomoTherapy/Radixact: a plan with few beams and a non-CK machine is not CK
         decided = not (n_beams is not None and n_beams <= patterns.min_beams and not machine_hits)
@@ -356,7 +364,9 @@ def fractionation(plan: Dataset, *, alpha_beta_gy: float = ALPHA_BETA_TUMOUR_GY)
     if prescription is not None and fractions:
         bed_value = bed(prescription, fractions, alpha_beta_gy=alpha_beta_gy)
         eqd2_value = eqd2(prescription, fractions, alpha_beta_gy=alpha_beta_gy)
-    return Fractionation(fractions, prescription, per_fraction, bed_value, eqd2_value, alpha_beta_gy)
+    return Fractionation(
+        fractions, prescription, per_fraction, bed_value, eqd2_value, alpha_beta_gy
+    )
 
 
 def select_gtv(rtstruct: Dataset, *, patterns: CyberKnifePatterns | None = None) -> RoiInfo:
@@ -390,7 +400,9 @@ def select_gtv(rtstruct: Dataset, *, patterns: CyberKnifePatterns | None = None)
     if len(candidates) > 1:
         logger.warning(
             "structure set %s: %d GTV candidates, ROI %d chosen",
-            rtstruct.get("SOPInstanceUID", "?"), len(candidates), candidates[0].number,
+            rtstruct.get("SOPInstanceUID", "?"),
+            len(candidates),
+            candidates[0].number,
         )
     return candidates[0]
 
@@ -423,7 +435,9 @@ def rtdose_image(dose: Dataset, *, fractions: int | None = None) -> sitk.Image:
         array = array * fractions
     offsets = np.asarray(dose.get("GridFrameOffsetVector") or [0.0] * array.shape[0], dtype=float)
     if offsets.size != array.shape[0]:
-        raise CourseError(f"GridFrameOffsetVector has {offsets.size} values for {array.shape[0]} frames")
+        raise CourseError(
+            f"GridFrameOffsetVector has {offsets.size} values for {array.shape[0]} frames"
+        )
     orientation = np.asarray(dose.ImageOrientationPatient, dtype=float)
     row, column = orientation[:3], orientation[3:]
     normal = np.cross(row, column)
@@ -476,7 +490,9 @@ def dose_statistics(
     inside = sitk.GetArrayFromImage(mask) != 0
     if not inside.any():
         raise CourseError("structure mask is empty")
-    resampled = sitk.Resample(dose, mask, sitk.Transform(), sitk.sitkLinear, float("nan"), sitk.sitkFloat64)
+    resampled = sitk.Resample(
+        dose, mask, sitk.Transform(), sitk.sitkLinear, float("nan"), sitk.sitkFloat64
+    )
     values = sitk.GetArrayFromImage(resampled)[inside]
     if np.isnan(values).any():
         raise CourseError(
@@ -516,7 +532,11 @@ def dose_statistics(
 
 
 def _by_class(datasets: Sequence[Dataset], sop_class: str, modality: str) -> list[Dataset]:
-    return [d for d in datasets if str(d.get("SOPClassUID", "")) == sop_class or d.get("Modality") == modality]
+    return [
+        d
+        for d in datasets
+        if str(d.get("SOPClassUID", "")) == sop_class or d.get("Modality") == modality
+    ]
 
 
 def recognise_course(
@@ -549,7 +569,11 @@ def recognise_course(
         approved one (by treatment date) is used.
     """
     patterns = patterns or CyberKnifePatterns()
-    plans = [p for p in _by_class(datasets, RT_PLAN_STORAGE, "RTPLAN") if recognise(p, patterns=patterns).is_cyberknife]
+    plans = [
+        p
+        for p in _by_class(datasets, RT_PLAN_STORAGE, "RTPLAN")
+        if recognise(p, patterns=patterns).is_cyberknife
+    ]
     if not plans:
         return None
     records = [d for d in datasets if str(d.get("SOPClassUID", "")) in RT_TREATMENT_RECORDS]
@@ -559,26 +583,38 @@ def recognise_course(
     def linked_dose(plan: Dataset) -> Dataset | None:
         uid = str(plan.SOPInstanceUID)
         for d in doses:
-            if any(str(r.get("ReferencedSOPInstanceUID", "")) == uid for r in d.get("ReferencedRTPlanSequence", [])):
+            if any(
+                str(r.get("ReferencedSOPInstanceUID", "")) == uid
+                for r in d.get("ReferencedRTPlanSequence", [])
+            ):
                 return d
         return doses[0] if len(doses) == 1 else None
 
     def linked_records(plan: Dataset) -> list[Dataset]:
         uid = str(plan.SOPInstanceUID)
         linked = [
-            r for r in records
-            if any(str(x.get("ReferencedSOPInstanceUID", "")) == uid for x in r.get("ReferencedRTPlanSequence", []))
+            r
+            for r in records
+            if any(
+                str(x.get("ReferencedSOPInstanceUID", "")) == uid
+                for x in r.get("ReferencedRTPlanSequence", [])
+            )
         ]
         return linked or (records if len(plans) == 1 else [])
 
     dated = [(treatment_date(p, records=linked_records(p), dose=linked_dose(p)), p) for p in plans]
-    dated.sort(key=lambda item: (_text(item[1], "ApprovalStatus").upper() == "APPROVED", item[0].date))
+    dated.sort(
+        key=lambda item: (_text(item[1], "ApprovalStatus").upper() == "APPROVED", item[0].date)
+    )
     date, plan = dated[-1]
     recognition = recognise(plan, patterns=patterns)
     frac = fractionation(plan, alpha_beta_gy=alpha_beta_gy)
 
     structure = None
-    referenced = {str(r.get("ReferencedSOPInstanceUID", "")) for r in plan.get("ReferencedStructureSetSequence", [])}
+    referenced = {
+        str(r.get("ReferencedSOPInstanceUID", ""))
+        for r in plan.get("ReferencedStructureSetSequence", [])
+    }
     for candidate in structures:
         if str(candidate.SOPInstanceUID) in referenced:
             structure = candidate
@@ -590,8 +626,10 @@ def recognise_course(
     gtv_dose = None
     if dose is not None and gtv_mask is not None:
         gtv_dose = dose_statistics(
-            rtdose_image(dose, fractions=frac.fractions), gtv_mask,
-            fractions=frac.fractions, alpha_beta_gy=alpha_beta_gy,
+            rtdose_image(dose, fractions=frac.fractions),
+            gtv_mask,
+            fractions=frac.fractions,
+            alpha_beta_gy=alpha_beta_gy,
         )
     course = TreatmentCourse(
         rtplan_sop_instance_uid=str(plan.SOPInstanceUID),
@@ -610,7 +648,11 @@ def recognise_course(
     )
     logger.info(
         "CyberKnife course from plan %s: %s (%s%s), %s fractions, %s Gy",
-        course.rtplan_sop_instance_uid, date.date.isoformat(), date.source,
-        ", estimated" if date.estimated else "", frac.fractions, frac.prescription_dose_gy,
+        course.rtplan_sop_instance_uid,
+        date.date.isoformat(),
+        date.source,
+        ", estimated" if date.estimated else "",
+        frac.fractions,
+        frac.prescription_dose_gy,
     )
     return course

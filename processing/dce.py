@@ -50,9 +50,12 @@ __all__ = [
 
 #: Parker 2006 population AIF (whole blood, mM; time in minutes), Table 1 of [2].
 PARKER_PARAMETERS: dict[str, float] = {
-    "A1": 0.809, "A2": 0.330,  # mmol.min
-    "T1": 0.17046, "T2": 0.365,  # min
-    "sigma1": 0.0563, "sigma2": 0.132,  # min
+    "A1": 0.809,
+    "A2": 0.330,  # mmol.min
+    "T1": 0.17046,
+    "T2": 0.365,  # min
+    "sigma1": 0.0563,
+    "sigma2": 0.132,  # min
     "alpha": 1.050,  # mmol
     "beta": 0.1685,  # /min
     "s": 38.078,  # /min
@@ -125,13 +128,16 @@ class ArterialInputFunction:
     hematocrit: float | None = None
     bolus_arrival_time: float = 0.0
     function: Callable[[NDArray[np.float64]], NDArray[np.float64]] | None = field(
-        default=None, repr=False, compare=False)
+        default=None, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         t = np.asarray(self.time, dtype=float)
         c = np.asarray(self.plasma_concentration, dtype=float)
         if t.ndim != 1 or t.shape != c.shape or t.size < 2:
-            raise ValueError("AIF time and concentration must be 1-D arrays of the same length >= 2")
+            raise ValueError(
+                "AIF time and concentration must be 1-D arrays of the same length >= 2"
+            )
         if not np.all(np.isfinite(t)) or not np.all(np.isfinite(c)):
             raise ValueError("AIF contains non-finite values")
         if np.any(np.diff(t) <= 0):
@@ -140,8 +146,9 @@ class ArterialInputFunction:
         object.__setattr__(self, "plasma_concentration", c)
 
     @classmethod
-    def parker(cls, time: ArrayLike, *, hematocrit: float = 0.42,
-               bolus_arrival_time: float = 0.0) -> ArterialInputFunction:
+    def parker(
+        cls, time: ArrayLike, *, hematocrit: float = 0.42, bolus_arrival_time: float = 0.0
+    ) -> ArterialInputFunction:
         """Parker population AIF converted to plasma, arriving at `bolus_arrival_time` (s)."""
         t = np.asarray(time, dtype=float)
         bat = float(bolus_arrival_time)
@@ -149,8 +156,14 @@ class ArterialInputFunction:
         def function(tt: NDArray[np.float64]) -> NDArray[np.float64]:
             return parker_aif(tt, hematocrit=hematocrit, delay=bat)
 
-        return cls(t, function(t), name="Parker population AIF", hematocrit=hematocrit,
-                   bolus_arrival_time=bat, function=function)
+        return cls(
+            t,
+            function(t),
+            name="Parker population AIF",
+            hematocrit=hematocrit,
+            bolus_arrival_time=bat,
+            function=function,
+        )
 
     def at(self, time: ArrayLike, *, delay: float = 0.0) -> NDArray[np.float64]:
         """Cp(t - delay) in mM at arbitrary times (s): analytic or linear interpolation."""
@@ -162,17 +175,27 @@ class ArterialInputFunction:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return {"aif": self.name, "hematocrit": self.hematocrit,
-                "aif_bolus_arrival_time_s": self.bolus_arrival_time}
+        return {
+            "aif": self.name,
+            "hematocrit": self.hematocrit,
+            "aif_bolus_arrival_time_s": self.bolus_arrival_time,
+        }
 
 
 # --------------------------------------------------------------------------------------------
 # Signal -> concentration
 # --------------------------------------------------------------------------------------------
 
+
 def spgr_signal_to_concentration(
-    signal: ArrayLike, *, flip_angle: float, repetition_time: float, t10: ArrayLike,
-    relaxivity: float, n_baseline: int, discard_first: int = 1,
+    signal: ArrayLike,
+    *,
+    flip_angle: float,
+    repetition_time: float,
+    t10: ArrayLike,
+    relaxivity: float,
+    n_baseline: int,
+    discard_first: int = 1,
 ) -> NDArray[np.float64]:
     """Convert SPGR signal to contrast-agent concentration.
 
@@ -219,7 +242,8 @@ def spgr_signal_to_concentration(
     if n_baseline - discard_first < 1 or n_baseline > s.shape[-1]:
         raise ValueError(
             f"DCE without baseline: n_baseline={n_baseline}, discard_first={discard_first} leave "
-            f"no pre-contrast points among {s.shape[-1]}")
+            f"no pre-contrast points among {s.shape[-1]}"
+        )
     if not 0.0 < flip_angle < 180.0:
         raise ValueError(f"flip angle must be in (0, 180) degrees, got {flip_angle}")
     if repetition_time <= 0.0 or relaxivity <= 0.0:
@@ -246,8 +270,10 @@ def spgr_signal_to_concentration(
 # Convolution with an exponential (exact for piecewise-linear input)
 # --------------------------------------------------------------------------------------------
 
-def _exp_conv_coefficients(k: NDArray[np.float64], dt: NDArray[np.float64] | float
-                           ) -> tuple[NDArray[np.float64], ...]:
+
+def _exp_conv_coefficients(
+    k: NDArray[np.float64], dt: NDArray[np.float64] | float
+) -> tuple[NDArray[np.float64], ...]:
     """Recursion coefficients for E_{i+1} = e E_i + a Cp_{i+1} + b Cp_i (k in /s, dt in s)."""
     x = k * dt
     e = np.exp(-x)
@@ -263,8 +289,9 @@ def _exp_conv_coefficients(k: NDArray[np.float64], dt: NDArray[np.float64] | flo
     return e, a, b
 
 
-def _exp_convolve(cp: NDArray[np.float64], time: NDArray[np.float64],
-                  k: NDArray[np.float64]) -> NDArray[np.float64]:
+def _exp_convolve(
+    cp: NDArray[np.float64], time: NDArray[np.float64], k: NDArray[np.float64]
+) -> NDArray[np.float64]:
     """Integral of Cp(tau) exp(-k (t - tau)) over [time[0], t] for each k.
 
     Exact when Cp is linear between samples. `k` (/s) has shape (m,); `cp` is (n,) shared or
@@ -292,9 +319,15 @@ def _exp_convolve(cp: NDArray[np.float64], time: NDArray[np.float64],
     return out
 
 
-def tofts_concentration(time: ArrayLike, aif: ArterialInputFunction, *, ktrans: ArrayLike,
-                        ve: ArrayLike, vp: ArrayLike = 0.0, delay: float = 0.0
-                        ) -> NDArray[np.float64]:
+def tofts_concentration(
+    time: ArrayLike,
+    aif: ArterialInputFunction,
+    *,
+    ktrans: ArrayLike,
+    ve: ArrayLike,
+    vp: ArrayLike = 0.0,
+    delay: float = 0.0,
+) -> NDArray[np.float64]:
     """Forward (extended) Tofts model Ct(t) = vp Cp(t) + Ktrans int Cp(tau) e^{-kep(t-tau)} dtau.
 
     Parameters
@@ -321,7 +354,9 @@ def tofts_concentration(time: ArrayLike, aif: ArterialInputFunction, *, ktrans: 
     """
     t = np.asarray(time, dtype=float)
     kt = np.atleast_1d(np.asarray(ktrans, dtype=float))
-    ve_a, vp_a = np.broadcast_arrays(kt, np.asarray(ve, dtype=float), np.asarray(vp, dtype=float))[1:]
+    ve_a, vp_a = np.broadcast_arrays(kt, np.asarray(ve, dtype=float), np.asarray(vp, dtype=float))[
+        1:
+    ]
     grid = _FineGrid(t, aif, delay)
     kep = kt / np.maximum(ve_a, 1e-12)
     e = _exp_convolve(grid.cp, grid.time, kep.ravel() / 60.0)[:, grid.index] / 60.0
@@ -351,6 +386,7 @@ class _FineGrid:
 # --------------------------------------------------------------------------------------------
 # Tofts fit
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ToftsFit:
@@ -387,8 +423,17 @@ class ToftsFit:
     provenance: dict[str, Any]
 
 
-def _box_lsq(p: NDArray, q: NDArray, cc: NDArray, g11: NDArray, g12: NDArray, g22: NDArray,
-             k_ub: NDArray, vp_ub: float, extended: bool) -> tuple[NDArray, NDArray, NDArray]:
+def _box_lsq(
+    p: NDArray,
+    q: NDArray,
+    cc: NDArray,
+    g11: NDArray,
+    g12: NDArray,
+    g22: NDArray,
+    k_ub: NDArray,
+    vp_ub: float,
+    extended: bool,
+) -> tuple[NDArray, NDArray, NDArray]:
     """Minimise |C - x1 E - x2 Cp|^2 with 0<=x1<=k_ub, 0<=x2<=vp_ub, in closed form.
 
     p = E.C, q = Cp.C, cc = C.C, g = Gram matrix entries; all broadcastable. Exact for the
@@ -396,8 +441,17 @@ def _box_lsq(p: NDArray, q: NDArray, cc: NDArray, g11: NDArray, g12: NDArray, g2
     the four edges, each solved exactly by clipping the 1-D optimum (evaluated only where the
     interior solution is infeasible).
     """
-    def sse(x1: NDArray, x2: NDArray, p: NDArray, q: NDArray, cc: NDArray, g11: NDArray,
-            g12: NDArray, g22: NDArray) -> NDArray:
+
+    def sse(
+        x1: NDArray,
+        x2: NDArray,
+        p: NDArray,
+        q: NDArray,
+        cc: NDArray,
+        g11: NDArray,
+        g12: NDArray,
+        g22: NDArray,
+    ) -> NDArray:
         return cc - 2.0 * (x1 * p + x2 * q) + x1 * x1 * g11 + 2.0 * x1 * x2 * g12 + x2 * x2 * g22
 
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -406,10 +460,19 @@ def _box_lsq(p: NDArray, q: NDArray, cc: NDArray, g11: NDArray, g12: NDArray, g2
             x1 = np.where(np.isfinite(x1), x1, 0.0)
             x2 = np.zeros_like(x1)
             return x1, x2, sse(x1, x2, p, q, cc, g11, g12, g22)
-        shape = np.broadcast_shapes(np.shape(p), np.shape(q), np.shape(cc), np.shape(g11),
-                                    np.shape(g12), np.shape(g22), np.shape(k_ub))
-        p, q, cc, g11, g12, g22, k_ub = (np.broadcast_to(np.asarray(a, dtype=float), shape)
-                                         for a in (p, q, cc, g11, g12, g22, k_ub))
+        shape = np.broadcast_shapes(
+            np.shape(p),
+            np.shape(q),
+            np.shape(cc),
+            np.shape(g11),
+            np.shape(g12),
+            np.shape(g22),
+            np.shape(k_ub),
+        )
+        p, q, cc, g11, g12, g22, k_ub = (
+            np.broadcast_to(np.asarray(a, dtype=float), shape)
+            for a in (p, q, cc, g11, g12, g22, k_ub)
+        )
         det = g11 * g22 - g12 * g12
         x1 = (p * g22 - q * g12) / det
         x2 = (q * g11 - p * g12) / det
@@ -490,12 +553,24 @@ class ToftsModel:
     analytic AIFs are integrated on a <= 0.5 s internal grid.
     """
 
-    def __init__(self, time: ArrayLike, aif: ArterialInputFunction, *, extended: bool = False,
-                 fit_delay: bool = False, delay: float = 0.0,
-                 delay_bounds: tuple[float, float] = (-10.0, 10.0), delay_step: float = 0.25,
-                 max_ktrans: float = 5.0, max_ve: float = 1.0, max_vp: float = 1.0,
-                 kep_bounds: tuple[float, float] = (1e-3, 50.0), n_table: int = 256,
-                 coarse_stride: int = 8, chunk_size: int = 8192) -> None:
+    def __init__(
+        self,
+        time: ArrayLike,
+        aif: ArterialInputFunction,
+        *,
+        extended: bool = False,
+        fit_delay: bool = False,
+        delay: float = 0.0,
+        delay_bounds: tuple[float, float] = (-10.0, 10.0),
+        delay_step: float = 0.25,
+        max_ktrans: float = 5.0,
+        max_ve: float = 1.0,
+        max_vp: float = 1.0,
+        kep_bounds: tuple[float, float] = (1e-3, 50.0),
+        n_table: int = 256,
+        coarse_stride: int = 8,
+        chunk_size: int = 8192,
+    ) -> None:
         t = np.asarray(time, dtype=float)
         if t.ndim != 1 or t.size < 4:
             raise ValueError(f"need at least 4 time points, got shape {t.shape}")
@@ -528,8 +603,9 @@ class ToftsModel:
         else:
             self.delays = np.array([float(delay)])
         self._grids = [_FineGrid(t, aif, float(d)) for d in self.delays]
-        self._coarse_basis = [self._gram(self._convolve(g, self.kep_table[self._coarse]), g)
-                              for g in self._grids]
+        self._coarse_basis = [
+            self._gram(self._convolve(g, self.kep_table[self._coarse]), g) for g in self._grids
+        ]
         self._tables: dict[int, tuple] = {}
 
     @staticmethod
@@ -548,8 +624,9 @@ class ToftsModel:
         ``band[i, d] = T[i]·T[i + d]`` for d = 0..3: all that cubic interpolation needs.
         """
         if j not in self._tables:
-            e, cp, _, ecp, g22 = self._gram(self._convolve(self._grids[j], self.kep_table),
-                                            self._grids[j])
+            e, cp, _, ecp, g22 = self._gram(
+                self._convolve(self._grids[j], self.kep_table), self._grids[j]
+            )
             band = np.zeros((e.shape[0], 4))
             for d in range(4):
                 band[: e.shape[0] - d, d] = np.einsum("kt,kt->k", e[: e.shape[0] - d], e[d:])
@@ -561,13 +638,22 @@ class ToftsModel:
         prov: dict[str, Any] = {
             "model": "extended Tofts" if self.extended else "standard Tofts",
             "fit": "variable projection: log kep table search + parabolic refinement",
-            "kep_table_per_min": [float(self.kep_table[0]), float(self.kep_table[-1]),
-                                  int(self.kep_table.size)],
-            "bounds": {"ktrans_per_min": [0.0, self.max_ktrans], "ve": [0.0, self.max_ve],
-                       "vp": [0.0, self.max_vp if self.extended else 0.0]},
+            "kep_table_per_min": [
+                float(self.kep_table[0]),
+                float(self.kep_table[-1]),
+                int(self.kep_table.size),
+            ],
+            "bounds": {
+                "ktrans_per_min": [0.0, self.max_ktrans],
+                "ve": [0.0, self.max_ve],
+                "vp": [0.0, self.max_vp if self.extended else 0.0],
+            },
             "time_points_s": [float(self.time[0]), float(self.time[-1]), int(self.time.size)],
-            "delay_s": ("fitted on grid " + f"[{self.delays[0]}, {self.delays[-1]}]"
-                        if self.fit_delay else float(self.delays[0])),
+            "delay_s": (
+                "fitted on grid " + f"[{self.delays[0]}, {self.delays[-1]}]"
+                if self.fit_delay
+                else float(self.delays[0])
+            ),
         }
         prov.update(self.aif.provenance)
         return prov
@@ -588,8 +674,9 @@ class ToftsModel:
         """
         c = np.asarray(concentration, dtype=float)
         if c.shape[-1] != self.time.size:
-            raise ValueError(f"concentration has {c.shape[-1]} time points, model has "
-                             f"{self.time.size}")
+            raise ValueError(
+                f"concentration has {c.shape[-1]} time points, model has {self.time.size}"
+            )
         spatial = c.shape[:-1]
         flat = c.reshape(-1, self.time.size)
         use = np.all(np.isfinite(flat), axis=1)
@@ -602,7 +689,7 @@ class ToftsModel:
         out = {k: np.full(n_vox, np.nan) for k in ("ktrans", "vp", "kep", "delay", "sse", "r2")}
         idx = np.flatnonzero(use)
         for start in range(0, idx.size, self.chunk_size):
-            sel = idx[start:start + self.chunk_size]
+            sel = idx[start : start + self.chunk_size]
             res = self._fit_chunk(flat[sel])
             for key, val in res.items():
                 out[key][sel] = val
@@ -621,20 +708,36 @@ class ToftsModel:
             arr[~valid] = np.nan
         n_invalid = int(np.count_nonzero(use & ~valid))
         if n_invalid:
-            logger.info("Tofts fit: %d of %d voxels without signal marked invalid", n_invalid,
-                        idx.size)
+            logger.info(
+                "Tofts fit: %d of %d voxels without signal marked invalid", n_invalid, idx.size
+            )
         return ToftsFit(
-            ktrans=ktrans.reshape(spatial), ve=ve.reshape(spatial), kep=kep.reshape(spatial),
-            vp=vp.reshape(spatial) if self.extended else None, delay=out["delay"].reshape(spatial),
-            sse=out["sse"].reshape(spatial), r2=out["r2"].reshape(spatial),
-            valid=valid.reshape(spatial), provenance=self.provenance)
+            ktrans=ktrans.reshape(spatial),
+            ve=ve.reshape(spatial),
+            kep=kep.reshape(spatial),
+            vp=vp.reshape(spatial) if self.extended else None,
+            delay=out["delay"].reshape(spatial),
+            sse=out["sse"].reshape(spatial),
+            r2=out["r2"].reshape(spatial),
+            valid=valid.reshape(spatial),
+            provenance=self.provenance,
+        )
 
     def _coarse_sse(self, c: NDArray, cc: NDArray, j: int) -> NDArray[np.float64]:
         """SSE (n_coarse, m) on the coarse kep grid for delay index j: one matrix product."""
         e, cp, g11, g12, g22 = self._coarse_basis[j]
         k_ub = np.minimum(self.max_ktrans, self.max_ve * self.kep_table[self._coarse])[:, None]
-        return _box_lsq(e @ c.T, (c @ cp)[None, :], cc[None, :], g11[:, None], g12[:, None],
-                        g22, k_ub, self.max_vp, self.extended)[2]
+        return _box_lsq(
+            e @ c.T,
+            (c @ cp)[None, :],
+            cc[None, :],
+            g11[:, None],
+            g12[:, None],
+            g22,
+            k_ub,
+            self.max_vp,
+            self.extended,
+        )[2]
 
     def _refine(self, c: NDArray, cc: NDArray, j: int) -> tuple[NDArray, ...]:
         """Best (Ktrans, vp, kep, SSE) at delay index j for voxels c (m, n_t)."""
@@ -648,8 +751,17 @@ class ToftsModel:
         proj = table @ c.T  # (n_table, m)
         co = self._coarse
         k_ub_c = np.minimum(self.max_ktrans, self.max_ve * self.kep_table[co])[:, None]
-        sse = _box_lsq(proj[co], q[None, :], cc[None, :], band[co, 0][:, None],
-                       tcp[co][:, None], g22, k_ub_c, self.max_vp, self.extended)[2]
+        sse = _box_lsq(
+            proj[co],
+            q[None, :],
+            cc[None, :],
+            band[co, 0][:, None],
+            tcp[co][:, None],
+            g22,
+            k_ub_c,
+            self.max_vp,
+            self.extended,
+        )[2]
         n_c = co.size
         k_idx = np.argmin(sse, axis=0)
         fb = sse[k_idx, rows]
@@ -660,8 +772,9 @@ class ToftsModel:
         step = float(np.max(np.diff(co)))
         interior = (k_idx > 0) & (k_idx < n_c - 1)
         x_max = float(self.kep_table.size - 1)
-        xs = np.clip(xb + np.where(interior, step * _parabola_shift(f_lo, fb, f_hi), 0.0),
-                     0.0, x_max)
+        xs = np.clip(
+            xb + np.where(interior, step * _parabola_shift(f_lo, fb, f_hi), 0.0), 0.0, x_max
+        )
 
         def solve(xx: NDArray[np.float64]) -> tuple[NDArray, NDArray, NDArray]:
             i, w = _lagrange_weights(xx, table.shape[0])
@@ -684,8 +797,9 @@ class ToftsModel:
                 xb = np.where(better, xx, xb)
                 fb = np.where(better, ff, fb)
             centred = (xm < xs) & (xs < xp)
-            xs = np.clip(np.where(centred, xs + h * _parabola_shift(fm, f0, fp, limit=2.0), xb),
-                         0.0, x_max)
+            xs = np.clip(
+                np.where(centred, xs + h * _parabola_shift(fm, f0, fp, limit=2.0), xb), 0.0, x_max
+            )
         f = solve(xs)[2]
         xb = np.where(f < fb, xs, xb)
         kt, v, f = solve(xb)
@@ -700,8 +814,9 @@ class ToftsModel:
         else:
             # delay: rank delays on the coarse kep grid, then refine kep at the delays around the
             # best coarse one (the coarse kep spacing alone biases the delay by seconds)
-            coarse = np.stack([self._coarse_sse(c, cc, j).min(axis=0)
-                               for j in range(self.delays.size)])
+            coarse = np.stack(
+                [self._coarse_sse(c, cc, j).min(axis=0) for j in range(self.delays.size)]
+            )
             centre = np.argmin(coarse, axis=0)
             step = float(self.delays[1] - self.delays[0])
             width = int(np.ceil(2.0 / step))
@@ -717,8 +832,13 @@ class ToftsModel:
                     b_sel = sel[better]
                     kt[b_sel], v[b_sel], k[b_sel], f[b_sel] = (x[better] for x in r)
                     best_d[b_sel] = j
-        return {"ktrans": kt, "vp": v if self.extended else np.zeros(m), "kep": k,
-                "delay": self.delays[best_d], "sse": f}
+        return {
+            "ktrans": kt,
+            "vp": v if self.extended else np.zeros(m),
+            "kep": k,
+            "delay": self.delays[best_d],
+            "sse": f,
+        }
 
 
 def _parabola_shift(fm: NDArray, f0: NDArray, fp: NDArray, *, limit: float = 1.0) -> NDArray:
@@ -737,8 +857,15 @@ def _lagrange_weights(x: NDArray[np.float64], n: int) -> tuple[NDArray[np.intp],
     """First row index and the 4 cubic Lagrange weights for fractional row positions x (m,)."""
     i = np.clip(np.floor(x).astype(int) - 1, 0, n - 4)
     u = (x - i)[:, None]  # position relative to row i, in [1, 2] away from the edges
-    w = np.concatenate([-(u - 1) * (u - 2) * (u - 3) / 6.0, u * (u - 2) * (u - 3) / 2.0,
-                        -u * (u - 1) * (u - 3) / 2.0, u * (u - 1) * (u - 2) / 6.0], axis=1)
+    w = np.concatenate(
+        [
+            -(u - 1) * (u - 2) * (u - 3) / 6.0,
+            u * (u - 2) * (u - 3) / 2.0,
+            -u * (u - 1) * (u - 3) / 2.0,
+            u * (u - 1) * (u - 2) / 6.0,
+        ],
+        axis=1,
+    )
     return i, w
 
 
@@ -746,8 +873,10 @@ def _lagrange_weights(x: NDArray[np.float64], n: int) -> tuple[NDArray[np.intp],
 # Bolus arrival and semi-quantitative parameters
 # --------------------------------------------------------------------------------------------
 
-def bolus_arrival_time(time: ArrayLike, concentration: ArrayLike, *, min_baseline: int = 2
-                       ) -> NDArray[np.float64]:
+
+def bolus_arrival_time(
+    time: ArrayLike, concentration: ArrayLike, *, min_baseline: int = 2
+) -> NDArray[np.float64]:
     """Bolus arrival time by a piecewise (constant, then quadratic) regression up to the peak.
 
     For every candidate arrival sample j the curve before j is modelled by its mean and the
@@ -802,11 +931,11 @@ def bolus_arrival_time(time: ArrayLike, concentration: ArrayLike, *, min_baselin
         r1_, r2_ = np.sum(u * y, axis=1), np.sum(u**2 * y, axis=1)
         det = s11 * s22 - s12**2
         with np.errstate(divide="ignore", invalid="ignore"):
-            a = np.where(det > 0, (r1_ * s22 - r2_ * s12) / det,
-                         np.where(s11 > 0, r1_ / s11, 0.0))
+            a = np.where(det > 0, (r1_ * s22 - r2_ * s12) / det, np.where(s11 > 0, r1_ / s11, 0.0))
             b = np.where(det > 0, (r2_ * s11 - r1_ * s12) / det, 0.0)
-        ss_after = np.sum(np.where(after, (y - a[:, None] * u - b[:, None] * u**2) ** 2, 0.0),
-                          axis=1)
+        ss_after = np.sum(
+            np.where(after, (y - a[:, None] * u - b[:, None] * u**2) ** 2, 0.0), axis=1
+        )
         total = ss_before + ss_after
         ok = (peak > j) & (total < best)
         best = np.where(ok, total, best)
@@ -815,12 +944,14 @@ def bolus_arrival_time(time: ArrayLike, concentration: ArrayLike, *, min_baselin
     return bat.reshape(c.shape[:-1])
 
 
-def _integral_at(t: NDArray[np.float64], c: NDArray[np.float64], x: NDArray[np.float64]
-                 ) -> NDArray[np.float64]:
+def _integral_at(
+    t: NDArray[np.float64], c: NDArray[np.float64], x: NDArray[np.float64]
+) -> NDArray[np.float64]:
     """Integral of the piecewise-linear curves c (m, n) from t[0] to per-row x (clipped)."""
     dt = np.diff(t)
-    cum = np.concatenate([np.zeros((c.shape[0], 1)),
-                          np.cumsum(0.5 * (c[:, 1:] + c[:, :-1]) * dt, axis=1)], axis=1)
+    cum = np.concatenate(
+        [np.zeros((c.shape[0], 1)), np.cumsum(0.5 * (c[:, 1:] + c[:, :-1]) * dt, axis=1)], axis=1
+    )
     xs = np.clip(np.where(np.isfinite(x), x, t[0]), t[0], t[-1])
     i = np.clip(np.searchsorted(t, xs, side="right") - 1, 0, t.size - 2)
     rows = np.arange(c.shape[0])
@@ -862,9 +993,13 @@ class SemiQuantitativeMaps:
     provenance: dict[str, Any]
 
 
-def semi_quantitative(time: ArrayLike, concentration: ArrayLike, *,
-                      bolus_arrival: ArrayLike | None = None, iauc_window: float = 60.0
-                      ) -> SemiQuantitativeMaps:
+def semi_quantitative(
+    time: ArrayLike,
+    concentration: ArrayLike,
+    *,
+    bolus_arrival: ArrayLike | None = None,
+    iauc_window: float = 60.0,
+) -> SemiQuantitativeMaps:
     """Semi-quantitative DCE parameters (BAT, TTP, IAUC60, maximum slope, wash-out slope).
 
     Parameters
@@ -916,8 +1051,19 @@ def semi_quantitative(time: ArrayLike, concentration: ArrayLike, *,
     for r in results:
         r[~valid] = np.nan
     bat_map, ttp_map, peak_map, iauc_map, slope_map, washout_map = (
-        r.reshape(spatial) for r in results)
+        r.reshape(spatial) for r in results
+    )
     return SemiQuantitativeMaps(
-        bat_map, ttp_map, peak_map, iauc_map, slope_map, washout_map, valid=valid.reshape(spatial),
-        provenance={"bolus_arrival": method, "iauc_window_s": iauc_window,
-                    "time_points_s": [float(t[0]), float(t[-1]), int(t.size)]})
+        bat_map,
+        ttp_map,
+        peak_map,
+        iauc_map,
+        slope_map,
+        washout_map,
+        valid=valid.reshape(spatial),
+        provenance={
+            "bolus_arrival": method,
+            "iauc_window_s": iauc_window,
+            "time_points_s": [float(t[0]), float(t[-1]), int(t.size)],
+        },
+    )

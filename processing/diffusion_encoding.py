@@ -179,8 +179,9 @@ def _unit(vector: Sequence[float] | np.ndarray, what: str) -> tuple[float, float
     return (float(v[0] / norm), float(v[1] / norm), float(v[2] / norm))
 
 
-def _make(b_value: float, gradient: Any, directionality: str | None, source: str,
-          what: str) -> DiffusionEncoding:
+def _make(
+    b_value: float, gradient: Any, directionality: str | None, source: str, what: str
+) -> DiffusionEncoding:
     if not np.isfinite(b_value) or b_value < 0:
         raise DiffusionEncodingError(f"{what}: invalid b-value {b_value!r} s/mm²")
     directionality = (directionality or "").upper()
@@ -191,7 +192,8 @@ def _make(b_value: float, gradient: Any, directionality: str | None, source: str
         return DiffusionEncoding(float(b_value), None, "ISOTROPIC", source)
     if vec is None:
         raise DiffusionEncodingError(
-            f"{what}: b = {b_value:g} s/mm² is DIRECTIONAL but has no gradient direction")
+            f"{what}: b = {b_value:g} s/mm² is DIRECTIONAL but has no gradient direction"
+        )
     return DiffusionEncoding(float(b_value), vec, directionality or "DIRECTIONAL", source)
 
 
@@ -209,7 +211,8 @@ def _from_mr_diffusion_item(item: Dataset, what: str) -> DiffusionEncoding | Non
         gradient = item.DiffusionGradientOrientation
     if directionality.upper() == "BMATRIX" and gradient is None:
         raise UnknownDiffusionEncodingError(
-            f"{what}: diffusion encoded as a b-matrix only; directions cannot be recovered")
+            f"{what}: diffusion encoded as a b-matrix only; directions cannot be recovered"
+        )
     return _make(b, gradient, directionality, "enhanced", what)
 
 
@@ -253,8 +256,9 @@ def _from_siemens(ds: Dataset, what: str) -> DiffusionEncoding | None:
     return _make(float(b), gradient, "", "siemens_csa", what)
 
 
-def _ge_logical_to_image(v: np.ndarray, phase_encoding: str, normal: np.ndarray,
-                         what: str) -> np.ndarray:
+def _ge_logical_to_image(
+    v: np.ndarray, phase_encoding: str, normal: np.ndarray, what: str
+) -> np.ndarray:
     """Rotate a GE logical (frequency, phase, slice) gradient into the image frame.
 
     The image frame is (row direction, column direction, row × column) of ImageOrientationPatient.
@@ -269,12 +273,15 @@ def _ge_logical_to_image(v: np.ndarray, phase_encoding: str, normal: np.ndarray,
     if pe.startswith("COL"):
         pass
     elif pe == "ROW":
-        logger.warning("%s: GE gradients with ROW phase encoding use dcm2niix's untested rotation", what)
+        logger.warning(
+            "%s: GE gradients with ROW phase encoding use dcm2niix's untested rotation", what
+        )
         x, y = y, -x
     else:
         raise UnknownDiffusionEncodingError(
             f"{what}: GE gradients are in the logical frame but In-plane Phase Encoding Direction "
-            f"(0018,1312) is {phase_encoding!r}; cannot rotate them")
+            f"(0018,1312) is {phase_encoding!r}; cannot rotate them"
+        )
     axis = int(np.argmax(np.abs(normal)))
     flips = {0: (-1.0, -1.0, 1.0), 1: (1.0, -1.0, -1.0), 2: (1.0, 1.0, -1.0)}[axis]
     return -np.array([x * flips[0], y * flips[1], z * flips[2]])
@@ -291,12 +298,15 @@ def _from_ge(ds: Dataset, what: str, orientation: np.ndarray | None) -> Diffusio
     if b is None:
         return None
     b = float(b) % GE_B_VALUE_OFFSET
-    comps = [first_float(private_value(ds, 0x0019, GE_ACQU, off, "DS")) for off in (0xBB, 0xBC, 0xBD)]
+    comps = [
+        first_float(private_value(ds, 0x0019, GE_ACQU, off, "DS")) for off in (0xBB, 0xBC, 0xBD)
+    ]
     if b < B0_THRESHOLD:
         return DiffusionEncoding(b, None, "NONE", "ge")
     if any(c is None for c in comps):
         raise UnknownDiffusionEncodingError(
-            f"{what}: GE b-value {b:g} s/mm² without gradient elements (0019,xxBB-xxBD)")
+            f"{what}: GE b-value {b:g} s/mm² without gradient elements (0019,xxBB-xxBD)"
+        )
     logical = np.array(comps, dtype=float)
     norm = float(np.linalg.norm(logical))
     if norm < 1e-6:
@@ -306,7 +316,8 @@ def _from_ge(ds: Dataset, what: str, orientation: np.ndarray | None) -> Diffusio
         b *= norm * norm
     if orientation is None:
         raise UnknownDiffusionEncodingError(
-            f"{what}: GE gradients need ImageOrientationPatient to be expressed in LPS")
+            f"{what}: GE gradients need ImageOrientationPatient to be expressed in LPS"
+        )
     row, col = orientation[:3], orientation[3:]
     normal = np.cross(row, col)
     phase = str(ds.get("InPlanePhaseEncodingDirection", "") or "")
@@ -320,8 +331,10 @@ def _from_philips(ds: Dataset, what: str) -> DiffusionEncoding | None:
     if b is None:
         return None
     label = private_value(ds, 0x2001, PHILIPS_IMAGING_1, 0x04, "CS")
-    comps = [first_float(private_value(ds, 0x2005, PHILIPS_MR_IMAGING_1, off, "FL"))
-             for off in (0xB0, 0xB1, 0xB2)]
+    comps = [
+        first_float(private_value(ds, 0x2005, PHILIPS_MR_IMAGING_1, off, "FL"))
+        for off in (0xB0, 0xB1, 0xB2)
+    ]
     directionality = "ISOTROPIC" if isinstance(label, str) and label.strip().upper() == "I" else ""
     gradient = None if any(c is None for c in comps) else comps
     return _make(b, gradient, directionality, "philips", what)
@@ -354,8 +367,9 @@ def _looks_diffusion_weighted(ds: Dataset) -> bool:
     return "ep_b" in str(ds.get("SequenceName", "") or "").lower()
 
 
-def diffusion_encoding(ds: Dataset, *, frame_groups: Sequence[Dataset] = (),
-                       orientation: Sequence[float] | None = None) -> DiffusionEncoding | None:
+def diffusion_encoding(
+    ds: Dataset, *, frame_groups: Sequence[Dataset] = (), orientation: Sequence[float] | None = None
+) -> DiffusionEncoding | None:
     """Diffusion encoding of one image or frame.
 
     Parameters
@@ -409,7 +423,8 @@ def diffusion_encoding(ds: Dataset, *, frame_groups: Sequence[Dataset] = (),
     if _looks_diffusion_weighted(ds):
         raise UnknownDiffusionEncodingError(
             f"{what} ({ds.get('Manufacturer', 'unknown manufacturer')}) is diffusion-weighted but has "
-            "no standard (0018,9087) or known private (Siemens, GE, Philips) diffusion encoding")
+            "no standard (0018,9087) or known private (Siemens, GE, Philips) diffusion encoding"
+        )
     return None
 
 

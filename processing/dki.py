@@ -26,19 +26,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
-
 from dipy.core.gradients import gradient_table
 from dipy.reconst import dki as dipy_dki
 from dipy.reconst import dti as dipy_dti
 from dipy.reconst.dki import DiffusionKurtosisModel
+from numpy.typing import ArrayLike, NDArray
 
 from processing.dwi import B0_THRESHOLD, direction_average, group_shells
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ApparentKurtosisFit", "ApparentKurtosisModel", "DkiFit", "TensorDkiModel",
-           "n_noncollinear_directions", "protocol_allows_tensor_dki", "tensor_dki_volumes"]
+__all__ = [
+    "ApparentKurtosisFit",
+    "ApparentKurtosisModel",
+    "DkiFit",
+    "TensorDkiModel",
+    "n_noncollinear_directions",
+    "protocol_allows_tensor_dki",
+    "tensor_dki_volumes",
+]
 
 #: dipy's default lower kurtosis bound (-3/7, Jensen 2005) and a practical upper bound.
 MIN_KURTOSIS = -3.0 / 7.0
@@ -58,11 +64,16 @@ def n_noncollinear_directions(bvecs: ArrayLike, *, angle_tolerance_deg: float = 
     return len(kept)
 
 
-def tensor_dki_volumes(bvalues: ArrayLike, bvecs: ArrayLike | None, *,
-                       min_shell_directions: int = 6, min_directions: int = 15,
-                       min_b_max: float = 1400.0, max_b_max: float = 3500.0,
-                       b0_threshold: float = B0_THRESHOLD
-                       ) -> tuple[NDArray[np.bool_] | None, str]:
+def tensor_dki_volumes(
+    bvalues: ArrayLike,
+    bvecs: ArrayLike | None,
+    *,
+    min_shell_directions: int = 6,
+    min_directions: int = 15,
+    min_b_max: float = 1400.0,
+    max_b_max: float = 3500.0,
+    b0_threshold: float = B0_THRESHOLD,
+) -> tuple[NDArray[np.bool_] | None, str]:
     """Volumes usable for tensor DKI, or None with the reason why the protocol does not allow it.
 
     Selected: the b = 0 volumes and every shell with >= `min_shell_directions` non-collinear
@@ -95,8 +106,10 @@ def tensor_dki_volumes(bvalues: ArrayLike, bvecs: ArrayLike | None, *,
             used.append(float(bk))
             dirs.append(g[members])
     if len(used) < 2:
-        return None, (f"fewer than two non-zero shells with >= {min_shell_directions} "
-                      f"non-collinear directions ({used})")
+        return None, (
+            f"fewer than two non-zero shells with >= {min_shell_directions} "
+            f"non-collinear directions ({used})"
+        )
     n_dir = n_noncollinear_directions(np.concatenate(dirs))
     if n_dir < min_directions:
         return None, f"{n_dir} < {min_directions} non-collinear directions"
@@ -105,8 +118,9 @@ def tensor_dki_volumes(bvalues: ArrayLike, bvecs: ArrayLike | None, *,
     return selected, f"b = 0 and shells {used} s/mm² with {n_dir} non-collinear directions"
 
 
-def protocol_allows_tensor_dki(bvalues: ArrayLike, bvecs: ArrayLike | None, **kwargs: Any
-                               ) -> tuple[bool, str]:
+def protocol_allows_tensor_dki(
+    bvalues: ArrayLike, bvecs: ArrayLike | None, **kwargs: Any
+) -> tuple[bool, str]:
     """Whether tensor DKI is identifiable (see :func:`tensor_dki_volumes`); (decision, reason)."""
     selection, reason = tensor_dki_volumes(bvalues, bvecs, **kwargs)
     return selection is not None, reason
@@ -158,10 +172,18 @@ class TensorDkiModel:
         Raise ValueError when :func:`protocol_allows_tensor_dki` says no (default True).
     """
 
-    def __init__(self, bvalues: ArrayLike, bvecs: ArrayLike, *, fit_method: str = "WLS",
-                 min_kurtosis: float = MIN_KURTOSIS, max_kurtosis: float = MAX_KURTOSIS,
-                 max_md: float = 5e-3, b0_threshold: float = B0_THRESHOLD,
-                 require_protocol: bool = True) -> None:
+    def __init__(
+        self,
+        bvalues: ArrayLike,
+        bvecs: ArrayLike,
+        *,
+        fit_method: str = "WLS",
+        min_kurtosis: float = MIN_KURTOSIS,
+        max_kurtosis: float = MAX_KURTOSIS,
+        max_md: float = 5e-3,
+        b0_threshold: float = B0_THRESHOLD,
+        require_protocol: bool = True,
+    ) -> None:
         if fit_method.upper() not in ("WLS", "OLS"):
             raise ValueError(f"fit_method must be 'WLS' or 'OLS', got {fit_method!r}")
         b = np.asarray(bvalues, dtype=float)
@@ -187,10 +209,15 @@ class TensorDkiModel:
     def provenance(self) -> dict[str, Any]:
         import dipy
 
-        return {"model": "diffusion kurtosis tensor", "fit": f"dipy {dipy.__version__} "
-                f"DiffusionKurtosisModel design, {self.fit_method} solved batched; dipy metrics", "b_values_used": self.shells.tolist(),
-                "n_volumes": int(self.gtab.bvals.size), "protocol": self.reason,
-                "kurtosis_bounds": [self.min_kurtosis, self.max_kurtosis]}
+        return {
+            "model": "diffusion kurtosis tensor",
+            "fit": f"dipy {dipy.__version__} "
+            f"DiffusionKurtosisModel design, {self.fit_method} solved batched; dipy metrics",
+            "b_values_used": self.shells.tolist(),
+            "n_volumes": int(self.gtab.bvals.size),
+            "protocol": self.reason,
+            "kurtosis_bounds": [self.min_kurtosis, self.max_kurtosis],
+        }
 
     def _wls_params(self, data: NDArray[np.float64]) -> NDArray[np.float64]:
         """dipy's ``ls_fit_dki`` (weighted: W = OLS-predicted signal) for all voxels at once.
@@ -209,11 +236,13 @@ class TensorDkiModel:
             n_par = a.shape[1]
             # A^T W^2 A for all voxels as one matrix product with the outer products of A's rows
             ata = (w2 @ (a[:, :, None] * a[:, None, :]).reshape(a.shape[0], -1)).reshape(
-                -1, n_par, n_par)
+                -1, n_par, n_par
+            )
             aty = (w2 * y) @ a
             result = np.linalg.solve(ata, aty[..., None])[..., 0]
         evals, evecs = dipy_dti.decompose_tensor(
-            dipy_dti.from_lower_triangular(result[:, :6]), min_diffusivity=0)
+            dipy_dti.from_lower_triangular(result[:, :6]), min_diffusivity=0
+        )
         md2 = evals.mean(axis=-1, keepdims=True) ** 2
         with np.errstate(divide="ignore", invalid="ignore"):
             kt = np.where(md2 > 0, result[:, 6:21] / md2, 0.0)
@@ -243,9 +272,11 @@ class TensorDkiModel:
             fa[use] = dipy_dti.fractional_anisotropy(sub[:, :3])
         valid = use & np.isfinite(mk) & np.isfinite(md) & (md > 0) & (md <= self.max_md)
         mk_map, md_map, ak_map, rk_map, fa_map = (
-            np.where(valid, x, np.nan) for x in (mk, md, ak, rk, fa))
-        return DkiFit(mk_map, md_map, ak_map, rk_map, fa_map, valid=valid,
-                      provenance=self.provenance)
+            np.where(valid, x, np.nan) for x in (mk, md, ak, rk, fa)
+        )
+        return DkiFit(
+            mk_map, md_map, ak_map, rk_map, fa_map, valid=valid, provenance=self.provenance
+        )
 
 
 @dataclass(frozen=True)
@@ -295,9 +326,17 @@ class ApparentKurtosisModel:
         Voxels with D outside (0, max_d] mm²/s are invalid.
     """
 
-    def __init__(self, bvalues: ArrayLike, *, min_b: float = 0.0, max_b: float = 3000.0,
-                 min_kurtosis: float = MIN_KURTOSIS, max_kurtosis: float = MAX_KURTOSIS,
-                 max_d: float = 5e-3, b0_threshold: float = B0_THRESHOLD) -> None:
+    def __init__(
+        self,
+        bvalues: ArrayLike,
+        *,
+        min_b: float = 0.0,
+        max_b: float = 3000.0,
+        min_kurtosis: float = MIN_KURTOSIS,
+        max_kurtosis: float = MAX_KURTOSIS,
+        max_d: float = 5e-3,
+        b0_threshold: float = B0_THRESHOLD,
+    ) -> None:
         b = np.asarray(bvalues, dtype=float)
         shells, _ = group_shells(b, b0_threshold, 0.02)
         used = shells[((shells >= min_b) | (shells == 0.0)) & (shells <= max_b)]
@@ -310,10 +349,12 @@ class ApparentKurtosisModel:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return {"model": "apparent kurtosis (direction-averaged)",
-                "fit": "weighted linear least squares on ln S (w = S^2)",
-                "b_values_used": self.used.tolist(),
-                "kurtosis_bounds": [self.min_kurtosis, self.max_kurtosis]}
+        return {
+            "model": "apparent kurtosis (direction-averaged)",
+            "fit": "weighted linear least squares on ln S (w = S^2)",
+            "b_values_used": self.used.tolist(),
+            "kurtosis_bounds": [self.min_kurtosis, self.max_kurtosis],
+        }
 
     def fit(self, signals: ArrayLike, mask: ArrayLike | None = None) -> ApparentKurtosisFit:
         """Fit every voxel; signals (..., n_volumes) are direction-averaged per shell first."""
@@ -344,14 +385,20 @@ class ApparentKurtosisModel:
             pred = np.exp(c @ x.T)
             ss_tot = np.sum((sv - sv.mean(axis=1, keepdims=True)) ** 2, axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
-                r2[use] = np.where(ss_tot > 0, 1 - np.sum((sv - pred) ** 2, axis=1) / ss_tot, np.nan)
+                r2[use] = np.where(
+                    ss_tot > 0, 1 - np.sum((sv - pred) ** 2, axis=1) / ss_tot, np.nan
+                )
             k[use] = np.clip(kv, self.min_kurtosis, self.max_kurtosis)
             d[use], s0[use] = dv, s0v
         valid = use & np.isfinite(k) & np.isfinite(d) & (d > 0) & (d <= self.max_d)
         for arr in (k, d, s0, r2):
             arr[~valid] = np.nan
-        return ApparentKurtosisFit(kapp=k.reshape(spatial), dapp=d.reshape(spatial),
-                                   s0=s0.reshape(spatial), r2=r2.reshape(spatial),
-                                   valid=valid.reshape(spatial),
-                                   b_values_used=tuple(self.used.tolist()),
-                                   provenance=self.provenance)
+        return ApparentKurtosisFit(
+            kapp=k.reshape(spatial),
+            dapp=d.reshape(spatial),
+            s0=s0.reshape(spatial),
+            r2=r2.reshape(spatial),
+            valid=valid.reshape(spatial),
+            b_values_used=tuple(self.used.tolist()),
+            provenance=self.provenance,
+        )

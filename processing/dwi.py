@@ -29,15 +29,24 @@ from numpy.typing import ArrayLike, NDArray
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdcFit", "AdcModel", "IvimFit", "IvimModel", "direction_average", "group_shells",
-           "ivim_signal", "select_adc_shells"]
+__all__ = [
+    "AdcFit",
+    "AdcModel",
+    "IvimFit",
+    "IvimModel",
+    "direction_average",
+    "group_shells",
+    "ivim_signal",
+    "select_adc_shells",
+]
 
 #: b-values below this (s/mm²) are treated as b = 0 (Philips stores b0 as 0.001-0.004).
 B0_THRESHOLD = 5.0
 
 
-def group_shells(bvalues: NDArray[np.float64], b0_threshold: float, shell_tolerance: float
-                   ) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
+def group_shells(
+    bvalues: NDArray[np.float64], b0_threshold: float, shell_tolerance: float
+) -> tuple[NDArray[np.float64], NDArray[np.intp]]:
     """Group b-values into shells; returns shell b-values (mean) and the shell index per volume.
 
     A volume joins the current shell when its b-value is within max(0.5, shell_tolerance x b) of
@@ -56,9 +65,13 @@ def group_shells(bvalues: NDArray[np.float64], b0_threshold: float, shell_tolera
     return np.array([np.mean(s) for s in shells]), labels
 
 
-def direction_average(signals: ArrayLike, bvalues: ArrayLike, *,
-                      b0_threshold: float = B0_THRESHOLD, shell_tolerance: float = 0.02
-                      ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def direction_average(
+    signals: ArrayLike,
+    bvalues: ArrayLike,
+    *,
+    b0_threshold: float = B0_THRESHOLD,
+    shell_tolerance: float = 0.02,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Geometric mean of the signals of each b-value shell (trace-weighted signal).
 
     Parameters
@@ -84,13 +97,15 @@ def direction_average(signals: ArrayLike, bvalues: ArrayLike, *,
     shells, labels = group_shells(b, b0_threshold, shell_tolerance)
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.where(s > 0, np.log(np.where(s > 0, s, 1.0)), np.nan)
-    out = np.stack([np.exp(logs[..., labels == k].mean(axis=-1)) for k in range(shells.size)],
-                   axis=-1)
+    out = np.stack(
+        [np.exp(logs[..., labels == k].mean(axis=-1)) for k in range(shells.size)], axis=-1
+    )
     return out, shells
 
 
-def select_adc_shells(shells: NDArray[np.float64], *, min_b: float, max_b: float | None
-                      ) -> tuple[NDArray[np.float64], str]:
+def select_adc_shells(
+    shells: NDArray[np.float64], *, min_b: float, max_b: float | None
+) -> tuple[NDArray[np.float64], str]:
     """The b-value shells of a mono-exponential ADC fit, and why (plain language).
 
     1. At least two shells in [`min_b`, `max_b`]: those (b = 0 left out, limiting perfusion [4]).
@@ -124,26 +139,36 @@ def select_adc_shells(shells: NDArray[np.float64], *, min_b: float, max_b: float
     candidates = shells if max_b is None else shells[shells <= max_b]
     high = candidates[candidates >= min_b]
     if high.size >= 2:
-        return high, (f"the shells in the preferred range {min_b:g}{top} s/mm²; b = 0 left out "
-                      "to limit the perfusion contribution")
+        return high, (
+            f"the shells in the preferred range {min_b:g}{top} s/mm²; b = 0 left out "
+            "to limit the perfusion contribution"
+        )
     if candidates.size >= 2:
-        above = "" if max_b is None or candidates.size == shells.size else (
-            f"; shells above {max_b:g} s/mm² ({shells[shells > max_b].tolist()}) left out "
-            "(kurtosis bends the signal there)")
-        return candidates, (f"fewer than two shells in {min_b:g}{top} s/mm², so b = 0 is "
-                            f"included{above}")
+        above = (
+            ""
+            if max_b is None or candidates.size == shells.size
+            else (
+                f"; shells above {max_b:g} s/mm² ({shells[shells > max_b].tolist()}) left out "
+                "(kurtosis bends the signal there)"
+            )
+        )
+        return candidates, (
+            f"fewer than two shells in {min_b:g}{top} s/mm², so b = 0 is included{above}"
+        )
     # here max_b is set (else candidates == shells, which has >= 2 shells)
-    added = shells[candidates.size:2]
+    added = shells[candidates.size : 2]
     used = shells[:2]
-    below = (f"only b = {candidates[0]:g}" if candidates.size else "no shell")
-    return used, (f"two-point scheme: {below} at or below {max_b:g} s/mm², so ADC uses the "
-                  f"lowest shell(s) above it (b = {', '.join(f'{x:g}' for x in added)}); in "
-                  f"tissue with kurtosis a high-b ADC is lower than one over b <= {max_b:g}")
+    below = f"only b = {candidates[0]:g}" if candidates.size else "no shell"
+    return used, (
+        f"two-point scheme: {below} at or below {max_b:g} s/mm², so ADC uses the "
+        f"lowest shell(s) above it (b = {', '.join(f'{x:g}' for x in added)}); in "
+        f"tissue with kurtosis a high-b ADC is lower than one over b <= {max_b:g}"
+    )
 
 
-def _weighted_loglinear(b: NDArray[np.float64], s: NDArray[np.float64], *,
-                        weighting: str = "S2"
-                        ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _weighted_loglinear(
+    b: NDArray[np.float64], s: NDArray[np.float64], *, weighting: str = "S2"
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Log-linear fit ln S = ln S0 - b D per row of s (m, n), weights S² or none; returns D, S0."""
     y = np.log(s)
     w = s * s if weighting == "S2" else np.ones_like(s)
@@ -209,9 +234,18 @@ class AdcModel:
         kurtosis) they differ by up to a few per cent, so compare like with like.
     """
 
-    def __init__(self, bvalues: ArrayLike, *, min_b: float = 50.0, max_b: float | None = None,
-                 min_adc: float = 0.0, max_adc: float = 5e-3, weighting: str = "S2",
-                 b0_threshold: float = B0_THRESHOLD, shell_tolerance: float = 0.02) -> None:
+    def __init__(
+        self,
+        bvalues: ArrayLike,
+        *,
+        min_b: float = 50.0,
+        max_b: float | None = None,
+        min_adc: float = 0.0,
+        max_adc: float = 5e-3,
+        weighting: str = "S2",
+        b0_threshold: float = B0_THRESHOLD,
+        shell_tolerance: float = 0.02,
+    ) -> None:
         b = np.asarray(bvalues, dtype=float)
         if b.ndim != 1 or not np.all(np.isfinite(b)) or np.any(b < 0):
             raise ValueError("b-values must be a 1-D array of finite non-negative numbers")
@@ -230,13 +264,21 @@ class AdcModel:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        fit = ("weighted log-linear least squares (w = S^2)" if self.weighting == "S2"
-               else "ordinary log-linear least squares")
-        return {"model": "mono-exponential", "fit": fit,
-                "b_values_used": self.used.tolist(), "b_selection_reason": self.b_selection_reason,
-                "min_b": self.min_b, "max_b": self.max_b,
-                "direction_average": "geometric mean per shell",
-                "bounds_mm2_s": [self.min_adc, self.max_adc]}
+        fit = (
+            "weighted log-linear least squares (w = S^2)"
+            if self.weighting == "S2"
+            else "ordinary log-linear least squares"
+        )
+        return {
+            "model": "mono-exponential",
+            "fit": fit,
+            "b_values_used": self.used.tolist(),
+            "b_selection_reason": self.b_selection_reason,
+            "min_b": self.min_b,
+            "max_b": self.max_b,
+            "direction_average": "geometric mean per shell",
+            "bounds_mm2_s": [self.min_adc, self.max_adc],
+        }
 
     def fit(self, signals: ArrayLike, mask: ArrayLike | None = None) -> AdcFit:
         """Fit ADC voxel-wise.
@@ -251,8 +293,12 @@ class AdcModel:
         -------
         AdcFit
         """
-        avg, shells = direction_average(signals, self.bvalues, b0_threshold=self.b0_threshold,
-                                        shell_tolerance=self.shell_tolerance)
+        avg, shells = direction_average(
+            signals,
+            self.bvalues,
+            b0_threshold=self.b0_threshold,
+            shell_tolerance=self.shell_tolerance,
+        )
         cols = [int(np.argmin(np.abs(shells - u))) for u in self.used]
         spatial = avg.shape[:-1]
         s = avg[..., cols].reshape(-1, len(cols))
@@ -270,18 +316,25 @@ class AdcModel:
             sv = s[use]
             ss_tot = np.sum((sv - sv.mean(axis=1, keepdims=True)) ** 2, axis=1)
             with np.errstate(divide="ignore", invalid="ignore"):
-                r2[use] = np.where(ss_tot > 0, 1 - np.sum((sv - pred) ** 2, axis=1) / ss_tot,
-                                   np.nan)
+                r2[use] = np.where(
+                    ss_tot > 0, 1 - np.sum((sv - pred) ** 2, axis=1) / ss_tot, np.nan
+                )
         valid = use & np.isfinite(adc) & (adc >= self.min_adc) & (adc <= self.max_adc)
         for arr in (adc, s0, r2):
             arr[~valid] = np.nan
-        return AdcFit(adc=adc.reshape(spatial), s0=s0.reshape(spatial), r2=r2.reshape(spatial),
-                      valid=valid.reshape(spatial), b_values_used=tuple(self.used.tolist()),
-                      provenance=self.provenance)
+        return AdcFit(
+            adc=adc.reshape(spatial),
+            s0=s0.reshape(spatial),
+            r2=r2.reshape(spatial),
+            valid=valid.reshape(spatial),
+            b_values_used=tuple(self.used.tolist()),
+            provenance=self.provenance,
+        )
 
 
-def ivim_signal(bvalues: ArrayLike, *, s0: ArrayLike = 1.0, d: ArrayLike, f: ArrayLike,
-                d_star: ArrayLike) -> NDArray[np.float64]:
+def ivim_signal(
+    bvalues: ArrayLike, *, s0: ArrayLike = 1.0, d: ArrayLike, f: ArrayLike, d_star: ArrayLike
+) -> NDArray[np.float64]:
     """IVIM signal S0 ((1 - f) exp(-b D) + f exp(-b D*)); b in s/mm², D and D* in mm²/s [1]."""
     b = np.asarray(bvalues, dtype=float)
     d, f, d_star, s0 = (np.asarray(x, dtype=float)[..., None] for x in (d, f, d_star, s0))
@@ -342,11 +395,19 @@ class IvimModel:
         b-values below this count as 0 (default 0.5 s/mm²: IVIM protocols use b = 1-10).
     """
 
-    def __init__(self, bvalues: ArrayLike, *, b_threshold: float = 200.0,
-                 max_b: float | None = None, d_bounds: tuple[float, float] = (0.0, 5e-3),
-                 d_star_bounds: tuple[float, float] = (3e-3, 0.5),
-                 b0_threshold: float = 0.5, shell_tolerance: float = 0.02,
-                 n_grid: int = 64, refine_iterations: int = 20) -> None:
+    def __init__(
+        self,
+        bvalues: ArrayLike,
+        *,
+        b_threshold: float = 200.0,
+        max_b: float | None = None,
+        d_bounds: tuple[float, float] = (0.0, 5e-3),
+        d_star_bounds: tuple[float, float] = (3e-3, 0.5),
+        b0_threshold: float = 0.5,
+        shell_tolerance: float = 0.02,
+        n_grid: int = 64,
+        refine_iterations: int = 20,
+    ) -> None:
         b = np.asarray(bvalues, dtype=float)
         shells, _ = group_shells(b, b0_threshold, shell_tolerance)
         if max_b is not None:
@@ -356,7 +417,8 @@ class IvimModel:
         if high.size < 2 or low.size < 2 or shells[0] != 0.0:
             raise ValueError(
                 f"segmented IVIM needs b = 0, another b < {b_threshold} and at least two b >= "
-                f"{b_threshold} s/mm²; got {shells.tolist()}")
+                f"{b_threshold} s/mm²; got {shells.tolist()}"
+            )
         if not 0 < d_star_bounds[0] < d_star_bounds[1]:
             raise ValueError(f"invalid D* bounds {d_star_bounds}")
         self.bvalues, self.shells, self.high = b, shells, high
@@ -367,15 +429,23 @@ class IvimModel:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return {"model": "IVIM bi-exponential", "fit": "segmented: D from b >= "
-                f"{self.b_threshold:g} (weighted log-linear), then S0, f, D* by variable projection",
-                "b_values_used": self.shells.tolist(), "d_bounds_mm2_s": list(self.d_bounds),
-                "d_star_bounds_mm2_s": list(self.d_star_bounds)}
+        return {
+            "model": "IVIM bi-exponential",
+            "fit": "segmented: D from b >= "
+            f"{self.b_threshold:g} (weighted log-linear), then S0, f, D* by variable projection",
+            "b_values_used": self.shells.tolist(),
+            "d_bounds_mm2_s": list(self.d_bounds),
+            "d_star_bounds_mm2_s": list(self.d_star_bounds),
+        }
 
     def fit(self, signals: ArrayLike, mask: ArrayLike | None = None) -> IvimFit:
         """Fit every voxel; signals (..., n_volumes), volume axis last."""
-        avg, shells = direction_average(signals, self.bvalues, b0_threshold=self.b0_threshold,
-                                        shell_tolerance=self.shell_tolerance)
+        avg, shells = direction_average(
+            signals,
+            self.bvalues,
+            b0_threshold=self.b0_threshold,
+            shell_tolerance=self.shell_tolerance,
+        )
         spatial = avg.shape[:-1]
         cols = [int(np.argmin(np.abs(shells - u))) for u in self.shells]
         shells = self.shells
@@ -388,12 +458,19 @@ class IvimModel:
         if use.any():
             for key, val in self._fit_flat(s[use], shells).items():
                 out[key][use] = val
-        valid = use & np.isfinite(out["d"]) & (out["d"] >= self.d_bounds[0]) & (
-            out["d"] <= self.d_bounds[1])
+        valid = (
+            use
+            & np.isfinite(out["d"])
+            & (out["d"] >= self.d_bounds[0])
+            & (out["d"] <= self.d_bounds[1])
+        )
         for arr in out.values():
             arr[~valid] = np.nan
-        return IvimFit(**{k: v.reshape(spatial) for k, v in out.items()},
-                       valid=valid.reshape(spatial), provenance=self.provenance)
+        return IvimFit(
+            **{k: v.reshape(spatial) for k, v in out.items()},
+            valid=valid.reshape(spatial),
+            provenance=self.provenance,
+        )
 
     def _fit_flat(self, s: NDArray[np.float64], b: NDArray[np.float64]) -> dict[str, NDArray]:
         high = b >= self.b_threshold
@@ -405,8 +482,11 @@ class IvimModel:
         def solve(d_star: NDArray[np.float64]) -> tuple[NDArray, NDArray, NDArray]:
             e_s = np.exp(-b[None, :] * d_star[:, None])
             p, q = np.sum(e_d * s, axis=1), np.sum(e_s * s, axis=1)
-            g11, g12, g22 = (np.sum(e_d * e_d, axis=1), np.sum(e_d * e_s, axis=1),
-                             np.sum(e_s * e_s, axis=1))
+            g11, g12, g22 = (
+                np.sum(e_d * e_d, axis=1),
+                np.sum(e_d * e_s, axis=1),
+                np.sum(e_s * e_s, axis=1),
+            )
             det = g11 * g22 - g12 * g12
             with np.errstate(divide="ignore", invalid="ignore"):
                 a = (p * g22 - q * g12) / det
@@ -414,23 +494,29 @@ class IvimModel:
                 ok = (det > 0) & (a >= 0) & (bb >= 0)
                 # edges: only the D component, or only the D* component
                 a_only, b_only = np.maximum(p / g11, 0.0), np.maximum(q / g22, 0.0)
-            sse_int = np.where(ok, ss - 2 * (a * p + bb * q) + a * a * g11 + 2 * a * bb * g12
-                               + bb * bb * g22, np.inf)
+            sse_int = np.where(
+                ok,
+                ss - 2 * (a * p + bb * q) + a * a * g11 + 2 * a * bb * g12 + bb * bb * g22,
+                np.inf,
+            )
             sse_a = ss - 2 * a_only * p + a_only**2 * g11
             sse_b = ss - 2 * b_only * q + b_only**2 * g22
             best_a = np.where(ok, a, 0.0)
             best_b = np.where(ok, bb, 0.0)
             sse = sse_int
-            for cand_a, cand_b, cand in ((a_only, 0.0 * a_only, sse_a),
-                                         (0.0 * b_only, b_only, sse_b)):
+            for cand_a, cand_b, cand in (
+                (a_only, 0.0 * a_only, sse_a),
+                (0.0 * b_only, b_only, sse_b),
+            ):
                 better = cand < sse
                 sse = np.where(better, cand, sse)
                 best_a = np.where(better, cand_a, best_a)
                 best_b = np.where(better, cand_b, best_b)
             return best_a, best_b, sse
 
-        grid = np.linspace(np.log(self.d_star_bounds[0]), np.log(self.d_star_bounds[1]),
-                           self.n_grid)
+        grid = np.linspace(
+            np.log(self.d_star_bounds[0]), np.log(self.d_star_bounds[1]), self.n_grid
+        )
         m = s.shape[0]
         sse_grid = np.stack([solve(np.full(m, np.exp(g)))[2] for g in grid])
         k = np.argmin(sse_grid, axis=0)

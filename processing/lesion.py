@@ -85,7 +85,9 @@ def make_lesion(
         tracking_id = f"{tracking_id} {vertebral_level}"
     return Lesion(
         tracking_id=tracking_id,
-        tracking_uid=lesion_tracking_uid(rtstruct_sop_instance_uid=rtstruct_sop_instance_uid, roi_number=roi.number),
+        tracking_uid=lesion_tracking_uid(
+            rtstruct_sop_instance_uid=rtstruct_sop_instance_uid, roi_number=roi.number
+        ),
         vertebral_level=vertebral_level,
     )
 
@@ -150,11 +152,17 @@ class RefinementSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.search_margin_mm < 0 or self.vertebra_margin_mm < 0 or (self.ring_mm is not None and self.ring_mm <= 0):
+        if (
+            self.search_margin_mm < 0
+            or self.vertebra_margin_mm < 0
+            or (self.ring_mm is not None and self.ring_mm <= 0)
+        ):
             raise ValueError("margins must be >= 0 mm and ring_mm > 0 mm")
         inner, outer = self.reference_shell_mm
         if not 0 <= inner < outer:
-            raise ValueError(f"reference_shell_mm must satisfy 0 <= inner < outer, got {self.reference_shell_mm}")
+            raise ValueError(
+                f"reference_shell_mm must satisfy 0 <= inner < outer, got {self.reference_shell_mm}"
+            )
         if self.lesion_components < 1 or self.background_components < 1:
             raise ValueError("mixture components must be >= 1")
         if not 0 < self.min_volume_factor < 1 < self.max_volume_factor:
@@ -213,8 +221,12 @@ def _dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
 
 def _shell(mask: sitk.Image, inner_mm: float, outer_mm: float) -> np.ndarray:
     distance = sitk.GetArrayFromImage(
-        sitk.SignedMaurerDistanceMap(sitk.NotEqual(mask, 0), insideIsPositive=False, squaredDistance=False,
-                                     useImageSpacing=True)
+        sitk.SignedMaurerDistanceMap(
+            sitk.NotEqual(mask, 0),
+            insideIsPositive=False,
+            squaredDistance=False,
+            useImageSpacing=True,
+        )
     )
     return (distance > inner_mm) & (distance <= outer_mm)
 
@@ -277,7 +289,9 @@ class _IntensityModel:
         return self.lesion.score_samples(z) - self.background.score_samples(z)
 
 
-def _fit_model(features_lesion: np.ndarray, features_background: np.ndarray, settings: RefinementSettings) -> _IntensityModel:
+def _fit_model(
+    features_lesion: np.ndarray, features_background: np.ndarray, settings: RefinementSettings
+) -> _IntensityModel:
     both = np.vstack([features_lesion, features_background])
     mean = both.mean(axis=0)
     std = both.std(axis=0)
@@ -286,7 +300,10 @@ def _fit_model(features_lesion: np.ndarray, features_background: np.ndarray, set
     def mixture(samples: np.ndarray, components: int) -> GaussianMixture:
         components = max(1, min(components, samples.shape[0] // 20))
         model = GaussianMixture(
-            n_components=components, covariance_type="full", reg_covar=1e-3, random_state=settings.seed
+            n_components=components,
+            covariance_type="full",
+            reg_covar=1e-3,
+            random_state=settings.seed,
         )
         return model.fit((samples - mean) / std)
 
@@ -299,8 +316,12 @@ def _fit_model(features_lesion: np.ndarray, features_background: np.ndarray, set
 
 
 def _segment(
-    model: _IntensityModel, channels: np.ndarray, search: np.ndarray, seed: np.ndarray,
-    reference: sitk.Image, settings: RefinementSettings,
+    model: _IntensityModel,
+    channels: np.ndarray,
+    search: np.ndarray,
+    seed: np.ndarray,
+    reference: sitk.Image,
+    settings: RefinementSettings,
 ) -> tuple[np.ndarray, sitk.Image]:
     """Posterior in ``search``, smoothed, thresholded; components touching ``seed``, holes filled."""
     posterior = np.zeros(search.shape, dtype=np.float32)
@@ -323,7 +344,9 @@ def _segment(
     if not touching and labels.max() > 0:
         touching = {int(np.argmax(sizes))}
     kept = np.isin(labels, sorted(touching)) & (labels > 0)
-    filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(_as_image(kept, reference), fullyConnected=False))
+    filled = sitk.GetArrayFromImage(
+        sitk.BinaryFillhole(_as_image(kept, reference), fullyConnected=False)
+    )
     return filled.astype(bool), probability
 
 
@@ -410,23 +433,41 @@ def refine_lesion(
     propagated_volume = mask_volume_ml(propagated)
     if not propagated_array.any():
         raise LesionError("the propagated GTV lies outside the follow-up field of view")
-    notes: list[str] = [f"propagated baseline GTV {baseline_volume:.2f} mL -> {propagated_volume:.2f} mL"]
+    notes: list[str] = [
+        f"propagated baseline GTV {baseline_volume:.2f} mL -> {propagated_volume:.2f} mL"
+    ]
 
-    def fallback(reason: str, training: float | None, probability: sitk.Image | None = None) -> FollowUpLesion:
-        notes.append(f"refinement not used: {reason}; the propagated GTV is reported (growth/shrinkage not measured)")
+    def fallback(
+        reason: str, training: float | None, probability: sitk.Image | None = None
+    ) -> FollowUpLesion:
+        notes.append(
+            f"refinement not used: {reason}; the propagated GTV is reported (growth/shrinkage not measured)"
+        )
         logger.warning("lesion refinement not used: %s", reason)
         return FollowUpLesion(
-            mask=propagated, propagated_mask=propagated, probability=probability,
-            volume_ml=propagated_volume, propagated_volume_ml=propagated_volume,
-            baseline_volume_ml=baseline_volume, refined=False, training_dice=training, notes=tuple(notes),
+            mask=propagated,
+            propagated_mask=propagated,
+            probability=probability,
+            volume_ml=propagated_volume,
+            propagated_volume_ml=propagated_volume,
+            baseline_volume_ml=baseline_volume,
+            refined=False,
+            training_dice=training,
+            notes=tuple(notes),
         )
 
     # --- baseline: training samples
     base_channels = _stack(baseline_images, gtv)
     vertebra_region = None
     if baseline_vertebra is not None:
-        vertebra_on_grid = baseline_vertebra if _same_grid(baseline_vertebra, gtv) else resample_mask(baseline_vertebra, gtv)
-        vertebra_region = sitk.GetArrayFromImage(_dilate(vertebra_on_grid, settings.vertebra_margin_mm)).astype(bool)
+        vertebra_on_grid = (
+            baseline_vertebra
+            if _same_grid(baseline_vertebra, gtv)
+            else resample_mask(baseline_vertebra, gtv)
+        )
+        vertebra_region = sitk.GetArrayFromImage(
+            _dilate(vertebra_on_grid, settings.vertebra_margin_mm)
+        ).astype(bool)
     ring_mm = settings.ring_mm if settings.ring_mm is not None else settings.search_margin_mm + 5.0
     ring = sitk.GetArrayFromImage(_dilate(gtv, ring_mm)).astype(bool) & ~gtv_array
     if vertebra_region is not None:
@@ -439,11 +480,20 @@ def refine_lesion(
     search = sitk.GetArrayFromImage(_dilate(propagated, settings.search_margin_mm)).astype(bool)
     if baseline_vertebra is not None:
         vertebra_follow = propagate_mask(vertebra_on_grid, reference, follow_up_to_baseline)
-        search &= sitk.GetArrayFromImage(_dilate(vertebra_follow, settings.vertebra_margin_mm)).astype(bool) | propagated_array
+        search &= (
+            sitk.GetArrayFromImage(_dilate(vertebra_follow, settings.vertebra_margin_mm)).astype(
+                bool
+            )
+            | propagated_array
+        )
     to_baseline = matrix_to_transform(np.asarray(follow_up_to_baseline, dtype=float))
     baseline_on_follow = np.stack(
-        [sitk.GetArrayFromImage(resample_onto(image, reference, transform=to_baseline, default_value=np.nan))
-         for image in baseline_images]
+        [
+            sitk.GetArrayFromImage(
+                resample_onto(image, reference, transform=to_baseline, default_value=np.nan)
+            )
+            for image in baseline_images
+        ]
     )
     inner, outer = settings.reference_shell_mm
     shell = _shell(propagated, inner, outer) & np.all(np.isfinite(baseline_on_follow), axis=0)
@@ -451,11 +501,14 @@ def refine_lesion(
     follow_norm = follow_channels / np.asarray(follow_scales)[:, None, None, None]
     notes.append(
         "follow-up/baseline intensity scales (median voxel ratio in a shell "
-        f"{inner:g}-{outer:g} mm around the lesion): " + ", ".join(f"{v:.3f}" for v in follow_scales)
+        f"{inner:g}-{outer:g} mm around the lesion): "
+        + ", ".join(f"{v:.3f}" for v in follow_scales)
     )
 
     # --- channels whose lesion values changed with treatment are not used
-    keep = _stable_channels(base_channels, gtv_array, ring, follow_norm, propagated, settings, notes)
+    keep = _stable_channels(
+        base_channels, gtv_array, ring, follow_norm, propagated, settings, notes
+    )
     if not keep:
         return fallback("every channel changed inside the lesion since the baseline", None)
     base_norm = base_channels[keep]
@@ -468,14 +521,18 @@ def refine_lesion(
         base_search &= vertebra_region | gtv_array
     base_segmentation, _ = _segment(model, base_norm, base_search, gtv_array, gtv, settings)
     training_dice = dice(_as_image(base_segmentation, gtv), gtv)
-    notes.append(f"intensity model ({len(keep)} channels) re-finds the baseline GTV with Dice {training_dice:.3f}")
+    notes.append(
+        f"intensity model ({len(keep)} channels) re-finds the baseline GTV with Dice {training_dice:.3f}"
+    )
     if training_dice < settings.min_training_dice:
         return fallback(
             f"the intensity model does not separate lesion from marrow (Dice {training_dice:.3f} < "
             f"{settings.min_training_dice})",
             training_dice,
         )
-    segmentation, probability = _segment(model, follow_norm, search, propagated_array, reference, settings)
+    segmentation, probability = _segment(
+        model, follow_norm, search, propagated_array, reference, settings
+    )
     segmentation, probability = _adapt(
         segmentation, probability, follow_norm, search, propagated_array, reference, settings, notes
     )
@@ -483,19 +540,36 @@ def refine_lesion(
     volume = mask_volume_ml(mask)
     ratio = volume / propagated_volume
     if not settings.min_volume_factor <= ratio <= settings.max_volume_factor:
-        return fallback(f"implausible refined volume {volume:.2f} mL ({ratio:.2f} x propagated)", training_dice, probability)
+        return fallback(
+            f"implausible refined volume {volume:.2f} mL ({ratio:.2f} x propagated)",
+            training_dice,
+            probability,
+        )
     grown = segmentation & ~propagated_array
-    if grown.any() and np.count_nonzero(grown & ~_erode_search(search, reference)) > 0.05 * np.count_nonzero(segmentation):
+    if grown.any() and np.count_nonzero(
+        grown & ~_erode_search(search, reference)
+    ) > 0.05 * np.count_nonzero(segmentation):
         notes.append("lesion reaches the edge of the search region: growth may be underestimated")
-    notes.append(f"refined on follow-up images: {volume:.2f} mL ({100 * (ratio - 1):+.0f} % vs propagated)")
+    notes.append(
+        f"refined on follow-up images: {volume:.2f} mL ({100 * (ratio - 1):+.0f} % vs propagated)"
+    )
     logger.info(
         "lesion refined: baseline %.2f mL, propagated %.2f mL, follow-up %.2f mL (training Dice %.3f)",
-        baseline_volume, propagated_volume, volume, training_dice,
+        baseline_volume,
+        propagated_volume,
+        volume,
+        training_dice,
     )
     return FollowUpLesion(
-        mask=mask, propagated_mask=propagated, probability=probability, volume_ml=volume,
-        propagated_volume_ml=propagated_volume, baseline_volume_ml=baseline_volume, refined=True,
-        training_dice=training_dice, notes=tuple(notes),
+        mask=mask,
+        propagated_mask=propagated,
+        probability=probability,
+        volume_ml=volume,
+        propagated_volume_ml=propagated_volume,
+        baseline_volume_ml=baseline_volume,
+        refined=True,
+        training_dice=training_dice,
+        notes=tuple(notes),
     )
 
 
@@ -518,8 +592,12 @@ def _stable_channels(
     """
     # distance (mm) of each lesion voxel centre from the nearest voxel centre outside the lesion
     depth = sitk.GetArrayFromImage(
-        sitk.SignedMaurerDistanceMap(sitk.Equal(propagated, 0), insideIsPositive=False,
-                                     squaredDistance=False, useImageSpacing=True)
+        sitk.SignedMaurerDistanceMap(
+            sitk.Equal(propagated, 0),
+            insideIsPositive=False,
+            squaredDistance=False,
+            useImageSpacing=True,
+        )
     )
     core = depth >= settings.core_erosion_mm
     if np.count_nonzero(core) < 10:
@@ -589,6 +667,9 @@ def _erode_search(search: np.ndarray, reference: sitk.Image) -> np.ndarray:
     """Search region minus its outer one-voxel layer."""
     spacing = min(reference.GetSpacing())
     inside = sitk.SignedMaurerDistanceMap(
-        _as_image(~search, reference), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+        _as_image(~search, reference),
+        insideIsPositive=False,
+        squaredDistance=False,
+        useImageSpacing=True,
     )
     return sitk.GetArrayFromImage(inside) > math.sqrt(3) * spacing

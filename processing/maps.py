@@ -47,9 +47,23 @@ __all__ = ["MapSettings", "QuantMap", "compute_maps", "map_statistics"]
 
 #: Internal UCUM unit of every quantity (docs/architecture.md, Conventions).
 UNITS: dict[str, str] = {
-    "ADC": "mm2/s", "MD": "mm2/s", "Dapp": "mm2/s", "IVIM_D": "mm2/s", "IVIM_Dstar": "mm2/s",
-    "MK": "1", "AK": "1", "RK": "1", "FA": "1", "Kapp": "1", "IVIM_f": "1",
-    "Ktrans": "/min", "kep": "/min", "ve": "1", "vp": "1", "T1": "s", "IAUC60": "mmol/l.s",
+    "ADC": "mm2/s",
+    "MD": "mm2/s",
+    "Dapp": "mm2/s",
+    "IVIM_D": "mm2/s",
+    "IVIM_Dstar": "mm2/s",
+    "MK": "1",
+    "AK": "1",
+    "RK": "1",
+    "FA": "1",
+    "Kapp": "1",
+    "IVIM_f": "1",
+    "Ktrans": "/min",
+    "kep": "/min",
+    "ve": "1",
+    "vp": "1",
+    "T1": "s",
+    "IAUC60": "mmol/l.s",
     "TTP": "s",
 }
 
@@ -153,9 +167,16 @@ def map_statistics(qmap: QuantMap, mask: NDArray[np.bool_] | None = None) -> dic
     v = qmap.values[sel].astype(float)
     if v.size == 0:
         return {"n_voxels": 0}
-    return {"n_voxels": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)),
-            "sd": float(v.std()), "p10": float(np.percentile(v, 10)),
-            "p90": float(np.percentile(v, 90)), "min": float(v.min()), "max": float(v.max())}
+    return {
+        "n_voxels": int(v.size),
+        "mean": float(v.mean()),
+        "median": float(np.median(v)),
+        "sd": float(v.std()),
+        "p10": float(np.percentile(v, 10)),
+        "p90": float(np.percentile(v, 90)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
 def _to_voxels_last(volume: SeriesVolume) -> NDArray[np.float64]:
@@ -170,11 +191,19 @@ def _foreground(reference: NDArray[np.float64], fraction: float) -> NDArray[np.b
     return np.isfinite(reference) & (reference > fraction * np.percentile(finite, 99))
 
 
-def _qmap(quantity: str, values: NDArray, valid: NDArray, volume: SeriesVolume,
-          provenance: dict[str, Any]) -> QuantMap:
+def _qmap(
+    quantity: str, values: NDArray, valid: NDArray, volume: SeriesVolume, provenance: dict[str, Any]
+) -> QuantMap:
     v = np.where(valid, values, np.nan).astype(np.float32)
-    return QuantMap(quantity, v, np.asarray(valid, dtype=bool) & np.isfinite(v), UNITS[quantity],
-                    volume.geometry, volume.series_instance_uid, dict(provenance))
+    return QuantMap(
+        quantity,
+        v,
+        np.asarray(valid, dtype=bool) & np.isfinite(v),
+        UNITS[quantity],
+        volume.geometry,
+        volume.series_instance_uid,
+        dict(provenance),
+    )
 
 
 def _diffusion_models_not_fitted(shells: list[float], flags: dict[str, bool]) -> dict[str, str]:
@@ -182,17 +211,22 @@ def _diffusion_models_not_fitted(shells: list[float], flags: dict[str, bool]) ->
     scheme = ", ".join(f"{b:g}" for b in shells)
     out: dict[str, str] = {}
     if not flags.get("ivim"):
-        out["IVIM"] = (f"b-values {scheme} s/mm²: IVIM needs at least four shells, three of them "
-                       "at b <= 200 s/mm² (perfusion regime) and one at b >= 400")
+        out["IVIM"] = (
+            f"b-values {scheme} s/mm²: IVIM needs at least four shells, three of them "
+            "at b <= 200 s/mm² (perfusion regime) and one at b >= 400"
+        )
     if not flags.get("dki_tensor") and not flags.get("kurtosis_apparent"):
-        out["DKI"] = (f"b-values {scheme} s/mm²: kurtosis needs at least three shells from "
-                      "b <= 100 to b >= 1400 s/mm² (tensor DKI also two directional shells and "
-                      ">= 15 directions)")
+        out["DKI"] = (
+            f"b-values {scheme} s/mm²: kurtosis needs at least three shells from "
+            "b <= 100 to b >= 1400 s/mm² (tensor DKI also two directional shells and "
+            ">= 15 directions)"
+        )
     return out
 
 
-def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
-                    settings: MapSettings) -> dict[str, QuantMap]:
+def _diffusion_maps(
+    volume: SeriesVolume, inventory_flags: dict[str, bool], settings: MapSettings
+) -> dict[str, QuantMap]:
     out: dict[str, QuantMap] = {}
     b = volume.b_values
     keep = np.isfinite(b)
@@ -200,8 +234,9 @@ def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
     b = b[keep]
     grads = volume.gradients[keep]
     fg = _foreground(signals[..., int(np.argmin(b))], settings.background_fraction)
-    adc_model = AdcModel(b, min_b=settings.adc_min_b, max_b=settings.adc_max_b,
-                         weighting=settings.adc_weighting)
+    adc_model = AdcModel(
+        b, min_b=settings.adc_min_b, max_b=settings.adc_max_b, weighting=settings.adc_weighting
+    )
     adc = adc_model.fit(signals, mask=fg)
     prov = {**adc.provenance, "b_values": list(adc.b_values_used)}
     not_fitted = _diffusion_models_not_fitted(adc_model.shells.tolist(), inventory_flags)
@@ -210,8 +245,9 @@ def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
     out["ADC"] = _qmap("ADC", adc.adc, adc.valid, volume, prov)
     if inventory_flags.get("ivim"):
         try:
-            ivim = IvimModel(b, b_threshold=settings.ivim_b_threshold,
-                             max_b=settings.ivim_max_b).fit(signals, mask=fg)
+            ivim = IvimModel(
+                b, b_threshold=settings.ivim_b_threshold, max_b=settings.ivim_max_b
+            ).fit(signals, mask=fg)
         except ValueError as err:
             logger.info("IVIM skipped for series %s: %s", volume.series_instance_uid, err)
         else:
@@ -223,8 +259,13 @@ def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
         dki_model = TensorDkiModel(b, grads)
         dki = dki_model.fit(signals, mask=fg)
         prov = {**dki.provenance, "b_values": dki.provenance["b_values_used"]}
-        for name, arr in (("MK", dki.mk), ("MD", dki.md), ("AK", dki.ak), ("RK", dki.rk),
-                          ("FA", dki.fa)):
+        for name, arr in (
+            ("MK", dki.mk),
+            ("MD", dki.md),
+            ("AK", dki.ak),
+            ("RK", dki.rk),
+            ("FA", dki.fa),
+        ):
             out[name] = _qmap(name, arr, dki.valid, volume, prov)
     elif inventory_flags.get("kurtosis_apparent"):
         kapp = ApparentKurtosisModel(b).fit(signals, mask=fg)
@@ -236,8 +277,12 @@ def _diffusion_maps(volume: SeriesVolume, inventory_flags: dict[str, bool],
 
 def _resample_to(values: NDArray[np.float64], src: Geometry, dst: Geometry) -> NDArray[np.float64]:
     """Linear resampling of a (z, y, x) map from grid `src` to grid `dst` (NaN outside)."""
-    if (np.allclose(src.origin, dst.origin, atol=1e-3) and np.allclose(src.spacing, dst.spacing)
-            and np.allclose(src.direction, dst.direction, atol=1e-6) and src.size == dst.size):
+    if (
+        np.allclose(src.origin, dst.origin, atol=1e-3)
+        and np.allclose(src.spacing, dst.spacing)
+        and np.allclose(src.direction, dst.direction, atol=1e-6)
+        and src.size == dst.size
+    ):
         return values
     img = src.image(np.asarray(values, dtype=np.float64))
     ref = dst.image(np.zeros(tuple(reversed(dst.size)), dtype=np.float64))
@@ -250,47 +295,79 @@ def _stack_vfa(members: list[SeriesVolume]) -> SeriesVolume:
     first = members[0]
     for m in members[1:]:
         if m.geometry.size != first.geometry.size:
-            raise ValueError(f"VFA series {m.series_instance_uid} is not on the grid of "
-                             f"{first.series_instance_uid}")
+            raise ValueError(
+                f"VFA series {m.series_instance_uid} is not on the grid of "
+                f"{first.series_instance_uid}"
+            )
     return dataclasses.replace(
-        first, array=np.concatenate([np.asarray(m.array) for m in members], axis=0),
+        first,
+        array=np.concatenate([np.asarray(m.array) for m in members], axis=0),
         volumes=tuple(v for m in members for v in m.volumes),
-        source_frames=tuple(f for m in members for f in m.source_frames))
+        source_frames=tuple(f for m in members for f in m.source_frames),
+    )
 
 
-def _t1_map(vfa: list[SeriesVolume] | None, dce: SeriesVolume, settings: MapSettings,
-            notes: tuple[str, ...] = ()) -> tuple[T1Fit, SeriesVolume | None]:
+def _t1_map(
+    vfa: list[SeriesVolume] | None,
+    dce: SeriesVolume,
+    settings: MapSettings,
+    notes: tuple[str, ...] = (),
+) -> tuple[T1Fit, SeriesVolume | None]:
     shape = tuple(dce.array.shape[1:])
     if not vfa:
         reason = "; ".join(("no VFA T1 series", *notes))
         return fixed_t10(shape, settings.fixed_t10, reason=reason), None
     members = list(vfa)
-    used = [{"series_instance_uid": m.series_instance_uid,
-             "flip_angles_deg": [v.flip_angle for v in m.volumes]} for m in members]
+    used = [
+        {
+            "series_instance_uid": m.series_instance_uid,
+            "flip_angles_deg": [v.flip_angle for v in m.volumes],
+        }
+        for m in members
+    ]
     vfa_volume = _stack_vfa(members) if len(members) > 1 else members[0]
     flips = np.array([v.flip_angle for v in vfa_volume.volumes], dtype=float)
     tr = vfa_volume.volumes[0].repetition_time
     if tr is None:  # classify_volume accepts a multi-flip series without Repetition Time
-        raise ValueError(f"VFA T1 series {vfa_volume.series_instance_uid} has no Repetition "
-                         "Time (0018,0080): T1 cannot be fitted")
+        raise ValueError(
+            f"VFA T1 series {vfa_volume.series_instance_uid} has no Repetition "
+            "Time (0018,0080): T1 cannot be fitted"
+        )
     tr_s = float(tr) / 1000.0
     signals = _to_voxels_last(vfa_volume)
     fg = _foreground(signals.mean(axis=-1), settings.background_fraction)
     fit = VfaT1Model(flips, tr_s).fit(signals, mask=fg)
-    fit = dataclasses.replace(fit, provenance={
-        **fit.provenance, "vfa_series": used,
-        "vfa_layout": "one series per flip angle" if len(members) > 1 else "one multi-flip series"})
+    fit = dataclasses.replace(
+        fit,
+        provenance={
+            **fit.provenance,
+            "vfa_series": used,
+            "vfa_layout": "one series per flip angle"
+            if len(members) > 1
+            else "one multi-flip series",
+        },
+    )
     if vfa_volume.geometry != dce.geometry:
         t1 = _resample_to(fit.t1, vfa_volume.geometry, dce.geometry)
         valid = np.isfinite(t1)
-        fit = T1Fit(t1=t1, r1=1.0 / t1, m0=np.full(shape, np.nan), r2=np.full(shape, np.nan),
-                    valid=valid, method=fit.method,
-                    provenance={**fit.provenance, "resampled_to_dce_grid": "linear"})
+        fit = T1Fit(
+            t1=t1,
+            r1=1.0 / t1,
+            m0=np.full(shape, np.nan),
+            r2=np.full(shape, np.nan),
+            valid=valid,
+            method=fit.method,
+            provenance={**fit.provenance, "resampled_to_dce_grid": "linear"},
+        )
     return fit, vfa_volume
 
 
-def _dce_maps(dce: SeriesVolume, vfa: list[SeriesVolume] | None, settings: MapSettings,
-              vfa_notes: tuple[str, ...] = ()) -> dict[str, QuantMap]:
+def _dce_maps(
+    dce: SeriesVolume,
+    vfa: list[SeriesVolume] | None,
+    settings: MapSettings,
+    vfa_notes: tuple[str, ...] = (),
+) -> dict[str, QuantMap]:
     out: dict[str, QuantMap] = {}
     times = np.array([v.time for v in dce.volumes], dtype=float)
     if not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
@@ -301,11 +378,20 @@ def _dce_maps(dce: SeriesVolume, vfa: list[SeriesVolume] | None, settings: MapSe
         raise ValueError(f"DCE series {dce.series_instance_uid} lacks flip angle or TR")
     signal = _to_voxels_last(dce)
     t1, vfa_used = _t1_map(vfa, dce, settings, vfa_notes)
-    rel = resolve_relaxivity(dce.physics.contrast_agent, dce.physics.field_strength,
-                             overrides=settings.relaxivity_by_agent, default=settings.relaxivity)
+    rel = resolve_relaxivity(
+        dce.physics.contrast_agent,
+        dce.physics.field_strength,
+        overrides=settings.relaxivity_by_agent,
+        default=settings.relaxivity,
+    )
     if vfa_used is not None:
-        out["T1"] = _qmap("T1", t1.t1, t1.valid, vfa_used if vfa_used.geometry == dce.geometry
-                          else dce, t1.provenance)
+        out["T1"] = _qmap(
+            "T1",
+            t1.t1,
+            t1.valid,
+            vfa_used if vfa_used.geometry == dce.geometry else dce,
+            t1.provenance,
+        )
     fg = _foreground(signal[..., 0], settings.background_fraction) & t1.valid
     # bolus arrival from the mean relative enhancement of the most enhancing voxels
     base0 = signal[..., :2].mean(axis=-1)
@@ -319,38 +405,59 @@ def _dce_maps(dce: SeriesVolume, vfa: list[SeriesVolume] | None, settings: MapSe
     curve = np.nanmean(enh[strong], axis=0)
     bat = float(bolus_arrival_time(times, curve))
     if not np.isfinite(bat):
-        raise ValueError(f"DCE without baseline: no bolus arrival detected in series "
-                         f"{dce.series_instance_uid} (the contrast must arrive after >= "
-                         f"{settings.min_baseline_frames} pre-contrast frames)")
+        raise ValueError(
+            f"DCE without baseline: no bolus arrival detected in series "
+            f"{dce.series_instance_uid} (the contrast must arrive after >= "
+            f"{settings.min_baseline_frames} pre-contrast frames)"
+        )
     n_baseline = int(np.searchsorted(times, bat, side="left"))
     if n_baseline < settings.min_baseline_frames:
         raise ValueError(
             f"DCE without baseline: series {dce.series_instance_uid} has {n_baseline} frame(s) "
-            f"before the bolus arrival at {bat:.1f} s (need {settings.min_baseline_frames})")
+            f"before the bolus arrival at {bat:.1f} s (need {settings.min_baseline_frames})"
+        )
     conc = spgr_signal_to_concentration(
-        signal, flip_angle=float(flip), repetition_time=float(tr_ms) / 1000.0,
-        t10=np.where(fg, t1.t1, np.nan), relaxivity=rel.value, n_baseline=n_baseline)
+        signal,
+        flip_angle=float(flip),
+        repetition_time=float(tr_ms) / 1000.0,
+        t10=np.where(fg, t1.t1, np.nan),
+        relaxivity=rel.value,
+        n_baseline=n_baseline,
+    )
     fg &= np.all(np.isfinite(conc), axis=-1)
     # population AIF aligned on the detected arrival, then a global delay fitted on the mean
     # curve of the enhancing voxels (the sampling interval limits the detected arrival)
-    aif0 = ArterialInputFunction.parker(times, hematocrit=settings.hematocrit,
-                                        bolus_arrival_time=bat)
+    aif0 = ArterialInputFunction.parker(
+        times, hematocrit=settings.hematocrit, bolus_arrival_time=bat
+    )
     enhancing = fg & strong
     mean_conc = np.nanmean(conc[enhancing], axis=0)
     step = float(np.median(np.diff(times)))
-    delay_fit = ToftsModel(times, aif0, extended=settings.extended_tofts, fit_delay=True,
-                           delay_bounds=(-2.0 * step, 2.0 * step), delay_step=0.25
-                           ).fit(mean_conc[None, :])
+    delay_fit = ToftsModel(
+        times,
+        aif0,
+        extended=settings.extended_tofts,
+        fit_delay=True,
+        delay_bounds=(-2.0 * step, 2.0 * step),
+        delay_step=0.25,
+    ).fit(mean_conc[None, :])
     delay = float(delay_fit.delay[0]) if np.isfinite(delay_fit.delay[0]) else 0.0
-    aif = ArterialInputFunction.parker(times, hematocrit=settings.hematocrit,
-                                       bolus_arrival_time=bat + delay)
+    aif = ArterialInputFunction.parker(
+        times, hematocrit=settings.hematocrit, bolus_arrival_time=bat + delay
+    )
     model = ToftsModel(times, aif, extended=settings.extended_tofts)
     fit = model.fit(conc, mask=fg)
-    prov = {**fit.provenance, "model": "extended_tofts" if settings.extended_tofts else "tofts",
-            **rel.provenance(), "t1_method": t1.method,
-            "t1_provenance": t1.provenance, "n_baseline_frames": n_baseline,
-            "bolus_arrival_s": bat, "aif_delay_fit_s": delay,
-            "frame_times_s": times.tolist()}
+    prov = {
+        **fit.provenance,
+        "model": "extended_tofts" if settings.extended_tofts else "tofts",
+        **rel.provenance(),
+        "t1_method": t1.method,
+        "t1_provenance": t1.provenance,
+        "n_baseline_frames": n_baseline,
+        "bolus_arrival_s": bat,
+        "aif_delay_fit_s": delay,
+        "frame_times_s": times.tolist(),
+    }
     warnings = list(rel.warnings)
     if t1.is_fallback:
         warnings.append("fixed T10 (no VFA series): Ktrans, ve, IAUC60 depend on the assumed T10")
@@ -362,8 +469,7 @@ def _dce_maps(dce: SeriesVolume, vfa: list[SeriesVolume] | None, settings: MapSe
     if fit.vp is not None:
         out["vp"] = _qmap("vp", fit.vp, fit.valid, dce, prov)
     sq = semi_quantitative(times, np.where(fg[..., None], conc, np.nan), bolus_arrival=bat)
-    sq_prov = {**sq.provenance, "bolus_arrival_s": bat, "t1_method": t1.method,
-               **rel.provenance()}
+    sq_prov = {**sq.provenance, "bolus_arrival_s": bat, "t1_method": t1.method, **rel.provenance()}
     if warnings:
         sq_prov["warning"] = "; ".join(warnings)
     out["IAUC60"] = _qmap("IAUC60", sq.iauc60, sq.valid, dce, sq_prov)
@@ -371,8 +477,12 @@ def _dce_maps(dce: SeriesVolume, vfa: list[SeriesVolume] | None, settings: MapSe
     return out
 
 
-def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None = None,
-                 skipped: list[str] | None = None) -> dict[str, QuantMap]:
+def compute_maps(
+    series: Iterable[SeriesVolume],
+    *,
+    settings: MapSettings | None = None,
+    skipped: list[str] | None = None,
+) -> dict[str, QuantMap]:
     """Every quantitative map the given series of one study allow.
 
     Parameters
@@ -407,8 +517,11 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
     out: dict[str, QuantMap] = {}
     if inv.adc:
         uid = inv.adc[0]
-        flags = {"ivim": uid in inv.ivim, "dki_tensor": uid in inv.dki_tensor,
-                 "kurtosis_apparent": uid in inv.kurtosis_apparent}
+        flags = {
+            "ivim": uid in inv.ivim,
+            "dki_tensor": uid in inv.dki_tensor,
+            "kurtosis_apparent": uid in inv.kurtosis_apparent,
+        }
         start = time.perf_counter()
         try:
             maps = _diffusion_maps(volumes[uid], flags, settings)
@@ -425,8 +538,11 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
         logger.info("diffusion maps of series %s: %s (%.1f s)", uid, sorted(maps), elapsed)
     if inv.dce:
         dce = volumes[inv.dce]
-        vfa = ([volumes[u] for u in inv.vfa_t1_series]
-               if inv.vfa_t1_series and inv.dce_t1_method == "vfa" else None)
+        vfa = (
+            [volumes[u] for u in inv.vfa_t1_series]
+            if inv.vfa_t1_series and inv.dce_t1_method == "vfa"
+            else None
+        )
         start = time.perf_counter()
         if inv.dce_quantitative:
             try:
@@ -453,7 +569,9 @@ def compute_maps(series: Iterable[SeriesVolume], *, settings: MapSettings | None
         for c in classes:
             if c.role in (SeriesRole.DWI, SeriesRole.TRACE, SeriesRole.DCE):
                 continue
-            skipped.append(f"no map from series {c.series_instance_uid} ({c.role.value}: "
-                           f"{'; '.join(c.reasons)}): maps need diffusion weighting, a dynamic "
-                           "series of >= 10 frames or >= 2 flip angles (VFA T1)")
+            skipped.append(
+                f"no map from series {c.series_instance_uid} ({c.role.value}: "
+                f"{'; '.join(c.reasons)}): maps need diffusion weighting, a dynamic "
+                "series of >= 10 frames or >= 2 flip angles (VFA T1)"
+            )
     return out

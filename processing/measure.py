@@ -42,10 +42,23 @@ logger = logging.getLogger(__name__)
 
 #: UCUM units of the node's quantities (docs/architecture.md, Conventions).
 DEFAULT_UNITS: dict[str, str] = {
-    "ADC": "mm2/s", "MD": "mm2/s", "Dapp": "mm2/s", "IVIM_D": "mm2/s", "IVIM_Dstar": "mm2/s",
-    "MK": "1", "Kapp": "1", "IVIM_f": "1",
-    "Ktrans": "/min", "kep": "/min", "ve": "1", "vp": "1",
-    "T1": "s", "TTP": "s", "IAUC60": "mmol/L.s", "T2w": "1", "T1w": "1",
+    "ADC": "mm2/s",
+    "MD": "mm2/s",
+    "Dapp": "mm2/s",
+    "IVIM_D": "mm2/s",
+    "IVIM_Dstar": "mm2/s",
+    "MK": "1",
+    "Kapp": "1",
+    "IVIM_f": "1",
+    "Ktrans": "/min",
+    "kep": "/min",
+    "ve": "1",
+    "vp": "1",
+    "T1": "s",
+    "TTP": "s",
+    "IAUC60": "mmol/L.s",
+    "T2w": "1",
+    "T1w": "1",
 }
 
 #: Maps whose peak is the mean of the lowest fraction of values (low diffusivity = cellular tumour).
@@ -63,10 +76,12 @@ def _roi_array(mask: sitk.Image, label: int) -> np.ndarray:
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
+    )
 
 
 def _index_to_physical_matrix(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -77,8 +92,9 @@ def _index_to_physical_matrix(image: sitk.Image) -> tuple[np.ndarray, np.ndarray
 
 def _voxel_corners(ijk: np.ndarray) -> np.ndarray:
     """Unique corner points (index units, x-y-z order) of the given voxels (N, 3)."""
-    offsets = np.array([[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5)
-                        for dz in (-0.5, 0.5)])
+    offsets = np.array(
+        [[dx, dy, dz] for dx in (-0.5, 0.5) for dy in (-0.5, 0.5) for dz in (-0.5, 0.5)]
+    )
     corners = (ijk[:, None, :] + offsets[None, :, :]).reshape(-1, 3)
     return np.unique(corners, axis=0)
 
@@ -93,8 +109,8 @@ def _max_distance(points: np.ndarray) -> float:
         hull = points
     best = 0.0
     for start in range(0, len(hull), 512):  # chunks keep memory at 512 x N distances
-        diff = hull[start:start + 512, None, :] - hull[None, :, :]
-        best = max(best, float(np.sqrt((diff ** 2).sum(-1)).max()))
+        diff = hull[start : start + 512, None, :] - hull[None, :, :]
+        best = max(best, float(np.sqrt((diff**2).sum(-1)).max()))
     return best
 
 
@@ -165,14 +181,32 @@ def _resample_axial(mask: sitk.Image, roi: np.ndarray) -> tuple[sitk.Image, np.n
     roi_image.CopyInformation(mask)
     matrix, origin = _index_to_physical_matrix(mask)
     size = np.asarray(mask.GetSize(), dtype=float)
-    corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
-                        for k in (-0.5, size[2] - 0.5)]) @ matrix.T + origin
+    corners = (
+        np.array(
+            [
+                [i, j, k]
+                for i in (-0.5, size[0] - 0.5)
+                for j in (-0.5, size[1] - 0.5)
+                for k in (-0.5, size[2] - 0.5)
+            ]
+        )
+        @ matrix.T
+        + origin
+    )
     spacing = float(min(mask.GetSpacing()))
     low, high = corners.min(0), corners.max(0)
     new_size = [int(math.ceil((h - lo) / spacing)) for lo, h in zip(low, high)]
-    out = sitk.Resample(roi_image, new_size, sitk.Transform(), sitk.sitkNearestNeighbor,
-                        tuple(low + spacing / 2), (spacing,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1),
-                        0, sitk.sitkUInt8)
+    out = sitk.Resample(
+        roi_image,
+        new_size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        tuple(low + spacing / 2),
+        (spacing,) * 3,
+        (1, 0, 0, 0, 1, 0, 0, 0, 1),
+        0,
+        sitk.sitkUInt8,
+    )
     return out, sitk.GetArrayFromImage(out) > 0
 
 
@@ -187,8 +221,9 @@ def lowest_fraction_mean(values: np.ndarray, *, fraction: float = 0.10) -> float
     return float(values[:n].mean())
 
 
-def hottest_sphere_mean(image: sitk.Image, mask: sitk.Image, *, volume_ml: float = 1.0,
-                        label: int = 1) -> float:
+def hottest_sphere_mean(
+    image: sitk.Image, mask: sitk.Image, *, volume_ml: float = 1.0, label: int = 1
+) -> float:
     """Mean value in the hottest sphere of ``volume_ml`` centred on a lesion voxel, map units.
 
     The sphere (1 cm³: radius 6.20 mm) is intersected with the lesion and with finite map values.
@@ -208,8 +243,8 @@ def hottest_sphere_mean(image: sitk.Image, mask: sitk.Image, *, volume_ml: float
     radius = (3.0 * volume_ml * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)  # mm
     sx, sy, sz = mask.GetSpacing()
     rz, ry, rx = (int(math.ceil(radius / s)) for s in (sz, sy, sx))
-    zz, yy, xx = np.mgrid[-rz:rz + 1, -ry:ry + 1, -rx:rx + 1]
-    kernel = ((zz * sz) ** 2 + (yy * sy) ** 2 + (xx * sx) ** 2 <= radius ** 2).astype(float)
+    zz, yy, xx = np.mgrid[-rz : rz + 1, -ry : ry + 1, -rx : rx + 1]
+    kernel = ((zz * sz) ** 2 + (yy * sy) ** 2 + (xx * sx) ** 2 <= radius**2).astype(float)
     # crop to the lesion's bounding box plus the kernel radius
     idx = np.argwhere(valid)
     lo = np.maximum(idx.min(0) - (rz, ry, rx), 0)
@@ -225,8 +260,9 @@ def hottest_sphere_mean(image: sitk.Image, mask: sitk.Image, *, volume_ml: float
     return float((total[candidates] / count[candidates]).max())
 
 
-def map_statistics(image: sitk.Image, mask: sitk.Image, quantity: str, *,
-                   unit: str | None = None, label: int = 1) -> MapStatistics:
+def map_statistics(
+    image: sitk.Image, mask: sitk.Image, quantity: str, *, unit: str | None = None, label: int = 1
+) -> MapStatistics:
     """Mean, median, SD (population), 10th/90th percentiles and the peak of a map in a lesion.
 
     Parameters
@@ -260,14 +296,23 @@ def map_statistics(image: sitk.Image, mask: sitk.Image, quantity: str, *,
         definition = "mean of the lowest 10 % of lesion voxels"
     elif quantity in HOT_PEAK_QUANTITIES:
         peak = hottest_sphere_mean(image, mask, volume_ml=1.0, label=label)
-        definition = ("mean of the hottest 1 cm3 sphere (radius 6.2 mm) centred in the lesion, "
-                      "restricted to lesion voxels")
+        definition = (
+            "mean of the hottest 1 cm3 sphere (radius 6.2 mm) centred in the lesion, "
+            "restricted to lesion voxels"
+        )
     p10, median, p90 = np.percentile(values, [10, 50, 90])
     return MapStatistics(
-        quantity=quantity, unit=unit or DEFAULT_UNITS.get(quantity, "1"),
-        n_voxels=int(values.size), mean=float(values.mean()), median=float(median),
-        sd=float(values.std()), p10=float(p10), p90=float(p90), peak=peak,
-        peak_definition=definition)
+        quantity=quantity,
+        unit=unit or DEFAULT_UNITS.get(quantity, "1"),
+        n_voxels=int(values.size),
+        mean=float(values.mean()),
+        median=float(median),
+        sd=float(values.std()),
+        p10=float(p10),
+        p90=float(p90),
+        peak=peak,
+        peak_definition=definition,
+    )
 
 
 def measure_lesion(
@@ -305,8 +350,10 @@ def measure_lesion(
     if volume == 0.0:
         raise ValueError(f"lesion mask has no voxel with label {label}")
     axial, craniocaudal, max_3d = lesion_diameters(mask, label=label)
-    stats = {q: map_statistics(img, mask, q, unit=units.get(q), label=label)
-             for q, img in sorted(maps.items())}
+    stats = {
+        q: map_statistics(img, mask, q, unit=units.get(q), label=label)
+        for q, img in sorted(maps.items())
+    }
     radiomics: dict[str, dict[str, float]] = {}
     notes: list[str] = []
     for quantity, settings in sorted((radiomics_settings or {}).items()):
@@ -324,6 +371,12 @@ def measure_lesion(
     if epidural_mask is not None:
         epidural = lesion_volume_ml(epidural_mask, label=label)
     return LesionMeasurements(
-        volume_ml=volume, max_axial_diameter_mm=axial, max_craniocaudal_extent_mm=craniocaudal,
-        max_3d_diameter_mm=max_3d, epidural_volume_ml=epidural, map_statistics=stats,
-        radiomics=radiomics, radiomics_notes=tuple(notes))
+        volume_ml=volume,
+        max_axial_diameter_mm=axial,
+        max_craniocaudal_extent_mm=craniocaudal,
+        max_3d_diameter_mm=max_3d,
+        epidural_volume_ml=epidural,
+        map_statistics=stats,
+        radiomics=radiomics,
+        radiomics_notes=tuple(notes),
+    )

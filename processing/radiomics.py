@@ -104,9 +104,11 @@ IBSI_FEATURES: dict[str, IbsiFeature] = {
     "firstorder_InterquartileRange": _f("stat_iqr", "Intensity interquartile range", "SALO"),
     "firstorder_Range": _f("stat_range", "Intensity range", "2OJQ"),
     "firstorder_MeanAbsoluteDeviation": _f(
-        "stat_mad", "Intensity-based mean absolute deviation", "4FUA"),
+        "stat_mad", "Intensity-based mean absolute deviation", "4FUA"
+    ),
     "firstorder_RobustMeanAbsoluteDeviation": _f(
-        "stat_rmad", "Intensity-based robust mean absolute deviation", "1128"),
+        "stat_rmad", "Intensity-based robust mean absolute deviation", "1128"
+    ),
     "firstorder_Energy": _f("stat_energy", "Intensity-based energy", "N8CA"),
     "firstorder_RootMeanSquared": _f("stat_rms", "Root mean square intensity", "5ZWQ"),
     # intensity histogram (discretised intensities)
@@ -140,23 +142,27 @@ IBSI_FEATURES: dict[str, IbsiFeature] = {
     "glrlm_ShortRunEmphasis": _f("rlm_sre_3D_avg", "Short runs emphasis", "22OV"),
     "glrlm_LongRunEmphasis": _f("rlm_lre_3D_avg", "Long runs emphasis", "W4KF"),
     "glrlm_LowGrayLevelRunEmphasis": _f("rlm_lgre_3D_avg", "Low grey level run emphasis", "V3SW"),
-    "glrlm_HighGrayLevelRunEmphasis": _f(
-        "rlm_hgre_3D_avg", "High grey level run emphasis", "G3QZ"),
+    "glrlm_HighGrayLevelRunEmphasis": _f("rlm_hgre_3D_avg", "High grey level run emphasis", "G3QZ"),
     "glrlm_ShortRunLowGrayLevelEmphasis": _f(
-        "rlm_srlge_3D_avg", "Short run low grey level emphasis", "HTZT"),
+        "rlm_srlge_3D_avg", "Short run low grey level emphasis", "HTZT"
+    ),
     "glrlm_ShortRunHighGrayLevelEmphasis": _f(
-        "rlm_srhge_3D_avg", "Short run high grey level emphasis", "GD3A"),
+        "rlm_srhge_3D_avg", "Short run high grey level emphasis", "GD3A"
+    ),
     "glrlm_LongRunLowGrayLevelEmphasis": _f(
-        "rlm_lrlge_3D_avg", "Long run low grey level emphasis", "IVPO"),
+        "rlm_lrlge_3D_avg", "Long run low grey level emphasis", "IVPO"
+    ),
     "glrlm_LongRunHighGrayLevelEmphasis": _f(
-        "rlm_lrhge_3D_avg", "Long run high grey level emphasis", "3KUM"),
+        "rlm_lrhge_3D_avg", "Long run high grey level emphasis", "3KUM"
+    ),
     "glrlm_GrayLevelNonUniformity": _f("rlm_glnu_3D_avg", "Grey level non-uniformity", "R5YN"),
     "glrlm_GrayLevelNonUniformityNormalized": _f(
-        "rlm_glnu_norm_3D_avg", "Normalised grey level non-uniformity", "OVBL"),
-    "glrlm_RunLengthNonUniformity": _f(
-        "rlm_rlnu_3D_avg", "Run length non-uniformity", "W92Y"),
+        "rlm_glnu_norm_3D_avg", "Normalised grey level non-uniformity", "OVBL"
+    ),
+    "glrlm_RunLengthNonUniformity": _f("rlm_rlnu_3D_avg", "Run length non-uniformity", "W92Y"),
     "glrlm_RunLengthNonUniformityNormalized": _f(
-        "rlm_rlnu_norm_3D_avg", "Normalised run length non-uniformity", "IC23"),
+        "rlm_rlnu_norm_3D_avg", "Normalised run length non-uniformity", "IC23"
+    ),
     "glrlm_RunPercentage": _f("rlm_r_perc_3D_avg", "Run percentage", "9ZK5"),
     "glrlm_GrayLevelVariance": _f("rlm_gl_var_3D_avg", "Grey level variance", "8CE5"),
     "glrlm_RunVariance": _f("rlm_rl_var_3D_avg", "Run length variance", "SXLW"),
@@ -168,19 +174,25 @@ IBSI_FEATURES: dict[str, IbsiFeature] = {
     "glszm_LowGrayLevelZoneEmphasis": _f("szm_lgze_3D", "Low grey level zone emphasis", "XMSY"),
     "glszm_HighGrayLevelZoneEmphasis": _f("szm_hgze_3D", "High grey level zone emphasis", "5GN9"),
     "glszm_SmallAreaLowGrayLevelEmphasis": _f(
-        "szm_szlge_3D", "Small zone low grey level emphasis", "5RAI"),
+        "szm_szlge_3D", "Small zone low grey level emphasis", "5RAI"
+    ),
     "glszm_SmallAreaHighGrayLevelEmphasis": _f(
-        "szm_szhge_3D", "Small zone high grey level emphasis", "HW1V"),
+        "szm_szhge_3D", "Small zone high grey level emphasis", "HW1V"
+    ),
     "glszm_LargeAreaLowGrayLevelEmphasis": _f(
-        "szm_lzlge_3D", "Large zone low grey level emphasis", "YH51"),
+        "szm_lzlge_3D", "Large zone low grey level emphasis", "YH51"
+    ),
     "glszm_LargeAreaHighGrayLevelEmphasis": _f(
-        "szm_lzhge_3D", "Large zone high grey level emphasis", "J17V"),
+        "szm_lzhge_3D", "Large zone high grey level emphasis", "J17V"
+    ),
     "glszm_GrayLevelNonUniformity": _f("szm_glnu_3D", "Grey level non-uniformity", "JNSA"),
     "glszm_GrayLevelNonUniformityNormalized": _f(
-        "szm_glnu_norm_3D", "Normalised grey level non-uniformity", "Y1RO"),
+        "szm_glnu_norm_3D", "Normalised grey level non-uniformity", "Y1RO"
+    ),
     "glszm_SizeZoneNonUniformity": _f("szm_zsnu_3D", "Zone size non-uniformity", "4JP3"),
     "glszm_SizeZoneNonUniformityNormalized": _f(
-        "szm_zsnu_norm_3D", "Normalised zone size non-uniformity", "VB3A"),
+        "szm_zsnu_norm_3D", "Normalised zone size non-uniformity", "VB3A"
+    ),
     "glszm_ZonePercentage": _f("szm_z_perc_3D", "Zone percentage", "P30P"),
     "glszm_GrayLevelVariance": _f("szm_gl_var_3D", "Grey level variance", "BYLV"),
     "glszm_ZoneVariance": _f("szm_zs_var_3D", "Zone size variance", "3NSA"),
@@ -191,17 +203,22 @@ IBSI_FEATURES: dict[str, IbsiFeature] = {
     "gldm_LowGrayLevelEmphasis": _f("ngl_lgce_3D", "Low grey level count emphasis", "TL9H"),
     "gldm_HighGrayLevelEmphasis": _f("ngl_hgce_3D", "High grey level count emphasis", "OAE7"),
     "gldm_SmallDependenceLowGrayLevelEmphasis": _f(
-        "ngl_ldlge_3D", "Low dependence low grey level emphasis", "EQ3F"),
+        "ngl_ldlge_3D", "Low dependence low grey level emphasis", "EQ3F"
+    ),
     "gldm_SmallDependenceHighGrayLevelEmphasis": _f(
-        "ngl_ldhge_3D", "Low dependence high grey level emphasis", "JA6D"),
+        "ngl_ldhge_3D", "Low dependence high grey level emphasis", "JA6D"
+    ),
     "gldm_LargeDependenceLowGrayLevelEmphasis": _f(
-        "ngl_hdlge_3D", "High dependence low grey level emphasis", "NBZI"),
+        "ngl_hdlge_3D", "High dependence low grey level emphasis", "NBZI"
+    ),
     "gldm_LargeDependenceHighGrayLevelEmphasis": _f(
-        "ngl_hdhge_3D", "High dependence high grey level emphasis", "9QMG"),
+        "ngl_hdhge_3D", "High dependence high grey level emphasis", "9QMG"
+    ),
     "gldm_GrayLevelNonUniformity": _f("ngl_glnu_3D", "Grey level non-uniformity", "FP8K"),
     "gldm_DependenceNonUniformity": _f("ngl_dcnu_3D", "Dependence count non-uniformity", "Z87G"),
     "gldm_DependenceNonUniformityNormalized": _f(
-        "ngl_dcnu_norm_3D", "Normalised dependence count non-uniformity", "OKJI"),
+        "ngl_dcnu_norm_3D", "Normalised dependence count non-uniformity", "OKJI"
+    ),
     "gldm_GrayLevelVariance": _f("ngl_gl_var_3D", "Grey level variance", "1PFV"),
     "gldm_DependenceVariance": _f("ngl_dc_var_3D", "Dependence count variance", "DNX2"),
     "gldm_DependenceEntropy": _f("ngl_dc_entr_3D", "Dependence count entropy", "FCBV"),
@@ -291,10 +308,12 @@ class RadiomicsSettings:
             raise ValueError(f"spacing_mm must be > 0 mm, got {self.spacing_mm}")
         if self.interpolator not in _INTERPOLATORS:
             raise ValueError(
-                f"interpolator must be one of {sorted(_INTERPOLATORS)}, got {self.interpolator!r}")
+                f"interpolator must be one of {sorted(_INTERPOLATORS)}, got {self.interpolator!r}"
+            )
         if not 0.0 < self.mask_partial_volume <= 1.0:
             raise ValueError(
-                f"mask_partial_volume must be in (0, 1], got {self.mask_partial_volume}")
+                f"mask_partial_volume must be in (0, 1], got {self.mask_partial_volume}"
+            )
         if (self.bin_count is None) == (self.bin_width is None):
             raise ValueError("set exactly one of bin_count (fixed bin number) and bin_width")
         if self.bin_count is not None and self.bin_count < 2:
@@ -310,8 +329,11 @@ class RadiomicsSettings:
             if low is not None and high is not None and not low < high:
                 raise ValueError(f"resegment_range low must be < high, got {self.resegment_range}")
             # floats, so that equal settings have equal digests whatever number type was given
-            object.__setattr__(self, "resegment_range", (
-                None if low is None else float(low), None if high is None else float(high)))
+            object.__setattr__(
+                self,
+                "resegment_range",
+                (None if low is None else float(low), None if high is None else float(high)),
+            )
         if self.gldm_alpha < 0:
             raise ValueError(f"gldm_alpha must be >= 0, got {self.gldm_alpha}")
         if self.min_texture_voxels < 1:
@@ -343,8 +365,11 @@ class RadiomicsSettings:
     def describe(self) -> str:
         """One line for provenance and SR notes."""
         parts = [f"radiomics settings v{self.version} ({self.digest()})"]
-        parts.append(f"resampled to {self.spacing_mm} mm isotropic, {self.interpolator}, "
-                     "centre-aligned grid" if self.spacing_mm else "no resampling")
+        parts.append(
+            f"resampled to {self.spacing_mm} mm isotropic, {self.interpolator}, centre-aligned grid"
+            if self.spacing_mm
+            else "no resampling"
+        )
         if self.round_intensities:
             parts.append("intensities rounded")
         parts.append(f"mask partial volume >= {self.mask_partial_volume}")
@@ -352,8 +377,11 @@ class RadiomicsSettings:
             parts.append(f"re-segmentation range {list(self.resegment_range)}")
         if self.resegment_sigma is not None:
             parts.append(f"outliers outside mean ± {self.resegment_sigma} SD removed")
-        parts.append(f"{self.bin_count} fixed bins" if self.bin_count is not None
-                     else f"fixed bin width {self.bin_width}")
+        parts.append(
+            f"{self.bin_count} fixed bins"
+            if self.bin_count is not None
+            else f"fixed bin width {self.bin_width}"
+        )
         return "; ".join(parts)
 
 
@@ -365,15 +393,25 @@ _INTERPOLATORS = {
 
 #: Default re-segmentation ranges per MR map (physically possible values, units of docs/architecture.md, Conventions).
 _MR_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "ADC": (0.0, 5.0e-3), "MD": (0.0, 5.0e-3), "IVIM_D": (0.0, 5.0e-3),
-    "MK": (0.0, 3.0), "Kapp": (0.0, 3.0),
-    "Ktrans": (0.0, 5.0), "kep": (0.0, 10.0), "ve": (0.0, 1.0), "vp": (0.0, 1.0),
-    "IVIM_f": (0.0, 1.0), "IAUC60": (0.0, None),
+    "ADC": (0.0, 5.0e-3),
+    "MD": (0.0, 5.0e-3),
+    "IVIM_D": (0.0, 5.0e-3),
+    "MK": (0.0, 3.0),
+    "Kapp": (0.0, 3.0),
+    "Ktrans": (0.0, 5.0),
+    "kep": (0.0, 10.0),
+    "ve": (0.0, 1.0),
+    "vp": (0.0, 1.0),
+    "IVIM_f": (0.0, 1.0),
+    "IAUC60": (0.0, None),
 }
 
 
 def default_course_settings(
-    quantities: Iterable[str], *, spacing_mm: float = 1.0, bin_count: int = 32,
+    quantities: Iterable[str],
+    *,
+    spacing_mm: float = 1.0,
+    bin_count: int = 32,
 ) -> dict[str, RadiomicsSettings]:
     """Default parameter set of a treatment course for MR maps: one settings object per quantity.
 
@@ -391,16 +429,18 @@ def default_course_settings(
         Fixed number of bins.
     """
     return {
-        q: RadiomicsSettings(spacing_mm=spacing_mm, bin_count=bin_count,
-                             resegment_range=_MR_RANGES.get(q))
+        q: RadiomicsSettings(
+            spacing_mm=spacing_mm, bin_count=bin_count, resegment_range=_MR_RANGES.get(q)
+        )
         for q in quantities
     }
 
 
 def course_parameters_json(settings: Mapping[str, RadiomicsSettings]) -> str:
     """The course parameter file: JSON of every quantity's settings (stable key order)."""
-    return json.dumps({q: s.to_dict() for q, s in sorted(settings.items())}, indent=2,
-                      sort_keys=True)
+    return json.dumps(
+        {q: s.to_dict() for q, s in sorted(settings.items())}, indent=2, sort_keys=True
+    )
 
 
 def course_parameters_from_json(text: str) -> dict[str, RadiomicsSettings]:
@@ -431,10 +471,14 @@ def _check_geometry(image: sitk.Image, mask: sitk.Image) -> None:
     if image.GetDimension() != 3 or mask.GetDimension() != 3:
         raise RadiomicsError("image and mask must be 3-D")
     if image.GetSize() != mask.GetSize():
-        raise RadiomicsError(f"mask size {mask.GetSize()} differs from image size {image.GetSize()}")
-    for name, a, b in (("spacing", image.GetSpacing(), mask.GetSpacing()),
-                       ("origin", image.GetOrigin(), mask.GetOrigin()),
-                       ("direction", image.GetDirection(), mask.GetDirection())):
+        raise RadiomicsError(
+            f"mask size {mask.GetSize()} differs from image size {image.GetSize()}"
+        )
+    for name, a, b in (
+        ("spacing", image.GetSpacing(), mask.GetSpacing()),
+        ("origin", image.GetOrigin(), mask.GetOrigin()),
+        ("direction", image.GetDirection(), mask.GetDirection()),
+    ):
         if not np.allclose(a, b, atol=1e-3):
             raise RadiomicsError(f"mask {name} {b} differs from image {name} {a}")
 
@@ -451,22 +495,40 @@ def _bbox_dims(mask: np.ndarray) -> tuple[int, int, int]:
     return (dims[0], dims[1], dims[2])
 
 
-def _roi_diagnostics(step: str, image: np.ndarray, morph: np.ndarray, intensity: np.ndarray,
-                     ) -> dict[str, float]:
+def _roi_diagnostics(
+    step: str,
+    image: np.ndarray,
+    morph: np.ndarray,
+    intensity: np.ndarray,
+) -> dict[str, float]:
     out: dict[str, float] = {}
     z, y, x = intensity.shape
-    out.update({f"int_mask_dim_x_{step}_roi": x, f"int_mask_dim_y_{step}_roi": y,
-                f"int_mask_dim_z_{step}_roi": z})
+    out.update(
+        {
+            f"int_mask_dim_x_{step}_roi": x,
+            f"int_mask_dim_y_{step}_roi": y,
+            f"int_mask_dim_z_{step}_roi": z,
+        }
+    )
     for prefix, m in (("int_mask", intensity), ("morph_mask", morph)):
         bx, by, bz = _bbox_dims(m)
-        out.update({f"{prefix}_bb_dim_x_{step}_roi": bx, f"{prefix}_bb_dim_y_{step}_roi": by,
-                    f"{prefix}_bb_dim_z_{step}_roi": bz,
-                    f"{prefix}_vox_count_{step}_roi": int(m.sum())})
+        out.update(
+            {
+                f"{prefix}_bb_dim_x_{step}_roi": bx,
+                f"{prefix}_bb_dim_y_{step}_roi": by,
+                f"{prefix}_bb_dim_z_{step}_roi": bz,
+                f"{prefix}_vox_count_{step}_roi": int(m.sum()),
+            }
+        )
     values = image[intensity]
     if values.size:
-        out.update({f"int_mask_mean_int_{step}_roi": float(values.mean()),
-                    f"int_mask_min_int_{step}_roi": float(values.min()),
-                    f"int_mask_max_int_{step}_roi": float(values.max())})
+        out.update(
+            {
+                f"int_mask_mean_int_{step}_roi": float(values.mean()),
+                f"int_mask_min_int_{step}_roi": float(values.min()),
+                f"int_mask_max_int_{step}_roi": float(values.max()),
+            }
+        )
     return out
 
 
@@ -474,14 +536,23 @@ def _image_diagnostics(step: str, image: sitk.Image) -> dict[str, float]:
     arr = sitk.GetArrayViewFromImage(image)
     sx, sy, sz = image.GetSpacing()
     nx, ny, nz = image.GetSize()
-    return {f"img_dim_x_{step}_img": nx, f"img_dim_y_{step}_img": ny, f"img_dim_z_{step}_img": nz,
-            f"vox_dim_x_{step}_img": sx, f"vox_dim_y_{step}_img": sy, f"vox_dim_z_{step}_img": sz,
-            f"mean_int_{step}_img": float(arr.mean()), f"min_int_{step}_img": float(arr.min()),
-            f"max_int_{step}_img": float(arr.max())}
+    return {
+        f"img_dim_x_{step}_img": nx,
+        f"img_dim_y_{step}_img": ny,
+        f"img_dim_z_{step}_img": nz,
+        f"vox_dim_x_{step}_img": sx,
+        f"vox_dim_y_{step}_img": sy,
+        f"vox_dim_z_{step}_img": sz,
+        f"mean_int_{step}_img": float(arr.mean()),
+        f"min_int_{step}_img": float(arr.min()),
+        f"max_int_{step}_img": float(arr.max()),
+    }
 
 
-def centre_aligned_grid(image: sitk.Image, spacing_mm: float,
-                        ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def centre_aligned_grid(
+    image: sitk.Image,
+    spacing_mm: float,
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Size and origin of an isotropic interpolation grid centred on the image grid (IBSI 3WE3).
 
     Size per axis is ``ceil(n * s / spacing_mm)``; the origin is shifted along the image axes so
@@ -503,8 +574,9 @@ def centre_aligned_grid(image: sitk.Image, spacing_mm: float,
     return tuple(int(n) for n in new_size), tuple(float(o) for o in origin)
 
 
-def preprocess(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, *,
-               label: int = 1) -> PreprocessedROI:
+def preprocess(
+    image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, *, label: int = 1
+) -> PreprocessedROI:
     """IBSI-style preprocessing of an image and its ROI (see the module docstring).
 
     Parameters
@@ -683,8 +755,9 @@ def _extractor(settings: RadiomicsSettings, classes: Iterable[str]) -> Any:
     return extractor
 
 
-def _run_pyradiomics(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings,
-                     classes: Iterable[str]) -> dict[str, float]:
+def _run_pyradiomics(
+    image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, classes: Iterable[str]
+) -> dict[str, float]:
     radiomics_logger = logging.getLogger("radiomics")
     level = radiomics_logger.level
     # pyradiomics logs every setting and feature at INFO and warns about fixed bin counts on
@@ -727,8 +800,9 @@ def to_ibsi(features: Mapping[str, float], *, n_voxels: int) -> dict[str, float]
     return out
 
 
-def extract_features(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, *,
-                     label: int = 1) -> RadiomicsResult:
+def extract_features(
+    image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, *, label: int = 1
+) -> RadiomicsResult:
     """IBSI-style preprocessing, then pyradiomics shape, first-order and texture features.
 
     Parameters
@@ -755,33 +829,43 @@ def extract_features(image: sitk.Image, mask: sitk.Image, settings: RadiomicsSet
     pre = preprocess(image, mask, settings, label=label)
     n_morph = int(pre.diagnostics["morph_mask_vox_count_reseg_roi"])
     n_int = int(pre.diagnostics["int_mask_vox_count_reseg_roi"])
-    notes = [settings.describe(),
-             "pyradiomics " + _pyradiomics_version() + "; shape on the interpolated ROI, "
-             "intensity and texture on the re-segmented ROI; GLCM/GLRLM averaged over 13 "
-             "directions (IBSI 3D_avg); GLDM alpha " + f"{settings.gldm_alpha:g}",
-             *(f"IBSI correction: {text}" for text in IBSI_CORRECTIONS.values()),
-             *IBSI_UNMAPPED_NOTES]
+    notes = [
+        settings.describe(),
+        "pyradiomics " + _pyradiomics_version() + "; shape on the interpolated ROI, "
+        "intensity and texture on the re-segmented ROI; GLCM/GLRLM averaged over 13 "
+        "directions (IBSI 3D_avg); GLDM alpha " + f"{settings.gldm_alpha:g}",
+        *(f"IBSI correction: {text}" for text in IBSI_CORRECTIONS.values()),
+        *IBSI_UNMAPPED_NOTES,
+    ]
     n_undefined = int(pre.diagnostics.get("undefined_vox_count_init_roi", 0))
     if n_undefined:
-        notes.append(f"{n_undefined} ROI voxel(s) undefined in the map (failed fit) left out of "
-                     "the intensity and texture features")
+        notes.append(
+            f"{n_undefined} ROI voxel(s) undefined in the map (failed fit) left out of "
+            "the intensity and texture features"
+        )
     features = _run_pyradiomics(pre.image, pre.morphological_mask, settings, ["shape"])
     texture = n_int >= settings.min_texture_voxels
     classes = ["firstorder", *TEXTURE_CLASSES] if texture else ["firstorder"]
     if not texture:
         notes.append(
             f"texture features not computed: ROI has {n_int} voxels after preprocessing, fewer "
-            f"than the {settings.min_texture_voxels} needed; shape and first-order only")
+            f"than the {settings.min_texture_voxels} needed; shape and first-order only"
+        )
         logger.info("ROI of %d voxels: texture features skipped", n_int)
     features.update(_run_pyradiomics(pre.image, pre.intensity_mask, settings, classes))
     return RadiomicsResult(
-        features=features, ibsi=to_ibsi(features, n_voxels=n_morph), notes=tuple(notes),
-        diagnostics=pre.diagnostics, settings=settings, texture_computed=texture,
-        n_morphological_voxels=n_morph, n_intensity_voxels=n_int)
+        features=features,
+        ibsi=to_ibsi(features, n_voxels=n_morph),
+        notes=tuple(notes),
+        diagnostics=pre.diagnostics,
+        settings=settings,
+        texture_computed=texture,
+        n_morphological_voxels=n_morph,
+        n_intensity_voxels=n_int,
+    )
 
 
 def _pyradiomics_version() -> str:
     import radiomics
 
     return str(getattr(radiomics, "__version__", "unknown"))
-

@@ -94,7 +94,9 @@ class RegistrationSettings:
         if not 0 < self.sampling_fraction <= 1:
             raise ValueError(f"sampling_fraction must be in (0, 1], got {self.sampling_fraction}")
         if len(self.shrink_factors) != len(self.smoothing_sigmas_mm) or not self.shrink_factors:
-            raise ValueError("shrink_factors and smoothing_sigmas_mm must have the same, non-zero length")
+            raise ValueError(
+                "shrink_factors and smoothing_sigmas_mm must have the same, non-zero length"
+            )
         if not 0 <= self.min_dice <= 1:
             raise ValueError(f"min_dice must be in [0, 1], got {self.min_dice}")
         if self.max_samples < 1000:
@@ -225,7 +227,9 @@ def region_mask(mask: sitk.Image, *, margin_mm: float) -> sitk.Image:
         other = tuple(a for a in range(3) if a != axis)
         present = np.flatnonzero(array.any(axis=other))
         pad = int(math.ceil(margin_mm / spacing[axis]))
-        slices.append(slice(max(present[0] - pad, 0), min(present[-1] + pad + 1, array.shape[axis])))
+        slices.append(
+            slice(max(present[0] - pad, 0), min(present[-1] + pad + 1, array.shape[axis]))
+        )
     out[tuple(slices)] = 1
     image = sitk.GetImageFromArray(out)
     image.CopyInformation(mask)
@@ -277,8 +281,12 @@ def resample_onto(
         pixel = sitk.sitkFloat32
         image = sitk.Cast(image, sitk.sitkFloat32)
     return sitk.Resample(
-        image, reference, transform if transform is not None else sitk.Transform(), interpolator,
-        default_value, pixel,
+        image,
+        reference,
+        transform if transform is not None else sitk.Transform(),
+        interpolator,
+        default_value,
+        pixel,
     )
 
 
@@ -295,7 +303,9 @@ def resample_series(
     reference, identity transform) or a follow-up series on the baseline grid (with the registration
     transform).
     """
-    return [resample_onto(v, reference, transform=transform, interpolator=interpolator) for v in volumes]
+    return [
+        resample_onto(v, reference, transform=transform, interpolator=interpolator) for v in volumes
+    ]
 
 
 def resample_mask(
@@ -311,7 +321,9 @@ def resample_mask(
     the grids differ (nearest neighbour shifts boundaries by up to half a voxel).
     """
     as_float = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkFloat32)
-    resampled = resample_onto(as_float, reference, transform=transform, interpolator=sitk.sitkLinear)
+    resampled = resample_onto(
+        as_float, reference, transform=transform, interpolator=sitk.sitkLinear
+    )
     return sitk.Cast(sitk.GreaterEqual(resampled, threshold), sitk.sitkUInt8)
 
 
@@ -346,7 +358,10 @@ def _registration_method(settings: RegistrationSettings) -> sitk.ImageRegistrati
 
 
 def _mutual_information(
-    fixed: sitk.Image, moving: sitk.Image, region: sitk.Image, transform: sitk.Transform,
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    region: sitk.Image,
+    transform: sitk.Transform,
     settings: RegistrationSettings,
 ) -> float:
     method = _registration_method(settings)
@@ -430,7 +445,9 @@ def register_rigid(
     start = sitk.Euler3DTransform()
     start.SetCenter(centre)
     start.SetMatrix(start_matrix[:3, :3].flatten().tolist())
-    start.SetTranslation((start_matrix[:3, 3] + start_matrix[:3, :3] @ centre - np.asarray(centre)).tolist())
+    start.SetTranslation(
+        (start_matrix[:3, 3] + start_matrix[:3, :3] @ centre - np.asarray(centre)).tolist()
+    )
 
     initial_mi = _mutual_information(fixed_f, moving_f, metric_region, start, settings)
 
@@ -460,8 +477,14 @@ def register_rigid(
         raise RegistrationError(f"rigid registration failed: {err}") from err
     transform = sitk.Euler3DTransform(sitk.CompositeTransform(result).GetBackTransform())
     return _evaluate(
-        fixed_f, moving_f, transform, metric_region, initial_mi, settings,
-        fixed_vertebra=fixed_vertebra, moving_vertebra=moving_vertebra,
+        fixed_f,
+        moving_f,
+        transform,
+        metric_region,
+        initial_mi,
+        settings,
+        fixed_vertebra=fixed_vertebra,
+        moving_vertebra=moving_vertebra,
         stop_condition=method.GetOptimizerStopConditionDescription(),
     )
 
@@ -484,7 +507,9 @@ def _evaluate(
     fixed_to_moving = transform_to_matrix(transform)
     moving_to_fixed = np.linalg.inv(fixed_to_moving)
     inverse = matrix_to_transform(moving_to_fixed)
-    angles = tuple(math.degrees(a) for a in (inverse.GetAngleX(), inverse.GetAngleY(), inverse.GetAngleZ()))
+    angles = tuple(
+        math.degrees(a) for a in (inverse.GetAngleX(), inverse.GetAngleY(), inverse.GetAngleZ())
+    )
 
     reasons: list[str] = list(extra_reasons)
     if fixed_vertebra is not None and moving_vertebra is not None:
@@ -526,7 +551,9 @@ def _evaluate(
     return registration
 
 
-def _metric_region(fixed: sitk.Image, region: sitk.Image | None, settings: RegistrationSettings) -> sitk.Image:
+def _metric_region(
+    fixed: sitk.Image, region: sitk.Image | None, settings: RegistrationSettings
+) -> sitk.Image:
     if region is not None:
         return region_mask(region, margin_mm=settings.margin_mm)
     whole = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
@@ -576,14 +603,20 @@ def register_rigid_multi(
     settings = settings or RegistrationSettings()
     primary_fixed, primary_moving = pairs[0]
     primary = register_rigid(
-        primary_fixed, primary_moving, region=region, fixed_vertebra=fixed_vertebra,
-        moving_vertebra=moving_vertebra, settings=settings,
+        primary_fixed,
+        primary_moving,
+        region=region,
+        fixed_vertebra=fixed_vertebra,
+        moving_vertebra=moving_vertebra,
+        settings=settings,
     )
     if len(pairs) == 1:
         return primary
     metric_region = _metric_region(primary_fixed, region, settings)
     centre_index = np.argwhere(sitk.GetArrayViewFromImage(metric_region) != 0).mean(axis=0)[::-1]
-    centre = np.asarray(primary_fixed.TransformContinuousIndexToPhysicalPoint(centre_index.tolist()))
+    centre = np.asarray(
+        primary_fixed.TransformContinuousIndexToPhysicalPoint(centre_index.tolist())
+    )
     follow_point = (transform_to_matrix(primary.transform) @ np.append(centre, 1.0))[:3]
 
     def weight(fixed: sitk.Image) -> np.ndarray:
@@ -599,13 +632,17 @@ def register_rigid_multi(
         if own_region is not None and not sitk.GetArrayViewFromImage(own_region).any():
             notes.append(f"pair {index}: region outside its field of view, not used")
             continue
-        result = register_rigid(fixed, moving, region=own_region, initial_transform=primary.transform, settings=settings)
+        result = register_rigid(
+            fixed, moving, region=own_region, initial_transform=primary.transform, settings=settings
+        )
         if not result.passed:
             notes.append(f"pair {index} not used: {'; '.join(result.reasons)}")
             continue
         weights.append(weight(fixed))
         positions.append((result.matrix_moving_to_fixed @ np.append(follow_point, 1.0))[:3])
-    fused_position = np.linalg.solve(np.sum(weights, axis=0), np.sum([w @ q for w, q in zip(weights, positions)], axis=0))
+    fused_position = np.linalg.solve(
+        np.sum(weights, axis=0), np.sum([w @ q for w, q in zip(weights, positions)], axis=0)
+    )
     rotation = primary.matrix_moving_to_fixed[:3, :3]
     moving_to_fixed = np.eye(4)
     moving_to_fixed[:3, :3] = rotation
@@ -613,13 +650,21 @@ def register_rigid_multi(
     fused = matrix_to_transform(np.linalg.inv(moving_to_fixed))
     logger.info(
         "fused %d of %d registrations: position shifted %.2f mm from the primary one",
-        len(weights), len(pairs), float(np.linalg.norm(fused_position - positions[0])),
+        len(weights),
+        len(pairs),
+        float(np.linalg.norm(fused_position - positions[0])),
     )
     fixed_f = sitk.Cast(primary_fixed, sitk.sitkFloat32)
     moving_f = sitk.Cast(primary_moving, sitk.sitkFloat32)
     return _evaluate(
-        fixed_f, moving_f, fused, metric_region, primary.initial_mutual_information, settings,
-        fixed_vertebra=fixed_vertebra, moving_vertebra=moving_vertebra,
+        fixed_f,
+        moving_f,
+        fused,
+        metric_region,
+        primary.initial_mutual_information,
+        settings,
+        fixed_vertebra=fixed_vertebra,
+        moving_vertebra=moving_vertebra,
         stop_condition=f"fused {len(weights)} of {len(pairs)} registrations ({primary.stop_condition})"
         + ("; " + "; ".join(notes) if notes else ""),
     )

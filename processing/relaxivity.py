@@ -45,8 +45,16 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AGENTS", "DEFAULT_RELAXIVITY_PER_MM_S", "R1_PLASMA_ROHRER_2005", "Relaxivity",
-           "RelaxivityError", "identify_agent", "normalise_overrides", "resolve_relaxivity"]
+__all__ = [
+    "AGENTS",
+    "DEFAULT_RELAXIVITY_PER_MM_S",
+    "R1_PLASMA_ROHRER_2005",
+    "Relaxivity",
+    "RelaxivityError",
+    "identify_agent",
+    "normalise_overrides",
+    "resolve_relaxivity",
+]
 
 #: r1 used when the agent is unknown and the site set no default: gadoterate in plasma at 3 T
 #: (Rohrer 2005), the phantom's historical value.
@@ -124,8 +132,10 @@ class Relaxivity:
     def provenance(self) -> dict[str, Any]:
         """Flat JSON-able record for the map provenance."""
         out: dict[str, Any] = {
-            "relaxivity_per_mM_s": self.value, "relaxivity_source": self.source,
-            "relaxivity_reference": self.reference, "contrast_agent": self.agent,
+            "relaxivity_per_mM_s": self.value,
+            "relaxivity_source": self.source,
+            "relaxivity_reference": self.reference,
+            "contrast_agent": self.agent,
             "contrast_agent_declared": self.declared_agent,
             "field_strength_T": self.field_strength_t,
         }
@@ -187,16 +197,21 @@ def normalise_overrides(overrides: Mapping[str, float] | None) -> dict[str, floa
             r1 = float(value)
         except (TypeError, ValueError):
             raise RelaxivityError(
-                f"relaxivity for {name!r} must be a number, got {value!r}") from None
+                f"relaxivity for {name!r} must be a number, got {value!r}"
+            ) from None
         if not r1 > 0:
             raise RelaxivityError(f"relaxivity for {name!r} must be positive, got {value}")
         out[key] = r1
     return out
 
 
-def resolve_relaxivity(agent_text: str | None, field_strength_t: float | None, *,
-                       overrides: Mapping[str, float] | None = None,
-                       default: float = DEFAULT_RELAXIVITY_PER_MM_S) -> Relaxivity:
+def resolve_relaxivity(
+    agent_text: str | None,
+    field_strength_t: float | None,
+    *,
+    overrides: Mapping[str, float] | None = None,
+    default: float = DEFAULT_RELAXIVITY_PER_MM_S,
+) -> Relaxivity:
     """The r1 to use for a series that declares ``agent_text`` at ``field_strength_t``.
 
     Parameters
@@ -227,21 +242,39 @@ def resolve_relaxivity(agent_text: str | None, field_strength_t: float | None, *
     fs = float(field_strength_t) if field_strength_t else None
     site_key = generic if generic in sites else None
     if site_key is None and declared:
-        site_key = next((k for k in sites if k not in AGENTS
-                         and _pattern(k).search(declared.lower())), None)
+        site_key = next(
+            (k for k in sites if k not in AGENTS and _pattern(k).search(declared.lower())), None
+        )
     if site_key is not None:
-        return Relaxivity(sites[site_key], "config", generic or site_key, declared, fs,
-                          reference="site configuration [analysis] relaxivity_per_mM_s")
+        return Relaxivity(
+            sites[site_key],
+            "config",
+            generic or site_key,
+            declared,
+            fs,
+            reference="site configuration [analysis] relaxivity_per_mM_s",
+        )
     if generic is None or generic not in R1_PLASMA_ROHRER_2005:
-        why = ("no contrast agent recorded in the DCE series" if not declared
-               else f"contrast agent {declared!r} not recognised" if generic is None
-               else f"contrast agent {generic} has no r1 in the published table")
-        warning = (f"{why}: default r1 {default} /mM/s used; Ktrans, ve, vp and IAUC60 scale "
-                   "with 1/r1")
+        why = (
+            "no contrast agent recorded in the DCE series"
+            if not declared
+            else f"contrast agent {declared!r} not recognised"
+            if generic is None
+            else f"contrast agent {generic} has no r1 in the published table"
+        )
+        warning = (
+            f"{why}: default r1 {default} /mM/s used; Ktrans, ve, vp and IAUC60 scale with 1/r1"
+        )
         logger.warning("%s", warning)
-        return Relaxivity(float(default), "default", generic, declared, fs,
-                          reference="configured default_relaxivity_per_mM_s",
-                          warnings=(warning,))
+        return Relaxivity(
+            float(default),
+            "default",
+            generic,
+            declared,
+            fs,
+            reference="configured default_relaxivity_per_mM_s",
+            warnings=(warning,),
+        )
     warnings: list[str] = []
     if fs is None:
         table_field = 3.0
@@ -249,11 +282,19 @@ def resolve_relaxivity(agent_text: str | None, field_strength_t: float | None, *
     else:
         table_field = min(TABLE_FIELDS_T, key=lambda f: abs(f - fs))
         if abs(table_field - fs) > FIELD_TOLERANCE * table_field:
-            warnings.append(f"field strength {fs} T is not tabulated: r1 at the nearest "
-                            f"tabulated field ({table_field} T) used")
+            warnings.append(
+                f"field strength {fs} T is not tabulated: r1 at the nearest "
+                f"tabulated field ({table_field} T) used"
+            )
     for w in warnings:
         logger.warning("%s", w)
-    return Relaxivity(R1_PLASMA_ROHRER_2005[generic][table_field], "table", generic, declared, fs,
-                      table_field_t=table_field,
-                      reference="Rohrer et al. Invest Radiol 2005;40:715-724, plasma 37 °C",
-                      warnings=tuple(warnings))
+    return Relaxivity(
+        R1_PLASMA_ROHRER_2005[generic][table_field],
+        "table",
+        generic,
+        declared,
+        fs,
+        table_field_t=table_field,
+        reference="Rohrer et al. Invest Radiol 2005;40:715-724, plasma 37 °C",
+        warnings=tuple(warnings),
+    )

@@ -72,13 +72,16 @@ EPIDURAL_MIN_ML = 0.1
 GENANT_GRADES = ((20.0, 1), (25.0, 2), (40.0, 3))
 BILSKY_ORDER = ("0", "1a", "1b", "1c", "2", "3")
 
-CONFIRMATION_RECOMMENDATION = ("confirmation MRI in 6-8 weeks: size increase inside the "
-                               "pseudoprogression window (6-26 weeks after SBRT)")
+CONFIRMATION_RECOMMENDATION = (
+    "confirmation MRI in 6-8 weeks: size increase inside the "
+    "pseudoprogression window (6-26 weeks after SBRT)"
+)
 PROGRESSION_RECOMMENDATION = "multidisciplinary review of local progression at the treated level"
 
 
-def volume_threshold(baseline_volume_ml: float, *, reference: str = "baseline",
-                     first_follow_up: bool = True) -> float:
+def volume_threshold(
+    baseline_volume_ml: float, *, reference: str = "baseline", first_follow_up: bool = True
+) -> float:
     """Relative GTV volume increase that counts as growth (size-dependent, docs/science.md §1.3).
 
     Parameters
@@ -117,8 +120,9 @@ def genant_grade(height_loss_pct: float) -> int:
     return grade
 
 
-def compression_fracture_status(height_loss_baseline_pct: float | None,
-                                height_loss_current_pct: float | None) -> str | None:
+def compression_fracture_status(
+    height_loss_baseline_pct: float | None, height_loss_current_pct: float | None
+) -> str | None:
     """``"new"``, ``"progressive"``, ``"none"``, or ``None`` when not measurable.
 
     New: Genant grade 0 at baseline and >= 1 now. Progressive: a pre-existing fracture whose
@@ -138,8 +142,11 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else round(100.0 * x, 3)
 
 
-def _find(changes: Sequence[Change], quantity: str, reference: str = "baseline",
-          ) -> Change | None:
+def _find(
+    changes: Sequence[Change],
+    quantity: str,
+    reference: str = "baseline",
+) -> Change | None:
     for change in changes:
         if change.quantity == quantity and change.reference == reference:
             return change
@@ -183,55 +190,93 @@ def assess_response(
     fracture = compression_fracture_status(height_loss_baseline_pct, height_loss_current_pct)
     if volume is None or volume.reference_value <= 0 or volume.relative is None:
         return ResponseAssessment(
-            category=ResponseCategory.NOT_ASSESSABLE, criteria=(
-                Criterion("baseline-volume", "baseline and follow-up GTV volumes are needed",
-                          False),),
-            rule_set=RULE_SET, recommendation="no baseline GTV volume: response not assessable",
-            compression_fracture=fracture)
+            category=ResponseCategory.NOT_ASSESSABLE,
+            criteria=(
+                Criterion(
+                    "baseline-volume", "baseline and follow-up GTV volumes are needed", False
+                ),
+            ),
+            rule_set=RULE_SET,
+            recommendation="no baseline GTV volume: response not assessable",
+            compression_fracture=fracture,
+        )
 
     criteria: list[Criterion] = []
     previous_volume = _find(changes, "volume", "previous")
     first_follow_up = previous_volume is None
     base_threshold = volume_threshold(volume.reference_value, first_follow_up=first_follow_up)
     volume_up = volume.comparable and volume.relative > base_threshold
-    criteria.append(Criterion(
-        "volume-increase", f"GTV volume change from baseline above the size-dependent threshold "
-        f"(baseline {volume.reference_value:.2f} mL; Sunnybrook thresholds, Neurosurgery 2021)",
-        volume_up, _pct(volume.relative), _pct(base_threshold), "%"))
+    criteria.append(
+        Criterion(
+            "volume-increase",
+            f"GTV volume change from baseline above the size-dependent threshold "
+            f"(baseline {volume.reference_value:.2f} mL; Sunnybrook thresholds, Neurosurgery 2021)",
+            volume_up,
+            _pct(volume.relative),
+            _pct(base_threshold),
+            "%",
+        )
+    )
 
     diameter = _find(changes, "max_axial_diameter")
     diameter_up = False
     if diameter is not None and diameter.relative is not None:
-        diameter_up = (diameter.comparable and diameter.relative >= DIAMETER_INCREASE[0]
-                       and diameter.absolute >= DIAMETER_INCREASE[1])
-        criteria.append(Criterion(
-            "diameter-increase", "maximum axial diameter +20 % and +5 mm or more from baseline "
-            f"(RECIST 1.1 PD; absolute change {diameter.absolute:+.1f} mm)",
-            diameter_up, _pct(diameter.relative), _pct(DIAMETER_INCREASE[0]), "%"))
+        diameter_up = (
+            diameter.comparable
+            and diameter.relative >= DIAMETER_INCREASE[0]
+            and diameter.absolute >= DIAMETER_INCREASE[1]
+        )
+        criteria.append(
+            Criterion(
+                "diameter-increase",
+                "maximum axial diameter +20 % and +5 mm or more from baseline "
+                f"(RECIST 1.1 PD; absolute change {diameter.absolute:+.1f} mm)",
+                diameter_up,
+                _pct(diameter.relative),
+                _pct(DIAMETER_INCREASE[0]),
+                "%",
+            )
+        )
     size_up = volume_up or diameter_up
 
     growth_confirmed = False
     if previous_volume is not None and previous_volume.relative is not None:
         prev_threshold = volume_threshold(volume.reference_value, reference="previous")
         growing = previous_volume.comparable and previous_volume.relative > prev_threshold
-        growth_confirmed = bool(size_up and growing and previous_category in (
-            ResponseCategory.INDETERMINATE, ResponseCategory.LOCAL_PROGRESSION))
-        criteria.append(Criterion(
-            "growth-confirmed", "size increase confirmed: previous call indeterminate or "
-            "progression and volume growing beyond threshold from the previous scan",
-            growth_confirmed, _pct(previous_volume.relative), _pct(prev_threshold), "%"))
+        growth_confirmed = bool(
+            size_up
+            and growing
+            and previous_category
+            in (ResponseCategory.INDETERMINATE, ResponseCategory.LOCAL_PROGRESSION)
+        )
+        criteria.append(
+            Criterion(
+                "growth-confirmed",
+                "size increase confirmed: previous call indeterminate or "
+                "progression and volume growing beyond threshold from the previous scan",
+                growth_confirmed,
+                _pct(previous_volume.relative),
+                _pct(prev_threshold),
+                "%",
+            )
+        )
 
     low, high = PSEUDOPROGRESSION_WINDOW_DAYS
     in_window: bool | None = None
     if days_since_treatment is not None:
         in_window = low <= days_since_treatment <= high
-    criteria.append(Criterion(
-        "pseudoprogression-window", "follow-up 6-26 weeks after treatment (Amini 2016)",
-        bool(in_window), None if days_since_treatment is None else round(
-            days_since_treatment / 7.0, 1), high / 7.0, "wk"))
+    criteria.append(
+        Criterion(
+            "pseudoprogression-window",
+            "follow-up 6-26 weeks after treatment (Amini 2016)",
+            bool(in_window),
+            None if days_since_treatment is None else round(days_since_treatment / 7.0, 1),
+            high / 7.0,
+            "wk",
+        )
+    )
 
-    epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current,
-                                                 criteria)
+    epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current, criteria)
 
     vp = _find(changes, "vp.mean")
     ktrans = _find(changes, "Ktrans.mean")
@@ -242,33 +287,61 @@ def assess_response(
             continue
         perfusion_known = True
         fired = change.relative <= PERFUSION_DECREASE
-        criteria.append(Criterion(
-            f"perfusion-decrease-{name.lower()}", f"{name} mean {change.relative * 100:+.0f} % "
-            "from baseline; a fall of 20 % or more is consistent with response (Kumar 2017)",
-            fired, _pct(change.relative), _pct(PERFUSION_DECREASE), "%"))
+        criteria.append(
+            Criterion(
+                f"perfusion-decrease-{name.lower()}",
+                f"{name} mean {change.relative * 100:+.0f} % "
+                "from baseline; a fall of 20 % or more is consistent with response (Kumar 2017)",
+                fired,
+                _pct(change.relative),
+                _pct(PERFUSION_DECREASE),
+                "%",
+            )
+        )
         if name == "vp" or vp is None or not vp.comparable:
             perfusion_down = perfusion_down or fired
         if name == "vp":
             perfusion_up = change.relative >= PERFUSION_INCREASE and (
-                change.beyond_repeatability is not False)
-            criteria.append(Criterion(
-                "perfusion-increase-vp", "vp mean +20 % or more from baseline (local failures "
-                "+28 to +88 %, Kumar 2017, AJNR 2023)", perfusion_up,
-                _pct(change.relative), _pct(PERFUSION_INCREASE), "%"))
+                change.beyond_repeatability is not False
+            )
+            criteria.append(
+                Criterion(
+                    "perfusion-increase-vp",
+                    "vp mean +20 % or more from baseline (local failures "
+                    "+28 to +88 %, Kumar 2017, AJNR 2023)",
+                    perfusion_up,
+                    _pct(change.relative),
+                    _pct(PERFUSION_INCREASE),
+                    "%",
+                )
+            )
 
     adc = _find(changes, "ADC.mean")
     if adc is not None and adc.relative is not None and adc.comparable:
-        criteria.append(Criterion(
-            "adc-increase", "ADC mean +25 % or more from baseline, supporting response "
-            "(Messiou 2011)", adc.relative >= ADC_INCREASE, _pct(adc.relative),
-            _pct(ADC_INCREASE), "%"))
+        criteria.append(
+            Criterion(
+                "adc-increase",
+                "ADC mean +25 % or more from baseline, supporting response (Messiou 2011)",
+                adc.relative >= ADC_INCREASE,
+                _pct(adc.relative),
+                _pct(ADC_INCREASE),
+                "%",
+            )
+        )
 
     if fracture is not None:
-        criteria.append(Criterion(
-            "compression-fracture", f"vertebral compression fracture: {fracture} (Genant grade "
-            f"{genant_grade(height_loss_baseline_pct or 0.0)} -> "
-            f"{genant_grade(height_loss_current_pct or 0.0)})", fracture in ("new", "progressive"),
-            height_loss_current_pct, GENANT_GRADES[0][0], "%"))
+        criteria.append(
+            Criterion(
+                "compression-fracture",
+                f"vertebral compression fracture: {fracture} (Genant grade "
+                f"{genant_grade(height_loss_baseline_pct or 0.0)} -> "
+                f"{genant_grade(height_loss_current_pct or 0.0)})",
+                fracture in ("new", "progressive"),
+                height_loss_current_pct,
+                GENANT_GRADES[0][0],
+                "%",
+            )
+        )
 
     recommendation: str | None = None
     if epidural_progression:
@@ -291,33 +364,59 @@ def assess_response(
             recommendation += "; perfusion has not fallen"
     else:
         category = ResponseCategory.LOCAL_CONTROL
-    logger.info("response %s by %s (%d criteria, %d fired)", category.value, RULE_SET,
-                len(criteria), sum(c.fired for c in criteria))
+    logger.info(
+        "response %s by %s (%d criteria, %d fired)",
+        category.value,
+        RULE_SET,
+        len(criteria),
+        sum(c.fired for c in criteria),
+    )
     return ResponseAssessment(
-        category=category, criteria=tuple(criteria), rule_set=RULE_SET,
-        recommendation=recommendation, epidural_progression=epidural_progression,
-        compression_fracture=fracture)
+        category=category,
+        criteria=tuple(criteria),
+        rule_set=RULE_SET,
+        recommendation=recommendation,
+        epidural_progression=epidural_progression,
+        compression_fracture=fracture,
+    )
 
 
-def _epidural_progression(changes: Sequence[Change], bilsky_baseline: str | None,
-                          bilsky_current: str | None, criteria: list[Criterion]) -> bool | None:
+def _epidural_progression(
+    changes: Sequence[Change],
+    bilsky_baseline: str | None,
+    bilsky_current: str | None,
+    criteria: list[Criterion],
+) -> bool | None:
     """Epidural progression (SPINO b) from epidural volume and/or Bilsky grades; None if unknown."""
     result: bool | None = None
     epidural = _find(changes, "epidural_volume")
     if epidural is not None and epidural.comparable:
         if epidural.reference_value < EPIDURAL_MIN_ML:
             fired = epidural.value >= EPIDURAL_MIN_ML
-            description = (f"new epidural tumour: {epidural.value:.2f} mL now, "
-                           f"{epidural.reference_value:.2f} mL at baseline")
-            criteria.append(Criterion("epidural-new", description, fired,
-                                      epidural.value, EPIDURAL_MIN_ML, "mL"))
+            description = (
+                f"new epidural tumour: {epidural.value:.2f} mL now, "
+                f"{epidural.reference_value:.2f} mL at baseline"
+            )
+            criteria.append(
+                Criterion("epidural-new", description, fired, epidural.value, EPIDURAL_MIN_ML, "mL")
+            )
         else:
-            fired = bool(epidural.relative is not None and epidural.relative > VOLUME_MDC
-                         and epidural.absolute >= EPIDURAL_MIN_ML)
-            criteria.append(Criterion(
-                "epidural-increase", "epidural tumour volume increase beyond the volume MDC "
-                f"(10.9 %) and >= {EPIDURAL_MIN_ML} mL", fired, _pct(epidural.relative),
-                _pct(VOLUME_MDC), "%"))
+            fired = bool(
+                epidural.relative is not None
+                and epidural.relative > VOLUME_MDC
+                and epidural.absolute >= EPIDURAL_MIN_ML
+            )
+            criteria.append(
+                Criterion(
+                    "epidural-increase",
+                    "epidural tumour volume increase beyond the volume MDC "
+                    f"(10.9 %) and >= {EPIDURAL_MIN_ML} mL",
+                    fired,
+                    _pct(epidural.relative),
+                    _pct(VOLUME_MDC),
+                    "%",
+                )
+            )
         result = fired
     if bilsky_baseline is not None and bilsky_current is not None:
         try:
@@ -326,8 +425,15 @@ def _epidural_progression(changes: Sequence[Change], bilsky_baseline: str | None
         except ValueError as err:
             raise ValueError(f"Bilsky grade must be one of {BILSKY_ORDER}") from err
         fired = now > before
-        criteria.append(Criterion(
-            "bilsky-increase", f"Bilsky ESCC grade {bilsky_baseline} -> {bilsky_current}", fired,
-            float(now), float(before), None))
+        criteria.append(
+            Criterion(
+                "bilsky-increase",
+                f"Bilsky ESCC grade {bilsky_baseline} -> {bilsky_current}",
+                fired,
+                float(now),
+                float(before),
+                None,
+            )
+        )
         result = bool(result) or fired
     return result

@@ -43,13 +43,17 @@ logger = logging.getLogger(__name__)
 MODEL_FORMAT = "spine-node-response-model"
 MODEL_FORMAT_VERSION = 1
 #: Columns of a cases table that are not features.
-METADATA_COLUMNS = frozenset({"case_id", "outcome", "data_origin", "scenario", "patient",
-                              "lesion", "notes"})
+METADATA_COLUMNS = frozenset(
+    {"case_id", "outcome", "data_origin", "scenario", "patient", "lesion", "notes"}
+)
 DATA_ORIGINS = ("synthetic", "clinical")
-SYNTHETIC_STATEMENT = ("trained on synthetic (phantom) data: NOT clinically meaningful; for "
-                       "testing the pipeline only")
-CLINICAL_STATEMENT = ("trained on this site's clinical cases; decision support only, not "
-                      "validated outside the training population")
+SYNTHETIC_STATEMENT = (
+    "trained on synthetic (phantom) data: NOT clinically meaningful; for testing the pipeline only"
+)
+CLINICAL_STATEMENT = (
+    "trained on this site's clinical cases; decision support only, not "
+    "validated outside the training population"
+)
 
 _POSITIVE = {"1", "progression", "local progression", "lp", "true", "yes"}
 _NEGATIVE = {"0", "local control", "control", "lc", "false", "no"}
@@ -68,8 +72,9 @@ class TrainingCases:
     patients: tuple[str, ...] | None = None
 
 
-def cases_from_rows(rows: Iterable[Mapping[str, str]], *,
-                    outcome_column: str = "outcome") -> TrainingCases:
+def cases_from_rows(
+    rows: Iterable[Mapping[str, str]], *, outcome_column: str = "outcome"
+) -> TrainingCases:
     """Parse a cases table (e.g. ``csv.DictReader`` rows): one row per lesion follow-up.
 
     Columns: ``outcome`` (``1``/``progression``/``local progression`` or ``0``/``local control``),
@@ -110,24 +115,32 @@ def cases_from_rows(rows: Iterable[Mapping[str, str]], *,
                     raise ValueError(f"row {i + 1}, column {name!r}: not a number") from err
     counts = np.bincount(y, minlength=2)
     if counts.min() < 2:
-        raise ValueError(f"need at least 2 cases of each outcome, got {counts.tolist()} "
-                         "(control, progression)")
+        raise ValueError(
+            f"need at least 2 cases of each outcome, got {counts.tolist()} (control, progression)"
+        )
     patients = tuple(str(row.get("patient") or "").strip() for row in rows)
     return TrainingCases(names, x, y, tuple(ids), patients if all(patients) else None)
 
 
-def delta_features(changes: Sequence[Change], *, reference: str = "baseline",
-                   ) -> dict[str, float]:
+def delta_features(
+    changes: Sequence[Change],
+    *,
+    reference: str = "baseline",
+) -> dict[str, float]:
     """``delta.<quantity>`` -> relative change from ``reference`` (comparable changes only).
 
     Quantities whose reference value is 0 (no relative change) are left out.
     """
-    return {f"delta.{c.quantity}": float(c.relative) for c in changes
-            if c.reference == reference and c.comparable and c.relative is not None}
+    return {
+        f"delta.{c.quantity}": float(c.relative)
+        for c in changes
+        if c.reference == reference and c.comparable and c.relative is not None
+    }
 
 
-def case_row(changes: Sequence[Change], *, outcome: bool, case_id: str,
-             data_origin: str = "synthetic") -> dict[str, str]:
+def case_row(
+    changes: Sequence[Change], *, outcome: bool, case_id: str, data_origin: str = "synthetic"
+) -> dict[str, str]:
     """One row of a cases table (see :func:`cases_from_rows`) from a follow-up's changes.
 
     Parameters
@@ -142,8 +155,11 @@ def case_row(changes: Sequence[Change], *, outcome: bool, case_id: str,
     """
     if data_origin not in DATA_ORIGINS:
         raise ValueError(f"data_origin must be one of {DATA_ORIGINS}, got {data_origin!r}")
-    row = {"case_id": case_id, "data_origin": data_origin,
-           "outcome": "local progression" if outcome else "local control"}
+    row = {
+        "case_id": case_id,
+        "data_origin": data_origin,
+        "outcome": "local progression" if outcome else "local control",
+    }
     row.update({name: repr(value) for name, value in sorted(delta_features(changes).items())})
     return row
 
@@ -162,8 +178,9 @@ def f_scores(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nan_to_num(f, nan=0.0), np.nan_to_num(p, nan=1.0)
 
 
-def build_pipeline(*, k_features: int = 10, c: float = 1.0, calibration_folds: int = 3,
-                   seed: int = 0) -> Any:
+def build_pipeline(
+    *, k_features: int = 10, c: float = 1.0, calibration_folds: int = 3, seed: int = 0
+) -> Any:
     """The calibrated pipeline (unfitted): impute, scale, select k best, logistic regression.
 
     Parameters
@@ -187,15 +204,19 @@ def build_pipeline(*, k_features: int = 10, c: float = 1.0, calibration_folds: i
         raise ValueError(f"k_features must be >= 1, got {k_features}")
     if not c > 0:
         raise ValueError(f"c must be > 0, got {c}")
-    base = Pipeline([
-        ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
-        ("scale", StandardScaler()),
-        ("select", SelectKBest(f_scores, k=k_features)),
-        ("classify", LogisticRegression(C=c, max_iter=1000)),
-    ])
+    base = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="median", keep_empty_features=True)),
+            ("scale", StandardScaler()),
+            ("select", SelectKBest(f_scores, k=k_features)),
+            ("classify", LogisticRegression(C=c, max_iter=1000)),
+        ]
+    )
     return CalibratedClassifierCV(
-        base, method="sigmoid",
-        cv=StratifiedKFold(calibration_folds, shuffle=True, random_state=seed))
+        base,
+        method="sigmoid",
+        cv=StratifiedKFold(calibration_folds, shuffle=True, random_state=seed),
+    )
 
 
 def _pipeline_for(cases: TrainingCases, k_features: int, c: float, seed: int) -> Any:
@@ -204,9 +225,15 @@ def _pipeline_for(cases: TrainingCases, k_features: int, c: float, seed: int) ->
     return build_pipeline(k_features=k, c=c, calibration_folds=max(2, min(3, smallest)), seed=seed)
 
 
-def cross_validated_auc(cases: TrainingCases, *, folds: int = 5, k_features: int = 10,
-                        c: float = 1.0, seed: int = 0, n_bootstrap: int = 2000,
-                        ) -> dict[str, Any]:
+def cross_validated_auc(
+    cases: TrainingCases,
+    *,
+    folds: int = 5,
+    k_features: int = 10,
+    c: float = 1.0,
+    seed: int = 0,
+    n_bootstrap: int = 2000,
+) -> dict[str, Any]:
     """Cross-validated AUC of the whole pipeline with a 95 % bootstrap confidence interval.
 
     Returns
@@ -231,13 +258,16 @@ def cross_validated_auc(cases: TrainingCases, *, folds: int = 5, k_features: int
         splitter = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
         splits = splitter.split(cases.features, y, groups)
     else:
-        splits = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(
-            cases.features, y)
+        splits = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(cases.features, y)
     oof = np.zeros(len(y))
     fold_aucs = []
     for train, test in splits:
-        sub = TrainingCases(cases.feature_names, cases.features[train], y[train],
-                            tuple(cases.case_ids[i] for i in train))
+        sub = TrainingCases(
+            cases.feature_names,
+            cases.features[train],
+            y[train],
+            tuple(cases.case_ids[i] for i in train),
+        )
         model = clone(_pipeline_for(sub, k_features, c, seed))
         model.fit(cases.features[train], y[train])
         oof[test] = model.predict_proba(cases.features[test])[:, 1]
@@ -257,12 +287,18 @@ def cross_validated_auc(cases: TrainingCases, *, folds: int = 5, k_features: int
             boot.append(roc_auc_score(y[idx], oof[idx]))
     low, high = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
     unit = "patients" if groups is not None else "cases"
-    return {"auc": auc, "auc_ci95": [low, high], "ci_method": f"percentile bootstrap over {unit} "
-            f"of out-of-fold probabilities ({len(boot)} resamples)",
-            "fold_split": "by patient" if groups is not None else "by case",
-            "fold_aucs": fold_aucs,
-            "folds": n_folds, "brier": float(brier_score_loss(y, oof)),
-            "n_cases": int(len(y)), "n_progression": int(y.sum())}
+    return {
+        "auc": auc,
+        "auc_ci95": [low, high],
+        "ci_method": f"percentile bootstrap over {unit} "
+        f"of out-of-fold probabilities ({len(boot)} resamples)",
+        "fold_split": "by patient" if groups is not None else "by case",
+        "fold_aucs": fold_aucs,
+        "folds": n_folds,
+        "brier": float(brier_score_loss(y, oof)),
+        "n_cases": int(len(y)),
+        "n_progression": int(y.sum()),
+    }
 
 
 @dataclass
@@ -281,8 +317,10 @@ class ResponseModel:
     @property
     def display_name(self) -> str:
         """Name and version, with the synthetic-data warning when it applies."""
-        name = f"{self.metadata.get('name', 'site response model')} v" \
-               f"{self.metadata.get('model_version', '?')}"
+        name = (
+            f"{self.metadata.get('name', 'site response model')} v"
+            f"{self.metadata.get('model_version', '?')}"
+        )
         return f"{name} [{SYNTHETIC_STATEMENT}]" if self.synthetic else name
 
     def _row(self, features: Mapping[str, float]) -> np.ndarray:
@@ -290,16 +328,23 @@ class ResponseModel:
         if len(missing) == len(self.feature_names):
             raise ValueError("none of the model's features is available")
         if missing:
-            logger.info("%d of %d model features missing; imputed with training medians",
-                        len(missing), len(self.feature_names))
+            logger.info(
+                "%d of %d model features missing; imputed with training medians",
+                len(missing),
+                len(self.feature_names),
+            )
         return np.array([[float(features.get(n, math.nan)) for n in self.feature_names]])
 
     def predict_probability(self, features: Mapping[str, float]) -> float:
         """Calibrated probability of local progression for one case (``delta.*`` features)."""
         return float(self.estimator.predict_proba(self._row(features))[0, 1])
 
-    def top_features(self, features: Mapping[str, float], *, n: int = 5,
-                     ) -> tuple[tuple[str, float], ...]:
+    def top_features(
+        self,
+        features: Mapping[str, float],
+        *,
+        n: int = 5,
+    ) -> tuple[tuple[str, float], ...]:
         """The ``n`` features contributing most to this case's score.
 
         Contribution = logistic coefficient × standardised feature value (log-odds units,
@@ -322,9 +367,17 @@ class ResponseModel:
         """Write the model with joblib (format, versions, feature list, metadata, metrics)."""
         import joblib
 
-        joblib.dump({"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
-                     "feature_names": list(self.feature_names), "metadata": self.metadata,
-                     "metrics": self.metrics, "estimator": self.estimator}, str(path))
+        joblib.dump(
+            {
+                "format": MODEL_FORMAT,
+                "format_version": MODEL_FORMAT_VERSION,
+                "feature_names": list(self.feature_names),
+                "metadata": self.metadata,
+                "metrics": self.metrics,
+                "estimator": self.estimator,
+            },
+            str(path),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> ResponseModel:
@@ -345,20 +398,38 @@ class ResponseModel:
         if not isinstance(data, dict) or data.get("format") != MODEL_FORMAT:
             raise ValueError(f"{path} is not a {MODEL_FORMAT} file")
         if data.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported model format version "
-                             f"{data.get('format_version')} (expected {MODEL_FORMAT_VERSION})")
+            raise ValueError(
+                f"{path}: unsupported model format version "
+                f"{data.get('format_version')} (expected {MODEL_FORMAT_VERSION})"
+            )
         trained_with = data["metadata"].get("sklearn_version")
         if trained_with != sklearn.__version__:
-            logger.warning("response model trained with scikit-learn %s, running %s",
-                           trained_with, sklearn.__version__)
-        return cls(data["estimator"], tuple(data["feature_names"]), dict(data["metadata"]),
-                   dict(data["metrics"]))
+            logger.warning(
+                "response model trained with scikit-learn %s, running %s",
+                trained_with,
+                sklearn.__version__,
+            )
+        return cls(
+            data["estimator"],
+            tuple(data["feature_names"]),
+            dict(data["metadata"]),
+            dict(data["metrics"]),
+        )
 
 
-def fit_response_model(cases: TrainingCases, *, k_features: int = 10, c: float = 1.0,
-                       folds: int = 5, seed: int = 0, n_bootstrap: int = 2000,
-                       data_origin: str = "synthetic", name: str = "site response model",
-                       model_version: str = "1", source: str | None = None) -> ResponseModel:
+def fit_response_model(
+    cases: TrainingCases,
+    *,
+    k_features: int = 10,
+    c: float = 1.0,
+    folds: int = 5,
+    seed: int = 0,
+    n_bootstrap: int = 2000,
+    data_origin: str = "synthetic",
+    name: str = "site response model",
+    model_version: str = "1",
+    source: str | None = None,
+) -> ResponseModel:
     """Cross-validate, then fit the calibrated pipeline on all cases.
 
     Parameters
@@ -378,31 +449,50 @@ def fit_response_model(cases: TrainingCases, *, k_features: int = 10, c: float =
 
     if data_origin not in DATA_ORIGINS:
         raise ValueError(f"data_origin must be one of {DATA_ORIGINS}, got {data_origin!r}")
-    metrics = cross_validated_auc(cases, folds=folds, k_features=k_features, c=c, seed=seed,
-                                  n_bootstrap=n_bootstrap)
+    metrics = cross_validated_auc(
+        cases, folds=folds, k_features=k_features, c=c, seed=seed, n_bootstrap=n_bootstrap
+    )
     estimator = _pipeline_for(cases, k_features, c, seed)
     estimator.fit(cases.features, cases.outcomes)
     metadata = {
-        "name": name, "model_version": model_version, "data_origin": data_origin,
-        "clinical_validity": SYNTHETIC_STATEMENT if data_origin == "synthetic"
+        "name": name,
+        "model_version": model_version,
+        "data_origin": data_origin,
+        "clinical_validity": SYNTHETIC_STATEMENT
+        if data_origin == "synthetic"
         else CLINICAL_STATEMENT,
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "sklearn_version": sklearn.__version__, "numpy_version": np.__version__,
+        "sklearn_version": sklearn.__version__,
+        "numpy_version": np.__version__,
         "pipeline": "median imputation > standard scaling > SelectKBest(ANOVA F) > L2 logistic "
-                    "regression > sigmoid calibration",
-        "params": {"k_features": min(k_features, len(cases.feature_names)), "C": c,
-                   "folds": metrics["folds"], "seed": seed},
-        "n_cases": int(len(cases.outcomes)), "n_progression": int(cases.outcomes.sum()),
-        "source": source, "positive_class": "local progression",
+        "regression > sigmoid calibration",
+        "params": {
+            "k_features": min(k_features, len(cases.feature_names)),
+            "C": c,
+            "folds": metrics["folds"],
+            "seed": seed,
+        },
+        "n_cases": int(len(cases.outcomes)),
+        "n_progression": int(cases.outcomes.sum()),
+        "source": source,
+        "positive_class": "local progression",
     }
-    logger.info("response model fitted on %d cases (%d progression), CV AUC %.3f",
-                metadata["n_cases"], metadata["n_progression"], metrics["auc"])
+    logger.info(
+        "response model fitted on %d cases (%d progression), CV AUC %.3f",
+        metadata["n_cases"],
+        metadata["n_progression"],
+        metrics["auc"],
+    )
     return ResponseModel(estimator, cases.feature_names, metadata, metrics)
 
 
-def attach_model_prediction(assessment: ResponseAssessment, model: ResponseModel,
-                            features: Mapping[str, float] | Sequence[Change], *,
-                            n_top: int = 5) -> ResponseAssessment:
+def attach_model_prediction(
+    assessment: ResponseAssessment,
+    model: ResponseModel,
+    features: Mapping[str, float] | Sequence[Change],
+    *,
+    n_top: int = 5,
+) -> ResponseAssessment:
     """The rule-based assessment with the site model's probability and top features beside it.
 
     ``features`` is either the ``delta.*`` feature mapping or the follow-up's changes (turned into
@@ -411,6 +501,8 @@ def attach_model_prediction(assessment: ResponseAssessment, model: ResponseModel
     if not isinstance(features, Mapping):
         features = delta_features(features)
     return dataclasses.replace(
-        assessment, model_probability=model.predict_probability(features),
+        assessment,
+        model_probability=model.predict_probability(features),
         model_top_features=model.top_features(features, n=n_top),
-        model_name=model.display_name)
+        model_name=model.display_name,
+    )

@@ -101,7 +101,9 @@ def list_rois(rtstruct: Dataset) -> list[RoiInfo]:
     types: dict[int, str | None] = {}
     for obs in rtstruct.get("RTROIObservationsSequence", []):
         interpreted = obs.get("RTROIInterpretedType")
-        types[int(obs.ReferencedROINumber)] = str(interpreted).strip().upper() if interpreted else None
+        types[int(obs.ReferencedROINumber)] = (
+            str(interpreted).strip().upper() if interpreted else None
+        )
     counts: dict[int, int] = {}
     for roi_contour in rtstruct.get("ROIContourSequence", []):
         n = sum(
@@ -267,7 +269,9 @@ def _rasterise_parallel(
     groups = _plane_groups(positions_mm, PLANE_TOLERANCE_MM)
     plane_mm = np.array([positions_mm[g].mean() for g in groups])
     if contour_spacing_mm is None:
-        contour_spacing_mm = float(np.median(np.diff(plane_mm))) if len(plane_mm) > 1 else spacing[2]
+        contour_spacing_mm = (
+            float(np.median(np.diff(plane_mm))) if len(plane_mm) > 1 else spacing[2]
+        )
     if contour_spacing_mm <= 0:
         raise RTStructError(f"contour spacing must be positive, got {contour_spacing_mm} mm")
     half = contour_spacing_mm / 2.0
@@ -321,7 +325,9 @@ def contours_to_mask(
     if abs(float(np.dot(normal, slice_axis))) > 1 - 1e-4:
         array = _rasterise_parallel(contours, reference, contour_spacing_mm)
     else:
-        array = _rasterise_oblique(contours, reference, normal, contour_spacing_mm, oblique_spacing_mm)
+        array = _rasterise_oblique(
+            contours, reference, normal, contour_spacing_mm, oblique_spacing_mm
+        )
     image = sitk.GetImageFromArray(array.astype(np.uint8))
     image.CopyInformation(reference)
     return image
@@ -345,9 +351,13 @@ def _rasterise_oblique(
     points = np.vstack(contours)
     local = points @ axes
     plane_positions = np.array([float(np.mean(c @ normal)) for c in contours])
-    unique = np.array([plane_positions[g].mean() for g in _plane_groups(plane_positions, PLANE_TOLERANCE_MM)])
+    unique = np.array(
+        [plane_positions[g].mean() for g in _plane_groups(plane_positions, PLANE_TOLERANCE_MM)]
+    )
     if contour_spacing_mm is None:
-        contour_spacing_mm = float(np.median(np.diff(unique))) if len(unique) > 1 else float(spacing.min())
+        contour_spacing_mm = (
+            float(np.median(np.diff(unique))) if len(unique) > 1 else float(spacing.min())
+        )
     in_plane = oblique_spacing_mm if oblique_spacing_mm is not None else float(spacing.min()) / 2.0
     margin = 2 * in_plane
     lo = local.min(axis=0)
@@ -363,7 +373,9 @@ def _rasterise_oblique(
     fine_array = _rasterise_parallel(contours, fine, contour_spacing_mm)
     fine_image = sitk.GetImageFromArray(fine_array.astype(np.float32))
     fine_image.CopyInformation(fine)
-    resampled = sitk.Resample(fine_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    resampled = sitk.Resample(
+        fine_image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     return sitk.GetArrayFromImage(resampled) >= 0.5
 
 

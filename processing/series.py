@@ -104,7 +104,9 @@ class SeriesDiffusionEncodingError(SeriesError, DiffusionEncodingError):
     """An image of the series has an inconsistent diffusion encoding."""
 
 
-class SeriesUnknownDiffusionEncodingError(SeriesDiffusionEncodingError, UnknownDiffusionEncodingError):
+class SeriesUnknownDiffusionEncodingError(
+    SeriesDiffusionEncodingError, UnknownDiffusionEncodingError
+):
     """An image of the series is diffusion-weighted but its encoding is unknown (vendor/creator)."""
 
 
@@ -148,7 +150,8 @@ class Geometry:
     def index_to_lps(self, index: Sequence[float]) -> np.ndarray:
         """Physical LPS position (mm) of a continuous voxel index (x, y, z)."""
         return np.asarray(self.origin) + self.direction_matrix @ (
-            np.asarray(self.spacing) * np.asarray(index, dtype=float))
+            np.asarray(self.spacing) * np.asarray(index, dtype=float)
+        )
 
     def image(self, values: np.ndarray) -> sitk.Image:
         """``values`` (z, y, x) as a SimpleITK image on this grid (the array's dtype is kept)."""
@@ -310,8 +313,10 @@ class SeriesVolume:
     @property
     def gradients(self) -> np.ndarray:
         """(n_volumes, 3) LPS gradient unit vectors (zeros for b0 / isotropic / non-diffusion)."""
-        return np.array([v.gradient if v.gradient is not None else (0.0, 0.0, 0.0)
-                         for v in self.volumes], dtype=float)
+        return np.array(
+            [v.gradient if v.gradient is not None else (0.0, 0.0, 0.0) for v in self.volumes],
+            dtype=float,
+        )
 
     def volume_image(self, index: int) -> sitk.Image:
         """Volume ``index`` as a SimpleITK image (float32) with the series geometry."""
@@ -362,9 +367,13 @@ class SetAside:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (``maps.json`` ``set_aside`` entries)."""
-        return {"file": self.file_name, "sop_instance_uid": self.sop_instance_uid,
-                "sop_class_uid": self.sop_class_uid,
-                "series_instance_uid": self.series_instance_uid, "reason": self.reason}
+        return {
+            "file": self.file_name,
+            "sop_instance_uid": self.sop_instance_uid,
+            "sop_class_uid": self.sop_class_uid,
+            "series_instance_uid": self.series_instance_uid,
+            "reason": self.reason,
+        }
 
 
 def _sop_class(ds: Dataset) -> str:
@@ -394,8 +403,12 @@ def set_aside_reason(ds: Dataset, *, keep_segmentations: bool = False) -> str | 
                 return f"{name} (SOP Class {sop}): not a source image"
     if not ds.get("SeriesInstanceUID"):
         return f"no Series Instance UID (SOP Class {sop or '?'})"
-    if ("PixelData" not in ds and "FloatPixelData" not in ds
-            and "DoubleFloatPixelData" not in ds and not segmentation):
+    if (
+        "PixelData" not in ds
+        and "FloatPixelData" not in ds
+        and "DoubleFloatPixelData" not in ds
+        and not segmentation
+    ):
         return f"no pixel data (SOP Class {sop or '?'}, Modality {ds.get('Modality', '?')})"
     return None
 
@@ -409,14 +422,20 @@ def _file_name(ds: Dataset) -> str | None:
 
 def set_aside_entry(ds: Dataset, reason: str) -> SetAside:
     """The :class:`SetAside` record of ``ds`` (its UIDs and file name) with ``reason``."""
-    return SetAside(reason=reason, sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
-                    sop_class_uid=_sop_class(ds),
-                    series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-                    file_name=_file_name(ds))
+    return SetAside(
+        reason=reason,
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        sop_class_uid=_sop_class(ds),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+        file_name=_file_name(ds),
+    )
 
 
-def split_set_aside(datasets: Iterable[Dataset], *, keep_segmentations: bool = False,
-                    ) -> tuple[list[Dataset], list[SetAside]]:
+def split_set_aside(
+    datasets: Iterable[Dataset],
+    *,
+    keep_segmentations: bool = False,
+) -> tuple[list[Dataset], list[SetAside]]:
     """Separate the images to assemble from the objects to set aside (:func:`set_aside_reason`).
 
     Returns
@@ -439,8 +458,9 @@ def split_set_aside(datasets: Iterable[Dataset], *, keep_segmentations: bool = F
 
 
 # ----------------------------------------------------------------------------- helpers
-def group_by_series(datasets: Iterable[Dataset], *,
-                    set_aside: list[SetAside] | None = None) -> dict[str, list[Dataset]]:
+def group_by_series(
+    datasets: Iterable[Dataset], *, set_aside: list[SetAside] | None = None
+) -> dict[str, list[Dataset]]:
     """Group datasets by Series Instance UID (insertion order kept).
 
     Parameters
@@ -460,11 +480,13 @@ def group_by_series(datasets: Iterable[Dataset], *,
         uid = ds.get("SeriesInstanceUID")
         if not uid:
             if set_aside is not None:
-                set_aside.append(set_aside_entry(
-                    ds, set_aside_reason(ds) or "no Series Instance UID"))
+                set_aside.append(
+                    set_aside_entry(ds, set_aside_reason(ds) or "no Series Instance UID")
+                )
                 continue
             raise MixedSeriesError(
-                f"dataset {ds.get('SOPInstanceUID', '?')} has no Series Instance UID")
+                f"dataset {ds.get('SOPInstanceUID', '?')} has no Series Instance UID"
+            )
         groups[str(uid)].append(ds)
     return dict(groups)
 
@@ -556,10 +578,12 @@ def _rescale(pixels: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
 def _pixel_array(ds: Dataset) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise MixedSeriesError(
-            f"SOP Instance {ds.get('SOPInstanceUID', '?')} ({ds.get('Modality', '?')}) has no pixel data")
+            f"SOP Instance {ds.get('SOPInstanceUID', '?')} ({ds.get('Modality', '?')}) has no pixel data"
+        )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise MixedSeriesError(
-            f"SOP Instance {ds.get('SOPInstanceUID', '?')} is not a greyscale image")
+            f"SOP Instance {ds.get('SOPInstanceUID', '?')} is not a greyscale image"
+        )
     return ds.pixel_array
 
 
@@ -573,8 +597,9 @@ def _classic_common(ds: Dataset) -> dict[str, Any]:
         trigger_time=None if trigger is None else trigger / 1000.0,
         acquisition_seconds=_datetime_seconds(ds.get("AcquisitionDateTime"))
         if ds.get("AcquisitionDateTime")
-        else _datetime_seconds(None, ds.get("AcquisitionDate") or ds.get("SeriesDate"),
-                               ds.get("AcquisitionTime")),
+        else _datetime_seconds(
+            None, ds.get("AcquisitionDate") or ds.get("SeriesDate"), ds.get("AcquisitionTime")
+        ),
         temporal_position_index=_int(ds.get("TemporalPositionIdentifier")),
         acquisition_order=_int(private_value(ds, 0x2005, PHILIPS_MR_IMAGING_6, 0x96, "IS")),
         instance_number=_int(ds.get("InstanceNumber")) or 0,
@@ -624,13 +649,15 @@ def _uih_tiles(ds: Dataset) -> list[_Frame] | None:
         tr, tc = (int(v) for v in matrix.replace("x", "*").split("*"))
     except ValueError:
         raise InconsistentGeometryError(
-            f"SOP Instance {uid}: UIH tiled image without a tile matrix (0065,xx04)") from None
+            f"SOP Instance {uid}: UIH tiled image without a tile matrix (0065,xx04)"
+        ) from None
     pixels = _rescale(_pixel_array(ds), ds.get("RescaleSlope"), ds.get("RescaleIntercept"))
     rows, cols = pixels.shape
     if rows % tr or cols % tc or len(items) < n or n > (rows // tr) * (cols // tc):
         raise InconsistentGeometryError(
             f"SOP Instance {uid}: UIH tiled image {rows}×{cols} cannot hold {n} tiles of {tr}×{tc} "
-            f"({len(items)} slice positions)")
+            f"({len(items)} slice positions)"
+        )
     iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
     ps = cast("tuple[float, float]", tuple(float(v) for v in ds.PixelSpacing))
     common = _classic_common(ds)
@@ -642,13 +669,21 @@ def _uih_tiles(ds: Dataset) -> list[_Frame] | None:
         item = items[k]
         if "ImagePositionPatient" not in item:
             raise InconsistentGeometryError(
-                f"SOP Instance {uid}: UIH tile {k} has no ImagePositionPatient")
+                f"SOP Instance {uid}: UIH tile {k} has no ImagePositionPatient"
+            )
         r0, c0 = (k // per_row) * tr, (k % per_row) * tc
-        frames.append(_Frame(
-            pixels=pixels[r0:r0 + tr, c0:c0 + tc],
-            ipp=np.asarray(item.ImagePositionPatient, dtype=float), iop=iop, pixel_spacing=ps,
-            slice_spacing=spacing, encoding=encoding,
-            source=SourceFrame(str(ds.SOPClassUID), uid, None, k), **common))
+        frames.append(
+            _Frame(
+                pixels=pixels[r0 : r0 + tr, c0 : c0 + tc],
+                ipp=np.asarray(item.ImagePositionPatient, dtype=float),
+                iop=iop,
+                pixel_spacing=ps,
+                slice_spacing=spacing,
+                encoding=encoding,
+                source=SourceFrame(str(ds.SOPClassUID), uid, None, k),
+                **common,
+            )
+        )
     return frames
 
 
@@ -673,12 +708,14 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
         n = _mosaic_count(ds)
         if n is None or n < 1:
             raise InconsistentGeometryError(
-                f"SOP Instance {uid} is a Siemens MOSAIC without NumberOfImagesInMosaic")
+                f"SOP Instance {uid} is a Siemens MOSAIC without NumberOfImagesInMosaic"
+            )
         grid = math.ceil(math.sqrt(n))
         rows, cols = pixels.shape
         if rows % grid or cols % grid:
             raise InconsistentGeometryError(
-                f"SOP Instance {uid}: mosaic {rows}×{cols} not divisible into {grid}×{grid} tiles")
+                f"SOP Instance {uid}: mosaic {rows}×{cols} not divisible into {grid}×{grid} tiles"
+            )
         tr, tc = rows // grid, cols // grid
         row_cos, col_cos = iop[:3], iop[3:]
         # ImagePositionPatient of a mosaic is that of the whole mosaic's corner (nibabel MosaicWrapper).
@@ -691,13 +728,31 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
         frames = []
         for k in range(n):
             r0, c0 = (k // grid) * tr, (k % grid) * tc
-            frames.append(_Frame(
-                pixels=pixels[r0:r0 + tr, c0:c0 + tc], ipp=corner + k * spacing * normal, iop=iop,
-                pixel_spacing=ps, slice_spacing=spacing, encoding=encoding,
-                source=SourceFrame(source_class, uid, None, k), **common))
+            frames.append(
+                _Frame(
+                    pixels=pixels[r0 : r0 + tr, c0 : c0 + tc],
+                    ipp=corner + k * spacing * normal,
+                    iop=iop,
+                    pixel_spacing=ps,
+                    slice_spacing=spacing,
+                    encoding=encoding,
+                    source=SourceFrame(source_class, uid, None, k),
+                    **common,
+                )
+            )
         return frames
-    return [_Frame(pixels=pixels, ipp=ipp, iop=iop, pixel_spacing=ps, slice_spacing=spacing,
-                   encoding=encoding, source=SourceFrame(source_class, uid), **common)]
+    return [
+        _Frame(
+            pixels=pixels,
+            ipp=ipp,
+            iop=iop,
+            pixel_spacing=ps,
+            slice_spacing=spacing,
+            encoding=encoding,
+            source=SourceFrame(source_class, uid),
+            **common,
+        )
+    ]
 
 
 def _frames_enhanced(ds: Dataset) -> list[_Frame]:
@@ -708,7 +763,8 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
     n_frames = int(ds.get("NumberOfFrames", 1))
     if len(per_frame) != n_frames:
         raise InconsistentGeometryError(
-            f"SOP Instance {uid}: {len(per_frame)} per-frame functional groups for {n_frames} frames")
+            f"SOP Instance {uid}: {len(per_frame)} per-frame functional groups for {n_frames} frames"
+        )
     pixels = _pixel_array(ds)
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]
@@ -721,7 +777,8 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
         meas = _item(groups, "PixelMeasuresSequence")
         if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
             raise InconsistentGeometryError(
-                f"SOP Instance {uid} frame {i + 1}: plane position, orientation or pixel measures missing")
+                f"SOP Instance {uid} frame {i + 1}: plane position, orientation or pixel measures missing"
+            )
         iop = np.asarray(ori.ImageOrientationPatient, dtype=float)
         timing = _item(groups, "MRTimingAndRelatedParametersSequence") or Dataset()
         echo = _item(groups, "MREchoSequence") or Dataset()
@@ -729,28 +786,39 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
         content = _item(groups, "FrameContentSequence") or Dataset()
         ftype = _item(groups, "MRImageFrameTypeSequence") or Dataset()
         transform = _item(groups, "PixelValueTransformationSequence") or Dataset()
-        inversion = first_float(modifier.get("InversionTimes")) if "InversionTimes" in modifier else None
+        inversion = (
+            first_float(modifier.get("InversionTimes")) if "InversionTimes" in modifier else None
+        )
         acq = content.get("FrameAcquisitionDateTime") or content.get("FrameReferenceDateTime")
-        frames.append(_Frame(
-            pixels=_rescale(pixels[i], transform.get("RescaleSlope", ds.get("RescaleSlope")),
-                            transform.get("RescaleIntercept", ds.get("RescaleIntercept"))),
-            ipp=np.asarray(pos.ImagePositionPatient, dtype=float),
-            iop=iop,
-            pixel_spacing=cast("tuple[float, float]", tuple(float(v) for v in meas.PixelSpacing)),
-            slice_spacing=first_float(meas.get("SpacingBetweenSlices")) or first_float(meas.get("SliceThickness")),
-            encoding=_encoding(ds, frame_groups=groups, orientation=iop),
-            flip_angle=first_float(timing.get("FlipAngle")) or base["flip_angle"],
-            repetition_time=first_float(timing.get("RepetitionTime")) or base["repetition_time"],
-            echo_time=first_float(echo.get("EffectiveEchoTime")) or base["echo_time"],
-            inversion_time=inversion if inversion is not None else base["inversion_time"],
-            trigger_time=base["trigger_time"],
-            acquisition_seconds=_datetime_seconds(acq) if acq else base["acquisition_seconds"],
-            temporal_position_index=_int(content.get("TemporalPositionIndex")),
-            acquisition_order=None,
-            instance_number=base["instance_number"],
-            image_type=_strings(ftype.get("FrameType")) or base["image_type"],
-            source=SourceFrame(str(ds.SOPClassUID), uid, i + 1),
-        ))
+        frames.append(
+            _Frame(
+                pixels=_rescale(
+                    pixels[i],
+                    transform.get("RescaleSlope", ds.get("RescaleSlope")),
+                    transform.get("RescaleIntercept", ds.get("RescaleIntercept")),
+                ),
+                ipp=np.asarray(pos.ImagePositionPatient, dtype=float),
+                iop=iop,
+                pixel_spacing=cast(
+                    "tuple[float, float]", tuple(float(v) for v in meas.PixelSpacing)
+                ),
+                slice_spacing=first_float(meas.get("SpacingBetweenSlices"))
+                or first_float(meas.get("SliceThickness")),
+                encoding=_encoding(ds, frame_groups=groups, orientation=iop),
+                flip_angle=first_float(timing.get("FlipAngle")) or base["flip_angle"],
+                repetition_time=first_float(timing.get("RepetitionTime"))
+                or base["repetition_time"],
+                echo_time=first_float(echo.get("EffectiveEchoTime")) or base["echo_time"],
+                inversion_time=inversion if inversion is not None else base["inversion_time"],
+                trigger_time=base["trigger_time"],
+                acquisition_seconds=_datetime_seconds(acq) if acq else base["acquisition_seconds"],
+                temporal_position_index=_int(content.get("TemporalPositionIndex")),
+                acquisition_order=None,
+                instance_number=base["instance_number"],
+                image_type=_strings(ftype.get("FrameType")) or base["image_type"],
+                source=SourceFrame(str(ds.SOPClassUID), uid, i + 1),
+            )
+        )
     return frames
 
 
@@ -759,7 +827,9 @@ def _physics(ds: Dataset) -> AcquisitionPhysics:
     shared_item = shared[0] if shared else Dataset()
     modifier = _item((shared_item,), "MRModifierSequence") or Dataset()
     if not modifier and ds.get("PerFrameFunctionalGroupsSequence"):
-        modifier = _item((ds.PerFrameFunctionalGroupsSequence[0],), "MRModifierSequence") or Dataset()
+        modifier = (
+            _item((ds.PerFrameFunctionalGroupsSequence[0],), "MRModifierSequence") or Dataset()
+        )
     scanning = _strings(ds.get("ScanningSequence"))
     variant = _strings(ds.get("SequenceVariant"))
     options = _strings(ds.get("ScanOptions"))
@@ -767,16 +837,29 @@ def _physics(ds: Dataset) -> AcquisitionPhysics:
     ti = first_float(ds.get("InversionTime"))
     if ti is None and "InversionTimes" in modifier:
         ti = first_float(modifier.InversionTimes)
-    inversion = ("IR" in scanning or str(modifier.get("InversionRecovery", "")).upper() == "YES"
-                 or (ti is not None and ti > 0))
+    inversion = (
+        "IR" in scanning
+        or str(modifier.get("InversionRecovery", "")).upper() == "YES"
+        or (ti is not None and ti > 0)
+    )
     if not scanning and echo_pulse:
-        scanning = tuple(x for x, ok in (("IR", inversion), ("SE", echo_pulse in ("SPIN", "BOTH")),
-                                          ("GR", echo_pulse in ("GRADIENT", "BOTH"))) if ok)
+        scanning = tuple(
+            x
+            for x, ok in (
+                ("IR", inversion),
+                ("SE", echo_pulse in ("SPIN", "BOTH")),
+                ("GR", echo_pulse in ("GRADIENT", "BOTH")),
+            )
+            if ok
+        )
         if str(ds.get("EchoPlanarPulseSequence", "")).upper() == "YES":
             scanning = scanning + ("EP",)
     fat: str | None = None
-    suppression = str(ds.get("SpectrallySelectedSuppression", "") or
-                      modifier.get("SpectrallySelectedSuppression", "") or "").upper()
+    suppression = str(
+        ds.get("SpectrallySelectedSuppression", "")
+        or modifier.get("SpectrallySelectedSuppression", "")
+        or ""
+    ).upper()
     if any(o in ("FS", "FAT_SAT", "SFS", "SPAIR", "SPIR") for o in options) or "FAT" in suppression:
         fat = "spectral"
     elif inversion and ti is not None and 80.0 <= ti <= 300.0:
@@ -788,7 +871,10 @@ def _physics(ds: Dataset) -> AcquisitionPhysics:
         agent = item.get("CodeMeaning") or item.get("CodeValue")
     if not agent:
         usage = _item((shared_item,), "ContrastBolusUsageSequence")
-        if usage is not None and str(usage.get("ContrastBolusAgentAdministered", "")).upper() == "YES":
+        if (
+            usage is not None
+            and str(usage.get("ContrastBolusAgentAdministered", "")).upper() == "YES"
+        ):
             agent = "administered"
     return AcquisitionPhysics(
         manufacturer=str(ds.get("Manufacturer", "") or ""),
@@ -886,15 +972,21 @@ def read_series(datasets: Sequence[Dataset]) -> SeriesVolume:
             raise DuplicateSliceError(f"series {series_uid}: SOP Instance {sop} given twice")
         seen.add(sop)
         if str(ds.get("SOPClassUID", "")) == ENHANCED_MR_IMAGE_STORAGE or (
-                "PerFrameFunctionalGroupsSequence" in ds and int(ds.get("NumberOfFrames", 1)) >= 1):
+            "PerFrameFunctionalGroupsSequence" in ds and int(ds.get("NumberOfFrames", 1)) >= 1
+        ):
             frames.extend(_frames_enhanced(ds))
         else:
             frames.extend(_frames_classic(ds))
     frames, excluded = _without_derived(series_uid, frames)
     excluded = tuple(aside) + excluded
-    first = next((ds for ds in datasets
-                  if str(ds.get("SOPInstanceUID", "")) == frames[0].source.sop_instance_uid),
-                 datasets[0])
+    first = next(
+        (
+            ds
+            for ds in datasets
+            if str(ds.get("SOPInstanceUID", "")) == frames[0].source.sop_instance_uid
+        ),
+        datasets[0],
+    )
     return _assemble(series_uid, first, frames, excluded)
 
 
@@ -921,8 +1013,10 @@ def _derived_reason(f: _Frame, directional_series: bool) -> str | None:
         return f"scanner-derived map (Image Type {text})"
     if directional_series and isotropic and enc is not None:
         if enc.source == "philips":
-            return (f"Philips isotropic (trace) image, (2001,1004) = I, b = {enc.b_value:g} s/mm², "
-                    "computed by the scanner inside a directional series")
+            return (
+                f"Philips isotropic (trace) image, (2001,1004) = I, b = {enc.b_value:g} s/mm², "
+                "computed by the scanner inside a directional series"
+            )
         return f"isotropic (trace) image at b = {enc.b_value:g} s/mm² inside a directional series"
     if directional_series and tokens & TRACE_TOKENS:
         return f"scanner-combined trace image (Image Type {text}) inside a directional series"
@@ -931,15 +1025,20 @@ def _derived_reason(f: _Frame, directional_series: bool) -> str | None:
     return None
 
 
-def _without_derived(series_uid: str, frames: list[_Frame]) -> tuple[list[_Frame], tuple[SetAside, ...]]:
+def _without_derived(
+    series_uid: str, frames: list[_Frame]
+) -> tuple[list[_Frame], tuple[SetAside, ...]]:
     """Drop derived frames from a series that also holds acquired ones (one entry per volume).
 
     A series made only of derived images (a scanner ADC or TRACEW series) is kept whole: its role is
     decided by :mod:`processing.classify`.
     """
-    directional = any(f.encoding is not None and f.encoding.gradient is not None
-                      and not set(f.image_type) & (TRACE_TOKENS | DERIVED_MAP_TOKENS)
-                      for f in frames)
+    directional = any(
+        f.encoding is not None
+        and f.encoding.gradient is not None
+        and not set(f.image_type) & (TRACE_TOKENS | DERIVED_MAP_TOKENS)
+        for f in frames
+    )
     reasons = [_derived_reason(f, directional) for f in frames]
     if not any(reasons) or all(reasons):
         return frames, ()
@@ -951,35 +1050,44 @@ def _without_derived(series_uid: str, frames: list[_Frame]) -> tuple[list[_Frame
     excluded = []
     for (reason, _), members in dropped.items():
         sops = sorted({m.source.sop_instance_uid for m in members})
-        excluded.append(SetAside(
-            reason=f"{reason}: left out of fitting ({len(members)} frame(s))",
-            sop_instance_uid=sops[0] if len(sops) == 1 else f"{len(sops)} SOP instances",
-            sop_class_uid=members[0].source.sop_class_uid, series_instance_uid=series_uid))
+        excluded.append(
+            SetAside(
+                reason=f"{reason}: left out of fitting ({len(members)} frame(s))",
+                sop_instance_uid=sops[0] if len(sops) == 1 else f"{len(sops)} SOP instances",
+                sop_class_uid=members[0].source.sop_class_uid,
+                series_instance_uid=series_uid,
+            )
+        )
     logger.info("series %s: %d derived volume(s) left out", series_uid, len(excluded))
     return kept, tuple(excluded)
 
 
-def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
-              excluded: tuple[SetAside, ...] = ()) -> SeriesVolume:
+def _assemble(
+    series_uid: str, first: Dataset, frames: list[_Frame], excluded: tuple[SetAside, ...] = ()
+) -> SeriesVolume:
     ref = frames[0]
     for f in frames:
         if np.max(np.abs(f.iop - ref.iop)) > ORIENTATION_TOLERANCE:
             raise InconsistentGeometryError(
                 f"series {series_uid}: mixed ImageOrientationPatient {ref.iop.round(4).tolist()} and "
-                f"{f.iop.round(4).tolist()} (SOP Instance {f.source.sop_instance_uid})")
+                f"{f.iop.round(4).tolist()} (SOP Instance {f.source.sop_instance_uid})"
+            )
         if f.pixels.shape != ref.pixels.shape:
             raise InconsistentGeometryError(
                 f"series {series_uid}: mixed matrix {ref.pixels.shape} and {f.pixels.shape} "
-                f"(SOP Instance {f.source.sop_instance_uid})")
+                f"(SOP Instance {f.source.sop_instance_uid})"
+            )
         if not np.allclose(f.pixel_spacing, ref.pixel_spacing, rtol=1e-4, atol=1e-4):
             raise InconsistentGeometryError(
                 f"series {series_uid}: mixed PixelSpacing {ref.pixel_spacing} and {f.pixel_spacing} "
-                f"(SOP Instance {f.source.sop_instance_uid})")
+                f"(SOP Instance {f.source.sop_instance_uid})"
+            )
     row, col = ref.iop[:3], ref.iop[3:]
     normal = np.cross(row, col)
     if abs(np.linalg.norm(normal) - 1.0) > 1e-3 or abs(float(np.dot(row, col))) > 1e-3:
         raise InconsistentGeometryError(
-            f"series {series_uid}: ImageOrientationPatient is not two orthonormal vectors")
+            f"series {series_uid}: ImageOrientationPatient is not two orthonormal vectors"
+        )
     normal /= np.linalg.norm(normal)
     # Cluster slice positions along the normal.
     dist = np.array([float(np.dot(f.ipp, normal)) for f in frames])
@@ -1008,13 +1116,15 @@ def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
             raise DuplicateSliceError(
                 f"series {series_uid}: slice position(s) {[round(centres[p], 3) for p in extra]} mm "
                 f"along the normal appear more often than the other {n_pos - len(extra)} in the "
-                f"volume(s) with b/flip/TE/TI/time key {key}: duplicated slice")
+                f"volume(s) with b/flip/TE/TI/time key {key}: duplicated slice"
+            )
         short = [p for p in range(n_pos) if len(per_pos.get(p, [])) < repeats]
         if short or repeats == 0:
             raise MissingSliceError(
                 f"series {series_uid}: volume(s) with b/flip/TE/TI/time key {key} lack slice "
                 f"position(s) {[round(centres[p], 3) for p in short]} mm along the normal "
-                f"({len(short)} of {n_pos} positions incomplete): missing slice")
+                f"({len(short)} of {n_pos} positions incomplete): missing slice"
+            )
         for p in per_pos:
             per_pos[p].sort(key=lambda i: _order_key(frames[i]))
         for j in range(repeats):
@@ -1027,10 +1137,12 @@ def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
             raise MissingSliceError(
                 f"series {series_uid}: gap of {steps[gap]:.3f} mm between slices at "
                 f"{centres[gap]:.3f} and {centres[gap + 1]:.3f} mm (regular spacing {step:.3f} mm): "
-                "missing slice")
+                "missing slice"
+            )
         if np.any(np.abs(steps - step) > SPACING_TOLERANCE * step):
             raise InconsistentGeometryError(
-                f"series {series_uid}: irregular slice spacing {np.round(steps, 3).tolist()} mm")
+                f"series {series_uid}: irregular slice spacing {np.round(steps, 3).tolist()} mm"
+            )
     else:
         step = ref.slice_spacing or 1.0
     # Stack must be a straight line along the normal (no shear / gantry tilt).
@@ -1044,9 +1156,12 @@ def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
         if np.linalg.norm(first_of_pos[p] - expected) > SPACING_TOLERANCE * max(step, 1.0):
             raise InconsistentGeometryError(
                 f"series {series_uid}: slice {p} is displaced in-plane by "
-                f"{np.linalg.norm(first_of_pos[p] - expected):.3f} mm (sheared stack)")
+                f"{np.linalg.norm(first_of_pos[p] - expected):.3f} mm (sheared stack)"
+            )
     volumes.sort(key=lambda vol: min(_order_key(frames[i]) for i in vol))
-    array = np.stack([np.stack([frames[i].pixels for i in vol]) for vol in volumes]).astype(np.float32)
+    array = np.stack([np.stack([frames[i].pixels for i in vol]) for vol in volumes]).astype(
+        np.float32
+    )
     direction = np.column_stack([row, col, normal])
     geometry = Geometry(
         origin=cast("tuple[float, float, float]", tuple(float(v) for v in origin)),
@@ -1076,13 +1191,14 @@ def _assemble(series_uid: str, first: Dataset, frames: list[_Frame],
 
 def _volume_metadata(frames: list[_Frame], volumes: list[list[int]]) -> tuple[VolumeMetadata, ...]:
     trig = [frames[vol[0]].trigger_time for vol in volumes]
-    acq = [min((a for i in vol if (a := frames[i].acquisition_seconds) is not None),
-               default=None) for vol in volumes]
+    acq = [
+        min((a for i in vol if (a := frames[i].acquisition_seconds) is not None), default=None)
+        for vol in volumes
+    ]
     # Only used as lists of floats once every entry is known not to be None.
     trig_known = cast("list[float]", trig)
     acq_known = cast("list[float]", acq)
-    use_trigger = (all(t is not None for t in trig)
-                   and len({round(t, 4) for t in trig_known}) > 1)
+    use_trigger = all(t is not None for t in trig) and len({round(t, 4) for t in trig_known}) > 1
     if use_trigger:
         t0 = min(trig_known)
         times: list[float | None] = [t - t0 for t in trig_known]
@@ -1095,19 +1211,21 @@ def _volume_metadata(frames: list[_Frame], volumes: list[list[int]]) -> tuple[Vo
     for vol, t in zip(volumes, times):
         f = frames[vol[0]]
         enc = f.encoding
-        out.append(VolumeMetadata(
-            b_value=None if enc is None else enc.b_value,
-            gradient=None if enc is None else enc.gradient,
-            diffusion_directionality=None if enc is None else enc.directionality,
-            flip_angle=f.flip_angle,
-            repetition_time=f.repetition_time,
-            echo_time=f.echo_time,
-            inversion_time=f.inversion_time,
-            time=None if t is None else float(t),
-            trigger_time=f.trigger_time,
-            temporal_position_index=f.temporal_position_index,
-            image_type=f.image_type,
-        ))
+        out.append(
+            VolumeMetadata(
+                b_value=None if enc is None else enc.b_value,
+                gradient=None if enc is None else enc.gradient,
+                diffusion_directionality=None if enc is None else enc.directionality,
+                flip_angle=f.flip_angle,
+                repetition_time=f.repetition_time,
+                echo_time=f.echo_time,
+                inversion_time=f.inversion_time,
+                time=None if t is None else float(t),
+                trigger_time=f.trigger_time,
+                temporal_position_index=f.temporal_position_index,
+                image_type=f.image_type,
+            )
+        )
     return tuple(out)
 
 
@@ -1131,4 +1249,3 @@ __all__ = [
     "set_aside_reason",
     "split_set_aside",
 ]
-

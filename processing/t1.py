@@ -41,8 +41,9 @@ class T1MappingError(ValueError):
     """The acquisition does not allow a T1 map (e.g. a single flip angle)."""
 
 
-def spgr_signal(m0: ArrayLike, r1: ArrayLike, flip_angle: ArrayLike, repetition_time: float
-                ) -> NDArray[np.float64]:
+def spgr_signal(
+    m0: ArrayLike, r1: ArrayLike, flip_angle: ArrayLike, repetition_time: float
+) -> NDArray[np.float64]:
     """Steady-state SPGR signal M0 sin(a)(1 - E1)/(1 - cos(a) E1); angles in degrees, TR in s."""
     a = np.deg2rad(np.asarray(flip_angle, dtype=float))
     e1 = np.exp(-repetition_time * np.asarray(r1, dtype=float))
@@ -82,8 +83,7 @@ class T1Fit:
         return self.method == "fixed value"
 
 
-def fixed_t10(shape: tuple[int, ...], t10: float = 1.0, *, reason: str = "no VFA series"
-              ) -> T1Fit:
+def fixed_t10(shape: tuple[int, ...], t10: float = 1.0, *, reason: str = "no VFA series") -> T1Fit:
     """Fixed-T10 fallback map (s), flagged as such.
 
     Parameters
@@ -99,10 +99,20 @@ def fixed_t10(shape: tuple[int, ...], t10: float = 1.0, *, reason: str = "no VFA
         raise ValueError(f"fixed T10 {t10} s outside the physical range 0.05-10 s")
     logger.warning("Using fixed T10 = %.3f s (%s): Ktrans/ve/IAUC depend on it", t10, reason)
     t1 = np.full(shape, float(t10))
-    return T1Fit(t1=t1, r1=1.0 / t1, m0=np.full(shape, np.nan), r2=np.full(shape, np.nan),
-                 valid=np.ones(shape, dtype=bool), method="fixed value",
-                 provenance={"t1_method": "fixed value", "t1_method_code": T1_METHOD_FIXED,
-                             "fixed_t10_s": float(t10), "reason": reason})
+    return T1Fit(
+        t1=t1,
+        r1=1.0 / t1,
+        m0=np.full(shape, np.nan),
+        r2=np.full(shape, np.nan),
+        valid=np.ones(shape, dtype=bool),
+        method="fixed value",
+        provenance={
+            "t1_method": "fixed value",
+            "t1_method_code": T1_METHOD_FIXED,
+            "fixed_t10_s": float(t10),
+            "reason": reason,
+        },
+    )
 
 
 class VfaT1Model:
@@ -122,14 +132,24 @@ class VfaT1Model:
         ``nonlinear`` (default): least squares on the signal; ``linear``: DESPOT1 regression.
     """
 
-    def __init__(self, flip_angles: ArrayLike, repetition_time: float, *, b1: ArrayLike = 1.0,
-                 min_t1: float = 0.01, max_t1: float = 10.0, method: str = "nonlinear",
-                 n_grid: int = 256, refine_iterations: int = 30) -> None:
+    def __init__(
+        self,
+        flip_angles: ArrayLike,
+        repetition_time: float,
+        *,
+        b1: ArrayLike = 1.0,
+        min_t1: float = 0.01,
+        max_t1: float = 10.0,
+        method: str = "nonlinear",
+        n_grid: int = 256,
+        refine_iterations: int = 30,
+    ) -> None:
         fa = np.asarray(flip_angles, dtype=float)
         if fa.ndim != 1 or np.unique(fa).size < 2:
             raise T1MappingError(
                 f"VFA T1 needs at least two distinct flip angles, got {np.unique(fa).tolist()} "
-                "deg: a single flip angle does not determine T1")
+                "deg: a single flip angle does not determine T1"
+            )
         if np.any((fa <= 0) | (fa >= 180)):
             raise ValueError("flip angles must be in (0, 180) degrees")
         if repetition_time <= 0:
@@ -146,13 +166,15 @@ class VfaT1Model:
         self.n_grid = int(n_grid)
         self.refine_iterations = int(refine_iterations)
 
-    def _basis(self, r1: NDArray[np.float64], sin_a: NDArray[np.float64],
-               cos_a: NDArray[np.float64]) -> NDArray[np.float64]:
+    def _basis(
+        self, r1: NDArray[np.float64], sin_a: NDArray[np.float64], cos_a: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
         e1 = np.exp(-self.repetition_time * r1)[..., None]
         return sin_a * (1.0 - e1) / (1.0 - cos_a * e1)
 
-    def _sse(self, s: NDArray, r1: NDArray, sin_a: NDArray, cos_a: NDArray
-             ) -> tuple[NDArray, NDArray]:
+    def _sse(
+        self, s: NDArray, r1: NDArray, sin_a: NDArray, cos_a: NDArray
+    ) -> tuple[NDArray, NDArray]:
         f = self._basis(r1, sin_a, cos_a)
         fs = np.sum(f * s, axis=-1)
         ff = np.sum(f * f, axis=-1)
@@ -177,8 +199,9 @@ class VfaT1Model:
         """
         s = np.asarray(signal, dtype=float)
         if s.shape[-1] != self.flip_angles.size:
-            raise ValueError(f"signal has {s.shape[-1]} flip angles, model has "
-                             f"{self.flip_angles.size}")
+            raise ValueError(
+                f"signal has {s.shape[-1]} flip angles, model has {self.flip_angles.size}"
+            )
         spatial = s.shape[:-1]
         flat = s.reshape(-1, s.shape[-1])
         use = np.all(np.isfinite(flat), axis=1) & np.all(flat > 0, axis=1)
@@ -200,26 +223,36 @@ class VfaT1Model:
         valid = use & np.isfinite(r1) & (r1 > r1_lo * (1 + 1e-6)) & (r1 < r1_hi * (1 - 1e-6))
         r1[~valid] = np.nan
         m0[~valid] = np.nan
-        pred = spgr_signal(m0[:, None], r1[:, None],
-                           self.flip_angles[None, :] * b1[:, None], self.repetition_time)
+        pred = spgr_signal(
+            m0[:, None], r1[:, None], self.flip_angles[None, :] * b1[:, None], self.repetition_time
+        )
         with np.errstate(invalid="ignore", divide="ignore"):
             ss_res = np.sum((flat - pred) ** 2, axis=1)
             ss_tot = np.sum((flat - flat.mean(axis=1, keepdims=True)) ** 2, axis=1)
             r2 = np.where(valid & (ss_tot > 0), 1.0 - ss_res / ss_tot, np.nan)
             t1 = 1.0 / r1
-        return T1Fit(t1=t1.reshape(spatial), r1=r1.reshape(spatial), m0=m0.reshape(spatial),
-                     r2=r2.reshape(spatial), valid=valid.reshape(spatial),
-                     method="variable flip angle", provenance=self.provenance)
+        return T1Fit(
+            t1=t1.reshape(spatial),
+            r1=r1.reshape(spatial),
+            m0=m0.reshape(spatial),
+            r2=r2.reshape(spatial),
+            valid=valid.reshape(spatial),
+            method="variable flip angle",
+            provenance=self.provenance,
+        )
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return {"t1_method": "variable flip angle", "t1_method_code": T1_METHOD_VFA,
-                "fit": "SPGR " + self.method + " least squares",
-                "flip_angles_deg": self.flip_angles.tolist(),
-                "repetition_time_s": self.repetition_time,
-                "b1_corrected": bool(np.any(self.b1 != 1.0)),
-                **({} if np.any(self.b1 != 1.0) else {"b1_caveat": B1_CAVEAT}),
-                "t1_bounds_s": [self.min_t1, self.max_t1]}
+        return {
+            "t1_method": "variable flip angle",
+            "t1_method_code": T1_METHOD_VFA,
+            "fit": "SPGR " + self.method + " least squares",
+            "flip_angles_deg": self.flip_angles.tolist(),
+            "repetition_time_s": self.repetition_time,
+            "b1_corrected": bool(np.any(self.b1 != 1.0)),
+            **({} if np.any(self.b1 != 1.0) else {"b1_caveat": B1_CAVEAT}),
+            "t1_bounds_s": [self.min_t1, self.max_t1],
+        }
 
     def _fit_linear(self, s: NDArray, alpha: NDArray) -> tuple[NDArray, NDArray]:
         # DESPOT1: S/sin(a) = E1 S/tan(a) + M0 (1 - E1), ordinary least squares per voxel
@@ -245,8 +278,9 @@ class VfaT1Model:
             f = self._basis(np.exp(grid), sin_a[:1], cos_a[:1])  # (n_grid, n_fa)
             sse_grid = ss[None, :] - (f @ s.T) ** 2 / np.sum(f * f, axis=1)[:, None]
         else:
-            sse_grid = np.stack([self._sse(s, np.full(s.shape[0], np.exp(g)), sin_a, cos_a)[0]
-                                 for g in grid])
+            sse_grid = np.stack(
+                [self._sse(s, np.full(s.shape[0], np.exp(g)), sin_a, cos_a)[0] for g in grid]
+            )
         best = np.argmin(sse_grid, axis=0)
         lo = grid[np.maximum(best - 1, 0)]
         hi = grid[np.minimum(best + 1, grid.size - 1)]

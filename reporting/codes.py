@@ -87,7 +87,9 @@ def private_code(value: str, meaning: str) -> CodedConcept:
     if not value or len(value) > 16:
         raise ValueError(f"private code value must have 1-16 characters, got {value!r}")
     return CodedConcept(
-        value=value, scheme_designator=PRIVATE_SCHEME, meaning=meaning[:64],
+        value=value,
+        scheme_designator=PRIVATE_SCHEME,
+        meaning=meaning[:64],
         scheme_version=PRIVATE_SCHEME_VERSION,
     )
 
@@ -97,8 +99,11 @@ def coding_scheme_identification() -> list[Dataset]:
     items = []
     for designator, name, responsible in (
         (PRIVATE_SCHEME, "Spine Response Node private codes", "Spine Response Node"),
-        (PYRADIOMICS_SCHEME, "pyradiomics features without IBSI code (pyradiomics-dcm)",
-         "pyradiomics"),
+        (
+            PYRADIOMICS_SCHEME,
+            "pyradiomics features without IBSI code (pyradiomics-dcm)",
+            "pyradiomics",
+        ),
     ):
         item = Dataset()
         item.CodingSchemeDesignator = designator
@@ -143,11 +148,29 @@ UNITS: dict[str, CodedConcept] = {
 
 #: Spellings met in result objects -> UCUM code used in ``UNITS``.
 _UNIT_ALIASES: dict[str, str] = {
-    "mm^2/s": "mm2/s", "mm²/s": "mm2/s", "um^2/s": "um2/s", "µm²/s": "um2/s", "µm2/s": "um2/s",
-    "1/min": "/min", "min-1": "/min", "1/s": "/s", "mmol/L.s": "mmol/l.s", "mM.s": "mmol/l.s",
-    "mmol/L": "mmol/l", "mM": "mmol/l", "mL": "cm3", "ml": "cm3", "fraction": "1",
-    "ratio": "{ratio}", "": "1", "days": "d", "day": "d", "weeks": "wk", "week": "wk",
-    "months": "mo", "month": "mo",
+    "mm^2/s": "mm2/s",
+    "mm²/s": "mm2/s",
+    "um^2/s": "um2/s",
+    "µm²/s": "um2/s",
+    "µm2/s": "um2/s",
+    "1/min": "/min",
+    "min-1": "/min",
+    "1/s": "/s",
+    "mmol/L.s": "mmol/l.s",
+    "mM.s": "mmol/l.s",
+    "mmol/L": "mmol/l",
+    "mM": "mmol/l",
+    "mL": "cm3",
+    "ml": "cm3",
+    "fraction": "1",
+    "ratio": "{ratio}",
+    "": "1",
+    "days": "d",
+    "day": "d",
+    "weeks": "wk",
+    "week": "wk",
+    "months": "mo",
+    "month": "mo",
 }
 
 #: (from, to) -> multiplicative factor.
@@ -160,8 +183,12 @@ _CONVERSIONS: dict[tuple[str, str], float] = {
     ("/s", "/min"): 60.0,
     ("/min", "/s"): 1.0 / 60.0,
     # dimensionless spellings are interchangeable
-    ("1", "{ratio}"): 1.0, ("{ratio}", "1"): 1.0, ("1", "{0:1}"): 1.0, ("{0:1}", "1"): 1.0,
-    ("{ratio}", "{0:1}"): 1.0, ("{0:1}", "{ratio}"): 1.0,
+    ("1", "{ratio}"): 1.0,
+    ("{ratio}", "1"): 1.0,
+    ("1", "{0:1}"): 1.0,
+    ("{0:1}", "1"): 1.0,
+    ("{ratio}", "{0:1}"): 1.0,
+    ("{0:1}", "{ratio}"): 1.0,
 }
 
 
@@ -250,25 +277,46 @@ T1_VFA = _c(_DCM.T1ByMultipleFlipAngles)
 QUANTITIES: dict[str, QuantitySpec] = {
     spec.name: spec
     for spec in (
-        QuantitySpec("ADC", _c(_DCM.ApparentDiffusionCoefficient), "um2/s", "mm2/s", MONO_EXP,
-                     "DIFFUSION"),
-        QuantitySpec("MD", _c(_DCM.MeanDiffusivity), "um2/s", "mm2/s", KURTOSIS_MODEL,
-                     "DIFFUSION"),
-        QuantitySpec("Dapp", _c(_DCM.KurtosisDiffusionCoefficient), "um2/s", "mm2/s",
-                     KURTOSIS_MODEL, "DIFFUSION"),
+        QuantitySpec(
+            "ADC", _c(_DCM.ApparentDiffusionCoefficient), "um2/s", "mm2/s", MONO_EXP, "DIFFUSION"
+        ),
+        QuantitySpec("MD", _c(_DCM.MeanDiffusivity), "um2/s", "mm2/s", KURTOSIS_MODEL, "DIFFUSION"),
+        QuantitySpec(
+            "Dapp",
+            _c(_DCM.KurtosisDiffusionCoefficient),
+            "um2/s",
+            "mm2/s",
+            KURTOSIS_MODEL,
+            "DIFFUSION",
+        ),
         QuantitySpec("MK", _c(_DCM.MeanKurtosis), "1", "1", KURTOSIS_MODEL, "DIFFUSION"),
-        QuantitySpec("Kapp", _c(_DCM.ApparentKurtosisCoefficient), "1", "1", KURTOSIS_MODEL,
-                     "DIFFUSION"),
+        QuantitySpec(
+            "Kapp", _c(_DCM.ApparentKurtosisCoefficient), "1", "1", KURTOSIS_MODEL, "DIFFUSION"
+        ),
         QuantitySpec("AK", _c(_DCM.AxialKurtosis), "1", "1", KURTOSIS_MODEL, "DIFFUSION"),
         QuantitySpec("RK", _c(_DCM.RadialKurtosis), "1", "1", KURTOSIS_MODEL, "DIFFUSION"),
-        QuantitySpec("FA", _c(_DCM.FractionalAnisotropy), "{0:1}", "1", KURTOSIS_MODEL,
-                     "DIFFUSION"),
-        QuantitySpec("IVIM_D", _c(_DCM.SlowDiffusionCoefficient), "um2/s", "mm2/s", IVIM_MODEL,
-                     "DIFFUSION"),
-        QuantitySpec("IVIM_Dstar", _c(_DCM.FastDiffusionCoefficient), "um2/s", "mm2/s",
-                     IVIM_MODEL, "DIFFUSION"),
-        QuantitySpec("IVIM_f", _c(_DCM.FastDiffusionCoefficientFraction), "{0:1}", "1",
-                     IVIM_MODEL, "DIFFUSION"),
+        QuantitySpec(
+            "FA", _c(_DCM.FractionalAnisotropy), "{0:1}", "1", KURTOSIS_MODEL, "DIFFUSION"
+        ),
+        QuantitySpec(
+            "IVIM_D", _c(_DCM.SlowDiffusionCoefficient), "um2/s", "mm2/s", IVIM_MODEL, "DIFFUSION"
+        ),
+        QuantitySpec(
+            "IVIM_Dstar",
+            _c(_DCM.FastDiffusionCoefficient),
+            "um2/s",
+            "mm2/s",
+            IVIM_MODEL,
+            "DIFFUSION",
+        ),
+        QuantitySpec(
+            "IVIM_f",
+            _c(_DCM.FastDiffusionCoefficientFraction),
+            "{0:1}",
+            "1",
+            IVIM_MODEL,
+            "DIFFUSION",
+        ),
         QuantitySpec("Ktrans", _c(_DCM.Ktrans), "/min", "/min", STANDARD_TOFTS, "PERFUSION"),
         QuantitySpec("kep", _c(_DCM.Kep), "/min", "/min", STANDARD_TOFTS, "PERFUSION"),
         QuantitySpec("ve", _c(_DCM.Ve), "{ratio}", "1", STANDARD_TOFTS, "PERFUSION"),
@@ -303,17 +351,30 @@ def quantity_spec(name: str, *, model: str | None = None) -> QuantitySpec:
         spec = QUANTITIES[name]
     except KeyError as err:
         raise ValueError(
-            f"unknown quantity {name!r}; expected one of {sorted(QUANTITIES)}") from err
+            f"unknown quantity {name!r}; expected one of {sorted(QUANTITIES)}"
+        ) from err
     if model is not None and spec.method in (STANDARD_TOFTS, EXTENDED_TOFTS):
         key = model.lower().replace("-", "_").replace(" ", "_")
         if key in ("extended_tofts", "etofts", "extended"):
-            spec = QuantitySpec(spec.name, spec.quantity, spec.unit, spec.internal_unit,
-                                EXTENDED_TOFTS, spec.image_flavor)
+            spec = QuantitySpec(
+                spec.name,
+                spec.quantity,
+                spec.unit,
+                spec.internal_unit,
+                EXTENDED_TOFTS,
+                spec.image_flavor,
+            )
         elif key in ("tofts", "standard_tofts"):
             if spec.name == "vp":
                 raise ValueError("vp is not a parameter of the standard Tofts model")
-            spec = QuantitySpec(spec.name, spec.quantity, spec.unit, spec.internal_unit,
-                                STANDARD_TOFTS, spec.image_flavor)
+            spec = QuantitySpec(
+                spec.name,
+                spec.quantity,
+                spec.unit,
+                spec.internal_unit,
+                STANDARD_TOFTS,
+                spec.image_flavor,
+            )
         else:
             raise ValueError(f"unknown DCE model {model!r}")
     return spec
@@ -323,7 +384,9 @@ def quantity_from_code(code: CodedConcept | Code) -> str:
     """Return the node quantity name whose quantity code equals ``code`` (first match)."""
     for spec in QUANTITIES.values():
         if (spec.quantity.value, spec.quantity.scheme_designator) == (
-                code.value, code.scheme_designator):
+            code.value,
+            code.scheme_designator,
+        ):
             return spec.name
     raise ValueError(f"no node quantity for code {code.value} ({code.scheme_designator})")
 
@@ -351,7 +414,8 @@ def segment_type(name: str) -> CodedConcept:
         return SEGMENT_TYPES[name.lower()]
     except KeyError as err:
         raise ValueError(
-            f"unknown segment type {name!r}; expected one of {sorted(SEGMENT_TYPES)}") from err
+            f"unknown segment type {name!r}; expected one of {sorted(SEGMENT_TYPES)}"
+        ) from err
 
 
 def vertebra_code(level: str | None) -> CodedConcept:
@@ -386,7 +450,11 @@ PEAK = _c(_DCM.PeakValueWithinROI)
 P10 = private_code("P10", "10th percentile within ROI")
 P90 = private_code("P90", "90th percentile within ROI")
 STATISTIC_DERIVATIONS: dict[str, CodedConcept] = {
-    "mean": MEAN, "median": MEDIAN, "sd": STANDARD_DEVIATION, "p10": P10, "p90": P90,
+    "mean": MEAN,
+    "median": MEDIAN,
+    "sd": STANDARD_DEVIATION,
+    "p10": P10,
+    "p90": P90,
     "peak": PEAK,
 }
 MAX_AXIAL_DIAMETER = private_code("AXDIAM", "Maximum axial diameter")
@@ -403,7 +471,8 @@ RESPONSE_CATEGORIES: dict[ResponseCategory, CodedConcept] = {
     ResponseCategory.LOCAL_CONTROL: private_code("LC", "Local control"),
     ResponseCategory.LOCAL_PROGRESSION: private_code("LP", "Local progression"),
     ResponseCategory.INDETERMINATE: private_code(
-        "INDPP", "Indeterminate - possible pseudoprogression"),
+        "INDPP", "Indeterminate - possible pseudoprogression"
+    ),
     ResponseCategory.NOT_ASSESSABLE: private_code("NA", "Not assessable"),
 }
 VCF_EVALUATION = private_code("VCF", "Vertebral compression fracture")
@@ -447,8 +516,9 @@ def rule_set_code(rule_set: str) -> CodedConcept:
 
 _IBSI_BY_CODE: dict[str, str] = {
     code: meaning
-    for entry in cast("dict[str, dict[str, tuple[str, list[int]]]]",
-                      _concepts.get("IBSI", {})).values()
+    for entry in cast(
+        "dict[str, dict[str, tuple[str, list[int]]]]", _concepts.get("IBSI", {})
+    ).values()
     for code, (meaning, _cids) in entry.items()
 }
 
@@ -473,7 +543,8 @@ def pyradiomics_private_code(feature: str) -> CodedConcept:
 
 
 def radiomics_feature_code(
-    feature: str, ibsi_map: Mapping[str, str | Code | CodedConcept] | None = None,
+    feature: str,
+    ibsi_map: Mapping[str, str | Code | CodedConcept] | None = None,
 ) -> CodedConcept:
     """Concept for a pyradiomics feature name (``original_glcm_Contrast``).
 

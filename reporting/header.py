@@ -14,13 +14,32 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 #: Patient and General Study attributes copied from the source image
 PATIENT_STUDY_KEYWORDS = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
-    "PatientSex", "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "StudyID", "AccessionNumber", "StudyDescription",
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
 )
 #: Type 2 attributes of the Patient and General Study modules (present, possibly empty)
-TYPE2_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
-                  "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def derived_dataset(sop_class_uid: str, sop_instance_uid: str, source: Dataset) -> Dataset:

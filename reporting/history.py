@@ -38,8 +38,8 @@ from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from reporting.seg import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, sanitized_source
 from reporting.header import derived_dataset
+from reporting.seg import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, sanitized_source
 from reporting.uids import deterministic_uid, digest_text
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,6 @@ _CALL_SHORT = {
 _TABLE_CALLS = {"indeterminate - possible pseudoprogression": "indeterminate (PsP?)"}
 
 
-
 def _ordered(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     if not records:
         raise ValueError("no time points: a history needs at least one")
@@ -82,13 +81,15 @@ def _ordered(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
         raise ValueError(f"time points of {len(lesions)} lesions given; plot one lesion at a time")
     for r in records:
         if r.get("days_since_treatment") is None:
-            raise ValueError(f"time point {r.get('study_instance_uid')} has no days since "
-                             "treatment")
+            raise ValueError(
+                f"time point {r.get('study_instance_uid')} has no days since treatment"
+            )
     return sorted(records, key=lambda r: (r["days_since_treatment"], str(r.get("study_date"))))
 
 
-def repeatability_band(records: Sequence[Mapping[str, Any]], quantity: str
-                       ) -> tuple[float, float] | None:
+def repeatability_band(
+    records: Sequence[Mapping[str, Any]], quantity: str
+) -> tuple[float, float] | None:
     """Band of no detectable change around the baseline value of ``quantity``.
 
     Returns
@@ -98,11 +99,19 @@ def repeatability_band(records: Sequence[Mapping[str, Any]], quantity: str
         repeatability (minimum detectable change, a fraction) of the follow-ups' changes of this
         quantity from baseline; ``None`` without a baseline value or a repeatability.
     """
-    baseline = [r for r in records if r.get("role") == "baseline"
-                and quantity in (r.get("measurements") or {})]
-    limits = [c["repeatability"] for r in records for c in (r.get("changes") or [])
-              if c.get("quantity") == quantity and c.get("reference") == "baseline"
-              and c.get("repeatability") is not None]
+    baseline = [
+        r
+        for r in records
+        if r.get("role") == "baseline" and quantity in (r.get("measurements") or {})
+    ]
+    limits = [
+        c["repeatability"]
+        for r in records
+        for c in (r.get("changes") or [])
+        if c.get("quantity") == quantity
+        and c.get("reference") == "baseline"
+        and c.get("repeatability") is not None
+    ]
     if not baseline or not limits:
         return None
     value = float(baseline[0]["measurements"][quantity])
@@ -111,8 +120,12 @@ def repeatability_band(records: Sequence[Mapping[str, Any]], quantity: str
     return (min(low, high), max(low, high))
 
 
-def trend_figure(records: Sequence[Mapping[str, Any]], *, title: str | None = None,
-                 figsize: tuple[float, float] = (8.0, 6.0)) -> Figure:
+def trend_figure(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = None,
+    figsize: tuple[float, float] = (8.0, 6.0),
+) -> Figure:
     """Four trend panels (volume, ADC, Ktrans, vp) of one lesion against days since treatment.
 
     Parameters
@@ -137,39 +150,71 @@ def trend_figure(records: Sequence[Mapping[str, Any]], *, title: str | None = No
     days = [int(p["days_since_treatment"]) for p in points]
     for ax, (path, label, scale, unit) in zip(axes, TREND_QUANTITIES):
         xs = [d for d, p in zip(days, points) if path in (p.get("measurements") or {})]
-        ys = [float(p["measurements"][path]) * scale for p in points
-              if path in (p.get("measurements") or {})]
+        ys = [
+            float(p["measurements"][path]) * scale
+            for p in points
+            if path in (p.get("measurements") or {})
+        ]
         ax.set_title(f"{label} [{unit}]", fontsize=9)
         ax.axvline(0, color="black", lw=0.8, ls=":")
         ax.grid(True, lw=0.3)
         if not xs:
-            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center",
-                    va="center", color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                "not measured",
+                transform=ax.transAxes,
+                ha="center",
+                va="center",
+                color="gray",
+            )
             continue
         band = repeatability_band(points, path)
         if band is not None:
-            ax.axhspan(band[0] * scale, band[1] * scale, color="0.85", zorder=0,
-                       label="repeatability")
+            ax.axhspan(
+                band[0] * scale, band[1] * scale, color="0.85", zorder=0, label="repeatability"
+            )
         ax.plot(xs, ys, "-o", color="tab:blue", ms=4, zorder=2)
         for p, d in zip(points, days):
             category = (p.get("response") or {}).get("category")
             if category is None or path not in (p.get("measurements") or {}):
                 continue
             y = float(p["measurements"][path]) * scale
-            ax.plot([d], [y], "s", ms=8, mfc="none", mec=_CALL_COLOURS.get(category, "k"),
-                    mew=1.5, zorder=3)
-            ax.annotate(_CALL_SHORT.get(category, category), (d, y), textcoords="offset points",
-                        xytext=(4, 6), fontsize=7, color=_CALL_COLOURS.get(category, "k"))
+            ax.plot(
+                [d],
+                [y],
+                "s",
+                ms=8,
+                mfc="none",
+                mec=_CALL_COLOURS.get(category, "k"),
+                mew=1.5,
+                zorder=3,
+            )
+            ax.annotate(
+                _CALL_SHORT.get(category, category),
+                (d, y),
+                textcoords="offset points",
+                xytext=(4, 6),
+                fontsize=7,
+                color=_CALL_COLOURS.get(category, "k"),
+            )
     for ax in axes[2:]:
         ax.set_xlabel("days since treatment")
     level = f" ({lesion['vertebral_level']})" if lesion.get("vertebral_level") else ""
-    fig.suptitle(title or f"Lesion {lesion.get('tracking_id') or lesion.get('tracking_uid')}"
-                 f"{level}", fontsize=11)
+    fig.suptitle(
+        title or f"Lesion {lesion.get('tracking_id') or lesion.get('tracking_uid')}{level}",
+        fontsize=11,
+    )
     return fig
 
 
-def trend_image(records: Sequence[Mapping[str, Any]], *, fmt: str = "png", dpi: int = 100,
-                title: str | None = None) -> bytes:
+def trend_image(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    fmt: str = "png",
+    dpi: int = 100,
+    title: str | None = None,
+) -> bytes:
     """:func:`trend_figure` rendered as PNG or SVG bytes."""
     if fmt not in ("png", "svg"):
         raise ValueError(f"fmt must be 'png' or 'svg', not {fmt!r}")
@@ -193,8 +238,12 @@ def _relative(record: Mapping[str, Any], quantity: str) -> str:
     return ""
 
 
-def history_pdf(records: Sequence[Mapping[str, Any]], *,
-                course: Mapping[str, Any] | None = None, algorithm_version: str = "") -> bytes:
+def history_pdf(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    course: Mapping[str, Any] | None = None,
+    algorithm_version: str = "",
+) -> bytes:
     """One A4 page summarising the lesion's history, as PDF bytes (deterministic).
 
     Parameters
@@ -210,52 +259,81 @@ def history_pdf(records: Sequence[Mapping[str, Any]], *,
     lesion = points[0].get("lesion") or {}
     fig = Figure(figsize=(8.27, 11.69))  # A4 portrait, inches
     level = f", {lesion['vertebral_level']}" if lesion.get("vertebral_level") else ""
-    fig.text(0.06, 0.965, f"Lesion history: {lesion.get('tracking_id') or ''}{level}",
-             fontsize=15, weight="bold")
+    fig.text(
+        0.06,
+        0.965,
+        f"Lesion history: {lesion.get('tracking_id') or ''}{level}",
+        fontsize=15,
+        weight="bold",
+    )
     lines = [f"Tracking UID {lesion.get('tracking_uid')}"]
     if course:
         lines.append(
             f"CyberKnife course: first treatment day {course.get('treatment_date')}"
             f"{' (estimated)' if course.get('treatment_date_estimated') else ''}, "
             f"{course.get('fractions')} fractions, {_fmt(course.get('prescription_dose_gy'))} Gy, "
-            f"BED10 {_fmt(course.get('bed10_gy'))} Gy")
+            f"BED10 {_fmt(course.get('bed10_gy'))} Gy"
+        )
     fig.text(0.06, 0.94, "\n".join(lines), fontsize=8, va="top")
-    header = ["date", "day", "role", "volume mL", "ADC 10⁻³mm²/s", "Ktrans /min", "vp %",
-              "response"]
+    header = [
+        "date",
+        "day",
+        "role",
+        "volume mL",
+        "ADC 10⁻³mm²/s",
+        "Ktrans /min",
+        "vp %",
+        "response",
+    ]
     rows = []
     for p in points:
         m = p.get("measurements") or {}
-        rows.append([
-            str(p.get("study_date")), f"{int(p['days_since_treatment']):+d}", str(p.get("role")),
-            _fmt(m.get("volume")) + _relative(p, "volume"),
-            _fmt(m.get("ADC.mean"), 1e3) + _relative(p, "ADC.mean"),
-            _fmt(m.get("Ktrans.mean")) + _relative(p, "Ktrans.mean"),
-            _fmt(m.get("vp.mean"), 100) + _relative(p, "vp.mean"),
-            _TABLE_CALLS.get((p.get("response") or {}).get("category") or "",
-                             (p.get("response") or {}).get("category") or ""),
-        ])
+        rows.append(
+            [
+                str(p.get("study_date")),
+                f"{int(p['days_since_treatment']):+d}",
+                str(p.get("role")),
+                _fmt(m.get("volume")) + _relative(p, "volume"),
+                _fmt(m.get("ADC.mean"), 1e3) + _relative(p, "ADC.mean"),
+                _fmt(m.get("Ktrans.mean")) + _relative(p, "Ktrans.mean"),
+                _fmt(m.get("vp.mean"), 100) + _relative(p, "vp.mean"),
+                _TABLE_CALLS.get(
+                    (p.get("response") or {}).get("category") or "",
+                    (p.get("response") or {}).get("category") or "",
+                ),
+            ]
+        )
     table_ax = fig.add_axes((0.04, 0.70, 0.92, 0.2))
     table_ax.axis("off")
-    table = table_ax.table(cellText=rows, colLabels=header, loc="upper center",
-                           cellLoc="center",
-                           colWidths=[0.12, 0.06, 0.09, 0.13, 0.15, 0.13, 0.11, 0.21])
+    table = table_ax.table(
+        cellText=rows,
+        colLabels=header,
+        loc="upper center",
+        cellLoc="center",
+        colWidths=[0.12, 0.06, 0.09, 0.13, 0.15, 0.13, 0.11, 0.21],
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(7)
     table.scale(1.0, 1.3)
-    notes = ["Changes in brackets are relative to the baseline; * = beyond the repeatability "
-             "(minimum detectable change)."]
+    notes = [
+        "Changes in brackets are relative to the baseline; * = beyond the repeatability "
+        "(minimum detectable change)."
+    ]
     last = points[-1]
     response = last.get("response") or {}
     if response:
-        fired = [c.get("description", "") for c in response.get("criteria") or []
-                 if c.get("fired")]
-        notes.append(f"Latest call ({last.get('study_date')}): {response.get('category')}"
-                     + (f" — {'; '.join(fired)}" if fired else ""))
+        fired = [c.get("description", "") for c in response.get("criteria") or [] if c.get("fired")]
+        notes.append(
+            f"Latest call ({last.get('study_date')}): {response.get('category')}"
+            + (f" — {'; '.join(fired)}" if fired else "")
+        )
         if response.get("recommendation"):
             notes.append(f"Recommendation: {response['recommendation']}")
     if last.get("comparability") and last.get("comparability") != "comparable":
-        notes.append(f"Comparability with baseline: {last['comparability']} "
-                     f"({'; '.join(last.get('comparability_reasons') or [])})")
+        notes.append(
+            f"Comparability with baseline: {last['comparability']} "
+            f"({'; '.join(last.get('comparability_reasons') or [])})"
+        )
     wrapped = [line for note in notes for line in textwrap.wrap(note, 120)]
     fig.text(0.06, 0.69, "\n".join(wrapped[:12]), fontsize=7.5, va="top")
     trend = trend_figure(points, figsize=(7.5, 5.6), title="Trends")
@@ -267,12 +345,24 @@ def history_pdf(records: Sequence[Mapping[str, Any]], *,
     image_ax = fig.add_axes((0.04, 0.06, 0.92, 0.56))
     image_ax.imshow(mpimg.imread(buffer, format="png"))
     image_ax.axis("off")
-    fig.text(0.06, 0.025, f"Spine Response Node {algorithm_version} — research use; the "
-             "radiologist's report is authoritative.", fontsize=7, color="0.3")
+    fig.text(
+        0.06,
+        0.025,
+        f"Spine Response Node {algorithm_version} — research use; the "
+        "radiologist's report is authoritative.",
+        fontsize=7,
+        color="0.3",
+    )
     out = io.BytesIO()
-    fig.savefig(out, format="pdf", metadata={"CreationDate": None, "Producer": None,
-                                             "Creator": f"Spine Response Node "
-                                                        f"{algorithm_version}".strip()})
+    fig.savefig(
+        out,
+        format="pdf",
+        metadata={
+            "CreationDate": None,
+            "Producer": None,
+            "Creator": f"Spine Response Node {algorithm_version}".strip(),
+        },
+    )
     return out.getvalue()
 
 
@@ -312,15 +402,19 @@ def build_encapsulated_pdf(
     if not algorithm_version:
         raise ValueError("algorithm_version must be given")
     source = sanitized_source(follow_up_image)
-    digest = digest_text(tracking_uid, str(source.SOPInstanceUID),
-                         hashlib.sha256(pdf).hexdigest())
-    uid_args = dict(source_study_uid=str(source.StudyInstanceUID), tracking_uid=tracking_uid,
-                    algorithm_version=algorithm_version)
-    sop_instance_uid = deterministic_uid(kind="history-pdf/instance", input_digest=digest,
-                                         **uid_args)
+    digest = digest_text(tracking_uid, str(source.SOPInstanceUID), hashlib.sha256(pdf).hexdigest())
+    uid_args = dict(
+        source_study_uid=str(source.StudyInstanceUID),
+        tracking_uid=tracking_uid,
+        algorithm_version=algorithm_version,
+    )
+    sop_instance_uid = deterministic_uid(
+        kind="history-pdf/instance", input_digest=digest, **uid_args
+    )
     # the series UID does not depend on the document, so a new version lands in the same series
-    series_uid = deterministic_uid(kind="history-pdf/series", input_digest="lesion-history",
-                                   **uid_args)
+    series_uid = deterministic_uid(
+        kind="history-pdf/series", input_digest="lesion-history", **uid_args
+    )
 
     ds = derived_dataset(ENCAPSULATED_PDF_STORAGE, sop_instance_uid, source)
     # Encapsulated Document Series
@@ -350,8 +444,13 @@ def build_encapsulated_pdf(
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(pdf)
     ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
-    logger.info("history PDF %s for lesion %s in study %s (%d bytes)", sop_instance_uid,
-                tracking_uid, source.StudyInstanceUID, len(pdf))
+    logger.info(
+        "history PDF %s for lesion %s in study %s (%d bytes)",
+        sop_instance_uid,
+        tracking_uid,
+        source.StudyInstanceUID,
+        len(pdf),
+    )
     return ds
 
 
@@ -384,8 +483,9 @@ def lesion_history_documents(
     """
     by_lesion: dict[str, list[Mapping[str, Any]]] = {}
     for record in time_points:
-        by_lesion.setdefault((record.get("lesion") or {}).get("tracking_uid") or "",
-                             []).append(record)
+        by_lesion.setdefault((record.get("lesion") or {}).get("tracking_uid") or "", []).append(
+            record
+        )
     documents = []
     for tracking_uid, records in sorted(by_lesion.items()):
         if not tracking_uid:
@@ -395,7 +495,10 @@ def lesion_history_documents(
             image = follow_up_images.get(str(record.get("study_instance_uid")))
             if record.get("role") != "follow-up" or image is None:
                 continue
-            pdf = history_pdf(points[:i + 1], course=course, algorithm_version=algorithm_version)
-            documents.append(build_encapsulated_pdf(
-                pdf, image, tracking_uid=tracking_uid, algorithm_version=algorithm_version))
+            pdf = history_pdf(points[: i + 1], course=course, algorithm_version=algorithm_version)
+            documents.append(
+                build_encapsulated_pdf(
+                    pdf, image, tracking_uid=tracking_uid, algorithm_version=algorithm_version
+                )
+            )
     return documents

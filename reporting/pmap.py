@@ -60,13 +60,14 @@ _QUANTITY_ORDER = list(rcodes.QUANTITIES)
 
 def _quantity_definitions(spec: rcodes.QuantitySpec) -> list[Dataset]:
     items: list[Dataset] = [
-        hd.sr.CodeContentItem(
-            name=codes.SCT.Quantity, value=spec.quantity,
-            relationship_type=None),
+        hd.sr.CodeContentItem(name=codes.SCT.Quantity, value=spec.quantity, relationship_type=None),
     ]
     if spec.method is not None:
-        items.append(hd.sr.CodeContentItem(
-            name=codes.SCT.MeasurementMethod, value=spec.method, relationship_type=None))
+        items.append(
+            hd.sr.CodeContentItem(
+                name=codes.SCT.MeasurementMethod, value=spec.method, relationship_type=None
+            )
+        )
     return items
 
 
@@ -135,11 +136,16 @@ def build_parametric_map(
     if not np.issubdtype(values.dtype, np.floating):
         raise ValueError(f"values must be floating point, got {values.dtype}")
     src = source_images[0] if source_images else None
-    expected = (int(grid.size[1]), int(grid.size[0])) if grid is not None else (
-        None if src is None else (int(src.Rows), int(src.Columns)))
+    expected = (
+        (int(grid.size[1]), int(grid.size[0]))
+        if grid is not None
+        else (None if src is None else (int(src.Rows), int(src.Columns)))
+    )
     if expected is not None and values.shape[1:] != expected:
-        raise ValueError(f"values frames are {values.shape[1:]} but "
-                         f"{'the grid has' if grid is not None else 'sources are'} {expected}")
+        raise ValueError(
+            f"values frames are {values.shape[1:]} but "
+            f"{'the grid has' if grid is not None else 'sources are'} {expected}"
+        )
     geometry = source_geometry(source_images, values.shape[0], source_frames, grid)
     assert src is not None
 
@@ -166,22 +172,33 @@ def build_parametric_map(
     # the mapping item directly.
     # highdicom annotates the attribute as a list; a pydicom Sequence is what it stores itself
     mapping.QuantityDefinitionSequence = DicomSequence(  # type: ignore[assignment]
-        _quantity_definitions(spec))
+        _quantity_definitions(spec)
+    )
 
     settings = repr(sorted((str(k), repr(v)) for k, v in provenance.items()))
     if input_digest is None:
-        input_digest = digest_text(digest_uids(source_images), digest_arrays(values), quantity,
-                                   settings, repr(list(source_frames or [])),
-                                   *([repr(grid)] if grid is not None else []))
-    uid_args: dict[str, Any] = dict(source_study_uid=str(src.StudyInstanceUID), tracking_uid=None,
-                    algorithm_version=algorithm_version, input_digest=input_digest)
+        input_digest = digest_text(
+            digest_uids(source_images),
+            digest_arrays(values),
+            quantity,
+            settings,
+            repr(list(source_frames or [])),
+            *([repr(grid)] if grid is not None else []),
+        )
+    uid_args: dict[str, Any] = dict(
+        source_study_uid=str(src.StudyInstanceUID),
+        tracking_uid=None,
+        algorithm_version=algorithm_version,
+        input_digest=input_digest,
+    )
     series_uid = deterministic_uid(kind=f"pm/{quantity}/series", **uid_args)
     instance_uid = deterministic_uid(kind=f"pm/{quantity}/instance", **uid_args)
     if series_number is None:
         series_number = PM_SERIES_NUMBER_BASE + _QUANTITY_ORDER.index(spec.name)
     # LINEAR_EXACT: fractions (f, ve, vp) need window widths below 1 (PS3.3 C.11.2.1.3)
-    voi = hd.VOILUTTransformation(window_center=(low + high) / 2.0, window_width=high - low,
-                                  voi_lut_function="LINEAR_EXACT")
+    voi = hd.VOILUTTransformation(
+        window_center=(low + high) / 2.0, window_width=high - low, voi_lut_function="LINEAR_EXACT"
+    )
     description = f"{quantity} map, {model_text}"
     if b_values:
         description += ", b " + "/".join(f"{float(b):g}" for b in b_values) + " s/mm2"
@@ -215,8 +232,13 @@ def build_parametric_map(
     anatomy.FrameLaterality = "U"
     pmap.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = DicomSequence([anatomy])
     pmap.SeriesDescription = f"{quantity} map ({rcodes.UNITS[spec.unit].meaning})"[:64]
-    logger.info("built Parametric Map %s (%s, %d non-finite voxels) from series %s",
-                instance_uid, quantity, n_invalid, src.SeriesInstanceUID)
+    logger.info(
+        "built Parametric Map %s (%s, %d non-finite voxels) from series %s",
+        instance_uid,
+        quantity,
+        n_invalid,
+        src.SeriesInstanceUID,
+    )
     return pmap
 
 
@@ -228,23 +250,33 @@ def _order_frames_along_normal(pmap: hd.pm.ParametricMap) -> bool:
     n_frames = int(pmap.NumberOfFrames)
     if n_frames < 2:
         return False
-    iop = np.asarray(pmap.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-                     .ImageOrientationPatient, dtype=float)
+    iop = np.asarray(
+        pmap.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient,
+        dtype=float,
+    )
     normal = np.cross(iop[:3], iop[3:])
     items = list(pmap.PerFrameFunctionalGroupsSequence)
-    distances = [float(np.dot(normal, np.asarray(
-        item.PlanePositionSequence[0].ImagePositionPatient, dtype=float))) for item in items]
+    distances = [
+        float(
+            np.dot(
+                normal, np.asarray(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
+            )
+        )
+        for item in items
+    ]
     order = np.argsort(distances, kind="stable")
     if np.array_equal(order, np.arange(n_frames)):
         return False
     if len(pmap.DimensionIndexSequence) != 1:
         raise ValueError("cannot re-order a Parametric Map with several dimensions")
     frames = np.frombuffer(pmap.FloatPixelData, dtype="<f4").reshape(
-        n_frames, int(pmap.Rows), int(pmap.Columns))
+        n_frames, int(pmap.Rows), int(pmap.Columns)
+    )
     pmap.FloatPixelData = np.ascontiguousarray(frames[order]).tobytes()
     # highdicom annotates the attribute as a list; a pydicom Sequence is what it stores itself
     pmap.PerFrameFunctionalGroupsSequence = DicomSequence(  # type: ignore[assignment]
-        [items[i] for i in order])
+        [items[i] for i in order]
+    )
     for index, item in enumerate(pmap.PerFrameFunctionalGroupsSequence, start=1):
         item.FrameContentSequence[0].DimensionIndexValues = index
     return True
@@ -260,6 +292,7 @@ def map_quantity(pmap: Dataset) -> str:
         item = pmap.PerFrameFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     for definition in item.get("QuantityDefinitionSequence", []):
         if definition.ConceptNameCodeSequence[0].CodeValue == "246205007":
-            return rcodes.quantity_from_code(CodedConcept.from_dataset(
-                definition.ConceptCodeSequence[0]))
+            return rcodes.quantity_from_code(
+                CodedConcept.from_dataset(definition.ConceptCodeSequence[0])
+            )
     raise ValueError(f"Parametric Map {pmap.SOPInstanceUID} has no Quantity definition")

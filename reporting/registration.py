@@ -28,6 +28,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from reporting.header import derived_dataset
 from reporting.seg import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
@@ -35,14 +36,12 @@ from reporting.seg import (
     sanitized_source,
     validate_sources,
 )
-from reporting.header import derived_dataset
 from reporting.uids import deterministic_uid, digest_arrays, digest_text, digest_uids
 
 logger = logging.getLogger(__name__)
 
 SPATIAL_REGISTRATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.1"
 REG_SERIES_NUMBER = 9300
-
 
 
 def _check_rigid(matrix: np.ndarray) -> np.ndarray:
@@ -53,7 +52,8 @@ def _check_rigid(matrix: np.ndarray) -> np.ndarray:
         raise ValueError("last row of a homogeneous matrix must be (0, 0, 0, 1)")
     rotation = matrix[:3, :3]
     if not np.allclose(rotation @ rotation.T, np.eye(3), atol=1e-6) or not np.isclose(
-            np.linalg.det(rotation), 1.0, atol=1e-6):
+        np.linalg.det(rotation), 1.0, atol=1e-6
+    ):
         raise ValueError("matrix is not rigid: its 3x3 part must be a proper rotation")
     return matrix
 
@@ -74,8 +74,7 @@ def _registration_item(images: Sequence[Dataset], matrix: np.ndarray) -> Dataset
     item.ReferencedImageSequence = _image_references(images)
     matrix_item = Dataset()
     matrix_item.FrameOfReferenceTransformationMatrixType = "RIGID"
-    matrix_item.FrameOfReferenceTransformationMatrix = [
-        float(f"{v:.10g}") for v in matrix.ravel()]
+    matrix_item.FrameOfReferenceTransformationMatrix = [float(f"{v:.10g}") for v in matrix.ravel()]
     registration_type = Dataset()
     registration_type.CodeValue = "125024"
     registration_type.CodingSchemeDesignator = "DCM"
@@ -138,13 +137,18 @@ def build_spatial_registration(
     fixed, moving = fixed_images[0], sanitized_source(moving_images[0])
     if fixed.FrameOfReferenceUID == moving.FrameOfReferenceUID:
         raise ValueError(
-            "fixed and moving images share one Frame of Reference: nothing to register")
+            "fixed and moving images share one Frame of Reference: nothing to register"
+        )
 
-    digest = digest_text(digest_uids(fixed_images), digest_uids(moving_images),
-                         digest_arrays(np.round(matrix, 6)))
+    digest = digest_text(
+        digest_uids(fixed_images), digest_uids(moving_images), digest_arrays(np.round(matrix, 6))
+    )
     uid_args: dict[str, Any] = dict(
-        source_study_uid=str(moving.StudyInstanceUID), tracking_uid=None,
-        algorithm_version=algorithm_version, input_digest=digest)
+        source_study_uid=str(moving.StudyInstanceUID),
+        tracking_uid=None,
+        algorithm_version=algorithm_version,
+        input_digest=digest,
+    )
     sop_instance_uid = deterministic_uid(kind="reg/instance", **uid_args)
 
     ds = derived_dataset(SPATIAL_REGISTRATION_STORAGE, sop_instance_uid, moving)
@@ -170,10 +174,12 @@ def build_spatial_registration(
     ds.ContentLabel = "REGISTRATION"
     ds.ContentDescription = content_description[:64]
     ds.ContentCreatorName = ""
-    ds.RegistrationSequence = DicomSequence([
-        _registration_item(fixed_images, np.eye(4)),
-        _registration_item(moving_images, matrix),
-    ])
+    ds.RegistrationSequence = DicomSequence(
+        [
+            _registration_item(fixed_images, np.eye(4)),
+            _registration_item(moving_images, matrix),
+        ]
+    )
     # Common Instance Reference: same-study (moving) and other-study (fixed) instances
     ds.ReferencedSeriesSequence = DicomSequence([_series_reference(moving_images)])
     if fixed.StudyInstanceUID != moving.StudyInstanceUID:
@@ -183,8 +189,12 @@ def build_spatial_registration(
         ds.StudiesContainingOtherReferencedInstancesSequence = DicomSequence([other])
     else:
         ds.ReferencedSeriesSequence.append(_series_reference(fixed_images))
-    logger.info("built Spatial Registration %s: FoR %s -> %s", sop_instance_uid,
-                moving.FrameOfReferenceUID, fixed.FrameOfReferenceUID)
+    logger.info(
+        "built Spatial Registration %s: FoR %s -> %s",
+        sop_instance_uid,
+        moving.FrameOfReferenceUID,
+        fixed.FrameOfReferenceUID,
+    )
     return ds
 
 
@@ -192,7 +202,10 @@ def registration_matrix(reg: Dataset, moving_frame_of_reference_uid: str) -> np.
     """Read back the 4×4 matrix mapping ``moving_frame_of_reference_uid`` into the REG's RCS."""
     for item in reg.RegistrationSequence:
         if item.get("FrameOfReferenceUID") == moving_frame_of_reference_uid:
-            values = item.MatrixRegistrationSequence[0].MatrixSequence[0] \
+            values = (
+                item.MatrixRegistrationSequence[0]
+                .MatrixSequence[0]
                 .FrameOfReferenceTransformationMatrix
+            )
             return np.asarray([float(v) for v in values]).reshape(4, 4)
     raise ValueError(f"no registration item for Frame of Reference {moving_frame_of_reference_uid}")

@@ -137,7 +137,9 @@ def _invalid_patient_study_attributes(ds: Dataset) -> dict[str, str | None]:
     if sex is not None and str(sex) not in ("M", "F", "O", ""):
         fixes["PatientSex"] = ""
     for keyword, pattern, replacement in (
-        ("PatientBirthDate", _DA, ""), ("StudyDate", _DA, ""), ("StudyTime", _TM, ""),
+        ("PatientBirthDate", _DA, ""),
+        ("StudyDate", _DA, ""),
+        ("StudyTime", _TM, ""),
         ("PatientAge", _AS, None),
     ):
         value = ds.get(keyword)
@@ -164,8 +166,11 @@ def sanitized_source(ds: Dataset, *, log: bool = True) -> Dataset:
         if replacement is not None:
             setattr(view, keyword, replacement)
     if log:
-        logger.warning("source %s: invalid %s not copied into the derived object",
-                       ds.get("SOPInstanceUID"), ", ".join(sorted(fixes)))
+        logger.warning(
+            "source %s: invalid %s not copied into the derived object",
+            ds.get("SOPInstanceUID"),
+            ", ".join(sorted(fixes)),
+        )
     return view
 
 
@@ -189,7 +194,8 @@ def _frame_group(ds: Dataset, index: int, keyword: str) -> Dataset:
     if shared is not None and keyword in shared[0]:
         return shared[0][keyword][0]
     raise ValueError(
-        f"source {ds.SOPInstanceUID} frame {index + 1} has no {keyword} in its functional groups")
+        f"source {ds.SOPInstanceUID} frame {index + 1} has no {keyword} in its functional groups"
+    )
 
 
 def validate_sources(source_images: Sequence[Dataset]) -> None:
@@ -211,27 +217,30 @@ def validate_sources(source_images: Sequence[Dataset]) -> None:
             raise ValueError(f"source_images must share one non-empty {keyword}; got {values}")
 
 
-def _orientation_deviation(reference: Sequence[float] | np.ndarray,
-                           other: Sequence[float] | np.ndarray) -> float:
+def _orientation_deviation(
+    reference: Sequence[float] | np.ndarray, other: Sequence[float] | np.ndarray
+) -> float:
     """Largest absolute difference between two sets of six direction cosines."""
-    return float(np.max(np.abs(np.asarray(other, dtype=float)
-                               - np.asarray(reference, dtype=float))))
+    return float(
+        np.max(np.abs(np.asarray(other, dtype=float) - np.asarray(reference, dtype=float)))
+    )
 
 
-def _check_orientation(reference: Sequence[float] | np.ndarray,
-                       other: Sequence[float] | np.ndarray, what: str) -> float:
+def _check_orientation(
+    reference: Sequence[float] | np.ndarray, other: Sequence[float] | np.ndarray, what: str
+) -> float:
     """Deviation of ``other`` from ``reference``; :class:`SourceGeometryError` beyond tolerance."""
     deviation = _orientation_deviation(reference, other)
     if deviation > ORIENTATION_TOLERANCE:
         raise SourceGeometryError(
             f"{what} differs in Image Orientation (Patient) by {deviation:.3g} in a direction "
             f"cosine, more than the tolerance of {ORIENTATION_TOLERANCE:g}: the frames are not "
-            "one stack")
+            "one stack"
+        )
     return deviation
 
 
-def _classic_views(source_images: Sequence[Dataset], grid: Geometry | None = None
-                   ) -> list[Dataset]:
+def _classic_views(source_images: Sequence[Dataset], grid: Geometry | None = None) -> list[Dataset]:
     """Sanitised views of single-frame sources sharing the first image's orientation.
 
     With ``grid`` (explicit geometry), a tiled image without Image Position (Patient) (United
@@ -249,13 +258,18 @@ def _classic_views(source_images: Sequence[Dataset], grid: Geometry | None = Non
     views = [sanitized_source(ds, log=False) for ds in source_images]
     changed = sum(view is not ds for view, ds in zip(views, source_images))
     if changed:
-        logger.warning("series %s: invalid patient/study attributes in %d source images not "
-                       "copied into the derived object", src.SeriesInstanceUID, changed)
+        logger.warning(
+            "series %s: invalid patient/study attributes in %d source images not "
+            "copied into the derived object",
+            src.SeriesInstanceUID,
+            changed,
+        )
     if grid is not None:
         direction = grid.direction_matrix
-        filled = {"ImagePositionPatient": [float(v) for v in grid.origin],
-                  "ImageOrientationPatient": [float(v) for v in
-                                              (*direction[:, 0], *direction[:, 1])]}
+        filled = {
+            "ImagePositionPatient": [float(v) for v in grid.origin],
+            "ImageOrientationPatient": [float(v) for v in (*direction[:, 0], *direction[:, 1])],
+        }
         for n, (view, ds) in enumerate(zip(views, source_images)):
             missing = [keyword for keyword in filled if keyword not in ds]
             if missing:
@@ -266,10 +280,15 @@ def _classic_views(source_images: Sequence[Dataset], grid: Geometry | None = Non
     for ds in views:
         if "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds:
             raise SourceGeometryError(
-                f"source {ds.get('SOPInstanceUID')} has no Image Orientation/Position (Patient)")
+                f"source {ds.get('SOPInstanceUID')} has no Image Orientation/Position (Patient)"
+            )
     reference = [float(v) for v in views[0].ImageOrientationPatient]
-    deviations = [_check_orientation(reference, [float(v) for v in ds.ImageOrientationPatient],
-                                     f"source {ds.SOPInstanceUID}") for ds in views]
+    deviations = [
+        _check_orientation(
+            reference, [float(v) for v in ds.ImageOrientationPatient], f"source {ds.SOPInstanceUID}"
+        )
+        for ds in views
+    ]
     if max(deviations) > 0.0:
         shared = copy.deepcopy(views[0].ImageOrientationPatient)
         out = []
@@ -280,19 +299,23 @@ def _classic_views(source_images: Sequence[Dataset], grid: Geometry | None = Non
             view.ImageOrientationPatient = copy.deepcopy(shared)
             out.append(view)
         views = out
-        logger.info("series %s: source orientations differ by up to %.3g (tolerance %g); the "
-                    "derived object uses the orientation of the first source image",
-                    src.SeriesInstanceUID, max(deviations), ORIENTATION_TOLERANCE)
+        logger.info(
+            "series %s: source orientations differ by up to %.3g (tolerance %g); the "
+            "derived object uses the orientation of the first source image",
+            src.SeriesInstanceUID,
+            max(deviations),
+            ORIENTATION_TOLERANCE,
+        )
     return views
 
 
-def _grid_geometry(source_images: Sequence[Dataset], n_frames: int, grid: Geometry
-                   ) -> FrameGeometry:
+def _grid_geometry(
+    source_images: Sequence[Dataset], n_frames: int, grid: Geometry
+) -> FrameGeometry:
     """Geometry of ``n_frames`` slices of an explicit grid, referencing ``source_images``."""
     size = tuple(int(v) for v in grid.size)
     if n_frames != size[2]:
-        raise SourceGeometryError(
-            f"array has {n_frames} frames but the grid has {size[2]} slices")
+        raise SourceGeometryError(f"array has {n_frames} frames but the grid has {size[2]} slices")
     direction = grid.direction_matrix
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise SourceGeometryError(f"grid direction {grid.direction} is not orthonormal")
@@ -309,26 +332,32 @@ def _grid_geometry(source_images: Sequence[Dataset], n_frames: int, grid: Geomet
         views = [_with_shared_geometry(sanitized_source(src), orientation_item, measures)]
         thickness = measures.get("SliceThickness")
     spacing = [float(v) for v in grid.spacing]
-    positions = [PlanePositionSequence(hd.CoordinateSystemNames.PATIENT,
-                                       [float(v) for v in grid.index_to_lps((0.0, 0.0, k))])
-                 for k in range(n_frames)]
+    positions = [
+        PlanePositionSequence(
+            hd.CoordinateSystemNames.PATIENT, [float(v) for v in grid.index_to_lps((0.0, 0.0, k))]
+        )
+        for k in range(n_frames)
+    ]
     thickness = float(thickness) if thickness not in (None, "") else spacing[2]
     return FrameGeometry(
         sources=views,
         # PixelSpacing is (between rows, between columns) = (y, x)
         pixel_measures=PixelMeasuresSequence(
-            pixel_spacing=(spacing[1], spacing[0]), slice_thickness=thickness,
-            spacing_between_slices=spacing[2]),
+            pixel_spacing=(spacing[1], spacing[0]),
+            slice_thickness=thickness,
+            spacing_between_slices=spacing[2],
+        ),
         plane_orientation=PlaneOrientationSequence(
             hd.CoordinateSystemNames.PATIENT,
-            [float(v) for v in (*direction[:, 0], *direction[:, 1])]),
+            [float(v) for v in (*direction[:, 0], *direction[:, 1])],
+        ),
         plane_positions=positions,
     )
 
 
-def source_alignment(volume: SeriesVolume, datasets_by_uid: Mapping[str, Dataset],
-                     volume_index: int = 0
-                     ) -> tuple[list[Dataset], list[int] | None, Geometry | None]:
+def source_alignment(
+    volume: SeriesVolume, datasets_by_uid: Mapping[str, Dataset], volume_index: int = 0
+) -> tuple[list[Dataset], list[int] | None, Geometry | None]:
     """The sources of a derived object on one volume of a series, as the builders take them.
 
     Parameters
@@ -354,8 +383,11 @@ def source_alignment(volume: SeriesVolume, datasets_by_uid: Mapping[str, Dataset
         uids = list(dict.fromkeys(f.sop_instance_uid for f in frames))
         return [datasets_by_uid[uid] for uid in uids], None, volume.geometry
     if frames and frames[0].frame_number is not None:
-        return ([datasets_by_uid[frames[0].sop_instance_uid]],
-                [int(cast(int, f.frame_number)) for f in frames], None)
+        return (
+            [datasets_by_uid[frames[0].sop_instance_uid]],
+            [int(cast(int, f.frame_number)) for f in frames],
+            None,
+        )
     return [datasets_by_uid[f.sop_instance_uid] for f in frames], None, None
 
 
@@ -396,12 +428,14 @@ def source_geometry(
             raise SourceGeometryError("source_frames applies to multi-frame sources only")
         if n_frames != len(source_images):
             raise SourceGeometryError(
-                f"array has {n_frames} frames but {len(source_images)} source images were given")
+                f"array has {n_frames} frames but {len(source_images)} source images were given"
+            )
         return FrameGeometry(_classic_views(source_images), None, None, None)
     frames = list(source_frames) if source_frames is not None else list(range(1, n_src + 1))
     if len(frames) != n_frames:
         raise SourceGeometryError(
-            f"array has {n_frames} frames but {len(frames)} source frames were selected")
+            f"array has {n_frames} frames but {len(frames)} source frames were selected"
+        )
     if min(frames) < 1 or max(frames) > n_src:
         raise SourceGeometryError(f"source_frames must lie in 1..{n_src}")
     positions: list[PlanePositionSequence] = []
@@ -424,15 +458,14 @@ def source_geometry(
             if not np.allclose(pix[0], spacing[0], atol=1e-4):
                 raise SourceGeometryError(
                     f"source frame {number} has pixel spacing {list(pix[0])}, frame {frames[0]} "
-                    f"{list(spacing[0])}; select frames of one stack")
+                    f"{list(spacing[0])}; select frames of one stack"
+                )
         positions.append(PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, ipp))
     assert orientation is not None and spacing is not None and first_items is not None
     return FrameGeometry(
         sources=[_with_shared_geometry(sanitized_source(src), *first_items)],
-        pixel_measures=PixelMeasuresSequence(
-            pixel_spacing=spacing[0], slice_thickness=spacing[1]),
-        plane_orientation=PlaneOrientationSequence(
-            hd.CoordinateSystemNames.PATIENT, orientation),
+        pixel_measures=PixelMeasuresSequence(pixel_spacing=spacing[0], slice_thickness=spacing[1]),
+        plane_orientation=PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, orientation),
         plane_positions=positions,
     )
 
@@ -510,11 +543,16 @@ def build_segmentation(
             raise ValueError("mask must be boolean or contain only 0 and 1")
         mask = mask.astype(bool)
     src = source_images[0] if source_images else None
-    expected = (int(grid.size[1]), int(grid.size[0])) if grid is not None else (
-        None if src is None else (int(src.Rows), int(src.Columns)))
+    expected = (
+        (int(grid.size[1]), int(grid.size[0]))
+        if grid is not None
+        else (None if src is None else (int(src.Rows), int(src.Columns)))
+    )
     if expected is not None and mask.shape[1:] != expected:
-        raise ValueError(f"mask frames are {mask.shape[1:]} but "
-                         f"{'the grid has' if grid is not None else 'sources are'} {expected}")
+        raise ValueError(
+            f"mask frames are {mask.shape[1:]} but "
+            f"{'the grid has' if grid is not None else 'sources are'} {expected}"
+        )
     if not mask.any():
         raise ValueError("mask is empty: there is no lesion to encode")
     geometry = source_geometry(source_images, mask.shape[0], source_frames, grid)
@@ -527,8 +565,9 @@ def build_segmentation(
     except AttributeError as err:
         raise ValueError(f"{algorithm_family!r} is not a CID 7162 algorithm family") from err
     level = lesion.vertebral_level
-    type_word = {"metastasis": "metastasis", "gtv": "GTV"}.get(segment_type.lower(),
-                                                                type_code.meaning)
+    type_word = {"metastasis": "metastasis", "gtv": "GTV"}.get(
+        segment_type.lower(), type_code.meaning
+    )
     label = f"{level} {type_word}" if level else type_word
     description = hd.seg.SegmentDescription(
         segment_number=1,
@@ -537,8 +576,11 @@ def build_segmentation(
         segmented_property_type=type_code,
         algorithm_type=algorithm_type,
         algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=ALGORITHM_NAME, family=family, version=algorithm_version,
-            parameters=parameters or None),
+            name=ALGORITHM_NAME,
+            family=family,
+            version=algorithm_version,
+            parameters=parameters or None,
+        ),
         tracking_uid=lesion.tracking_uid,
         tracking_id=lesion.tracking_id,
         anatomic_regions=[rcodes.vertebra_code(level)],
@@ -546,12 +588,19 @@ def build_segmentation(
     )
     if input_digest is None:
         input_digest = digest_text(
-            digest_uids(source_images), digest_arrays(mask), segment_type,
-            repr(sorted(parameters.items())), repr(list(source_frames or [])),
-            *([repr(grid)] if grid is not None else []))
-    uid_args = dict(source_study_uid=str(src.StudyInstanceUID),
-                    tracking_uid=lesion.tracking_uid, algorithm_version=algorithm_version,
-                    input_digest=input_digest)
+            digest_uids(source_images),
+            digest_arrays(mask),
+            segment_type,
+            repr(sorted(parameters.items())),
+            repr(list(source_frames or [])),
+            *([repr(grid)] if grid is not None else []),
+        )
+    uid_args = dict(
+        source_study_uid=str(src.StudyInstanceUID),
+        tracking_uid=lesion.tracking_uid,
+        algorithm_version=algorithm_version,
+        input_digest=input_digest,
+    )
     series_uid = deterministic_uid(kind="seg/series", **uid_args)
     instance_uid = deterministic_uid(kind="seg/instance", **uid_args)
     seg = hd.seg.Segmentation(
@@ -575,8 +624,13 @@ def build_segmentation(
         omit_empty_frames=False,
     )
     seg.SeriesDescription = (series_description or f"Lesion SEG {lesion.tracking_id}")[:64]
-    logger.info("built SEG %s (series %s) for lesion %s on series %s", instance_uid, series_uid,
-                lesion.tracking_uid, src.SeriesInstanceUID)
+    logger.info(
+        "built SEG %s (series %s) for lesion %s on series %s",
+        instance_uid,
+        series_uid,
+        lesion.tracking_uid,
+        src.SeriesInstanceUID,
+    )
     return seg
 
 
@@ -679,7 +733,8 @@ class ReaderSegmentation:
                 return item
         raise ReaderSegmentationError(
             f"SEG {self.sop_instance_uid} has no segment {number} "
-            f"(segments {[s.number for s in self.segments]})")
+            f"(segments {[s.number for s in self.segments]})"
+        )
 
     def mask_for_sources(
         self,
@@ -708,20 +763,27 @@ class ReaderSegmentation:
         multi = source_frames[0].frame_number is not None
         if multi and len({f.sop_instance_uid for f in source_frames}) != 1:
             raise ReaderSegmentationError(
-                "source frames of several multi-frame images cannot be matched at once")
+                "source frames of several multi-frame images cannot be matched at once"
+            )
         numbers = list(segment_numbers) if segment_numbers is not None else None
 
         def pixels(ignore_spatial_locations: bool) -> np.ndarray:
             options: dict[str, Any] = {
-                "segment_numbers": numbers, "combine_segments": True,
-                "skip_overlap_checks": True, "assert_missing_frames_are_empty": True,
-                "ignore_spatial_locations": ignore_spatial_locations}
+                "segment_numbers": numbers,
+                "combine_segments": True,
+                "skip_overlap_checks": True,
+                "assert_missing_frames_are_empty": True,
+                "ignore_spatial_locations": ignore_spatial_locations,
+            }
             if multi:
                 return self.segmentation.get_pixels_by_source_frame(
                     source_frames[0].sop_instance_uid,
-                    [int(f.frame_number or 0) for f in source_frames], **options)
+                    [int(f.frame_number or 0) for f in source_frames],
+                    **options,
+                )
             return self.segmentation.get_pixels_by_source_instance(
-                [f.sop_instance_uid for f in source_frames], **options)
+                [f.sop_instance_uid for f in source_frames], **options
+            )
 
         try:
             try:
@@ -732,23 +794,24 @@ class ReaderSegmentation:
                 if reference is None:
                     raise ReaderSegmentationError(
                         f"SEG {self.sop_instance_uid} does not state that spatial locations are "
-                        "preserved; give the reference grid to check its frames") from err
+                        "preserved; give the reference grid to check its frames"
+                    ) from err
                 self._check_frames_on(reference, source_frames)
                 array = pixels(True)
         except (ValueError, KeyError, AttributeError, IndexError, RuntimeError) as err:
             if isinstance(err, ReaderSegmentationError):
                 raise
             raise ReaderSegmentationError(
-                f"SEG {self.sop_instance_uid} does not align with the given source images: "
-                f"{err}") from err
+                f"SEG {self.sop_instance_uid} does not align with the given source images: {err}"
+            ) from err
         return np.asarray(array) > 0
 
-    def _check_frames_on(self, reference: sitk.Image, source_frames: Sequence[SourceFrame]
-                         ) -> None:
+    def _check_frames_on(self, reference: sitk.Image, source_frames: Sequence[SourceFrame]) -> None:
         """Every SEG frame referencing one of ``source_frames`` lies on that slice of
         ``reference``; :class:`ReaderSegmentationError` otherwise (or when none does)."""
         slice_of: dict[tuple[str, int | None], int] = {
-            (f.sop_instance_uid, f.frame_number): k for k, f in enumerate(source_frames)}
+            (f.sop_instance_uid, f.frame_number): k for k, f in enumerate(source_frames)
+        }
         direction = np.asarray(reference.GetDirection(), dtype=float).reshape(3, 3)
         expected_iop = np.concatenate([direction[:, 0], direction[:, 1]])
         spacing = reference.GetSpacing()
@@ -756,28 +819,36 @@ class ReaderSegmentation:
         matched = 0
         for frame in self.frames:
             numbers: list[int | None] = list(frame.source_frame_numbers) or [None]
-            slices = {slice_of[(uid, n)] for uid in frame.source_sop_instance_uids
-                      for n in numbers if (uid, n) in slice_of}
+            slices = {
+                slice_of[(uid, n)]
+                for uid in frame.source_sop_instance_uids
+                for n in numbers
+                if (uid, n) in slice_of
+            }
             for k in slices:
                 origin = np.asarray(reference.TransformIndexToPhysicalPoint((0, 0, k)))
                 offset = float(np.linalg.norm(np.asarray(frame.position) - origin))
                 if offset > SEG_POSITION_TOLERANCE_MM:
                     raise ReaderSegmentationError(
                         f"SEG frame {frame.number} lies {offset:.3g} mm from the slice it "
-                        f"references (tolerance {SEG_POSITION_TOLERANCE_MM:g} mm)")
+                        f"references (tolerance {SEG_POSITION_TOLERANCE_MM:g} mm)"
+                    )
                 _check_orientation(expected_iop, frame.orientation, f"SEG frame {frame.number}")
                 if not np.allclose(frame.pixel_spacing, (spacing[1], spacing[0]), rtol=1e-4):
                     raise ReaderSegmentationError(
                         f"SEG frame {frame.number} has pixel spacing {list(frame.pixel_spacing)}, "
-                        f"the slice it references {[spacing[1], spacing[0]]}")
+                        f"the slice it references {[spacing[1], spacing[0]]}"
+                    )
                 if (self.rows, self.columns) != (size[1], size[0]):
                     raise ReaderSegmentationError(
                         f"SEG frames are {(self.rows, self.columns)} but the slices "
-                        f"{(size[1], size[0])}")
+                        f"{(size[1], size[0])}"
+                    )
                 matched += 1
         if not matched:
             raise ReaderSegmentationError(
-                f"SEG {self.sop_instance_uid} references none of the given source images")
+                f"SEG {self.sop_instance_uid} references none of the given source images"
+            )
 
     def mask_on(
         self,
@@ -808,17 +879,25 @@ class ReaderSegmentation:
         if source_frames is not None:
             if len(source_frames) != size[2]:
                 raise ReaderSegmentationError(
-                    f"{len(source_frames)} source frames for a reference of {size[2]} slices")
+                    f"{len(source_frames)} source frames for a reference of {size[2]} slices"
+                )
             array = self.mask_for_sources(source_frames, segment_numbers, reference=reference)
             if array.shape != (size[2], size[1], size[0]):
                 raise ReaderSegmentationError(
                     f"SEG frames are {array.shape[1:]} but the reference slices are "
-                    f"{(size[1], size[0])}")
+                    f"{(size[1], size[0])}"
+                )
             mask = sitk.GetImageFromArray(array.astype(np.uint8))
             mask.CopyInformation(reference)
             return mask
-        return sitk.Resample(self.image(segment_numbers), reference, sitk.Transform(),
-                             sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        return sitk.Resample(
+            self.image(segment_numbers),
+            reference,
+            sitk.Transform(),
+            sitk.sitkNearestNeighbor,
+            0,
+            sitk.sitkUInt8,
+        )
 
     def image(self, segment_numbers: Sequence[int] | None = None) -> sitk.Image:
         """The union of the segments on the SEG's own grid (``uint8``, LPS geometry).
@@ -834,14 +913,18 @@ class ReaderSegmentation:
         try:
             volume = self.segmentation.get_volume(
                 segment_numbers=list(segment_numbers) if segment_numbers is not None else None,
-                combine_segments=True, skip_overlap_checks=True, allow_missing_positions=True)
+                combine_segments=True,
+                skip_overlap_checks=True,
+                allow_missing_positions=True,
+            )
         except (ValueError, KeyError, AttributeError, RuntimeError) as err:
             raise ReaderSegmentationError(
                 f"SEG {self.sop_instance_uid} frames do not form one regular stack: {err}"
             ) from err
         if volume is None:
             raise ReaderSegmentationError(
-                f"SEG {self.sop_instance_uid} frames do not form one regular stack")
+                f"SEG {self.sop_instance_uid} frames do not form one regular stack"
+            )
         affine = np.asarray(volume.affine, dtype=float)
         # highdicom volume axes: (slice, row, column); SimpleITK: (x=column, y=row, z=slice)
         axes = [affine[:3, 2], affine[:3, 1], affine[:3, 0]]
@@ -897,23 +980,27 @@ def read_segmentation(ds: Dataset) -> ReaderSegmentation:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class != SEGMENTATION_SOP_CLASS:
         raise ReaderSegmentationError(
-            f"{ds.get('SOPInstanceUID', '?')} is not a Segmentation (SOP Class {sop_class})")
+            f"{ds.get('SOPInstanceUID', '?')} is not a Segmentation (SOP Class {sop_class})"
+        )
     try:
         seg = hd.seg.Segmentation.from_dataset(ds, copy=True)
     except (ValueError, KeyError, AttributeError, TypeError) as err:
         raise ReaderSegmentationError(
-            f"SEG {ds.get('SOPInstanceUID', '?')} cannot be decoded: {err}") from err
+            f"SEG {ds.get('SOPInstanceUID', '?')} cannot be decoded: {err}"
+        ) from err
     segments = []
     for item in ds.get("SegmentSequence", []):
-        segments.append(ReaderSegment(
-            number=int(item.SegmentNumber),
-            label=str(item.get("SegmentLabel", "") or ""),
-            category=_coded(item, "SegmentedPropertyCategoryCodeSequence"),
-            property_type=_coded(item, "SegmentedPropertyTypeCodeSequence"),
-            algorithm_type=str(item.get("SegmentAlgorithmType", "") or ""),
-            tracking_id=str(item.TrackingID) if item.get("TrackingID") else None,
-            tracking_uid=str(item.TrackingUID) if item.get("TrackingUID") else None,
-        ))
+        segments.append(
+            ReaderSegment(
+                number=int(item.SegmentNumber),
+                label=str(item.get("SegmentLabel", "") or ""),
+                category=_coded(item, "SegmentedPropertyCategoryCodeSequence"),
+                property_type=_coded(item, "SegmentedPropertyTypeCodeSequence"),
+                algorithm_type=str(item.get("SegmentAlgorithmType", "") or ""),
+                tracking_id=str(item.TrackingID) if item.get("TrackingID") else None,
+                tracking_uid=str(item.TrackingUID) if item.get("TrackingUID") else None,
+            )
+        )
     if not segments:
         raise ReaderSegmentationError(f"SEG {ds.SOPInstanceUID} has no Segment Sequence")
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -935,25 +1022,30 @@ def read_segmentation(ds: Dataset) -> ReaderSegmentation:
                         numbers = numbers if isinstance(numbers, Sequence) else [numbers]
                         frame_numbers.extend(int(n) for n in numbers)
             thickness = measures.get("SliceThickness")
-            frames.append(SegmentationFrame(
-                number=i + 1,
-                segment_number=int(identification.ReferencedSegmentNumber),
-                position=tuple(float(v) for v in position),  # type: ignore[arg-type]
-                orientation=tuple(float(v) for v in orientation),
-                pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),  # type: ignore
-                slice_thickness=float(thickness) if thickness not in (None, "") else None,
-                source_sop_instance_uids=tuple(sop_uids),
-                source_frame_numbers=tuple(frame_numbers),
-            ))
+            frames.append(
+                SegmentationFrame(
+                    number=i + 1,
+                    segment_number=int(identification.ReferencedSegmentNumber),
+                    position=tuple(float(v) for v in position),  # type: ignore[arg-type]
+                    orientation=tuple(float(v) for v in orientation),
+                    pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),  # type: ignore
+                    slice_thickness=float(thickness) if thickness not in (None, "") else None,
+                    source_sop_instance_uids=tuple(sop_uids),
+                    source_frame_numbers=tuple(frame_numbers),
+                )
+            )
     except (ValueError, AttributeError, IndexError) as err:
         raise ReaderSegmentationError(
-            f"SEG {ds.SOPInstanceUID} frame {len(frames) + 1}: {err}") from err
+            f"SEG {ds.SOPInstanceUID} frame {len(frames) + 1}: {err}"
+        ) from err
     series_uids: list[str] = []
     instance_uids: list[str] = []
     for series in ds.get("ReferencedSeriesSequence", []):
         series_uids.append(str(series.SeriesInstanceUID))
-        instance_uids.extend(str(item.ReferencedSOPInstanceUID)
-                             for item in series.get("ReferencedInstanceSequence", []))
+        instance_uids.extend(
+            str(item.ReferencedSOPInstanceUID)
+            for item in series.get("ReferencedInstanceSequence", [])
+        )
     result = ReaderSegmentation(
         sop_instance_uid=str(ds.SOPInstanceUID),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
@@ -971,6 +1063,10 @@ def read_segmentation(ds: Dataset) -> ReaderSegmentation:
         manufacturer=str(ds.get("Manufacturer", "") or ""),
         segmentation=seg,
     )
-    logger.debug("read SEG %s: %d segment(s), %d frame(s)", result.sop_instance_uid,
-                 len(segments), len(frames))
+    logger.debug(
+        "read SEG %s: %d segment(s), %d frame(s)",
+        result.sop_instance_uid,
+        len(segments),
+        len(frames),
+    )
     return result

@@ -91,22 +91,41 @@ DEVICE_OBSERVER_NAME = "Spine Response Node"
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
 
 #: pyradiomics first-order features that carry the unit of the image intensities.
-_INTENSITY_FEATURES = frozenset({
-    "Mean", "Median", "Minimum", "Maximum", "10Percentile", "90Percentile", "Range",
-    "InterquartileRange", "MeanAbsoluteDeviation", "RobustMeanAbsoluteDeviation",
-    "RootMeanSquared", "StandardDeviation",
-})
+_INTENSITY_FEATURES = frozenset(
+    {
+        "Mean",
+        "Median",
+        "Minimum",
+        "Maximum",
+        "10Percentile",
+        "90Percentile",
+        "Range",
+        "InterquartileRange",
+        "MeanAbsoluteDeviation",
+        "RobustMeanAbsoluteDeviation",
+        "RootMeanSquared",
+        "StandardDeviation",
+    }
+)
 _SHAPE_UNITS = {
-    "MeshVolume": "mm3", "VoxelVolume": "mm3", "SurfaceArea": "mm2", "SurfaceVolumeRatio": "/mm",
-    "Maximum3DDiameter": "mm", "Maximum2DDiameterSlice": "mm", "Maximum2DDiameterColumn": "mm",
-    "Maximum2DDiameterRow": "mm", "MajorAxisLength": "mm", "MinorAxisLength": "mm",
+    "MeshVolume": "mm3",
+    "VoxelVolume": "mm3",
+    "SurfaceArea": "mm2",
+    "SurfaceVolumeRatio": "/mm",
+    "Maximum3DDiameter": "mm",
+    "Maximum2DDiameterSlice": "mm",
+    "Maximum2DDiameterColumn": "mm",
+    "Maximum2DDiameterRow": "mm",
+    "MajorAxisLength": "mm",
+    "MinorAxisLength": "mm",
     "LeastAxisLength": "mm",
 }
 #: IBSI value = pyradiomics value + offset (processing.radiomics.IBSI_CORRECTIONS).
 _IBSI_OFFSETS = {"firstorder_Kurtosis": -3.0}
 #: mapped features whose IBSI correction needs data the SR writer does not have.
-_IBSI_NEEDS_VOXEL_COUNT = frozenset({
-    "shape_MajorAxisLength", "shape_MinorAxisLength", "shape_LeastAxisLength"})
+_IBSI_NEEDS_VOXEL_COUNT = frozenset(
+    {"shape_MajorAxisLength", "shape_MinorAxisLength", "shape_LeastAxisLength"}
+)
 
 
 @dataclass(frozen=True)
@@ -128,7 +147,9 @@ def _unit_with_extras(unit: str) -> CodedConcept:
 
 
 def _radiomics_concept(
-    quantity: str, feature: str, ibsi_codes: Mapping[str, str] | None,
+    quantity: str,
+    feature: str,
+    ibsi_codes: Mapping[str, str] | None,
 ) -> _Concept:
     image_type, _, rest = feature.partition("_")
     cls, _, name = rest.partition("_")
@@ -145,8 +166,11 @@ def _radiomics_concept(
     offset = 0.0
     if image_type == "original" and key not in _IBSI_NEEDS_VOXEL_COUNT:
         meaning = IBSI_FEATURES[key].name if key in IBSI_FEATURES else None
-        ibsi = ibsi_codes.get(key) if ibsi_codes is not None else (
-            IBSI_FEATURES[key].code if key in IBSI_FEATURES else None)
+        ibsi = (
+            ibsi_codes.get(key)
+            if ibsi_codes is not None
+            else (IBSI_FEATURES[key].code if key in IBSI_FEATURES else None)
+        )
         if ibsi is not None:
             code = rcodes.ibsi_code(ibsi, meaning)
             offset = _IBSI_OFFSETS.get(key, 0.0)
@@ -156,7 +180,9 @@ def _radiomics_concept(
 
 
 def _concept_for_path(
-    path: str, measurements: LesionMeasurements, ibsi_codes: Mapping[str, str] | None,
+    path: str,
+    measurements: LesionMeasurements,
+    ibsi_codes: Mapping[str, str] | None,
 ) -> _Concept | None:
     """Concept, derivation and unit of a dotted path (``volume``, ``ADC.mean``, ``radiomics.…``).
 
@@ -176,20 +202,34 @@ def _concept_for_path(
         return _radiomics_concept(quantity, feature, ibsi_codes)
     quantity, _, stat = path.partition(".")
     if quantity in rcodes.SIGNAL_QUANTITIES and stat in rcodes.STATISTIC_DERIVATIONS:
-        return _Concept(rcodes.SIGNAL_QUANTITIES[quantity], rcodes.STATISTIC_DERIVATIONS[stat],
-                        "1", 1.0, image=quantity)
+        return _Concept(
+            rcodes.SIGNAL_QUANTITIES[quantity],
+            rcodes.STATISTIC_DERIVATIONS[stat],
+            "1",
+            1.0,
+            image=quantity,
+        )
     if quantity not in rcodes.QUANTITIES or stat not in rcodes.STATISTIC_DERIVATIONS:
         logger.debug("no coded concept for %s: not written to the SR", path)
         return None
     spec = rcodes.QUANTITIES[quantity]
     stats = measurements.map_statistics.get(quantity)
     unit = stats.unit if stats is not None else spec.internal_unit
-    return _Concept(spec.quantity, rcodes.STATISTIC_DERIVATIONS[stat], spec.unit,
-                    rcodes.conversion_factor(unit, spec.unit), image=quantity)
+    return _Concept(
+        spec.quantity,
+        rcodes.STATISTIC_DERIVATIONS[stat],
+        spec.unit,
+        rcodes.conversion_factor(unit, spec.unit),
+        image=quantity,
+    )
 
 
-def reported_value(path: str, value: float, measurements: LesionMeasurements,
-                   ibsi_codes: Mapping[str, str] | None = None) -> tuple[float, str] | None:
+def reported_value(
+    path: str,
+    value: float,
+    measurements: LesionMeasurements,
+    ibsi_codes: Mapping[str, str] | None = None,
+) -> tuple[float, str] | None:
     """The value and UCUM unit written to the SR for an internal value at ``path``.
 
     Useful to compare what dcmqi reads back with ``summary.json``. None if not written.
@@ -207,9 +247,14 @@ def _relaxivity_parameters(result: TimePointResult, quantity: str | None) -> lis
     if not prov or "relaxivity_per_mM_s" not in prov:
         return []
     agent = prov.get("contrast_agent") or prov.get("contrast_agent_declared") or "not recorded"
-    out = [(f"r1={prov['relaxivity_per_mM_s']} /mM/s ({prov.get('relaxivity_source', '?')}: "
-            f"{prov.get('relaxivity_reference', '')})"),
-           f"contrast agent={agent}", f"field strength={prov.get('field_strength_T')} T"]
+    out = [
+        (
+            f"r1={prov['relaxivity_per_mM_s']} /mM/s ({prov.get('relaxivity_source', '?')}: "
+            f"{prov.get('relaxivity_reference', '')})"
+        ),
+        f"contrast agent={agent}",
+        f"field strength={prov.get('field_strength_T')} T",
+    ]
     out += [f"warning={w}" for w in prov.get("relaxivity_warnings", [])]
     return out
 
@@ -217,9 +262,16 @@ def _relaxivity_parameters(result: TimePointResult, quantity: str | None) -> lis
 class _GroupBuilder:
     """Collects the content of one TID 1411 group."""
 
-    def __init__(self, result: TimePointResult, *, algorithm: hd.sr.AlgorithmIdentification,
-                 algorithm_name: str, algorithm_version: str,
-                 maps: Mapping[str, str], ibsi_codes: Mapping[str, str] | None) -> None:
+    def __init__(
+        self,
+        result: TimePointResult,
+        *,
+        algorithm: hd.sr.AlgorithmIdentification,
+        algorithm_name: str,
+        algorithm_version: str,
+        maps: Mapping[str, str],
+        ibsi_codes: Mapping[str, str] | None,
+    ) -> None:
         self.result = result
         self.algorithm = algorithm
         self.algorithm_name = algorithm_name
@@ -236,21 +288,26 @@ class _GroupBuilder:
         return [hd.sr.SourceImageForMeasurement(PARAMETRIC_MAP_STORAGE, uid)]
 
     def _image_algorithm(self, concept: _Concept) -> hd.sr.AlgorithmIdentification | None:
-        if concept.image is None or concept.image in rcodes.QUANTITIES and (
-                concept.name.scheme_designator == "DCM"):
+        if (
+            concept.image is None
+            or concept.image in rcodes.QUANTITIES
+            and (concept.name.scheme_designator == "DCM")
+        ):
             # map statistics are named by their quantity code already; DCE ones say which
             # contrast-agent r1 their concentrations used
             relaxivity = _relaxivity_parameters(self.result, concept.image)
             if not relaxivity:
                 return None
             return hd.sr.AlgorithmIdentification(
-                name=self.algorithm_name, version=self.algorithm_version, parameters=relaxivity)
+                name=self.algorithm_name, version=self.algorithm_version, parameters=relaxivity
+            )
         return hd.sr.AlgorithmIdentification(
-            name=self.algorithm_name, version=self.algorithm_version,
-            parameters=[f"image={concept.image}"])
+            name=self.algorithm_name,
+            version=self.algorithm_version,
+            parameters=[f"image={concept.image}"],
+        )
 
-    def add(self, path: str, value: float, *, change: bool = False,
-            relative: bool = False) -> None:
+    def add(self, path: str, value: float, *, change: bool = False, relative: bool = False) -> None:
         """Add the NUM of ``path``; ``change``: ``value`` is a difference (no IBSI offset)."""
         concept = _concept_for_path(path, self.result.measurements, self.ibsi_codes)
         if concept is None:
@@ -262,67 +319,123 @@ class _GroupBuilder:
         else:
             number, unit = value * concept.scale + concept.offset, concept.unit
         if not math.isfinite(number):
-            logger.warning("non-finite value for %s at study %s not written", path,
-                           self.result.study_instance_uid)
+            logger.warning(
+                "non-finite value for %s at study %s not written",
+                path,
+                self.result.study_instance_uid,
+            )
             return
-        self.measurements.append(hd.sr.Measurement(
-            name=concept.name, value=number, unit=_unit_with_extras(unit),
-            derivation=concept.derivation,
-            referenced_images=self._source_map(concept.image),
-            algorithm_id=self._image_algorithm(concept),
-        ))
+        self.measurements.append(
+            hd.sr.Measurement(
+                name=concept.name,
+                value=number,
+                unit=_unit_with_extras(unit),
+                derivation=concept.derivation,
+                referenced_images=self._source_map(concept.image),
+                algorithm_id=self._image_algorithm(concept),
+            )
+        )
 
     def add_response(self) -> None:
         response = self.result.response
         if response is None:
             return
-        self.evaluations.append(hd.sr.QualitativeEvaluation(
-            rcodes.RESPONSE_EVALUATION, rcodes.RESPONSE_CATEGORIES[response.category]))
+        self.evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                rcodes.RESPONSE_EVALUATION, rcodes.RESPONSE_CATEGORIES[response.category]
+            )
+        )
         for criterion in response.criteria:
             name = rcodes.criterion_code(criterion.code, criterion.description)
-            self.evaluations.append(hd.sr.QualitativeEvaluation(
-                name, rcodes.PRESENT if criterion.fired else rcodes.ABSENT))
+            self.evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    name, rcodes.PRESENT if criterion.fired else rcodes.ABSENT
+                )
+            )
             if criterion.value is not None and math.isfinite(criterion.value):
                 try:
                     unit = rcodes.unit_code(criterion.unit or "1")
                 except ValueError:
                     # the Present/Absent evaluation is still written; a value with a wrong
                     # unit would be worse than none
-                    logger.warning("criterion %s: unit %r has no UCUM code; value not written",
-                                   criterion.code, criterion.unit)
+                    logger.warning(
+                        "criterion %s: unit %r has no UCUM code; value not written",
+                        criterion.code,
+                        criterion.unit,
+                    )
                     continue
-                self.measurements.append(hd.sr.Measurement(
-                    name=name, value=float(criterion.value), unit=unit))
+                self.measurements.append(
+                    hd.sr.Measurement(name=name, value=float(criterion.value), unit=unit)
+                )
         if response.epidural_progression is not None:
-            self.evaluations.append(hd.sr.QualitativeEvaluation(
-                rcodes.EPIDURAL_PROGRESSION,
-                rcodes.PRESENT if response.epidural_progression else rcodes.ABSENT))
+            self.evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    rcodes.EPIDURAL_PROGRESSION,
+                    rcodes.PRESENT if response.epidural_progression else rcodes.ABSENT,
+                )
+            )
         if response.compression_fracture is not None:
-            self.evaluations.append(hd.sr.QualitativeEvaluation(
-                rcodes.VCF_EVALUATION, rcodes.VCF_VALUES[response.compression_fracture]))
+            self.evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    rcodes.VCF_EVALUATION, rcodes.VCF_VALUES[response.compression_fracture]
+                )
+            )
         if response.model_probability is not None:
-            self.measurements.append(hd.sr.Measurement(
-                name=rcodes.PROGRESSION_PROBABILITY, value=float(response.model_probability),
-                unit=rcodes.unit_code("1"),
-                algorithm_id=hd.sr.AlgorithmIdentification(
-                    name=model_algorithm_name(response.model_name),
-                    version=self.algorithm_version,
-                    parameters=[response.model_name or "site response model",
-                                *(f"{name}={weight:.4g}"
-                                  for name, weight in response.model_top_features)])))
+            self.measurements.append(
+                hd.sr.Measurement(
+                    name=rcodes.PROGRESSION_PROBABILITY,
+                    value=float(response.model_probability),
+                    unit=rcodes.unit_code("1"),
+                    algorithm_id=hd.sr.AlgorithmIdentification(
+                        name=model_algorithm_name(response.model_name),
+                        version=self.algorithm_version,
+                        parameters=[
+                            response.model_name or "site response model",
+                            *(
+                                f"{name}={weight:.4g}"
+                                for name, weight in response.model_top_features
+                            ),
+                        ],
+                    ),
+                )
+            )
 
 
 #: (region, key of the region's dict, private code value, meaning, unit, scale) of the ADC QA
 #: against the scanner's ADC (processing.adc_qa) written in the time point's group
 _ADC_QA_ITEMS = (
-    ("tumour", "median_relative_difference", "ADCQA-TUM-REL",
-     "Median ADC difference to scanner ADC, tumour (relative)", "%", 100.0),
-    ("tumour", "median_difference_mm2_s", "ADCQA-TUM-ABS",
-     "Median ADC difference to scanner ADC, tumour", "um2/s", 1e6),
-    ("tissue", "median_relative_difference", "ADCQA-TIS-REL",
-     "Median ADC difference to scanner ADC, whole tissue (relative)", "%", 100.0),
-    ("tissue", "median_difference_mm2_s", "ADCQA-TIS-ABS",
-     "Median ADC difference to scanner ADC, whole tissue", "um2/s", 1e6),
+    (
+        "tumour",
+        "median_relative_difference",
+        "ADCQA-TUM-REL",
+        "Median ADC difference to scanner ADC, tumour (relative)",
+        "%",
+        100.0,
+    ),
+    (
+        "tumour",
+        "median_difference_mm2_s",
+        "ADCQA-TUM-ABS",
+        "Median ADC difference to scanner ADC, tumour",
+        "um2/s",
+        1e6,
+    ),
+    (
+        "tissue",
+        "median_relative_difference",
+        "ADCQA-TIS-REL",
+        "Median ADC difference to scanner ADC, whole tissue (relative)",
+        "%",
+        100.0,
+    ),
+    (
+        "tissue",
+        "median_difference_mm2_s",
+        "ADCQA-TIS-ABS",
+        "Median ADC difference to scanner ADC, whole tissue",
+        "um2/s",
+        1e6,
+    ),
 )
 
 
@@ -332,15 +445,22 @@ def _add_scanner_adc_qa(builder: _GroupBuilder) -> None:
     if not qa or qa.get("error"):
         return
     algorithm = hd.sr.AlgorithmIdentification(
-        name=builder.algorithm_name, version=builder.algorithm_version,
-        parameters=[f"scanner ADC series {qa.get('scanner_series_instance_uid', '')}"])
+        name=builder.algorithm_name,
+        version=builder.algorithm_version,
+        parameters=[f"scanner ADC series {qa.get('scanner_series_instance_uid', '')}"],
+    )
     for region, key, code, meaning, unit, scale in _ADC_QA_ITEMS:
         value = (qa.get(region) or {}).get(key)
         if value is None or not math.isfinite(float(value)):
             continue
-        builder.measurements.append(hd.sr.Measurement(
-            name=rcodes.private_code(code, meaning), value=float(value) * scale,
-            unit=rcodes.unit_code(unit), algorithm_id=algorithm))
+        builder.measurements.append(
+            hd.sr.Measurement(
+                name=rcodes.private_code(code, meaning),
+                value=float(value) * scale,
+                unit=rcodes.unit_code(unit),
+                algorithm_id=algorithm,
+            )
+        )
 
 
 def reported_as_change(quantity: str) -> bool:
@@ -370,7 +490,7 @@ def model_algorithm_name(model_name: str | None) -> str:
         return name
     if SYNTHETIC_STATEMENT in name:
         base = name.replace(f" [{SYNTHETIC_STATEMENT}]", "").replace(SYNTHETIC_STATEMENT, "")
-        return base.strip()[:64 - len(_SYNTHETIC_MARK)].rstrip() + _SYNTHETIC_MARK
+        return base.strip()[: 64 - len(_SYNTHETIC_MARK)].rstrip() + _SYNTHETIC_MARK
     return name[:61].rstrip() + "..."
 
 
@@ -378,20 +498,24 @@ def _time_point_context(result: TimePointResult, order: int) -> hd.sr.TimePointC
     offset = None
     if result.days_since_treatment is not None:
         offset = hd.sr.LongitudinalTemporalOffsetFromEvent(
-            value=float(result.days_since_treatment), unit=rcodes.UNITS["d"],
-            event_type=rcodes.EVENT_SBRT_START)
+            value=float(result.days_since_treatment),
+            unit=rcodes.UNITS["d"],
+            event_type=rcodes.EVENT_SBRT_START,
+        )
     baseline = result.role == TimePointRole.BASELINE
     return hd.sr.TimePointContext(
         time_point=f"{result.role.value} {result.study_date}",
-        time_point_type=(rcodes.TIME_POINT_BASELINE if baseline
-                         else rcodes.TIME_POINT_POST_RADIATION),
+        time_point_type=(
+            rcodes.TIME_POINT_BASELINE if baseline else rcodes.TIME_POINT_POST_RADIATION
+        ),
         time_point_order=order,
         temporal_offset_from_event=offset,
     )
 
 
-def _segment_for(result: TimePointResult, segmentations: Sequence[Dataset]
-                 ) -> tuple[Dataset, int] | None:
+def _segment_for(
+    result: TimePointResult, segmentations: Sequence[Dataset]
+) -> tuple[Dataset, int] | None:
     for seg in segmentations:
         if str(seg.StudyInstanceUID) != result.study_instance_uid:
             continue
@@ -408,10 +532,13 @@ def _referenced_segment(seg: Dataset, segment_number: int) -> hd.sr.ReferencedSe
     per-frame Segment Identification that highdicom itself shares when a SEG has one segment.
     """
     return hd.sr.ReferencedSegment(
-        sop_class_uid=str(seg.SOPClassUID), sop_instance_uid=str(seg.SOPInstanceUID),
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
         segment_number=segment_number,
         source_series=hd.sr.SourceSeriesForSegmentation(
-            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)))
+            str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+        ),
+    )
 
 
 def build_measurement_report(
@@ -474,10 +601,12 @@ def build_measurement_report(
         raise ValueError("algorithm_version must be given")
     parameters = [f"{k}={v}" for k, v in sorted((algorithm_parameters or {}).items())]
     algorithm = hd.sr.AlgorithmIdentification(
-        name=ALGORITHM_NAME, version=algorithm_version, parameters=parameters or None)
+        name=ALGORITHM_NAME, version=algorithm_version, parameters=parameters or None
+    )
     maps: dict[tuple[str, str], str] = {
         (str(pm.StudyInstanceUID), map_quantity(pm)): str(pm.SOPInstanceUID)
-        for pm in parametric_maps}
+        for pm in parametric_maps
+    }
     ordered = sorted(results, key=lambda r: (r.lesion.tracking_uid, r.study_date))
     current = max(results, key=lambda r: r.study_date)
     groups = []
@@ -486,22 +615,32 @@ def build_measurement_report(
         order = order_by_lesion.get(result.lesion.tracking_uid, 0) + 1
         order_by_lesion[result.lesion.tracking_uid] = order
         segment = _segment_for(result, segmentations)
-        study_maps = {q: uid for (study, q), uid in maps.items()
-                      if study == result.study_instance_uid}
-        builder = _GroupBuilder(result, algorithm=algorithm, algorithm_name=ALGORITHM_NAME,
-                                algorithm_version=algorithm_version, maps=study_maps,
-                                ibsi_codes=ibsi_codes)
+        study_maps = {
+            q: uid for (study, q), uid in maps.items() if study == result.study_instance_uid
+        }
+        builder = _GroupBuilder(
+            result,
+            algorithm=algorithm,
+            algorithm_name=ALGORITHM_NAME,
+            algorithm_version=algorithm_version,
+            maps=study_maps,
+            ibsi_codes=ibsi_codes,
+        )
         for path, value in flatten_measurements(result.measurements).items():
             builder.add(path, value)
         builder.add_response()
         _add_scanner_adc_qa(builder)
         if result.comparability is not None:
-            builder.evaluations.append(hd.sr.QualitativeEvaluation(
-                rcodes.COMPARABILITY, rcodes.COMPARABILITY_VALUES[result.comparability]))
+            builder.evaluations.append(
+                hd.sr.QualitativeEvaluation(
+                    rcodes.COMPARABILITY, rcodes.COMPARABILITY_VALUES[result.comparability]
+                )
+            )
         response = result.response
         common: dict[str, Any] = dict(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=result.lesion.tracking_uid, identifier=result.lesion.tracking_id),
+                uid=result.lesion.tracking_uid, identifier=result.lesion.tracking_id
+            ),
             time_point_context=_time_point_context(result, order),
             finding_type=rcodes.segment_type(segment_type),
             finding_sites=[hd.sr.FindingSite(rcodes.vertebra_code(result.lesion.vertebral_level))],
@@ -511,42 +650,70 @@ def build_measurement_report(
             common["referenced_segment"] = _referenced_segment(*segment)
             group_class: type = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
         else:
-            logger.warning("no SEG of study %s for lesion %s: TID 1501 group without ROI",
-                           result.study_instance_uid, result.lesion.tracking_uid)
+            logger.warning(
+                "no SEG of study %s for lesion %s: TID 1501 group without ROI",
+                result.study_instance_uid,
+                result.lesion.tracking_uid,
+            )
             group_class = hd.sr.MeasurementsAndQualitativeEvaluations
-        groups.append(group_class(
-            method=rcodes.rule_set_code(response.rule_set) if response is not None else None,
-            measurements=builder.measurements,
-            qualitative_evaluations=builder.evaluations or None,
-            **common,
-        ))
+        groups.append(
+            group_class(
+                method=rcodes.rule_set_code(response.rule_set) if response is not None else None,
+                measurements=builder.measurements,
+                qualitative_evaluations=builder.evaluations or None,
+                **common,
+            )
+        )
         for (reference, relative), method in rcodes.CHANGE_METHODS.items():
-            changes = [c for c in result.changes if c.reference == reference
-                       and (c.relative is not None or not relative)
-                       and reported_as_change(c.quantity)]
+            changes = [
+                c
+                for c in result.changes
+                if c.reference == reference
+                and (c.relative is not None or not relative)
+                and reported_as_change(c.quantity)
+            ]
             if not changes:
                 continue
             change_builder = _GroupBuilder(
-                result, algorithm=algorithm, algorithm_name=ALGORITHM_NAME,
-                algorithm_version=algorithm_version, maps=study_maps, ibsi_codes=ibsi_codes)
+                result,
+                algorithm=algorithm,
+                algorithm_name=ALGORITHM_NAME,
+                algorithm_version=algorithm_version,
+                maps=study_maps,
+                ibsi_codes=ibsi_codes,
+            )
             for change in changes:
-                change_builder.add(change.quantity,
-                                   # `relative` changes were filtered to those with a value
-                                   cast(float, change.relative) if relative else change.absolute,
-                                   change=True, relative=relative)
+                change_builder.add(
+                    change.quantity,
+                    # `relative` changes were filtered to those with a value
+                    cast(float, change.relative) if relative else change.absolute,
+                    change=True,
+                    relative=relative,
+                )
             if change_builder.measurements:
-                groups.append(group_class(
-                    method=method, measurements=change_builder.measurements, **common))
+                groups.append(
+                    group_class(method=method, measurements=change_builder.measurements, **common)
+                )
 
     observer_uid = device_observer_uid or deterministic_uid(
-        source_study_uid="device", tracking_uid=None, kind="device-observer",
-        algorithm_version=MODEL_NAME, input_digest=MANUFACTURER)
+        source_study_uid="device",
+        tracking_uid=None,
+        kind="device-observer",
+        algorithm_version=MODEL_NAME,
+        input_digest=MANUFACTURER,
+    )
     observation_context = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=observer_uid, name=DEVICE_OBSERVER_NAME, manufacturer_name=MANUFACTURER,
-                model_name=MODEL_NAME, serial_number=DEVICE_SERIAL_NUMBER)))
+                uid=observer_uid,
+                name=DEVICE_OBSERVER_NAME,
+                manufacturer_name=MANUFACTURER,
+                model_name=MODEL_NAME,
+                serial_number=DEVICE_SERIAL_NUMBER,
+            ),
+        )
+    )
     evidence_all = [*segmentations, *parametric_maps, *source_images]
     current_study = current.study_instance_uid
     evidence = sorted(evidence_all, key=lambda ds: str(ds.StudyInstanceUID) != current_study)
@@ -561,12 +728,29 @@ def build_measurement_report(
     )
     content_digest = digest_text(
         digest_uids(evidence_all),
-        repr([(r.lesion.tracking_uid, r.study_instance_uid, r.role.value, r.measurements,
-               r.changes, r.response, r.comparability) for r in ordered]),
-        repr(parameters), segment_type)
-    uid_args = dict(source_study_uid=current_study,
-                    tracking_uid="+".join(sorted(order_by_lesion)),
-                    algorithm_version=algorithm_version, input_digest=content_digest)
+        repr(
+            [
+                (
+                    r.lesion.tracking_uid,
+                    r.study_instance_uid,
+                    r.role.value,
+                    r.measurements,
+                    r.changes,
+                    r.response,
+                    r.comparability,
+                )
+                for r in ordered
+            ]
+        ),
+        repr(parameters),
+        segment_type,
+    )
+    uid_args = dict(
+        source_study_uid=current_study,
+        tracking_uid="+".join(sorted(order_by_lesion)),
+        algorithm_version=algorithm_version,
+        input_digest=content_digest,
+    )
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -581,6 +765,11 @@ def build_measurement_report(
     )
     sr.SeriesDescription = "Spine SBRT response report"
     sr.CodingSchemeIdentificationSequence = rcodes.coding_scheme_identification()
-    logger.info("built TID 1500 SR %s: %d groups for %d lesion(s), study %s",
-                sr.SOPInstanceUID, len(groups), len(order_by_lesion), current_study)
+    logger.info(
+        "built TID 1500 SR %s: %d groups for %d lesion(s), study %s",
+        sr.SOPInstanceUID,
+        len(groups),
+        len(order_by_lesion),
+        current_study,
+    )
     return sr

@@ -32,8 +32,19 @@ from processing.results import (
 logger = logging.getLogger(__name__)
 
 #: map statistics shown in the text summary, in this order
-_TEXT_QUANTITIES = ("ADC", "MD", "MK", "IVIM_D", "IVIM_f", "Ktrans", "ve", "vp", "kep", "IAUC60",
-                    "T1")
+_TEXT_QUANTITIES = (
+    "ADC",
+    "MD",
+    "MK",
+    "IVIM_D",
+    "IVIM_f",
+    "Ktrans",
+    "ve",
+    "vp",
+    "kep",
+    "IAUC60",
+    "T1",
+)
 
 
 def summary_records(results: Sequence[TimePointResult]) -> list[dict[str, Any]]:
@@ -53,22 +64,25 @@ def summary_records(results: Sequence[TimePointResult]) -> list[dict[str, Any]]:
         if result.response is not None:
             response = asdict(result.response)
             response["category"] = result.response.category.value
-        records.append({
-            "lesion": asdict(result.lesion),
-            "role": result.role.value,
-            "study_instance_uid": result.study_instance_uid,
-            "study_date": result.study_date,
-            "days_since_treatment": result.days_since_treatment,
-            "measurements": values,
-            "units": units,
-            "changes": [asdict(change) for change in result.changes],
-            "response": response,
-            "comparability": (result.comparability.value
-                              if result.comparability is not None else None),
-            "comparability_reasons": list(result.comparability_reasons),
-            "radiomics_notes": list(result.measurements.radiomics_notes),
-            "provenance": result.provenance,
-        })
+        records.append(
+            {
+                "lesion": asdict(result.lesion),
+                "role": result.role.value,
+                "study_instance_uid": result.study_instance_uid,
+                "study_date": result.study_date,
+                "days_since_treatment": result.days_since_treatment,
+                "measurements": values,
+                "units": units,
+                "changes": [asdict(change) for change in result.changes],
+                "response": response,
+                "comparability": (
+                    result.comparability.value if result.comparability is not None else None
+                ),
+                "comparability_reasons": list(result.comparability_reasons),
+                "radiomics_notes": list(result.measurements.radiomics_notes),
+                "provenance": result.provenance,
+            }
+        )
     return records
 
 
@@ -109,22 +123,40 @@ def format_summary(results: Sequence[TimePointResult]) -> str:
         lines.append(f"Lesion {lesion.tracking_id}{level}")
         for result in lesion_results:
             m = result.measurements
-            days = (f", day {result.days_since_treatment:+d}"
-                    if result.days_since_treatment is not None else "")
-            lines.append(f"  {result.role.value} {result.study_date}{days}: "
-                         f"volume {m.volume_ml:.2f} mL")
-            stats = [f"{q} mean {_format_value(m.map_statistics[q].mean, m.map_statistics[q].unit)}"
-                     for q in _TEXT_QUANTITIES if q in m.map_statistics]
+            days = (
+                f", day {result.days_since_treatment:+d}"
+                if result.days_since_treatment is not None
+                else ""
+            )
+            lines.append(
+                f"  {result.role.value} {result.study_date}{days}: volume {m.volume_ml:.2f} mL"
+            )
+            stats = [
+                f"{q} mean {_format_value(m.map_statistics[q].mean, m.map_statistics[q].unit)}"
+                for q in _TEXT_QUANTITIES
+                if q in m.map_statistics
+            ]
             if stats:
                 lines.append("    " + "; ".join(stats))
             if result.comparability is not None:
-                reasons = (" (" + "; ".join(result.comparability_reasons) + ")"
-                           if result.comparability_reasons else "")
-                lines.append(f"    comparability with baseline: {result.comparability.value}"
-                             f"{reasons}")
-            changes = [c for c in result.changes if c.quantity in ("volume",) or (
-                c.quantity.split(".")[0] in _TEXT_QUANTITIES and c.quantity.endswith(".mean")
-                or c.quantity.endswith(".median"))]
+                reasons = (
+                    " (" + "; ".join(result.comparability_reasons) + ")"
+                    if result.comparability_reasons
+                    else ""
+                )
+                lines.append(
+                    f"    comparability with baseline: {result.comparability.value}{reasons}"
+                )
+            changes = [
+                c
+                for c in result.changes
+                if c.quantity in ("volume",)
+                or (
+                    c.quantity.split(".")[0] in _TEXT_QUANTITIES
+                    and c.quantity.endswith(".mean")
+                    or c.quantity.endswith(".median")
+                )
+            ]
             for change in changes:
                 rel = f"{change.relative * 100:+.0f} %" if change.relative is not None else "n/a"
                 flags = []
@@ -133,8 +165,9 @@ def format_summary(results: Sequence[TimePointResult]) -> str:
                 if not change.comparable:
                     flags.append("NOT comparable")
                 flag_text = f" [{', '.join(flags)}]" if flags else ""
-                lines.append(f"    change of {change.quantity} from {change.reference}: "
-                             f"{rel}{flag_text}")
+                lines.append(
+                    f"    change of {change.quantity} from {change.reference}: {rel}{flag_text}"
+                )
             response = result.response
             if response is not None:
                 lines.append(f"    RESPONSE: {response.category.value} ({response.rule_set})")
@@ -151,8 +184,10 @@ def format_summary(results: Sequence[TimePointResult]) -> str:
                 if response.recommendation:
                     lines.append(f"    recommendation: {response.recommendation}")
                 if response.model_probability is not None:
-                    lines.append(f"    {response.model_name or 'model'}: probability of "
-                                 f"progression {response.model_probability:.2f}")
+                    lines.append(
+                        f"    {response.model_name or 'model'}: probability of "
+                        f"progression {response.model_probability:.2f}"
+                    )
     return "\n".join(lines)
 
 
@@ -173,11 +208,17 @@ def results_from_summary(summary: dict[str, Any]) -> list[TimePointResult]:
             if stat and head != "radiomics" and "." not in stat:
                 per_map.setdefault(head, {})[stat] = value
         stats = {
-            q: MapStatistics(quantity=q, unit=units.get(f"{q}.mean", ""), n_voxels=0,
-                             mean=s.get("mean", float("nan")),
-                             median=s.get("median", float("nan")),
-                             sd=s.get("sd", float("nan")), p10=s.get("p10", float("nan")),
-                             p90=s.get("p90", float("nan")), peak=s.get("peak"))
+            q: MapStatistics(
+                quantity=q,
+                unit=units.get(f"{q}.mean", ""),
+                n_voxels=0,
+                mean=s.get("mean", float("nan")),
+                median=s.get("median", float("nan")),
+                sd=s.get("sd", float("nan")),
+                p10=s.get("p10", float("nan")),
+                p90=s.get("p90", float("nan")),
+                peak=s.get("peak"),
+            )
             for q, s in per_map.items()
         }
         measurements = LesionMeasurements(
@@ -197,17 +238,19 @@ def results_from_summary(summary: dict[str, Any]) -> list[TimePointResult]:
             r["model_top_features"] = tuple(tuple(f) for f in r.get("model_top_features") or ())
             response = ResponseAssessment(**r)
         comparability = record.get("comparability")
-        results.append(TimePointResult(
-            lesion=Lesion(**record["lesion"]),
-            role=TimePointRole(record["role"]),
-            study_instance_uid=record["study_instance_uid"],
-            study_date=record["study_date"],
-            days_since_treatment=record.get("days_since_treatment"),
-            measurements=measurements,
-            changes=tuple(Change(**c) for c in record.get("changes") or ()),
-            response=response,
-            comparability=None if comparability is None else Comparability(comparability),
-            comparability_reasons=tuple(record.get("comparability_reasons") or ()),
-            provenance=record.get("provenance") or {},
-        ))
+        results.append(
+            TimePointResult(
+                lesion=Lesion(**record["lesion"]),
+                role=TimePointRole(record["role"]),
+                study_instance_uid=record["study_instance_uid"],
+                study_date=record["study_date"],
+                days_since_treatment=record.get("days_since_treatment"),
+                measurements=measurements,
+                changes=tuple(Change(**c) for c in record.get("changes") or ()),
+                response=response,
+                comparability=None if comparability is None else Comparability(comparability),
+                comparability_reasons=tuple(record.get("comparability_reasons") or ()),
+                provenance=record.get("provenance") or {},
+            )
+        )
     return results

@@ -54,13 +54,17 @@ def deterministic_uid(
     str
         UID of at most 44 characters (``2.25.`` + at most 39 digits).
     """
-    for name, value in (("source_study_uid", source_study_uid), ("kind", kind),
-                        ("algorithm_version", algorithm_version),
-                        ("input_digest", input_digest)):
+    for name, value in (
+        ("source_study_uid", source_study_uid),
+        ("kind", kind),
+        ("algorithm_version", algorithm_version),
+        ("input_digest", input_digest),
+    ):
         if not value:
             raise ValueError(f"{name} must be a non-empty string")
     key = _SEPARATOR.join(
-        (source_study_uid, tracking_uid or "", kind, algorithm_version, input_digest))
+        (source_study_uid, tracking_uid or "", kind, algorithm_version, input_digest)
+    )
     return f"2.25.{uuid.uuid5(NAMESPACE, key).int}"
 
 

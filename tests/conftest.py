@@ -19,6 +19,7 @@ def shared_data() -> Path:
         pytest.fail(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
 
+
 # The node's fixtures (issue 2): `node_factory` (spine-node serve subprocesses), `node_log_dir`,
 # and the suite-wide log capture that fails the session on a seeded patient identifier.
 pytest_plugins = [*pytest_plugins, "tests.node.fixtures", "tests.orthanc_fixture"]

@@ -91,10 +91,18 @@ class OrthancServer:
         Further configuration options, merged last (they win).
     """
 
-    def __init__(self, workdir: Path, *, modalities: Mapping[str, Any] | None = None,
-                 lua_scripts: Iterable[Path] = (), aet: str = "ORTHANC",
-                 dicom_port: int | None = None, http_port: int | None = None,
-                 stable_age_s: int = 2, extra_config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        modalities: Mapping[str, Any] | None = None,
+        lua_scripts: Iterable[Path] = (),
+        aet: str = "ORTHANC",
+        dicom_port: int | None = None,
+        http_port: int | None = None,
+        stable_age_s: int = 2,
+        extra_config: Mapping[str, Any] | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
@@ -162,7 +170,9 @@ class OrthancServer:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [exe, f"--logfile={self.log_path}.internal", str(self.config_path)],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
             # Orthanc's DICOM layer is DCMTK's, which disables Nagle's algorithm only when told
             # so by this variable: without it every C-STORE Orthanc sends waits ~40 ms for a
             # delayed ACK (routing to the node ran at ~20 images/s)
@@ -173,18 +183,25 @@ class OrthancServer:
             if self.proc.poll() is not None:
                 self._log.close()
                 raise OrthancError(
-                    f"Orthanc exited with code {self.proc.returncode}; see {self.log_text_path}")
+                    f"Orthanc exited with code {self.proc.returncode}; see {self.log_text_path}"
+                )
             try:
                 system = self.get("/system")
             except (OrthancError, OSError):
                 time.sleep(0.2)
                 continue
-            logger.info("Orthanc %s on DICOM 127.0.0.1:%d (AET %s), HTTP %s",
-                        system.get("Version"), self.dicom_port, self.aet, self.url)
+            logger.info(
+                "Orthanc %s on DICOM 127.0.0.1:%d (AET %s), HTTP %s",
+                system.get("Version"),
+                self.dicom_port,
+                self.aet,
+                self.url,
+            )
             return self
         self.stop()
-        raise OrthancError(f"Orthanc did not answer GET /system in {timeout_s} s; "
-                           f"see {self.log_text_path}")
+        raise OrthancError(
+            f"Orthanc did not answer GET /system in {timeout_s} s; see {self.log_text_path}"
+        )
 
     @property
     def log_text_path(self) -> Path:
@@ -222,8 +239,15 @@ class OrthancServer:
         self.stop()
 
     # ------------------------------------------------------------------ REST
-    def request(self, method: str, path: str, body: bytes | dict[str, Any] | list[Any] | None = None,
-                *, content_type: str = "application/json", timeout_s: float = 60.0) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | dict[str, Any] | list[Any] | None = None,
+        *,
+        content_type: str = "application/json",
+        timeout_s: float = 60.0,
+    ) -> Any:
         """Call the REST API; the decoded JSON answer (or raw bytes if not JSON)."""
         data: bytes | None
         if isinstance(body, (dict, list)):
@@ -258,8 +282,9 @@ class OrthancServer:
         """Upload DICOM files (``POST /instances``); their Orthanc instance ids."""
         ids = []
         for path in paths:
-            answer = self.request("POST", "/instances", Path(path).read_bytes(),
-                                  content_type="application/dicom")
+            answer = self.request(
+                "POST", "/instances", Path(path).read_bytes(), content_type="application/dicom"
+            )
             ids.append(answer["ID"])
         return ids
 
@@ -267,9 +292,21 @@ class OrthancServer:
         """C-STORE files to Orthanc with dcmtk ``storescu``, as a modality sends them (one
         association; far quicker than one REST request per file)."""
         sent = subprocess.run(
-            ["storescu", "-aet", calling_ae, "-aec", self.aet, "127.0.0.1", str(self.dicom_port),
-             *map(str, paths)], capture_output=True, text=True, timeout=600,
-            env={"TCP_NODELAY": "1"})
+            [
+                "storescu",
+                "-aet",
+                calling_ae,
+                "-aec",
+                self.aet,
+                "127.0.0.1",
+                str(self.dicom_port),
+                *map(str, paths),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={"TCP_NODELAY": "1"},
+        )
         if sent.returncode != 0:
             raise RuntimeError(f"storescu to Orthanc failed: {sent.stderr[-2000:]}")
 
@@ -308,8 +345,14 @@ class OrthancServer:
             out.setdefault(studies.get(series["ParentStudy"], ""), []).append(series)
         return out
 
-    def wait_for(self, condition: Callable[[], bool], *, timeout_s: float,
-                 interval_s: float = 1.0, what: str = "condition") -> None:
+    def wait_for(
+        self,
+        condition: Callable[[], bool],
+        *,
+        timeout_s: float,
+        interval_s: float = 1.0,
+        what: str = "condition",
+    ) -> None:
         """Poll ``condition`` until true; :class:`OrthancError` after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -322,8 +365,9 @@ class OrthancServer:
 
 
 @pytest.fixture
-def orthanc_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        Callable[..., OrthancServer]]:
+def orthanc_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., OrthancServer]]:
     """Start :class:`OrthancServer` instances (same keyword arguments); all stop at test end.
 
     ``orthanc_factory(modalities=..., lua_scripts=...)`` returns a started server. The test is

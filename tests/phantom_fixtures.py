@@ -25,9 +25,9 @@ PHANTOM_SEED = 7
 
 @pytest.fixture(scope="session")
 def make_phantom(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    from node.commands.phantom import write_phantom
-
     from filelock import FileLock
+
+    from node.commands.phantom import write_phantom
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -35,15 +35,28 @@ def make_phantom(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     root = root / "phantom-cache"
     root.mkdir(exist_ok=True)
 
-    def _make(scenario: str = "responder", vendor: str = "standard", size: str = "small",
-              seed: int = PHANTOM_SEED, followups: int = 1, sagittal: bool = False) -> Path:
+    def _make(
+        scenario: str = "responder",
+        vendor: str = "standard",
+        size: str = "small",
+        seed: int = PHANTOM_SEED,
+        followups: int = 1,
+        sagittal: bool = False,
+    ) -> Path:
         name = f"{scenario}-{vendor}-{size}-{seed}-{followups}{'-sag' if sagittal else ''}"
         out = root / name / "patient"
         with FileLock(str(root / f"{name}.lock")):
             if not out.is_dir():
                 partial = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-                write_phantom(partial / "patient", seed=seed, scenario=scenario, vendor=vendor,
-                              size=size, followups=followups, sagittal=sagittal)
+                write_phantom(
+                    partial / "patient",
+                    seed=seed,
+                    scenario=scenario,
+                    vendor=vendor,
+                    size=size,
+                    followups=followups,
+                    sagittal=sagittal,
+                )
                 out.parent.mkdir(exist_ok=True)
                 os.rename(partial / "patient", out)
                 partial.rmdir()

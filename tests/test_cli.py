@@ -9,14 +9,25 @@ from node.cli import COMMANDS, build_parser
 
 
 def test_contract_commands_are_declared():
-    expected = {"serve", "analyze", "phantom", "maps", "train", "demo", "echo", "send", "status",
-                "reprocess"}
+    expected = {
+        "serve",
+        "analyze",
+        "phantom",
+        "maps",
+        "train",
+        "demo",
+        "echo",
+        "send",
+        "status",
+        "reprocess",
+    }
     assert expected <= set(COMMANDS)
 
 
 def test_help_runs():
-    out = subprocess.run([sys.executable, "-m", "node.cli", "--help"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "node.cli", "--help"], capture_output=True, text=True, check=True
+    )
     assert "serve" in out.stdout and "phantom" in out.stdout
 
 

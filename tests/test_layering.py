@@ -27,8 +27,9 @@ def forbidden_imports(source: str, package: str) -> list[tuple[int, str]]:
             names = [node.module]
         else:
             continue
-        found.extend((node.lineno, name) for name in names
-                     if name.split(".")[0] in FORBIDDEN[package])
+        found.extend(
+            (node.lineno, name) for name in names if name.split(".")[0] in FORBIDDEN[package]
+        )
     return found
 
 
@@ -36,14 +37,18 @@ def forbidden_imports(source: str, package: str) -> list[tuple[int, str]]:
 def test_package_imports_follow_the_layering(package):
     files = sorted((REPO / package).rglob("*.py"))
     assert files
-    violations = [f"{path.relative_to(REPO)}:{line} imports {name}"
-                  for path in files
-                  for line, name in forbidden_imports(path.read_text(encoding="utf-8"), package)]
+    violations = [
+        f"{path.relative_to(REPO)}:{line} imports {name}"
+        for path in files
+        for line, name in forbidden_imports(path.read_text(encoding="utf-8"), package)
+    ]
     assert not violations, "\n".join(violations)
 
 
 def test_the_check_finds_a_forbidden_import():
-    source = ("import numpy\nfrom processing.series import Geometry\n"
-              "def f():\n    from node.chain import run_chain\n    import reporting.seg as s\n")
+    source = (
+        "import numpy\nfrom processing.series import Geometry\n"
+        "def f():\n    from node.chain import run_chain\n    import reporting.seg as s\n"
+    )
     assert forbidden_imports(source, "processing") == [(4, "node.chain"), (5, "reporting.seg")]
     assert forbidden_imports(source, "reporting") == [(4, "node.chain")]

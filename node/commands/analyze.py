@@ -20,16 +20,30 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders (any mix)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="node configuration (its [analysis] section is used)")
-    parser.add_argument("--map-cache", type=Path, default=None, metavar="DIR",
-                        help="folder of computed maps kept between runs: a study whose map "
-                             "inputs and settings are unchanged is not refitted (default: none)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="node configuration (its [analysis] section is used)",
+    )
+    parser.add_argument(
+        "--map-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of computed maps kept between runs: a study whose map "
+        "inputs and settings are unchanged is not refitted (default: none)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.analysis import (chain_datasets_summary, format_course, patient_datasets,
-                               patients_in_index, write_outputs)
+    from node.analysis import (
+        chain_datasets_summary,
+        format_course,
+        patient_datasets,
+        patients_in_index,
+        write_outputs,
+    )
     from node.chain import ChainError, course_summary, run_chain
     from node.index import Index
     from node.ingest import import_files, iter_files
@@ -52,20 +66,27 @@ def run(args: argparse.Namespace) -> int:
         for path, reason in report.skipped:
             print(f"skipped {path}: {reason}", file=sys.stderr)
         if not report.stored:
-            print("spine-node analyze: no DICOM instance could be read from the given paths",
-                  file=sys.stderr)
+            print(
+                "spine-node analyze: no DICOM instance could be read from the given paths",
+                file=sys.stderr,
+            )
             return 2
         patients = patients_in_index(index)
         if len(patients) > 1:
-            print(f"spine-node analyze: the files hold {len(patients)} patients; analyse one "
-                  "patient at a time", file=sys.stderr)
+            print(
+                f"spine-node analyze: the files hold {len(patients)} patients; analyse one "
+                "patient at a time",
+                file=sys.stderr,
+            )
             return 2
         datasets = patient_datasets(index, store.root, patients[0])
         print(f"imported {chain_datasets_summary(datasets)}")
         try:
-            result = run_chain(datasets, settings=settings,
-                               map_cache=None if args.map_cache is None
-                               else MapCache(args.map_cache))
+            result = run_chain(
+                datasets,
+                settings=settings,
+                map_cache=None if args.map_cache is None else MapCache(args.map_cache),
+            )
         except (ChainError, PatientMismatchError) as err:
             print(f"spine-node analyze: nothing to analyse: {err}", file=sys.stderr)
             return 2

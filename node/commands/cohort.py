@@ -55,8 +55,12 @@ logger = logging.getLogger(__name__)
 
 #: scenario -> true outcome (True = local progression). A pseudoprogression is an indeterminate
 #: *call* at its first follow-up, but its outcome is local control.
-SCENARIO_OUTCOME: dict[str, bool] = {"responder": False, "progression": True,
-                                     "pseudoprogression": False, "stable": False}
+SCENARIO_OUTCOME: dict[str, bool] = {
+    "responder": False,
+    "progression": True,
+    "pseudoprogression": False,
+    "stable": False,
+}
 #: columns written before the features (all are metadata for processing.response_model)
 LEADING_COLUMNS = ("case_id", "patient", "scenario", "notes", "data_origin", "outcome")
 MAX_FOLLOWUPS = 4
@@ -98,14 +102,26 @@ def cohort_plan(patients: int, *, seed: int = 0) -> list[CohortPatient]:
     """
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
-    return [CohortPatient(i + 1, SCENARIOS[i % len(SCENARIOS)],
-                          VENDORS[(i // len(SCENARIOS)) % len(VENDORS)], seed + i)
-            for i in range(patients)]
+    return [
+        CohortPatient(
+            i + 1,
+            SCENARIOS[i % len(SCENARIOS)],
+            VENDORS[(i // len(SCENARIOS)) % len(VENDORS)],
+            seed + i,
+        )
+        for i in range(patients)
+    ]
 
 
-def analyse_patient(patient: CohortPatient, folder: Path, *, size: str = "small",
-                    followups: int = 1, settings: Any = None, keep: bool = False,
-                    ) -> dict[str, Any]:
+def analyse_patient(
+    patient: CohortPatient,
+    folder: Path,
+    *,
+    size: str = "small",
+    followups: int = 1,
+    settings: Any = None,
+    keep: bool = False,
+) -> dict[str, Any]:
     """Write one phantom patient, run the chain on it and turn its follow-ups into case rows.
 
     Runs in a worker process. Never raises for a failing patient: the returned status says
@@ -141,17 +157,34 @@ def analyse_patient(patient: CohortPatient, folder: Path, *, size: str = "small"
     from node.roles import PatientMismatchError
     from processing.response_model import case_row
 
-    status: dict[str, Any] = {"patient": patient.pseudonym, "scenario": patient.scenario,
-                              "vendor": patient.vendor, "seed": patient.seed, "size": size,
-                              "state": "failed", "reason": None, "rows": [], "calls": [],
-                              "notes": [], "times_s": {}, "chain_timings_s": {}}
+    status: dict[str, Any] = {
+        "patient": patient.pseudonym,
+        "scenario": patient.scenario,
+        "vendor": patient.vendor,
+        "seed": patient.seed,
+        "size": size,
+        "state": "failed",
+        "reason": None,
+        "rows": [],
+        "calls": [],
+        "notes": [],
+        "times_s": {},
+        "chain_timings_s": {},
+    }
     times = status["times_s"]
-    settings = dataclasses.replace(settings or ChainSettings(), repeatability=False,
-                                   outputs=False, model_path=None)
+    settings = dataclasses.replace(
+        settings or ChainSettings(), repeatability=False, outputs=False, model_path=None
+    )
     t0 = time.perf_counter()
     try:
-        truth = write_phantom(folder, seed=patient.seed, scenario=patient.scenario,
-                              vendor=patient.vendor, size=size, followups=followups)
+        truth = write_phantom(
+            folder,
+            seed=patient.seed,
+            scenario=patient.scenario,
+            vendor=patient.vendor,
+            size=size,
+            followups=followups,
+        )
         times["phantom"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         with warnings.catch_warnings():
@@ -174,23 +207,28 @@ def analyse_patient(patient: CohortPatient, folder: Path, *, size: str = "small"
     else:
         status["chain_timings_s"] = {k: round(v, 2) for k, v in result.timings.items()}
         status["notes"] = list(result.notes)
-        followup_keys = {str(study.get("StudyInstanceUID")): key
-                         for key, study in truth["studies"].items() if key != "baseline"}
+        followup_keys = {
+            str(study.get("StudyInstanceUID")): key
+            for key, study in truth["studies"].items()
+            if key != "baseline"
+        }
         outcome = SCENARIO_OUTCOME[patient.scenario]
         notes = f"{patient.vendor} vendor, seed {patient.seed}, {size} phantom"
         for tp in result.results[1:]:
             key = followup_keys.get(tp.study_instance_uid, tp.study_instance_uid)
             case_id = f"{patient.pseudonym}-{key}"
-            row = case_row(tp.changes, outcome=outcome, case_id=case_id,
-                           data_origin="synthetic")
+            row = case_row(tp.changes, outcome=outcome, case_id=case_id, data_origin="synthetic")
             row.update(patient=patient.pseudonym, scenario=patient.scenario, notes=notes)
             status["rows"].append(row)
             expected = truth["studies"].get(key, {}).get("expected_response")
-            status["calls"].append({"case_id": case_id, "days_since_treatment":
-                                    tp.days_since_treatment,
-                                    "rule_based": None if tp.response is None
-                                    else tp.response.category.value,
-                                    "expected": expected})
+            status["calls"].append(
+                {
+                    "case_id": case_id,
+                    "days_since_treatment": tp.days_since_treatment,
+                    "rule_based": None if tp.response is None else tp.response.category.value,
+                    "expected": expected,
+                }
+            )
         if status["rows"]:
             status["state"] = "analysed"
         else:
@@ -219,22 +257,44 @@ def write_cases(rows: list[dict[str, str]], path: Path) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patients", type=int, required=True, help="number of phantom patients")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output folder (created; must be empty if it exists)")
-    parser.add_argument("--size", choices=SIZES, default="small",
-                        help="phantom size (default small: minutes for a cohort of 40)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="worker processes (default: the number of CPUs)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the first patient; patient i has seed + i (default 0)")
-    parser.add_argument("--followups", type=int, default=1,
-                        help=f"follow-up studies per patient, one case each (default 1, max "
-                             f"{MAX_FOLLOWUPS}); the cases of one patient are not independent")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="node configuration whose [analysis] section the chain uses, so "
-                             "that the features match the node's (default: built-in settings)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the phantom DICOM files under OUT/phantoms/")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (created; must be empty if it exists)",
+    )
+    parser.add_argument(
+        "--size",
+        choices=SIZES,
+        default="small",
+        help="phantom size (default small: minutes for a cohort of 40)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="worker processes (default: the number of CPUs)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first patient; patient i has seed + i (default 0)",
+    )
+    parser.add_argument(
+        "--followups",
+        type=int,
+        default=1,
+        help=f"follow-up studies per patient, one case each (default 1, max "
+        f"{MAX_FOLLOWUPS}); the cases of one patient are not independent",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="node configuration whose [analysis] section the chain uses, so "
+        "that the features match the node's (default: built-in settings)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the phantom DICOM files under OUT/phantoms/"
+    )
 
 
 def _init_worker(level: str, log_file: str | None, threads: int) -> None:
@@ -256,15 +316,19 @@ def _minutes(seconds: float) -> str:
 
 
 def _line(done: int, total: int, status: dict[str, Any]) -> str:
-    head = (f"[{done:>{len(str(total))}}/{total}] {status['patient']} {status['scenario']}/"
-            f"{status['vendor']} seed {status['seed']}:")
+    head = (
+        f"[{done:>{len(str(total))}}/{total}] {status['patient']} {status['scenario']}/"
+        f"{status['vendor']} seed {status['seed']}:"
+    )
     times = status["times_s"]
     if status["state"] != "analysed":
         return f"{head} FAILED after {times.get('total', 0):.1f} s: {status['reason']}"
     calls = ", ".join(c["rule_based"] for c in status["calls"])
-    return (f"{head} {len(status['rows'])} case(s), rule-based {calls}; chain "
-            f"{times['chain']:.1f} s (phantom {times['phantom']:.1f} s, "
-            f"read {times['read']:.1f} s)")
+    return (
+        f"{head} {len(status['rows'])} case(s), rule-based {calls}; chain "
+        f"{times['chain']:.1f} s (phantom {times['phantom']:.1f} s, "
+        f"read {times['read']:.1f} s)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -287,39 +351,62 @@ def run(args: argparse.Namespace) -> int:
 
         settings = chain_settings_from(args.config)
     except (OSError, ValueError) as err:
-        print(f"spine-node cohort: cannot use the configuration {args.config}: {err}",
-              file=sys.stderr)
+        print(
+            f"spine-node cohort: cannot use the configuration {args.config}: {err}", file=sys.stderr
+        )
         return 2
     plan = cohort_plan(args.patients, seed=args.seed)
     phantoms = args.out / "phantoms"
     phantoms.mkdir(parents=True)
     jobs = min(jobs, len(plan))
     mix = Counter(p.scenario for p in plan)
-    print(f"cohort of {len(plan)} {args.size} phantom patients "
-          f"({', '.join(f'{s} {mix[s]}' for s in SCENARIOS if mix[s])}), "
-          f"{args.followups} follow-up(s) each, {jobs} worker process(es)")
+    print(
+        f"cohort of {len(plan)} {args.size} phantom patients "
+        f"({', '.join(f'{s} {mix[s]}' for s in SCENARIOS if mix[s])}), "
+        f"{args.followups} follow-up(s) each, {jobs} worker process(es)"
+    )
     level, log_file = logging_target()
     statuses: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     executor = concurrent.futures.ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+        max_workers=jobs,
+        mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(level, log_file, max(1, (os.cpu_count() or 1) // jobs)))
+        initargs=(level, log_file, max(1, (os.cpu_count() or 1) // jobs)),
+    )
     try:
-        futures = {executor.submit(analyse_patient, p, phantoms / p.pseudonym, size=args.size,
-                                   followups=args.followups, settings=settings,
-                                   keep=args.keep): p for p in plan}
+        futures = {
+            executor.submit(
+                analyse_patient,
+                p,
+                phantoms / p.pseudonym,
+                size=args.size,
+                followups=args.followups,
+                settings=settings,
+                keep=args.keep,
+            ): p
+            for p in plan
+        }
         for future in concurrent.futures.as_completed(futures):
             patient = futures[future]
             try:
                 status = future.result()
             except BrokenProcessPool as err:
                 # a worker died (killed, out of memory): its patient and the queued ones fail
-                status = {"patient": patient.pseudonym, "scenario": patient.scenario,
-                          "vendor": patient.vendor, "seed": patient.seed, "size": args.size,
-                          "state": "failed", "reason": f"worker process died: {err}",
-                          "rows": [], "calls": [], "notes": [], "times_s": {},
-                          "chain_timings_s": {}}
+                status = {
+                    "patient": patient.pseudonym,
+                    "scenario": patient.scenario,
+                    "vendor": patient.vendor,
+                    "seed": patient.seed,
+                    "size": args.size,
+                    "state": "failed",
+                    "reason": f"worker process died: {err}",
+                    "rows": [],
+                    "calls": [],
+                    "notes": [],
+                    "times_s": {},
+                    "chain_timings_s": {},
+                }
             statuses[patient.pseudonym] = status
             print(_line(len(statuses), len(plan), status), flush=True)
     except KeyboardInterrupt:
@@ -334,8 +421,13 @@ def run(args: argparse.Namespace) -> int:
     return _report(args, plan, statuses, wall, jobs)
 
 
-def _report(args: argparse.Namespace, plan: list[CohortPatient],
-            statuses: dict[str, dict[str, Any]], wall: float, jobs: int) -> int:
+def _report(
+    args: argparse.Namespace,
+    plan: list[CohortPatient],
+    statuses: dict[str, dict[str, Any]],
+    wall: float,
+    jobs: int,
+) -> int:
     ordered = [statuses[p.pseudonym] for p in plan]
     analysed = [s for s in ordered if s["state"] == "analysed"]
     failed = [s for s in ordered if s["state"] != "analysed"]
@@ -344,21 +436,30 @@ def _report(args: argparse.Namespace, plan: list[CohortPatient],
     chain = [s["times_s"]["chain"] for s in analysed]
     per_patient = [s["times_s"]["total"] for s in analysed]
     summary = {
-        "patients": len(plan), "analysed": len(analysed), "failed": len(failed),
+        "patients": len(plan),
+        "analysed": len(analysed),
+        "failed": len(failed),
         "cases": len(rows),
         "local_progression_cases": sum(r["outcome"] == "local progression" for r in rows),
         "scenarios": dict(Counter(s["scenario"] for s in analysed)),
-        "size": args.size, "followups": args.followups, "first_seed": args.seed, "jobs": jobs,
+        "size": args.size,
+        "followups": args.followups,
+        "first_seed": args.seed,
+        "jobs": jobs,
         "wall_time_s": round(wall, 1),
-        "chain_time_s": None if not chain else {
-            "median": round(statistics.median(chain), 2), "min": min(chain), "max": max(chain)},
-        "patient_time_s_median": None if not per_patient else
-        round(statistics.median(per_patient), 2),
+        "chain_time_s": None
+        if not chain
+        else {"median": round(statistics.median(chain), 2), "min": min(chain), "max": max(chain)},
+        "patient_time_s_median": None
+        if not per_patient
+        else round(statistics.median(per_patient), 2),
         "rule_based_agrees_with_expected": sum(c["rule_based"] == c["expected"] for c in calls),
         "data_origin": "synthetic",
     }
-    report = {"summary": summary,
-              "patients": [{k: v for k, v in s.items() if k != "rows"} for s in ordered]}
+    report = {
+        "summary": summary,
+        "patients": [{k: v for k, v in s.items() if k != "rows"} for s in ordered],
+    }
     cases_path = args.out / "cases.csv"
     status_path = args.out / "patients.json"
     try:
@@ -368,27 +469,41 @@ def _report(args: argparse.Namespace, plan: list[CohortPatient],
     except OSError as err:
         print(f"spine-node cohort: cannot write the results: {err}", file=sys.stderr)
         return 1
-    print(f"cohort: {len(analysed)} of {len(plan)} patients analysed, {len(failed)} failed; "
-          f"wall time {_minutes(wall)} with {jobs} job(s)")
+    print(
+        f"cohort: {len(analysed)} of {len(plan)} patients analysed, {len(failed)} failed; "
+        f"wall time {_minutes(wall)} with {jobs} job(s)"
+    )
     if chain:
-        print(f"chain time per patient: median {statistics.median(chain):.1f} s "
-              f"(range {min(chain):.1f}-{max(chain):.1f} s); whole patient (phantom, read, chain) "
-              f"median {statistics.median(per_patient):.1f} s")
+        print(
+            f"chain time per patient: median {statistics.median(chain):.1f} s "
+            f"(range {min(chain):.1f}-{max(chain):.1f} s); whole patient (phantom, read, chain) "
+            f"median {statistics.median(per_patient):.1f} s"
+        )
     for s in failed:
-        print(f"FAILED {s['patient']} ({s['scenario']}/{s['vendor']} seed {s['seed']}; "
-              f"spine-node phantom --scenario {s['scenario']} --vendor {s['vendor']} "
-              f"--seed {s['seed']} --size {s['size']} reproduces it): {s['reason']}")
+        print(
+            f"FAILED {s['patient']} ({s['scenario']}/{s['vendor']} seed {s['seed']}; "
+            f"spine-node phantom --scenario {s['scenario']} --vendor {s['vendor']} "
+            f"--seed {s['seed']} --size {s['size']} reproduces it): {s['reason']}"
+        )
     if not rows:
         print("spine-node cohort: no case could be built; no cases.csv written", file=sys.stderr)
         print(f"status: {status_path}")
         return 1
     mix = ", ".join(f"{k} {v}" for k, v in sorted(summary["scenarios"].items()))
-    print(f"{len(rows)} cases ({summary['local_progression_cases']} local progression; {mix}), "
-          f"{len(columns) - len(LEADING_COLUMNS)} delta features; rule-based call as the phantom "
-          f"expects in {summary['rule_based_agrees_with_expected']}/{len(calls)}")
+    print(
+        f"{len(rows)} cases ({summary['local_progression_cases']} local progression; {mix}), "
+        f"{len(columns) - len(LEADING_COLUMNS)} delta features; rule-based call as the phantom "
+        f"expects in {summary['rule_based_agrees_with_expected']}/{len(calls)}"
+    )
     print(f"cases: {cases_path}\nstatus: {status_path}")
-    print(f"next: spine-node train --cases {cases_path} --out MODEL.joblib "
-          "(synthetic cases: the model is NOT clinically meaningful)")
-    logger.info("cohort written: %d cases from %d patients (%d failed)", len(rows),
-                len(analysed), len(failed))
+    print(
+        f"next: spine-node train --cases {cases_path} --out MODEL.joblib "
+        "(synthetic cases: the model is NOT clinically meaningful)"
+    )
+    logger.info(
+        "cohort written: %d cases from %d patients (%d failed)",
+        len(rows),
+        len(analysed),
+        len(failed),
+    )
     return 1 if failed else 0

@@ -56,17 +56,33 @@ class DemoError(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo-output"),
-                        help="output folder (default ./demo-output; a previous demo's is emptied)")
-    parser.add_argument("--scenario", choices=SCENARIOS, default="responder",
-                        help="phantom response scenario (default responder)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        help="output folder (default ./demo-output; a previous demo's is emptied)",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="responder",
+        help="phantom response scenario (default responder)",
+    )
     parser.add_argument("--seed", type=int, default=7, help="phantom random seed (default 7)")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds to wait for the results (default 600)")
-    parser.add_argument("--quiet-period", type=float, default=3.0,
-                        help="seconds without a new instance before a study is stable (default 3)")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="keep the node and its dashboard running after the demo (Ctrl-C ends)")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the results (default 600)"
+    )
+    parser.add_argument(
+        "--quiet-period",
+        type=float,
+        default=3.0,
+        help="seconds without a new instance before a study is stable (default 3)",
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="keep the node and its dashboard running after the demo (Ctrl-C ends)",
+    )
 
 
 # ----------------------------------------------------------------------------- output folder
@@ -84,16 +100,19 @@ def prepare_output(out: Path) -> Path:
             raise DemoError(f"{out} exists and is not a folder")
         entries = list(out.iterdir())
         if entries and not (out / MARKER).is_file():
-            raise DemoError(f"{out} is not empty and was not made by spine-node demo; "
-                            "choose another folder with --out")
+            raise DemoError(
+                f"{out} is not empty and was not made by spine-node demo; "
+                "choose another folder with --out"
+            )
         for entry in entries:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by spine-node demo; emptied by its next run\n",
-                              encoding="utf-8")
+    (out / MARKER).write_text(
+        "made by spine-node demo; emptied by its next run\n", encoding="utf-8"
+    )
     return out
 
 
@@ -163,13 +182,18 @@ class ResultReceiver:
         ae = AE(ae_title=self.ae_title)
         # pynetdicom accepts the first of *its* syntaxes the requestor proposed: explicit VR
         # first, since the node sends its files as stored (explicit VR little endian)
-        syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                    DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+        syntaxes = [
+            ExplicitVRLittleEndian,
+            ImplicitVRLittleEndian,
+            DeflatedExplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+        ]
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        self._server = ae.start_server(("127.0.0.1", 0), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        self._server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
         return int(self._server.server_address[1])
 
     def snapshot(self) -> dict[str, ReceivedObject]:
@@ -188,7 +212,8 @@ class ResultReceiver:
 def write_demo_config(out: Path, receiver_port: int, quiet_period_s: float) -> Path:
     """``<out>/node.toml``: the embedded defaults plus the demo's sender and receiver peers."""
     path = out / "node.toml"
-    path.write_text(f"""# written by spine-node demo
+    path.write_text(
+        f"""# written by spine-node demo
 [node]
 ae_title = "{NODE_AE}"
 bind_address = "127.0.0.1"
@@ -218,15 +243,18 @@ host = "127.0.0.1"
 port = {receiver_port}
 may_send = false
 may_receive = true
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
 # ----------------------------------------------------------------------------- results
 def find_summary(storage: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest ``results/patient-*/summary.json`` under ``storage`` and its content."""
-    candidates = sorted((storage / "results").glob("patient-*/summary.json"),
-                        key=lambda p: p.stat().st_mtime)
+    candidates = sorted(
+        (storage / "results").glob("patient-*/summary.json"), key=lambda p: p.stat().st_mtime
+    )
     for path in reversed(candidates):
         try:
             return path, json.loads(path.read_text(encoding="utf-8"))
@@ -265,11 +293,14 @@ def _send_study(folder: Path, label: str, port: int) -> int:
 
     files = [p for p in expand_paths([folder]) if p.suffix == ".dcm"]
     t0 = time.perf_counter()
-    results = send_files(files, PeerAddress(NODE_AE, "127.0.0.1", port),
-                         calling_ae=SENDER_AE, timeout_s=60)
+    results = send_files(
+        files, PeerAddress(NODE_AE, "127.0.0.1", port), calling_ae=SENDER_AE, timeout_s=60
+    )
     failed = sum(not is_success_or_warning(r.status) for r in results)
-    print(f"  {label}: {len(results) - failed} instance(s) in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"  {label}: {len(results) - failed} instance(s) in {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     if failed:
         raise DemoError(f"{failed} instance(s) of the {label} were refused by the node")
     return len(results)
@@ -284,8 +315,9 @@ def _outcomes(index: Any, study_uid: str) -> list[Any]:
     return [e for kind in _OUTCOMES for e in index.events(kind) if e["study_uid"] == study_uid]
 
 
-def _wait_for_analysis(service: Any, study_uid: str, seen: int, deadline: float,
-                       log_path: Path) -> Any:
+def _wait_for_analysis(
+    service: Any, study_uid: str, seen: int, deadline: float, log_path: Path
+) -> Any:
     """Wait for the worker's next outcome event of ``study_uid`` (after ``seen`` earlier ones)."""
     t0 = time.monotonic()
     last_note = t0
@@ -301,12 +333,15 @@ def _wait_for_analysis(service: Any, study_uid: str, seen: int, deadline: float,
             last_note = now
             print(f"  ... {now - t0:.0f} s", flush=True)
         time.sleep(0.5)
-    raise DemoError(f"the node did not finish analysing study {study_uid} in time; see "
-                    f"{log_path} (a slower machine may need --timeout)")
+    raise DemoError(
+        f"the node did not finish analysing study {study_uid} in time; see "
+        f"{log_path} (a slower machine may need --timeout)"
+    )
 
 
-def _wait_for_delivery(service: Any, receiver: ResultReceiver, deadline: float,
-                       log_path: Path) -> tuple[Path, dict[str, Any]]:
+def _wait_for_delivery(
+    service: Any, receiver: ResultReceiver, deadline: float, log_path: Path
+) -> tuple[Path, dict[str, Any]]:
     """Wait until the receiver holds every object of the newest ``summary.json``."""
     storage = service.settings.node.storage
     while time.monotonic() < deadline:
@@ -318,11 +353,17 @@ def _wait_for_delivery(service: Any, receiver: ResultReceiver, deadline: float,
     expected = len(found[1].get("outputs") or []) if found else 0
     raise DemoError(
         f"the result receiver got {len(receiver.snapshot())} of {expected} object(s) in time; "
-        f"see {log_path} and `spine-node status`")
+        f"see {log_path} and `spine-node status`"
+    )
 
 
-def _print_report(out: Path, summary_path: Path, summary: dict[str, Any],
-                  receiver: ResultReceiver, dashboard_url: str | None) -> None:
+def _print_report(
+    out: Path,
+    summary_path: Path,
+    summary: dict[str, Any],
+    receiver: ResultReceiver,
+    dashboard_url: str | None,
+) -> None:
     from node.analysis import format_course
     from reporting.summary import format_summary, results_from_summary
 
@@ -336,10 +377,14 @@ def _print_report(out: Path, summary_path: Path, summary: dict[str, Any],
         reg_text = ""
         if reg:
             t = ", ".join(f"{v:.1f}" for v in reg["translation_mm"])
-            reg_text = (f"; registered to baseline: translation ({t}) mm, "
-                        f"{'passed' if reg['passed'] else 'NOT passed'}")
-        print(f"  {study['role']} {study['study_date']}{day}: maps "
-              f"{', '.join(study.get('maps') or []) or 'none'}{reg_text}")
+            reg_text = (
+                f"; registered to baseline: translation ({t}) mm, "
+                f"{'passed' if reg['passed'] else 'NOT passed'}"
+            )
+        print(
+            f"  {study['role']} {study['study_date']}{day}: maps "
+            f"{', '.join(study.get('maps') or []) or 'none'}{reg_text}"
+        )
     print("\n=== Measurements, changes and response ===")
     print(format_summary(results_from_summary(summary)))
     print("\n=== Results received by the result receiver (as a PACS would) ===")
@@ -399,7 +444,8 @@ def _quiet_console(log_path: Path) -> tuple[Any, Any]:
     configure_logging(level if isinstance(level, str) else "INFO", str(log_path))
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(
-                handler, logging.FileHandler):
+            handler, logging.FileHandler
+        ):
             handler.setStream(console)
             handler.setLevel(logging.WARNING)
 
@@ -409,7 +455,8 @@ def _quiet_console(log_path: Path) -> tuple[Any, Any]:
         os.close(saved)
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(
-                    handler, logging.FileHandler):
+                handler, logging.FileHandler
+            ):
                 handler.setStream(sys.stderr)
         console.close()
 
@@ -433,30 +480,37 @@ def _run(args: argparse.Namespace, out: Path, console: Any, t_start: float) -> i
         host, port = service.start()
         # NodeService starts the dashboard of the [dashboard] section (None when it could not)
         dashboard_url = getattr(service.dashboard, "url", None)
-        print(f"node {NODE_AE} listening on {host}:{port}; storage {settings.node.storage}"
-              + (f"; dashboard {dashboard_url}" if dashboard_url else ""), flush=True)
+        print(
+            f"node {NODE_AE} listening on {host}:{port}; storage {settings.node.storage}"
+            + (f"; dashboard {dashboard_url}" if dashboard_url else ""),
+            flush=True,
+        )
 
         print(f"generating a small {args.scenario} phantom patient ...", flush=True)
         t0 = time.perf_counter()
-        truth = write_phantom(out / "phantom", seed=args.seed, scenario=args.scenario,
-                              size="small")
+        truth = write_phantom(out / "phantom", seed=args.seed, scenario=args.scenario, size="small")
         print(f"  written in {time.perf_counter() - t0:.1f} s", flush=True)
 
         phantom = out / "phantom"
         log_path = out / "node.log"
         deadline = time.monotonic() + args.timeout
         baseline_uid = _study_uid(phantom / "baseline")
-        print("sending the baseline MRI and the RT course to the node over DICOM (C-STORE):",
-              flush=True)
+        print(
+            "sending the baseline MRI and the RT course to the node over DICOM (C-STORE):",
+            flush=True,
+        )
         seen = len(_outcomes(service.index, baseline_uid))
         _send_study(phantom / "baseline", "baseline MRI", port)
         _send_study(phantom / "rt", "RT course (RTPLAN, RTSTRUCT, RTDOSE)", port)
-        print(f"waiting for the study to be stable ({args.quiet_period:g} s) and analysed ...",
-              flush=True)
+        print(
+            f"waiting for the study to be stable ({args.quiet_period:g} s) and analysed ...",
+            flush=True,
+        )
         event = _wait_for_analysis(service, baseline_uid, seen, deadline, log_path)
         print(f"  baseline: {event['detail']}", flush=True)
-        follow_ups = [phantom / f"followup{i}" for i in range(1, 5)
-                      if (phantom / f"followup{i}").is_dir()]
+        follow_ups = [
+            phantom / f"followup{i}" for i in range(1, 5) if (phantom / f"followup{i}").is_dir()
+        ]
         for i, folder in enumerate(follow_ups, start=1):
             uid = _study_uid(folder)
             seen = len(_outcomes(service.index, uid))
@@ -471,8 +525,10 @@ def _run(args: argparse.Namespace, out: Path, console: Any, t_start: float) -> i
         summary_path, summary = _wait_for_delivery(service, receiver, deadline, log_path)
         _print_report(out, summary_path, summary, receiver, dashboard_url)
         scenario = (truth.get("generator") or {}).get("scenario")
-        print(f"\n(the phantom was generated as a '{scenario}' case; its ground truth is in "
-              f"{out / 'phantom' / 'ground_truth.json'})")
+        print(
+            f"\n(the phantom was generated as a '{scenario}' case; its ground truth is in "
+            f"{out / 'phantom' / 'ground_truth.json'})"
+        )
         print(f"\ndemo finished in {time.monotonic() - t_start:.0f} s", flush=True)
         if args.keep_running:
             print("node and dashboard keep running; Ctrl-C stops them", flush=True)
@@ -489,8 +545,10 @@ def _run(args: argparse.Namespace, out: Path, console: Any, t_start: float) -> i
         print(f"spine-node demo: cannot run: {err}", file=console)
         return 1
     except KeyboardInterrupt:
-        print("spine-node demo: interrupted; stopping the node (a running analysis finishes "
-              "first)", file=console)
+        print(
+            "spine-node demo: interrupted; stopping the node (a running analysis finishes first)",
+            file=console,
+        )
         return 130
     finally:
         if service is not None:

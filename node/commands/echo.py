@@ -11,9 +11,12 @@ from node.errors import ConfigError, PeerError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--to", default=None,
-                        help="AE@host:port, or a peer name from the configuration; "
-                             "default: this node as configured")
+    parser.add_argument(
+        "--to",
+        default=None,
+        help="AE@host:port, or a peer name from the configuration; "
+        "default: this node as configured",
+    )
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
     parser.add_argument("--calling-ae", default=None, help="our AE title (default: ECHOSCU)")
     parser.add_argument("--timeout", type=float, default=30.0, help="timeouts in seconds")

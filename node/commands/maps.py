@@ -28,11 +28,16 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    parser.add_argument("--no-dicom", action="store_true",
-                        help="write maps.json only (no Parametric Maps)")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="the node's TOML configuration: its [analysis] map settings "
-                             "(contrast agent relaxivities) apply")
+    parser.add_argument(
+        "--no-dicom", action="store_true", help="write maps.json only (no Parametric Maps)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="the node's TOML configuration: its [analysis] map settings "
+        "(contrast agent relaxivities) apply",
+    )
 
 
 def _dicom_files(paths: list[Path]) -> list[Path]:
@@ -49,8 +54,20 @@ def _dicom_files(paths: list[Path]) -> list[Path]:
 
 #: Companion files of exports and conversions (dcm2niix sidecars, notes): set aside quietly.
 #: (Compressed archives are not among them: a gzipped DICOM is worth a warning.)
-_NON_DICOM_SUFFIXES = {".bval", ".bvec", ".json", ".nii", ".txt", ".csv", ".md", ".xml",
-                       ".html", ".pdf", ".jpg", ".png"}
+_NON_DICOM_SUFFIXES = {
+    ".bval",
+    ".bvec",
+    ".json",
+    ".nii",
+    ".txt",
+    ".csv",
+    ".md",
+    ".xml",
+    ".html",
+    ".pdf",
+    ".jpg",
+    ".png",
+}
 
 
 def _read(files: list[Path], set_aside: list[Any] | None = None) -> list[Any]:
@@ -71,10 +88,12 @@ def _read(files: list[Path], set_aside: list[Any] | None = None) -> list[Any]:
         except (InvalidDicomError, OSError, ValueError, EOFError) as err:
             quiet = f.suffix.lower() in _NON_DICOM_SUFFIXES
             (logger.debug if quiet else logger.warning)(
-                "skipping %s: not readable as DICOM (%s)", f.name, err)
+                "skipping %s: not readable as DICOM (%s)", f.name, err
+            )
             if set_aside is not None:
-                set_aside.append(SetAside(reason=f"not a DICOM file ({type(err).__name__})",
-                                          file_name=f.name))
+                set_aside.append(
+                    SetAside(reason=f"not a DICOM file ({type(err).__name__})", file_name=f.name)
+                )
     return datasets
 
 
@@ -83,8 +102,9 @@ def _set_aside_summary(entries: list[Any]) -> str:
     from collections import Counter
 
     kinds = Counter(e.reason.split(" (")[0].split(":")[0] for e in entries)
-    return (f"{len(entries)} object(s) set aside: "
-            + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()))
+    return f"{len(entries)} object(s) set aside: " + ", ".join(
+        f"{n} {kind}" for kind, n in kinds.most_common()
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -112,23 +132,30 @@ def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -
         The map cannot be encoded (e.g. :class:`reporting.seg.SourceGeometryError` for source
         orientations that differ beyond the stated tolerance).
     """
+    from node import __version__
     from reporting.codes import QUANTITIES
     from reporting.pmap import build_parametric_map
     from reporting.seg import source_alignment
 
-    from node import __version__
-
     if qmap.quantity not in QUANTITIES:
         return None
     sources, frames, grid = source_alignment(volume, by_sop)
-    pm = build_parametric_map(sources, qmap.values, qmap.quantity, provenance=qmap.provenance,
-                              algorithm_version=__version__, source_frames=frames, grid=grid)
+    pm = build_parametric_map(
+        sources,
+        qmap.values,
+        qmap.quantity,
+        provenance=qmap.provenance,
+        algorithm_version=__version__,
+        source_frames=frames,
+        grid=grid,
+    )
     name = f"pm_{qmap.quantity}.dcm"
     pm.save_as(out_dir / name)
     return name
 
 
 def run(args: argparse.Namespace) -> int:
+    from node.worker import chain_settings_from
     from processing.adc_qa import find_scanner_adc, scanner_adc_qa
     from processing.maps import compute_maps, map_statistics
     from processing.series import (
@@ -139,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
         set_aside_entry,
         set_aside_reason,
     )
-
-    from node.worker import chain_settings_from
 
     map_settings = chain_settings_from(args.config).map_settings()
     files = _dicom_files(list(args.paths))
@@ -160,9 +185,19 @@ def run(args: argparse.Namespace) -> int:
         # nothing to analyse: still say what was found and why it was set aside
         everything = unstudied + [e for entries in aside_by_study.values() for e in entries]
         print(f"spine-node maps: {_set_aside_summary(everything)}")
-        (args.out / "maps.json").write_text(json.dumps(_jsonable(
-            {"study_instance_uid": None, "skipped": [],
-             "set_aside": [e.as_dict() for e in everything], "maps": {}}), indent=1))
+        (args.out / "maps.json").write_text(
+            json.dumps(
+                _jsonable(
+                    {
+                        "study_instance_uid": None,
+                        "skipped": [],
+                        "set_aside": [e.as_dict() for e in everything],
+                        "maps": {},
+                    }
+                ),
+                indent=1,
+            )
+        )
     n_maps = 0
     for study_uid, members in by_study.items():
         set_aside: list[Any] = unstudied + aside_by_study.get(study_uid, [])
@@ -172,9 +207,13 @@ def run(args: argparse.Namespace) -> int:
                 volumes[series_uid] = read_series(series)
             except (SeriesError, ValueError, NotImplementedError, RuntimeError) as err:
                 logger.warning("series %s skipped: %s", series_uid, err)
-                set_aside.append(SetAside(
-                    reason=f"series not assembled: {err}", series_instance_uid=series_uid,
-                    sop_class_uid=str(series[0].get("SOPClassUID", "") or "")))
+                set_aside.append(
+                    SetAside(
+                        reason=f"series not assembled: {err}",
+                        series_instance_uid=series_uid,
+                        sop_class_uid=str(series[0].get("SOPClassUID", "") or ""),
+                    )
+                )
                 continue
             set_aside.extend(volumes[series_uid].excluded)
         start = time.perf_counter()
@@ -191,24 +230,35 @@ def run(args: argparse.Namespace) -> int:
         out_dir = args.out / study_uid if len(by_study) > 1 else args.out
         out_dir.mkdir(parents=True, exist_ok=True)
         by_sop = {str(ds.SOPInstanceUID): ds for ds in members}
-        report: dict[str, Any] = {"study_instance_uid": study_uid, "elapsed_s": elapsed,
-                                  "skipped": skipped,
-                                  "set_aside": [e.as_dict() for e in set_aside], "maps": {}}
+        report: dict[str, Any] = {
+            "study_instance_uid": study_uid,
+            "elapsed_s": elapsed,
+            "skipped": skipped,
+            "set_aside": [e.as_dict() for e in set_aside],
+            "maps": {},
+        }
         if not maps:
             logger.info("study %s: no series allows a quantitative map", study_uid)
         for name, qmap in sorted(maps.items()):
             entry: dict[str, Any] = {
-                "quantity": name, "unit": qmap.unit,
+                "quantity": name,
+                "unit": qmap.unit,
                 "model": qmap.provenance.get("model"),
                 "source_series_instance_uid": qmap.source_series_instance_uid,
-                "grid": {"origin": qmap.geometry.origin, "spacing": qmap.geometry.spacing,
-                         "direction": qmap.geometry.direction, "size": qmap.geometry.size},
-                "statistics": map_statistics(qmap), "provenance": qmap.provenance,
+                "grid": {
+                    "origin": qmap.geometry.origin,
+                    "spacing": qmap.geometry.spacing,
+                    "direction": qmap.geometry.direction,
+                    "size": qmap.geometry.size,
+                },
+                "statistics": map_statistics(qmap),
+                "provenance": qmap.provenance,
             }
             if not args.no_dicom:
                 try:
                     entry["parametric_map"] = _write_pmap(
-                        qmap, volumes[qmap.source_series_instance_uid], by_sop, out_dir)
+                        qmap, volumes[qmap.source_series_instance_uid], by_sop, out_dir
+                    )
                 except ValueError as err:
                     logger.warning("no Parametric Map for %s: %s", name, err)
                     entry["parametric_map"] = None
@@ -219,11 +269,14 @@ def run(args: argparse.Namespace) -> int:
         if scanner is not None:
             adc = maps.get("ADC")
             report["scanner_adc_qa"] = scanner_adc_qa(
-                None if adc is None else adc.image(), scanner,
-                by_sop.get(scanner.source_frames[0][0].sop_instance_uid))
+                None if adc is None else adc.image(),
+                scanner,
+                by_sop.get(scanner.source_frames[0][0].sop_instance_uid),
+            )
         (out_dir / "maps.json").write_text(json.dumps(_jsonable(report), indent=1))
-        logger.info("study %s: %d maps written to %s (%.1f s)", study_uid, len(maps), out_dir,
-                    elapsed)
+        logger.info(
+            "study %s: %d maps written to %s (%.1f s)", study_uid, len(maps), out_dir, elapsed
+        )
         print(f"{study_uid}: {', '.join(sorted(maps))} -> {out_dir}")
     if n_maps == 0:
         print("spine-node maps: no quantitative map could be computed from the given files")

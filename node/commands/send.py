@@ -16,13 +16,21 @@ from node.errors import ConfigError, PeerError, is_success_or_warning
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", type=Path, help="DICOM files or folders")
-    parser.add_argument("--to", required=True,
-                        help="AE@host:port, or a configured peer name (required with --queue)")
+    parser.add_argument(
+        "--to",
+        required=True,
+        help="AE@host:port, or a configured peer name (required with --queue)",
+    )
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
-    parser.add_argument("--storage", type=Path, default=None,
-                        help="storage folder (overrides the file; for --queue)")
-    parser.add_argument("--queue", action="store_true",
-                        help="queue in the node's outbox instead of sending now")
+    parser.add_argument(
+        "--storage",
+        type=Path,
+        default=None,
+        help="storage folder (overrides the file; for --queue)",
+    )
+    parser.add_argument(
+        "--queue", action="store_true", help="queue in the node's outbox instead of sending now"
+    )
     parser.add_argument("--reason", default="manual send", help="reason recorded with --queue")
     parser.add_argument("--calling-ae", default=None, help="our AE title (default: the node's)")
     parser.add_argument("--timeout", type=float, default=60.0, help="timeouts in seconds")
@@ -66,8 +74,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"spine-node send: {err}", file=sys.stderr)
         return 2
     try:
-        results = send_files(files, peer, calling_ae=args.calling_ae or settings.node.ae_title,
-                             timeout_s=args.timeout)
+        results = send_files(
+            files,
+            peer,
+            calling_ae=args.calling_ae or settings.node.ae_title,
+            timeout_s=args.timeout,
+        )
     except PeerError as err:
         print(f"spine-node send: {err}", file=sys.stderr)
         return 1

@@ -18,12 +18,21 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None,
-                        help="TOML configuration file (default: embedded defaults)")
-    parser.add_argument("--port", type=int, default=None,
-                        help="listener TCP port, overrides the file (0 picks a free one)")
-    parser.add_argument("--storage", type=Path, default=None,
-                        help="storage folder, overrides the file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML configuration file (default: embedded defaults)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="listener TCP port, overrides the file (0 picks a free one)",
+    )
+    parser.add_argument(
+        "--storage", type=Path, default=None, help="storage folder, overrides the file"
+    )
     parser.add_argument("--bind", default=None, help="bind address, overrides the file")
 
 

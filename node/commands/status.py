@@ -22,23 +22,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def collect(index: "Index", last: int = 10) -> dict[str, Any]:  # noqa: F821
     """The status as a dictionary (UIDs, counts and AE titles only)."""
+
     def rows(sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in index.query(sql, params)]
 
     return {
-        "studies": {r["state"]: r["n"] for r in
-                    rows("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")},
+        "studies": {
+            r["state"]: r["n"]
+            for r in rows("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
+        },
         "instances": index.query("SELECT COUNT(*) FROM instances")[0][0],
         "associations": rows(
             "SELECT id, direction, peer_ae, peer_host, peer_port, started, ended, n_ok,"
-            " n_warning, n_failed, outcome FROM associations ORDER BY id DESC LIMIT ?", (last,)),
-        "outbox": {r["state"]: r["n"] for r in
-                   rows("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")},
+            " n_warning, n_failed, outcome FROM associations ORDER BY id DESC LIMIT ?",
+            (last,),
+        ),
+        "outbox": {
+            r["state"]: r["n"]
+            for r in rows("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
+        },
         "outbox_failed": rows(
             "SELECT id, destination, sop_instance_uid, tries, last_status, last_error"
-            " FROM outbox WHERE state='failed' ORDER BY id"),
-        "events": {r["kind"]: r["n"] for r in
-                   rows("SELECT kind, COUNT(*) AS n FROM events GROUP BY kind")},
+            " FROM outbox WHERE state='failed' ORDER BY id"
+        ),
+        "events": {
+            r["kind"]: r["n"] for r in rows("SELECT kind, COUNT(*) AS n FROM events GROUP BY kind")
+        },
     }
 
 
@@ -76,12 +85,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"studies: {status['studies'] or 'none'}   instances: {status['instances']}")
     print(f"outbox: {status['outbox'] or 'empty'}")
     for item in status["outbox_failed"]:
-        print(f"  failed #{item['id']} -> {item['destination']} {item['sop_instance_uid']}"
-              f" tries {item['tries']}: {item['last_error']}")
+        print(
+            f"  failed #{item['id']} -> {item['destination']} {item['sop_instance_uid']}"
+            f" tries {item['tries']}: {item['last_error']}"
+        )
     print("last associations:")
     for a in status["associations"]:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["started"]))
-        print(f"  #{a['id']} {a['direction']} {a['peer_ae']}@{a['peer_host']}:{a['peer_port']}"
-              f" {started} {a['outcome'] or 'open'} ok={a['n_ok']} warn={a['n_warning']}"
-              f" failed={a['n_failed']}")
+        print(
+            f"  #{a['id']} {a['direction']} {a['peer_ae']}@{a['peer_host']}:{a['peer_port']}"
+            f" {started} {a['outcome'] or 'open'} ok={a['n_ok']} warn={a['n_warning']}"
+            f" failed={a['n_failed']}"
+        )
     return 0

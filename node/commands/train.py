@@ -28,20 +28,36 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=Path, required=True, help="labelled cases (CSV)")
     parser.add_argument("--out", type=Path, required=True, help="model file to write (joblib)")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="metrics report (JSON); default: MODEL with .metrics.json")
-    parser.add_argument("--data-origin", choices=("synthetic", "clinical"), default=None,
-                        help="where the cases come from; default: the CSV's data_origin column, "
-                             "else synthetic")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="metrics report (JSON); default: MODEL with .metrics.json",
+    )
+    parser.add_argument(
+        "--data-origin",
+        choices=("synthetic", "clinical"),
+        default=None,
+        help="where the cases come from; default: the CSV's data_origin column, else synthetic",
+    )
     parser.add_argument("--name", default="site response model", help="model name")
     parser.add_argument("--model-version", default="1", help="model version string")
-    parser.add_argument("--k-features", type=int, default=10,
-                        help="features kept by univariate selection (default 10)")
-    parser.add_argument("--c", type=float, default=1.0,
-                        help="inverse L2 regularisation strength (default 1.0)")
+    parser.add_argument(
+        "--k-features",
+        type=int,
+        default=10,
+        help="features kept by univariate selection (default 10)",
+    )
+    parser.add_argument(
+        "--c", type=float, default=1.0, help="inverse L2 regularisation strength (default 1.0)"
+    )
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    parser.add_argument("--bootstrap", type=int, default=2000,
-                        help="bootstrap resamples for the AUC confidence interval (default 2000)")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="bootstrap resamples for the AUC confidence interval (default 2000)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
@@ -69,17 +85,29 @@ def run(args: argparse.Namespace) -> int:
     source = f"{args.cases.name} sha256:{hashlib.sha256(raw).hexdigest()}"
     try:
         model = fit_response_model(
-            cases, k_features=args.k_features, c=args.c, folds=args.folds, seed=args.seed,
-            n_bootstrap=args.bootstrap, data_origin=origin, name=args.name,
-            model_version=args.model_version, source=source)
+            cases,
+            k_features=args.k_features,
+            c=args.c,
+            folds=args.folds,
+            seed=args.seed,
+            n_bootstrap=args.bootstrap,
+            data_origin=origin,
+            name=args.name,
+            model_version=args.model_version,
+            source=source,
+        )
     except ValueError as err:
         print(f"spine-node train: cannot fit the model: {err}", file=sys.stderr)
         return 1
     report_path = args.report or args.out.with_name(args.out.name + ".metrics.json")
-    report = {"model": str(args.out), "display_name": model.display_name,
-              "clinical_validity": model.metadata["clinical_validity"],
-              "feature_names": list(model.feature_names), "metadata": model.metadata,
-              "metrics": model.metrics}
+    report = {
+        "model": str(args.out),
+        "display_name": model.display_name,
+        "clinical_validity": model.metadata["clinical_validity"],
+        "feature_names": list(model.feature_names),
+        "metadata": model.metadata,
+        "metrics": model.metrics,
+    }
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         model.save(args.out)
@@ -89,10 +117,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     m = model.metrics
     low, high = m["auc_ci95"]
-    print(f"trained {model.display_name} on {m['n_cases']} cases "
-          f"({m['n_progression']} local progression), {len(model.feature_names)} features")
-    print(f"cross-validated AUC {m['auc']:.3f} (95 % CI {low:.3f}-{high:.3f}, "
-          f"{m['folds']}-fold split {m.get('fold_split', 'by case')}, bootstrap)")
+    print(
+        f"trained {model.display_name} on {m['n_cases']} cases "
+        f"({m['n_progression']} local progression), {len(model.feature_names)} features"
+    )
+    print(
+        f"cross-validated AUC {m['auc']:.3f} (95 % CI {low:.3f}-{high:.3f}, "
+        f"{m['folds']}-fold split {m.get('fold_split', 'by case')}, bootstrap)"
+    )
     print(f"NOTE: model {model.metadata['clinical_validity']}")
     print(f"model: {args.out}\nmetrics: {report_path}")
     logger.info("response model written (%d cases, AUC %.3f)", m["n_cases"], m["auc"])

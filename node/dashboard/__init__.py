@@ -12,16 +12,24 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from node.dashboard.app import (DashboardActions, DashboardSection, create_app,
-                                dashboard_section)
+from node.dashboard.app import DashboardActions, DashboardSection, create_app, dashboard_section
 from node.dashboard.state import StudyState, outbox_reason, study_states, worklist_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DashboardActions", "DashboardSection", "DashboardServer", "StudyState",
-           "create_app", "dashboard_section", "reanalyse_action", "requeue_failed_outputs",
-           "start_dashboard", "worklist_text",
-           "study_states"]
+__all__ = [
+    "DashboardActions",
+    "DashboardSection",
+    "DashboardServer",
+    "StudyState",
+    "create_app",
+    "dashboard_section",
+    "reanalyse_action",
+    "requeue_failed_outputs",
+    "start_dashboard",
+    "worklist_text",
+    "study_states",
+]
 
 
 class DashboardServer:
@@ -41,8 +49,9 @@ class DashboardServer:
             self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
         except SystemExit as err:  # werkzeug exits the process when the port is taken
             raise OSError(f"dashboard cannot listen on {host}:{port} (in use?)") from err
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="dashboard", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="dashboard", daemon=True
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -80,8 +89,12 @@ def requeue_failed_outputs(outbox: Any, index: Any, study_uid: str) -> str:
     str
         The message shown on the dashboard.
     """
-    ids = [r[0] for r in index.query("SELECT id FROM outbox WHERE state='failed' AND reason=?",
-                                     (outbox_reason(study_uid),))]
+    ids = [
+        r[0]
+        for r in index.query(
+            "SELECT id FROM outbox WHERE state='failed' AND reason=?", (outbox_reason(study_uid),)
+        )
+    ]
     n = outbox.requeue(ids) if ids else 0
     index.add_event("outbox_requeued", study_uid=study_uid, detail=f"{n} object(s) from dashboard")
     return f"{n} object(s) of study {study_uid} queued again"
@@ -108,17 +121,20 @@ def reanalyse_action(service: Any, worker: Any) -> Any:
         patient_row = patient_of_study(service.index, study_uid)
         if patient_row is None:
             return f"study {study_uid} has no patient in the index: nothing to analyse"
-        service.index.add_event("analysis_requeued", study_uid=study_uid,
-                                detail="from dashboard")
-        service.scheduler.add_job(run, args=[patient_row, study_uid],
-                                  id=f"reanalyse-{study_uid}", replace_existing=True)
+        service.index.add_event("analysis_requeued", study_uid=study_uid, detail="from dashboard")
+        service.scheduler.add_job(
+            run, args=[patient_row, study_uid], id=f"reanalyse-{study_uid}", replace_existing=True
+        )
         return f"analysis of study {study_uid} queued"
 
     def run(patient_row: int, study_uid: str) -> None:
         outcome = worker.analyse(patient_row, study_uid=study_uid)
         if outcome.get("state") == "coalesced":
-            service.index.add_event("analysis_coalesced", study_uid=study_uid,
-                                    detail="covered by the patient's queued analysis")
+            service.index.add_event(
+                "analysis_coalesced",
+                study_uid=study_uid,
+                detail="covered by the patient's queued analysis",
+            )
 
     return reanalyse
 
@@ -139,6 +155,7 @@ def start_dashboard(service: Any, *, reanalyse: Any = None) -> DashboardServer |
         return None
     actions = DashboardActions(
         requeue=lambda uid: requeue_failed_outputs(service.outbox, service.index, uid),
-        reanalyse=reanalyse)
+        reanalyse=reanalyse,
+    )
     app = create_app(service.index, section, actions=actions)
     return DashboardServer(app, section.bind_address, section.port).start()

@@ -25,8 +25,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import (Flask, Response, abort, flash, redirect, render_template, request, session,
-                   url_for)
+from flask import (
+    Flask,
+    Response,
+    abort,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.security import check_password_hash
 
 from node import followup, timeline
@@ -55,8 +64,10 @@ class DashboardActions:
 
 
 def _patient_labels(index: Index) -> dict[int, str]:
-    return {r["id"]: f"#{r['id']} {r['patient_id']}"
-            for r in index.query("SELECT id, patient_id FROM patients")}
+    return {
+        r["id"]: f"#{r['id']} {r['patient_id']}"
+        for r in index.query("SELECT id, patient_id FROM patients")
+    }
 
 
 def _ts(value: float | None) -> str:
@@ -76,8 +87,12 @@ def _rel(change: dict[str, Any] | None) -> str:
     return f" ({change['relative'] * 100:+.0f} %{mark})"
 
 
-def create_app(index: Index, section: DashboardSection | None = None, *,
-               actions: DashboardActions | None = None) -> Flask:
+def create_app(
+    index: Index,
+    section: DashboardSection | None = None,
+    *,
+    actions: DashboardActions | None = None,
+) -> Flask:
     """Build the dashboard application over a node's index.
 
     Parameters
@@ -126,8 +141,12 @@ def create_app(index: Index, section: DashboardSection | None = None, *,
             # the target is kept in the signed session, not echoed in the redirect
             session["next"] = request.path if request.method == "GET" else "/"
             return redirect(url_for("login"))
-        logger.warning("dashboard: refused %s %s from non-local %s", request.method,
-                       request.path, request.remote_addr)
+        logger.warning(
+            "dashboard: refused %s %s from non-local %s",
+            request.method,
+            request.path,
+            request.remote_addr,
+        )
         abort(403)
         return None
 
@@ -149,13 +168,19 @@ def create_app(index: Index, section: DashboardSection | None = None, *,
             check_csrf()
             user = request.form.get("username", "")
             password = request.form.get("password", "")
-            if (section.password_hash and hmac.compare_digest(user, section.username)
-                    and check_password_hash(section.password_hash, password)):
+            if (
+                section.password_hash
+                and hmac.compare_digest(user, section.username)
+                and check_password_hash(section.password_hash, password)
+            ):
                 target = str(session.get("next") or url_for("worklist"))
                 session.clear()
                 session["user"] = user
-                return redirect(target if target.startswith("/") and not target.startswith("//")
-                                else url_for("worklist"))
+                return redirect(
+                    target
+                    if target.startswith("/") and not target.startswith("//")
+                    else url_for("worklist")
+                )
             logger.warning("dashboard: failed login from %s", request.remote_addr)
             error = "Wrong user or password." if section.password_hash else "No login configured."
         return render_template("login.html", csrf=csrf_token(), error=error)
@@ -167,10 +192,14 @@ def create_app(index: Index, section: DashboardSection | None = None, *,
 
     @app.route("/")
     def worklist() -> str:
-        return render_template("worklist.html", studies=study_states(index),
-                               patients=_patient_labels(index), csrf=csrf_token(),
-                               can_requeue=actions.requeue is not None,
-                               can_reanalyse=actions.reanalyse is not None)
+        return render_template(
+            "worklist.html",
+            studies=study_states(index),
+            patients=_patient_labels(index),
+            csrf=csrf_token(),
+            can_requeue=actions.requeue is not None,
+            can_reanalyse=actions.reanalyse is not None,
+        )
 
     def _run_action(callback: Callable[[str], str] | None, study_uid: str) -> Any:
         check_csrf()
@@ -192,14 +221,16 @@ def create_app(index: Index, section: DashboardSection | None = None, *,
     @app.route("/outbox")
     def outbox() -> str:
         rows = index.query("SELECT * FROM outbox ORDER BY id DESC LIMIT 500")
-        counts = {r[0]: r[1] for r in
-                  index.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")}
+        counts = {
+            r[0]: r[1] for r in index.query("SELECT state, COUNT(*) FROM outbox GROUP BY state")
+        }
         return render_template("outbox.html", rows=rows, counts=counts)
 
     @app.route("/patients")
     def patients() -> str:
-        return render_template("patients.html", courses=timeline.courses(index),
-                               patients=_patient_labels(index))
+        return render_template(
+            "patients.html", courses=timeline.courses(index), patients=_patient_labels(index)
+        )
 
     @app.route("/patients/<int:patient_row>")
     def patient(patient_row: int) -> str:
@@ -208,14 +239,25 @@ def create_app(index: Index, section: DashboardSection | None = None, *,
             abort(404)
         lesions: dict[tuple[str, str], dict[str, Any]] = {}
         for point in timeline.timeline(index, patient_row):
-            lesion = lesions.setdefault((point.course_uid, point.tracking_uid), {
-                "course_uid": point.course_uid, "tracking_uid": point.tracking_uid,
-                "tracking_id": point.tracking_id, "vertebral_level": point.vertebral_level,
-                "points": []})
+            lesion = lesions.setdefault(
+                (point.course_uid, point.tracking_uid),
+                {
+                    "course_uid": point.course_uid,
+                    "tracking_uid": point.tracking_uid,
+                    "tracking_id": point.tracking_id,
+                    "vertebral_level": point.vertebral_level,
+                    "points": [],
+                },
+            )
             lesion["points"].append(point)
-        return render_template("patient.html", label=labels[patient_row],
-                               patient_row=patient_row, lesions=list(lesions.values()),
-                               windows=followup.windows(index, patient_row), patients=labels)
+        return render_template(
+            "patient.html",
+            label=labels[patient_row],
+            patient_row=patient_row,
+            lesions=list(lesions.values()),
+            windows=followup.windows(index, patient_row),
+            patients=labels,
+        )
 
     @app.route("/patients/<int:patient_row>/lesions/<tracking_uid>/trend.png")
     def trend(patient_row: int, tracking_uid: str) -> Response:
@@ -231,8 +273,9 @@ def create_app(index: Index, section: DashboardSection | None = None, *,
 
     @app.route("/followups")
     def followups() -> str:
-        return render_template("followups.html", windows=followup.windows(index),
-                               patients=_patient_labels(index))
+        return render_template(
+            "followups.html", windows=followup.windows(index), patients=_patient_labels(index)
+        )
 
     @app.route("/associations")
     def associations() -> str:

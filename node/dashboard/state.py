@@ -21,8 +21,14 @@ from node.index import Index
 
 logger = logging.getLogger(__name__)
 
-ANALYSIS_EVENTS = ("analysis_started", "analysis_done", "analysis_waiting", "analysis_failed",
-                   "analysis_requeued", "analysis_coalesced")
+ANALYSIS_EVENTS = (
+    "analysis_started",
+    "analysis_done",
+    "analysis_waiting",
+    "analysis_failed",
+    "analysis_requeued",
+    "analysis_coalesced",
+)
 _PENDING = ("analysis_started", "analysis_requeued", "analysis_coalesced")
 _OUTCOMES = ("analysis_done", "analysis_waiting", "analysis_failed")
 
@@ -56,15 +62,19 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
         " (SELECT GROUP_CONCAT(DISTINCT modality) FROM series se WHERE se.study_uid=s.study_uid)"
         "  AS modalities,"
         " (SELECT COUNT(*) FROM instances i WHERE i.study_uid=s.study_uid) AS n_instances"
-        " FROM studies s ORDER BY s.last_received DESC LIMIT ?", (limit,))
+        " FROM studies s ORDER BY s.last_received DESC LIMIT ?",
+        (limit,),
+    )
     placeholders = ",".join("?" * len(ANALYSIS_EVENTS))
     latest: dict[str, Any] = {}
     #: latest outcome of any analysis run of each patient (a run covers all its studies)
     patient_outcome: dict[int, Any] = {}
     for r in index.query(
-            "SELECT e.id, e.study_uid, e.kind, e.detail, s.patient_key FROM events e"
-            f" JOIN studies s ON s.study_uid=e.study_uid WHERE e.kind IN ({placeholders})"
-            " ORDER BY e.id", ANALYSIS_EVENTS):
+        "SELECT e.id, e.study_uid, e.kind, e.detail, s.patient_key FROM events e"
+        f" JOIN studies s ON s.study_uid=e.study_uid WHERE e.kind IN ({placeholders})"
+        " ORDER BY e.id",
+        ANALYSIS_EVENTS,
+    ):
         latest[r["study_uid"]] = r
         if r["kind"] in _OUTCOMES:
             patient_outcome[r["patient_key"]] = r
@@ -73,12 +83,18 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
         uid = s["study_uid"]
         boxes = index.query(
             "SELECT state, COUNT(*) AS n, MAX(last_error) AS error, MAX(tries) AS tries"
-            " FROM outbox WHERE reason=? GROUP BY state", (outbox_reason(uid),))
+            " FROM outbox WHERE reason=? GROUP BY state",
+            (outbox_reason(uid),),
+        )
         counts = {b["state"]: int(b["n"]) for b in boxes}
         event = latest.get(uid)
         later = patient_outcome.get(s["patient_key"])
-        if (event is not None and event["kind"] in _PENDING and later is not None
-                and later["id"] > event["id"]):
+        if (
+            event is not None
+            and event["kind"] in _PENDING
+            and later is not None
+            and later["id"] > event["id"]
+        ):
             event = later  # a request coalesced into a run triggered by another study
         reason = ""
         if s["state"] == "receiving":
@@ -95,9 +111,11 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
         elif counts.get("failed"):
             errors = [b["error"] for b in boxes if b["state"] == "failed" and b["error"]]
             state = "failed"
-            reason = (f"sending failed: {counts['failed']} object(s) after "
-                      f"{max(b['tries'] for b in boxes if b['state'] == 'failed')} tries"
-                      + (f"; last error: {errors[0]}" if errors else ""))
+            reason = (
+                f"sending failed: {counts['failed']} object(s) after "
+                f"{max(b['tries'] for b in boxes if b['state'] == 'failed')} tries"
+                + (f"; last error: {errors[0]}" if errors else "")
+            )
         elif counts.get("queued") or counts.get("sending"):
             state = "sending"
             reason = f"{counts.get('queued', 0) + counts.get('sending', 0)} object(s) to send"
@@ -106,12 +124,21 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
         else:
             state = "analysed"
             reason = event["detail"] or ""
-        out.append(StudyState(
-            study_uid=uid, patient_row=s["patient_key"], study_date=s["study_date"],
-            modalities=s["modalities"] or "", n_instances=int(s["n_instances"]), state=state,
-            reason=reason, outbox=counts, last_received=float(s["last_received"]),
-            can_requeue=state == "failed" and bool(counts.get("failed")),
-            can_reanalyse=state not in ("receiving", "analysing")))
+        out.append(
+            StudyState(
+                study_uid=uid,
+                patient_row=s["patient_key"],
+                study_date=s["study_date"],
+                modalities=s["modalities"] or "",
+                n_instances=int(s["n_instances"]),
+                state=state,
+                reason=reason,
+                outbox=counts,
+                last_received=float(s["last_received"]),
+                can_requeue=state == "failed" and bool(counts.get("failed")),
+                can_reanalyse=state not in ("receiving", "analysing"),
+            )
+        )
     return out
 
 
@@ -124,8 +151,10 @@ def worklist_text(index: Index, *, limit: int = 50) -> str:
     lines = [f"{'study date':<10}  {'patient':>7}  {'state':<20}  study UID / reason"]
     for s in states:
         date = s.study_date or ""
-        lines.append(f"{date:<10}  {'#' + str(s.patient_row) if s.patient_row else '':>7}  "
-                     f"{s.state:<20}  {s.study_uid}")
+        lines.append(
+            f"{date:<10}  {'#' + str(s.patient_row) if s.patient_row else '':>7}  "
+            f"{s.state:<20}  {s.study_uid}"
+        )
         if s.reason:
             lines.append(f"{'':<43}{s.reason}")
     return "\n".join(lines)

@@ -138,7 +138,21 @@ cannot parse 32-bit OW dose grids).
 from __future__ import annotations
 
 from processing.phantom.mr import VENDOR_DEVIATIONS
-from processing.phantom.patient import SCENARIOS, VENDORS, Phantom, generate_patient, true_tumour_mask
+from processing.phantom.patient import (
+    SCENARIOS,
+    VENDORS,
+    Phantom,
+    generate_patient,
+    true_tumour_mask,
+)
 from processing.phantom.protocol import SIZES
 
-__all__ = ["SCENARIOS", "SIZES", "VENDORS", "VENDOR_DEVIATIONS", "Phantom", "generate_patient", "true_tumour_mask"]
+__all__ = [
+    "SCENARIOS",
+    "SIZES",
+    "VENDORS",
+    "VENDOR_DEVIATIONS",
+    "Phantom",
+    "generate_patient",
+    "true_tumour_mask",
+]

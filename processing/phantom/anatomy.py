@@ -23,8 +23,17 @@ from scipy import ndimage
 
 #: tissue label -> name (labels are indices into the parameter table)
 TISSUES: tuple[str, ...] = (
-    "air", "soft_tissue", "fat", "muscle", "blood", "marrow", "cortical_bone", "disc", "csf",
-    "cord", "tumour",
+    "air",
+    "soft_tissue",
+    "fat",
+    "muscle",
+    "blood",
+    "marrow",
+    "cortical_bone",
+    "disc",
+    "csf",
+    "cord",
+    "tumour",
 )
 LABEL = {name: i for i, name in enumerate(TISSUES)}
 
@@ -32,22 +41,124 @@ LABEL = {name: i for i, name in enumerate(TISSUES)}
 #: kurtosis; f perfusion fraction; ktrans /min; ve, vp fractions; dwi: extra DWI weighting (fat
 #: suppression of fat and fatty marrow, flow void of blood).
 TISSUE_PARAMS: dict[str, dict[str, float]] = {
-    "air":           dict(pd=0.0, t1=1000, t2=1, d=1e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=0, dwi=0),
-    "soft_tissue":   dict(pd=0.80, t1=1200, t2=60, d=1.4e-3, k=0.5, f=0.10, dstar=20e-3, ktrans=0.10, ve=0.20, vp=0.05, dwi=1.0),
-    "fat":           dict(pd=0.95, t1=380, t2=80, d=0.02e-3, k=0, f=0, dstar=0.0, ktrans=0.01, ve=0.05, vp=0.005, dwi=0.05),
-    "muscle":        dict(pd=0.75, t1=1400, t2=40, d=1.5e-3, k=0.5, f=0.05, dstar=30e-3, ktrans=0.05, ve=0.12, vp=0.02, dwi=1.0),
-    "blood":         dict(pd=0.90, t1=1650, t2=200, d=2.0e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=1.0, dwi=0.1),
-    "marrow":        dict(pd=0.85, t1=750, t2=60, d=0.43e-3, k=1.0, f=0.145, dstar=50e-3, ktrans=0.03, ve=0.10, vp=0.02, dwi=0.6),
-    "cortical_bone": dict(pd=0.05, t1=1000, t2=2, d=0.3e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=0, dwi=1.0),
-    "disc":          dict(pd=0.80, t1=1200, t2=110, d=1.7e-3, k=0.3, f=0, dstar=0.0, ktrans=0.005, ve=0.20, vp=0, dwi=1.0),
-    "csf":           dict(pd=1.00, t1=4000, t2=1500, d=3.0e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=0, dwi=1.0),
-    "cord":          dict(pd=0.75, t1=1000, t2=75, d=1.0e-3, k=0.6, f=0.05, dstar=20e-3, ktrans=0, ve=0, vp=0, dwi=1.0),
-    "tumour":        dict(pd=0.85, t1=1300, t2=90, d=0.85e-3, k=0.9, f=0.06, dstar=25e-3, ktrans=0.25, ve=0.35, vp=0.08, dwi=1.0),
+    "air": dict(pd=0.0, t1=1000, t2=1, d=1e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=0, dwi=0),
+    "soft_tissue": dict(
+        pd=0.80,
+        t1=1200,
+        t2=60,
+        d=1.4e-3,
+        k=0.5,
+        f=0.10,
+        dstar=20e-3,
+        ktrans=0.10,
+        ve=0.20,
+        vp=0.05,
+        dwi=1.0,
+    ),
+    "fat": dict(
+        pd=0.95,
+        t1=380,
+        t2=80,
+        d=0.02e-3,
+        k=0,
+        f=0,
+        dstar=0.0,
+        ktrans=0.01,
+        ve=0.05,
+        vp=0.005,
+        dwi=0.05,
+    ),
+    "muscle": dict(
+        pd=0.75,
+        t1=1400,
+        t2=40,
+        d=1.5e-3,
+        k=0.5,
+        f=0.05,
+        dstar=30e-3,
+        ktrans=0.05,
+        ve=0.12,
+        vp=0.02,
+        dwi=1.0,
+    ),
+    "blood": dict(
+        pd=0.90, t1=1650, t2=200, d=2.0e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=1.0, dwi=0.1
+    ),
+    "marrow": dict(
+        pd=0.85,
+        t1=750,
+        t2=60,
+        d=0.43e-3,
+        k=1.0,
+        f=0.145,
+        dstar=50e-3,
+        ktrans=0.03,
+        ve=0.10,
+        vp=0.02,
+        dwi=0.6,
+    ),
+    "cortical_bone": dict(
+        pd=0.05, t1=1000, t2=2, d=0.3e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=0, dwi=1.0
+    ),
+    "disc": dict(
+        pd=0.80,
+        t1=1200,
+        t2=110,
+        d=1.7e-3,
+        k=0.3,
+        f=0,
+        dstar=0.0,
+        ktrans=0.005,
+        ve=0.20,
+        vp=0,
+        dwi=1.0,
+    ),
+    "csf": dict(
+        pd=1.00, t1=4000, t2=1500, d=3.0e-3, k=0, f=0, dstar=0.0, ktrans=0, ve=0, vp=0, dwi=1.0
+    ),
+    "cord": dict(
+        pd=0.75, t1=1000, t2=75, d=1.0e-3, k=0.6, f=0.05, dstar=20e-3, ktrans=0, ve=0, vp=0, dwi=1.0
+    ),
+    "tumour": dict(
+        pd=0.85,
+        t1=1300,
+        t2=90,
+        d=0.85e-3,
+        k=0.9,
+        f=0.06,
+        dstar=25e-3,
+        ktrans=0.25,
+        ve=0.35,
+        vp=0.08,
+        dwi=1.0,
+    ),
 }
-PARAM_NAMES: tuple[str, ...] = ("pd", "t1", "t2", "d", "k", "f", "dstar", "ktrans", "ve", "vp", "dwi")
+PARAM_NAMES: tuple[str, ...] = (
+    "pd",
+    "t1",
+    "t2",
+    "d",
+    "k",
+    "f",
+    "dstar",
+    "ktrans",
+    "ve",
+    "vp",
+    "dwi",
+)
 #: relative texture amplitude (standard deviation of a smooth multiplicative field) in tumour
-TEXTURE_SD: dict[str, float] = {"d": 0.04, "k": 0.04, "f": 0.05, "dstar": 0.05, "pd": 0.02, "t1": 0.03, "t2": 0.03,
-                                "ktrans": 0.05, "ve": 0.04, "vp": 0.05}
+TEXTURE_SD: dict[str, float] = {
+    "d": 0.04,
+    "k": 0.04,
+    "f": 0.05,
+    "dstar": 0.05,
+    "pd": 0.02,
+    "t1": 0.03,
+    "t2": 0.03,
+    "ktrans": 0.05,
+    "ve": 0.04,
+    "vp": 0.05,
+}
 
 VERTEBRAL_NAMES = ("T8", "T9", "T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5")
 LEVEL_PITCH_MM = 33.0  # vertebral body 25 mm + disc 8 mm
@@ -88,18 +199,29 @@ class Grid:
         return np.asarray(self.origin) + k * self.spacing[2] * self.matrix[:, 2]
 
     def as_dict(self) -> dict[str, list[float] | list[int]]:
-        return {"origin": [float(v) for v in self.origin], "spacing": [float(v) for v in self.spacing],
-                "direction": [float(v) for v in self.direction], "size": [int(v) for v in self.size]}
+        return {
+            "origin": [float(v) for v in self.origin],
+            "spacing": [float(v) for v in self.spacing],
+            "direction": [float(v) for v in self.direction],
+            "size": [int(v) for v in self.size],
+        }
 
 
-def centred_grid(centre: NDArray[np.float64], size: tuple[int, int, int], spacing: tuple[float, float, float],
-                 direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)) -> Grid:
+def centred_grid(
+    centre: NDArray[np.float64],
+    size: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+) -> Grid:
     """A grid whose voxel-centre box is centred on ``centre`` (LPS mm)."""
     half = (np.asarray(size) - 1) * np.asarray(spacing) / 2.0
     origin = np.round(np.asarray(centre) - np.asarray(direction).reshape(3, 3) @ half, 4)
-    return Grid(size=size, spacing=spacing,
-                origin=cast("tuple[float, float, float]", tuple(float(v) for v in origin)),
-                direction=direction)
+    return Grid(
+        size=size,
+        spacing=spacing,
+        origin=cast("tuple[float, float, float]", tuple(float(v) for v in origin)),
+        direction=direction,
+    )
 
 
 def _legendre2(x: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -138,7 +260,9 @@ class TumourShape:
         amplitude = sum(abs(lb[3]) for lb in self.lobes)
         reach = float(np.max(self.radii)) * (1.0 + amplitude)
         d = pts - np.asarray(self.centre)
-        near = (np.abs(d[..., 0]) < reach) & (np.abs(d[..., 1]) < reach) & (np.abs(d[..., 2]) < reach)
+        near = (
+            (np.abs(d[..., 0]) < reach) & (np.abs(d[..., 1]) < reach) & (np.abs(d[..., 2]) < reach)
+        )
         if not near.any():
             return out
         rot = np.asarray(self.rotation).reshape(3, 3)
@@ -171,24 +295,38 @@ class TumourShape:
         lo = np.asarray(self.centre) - ext
         hi = np.asarray(self.centre) + ext
         if self.epidural_centre is not None and self.epidural_radii is not None:
-            lo = np.minimum(lo, np.asarray(self.epidural_centre) - np.asarray(self.epidural_radii) - 1)
-            hi = np.maximum(hi, np.asarray(self.epidural_centre) + np.asarray(self.epidural_radii) + 1)
+            lo = np.minimum(
+                lo, np.asarray(self.epidural_centre) - np.asarray(self.epidural_radii) - 1
+            )
+            hi = np.maximum(
+                hi, np.asarray(self.epidural_centre) + np.asarray(self.epidural_radii) + 1
+            )
         return lo, hi
 
     def scaled(self, volume_factor: float) -> TumourShape:
         """Same shape with the main part's volume multiplied by ``volume_factor``."""
         s = volume_factor ** (1.0 / 3.0)
-        return TumourShape(self.centre, self.rotation, tuple(r * s for r in self.radii), self.lobes,
-                           self.epidural_centre, self.epidural_radii)
+        return TumourShape(
+            self.centre,
+            self.rotation,
+            tuple(r * s for r in self.radii),
+            self.lobes,
+            self.epidural_centre,
+            self.epidural_radii,
+        )
 
-    def with_epidural(self, centre: tuple[float, float, float], radii: tuple[float, float, float]) -> TumourShape:
+    def with_epidural(
+        self, centre: tuple[float, float, float], radii: tuple[float, float, float]
+    ) -> TumourShape:
         return TumourShape(self.centre, self.rotation, self.radii, self.lobes, centre, radii)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "model": "|R^T(x-c)/radii| < 1 + sum(w * P_deg(u . v)) (Legendre P2/P3), "
-                     "union with the epidural ellipsoid; LPS mm in baseline coordinates",
-            "centre": list(self.centre), "rotation": list(self.rotation), "radii": list(self.radii),
+            "union with the epidural ellipsoid; LPS mm in baseline coordinates",
+            "centre": list(self.centre),
+            "rotation": list(self.rotation),
+            "radii": list(self.radii),
             "lobes": [list(lb) for lb in self.lobes],
             "epidural_centre": list(self.epidural_centre) if self.epidural_centre else None,
             "epidural_radii": list(self.epidural_radii) if self.epidural_radii else None,
@@ -210,21 +348,34 @@ def axis_angle_matrix(axis: NDArray[np.float64], angle_rad: float) -> NDArray[np
     return np.eye(3) + np.sin(angle_rad) * k + (1 - np.cos(angle_rad)) * (k @ k)
 
 
-def make_tumour(rng: np.random.Generator, vertebra_centre: NDArray[np.float64],
-                target_volume_ml: float) -> TumourShape:
+def make_tumour(
+    rng: np.random.Generator, vertebra_centre: NDArray[np.float64], target_volume_ml: float
+) -> TumourShape:
     """Random irregular tumour of about ``target_volume_ml`` in the treated vertebral body."""
-    centre = vertebra_centre + np.array([rng.uniform(-4, 4), rng.uniform(-1, 3), rng.uniform(-1, 1)])
+    centre = vertebra_centre + np.array(
+        [rng.uniform(-4, 4), rng.uniform(-1, 3), rng.uniform(-1, 1)]
+    )
     lobes = []
     for deg in (2, 2, 3, 3):
         v = rng.normal(size=3)
         v /= np.linalg.norm(v)
-        lobes.append((float(v[0]), float(v[1]), float(v[2]), float(rng.uniform(0.06, 0.12) * rng.choice([-1, 1])), deg))
+        lobes.append(
+            (
+                float(v[0]),
+                float(v[1]),
+                float(v[2]),
+                float(rng.uniform(0.06, 0.12) * rng.choice([-1, 1])),
+                deg,
+            )
+        )
     rot = random_rotation(rng, 15.0)
     base = np.array([1.35, 1.05, 0.85])  # LR, AP, SI proportions
-    shape = TumourShape(cast("tuple[float, float, float]", tuple(float(v) for v in centre)),
-                        tuple(float(v) for v in rot.ravel()),
-                        cast("tuple[float, float, float]", tuple(float(v) for v in base)),
-                        tuple(lobes))
+    shape = TumourShape(
+        cast("tuple[float, float, float]", tuple(float(v) for v in centre)),
+        tuple(float(v) for v in rot.ravel()),
+        cast("tuple[float, float, float]", tuple(float(v) for v in base)),
+        tuple(lobes),
+    )
     unit_volume = continuous_volume_ml(shape)
     return shape.scaled(target_volume_ml / unit_volume)
 
@@ -256,8 +407,9 @@ def epidural_volume_ml(shape: TumourShape, *, step_mm: float = 0.15) -> float:
     return total * step_mm**3 / 1000.0
 
 
-def tumour_diameters_mm(shape: TumourShape, to_study: NDArray[np.floating[Any]] | None = None, *,
-                        step_mm: float = 0.4) -> dict[str, float]:
+def tumour_diameters_mm(
+    shape: TumourShape, to_study: NDArray[np.floating[Any]] | None = None, *, step_mm: float = 0.4
+) -> dict[str, float]:
     """Maximum 3-D diameter, maximum axial diameter and craniocaudal extent (mm) of the shape.
 
     Measured on the continuous shape (sampled on a ``step_mm`` lattice, accurate to about one
@@ -290,8 +442,12 @@ def tumour_diameters_mm(shape: TumourShape, to_study: NDArray[np.floating[Any]] 
     for z0 in np.arange(z.min(), z.max() + step_mm, step_mm):
         section = surface[np.abs(z - z0) <= step_mm / 2, :2]
         axial = max(axial, hull_diameter(section))
-    return {"max_3d_diameter_mm": hull_diameter(surface), "max_axial_diameter_mm": axial,
-            "max_craniocaudal_extent_mm": float(z.max() - z.min()), "accuracy_mm": step_mm}
+    return {
+        "max_3d_diameter_mm": hull_diameter(surface),
+        "max_axial_diameter_mm": axial,
+        "max_craniocaudal_extent_mm": float(z.max() - z.min()),
+        "accuracy_mm": step_mm,
+    }
 
 
 def continuous_volume_ml(shape: TumourShape) -> float:
@@ -310,7 +466,9 @@ class Anatomy:
     level_names: tuple[str, ...]  # names of levels -2..+2 around the treated one
     texture_box_mm: float = 80.0
     texture_step_mm: float = 2.0
-    _textures: dict[str, NDArray[np.float64]] = field(default_factory=dict, compare=False, repr=False)
+    _textures: dict[str, NDArray[np.float64]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def texture_fields(self) -> dict[str, NDArray[np.float64]]:
         if not self._textures:
@@ -336,7 +494,9 @@ class Anatomy:
         for sx in (-1, 1):
             lab[((x - sx * 32.0) / 26.0) ** 2 + ((y - 58.0) / 24.0) ** 2 < 1.0] = LABEL["muscle"]
         for sx in (-1, 1):
-            lab[((x - sx * 45.0) / 14.0) ** 2 + ((y + 5.0) / 18.0) ** 2 < 1.0] = LABEL["muscle"]  # psoas
+            lab[((x - sx * 45.0) / 14.0) ** 2 + ((y + 5.0) / 18.0) ** 2 < 1.0] = LABEL[
+                "muscle"
+            ]  # psoas
         lab[(x - 22.0) ** 2 + (y + 32.0) ** 2 < 11.0**2] = LABEL["blood"]  # aorta, left anterior
         # vertebral column: bodies and discs along z
         zl = np.mod(z + LEVEL_PITCH_MM / 2, LEVEL_PITCH_MM) - LEVEL_PITCH_MM / 2  # level-local z
@@ -345,36 +505,57 @@ class Anatomy:
         is_body = np.abs(zl) < BODY_HALF_HEIGHT_MM
         lab[in_col & ~is_body] = LABEL["disc"]
         lab[in_col & is_body] = LABEL["cortical_bone"]
-        inner_ell = (x / (BODY_SEMI_AXES_MM[0] - CORTEX_MM)) ** 2 + (y / (BODY_SEMI_AXES_MM[1] - CORTEX_MM)) ** 2
+        inner_ell = (x / (BODY_SEMI_AXES_MM[0] - CORTEX_MM)) ** 2 + (
+            y / (BODY_SEMI_AXES_MM[1] - CORTEX_MM)
+        ) ** 2
         lab[(inner_ell < 1.0) & (np.abs(zl) < BODY_HALF_HEIGHT_MM - CORTEX_MM)] = LABEL["marrow"]
         # posterior elements (pedicles, laminae, spinous process) at body heights
         yc = y - CANAL_CENTRE_Y_MM
         ring = (x / 20.0) ** 2 + (yc / 17.0) ** 2 < 1.0
         spinous = (np.abs(x) < 4.0) & (yc > 10.0) & (yc < 45.0)
-        post = (ring | spinous) & (np.abs(zl) < BODY_HALF_HEIGHT_MM - 2.0) & (y > BODY_SEMI_AXES_MM[1] - 3.0)
+        post = (
+            (ring | spinous)
+            & (np.abs(zl) < BODY_HALF_HEIGHT_MM - 2.0)
+            & (y > BODY_SEMI_AXES_MM[1] - 3.0)
+        )
         lab[post] = LABEL["cortical_bone"]
-        post_in = (((x / 17.5) ** 2 + (yc / 14.5) ** 2 < 1.0) | ((np.abs(x) < 2.5) & (yc > 10.0) & (yc < 43.0))) & \
-            (np.abs(zl) < BODY_HALF_HEIGHT_MM - 3.5) & (y > BODY_SEMI_AXES_MM[1] - 1.0)
+        post_in = (
+            (
+                ((x / 17.5) ** 2 + (yc / 14.5) ** 2 < 1.0)
+                | ((np.abs(x) < 2.5) & (yc > 10.0) & (yc < 43.0))
+            )
+            & (np.abs(zl) < BODY_HALF_HEIGHT_MM - 3.5)
+            & (y > BODY_SEMI_AXES_MM[1] - 1.0)
+        )
         lab[post & post_in] = LABEL["marrow"]
         # canal: CSF with the cord
         canal = (x / CANAL_SEMI_AXES_MM[0]) ** 2 + (yc / CANAL_SEMI_AXES_MM[1]) ** 2 < 1.0
         lab[canal] = LABEL["csf"]
-        lab[(x / CORD_SEMI_AXES_MM[0]) ** 2 + (yc / CORD_SEMI_AXES_MM[1]) ** 2 < 1.0] = LABEL["cord"]
+        lab[(x / CORD_SEMI_AXES_MM[0]) ** 2 + (yc / CORD_SEMI_AXES_MM[1]) ** 2 < 1.0] = LABEL[
+            "cord"
+        ]
         lab[self.tumour.contains(pts)] = LABEL["tumour"]
         return lab
 
-    def parameters(self, pts: NDArray[np.float64], labels: NDArray[np.int16] | None = None) -> dict[str, NDArray[np.float64]]:
+    def parameters(
+        self, pts: NDArray[np.float64], labels: NDArray[np.int16] | None = None
+    ) -> dict[str, NDArray[np.float64]]:
         """Per-point tissue parameters (see :data:`TISSUE_PARAMS` for names and units)."""
         if labels is None:
             labels = self.labels(pts)
-        table = {name: np.array([TISSUE_PARAMS[t][name] for t in TISSUES], dtype=np.float64) for name in PARAM_NAMES}
+        table = {
+            name: np.array([TISSUE_PARAMS[t][name] for t in TISSUES], dtype=np.float64)
+            for name in PARAM_NAMES
+        }
         for name, value in self.tumour_params.items():
             table[name][LABEL["tumour"]] = value
         params = {name: table[name][labels] for name in PARAM_NAMES}
         tum = labels == LABEL["tumour"]
         if tum.any():
             fields = self.texture_fields()
-            coords = ((pts[tum] - np.asarray(self.tumour.centre)) + self.texture_box_mm / 2) / self.texture_step_mm
+            coords = (
+                (pts[tum] - np.asarray(self.tumour.centre)) + self.texture_box_mm / 2
+            ) / self.texture_step_mm
             for name, sd in TEXTURE_SD.items():
                 mod = ndimage.map_coordinates(fields[name], coords.T, order=1, mode="nearest")
                 params[name][tum] = params[name][tum] * (1.0 + sd * mod)

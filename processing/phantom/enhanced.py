@@ -28,9 +28,22 @@ from processing.phantom.mr import VENDOR_EQUIPMENT, _ds_str, _tm, file_meta, pat
 if TYPE_CHECKING:
     from processing.phantom.patient import Phantom, SeriesData, StudyData
 
-ACQUISITION_CONTRAST = {"t2w": "T2", "t1w": "T1", "stir": "T2", "dwi": "DIFFUSION", "vfa_t1": "T1", "dce": "T1"}
-PULSE_SEQUENCE = {"t2w": "tse2d1_17", "t1w": "tse2d1_3", "stir": "tir2d1_13", "dwi": "ep_b", "vfa_t1": "fl3d1",
-                  "dce": "fl3d1"}
+ACQUISITION_CONTRAST = {
+    "t2w": "T2",
+    "t1w": "T1",
+    "stir": "T2",
+    "dwi": "DIFFUSION",
+    "vfa_t1": "T1",
+    "dce": "T1",
+}
+PULSE_SEQUENCE = {
+    "t2w": "tse2d1_17",
+    "t1w": "tse2d1_3",
+    "stir": "tir2d1_13",
+    "dwi": "ep_b",
+    "vfa_t1": "fl3d1",
+    "dce": "fl3d1",
+}
 
 
 def _code(code: Any) -> Dataset:
@@ -56,11 +69,24 @@ def _dimension(org_uid: str, pointer: int, group: int, label: str) -> Dataset:
 
 #: MR Pulse Sequence module attributes (Type 1C: present only in ORIGINAL or MIXED images)
 PULSE_SEQUENCE_KEYWORDS = (
-    "PulseSequenceName", "MRAcquisitionType", "EchoPulseSequence", "MultipleSpinEcho",
-    "MultiPlanarExcitation", "PhaseContrast", "TimeOfFlightContrast", "SteadyStatePulseSequence",
-    "EchoPlanarPulseSequence", "SaturationRecovery", "SpectrallySelectedSuppression",
-    "OversamplingPhase", "GeometryOfKSpaceTraversal", "SegmentedKSpaceTraversal",
-    "RectilinearPhaseEncodeReordering", "NumberOfKSpaceTrajectories", "CoverageOfKSpace")
+    "PulseSequenceName",
+    "MRAcquisitionType",
+    "EchoPulseSequence",
+    "MultipleSpinEcho",
+    "MultiPlanarExcitation",
+    "PhaseContrast",
+    "TimeOfFlightContrast",
+    "SteadyStatePulseSequence",
+    "EchoPlanarPulseSequence",
+    "SaturationRecovery",
+    "SpectrallySelectedSuppression",
+    "OversamplingPhase",
+    "GeometryOfKSpaceTraversal",
+    "SegmentedKSpaceTraversal",
+    "RectilinearPhaseEncodeReordering",
+    "NumberOfKSpaceTrajectories",
+    "CoverageOfKSpace",
+)
 
 
 def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -> Dataset:
@@ -78,8 +104,11 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.SpecificCharacterSet = "ISO_IR 100"
     end = series.start + dt.timedelta(seconds=series.volumes[-1]["time_s"] + 15.0)
     image_type_3 = "DIFFUSION" if role == "dwi" else ("PERFUSION" if role == "dce" else "STATIC")
-    frame_type = (["DERIVED", "PRIMARY", image_type_3, series.derived] if series.derived
-                  else ["ORIGINAL", "PRIMARY", image_type_3, "NONE"])
+    frame_type = (
+        ["DERIVED", "PRIMARY", image_type_3, series.derived]
+        if series.derived
+        else ["ORIGINAL", "PRIMARY", image_type_3, "NONE"]
+    )
     ds.ImageType = frame_type
     ds.InstanceCreationDate = study.date.strftime("%Y%m%d")
     ds.InstanceCreationTime = _tm(end)
@@ -109,7 +138,9 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.PositionReferenceIndicator = ""
     ds.AcquisitionContextSequence = Sequence()
     # Enhanced MR Image module
-    ds.AcquisitionDuration = float(series.volumes[-1]["time_s"] + (sp.tr_ms / 1000.0 if role != "dce" else 5.0))
+    ds.AcquisitionDuration = float(
+        series.volumes[-1]["time_s"] + (sp.tr_ms / 1000.0 if role != "dce" else 5.0)
+    )
     ds.ResonantNucleus = "1H"
     ds.KSpaceFiltering = "NONE"
     ds.MagneticFieldStrength = _ds_str(ph.contrast["field_strength_t"])
@@ -138,7 +169,9 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.SpectrallySelectedSuppression = "FAT" if role == "dwi" else "NONE"
     ds.OversamplingPhase = "NONE"
     ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
-    ds.SegmentedKSpaceTraversal = "SINGLE" if role == "dwi" else ("PARTIAL" if role in ("t2w", "t1w", "stir") else "SINGLE")
+    ds.SegmentedKSpaceTraversal = (
+        "SINGLE" if role == "dwi" else ("PARTIAL" if role in ("t2w", "t1w", "stir") else "SINGLE")
+    )
     ds.RectilinearPhaseEncodeReordering = "LINEAR"
     ds.NumberOfKSpaceTrajectories = 1
     ds.CoverageOfKSpace = "FULL" if sp.acquisition_type == "3D" else None
@@ -161,21 +194,33 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     if role == "dce":
         _enhanced_contrast(ds, ph, series)
     # Multi-frame Dimension module
-    org_uid = phantom_uid(ph.seed, ph.scenario, ph.vendor, ph.size, study.key, role,
-                          *([series.derived] if series.derived else []), "dimension-organization")
+    org_uid = phantom_uid(
+        ph.seed,
+        ph.scenario,
+        ph.vendor,
+        ph.size,
+        study.key,
+        role,
+        *([series.derived] if series.derived else []),
+        "dimension-organization",
+    )
     org = Dataset()
     org.DimensionOrganizationUID = org_uid
     ds.DimensionOrganizationSequence = Sequence([org])
     ds.DimensionOrganizationType = "3D" if n_vol == 1 else "3D_TEMPORAL" if role == "dce" else None
     if ds.DimensionOrganizationType is None:
         del ds.DimensionOrganizationType
-    dims = [_dimension(org_uid, 0x00209056, 0x00209111, "Stack ID"),
-            _dimension(org_uid, 0x00209057, 0x00209111, "In-Stack Position Number")]
+    dims = [
+        _dimension(org_uid, 0x00209056, 0x00209111, "Stack ID"),
+        _dimension(org_uid, 0x00209057, 0x00209111, "In-Stack Position Number"),
+    ]
     if role == "dwi" and series.derived == "TRACEW":
         dims.append(_dimension(org_uid, 0x00189087, 0x00189117, "Diffusion b-value"))
     elif role == "dwi" and series.derived is None:
-        dims += [_dimension(org_uid, 0x00189087, 0x00189117, "Diffusion b-value"),
-                 _dimension(org_uid, 0x00189089, 0x00189076, "Diffusion Gradient Orientation")]
+        dims += [
+            _dimension(org_uid, 0x00189087, 0x00189117, "Diffusion b-value"),
+            _dimension(org_uid, 0x00189089, 0x00189076, "Diffusion Gradient Orientation"),
+        ]
     elif role == "dce":
         dims.append(_dimension(org_uid, 0x00209128, 0x00209111, "Temporal Position Index"))
     elif role == "vfa_t1":
@@ -200,7 +245,9 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
             fc.FrameAcquisitionNumber = v + 1
             fc.FrameReferenceDateTime = _dt(t_frame)
             fc.FrameAcquisitionDateTime = _dt(t_frame)
-            fc.FrameAcquisitionDuration = float(sp.tr_ms if role != "dce" else meta.get("duration_ms", 4000.0))
+            fc.FrameAcquisitionDuration = float(
+                sp.tr_ms if role != "dce" else meta.get("duration_ms", 4000.0)
+            )
             fc.StackID = "1"
             fc.InStackPositionNumber = k + 1
             index = [1, k + 1]
@@ -237,16 +284,24 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
             if role == "dwi":
                 fg.MRDiffusionSequence = Sequence([_diffusion_item(meta)])
             if role == "vfa_t1":
-                fg.MRTimingAndRelatedParametersSequence = Sequence([_timing_item(sp, meta["flip_deg"])])
+                fg.MRTimingAndRelatedParametersSequence = Sequence(
+                    [_timing_item(sp, meta["flip_deg"])]
+                )
             if role == "dce":
                 usage = Dataset()
                 usage.ContrastBolusAgentNumber = 1
-                usage.ContrastBolusAgentAdministered = "YES" if meta["time_s"] >= proto.BOLUS_ARRIVAL_S - 10.0 else "NO"
-                usage.ContrastBolusAgentDetected = "YES" if meta["time_s"] >= proto.BOLUS_ARRIVAL_S else "NO"
+                usage.ContrastBolusAgentAdministered = (
+                    "YES" if meta["time_s"] >= proto.BOLUS_ARRIVAL_S - 10.0 else "NO"
+                )
+                usage.ContrastBolusAgentDetected = (
+                    "YES" if meta["time_s"] >= proto.BOLUS_ARRIVAL_S else "NO"
+                )
                 fg.ContrastBolusUsageSequence = Sequence([usage])
             per_frame.append(fg)
     ds.PerFrameFunctionalGroupsSequence = per_frame
-    ds.PixelData = np.ascontiguousarray(series.pixels.reshape(n_vol * nz, grid.size[1], grid.size[0])).tobytes()
+    ds.PixelData = np.ascontiguousarray(
+        series.pixels.reshape(n_vol * nz, grid.size[1], grid.size[0])
+    ).tobytes()
     return ds
 
 
@@ -257,7 +312,9 @@ def _timing_item(sp: proto.SeriesProtocol, flip_deg: float) -> Dataset:
     etl = 1 if sp.acquisition_type == "3D" else (64 if sp.role == "dwi" else 17)
     t.EchoTrainLength = etl
     t.RFEchoTrainLength = 0 if sp.role in ("dwi", "vfa_t1", "dce") else etl
-    t.GradientEchoTrainLength = etl if sp.role == "dwi" else (1 if sp.role in ("vfa_t1", "dce") else 0)
+    t.GradientEchoTrainLength = (
+        etl if sp.role == "dwi" else (1 if sp.role in ("vfa_t1", "dce") else 0)
+    )
     sar = Dataset()
     sar.SpecificAbsorptionRateDefinition = "IEC_WHOLE_BODY"
     sar.SpecificAbsorptionRateValue = 0.4
@@ -364,8 +421,10 @@ def _shared_groups(ph: Phantom, series: SeriesData) -> Dataset:
 def _enhanced_contrast(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
     """Enhanced Contrast/Bolus module (PS3.3 C.7.6.4b)."""
     declared = ph.contrast
-    volume_ml = round(float(ph.patient["PatientWeight"]) * declared["dose_mmol_per_kg"]
-                      / declared["mmol_per_ml"], 1)
+    volume_ml = round(
+        float(ph.patient["PatientWeight"]) * declared["dose_mmol_per_kg"] / declared["mmol_per_ml"],
+        1,
+    )
     agent = _code(getattr(codes.SCT, declared["sct"]))
     agent.ContrastBolusAgentNumber = 1
     route = _code(codes.SCT.IntravenousRoute)

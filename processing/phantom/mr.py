@@ -25,20 +25,42 @@ if TYPE_CHECKING:
     from processing.phantom.patient import Phantom, SeriesData, StudyData
 
 #: the phantom writer's Implementation Class UID (a UUID-derived 2.25 UID, PS3.5 B.2)
-IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'spine-node-phantom:implementation-1').int}"
+IMPLEMENTATION_CLASS_UID = (
+    f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'spine-node-phantom:implementation-1').int}"
+)
 IMPLEMENTATION_VERSION = "SPINENODE_PH1"
 
 VENDOR_EQUIPMENT: dict[str, dict[str, Any]] = {
-    "standard": dict(Manufacturer="Spine Response Node", ManufacturerModelName="Synthetic MR 3T",
-                     SoftwareVersions="phantom 1.0", DeviceSerialNumber="PH0001"),
-    "siemens": dict(Manufacturer="SIEMENS", ManufacturerModelName="Prisma",
-                    SoftwareVersions="syngo MR E11", DeviceSerialNumber="67060"),
-    "ge": dict(Manufacturer="GE MEDICAL SYSTEMS", ManufacturerModelName="SIGNA Premier",
-               SoftwareVersions=["30", "LX", "MR30.1_R01_2135.a"], DeviceSerialNumber="0000000000SPINE1"),
-    "philips": dict(Manufacturer="Philips", ManufacturerModelName="Ingenia Elition X",
-                    SoftwareVersions=["5.7.1", "5.7.1.2"], DeviceSerialNumber="45190"),
-    "enhanced": dict(Manufacturer="SIEMENS", ManufacturerModelName="MAGNETOM Vida",
-                     SoftwareVersions="syngo MR XA50", DeviceSerialNumber="175542"),
+    "standard": dict(
+        Manufacturer="Spine Response Node",
+        ManufacturerModelName="Synthetic MR 3T",
+        SoftwareVersions="phantom 1.0",
+        DeviceSerialNumber="PH0001",
+    ),
+    "siemens": dict(
+        Manufacturer="SIEMENS",
+        ManufacturerModelName="Prisma",
+        SoftwareVersions="syngo MR E11",
+        DeviceSerialNumber="67060",
+    ),
+    "ge": dict(
+        Manufacturer="GE MEDICAL SYSTEMS",
+        ManufacturerModelName="SIGNA Premier",
+        SoftwareVersions=["30", "LX", "MR30.1_R01_2135.a"],
+        DeviceSerialNumber="0000000000SPINE1",
+    ),
+    "philips": dict(
+        Manufacturer="Philips",
+        ManufacturerModelName="Ingenia Elition X",
+        SoftwareVersions=["5.7.1", "5.7.1.2"],
+        DeviceSerialNumber="45190",
+    ),
+    "enhanced": dict(
+        Manufacturer="SIEMENS",
+        ManufacturerModelName="MAGNETOM Vida",
+        SoftwareVersions="syngo MR XA50",
+        DeviceSerialNumber="175542",
+    ),
 }
 
 
@@ -85,20 +107,29 @@ def patient_study_module(ds: Dataset, ph: Phantom, study: StudyData) -> None:
     ds.StudyTime = study.start.strftime("%H%M%S")
     ds.ReferringPhysicianName = ""
     ds.StudyID = f"{ph.seed % 100000}{study.key[-1] if study.key != 'baseline' else '0'}"
-    ds.AccessionNumber = f"PHA{ph.seed % 100000:05d}{study.key[-1] if study.key != 'baseline' else '0'}"
-    ds.StudyDescription = "MRI SPINE W WO CONTRAST" if study.key == "baseline" else "MRI SPINE FOLLOW-UP"
+    ds.AccessionNumber = (
+        f"PHA{ph.seed % 100000:05d}{study.key[-1] if study.key != 'baseline' else '0'}"
+    )
+    ds.StudyDescription = (
+        "MRI SPINE W WO CONTRAST" if study.key == "baseline" else "MRI SPINE FOLLOW-UP"
+    )
 
 
 def _tm(t: dt.datetime) -> str:
     return t.strftime("%H%M%S.%f")[:13]
 
 
-def series_datasets(ph: Phantom, study: StudyData, series: SeriesData) -> Iterator[tuple[str, Dataset]]:
+def series_datasets(
+    ph: Phantom, study: StudyData, series: SeriesData
+) -> Iterator[tuple[str, Dataset]]:
     """Yield (relative path, Dataset) for every file of one series."""
     if ph.vendor == "enhanced":
         from processing.phantom import enhanced
 
-        yield f"{study.key}/{series.folder}/00001.dcm", enhanced.enhanced_series_dataset(ph, study, series)
+        yield (
+            f"{study.key}/{series.folder}/00001.dcm",
+            enhanced.enhanced_series_dataset(ph, study, series),
+        )
         return
     nz = series.grid.size[2]
     template = _classic_template(ph, study, series)
@@ -147,15 +178,25 @@ def series_files(ph: Phantom, study: StudyData, series: SeriesData) -> Iterator[
             fp.is_little_endian = True
             fp.is_implicit_VR = False
             fp.write(b"\0" * 128 + b"DICM")
-            write_file_meta_info(fp, file_meta(MRImageStorage, series.sop_uids[v][k]), enforce_standard=True)
+            write_file_meta_info(
+                fp, file_meta(MRImageStorage, series.sop_uids[v][k]), enforce_standard=True
+            )
             body = b"".join(elements[tag] for tag in sorted(elements))
             yield f"{study.key}/{series.folder}/{v * nz + k + 1:05d}.dcm", fp.getvalue() + body
 
 
 def image_type(role: str, vendor: str) -> list[str]:
     if role == "dwi":
-        return ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"] if vendor in ("siemens", "enhanced") else ["ORIGINAL", "PRIMARY", "OTHER"]
-    return ["ORIGINAL", "PRIMARY", "OTHER"] if vendor != "siemens" else ["ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"]
+        return (
+            ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]
+            if vendor in ("siemens", "enhanced")
+            else ["ORIGINAL", "PRIMARY", "OTHER"]
+        )
+    return (
+        ["ORIGINAL", "PRIMARY", "OTHER"]
+        if vendor != "siemens"
+        else ["ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"]
+    )
 
 
 def sequence_name(series: SeriesData, meta: dict[str, Any]) -> str:
@@ -212,7 +253,9 @@ def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Data
     ds.EchoNumbers = "1"
     ds.MagneticFieldStrength = _ds_str(ph.contrast["field_strength_t"])
     ds.SpacingBetweenSlices = _ds_str(grid.spacing[2])
-    ds.EchoTrainLength = "1" if sp.acquisition_type == "3D" else ("64" if series.role == "dwi" else "17")
+    ds.EchoTrainLength = (
+        "1" if sp.acquisition_type == "3D" else ("64" if series.role == "dwi" else "17")
+    )
     ds.PercentSampling = "100"
     ds.PercentPhaseFieldOfView = "100"
     ds.PixelBandwidth = "300"
@@ -222,7 +265,9 @@ def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Data
     ds.SeriesInstanceUID = series.series_uid
     ds.SeriesNumber = str(sp.series_number)
     ds.AcquisitionNumber = "1"
-    ds.ImageOrientationPatient = [_ds_str(x) for x in (list(grid.matrix[:, 0]) + list(grid.matrix[:, 1]))]
+    ds.ImageOrientationPatient = [
+        _ds_str(x) for x in (list(grid.matrix[:, 0]) + list(grid.matrix[:, 1]))
+    ]
     ds.FrameOfReferenceUID = study.frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.SamplesPerPixel = 1
@@ -241,8 +286,9 @@ def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Data
     return ds
 
 
-def _classic_instance(ph: Phantom, series: SeriesData, template: Dataset, v: int, k: int,
-                      meta: dict[str, Any]) -> Dataset:
+def _classic_instance(
+    ph: Phantom, series: SeriesData, template: Dataset, v: int, k: int, meta: dict[str, Any]
+) -> Dataset:
     ds = Dataset()
     ds.update(template)
     ds.update(_classic_parts(ph, series, v, k, meta))
@@ -250,7 +296,9 @@ def _classic_instance(ph: Phantom, series: SeriesData, template: Dataset, v: int
     return ds
 
 
-def _classic_parts(ph: Phantom, series: SeriesData, v: int, k: int, meta: dict[str, Any]) -> Dataset:
+def _classic_parts(
+    ph: Phantom, series: SeriesData, v: int, k: int, meta: dict[str, Any]
+) -> Dataset:
     """The attributes of one classic file that differ from the series template."""
     grid = series.grid
     nz = grid.size[2]
@@ -267,10 +315,18 @@ def _classic_parts(ph: Phantom, series: SeriesData, v: int, k: int, meta: dict[s
         ds.AcquisitionNumber = str(v + 1)
         ds.FlipAngle = _ds_str(meta["flip_deg"])
         if vendor == "philips":
-            ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x23, "DS", _ds_str(meta["flip_deg"]))
+            ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(
+                0x23, "DS", _ds_str(meta["flip_deg"])
+            )
     if series.role == "dwi" and series.derived != "ADC":
-        _diffusion_tags(ds, vendor, meta, grid, bvalues=sorted({m["b"] for m in series.volumes}),
-                        directions=max(n for _, n in _shells(series)))
+        _diffusion_tags(
+            ds,
+            vendor,
+            meta,
+            grid,
+            bvalues=sorted({m["b"] for m in series.volumes}),
+            directions=max(n for _, n in _shells(series)),
+        )
     if series.role == "dce":
         _dce_tags(ds, vendor, series, meta)
     ds.add_new(0x7FE00010, "OW", series.pixels[v, k].tobytes())  # Pixel Data, 16-bit
@@ -292,7 +348,9 @@ def siemens_csa_header(fields: list[tuple[str, str, int, list[str]]]) -> bytes:
     out = [b"SV10\x04\x03\x02\x01", struct.pack("<2I", len(fields), 77)]
     for name, vr, vm, values in fields:
         out.append(name.encode("ascii").ljust(64, b"\0"))
-        out.append(struct.pack("<i4s3i", vm, vr.encode("ascii").ljust(4, b"\0"), _CSA_SYNGODT[vr], 6, 77))
+        out.append(
+            struct.pack("<i4s3i", vm, vr.encode("ascii").ljust(4, b"\0"), _CSA_SYNGODT[vr], 6, 77)
+        )
         for i in range(6):
             if i < len(values):
                 data = values[i].encode("ascii") + b"\0"
@@ -321,8 +379,15 @@ def _shells(series: SeriesData) -> list[tuple[float, int]]:
     return [(b, bs.count(b)) for b in sorted(set(bs))]
 
 
-def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any, *,
-                    bvalues: list[float] | None = None, directions: int = 15) -> None:
+def _diffusion_tags(
+    ds: Dataset,
+    vendor: str,
+    meta: dict[str, Any],
+    grid: Any,
+    *,
+    bvalues: list[float] | None = None,
+    directions: int = 15,
+) -> None:
     """Diffusion encoding of one classic file as ``vendor`` writes it.
 
     ``meta["isotropic"]`` marks a scanner-combined trace image (b > 0, no gradient): standard
@@ -335,8 +400,9 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any, *
     directional = b > 0 and not isotropic
     if vendor == "standard":
         ds.DiffusionBValue = b
-        ds.DiffusionDirectionality = "DIRECTIONAL" if directional else (
-            "ISOTROPIC" if isotropic else "NONE")
+        ds.DiffusionDirectionality = (
+            "DIRECTIONAL" if directional else ("ISOTROPIC" if isotropic else "NONE")
+        )
         if directional:
             ds.DiffusionGradientOrientation = [float(x) for x in g]
     elif vendor == "siemens":
@@ -349,15 +415,34 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any, *
         if directional:
             blk.add_new(0x0E, "FD", [float(x) for x in g])
             bm = b * np.outer(g, g)
-            blk.add_new(0x27, "FD", [float(bm[0, 0]), float(bm[0, 1]), float(bm[0, 2]), float(bm[1, 1]),
-                                     float(bm[1, 2]), float(bm[2, 2])])
+            blk.add_new(
+                0x27,
+                "FD",
+                [
+                    float(bm[0, 0]),
+                    float(bm[0, 1]),
+                    float(bm[0, 2]),
+                    float(bm[1, 1]),
+                    float(bm[1, 2]),
+                    float(bm[2, 2]),
+                ],
+            )
         # the same encoding in the CSA Image Header Info, as VE-series scanners also write it
         fields = [("B_value", "IS", 1, [f"{int(round(b)):<8d}"])]
         if directional:
             bm = b * np.outer(g, g)
-            fields += [("DiffusionGradientDirection", "FD", 3, [f"{x:.8f}" for x in g]),
-                       ("B_matrix", "FD", 6, [f"{x:.8f}" for x in (bm[0, 0], bm[0, 1], bm[0, 2], bm[1, 1],
-                                                                  bm[1, 2], bm[2, 2])])]
+            fields += [
+                ("DiffusionGradientDirection", "FD", 3, [f"{x:.8f}" for x in g]),
+                (
+                    "B_matrix",
+                    "FD",
+                    6,
+                    [
+                        f"{x:.8f}"
+                        for x in (bm[0, 0], bm[0, 1], bm[0, 2], bm[1, 1], bm[1, 2], bm[2, 2])
+                    ],
+                ),
+            ]
         fields.append(("SliceNormalVector", "FD", 3, [f"{x:.8f}" for x in grid.matrix[:, 2]]))
         csa = ds.private_block(0x0029, "SIEMENS CSA HEADER", create=True)
         csa.add_new(0x08, "CS", "IMAGE NUM 4")
@@ -381,7 +466,9 @@ def _diffusion_tags(ds: Dataset, vendor: str, meta: dict[str, Any], grid: Any, *
         mr.add_new(0xB0, "FL", float(g[0]))
         mr.add_new(0xB1, "FL", float(g[1]))
         mr.add_new(0xB2, "FL", float(g[2]))
-        blk.add_new(0x0B, "CS", "TRANSVERSAL")  # Slice Orientation (dcm2niix needs it for the vectors)
+        blk.add_new(
+            0x0B, "CS", "TRANSVERSAL"
+        )  # Slice Orientation (dcm2niix needs it for the vectors)
         idx = ds.private_block(0x2005, "Philips MR Imaging DD 005", create=True)
         bvals = bvalues if bvalues is not None else sorted({b for b, _ in proto.DWI_SHELLS})
         idx.add_new(0x12, "IS", str(bvals.index(b) + 1))
@@ -392,8 +479,9 @@ def _dce_series_tags(ds: Dataset, ph: Phantom, series: SeriesData) -> None:
     """Contrast/Bolus module (same in every phase of the series)."""
     inj = series.start + dt.timedelta(seconds=proto.BOLUS_ARRIVAL_S - 10.0)
     agent = ph.contrast
-    volume_ml = round(float(ph.patient["PatientWeight"]) * agent["dose_mmol_per_kg"]
-                      / agent["mmol_per_ml"], 1)
+    volume_ml = round(
+        float(ph.patient["PatientWeight"]) * agent["dose_mmol_per_kg"] / agent["mmol_per_ml"], 1
+    )
     ds.ContrastBolusAgent = agent["agent_text"]
     ds.ContrastBolusRoute = "IV"
     ds.ContrastBolusVolume = _ds_str(volume_ml)
@@ -429,7 +517,9 @@ def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any]
         dd.add_new(0x81, "IS", str(n))  # Number of Dynamic Scans
         mr = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
         mr.add_new(0xA0, "FL", float(meta["time_s"]))  # MR Image Dynamic Scan Begin Time (s)
-    ds.AcquisitionDateTime = series.start.strftime("%Y%m%d") + _tm(series.start + dt.timedelta(seconds=meta["time_s"]))
+    ds.AcquisitionDateTime = series.start.strftime("%Y%m%d") + _tm(
+        series.start + dt.timedelta(seconds=meta["time_s"])
+    )
 
 
 #: SOP Class of the Philips private non-image objects that real Philips exports file in the image
@@ -437,8 +527,9 @@ def _dce_tags(ds: Dataset, vendor: str, series: SeriesData, meta: dict[str, Any]
 PHILIPS_PRIVATE_SOP_CLASS = "1.3.46.670589.11.0.0.12.2"
 
 
-def non_image_objects(ph: Phantom, study: StudyData, series: SeriesData
-                      ) -> Iterator[tuple[str, Dataset]]:
+def non_image_objects(
+    ph: Phantom, study: StudyData, series: SeriesData
+) -> Iterator[tuple[str, Dataset]]:
     """Yield (relative path, Dataset) of the non-image objects a CD export puts beside a series.
 
     Opt-in (``generate_patient(non_image_objects=True)``, ``--non-image-objects``; UIDs as
@@ -452,22 +543,45 @@ def non_image_objects(ph: Phantom, study: StudyData, series: SeriesData
     from processing.phantom.patient import phantom_uid
 
     def generate_uid(name: str) -> str:
-        return phantom_uid(ph.seed, ph.scenario, ph.vendor, ph.size, study.key, series.series_uid,
-                           "non-image", name)
+        return phantom_uid(
+            ph.seed,
+            ph.scenario,
+            ph.vendor,
+            ph.size,
+            study.key,
+            series.series_uid,
+            "non-image",
+            name,
+        )
 
     first = next(iter(series_datasets(ph, study, series)))[1]
     equipment = VENDOR_EQUIPMENT[ph.vendor]
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[first], series_instance_uid=generate_uid("gsps-series"),
-        series_number=99, sop_instance_uid=generate_uid("gsps"), instance_number=1,
+        referenced_images=[first],
+        series_instance_uid=generate_uid("gsps-series"),
+        series_number=99,
+        sop_instance_uid=generate_uid("gsps"),
+        instance_number=1,
         manufacturer=str(equipment["Manufacturer"]),
         manufacturer_model_name=str(equipment["ManufacturerModelName"]),
-        software_versions="phantom 1.0", device_serial_number="PH0001", content_label="PHANTOM")
+        software_versions="phantom 1.0",
+        device_serial_number="PH0001",
+        content_label="PHANTOM",
+    )
     yield f"{study.key}/{series.folder}/PS_0001.dcm", gsps
     private = Dataset()
     private.file_meta = file_meta(PHILIPS_PRIVATE_SOP_CLASS, generate_uid("philips-private"))
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber"):
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+    ):
         if keyword in first:
             setattr(private, keyword, first.get(keyword))
     private.SOPClassUID = PHILIPS_PRIVATE_SOP_CLASS

@@ -52,25 +52,113 @@ VENDORS = ("standard", "siemens", "ge", "philips", "enhanced")
 #: follow-ups than listed repeat the last entry (the tumour stays at its last state).
 SCENARIO_CHANGES: dict[str, list[dict[str, Any]]] = {
     "responder": [
-        dict(volume=0.70, adc=1.35, ktrans=0.40, ve=1.0, vp=0.40, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
-        dict(volume=0.60, adc=1.40, ktrans=0.35, ve=1.0, vp=0.35, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+        dict(
+            volume=0.70,
+            adc=1.35,
+            ktrans=0.40,
+            ve=1.0,
+            vp=0.40,
+            epidural=False,
+            category=ResponseCategory.LOCAL_CONTROL,
+        ),
+        dict(
+            volume=0.60,
+            adc=1.40,
+            ktrans=0.35,
+            ve=1.0,
+            vp=0.35,
+            epidural=False,
+            category=ResponseCategory.LOCAL_CONTROL,
+        ),
     ],
     "progression": [
-        dict(volume=1.40, adc=0.95, ktrans=1.30, ve=1.0, vp=1.20, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
-        dict(volume=1.90, adc=0.92, ktrans=1.40, ve=1.0, vp=1.30, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
-        dict(volume=2.05, adc=0.90, ktrans=1.45, ve=1.0, vp=1.35, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
-        dict(volume=2.15, adc=0.90, ktrans=1.50, ve=1.0, vp=1.40, epidural=True, category=ResponseCategory.LOCAL_PROGRESSION),
+        dict(
+            volume=1.40,
+            adc=0.95,
+            ktrans=1.30,
+            ve=1.0,
+            vp=1.20,
+            epidural=True,
+            category=ResponseCategory.LOCAL_PROGRESSION,
+        ),
+        dict(
+            volume=1.90,
+            adc=0.92,
+            ktrans=1.40,
+            ve=1.0,
+            vp=1.30,
+            epidural=True,
+            category=ResponseCategory.LOCAL_PROGRESSION,
+        ),
+        dict(
+            volume=2.05,
+            adc=0.90,
+            ktrans=1.45,
+            ve=1.0,
+            vp=1.35,
+            epidural=True,
+            category=ResponseCategory.LOCAL_PROGRESSION,
+        ),
+        dict(
+            volume=2.15,
+            adc=0.90,
+            ktrans=1.50,
+            ve=1.0,
+            vp=1.40,
+            epidural=True,
+            category=ResponseCategory.LOCAL_PROGRESSION,
+        ),
     ],
     "pseudoprogression": [
         # +30 %: on the small phantom's voxel grid a nominal +20 % came out as +10 to +27 %, and
         # below the size-dependent threshold (14.7 % at 7.5 mL) it is not a size increase at all
-        dict(volume=1.30, adc=1.20, ktrans=0.70, ve=1.0, vp=0.40, epidural=False, category=ResponseCategory.INDETERMINATE),
-        dict(volume=0.95, adc=1.30, ktrans=0.50, ve=1.0, vp=0.35, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
-        dict(volume=0.90, adc=1.30, ktrans=0.45, ve=1.0, vp=0.35, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+        dict(
+            volume=1.30,
+            adc=1.20,
+            ktrans=0.70,
+            ve=1.0,
+            vp=0.40,
+            epidural=False,
+            category=ResponseCategory.INDETERMINATE,
+        ),
+        dict(
+            volume=0.95,
+            adc=1.30,
+            ktrans=0.50,
+            ve=1.0,
+            vp=0.35,
+            epidural=False,
+            category=ResponseCategory.LOCAL_CONTROL,
+        ),
+        dict(
+            volume=0.90,
+            adc=1.30,
+            ktrans=0.45,
+            ve=1.0,
+            vp=0.35,
+            epidural=False,
+            category=ResponseCategory.LOCAL_CONTROL,
+        ),
     ],
     "stable": [
-        dict(volume=1.02, adc=1.03, ktrans=0.95, ve=1.0, vp=0.95, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
-        dict(volume=1.00, adc=1.04, ktrans=0.95, ve=1.0, vp=0.95, epidural=False, category=ResponseCategory.LOCAL_CONTROL),
+        dict(
+            volume=1.02,
+            adc=1.03,
+            ktrans=0.95,
+            ve=1.0,
+            vp=0.95,
+            epidural=False,
+            category=ResponseCategory.LOCAL_CONTROL,
+        ),
+        dict(
+            volume=1.00,
+            adc=1.04,
+            ktrans=0.95,
+            ve=1.0,
+            vp=0.95,
+            epidural=False,
+            category=ResponseCategory.LOCAL_CONTROL,
+        ),
     ],
 }
 #: days after treatment of follow-up n (1-based); pseudoprogression's first follow-up is at ~12 weeks
@@ -135,7 +223,8 @@ class Phantom:
     rt: dict[str, Any]
     #: declared contrast agent, field strength and true r1 (:func:`protocol.contrast_truth`)
     contrast: dict[str, Any] = field(
-        default_factory=lambda: proto.contrast_truth("gadoterate", proto.FIELD_STRENGTH_T))
+        default_factory=lambda: proto.contrast_truth("gadoterate", proto.FIELD_STRENGTH_T)
+    )
     #: VFA written as one series per flip angle
     vfa_series: bool = False
     #: DWI b-value scheme (:data:`protocol.DIFFUSION_SCHEMES`)
@@ -174,7 +263,9 @@ class Phantom:
             yield relpath, mr.part10_bytes(ds)
 
 
-def true_tumour_mask(ground_truth: dict[str, Any], study: str, geometry: dict[str, Any]) -> NDArray[np.bool_]:
+def true_tumour_mask(
+    ground_truth: dict[str, Any], study: str, geometry: dict[str, Any]
+) -> NDArray[np.bool_]:
     """The exact tumour mask of ``study`` on any grid (voxel-centre rule), from ground_truth.json.
 
     Parameters
@@ -194,12 +285,20 @@ def true_tumour_mask(ground_truth: dict[str, Any], study: str, geometry: dict[st
     """
     st = ground_truth["studies"][study]
     shape = st["tumour"]["shape"]
-    tumour = TumourShape(tuple(shape["centre"]), tuple(shape["rotation"]), tuple(shape["radii"]),
-                         tuple(tuple(lb) for lb in shape["lobes"]),
-                         tuple(shape["epidural_centre"]) if shape["epidural_centre"] else None,
-                         tuple(shape["epidural_radii"]) if shape["epidural_radii"] else None)
-    grid = Grid(tuple(geometry["size"]), tuple(geometry["spacing"]), tuple(geometry["origin"]),
-                tuple(geometry["direction"]))
+    tumour = TumourShape(
+        tuple(shape["centre"]),
+        tuple(shape["rotation"]),
+        tuple(shape["radii"]),
+        tuple(tuple(lb) for lb in shape["lobes"]),
+        tuple(shape["epidural_centre"]) if shape["epidural_centre"] else None,
+        tuple(shape["epidural_radii"]) if shape["epidural_radii"] else None,
+    )
+    grid = Grid(
+        tuple(geometry["size"]),
+        tuple(geometry["spacing"]),
+        tuple(geometry["origin"]),
+        tuple(geometry["direction"]),
+    )
     pts = grid.points()
     if st.get("rigid_transform"):
         m = np.asarray(st["rigid_transform"]["followup_to_baseline"])
@@ -229,9 +328,9 @@ def _rigid(rng: np.random.Generator, centre: NDArray[np.float64]) -> dict[str, A
     euler.SetTranslation([float(v) for v in translation])
     return {
         "description": "followup_to_baseline maps a point in follow-up patient coordinates (LPS mm) to "
-                       "the same anatomical point in baseline coordinates; baseline_to_followup is its "
-                       "inverse, i.e. the SimpleITK transform a registration with fixed = baseline and "
-                       "moving = follow-up returns (sitk_euler3d_baseline_to_followup).",
+        "the same anatomical point in baseline coordinates; baseline_to_followup is its "
+        "inverse, i.e. the SimpleITK transform a registration with fixed = baseline and "
+        "moving = follow-up returns (sitk_euler3d_baseline_to_followup).",
         "followup_to_baseline": m_f2b.tolist(),
         "baseline_to_followup": m_b2f.tolist(),
         "rotation_axis": axis.tolist(),
@@ -247,23 +346,47 @@ def _rigid(rng: np.random.Generator, centre: NDArray[np.float64]) -> dict[str, A
     }
 
 
-def _tumour_means(params: dict[str, NDArray[np.float64]], mask: NDArray[np.bool_]) -> dict[str, float]:
+def _tumour_means(
+    params: dict[str, NDArray[np.float64]], mask: NDArray[np.bool_]
+) -> dict[str, float]:
     out = {
-        "D": params["d"], "K": params["k"], "f": params["f"], "Dstar": params["dstar"],
-        "T1_ms": params["t1"], "T2_ms": params["t2"], "PD": params["pd"],
-        "Ktrans": params["ktrans"], "ve": params["ve"], "vp": params["vp"],
+        "D": params["d"],
+        "K": params["k"],
+        "f": params["f"],
+        "Dstar": params["dstar"],
+        "T1_ms": params["t1"],
+        "T2_ms": params["t2"],
+        "PD": params["pd"],
+        "Ktrans": params["ktrans"],
+        "ve": params["ve"],
+        "vp": params["vp"],
     }
     means = {k: float(np.mean(v[mask])) for k, v in out.items()}
-    kep = np.divide(params["ktrans"], params["ve"], out=np.zeros_like(params["ve"]), where=params["ve"] > 0)
+    kep = np.divide(
+        params["ktrans"], params["ve"], out=np.zeros_like(params["ve"]), where=params["ve"] > 0
+    )
     means["kep"] = float(np.mean(kep[mask]))
     return means
 
 
-MEAN_UNITS = {"D": "mm2/s", "K": "1", "f": "1", "Dstar": "mm2/s", "T1_ms": "ms", "T2_ms": "ms", "PD": "a.u.",
-              "Ktrans": "/min", "ve": "1", "vp": "1", "kep": "/min"}
+MEAN_UNITS = {
+    "D": "mm2/s",
+    "K": "1",
+    "f": "1",
+    "Dstar": "mm2/s",
+    "T1_ms": "ms",
+    "T2_ms": "ms",
+    "PD": "a.u.",
+    "Ktrans": "/min",
+    "ve": "1",
+    "vp": "1",
+    "kep": "/min",
+}
 
 
-def _sample(anatomy: Anatomy, grid: Grid, to_body: NDArray[np.float64] | None) -> tuple[NDArray[np.int16], dict[str, NDArray[np.float64]]]:
+def _sample(
+    anatomy: Anatomy, grid: Grid, to_body: NDArray[np.float64] | None
+) -> tuple[NDArray[np.int16], dict[str, NDArray[np.float64]]]:
     pts = grid.points()
     if to_body is not None:
         pts = pts @ to_body[:3, :3].T + to_body[:3, 3]
@@ -354,20 +477,29 @@ def generate_patient(
     ident: tuple[object, ...] = (seed, scenario, vendor, size)
     if (contrast_agent, float(field_strength), vfa_series) != ("gadoterate", 3.0, False):
         # another declared acquisition is another patient (distinct UIDs)
-        ident = ident + (contrast_agent, float(field_strength),
-                         "vfa-series" if vfa_series else "vfa")
+        ident = ident + (
+            contrast_agent,
+            float(field_strength),
+            "vfa-series" if vfa_series else "vfa",
+        )
     if (diffusion_scheme, scanner_maps, non_image_objects) != ("standard", False, False):
-        ident = ident + (diffusion_scheme, "scanner-maps" if scanner_maps else "",
-                         "non-image-objects" if non_image_objects else "")
+        ident = ident + (
+            diffusion_scheme,
+            "scanner-maps" if scanner_maps else "",
+            "non-image-objects" if non_image_objects else "",
+        )
     rng = np.random.default_rng([seed, SCENARIOS.index(scenario)])
     # anatomy: treated vertebra centre in baseline scanner coordinates
     c0 = np.round(np.array([rng.uniform(-3, 3), rng.uniform(10, 40), rng.uniform(-40, 40)]), 2)
     level_index = int(rng.integers(2, len(VERTEBRAL_NAMES) - 2))
-    level_names = VERTEBRAL_NAMES[level_index - 2: level_index + 3]
+    level_names = VERTEBRAL_NAMES[level_index - 2 : level_index + 3]
     v0 = float(rng.uniform(5.0, 9.0))
     tumour0 = make_tumour(rng, c0, v0)
     jitter = {k: float(rng.uniform(0.92, 1.08)) for k in ("d", "k", "ktrans", "ve", "vp", "t1")}
-    base_params = {k: TISSUE_PARAMS["tumour"][k] * jitter.get(k, 1.0) for k in ("d", "k", "ktrans", "ve", "vp", "t1")}
+    base_params = {
+        k: TISSUE_PARAMS["tumour"][k] * jitter.get(k, 1.0)
+        for k in ("d", "k", "ktrans", "ve", "vp", "t1")
+    }
     texture_seed = int(rng.integers(0, 2**31))
     # dates
     base_date = dt.date(2024, 1, 8) + dt.timedelta(days=int(rng.integers(0, 540)))
@@ -384,8 +516,13 @@ def generate_patient(
         "PatientWeight": f"{rng.uniform(55, 95):.0f}",
         "IssuerOfPatientID": "SPINE-NODE-PHANTOM",
     }
-    anatomy0 = Anatomy(cast("tuple[float, float, float]", tuple(float(v) for v in c0)), tumour0,
-                       base_params, texture_seed, level_names)
+    anatomy0 = Anatomy(
+        cast("tuple[float, float, float]", tuple(float(v) for v in c0)),
+        tumour0,
+        base_params,
+        texture_seed,
+        level_names,
+    )
     studies: list[StudyData] = []
     noise_sigma: dict[str, float] = {}
     scales: dict[str, float] = {}
@@ -395,10 +532,18 @@ def generate_patient(
         days = FOLLOWUP_DAYS[n - 1]
         if n == 1 and scenario == "pseudoprogression":
             days = 84
-        visits.append((f"followup{n}", treatment_date + dt.timedelta(days=days), changes[min(n, len(changes)) - 1]))
+        visits.append(
+            (
+                f"followup{n}",
+                treatment_date + dt.timedelta(days=days),
+                changes[min(n, len(changes)) - 1],
+            )
+        )
     transforms: dict[str, dict[str, Any]] = {}
     for key, date, change in visits:
-        srng = np.random.default_rng([seed, SCENARIOS.index(scenario), VENDORS.index(vendor), len(studies), 7])
+        srng = np.random.default_rng(
+            [seed, SCENARIOS.index(scenario), VENDORS.index(vendor), len(studies), 7]
+        )
         if change is None:
             anatomy, to_body, rigid = anatomy0, None, None
             grid_centre = c0 + np.round(srng.uniform(-2, 2, 3), 1)
@@ -410,17 +555,37 @@ def generate_patient(
             rigid = _rigid(srng, c0)
             transforms[key] = rigid
             to_body = np.asarray(rigid["followup_to_baseline"])
-            grid_centre = np.asarray(rigid["baseline_to_followup"])[:3, :3] @ c0 + np.asarray(rigid["baseline_to_followup"])[:3, 3]
+            grid_centre = (
+                np.asarray(rigid["baseline_to_followup"])[:3, :3] @ c0
+                + np.asarray(rigid["baseline_to_followup"])[:3, 3]
+            )
             grid_centre = grid_centre + np.round(srng.uniform(-3, 3, 3), 1)
-        start = dt.datetime.combine(date, dt.time(8, 0)) + dt.timedelta(minutes=int(srng.integers(0, 540)))
-        study = _make_study(ident, key, date, start, anatomy, to_body, grid_centre, protocol, srng,
-                            noise_sigma, scales, contrast=contrast, vfa_series=vfa_series,
-                            scanner_maps=scanner_maps)
+        start = dt.datetime.combine(date, dt.time(8, 0)) + dt.timedelta(
+            minutes=int(srng.integers(0, 540))
+        )
+        study = _make_study(
+            ident,
+            key,
+            date,
+            start,
+            anatomy,
+            to_body,
+            grid_centre,
+            protocol,
+            srng,
+            noise_sigma,
+            scales,
+            contrast=contrast,
+            vfa_series=vfa_series,
+            scanner_maps=scanner_maps,
+        )
         study.truth["rigid_transform"] = rigid
         if change is not None:
             study.truth["expected_response"] = change["category"].value
             study.truth["days_since_treatment"] = (date - treatment_date).days
-            study.truth["scenario_multipliers"] = {k: v for k, v in change.items() if k != "category"}
+            study.truth["scenario_multipliers"] = {
+                k: v for k, v in change.items() if k != "category"
+            }
         else:
             study.truth["days_before_treatment"] = (treatment_date - date).days
         studies.append(study)
@@ -438,15 +603,34 @@ def generate_patient(
         "treated_level": level_names[2],
         "bed10_gy": fractions * (dose_gy / fractions) * (1 + (dose_gy / fractions) / 10.0),
     }
-    phantom = Phantom(seed, scenario, vendor, size, patient, studies, anatomy0, {},
-                      {"course": course}, contrast=contrast, vfa_series=vfa_series,
-                      diffusion_scheme=diffusion_scheme, non_image_objects=non_image_objects)
+    phantom = Phantom(
+        seed,
+        scenario,
+        vendor,
+        size,
+        patient,
+        studies,
+        anatomy0,
+        {},
+        {"course": course},
+        contrast=contrast,
+        vfa_series=vfa_series,
+        diffusion_scheme=diffusion_scheme,
+        non_image_objects=non_image_objects,
+    )
     from processing.phantom import rt
 
     rt_truth = rt.plan_rt(phantom, np.random.default_rng([seed, SCENARIOS.index(scenario), 99]))
     phantom.ground_truth = _ground_truth(phantom, protocol, rt_truth)
-    logger.debug("phantom seed %d (%s, %s, %s): %d studies, baseline study %s", seed, scenario, vendor, size,
-                 len(studies), studies[0].study_uid)
+    logger.debug(
+        "phantom seed %d (%s, %s, %s): %d studies, baseline study %s",
+        seed,
+        scenario,
+        vendor,
+        size,
+        len(studies),
+        studies[0].study_uid,
+    )
     return phantom
 
 
@@ -458,14 +642,18 @@ def _d_multiplier_for_adc(base: dict[str, float], adc_factor: float) -> float:
     f, ds = TISSUE_PARAMS["tumour"]["f"], TISSUE_PARAMS["tumour"]["dstar"]
 
     def adc(m: float) -> float:
-        sig = diffusion_attenuation(b[:, None], np.array([base["d"] * m]), np.array([base["k"]]), f, ds)
+        sig = diffusion_attenuation(
+            b[:, None], np.array([base["d"] * m]), np.array([base["k"]]), f, ds
+        )
         return float(loglinear_adc(b, sig)[0])
 
     target = adc(1.0) * adc_factor
     return float(brentq(lambda m: adc(m) - target, 0.3, 3.0, xtol=1e-10))
 
 
-def _changed_shape(tumour0: TumourShape, c0: NDArray[np.float64], v0: float, change: dict[str, Any]) -> TumourShape:
+def _changed_shape(
+    tumour0: TumourShape, c0: NDArray[np.float64], v0: float, change: dict[str, Any]
+) -> TumourShape:
     target = v0 * change["volume"]
     shape = tumour0.scaled(change["volume"])
     if not change["epidural"]:
@@ -480,11 +668,23 @@ def _changed_shape(tumour0: TumourShape, c0: NDArray[np.float64], v0: float, cha
     return tumour0.scaled(factor).with_epidural(ec, er)
 
 
-def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.datetime, anatomy: Anatomy,
-                to_body: NDArray[np.float64] | None, grid_centre: NDArray[np.float64], protocol: proto.Protocol,
-                rng: np.random.Generator, noise_sigma: dict[str, float], scales: dict[str, float], *,
-                contrast: dict[str, Any] | None = None, vfa_series: bool = False,
-                scanner_maps: bool = False) -> StudyData:
+def _make_study(
+    ident: tuple[object, ...],
+    key: str,
+    date: dt.date,
+    start: dt.datetime,
+    anatomy: Anatomy,
+    to_body: NDArray[np.float64] | None,
+    grid_centre: NDArray[np.float64],
+    protocol: proto.Protocol,
+    rng: np.random.Generator,
+    noise_sigma: dict[str, float],
+    scales: dict[str, float],
+    *,
+    contrast: dict[str, Any] | None = None,
+    vfa_series: bool = False,
+    scanner_maps: bool = False,
+) -> StudyData:
     contrast = contrast or proto.contrast_truth("gadoterate", proto.FIELD_STRENGTH_T)
     study_uid = phantom_uid(*ident, key, "study")
     for_uid = phantom_uid(*ident, key, "frame-of-reference")
@@ -500,8 +700,9 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             sampled[grid] = _sample(anatomy, grid, to_body)
         labels, params = sampled[grid]
         mask = labels == LABEL["tumour"]
-        signal, volumes, extra = _synthesise(sp, params, labels, protocol, t,
-                                             r1_per_mM_s=float(contrast["r1_per_mM_per_s"]))
+        signal, volumes, extra = _synthesise(
+            sp, params, labels, protocol, t, r1_per_mM_s=float(contrast["r1_per_mM_per_s"])
+        )
         # per-series scaling and noise fixed at baseline (same protocol -> same receiver settings)
         if nominal is not None:
             ref = _reference_signal(sp, nominal, protocol)
@@ -512,29 +713,50 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
         nrng = np.random.default_rng(rng.integers(0, 2**63))
         pixels = np.empty(signal.shape, dtype=np.uint16)
         for v in range(signal.shape[0]):  # volume by volume to bound memory
-            pixels[v] = _to_uint16(add_rician_noise(signal[v] * scales[sp.key], noise_sigma[sp.key], nrng))
+            pixels[v] = _to_uint16(
+                add_rician_noise(signal[v] * scales[sp.key], noise_sigma[sp.key], nrng)
+            )
         series_uid = phantom_uid(*ident, key, sp.key, "series")
         folder = f"series{sp.series_number:03d}"
         separate: list[dict[str, Any]] = []
         if sp.role == "vfa_t1" and vfa_series:
             # one series per flip angle: same grid, TR, sequence and scaling, own UID and number
             for v, meta in enumerate(volumes):
-                spv = dataclasses.replace(sp, series_number=VFA_SERIES_NUMBER + v + 1,
-                                          description=f"{sp.description} FA{meta['flip_deg']:g}",
-                                          flip_deg=float(meta["flip_deg"]))
+                spv = dataclasses.replace(
+                    sp,
+                    series_number=VFA_SERIES_NUMBER + v + 1,
+                    description=f"{sp.description} FA{meta['flip_deg']:g}",
+                    flip_deg=float(meta["flip_deg"]),
+                )
                 uid_v = phantom_uid(*ident, key, sp.key, "series", v)
                 folder_v = f"series{spv.series_number:03d}"
-                sdv = SeriesData(sp.role, spv, grid, uid_v, folder_v, pixels[v:v + 1],
-                                 [{**meta, "time_s": 0.0}],
-                                 t + dt.timedelta(seconds=float(meta["time_s"])))
+                sdv = SeriesData(
+                    sp.role,
+                    spv,
+                    grid,
+                    uid_v,
+                    folder_v,
+                    pixels[v : v + 1],
+                    [{**meta, "time_s": 0.0}],
+                    t + dt.timedelta(seconds=float(meta["time_s"])),
+                )
                 sdv.sop_uids = [[phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])]]
                 series_list.append(sdv)
-                separate.append({"SeriesInstanceUID": uid_v, "SeriesNumber": spv.series_number,
-                                 "folder": folder_v, "flip_deg": float(meta["flip_deg"])})
+                separate.append(
+                    {
+                        "SeriesInstanceUID": uid_v,
+                        "SeriesNumber": spv.series_number,
+                        "folder": folder_v,
+                        "flip_deg": float(meta["flip_deg"]),
+                    }
+                )
             series_uid, folder = separate[0]["SeriesInstanceUID"], separate[0]["folder"]
         else:
             sd = SeriesData(sp.role, sp, grid, series_uid, folder, pixels, volumes, t)
-            sd.sop_uids = [[phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])] for v in range(len(volumes))]
+            sd.sop_uids = [
+                [phantom_uid(*ident, key, sp.key, v, k) for k in range(sp.size[2])]
+                for v in range(len(volumes))
+            ]
             series_list.append(sd)
         duration = volumes[-1]["time_s"] + 10.0
         t = t + dt.timedelta(seconds=int(duration) + 60)
@@ -562,9 +784,17 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
             tumour_truth["volume_ml_voxels_t2w"] = float(mask.sum() * np.prod(sp.spacing) / 1000.0)
     if scanner_maps:
         signal, mask = dwi_noiseless
-        for sd, series_truth in _scanner_series(ident, key, dwi_series, signal, mask, protocol,
-                                                scales["dwi"], noise_sigma["dwi"],
-                                                tumour_truth):
+        for sd, series_truth in _scanner_series(
+            ident,
+            key,
+            dwi_series,
+            signal,
+            mask,
+            protocol,
+            scales["dwi"],
+            noise_sigma["dwi"],
+            tumour_truth,
+        ):
             series_list.append(sd)
             truth_series[series_truth.pop("key")] = series_truth
     means = {}
@@ -578,13 +808,17 @@ def _make_study(ident: tuple[object, ...], key: str, date: dt.date, start: dt.da
         means[q] = by["dce"][q]
     tumour_truth["means"] = means
     tumour_truth["mean_units"] = MEAN_UNITS
-    tumour_truth["means_note"] = ("means over the voxels whose centre is inside the tumour on the grid of "
-                                  "the series that measures the quantity (D, K, f, Dstar: dwi; T1: vfa_t1; "
-                                  "Ktrans, ve, vp, kep: dce; T2, PD: t2w); means_by_series gives every "
-                                  "quantity on every grid")
+    tumour_truth["means_note"] = (
+        "means over the voxels whose centre is inside the tumour on the grid of "
+        "the series that measures the quantity (D, K, f, Dstar: dwi; T1: vfa_t1; "
+        "Ktrans, ve, vp, kep: dce; T2, PD: t2w); means_by_series gives every "
+        "quantity on every grid"
+    )
     tumour_truth["volume_ml_continuous"] = continuous_volume_ml(anatomy.tumour)
     tumour_truth["epidural_volume_ml"] = epidural_volume_ml(anatomy.tumour)
-    tumour_truth.update(tumour_diameters_mm(anatomy.tumour, None if to_body is None else np.linalg.inv(to_body)))
+    tumour_truth.update(
+        tumour_diameters_mm(anatomy.tumour, None if to_body is None else np.linalg.inv(to_body))
+    )
     tumour_truth["shape"] = anatomy.tumour.to_dict()
     tumour_truth["nominal_parameters"] = _nominal_tumour(anatomy)
     truth = {
@@ -615,10 +849,17 @@ def _geometric_mean(images: NDArray[Any]) -> NDArray[np.float64]:
     return out
 
 
-def _scanner_series(ident: tuple[object, ...], key: str, dwi: SeriesData,
-                    signal: NDArray[np.floating], mask: NDArray[np.bool_], protocol: proto.Protocol,
-                    scale: float, sigma: float, tumour_truth: dict[str, Any]
-                    ) -> list[tuple[SeriesData, dict[str, Any]]]:
+def _scanner_series(
+    ident: tuple[object, ...],
+    key: str,
+    dwi: SeriesData,
+    signal: NDArray[np.floating],
+    mask: NDArray[np.bool_],
+    protocol: proto.Protocol,
+    scale: float,
+    sigma: float,
+    tumour_truth: dict[str, Any],
+) -> list[tuple[SeriesData, dict[str, Any]]]:
     """The scanner's TRACEW and ADC series derived from one DWI series, with their truth.
 
     TRACEW: the b = 0 image and, at :data:`protocol.SCANNER_TRACE_B`, the geometric mean over the
@@ -634,16 +875,35 @@ def _scanner_series(ident: tuple[object, ...], key: str, dwi: SeriesData,
     b0 = int(np.flatnonzero(bvals == 0.0)[0])
     high = np.flatnonzero(bvals == b_trace)
     trace_pixels = np.stack([dwi.pixels[b0], _to_uint16(_geometric_mean(dwi.pixels[high]))])
-    sp_t = dataclasses.replace(dwi.protocol, series_number=TRACEW_SERIES_NUMBER,
-                               description=f"{dwi.protocol.description}_TRACEW")
-    vols_t = [{"b": float(bvals[i]), "gradient": [0.0, 0.0, 0.0], "isotropic": True,
-               "time_s": float(dwi.volumes[i]["time_s"])} for i in (b0, int(high[0]))]
-    trace = SeriesData("dwi", sp_t, dwi.grid, phantom_uid(*ident, key, "dwi_trace", "series"),
-                       f"series{TRACEW_SERIES_NUMBER:03d}", trace_pixels, vols_t, dwi.start,
-                       derived="TRACEW")
+    sp_t = dataclasses.replace(
+        dwi.protocol,
+        series_number=TRACEW_SERIES_NUMBER,
+        description=f"{dwi.protocol.description}_TRACEW",
+    )
+    vols_t = [
+        {
+            "b": float(bvals[i]),
+            "gradient": [0.0, 0.0, 0.0],
+            "isotropic": True,
+            "time_s": float(dwi.volumes[i]["time_s"]),
+        }
+        for i in (b0, int(high[0]))
+    ]
+    trace = SeriesData(
+        "dwi",
+        sp_t,
+        dwi.grid,
+        phantom_uid(*ident, key, "dwi_trace", "series"),
+        f"series{TRACEW_SERIES_NUMBER:03d}",
+        trace_pixels,
+        vols_t,
+        dwi.start,
+        derived="TRACEW",
+    )
     nz = dwi.grid.size[2]
-    trace.sop_uids = [[phantom_uid(*ident, key, "dwi_trace", v, k) for k in range(nz)]
-                      for v in range(2)]
+    trace.sop_uids = [
+        [phantom_uid(*ident, key, "dwi_trace", v, k) for k in range(nz)] for v in range(2)
+    ]
 
     used = np.asarray(proto.SCANNER_ADC_BVALUES[scheme])
     counts = np.stack([_geometric_mean(signal[bvals == b] * scale) for b in used])
@@ -651,14 +911,29 @@ def _scanner_series(ident: tuple[object, ...], key: str, dwi: SeriesData,
     adc = np.zeros(valid.shape)
     adc[valid] = loglinear_adc(used, counts[:, valid])
     stored = _to_uint16(adc * 1e6)
-    sp_a = dataclasses.replace(dwi.protocol, series_number=ADC_SERIES_NUMBER,
-                               description=f"{dwi.protocol.description}_ADC")
-    vols_a = [{"b": float(used.max()), "gradient": [0.0, 0.0, 0.0], "isotropic": True,
-               "time_s": 0.0, "sequence_name": f"ep_b{int(used.min())}_{int(used.max())}"}]
-    adc_series = SeriesData("dwi", sp_a, dwi.grid,
-                            phantom_uid(*ident, key, "adc_scanner", "series"),
-                            f"series{ADC_SERIES_NUMBER:03d}", stored[None], vols_a, dwi.start,
-                            derived="ADC")
+    sp_a = dataclasses.replace(
+        dwi.protocol, series_number=ADC_SERIES_NUMBER, description=f"{dwi.protocol.description}_ADC"
+    )
+    vols_a = [
+        {
+            "b": float(used.max()),
+            "gradient": [0.0, 0.0, 0.0],
+            "isotropic": True,
+            "time_s": 0.0,
+            "sequence_name": f"ep_b{int(used.min())}_{int(used.max())}",
+        }
+    ]
+    adc_series = SeriesData(
+        "dwi",
+        sp_a,
+        dwi.grid,
+        phantom_uid(*ident, key, "adc_scanner", "series"),
+        f"series{ADC_SERIES_NUMBER:03d}",
+        stored[None],
+        vols_a,
+        dwi.start,
+        derived="ADC",
+    )
     adc_series.sop_uids = [[phantom_uid(*ident, key, "adc_scanner", 0, k) for k in range(nz)]]
 
     values = stored.astype(np.float64) * 1e-6
@@ -678,8 +953,10 @@ def _scanner_series(ident: tuple[object, ...], key: str, dwi: SeriesData,
         fit = np.full(tissue.shape, np.nan)
         fit[ok] = loglinear_adc(b, sig[:, ok])
         rel = fit / np.where(tissue, values, np.nan) - 1.0
-        expected[name] = {"tumour_median_relative_difference": float(np.nanmedian(rel[tumour])),
-                          "tissue_median_relative_difference": float(np.nanmedian(rel[ok]))}
+        expected[name] = {
+            "tumour_median_relative_difference": float(np.nanmedian(rel[tumour])),
+            "tissue_median_relative_difference": float(np.nanmedian(rel[ok])),
+        }
     tumour_truth["scanner_adc"] = {
         "bvalues_used": used.tolist(),
         "fit": "ordinary least squares of ln S on b per voxel, noiseless direction-averaged signal",
@@ -688,40 +965,78 @@ def _scanner_series(ident: tuple[object, ...], key: str, dwi: SeriesData,
         "tumour_mean_mm2_s": float(values[tumour].mean()),
         "tumour_median_mm2_s": float(np.median(values[tumour])),
         "tissue_median_mm2_s": float(np.median(values[tissue])),
-        "tumour_voxels": int(tumour.sum()), "tissue_voxels": int(tissue.sum()),
+        "tumour_voxels": int(tumour.sum()),
+        "tissue_voxels": int(tissue.sum()),
         "expected_node_vs_scanner": expected,
-        "expected_note": ("per b subset: median over voxels of (noiseless OLS ADC over that "
-                          "subset) / (stored scanner ADC) - 1, in the tumour and over every voxel "
-                          "the scanner map covers; what an ADC QA fitting that subset should find, "
-                          "up to noise"),
+        "expected_note": (
+            "per b subset: median over voxels of (noiseless OLS ADC over that "
+            "subset) / (stored scanner ADC) - 1, in the tumour and over every voxel "
+            "the scanner map covers; what an ADC QA fitting that subset should find, "
+            "up to noise"
+        ),
     }
-    common = {"geometry": dwi.grid.as_dict(), "number_of_files": None,
-              "derived_from": dwi.series_uid}
+    common = {
+        "geometry": dwi.grid.as_dict(),
+        "number_of_files": None,
+        "derived_from": dwi.series_uid,
+    }
     out = []
     for sd, role, name, extra in (
-            (trace, "trace", "dwi_trace",
-             {"bvalues": [0.0, b_trace],
-              "combination": (f"b {b_trace:g}: geometric mean of the {high.size} stored "
-                              "directional images, rounded; b 0: the acquired b = 0 image")}),
-            (adc_series, "adc_map", "adc_scanner",
-             {"bvalues_used": used.tolist(), "stored_unit": "1e-6 mm2/s"})):
-        out.append((sd, {"key": name, "SeriesInstanceUID": sd.series_uid,
-                         "SeriesNumber": sd.protocol.series_number, "folder": sd.folder,
-                         "role": role, **common,
-                         "number_of_files": len(sd.volumes) * nz, **extra}))
+        (
+            trace,
+            "trace",
+            "dwi_trace",
+            {
+                "bvalues": [0.0, b_trace],
+                "combination": (
+                    f"b {b_trace:g}: geometric mean of the {high.size} stored "
+                    "directional images, rounded; b 0: the acquired b = 0 image"
+                ),
+            },
+        ),
+        (
+            adc_series,
+            "adc_map",
+            "adc_scanner",
+            {"bvalues_used": used.tolist(), "stored_unit": "1e-6 mm2/s"},
+        ),
+    ):
+        out.append(
+            (
+                sd,
+                {
+                    "key": name,
+                    "SeriesInstanceUID": sd.series_uid,
+                    "SeriesNumber": sd.protocol.series_number,
+                    "folder": sd.folder,
+                    "role": role,
+                    **common,
+                    "number_of_files": len(sd.volumes) * nz,
+                    **extra,
+                },
+            )
+        )
     return out
 
 
-def _reference_signal(sp: proto.SeriesProtocol, p: dict[str, float], protocol: proto.Protocol) -> float:
+def _reference_signal(
+    sp: proto.SeriesProtocol, p: dict[str, float], protocol: proto.Protocol
+) -> float:
     """Noiseless signal of the nominal tumour in this series (b = 0 / pre-contrast / DCE flip)."""
     one = {k: np.array([v], dtype=np.float64) for k, v in p.items()}
     lab = np.array([LABEL["tumour"]], dtype=np.int16)
     if sp.role in ("vfa_t1", "dce"):
-        return float(spgr_signal(one["pd"], 1000.0 / one["t1"], flip_deg=sp.flip_deg, tr_s=sp.tr_ms / 1000.0)[0])
+        return float(
+            spgr_signal(
+                one["pd"], 1000.0 / one["t1"], flip_deg=sp.flip_deg, tr_s=sp.tr_ms / 1000.0
+            )[0]
+        )
     return float(_weighted(sp, one, lab)[0])
 
 
-def _weighted(sp: proto.SeriesProtocol, p: dict[str, NDArray[np.float64]], labels: NDArray[np.int16]) -> NDArray[np.float64]:
+def _weighted(
+    sp: proto.SeriesProtocol, p: dict[str, NDArray[np.float64]], labels: NDArray[np.int16]
+) -> NDArray[np.float64]:
     """Spin-echo family signal (T2w/T1w: PD·(1−e^{−TR/T1})·e^{−TE/T2}; STIR adds the inversion)."""
     t1, t2 = p["t1"], p["t2"]
     if sp.ti_ms is not None:
@@ -734,10 +1049,15 @@ def _weighted(sp: proto.SeriesProtocol, p: dict[str, NDArray[np.float64]], label
     return s
 
 
-def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]], labels: NDArray[np.int16],
-                protocol: proto.Protocol, start: dt.datetime, *,
-                r1_per_mM_s: float = proto.R1_PER_MM_PER_S,
-                ) -> tuple[NDArray[np.floating[Any]], list[dict[str, Any]], dict[str, Any]]:
+def _synthesise(
+    sp: proto.SeriesProtocol,
+    params: dict[str, NDArray[np.float64]],
+    labels: NDArray[np.int16],
+    protocol: proto.Protocol,
+    start: dt.datetime,
+    *,
+    r1_per_mM_s: float = proto.R1_PER_MM_PER_S,
+) -> tuple[NDArray[np.floating[Any]], list[dict[str, Any]], dict[str, Any]]:
     """Noiseless signal (V, k, j, i) and per-volume metadata of one series."""
     extra: dict[str, Any] = {}
     if sp.role in ("t2w", "t1w", "stir"):
@@ -749,15 +1069,25 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
         meta: list[dict[str, Any]] = []
         seen: dict[float, int] = {}
         for v, (b, g) in enumerate(vols):
-            out[v] = s0 * diffusion_attenuation(b, params["d"], params["k"], params["f"], params["dstar"])
+            out[v] = s0 * diffusion_attenuation(
+                b, params["d"], params["k"], params["f"], params["dstar"]
+            )
             seen[b] = seen.get(b, 0) + 1
-            meta.append({"b": b, "gradient": [float(x) for x in g], "gradient_number": seen[b],
-                         "time_s": v * sp.tr_ms / 1000.0})
+            meta.append(
+                {
+                    "b": b,
+                    "gradient": [float(x) for x in g],
+                    "gradient_number": seen[b],
+                    "time_s": v * sp.tr_ms / 1000.0,
+                }
+            )
         return out, meta, extra
     r10 = 1000.0 / params["t1"]
     tr_s = sp.tr_ms / 1000.0
     if sp.role == "vfa_t1":
-        out = np.stack([spgr_signal(params["pd"], r10, flip_deg=a, tr_s=tr_s) for a in protocol.vfa_flip_deg])
+        out = np.stack(
+            [spgr_signal(params["pd"], r10, flip_deg=a, tr_s=tr_s) for a in protocol.vfa_flip_deg]
+        )
         meta = [{"flip_deg": a, "time_s": 20.0 * i} for i, a in enumerate(protocol.vfa_flip_deg)]
         return out, meta, extra
     if sp.role == "dce":
@@ -774,12 +1104,19 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
             conc = np.zeros((t.size, r10_flat[sl].size))
             perfused = (flat["ktrans"][sl] > 0) | (flat["vp"][sl] > 0)
             if perfused.any():
-                conc[:, perfused] = extended_tofts(t, flat["ktrans"][sl][perfused], flat["ve"][sl][perfused],
-                                                   flat["vp"][sl][perfused], bolus_arrival_s=proto.BOLUS_ARRIVAL_S,
-                                                   hct=proto.HCT)
+                conc[:, perfused] = extended_tofts(
+                    t,
+                    flat["ktrans"][sl][perfused],
+                    flat["ve"][sl][perfused],
+                    flat["vp"][sl][perfused],
+                    bolus_arrival_s=proto.BOLUS_ARRIVAL_S,
+                    hct=proto.HCT,
+                )
             conc[:, blood[sl]] = cb[:, None]
             r1 = (r10_flat[sl][None, :] + r1_per_mM_s * conc).astype(np.float32)
-            out[:, sl] = spgr_signal(flat["pd"][sl].astype(np.float32)[None, :], r1, flip_deg=sp.flip_deg, tr_s=tr_s)
+            out[:, sl] = spgr_signal(
+                flat["pd"][sl].astype(np.float32)[None, :], r1, flip_deg=sp.flip_deg, tr_s=tr_s
+            )
         out = out.reshape((t.size,) + shape)
         meta = [{"time_s": float(ti), "temporal_position": n + 1} for n, ti in enumerate(t)]
         extra["aif_whole_blood_mM"] = [float(v) for v in cb]
@@ -788,12 +1125,20 @@ def _synthesise(sp: proto.SeriesProtocol, params: dict[str, NDArray[np.float64]]
     raise ValueError(f"no signal model for role {sp.role!r}")
 
 
-def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volumes: list[dict[str, Any]],
-                       contrast: dict[str, Any]) -> dict[str, Any]:
+def _acquisition_truth(
+    sp: proto.SeriesProtocol,
+    protocol: proto.Protocol,
+    volumes: list[dict[str, Any]],
+    contrast: dict[str, Any],
+) -> dict[str, Any]:
     acq: dict[str, Any] = {
-        "RepetitionTime_ms": sp.tr_ms, "EchoTime_ms": sp.te_ms, "FlipAngle_deg": sp.flip_deg,
-        "InversionTime_ms": sp.ti_ms, "MagneticFieldStrength_T": contrast["field_strength_t"],
-        "MRAcquisitionType": sp.acquisition_type, "ScanningSequence": list(sp.scanning_sequence),
+        "RepetitionTime_ms": sp.tr_ms,
+        "EchoTime_ms": sp.te_ms,
+        "FlipAngle_deg": sp.flip_deg,
+        "InversionTime_ms": sp.ti_ms,
+        "MagneticFieldStrength_T": contrast["field_strength_t"],
+        "MRAcquisitionType": sp.acquisition_type,
+        "ScanningSequence": list(sp.scanning_sequence),
         "snr_tumour": sp.snr,
     }
     if sp.role == "dwi":
@@ -804,23 +1149,34 @@ def _acquisition_truth(sp: proto.SeriesProtocol, protocol: proto.Protocol, volum
     if sp.role == "vfa_t1":
         acq["flip_angles_deg"] = list(protocol.vfa_flip_deg)
     if sp.role == "dce":
-        acq.update({
-            "temporal_resolution_s": protocol.dce_dt_s, "number_of_temporal_positions": protocol.dce_frames,
-            "bolus_arrival_s": proto.BOLUS_ARRIVAL_S, "injection_start_s": proto.BOLUS_ARRIVAL_S - 10.0,
-            "contrast_agent": contrast["agent_text"],
-            "dose_mmol_per_kg": contrast["dose_mmol_per_kg"],
-            "r1_per_mM_per_s": contrast["r1_per_mM_per_s"], "r1_source": contrast["r1_source"],
-            "hct": proto.HCT,
-            "aif": {"model": "Parker 2006 population AIF, whole blood, evaluated at (t - bolus_arrival_s)/60 min",
-                    "plasma": "Cp = Cb / (1 - hct)", "tissue_model": "extended Tofts",
+        acq.update(
+            {
+                "temporal_resolution_s": protocol.dce_dt_s,
+                "number_of_temporal_positions": protocol.dce_frames,
+                "bolus_arrival_s": proto.BOLUS_ARRIVAL_S,
+                "injection_start_s": proto.BOLUS_ARRIVAL_S - 10.0,
+                "contrast_agent": contrast["agent_text"],
+                "dose_mmol_per_kg": contrast["dose_mmol_per_kg"],
+                "r1_per_mM_per_s": contrast["r1_per_mM_per_s"],
+                "r1_source": contrast["r1_source"],
+                "hct": proto.HCT,
+                "aif": {
+                    "model": "Parker 2006 population AIF, whole blood, evaluated at (t - bolus_arrival_s)/60 min",
+                    "plasma": "Cp = Cb / (1 - hct)",
+                    "tissue_model": "extended Tofts",
                     "signal_model": "SPGR with R1 = R10 + r1*C, R10 = 1/T10 of each tissue",
-                    "aorta": "blood voxels carry C = Cb (whole blood)"},
-        })
+                    "aorta": "blood voxels carry C = Cb (whole blood)",
+                },
+            }
+        )
     return acq
 
 
-def _diffusion_truth(params: dict[str, NDArray[np.float64]], mask: NDArray[np.bool_],
-                     protocol: proto.Protocol | None = None) -> dict[str, Any]:
+def _diffusion_truth(
+    params: dict[str, NDArray[np.float64]],
+    mask: NDArray[np.bool_],
+    protocol: proto.Protocol | None = None,
+) -> dict[str, Any]:
     """Exact mono-exponential ADC per b subset and apparent kurtosis per subset (noiseless, tumour)."""
     d, k, f, ds = (params[n][mask] for n in ("d", "k", "f", "dstar"))
     adc = {}
@@ -836,25 +1192,38 @@ def _diffusion_truth(params: dict[str, NDArray[np.float64]], mask: NDArray[np.bo
         b = np.asarray(bset)
         sig = np.stack([diffusion_attenuation(bi, d, k, f, ds) for bi in b])
         dapp, kapp = kurtosis_ols(b, sig)
-        kurt[name] = {"bvalues": list(bset), "D_mm2_s": float(np.mean(dapp)), "K": float(np.mean(kapp))}
+        kurt[name] = {
+            "bvalues": list(bset),
+            "D_mm2_s": float(np.mean(dapp)),
+            "K": float(np.mean(kapp)),
+        }
     return {
         "adc_by_bvalues": adc,
         "kurtosis_by_bvalues": kurt,
         "dki_tensor_fit_noiseless": _dipy_dki_truth(d, k, f, ds),
-        "diffusion_note": ("signal S(b)/S0 = f exp(-b D*) + (1-f) exp(-b D + b^2 D^2 K/6), isotropic; ADC truth = "
-                           "mean over tumour voxels of the per-voxel OLS log-linear ADC of the noiseless "
-                           "direction-averaged signal over the listed b-values"),
+        "diffusion_note": (
+            "signal S(b)/S0 = f exp(-b D*) + (1-f) exp(-b D + b^2 D^2 K/6), isotropic; ADC truth = "
+            "mean over tumour voxels of the per-voxel OLS log-linear ADC of the noiseless "
+            "direction-averaged signal over the listed b-values"
+        ),
     }
 
 
 #: protocol subsets for the noiseless dipy DKI truth: every b-value, b0 with the shells >= 400,
 #: and the shells >= 400 without b0 (perfusion-free)
-DKI_SUBSETS: dict[str, tuple[float, float]] = {"all": (0.0, 2000.0), "b0+b400-2000": (400.0, 2000.0),
-                                               "b400-2000": (400.0, 2000.0)}
+DKI_SUBSETS: dict[str, tuple[float, float]] = {
+    "all": (0.0, 2000.0),
+    "b0+b400-2000": (400.0, 2000.0),
+    "b400-2000": (400.0, 2000.0),
+}
 
 
-def _dipy_dki_truth(d: NDArray[np.float64], k: NDArray[np.float64], f: NDArray[np.float64],
-                    dstar: NDArray[np.float64]) -> dict[str, Any]:
+def _dipy_dki_truth(
+    d: NDArray[np.float64],
+    k: NDArray[np.float64],
+    f: NDArray[np.float64],
+    dstar: NDArray[np.float64],
+) -> dict[str, Any]:
     """Tumour-mean MK and MD that dipy's DKI model (default WLS) returns on the noiseless signal.
 
     With IVIM perfusion in the signal the tensor fit over all b-values is biased away from K;
@@ -878,15 +1247,27 @@ def _dipy_dki_truth(d: NDArray[np.float64], k: NDArray[np.float64], f: NDArray[n
         signal = np.stack([diffusion_attenuation(bi, d, k, f, dstar) for bi in b], axis=1) * 1000.0
         gtab = gradient_table(b, bvecs=bvecs[sel], b0_threshold=min(50.0, float(b.min())))
         fit = dki.DiffusionKurtosisModel(gtab).fit(signal)
-        out[name] = {"bvalues": sorted({float(x) for x in b}), "MK": float(np.mean(fit.mk(min_kurtosis=0, max_kurtosis=10))),
-                     "MD_mm2_s": float(np.mean(fit.md)), "fit": "dipy DiffusionKurtosisModel, default (WLS)"}
+        out[name] = {
+            "bvalues": sorted({float(x) for x in b}),
+            "MK": float(np.mean(fit.mk(min_kurtosis=0, max_kurtosis=10))),
+            "MD_mm2_s": float(np.mean(fit.md)),
+            "fit": "dipy DiffusionKurtosisModel, default (WLS)",
+        }
     return out
 
 
-def _ground_truth(ph: Phantom, protocol: proto.Protocol, rt_truth: dict[str, Any]) -> dict[str, Any]:
+def _ground_truth(
+    ph: Phantom, protocol: proto.Protocol, rt_truth: dict[str, Any]
+) -> dict[str, Any]:
     gt: dict[str, Any] = {
-        "generator": {"name": "spine-node phantom", "seed": ph.seed, "scenario": ph.scenario, "vendor": ph.vendor,
-                      "size": ph.size, "followups": len(ph.studies) - 1},
+        "generator": {
+            "name": "spine-node phantom",
+            "seed": ph.seed,
+            "scenario": ph.scenario,
+            "vendor": ph.vendor,
+            "size": ph.size,
+            "followups": len(ph.studies) - 1,
+        },
         "patient": ph.patient,
         "course": ph.rt["course"] | rt_truth,
         "treated_level": ph.anatomy.level_names[2],
@@ -909,12 +1290,24 @@ def _ground_truth(ph: Phantom, protocol: proto.Protocol, rt_truth: dict[str, Any
         nz = dwi.grid.size[2]
         for v, meta in enumerate(dwi.volumes):
             for k in range(nz):
-                files.append({"file": f"{study.key}/{dwi.folder}/{v * nz + k + 1:05d}.dcm", "b": meta["b"],
-                              "gradient_lps": meta["gradient"]})
+                files.append(
+                    {
+                        "file": f"{study.key}/{dwi.folder}/{v * nz + k + 1:05d}.dcm",
+                        "b": meta["b"],
+                        "gradient_lps": meta["gradient"],
+                    }
+                )
         if ph.vendor == "enhanced":
-            files = [{"file": f"{study.key}/{dwi.folder}/00001.dcm", "frames": [
-                {"frame": v * nz + k + 1, "b": m["b"], "gradient_lps": m["gradient"]}
-                for v, m in enumerate(dwi.volumes) for k in range(nz)]}]
+            files = [
+                {
+                    "file": f"{study.key}/{dwi.folder}/00001.dcm",
+                    "frames": [
+                        {"frame": v * nz + k + 1, "b": m["b"], "gradient_lps": m["gradient"]}
+                        for v, m in enumerate(dwi.volumes)
+                        for k in range(nz)
+                    ],
+                }
+            ]
         gt["dwi_files"][study.key] = files
     baseline = gt["studies"]["baseline"]["tumour"]
     for key, st in gt["studies"].items():
@@ -923,8 +1316,12 @@ def _ground_truth(ph: Phantom, protocol: proto.Protocol, rt_truth: dict[str, Any
         tum = st["tumour"]
         st["change_from_baseline"] = {
             "volume_relative": tum["volume_ml_continuous"] / baseline["volume_ml_continuous"] - 1.0,
-            **{f"{q}_relative": tum["means"][q] / baseline["means"][q] - 1.0 for q in ("D", "Ktrans", "vp", "ve")},
+            **{
+                f"{q}_relative": tum["means"][q] / baseline["means"][q] - 1.0
+                for q in ("D", "Ktrans", "vp", "ve")
+            },
             "adc_b50-1000_relative": tum["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
-            / baseline["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"] - 1.0,
+            / baseline["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
+            - 1.0,
         }
     return gt

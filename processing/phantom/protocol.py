@@ -50,18 +50,34 @@ class ContrastAgent:
 
 
 #: agents the phantom declares (``--contrast-agent``), by generic name
-CONTRAST_AGENTS: dict[str, ContrastAgent] = {a.generic: a for a in (
-    ContrastAgent("gadoterate", CONTRAST_AGENT, "GadoterateMeglumine", 0.5),
-    ContrastAgent("gadobutrol", "Gadobutrol (Gadovist) 1.0 mmol/mL", "Gadobutrol", 1.0),
-    ContrastAgent("gadoteridol", "Gadoteridol (ProHance) 0.5 mmol/mL", "Gadoteridol", 0.5),
-    ContrastAgent("gadobenate", "Gadobenate dimeglumine (MultiHance) 0.5 mmol/mL",
-                  "GadobenateDimeglumine", 0.5),
-    ContrastAgent("gadopentetate", "Gadopentetate dimeglumine (Magnevist) 0.5 mmol/mL",
-                  "GadopentetateDimeglumine", 0.5),
-    ContrastAgent("gadodiamide", "Gadodiamide (Omniscan) 0.5 mmol/mL", "Gadodiamide", 0.5),
-    ContrastAgent("gadoxetate", "Gadoxetate disodium (Primovist) 0.25 mmol/mL",
-                  "GadoxetateDisodium", 0.25, dose_mmol_per_kg=0.025),
-)}
+CONTRAST_AGENTS: dict[str, ContrastAgent] = {
+    a.generic: a
+    for a in (
+        ContrastAgent("gadoterate", CONTRAST_AGENT, "GadoterateMeglumine", 0.5),
+        ContrastAgent("gadobutrol", "Gadobutrol (Gadovist) 1.0 mmol/mL", "Gadobutrol", 1.0),
+        ContrastAgent("gadoteridol", "Gadoteridol (ProHance) 0.5 mmol/mL", "Gadoteridol", 0.5),
+        ContrastAgent(
+            "gadobenate",
+            "Gadobenate dimeglumine (MultiHance) 0.5 mmol/mL",
+            "GadobenateDimeglumine",
+            0.5,
+        ),
+        ContrastAgent(
+            "gadopentetate",
+            "Gadopentetate dimeglumine (Magnevist) 0.5 mmol/mL",
+            "GadopentetateDimeglumine",
+            0.5,
+        ),
+        ContrastAgent("gadodiamide", "Gadodiamide (Omniscan) 0.5 mmol/mL", "Gadodiamide", 0.5),
+        ContrastAgent(
+            "gadoxetate",
+            "Gadoxetate disodium (Primovist) 0.25 mmol/mL",
+            "GadoxetateDisodium",
+            0.25,
+            dose_mmol_per_kg=0.025,
+        ),
+    )
+}
 
 
 def contrast_truth(agent: str, field_strength_t: float) -> dict[str, Any]:
@@ -69,34 +85,52 @@ def contrast_truth(agent: str, field_strength_t: float) -> dict[str, Any]:
     from processing.relaxivity import R1_PLASMA_ROHRER_2005
 
     if agent not in CONTRAST_AGENTS:
-        raise ValueError(f"unknown phantom contrast agent {agent!r}; choose one of "
-                         f"{sorted(CONTRAST_AGENTS)}")
+        raise ValueError(
+            f"unknown phantom contrast agent {agent!r}; choose one of {sorted(CONTRAST_AGENTS)}"
+        )
     if float(field_strength_t) not in FIELD_STRENGTHS_T:
-        raise ValueError(f"phantom field strength must be one of {FIELD_STRENGTHS_T} T, "
-                         f"got {field_strength_t}")
+        raise ValueError(
+            f"phantom field strength must be one of {FIELD_STRENGTHS_T} T, got {field_strength_t}"
+        )
     a = CONTRAST_AGENTS[agent]
-    return {"generic": a.generic, "agent_text": a.agent_text, "sct": a.sct,
-            "mmol_per_ml": a.mmol_per_ml, "dose_mmol_per_kg": a.dose_mmol_per_kg,
-            "gadolinium_mg_per_ml": a.gadolinium_mg_per_ml,
-            "field_strength_t": float(field_strength_t),
-            "r1_per_mM_per_s": R1_PLASMA_ROHRER_2005[agent][float(field_strength_t)],
-            "r1_source": "Rohrer et al. Invest Radiol 2005;40:715-724, plasma 37 °C"}
+    return {
+        "generic": a.generic,
+        "agent_text": a.agent_text,
+        "sct": a.sct,
+        "mmol_per_ml": a.mmol_per_ml,
+        "dose_mmol_per_kg": a.dose_mmol_per_kg,
+        "gadolinium_mg_per_ml": a.gadolinium_mg_per_ml,
+        "field_strength_t": float(field_strength_t),
+        "r1_per_mM_per_s": R1_PLASMA_ROHRER_2005[agent][float(field_strength_t)],
+        "r1_source": "Rohrer et al. Invest Radiol 2005;40:715-724, plasma 37 °C",
+    }
 
 
 #: DWI b-values (s/mm²) and number of directions per shell
 DWI_SHELLS: tuple[tuple[float, int], ...] = (
-    (0.0, 1), (50.0, 3), (100.0, 3), (400.0, 3), (800.0, 3), (1000.0, 15), (1500.0, 3), (2000.0, 15),
+    (0.0, 1),
+    (50.0, 3),
+    (100.0, 3),
+    (400.0, 3),
+    (800.0, 3),
+    (1000.0, 15),
+    (1500.0, 3),
+    (2000.0, 15),
 )
 #: two-point high-b body protocol (Canon/Siemens body DWI): b 0 and one b 1500 shell, 3 directions
 TWO_POINT_SHELLS: tuple[tuple[float, int], ...] = ((0.0, 1), (1500.0, 3))
 #: diffusion schemes the phantom can acquire (``--diffusion-scheme``)
 DIFFUSION_SCHEMES: dict[str, tuple[tuple[float, int], ...]] = {
-    "standard": DWI_SHELLS, "two-point": TWO_POINT_SHELLS}
+    "standard": DWI_SHELLS,
+    "two-point": TWO_POINT_SHELLS,
+}
 #: b-values (s/mm²) over which the phantom's scanner computes its ADC series, per scheme
 #: (``--scanner-maps``): every shell up to b 1000 — as Siemens' inline ADC does with the b-values
 #: of its protocol — or both points of a two-point scheme
 SCANNER_ADC_BVALUES: dict[str, tuple[float, ...]] = {
-    "standard": (0.0, 50.0, 100.0, 400.0, 800.0, 1000.0), "two-point": (0.0, 1500.0)}
+    "standard": (0.0, 50.0, 100.0, 400.0, 800.0, 1000.0),
+    "two-point": (0.0, 1500.0),
+}
 #: b-value (s/mm²) of the high-b trace volume of the scanner's TRACEW series, per scheme
 SCANNER_TRACE_B: dict[str, float] = {"standard": 1000.0, "two-point": 1500.0}
 
@@ -149,15 +183,18 @@ class Protocol:
         raise KeyError(role)
 
 
-def protocol_for(size: str, *, sagittal: bool = False,
-                 diffusion_scheme: str = "standard") -> Protocol:
+def protocol_for(
+    size: str, *, sagittal: bool = False, diffusion_scheme: str = "standard"
+) -> Protocol:
     """The phantom's MR protocol for ``size`` ('full' or 'small'), optionally with a sagittal T2w.
 
     ``diffusion_scheme`` 'standard' (b 0-2000, 8 shells) or 'two-point' (b 0 + b 1500 x 3).
     """
     if diffusion_scheme not in DIFFUSION_SCHEMES:
-        raise ValueError(f"unknown diffusion scheme {diffusion_scheme!r}; choose one of "
-                         f"{sorted(DIFFUSION_SCHEMES)}")
+        raise ValueError(
+            f"unknown diffusion scheme {diffusion_scheme!r}; choose one of "
+            f"{sorted(DIFFUSION_SCHEMES)}"
+        )
     vfa: tuple[float, ...]
     if size == "full":
         anat = ((256, 256, 25), (0.78125, 0.78125, 4.0))
@@ -174,25 +211,81 @@ def protocol_for(size: str, *, sagittal: bool = False,
     else:
         raise ValueError(f"unknown phantom size {size!r}; choose one of {SIZES}")
     series: tuple[SeriesProtocol, ...] = (
-        SeriesProtocol("t2w", 2, "T2 TSE AX", *anat, tr_ms=4000.0, te_ms=100.0, flip_deg=150.0, snr=40.0),
-        SeriesProtocol("t1w", 3, "T1 TSE AX", *anat, tr_ms=600.0, te_ms=10.0, flip_deg=150.0, snr=40.0),
-        SeriesProtocol("stir", 4, "STIR AX", *anat, tr_ms=5000.0, te_ms=60.0, flip_deg=150.0,
-                       ti_ms=round(float(np.log(2.0) * 380.0), 1), snr=30.0,
-                       scanning_sequence=("IR", "SE"), sequence_variant=("SK", "SP")),
-        SeriesProtocol("dwi", 5,
-                       "DWI IVIM DKI AX" if diffusion_scheme == "standard" else "DWI AX b0 b1500",
-                       *dwi, tr_ms=5000.0, te_ms=70.0, flip_deg=90.0, snr=80.0,
-                       scanning_sequence=("EP",), sequence_variant=("SK", "SP")),
-        SeriesProtocol("vfa_t1", 6, "T1 MAP VFA 3D", *dce, tr_ms=4.0, te_ms=1.5, flip_deg=15.0, snr=60.0,
-                       scanning_sequence=("GR",), sequence_variant=("SP", "SS"), acquisition_type="3D"),
-        SeriesProtocol("dce", 7, "DCE 3D SPGR AX", *dce, tr_ms=4.0, te_ms=1.5, flip_deg=15.0, snr=60.0,
-                       scanning_sequence=("GR",), sequence_variant=("SP", "SS"), acquisition_type="3D"),
+        SeriesProtocol(
+            "t2w", 2, "T2 TSE AX", *anat, tr_ms=4000.0, te_ms=100.0, flip_deg=150.0, snr=40.0
+        ),
+        SeriesProtocol(
+            "t1w", 3, "T1 TSE AX", *anat, tr_ms=600.0, te_ms=10.0, flip_deg=150.0, snr=40.0
+        ),
+        SeriesProtocol(
+            "stir",
+            4,
+            "STIR AX",
+            *anat,
+            tr_ms=5000.0,
+            te_ms=60.0,
+            flip_deg=150.0,
+            ti_ms=round(float(np.log(2.0) * 380.0), 1),
+            snr=30.0,
+            scanning_sequence=("IR", "SE"),
+            sequence_variant=("SK", "SP"),
+        ),
+        SeriesProtocol(
+            "dwi",
+            5,
+            "DWI IVIM DKI AX" if diffusion_scheme == "standard" else "DWI AX b0 b1500",
+            *dwi,
+            tr_ms=5000.0,
+            te_ms=70.0,
+            flip_deg=90.0,
+            snr=80.0,
+            scanning_sequence=("EP",),
+            sequence_variant=("SK", "SP"),
+        ),
+        SeriesProtocol(
+            "vfa_t1",
+            6,
+            "T1 MAP VFA 3D",
+            *dce,
+            tr_ms=4.0,
+            te_ms=1.5,
+            flip_deg=15.0,
+            snr=60.0,
+            scanning_sequence=("GR",),
+            sequence_variant=("SP", "SS"),
+            acquisition_type="3D",
+        ),
+        SeriesProtocol(
+            "dce",
+            7,
+            "DCE 3D SPGR AX",
+            *dce,
+            tr_ms=4.0,
+            te_ms=1.5,
+            flip_deg=15.0,
+            snr=60.0,
+            scanning_sequence=("GR",),
+            sequence_variant=("SP", "SS"),
+            acquisition_type="3D",
+        ),
     )
     if sagittal:
-        series = series + (SeriesProtocol("t2w", 8, "T2 TSE SAG", *sag, tr_ms=3500.0, te_ms=100.0, flip_deg=150.0,
-                                          snr=40.0, orientation="sagittal"),)
-    return Protocol(size, series, vfa, frames, dt, DIFFUSION_SCHEMES[diffusion_scheme],
-                    diffusion_scheme)
+        series = series + (
+            SeriesProtocol(
+                "t2w",
+                8,
+                "T2 TSE SAG",
+                *sag,
+                tr_ms=3500.0,
+                te_ms=100.0,
+                flip_deg=150.0,
+                snr=40.0,
+                orientation="sagittal",
+            ),
+        )
+    return Protocol(
+        size, series, vfa, frames, dt, DIFFUSION_SCHEMES[diffusion_scheme], diffusion_scheme
+    )
 
 
 def gradient_directions(n: int) -> NDArray[np.float64]:
@@ -209,8 +302,9 @@ def gradient_directions(n: int) -> NDArray[np.float64]:
     return np.round(v / np.linalg.norm(v, axis=1, keepdims=True), 6)
 
 
-def dwi_volumes(shells: tuple[tuple[float, int], ...] = DWI_SHELLS
-                ) -> list[tuple[float, NDArray[np.float64]]]:
+def dwi_volumes(
+    shells: tuple[tuple[float, int], ...] = DWI_SHELLS,
+) -> list[tuple[float, NDArray[np.float64]]]:
     """(b, unit gradient in LPS) per DWI volume in acquisition order; b = 0 has a zero vector."""
     volumes: list[tuple[float, NDArray[np.float64]]] = []
     for b, n in shells:

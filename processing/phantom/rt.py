@@ -26,8 +26,12 @@ from processing.phantom.mr import _ds_str, _tm, file_meta, patient_study_module
 if TYPE_CHECKING:
     from processing.phantom.patient import Phantom
 
-RT_EQUIPMENT = dict(Manufacturer="Accuray Inc.", ManufacturerModelName="CyberKnife",
-                    SoftwareVersions="Precision 3.3.1.3", InstitutionName="Phantom Hospital")
+RT_EQUIPMENT = dict(
+    Manufacturer="Accuray Inc.",
+    ManufacturerModelName="CyberKnife",
+    SoftwareVersions="Precision 3.3.1.3",
+    InstitutionName="Phantom Hospital",
+)
 PTV_MARGIN_MM = 2.0
 N_RAYS = 72
 
@@ -46,41 +50,74 @@ def plan_rt(ph: Phantom, rng: np.random.Generator) -> dict[str, Any]:
     beams: list[dict[str, Any]] = []
     for i in range(n_beams):
         iso = centre + rng.normal(0.0, 3.0, 3)
-        beams.append({
-            "gantry": float(rng.uniform(0, 360)), "couch": float(rng.uniform(-40, 40)),
-            "iso": [round(float(x), 2) for x in iso], "cone_mm": float(rng.choice([7.5, 10.0, 12.5, 15.0, 20.0])),
-            "mu": round(float(rng.uniform(40, 320)), 1),
-        })
+        beams.append(
+            {
+                "gantry": float(rng.uniform(0, 360)),
+                "couch": float(rng.uniform(-40, 40)),
+                "iso": [round(float(x), 2) for x in iso],
+                "cone_mm": float(rng.choice([7.5, 10.0, 12.5, 15.0, 20.0])),
+                "mu": round(float(rng.uniform(40, 320)), 1),
+            }
+        )
     contours = {
         "GTV": _slice_contours(tumour, t2.grid, 0.0),
         "PTV": _slice_contours(tumour, t2.grid, PTV_MARGIN_MM),
         "SpinalCord": _cord_contours(np.asarray(ph.anatomy.vertebra_centre), t2.grid),
     }
     dose_grid = _dose_grid(tumour)
-    ph.rt.update({
-        "plan_uid": phantom_uid(*ident, "rtplan"), "struct_uid": phantom_uid(*ident, "rtstruct"),
-        "dose_uid": phantom_uid(*ident, "rtdose"), "dose_reference_uid": phantom_uid(*ident, "dose-reference"), "plan_series_uid": phantom_uid(*ident, "rtplan-series"),
-        "struct_series_uid": phantom_uid(*ident, "rtstruct-series"), "dose_series_uid": phantom_uid(*ident, "rtdose-series"),
-        "beams": beams, "contours": contours, "dose_grid": dose_grid, "t2": t2,
-    })
+    ph.rt.update(
+        {
+            "plan_uid": phantom_uid(*ident, "rtplan"),
+            "struct_uid": phantom_uid(*ident, "rtstruct"),
+            "dose_uid": phantom_uid(*ident, "rtdose"),
+            "dose_reference_uid": phantom_uid(*ident, "dose-reference"),
+            "plan_series_uid": phantom_uid(*ident, "rtplan-series"),
+            "struct_series_uid": phantom_uid(*ident, "rtstruct-series"),
+            "dose_series_uid": phantom_uid(*ident, "rtdose-series"),
+            "beams": beams,
+            "contours": contours,
+            "dose_grid": dose_grid,
+            "t2": t2,
+        }
+    )
     return {
-        "rtplan": {"SOPInstanceUID": ph.rt["plan_uid"], "file": "rt/rtplan.dcm", "number_of_beams": n_beams,
-                   "total_mu": round(sum(b["mu"] for b in beams), 1)},
-        "rtstruct": {"SOPInstanceUID": ph.rt["struct_uid"], "file": "rt/rtstruct.dcm",
-                     "referenced_series": t2.series_uid, "FrameOfReferenceUID": baseline.frame_of_reference_uid,
-                     "rois": {"GTV": {"number": 1, "type": "GTV", "slices": len(contours["GTV"])},
-                              "PTV": {"number": 2, "type": "PTV", "slices": len(contours["PTV"]),
-                                      "margin_mm": PTV_MARGIN_MM, "margin_note": "in-plane expansion only"},
-                              "SpinalCord": {"number": 3, "type": "ORGAN", "slices": len(contours["SpinalCord"])}}},
-        "rtdose": {"SOPInstanceUID": ph.rt["dose_uid"], "file": "rt/rtdose.dcm",
-                   "geometry": dose_grid["grid"].as_dict(),
-                   "max_dose_gy_analytic": course["total_dose_gy"] / 0.8,
-                   "model": "D = Dmax * 0.8 ** (rho/rho_surface)**4 on the GTV's normalised radius; "
-                            "D = prescription on the GTV surface"},
+        "rtplan": {
+            "SOPInstanceUID": ph.rt["plan_uid"],
+            "file": "rt/rtplan.dcm",
+            "number_of_beams": n_beams,
+            "total_mu": round(sum(b["mu"] for b in beams), 1),
+        },
+        "rtstruct": {
+            "SOPInstanceUID": ph.rt["struct_uid"],
+            "file": "rt/rtstruct.dcm",
+            "referenced_series": t2.series_uid,
+            "FrameOfReferenceUID": baseline.frame_of_reference_uid,
+            "rois": {
+                "GTV": {"number": 1, "type": "GTV", "slices": len(contours["GTV"])},
+                "PTV": {
+                    "number": 2,
+                    "type": "PTV",
+                    "slices": len(contours["PTV"]),
+                    "margin_mm": PTV_MARGIN_MM,
+                    "margin_note": "in-plane expansion only",
+                },
+                "SpinalCord": {"number": 3, "type": "ORGAN", "slices": len(contours["SpinalCord"])},
+            },
+        },
+        "rtdose": {
+            "SOPInstanceUID": ph.rt["dose_uid"],
+            "file": "rt/rtdose.dcm",
+            "geometry": dose_grid["grid"].as_dict(),
+            "max_dose_gy_analytic": course["total_dose_gy"] / 0.8,
+            "model": "D = Dmax * 0.8 ** (rho/rho_surface)**4 on the GTV's normalised radius; "
+            "D = prescription on the GTV surface",
+        },
     }
 
 
-def _slice_contours(tumour: TumourShape, grid: Grid, margin_mm: float) -> list[tuple[int, NDArray[np.float64]]]:
+def _slice_contours(
+    tumour: TumourShape, grid: Grid, margin_mm: float
+) -> list[tuple[int, NDArray[np.float64]]]:
     """Closed planar contours of the tumour (expanded in-plane by ``margin_mm``) on each slice of
     ``grid``: rays from the section's centroid, the farthest inside point on each ray."""
     out = []
@@ -96,7 +133,9 @@ def _slice_contours(tumour: TumourShape, grid: Grid, margin_mm: float) -> list[t
         # fine in-plane sampling around the tumour to find the section and its centroid
         s = np.arange(-45, 45, 0.5)
         uu, vv = np.meshgrid(s, s, indexing="ij")
-        centre_proj = np.asarray(tumour.centre) - ((np.asarray(tumour.centre) - p0) @ normal) * normal
+        centre_proj = (
+            np.asarray(tumour.centre) - ((np.asarray(tumour.centre) - p0) @ normal) * normal
+        )
         pts = centre_proj + uu[..., None] * row + vv[..., None] * col
         inside = tumour.contains(pts)
         if not inside.any():
@@ -117,8 +156,14 @@ def _cord_contours(c0: NDArray[np.float64], grid: Grid) -> list[tuple[int, NDArr
     a = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     for k in range(grid.size[2]):
         p0 = grid.slice_position(k)
-        poly = np.stack([c0[0] + CORD_SEMI_AXES_MM[0] * np.cos(a), c0[1] + CANAL_CENTRE_Y_MM + CORD_SEMI_AXES_MM[1] * np.sin(a),
-                         np.full_like(a, p0[2])], axis=1)
+        poly = np.stack(
+            [
+                c0[0] + CORD_SEMI_AXES_MM[0] * np.cos(a),
+                c0[1] + CANAL_CENTRE_Y_MM + CORD_SEMI_AXES_MM[1] * np.sin(a),
+                np.full_like(a, p0[2]),
+            ],
+            axis=1,
+        )
         out.append((k, np.round(poly, 3)))
     return out
 
@@ -128,8 +173,11 @@ def _dose_grid(tumour: TumourShape) -> dict[str, Any]:
     n = (40, 40, 24)
     half = (np.asarray(n) - 1) * spacing / 2
     origin = np.round(np.asarray(tumour.centre) - half, 2)
-    grid = Grid(n, (spacing, spacing, spacing),
-                cast("tuple[float, float, float]", tuple(float(v) for v in origin)))
+    grid = Grid(
+        n,
+        (spacing, spacing, spacing),
+        cast("tuple[float, float, float]", tuple(float(v) for v in origin)),
+    )
     return {"grid": grid}
 
 
@@ -143,8 +191,15 @@ def _dose_values(tumour: TumourShape, grid: Grid, prescription_gy: float) -> NDA
     return dmax * 0.8 ** ((rho / surface) ** 4)
 
 
-def _common(ds: Dataset, ph: Phantom, modality: str, series_uid: str, series_number: int, description: str,
-            when: dt.datetime) -> None:
+def _common(
+    ds: Dataset,
+    ph: Phantom,
+    modality: str,
+    series_uid: str,
+    series_number: int,
+    description: str,
+    when: dt.datetime,
+) -> None:
     baseline = ph.studies[0]
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.InstanceCreationDate = when.strftime("%Y%m%d")
@@ -201,7 +256,11 @@ def _rtstruct(ph: Phantom, when: dt.datetime) -> Dataset:
     for_item.FrameOfReferenceUID = baseline.frame_of_reference_uid
     for_item.RTReferencedStudySequence = Sequence([study_item])
     ds.ReferencedFrameOfReferenceSequence = Sequence([for_item])
-    rois = (("GTV", "GTV", [255, 0, 0]), ("PTV", "PTV", [0, 128, 255]), ("SpinalCord", "ORGAN", [255, 255, 0]))
+    rois = (
+        ("GTV", "GTV", [255, 0, 0]),
+        ("PTV", "PTV", [0, 128, 255]),
+        ("SpinalCord", "ORGAN", [255, 255, 0]),
+    )
     ds.StructureSetROISequence = Sequence()
     ds.ROIContourSequence = Sequence()
     ds.RTROIObservationsSequence = Sequence()
@@ -252,13 +311,17 @@ def _rtplan(ph: Phantom, when: dt.datetime) -> Dataset:
     ds.FrameOfReferenceUID = ph.studies[0].frame_of_reference_uid
     ds.PositionReferenceIndicator = ""
     ds.RTPlanLabel = f"{course['treated_level']}_SBRT"
-    ds.RTPlanName = f"{course['treated_level']} spine {course['total_dose_gy']:g}Gy/{course['fractions']}"
+    ds.RTPlanName = (
+        f"{course['treated_level']} spine {course['total_dose_gy']:g}Gy/{course['fractions']}"
+    )
     ds.RTPlanDate = when.strftime("%Y%m%d")
     ds.RTPlanTime = _tm(when)
     ds.RTPlanGeometry = "PATIENT"
     ds.PlanIntent = "PALLIATIVE"
-    ds.PrescriptionDescription = (f"{course['total_dose_gy']:g} Gy in {course['fractions']} fraction(s) "
-                                  f"to the {course['prescription_isodose_percent']:g}% isodose")
+    ds.PrescriptionDescription = (
+        f"{course['total_dose_gy']:g} Gy in {course['fractions']} fraction(s) "
+        f"to the {course['prescription_isodose_percent']:g}% isodose"
+    )
     ref_ss = Dataset()
     ref_ss.ReferencedSOPClassUID = RTStructureSetStorage
     ref_ss.ReferencedSOPInstanceUID = ph.rt["struct_uid"]

@@ -25,13 +25,22 @@ from numpy.typing import NDArray
 
 #: Parker 2006 population AIF parameters (whole blood, mM, time in minutes).
 PARKER = {
-    "A1": 0.809, "A2": 0.330, "T1": 0.17046, "T2": 0.365, "sigma1": 0.0563, "sigma2": 0.132,
-    "alpha": 1.050, "beta": 0.1685, "s": 38.078, "tau": 0.483,
+    "A1": 0.809,
+    "A2": 0.330,
+    "T1": 0.17046,
+    "T2": 0.365,
+    "sigma1": 0.0563,
+    "sigma2": 0.132,
+    "alpha": 1.050,
+    "beta": 0.1685,
+    "s": 38.078,
+    "tau": 0.483,
 }
 
 
-def parker_aif_blood(t_s: NDArray[np.floating[Any]], *,
-                     bolus_arrival_s: float) -> NDArray[np.float64]:
+def parker_aif_blood(
+    t_s: NDArray[np.floating[Any]], *, bolus_arrival_s: float
+) -> NDArray[np.float64]:
     """Whole-blood Parker AIF Cb(t) in mM, ``t_s`` in s (Parker 2006 [1]_).
 
     The function is evaluated at ``(t - bolus_arrival_s) / 60`` minutes for every t (no clipping;
@@ -39,8 +48,16 @@ def parker_aif_blood(t_s: NDArray[np.floating[Any]], *,
     """
     p = PARKER
     t = (np.asarray(t_s, dtype=np.float64) - bolus_arrival_s) / 60.0
-    g1 = p["A1"] / (p["sigma1"] * np.sqrt(2 * np.pi)) * np.exp(-((t - p["T1"]) ** 2) / (2 * p["sigma1"] ** 2))
-    g2 = p["A2"] / (p["sigma2"] * np.sqrt(2 * np.pi)) * np.exp(-((t - p["T2"]) ** 2) / (2 * p["sigma2"] ** 2))
+    g1 = (
+        p["A1"]
+        / (p["sigma1"] * np.sqrt(2 * np.pi))
+        * np.exp(-((t - p["T1"]) ** 2) / (2 * p["sigma1"] ** 2))
+    )
+    g2 = (
+        p["A2"]
+        / (p["sigma2"] * np.sqrt(2 * np.pi))
+        * np.exp(-((t - p["T2"]) ** 2) / (2 * p["sigma2"] ** 2))
+    )
     with np.errstate(over="ignore"):
         sig = p["alpha"] * np.exp(-p["beta"] * t) / (1.0 + np.exp(-p["s"] * (t - p["tau"])))
     return g1 + g2 + sig
@@ -99,8 +116,11 @@ def extended_tofts(
 
 
 def spgr_signal(
-    m0: NDArray[np.floating[Any]], r1_per_s: NDArray[np.floating[Any]], *, flip_deg: float,
-    tr_s: float
+    m0: NDArray[np.floating[Any]],
+    r1_per_s: NDArray[np.floating[Any]],
+    *,
+    flip_deg: float,
+    tr_s: float,
 ) -> NDArray[np.floating[Any]]:
     """Spoiled gradient echo steady state S = M0·sinα·(1 − E1)/(1 − cosα·E1), E1 = exp(−TR·R1)."""
     a = np.deg2rad(flip_deg)
@@ -124,7 +144,9 @@ def diffusion_attenuation(
     return f * np.exp(-b * dstar) + (1.0 - f) * np.exp(-b * d + (b * d) ** 2 * k / 6.0)
 
 
-def loglinear_adc(bvalues: NDArray[np.float64], signals: NDArray[np.float64]) -> NDArray[np.float64]:
+def loglinear_adc(
+    bvalues: NDArray[np.float64], signals: NDArray[np.float64]
+) -> NDArray[np.float64]:
     """Ordinary least-squares log-linear ADC (mm²/s) per voxel; ``signals`` is (B, N)."""
     b = np.asarray(bvalues, dtype=np.float64)
     y = np.log(np.asarray(signals, dtype=np.float64))
@@ -132,7 +154,9 @@ def loglinear_adc(bvalues: NDArray[np.float64], signals: NDArray[np.float64]) ->
     return -(bc @ (y - y.mean(axis=0))) / float(bc @ bc)
 
 
-def kurtosis_ols(bvalues: NDArray[np.float64], signals: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def kurtosis_ols(
+    bvalues: NDArray[np.float64], signals: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """OLS fit of ln S = ln S0 − b·D + b²·D²·K/6 per voxel; returns (Dapp mm²/s, Kapp)."""
     b = np.asarray(bvalues, dtype=np.float64)
     design = np.stack([np.ones_like(b), -b, b**2 / 6.0], axis=1)
@@ -142,7 +166,9 @@ def kurtosis_ols(bvalues: NDArray[np.float64], signals: NDArray[np.float64]) -> 
     return dapp, kapp
 
 
-def add_rician_noise(signal: NDArray[np.float64], sigma: float, rng: np.random.Generator) -> NDArray[np.float64]:
+def add_rician_noise(
+    signal: NDArray[np.float64], sigma: float, rng: np.random.Generator
+) -> NDArray[np.float64]:
     """Magnitude of the signal plus complex Gaussian noise of standard deviation ``sigma``
     (single precision: the result is stored as integers)."""
     re = rng.standard_normal(size=signal.shape, dtype=np.float32)

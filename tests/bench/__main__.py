@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # report and go on with the other benchmarks
             traceback.print_exc()
             code = 1
-        print(f"=== {name}: {'ok' if code == 0 else 'FAILED'} "
-              f"({time.perf_counter() - start:.0f} s) ===\n", flush=True)
+        print(
+            f"=== {name}: {'ok' if code == 0 else 'FAILED'} "
+            f"({time.perf_counter() - start:.0f} s) ===\n",
+            flush=True,
+        )
         if code:
             failures.append(name)
     if failures:

@@ -34,8 +34,18 @@ from tests.real_data import REAL_SERIES, real_series_dir  # noqa: E402
 
 BIN = Path(sys.executable).parent
 #: the corpus series that hold diffusion images (the others are SEG/SR or non-diffusion)
-DWI_SERIES = ("philips_cl", "philips_achieva_dti32", "ge_dwi", "siemens_mosaic", "canon_cl",
-              "canon_enh", "xa60", "xa61", "uih_dti16", "imagedata_dwi")
+DWI_SERIES = (
+    "philips_cl",
+    "philips_achieva_dti32",
+    "ge_dwi",
+    "siemens_mosaic",
+    "canon_cl",
+    "canon_enh",
+    "xa60",
+    "xa61",
+    "uih_dti16",
+    "imagedata_dwi",
+)
 
 
 def _best_of(repeat: int, command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -51,8 +61,12 @@ def _best_of(repeat: int, command: list[str]) -> tuple[float, subprocess.Complet
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=list(DWI_SERIES),
-                        help=f"series names (default: all of {', '.join(DWI_SERIES)})")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        default=list(DWI_SERIES),
+        help=f"series names (default: all of {', '.join(DWI_SERIES)})",
+    )
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in REAL_SERIES]
@@ -72,22 +86,29 @@ def main(argv: list[str] | None = None) -> int:
             folder = real_series_dir(name)
             nii_dir = Path(tmp) / f"{name}-nii"
             nii_dir.mkdir()
-            t_ref, ref = _best_of(args.repeat, [dcm2niix, "-z", "n", "-f", "%s", "-o",
-                                                str(nii_dir), str(folder)])
+            t_ref, ref = _best_of(
+                args.repeat, [dcm2niix, "-z", "n", "-f", "%s", "-o", str(nii_dir), str(folder)]
+            )
             out = Path(tmp) / f"{name}-maps"
-            t_maps, res = _best_of(args.repeat, [node, "--log-level", "WARNING", "maps",
-                                                 str(folder), "--out", str(out)])
+            t_maps, res = _best_of(
+                args.repeat,
+                [node, "--log-level", "WARNING", "maps", str(folder), "--out", str(out)],
+            )
             written = []
             for report in sorted(out.rglob("maps.json")):
                 written.extend(json.loads(report.read_text()).get("maps", {}))
             if ref.returncode != 0 or res.returncode != 0:
                 failures += res.returncode != 0
             ratio = t_maps / t_ref if t_ref > 0 else float("nan")
-            print(f"{name:<24}{t_ref:>11.2f}{t_maps:>9.2f}{ratio:>7.1f}x  "
-                  f"{', '.join(sorted(written)) or '(none: ' + res.stdout.strip()[-80:] + ')'}",
-                  flush=True)
-    print("ratio = spine-node maps time / dcm2niix time on the same series, same run "
-          "(best of %d)" % args.repeat)
+            print(
+                f"{name:<24}{t_ref:>11.2f}{t_maps:>9.2f}{ratio:>7.1f}x  "
+                f"{', '.join(sorted(written)) or '(none: ' + res.stdout.strip()[-80:] + ')'}",
+                flush=True,
+            )
+    print(
+        "ratio = spine-node maps time / dcm2niix time on the same series, same run "
+        "(best of %d)" % args.repeat
+    )
     return 1 if failures else 0
 
 

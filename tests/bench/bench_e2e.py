@@ -40,16 +40,33 @@ def _free_port() -> int:
 
 def _storescp(folder: Path, port: int) -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(["storescp", "+uf", "-od", str(folder), "-aet", "RESULTS", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, TCP_NODELAY="1"))
+    return subprocess.Popen(
+        ["storescp", "+uf", "-od", str(folder), "-aet", "RESULTS", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
 
 
 def _storescu(port: int, aec: str, *folders: Path) -> float:
     start = time.perf_counter()
-    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", aec, "+sd", "+r", "127.0.0.1",
-                    str(port), *map(str, folders)], check=True, capture_output=True,
-                   env=dict(os.environ, TCP_NODELAY="1"))
+    subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            aec,
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(port),
+            *map(str, folders),
+        ],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
     return time.perf_counter() - start
 
 
@@ -70,8 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     patient = work / "patient"
     if not patient.exists():
-        subprocess.run([sys.executable, "-m", "node.cli", "phantom", "--out", str(patient),
-                        "--size", args.size, "--seed", "11"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "phantom",
+                "--out",
+                str(patient),
+                "--size",
+                args.size,
+                "--seed",
+                "11",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
     # named baseline: the follow-up alone into an analysis-free receiver
     port = _free_port()
@@ -87,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     received = work / "received"
     receiver = _storescp(received, results_port)
     config = work / "node.toml"
-    config.write_text(f"""
+    config.write_text(
+        f"""
 [node]
 ae_title = "SPINENODE"
 port = 0
-storage = "{work / 'storage'}"
+storage = "{work / "storage"}"
 quiet_period_s = 2
 disk_low_water_mb = 0
 result_destinations = ["RESULTS"]
@@ -104,10 +136,25 @@ may_send = false
 may_receive = true
 [dashboard]
 port = 0
-""", encoding="utf-8")
-    node = subprocess.Popen([sys.executable, "-m", "node.cli", "--log-file",
-                             str(work / "node.log"), "serve", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+""",
+        encoding="utf-8",
+    )
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "--log-file",
+            str(work / "node.log"),
+            "serve",
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert node.stdout is not None
         line = node.stdout.readline()
@@ -139,12 +186,16 @@ port = 0
     peak_gb = _chain_peak_memory_gb(patient)
     print(f"phantom size {args.size}; {_count(received)} result objects delivered")
     print(f"baseline 'storescu follow-up -> storescp': {baseline_s:.1f} s")
-    print(f"end to end (last follow-up instance in -> last output out): {end_to_end:.1f} s "
-          f"= {end_to_end / baseline_s:.1f} x baseline, {end_to_end / TARGET_S:.2f} x the "
-          f"{TARGET_S:.0f} s target")
+    print(
+        f"end to end (last follow-up instance in -> last output out): {end_to_end:.1f} s "
+        f"= {end_to_end / baseline_s:.1f} x baseline, {end_to_end / TARGET_S:.2f} x the "
+        f"{TARGET_S:.0f} s target"
+    )
     print("chain stages (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    print(f"peak resident memory of the chain: {peak_gb:.2f} GB "
-          f"({peak_gb / TARGET_MEMORY_GB:.2f} x the {TARGET_MEMORY_GB:.0f} GB target)")
+    print(
+        f"peak resident memory of the chain: {peak_gb:.2f} GB "
+        f"({peak_gb / TARGET_MEMORY_GB:.2f} x the {TARGET_MEMORY_GB:.0f} GB target)"
+    )
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -180,13 +231,20 @@ def _wait_for_report(folder: Path, study_uid: str, *, timeout_s: float) -> None:
 
 def _chain_peak_memory_gb(patient: Path) -> float:
     """Peak RSS of a child process that runs the whole chain on the patient."""
-    code = ("import sys, resource; from node.cli import main; "
-            "main(['--log-level', 'WARNING', 'analyze', sys.argv[1], '--out', sys.argv[2]]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (
+        "import sys, resource; from node.cli import main; "
+        "main(['--log-level', 'WARNING', 'analyze', sys.argv[1], '--out', sys.argv[2]]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     with tempfile.TemporaryDirectory() as out:
-        run = subprocess.run([sys.executable, "-c", code, str(patient), out], check=True,
-                             capture_output=True, text=True, cwd=REPO)
-    return int(run.stdout.strip().splitlines()[-1]) / 1024 ** 2
+        run = subprocess.run(
+            [sys.executable, "-c", code, str(patient), out],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+    return int(run.stdout.strip().splitlines()[-1]) / 1024**2
 
 
 if __name__ == "__main__":

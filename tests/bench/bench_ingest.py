@@ -86,8 +86,11 @@ class Storescp(Receiver):
         out.mkdir()
         fork = ["--fork"] if parallel > 1 else []  # single-process storescp serves one at a time
         self.proc = subprocess.Popen(
-            ["storescp", *fork, "-od", str(out), "-aet", self.ae_title, str(port)], env=ENV,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["storescp", *fork, "-od", str(out), "-aet", self.ae_title, str(port)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_port(port)
         return port
 
@@ -105,15 +108,30 @@ class Orthanc(Receiver):
         storage = work / "orthanc"
         storage.mkdir()
         config = work / "orthanc.json"
-        config.write_text(json.dumps({
-            "Name": "bench", "StorageDirectory": str(storage), "IndexDirectory": str(storage),
-            "DicomAet": self.ae_title, "DicomPort": port, "HttpPort": _free_port(),
-            "RemoteAccessAllowed": False, "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True, "StorageCompression": False,
-            "DicomThreadsCount": 4, "Plugins": [],
-        }))
-        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(config)], env=ENV,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        config.write_text(
+            json.dumps(
+                {
+                    "Name": "bench",
+                    "StorageDirectory": str(storage),
+                    "IndexDirectory": str(storage),
+                    "DicomAet": self.ae_title,
+                    "DicomPort": port,
+                    "HttpPort": _free_port(),
+                    "RemoteAccessAllowed": False,
+                    "DicomCheckCalledAet": False,
+                    "DicomAlwaysAllowStore": True,
+                    "StorageCompression": False,
+                    "DicomThreadsCount": 4,
+                    "Plugins": [],
+                }
+            )
+        )
+        self.proc = subprocess.Popen(
+            ["/usr/sbin/Orthanc", str(config)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_port(port)
         return port
 
@@ -142,8 +160,11 @@ class PlainPynetdicom(Receiver):
         port = _free_port()
         out = work / "plain"
         out.mkdir()
-        self.proc = subprocess.Popen([sys.executable, "-c", _PLAIN_SCP, str(out), str(port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _PLAIN_SCP, str(out), str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         _wait_port(port)
         return port
 
@@ -156,11 +177,24 @@ class Node(Receiver):
         config = work / "node.toml"
         config.write_text(
             f'[node]\nport = 0\nstorage = "{work / "node"}"\nquiet_period_s = 3600\n'
-            'disk_low_water_mb = 100\n[[peers]]\nae_title = "STORESCU"\n')
+            'disk_low_water_mb = 100\n[[peers]]\nae_title = "STORESCU"\n'
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "--log-file", str(work / "node.log"), "serve",
-             "--config", str(config)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "--log-file",
+                str(work / "node.log"),
+                "serve",
+                "--config",
+                str(config),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if "listening on" not in line:
@@ -177,10 +211,25 @@ class Node(Receiver):
 def _send(folders: list[Path], ae_title: str, port: int) -> float:
     """Run one storescu per folder in parallel; returns the wall time (s)."""
     start = time.perf_counter()
-    procs = [subprocess.Popen(
-        ["storescu", "-aet", "STORESCU", "-aec", ae_title, "+sd", "127.0.0.1", str(port),
-         str(folder)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for folder in folders]
+    procs = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aet",
+                "STORESCU",
+                "-aec",
+                ae_title,
+                "+sd",
+                "127.0.0.1",
+                str(port),
+                str(folder),
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for folder in folders
+    ]
     for proc in procs:
         _out, err = proc.communicate()
         if proc.returncode != 0:
@@ -222,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             for p in files[k::4]:
                 os.link(p, folder / p.name)
             quarters.append(folder)
-        print(f"ingest: {args.images} MR images {args.size}x{args.size} ({size_mb:.0f} MB), "
-              f"dcmtk storescu, TCP_NODELAY=1")
+        print(
+            f"ingest: {args.images} MR images {args.size}x{args.size} ({size_mb:.0f} MB), "
+            f"dcmtk storescu, TCP_NODELAY=1"
+        )
         receivers: list[Callable[[], Receiver]] = [Node, PlainPynetdicom, Storescp]
         if have_orthanc:
             receivers.insert(1, Orthanc)
@@ -236,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                 work.mkdir()
                 port = receiver.start(work, parallel)
                 try:
-                    elapsed = _send([root / "mr"] if parallel == 1 else quarters,
-                                    receiver.ae_title, port)
+                    elapsed = _send(
+                        [root / "mr"] if parallel == 1 else quarters, receiver.ae_title, port
+                    )
                     if isinstance(receiver, Node):
                         node_rss = max(node_rss, receiver.peak_rss_mb())
                 finally:
@@ -246,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                 if stored != args.images:
                     print(f"  WARNING {receiver.name} stored {stored} of {args.images}")
                 rates[(receiver.name, parallel)] = args.images / elapsed
-                print(f"  {receiver.name:15s} {parallel} assoc: {args.images / elapsed:7.0f} "
-                      f"images/s ({elapsed:.2f} s)", flush=True)
+                print(
+                    f"  {receiver.name:15s} {parallel} assoc: {args.images / elapsed:7.0f} "
+                    f"images/s ({elapsed:.2f} s)",
+                    flush=True,
+                )
                 shutil.rmtree(work)
         baseline = "Orthanc" if have_orthanc else "dcmtk storescp"
         print(f"ratios against the baseline ({baseline}, same run):")
@@ -256,11 +311,14 @@ def main(argv: list[str] | None = None) -> int:
             for make in receivers:
                 name = make.name
                 print(f"  {name:15s} {parallel} assoc: {rates[(name, parallel)] / base:5.2f} x")
-        print(f"spine-node peak resident memory while receiving: {node_rss:.0f} MB "
-              f"(target <= 300 MB)")
+        print(
+            f"spine-node peak resident memory while receiving: {node_rss:.0f} MB (target <= 300 MB)"
+        )
         ok = rates[("spine-node", 1)] >= rates[(baseline, 1)] and node_rss <= 300
-        print(f"targets (rate >= {baseline} on 1 association, RSS <= 300 MB): "
-              f"{'met' if ok else 'NOT met'}")
+        print(
+            f"targets (rate >= {baseline} on 1 association, RSS <= 300 MB): "
+            f"{'met' if ok else 'NOT met'}"
+        )
     return 0
 
 

@@ -60,8 +60,9 @@ def _baseline_fit(t: np.ndarray, aif: ArterialInputFunction, c: np.ndarray) -> n
     out = np.full((c.shape[0], 3), np.nan)
     for i in range(c.shape[0]):
         try:
-            out[i], _ = curve_fit(model, t, c[i], p0=(0.6, 0.2, 0.01),
-                                  bounds=((0.0, 1e-6, 0.0), (5.0, 1.0, 1.0)))
+            out[i], _ = curve_fit(
+                model, t, c[i], p0=(0.6, 0.2, 0.01), bounds=((0.0, 1e-6, 0.0), (5.0, 1.0, 1.0))
+            )
         except RuntimeError:  # curve_fit did not converge: leave NaN, counted below
             continue
     return out
@@ -71,9 +72,11 @@ def _accuracy(name: str, kt: np.ndarray, ve: np.ndarray, vp: np.ndarray, truth) 
     t_kt, t_ve, t_vp = truth
     ok = np.isfinite(kt)
     rel = np.abs(kt[ok] / t_kt[ok] - 1.0)
-    print(f"  {name:<12} Ktrans |rel err| median {np.median(rel):.4f} p95 "
-          f"{np.percentile(rel, 95):.4f}; ve |err| p95 {np.percentile(np.abs(ve[ok] - t_ve[ok]), 95):.4f}; "
-          f"vp |err| p95 {np.percentile(np.abs(vp[ok] - t_vp[ok]), 95):.4f}; failed {np.count_nonzero(~ok)}")
+    print(
+        f"  {name:<12} Ktrans |rel err| median {np.median(rel):.4f} p95 "
+        f"{np.percentile(rel, 95):.4f}; ve |err| p95 {np.percentile(np.abs(ve[ok] - t_ve[ok]), 95):.4f}; "
+        f"vp |err| p95 {np.percentile(np.abs(vp[ok] - t_vp[ok]), 95):.4f}; failed {np.count_nonzero(~ok)}"
+    )
 
 
 def bench_study(folder: Path | None) -> None:
@@ -96,8 +99,11 @@ def bench_study(folder: Path | None) -> None:
             print(f"full phantom written in {time.perf_counter() - start:.1f} s")
         study = folder / "followup1"
         start = time.perf_counter()
-        series = [read_series([pydicom.dcmread(f) for f in sorted(d.glob("*.dcm"))])
-                  for d in sorted(study.iterdir()) if d.is_dir()]
+        series = [
+            read_series([pydicom.dcmread(f) for f in sorted(d.glob("*.dcm"))])
+            for d in sorted(study.iterdir())
+            if d.is_dir()
+        ]
         t_read = time.perf_counter() - start
         start, cpu0 = time.perf_counter(), time.process_time()
         maps = compute_maps(series)
@@ -106,9 +112,11 @@ def bench_study(folder: Path | None) -> None:
     for name, m in maps.items():
         groups.setdefault(round(float(m.provenance["elapsed_s"]), 2), []).append(name)
     load = os.getloadavg()[0]
-    print(f"compute_maps on a full follow-up study: {t_maps:.1f} s wall (target <= 60 s), "
-          f"{cpu:.1f} s CPU, load average {load:.1f} on {os.cpu_count()} cores; "
-          f"series reading {t_read:.1f} s")
+    print(
+        f"compute_maps on a full follow-up study: {t_maps:.1f} s wall (target <= 60 s), "
+        f"{cpu:.1f} s CPU, load average {load:.1f} on {os.cpu_count()} cores; "
+        f"series reading {t_read:.1f} s"
+    )
     for elapsed, names in sorted(groups.items()):
         print(f"  {elapsed:7.1f} s  {', '.join(sorted(names))}")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -118,9 +126,14 @@ def bench_study(folder: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voxels", type=int, default=10_000)
-    parser.add_argument("--study", nargs="?", const="generate", default=None,
-                        help="also time compute_maps on a full phantom study (DIR of a phantom "
-                             "written by `spine-node phantom --size full`, or generate one)")
+    parser.add_argument(
+        "--study",
+        nargs="?",
+        const="generate",
+        default=None,
+        help="also time compute_maps on a full phantom study (DIR of a phantom "
+        "written by `spine-node phantom --size full`, or generate one)",
+    )
     args = parser.parse_args(argv)
     if args.study is not None:
         bench_study(None if args.study == "generate" else Path(args.study))
@@ -135,18 +148,38 @@ def main(argv: list[str] | None = None) -> int:
     base = _baseline_fit(t, aif, c)
     t_base = time.perf_counter() - start
 
-    print(f"  baseline (per-voxel scipy curve_fit): {t_base:8.2f} s  {args.voxels / t_base:10.0f} voxels/s")
-    print(f"  processing.dce.ToftsModel:            {t_vec:8.2f} s  {args.voxels / t_vec:10.0f} voxels/s")
+    print(
+        f"  baseline (per-voxel scipy curve_fit): {t_base:8.2f} s  {args.voxels / t_base:10.0f} voxels/s"
+    )
+    print(
+        f"  processing.dce.ToftsModel:            {t_vec:8.2f} s  {args.voxels / t_vec:10.0f} voxels/s"
+    )
     print(f"  speed-up vs baseline: {t_base / t_vec:.1f}x (target >= 50x)")
     _accuracy("vectorised", fit.ktrans, fit.ve, fit.vp, (kt, ve, vp))
     _accuracy("curve_fit", base[:, 0], base[:, 1], base[:, 2], (kt, ve, vp))
     both = np.isfinite(fit.ktrans) & np.isfinite(base[:, 0])
-    sse_vec = np.sum((tofts_concentration(t, aif, ktrans=np.nan_to_num(fit.ktrans),
-                                          ve=np.nan_to_num(fit.ve, nan=1.0), vp=fit.vp) - c) ** 2, axis=1)
-    sse_base = np.sum((tofts_concentration(t, aif, ktrans=base[:, 0], ve=base[:, 1], vp=base[:, 2])
-                       - c) ** 2, axis=1)
-    print(f"  residual SSE ratio vectorised/curve_fit: median "
-          f"{np.median(sse_vec[both] / sse_base[both]):.6f}, max {np.max(sse_vec[both] / sse_base[both]):.6f}")
+    sse_vec = np.sum(
+        (
+            tofts_concentration(
+                t,
+                aif,
+                ktrans=np.nan_to_num(fit.ktrans),
+                ve=np.nan_to_num(fit.ve, nan=1.0),
+                vp=fit.vp,
+            )
+            - c
+        )
+        ** 2,
+        axis=1,
+    )
+    sse_base = np.sum(
+        (tofts_concentration(t, aif, ktrans=base[:, 0], ve=base[:, 1], vp=base[:, 2]) - c) ** 2,
+        axis=1,
+    )
+    print(
+        f"  residual SSE ratio vectorised/curve_fit: median "
+        f"{np.median(sse_vec[both] / sse_base[both]):.6f}, max {np.max(sse_vec[both] / sse_base[both]):.6f}"
+    )
     return 0
 
 

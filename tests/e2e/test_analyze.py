@@ -21,8 +21,12 @@ SCENARIO_CALLS = {
 
 
 def _analyze(paths: list[Path], out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "node.cli", "analyze", *map(str, paths),
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", "analyze", *map(str, paths), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,8 @@ def test_outputs_and_summary(responder_run):
             assert len(names) > 90, (quantity, len(names))
             assert any(".glcm_" in k or "_glcm_" in k for k in names), quantity
         assert tp["measurements"]["radiomics.ADC.original_firstorder_Mean"] == pytest.approx(
-            tp["measurements"]["ADC.mean"], rel=0.08)  # 1 mm B-spline resampling, edges
+            tp["measurements"]["ADC.mean"], rel=0.08
+        )  # 1 mm B-spline resampling, edges
     assert "local control" in run.stdout
 
 
@@ -110,8 +115,7 @@ def scenario_run(make_phantom, tmp_path_factory):
 
     def run(scenario: str) -> tuple[Path, Path]:
         if scenario not in runs:
-            patient = make_phantom(scenario, "standard", "small",
-                                   sagittal=scenario == "stable")
+            patient = make_phantom(scenario, "standard", "small", sagittal=scenario == "stable")
             out = tmp_path_factory.mktemp(f"analyze-{scenario}")
             done = _analyze([patient], out)
             assert done.returncode == 0, done.stderr[-3000:]
@@ -158,23 +162,36 @@ def _reader_seg(series_folder: Path, mask: np.ndarray) -> Dataset:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    sources = sorted((dcmread(p) for p in series_folder.glob("*.dcm")),
-                     key=lambda ds: float(ds.ImagePositionPatient[2]))
+    sources = sorted(
+        (dcmread(p) for p in series_folder.glob("*.dcm")),
+        key=lambda ds: float(ds.ImagePositionPatient[2]),
+    )
     description = hd.seg.SegmentDescription(
-        segment_number=1, segment_label="corrected GTV",
+        segment_number=1,
+        segment_label="corrected GTV",
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Neoplasm,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
+    )
     return hd.seg.Segmentation(
-        source_images=sources, pixel_array=mask.astype(np.uint8),
+        source_images=sources,
+        pixel_array=mask.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[description], series_instance_uid=hd.UID(), series_number=50,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="Reader Workstation",
-        manufacturer_model_name="viewer", software_versions="1", device_serial_number="1")
+        segment_descriptions=[description],
+        series_instance_uid=hd.UID(),
+        series_number=50,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="Reader Workstation",
+        manufacturer_model_name="viewer",
+        software_versions="1",
+        device_serial_number="1",
+    )
 
 
-def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(make_phantom, tmp_path,
-                                                                        responder_run):
+def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(
+    make_phantom, tmp_path, responder_run
+):
     """A corrected baseline (a radiologist's SEG) replaces the RTSTRUCT GTV; later deltas follow."""
     from scipy import ndimage
 
@@ -200,8 +217,11 @@ def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(make_pha
     assert any("reader SEG" in note for note in summary["notes"])
 
     def volume_change(s):
-        return next(c["relative"] for c in s["time_points"][-1]["changes"]
-                    if c["quantity"] == "volume" and c["reference"] == "baseline")
+        return next(
+            c["relative"]
+            for c in s["time_points"][-1]["changes"]
+            if c["quantity"] == "volume" and c["reference"] == "baseline"
+        )
 
     assert volume_change(summary) != pytest.approx(volume_change(before), abs=1e-3)
 

@@ -28,8 +28,13 @@ DEMO_LIMIT_S = 300
 
 def _demo(out: Path) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "node.cli", "demo", "--out", str(out)],
-                         capture_output=True, text=True, timeout=DEMO_LIMIT_S + 120, cwd=REPO)
+    run = subprocess.run(
+        [sys.executable, "-m", "node.cli", "demo", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=DEMO_LIMIT_S + 120,
+        cwd=REPO,
+    )
     return run, time.monotonic() - t0
 
 
@@ -48,8 +53,10 @@ def _check_run(run: subprocess.CompletedProcess, out: Path) -> None:
 
     # the course found, as the ground truth wrote it
     course = truth["course"]
-    assert (f"{course['fractions']} x {course['dose_per_fraction_gy']:.2f} Gy = "
-            f"{course['total_dose_gy']:.2f} Gy prescribed") in text
+    assert (
+        f"{course['fractions']} x {course['dose_per_fraction_gy']:.2f} Gy = "
+        f"{course['total_dose_gy']:.2f} Gy prescribed"
+    ) in text
     # the response call with its evidence: the phantom's expected call and fired criteria
     expected = truth["studies"]["followup1"]["expected_response"]
     assert f"RESPONSE: {expected} (" in text

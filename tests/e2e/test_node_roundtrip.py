@@ -43,22 +43,42 @@ DEFECT_ADC_SHIFT = 0.25e-3
 
 def _received(folder: Path) -> dict[str, object]:
     """Received objects by SOP Instance UID (a re-send under the same UID counts once)."""
-    return {str(ds.SOPInstanceUID): ds for ds in
-            (dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir()) if p.is_file())}
+    return {
+        str(ds.SOPInstanceUID): ds
+        for ds in (
+            dcmread(p, stop_before_pixels=True) for p in sorted(folder.iterdir()) if p.is_file()
+        )
+    }
 
 
 def _storescu(port: int, *paths: Path) -> None:
     sent = subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "+r", "127.0.0.1", str(port),
-         *map(str, paths)], capture_output=True, text=True, timeout=300,
-        env={"TCP_NODELAY": "1"})
+        [
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "SPINENODE",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"TCP_NODELAY": "1"},
+    )
     assert sent.returncode == 0, sent.stderr[-2000:]
 
 
 def _diffusion_series(study: Path) -> Path:
     for series in sorted(p for p in study.iterdir() if p.is_dir()):
-        if dcmread(next(series.iterdir()), stop_before_pixels=True).get("DiffusionBValue") \
-                is not None:
+        if (
+            dcmread(next(series.iterdir()), stop_before_pixels=True).get("DiffusionBValue")
+            is not None
+        ):
             return series
     raise AssertionError(f"no diffusion series in {study}")
 
@@ -92,8 +112,9 @@ def _settled(db: Path, analyses_before: int, timeout_s: float = 600) -> Index:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         started = len(index.events("analysis_started"))
-        ended = sum(len(index.events(k)) for k in ("analysis_done", "analysis_waiting",
-                                                   "analysis_failed"))
+        ended = sum(
+            len(index.events(k)) for k in ("analysis_done", "analysis_waiting", "analysis_failed")
+        )
         receiving = index.query("SELECT count(*) FROM studies WHERE state='receiving'")[0][0]
         done = len(index.events("analysis_done"))
         if done > analyses_before and started == ended and receiving == 0:
@@ -113,7 +134,8 @@ def _wait_for(predicate, timeout_s: float = 300):
 
 
 def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_later_deltas(
-        make_phantom, node_factory, tmp_path):
+    make_phantom, node_factory, tmp_path
+):
     require_tool("storescu")
     require_tool("storescp")
     patient = make_phantom("responder", "standard", "small", followups=2)
@@ -124,20 +146,33 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
     results_port = free_port()
     receiver = subprocess.Popen(
         ["storescp", "+uf", "-od", str(received), "-aet", "RESULTS", str(results_port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={"TCP_NODELAY": "1"})
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"TCP_NODELAY": "1"},
+    )
     try:
         config = write_config(
-            tmp_path / "node.toml", storage=tmp_path / "storage", quiet_period_s=5,
+            tmp_path / "node.toml",
+            storage=tmp_path / "storage",
+            quiet_period_s=5,
             node_extra='result_destinations = ["RESULTS"]',
             extra=f'[[peers]]\nae_title = "RESULTS"\nport = {results_port}\n'
-                  'may_send = false\nmay_receive = true\n')
+            "may_send = false\nmay_receive = true\n",
+        )
         node = node_factory(config)
         port = node.start()
         db = tmp_path / "storage" / "index.sqlite3"
-        baseline_series = [p for p in sorted((patient / "baseline").iterdir())
-                           if p.is_dir() and p != good_dwi]
-        _storescu(port, *baseline_series, tmp_path / "defective", patient / "rt",
-                  patient / "followup1", patient / "followup2")
+        baseline_series = [
+            p for p in sorted((patient / "baseline").iterdir()) if p.is_dir() and p != good_dwi
+        ]
+        _storescu(
+            port,
+            *baseline_series,
+            tmp_path / "defective",
+            patient / "rt",
+            patient / "followup1",
+            patient / "followup2",
+        )
 
         # -- three time points, in order, with days since treatment and deltas ----------------
         # on a loaded machine a study can look stable before its last series arrived: the node
@@ -146,18 +181,21 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         points = timeline(index)
         truth = json.loads((patient / "ground_truth.json").read_text())["studies"]
         keys = ("baseline", "followup1", "followup2")
-        assert [p.study_instance_uid for p in points] == [truth[k]["StudyInstanceUID"]
-                                                          for k in keys]
+        assert [p.study_instance_uid for p in points] == [
+            truth[k]["StudyInstanceUID"] for k in keys
+        ]
         assert [p.role for p in points] == ["baseline", "follow-up", "follow-up"]
-        assert [p.study_date.strftime("%Y%m%d") for p in points] == [truth[k]["StudyDate"]
-                                                                     for k in keys]
+        assert [p.study_date.strftime("%Y%m%d") for p in points] == [
+            truth[k]["StudyDate"] for k in keys
+        ]
         treatment = dt.date.fromisoformat(timeline_courses(index)[0]["treatment_date"])
         days = [p.days_since_treatment for p in points]
         assert days == [(p.study_date - treatment).days for p in points]
         assert days[0] <= 0 and 56 <= days[1] <= 84 and 160 <= days[2] <= 200  # ~10 wk, ~6 mo
         volumes = [p.volume_ml for p in points]
         assert points[2].change("volume", "previous")["relative"] == pytest.approx(
-            volumes[2] / volumes[1] - 1)
+            volumes[2] / volumes[1] - 1
+        )
         assert points[2].response_category == "local control"  # the responder scenario
         follow_ups = [p.study_instance_uid for p in points[1:]]
         latest = follow_ups[-1]
@@ -165,8 +203,11 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         def report_and_histories():
             r = _received(received)
             wanted = {(latest, SR_3D)} | {(uid, PDF) for uid in follow_ups}
-            return r if wanted <= {(ds.StudyInstanceUID, ds.SOPClassUID)
-                                   for ds in r.values()} else None
+            return (
+                r
+                if wanted <= {(ds.StudyInstanceUID, ds.SOPClassUID) for ds in r.values()}
+                else None
+            )
 
         # one TID 1500 report (in the latest study, covering every time point); a SEG, the
         # parametric maps and the lesion-history PDF in each follow-up
@@ -178,7 +219,8 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         adc = [p.measurements["ADC.mean"] for p in points]
         for p in points[1:]:
             assert p.change("ADC.mean")["relative"] == pytest.approx(
-                p.measurements["ADC.mean"] / adc[0] - 1, rel=1e-6)
+                p.measurements["ADC.mean"] / adc[0] - 1, rel=1e-6
+            )
         for path in received.iterdir():  # the lesion-history documents are valid DICOM
             if dcmread(path, stop_before_pixels=True).SOPClassUID == PDF:
                 dciodvfy(path)
@@ -196,8 +238,7 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         [event] = index.events("instances_rejected")
         assert event["detail"].startswith(f"{len(defective)} instance(s)")
         corrected = timeline(index)
-        assert [p.study_instance_uid for p in corrected] == [p.study_instance_uid
-                                                             for p in points]
+        assert [p.study_instance_uid for p in corrected] == [p.study_instance_uid for p in points]
         new_adc = [p.measurements["ADC.mean"] for p in corrected]
         # the corrected baseline ADC is lower by the defect (the defective one was too high); the
         # follow-ups' own values are unchanged, their deltas recomputed against the new baseline
@@ -205,14 +246,15 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         assert new_adc[1:] == pytest.approx(adc[1:], rel=1e-6)
         for p, old in zip(corrected[1:], points[1:]):
             relative = p.change("ADC.mean")["relative"]
-            assert relative == pytest.approx(p.measurements["ADC.mean"] / new_adc[0] - 1,
-                                             rel=1e-6)
+            assert relative == pytest.approx(p.measurements["ADC.mean"] / new_adc[0] - 1, rel=1e-6)
             assert relative > old.change("ADC.mean")["relative"] + 0.05
         for p, old in zip(corrected, points):  # shown with pytest -s
-            print(f"{p.role} day {p.days_since_treatment:+d}: ADC {old.measurements['ADC.mean']:.3e}"
-                  f" -> {p.measurements['ADC.mean']:.3e} mm2/s; change from baseline "
-                  f"{(old.change('ADC.mean') or {}).get('relative')} -> "
-                  f"{(p.change('ADC.mean') or {}).get('relative')}; {p.response_category}")
+            print(
+                f"{p.role} day {p.days_since_treatment:+d}: ADC {old.measurements['ADC.mean']:.3e}"
+                f" -> {p.measurements['ADC.mean']:.3e} mm2/s; change from baseline "
+                f"{(old.change('ADC.mean') or {}).get('relative')} -> "
+                f"{(p.change('ADC.mean') or {}).get('relative')}; {p.response_category}"
+            )
         previous = corrected[2].change("ADC.mean", "previous")["relative"]
         assert previous == pytest.approx(new_adc[2] / new_adc[1] - 1, rel=1e-6)
 
@@ -220,17 +262,24 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         # follow-up's history document is re-issued (new instance in the same series)
         def new_objects():
             r = _received(received)
-            reports = [ds for k, ds in r.items() if ds.SOPClassUID == SR_3D
-                       and k not in first_report]
-            pdfs = {ds.StudyInstanceUID for k, ds in r.items() if ds.SOPClassUID == PDF
-                    and k not in first_pdfs}
+            reports = [
+                ds for k, ds in r.items() if ds.SOPClassUID == SR_3D and k not in first_report
+            ]
+            pdfs = {
+                ds.StudyInstanceUID
+                for k, ds in r.items()
+                if ds.SOPClassUID == PDF and k not in first_pdfs
+            }
             return reports if reports and pdfs == set(follow_ups) else None
 
         [report] = _wait_for(new_objects)
         assert report.StudyInstanceUID == latest
         [item] = report.PredecessorDocumentsSequence
-        named = {ref.ReferencedSOPInstanceUID for series in item.ReferencedSeriesSequence
-                 for ref in series.ReferencedSOPSequence}
+        named = {
+            ref.ReferencedSOPInstanceUID
+            for series in item.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
         # the report of the analysis before the correction (an earlier, partial one may exist
         # when a study looked stable before the next one arrived)
         assert len(named) == 1 and named <= first_report

@@ -28,8 +28,10 @@ def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
         return []
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
-        return [(r[0], r[1], r[2]) for r in
-                con.execute("SELECT kind, study_uid, detail FROM events ORDER BY id")]
+        return [
+            (r[0], r[1], r[2])
+            for r in con.execute("SELECT kind, study_uid, detail FROM events ORDER BY id")
+        ]
     except sqlite3.OperationalError:  # schema not created yet
         return []
     finally:
@@ -38,7 +40,8 @@ def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
 
 @pytest.mark.slow
 def test_follow_up_alone_makes_the_node_fetch_course_and_baseline_from_orthanc(
-        tmp_path, make_phantom, node_factory, orthanc_factory):
+    tmp_path, make_phantom, node_factory, orthanc_factory
+):
     storescu = require_tool("storescu")
     phantom = make_phantom("responder", "standard", "small")
     truth = json.loads((phantom / "ground_truth.json").read_text(encoding="utf-8"))
@@ -47,18 +50,33 @@ def test_follow_up_alone_makes_the_node_fetch_course_and_baseline_from_orthanc(
     node_port = free_port()
     storage = tmp_path / "node"
     # Orthanc knows the node (the C-MOVE destination) and lets it query and retrieve
-    server = orthanc_factory(modalities={"node": {
-        "AET": "SPINENODE", "Host": "127.0.0.1", "Port": node_port, "AllowEcho": True,
-        "AllowFind": True, "AllowMove": True, "AllowGet": True, "AllowStore": False}})
-    prior_files = sorted(p for sub in ("baseline", "rt")
-                         for p in (phantom / sub).rglob("*") if p.is_file())
+    server = orthanc_factory(
+        modalities={
+            "node": {
+                "AET": "SPINENODE",
+                "Host": "127.0.0.1",
+                "Port": node_port,
+                "AllowEcho": True,
+                "AllowFind": True,
+                "AllowMove": True,
+                "AllowGet": True,
+                "AllowStore": False,
+            }
+        }
+    )
+    prior_files = sorted(
+        p for sub in ("baseline", "rt") for p in (phantom / sub).rglob("*") if p.is_file()
+    )
     server.upload(prior_files)
     stats = server.get("/statistics")
     assert stats["CountInstances"] == len(prior_files)
     assert stats["CountStudies"] == 1  # the phantom files its RT objects under the planning study
 
     config = write_config(
-        tmp_path / "node.toml", storage=storage, port=node_port, quiet_period_s=1.5,
+        tmp_path / "node.toml",
+        storage=storage,
+        port=node_port,
+        quiet_period_s=1.5,
         extra=f"""
 [[peers]]
 ae_title = "ORTHANC"
@@ -78,15 +96,30 @@ timeout_s = 60
 
 [dashboard]
 enabled = false
-""")
+""",
+    )
     node = node_factory(config)
     assert node.start() == node_port
     followup = phantom / "followup1"
     n_followup = sum(1 for p in followup.rglob("*") if p.is_file())
     start = time.monotonic()
     sent = subprocess.run(
-        [storescu, "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "+r", "127.0.0.1",
-         str(node_port), str(followup)], capture_output=True, text=True, timeout=120)
+        [
+            storescu,
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "SPINENODE",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(node_port),
+            str(followup),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sent.returncode == 0, sent.stderr[-2000:]
 
     db = storage / "index.sqlite3"
@@ -100,8 +133,10 @@ enabled = false
         time.sleep(1.0)
     elapsed = time.monotonic() - start
     kinds = [e[0] for e in events]
-    print(f"follow-up sent -> analysis done in {elapsed:.0f} s; "
-          f"{[k for k in kinds if k.startswith(('priors', 'analysis'))]}")
+    print(
+        f"follow-up sent -> analysis done in {elapsed:.0f} s; "
+        f"{[k for k in kinds if k.startswith(('priors', 'analysis'))]}"
+    )
     assert "analysis_done" in kinds, f"no analysis_done within 240 s: {kinds}"
     # what was asked and what came is in the index
     query = [e for e in events if e[0] == "priors_query"]
@@ -127,8 +162,7 @@ enabled = false
 
 
 @pytest.mark.parametrize("method", ["get", "move"])
-def test_orthanc_query_retrieve_and_other_issuer_never_combined(tmp_path, orthanc_factory,
-                                                                method):
+def test_orthanc_query_retrieve_and_other_issuer_never_combined(tmp_path, orthanc_factory, method):
     """Both retrieve methods against Orthanc on small synthetic studies, with a same-PatientID
     study under another IssuerOfPatientID on the PACS (acceptance 6: never retrieved into this
     patient, whether Orthanc filters it out or the node refuses it)."""
@@ -141,9 +175,19 @@ def test_orthanc_query_retrieve_and_other_issuer_never_combined(tmp_path, orthan
     from tests.node.test_priors import D0, _mr_series, _rtplan
 
     node_port = free_port()
-    server = orthanc_factory(modalities={"node": {
-        "AET": "SPINENODE", "Host": "127.0.0.1", "Port": node_port, "AllowFind": True,
-        "AllowMove": True, "AllowGet": True, "AllowStore": False}})
+    server = orthanc_factory(
+        modalities={
+            "node": {
+                "AET": "SPINENODE",
+                "Host": "127.0.0.1",
+                "Port": node_port,
+                "AllowFind": True,
+                "AllowMove": True,
+                "AllowGet": True,
+                "AllowStore": False,
+            }
+        }
+    )
     base_uid, other_uid, fu_uid = (generate_uid() for _ in range(3))
     baseline = _mr_series(base_uid, D0, 3, seed=1) + [_rtplan(base_uid, D0)]
     other = _mr_series(other_uid, D0 - dt.timedelta(days=3), 2, issuer="HOSPITAL-B", seed=2)
@@ -155,32 +199,57 @@ def test_orthanc_query_retrieve_and_other_issuer_never_combined(tmp_path, orthan
         paths[ds.SOPInstanceUID] = folder / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(paths[ds.SOPInstanceUID], enforce_file_format=True)
     server.upload(paths[ds.SOPInstanceUID] for ds in baseline + other)
-    settings = settings_from_mapping({
-        "node": {"ae_title": "SPINENODE", "port": node_port, "storage": str(tmp_path / "node"),
-                 "quiet_period_s": 30, "disk_low_water_mb": 0},
-        "peers": [{"ae_title": "ORTHANC", "port": server.dicom_port, "may_send": True,
-                   "may_receive": True}],
-        "analysis": {"enabled": False},
-        "dashboard": {"enabled": False},
-        "courses": {"pacs": "ORTHANC", "method": method, "retries": 1, "retry_delay_s": 0.5,
-                    "min_interval_s": 0, "timeout_s": 30},
-    })
+    settings = settings_from_mapping(
+        {
+            "node": {
+                "ae_title": "SPINENODE",
+                "port": node_port,
+                "storage": str(tmp_path / "node"),
+                "quiet_period_s": 30,
+                "disk_low_water_mb": 0,
+            },
+            "peers": [
+                {
+                    "ae_title": "ORTHANC",
+                    "port": server.dicom_port,
+                    "may_send": True,
+                    "may_receive": True,
+                }
+            ],
+            "analysis": {"enabled": False},
+            "dashboard": {"enabled": False},
+            "courses": {
+                "pacs": "ORTHANC",
+                "method": method,
+                "retries": 1,
+                "retry_delay_s": 0.5,
+                "min_interval_s": 0,
+                "timeout_s": 30,
+            },
+        }
+    )
     service = NodeService(settings)
     service.start()
     try:
         stored = import_files(service.store, [paths[ds.SOPInstanceUID] for ds in follow_up])
         assert len(stored.stored) == 2
-        row = int(service.index.query("SELECT patient_key FROM studies WHERE study_uid=?",
-                                      (fu_uid,))[0][0])
+        row = int(
+            service.index.query("SELECT patient_key FROM studies WHERE study_uid=?", (fu_uid,))[0][
+                0
+            ]
+        )
         report = PriorsFetcher(service).fetch(row, fu_uid)
         assert report.state == "retrieved", report
         assert (report.completed, report.failed) == (4, 0)
-        held = {r[0]: r[1] for r in service.index.query(
-            "SELECT study_uid, patient_key FROM studies")}
+        held = {
+            r[0]: r[1] for r in service.index.query("SELECT study_uid, patient_key FROM studies")
+        }
         assert held == {fu_uid: row, base_uid: row}  # the other issuer's study never came
         refused = [e["study_uid"] for e in service.index.events("priors_refused")]
-        print(f"C-{method.upper()}: {report.completed} instances; other issuer "
-              f"{'refused by the node' if refused else 'filtered out by Orthanc'}")
+        print(
+            f"C-{method.upper()}: {report.completed} instances; other issuer "
+            f"{'refused by the node' if refused else 'filtered out by Orthanc'}"
+        )
         assert refused in ([], [other_uid])
     finally:
         service.stop()

@@ -27,10 +27,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 #: 99SPINESBRT concept codes of the ADC QA numbers in the SR, and the summary.json value each holds
-SR_CODES = {"ADCQA-TUM-REL": ("tumour", "median_relative_difference", 100.0),
-            "ADCQA-TUM-ABS": ("tumour", "median_difference_mm2_s", 1e6),
-            "ADCQA-TIS-REL": ("tissue", "median_relative_difference", 100.0),
-            "ADCQA-TIS-ABS": ("tissue", "median_difference_mm2_s", 1e6)}
+SR_CODES = {
+    "ADCQA-TUM-REL": ("tumour", "median_relative_difference", 100.0),
+    "ADCQA-TUM-ABS": ("tumour", "median_difference_mm2_s", 1e6),
+    "ADCQA-TIS-REL": ("tissue", "median_relative_difference", 100.0),
+    "ADCQA-TIS-ABS": ("tissue", "median_difference_mm2_s", 1e6),
+}
 TOLERANCE = 0.01  # absolute, on the relative difference
 
 
@@ -42,8 +44,13 @@ def qa_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, Path]:
     patient = base / "patient"
     truth = write_phantom(patient, seed=11, size="small", followups=1, scanner_maps=True)
     out = base / "out"
-    run = subprocess.run([sys.executable, "-m", "node.cli", "analyze", str(patient), "--out", str(out)],
-                         capture_output=True, text=True, timeout=900, check=False)
+    run = subprocess.run(
+        [sys.executable, "-m", "node.cli", "analyze", str(patient), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return truth, json.loads((out / "summary.json").read_text()), out
 
@@ -76,22 +83,29 @@ def test_summary_has_the_qa_per_study_close_to_the_expected_difference(qa_run) -
         tumour, tissue = qa["tumour"], qa["tissue"]
         assert tumour["n_voxels"] >= 30 and tissue["n_voxels"] >= 0.5 * scanner["tissue_voxels"]
         # the scanner medians are the stored map's (ground truth, integer 1e-6 mm²/s)
-        assert tissue["median_scanner_mm2_s"] == pytest.approx(scanner["tissue_median_mm2_s"],
-                                                               abs=2e-6)
-        assert tumour["median_scanner_mm2_s"] == pytest.approx(scanner["tumour_median_mm2_s"],
-                                                               rel=0.05)
+        assert tissue["median_scanner_mm2_s"] == pytest.approx(
+            scanner["tissue_median_mm2_s"], abs=2e-6
+        )
+        assert tumour["median_scanner_mm2_s"] == pytest.approx(
+            scanner["tumour_median_mm2_s"], rel=0.05
+        )
         assert tumour["median_node_mm2_s"] > 0 and tissue["median_node_mm2_s"] > 0
         assert tumour["median_relative_difference"] == pytest.approx(
-            expected["tumour_median_relative_difference"], abs=TOLERANCE), key
+            expected["tumour_median_relative_difference"], abs=TOLERANCE
+        ), key
         assert tissue["median_relative_difference"] == pytest.approx(
-            expected["tissue_median_relative_difference"], abs=TOLERANCE), key
+            expected["tissue_median_relative_difference"], abs=TOLERANCE
+        ), key
 
 
 def test_sr_carries_the_qa_numbers_and_passes_dciodvfy(qa_run) -> None:
     _, summary, out = qa_run
-    srs = [out / name for name in summary["files"]
-           if pydicom.dcmread(out / name, stop_before_pixels=True).SOPClassUID
-           == "1.2.840.10008.5.1.4.1.1.88.34"]  # Comprehensive 3D SR
+    srs = [
+        out / name
+        for name in summary["files"]
+        if pydicom.dcmread(out / name, stop_before_pixels=True).SOPClassUID
+        == "1.2.840.10008.5.1.4.1.1.88.34"
+    ]  # Comprehensive 3D SR
     assert len(srs) == 1
     sr = pydicom.dcmread(srs[0])
     numbers: dict[str, list[float]] = {code: [] for code in SR_CODES}
@@ -100,8 +114,9 @@ def test_sr_carries_the_qa_numbers_and_passes_dciodvfy(qa_run) -> None:
         if concept.CodingSchemeDesignator == "99SPINESBRT" and concept.CodeValue in SR_CODES:
             numbers[concept.CodeValue].append(float(item.MeasuredValueSequence[0].NumericValue))
     for code, (region, field, scale) in SR_CODES.items():
-        expected = sorted(study["scanner_adc_qa"][region][field] * scale
-                          for study in summary["studies"])
+        expected = sorted(
+            study["scanner_adc_qa"][region][field] * scale for study in summary["studies"]
+        )
         assert sorted(numbers[code]) == pytest.approx(expected, rel=1e-6, abs=1e-9), code
     run = subprocess.run(["dciodvfy", str(srs[0])], capture_output=True, text=True, check=False)
     errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

@@ -21,9 +21,16 @@ PHI_TOKENS: tuple[str, ...] = (PATIENT_NAME, "DOE", PATIENT_ID, BIRTH_DATE)
 
 
 def mr_dataset(
-    *, study_uid: str, series_uid: str, instance_number: int, rows: int = 64, columns: int = 64,
-    patient_name: str = PATIENT_NAME, patient_id: str = PATIENT_ID,
-    birth_date: str = BIRTH_DATE, seed: int = 0,
+    *,
+    study_uid: str,
+    series_uid: str,
+    instance_number: int,
+    rows: int = 64,
+    columns: int = 64,
+    patient_name: str = PATIENT_NAME,
+    patient_id: str = PATIENT_ID,
+    birth_date: str = BIRTH_DATE,
+    seed: int = 0,
 ) -> Dataset:
     """One MR Image Storage instance (16-bit, explicit VR little endian, 1 mm pixels)."""
     ds = Dataset()
@@ -67,8 +74,13 @@ def mr_dataset(
 
 
 def write_mr_series(
-    folder: Path, count: int, *, study_uid: str | None = None, rows: int = 64,
-    columns: int = 64, seed: int = 0,
+    folder: Path,
+    count: int,
+    *,
+    study_uid: str | None = None,
+    rows: int = 64,
+    columns: int = 64,
+    seed: int = 0,
 ) -> list[Path]:
     """Write ``count`` MR instances of one new series into ``folder``; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,8 +88,14 @@ def write_mr_series(
     series_uid = generate_uid()
     paths = []
     for i in range(1, count + 1):
-        ds = mr_dataset(study_uid=study_uid, series_uid=series_uid, instance_number=i,
-                        rows=rows, columns=columns, seed=seed)
+        ds = mr_dataset(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance_number=i,
+            rows=rows,
+            columns=columns,
+            seed=seed,
+        )
         path = folder / f"MR{i:05d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -91,7 +109,7 @@ def dataset_bytes(path: Path) -> bytes:
         raise ValueError(f"{path} is not a DICOM Part 10 file")
     # (0002,0000) group length: explicit VR 'UL', value at offset 132+8
     group_length = int.from_bytes(data[140:144], "little")
-    return data[144 + group_length:]
+    return data[144 + group_length :]
 
 
 def paths_of(items: Sequence[Path]) -> list[str]:
@@ -99,20 +117,29 @@ def paths_of(items: Sequence[Path]) -> list[str]:
     return [str(p) for p in items]
 
 
-def rejection_note(rejected: Sequence[Dataset], *, code_value: str = "113001",
-                   meaning: str = "Rejected for Quality Reasons") -> Dataset:
+def rejection_note(
+    rejected: Sequence[Dataset],
+    *,
+    code_value: str = "113001",
+    meaning: str = "Rejected for Quality Reasons",
+) -> Dataset:
     """An IHE IOCM rejection note (Key Object Selection Document, built by highdicom) that
     withdraws ``rejected`` (instances of one study), as a PACS sends it after a correction."""
     import highdicom as hd
     from pydicom.sr.coding import Code
 
     content = hd.ko.KeyObjectSelection(
-        document_title=Code(code_value, "DCM", meaning), referenced_objects=list(rejected))
+        document_title=Code(code_value, "DCM", meaning), referenced_objects=list(rejected)
+    )
     study_uid = str(rejected[0].StudyInstanceUID)
     return hd.ko.KeyObjectSelectionDocument(
-        evidence=list(rejected), content=content,
+        evidence=list(rejected),
+        content=content,
         series_instance_uid=generate_uid(entropy_srcs=[study_uid, "rejection-series"]),
         series_number=9990,
-        sop_instance_uid=generate_uid(entropy_srcs=[study_uid, code_value,
-                                                    *(str(d.SOPInstanceUID) for d in rejected)]),
-        instance_number=1, manufacturer="Test PACS")
+        sop_instance_uid=generate_uid(
+            entropy_srcs=[study_uid, code_value, *(str(d.SOPInstanceUID) for d in rejected)]
+        ),
+        instance_number=1,
+        manufacturer="Test PACS",
+    )

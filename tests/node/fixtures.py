@@ -88,8 +88,15 @@ def _suite_log_capture(node_log_dir: Path) -> Iterator[None]:
         pytest.fail(f"seeded patient identifiers found in the suite's logs: {leaks[:20]}")
 
 
-def write_config(path: Path, *, storage: Path, port: int = 0, quiet_period_s: float = 60.0,
-                 extra: str = "", node_extra: str = "") -> Path:
+def write_config(
+    path: Path,
+    *,
+    storage: Path,
+    port: int = 0,
+    quiet_period_s: float = 60.0,
+    extra: str = "",
+    node_extra: str = "",
+) -> Path:
     """A node configuration for tests (dcmtk's STORESCU/ECHOSCU plus PYSCU may send).
 
     The dashboard listens on a free port, so that nodes of different tests never compete for the
@@ -138,9 +145,21 @@ class NodeProcess:
         self._stderr = open(f"{stem}.stderr", "w", encoding="utf-8")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "--log-file", f"{stem}.log", "serve",
-             "--config", str(self.config)],
-            stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=REPO, env=env,
+            [
+                sys.executable,
+                "-m",
+                "node.cli",
+                "--log-file",
+                f"{stem}.log",
+                "serve",
+                "--config",
+                str(self.config),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=REPO,
+            env=env,
         )
         deadline = time.monotonic() + timeout_s
         assert self.proc.stdout is not None
@@ -171,8 +190,7 @@ class NodeProcess:
 
 
 @pytest.fixture
-def node_factory(node_log_dir: Path, request: pytest.FixtureRequest) -> Iterator[
-        type[NodeProcess]]:
+def node_factory(node_log_dir: Path, request: pytest.FixtureRequest) -> Iterator[type[NodeProcess]]:
     """Make :class:`NodeProcess` instances that are killed at the end of the test."""
     started: list[NodeProcess] = []
 

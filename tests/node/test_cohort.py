@@ -35,8 +35,12 @@ def main(argv: list[str]) -> int:
 
 def test_cohort_plan_mixes_scenarios_vendors_and_seeds():
     plan = cohort_plan(40, seed=3)
-    assert Counter(p.scenario for p in plan) == {"responder": 10, "progression": 10,
-                                                 "pseudoprogression": 10, "stable": 10}
+    assert Counter(p.scenario for p in plan) == {
+        "responder": 10,
+        "progression": 10,
+        "pseudoprogression": 10,
+        "stable": 10,
+    }
     assert {p.vendor for p in plan} == {"standard", "siemens", "ge", "philips", "enhanced"}
     assert [p.seed for p in plan] == list(range(3, 43))
     assert len({(p.scenario, p.vendor, p.seed) for p in plan}) == 40
@@ -49,8 +53,9 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert main(["cohort", "--patients", "0", "--out", str(tmp_path / "a")]) == 2
-    assert main(["cohort", "--patients", "4", "--followups", "5",
-                 "--out", str(tmp_path / "b")]) == 2
+    assert (
+        main(["cohort", "--patients", "4", "--followups", "5", "--out", str(tmp_path / "b")]) == 2
+    )
     assert main(["cohort", "--patients", "4", "--out", str(tmp_path / "full")]) == 2
     err = capsys.readouterr().err
     assert "--patients must be >= 1" in err and "--followups must be between 1 and 4" in err
@@ -64,8 +69,21 @@ def test_a_patient_the_chain_cannot_analyse_is_reported_not_a_crash(tmp_path, ca
     config = tmp_path / "node.toml"
     config.write_text("[analysis]\nbaseline_window_days = 0\n", encoding="utf-8")
     out = tmp_path / "cohort"
-    rc = main(["cohort", "--patients", "1", "--jobs", "1", "--seed", str(SEED), "--out", str(out),
-               "--config", str(config)])
+    rc = main(
+        [
+            "cohort",
+            "--patients",
+            "1",
+            "--jobs",
+            "1",
+            "--seed",
+            str(SEED),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 1
     report = json.loads((out / "patients.json").read_text())
@@ -80,8 +98,13 @@ def test_a_patient_the_chain_cannot_analyse_is_reported_not_a_crash(tmp_path, ca
 
 def _truth(patient) -> dict:
     """The phantom's ground truth without writing it (same seed, scenario, vendor, size)."""
-    return generate_patient(seed=patient.seed, scenario=patient.scenario, vendor=patient.vendor,
-                            size="small", followups=FOLLOWUPS).ground_truth
+    return generate_patient(
+        seed=patient.seed,
+        scenario=patient.scenario,
+        vendor=patient.vendor,
+        size="small",
+        followups=FOLLOWUPS,
+    ).ground_truth
 
 
 def _content_items(ds):
@@ -93,8 +116,21 @@ def _content_items(ds):
 @pytest.mark.slow
 def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom):
     out = tmp_path / "cohort"
-    rc = main(["cohort", "--patients", str(PATIENTS), "--jobs", "2", "--seed", str(SEED),
-               "--followups", str(FOLLOWUPS), "--out", str(out)])
+    rc = main(
+        [
+            "cohort",
+            "--patients",
+            str(PATIENTS),
+            "--jobs",
+            "2",
+            "--seed",
+            str(SEED),
+            "--followups",
+            str(FOLLOWUPS),
+            "--out",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
     assert "wall time" in stdout and "chain time per patient" in stdout
@@ -104,8 +140,12 @@ def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom
     summary = report["summary"]
     assert summary["analysed"] == PATIENTS and summary["failed"] == 0
     assert summary["cases"] == PATIENTS * FOLLOWUPS
-    assert summary["scenarios"] == {"responder": 2, "progression": 2, "pseudoprogression": 2,
-                                    "stable": 2}
+    assert summary["scenarios"] == {
+        "responder": 2,
+        "progression": 2,
+        "pseudoprogression": 2,
+        "stable": 2,
+    }
     for status in report["patients"]:
         assert status["state"] == "analysed", status["reason"]
         assert status["times_s"]["chain"] > 0 and "maps" in status["chain_timings_s"]
@@ -135,12 +175,15 @@ def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom
         for n in range(1, FOLLOWUPS + 1):
             row = by_case[f"{patient.pseudonym}-followup{n}"]
             assert row["scenario"] == patient.scenario and row["patient"] == patient.pseudonym
-            assert row["outcome"] == ("local progression" if patient.scenario == "progression"
-                                      else "local control")
+            assert row["outcome"] == (
+                "local progression" if patient.scenario == "progression" else "local control"
+            )
             tumour = truth[f"followup{n}"]["tumour"]
             # ADC mean: within 5 % per time point (tests/e2e/test_analyze) -> ratio within 10 %
-            true_adc = (tumour["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
-                        / base["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"])
+            true_adc = (
+                tumour["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
+                / base["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
+            )
             assert 1 + float(row["delta.ADC.mean"]) == pytest.approx(true_adc, rel=0.10)
             true_volume = tumour["volume_ml_voxels_t2w"] / base["volume_ml_voxels_t2w"]
             measured_volume = 1 + float(row["delta.volume"])
@@ -155,8 +198,19 @@ def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom
 
     # --- train on it ------------------------------------------------------------------------
     model_path = tmp_path / "model" / "site.joblib"
-    rc = main(["train", "--cases", str(out / "cases.csv"), "--out", str(model_path),
-               "--folds", "2", "--bootstrap", "200"])
+    rc = main(
+        [
+            "train",
+            "--cases",
+            str(out / "cases.csv"),
+            "--out",
+            str(model_path),
+            "--folds",
+            "2",
+            "--bootstrap",
+            "200",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
     assert "NOT clinically meaningful" in stdout
@@ -189,14 +243,21 @@ def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom
     top = response["model_top_features"]
     assert 1 <= len(top) <= 5 and all(name in model.feature_names for name, _ in top)
     # the TID 1500 report carries the probability, with the top features as its parameters
-    sr = next(dcmread(p) for p in sorted(analysed.glob("*.dcm"))
-              if dcmread(p, stop_before_pixels=True).Modality == "SR")
+    sr = next(
+        dcmread(p)
+        for p in sorted(analysed.glob("*.dcm"))
+        if dcmread(p, stop_before_pixels=True).Modality == "SR"
+    )
     items = list(_content_items(sr))
-    pprob = [i for i in items if i.get("ConceptNameCodeSequence")
-             and i.ConceptNameCodeSequence[0].CodeValue == "PPROB"]
+    pprob = [
+        i
+        for i in items
+        if i.get("ConceptNameCodeSequence") and i.ConceptNameCodeSequence[0].CodeValue == "PPROB"
+    ]
     assert len(pprob) == 1
-    assert float(pprob[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(probability,
-                                                                                   abs=1e-4)
+    assert float(pprob[0].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        probability, abs=1e-4
+    )
     texts = " ".join(str(i.TextValue) for i in _content_items(pprob[0]) if "TextValue" in i)
     assert all(name in texts for name, _ in top)
     # the synthetic-data warning survives the 64-character Algorithm Name, and in full beside it

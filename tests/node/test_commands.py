@@ -12,15 +12,20 @@ import pytest
 
 from node.errors import IndexDatabaseError
 from node.index import SCHEMA_VERSION, Index
-from tests.node.fixtures import REPO, free_port, write_config
 from tests.node.dicom_factory import write_mr_series
+from tests.node.fixtures import REPO, free_port, write_config
 
 pytestmark = pytest.mark.network
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_serve_refuses_a_bad_configuration_naming_the_key(tmp_path):
@@ -59,7 +64,14 @@ def test_index_schema_is_migrated_once_and_a_newer_schema_is_refused(tmp_path):
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    assert {"patients", "studies", "series", "instances", "associations", "events",
-            "outbox"} <= tables
+    assert {
+        "patients",
+        "studies",
+        "series",
+        "instances",
+        "associations",
+        "events",
+        "outbox",
+    } <= tables
     with pytest.raises(IndexDatabaseError, match="newer"):
         Index(path)

@@ -30,8 +30,17 @@ def test_example_configuration_loads_with_dcmtk_default_peers():
         ({"node": {"database_url": "postgresql://x"}}, "node.database_url"),
         ({"node": {"prot": 104}}, "node.prot"),
         ({"dispatch": {"backoff_initial_s": 100, "backoff_max_s": 10}}, "backoff_max_s"),
-        ({"tls": {"enabled": True, "certificate": "/nonexistent.crt", "key": "/x.key",
-                  "ca": "/ca"}}, "certificate"),
+        (
+            {
+                "tls": {
+                    "enabled": True,
+                    "certificate": "/nonexistent.crt",
+                    "key": "/x.key",
+                    "ca": "/ca",
+                }
+            },
+            "certificate",
+        ),
         ({"peers": [{"ae_title": "A", "port": 0}]}, "peers.0.port"),
         ({"node": {"result_destinations": ["NOPE"]}}, "node.result_destinations"),
         ({"unknown_section": {}}, "unknown_section"),
@@ -62,15 +71,18 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
         load_settings(bad)
 
 
-@pytest.mark.parametrize("table, message", [
-    ({"analysis": {"radiomics_bin_count": 1}}, "analysis.radiomics_bin_count"),
-    ({"analysis": {"relaxivity_per_mM_s": {"gadobutrol": 0}}}, "analysis.relaxivity_per_mM_s"),
-    ({"courses": {"method": "fetch"}}, "courses.method"),
-    ({"followup": {"confirmation_days": 0}}, "followup.confirmation_days"),
-    ({"followup": {"notify": {"smtp_host": "mail.example"}}}, "followup.notify"),
-    ({"dashboard": {"bind_address": "0.0.0.0"}}, "dashboard"),
-    ({"dashboard": {"colour": "blue"}}, "dashboard.colour"),
-])
+@pytest.mark.parametrize(
+    "table, message",
+    [
+        ({"analysis": {"radiomics_bin_count": 1}}, "analysis.radiomics_bin_count"),
+        ({"analysis": {"relaxivity_per_mM_s": {"gadobutrol": 0}}}, "analysis.relaxivity_per_mM_s"),
+        ({"courses": {"method": "fetch"}}, "courses.method"),
+        ({"followup": {"confirmation_days": 0}}, "followup.confirmation_days"),
+        ({"followup": {"notify": {"smtp_host": "mail.example"}}}, "followup.notify"),
+        ({"dashboard": {"bind_address": "0.0.0.0"}}, "dashboard"),
+        ({"dashboard": {"colour": "blue"}}, "dashboard.colour"),
+    ],
+)
 def test_every_section_is_validated_by_the_configuration_alone(table, message):
     """Each part's table is declared in node.config: a bad value is refused at load time, by any
     command, whatever modules it imported (a fresh interpreter imports node.config only)."""
@@ -78,13 +90,15 @@ def test_every_section_is_validated_by_the_configuration_alone(table, message):
     import subprocess
     import sys
 
-    code = ("import json, sys\n"
-            "from node.config import settings_from_mapping\n"
-            "from node.errors import ConfigError\n"
-            f"table = json.loads({json.dumps(json.dumps(table))})\n"
-            "try:\n    settings_from_mapping(table)\n"
-            "except ConfigError as err:\n    print(err)\n    sys.exit(3)\n"
-            "assert 'node.worker' not in sys.modules and 'node.dashboard' not in sys.modules\n")
+    code = (
+        "import json, sys\n"
+        "from node.config import settings_from_mapping\n"
+        "from node.errors import ConfigError\n"
+        f"table = json.loads({json.dumps(json.dumps(table))})\n"
+        "try:\n    settings_from_mapping(table)\n"
+        "except ConfigError as err:\n    print(err)\n    sys.exit(3)\n"
+        "assert 'node.worker' not in sys.modules and 'node.dashboard' not in sys.modules\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 3, (run.stdout, run.stderr)
     assert message in run.stdout

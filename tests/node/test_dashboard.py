@@ -25,8 +25,15 @@ import pytest
 from werkzeug.security import generate_password_hash
 
 from node.config import Settings, settings_from_mapping
-from node.dashboard import (DashboardActions, DashboardSection, DashboardServer, create_app,
-                            requeue_failed_outputs, study_states, worklist_text)
+from node.dashboard import (
+    DashboardActions,
+    DashboardSection,
+    DashboardServer,
+    create_app,
+    requeue_failed_outputs,
+    study_states,
+    worklist_text,
+)
 from node.dashboard.state import outbox_reason
 from node.dispatch import Dispatcher, Outbox
 from node.followup import FollowupSection, FollowupTracker
@@ -56,11 +63,13 @@ class Node:
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     storage = tmp_path / "storage"
-    settings = settings_from_mapping({
-        "node": {"storage": str(storage), "dimse_timeout_s": 5},
-        "peers": [{"ae_title": "DEADPACS", "port": free_port(), "may_receive": True}],
-        "dispatch": {"max_tries": 1},
-    })
+    settings = settings_from_mapping(
+        {
+            "node": {"storage": str(storage), "dimse_timeout_s": 5},
+            "peers": [{"ae_title": "DEADPACS", "port": free_port(), "may_receive": True}],
+            "dispatch": {"max_tries": 1},
+        }
+    )
     index = Index(settings.node.database_path)
     outbox = Outbox(index, Store(storage, index), settings)
     for uid, days in STUDIES:
@@ -74,23 +83,31 @@ def node(tmp_path: Path) -> Iterator[Node]:
         index.add_event("analysis_done", study_uid=uid, detail="6 objects")
     index.add_event("analysis_started", study_uid=FOLLOW_UP_2)
     index.add_event("analysis_failed", study_uid=FOLLOW_UP_2, detail=ANALYSIS_ERROR)
-    index.add_event("analysis_waiting", study_uid=WAITING,
-                    detail="no baseline MR study within 90 days before the course")
+    index.add_event(
+        "analysis_waiting",
+        study_uid=WAITING,
+        detail="no baseline MR study within 90 days before the course",
+    )
     # the follow-up's results fail to reach the dead PACS (max_tries 1)
-    outbox.enqueue(write_mr_series(tmp_path / "results", 2, rows=8, columns=8), "DEADPACS",
-                   outbox_reason(FOLLOW_UP_1))
+    outbox.enqueue(
+        write_mr_series(tmp_path / "results", 2, rows=8, columns=8),
+        "DEADPACS",
+        outbox_reason(FOLLOW_UP_1),
+    )
     Dispatcher(outbox, settings).run_once()
     assert outbox.counts() == {"failed": 2}
     record_analysis(index, 1, build_summary())
-    FollowupTracker(index, FollowupSection(), clock=FakeClock(TREATMENT + dt.timedelta(days=200))
-                    ).update_patient(1, build_summary())
+    FollowupTracker(
+        index, FollowupSection(), clock=FakeClock(TREATMENT + dt.timedelta(days=200))
+    ).update_patient(1, build_summary())
     yield Node(index, outbox, settings)
     index.close()
 
 
 def _client(node: Node, section: DashboardSection | None = None):  # noqa: ANN202
     actions = DashboardActions(
-        requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid))
+        requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid)
+    )
     return create_app(node.index, section, actions=actions).test_client()
 
 
@@ -120,7 +137,7 @@ def test_local_pages(node: Node) -> None:
     patient = client.get("/patients/1").get_data(as_text=True)
     assert "GTV L2" in patient and "indeterminate - possible pseudoprogression" in patient
     assert "(+15 %*)" in patient and "6-12 weeks" in patient
-    assert "state-missed\">" not in patient  # nothing missed yet (clock at day 200)
+    assert 'state-missed">' not in patient  # nothing missed yet (clock at day 200)
     trend = client.get(f"/patients/1/lesions/{TRACKING_UID}/trend.png")
     assert trend.status_code == 200 and trend.mimetype == "image/png"
     assert trend.data.startswith(b"\x89PNG")
@@ -134,8 +151,15 @@ def test_local_pages(node: Node) -> None:
 
 
 REMOTE = {"REMOTE_ADDR": "10.20.30.40"}
-PATIENT_PATHS = ("/", "/outbox", "/patients", "/patients/1", "/followups", "/associations",
-                 f"/patients/1/lesions/{TRACKING_UID}/trend.png")
+PATIENT_PATHS = (
+    "/",
+    "/outbox",
+    "/patients",
+    "/patients/1",
+    "/followups",
+    "/associations",
+    f"/patients/1/lesions/{TRACKING_UID}/trend.png",
+)
 
 
 def _no_patient_data(body: bytes) -> None:
@@ -158,9 +182,11 @@ def test_remote_client_without_login_gets_no_patient_data(node: Node) -> None:
 
 
 def test_remote_client_must_log_in(node: Node) -> None:
-    section = DashboardSection(bind_address="0.0.0.0", username="onc",
-                               password_hash=generate_password_hash(
-                                   "s3cret", method="pbkdf2:sha256:20000"))
+    section = DashboardSection(
+        bind_address="0.0.0.0",
+        username="onc",
+        password_hash=generate_password_hash("s3cret", method="pbkdf2:sha256:20000"),
+    )
     client = _client(node, section)
     for path in PATIENT_PATHS:
         response = client.get(path, environ_base=REMOTE)
@@ -169,14 +195,16 @@ def test_remote_client_must_log_in(node: Node) -> None:
     login = client.get("/login", environ_base=REMOTE)
     _no_patient_data(login.data)
     token = login.get_data(as_text=True).split('name="csrf" value="')[1].split('"')[0]
-    wrong = client.post("/login", data={"csrf": token, "username": "onc", "password": "nope"},
-                        environ_base=REMOTE)
+    wrong = client.post(
+        "/login", data={"csrf": token, "username": "onc", "password": "nope"}, environ_base=REMOTE
+    )
     assert "Wrong user or password" in wrong.get_data(as_text=True)
     _no_patient_data(wrong.data)
     assert client.get("/", environ_base=REMOTE).status_code == 302
     client.get("/patients/1", environ_base=REMOTE)  # where to go after the login
-    ok = client.post("/login", data={"csrf": token, "username": "onc", "password": "s3cret"},
-                     environ_base=REMOTE)
+    ok = client.post(
+        "/login", data={"csrf": token, "username": "onc", "password": "s3cret"}, environ_base=REMOTE
+    )
     assert ok.status_code == 302 and ok.headers["Location"].endswith("/patients/1")
     assert "GTV L2" in client.get("/patients/1", environ_base=REMOTE).get_data(as_text=True)
     client.get("/logout", environ_base=REMOTE)
@@ -202,10 +230,18 @@ def browser(tmp_path: Path) -> Iterator[object]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                 "--window-size=1400,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
@@ -227,7 +263,8 @@ def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: P
 
     driver = browser
     actions = DashboardActions(
-        requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid))
+        requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid)
+    )
     server = DashboardServer(create_app(node.index, actions=actions), "127.0.0.1", 0).start()
     try:
         driver.get(server.url + "/")  # type: ignore[attr-defined]
@@ -241,7 +278,8 @@ def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: P
 
         row.find_element(By.CSS_SELECTOR, "button.requeue").click()
         WebDriverWait(driver, 10).until(
-            expected_conditions.presence_of_element_located((By.ID, "flash")))
+            expected_conditions.presence_of_element_located((By.ID, "flash"))
+        )
         flash = driver.find_element(By.ID, "flash")  # type: ignore[attr-defined]
         assert "2 object(s)" in flash.text
         assert _row(driver, FOLLOW_UP_1).find_element(By.CLASS_NAME, "state").text == "sending"
@@ -250,10 +288,14 @@ def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: P
 
         driver.get(server.url + "/patients/1")  # type: ignore[attr-defined]
         image = driver.find_element(By.CSS_SELECTOR, "img.trend")  # type: ignore[attr-defined]
-        WebDriverWait(driver, 20).until(lambda d: d.execute_script(
-            "return arguments[0].complete && arguments[0].naturalWidth", image))
+        WebDriverWait(driver, 20).until(
+            lambda d: d.execute_script(
+                "return arguments[0].complete && arguments[0].naturalWidth", image
+            )
+        )
         assert driver.execute_script(  # type: ignore[attr-defined]
-            "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [800, 600]
+            "return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image
+        ) == [800, 600]
         shot = tmp_path / "patient-trend.png"
         # the criteria listed above the plot vary in length: bring the plot into the viewport
         driver.execute_script("arguments[0].scrollIntoView(true)", image)  # type: ignore[attr-defined]
@@ -271,11 +313,10 @@ def test_reanalyse_button_runs_the_real_worker(tmp_path: Path) -> None:
     ends up *waiting* with the chain's reason."""
     import time
 
+    from node.dashboard import reanalyse_action
     from node.ingest import import_files
     from node.service import NodeService
     from node.worker import AnalysisWorker
-
-    from node.dashboard import reanalyse_action
 
     settings = settings_from_mapping({"node": {"storage": str(tmp_path / "storage"), "port": 0}})
     service = NodeService(settings)
@@ -286,16 +327,18 @@ def test_reanalyse_button_runs_the_real_worker(tmp_path: Path) -> None:
         assert import_files(service.store, files).stored
         (study_uid,) = [r[0] for r in service.index.query("SELECT study_uid FROM studies")]
         service.index.mark_stable(study_uid)
-        client = create_app(service.index, actions=DashboardActions(
-            reanalyse=reanalyse_action(service, worker))).test_client()
+        client = create_app(
+            service.index, actions=DashboardActions(reanalyse=reanalyse_action(service, worker))
+        ).test_client()
         page = client.get("/").get_data(as_text=True)
         token = page.split('name="csrf" value="')[1].split('"')[0]
         response = client.post(f"/studies/{study_uid}/reanalyse", data={"csrf": token})
         assert response.status_code == 302
         assert [e["study_uid"] for e in service.index.events("analysis_requeued")] == [study_uid]
         deadline = time.monotonic() + 90
-        while not (service.index.events("analysis_waiting")
-                   or service.index.events("analysis_failed")):
+        while not (
+            service.index.events("analysis_waiting") or service.index.events("analysis_failed")
+        ):
             assert time.monotonic() < deadline, "the analysis did not finish"
             time.sleep(0.2)
         (state,) = study_states(service.index)
@@ -314,8 +357,9 @@ def test_start_dashboard_serves_a_running_node(tmp_path: Path) -> None:
     from node.dashboard import start_dashboard
     from node.service import NodeService
 
-    settings = settings_from_mapping({"node": {"storage": str(tmp_path / "storage"), "port": 0},
-                                      "dashboard": {"port": 0}})
+    settings = settings_from_mapping(
+        {"node": {"storage": str(tmp_path / "storage"), "port": 0}, "dashboard": {"port": 0}}
+    )
     service = NodeService(settings)
     service.start()
     server = start_dashboard(service)
@@ -327,8 +371,9 @@ def test_start_dashboard_serves_a_running_node(tmp_path: Path) -> None:
         if server is not None:
             server.stop()
         service.stop()
-    disabled = settings_from_mapping({"node": {"storage": str(tmp_path / "s2")},
-                                      "dashboard": {"enabled": False}})
+    disabled = settings_from_mapping(
+        {"node": {"storage": str(tmp_path / "s2")}, "dashboard": {"enabled": False}}
+    )
 
     class _Service:
         settings = disabled

@@ -68,10 +68,10 @@ def _example_with_free_dashboard_port(tmp_path: Path) -> Path:
     if header is None:
         text += "\n[dashboard]\nport = 0\n"
     else:
-        following = re.search(r"^\[", text[header.end():], re.M)
+        following = re.search(r"^\[", text[header.end() :], re.M)
         end = header.end() + following.start() if following else len(text)
-        section = re.sub(r"^port\s*=.*\n?", "", text[header.end():end], flags=re.M)
-        text = f"{text[:header.end()]}port = 0\n{section}{text[end:]}"
+        section = re.sub(r"^port\s*=.*\n?", "", text[header.end() : end], flags=re.M)
+        text = f"{text[: header.end()]}port = 0\n{section}{text[end:]}"
     path = tmp_path / "node.example.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -79,11 +79,24 @@ def _example_with_free_dashboard_port(tmp_path: Path) -> Path:
 
 def test_serve_starts_with_the_example_config(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "node.cli", "serve", "--config",
-         str(_example_with_free_dashboard_port(tmp_path)),
-         "--port", "0", "--storage", str(tmp_path / "storage")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "serve",
+            "--config",
+            str(_example_with_free_dashboard_port(tmp_path)),
+            "--port",
+            "0",
+            "--storage",
+            str(tmp_path / "storage"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
@@ -118,8 +131,11 @@ def test_systemd_unit_has_user_restart_and_storage():
     assert service["Restart"] == "on-failure"
     assert service["StateDirectory"] == "spine-node"
     assert "/var/lib/spine-node" in service["ReadWritePaths"]
-    assert re.search(r"spine-node .*serve --config /etc/spine-node/node.toml "
-                     r"--storage /var/lib/spine-node$", service["ExecStart"])
+    assert re.search(
+        r"spine-node .*serve --config /etc/spine-node/node.toml "
+        r"--storage /var/lib/spine-node$",
+        service["ExecStart"],
+    )
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
@@ -133,8 +149,9 @@ def test_systemd_unit_verifies(tmp_path):
     # ExecStart must exist for verify: point it at this checkout's entry point
     text = (DEPLOY / "spine-node.service").read_text(encoding="utf-8")
     unit = tmp_path / "spine-node.service"
-    unit.write_text(text.replace("/opt/spine-node/.venv/bin/spine-node", str(venv_bin)),
-                    encoding="utf-8")
+    unit.write_text(
+        text.replace("/opt/spine-node/.venv/bin/spine-node", str(venv_bin)), encoding="utf-8"
+    )
     run = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert "spine-node.service" not in run.stderr, run.stderr

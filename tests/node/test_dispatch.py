@@ -17,8 +17,8 @@ from node.config import settings_from_mapping
 from node.dispatch import Dispatcher, Outbox, backoff_delay
 from node.index import Index
 from node.store import Store
-from tests.node.fixtures import REPO, free_port, require_tool, write_config
 from tests.node.dicom_factory import write_mr_series
+from tests.node.fixtures import REPO, free_port, require_tool, write_config
 
 pytestmark = pytest.mark.network
 
@@ -35,13 +35,13 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_outbox_delivers_exactly_once_to_a_late_pacs_across_a_node_kill(tmp_path,
-                                                                         node_factory):
+def test_outbox_delivers_exactly_once_to_a_late_pacs_across_a_node_kill(tmp_path, node_factory):
     require_tool("storescp")
     pacs_port = free_port()
     storage = tmp_path / "storage"
     config = write_config(
-        tmp_path / "node.toml", storage=storage,
+        tmp_path / "node.toml",
+        storage=storage,
         extra=f"""
 [[peers]]
 ae_title = "STORESCP"
@@ -54,15 +54,31 @@ max_tries = 1000
 backoff_initial_s = 0.3
 backoff_max_s = 1.0
 poll_interval_s = 0.2
-""")
+""",
+    )
     files = write_mr_series(tmp_path / "results", 20, rows=32, columns=32)
     uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
     node = node_factory(config)
     node.start()
     queued = subprocess.run(
-        [sys.executable, "-m", "node.cli", "send", "--queue", "--to", "STORESCP", "--config",
-         str(config), "--reason", "test results", *map(str, files)],
-        capture_output=True, text=True, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "send",
+            "--queue",
+            "--to",
+            "STORESCP",
+            "--config",
+            str(config),
+            "--reason",
+            "test results",
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert queued.returncode == 0, queued.stderr
     # the PACS is down: every item is tried at least twice, none is lost or given up
     _wait(lambda: all(t >= 2 for _s, t, _st in _outbox(storage)), 30, "two failed tries")
@@ -73,8 +89,10 @@ poll_interval_s = 0.2
     received.mkdir()
     pacs = subprocess.Popen(
         ["storescp", "+uf", "-od", str(received), "-aet", "STORESCP", str(pacs_port)],
-        env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         node.start()
         _wait(lambda: all(s == "sent" for s, _t, _st in _outbox(storage)), 30, "delivery")
@@ -83,8 +101,7 @@ poll_interval_s = 0.2
     finally:
         pacs.terminate()
         pacs.wait(timeout=10)
-    arrived = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-               for p in received.iterdir()]
+    arrived = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()]
     assert len(arrived) == 20 and set(arrived) == uids  # every one, exactly once
     assert all(st == 0 for _s, _t, st in _outbox(storage))
     # the copies the outbox sent from live in the storage folder
@@ -95,16 +112,19 @@ poll_interval_s = 0.2
 
 def test_item_fails_after_max_tries_and_is_requeued_by_reprocess(tmp_path):
     storage = tmp_path / "storage"
-    settings = settings_from_mapping({
-        "node": {"storage": str(storage), "dimse_timeout_s": 5},
-        "peers": [{"ae_title": "DEADPACS", "port": free_port(), "may_receive": True}],
-        "dispatch": {"max_tries": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.02},
-    })
+    settings = settings_from_mapping(
+        {
+            "node": {"storage": str(storage), "dimse_timeout_s": 5},
+            "peers": [{"ae_title": "DEADPACS", "port": free_port(), "may_receive": True}],
+            "dispatch": {"max_tries": 2, "backoff_initial_s": 0.01, "backoff_max_s": 0.02},
+        }
+    )
     index = Index(settings.node.database_path)
     try:
         outbox = Outbox(index, Store(storage, index), settings)
-        [item] = outbox.enqueue(write_mr_series(tmp_path / "r", 1, rows=8, columns=8),
-                                "DEADPACS", "test")
+        [item] = outbox.enqueue(
+            write_mr_series(tmp_path / "r", 1, rows=8, columns=8), "DEADPACS", "test"
+        )
         dispatcher = Dispatcher(outbox, settings)
         assert dispatcher.run_once() == 0
         assert outbox.counts() == {"queued": 1}
@@ -117,18 +137,27 @@ def test_item_fails_after_max_tries_and_is_requeued_by_reprocess(tmp_path):
         index.close()
     config = tmp_path / "n.toml"
     config.write_text(f'[node]\nstorage = "{storage}"\n')
-    status = subprocess.run([sys.executable, "-m", "node.cli", "status", "--config", str(config)],
-                            capture_output=True, text=True, cwd=REPO)
+    status = subprocess.run(
+        [sys.executable, "-m", "node.cli", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert status.returncode == 0 and "failed #1 -> DEADPACS" in status.stdout
-    run = subprocess.run([sys.executable, "-m", "node.cli", "reprocess", "--failed", "--config",
-                          str(config)], capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run(
+        [sys.executable, "-m", "node.cli", "reprocess", "--failed", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 0 and "re-queued 1" in run.stdout
     assert _outbox(storage) == [("queued", 0, None)]
 
 
 def test_backoff_grows_exponentially_up_to_the_maximum():
-    settings = settings_from_mapping({"dispatch": {"backoff_initial_s": 10,
-                                                   "backoff_max_s": 100}}).dispatch
+    settings = settings_from_mapping(
+        {"dispatch": {"backoff_initial_s": 10, "backoff_max_s": 100}}
+    ).dispatch
     import random
 
     rng = random.Random(0)

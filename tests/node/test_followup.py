@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.config import DEFAULT_WINDOWS, FollowupSection
+from node.config import DEFAULT_WINDOWS, FollowupSection, NotifySettings
 from node.followup import FollowupTracker, windows
 from node.index import Index, NewInstance
-from node.config import NotifySettings
 from tests.node.dicom_factory import BIRTH_DATE, PATIENT_ID, PATIENT_NAME, PHI_TOKENS
 from tests.node.test_notify import HttpReceiver, SmtpReceiver, http_receiver, smtp_receiver
 from tests.node.test_timeline import STUDIES, TREATMENT, VALUES, build_summary
@@ -40,13 +39,29 @@ class FakeClock:
 def add_mr_study(index: Index, study_uid: str, date: dt.date, *, modality: str = "MR") -> None:
     """Index one instance of an MR study of the test patient (patient row 1), who carries the
     suite's seeded identifiers (tests.node.dicom_factory.PHI_TOKENS, checked in every log)."""
-    index.add_instance(NewInstance(
-        sop_instance_uid=f"{study_uid}.1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        series_uid=f"{study_uid}.1", study_uid=study_uid, transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"/nonexistent/{study_uid}.dcm", size=1, sha256="0", calling_ae="STORESCU",
-        association_id=None, patient_id=PATIENT_ID, issuer_of_patient_id="",
-        patient_name=PATIENT_NAME, birth_date=BIRTH_DATE, study_date=date.strftime("%Y%m%d"),
-        accession_number="", modality=modality, series_number=1, series_description="T1"))
+    index.add_instance(
+        NewInstance(
+            sop_instance_uid=f"{study_uid}.1.1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+            series_uid=f"{study_uid}.1",
+            study_uid=study_uid,
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            path=f"/nonexistent/{study_uid}.dcm",
+            size=1,
+            sha256="0",
+            calling_ae="STORESCU",
+            association_id=None,
+            patient_id=PATIENT_ID,
+            issuer_of_patient_id="",
+            patient_name=PATIENT_NAME,
+            birth_date=BIRTH_DATE,
+            study_date=date.strftime("%Y%m%d"),
+            accession_number="",
+            modality=modality,
+            series_number=1,
+            series_description="T1",
+        )
+    )
 
 
 @pytest.fixture
@@ -59,9 +74,15 @@ def scheduler() -> Iterator[BackgroundScheduler]:
 
 
 def _section(http: HttpReceiver, smtp_port: int) -> FollowupSection:
-    return FollowupSection(notify=NotifySettings(
-        webhook_url=http.url, smtp_host="127.0.0.1", smtp_port=smtp_port,
-        mail_from="node@test", mail_to=("oncology@test",)))
+    return FollowupSection(
+        notify=NotifySettings(
+            webhook_url=http.url,
+            smtp_host="127.0.0.1",
+            smtp_port=smtp_port,
+            mail_from="node@test",
+            mail_to=("oncology@test",),
+        )
+    )
 
 
 def _date(days: int) -> dt.date:
@@ -77,8 +98,7 @@ def test_windows_laid_out_from_treatment_and_met_by_studies(tmp_path: Path) -> N
     by_label = {w.label: w for w in windows(index, 1)}
     for setting in DEFAULT_WINDOWS:
         window = by_label[setting.label]
-        assert (window.opens, window.closes) == (_date(setting.start_days),
-                                                 _date(setting.end_days))
+        assert (window.opens, window.closes) == (_date(setting.start_days), _date(setting.end_days))
     # the day-70 study lies in 6-12 weeks (42..84 d)
     assert by_label["6-12 weeks"].state == "met"
     assert by_label["6-12 weeks"].met_study_uid == STUDIES[1][0]
@@ -88,7 +108,8 @@ def test_windows_laid_out_from_treatment_and_met_by_studies(tmp_path: Path) -> N
     assert (confirmation.opens, confirmation.closes) == (_date(71), _date(70 + 56))
     assert confirmation.trigger_study_uid == STUDIES[1][0]
     assert [e["kind"] for e in index.events("followup_confirmation_due")] == [
-        "followup_confirmation_due"]
+        "followup_confirmation_due"
+    ]
     # a study inside the window (and a non-MR one) only the MR one meets it
     add_mr_study(index, "2.25.2001", _date(100), modality="CT")
     assert tracker.resolve_met(1) == 0
@@ -98,8 +119,11 @@ def test_windows_laid_out_from_treatment_and_met_by_studies(tmp_path: Path) -> N
 
 
 def test_missed_window_recorded_notified_and_survives_restart(
-        tmp_path: Path, http_receiver: HttpReceiver,
-        smtp_receiver: tuple[SmtpReceiver, int], scheduler: BackgroundScheduler) -> None:
+    tmp_path: Path,
+    http_receiver: HttpReceiver,
+    smtp_receiver: tuple[SmtpReceiver, int],
+    scheduler: BackgroundScheduler,
+) -> None:
     smtp, smtp_port = smtp_receiver
     path = tmp_path / "index.sqlite3"
     index = Index(path)
@@ -116,7 +140,8 @@ def test_missed_window_recorded_notified_and_survives_restart(
     # one APScheduler job per due window, plus the catch-up check
     due = windows(index, state="due")
     assert {j.id for j in scheduler.get_jobs()} == {"followup-check"} | {
-        f"followup-window-{w.id}" for w in due}
+        f"followup-window-{w.id}" for w in due
+    }
     n_http, n_mail = len(http_receiver.requests), len(smtp.messages)
 
     # nothing missed yet
@@ -161,14 +186,18 @@ def test_missed_window_recorded_notified_and_survives_restart(
         assert len(index.events("followup_missed")) == 2
         assert http_receiver.requests[-1]["json"]["window"] == "6 months"
         assert {f"followup-window-{w.id}" for w in windows(index, state="due")} <= {
-            j.id for j in restarted.get_jobs()}
+            j.id for j in restarted.get_jobs()
+        }
     finally:
         restarted.shutdown(wait=True)
 
 
 def test_window_job_fires_on_the_scheduler(
-        tmp_path: Path, http_receiver: HttpReceiver, smtp_receiver: tuple[SmtpReceiver, int],
-        scheduler: BackgroundScheduler) -> None:
+    tmp_path: Path,
+    http_receiver: HttpReceiver,
+    smtp_receiver: tuple[SmtpReceiver, int],
+    scheduler: BackgroundScheduler,
+) -> None:
     """The per-window date job runs when (injected) time reaches the window's end."""
     _, smtp_port = smtp_receiver
     index = Index(tmp_path / "index.sqlite3")
@@ -176,8 +205,9 @@ def test_window_job_fires_on_the_scheduler(
     summary = build_summary(VALUES[:1], STUDIES[:1])
     # the 6-12 weeks window is missed from day 85 on; the clock stands 3 s before that moment
     clock = FakeClock(_date(84))
-    clock.now = dt.datetime.combine(_date(85), dt.time(0, 5), tzinfo=dt.timezone.utc) - \
-        dt.timedelta(seconds=3)
+    clock.now = dt.datetime.combine(
+        _date(85), dt.time(0, 5), tzinfo=dt.timezone.utc
+    ) - dt.timedelta(seconds=3)
     tracker = FollowupTracker(index, _section(http_receiver, smtp_port), scheduler, clock=clock)
     tracker.update_patient(1, summary)
     (first,) = [w for w in windows(index) if w.label == "6-12 weeks"]
@@ -218,7 +248,8 @@ def test_section_validation() -> None:
 
 
 def test_reanalysis_that_changes_the_call_drops_the_confirmation_window(
-        tmp_path: Path, scheduler: BackgroundScheduler) -> None:
+    tmp_path: Path, scheduler: BackgroundScheduler
+) -> None:
     index = Index(tmp_path / "index.sqlite3")
     for uid, days in STUDIES[:2]:
         add_mr_study(index, uid, _date(days))
@@ -242,7 +273,7 @@ def test_followup_section_from_the_node_configuration(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text(f"""
 [node]
-storage = "{tmp_path / 'storage'}"
+storage = "{tmp_path / "storage"}"
 
 [followup]
 confirmation_days = 42

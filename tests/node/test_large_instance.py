@@ -29,8 +29,9 @@ def _peak_rss_mb(pid: int) -> float:
 def test_100_mb_instance_does_not_grow_the_node_memory(tmp_path, node_factory):
     if not Path("/proc/self/status").exists():
         pytest.skip("needs /proc to read the node's peak memory")
-    ds = mr_dataset(study_uid=generate_uid(), series_uid=generate_uid(), instance_number=1,
-                    rows=8, columns=8)
+    ds = mr_dataset(
+        study_uid=generate_uid(), series_uid=generate_uid(), instance_number=1, rows=8, columns=8
+    )
     ds.Rows = ds.Columns = SIZE
     ds.NumberOfFrames = FRAMES
     frame = np.arange(SIZE * SIZE, dtype=np.uint16).reshape(SIZE, SIZE)
@@ -43,13 +44,16 @@ def test_100_mb_instance_does_not_grow_the_node_memory(tmp_path, node_factory):
     node = node_factory(write_config(tmp_path / "node.toml", storage=storage))
     port = node.start()
     before = _peak_rss_mb(node.proc.pid)
-    [result] = send_files([big], PeerAddress("SPINENODE", "127.0.0.1", port),
-                          calling_ae="PYSCU", timeout_s=120)
+    [result] = send_files(
+        [big], PeerAddress("SPINENODE", "127.0.0.1", port), calling_ae="PYSCU", timeout_s=120
+    )
     assert result.status == 0
     growth = _peak_rss_mb(node.proc.pid) - before
     print(f"{size_mb:.0f} MB instance: node peak memory grew by {growth:.0f} MB")
     assert growth < 0.3 * size_mb
     [stored] = list((storage / "instances").rglob("*.dcm"))
-    assert hashlib.sha256(dataset_bytes(stored)).digest() == hashlib.sha256(
-        dataset_bytes(big)).digest()
+    assert (
+        hashlib.sha256(dataset_bytes(stored)).digest()
+        == hashlib.sha256(dataset_bytes(big)).digest()
+    )
     assert node.stop() == 0

@@ -18,8 +18,10 @@ def _filtered(name: str, message: str, level: int = logging.WARNING) -> str | No
 
 
 def test_patient_elements_and_quoted_values_are_redacted():
-    dump = (f"(0010,0010) Patient's Name PN: '{PATIENT_NAME}'\n"
-            f"(0010,0020) Patient ID LO: {PATIENT_ID}\n(0008,0060) Modality CS: 'MR'")
+    dump = (
+        f"(0010,0010) Patient's Name PN: '{PATIENT_NAME}'\n"
+        f"(0010,0020) Patient ID LO: {PATIENT_ID}\n(0008,0060) Modality CS: 'MR'"
+    )
     out = _filtered("pynetdicom.dsutils", dump, logging.INFO)
     assert out is not None and PATIENT_NAME not in out and PATIENT_ID not in out
     out = _filtered("pydicom.valuerep", f"Invalid value for VR DA: '{BIRTH_DATE}X'")
@@ -34,8 +36,7 @@ def test_pydicom_warnings_reach_stderr_only_filtered(tmp_path):
         "from pydicom.dataset import Dataset\n"
         "ds = Dataset(); ds.PatientBirthDate = %r\n" % (str(tmp_path / "log"), BIRTH_DATE + "X")
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=REPO)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     both = run.stderr + (tmp_path / "log").read_text()
     assert "Invalid value for VR DA" in both  # the warning is still reported...

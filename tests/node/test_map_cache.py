@@ -22,16 +22,20 @@ from node.map_cache import MapCache, cache_key, instance_digest
 
 
 def _datasets(patient: Path, folders: list[str]) -> list:
-    return [dcmread(path) for folder in folders
-            for path in sorted((patient / folder).rglob("*")) if path.is_file()
-            and path.suffix.lower() in (".dcm", "")]
+    return [
+        dcmread(path)
+        for folder in folders
+        for path in sorted((patient / folder).rglob("*"))
+        if path.is_file() and path.suffix.lower() in (".dcm", "")
+    ]
 
 
 def _without_timings(value: Any) -> Any:
     """The summary without wall times (chain timings, per-map fit durations)."""
     if isinstance(value, dict):
-        return {k: _without_timings(v) for k, v in value.items()
-                if k not in ("timings_s", "elapsed_s")}
+        return {
+            k: _without_timings(v) for k, v in value.items() if k not in ("timings_s", "elapsed_s")
+        }
     if isinstance(value, list):
         return [_without_timings(v) for v in value]
     return value
@@ -55,20 +59,24 @@ def counted_fits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fits):
     patient = make_phantom("responder", "standard", "small", followups=2)
     cache = MapCache(tmp_path / "cache")
-    first = run_chain(_datasets(patient, ["baseline", "rt", "followup1"]),
-                      settings=ChainSettings(repeatability=False, outputs=False),
-                      map_cache=cache)
+    first = run_chain(
+        _datasets(patient, ["baseline", "rt", "followup1"]),
+        settings=ChainSettings(repeatability=False, outputs=False),
+        map_cache=cache,
+    )
     assert len(counted_fits) == 2 and all(counted_fits)  # baseline and follow-up 1, with maps
     assert not any(k.startswith("maps cached") for k in first.timings)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
     counted_fits.clear()
-    cached = run_chain(_datasets(patient, ["baseline", "rt", "followup1", "followup2"]),
-                       map_cache=cache)
+    cached = run_chain(
+        _datasets(patient, ["baseline", "rt", "followup1", "followup2"]), map_cache=cache
+    )
     assert len(counted_fits) == 1  # only follow-up 2 is fitted
     assert len(cached.studies) == 3
-    hits = sorted(k.removeprefix("maps cached: ") for k in cached.timings
-                  if k.startswith("maps cached: "))
+    hits = sorted(
+        k.removeprefix("maps cached: ") for k in cached.timings if k.startswith("maps cached: ")
+    )
     assert hits == sorted(s.study_instance_uid for s in cached.studies[:2])
 
     counted_fits.clear()
@@ -76,8 +84,10 @@ def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fit
     assert len(counted_fits) == 3
     fit_time = uncached.timings["maps"]
     read_time = sum(v for k, v in cached.timings.items() if k.startswith("maps cached: "))
-    print(f"maps: {fit_time:.1f} s for 3 studies uncached; cached run: "
-          f"{cached.timings['maps']:.1f} s fitting 1 study + {read_time:.2f} s reading 2 entries")
+    print(
+        f"maps: {fit_time:.1f} s for 3 studies uncached; cached run: "
+        f"{cached.timings['maps']:.1f} s fitting 1 study + {read_time:.2f} s reading 2 entries"
+    )
 
     for study_c, study_u in zip(cached.studies, uncached.studies, strict=True):
         assert study_c.maps.keys() == study_u.maps.keys()
@@ -98,15 +108,18 @@ def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fit
     assert uids_c == uids_u and len(uids_c) == len(cached.outputs)
     # the Parametric Maps carry the same pixel values (cached float32 maps are exact)
     pm = "1.2.840.10008.5.1.4.1.1.30"
-    pixels_c = {str(ds.SOPInstanceUID): ds.FloatPixelData for ds in cached.outputs
-                if ds.SOPClassUID == pm}
-    pixels_u = {str(ds.SOPInstanceUID): ds.FloatPixelData for ds in uncached.outputs
-                if ds.SOPClassUID == pm}
+    pixels_c = {
+        str(ds.SOPInstanceUID): ds.FloatPixelData for ds in cached.outputs if ds.SOPClassUID == pm
+    }
+    pixels_u = {
+        str(ds.SOPInstanceUID): ds.FloatPixelData for ds in uncached.outputs if ds.SOPClassUID == pm
+    }
     assert pixels_c and pixels_c == pixels_u
 
 
 def test_corrupt_entry_is_a_miss_and_a_corrected_instance_changes_the_key(
-        make_phantom, tmp_path, caplog):
+    make_phantom, tmp_path, caplog
+):
     patient = make_phantom("responder", "standard", "small", followups=2)
     import numpy as np
 
@@ -127,20 +140,38 @@ def test_corrupt_entry_is_a_miss_and_a_corrected_instance_changes_the_key(
     geometry = volume.geometry
     values = np.full(tuple(reversed(geometry.size)), np.nan, dtype=np.float32)
     values[:, 2:5, 3:7] = np.float32(1.25e-3)
-    maps = {"ADC": QuantMap("ADC", values, np.isfinite(values), "mm2/s", geometry, series_uid,
-                            {"model": "monoexponential", "b_values": (0.0, 50.0, 1000.0),
-                             "snr": np.float64(12.5), "n": np.int64(3), "r2": float("nan"),
-                             "settings": {"adc_weighting": "none", "grid": [1, (2, 3)]},
-                             "elapsed_s": 0.5})}
+    maps = {
+        "ADC": QuantMap(
+            "ADC",
+            values,
+            np.isfinite(values),
+            "mm2/s",
+            geometry,
+            series_uid,
+            {
+                "model": "monoexponential",
+                "b_values": (0.0, 50.0, 1000.0),
+                "snr": np.float64(12.5),
+                "n": np.int64(3),
+                "r2": float("nan"),
+                "settings": {"adc_weighting": "none", "grid": [1, (2, 3)]},
+                "elapsed_s": 0.5,
+            },
+        )
+    }
     cache = MapCache(tmp_path / "cache")
     assert cache.put(key, maps)
     again = cache.get(key)
     assert again is not None and again.keys() == maps.keys()
     for quantity, qmap in maps.items():
         got = again[quantity]
-        assert (got.values.tobytes() == qmap.values.tobytes()
-                and (got.valid == qmap.valid).all() and got.geometry == qmap.geometry
-                and got.unit == qmap.unit and repr(got.provenance) == repr(qmap.provenance))
+        assert (
+            got.values.tobytes() == qmap.values.tobytes()
+            and (got.valid == qmap.valid).all()
+            and got.geometry == qmap.geometry
+            and got.unit == qmap.unit
+            and repr(got.provenance) == repr(qmap.provenance)
+        )
 
     # a truncated array file: a miss with a warning, never a crash
     npz = tmp_path / "cache" / f"{key}.npz"
@@ -177,16 +208,25 @@ def test_prune_keeps_the_newest_entries_within_the_limit(tmp_path):
     from processing.maps import QuantMap
     from processing.series import Geometry
 
-    geometry = Geometry(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0),
-                        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
-                        size=(64, 64, 16))
+    geometry = Geometry(
+        origin=(0.0, 0.0, 0.0),
+        spacing=(1.0, 1.0, 1.0),
+        direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        size=(64, 64, 16),
+    )
     rng = np.random.default_rng(0)  # incompressible values: every entry has the same size
     cache = MapCache(tmp_path / "cache")
     keys = [f"{n:064x}" for n in range(4)]
     for n, key in enumerate(keys):
         values = rng.random((16, 64, 64), dtype=np.float32)
-        assert cache.put(key, {"ADC": QuantMap("ADC", values, np.isfinite(values), "mm2/s",
-                                               geometry, "1.2.3", {"n": n})})
+        assert cache.put(
+            key,
+            {
+                "ADC": QuantMap(
+                    "ADC", values, np.isfinite(values), "mm2/s", geometry, "1.2.3", {"n": n}
+                )
+            },
+        )
         for path in (tmp_path / "cache").glob(f"{key}.*"):
             os.utime(path, (1_000_000 + n, 1_000_000 + n))  # written in this order
     entry = sum(p.stat().st_size for p in (tmp_path / "cache").glob(f"{keys[0]}.*"))

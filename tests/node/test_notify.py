@@ -14,8 +14,14 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from node.notify import (Notification, NotificationError, Notifier, NotifySettings, send_email,
-                         send_webhook)
+from node.notify import (
+    Notification,
+    NotificationError,
+    Notifier,
+    NotifySettings,
+    send_email,
+    send_webhook,
+)
 
 
 class HttpReceiver:
@@ -30,8 +36,9 @@ class HttpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server API)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append({"path": self.path, "headers": dict(self.headers),
-                                          "json": json.loads(body)})
+                receiver.requests.append(
+                    {"path": self.path, "headers": dict(self.headers), "json": json.loads(body)}
+                )
                 self.send_response(receiver.status)
                 self.end_headers()
                 receiver.received.set()
@@ -57,8 +64,13 @@ class SmtpReceiver:
         self.received = threading.Event()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.messages.append({"from": envelope.mail_from, "to": list(envelope.rcpt_tos),
-                              "message": message_from_bytes(envelope.content)})
+        self.messages.append(
+            {
+                "from": envelope.mail_from,
+                "to": list(envelope.rcpt_tos),
+                "message": message_from_bytes(envelope.content),
+            }
+        )
         self.received.set()
         return "250 OK"
 
@@ -86,8 +98,12 @@ def smtp_receiver() -> Iterator[tuple[SmtpReceiver, int]]:
     controller.stop()
 
 
-NOTE = Notification(kind="followup_missed", subject="Missed follow-up MRI: patient row 3",
-                    body="The window passed.", data={"patient_row": 3, "window": "6-12 weeks"})
+NOTE = Notification(
+    kind="followup_missed",
+    subject="Missed follow-up MRI: patient row 3",
+    body="The window passed.",
+    data={"patient_row": 3, "window": "6-12 weeks"},
+)
 
 
 def test_webhook_posts_json(http_receiver: HttpReceiver) -> None:
@@ -95,8 +111,12 @@ def test_webhook_posts_json(http_receiver: HttpReceiver) -> None:
     request = http_receiver.requests[0]
     assert request["path"] == "/hook"
     assert request["headers"]["Content-Type"] == "application/json"
-    assert request["json"] == {"kind": "followup_missed", "subject": NOTE.subject,
-                               "patient_row": 3, "window": "6-12 weeks"}
+    assert request["json"] == {
+        "kind": "followup_missed",
+        "subject": NOTE.subject,
+        "patient_row": 3,
+        "window": "6-12 weeks",
+    }
 
 
 def test_webhook_error_status_raises(http_receiver: HttpReceiver) -> None:
@@ -107,8 +127,12 @@ def test_webhook_error_status_raises(http_receiver: HttpReceiver) -> None:
 
 def test_email_delivered(smtp_receiver: tuple[SmtpReceiver, int]) -> None:
     handler, port = smtp_receiver
-    settings = NotifySettings(smtp_host="127.0.0.1", smtp_port=port, mail_from="node@test",
-                              mail_to=("onc@test", "rad@test"))
+    settings = NotifySettings(
+        smtp_host="127.0.0.1",
+        smtp_port=port,
+        mail_from="node@test",
+        mail_to=("onc@test", "rad@test"),
+    )
     send_email(settings, NOTE)
     (mail,) = handler.messages
     assert mail["from"] == "node@test" and mail["to"] == ["onc@test", "rad@test"]
@@ -117,18 +141,30 @@ def test_email_delivered(smtp_receiver: tuple[SmtpReceiver, int]) -> None:
     assert "The window passed." in mail["message"].get_payload()
 
 
-def test_notifier_reports_each_channel(http_receiver: HttpReceiver,
-                                       smtp_receiver: tuple[SmtpReceiver, int]) -> None:
+def test_notifier_reports_each_channel(
+    http_receiver: HttpReceiver, smtp_receiver: tuple[SmtpReceiver, int]
+) -> None:
     handler, port = smtp_receiver
-    notifier = Notifier(NotifySettings(webhook_url=http_receiver.url, smtp_host="127.0.0.1",
-                                       smtp_port=port, mail_to=("onc@test",)))
+    notifier = Notifier(
+        NotifySettings(
+            webhook_url=http_receiver.url,
+            smtp_host="127.0.0.1",
+            smtp_port=port,
+            mail_to=("onc@test",),
+        )
+    )
     assert notifier.channels == ("webhook", "email")
-    assert [(d.channel, d.ok) for d in notifier.send(NOTE)] == [("webhook", True),
-                                                                 ("email", True)]
+    assert [(d.channel, d.ok) for d in notifier.send(NOTE)] == [("webhook", True), ("email", True)]
     # a dead SMTP server fails its channel only
-    dead = Notifier(NotifySettings(webhook_url=http_receiver.url, smtp_host="127.0.0.1",
-                                   smtp_port=_free_port(), smtp_timeout_s=2,
-                                   mail_to=("onc@test",)))
+    dead = Notifier(
+        NotifySettings(
+            webhook_url=http_receiver.url,
+            smtp_host="127.0.0.1",
+            smtp_port=_free_port(),
+            smtp_timeout_s=2,
+            mail_to=("onc@test",),
+        )
+    )
     deliveries = dead.send(NOTE)
     assert [(d.channel, d.ok) for d in deliveries] == [("webhook", True), ("email", False)]
     assert "Connection refused" in deliveries[1].detail or "Errno" in deliveries[1].detail
@@ -141,5 +177,12 @@ def test_settings_refuse_bad_values() -> None:
     with pytest.raises(ValueError, match="mail_to"):
         NotifySettings(smtp_host="127.0.0.1")
     with pytest.raises(NotificationError, match="password variable"):
-        send_email(NotifySettings(smtp_host="127.0.0.1", mail_to=("a@b",), smtp_username="u",
-                                  smtp_password_env="SPINE_NODE_TEST_UNSET_VARIABLE"), NOTE)
+        send_email(
+            NotifySettings(
+                smtp_host="127.0.0.1",
+                mail_to=("a@b",),
+                smtp_username="u",
+                smtp_password_env="SPINE_NODE_TEST_UNSET_VARIABLE",
+            ),
+            NOTE,
+        )

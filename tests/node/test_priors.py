@@ -22,14 +22,15 @@ from pydicom.uid import ExplicitVRLittleEndian, RTPlanStorage, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     MRImageStorage,
-    RTPlanStorage as RTPlanSOP,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
+from pynetdicom.sop_class import (
+    RTPlanStorage as RTPlanSOP,
+)
 
-from node.config import AnalysisSection
-from node.config import settings_from_mapping
+from node.config import AnalysisSection, settings_from_mapping
 from node.errors import ConfigError
 from node.ingest import import_files
 from node.priors import CoursesSection, PriorsFetcher, courses_section, pacs_peer
@@ -40,13 +41,27 @@ ISSUER = "HOSPITAL-A"
 D0 = dt.date(2026, 3, 2)  # baseline and planning study date
 
 
-def _mr_series(study_uid: str, date: dt.date, count: int, *, patient_id: str = PATIENT_ID,
-               issuer: str = ISSUER, seed: int = 0) -> list[Dataset]:
+def _mr_series(
+    study_uid: str,
+    date: dt.date,
+    count: int,
+    *,
+    patient_id: str = PATIENT_ID,
+    issuer: str = ISSUER,
+    seed: int = 0,
+) -> list[Dataset]:
     series_uid = generate_uid()
     out = []
     for i in range(1, count + 1):
-        ds = mr_dataset(study_uid=study_uid, series_uid=series_uid, instance_number=i, rows=8,
-                        columns=8, patient_id=patient_id, seed=seed)
+        ds = mr_dataset(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance_number=i,
+            rows=8,
+            columns=8,
+            patient_id=patient_id,
+            seed=seed,
+        )
         ds.IssuerOfPatientID = issuer
         ds.StudyDate = date.strftime("%Y%m%d")
         out.append(ds)
@@ -94,10 +109,12 @@ class FakePacs:
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         for sop in (MRImageStorage, RTPlanSOP):
             self.ae.add_requested_context(sop, ExplicitVRLittleEndian)  # C-MOVE sub-operations
-            self.ae.add_supported_context(sop, ExplicitVRLittleEndian, scu_role=True,
-                                          scp_role=True)
-        handlers = [(evt.EVT_C_FIND, self._find), (evt.EVT_C_MOVE, self._move),
-                    (evt.EVT_C_GET, self._get)]
+            self.ae.add_supported_context(sop, ExplicitVRLittleEndian, scu_role=True, scp_role=True)
+        handlers = [
+            (evt.EVT_C_FIND, self._find),
+            (evt.EVT_C_MOVE, self._move),
+            (evt.EVT_C_GET, self._get),
+        ]
         self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
         self.port = int(self.server.socket.getsockname()[1])
 
@@ -145,15 +162,18 @@ class FakePacs:
 
     def _matches(self, identifier: Dataset) -> list[Dataset]:
         if identifier.QueryRetrieveLevel == "STUDY":
-            return [ds for ds in self.datasets
-                    if ds.StudyInstanceUID == identifier.StudyInstanceUID]
+            return [
+                ds for ds in self.datasets if ds.StudyInstanceUID == identifier.StudyInstanceUID
+            ]
         return [ds for ds in self.datasets if ds.SeriesInstanceUID == identifier.SeriesInstanceUID]
 
     def _enter(self, identifier: Dataset) -> bool:
         with self._lock:
             self.retrieve_log.append(
-                f"STUDY {identifier.StudyInstanceUID}" if identifier.QueryRetrieveLevel == "STUDY"
-                else f"SERIES {identifier.SeriesInstanceUID}")
+                f"STUDY {identifier.StudyInstanceUID}"
+                if identifier.QueryRetrieveLevel == "STUDY"
+                else f"SERIES {identifier.SeriesInstanceUID}"
+            )
             self.active += 1
             self.max_active = max(self.max_active, self.active)
             if self.fail_retrieves > 0:
@@ -198,17 +218,31 @@ class FakePacs:
 
 
 def _settings(storage: Path, pacs_port: int, **courses: Any) -> Any:
-    section = {"pacs": "FAKEPACS", "min_interval_s": 0, "retries": 2, "retry_delay_s": 0.05,
-               "timeout_s": 10, **courses}
-    return settings_from_mapping({
-        "node": {"ae_title": "SPINENODE", "port": 0, "storage": str(storage),
-                 "quiet_period_s": 30, "disk_low_water_mb": 0},
-        "peers": [{"ae_title": "FAKEPACS", "port": pacs_port, "may_send": True,
-                   "may_receive": True}],
-        "analysis": {"enabled": False},
-        "dashboard": {"enabled": False},
-        "courses": section,
-    })
+    section = {
+        "pacs": "FAKEPACS",
+        "min_interval_s": 0,
+        "retries": 2,
+        "retry_delay_s": 0.05,
+        "timeout_s": 10,
+        **courses,
+    }
+    return settings_from_mapping(
+        {
+            "node": {
+                "ae_title": "SPINENODE",
+                "port": 0,
+                "storage": str(storage),
+                "quiet_period_s": 30,
+                "disk_low_water_mb": 0,
+            },
+            "peers": [
+                {"ae_title": "FAKEPACS", "port": pacs_port, "may_send": True, "may_receive": True}
+            ],
+            "analysis": {"enabled": False},
+            "dashboard": {"enabled": False},
+            "courses": section,
+        }
+    )
 
 
 @pytest.fixture
@@ -220,13 +254,17 @@ def pacs_data() -> dict[str, Any]:
     old = _mr_series(old_uid, D0 - dt.timedelta(days=200), 2, seed=2)
     other = _mr_series(other_uid, D0 - dt.timedelta(days=5), 2, issuer="HOSPITAL-B", seed=3)
     follow_up = _mr_series(fu_uid, D0 + dt.timedelta(days=90), 2, seed=4)
-    return {"baseline": baseline_mr, "plan": plan, "old": old, "other": other,
-            "follow_up": follow_up, "uids": {"baseline": base_uid, "old": old_uid,
-                                             "other": other_uid, "follow_up": fu_uid}}
+    return {
+        "baseline": baseline_mr,
+        "plan": plan,
+        "old": old,
+        "other": other,
+        "follow_up": follow_up,
+        "uids": {"baseline": base_uid, "old": old_uid, "other": other_uid, "follow_up": fu_uid},
+    }
 
 
-def _node(tmp_path: Path, pacs: FakePacs, follow_up: list[Dataset], **courses: Any
-          ) -> NodeService:
+def _node(tmp_path: Path, pacs: FakePacs, follow_up: list[Dataset], **courses: Any) -> NodeService:
     service = NodeService(_settings(tmp_path / "storage", pacs.port, **courses))
     host, port = service.start()
     pacs.destination = (host, port)
@@ -242,14 +280,16 @@ def _node(tmp_path: Path, pacs: FakePacs, follow_up: list[Dataset], **courses: A
 
 
 def _patient_row(service: NodeService, study_uid: str) -> int:
-    return int(service.index.query("SELECT patient_key FROM studies WHERE study_uid=?",
-                                   (study_uid,))[0][0])
+    return int(
+        service.index.query("SELECT patient_key FROM studies WHERE study_uid=?", (study_uid,))[0][0]
+    )
 
 
 def _kinds(service: NodeService) -> dict[str, int]:
     rows = service.index.query(
         "SELECT kind, COUNT(*) FROM events WHERE kind LIKE 'priors_%' OR kind='patient_mismatch'"
-        " GROUP BY kind")
+        " GROUP BY kind"
+    )
     return {str(r[0]): int(r[1]) for r in rows}
 
 
@@ -259,8 +299,13 @@ def _held(service: NodeService, study_uid: str) -> int:
 
 @pytest.mark.parametrize("method", ["move", "get"])
 def test_fetch_retrieves_course_and_baseline_and_refuses_other_issuer(tmp_path, pacs_data, method):
-    pacs = FakePacs(pacs_data["baseline"] + [pacs_data["plan"]] + pacs_data["old"]
-                    + pacs_data["other"] + pacs_data["follow_up"])
+    pacs = FakePacs(
+        pacs_data["baseline"]
+        + [pacs_data["plan"]]
+        + pacs_data["old"]
+        + pacs_data["other"]
+        + pacs_data["follow_up"]
+    )
     uids = pacs_data["uids"]
     service = _node(tmp_path, pacs, pacs_data["follow_up"], method=method)
     try:
@@ -274,15 +319,20 @@ def test_fetch_retrieves_course_and_baseline_and_refuses_other_issuer(tmp_path, 
         assert report.studies_found == 3  # baseline, old, follow-up (other issuer refused)
         assert report.refused == [uids["other"]]
         assert sorted(report.requested) == sorted(
-            {pacs_data["baseline"][0].SeriesInstanceUID, pacs_data["plan"].SeriesInstanceUID})
+            {pacs_data["baseline"][0].SeriesInstanceUID, pacs_data["plan"].SeriesInstanceUID}
+        )
         assert _held(service, uids["baseline"]) == 4
         assert _held(service, uids["old"]) == 0 and _held(service, uids["other"]) == 0
         # what came is the same patient row: never another patient's
         assert _patient_row(service, uids["baseline"]) == row
         # the whole baseline study was missing: one STUDY-level retrieval
         assert pacs.retrieve_log == [f"STUDY {uids['baseline']}"]
-        assert _kinds(service) == {"priors_query": 1, "priors_refused": 1,
-                                   "priors_retrieve": 1, "priors_retrieved": 1}
+        assert _kinds(service) == {
+            "priors_query": 1,
+            "priors_refused": 1,
+            "priors_retrieve": 1,
+            "priors_retrieved": 1,
+        }
         detail = service.index.events("priors_query")[0]["detail"]
         assert "3 studies, 2 prior" in detail and PATIENT_ID not in detail
         # a second round finds everything on the node: nothing is asked again
@@ -314,8 +364,9 @@ def test_retries_then_success_and_retries_exhausted(tmp_path, pacs_data):
         pacs.close()
 
     pacs = FakePacs(pacs_data["baseline"] + [pacs_data["plan"]] + pacs_data["follow_up"])
-    service = _node(tmp_path / "second", pacs, pacs_data["follow_up"], retries=1,
-                    retry_delay_s=0.05)
+    service = _node(
+        tmp_path / "second", pacs, pacs_data["follow_up"], retries=1, retry_delay_s=0.05
+    )
     try:
         row = _patient_row(service, uids["follow_up"])
         pacs.fail_retrieves = 10  # never succeeds: 2 attempts, then recorded
@@ -364,8 +415,12 @@ def test_at_most_max_concurrent_retrievals(tmp_path, max_concurrent):
     service = _node(tmp_path, pacs, follow_ups[0] + follow_ups[1], max_concurrent=max_concurrent)
     try:
         fetcher = PriorsFetcher(service)
-        futures = [fetcher.request(_patient_row(service, fu[0].StudyInstanceUID),
-                                   fu[0].StudyInstanceUID, "test") for fu in follow_ups]
+        futures = [
+            fetcher.request(
+                _patient_row(service, fu[0].StudyInstanceUID), fu[0].StudyInstanceUID, "test"
+            )
+            for fu in follow_ups
+        ]
         reports = [f.result(timeout=60) for f in futures if f is not None]
         assert [r.completed for r in reports] == [3, 3]
         assert pacs.max_active == max_concurrent
@@ -402,9 +457,13 @@ def test_min_interval_defers_and_coalesces_queries_of_a_patient(tmp_path, pacs_d
 
 
 def test_courses_section_validation():
-    base = {"node": {"port": 0},
-            "peers": [{"ae_title": "PACS", "may_send": False, "may_receive": True},
-                      {"ae_title": "NOQR", "may_send": True, "may_receive": False}]}
+    base = {
+        "node": {"port": 0},
+        "peers": [
+            {"ae_title": "PACS", "may_send": False, "may_receive": True},
+            {"ae_title": "NOQR", "may_send": True, "may_receive": False},
+        ],
+    }
     with pytest.raises(ConfigError, match="courses.method"):
         settings_from_mapping({**base, "courses": {"pacs": "PACS", "method": "push"}})
     with pytest.raises(ConfigError, match="courses.max_concurrent"):
@@ -486,7 +545,8 @@ def test_patient_mismatch_is_refused_and_recorded_by_the_worker(tmp_path):
 
 
 def test_with_the_course_on_the_node_the_baseline_window_uses_its_treatment_date(
-        tmp_path, make_phantom):
+    tmp_path, make_phantom
+):
     """The node holds the phantom's CyberKnife RT Plan (treatment date T from processing.course):
     of the PACS's MR studies only the latest one within ``baseline_window_days`` before T is
     asked for — not one after T, not one outside the window."""
@@ -501,17 +561,21 @@ def test_with_the_course_on_the_node_the_baseline_window_uses_its_treatment_date
     issuer = truth["patient"]["IssuerOfPatientID"]
     plan = dcmread(phantom / "rt" / "rtplan.dcm")
     studies = {name: generate_uid() for name in ("in_window", "earlier", "outside", "after")}
-    dates = {"in_window": treatment - dt.timedelta(days=6),
-             "earlier": treatment - dt.timedelta(days=30),
-             "outside": treatment - dt.timedelta(days=40),
-             "after": treatment + dt.timedelta(days=10)}
+    dates = {
+        "in_window": treatment - dt.timedelta(days=6),
+        "earlier": treatment - dt.timedelta(days=30),
+        "outside": treatment - dt.timedelta(days=40),
+        "after": treatment + dt.timedelta(days=10),
+    }
     pacs_sets = []
     for k, name in enumerate(studies):
-        pacs_sets += _mr_series(studies[name], dates[name], 2, patient_id=pid, issuer=issuer,
-                                seed=20 + k)
+        pacs_sets += _mr_series(
+            studies[name], dates[name], 2, patient_id=pid, issuer=issuer, seed=20 + k
+        )
     fu_uid = generate_uid()
-    follow_up = _mr_series(fu_uid, treatment + dt.timedelta(days=90), 1, patient_id=pid,
-                           issuer=issuer)
+    follow_up = _mr_series(
+        fu_uid, treatment + dt.timedelta(days=90), 1, patient_id=pid, issuer=issuer
+    )
     pacs = FakePacs(pacs_sets + follow_up)
     service = _node(tmp_path, pacs, follow_up + [plan], baseline_window_days=35)
     try:

@@ -22,15 +22,28 @@ def _store(tmp_path: Path) -> Store:
 def _accept(store: Store, ds: Dataset, tmp_path: Path) -> None:
     path = tmp_path / f"in-{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, enforce_file_format=True)
-    store.accept_file(path, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-                      request_sop_class_uid=str(ds.SOPClassUID),
-                      request_sop_instance_uid=str(ds.SOPInstanceUID), calling_ae="PACS")
+    store.accept_file(
+        path,
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        request_sop_class_uid=str(ds.SOPClassUID),
+        request_sop_instance_uid=str(ds.SOPInstanceUID),
+        calling_ae="PACS",
+    )
 
 
 def _series(study: str, n: int, seed: int) -> list[Dataset]:
     series = generate_uid()
-    return [factory.mr_dataset(study_uid=study, series_uid=series, instance_number=i + 1,
-                               rows=16, columns=16, seed=seed + i) for i in range(n)]
+    return [
+        factory.mr_dataset(
+            study_uid=study,
+            series_uid=series,
+            instance_number=i + 1,
+            rows=16,
+            columns=16,
+            seed=seed + i,
+        )
+        for i in range(n)
+    ]
 
 
 def test_rejection_note_is_recognised_by_its_title():
@@ -63,8 +76,7 @@ def test_rejected_instances_are_left_out_of_the_analysis(tmp_path):
     [event] = store.index.events("instances_rejected")
     assert event["study_uid"] == study and event["detail"].startswith("3 instance(s)")
     # analysis sees only the instances still valid: neither the rejected ones nor the note
-    remaining = {str(d.SOPInstanceUID) for d in patient_datasets(store.index, store.root,
-                                                                  patient)}
+    remaining = {str(d.SOPInstanceUID) for d in patient_datasets(store.index, store.root, patient)}
     assert remaining == {str(d.SOPInstanceUID) for d in kept}
     # the note re-opens its study: when it is stable again it is amended, and re-analysed
     assert store.index.mark_stable(study) is True
@@ -96,8 +108,15 @@ def _sr(study: str, series: str, path: Path) -> Path:
 def test_new_report_names_the_report_it_supersedes(tmp_path):
     study, other = generate_uid(), generate_uid()
     old_series = generate_uid()
-    previous = {study: [{"sop_class_uid": ComprehensiveSRStorage,
-                         "sop_instance_uid": "1.2.3.4", "series_instance_uid": old_series}]}
+    previous = {
+        study: [
+            {
+                "sop_class_uid": ComprehensiveSRStorage,
+                "sop_instance_uid": "1.2.3.4",
+                "series_instance_uid": old_series,
+            }
+        ]
+    }
     changed = _sr(study, generate_uid(), tmp_path / "a.dcm")
     untouched = _sr(other, generate_uid(), tmp_path / "b.dcm")
     assert link_superseded_reports([changed, untouched], previous) == 1
@@ -106,10 +125,18 @@ def test_new_report_names_the_report_it_supersedes(tmp_path):
     assert item.ReferencedSeriesSequence[0].SeriesInstanceUID == old_series
     ref = item.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
-        ComprehensiveSRStorage, "1.2.3.4")
+        ComprehensiveSRStorage,
+        "1.2.3.4",
+    )
     assert "PredecessorDocumentsSequence" not in dcmread(untouched)
     # the same report again (same UID as recorded): nothing to supersede
-    same = {study: [{"sop_class_uid": ComprehensiveSRStorage,
-                     "sop_instance_uid": str(dcmread(changed).SOPInstanceUID),
-                     "series_instance_uid": old_series}]}
+    same = {
+        study: [
+            {
+                "sop_class_uid": ComprehensiveSRStorage,
+                "sop_instance_uid": str(dcmread(changed).SOPInstanceUID),
+                "series_instance_uid": old_series,
+            }
+        ]
+    }
     assert link_superseded_reports([changed], same) == 0

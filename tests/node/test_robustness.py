@@ -27,8 +27,13 @@ pytestmark = pytest.mark.network
 
 def _service(storage: Path, **tls) -> NodeService:
     mapping = {
-        "node": {"port": 0, "storage": str(storage), "disk_low_water_mb": 0,
-                 "network_timeout_s": 3, "acse_timeout_s": 3},
+        "node": {
+            "port": 0,
+            "storage": str(storage),
+            "disk_low_water_mb": 0,
+            "network_timeout_s": 3,
+            "acse_timeout_s": 3,
+        },
         "peers": [{"ae_title": "ECHOSCU"}],
     }
     if tls:
@@ -83,15 +88,55 @@ def pki(tmp_path_factory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-             "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        cwd=d,
+    )
     for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-                 f"{name}.csr", "-subj", "/CN=localhost", cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            "/CN=localhost",
+            cwd=d,
+        )
         (d / f"{name}.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile",
-                 f"{name}.ext", cwd=d)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            cwd=d,
+        )
     return d
 
 
@@ -102,8 +147,7 @@ def _tls_echo(port: int, pki: Path, *, client_cert: bool) -> bool:
     ae = AE(ae_title="ECHOSCU")
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE",
-                         tls_args=(context, "localhost"))
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPINENODE", tls_args=(context, "localhost"))
     if not assoc.is_established:
         return False
     status = assoc.send_c_echo()
@@ -112,8 +156,12 @@ def _tls_echo(port: int, pki: Path, *, client_cert: bool) -> bool:
 
 
 def test_tls_requires_a_client_certificate_signed_by_the_ca(tmp_path, pki):
-    svc = _service(tmp_path / "storage", certificate=str(pki / "server.crt"),
-                   key=str(pki / "server.key"), ca=str(pki / "ca.crt"))
+    svc = _service(
+        tmp_path / "storage",
+        certificate=str(pki / "server.crt"),
+        key=str(pki / "server.key"),
+        ca=str(pki / "ca.crt"),
+    )
     try:
         port = svc.address[1]
         assert _tls_echo(port, pki, client_cert=True)
@@ -132,9 +180,23 @@ def _tls_storescp(pki: Path, out: Path, port: int) -> subprocess.Popen:
     """dcmtk storescp with TLS, requiring a client certificate signed by the test CA."""
     out.mkdir()
     return subprocess.Popen(
-        ["storescp", "+tls", str(pki / "server.key"), str(pki / "server.crt"),
-         "+cf", str(pki / "ca.crt"), "-rc", "-od", str(out), "-aet", "TLSPACS", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "storescp",
+            "+tls",
+            str(pki / "server.key"),
+            str(pki / "server.crt"),
+            "+cf",
+            str(pki / "ca.crt"),
+            "-rc",
+            "-od",
+            str(out),
+            "-aet",
+            "TLSPACS",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_results_go_to_a_tls_peer_with_the_nodes_client_certificate(tmp_path, pki):
@@ -147,11 +209,18 @@ def test_results_go_to_a_tls_peer_with_the_nodes_client_certificate(tmp_path, pk
     try:
         files = write_mr_series(tmp_path / "series", 3, rows=16, columns=16)
         peers = [{"ae_title": "TLSPACS", "port": port, "may_receive": True, "tls": True}]
-        tls = {"certificate": str(pki / "client.crt"), "key": str(pki / "client.key"),
-               "ca": str(pki / "ca.crt")}
-        settings = settings_from_mapping({
-            "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
-            "peers": peers, "tls": tls})
+        tls = {
+            "certificate": str(pki / "client.crt"),
+            "key": str(pki / "client.key"),
+            "ca": str(pki / "ca.crt"),
+        }
+        settings = settings_from_mapping(
+            {
+                "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
+                "peers": peers,
+                "tls": tls,
+            }
+        )
         peer = peer_address(settings.peer("TLSPACS"), settings)
         deadline = time.monotonic() + 10
         while True:  # storescp needs a moment to listen
@@ -168,9 +237,13 @@ def test_results_go_to_a_tls_peer_with_the_nodes_client_certificate(tmp_path, pk
         # without TLS, or with TLS but no client certificate, the peer refuses the association
         with pytest.raises(PeerError):
             echo(PeerAddress("TLSPACS", "127.0.0.1", port), timeout_s=5)
-        anonymous = settings_from_mapping({
-            "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
-            "peers": peers, "tls": {"ca": str(pki / "ca.crt")}})
+        anonymous = settings_from_mapping(
+            {
+                "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
+                "peers": peers,
+                "tls": {"ca": str(pki / "ca.crt")},
+            }
+        )
         with pytest.raises(PeerError):
             echo(peer_address(anonymous.peer("TLSPACS"), anonymous), timeout_s=5)
     finally:
@@ -180,18 +253,27 @@ def test_results_go_to_a_tls_peer_with_the_nodes_client_certificate(tmp_path, pk
 
 def test_a_tls_peer_needs_a_ca_to_verify_it(tmp_path):
     with pytest.raises(ConfigError, match="tls.ca: required"):
-        settings_from_mapping({
-            "node": {"port": 0, "storage": str(tmp_path / "storage")},
-            "peers": [{"ae_title": "TLSPACS", "port": 2762, "tls": True}]})
+        settings_from_mapping(
+            {
+                "node": {"port": 0, "storage": str(tmp_path / "storage")},
+                "peers": [{"ae_title": "TLSPACS", "port": 2762, "tls": True}],
+            }
+        )
 
 
 def test_known_ae_title_from_an_unexpected_host_is_rejected(tmp_path):
-    svc = NodeService(settings_from_mapping({
-        "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
-        "peers": [{"ae_title": "FARAWAY", "host": "192.0.2.10"},  # TEST-NET-1, not us
-                  {"ae_title": "ANYWHERE", "host": "*"},
-                  {"ae_title": "LOOPBACK", "host": "localhost"}],
-    }))
+    svc = NodeService(
+        settings_from_mapping(
+            {
+                "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0},
+                "peers": [
+                    {"ae_title": "FARAWAY", "host": "192.0.2.10"},  # TEST-NET-1, not us
+                    {"ae_title": "ANYWHERE", "host": "*"},
+                    {"ae_title": "LOOPBACK", "host": "localhost"},
+                ],
+            }
+        )
+    )
     svc.start()
     try:
         peer = PeerAddress("SPINENODE", "127.0.0.1", svc.address[1])
@@ -206,14 +288,28 @@ def test_known_ae_title_from_an_unexpected_host_is_rejected(tmp_path):
 
 
 def test_unknown_calling_ae_is_accepted_when_the_check_is_switched_off(tmp_path):
-    svc = NodeService(settings_from_mapping({
-        "node": {"port": 0, "storage": str(tmp_path / "storage"), "disk_low_water_mb": 0,
-                 "reject_unknown_calling_ae": False},
-        "peers": [{"ae_title": "ECHOSCU"}],
-    }))
+    svc = NodeService(
+        settings_from_mapping(
+            {
+                "node": {
+                    "port": 0,
+                    "storage": str(tmp_path / "storage"),
+                    "disk_low_water_mb": 0,
+                    "reject_unknown_calling_ae": False,
+                },
+                "peers": [{"ae_title": "ECHOSCU"}],
+            }
+        )
+    )
     svc.start()
     try:
-        assert echo(PeerAddress("SPINENODE", "127.0.0.1", svc.address[1]),
-                    calling_ae="ANYONE", timeout_s=5) == 0
+        assert (
+            echo(
+                PeerAddress("SPINENODE", "127.0.0.1", svc.address[1]),
+                calling_ae="ANYONE",
+                timeout_s=5,
+            )
+            == 0
+        )
     finally:
         svc.stop()

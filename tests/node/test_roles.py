@@ -12,9 +12,9 @@ from node.roles import PatientMismatchError, assign_roles, check_single_patient
 
 TREATMENT = dt.date(2026, 3, 10)
 STUDIES = [
-    ("1.2.3.1", dt.date(2025, 6, 1)),   # too old
-    ("1.2.3.2", dt.date(2026, 2, 1)),   # earlier pre-treatment
-    ("1.2.3.3", dt.date(2026, 3, 2)),   # baseline
+    ("1.2.3.1", dt.date(2025, 6, 1)),  # too old
+    ("1.2.3.2", dt.date(2026, 2, 1)),  # earlier pre-treatment
+    ("1.2.3.3", dt.date(2026, 3, 2)),  # baseline
     ("1.2.3.4", dt.date(2026, 5, 19)),  # follow-up 1 (70 days)
     ("1.2.3.5", dt.date(2026, 9, 10)),  # follow-up 2
 ]
@@ -28,7 +28,9 @@ def test_assignment_does_not_depend_on_arrival_order(order):
     assert [f.study_instance_uid for f in roles.follow_ups] == ["1.2.3.4", "1.2.3.5"]
     assert roles.follow_ups[0].days_since_treatment == 70
     assert {o.study_instance_uid: o.role for o in roles.others} == {
-        "1.2.3.1": "outside-window", "1.2.3.2": "earlier"}
+        "1.2.3.1": "outside-window",
+        "1.2.3.2": "earlier",
+    }
 
 
 def test_no_baseline_inside_window():

@@ -12,10 +12,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from node.scu import PeerAddress, send_files, echo
+from node.scu import PeerAddress, echo, send_files
 from node.store import uid_hash
-from tests.node.fixtures import require_tool, write_config
 from tests.node.dicom_factory import dataset_bytes, mr_dataset, write_mr_series
+from tests.node.fixtures import require_tool, write_config
 
 pytestmark = pytest.mark.network
 
@@ -37,19 +37,35 @@ def mr_folder(tmp_path_factory) -> list[Path]:
     return write_mr_series(tmp_path_factory.mktemp("mr200"), 200)
 
 
-def test_echoscu_and_storescu_folder_are_stored_byte_identical(tmp_path, node_factory,
-                                                                 mr_folder):
+def test_echoscu_and_storescu_folder_are_stored_byte_identical(tmp_path, node_factory, mr_folder):
     require_tool("storescu")
     storage = tmp_path / "storage"
     node = node_factory(write_config(tmp_path / "node.toml", storage=storage))
     port = node.start()
-    echo_run = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", "SPINENODE", "127.0.0.1",
-                               str(port)], capture_output=True, text=True, env=DCMTK_ENV)
+    echo_run = subprocess.run(
+        ["echoscu", "-aet", "ECHOSCU", "-aec", "SPINENODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+    )
     assert echo_run.returncode == 0, echo_run.stderr
     t0 = time.perf_counter()
     store_run = subprocess.run(
-        ["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "127.0.0.1", str(port),
-         str(mr_folder[0].parent)], capture_output=True, text=True, env=DCMTK_ENV)
+        [
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "SPINENODE",
+            "+sd",
+            "127.0.0.1",
+            str(port),
+            str(mr_folder[0].parent),
+        ],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+    )
     elapsed = time.perf_counter() - t0
     assert store_run.returncode == 0, store_run.stderr
     indexed = _indexed(storage)
@@ -68,21 +84,35 @@ def test_unknown_calling_ae_is_rejected_and_known_accepted(tmp_path, node_factor
     require_tool("echoscu")
     storage = tmp_path / "storage"
     port = node_factory(write_config(tmp_path / "node.toml", storage=storage)).start()
-    bad = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "SPINENODE", "127.0.0.1",
-                          str(port)], capture_output=True, text=True, env=DCMTK_ENV)
+    bad = subprocess.run(
+        ["echoscu", "-aet", "INTRUDER", "-aec", "SPINENODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+    )
     assert bad.returncode != 0
     assert "Rejected" in bad.stdout + bad.stderr
-    wrong_called = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", "NOTUS", "127.0.0.1",
-                                   str(port)], capture_output=True, text=True, env=DCMTK_ENV)
+    wrong_called = subprocess.run(
+        ["echoscu", "-aet", "ECHOSCU", "-aec", "NOTUS", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+    )
     assert wrong_called.returncode != 0
-    good = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", "SPINENODE", "127.0.0.1",
-                           str(port)], capture_output=True, text=True, env=DCMTK_ENV)
+    good = subprocess.run(
+        ["echoscu", "-aet", "ECHOSCU", "-aec", "SPINENODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+    )
     assert good.returncode == 0, good.stderr
     with _db(storage) as db:
-        outcomes = [r[0] for r in db.execute(
-            "SELECT outcome FROM associations ORDER BY id").fetchall()]
-        rejected = db.execute("SELECT COUNT(*) FROM events WHERE kind='association_rejected'"
-                              ).fetchone()[0]
+        outcomes = [
+            r[0] for r in db.execute("SELECT outcome FROM associations ORDER BY id").fetchall()
+        ]
+        rejected = db.execute(
+            "SELECT COUNT(*) FROM events WHERE kind='association_rejected'"
+        ).fetchone()[0]
     assert outcomes[:2] == ["rejected", "rejected"] and outcomes[2] in ("released", "closed")
     assert rejected == 2
 
@@ -95,9 +125,23 @@ def test_sigkill_during_storescu_loses_no_acknowledged_instance(tmp_path, node_f
     node = node_factory(write_config(tmp_path / "node.toml", storage=storage))
     port = node.start()
     sender = subprocess.Popen(
-        ["storescu", "-v", "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "127.0.0.1",
-         str(port), str(tmp_path / "mr")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=DCMTK_ENV)
+        [
+            "storescu",
+            "-v",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "SPINENODE",
+            "+sd",
+            "127.0.0.1",
+            str(port),
+            str(tmp_path / "mr"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=DCMTK_ENV,
+    )
     acknowledged: list[str] = []
     current = None
     killed = False
@@ -149,8 +193,9 @@ def test_bad_inputs_get_their_status_and_the_node_keeps_serving(tmp_path, node_f
     study = generate_uid()
 
     def new(i: int):
-        return mr_dataset(study_uid=study, series_uid=generate_uid(), instance_number=i,
-                          rows=32, columns=32)
+        return mr_dataset(
+            study_uid=study, series_uid=generate_uid(), instance_number=i, rows=32, columns=32
+        )
 
     truncated = _write(new(1), tmp_path / "truncated.dcm")
     truncated.write_bytes(truncated.read_bytes()[:-300])
@@ -205,8 +250,12 @@ def test_rt_beams_treatment_record_is_stored(tmp_path, node_factory):
     storage = tmp_path / "storage"
     node = node_factory(write_config(tmp_path / "node.toml", storage=storage))
     port = node.start()
-    run = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "127.0.0.1",
-                          str(port), str(path)], capture_output=True, text=True, env=DCMTK_ENV)
+    run = subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "127.0.0.1", str(port), str(path)],
+        capture_output=True,
+        text=True,
+        env=DCMTK_ENV,
+    )
     assert run.returncode == 0, run.stderr
     indexed = _indexed(storage)
     assert str(record.SOPInstanceUID) in indexed

@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from node.config import AnalysisSection
-from node.config import settings_from_mapping
+from node.config import AnalysisSection, settings_from_mapping
 from node.scu import PeerAddress, send_files
 from node.service import NodeService
-from tests.node.fixtures import free_port, require_tool
 from tests.node.dicom_factory import mr_dataset, write_mr_series
+from tests.node.fixtures import free_port, require_tool
 
 pytestmark = pytest.mark.network
 
@@ -26,11 +25,17 @@ QUIET_S = 3.0  # seconds; margin for a loaded machine (the suite runs on 2 worke
 
 
 def _settings(storage: Path, quiet_period_s: float = QUIET_S):
-    return settings_from_mapping({
-        "node": {"port": 0, "storage": str(storage), "quiet_period_s": quiet_period_s,
-                 "disk_low_water_mb": 0},
-        "peers": [{"ae_title": "PYSCU"}],
-    })
+    return settings_from_mapping(
+        {
+            "node": {
+                "port": 0,
+                "storage": str(storage),
+                "quiet_period_s": quiet_period_s,
+                "disk_low_water_mb": 0,
+            },
+            "peers": [{"ae_title": "PYSCU"}],
+        }
+    )
 
 
 class Recorder:
@@ -60,8 +65,9 @@ def _peer(svc: NodeService) -> PeerAddress:
 
 
 def test_duplicate_sop_instance_uid_over_the_network(service, tmp_path):
-    ds = mr_dataset(study_uid=generate_uid(), series_uid=generate_uid(), instance_number=1,
-                    rows=32, columns=32)
+    ds = mr_dataset(
+        study_uid=generate_uid(), series_uid=generate_uid(), instance_number=1, rows=32, columns=32
+    )
     first = tmp_path / "first.dcm"
     ds.save_as(first, enforce_file_format=True)
     ds.PixelData = bytes(len(ds.PixelData))  # same SOP Instance UID, different content
@@ -73,12 +79,14 @@ def test_duplicate_sop_instance_uid_over_the_network(service, tmp_path):
     rows = service.index.query("SELECT path, sha256 FROM instances")
     assert len(rows) == 1
     stored = service.store.root / rows[0]["path"]
-    assert stored.read_bytes()[-len(ds.PixelData):] == Path(first).read_bytes()[
-        -len(ds.PixelData):]
+    assert (
+        stored.read_bytes()[-len(ds.PixelData) :] == Path(first).read_bytes()[-len(ds.PixelData) :]
+    )
     conflicts = service.index.events("duplicate_conflict")
     assert len(conflicts) == 1 and conflicts[0]["sop_instance_uid"] == ds.SOPInstanceUID
     counts = service.index.query(
-        "SELECT n_ok, n_warning, n_failed FROM associations WHERE direction='in'")
+        "SELECT n_ok, n_warning, n_failed FROM associations WHERE direction='in'"
+    )
     assert tuple(counts[0]) == (2, 1, 0)
 
 
@@ -151,8 +159,10 @@ def test_sending_to_storescp_is_not_stalled_by_nagle(tmp_path):
     out.mkdir()
     receiver = subprocess.Popen(
         ["storescp", "-od", str(out), "-aet", "STORESCP", str(port)],
-        env=dict(os.environ, TCP_NODELAY="1"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         files = write_mr_series(tmp_path / "mr", 100, rows=32, columns=32)
         peer = PeerAddress("STORESCP", "127.0.0.1", port)
@@ -181,7 +191,8 @@ def test_patient_analysed_once_when_its_last_receiving_study_is_stable(tmp_path)
     """Two studies of one patient: the first becomes stable while the second is still arriving;
     its analysis is deferred, and the second's stability starts one analysis that sees both."""
     settings = _settings(tmp_path / "storage").model_copy(
-        update={"analysis": AnalysisSection(enabled=True)})
+        update={"analysis": AnalysisSection(enabled=True)}
+    )
     service = NodeService(settings)
     service.start()
     try:
@@ -191,8 +202,9 @@ def test_patient_analysed_once_when_its_last_receiving_study_is_stable(tmp_path)
         assert all(r.status == 0 for r in send_files(early, peer, calling_ae="PYSCU"))
         # the second study keeps arriving for longer than the first study's quiet period
         for n in range(4):
-            part = write_mr_series(tmp_path / f"b{n}", 1, study_uid=second, rows=16, columns=16,
-                                   seed=n + 3)
+            part = write_mr_series(
+                tmp_path / f"b{n}", 1, study_uid=second, rows=16, columns=16, seed=n + 3
+            )
             assert send_files(part, peer, calling_ae="PYSCU")[0].status == 0
             time.sleep(QUIET_S * 0.6)
         deadline = time.monotonic() + 120

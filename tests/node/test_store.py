@@ -29,7 +29,7 @@ def _encode(ds):
 
 def dataset_bytes_from(data: bytes) -> bytes:
     group_length = int.from_bytes(data[140:144], "little")
-    return data[144 + group_length:]
+    return data[144 + group_length :]
 
 
 def _tmp_files(store):
@@ -44,17 +44,26 @@ def store(tmp_path):
 
 
 def _mr(**kw):
-    return mr_dataset(study_uid=kw.pop("study_uid", generate_uid()),
-                      series_uid=generate_uid(), instance_number=1, rows=16, columns=16, **kw)
+    return mr_dataset(
+        study_uid=kw.pop("study_uid", generate_uid()),
+        series_uid=generate_uid(),
+        instance_number=1,
+        rows=16,
+        columns=16,
+        **kw,
+    )
 
 
 def _accept(store, ds, meta=None, body=None, **kw):
     m, b = _encode(ds)
-    return store.accept(body if body is not None else b, meta if meta is not None else m,
-                        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                        request_sop_class_uid=kw.get("cls", ds.SOPClassUID),
-                        request_sop_instance_uid=kw.get("inst", ds.SOPInstanceUID),
-                        calling_ae="PYSCU")
+    return store.accept(
+        body if body is not None else b,
+        meta if meta is not None else m,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        request_sop_class_uid=kw.get("cls", ds.SOPClassUID),
+        request_sop_instance_uid=kw.get("inst", ds.SOPInstanceUID),
+        calling_ae="PYSCU",
+    )
 
 
 def test_stored_file_is_the_received_bytes_under_a_hashed_path(store):
@@ -64,8 +73,11 @@ def test_stored_file_is_the_received_bytes_under_a_hashed_path(store):
     assert result.outcome is StoreOutcome.STORED and store_status(result.outcome) == 0
     assert result.path.read_bytes() == meta + body
     rel = result.path.relative_to(store.instances_dir)
-    assert rel.parts == (uid_hash(ds.StudyInstanceUID), uid_hash(ds.SeriesInstanceUID),
-                         uid_hash(ds.SOPInstanceUID) + ".dcm")
+    assert rel.parts == (
+        uid_hash(ds.StudyInstanceUID),
+        uid_hash(ds.SeriesInstanceUID),
+        uid_hash(ds.SOPInstanceUID) + ".dcm",
+    )
     row = store.index.instance(ds.SOPInstanceUID)
     assert row is not None and row.size == len(meta) + len(body) and row.calling_ae == "PYSCU"
     assert _tmp_files(store) == []
@@ -196,8 +208,10 @@ def test_factory_dataset_bytes_helper(tmp_path):
 def test_index_failure_refuses_with_a700_and_removes_the_written_file(store):
     ds = _mr()
     # the index can look up but no longer record: the file is written, then removed again
-    store.index._conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON instances "
-                              "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    store.index._conn.execute(
+        "CREATE TRIGGER refuse BEFORE INSERT ON instances "
+        "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
+    )
     with pytest.raises(OutOfResourcesError, match="index unavailable") as info:
         _accept(store, ds)
     assert store_status(info.value) == 0xA700
@@ -217,9 +231,12 @@ def test_instance_received_into_a_file_is_stored_from_it(store, tmp_path, monkey
     received = tmp_path / "received.dcm"
     meta, body = _encode(ds)
     received.write_bytes(meta + body)
-    result = store.accept_file(received, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                               request_sop_class_uid=ds.SOPClassUID,
-                               request_sop_instance_uid=ds.SOPInstanceUID)
+    result = store.accept_file(
+        received,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        request_sop_class_uid=ds.SOPClassUID,
+        request_sop_instance_uid=ds.SOPInstanceUID,
+    )
     assert result.outcome is StoreOutcome.STORED
     assert result.path.read_bytes() == meta + body
     assert (result.path.stat().st_ino == received.stat().st_ino) is can_link
@@ -228,7 +245,10 @@ def test_instance_received_into_a_file_is_stored_from_it(store, tmp_path, monkey
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(meta + body[:-10])
     with pytest.raises(UnparseableDatasetError):
-        store.accept_file(truncated, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-                          request_sop_class_uid=ds.SOPClassUID,
-                          request_sop_instance_uid=ds.SOPInstanceUID)
+        store.accept_file(
+            truncated,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            request_sop_class_uid=ds.SOPClassUID,
+            request_sop_instance_uid=ds.SOPInstanceUID,
+        )
     assert len(list(store.quarantine_dir.glob("*.dcm"))) == 1

@@ -28,26 +28,61 @@ def write_cohort(path: Path, n: int = 48, seed: int = 5, origin: str = "syntheti
     responders and stable lesions, with delta features as the node computes them."""
     rng = np.random.default_rng(seed)
     scenarios = ("progression", "pseudoprogression", "responder", "stable")
-    centre = {"progression": (0.45, 0.25, -0.05), "pseudoprogression": (0.20, -0.60, 0.20),
-              "responder": (-0.30, -0.60, 0.35), "stable": (0.02, -0.05, 0.03)}
+    centre = {
+        "progression": (0.45, 0.25, -0.05),
+        "pseudoprogression": (0.20, -0.60, 0.20),
+        "responder": (-0.30, -0.60, 0.35),
+        "stable": (0.02, -0.05, 0.03),
+    }
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["case_id", "scenario", "data_origin", "outcome", "delta.volume",
-                         "delta.vp.mean", "delta.ADC.mean", "delta.radiomics.ADC.glcm_Contrast"])
+        writer.writerow(
+            [
+                "case_id",
+                "scenario",
+                "data_origin",
+                "outcome",
+                "delta.volume",
+                "delta.vp.mean",
+                "delta.ADC.mean",
+                "delta.radiomics.ADC.glcm_Contrast",
+            ]
+        )
         for i in range(n):
             scenario = scenarios[i % 4]
             dv, dvp, dadc = (m + rng.normal(0, 0.12) for m in centre[scenario])
             outcome = "local progression" if scenario == "progression" else "local control"
-            writer.writerow([f"P{i:03d}", scenario, origin, outcome, f"{dv:.4f}", f"{dvp:.4f}",
-                             f"{dadc:.4f}", f"{rng.normal():.4f}"])
+            writer.writerow(
+                [
+                    f"P{i:03d}",
+                    scenario,
+                    origin,
+                    outcome,
+                    f"{dv:.4f}",
+                    f"{dvp:.4f}",
+                    f"{dadc:.4f}",
+                    f"{rng.normal():.4f}",
+                ]
+            )
 
 
 def test_train_writes_model_and_metrics_and_the_model_is_usable(tmp_path, capsys):
     cases = tmp_path / "cohort.csv"
     write_cohort(cases)
     model_path = tmp_path / "models" / "site.joblib"
-    rc = main(["train", "--cases", str(cases), "--out", str(model_path), "--bootstrap", "300",
-               "--model-version", "test-1"])
+    rc = main(
+        [
+            "train",
+            "--cases",
+            str(cases),
+            "--out",
+            str(model_path),
+            "--bootstrap",
+            "300",
+            "--model-version",
+            "test-1",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "NOT clinically meaningful" in out and "cross-validated AUC" in out
@@ -59,8 +94,12 @@ def test_train_writes_model_and_metrics_and_the_model_is_usable(tmp_path, capsys
     assert low <= metrics["auc"] <= high and low > 0.75
     assert report["clinical_validity"] == SYNTHETIC_STATEMENT
     assert report["metadata"]["source"].startswith("cohort.csv sha256:")
-    assert report["feature_names"] == ["delta.volume", "delta.vp.mean", "delta.ADC.mean",
-                                       "delta.radiomics.ADC.glcm_Contrast"]
+    assert report["feature_names"] == [
+        "delta.volume",
+        "delta.vp.mean",
+        "delta.ADC.mean",
+        "delta.radiomics.ADC.glcm_Contrast",
+    ]
 
     model = ResponseModel.load(model_path)
     assert model.metadata["model_version"] == "test-1" and model.synthetic
@@ -72,8 +111,22 @@ def test_train_writes_model_and_metrics_and_the_model_is_usable(tmp_path, capsys
 def test_clinical_origin_and_bad_input(tmp_path, capsys):
     cases = tmp_path / "clinical.csv"
     write_cohort(cases, n=40, origin="clinical")
-    assert main(["train", "--cases", str(cases), "--out", str(tmp_path / "m.joblib"),
-                 "--bootstrap", "100", "--report", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--cases",
+                str(cases),
+                "--out",
+                str(tmp_path / "m.joblib"),
+                "--bootstrap",
+                "100",
+                "--report",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["metadata"]["data_origin"] == "clinical"
     assert "NOT clinically meaningful" not in report["display_name"]
@@ -84,17 +137,33 @@ def test_clinical_origin_and_bad_input(tmp_path, capsys):
     assert main(["train", "--cases", str(bad), "--out", str(tmp_path / "x.joblib")]) == 2
     assert "no 'outcome' column" in capsys.readouterr().err
     assert not (tmp_path / "x.joblib").exists()
-    missing = main(["train", "--cases", str(tmp_path / "nope.csv"), "--out",
-                    str(tmp_path / "y.joblib")])
+    missing = main(
+        ["train", "--cases", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "y.joblib")]
+    )
     assert missing == 2
 
 
 def test_train_as_a_process(tmp_path):
     cases = tmp_path / "cohort.csv"
     write_cohort(cases, n=40, seed=9)
-    out = subprocess.run([sys.executable, "-m", "node.cli", "train", "--cases", str(cases),
-                          "--out", str(tmp_path / "model.joblib"), "--bootstrap", "200"],
-                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "node.cli",
+            "train",
+            "--cases",
+            str(cases),
+            "--out",
+            str(tmp_path / "model.joblib"),
+            "--bootstrap",
+            "200",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "NOT clinically meaningful" in out.stdout
     assert (tmp_path / "model.joblib").stat().st_size > 0

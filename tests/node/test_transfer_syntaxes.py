@@ -16,8 +16,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.node.fixtures import require_tool, write_config
 from tests.node.dicom_factory import dataset_bytes, mr_dataset
+from tests.node.fixtures import require_tool, write_config
 
 pytestmark = pytest.mark.network
 
@@ -42,8 +42,9 @@ def test_each_transfer_syntax_is_stored_as_received(tmp_path, node_factory):
     folder.mkdir()
     sent = {}
     for i, (ts, (command, _option)) in enumerate(CONVERSIONS.items(), start=1):
-        ds = mr_dataset(study_uid=study, series_uid=generate_uid(), instance_number=i,
-                        rows=64, columns=64)
+        ds = mr_dataset(
+            study_uid=study, series_uid=generate_uid(), instance_number=i, rows=64, columns=64
+        )
         ds.save_as(source, enforce_file_format=True)
         target = folder / f"{i}.dcm"
         subprocess.run([*command, str(source), str(target)], check=True, capture_output=True)
@@ -54,12 +55,28 @@ def test_each_transfer_syntax_is_stored_as_received(tmp_path, node_factory):
     for ts, path in sent.values():
         # one association per file, proposing the file's own syntax (-R: only that context)
         run = subprocess.run(
-            ["storescu", "-R", CONVERSIONS[ts][1], "-aet", "STORESCU", "-aec", "SPINENODE", "127.0.0.1", str(port),
-             str(path)], capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"))
+            [
+                "storescu",
+                "-R",
+                CONVERSIONS[ts][1],
+                "-aet",
+                "STORESCU",
+                "-aec",
+                "SPINENODE",
+                "127.0.0.1",
+                str(port),
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TCP_NODELAY="1"),
+        )
         assert run.returncode == 0, run.stdout + run.stderr
     with sqlite3.connect(storage / "index.sqlite3") as db:
-        rows = {r[0]: (r[1], r[2]) for r in db.execute(
-            "SELECT sop_instance_uid, transfer_syntax_uid, path FROM instances")}
+        rows = {
+            r[0]: (r[1], r[2])
+            for r in db.execute("SELECT sop_instance_uid, transfer_syntax_uid, path FROM instances")
+        }
     assert set(rows) == set(sent)
     for uid, (ts, path) in sent.items():
         stored_ts, rel = rows[uid]

@@ -17,8 +17,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from node.scu import PeerAddress, send_files
-from tests.node.fixtures import require_tool, write_config
 from tests.node.dicom_factory import BIRTH_DATE, PHI_TOKENS, mr_dataset
+from tests.node.fixtures import require_tool, write_config
 
 pytestmark = pytest.mark.network
 
@@ -33,8 +33,9 @@ def _scenario(tmp_path: Path, node_factory) -> None:
     folder.mkdir()
     paths = []
     for i in range(1, 6):
-        ds = mr_dataset(study_uid=study, series_uid=generate_uid(), instance_number=i,
-                        rows=16, columns=16)
+        ds = mr_dataset(
+            study_uid=study, series_uid=generate_uid(), instance_number=i, rows=16, columns=16
+        )
         if i == 2:
             ds.PatientBirthDate = BIRTH_DATE + "X"  # invalid DA: pydicom warns quoting it
         if i == 3:
@@ -44,14 +45,32 @@ def _scenario(tmp_path: Path, node_factory) -> None:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     env = dict(os.environ, TCP_NODELAY="1")
-    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "SPINENODE", "+sd", "127.0.0.1",
-                    str(port), str(folder)], check=True, capture_output=True, env=env)
-    subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "SPINENODE", "127.0.0.1", str(port)],
-                   capture_output=True, env=env)
+    subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "SPINENODE",
+            "+sd",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    subprocess.run(
+        ["echoscu", "-aet", "INTRUDER", "-aec", "SPINENODE", "127.0.0.1", str(port)],
+        capture_output=True,
+        env=env,
+    )
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(paths[0].read_bytes()[:-50])
-    conflict = mr_dataset(study_uid=study, series_uid=generate_uid(), instance_number=9,
-                          rows=16, columns=16)
+    conflict = mr_dataset(
+        study_uid=study, series_uid=generate_uid(), instance_number=9, rows=16, columns=16
+    )
     from pydicom import dcmread
 
     conflict.SOPInstanceUID = dcmread(paths[3]).SOPInstanceUID
@@ -59,8 +78,7 @@ def _scenario(tmp_path: Path, node_factory) -> None:
     conflict_path = tmp_path / "conflict.dcm"
     conflict.save_as(conflict_path, enforce_file_format=True)
     peer = PeerAddress("SPINENODE", "127.0.0.1", port)
-    statuses = [r.status for r in send_files([truncated, conflict_path], peer,
-                                             calling_ae="PYSCU")]
+    statuses = [r.status for r in send_files([truncated, conflict_path], peer, calling_ae="PYSCU")]
     assert statuses == [0xC210, 0xB006]
     assert node.stop() == 0
 
@@ -73,7 +91,6 @@ def test_no_seeded_identifier_in_any_log(tmp_path, node_factory, node_log_dir):
     joined = "\n".join(text.values())
     for expected in ("association", "refused (0xC210)", "different content"):
         assert expected in joined, expected
-    leaks = [(name, token) for name, body in text.items() for token in PHI_TOKENS
-             if token in body]
+    leaks = [(name, token) for name, body in text.items() for token in PHI_TOKENS if token in body]
     assert not leaks, leaks
     print(f"checked {len(logs)} log files, {len(joined):,} characters")

@@ -28,7 +28,10 @@ def _stats(quantity: str, mean: float) -> MapStatistics:
 def test_quantity_change_arithmetic_and_flags():
     grown = quantity_change("volume", "baseline", 10.0, 11.5, repeatability=VOLUME_MDC)
     assert (grown.absolute, grown.relative, grown.beyond_repeatability) == (
-        pytest.approx(1.5), pytest.approx(0.15), True)
+        pytest.approx(1.5),
+        pytest.approx(0.15),
+        True,
+    )
     small = quantity_change("volume", "baseline", 10.0, 10.5, repeatability=VOLUME_MDC)
     assert small.beyond_repeatability is False
     zero = quantity_change("epidural_volume", "previous", 0.0, 0.4, repeatability=VOLUME_MDC)
@@ -39,14 +42,18 @@ def test_quantity_change_arithmetic_and_flags():
 
 
 def test_compute_changes_from_baseline_and_previous_with_comparability():
-    base = LesionMeasurements(volume_ml=10.0, map_statistics={"ADC": _stats("ADC", 1.0e-3),
-                                                              "vp": _stats("vp", 0.10)})
-    prev = LesionMeasurements(volume_ml=11.0, map_statistics={"ADC": _stats("ADC", 1.1e-3),
-                                                              "vp": _stats("vp", 0.05)})
-    now = LesionMeasurements(volume_ml=12.0, map_statistics={"ADC": _stats("ADC", 1.3e-3),
-                                                             "vp": _stats("vp", 0.04)})
-    changes = compute_changes(now, base, prev, repeatability={"vp.mean": 0.15, "ADC.mean": 0.1},
-                              not_comparable=["ADC"])
+    base = LesionMeasurements(
+        volume_ml=10.0, map_statistics={"ADC": _stats("ADC", 1.0e-3), "vp": _stats("vp", 0.10)}
+    )
+    prev = LesionMeasurements(
+        volume_ml=11.0, map_statistics={"ADC": _stats("ADC", 1.1e-3), "vp": _stats("vp", 0.05)}
+    )
+    now = LesionMeasurements(
+        volume_ml=12.0, map_statistics={"ADC": _stats("ADC", 1.3e-3), "vp": _stats("vp", 0.04)}
+    )
+    changes = compute_changes(
+        now, base, prev, repeatability={"vp.mean": 0.15, "ADC.mean": 0.1}, not_comparable=["ADC"]
+    )
     by_key = {(c.quantity, c.reference): c for c in changes}
     v_base = by_key[("volume", "baseline")]
     assert v_base.relative == pytest.approx(0.20) and v_base.beyond_repeatability
@@ -117,9 +124,11 @@ def test_one_voxel_roi_shift_stays_within_repeatability_but_a_real_change_does_n
 
 # --- with the phantom (issue 3): baseline T2w series and the RTSTRUCT GTV ----------------------
 
+
 @pytest.mark.slow
 def test_phantom_re_extraction_is_identical_and_a_one_voxel_shift_is_within_repeatability(
-        make_phantom):
+    make_phantom,
+):
     import pydicom
 
     from processing.radiomics import default_course_settings
@@ -139,7 +148,8 @@ def test_phantom_re_extraction_is_identical_and_a_one_voxel_shift_is_within_repe
     assert flatten_measurements(again) == flatten_measurements(baseline)
     # the voxelised GTV is the phantom's tumour within a few voxels of 5 mm slices
     assert baseline.volume_ml == pytest.approx(
-        truth["studies"]["baseline"]["tumour"]["volume_ml_continuous"], rel=0.35)
+        truth["studies"]["baseline"]["tumour"]["volume_ml_continuous"], rel=0.35
+    )
     assert len(baseline.radiomics["T2w"]) == 102
 
     mdc = perturbation_repeatability(gtv, {"T2w": t2w}, radiomics_settings=settings)

@@ -10,7 +10,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from processing.series import SEGMENTATION_SOP_CLASS
 from processing.classify import (
     RT_DOSE_STORAGE,
     RT_PLAN_STORAGE,
@@ -21,7 +20,7 @@ from processing.classify import (
     classify_volume,
     diffusion_inventory,
 )
-from processing.series import read_series
+from processing.series import SEGMENTATION_SOP_CLASS, read_series
 from tests.processing.test_series import make_series
 
 SMALL = {"size": (3, 3, 2)}
@@ -42,9 +41,14 @@ def dwi_volumes(shells: list[tuple[float, int]]) -> list[dict]:
         if b == 0:
             vols.append({"DiffusionBValue": 0.0})
         elif n == 3:
-            vols += [{"DiffusionBValue": b, "DiffusionGradientOrientation": g} for g in np.eye(3).tolist()]
+            vols += [
+                {"DiffusionBValue": b, "DiffusionGradientOrientation": g}
+                for g in np.eye(3).tolist()
+            ]
         else:
-            vols += [{"DiffusionBValue": b, "DiffusionGradientOrientation": g} for g in _directions(n)]
+            vols += [
+                {"DiffusionBValue": b, "DiffusionGradientOrientation": g} for g in _directions(n)
+            ]
     return vols
 
 
@@ -55,35 +59,96 @@ def study_series(study: str, frame_of_ref: str, description: str = "") -> dict[s
     """One synthetic spine MR study plus RT objects; every description is ``description``."""
     kw = dict(SMALL, study=study, frame_of_ref=frame_of_ref)
     series = {
-        "t2w": make_series(common={"RepetitionTime": 4000.0, "EchoTime": 100.0, "FlipAngle": 150.0,
-                                   "ScanningSequence": "SE", "SequenceVariant": "SK"}, **kw),
-        "t1w": make_series(common={"RepetitionTime": 600.0, "EchoTime": 10.0, "FlipAngle": 150.0,
-                                   "ScanningSequence": "SE"}, **kw),
-        "stir": make_series(common={"RepetitionTime": 5000.0, "EchoTime": 60.0, "InversionTime": 263.4,
-                                    "ScanningSequence": ["IR", "SE"]}, **kw),
-        "dwi": make_series(dwi_volumes(PHANTOM_SHELLS),
-                           common={"RepetitionTime": 5000.0, "EchoTime": 70.0, "ScanningSequence": "EP",
-                                   "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]}, **kw),
-        "vfa_t1": make_series([{"FlipAngle": fa} for fa in (3.0, 10.0, 20.0)],
-                              common={"RepetitionTime": 4.0, "EchoTime": 1.5, "ScanningSequence": "GR",
-                                      "MRAcquisitionType": "3D"}, **kw),
-        "dce": make_series([{"TemporalPositionIdentifier": t + 1,
-                             "AcquisitionTime": f"{12 + (5 * t) // 3600:02d}{((5 * t) // 60) % 60:02d}"
-                                                f"{(5 * t) % 60:02d}"} for t in range(40)],
-                           common={"RepetitionTime": 4.0, "EchoTime": 1.5, "FlipAngle": 15.0,
-                                   "ScanningSequence": "GR", "MRAcquisitionType": "3D",
-                                   "ContrastBolusAgent": "Gadoterate"}, **kw),
-        "adc_map": make_series(common={"ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"],
-                                       "RepetitionTime": 5000.0, "EchoTime": 70.0}, **kw),
-        "trace": make_series([{"DiffusionBValue": 0.0}, {"DiffusionBValue": 50.0},
-                              {"DiffusionBValue": 800.0}],
-                             common={"ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"],
-                                     "DiffusionDirectionality": "ISOTROPIC"}, **kw),
+        "t2w": make_series(
+            common={
+                "RepetitionTime": 4000.0,
+                "EchoTime": 100.0,
+                "FlipAngle": 150.0,
+                "ScanningSequence": "SE",
+                "SequenceVariant": "SK",
+            },
+            **kw,
+        ),
+        "t1w": make_series(
+            common={
+                "RepetitionTime": 600.0,
+                "EchoTime": 10.0,
+                "FlipAngle": 150.0,
+                "ScanningSequence": "SE",
+            },
+            **kw,
+        ),
+        "stir": make_series(
+            common={
+                "RepetitionTime": 5000.0,
+                "EchoTime": 60.0,
+                "InversionTime": 263.4,
+                "ScanningSequence": ["IR", "SE"],
+            },
+            **kw,
+        ),
+        "dwi": make_series(
+            dwi_volumes(PHANTOM_SHELLS),
+            common={
+                "RepetitionTime": 5000.0,
+                "EchoTime": 70.0,
+                "ScanningSequence": "EP",
+                "ImageType": ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"],
+            },
+            **kw,
+        ),
+        "vfa_t1": make_series(
+            [{"FlipAngle": fa} for fa in (3.0, 10.0, 20.0)],
+            common={
+                "RepetitionTime": 4.0,
+                "EchoTime": 1.5,
+                "ScanningSequence": "GR",
+                "MRAcquisitionType": "3D",
+            },
+            **kw,
+        ),
+        "dce": make_series(
+            [
+                {
+                    "TemporalPositionIdentifier": t + 1,
+                    "AcquisitionTime": f"{12 + (5 * t) // 3600:02d}{((5 * t) // 60) % 60:02d}"
+                    f"{(5 * t) % 60:02d}",
+                }
+                for t in range(40)
+            ],
+            common={
+                "RepetitionTime": 4.0,
+                "EchoTime": 1.5,
+                "FlipAngle": 15.0,
+                "ScanningSequence": "GR",
+                "MRAcquisitionType": "3D",
+                "ContrastBolusAgent": "Gadoterate",
+            },
+            **kw,
+        ),
+        "adc_map": make_series(
+            common={
+                "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"],
+                "RepetitionTime": 5000.0,
+                "EchoTime": 70.0,
+            },
+            **kw,
+        ),
+        "trace": make_series(
+            [{"DiffusionBValue": 0.0}, {"DiffusionBValue": 50.0}, {"DiffusionBValue": 800.0}],
+            common={
+                "ImageType": ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"],
+                "DiffusionDirectionality": "ISOTROPIC",
+            },
+            **kw,
+        ),
     }
-    for role, sop_class, modality in (("rtplan", RT_PLAN_STORAGE, "RTPLAN"),
-                                      ("rtstruct", RT_STRUCTURE_SET_STORAGE, "RTSTRUCT"),
-                                      ("rtdose", RT_DOSE_STORAGE, "RTDOSE"),
-                                      ("seg", SEGMENTATION_SOP_CLASS, "SEG")):
+    for role, sop_class, modality in (
+        ("rtplan", RT_PLAN_STORAGE, "RTPLAN"),
+        ("rtstruct", RT_STRUCTURE_SET_STORAGE, "RTSTRUCT"),
+        ("rtdose", RT_DOSE_STORAGE, "RTDOSE"),
+        ("seg", SEGMENTATION_SOP_CLASS, "SEG"),
+    ):
         ds = Dataset()
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = generate_uid()
@@ -118,17 +183,23 @@ def test_dwi_inventory_of_the_phantom_protocol():
     assert (inv.adc, inv.ivim, inv.kurtosis_apparent, inv.dki_tensor) == (True, True, True, True)
 
 
-@pytest.mark.parametrize("shells, expected", [
-    ([(0, 1), (1000, 3)], (True, False, False, False)),  # clinical two-point ADC
-    ([(50, 3), (800, 3)], (True, False, False, False)),
-    ([(0, 1), (50, 3), (100, 3), (800, 3)], (True, True, False, False)),  # IVIM, b_max too low for K
-    ([(0, 1), (100, 3), (1000, 3), (2000, 3)], (True, False, True, False)),  # apparent K only
-    ([(0, 1), (1000, 6), (2000, 6)], (True, False, True, False)),  # too few directions for DKI
-    ([(0, 1), (1000, 20), (2000, 20)], (True, False, True, True)),
-    ([(400, 3), (1000, 3), (2000, 3)], (True, False, False, False)),  # no low b → no Kapp
-    ([(0, 1), (400, 3)], (True, False, False, False)),
-    ([(0, 1), (200, 3)], (False, False, False, False)),  # b_max < 400: no reliable ADC
-])
+@pytest.mark.parametrize(
+    "shells, expected",
+    [
+        ([(0, 1), (1000, 3)], (True, False, False, False)),  # clinical two-point ADC
+        ([(50, 3), (800, 3)], (True, False, False, False)),
+        (
+            [(0, 1), (50, 3), (100, 3), (800, 3)],
+            (True, True, False, False),
+        ),  # IVIM, b_max too low for K
+        ([(0, 1), (100, 3), (1000, 3), (2000, 3)], (True, False, True, False)),  # apparent K only
+        ([(0, 1), (1000, 6), (2000, 6)], (True, False, True, False)),  # too few directions for DKI
+        ([(0, 1), (1000, 20), (2000, 20)], (True, False, True, True)),
+        ([(400, 3), (1000, 3), (2000, 3)], (True, False, False, False)),  # no low b → no Kapp
+        ([(0, 1), (400, 3)], (True, False, False, False)),
+        ([(0, 1), (200, 3)], (False, False, False, False)),  # b_max < 400: no reliable ADC
+    ],
+)
 def test_diffusion_capabilities_follow_the_documented_thresholds(shells, expected):
     sv = read_series(make_series(dwi_volumes(shells), **SMALL))
     inv = diffusion_inventory(sv)
@@ -154,8 +225,16 @@ def test_protocol_inventory_of_a_full_study():
     assert inv.anatomy_reference == uid["t2w"]
     assert inv.adc_maps == (uid["adc_map"],)
     assert [c.series_instance_uid for c in inv.by_role("rtplan")] == [uid["rtplan"]]
-    assert inv.analyses == {"adc", "ivim", "dki_tensor", "kurtosis_apparent", "dce_semi_quantitative",
-                            "dce_quantitative", "t1_vfa", "anatomy"}
+    assert inv.analyses == {
+        "adc",
+        "ivim",
+        "dki_tensor",
+        "kurtosis_apparent",
+        "dce_semi_quantitative",
+        "dce_quantitative",
+        "t1_vfa",
+        "anatomy",
+    }
     dce = next(c for c in inv.series if c.role is SeriesRole.DCE)
     assert dce.temporal_resolution == pytest.approx(5.0)
     assert dce.n_volumes == 40
@@ -183,7 +262,9 @@ def test_unreadable_series_is_reported_not_dropped():
 
 
 def test_real_siemens_mosaic_dwi_inventory(shared_data: Path):
-    files = sorted((shared_data / "dwi_dcmqa/siemens_sag_mosaic_dwi/In/4_DWI_SagAPmosaic").glob("*"))
+    files = sorted(
+        (shared_data / "dwi_dcmqa/siemens_sag_mosaic_dwi/In/4_DWI_SagAPmosaic").glob("*")
+    )
     result = classify_volume(read_series([pydicom.dcmread(f) for f in files]))
     assert result.role is SeriesRole.DWI
     inv = result.diffusion
@@ -219,7 +300,9 @@ def read_phantom_blanked(root: Path) -> list[Dataset]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("vendor, scenario", PHANTOM_CASES, ids=[v for v, _ in PHANTOM_CASES])
-def test_phantom_every_series_gets_its_true_role_with_descriptions_blank(vendor, scenario, make_phantom):
+def test_phantom_every_series_gets_its_true_role_with_descriptions_blank(
+    vendor, scenario, make_phantom
+):
     import json
 
     root = make_phantom(scenario, vendor, "small")
@@ -241,13 +324,24 @@ def test_phantom_every_series_gets_its_true_role_with_descriptions_blank(vendor,
         assert inventory.errors == ()
         for c in inventory.series:
             seen[c.series_instance_uid] = c.role.value
-        mr_truth = next((s for s in truth["studies"].values() if s["StudyInstanceUID"] == study_uid), None)
+        mr_truth = next(
+            (s for s in truth["studies"].values() if s["StudyInstanceUID"] == study_uid), None
+        )
         if mr_truth is not None:
-            assert inventory.analyses >= {"adc", "ivim", "dki_tensor", "kurtosis_apparent", "dce_quantitative",
-                                          "t1_vfa", "anatomy"}
+            assert inventory.analyses >= {
+                "adc",
+                "ivim",
+                "dki_tensor",
+                "kurtosis_apparent",
+                "dce_quantitative",
+                "t1_vfa",
+                "anatomy",
+            }
             assert inventory.dce_t1_method == "vfa"
             assert inventory.anatomy_reference == mr_truth["series"]["t2w"]["SeriesInstanceUID"]
             dwi = next(c for c in inventory.series if c.role is SeriesRole.DWI)
             assert [list(s) for s in dwi.diffusion.shells] == [
-                [b, 0 if b == 0 else n] for b, n in mr_truth["series"]["dwi"]["acquisition"]["shells"]]
+                [b, 0 if b == 0 else n]
+                for b, n in mr_truth["series"]["dwi"]["acquisition"]["shells"]
+            ]
     assert seen == expected

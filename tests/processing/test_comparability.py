@@ -41,13 +41,19 @@ def _follow(**changes) -> AcquisitionProtocol:
 def test_identical_protocols_are_comparable() -> None:
     result = assess_comparability(BASE, _follow(dwi_b_values=(0.003, 50.0, 400.0, 800.0)))
     assert result.overall is C and result.reasons == () and result.affected == ()
-    assert result.is_comparable("ADC.mean") and result.is_comparable("radiomics.ADC.original_glcm_Contrast")
+    assert result.is_comparable("ADC.mean") and result.is_comparable(
+        "radiomics.ADC.original_glcm_Contrast"
+    )
 
 
 def test_field_strength_change() -> None:
     result = assess_comparability(BASE, _follow(field_strength_t=3.0))
     assert result.overall is NOT
-    assert result.of("Ktrans.median") is NOT and result.of("ve") is NOT and result.of("radiomics") is NOT
+    assert (
+        result.of("Ktrans.median") is NOT
+        and result.of("ve") is NOT
+        and result.of("radiomics") is NOT
+    )
     assert result.of("ADC.mean") is CAUTION and result.of("kep") is CAUTION
     assert result.of("volume") is C and result.is_comparable("volume")
     assert any("1.5 T vs 3 T" in r for r in result.reasons)
@@ -56,7 +62,9 @@ def test_field_strength_change() -> None:
 
 def test_b_values() -> None:
     same_max = assess_comparability(BASE, _follow(dwi_b_values=(0.0, 100.0, 800.0)))
-    assert all(same_max.of(q) is CAUTION for q in DIFFUSION_QUANTITIES) and same_max.overall is CAUTION
+    assert (
+        all(same_max.of(q) is CAUTION for q in DIFFUSION_QUANTITIES) and same_max.overall is CAUTION
+    )
     other_max = assess_comparability(BASE, _follow(dwi_b_values=(0.0, 50.0, 1000.0)))
     assert other_max.of("ADC") is NOT and not other_max.is_comparable("MK.mean")
     assert other_max.of("Ktrans") is C
@@ -88,9 +96,18 @@ def test_voxel_size_and_fat_suppression_and_contrast() -> None:
     fat = assess_comparability(BASE, _follow(dwi_fat_suppression="SPAIR"))
     assert fat.of("ADC") is CAUTION and fat.of("Ktrans") is C
     contrast = assess_comparability(
-        BASE, _follow(contrast_agent="gadobutrol", contrast_flow_rate_ml_s=1.5, contrast_injection_delay_s=60.0)
+        BASE,
+        _follow(
+            contrast_agent="gadobutrol",
+            contrast_flow_rate_ml_s=1.5,
+            contrast_injection_delay_s=60.0,
+        ),
     )
-    assert contrast.of("ve") is CAUTION and contrast.of("Ktrans") is CAUTION and contrast.overall is CAUTION
+    assert (
+        contrast.of("ve") is CAUTION
+        and contrast.of("Ktrans") is CAUTION
+        and contrast.overall is CAUTION
+    )
     assert len(contrast.reasons) == 3
 
 
@@ -146,5 +163,7 @@ def test_phantom_baseline_and_follow_up_are_comparable(make_phantom) -> None:
     assert baseline.anatomical_voxel_mm == pytest.approx((1.5625, 1.5625, 5.0))
     result = assess_comparability(baseline, follow_up)
     assert result.overall is C and result.reasons == ()
-    slower = assess_comparability(baseline, dataclasses.replace(follow_up, dce_temporal_resolution_s=11.0))
+    slower = assess_comparability(
+        baseline, dataclasses.replace(follow_up, dce_temporal_resolution_s=11.0)
+    )
     assert slower.of("Ktrans") is NOT and slower.of("ADC") is C

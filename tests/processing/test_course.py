@@ -121,7 +121,9 @@ def _structure_set(rois) -> Dataset:
     return ds
 
 
-def _dose(array_gy: np.ndarray, *, origin, spacing, summation="PLAN", scaling=1e-4, plan_uid="2.25.200") -> Dataset:
+def _dose(
+    array_gy: np.ndarray, *, origin, spacing, summation="PLAN", scaling=1e-4, plan_uid="2.25.200"
+) -> Dataset:
     """RT Dose from a (z, y, x) array in Gy, stored as uint32 with DoseGridScaling."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -175,8 +177,14 @@ GTV_BOX = ((-0.5, 99.5), (0.5, 4.5), (0.0, 1.0, 2.0))
 
 
 def test_bed_and_eqd2_match_the_domain_table() -> None:
-    table = {(16.0, 1): (41.6, 34.7), (24.0, 1): (81.6, 68.0), (24.0, 2): (52.8, 44.0),
-             (24.0, 3): (43.2, 36.0), (27.0, 3): (51.3, 42.8), (30.0, 5): (48.0, 40.0)}
+    table = {
+        (16.0, 1): (41.6, 34.7),
+        (24.0, 1): (81.6, 68.0),
+        (24.0, 2): (52.8, 44.0),
+        (24.0, 3): (43.2, 36.0),
+        (27.0, 3): (51.3, 42.8),
+        (30.0, 5): (48.0, 40.0),
+    }
     for (dose, n), (bed10, eqd2_10) in table.items():
         assert bed(dose, n) == pytest.approx(bed10, abs=0.05)
         assert eqd2(dose, n) == pytest.approx(eqd2_10, abs=0.05)
@@ -188,15 +196,23 @@ def test_bed_and_eqd2_match_the_domain_table() -> None:
 def test_recognition_by_manufacturer_machine_and_beam_count() -> None:
     ck = recognise(_plan())
     assert ck.is_cyberknife and ck.n_beams == 120 and ck.machine == "CK1"
-    linac = recognise(_plan(manufacturer="Varian Medical Systems", model="TrueBeam", machine="TB2", n_beams=7))
+    linac = recognise(
+        _plan(manufacturer="Varian Medical Systems", model="TrueBeam", machine="TB2", n_beams=7)
+    )
     assert not linac.is_cyberknife
     # a site linac named "CK-linac" with 7 beams: the name matches, the beam count says no
-    assert not recognise(_plan(manufacturer="Elekta", model="Versa", machine="CK-linac", n_beams=7)).is_cyberknife
-    assert recognise(_plan(manufacturer="", model="", machine="CyberKnife M6", n_beams=140)).is_cyberknife
+    assert not recognise(
+        _plan(manufacturer="Elekta", model="Versa", machine="CK-linac", n_beams=7)
+    ).is_cyberknife
+    assert recognise(
+        _plan(manufacturer="", model="", machine="CyberKnife M6", n_beams=140)
+    ).is_cyberknife
     # Accuray Radixact plan (few beams, not a CyberKnife machine name)
     assert not recognise(_plan(model="Radixact", machine="RDX1", n_beams=1)).is_cyberknife
     site = CyberKnifePatterns(machine=r"^robot", min_beams=50)
-    assert recognise(_plan(manufacturer="Other", model="X", machine="Robot7", n_beams=80), patterns=site).is_cyberknife
+    assert recognise(
+        _plan(manufacturer="Other", model="X", machine="Robot7", n_beams=80), patterns=site
+    ).is_cyberknife
     with pytest.raises(ValueError, match="invalid pattern"):
         CyberKnifePatterns(machine="(")
 
@@ -214,7 +230,11 @@ def test_treatment_date_priority_and_estimated_flag() -> None:
     first = treatment_date(_plan(), records=[second, record])
     assert first.date == dt.date(2026, 3, 10) and not first.estimated and "record" in first.source
     approved = treatment_date(_plan())
-    assert approved.date == dt.date(2026, 3, 5) and approved.estimated and "ReviewDate" in approved.source
+    assert (
+        approved.date == dt.date(2026, 3, 5)
+        and approved.estimated
+        and "ReviewDate" in approved.source
+    )
     unapproved = treatment_date(_plan(approval="UNAPPROVED"))
     assert unapproved.date == dt.date(2026, 3, 1) and unapproved.source == "RTPlanDate"
     dose = Dataset()
@@ -234,9 +254,13 @@ def test_fractionation_uses_the_target_prescription() -> None:
 
 def test_gtv_selection_by_interpreted_type_then_name() -> None:
     box = GTV_BOX
-    typed = _structure_set([(1, "PTV", "PTV", box), (2, "Tumour L2", "GTV", box), (3, "GTV_old", None, box)])
+    typed = _structure_set(
+        [(1, "PTV", "PTV", box), (2, "Tumour L2", "GTV", box), (3, "GTV_old", None, box)]
+    )
     assert select_gtv(typed).number == 2
-    untyped = _structure_set([(1, "PTV_27Gy", None, box), (2, "SpinalCord", None, box), (3, "gtv_L2", None, box)])
+    untyped = _structure_set(
+        [(1, "PTV_27Gy", None, box), (2, "SpinalCord", None, box), (3, "gtv_L2", None, box)]
+    )
     assert select_gtv(untyped).number == 3
     two_typed = _structure_set([(1, "GTVp", "GTV", box), (2, "ITV", "GTV", box)])
     assert select_gtv(two_typed).number == 1
@@ -290,8 +314,13 @@ def test_recognise_course_links_plan_structure_dose_and_ignores_linac_plans() ->
     assert course.treatment_date.date == dt.date(2026, 3, 5) and course.treatment_date.estimated
     assert course.fractionation.fractions == 3 and course.fractionation.prescription_dose_gy == 27.0
     assert course.gtv is not None and course.gtv.number == 2
-    assert course.rtstruct_sop_instance_uid == "2.25.400" and course.rtdose_sop_instance_uid == "2.25.500"
-    assert course.gtv_dose is not None and course.gtv_dose.dmean_gy == pytest.approx(24.95, abs=1e-3)
+    assert (
+        course.rtstruct_sop_instance_uid == "2.25.400"
+        and course.rtdose_sop_instance_uid == "2.25.500"
+    )
+    assert course.gtv_dose is not None and course.gtv_dose.dmean_gy == pytest.approx(
+        24.95, abs=1e-3
+    )
     assert recognise_course([linac, structure]) is None
 
 
@@ -309,7 +338,9 @@ def test_phantom_course_date_fractions_dose_and_gtv_dose(make_phantom, scenario)
     truth = json.loads((root / "ground_truth.json").read_text())
     rt = [pydicom.dcmread(p) for p in sorted((root / "rt").glob("*.dcm"))]
     series = truth["studies"]["baseline"]["series"]["t2w"]
-    t2w = read_series([pydicom.dcmread(p) for p in sorted((root / "baseline" / series["folder"]).glob("*.dcm"))])
+    t2w = read_series(
+        [pydicom.dcmread(p) for p in sorted((root / "baseline" / series["folder"]).glob("*.dcm"))]
+    )
     structure = next(d for d in rt if d.Modality == "RTSTRUCT")
     mask = rtstruct_to_mask(structure, select_gtv(structure).number, t2w.volume_image(0))
     course = recognise_course(rt, gtv_mask=mask)
@@ -319,9 +350,14 @@ def test_phantom_course_date_fractions_dose_and_gtv_dose(make_phantom, scenario)
     assert course.rtplan_sop_instance_uid == expected["rtplan"]["SOPInstanceUID"]
     # no treatment record is exported: the approved plan's review date, flagged as an estimate
     # (a lower bound of the first fraction)
-    assert course.treatment_date.date == dt.datetime.strptime(expected["review_date"], "%Y%m%d").date()
+    assert (
+        course.treatment_date.date == dt.datetime.strptime(expected["review_date"], "%Y%m%d").date()
+    )
     assert course.treatment_date.estimated
-    assert course.treatment_date.date <= dt.datetime.strptime(expected["treatment_date"], "%Y%m%d").date()
+    assert (
+        course.treatment_date.date
+        <= dt.datetime.strptime(expected["treatment_date"], "%Y%m%d").date()
+    )
     assert course.fractionation.fractions == expected["fractions"]
     assert course.fractionation.prescription_dose_gy == pytest.approx(expected["total_dose_gy"])
     assert course.fractionation.bed_gy == pytest.approx(expected["bed10_gy"])

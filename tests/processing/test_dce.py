@@ -53,8 +53,9 @@ def _check_dro(shared_data: Path, name: str, *, extended: bool, shift_s: float) 
     failures = []
     for group in _dro_groups(shared_data, name, shift_s):
         t, ca = group[0][1], group[0][3]
-        model = ToftsModel(t, ArterialInputFunction(t, ca), extended=extended,
-                           fit_delay=shift_s != 0.0)
+        model = ToftsModel(
+            t, ArterialInputFunction(t, ca), extended=extended, fit_delay=shift_s != 0.0
+        )
         fit = model.fit(np.stack([g[2] for g in group]))
         assert fit.valid.all()
         for i, (row, *_rest) in enumerate(group):
@@ -76,8 +77,9 @@ def test_tofts_dro_25_of_25(shared_data: Path) -> None:
 
 
 def test_extended_tofts_dro_15_of_15(shared_data: Path) -> None:
-    assert _check_dro(shared_data, "dce_DRO_data_extended_tofts.csv", extended=True,
-                      shift_s=0.0) == 15
+    assert (
+        _check_dro(shared_data, "dce_DRO_data_extended_tofts.csv", extended=True, shift_s=0.0) == 15
+    )
 
 
 def test_tofts_dro_delayed_5s_delay_fitted(shared_data: Path) -> None:
@@ -85,8 +87,9 @@ def test_tofts_dro_delayed_5s_delay_fitted(shared_data: Path) -> None:
 
 
 def test_extended_tofts_dro_delayed_5s_delay_fitted(shared_data: Path) -> None:
-    assert _check_dro(shared_data, "dce_DRO_data_extended_tofts.csv", extended=True,
-                      shift_s=5.0) == 15
+    assert (
+        _check_dro(shared_data, "dce_DRO_data_extended_tofts.csv", extended=True, shift_s=5.0) == 15
+    )
 
 
 def test_tofts_dro_high_snr_meets_osipi_strict_tolerance(shared_data: Path) -> None:
@@ -98,7 +101,8 @@ def test_tofts_dro_high_snr_meets_osipi_strict_tolerance(shared_data: Path) -> N
                 continue
             t, ca = rows[0][1], rows[0][3]
             fit = ToftsModel(t, ArterialInputFunction(t, ca), extended=ext).fit(
-                np.stack([g[2] for g in rows]))
+                np.stack([g[2] for g in rows])
+            )
             kt = np.array([float(g[0]["Ktrans"]) for g in rows])
             np.testing.assert_allclose(fit.ktrans, kt, rtol=0.01, atol=0.005)
             np.testing.assert_allclose(fit.ve, [float(g[0]["ve"]) for g in rows], atol=0.01)
@@ -116,7 +120,9 @@ def test_parker_aif_reference(shared_data: Path) -> None:
 
 
 def test_parker_aif_delayed_reference(shared_data: Path) -> None:
-    rows = _rows(shared_data / OSIPI / "PopulationAIF_DCE" / "data" / "ParkerAIF_ref_with_delay.csv")
+    rows = _rows(
+        shared_data / OSIPI / "PopulationAIF_DCE" / "data" / "ParkerAIF_ref_with_delay.csv"
+    )
     assert len(rows) == 1800
     for delay in sorted({float(r["delay"]) for r in rows}):
         sel = [r for r in rows if float(r["delay"]) == delay]
@@ -128,8 +134,7 @@ def test_parker_aif_delayed_reference(shared_data: Path) -> None:
 
 def test_parker_plasma_uses_hematocrit() -> None:
     t = np.linspace(0, 300, 61)
-    np.testing.assert_allclose(parker_aif(t, hematocrit=0.45),
-                               parker_aif(t, hematocrit=0.0) / 0.55)
+    np.testing.assert_allclose(parker_aif(t, hematocrit=0.45), parker_aif(t, hematocrit=0.0) / 0.55)
     with pytest.raises(ValueError, match="hematocrit"):
         parker_aif(t, hematocrit=1.0)
 
@@ -139,22 +144,34 @@ def test_signal_to_concentration_5_of_5(shared_data: Path) -> None:
     assert len(rows) == 5
     for r in rows:
         conc = spgr_signal_to_concentration(
-            _arr(r["s"]), flip_angle=float(r["FA"]), repetition_time=float(r["TR"]),
-            t10=float(r["T1base"]), relaxivity=float(r["r1"]), n_baseline=int(r["numbaselinepts"]))
+            _arr(r["s"]),
+            flip_angle=float(r["FA"]),
+            repetition_time=float(r["TR"]),
+            t10=float(r["T1base"]),
+            relaxivity=float(r["r1"]),
+            n_baseline=int(r["numbaselinepts"]),
+        )
         # OSIPI does not assess the first point (excluded from the baseline)
         np.testing.assert_allclose(conc[1:], _arr(r["conc"])[1:], rtol=1e-5, atol=1e-5)
 
 
 def test_signal_to_concentration_without_baseline_raises() -> None:
     with pytest.raises(ValueError, match="without baseline"):
-        spgr_signal_to_concentration(np.ones((3, 10)), flip_angle=15, repetition_time=0.005,
-                                     t10=1.0, relaxivity=4.5, n_baseline=1)
+        spgr_signal_to_concentration(
+            np.ones((3, 10)),
+            flip_angle=15,
+            repetition_time=0.005,
+            t10=1.0,
+            relaxivity=4.5,
+            n_baseline=1,
+        )
 
 
 def test_signal_above_spgr_maximum_is_nan_not_garbage() -> None:
     s = np.array([100.0, 100.0, 100.0, 1e6, 150.0])
-    c = spgr_signal_to_concentration(s, flip_angle=15, repetition_time=0.005, t10=1.0,
-                                     relaxivity=4.5, n_baseline=3)
+    c = spgr_signal_to_concentration(
+        s, flip_angle=15, repetition_time=0.005, t10=1.0, relaxivity=4.5, n_baseline=3
+    )
     assert np.isnan(c[3]) and np.isfinite(c[4]) and c[4] > 0
 
 
@@ -207,15 +224,17 @@ def test_degenerate_inputs_raise_clear_errors() -> None:
 def test_bolus_arrival_and_semi_quantitative() -> None:
     t = np.arange(0.0, 300.0, 2.0)
     aif = ArterialInputFunction.parker(t, hematocrit=0.42, bolus_arrival_time=40.0)
-    c = tofts_concentration(t, aif, ktrans=np.array([0.3, 0.1]), ve=np.array([0.3, 0.4]),
-                            vp=np.array([0.05, 0.0]))
+    c = tofts_concentration(
+        t, aif, ktrans=np.array([0.3, 0.1]), ve=np.array([0.3, 0.4]), vp=np.array([0.05, 0.0])
+    )
     bat = bolus_arrival_time(t, c)
     np.testing.assert_allclose(bat, 40.0, atol=4.0)  # within two samples (2 s sampling)
     sq = semi_quantitative(t, c, bolus_arrival=40.0)
     # IAUC60 against direct trapezoidal integration of a finely sampled model curve
     tf = np.arange(40.0, 100.0 + 1e-9, 0.05)
-    cf = tofts_concentration(tf, aif, ktrans=np.array([0.3, 0.1]), ve=np.array([0.3, 0.4]),
-                             vp=np.array([0.05, 0.0]))
+    cf = tofts_concentration(
+        tf, aif, ktrans=np.array([0.3, 0.1]), ve=np.array([0.3, 0.4]), vp=np.array([0.05, 0.0])
+    )
     np.testing.assert_allclose(sq.iauc60, np.trapezoid(cf, tf, axis=-1), rtol=0.02)
     assert np.all(sq.time_to_peak > 0)
     assert sq.washout_slope[0] < 0  # high kep + vp: wash-out

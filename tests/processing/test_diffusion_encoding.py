@@ -32,14 +32,26 @@ TOL = 1e-3
 # name: (input glob under dwi_dcmqa, dcm2niix output stem, documented bvec sign flip of g_img)
 CASES = {
     "ge_oblique": ("ge_dwi/In/01_Ax_DWI_TENSOR_R2/*", "ge_dwi/Ref/Ax_DWI_TENSOR_R2_1", (1, -1, 1)),
-    "siemens_sag_mosaic": ("siemens_sag_mosaic_dwi/In/4_DWI_SagAPmosaic/*",
-                           "siemens_sag_mosaic_dwi/Ref/4_DWI_SagAPmosaic", (1, 1, 1)),
-    "canon_enhanced": ("canon_dwi/In/enh/8000.dcm.gz", "canon_dwi/Ref/8000_DTI_PA-ALL_20d_enh",
-                       (1, -1, 1)),
-    "canon_classic": ("canon_dwi/In/cl/9000_*.dcm.gz", "canon_dwi/Ref/9000_SAG_DTI_PA-ortho_cl",
-                      (1, -1, 1)),
-    "philips_classic": ("philips_dwi/In/cl/DICOM/IM_*", "philips_dwi/Ref/701_DTI_Biobank_2mm_MB3S2_EPI_cl",
-                        (1, -1, 1)),
+    "siemens_sag_mosaic": (
+        "siemens_sag_mosaic_dwi/In/4_DWI_SagAPmosaic/*",
+        "siemens_sag_mosaic_dwi/Ref/4_DWI_SagAPmosaic",
+        (1, 1, 1),
+    ),
+    "canon_enhanced": (
+        "canon_dwi/In/enh/8000.dcm.gz",
+        "canon_dwi/Ref/8000_DTI_PA-ALL_20d_enh",
+        (1, -1, 1),
+    ),
+    "canon_classic": (
+        "canon_dwi/In/cl/9000_*.dcm.gz",
+        "canon_dwi/Ref/9000_SAG_DTI_PA-ortho_cl",
+        (1, -1, 1),
+    ),
+    "philips_classic": (
+        "philips_dwi/In/cl/DICOM/IM_*",
+        "philips_dwi/Ref/701_DTI_Biobank_2mm_MB3S2_EPI_cl",
+        (1, -1, 1),
+    ),
 }
 
 
@@ -114,8 +126,9 @@ def test_philips_volume_order_follows_private_diffusion_order(series_cache, dcmq
     ("Philips MR Imaging DD 006"), not from the file or instance order.
     """
     _, volume = series_cache["philips_classic"]
-    assert volume.b_values[[0, 4, 8, 12, 16]].tolist() == pytest.approx([0, 0.001, 0.002, 0.003, 0.004],
-                                                                        abs=1e-6)
+    assert volume.b_values[[0, 4, 8, 12, 16]].tolist() == pytest.approx(
+        [0, 0.001, 0.002, 0.003, 0.004], abs=1e-6
+    )
     assert volume.array.shape == (17, 32, 112, 112)
     files = sorted(dcmqa.glob(CASES["philips_classic"][0]))
     datasets = [_read(p) for p in files]

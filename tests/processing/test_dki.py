@@ -44,8 +44,9 @@ def test_dipy_multi_tensor_simulation_recovered() -> None:
     bvals, bvecs = _protocol()
     gtab = gradient_table(bvals, bvecs=bvecs)
     mevals = np.array([[0.99e-3, 0.2e-3, 0.2e-3], [2.26e-3, 0.87e-3, 0.87e-3]])
-    signal, dt, kt = multi_tensor_dki(gtab, mevals, S0=100, angles=[(80, 10), (80, 10)],
-                                      fractions=[50, 50], snr=None)
+    signal, dt, kt = multi_tensor_dki(
+        gtab, mevals, S0=100, angles=[(80, 10), (80, 10)], fractions=[50, 50], snr=None
+    )
     evals, evecs = dipy_dki.decompose_tensor(dipy_dki.from_lower_triangular(dt))
     params = np.concatenate([evals, evecs.ravel(), kt])
     fit = TensorDkiModel(bvals, bvecs).fit(signal[None])
@@ -111,9 +112,14 @@ def test_batched_fit_equals_dipy_model_fit(method: str) -> None:
     signals = []
     for _ in range(40):
         ev = np.sort(rng.uniform(0.2e-3, 2.0e-3, 3))[::-1]
-        sig, _, _ = multi_tensor_dki(gtab, np.array([ev, ev[::-1] * 1.1]), S0=200,
-                                     angles=[tuple(rng.uniform(0, 90, 2)), (0, 0)],
-                                     fractions=[60, 40], snr=None)
+        sig, _, _ = multi_tensor_dki(
+            gtab,
+            np.array([ev, ev[::-1] * 1.1]),
+            S0=200,
+            angles=[tuple(rng.uniform(0, 90, 2)), (0, 0)],
+            fractions=[60, 40],
+            snr=None,
+        )
         signals.append(sig * (1 + 0.01 * rng.standard_normal(sig.size)))
     signals = np.array(signals)
     ours = TensorDkiModel(bvals, bvecs, fit_method=method).fit(signals)

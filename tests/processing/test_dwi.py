@@ -24,8 +24,14 @@ from processing.dwi import (
 )
 
 IVIM_DIR = Path("osipi_ivim") / "tests" / "IVIMmodels" / "unit_tests"
-GENERIC = ["generic.json", "generic_brain.json", "generic_one.json", "generic_two.json",
-           "generic_three.json", "generic_four.json"]
+GENERIC = [
+    "generic.json",
+    "generic_brain.json",
+    "generic_one.json",
+    "generic_two.json",
+    "generic_three.json",
+    "generic_four.json",
+]
 
 
 def _load(shared_data: Path, name: str):
@@ -124,8 +130,9 @@ def test_adc_degenerate_inputs() -> None:
     with pytest.raises(ValueError, match="non-negative"):
         AdcModel([0.0, np.nan])
     b = np.array([0.0, 100.0, 800.0])
-    s = np.array([[1000.0, 900.0, 450.0], [0.0, 0.0, 0.0], [1000.0, np.nan, 400.0],
-                  [100.0, 200.0, 300.0]])  # last: rising signal, negative ADC
+    s = np.array(
+        [[1000.0, 900.0, 450.0], [0.0, 0.0, 0.0], [1000.0, np.nan, 400.0], [100.0, 200.0, 300.0]]
+    )  # last: rising signal, negative ADC
     fit = AdcModel(b).fit(s)
     assert fit.valid.tolist() == [True, False, False, False]
     assert np.isnan(fit.adc[1:]).all()
@@ -149,8 +156,7 @@ def test_adc_weighting_options_match_their_analytic_values() -> None:
         AdcModel(b, weighting="S")
 
 
-@pytest.mark.parametrize(("scheme", "high"), [(1500.0, 1500.0), (2000.0, 2000.0),
-                                              (2500.0, 2500.0)])
+@pytest.mark.parametrize(("scheme", "high"), [(1500.0, 1500.0), (2000.0, 2000.0), (2500.0, 2500.0)])
 def test_adc_two_point_high_b_protocol(scheme: float, high: float) -> None:
     """b0 + one shell above max_b (Canon b1500, Siemens b2000): ADC = ln(S0/Sb)/b, reason given."""
     b = np.array([0.0, scheme, scheme, scheme])
@@ -168,8 +174,9 @@ def test_adc_three_shells_keep_b_up_to_max_b() -> None:
     used, reason = select_adc_shells(np.array([0.0, 500.0, 1500.0]), min_b=50.0, max_b=1000.0)
     assert used.tolist() == [0.0, 500.0]
     assert "1500" in reason and "left out" in reason
-    used, reason = select_adc_shells(np.array([0.0, 50.0, 400.0, 800.0, 1500.0]), min_b=50.0,
-                                     max_b=1000.0)
+    used, reason = select_adc_shells(
+        np.array([0.0, 50.0, 400.0, 800.0, 1500.0]), min_b=50.0, max_b=1000.0
+    )
     assert used.tolist() == [50.0, 400.0, 800.0] and "b = 0 left out" in reason
     used, _ = select_adc_shells(np.array([0.0, 1000.0, 2000.0]), min_b=50.0, max_b=1000.0)
     assert used.tolist() == [0.0, 1000.0]

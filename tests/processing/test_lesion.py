@@ -24,7 +24,12 @@ SIZE = (64, 64, 24)
 SPACING = (1.5, 1.5, 3.0)
 TUMOUR_CENTRE = np.array([5.0, 0.0, 0.0])
 #: tissue -> (T1w, T2w) signal
-SIGNAL = {"soft": (400.0, 250.0), "marrow": (600.0, 300.0), "disc": (350.0, 600.0), "tumour": (300.0, 450.0)}
+SIGNAL = {
+    "soft": (400.0, 250.0),
+    "marrow": (600.0, 300.0),
+    "disc": (350.0, 600.0),
+    "tumour": (300.0, 450.0),
+}
 
 
 def _grid(origin) -> sitk.Image:
@@ -34,7 +39,9 @@ def _grid(origin) -> sitk.Image:
     return image
 
 
-def _adc(grid: sitk.Image, radius_mm: float, to_body: np.ndarray, tumour_adc: float, seed: int) -> sitk.Image:
+def _adc(
+    grid: sitk.Image, radius_mm: float, to_body: np.ndarray, tumour_adc: float, seed: int
+) -> sitk.Image:
     """ADC-like channel (1e-6 mm2/s): tumour value changes with treatment, unlike T1w/T2w."""
     k, j, i = np.indices(SIZE[::-1]).astype(float)
     points = np.asarray(grid.GetOrigin()) + (np.stack([i, j, k], axis=-1) * np.asarray(SPACING))
@@ -115,8 +122,14 @@ def test_refined_follow_up_volume_within_10_percent(baseline, radius_mm, gain) -
     # the propagated GTV keeps the baseline volume: only refinement measures the change
     baseline_volume = 4.0 / 3.0 * math.pi * BASELINE_RADIUS**3 / 1000.0
     assert abs(result.propagated_volume_ml - baseline_volume) / baseline_volume < 0.10
-    overlap = np.logical_and(sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(truth)).sum()
-    dice = 2 * overlap / (sitk.GetArrayViewFromImage(result.mask).sum() + sitk.GetArrayViewFromImage(truth).sum())
+    overlap = np.logical_and(
+        sitk.GetArrayViewFromImage(result.mask), sitk.GetArrayViewFromImage(truth)
+    ).sum()
+    dice = (
+        2
+        * overlap
+        / (sitk.GetArrayViewFromImage(result.mask).sum() + sitk.GetArrayViewFromImage(truth).sum())
+    )
     assert dice > 0.85, dice
 
 
@@ -179,13 +192,21 @@ def test_tracking_uid_is_persistent_and_distinct() -> None:
     assert uid == lesion_tracking_uid(rtstruct_sop_instance_uid="1.2.3.4", roi_number=2)
     assert uid != lesion_tracking_uid(rtstruct_sop_instance_uid="1.2.3.4", roi_number=3)
     assert uid.startswith("2.25.") and len(uid) <= 64 and all(p.isdigit() for p in uid.split("."))
-    roi = RoiInfo(number=2, name="GTV", interpreted_type="GTV", n_contours=5, frame_of_reference_uid="1.2")
+    roi = RoiInfo(
+        number=2, name="GTV", interpreted_type="GTV", n_contours=5, frame_of_reference_uid="1.2"
+    )
     lesion = make_lesion(rtstruct_sop_instance_uid="1.2.3.4", roi=roi, vertebral_level="L2")
-    assert lesion.tracking_id == "GTV L2" and lesion.tracking_uid == uid and lesion.vertebral_level == "L2"
+    assert (
+        lesion.tracking_id == "GTV L2"
+        and lesion.tracking_uid == uid
+        and lesion.vertebral_level == "L2"
+    )
 
 
 # --------------------------------------------------------------------------- phantom (acceptance 4)
-def _phantom_images(root, study: str, truth: dict, roles=("t1w", "t2w", "stir")) -> list[sitk.Image]:
+def _phantom_images(
+    root, study: str, truth: dict, roles=("t1w", "t2w", "stir")
+) -> list[sitk.Image]:
     import pydicom
 
     from processing.series import read_series
@@ -193,7 +214,9 @@ def _phantom_images(root, study: str, truth: dict, roles=("t1w", "t2w", "stir"))
     images = []
     for role in roles:
         folder = root / study / truth["studies"][study]["series"][role]["folder"]
-        images.append(read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]).volume_image(0))
+        images.append(
+            read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]).volume_image(0)
+        )
     return images
 
 
@@ -217,9 +240,15 @@ def test_phantom_follow_up_tumour_volume_within_10_percent(make_phantom, scenari
     tumour = truth["studies"]["followup1"]["tumour"]
     assert result.refined, result.notes
     for true_volume in (tumour["volume_ml_continuous"], tumour["volume_ml_voxels_t2w"]):
-        assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (result.volume_ml, true_volume)
+        assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (
+            result.volume_ml,
+            true_volume,
+        )
     # the change is measured, not carried over from the baseline
-    true_change = tumour["volume_ml_voxels_t2w"] / truth["studies"]["baseline"]["tumour"]["volume_ml_voxels_t2w"]
+    true_change = (
+        tumour["volume_ml_voxels_t2w"]
+        / truth["studies"]["baseline"]["tumour"]["volume_ml_voxels_t2w"]
+    )
     measured_change = result.volume_ml / result.baseline_volume_ml
     assert abs(measured_change - true_change) < 0.10, (measured_change, true_change)
 

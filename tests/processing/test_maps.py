@@ -32,10 +32,13 @@ def _read_study(folder: Path) -> list:
 def _tumour_mask(study_truth: dict, qmap: QuantMap) -> np.ndarray:
     shape = {k: v for k, v in study_truth["tumour"]["shape"].items() if k != "model"}
     tumour = TumourShape(
-        centre=tuple(shape["centre"]), rotation=tuple(shape["rotation"]),
-        radii=tuple(shape["radii"]), lobes=tuple(tuple(lb) for lb in shape["lobes"]),
+        centre=tuple(shape["centre"]),
+        rotation=tuple(shape["rotation"]),
+        radii=tuple(shape["radii"]),
+        lobes=tuple(tuple(lb) for lb in shape["lobes"]),
         epidural_centre=tuple(shape["epidural_centre"]) if shape["epidural_centre"] else None,
-        epidural_radii=tuple(shape["epidural_radii"]) if shape["epidural_radii"] else None)
+        epidural_radii=tuple(shape["epidural_radii"]) if shape["epidural_radii"] else None,
+    )
     g = qmap.geometry
     z, y, x = np.meshgrid(*[np.arange(n) for n in g.size[::-1]], indexing="ij")
     index = np.stack([x, y, z], axis=-1).reshape(-1, 3) * np.asarray(g.spacing)
@@ -55,13 +58,17 @@ def _check_study(root: Path, key: str) -> dict[str, float]:
         assert q in maps, f"{q} missing from {sorted(maps)}"
     stats = {q: map_statistics(m, _tumour_mask(truth, m)) for q, m in maps.items()}
     for q in ("ADC", "MK", "Ktrans", "ve", "vp"):
-        assert stats[q]["n_voxels"] == tumour["voxel_counts"]["dwi" if q in ("ADC", "MK") else "dce"]
+        assert (
+            stats[q]["n_voxels"] == tumour["voxel_counts"]["dwi" if q in ("ADC", "MK") else "dce"]
+        )
     used = tuple(maps["ADC"].provenance["b_values"])
-    adc_truth = next(v["adc_mm2_s"] for v in tumour["adc_by_bvalues"].values()
-                     if tuple(v["bvalues"]) == used)
+    adc_truth = next(
+        v["adc_mm2_s"] for v in tumour["adc_by_bvalues"].values() if tuple(v["bvalues"]) == used
+    )
     mk_shells = tuple(maps["MK"].provenance["b_values"])
-    mk_truth = next(v["K"] for v in tumour["kurtosis_by_bvalues"].values()
-                    if tuple(v["bvalues"]) == mk_shells)
+    mk_truth = next(
+        v["K"] for v in tumour["kurtosis_by_bvalues"].values() if tuple(v["bvalues"]) == mk_shells
+    )
     dce_truth = tumour["means_by_series"]["dce"]
     errors = {
         "ADC_rel": stats["ADC"]["mean"] / adc_truth - 1.0,
@@ -83,8 +90,9 @@ def _check_study(root: Path, key: str) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("vendor", ["standard", "siemens", "ge", "philips", "enhanced"])
-def test_phantom_baseline_tumour_means_every_vendor(make_phantom: Callable[..., Path],
-                                                    vendor: str) -> None:
+def test_phantom_baseline_tumour_means_every_vendor(
+    make_phantom: Callable[..., Path], vendor: str
+) -> None:
     _check_study(make_phantom("responder", vendor, "small"), "baseline")
 
 
@@ -119,12 +127,13 @@ def test_maps_command_writes_parametric_maps_and_json(phantom_small: Path, tmp_p
     assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
     stored = pm.pixel_array.astype(float)  # um2/s, 0 where invalid
     assert np.nanmean(np.where(stored > 0, stored, np.nan)) * 1e-6 == pytest.approx(
-        adc["statistics"]["mean"], rel=1e-4)
+        adc["statistics"]["mean"], rel=1e-4
+    )
 
 
-def test_maps_command_without_functional_series_fails_clearly(phantom_small: Path,
-                                                              tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_maps_command_without_functional_series_fails_clearly(
+    phantom_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from node.cli import main
 
     assert main(["maps", str(phantom_small / "rt"), "--out", str(tmp_path / "o")]) == 1
@@ -142,8 +151,12 @@ def test_dce_without_baseline_is_a_clear_error_and_other_maps_survive(phantom_sm
     cut = []
     for v in series:
         if v.series_instance_uid == dce_uid:
-            v = dataclasses.replace(v, array=v.array[first:], volumes=v.volumes[first:],
-                                    source_frames=v.source_frames[first:])
+            v = dataclasses.replace(
+                v,
+                array=v.array[first:],
+                volumes=v.volumes[first:],
+                source_frames=v.source_frames[first:],
+            )
         cut.append(v)
     with pytest.raises(ValueError, match="DCE without baseline"):
         compute_maps(cut)

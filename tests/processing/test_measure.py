@@ -29,7 +29,7 @@ def _image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None) -> sitk.I
 
 def _box(shape=(40, 50, 60), z=(5, 35), y=(10, 30), x=(20, 30)) -> np.ndarray:
     a = np.zeros(shape, np.uint8)
-    a[z[0]:z[1], y[0]:y[1], x[0]:x[1]] = 1
+    a[z[0] : z[1], y[0] : y[1], x[0] : x[1]] = 1
     return a
 
 
@@ -123,8 +123,12 @@ def test_measure_lesion_fills_lesion_measurements_with_radiomics_and_small_lesio
     epidural = np.zeros_like(mask_arr)
     epidural[12:14, 5:8, 5:8] = 1
     settings = {"ADC": RadiomicsSettings(bin_count=16)}
-    m = measure_lesion(_image(mask_arr), {"ADC": _image(adc)}, radiomics_settings=settings,
-                       epidural_mask=_image(epidural))
+    m = measure_lesion(
+        _image(mask_arr),
+        {"ADC": _image(adc)},
+        radiomics_settings=settings,
+        epidural_mask=_image(epidural),
+    )
     assert m.volume_ml == pytest.approx(0.216)
     assert m.epidural_volume_ml == pytest.approx(0.018)
     assert m.max_craniocaudal_extent_mm == pytest.approx(6.0)

@@ -31,7 +31,7 @@ def _series_files(path: Path, study: str, series: dict) -> list[Path]:
 
 def _volume(path: Path, study: str, series: dict, index: int = 0) -> sitk.Image:
     nz = series["geometry"]["size"][2]
-    files = _series_files(path, study, series)[index * nz:(index + 1) * nz]
+    files = _series_files(path, study, series)[index * nz : (index + 1) * nz]
     return sitk.ReadImage([str(f) for f in files])
 
 
@@ -55,7 +55,9 @@ def _dciodvfy_errors(path: Path) -> list[str]:
 def test_same_seed_gives_identical_files_pixels_and_uids(phantom_small: Path) -> None:
     from processing.phantom.mr import part10_bytes
 
-    again = generate_patient(seed=PHANTOM_SEED, scenario="responder", vendor="standard", size="small")
+    again = generate_patient(
+        seed=PHANTOM_SEED, scenario="responder", vendor="standard", size="small"
+    )
     truth = _truth(phantom_small)
     assert json.loads(json.dumps(again.ground_truth, default=float)) == truth
     # every file on disk is byte-identical to a fresh generation (pixels, UIDs, dates, everything)
@@ -70,8 +72,13 @@ def test_same_seed_gives_identical_files_pixels_and_uids(phantom_small: Path) ->
             assert part10_bytes(ds) == fresh[relpath], relpath
     for study in again.studies:
         for series in study.series:
-            assert series.series_uid == truth["studies"][study.key]["series"][series.role]["SeriesInstanceUID"]
-    other = generate_patient(seed=PHANTOM_SEED + 1, scenario="responder", vendor="standard", size="small", followups=0)
+            assert (
+                series.series_uid
+                == truth["studies"][study.key]["series"][series.role]["SeriesInstanceUID"]
+            )
+    other = generate_patient(
+        seed=PHANTOM_SEED + 1, scenario="responder", vendor="standard", size="small", followups=0
+    )
     assert other.studies[0].study_uid != again.studies[0].study_uid
     assert not np.array_equal(other.studies[0].series[0].pixels, again.studies[0].series[0].pixels)
 
@@ -97,7 +104,10 @@ def test_ground_truth_geometry_equals_what_simpleitk_and_pydicom_read(phantom_sm
             assert float(ds.RepetitionTime) == series["acquisition"]["RepetitionTime_ms"]
             uids.add(ds.SeriesInstanceUID)
         assert len(uids) == 6
-    assert truth["studies"]["baseline"]["FrameOfReferenceUID"] != truth["studies"]["followup1"]["FrameOfReferenceUID"]
+    assert (
+        truth["studies"]["baseline"]["FrameOfReferenceUID"]
+        != truth["studies"]["followup1"]["FrameOfReferenceUID"]
+    )
 
 
 def test_tumour_truth_volume_and_masks(phantom_small: Path) -> None:
@@ -123,7 +133,10 @@ def test_tumour_truth_volume_and_masks(phantom_small: Path) -> None:
     # diameters of the continuous shape: consistent with each other and with the volume
     for tum in (base, fu):
         d3 = tum["max_3d_diameter_mm"]
-        assert d3 >= tum["max_axial_diameter_mm"] > 10.0 and d3 >= tum["max_craniocaudal_extent_mm"] > 10.0
+        assert (
+            d3 >= tum["max_axial_diameter_mm"] > 10.0
+            and d3 >= tum["max_craniocaudal_extent_mm"] > 10.0
+        )
         assert tum["volume_ml_continuous"] * 1000.0 < np.pi / 6.0 * d3**3
     assert fu["max_3d_diameter_mm"] < base["max_3d_diameter_mm"]  # responder shrinks
 
@@ -140,7 +153,9 @@ def test_rigid_transform_is_consistent(phantom_small: Path) -> None:
     e = rigid["sitk_euler3d_baseline_to_followup"]
     tx = sitk.Euler3DTransform(e["center"], *e["angles_rad_xyz"], e["translation"])
     p = np.array([10.0, -20.0, 30.0])
-    np.testing.assert_allclose(tx.TransformPoint(p.tolist()), b2f[:3, :3] @ p + b2f[:3, 3], atol=1e-6)
+    np.testing.assert_allclose(
+        tx.TransformPoint(p.tolist()), b2f[:3, :3] @ p + b2f[:3, 3], atol=1e-6
+    )
 
 
 def test_dwi_signal_reproduces_truth_adc_and_snr(phantom_small: Path) -> None:
@@ -210,27 +225,50 @@ def test_rt_course_as_cyberknife_writes_it(phantom_small: Path) -> None:
     truth = _truth(phantom_small)
     course = truth["course"]
     plan = pydicom.dcmread(phantom_small / "rt" / "rtplan.dcm")
-    assert "Accuray" in plan.Manufacturer and plan.BeamSequence[0].TreatmentMachineName == course["machine"]
+    assert (
+        "Accuray" in plan.Manufacturer
+        and plan.BeamSequence[0].TreatmentMachineName == course["machine"]
+    )
     assert len(plan.BeamSequence) == course["rtplan"]["number_of_beams"] >= 100
     isos = {tuple(b.ControlPointSequence[0].IsocenterPosition) for b in plan.BeamSequence}
     assert len(isos) > 50  # non-isocentric
     assert int(plan.FractionGroupSequence[0].NumberOfFractionsPlanned) == course["fractions"]
     assert float(plan.DoseReferenceSequence[0].TargetPrescriptionDose) == course["total_dose_gy"]
     assert plan.ApprovalStatus == "APPROVED" and plan.ReviewDate == course["review_date"]
-    assert plan.RTPlanDate < course["treatment_date"] and truth["studies"]["baseline"]["StudyDate"] < plan.RTPlanDate
+    assert (
+        plan.RTPlanDate < course["treatment_date"]
+        and truth["studies"]["baseline"]["StudyDate"] < plan.RTPlanDate
+    )
     ss = pydicom.dcmread(phantom_small / "rt" / "rtstruct.dcm")
     types = {o.ReferencedROINumber: o.RTROIInterpretedType for o in ss.RTROIObservationsSequence}
     names = {r.ROINumber: r.ROIName for r in ss.StructureSetROISequence}
-    assert {names[k]: v for k, v in types.items()} == {"GTV": "GTV", "PTV": "PTV", "SpinalCord": "ORGAN"}
-    ref_series = ss.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
-    assert ref_series.SeriesInstanceUID == truth["studies"]["baseline"]["series"]["t2w"]["SeriesInstanceUID"]
+    assert {names[k]: v for k, v in types.items()} == {
+        "GTV": "GTV",
+        "PTV": "PTV",
+        "SpinalCord": "ORGAN",
+    }
+    ref_series = (
+        ss.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+    )
+    assert (
+        ref_series.SeriesInstanceUID
+        == truth["studies"]["baseline"]["series"]["t2w"]["SeriesInstanceUID"]
+    )
     # GTV contour area summed over slices x thickness ≈ tumour volume
     t2 = truth["studies"]["baseline"]["series"]["t2w"]["geometry"]
     vol = 0.0
     for c in ss.ROIContourSequence[0].ContourSequence:
         xy = np.asarray(c.ContourData, dtype=float).reshape(-1, 3)[:, :2]
-        vol += 0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1))) * t2["spacing"][2]
-    assert vol / 1000 == pytest.approx(truth["studies"]["baseline"]["tumour"]["volume_ml_continuous"], rel=0.12)
+        vol += (
+            0.5
+            * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1)))
+            * t2["spacing"][2]
+        )
+    assert vol / 1000 == pytest.approx(
+        truth["studies"]["baseline"]["tumour"]["volume_ml_continuous"], rel=0.12
+    )
     dose = pydicom.dcmread(phantom_small / "rt" / "rtdose.dcm")
     assert dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
     dmax = dose.pixel_array.max() * float(dose.DoseGridScaling)
@@ -248,8 +286,12 @@ def test_standard_objects_pass_dciodvfy(phantom_small: Path) -> None:
     assert errors == {}
 
 
-@pytest.mark.skipif(not DCM2NIIX.exists() and shutil.which("dcm2niix") is None, reason="dcm2niix not installed")
-def test_dcm2niix_reads_standard_dwi_bvalues_and_vectors(phantom_small: Path, tmp_path: Path) -> None:
+@pytest.mark.skipif(
+    not DCM2NIIX.exists() and shutil.which("dcm2niix") is None, reason="dcm2niix not installed"
+)
+def test_dcm2niix_reads_standard_dwi_bvalues_and_vectors(
+    phantom_small: Path, tmp_path: Path
+) -> None:
     _check_dcm2niix(phantom_small, tmp_path)
 
 
@@ -257,8 +299,12 @@ def _check_dcm2niix(path: Path, tmp_path: Path) -> None:
     truth = _truth(path)
     dwi = truth["studies"]["baseline"]["series"]["dwi"]
     exe = str(DCM2NIIX) if DCM2NIIX.exists() else "dcm2niix"
-    subprocess.run([exe, "-o", str(tmp_path), "-f", "dwi", str(path / "baseline" / dwi["folder"])],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [exe, "-o", str(tmp_path), "-f", "dwi", str(path / "baseline" / dwi["folder"])],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     bval = np.loadtxt(tmp_path / "dwi.bval")
     bvec = np.loadtxt(tmp_path / "dwi.bvec")
     files = truth["dwi_files"]["baseline"]
@@ -271,7 +317,9 @@ def _check_dcm2niix(path: Path, tmp_path: Path) -> None:
         per_volume = [files[v * nz] for v in range(len(files) // nz)]
     np.testing.assert_allclose(bval, [f["b"] for f in per_volume], atol=0.5)
     rot = np.asarray(dwi["geometry"]["direction"]).reshape(3, 3)
-    expected = np.array([rot.T @ np.asarray(f["gradient_lps"]) for f in per_volume]).T * np.array([[1], [-1], [1]])
+    expected = np.array([rot.T @ np.asarray(f["gradient_lps"]) for f in per_volume]).T * np.array(
+        [[1], [-1], [1]]
+    )
     np.testing.assert_allclose(bvec, expected + 0.0, atol=1e-3)
 
 
@@ -279,14 +327,33 @@ def test_cli_writes_the_documented_layout(tmp_path: Path) -> None:
     from node.cli import build_parser
 
     out = tmp_path / "p"
-    args = build_parser().parse_args(["phantom", "--out", str(out), "--size", "small", "--seed", "3",
-                                      "--scenario", "stable", "--followups", "0"])
+    args = build_parser().parse_args(
+        [
+            "phantom",
+            "--out",
+            str(out),
+            "--size",
+            "small",
+            "--seed",
+            "3",
+            "--scenario",
+            "stable",
+            "--followups",
+            "0",
+        ]
+    )
     assert args._run(args) == 0
     truth = _truth(out)
     assert sorted(p.name for p in out.iterdir()) == ["baseline", "ground_truth.json", "rt"]
-    assert sorted(p.name for p in (out / "rt").iterdir()) == ["rtdose.dcm", "rtplan.dcm", "rtstruct.dcm"]
+    assert sorted(p.name for p in (out / "rt").iterdir()) == [
+        "rtdose.dcm",
+        "rtplan.dcm",
+        "rtstruct.dcm",
+    ]
     series = truth["studies"]["baseline"]["series"]
-    assert sorted(p.name for p in (out / "baseline").iterdir()) == sorted(s["folder"] for s in series.values())
+    assert sorted(p.name for p in (out / "baseline").iterdir()) == sorted(
+        s["folder"] for s in series.values()
+    )
     for s in series.values():
         assert len(list((out / "baseline" / s["folder"]).glob("*.dcm"))) == s["number_of_files"]
     assert truth["patient"]["PatientName"] == "PHANTOM^3"
@@ -304,10 +371,15 @@ def test_cli_choices_match_the_generator() -> None:
     from node.commands import phantom as command
     from processing import phantom
 
-    assert (command.SCENARIOS, command.VENDORS, command.SIZES) == (phantom.SCENARIOS, phantom.VENDORS, phantom.SIZES)
+    assert (command.SCENARIOS, command.VENDORS, command.SIZES) == (
+        phantom.SCENARIOS,
+        phantom.VENDORS,
+        phantom.SIZES,
+    )
 
 
 # --- vendor variants --------------------------------------------------------------------------
+
 
 def _private_diffusion(ds: pydicom.Dataset, vendor: str) -> tuple[float, np.ndarray]:
     """b-value and LPS gradient from a vendor's private tags, found by private creator."""
@@ -341,7 +413,9 @@ def _private_diffusion(ds: pydicom.Dataset, vendor: str) -> tuple[float, np.ndar
 
 @pytest.mark.slow
 @pytest.mark.parametrize("vendor", ["siemens", "ge", "philips"])
-def test_classic_vendor_private_diffusion_tags_dcm2niix_and_dciodvfy(make_phantom, vendor: str, tmp_path: Path) -> None:
+def test_classic_vendor_private_diffusion_tags_dcm2niix_and_dciodvfy(
+    make_phantom, vendor: str, tmp_path: Path
+) -> None:
     from processing.phantom.mr import VENDOR_DEVIATIONS
 
     path = make_phantom("responder", vendor, "small")
@@ -365,15 +439,21 @@ def test_classic_vendor_private_diffusion_tags_dcm2niix_and_dciodvfy(make_phanto
     assert undocumented == set()
     assert all(any(d in e for e in errors) for d in VENDOR_DEVIATIONS[vendor])
     # DCE timing as the vendor writes it
-    dce = pydicom.dcmread(_series_files(path, "baseline", st["series"]["dce"])[-1], stop_before_pixels=True)
+    dce = pydicom.dcmread(
+        _series_files(path, "baseline", st["series"]["dce"])[-1], stop_before_pixels=True
+    )
     last_s = st["series"]["dce"]["frame_times_s"][-1]
     if vendor in ("ge", "philips"):
         assert float(dce.TriggerTime) == pytest.approx(last_s * 1000.0)
     if vendor == "siemens":
         assert "TemporalPositionIdentifier" not in dce
-        assert float(dce.private_block(0x0019, "SIEMENS MR HEADER")[0x16].value) == pytest.approx(last_s)
+        assert float(dce.private_block(0x0019, "SIEMENS MR HEADER")[0x16].value) == pytest.approx(
+            last_s
+        )
     if vendor == "philips":
-        assert float(dce.private_block(0x2005, "Philips MR Imaging DD 001")[0xA0].value) == pytest.approx(last_s)
+        assert float(
+            dce.private_block(0x2005, "Philips MR Imaging DD 001")[0xA0].value
+        ) == pytest.approx(last_s)
     # geometry through SimpleITK, as for the standard variant
     for series in st["series"].values():
         img = _volume(path, "baseline", series)
@@ -398,16 +478,25 @@ def test_enhanced_variant_one_multiframe_object_per_series(make_phantom, tmp_pat
             for n in (0, nz - 1, len(frames) - 1):
                 fg = frames[n]
                 expected = np.asarray(g["origin"]) + (n % nz) * g["spacing"][2] * rot[:, 2]
-                np.testing.assert_allclose(np.asarray(fg.PlanePositionSequence[0].ImagePositionPatient, float), expected, atol=1e-4)
-                np.testing.assert_allclose(np.asarray(fg.PixelMeasuresSequence[0].PixelSpacing, float), g["spacing"][1::-1])
+                np.testing.assert_allclose(
+                    np.asarray(fg.PlanePositionSequence[0].ImagePositionPatient, float),
+                    expected,
+                    atol=1e-4,
+                )
+                np.testing.assert_allclose(
+                    np.asarray(fg.PixelMeasuresSequence[0].PixelSpacing, float), g["spacing"][1::-1]
+                )
             if role == "dwi" and study == "baseline":
                 table = truth["dwi_files"]["baseline"][0]["frames"]
                 for fg, t in zip(frames, table, strict=True):
                     diff = fg.MRDiffusionSequence[0]
                     assert diff.DiffusionBValue == t["b"]
                     if t["b"] > 0:
-                        np.testing.assert_allclose(diff.DiffusionGradientDirectionSequence[0].DiffusionGradientOrientation,
-                                                   t["gradient_lps"], atol=1e-9)
+                        np.testing.assert_allclose(
+                            diff.DiffusionGradientDirectionSequence[0].DiffusionGradientOrientation,
+                            t["gradient_lps"],
+                            atol=1e-9,
+                        )
             if role == "dce":
                 tpi = [fg.FrameContentSequence[0].TemporalPositionIndex for fg in frames[::nz]]
                 assert tpi == list(range(1, len(series["frame_times_s"]) + 1))
@@ -423,9 +512,14 @@ def test_enhanced_variant_one_multiframe_object_per_series(make_phantom, tmp_pat
 
 # --- scenarios and follow-ups -----------------------------------------------------------------
 
-@pytest.mark.parametrize("scenario,followups", [("progression", 1), ("pseudoprogression", 2), ("stable", 1)])
+
+@pytest.mark.parametrize(
+    "scenario,followups", [("progression", 1), ("pseudoprogression", 2), ("stable", 1)]
+)
 def test_scenarios_change_the_tumour_as_specified(scenario: str, followups: int) -> None:
-    ph = generate_patient(seed=11, scenario=scenario, vendor="standard", size="small", followups=followups)
+    ph = generate_patient(
+        seed=11, scenario=scenario, vendor="standard", size="small", followups=followups
+    )
     gt = json.loads(json.dumps(ph.ground_truth, default=float))
     fu1 = gt["studies"]["followup1"]
     ch = fu1["change_from_baseline"]
@@ -447,7 +541,10 @@ def test_scenarios_change_the_tumour_as_specified(scenario: str, followups: int)
         assert fu1["expected_response"] == "indeterminate - possible pseudoprogression"
         fu2 = gt["studies"]["followup2"]
         assert fu2["days_since_treatment"] == 182 and fu2["expected_response"] == "local control"
-        assert fu2["FrameOfReferenceUID"] not in (fu1["FrameOfReferenceUID"], gt["studies"]["baseline"]["FrameOfReferenceUID"])
+        assert fu2["FrameOfReferenceUID"] not in (
+            fu1["FrameOfReferenceUID"],
+            gt["studies"]["baseline"]["FrameOfReferenceUID"],
+        )
     else:
         assert abs(ch["volume_relative"]) < 0.05 and fu1["expected_response"] == "local control"
     for key in gt["studies"]:
@@ -455,7 +552,9 @@ def test_scenarios_change_the_tumour_as_specified(scenario: str, followups: int)
 
 
 def test_optional_sagittal_t2w_geometry(tmp_path: Path) -> None:
-    ph = generate_patient(seed=5, scenario="stable", vendor="standard", size="small", followups=0, sagittal=True)
+    ph = generate_patient(
+        seed=5, scenario="stable", vendor="standard", size="small", followups=0, sagittal=True
+    )
     sag = ph.ground_truth["studies"]["baseline"]["series"]["t2w_sag"]
     assert sag["role"] == "t2w"
     for relpath, ds in ph.iter_datasets():
@@ -463,7 +562,14 @@ def test_optional_sagittal_t2w_geometry(tmp_path: Path) -> None:
             (tmp_path / relpath).parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(tmp_path / relpath, enforce_file_format=True)
     files = sorted((tmp_path / "baseline" / sag["folder"]).glob("*.dcm"))
-    assert [float(v) for v in pydicom.dcmread(files[0]).ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]
+    assert [float(v) for v in pydicom.dcmread(files[0]).ImageOrientationPatient] == [
+        0,
+        1,
+        0,
+        0,
+        0,
+        -1,
+    ]
     img = sitk.ReadImage([str(f) for f in files])
     g = sag["geometry"]
     np.testing.assert_allclose(img.GetOrigin(), g["origin"], atol=1e-4)
@@ -472,5 +578,9 @@ def test_optional_sagittal_t2w_geometry(tmp_path: Path) -> None:
     assert list(img.GetSize()) == g["size"]
     # the tumour is inside the sagittal slab and its mask on this grid matches the truth count
     mask = _tumour_mask(ph.ground_truth, "baseline", g)
-    assert int(mask.sum()) == ph.ground_truth["studies"]["baseline"]["tumour"]["voxel_counts"]["t2w_sag"] > 0
+    assert (
+        int(mask.sum())
+        == ph.ground_truth["studies"]["baseline"]["tumour"]["voxel_counts"]["t2w_sag"]
+        > 0
+    )
     assert _dciodvfy_errors(files[len(files) // 2]) == []

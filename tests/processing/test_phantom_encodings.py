@@ -28,8 +28,15 @@ def two_point(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from node.commands.phantom import write_phantom
 
     out = tmp_path_factory.mktemp("phantom-two-point") / "patient"
-    truth = write_phantom(out, seed=SEED, size="small", followups=0, diffusion_scheme="two-point",
-                          scanner_maps=True, non_image_objects=True)
+    truth = write_phantom(
+        out,
+        seed=SEED,
+        size="small",
+        followups=0,
+        diffusion_scheme="two-point",
+        scanner_maps=True,
+        non_image_objects=True,
+    )
     return out, truth
 
 
@@ -44,8 +51,10 @@ def _pm_volume(path: Path) -> np.ndarray:
     """A Parametric Map's values (mm²/s) as (k, j, i), frames sorted along the slice normal."""
     pm = pydicom.dcmread(path)
     frames = pm.PerFrameFunctionalGroupsSequence
-    iop = np.asarray(pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-                     .ImageOrientationPatient, dtype=float)
+    iop = np.asarray(
+        pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient,
+        dtype=float,
+    )
     normal = np.cross(iop[:3], iop[3:])
     z = [float(np.dot(normal, f.PlanePositionSequence[0].ImagePositionPatient)) for f in frames]
     rwvm = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
@@ -102,7 +111,9 @@ def test_tracew_series_gives_ln_s0_over_sb_of_its_own_pixels(two_point, tmp_path
     diff = np.abs(node[ok] - reference[ok])
     assert float(np.max(diff)) < 1e-7  # float32 storage of the map
     # the high-b trace is the geometric mean of the three stored b 1500 directional images
-    dwi, _ = _series_pixels(patient / "baseline" / truth["studies"]["baseline"]["series"]["dwi"]["folder"])
+    dwi, _ = _series_pixels(
+        patient / "baseline" / truth["studies"]["baseline"]["series"]["dwi"]["folder"]
+    )
     with np.errstate(divide="ignore"):
         geo = np.exp(np.mean(np.log(dwi[1:4]), axis=0))
     body = np.all(dwi[1:4] > 0, axis=0)
@@ -124,8 +135,9 @@ def test_scanner_adc_series_is_an_adc_map_with_the_truth_values(two_point) -> No
     expected = st["tumour"]["scanner_adc"]
     assert expected["bvalues_used"] == [0.0, 1500.0]
     assert float(values[mask].mean()) == pytest.approx(expected["tumour_mean_mm2_s"], abs=1e-12)
-    assert float(np.median(values[values > 0])) == pytest.approx(expected["tissue_median_mm2_s"],
-                                                                 abs=1e-12)
+    assert float(np.median(values[values > 0])) == pytest.approx(
+        expected["tissue_median_mm2_s"], abs=1e-12
+    )
     # independent of how the map was built: the analytic noiseless b0/b1500 ADC of the tumour
     # (tissue parameters), up to the integer storage (0.5e-6 mm²/s)
     analytic = st["tumour"]["adc_by_bvalues"]["b0,1500"]["adc_mm2_s"]
@@ -147,8 +159,11 @@ def test_derived_series_classified_and_no_new_dciodvfy_errors(vendor: str, tmp_p
         roles[folder] = [c.role for c in classify_study(datasets).series]
         path = tmp_path / f"{folder}.dcm"
         datasets[0].save_as(path, enforce_file_format=True)
-    assert roles == {"series005": [SeriesRole.DWI], "series051": [SeriesRole.TRACE],
-                     "series052": [SeriesRole.ADC_MAP]}
+    assert roles == {
+        "series005": [SeriesRole.DWI],
+        "series051": [SeriesRole.TRACE],
+        "series052": [SeriesRole.ADC_MAP],
+    }
 
     def errors(path: Path) -> set[str]:
         run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
@@ -164,7 +179,13 @@ def test_defaults_unchanged_and_options_are_other_patients() -> None:
     plain = generate_patient(seed=SEED, size="small", followups=0)
     scheme = generate_patient(seed=SEED, size="small", followups=0, diffusion_scheme="two-point")
     assert [s.folder for s in plain.studies[0].series] == [
-        "series002", "series003", "series004", "series005", "series006", "series007"]
+        "series002",
+        "series003",
+        "series004",
+        "series005",
+        "series006",
+        "series007",
+    ]
     assert "scanner_adc" not in plain.ground_truth["studies"]["baseline"]["tumour"]
     assert plain.studies[0].study_uid != scheme.studies[0].study_uid
     from node.commands import phantom as command

@@ -47,12 +47,15 @@ def test_ibsi_digital_phantom_every_mapped_feature_matches_3_significant_digits(
     result = extract_features(image, mask, RadiomicsSettings(bin_count=None, bin_width=1.0))
     assert len(result.ibsi) == len(IBSI_FEATURES) == 102
     mismatches = {
-        tag: (value, reference[tag][0]) for tag, value in result.ibsi.items()
+        tag: (value, reference[tag][0])
+        for tag, value in result.ibsi.items()
         if _three_significant(value) != reference[tag][0]
     }
     assert mismatches == {}
     # the documented corrections are what make these match
-    assert result.ibsi["stat_kurt"] == pytest.approx(result.features["original_firstorder_Kurtosis"] - 3)
+    assert result.ibsi["stat_kurt"] == pytest.approx(
+        result.features["original_firstorder_Kurtosis"] - 3
+    )
     assert _three_significant(result.features["original_shape_MinorAxisLength"]) != 9.31
     assert result.n_morphological_voxels == 74
 
@@ -62,14 +65,21 @@ def test_ibsi_ct_phantom_configuration_e_features_and_diagnostics(shared_data: P
     image = sitk.ReadImage(str(base / "ibsi_1_ct_radiomics_phantom/nifti/image/phantom.nii.gz"))
     mask = sitk.ReadImage(str(base / "ibsi_1_ct_radiomics_phantom/nifti/mask/mask.nii.gz"))
     reference = _reference(base / "reference_values_mirp/ibsi_1_chest_config_e.csv")
-    settings = RadiomicsSettings(spacing_mm=2.0, interpolator="bspline", round_intensities=True,
-                                 mask_partial_volume=0.5, resegment_range=(-1000.0, 400.0),
-                                 resegment_sigma=3.0, bin_count=32)
+    settings = RadiomicsSettings(
+        spacing_mm=2.0,
+        interpolator="bspline",
+        round_intensities=True,
+        mask_partial_volume=0.5,
+        resegment_range=(-1000.0, 400.0),
+        resegment_sigma=3.0,
+        bin_count=32,
+    )
     result = extract_features(image, mask, settings)
 
     assert len(result.ibsi) == 102
     outside = {
-        tag: (value, reference[tag]) for tag, value in result.ibsi.items()
+        tag: (value, reference[tag])
+        for tag, value in result.ibsi.items()
         if abs(value - reference[tag][0]) > reference[tag][1]
     }
     assert outside == {}
@@ -77,14 +87,24 @@ def test_ibsi_ct_phantom_configuration_e_features_and_diagnostics(shared_data: P
     diag = result.diagnostics
     # grid sizes and ROI voxel counts after each step: exactly the IBSI reference values
     exact = [f"img_dim_{a}_{s}_img" for a in "xyz" for s in ("init", "interp")]
-    exact += [f"{m}_vox_count_{s}_roi" for m in ("int_mask", "morph_mask")
-              for s in ("init", "interp", "reseg")]
-    exact += [f"{m}_bb_dim_{a}_{s}_roi" for m in ("int_mask", "morph_mask") for a in "xyz"
-              for s in ("init", "interp", "reseg")]
+    exact += [
+        f"{m}_vox_count_{s}_roi"
+        for m in ("int_mask", "morph_mask")
+        for s in ("init", "interp", "reseg")
+    ]
+    exact += [
+        f"{m}_bb_dim_{a}_{s}_roi"
+        for m in ("int_mask", "morph_mask")
+        for a in "xyz"
+        for s in ("init", "interp", "reseg")
+    ]
     for tag in exact:
         assert diag[tag] == reference[tag][0], tag
-    assert (diag["img_dim_x_interp_img"], diag["img_dim_y_interp_img"],
-            diag["img_dim_z_interp_img"]) == (100, 99, 90)
+    assert (
+        diag["img_dim_x_interp_img"],
+        diag["img_dim_y_interp_img"],
+        diag["img_dim_z_interp_img"],
+    ) == (100, 99, 90)
     assert diag["int_mask_vox_count_reseg_roi"] == 44484
     # every other diagnostic (intensities after each step) within the reference tolerance, or
     # at the 3 significant digits of the reference where its tolerance is 0
@@ -99,8 +119,10 @@ def test_centre_aligned_grid_shares_the_centre_of_the_original_grid():
     image.SetOrigin((-174.4, -79.6, -100.4))
     size, origin = centre_aligned_grid(image, 2.0)
     assert size == (100, 99, 90)
-    old_centre = np.array(image.GetOrigin()) + np.array(image.GetSpacing()) * (
-        np.array(image.GetSize()) - 1) / 2
+    old_centre = (
+        np.array(image.GetOrigin())
+        + np.array(image.GetSpacing()) * (np.array(image.GetSize()) - 1) / 2
+    )
     new_centre = np.array(origin) + 2.0 * (np.array(size) - 1) / 2
     np.testing.assert_allclose(new_centre, old_centre, atol=1e-9)
 
@@ -174,12 +196,15 @@ def test_extraction_is_deterministic_and_course_parameters_round_trip(digital_ph
     assert again == course
     assert {q: s.digest() for q, s in again.items()} == {q: s.digest() for q, s in course.items()}
     assert course["ADC"].resegment_range == (0.0, 5.0e-3)
-    assert RadiomicsSettings(spacing_mm=2, resegment_range=(-1000, 400)).digest() == \
-        RadiomicsSettings(spacing_mm=2.0, resegment_range=(-1000.0, 400.0)).digest()
+    assert (
+        RadiomicsSettings(spacing_mm=2, resegment_range=(-1000, 400)).digest()
+        == RadiomicsSettings(spacing_mm=2.0, resegment_range=(-1000.0, 400.0)).digest()
+    )
     settings = RadiomicsSettings(spacing_mm=1.5, bin_count=8)
     first = extract_features(image, mask, settings)
-    second = extract_features(image, mask, RadiomicsSettings.from_dict(
-        json.loads(json.dumps(settings.to_dict()))))
+    second = extract_features(
+        image, mask, RadiomicsSettings.from_dict(json.loads(json.dumps(settings.to_dict())))
+    )
     assert first.features == second.features
     assert first.diagnostics == second.diagnostics
 

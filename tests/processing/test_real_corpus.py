@@ -69,35 +69,72 @@ class Case:
 
 
 CASES = [
-    Case("canon_cl_b0_b1500", "canon_cl",
-         ref_bval="dwi_dcmqa/canon_dwi/Ref/9000_SAG_DTI_PA-ortho_cl.bval"),
-    Case("canon_enh_b0_b1500", "canon_enh",
-         ref_bval="dwi_dcmqa/canon_dwi/Ref/8000_DTI_PA-ALL_20d_enh.bval"),
-    Case("ge_oblique_b0_b1000", "ge_dwi",
-         ref_bval="dwi_dcmqa/ge_dwi/Ref/Ax_DWI_TENSOR_R2_1.bval", identical_volumes=True),
-    Case("philips_ingenia_cl_b0_b1000", "philips_cl",
-         ref_bval="dwi_dcmqa/philips_dwi/Ref/701_DTI_Biobank_2mm_MB3S2_EPI_cl.bval"),
-    Case("siemens_sag_mosaic_b0_b2000", "siemens_mosaic",
-         ref_bval="dwi_dcmqa/siemens_sag_mosaic_dwi/Ref/4_DWI_SagAPmosaic.bval"),
-    Case("philips_achieva_dti32", "philips_achieva_dti32",
-         ref_bval="real_mr/philips_achieva_dti32/Ref/DT_HIGH_32DIR_SENSE_1201.bval"),
+    Case(
+        "canon_cl_b0_b1500",
+        "canon_cl",
+        ref_bval="dwi_dcmqa/canon_dwi/Ref/9000_SAG_DTI_PA-ortho_cl.bval",
+    ),
+    Case(
+        "canon_enh_b0_b1500",
+        "canon_enh",
+        ref_bval="dwi_dcmqa/canon_dwi/Ref/8000_DTI_PA-ALL_20d_enh.bval",
+    ),
+    Case(
+        "ge_oblique_b0_b1000",
+        "ge_dwi",
+        ref_bval="dwi_dcmqa/ge_dwi/Ref/Ax_DWI_TENSOR_R2_1.bval",
+        identical_volumes=True,
+    ),
+    Case(
+        "philips_ingenia_cl_b0_b1000",
+        "philips_cl",
+        ref_bval="dwi_dcmqa/philips_dwi/Ref/701_DTI_Biobank_2mm_MB3S2_EPI_cl.bval",
+    ),
+    Case(
+        "siemens_sag_mosaic_b0_b2000",
+        "siemens_mosaic",
+        ref_bval="dwi_dcmqa/siemens_sag_mosaic_dwi/Ref/4_DWI_SagAPmosaic.bval",
+    ),
+    Case(
+        "philips_achieva_dti32",
+        "philips_achieva_dti32",
+        ref_bval="real_mr/philips_achieva_dti32/Ref/DT_HIGH_32DIR_SENSE_1201.bval",
+    ),
     Case("siemens_xa61_s14_tracew", "xa61", series_number=14, kind="tracew"),
     Case("siemens_xa61_s15_tracew", "xa61", series_number=15, kind="tracew"),
-    Case("siemens_xa61_s16_b0_b2000", "xa61", series_number=16,
-         ref_bval="real_mr/siemens_xa60_xa61_enhanced/Ref/"
-                  "phantom_check_MBfactor_CimaX_XA61_16_C2P_cmrr_mbep2d_diff_p2_mb1.bval"),
-    Case("siemens_xa60_s14_b0_b1000", "xa60",
-         ref_bval="real_mr/siemens_xa60_xa61_enhanced/Ref/"
-                  "phantom_check_MBfactor_TerraX_XA60_14_PRODUCT_ep2d_diff_p3_sms1.bval"),
-    Case("uih_umr770_tiled_dti16", "uih_dti16",
-         ref_bval="real_mr/uih_umr770_dti16/Ref/dti_tra_dir16_PA_6_134431.bval"),
-    Case("siemens_e11_b0_500_1500", "imagedata_dwi",
-         ref_bval="real_mr/imagedata_siemens/data/nifti/"
-                  "ep2d_RSI_b0_500_1500_6dir_20241202111754_3.bval"),
-    Case("siemens_e11_dynamic_3frames", "imagedata_time", kind="impossible",
-         reason="neither diffusion, VFA nor dynamic"),
-    Case("siemens_e11_vibe_single_flip", "imagedata_cohort", kind="impossible",
-         reason="flip=3.0 deg"),
+    Case(
+        "siemens_xa61_s16_b0_b2000",
+        "xa61",
+        series_number=16,
+        ref_bval="real_mr/siemens_xa60_xa61_enhanced/Ref/"
+        "phantom_check_MBfactor_CimaX_XA61_16_C2P_cmrr_mbep2d_diff_p2_mb1.bval",
+    ),
+    Case(
+        "siemens_xa60_s14_b0_b1000",
+        "xa60",
+        ref_bval="real_mr/siemens_xa60_xa61_enhanced/Ref/"
+        "phantom_check_MBfactor_TerraX_XA60_14_PRODUCT_ep2d_diff_p3_sms1.bval",
+    ),
+    Case(
+        "uih_umr770_tiled_dti16",
+        "uih_dti16",
+        ref_bval="real_mr/uih_umr770_dti16/Ref/dti_tra_dir16_PA_6_134431.bval",
+    ),
+    Case(
+        "siemens_e11_b0_500_1500",
+        "imagedata_dwi",
+        ref_bval="real_mr/imagedata_siemens/data/nifti/"
+        "ep2d_RSI_b0_500_1500_6dir_20241202111754_3.bval",
+    ),
+    Case(
+        "siemens_e11_dynamic_3frames",
+        "imagedata_time",
+        kind="impossible",
+        reason="neither diffusion, VFA nor dynamic",
+    ),
+    Case(
+        "siemens_e11_vibe_single_flip", "imagedata_cohort", kind="impossible", reason="flip=3.0 deg"
+    ),
 ]
 MAP_CASES = [c for c in CASES if c.kind != "impossible"]
 IMPOSSIBLE_CASES = [c for c in CASES if c.kind == "impossible"]
@@ -106,6 +143,7 @@ IMPOSSIBLE_CASES = [c for c in CASES if c.kind == "impossible"]
 # ------------------------------------------------------------------------------------------------
 # running the node and dcm2niix once per series
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Run:
@@ -156,8 +194,12 @@ def _run_node(case: Case, work: Path) -> Run:
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Lazily computed, module-wide: node runs, dcm2niix conversions and the README table rows."""
     real_data_root()
-    state: dict[str, Any] = {"work": tmp_path_factory.mktemp("corpus"), "runs": {},
-                             "dcm2niix": {}, "rows": {}}
+    state: dict[str, Any] = {
+        "work": tmp_path_factory.mktemp("corpus"),
+        "runs": {},
+        "dcm2niix": {},
+        "rows": {},
+    }
     yield state
     rows = state["rows"]
     if rows:
@@ -175,8 +217,14 @@ def _run(corpus: dict[str, Any], case: Case) -> Run:
     return corpus["runs"][case.id]
 
 
-def _row(corpus: dict[str, Any], case: Case, outcome: str, bvals: str = "", median: str = "",
-         within: str = "") -> None:
+def _row(
+    corpus: dict[str, Any],
+    case: Case,
+    outcome: str,
+    bvals: str = "",
+    median: str = "",
+    within: str = "",
+) -> None:
     corpus["rows"][case.id] = [outcome, bvals, median, within]
 
 
@@ -186,17 +234,33 @@ def _dcm2niix(corpus: dict[str, Any], run: Run) -> tuple[NiftiRef, np.ndarray]:
     if case.id not in corpus["dcm2niix"]:
         out = corpus["work"] / f"{case.id}_dcm2niix"
         out.mkdir()
-        proc = subprocess.run([str(VENV_BIN / "dcm2niix"), "-b", "n", "-z", "n", "-f", "%s",
-                               "-o", str(out), str(run.dicom_dir)],
-                              capture_output=True, text=True, timeout=600, check=False)
+        proc = subprocess.run(
+            [
+                str(VENV_BIN / "dcm2niix"),
+                "-b",
+                "n",
+                "-z",
+                "n",
+                "-f",
+                "%s",
+                "-o",
+                str(out),
+                str(run.dicom_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         bvals = sorted(out.glob("*.bval"))
         assert len(bvals) == 1, f"dcm2niix wrote {[b.name for b in bvals]} for {case.id}"
         b = np.loadtxt(bvals[0], ndmin=1)
         if case.ref_bval:
             ref = np.loadtxt(real_data_root() / case.ref_bval, ndmin=1)
-            np.testing.assert_allclose(b, ref, rtol=0, atol=1e-3,
-                                       err_msg=f"dcm2niix .bval differs from Ref/ ({case.id})")
+            np.testing.assert_allclose(
+                b, ref, rtol=0, atol=1e-3, err_msg=f"dcm2niix .bval differs from Ref/ ({case.id})"
+            )
         img = nib.load(str(bvals[0].with_suffix(".nii")))
         lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
         corpus["dcm2niix"][case.id] = (NiftiRef(np.asarray(img.get_fdata(), dtype=float), lps), b)
@@ -206,6 +270,7 @@ def _dcm2niix(corpus: dict[str, Any], run: Run) -> tuple[NiftiRef, np.ndarray]:
 # ------------------------------------------------------------------------------------------------
 # the independent reference
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class NiftiRef:
@@ -247,8 +312,9 @@ def ols_adc(signals: list[np.ndarray], bvalues: list[float]) -> np.ndarray:
     return -slope
 
 
-def nifti_reference(ref: NiftiRef, bvalues: np.ndarray, used: list[float]
-                    ) -> tuple[NiftiRef, NiftiRef]:
+def nifti_reference(
+    ref: NiftiRef, bvalues: np.ndarray, used: list[float]
+) -> tuple[NiftiRef, NiftiRef]:
     """Reference ADC and b = 0 images from a dcm2niix 4-D image over the shells `used`."""
     groups = shells_of(bvalues)
     means = [float(np.mean(bvalues[g])) for g in groups]
@@ -264,30 +330,38 @@ def nifti_reference(ref: NiftiRef, bvalues: np.ndarray, used: list[float]
 
 def _frame_geometry(ds: pydicom.Dataset, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(IPP, IOP, PixelSpacing) of frame i of an enhanced object (per-frame, else shared)."""
+
     def find(attr_seq: str, attr: str) -> Any:
-        for groups in (ds.PerFrameFunctionalGroupsSequence[i],
-                       ds.SharedFunctionalGroupsSequence[0]):
+        for groups in (
+            ds.PerFrameFunctionalGroupsSequence[i],
+            ds.SharedFunctionalGroupsSequence[0],
+        ):
             if attr_seq in groups:
                 return getattr(getattr(groups, attr_seq)[0], attr)
         raise KeyError(attr)
 
-    return (np.array(find("PlanePositionSequence", "ImagePositionPatient"), dtype=float),
-            np.array(find("PlaneOrientationSequence", "ImageOrientationPatient"), dtype=float),
-            np.array(find("PixelMeasuresSequence", "PixelSpacing"), dtype=float))
+    return (
+        np.array(find("PlanePositionSequence", "ImagePositionPatient"), dtype=float),
+        np.array(find("PlaneOrientationSequence", "ImageOrientationPatient"), dtype=float),
+        np.array(find("PixelMeasuresSequence", "PixelSpacing"), dtype=float),
+    )
 
 
-def _pixel_lps(ipp: np.ndarray, iop: np.ndarray, spacing: np.ndarray, rows: int, cols: int
-               ) -> np.ndarray:
+def _pixel_lps(
+    ipp: np.ndarray, iop: np.ndarray, spacing: np.ndarray, rows: int, cols: int
+) -> np.ndarray:
     """LPS position (rows, cols, 3) of every pixel of a frame (PS3.3 C.7.6.2.1.1)."""
     r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-    return (ipp[None, None, :] + c[..., None] * spacing[1] * iop[None, None, :3]
-            + r[..., None] * spacing[0] * iop[None, None, 3:])
+    return (
+        ipp[None, None, :]
+        + c[..., None] * spacing[1] * iop[None, None, :3]
+        + r[..., None] * spacing[0] * iop[None, None, 3:]
+    )
 
 
 def lookup(ref: NiftiRef, points_lps: np.ndarray) -> np.ndarray:
     """Nearest-voxel values of `ref` at LPS points (..., 3); NaN outside the image."""
-    pts = np.concatenate([points_lps.reshape(-1, 3), np.ones((points_lps[..., 0].size, 1))],
-                         axis=1)
+    pts = np.concatenate([points_lps.reshape(-1, 3), np.ones((points_lps[..., 0].size, 1))], axis=1)
     ijk = np.rint((np.linalg.inv(ref.affine_lps) @ pts.T)[:3].T).astype(int)
     shape = np.array(ref.data.shape[:3])
     inside = np.all((ijk >= 0) & (ijk < shape), axis=1)
@@ -299,14 +373,16 @@ def lookup(ref: NiftiRef, points_lps: np.ndarray) -> np.ndarray:
 def parametric_map_values(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """ADC (mm²/s) of every pixel of a Parametric Map and each pixel's LPS position."""
     ds = pydicom.dcmread(path)
-    pixels = np.asarray(ds.pixel_array, dtype=float).reshape(int(ds.NumberOfFrames), ds.Rows,
-                                                             ds.Columns)
+    pixels = np.asarray(ds.pixel_array, dtype=float).reshape(
+        int(ds.NumberOfFrames), ds.Rows, ds.Columns
+    )
     rwvm = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     unit = rwvm.MeasurementUnitsCodeSequence[0].CodeValue
     scale = {"mm2/s": 1.0, "um2/s": 1e-6, "10-6.mm2/s": 1e-6, "10-3.mm2/s": 1e-3}[unit]
-    values = (pixels * float(rwvm.RealWorldValueSlope) + float(rwvm.RealWorldValueIntercept))
-    positions = np.stack([_pixel_lps(*_frame_geometry(ds, i), ds.Rows, ds.Columns)
-                          for i in range(pixels.shape[0])])
+    values = pixels * float(rwvm.RealWorldValueSlope) + float(rwvm.RealWorldValueIntercept)
+    positions = np.stack(
+        [_pixel_lps(*_frame_geometry(ds, i), ds.Rows, ds.Columns) for i in range(pixels.shape[0])]
+    )
     return values * scale, positions
 
 
@@ -346,23 +422,33 @@ def tracew_reference(dicom_dir: Path) -> tuple[NiftiRef, NiftiRef, float]:
     return NiftiRef(adc, affine), NiftiRef(stacks[0], affine), b_key
 
 
-def agreement(map_values: np.ndarray, ref_adc: np.ndarray, ref_b0: np.ndarray,
-              b0_p99: float) -> dict[str, float]:
+def agreement(
+    map_values: np.ndarray, ref_adc: np.ndarray, ref_b0: np.ndarray, b0_p99: float
+) -> dict[str, float]:
     """Median |relative difference| and fraction of tissue voxels within 5 %."""
-    tissue = (np.isfinite(ref_b0) & (ref_b0 > TISSUE_FRACTION * b0_p99) & np.isfinite(ref_adc)
-              & (ref_adc > ADC_BOUNDS[0]) & (ref_adc < ADC_BOUNDS[1]))
+    tissue = (
+        np.isfinite(ref_b0)
+        & (ref_b0 > TISSUE_FRACTION * b0_p99)
+        & np.isfinite(ref_adc)
+        & (ref_adc > ADC_BOUNDS[0])
+        & (ref_adc < ADC_BOUNDS[1])
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.abs(map_values[tissue] / ref_adc[tissue] - 1.0)
     has = np.isfinite(rel)
-    return {"n_tissue": int(tissue.sum()), "n_with_value": int(has.sum()),
-            "median_abs_rel": float(np.median(rel[has])) if has.any() else float("nan"),
-            "median_ref_adc": float(np.median(ref_adc[tissue])) if tissue.any() else float("nan"),
-            "within_5pct": float(np.sum(rel[has] <= 0.05) / max(int(tissue.sum()), 1))}
+    return {
+        "n_tissue": int(tissue.sum()),
+        "n_with_value": int(has.sum()),
+        "median_abs_rel": float(np.median(rel[has])) if has.any() else float("nan"),
+        "median_ref_adc": float(np.median(ref_adc[tissue])) if tissue.any() else float("nan"),
+        "within_5pct": float(np.sum(rel[has] <= 0.05) / max(int(tissue.sum()), 1)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------
+
 
 def _adc_run(corpus: dict[str, Any], case: Case) -> Run:
     run = _run(corpus, case)
@@ -370,7 +456,8 @@ def _adc_run(corpus: dict[str, Any], case: Case) -> Run:
         reason = "no ADC map"
         if run.report and "ADC" in run.report["maps"]:
             reason = "ADC computed, no Parametric Map: " + str(
-                run.report["maps"]["ADC"].get("parametric_map_error"))
+                run.report["maps"]["ADC"].get("parametric_map_error")
+            )
         elif run.stdout.strip():
             reason = "no ADC map: " + " / ".join(run.stdout.strip().splitlines()[-2:])
         _row(corpus, case, f"FAIL: {reason}")
@@ -379,13 +466,21 @@ def _adc_run(corpus: dict[str, Any], case: Case) -> Run:
 
 
 @pytest.mark.parametrize("case", MAP_CASES, ids=[c.id for c in MAP_CASES])
-def test_adc_parametric_map_is_valid_dicom(corpus: dict[str, Any], case: Case,
-                                           tmp_path: Path) -> None:
+def test_adc_parametric_map_is_valid_dicom(
+    corpus: dict[str, Any], case: Case, tmp_path: Path
+) -> None:
     """The ADC Parametric Map passes dciodvfy (0 errors) and dcmqi's paramap2itkimage reads it."""
     run = _adc_run(corpus, case)
     dciodvfy(run.pm_path)
-    dcmqi("paramap2itkimage", "--inputDICOM", str(run.pm_path), "--outputDirectory",
-          str(tmp_path), "--prefix", "adc")
+    dcmqi(
+        "paramap2itkimage",
+        "--inputDICOM",
+        str(run.pm_path),
+        "--outputDirectory",
+        str(tmp_path),
+        "--prefix",
+        "adc",
+    )
     assert (tmp_path / "adc-pmap.nrrd").is_file()
 
 
@@ -419,22 +514,34 @@ def test_adc_equals_independent_reference(corpus: dict[str, Any], case: Case) ->
         ijk = (np.linalg.inv(ref_b0.affine_lps) @ pts.T)[:3]
         assert np.abs(ijk - np.rint(ijk)).max() < 0.05
         assert np.all((np.rint(ijk) >= 0) & (np.rint(ijk).T < ref_b0.data.shape[:3]).T)
-        _row(corpus, case, "ADC map = 0, as the reference (all volumes hold identical pixels in "
-             "this validation export): geometry and DICOM checked only",
-             "/".join(f"{b:g}" for b in used), "n/a", "n/a")
+        _row(
+            corpus,
+            case,
+            "ADC map = 0, as the reference (all volumes hold identical pixels in "
+            "this validation export): geometry and DICOM checked only",
+            "/".join(f"{b:g}" for b in used),
+            "n/a",
+            "n/a",
+        )
         return
     stats = agreement(values, lookup(ref_adc, positions), lookup(ref_b0, positions), b0_p99)
-    _row(corpus, case, f"ADC map (tissue median {1e3 * stats['median_ref_adc']:.3f}e-3 mm²/s)",
-         "/".join(f"{b:g}" for b in used), f"{100 * stats['median_abs_rel']:.4f} %",
-         f"{100 * stats['within_5pct']:.1f} % of {stats['n_tissue']}")
+    _row(
+        corpus,
+        case,
+        f"ADC map (tissue median {1e3 * stats['median_ref_adc']:.3f}e-3 mm²/s)",
+        "/".join(f"{b:g}" for b in used),
+        f"{100 * stats['median_abs_rel']:.4f} %",
+        f"{100 * stats['within_5pct']:.1f} % of {stats['n_tissue']}",
+    )
     assert stats["n_tissue"] >= 100, stats
     assert stats["median_abs_rel"] < 0.01, stats
     assert stats["within_5pct"] >= 0.95, stats
 
 
 @pytest.mark.parametrize("case", IMPOSSIBLE_CASES, ids=[c.id for c in IMPOSSIBLE_CASES])
-def test_series_without_a_possible_map_are_refused_with_a_reason(corpus: dict[str, Any],
-                                                                 case: Case) -> None:
+def test_series_without_a_possible_map_are_refused_with_a_reason(
+    corpus: dict[str, Any], case: Case
+) -> None:
     """No diffusion and no usable DCE/VFA: no map, exit status 1 and a stated reason."""
     run = _run(corpus, case)
     assert run.returncode == 1
@@ -451,6 +558,7 @@ def test_series_without_a_possible_map_are_refused_with_a_reason(corpus: dict[st
 # independent reference above, on the dcm2niix grid (another grid than the node's)
 # ------------------------------------------------------------------------------------------------
 
+
 def _scanner_like_image(ref: NiftiRef, factor: float) -> Any:
     """The reference ADC as a scanner stores it: integers in 10^-6 mm²/s, on the NIfTI grid."""
     import SimpleITK as sitk
@@ -465,8 +573,9 @@ def _scanner_like_image(ref: NiftiRef, factor: float) -> Any:
 
 
 @pytest.mark.parametrize("factor", [1.0, 1.1])
-def test_adc_qa_against_a_scanner_map_made_from_the_reference(corpus: dict[str, Any],
-                                                               factor: float) -> None:
+def test_adc_qa_against_a_scanner_map_made_from_the_reference(
+    corpus: dict[str, Any], factor: float
+) -> None:
     """Node ADC vs reference-as-scanner-map (x `factor`): median relative difference 1/f - 1."""
     import SimpleITK as sitk
 
@@ -487,10 +596,15 @@ def test_adc_qa_against_a_scanner_map_made_from_the_reference(corpus: dict[str, 
     grid = np.indices(adc.valid.shape).transpose(1, 2, 3, 0)
     tumour = np.linalg.norm((grid - centre) * [1.0, 1.0, 1.0], axis=-1) <= 6
     stored = _scanner_like_image(ref_adc, factor)  # integers in 1e-6 mm2/s, as scanners store
-    qa = compare_with_scanner_adc(adc.values, adc.valid, adc.geometry,
-                                  sitk.Cast(stored, sitk.sitkFloat64) * 1e-6,
-                                  scanner_scaling="x1e-6", tumour_mask=tumour,
-                                  scanner_series_instance_uid="synthetic")
+    qa = compare_with_scanner_adc(
+        adc.values,
+        adc.valid,
+        adc.geometry,
+        sitk.Cast(stored, sitk.sitkFloat64) * 1e-6,
+        scanner_scaling="x1e-6",
+        tumour_mask=tumour,
+        scanner_series_instance_uid="synthetic",
+    )
     expected = 1.0 / factor - 1.0
     assert qa.scanner_scaling == "x1e-6"
     assert qa.tissue.n_voxels >= 0.9 * int(adc.valid.sum()), qa
@@ -502,10 +616,12 @@ def test_adc_qa_against_a_scanner_map_made_from_the_reference(corpus: dict[str, 
     assert set(d["tissue"]) >= {"median_difference_mm2_s", "median_relative_difference"}
     if factor != 1.0:
         _check_qa_in_the_report(d, corpus["work"] / f"sr_{factor}")
-    print(f"\nADC QA (XA60 s14, scanner = reference x {factor}): tissue "
-          f"{100 * qa.tissue.median_relative_difference:+.2f} % over {qa.tissue.n_voxels} voxels, "
-          f"tumour {100 * qa.tumour.median_relative_difference:+.2f} % over "
-          f"{qa.tumour.n_voxels} voxels")
+    print(
+        f"\nADC QA (XA60 s14, scanner = reference x {factor}): tissue "
+        f"{100 * qa.tissue.median_relative_difference:+.2f} % over {qa.tissue.n_voxels} voxels, "
+        f"tumour {100 * qa.tumour.median_relative_difference:+.2f} % over "
+        f"{qa.tumour.n_voxels} voxels"
+    )
 
 
 def _check_qa_in_the_report(qa: dict[str, Any], folder: Path) -> None:
@@ -525,9 +641,14 @@ def _check_qa_in_the_report(qa: dict[str, Any], folder: Path) -> None:
 
     objects = build_inputs(VERSION)
     follow_up = dataclasses.replace(
-        FOLLOW_UP, provenance={**FOLLOW_UP.provenance, "scanner_adc_qa": qa})
-    sr = build_measurement_report([BASELINE, follow_up], segmentations=objects.segs,
-                                  parametric_maps=objects.pmaps, algorithm_version=VERSION)
+        FOLLOW_UP, provenance={**FOLLOW_UP.provenance, "scanner_adc_qa": qa}
+    )
+    sr = build_measurement_report(
+        [BASELINE, follow_up],
+        segmentations=objects.segs,
+        parametric_maps=objects.pmaps,
+        algorithm_version=VERSION,
+    )
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sr.dcm"
     sr.save_as(path)
@@ -543,8 +664,11 @@ def _check_qa_in_the_report(qa: dict[str, Any], folder: Path) -> None:
     assert abs(found["ADCQA-TUM-REL"][0] - 100 * qa["tumour"]["median_relative_difference"]) < 1e-6
     assert abs(found["ADCQA-TIS-ABS"][0] - 1e6 * qa["tissue"]["median_difference_mm2_s"]) < 1e-6
     data = tid1500_json(path, folder)
-    codes = {m["quantity"]["CodeValue"] for g in data["Measurements"]
-             for m in g.get("measurementItems", [])}
+    codes = {
+        m["quantity"]["CodeValue"]
+        for g in data["Measurements"]
+        for m in g.get("measurementItems", [])
+    }
     assert "ADCQA-TUM-REL" in codes
 
 
@@ -563,13 +687,20 @@ def _synthetic_scanner_adc_series(run: Run, ref_adc: NiftiRef, folder: Path) -> 
         ds = pydicom.dcmread(f)
         if float(ds.get("DiffusionBValue", -1.0)) != 0.0:
             continue
-        positions = _pixel_lps(np.array(ds.ImagePositionPatient, dtype=float),
-                               np.array(ds.ImageOrientationPatient, dtype=float),
-                               np.array(ds.PixelSpacing, dtype=float), ds.Rows, ds.Columns)
+        positions = _pixel_lps(
+            np.array(ds.ImagePositionPatient, dtype=float),
+            np.array(ds.ImageOrientationPatient, dtype=float),
+            np.array(ds.PixelSpacing, dtype=float),
+            ds.Rows,
+            ds.Columns,
+        )
         adc = lookup(ref_adc, positions)
         stored = np.where(np.isfinite(adc) & (adc > 0), np.rint(adc * 1e6), 0).clip(0, 65535)
-        for keyword in ("DiffusionBValue", "DiffusionGradientOrientation",
-                        "DiffusionDirectionality"):
+        for keyword in (
+            "DiffusionBValue",
+            "DiffusionGradientOrientation",
+            "DiffusionDirectionality",
+        ):
             if keyword in ds:
                 delattr(ds, keyword)
         ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "ADC"]
@@ -588,7 +719,8 @@ def _synthetic_scanner_adc_series(run: Run, ref_adc: NiftiRef, folder: Path) -> 
 
 
 def test_maps_json_reports_the_node_adc_against_a_scanner_adc_series(
-        corpus: dict[str, Any]) -> None:
+    corpus: dict[str, Any],
+) -> None:
     """Acceptance 5 through ``spine-node maps``: a study with a scanner ADC series gets the QA."""
     import json
 
@@ -611,9 +743,11 @@ def test_maps_json_reports_the_node_adc_against_a_scanner_adc_series(
     assert qa["tissue"]["n_voxels"] >= 0.5 * report["maps"]["ADC"]["statistics"]["n_voxels"]
     assert abs(qa["tissue"]["median_relative_difference"]) < 0.005, qa
     _check_chain_qa(run, adc_dir)
-    print(f"\nmaps.json ADC QA (Canon b0/b1500 vs synthetic scanner ADC): "
-          f"{100 * qa['tissue']['median_relative_difference']:+.3f} % over "
-          f"{qa['tissue']['n_voxels']} voxels")
+    print(
+        f"\nmaps.json ADC QA (Canon b0/b1500 vs synthetic scanner ADC): "
+        f"{100 * qa['tissue']['median_relative_difference']:+.3f} % over "
+        f"{qa['tissue']['n_voxels']} voxels"
+    )
 
 
 def _check_chain_qa(run: Run, adc_dir: Path) -> None:
@@ -632,24 +766,31 @@ def _check_chain_qa(run: Run, adc_dir: Path) -> None:
     volumes = [read_series(s) for s in group_by_series(dwi + adc_series).values()]
     scanner = find_scanner_adc(volumes)
     assert scanner is not None and scanner.series_instance_uid == str(
-        adc_series[0].SeriesInstanceUID)
+        adc_series[0].SeriesInstanceUID
+    )
     adc = compute_maps([v for v in volumes if v is not scanner])["ADC"]
     image = adc.image()
     # "lesion": a 15 mm ball at the centre of the valid voxels, on a 2 mm isotropic grid
     z, y, x = np.nonzero(adc.valid)
     centre = image.TransformContinuousIndexToPhysicalPoint(
-        [float(x.mean()), float(y.mean()), float(z.mean())])
+        [float(x.mean()), float(y.mean()), float(z.mean())]
+    )
     grid = sitk.Image([40, 40, 40], sitk.sitkUInt8)
     grid.SetSpacing([2.0, 2.0, 2.0])
     grid.SetOrigin([c - 39.0 for c in centre])
     idx = np.indices((40, 40, 40)).astype(float)
     mask = sitk.GetImageFromArray(
-        (np.linalg.norm(idx - 19.5, axis=0) * 2.0 <= 15.0).astype(np.uint8))
+        (np.linalg.norm(idx - 19.5, axis=0) * 2.0 <= 15.0).astype(np.uint8)
+    )
     mask.CopyInformation(grid)
-    study = SimpleNamespace(scanner_adc=scanner, scanner_adc_dataset=adc_series[0],
-                            maps={"ADC": SimpleNamespace(image=image)},
-                            lesion_mask=mask, study_instance_uid=run.case.id,
-                            scanner_adc_qa=None)
+    study = SimpleNamespace(
+        scanner_adc=scanner,
+        scanner_adc_dataset=adc_series[0],
+        maps={"ADC": SimpleNamespace(image=image)},
+        lesion_mask=mask,
+        study_instance_uid=run.case.id,
+        scanner_adc_qa=None,
+    )
     notes: list[str] = []
     _scanner_adc_qa(study, notes)
     qa = study.scanner_adc_qa

@@ -79,16 +79,27 @@ def test_cd_export_through_maps_command_sets_aside_every_non_image(tmp_path: Pat
     assert "object(s) set aside" in printed.out
     report = json.loads((out / "maps.json").read_text())
     aside = {e["file"]: e for e in report["set_aside"]}
-    assert set(aside) == {"DICOMDIR", "PS_0545", "XX_0546", "XX_0547",
-                          "dwi.bval", "dwi.bvec", "dwi.json"}
+    assert set(aside) == {
+        "DICOMDIR",
+        "PS_0545",
+        "XX_0546",
+        "XX_0547",
+        "dwi.bval",
+        "dwi.bvec",
+        "dwi.json",
+    }
     assert all(e["reason"] for e in report["set_aside"])
     assert "DICOMDIR" in aside["DICOMDIR"]["reason"]
     assert aside["PS_0545"]["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.11.1"
     assert "Presentation State" in aside["PS_0545"]["reason"]
     assert {aside[f]["sop_class_uid"] for f in ("XX_0546", "XX_0547")} == {
-        "1.3.46.670589.11.0.0.12.2", "1.3.46.670589.11.0.0.12.4"}
+        "1.3.46.670589.11.0.0.12.2",
+        "1.3.46.670589.11.0.0.12.4",
+    }
     assert all("Philips private" in aside[f]["reason"] for f in ("XX_0546", "XX_0547"))
-    assert all("not a DICOM file" in aside[f"dwi{s}"]["reason"] for s in (".bval", ".bvec", ".json"))
+    assert all(
+        "not a DICOM file" in aside[f"dwi{s}"]["reason"] for s in (".bval", ".bvec", ".json")
+    )
     assert "ADC" in report["maps"]
     assert report["maps"]["ADC"]["provenance"]["b_values"][-1] == pytest.approx(1000.0)
 
@@ -98,8 +109,12 @@ def test_cd_export_classify_study_sets_aside_and_reads_one_dwi_series(philips_cl
     gradients equal dcm2niix's Ref .bval/.bvec (same volume order, FSL frame (x, -y, z))."""
     inventory = classify_study(philips_cl, volumes=(volumes := {}))
     reasons = sorted(e.reason.split(" (")[0] for e in inventory.set_aside)
-    assert reasons == ["DICOMDIR", "Philips private non-image object",
-                       "Philips private non-image object", "Presentation State"]
+    assert reasons == [
+        "DICOMDIR",
+        "Philips private non-image object",
+        "Philips private non-image object",
+        "Presentation State",
+    ]
     dwi = inventory.by_role(SeriesRole.DWI)
     assert len(dwi) == 1 and not inventory.errors
     volume = volumes[dwi[0].series_instance_uid]
@@ -145,8 +160,9 @@ def test_uih_tiles_geometry_and_volumes_equal_ref_nifti(uih_volume) -> None:
     assert volume.array.shape == (17, 20, 64, 64) and ref.shape == (64, 64, 20, 17)
     g = volume.geometry
     nz, ny, nx = volume.array.shape[1:]
-    idx = np.stack(np.meshgrid(np.arange(nx), np.arange(ny), np.arange(nz), indexing="ij"),
-                   axis=-1).reshape(-1, 3)
+    idx = np.stack(
+        np.meshgrid(np.arange(nx), np.arange(ny), np.arange(nz), indexing="ij"), axis=-1
+    ).reshape(-1, 3)
     lps = np.asarray(g.origin) + (g.direction_matrix @ (np.asarray(g.spacing)[:, None] * idx.T)).T
     ras = lps * [-1.0, -1.0, 1.0]
     ijk = (np.linalg.inv(img.affine) @ np.c_[ras, np.ones(len(ras))].T)[:3].T
@@ -170,9 +186,12 @@ def test_uih_effective_b_values_and_gradients(uih_volume) -> None:
     the 2.4 deg obliquity of the slices (dcm2niix writes (0065,xx37) unrotated)."""
     bval, bvec = _ref(UIH_REF)
     np.testing.assert_allclose(uih_volume.b_values, bval, atol=0.01)
-    image_frame = gradients_to_image_frame(uih_volume.gradients, uih_volume.geometry.direction_matrix)
-    table = np.loadtxt(real_data_root() / "real_mr/uih_umr770_dti16/In/DTI_134434/Grad_PA.csv",
-                       delimiter=",")
+    image_frame = gradients_to_image_frame(
+        uih_volume.gradients, uih_volume.geometry.direction_matrix
+    )
+    table = np.loadtxt(
+        real_data_root() / "real_mr/uih_umr770_dti16/In/DTI_134434/Grad_PA.csv", delimiter=","
+    )
     np.testing.assert_allclose(image_frame[1:], table, atol=2e-3)
     ours = image_frame[1:] * [1, -1, 1]
     cos = np.sum(ours * bvec[1:], axis=1) / np.linalg.norm(bvec[1:], axis=1)
@@ -209,8 +228,10 @@ def test_xa61_tracew_series_read_as_trace_never_mixed_with_directional() -> None
     dwi = by_number[16]
     assert dwi.role is SeriesRole.DWI and dwi.n_volumes == 7
     v16 = volumes[dwi.series_instance_uid]
-    bval, bvec = _ref("real_mr/siemens_xa60_xa61_enhanced/Ref/"
-                      "phantom_check_MBfactor_CimaX_XA61_16_C2P_cmrr_mbep2d_diff_p2_mb1")
+    bval, bvec = _ref(
+        "real_mr/siemens_xa60_xa61_enhanced/Ref/"
+        "phantom_check_MBfactor_CimaX_XA61_16_C2P_cmrr_mbep2d_diff_p2_mb1"
+    )
     np.testing.assert_allclose(v16.b_values, bval)
     np.testing.assert_allclose(_bvec_frame(v16)[1:], bvec[1:], atol=2e-3)
     assert all(v.image_type[0] == "ORIGINAL" for v in v16.volumes)
@@ -244,8 +265,9 @@ def _ge_series() -> list[pydicom.Dataset]:
     return _load("ge_dwi")
 
 
-def _as_scanner_adc(datasets: list[pydicom.Dataset], value: int, *,
-                    series_uid: str | None = None) -> list[pydicom.Dataset]:
+def _as_scanner_adc(
+    datasets: list[pydicom.Dataset], value: int, *, series_uid: str | None = None
+) -> list[pydicom.Dataset]:
     """Real GE b0 slices turned into a scanner ADC map (ImageType ADC, pixels = ``value``)."""
     b0 = [ds for ds in datasets if diffusion_encoding(ds).is_b0]
     out = []
@@ -289,8 +311,7 @@ def test_derived_adc_images_inside_a_directional_series_are_left_out() -> None:
     out of it with a reason; the acquired volumes are unchanged."""
     original = _ge_series()
     plain = read_series(original)
-    mixed = original + _as_scanner_adc(original, 900,
-                                       series_uid=str(original[0].SeriesInstanceUID))
+    mixed = original + _as_scanner_adc(original, 900, series_uid=str(original[0].SeriesInstanceUID))
     volume = read_series(mixed)
     assert volume.n_volumes == plain.n_volumes == 7
     np.testing.assert_array_equal(volume.array, plain.array)
@@ -347,7 +368,9 @@ def test_phantom_dwi_with_presentation_state_and_vendor_private_object(tmp_path:
     volumes: dict = {}
     inventory = classify_study(images + [ds for _, ds in extras], volumes=volumes)
     assert sorted(e.reason.split(" (")[0] for e in inventory.set_aside) == [
-        "Philips private non-image object", "Presentation State"]
+        "Philips private non-image object",
+        "Presentation State",
+    ]
     assert volumes[dwi.series_uid].n_volumes == len(dwi.volumes)
     folder = tmp_path / "export"
     for relpath, ds in [*mr.series_datasets(ph, study, dwi), *extras]:

@@ -64,7 +64,9 @@ def _follow_up(baseline: sitk.Image, moving_to_fixed: sitk.Transform, seed: int)
     grid.SetOrigin([o + d for o, d in zip(baseline.GetOrigin(), (0.7, -1.1, 1.3))])
     # Resample maps output (follow-up) points through the transform into the baseline image
     moving = sitk.Resample(baseline, grid, moving_to_fixed, sitk.sitkLinear, 50.0, sitk.sitkFloat32)
-    noisy = sitk.GetArrayFromImage(moving) + np.random.default_rng(seed).normal(0, 10, moving.GetSize()[::-1])
+    noisy = sitk.GetArrayFromImage(moving) + np.random.default_rng(seed).normal(
+        0, 10, moving.GetSize()[::-1]
+    )
     out = sitk.GetImageFromArray(noisy.astype(np.float32))
     out.CopyInformation(moving)
     return out
@@ -79,15 +81,21 @@ def baseline() -> tuple[sitk.Image, sitk.Image]:
     ("angles_deg", "translation_mm"),
     [((3.0, -2.0, 4.0), (3.0, -4.0, 2.5)), ((-4.0, 3.0, -2.0), (-5.0, 2.0, -3.0))],
 )
-def test_recovers_known_rigid_displacement_within_1mm_1deg(baseline, angles_deg, translation_mm) -> None:
+def test_recovers_known_rigid_displacement_within_1mm_1deg(
+    baseline, angles_deg, translation_mm
+) -> None:
     fixed, body = baseline
     truth = _known_rigid(angles_deg, translation_mm)
     moving = _follow_up(fixed, truth, seed=7)
     moving_body = resample_mask(body, moving, transform=truth)
-    result = register_rigid(fixed, moving, region=body, fixed_vertebra=body, moving_vertebra=moving_body)
+    result = register_rigid(
+        fixed, moving, region=body, fixed_vertebra=body, moving_vertebra=moving_body
+    )
     error = np.linalg.inv(transform_to_matrix(truth)) @ result.matrix_moving_to_fixed
     # error of the mapped position over the treated region (|R x + t - x| at the region's extent)
-    corners = np.array([[sx, sy, sz, 1.0] for sx in (-18, 18) for sy in (-9, 19) for sz in (-11, 11)])
+    corners = np.array(
+        [[sx, sy, sz, 1.0] for sx in (-18, 18) for sy in (-9, 19) for sz in (-11, 11)]
+    )
     displacement = np.linalg.norm((corners @ error.T)[:, :3] - corners[:, :3], axis=1).max()
     assert displacement < 1.0, displacement
     assert rotation_angle_deg(error) < 1.0
@@ -97,7 +105,9 @@ def test_recovers_known_rigid_displacement_within_1mm_1deg(baseline, angles_deg,
     assert np.allclose(result.translation_mm, translation_mm, atol=1.0)
     assert np.allclose(result.rotation_deg, angles_deg, atol=1.0)
     # the SimpleITK transform is the inverse of the DICOM REG matrix
-    assert np.allclose(transform_to_matrix(result.transform) @ result.matrix_moving_to_fixed, np.eye(4), atol=1e-9)
+    assert np.allclose(
+        transform_to_matrix(result.transform) @ result.matrix_moving_to_fixed, np.eye(4), atol=1e-9
+    )
 
 
 def test_registration_is_bit_for_bit_repeatable_and_restores_the_thread_count(baseline) -> None:
@@ -106,8 +116,10 @@ def test_registration_is_bit_for_bit_repeatable_and_restores_the_thread_count(ba
     fixed, body = baseline
     moving = _follow_up(fixed, _known_rigid((2.0, -1.0, 1.5), (1.5, -2.0, 1.0)), seed=11)
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    matrices = {register_rigid(fixed, moving, region=body).matrix_moving_to_fixed.tobytes()
-                for _ in range(3)}
+    matrices = {
+        register_rigid(fixed, moving, region=body).matrix_moving_to_fixed.tobytes()
+        for _ in range(3)
+    }
     assert len(matrices) == 1
     assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads
 
@@ -130,9 +142,13 @@ def test_matrix_transform_round_trip_and_centre_convention() -> None:
     transform.SetCenter((10.0, -20.0, 5.0))
     matrix = transform_to_matrix(transform)
     point = np.array([3.0, 4.0, -7.0])
-    assert np.allclose(matrix[:3, :3] @ point + matrix[:3, 3], transform.TransformPoint(point.tolist()))
+    assert np.allclose(
+        matrix[:3, :3] @ point + matrix[:3, 3], transform.TransformPoint(point.tolist())
+    )
     back = matrix_to_transform(matrix)
-    assert np.allclose(back.TransformPoint(point.tolist()), transform.TransformPoint(point.tolist()))
+    assert np.allclose(
+        back.TransformPoint(point.tolist()), transform.TransformPoint(point.tolist())
+    )
     assert rotation_angle_deg(np.eye(4)) == 0.0
     with pytest.raises(RegistrationError, match="not rigid"):
         matrix_to_transform(np.diag([2.0, 1.0, 1.0, 1.0]))
@@ -147,7 +163,9 @@ def test_region_mask_adds_margin_in_mm(baseline) -> None:
         inside = np.flatnonzero(body_array.any(axis=other))
         extent = np.flatnonzero(box.any(axis=other))
         pad = math.ceil(5.0 / spacing)
-        assert extent[0] == max(inside[0] - pad, 0) and extent[-1] == min(inside[-1] + pad, box.shape[axis] - 1)
+        assert extent[0] == max(inside[0] - pad, 0) and extent[-1] == min(
+            inside[-1] + pad, box.shape[axis] - 1
+        )
     with pytest.raises(RegistrationError, match="empty"):
         region_mask(body * 0, margin_mm=5.0)
 
@@ -240,7 +258,9 @@ def test_phantom_registration_with_sagittal_series_within_1mm_1deg(make_phantom,
 
     def image(study: str, key: str) -> sitk.Image:
         folder = root / study / truth["studies"][study]["series"][key]["folder"]
-        return read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]).volume_image(0)
+        return read_series([pydicom.dcmread(p) for p in sorted(folder.glob("*.dcm"))]).volume_image(
+            0
+        )
 
     axial = (image("baseline", "t2w"), image("followup1", "t2w"))
     sagittal = (image("baseline", "t2w_sag"), image("followup1", "t2w_sag"))

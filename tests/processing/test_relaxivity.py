@@ -22,15 +22,30 @@ from processing.relaxivity import (
 from tests.processing.test_vfa_series import phantom_dce_study, tumour_mean
 
 
-@pytest.mark.parametrize("text, generic", [
-    ("Gadovist 1.0", "gadobutrol"), ("GADAVIST", "gadobutrol"), ("gadobutrol", "gadobutrol"),
-    ("Gadoterate meglumine (Dotarem) 0.5 mmol/mL", "gadoterate"), ("CLARISCAN", "gadoterate"),
-    ("ProHance", "gadoteridol"), ("MultiHance 529 mg/ml", "gadobenate"),
-    ("Magnevist", "gadopentetate"), ("Gd-DTPA", "gadopentetate"), ("Gd-DTPA-BMA", "gadodiamide"),
-    ("omniscan", "gadodiamide"), ("Eovist", "gadoxetate"), ("Primovist", "gadoxetate"),
-    ("Gd-EOB-DTPA", "gadoxetate"), ("Elucirem", "gadopiclenol"),
-    ("GADOLINIUM", None), ("administered", None), ("", None), (None, None),
-])
+@pytest.mark.parametrize(
+    "text, generic",
+    [
+        ("Gadovist 1.0", "gadobutrol"),
+        ("GADAVIST", "gadobutrol"),
+        ("gadobutrol", "gadobutrol"),
+        ("Gadoterate meglumine (Dotarem) 0.5 mmol/mL", "gadoterate"),
+        ("CLARISCAN", "gadoterate"),
+        ("ProHance", "gadoteridol"),
+        ("MultiHance 529 mg/ml", "gadobenate"),
+        ("Magnevist", "gadopentetate"),
+        ("Gd-DTPA", "gadopentetate"),
+        ("Gd-DTPA-BMA", "gadodiamide"),
+        ("omniscan", "gadodiamide"),
+        ("Eovist", "gadoxetate"),
+        ("Primovist", "gadoxetate"),
+        ("Gd-EOB-DTPA", "gadoxetate"),
+        ("Elucirem", "gadopiclenol"),
+        ("GADOLINIUM", None),
+        ("administered", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_agent_recognised_by_generic_and_brand_name(text: str | None, generic: str | None) -> None:
     assert identify_agent(text) == generic
 
@@ -38,7 +53,12 @@ def test_agent_recognised_by_generic_and_brand_name(text: str | None, generic: s
 def test_table_values_and_field_strength() -> None:
     r = resolve_relaxivity("Gadovist", 1.5)
     assert (r.value, r.source, r.agent, r.table_field_t, r.warnings) == (
-        5.2, "table", "gadobutrol", 1.5, ())
+        5.2,
+        "table",
+        "gadobutrol",
+        1.5,
+        (),
+    )
     assert "Rohrer" in r.reference
     assert resolve_relaxivity("DOTAREM", 3.0).value == 3.5
     assert resolve_relaxivity("MultiHance", 1.494).value == 6.3  # scanner-rounded 1.5 T
@@ -78,8 +98,9 @@ def test_site_override_wins() -> None:
 def test_config_section_carries_the_overrides() -> None:
     from node.config import AnalysisSection
 
-    section = AnalysisSection(relaxivity_per_mM_s={"Gadovist": 4.8},
-                              default_relaxivity_per_mM_s=4.0)
+    section = AnalysisSection(
+        relaxivity_per_mM_s={"Gadovist": 4.8}, default_relaxivity_per_mM_s=4.0
+    )
     settings = section.chain_settings().map_settings()
     assert settings.relaxivity == 4.0 and settings.relaxivity_by_agent == {"Gadovist": 4.8}
     assert AnalysisSection().default_relaxivity_per_mM_s == DEFAULT_RELAXIVITY_PER_MM_S
@@ -87,12 +108,18 @@ def test_config_section_carries_the_overrides() -> None:
         AnalysisSection(relaxivity_per_mM_s={"gadobutrol": 0})
 
 
-@pytest.mark.parametrize("agent, field_strength, vfa_series", [
-    ("gadobutrol", 1.5, True), ("gadoterate", 3.0, False), ("gadobenate", 1.5, False),
-    ("gadoxetate", 3.0, False),
-])
-def test_ktrans_within_10_percent_with_the_table_r1(agent: str, field_strength: float,
-                                                     vfa_series: bool) -> None:
+@pytest.mark.parametrize(
+    "agent, field_strength, vfa_series",
+    [
+        ("gadobutrol", 1.5, True),
+        ("gadoterate", 3.0, False),
+        ("gadobenate", 1.5, False),
+        ("gadoxetate", 3.0, False),
+    ],
+)
+def test_ktrans_within_10_percent_with_the_table_r1(
+    agent: str, field_strength: float, vfa_series: bool
+) -> None:
     volumes, truth = phantom_dce_study(agent, field_strength, vfa_series)
     contrast = truth["contrast"]
     assert (contrast["generic"], contrast["field_strength_t"]) == (agent, field_strength)
@@ -112,9 +139,14 @@ def test_ktrans_within_10_percent_with_the_table_r1(agent: str, field_strength: 
 def test_unknown_agent_uses_the_default_and_warns_in_every_dce_map() -> None:
     volumes, truth = phantom_dce_study("gadoterate", 3.0, False)  # true r1 3.5 = the default
     dce_uid = truth["studies"]["baseline"]["series"]["dce"]["SeriesInstanceUID"]
-    renamed = [dataclasses.replace(v, physics=dataclasses.replace(
-        v.physics, contrast_agent="Investigational agent X")) if v.series_instance_uid == dce_uid
-        else v for v in volumes]
+    renamed = [
+        dataclasses.replace(
+            v, physics=dataclasses.replace(v.physics, contrast_agent="Investigational agent X")
+        )
+        if v.series_instance_uid == dce_uid
+        else v
+        for v in volumes
+    ]
     maps = compute_maps(renamed)
     for q in ("Ktrans", "ve", "vp", "kep", "IAUC60"):
         prov = maps[q].provenance
@@ -151,17 +183,22 @@ def test_sr_carries_the_relaxivity_of_dce_statistics(tmp_path) -> None:
     follow_up = dataclasses.replace(FOLLOW_UP, provenance=provenance)
     objects = build_inputs(VERSION)
     sr = build_measurement_report(
-        [follow_up, BASELINE], segmentations=objects.segs, parametric_maps=objects.pmaps,
+        [follow_up, BASELINE],
+        segmentations=objects.segs,
+        parametric_maps=objects.pmaps,
         source_images=objects.baseline_sources + objects.follow_up_sources,
-        algorithm_version=VERSION)
+        algorithm_version=VERSION,
+    )
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
     dciodvfy(path)
     found = [str(elem.value) for elem in sr.iterall() if elem.keyword == "TextValue"]
     texts = [t for t in found if t.startswith(("r1=", "warning=", "contrast agent="))]
     assert "r1=3.5 /mM/s (default: configured default_relaxivity_per_mM_s)" in texts
-    assert any(t.startswith("warning=contrast agent 'Investigational agent X' not recognised")
-               for t in texts)
+    assert any(
+        t.startswith("warning=contrast agent 'Investigational agent X' not recognised")
+        for t in texts
+    )
 
 
 def test_maps_command_applies_the_configured_relaxivity(tmp_path) -> None:
@@ -174,13 +211,39 @@ def test_maps_command_applies_the_configured_relaxivity(tmp_path) -> None:
 
     patient = tmp_path / "patient"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["phantom", "--out", str(patient), "--size", "small", "--contrast-agent",
-                     "gadobutrol", "--field-strength", "1.5"]) == 0
+        assert (
+            main(
+                [
+                    "phantom",
+                    "--out",
+                    str(patient),
+                    "--size",
+                    "small",
+                    "--contrast-agent",
+                    "gadobutrol",
+                    "--field-strength",
+                    "1.5",
+                ]
+            )
+            == 0
+        )
     config = tmp_path / "node.toml"
-    config.write_text('[analysis]\nrelaxivity_per_mM_s = { gadobutrol = 4.0 }\n')
+    config.write_text("[analysis]\nrelaxivity_per_mM_s = { gadobutrol = 4.0 }\n")
     out = tmp_path / "maps"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["maps", str(patient / "baseline"), "--out", str(out), "--no-dicom",
-                     "--config", str(config)]) == 0
+        assert (
+            main(
+                [
+                    "maps",
+                    str(patient / "baseline"),
+                    "--out",
+                    str(out),
+                    "--no-dicom",
+                    "--config",
+                    str(config),
+                ]
+            )
+            == 0
+        )
     prov = json.loads((out / "maps.json").read_text())["maps"]["Ktrans"]["provenance"]
     assert (prov["relaxivity_per_mM_s"], prov["relaxivity_source"]) == (4.0, "config")

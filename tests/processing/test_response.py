@@ -24,17 +24,29 @@ IND = ResponseCategory.INDETERMINATE
 #: the phantom's scenario multipliers (processing/phantom SCENARIO_CHANGES, issue 3): volume,
 #: diffusivity, Ktrans, vp, epidural component; and the days of the follow-ups
 SCENARIOS = {
-    "responder": [dict(volume=0.70, d=1.35, ktrans=0.40, vp=0.40, epidural=False),
-                  dict(volume=0.60, d=1.40, ktrans=0.35, vp=0.35, epidural=False)],
-    "progression": [dict(volume=1.40, d=0.95, ktrans=1.30, vp=1.20, epidural=True),
-                    dict(volume=1.90, d=0.92, ktrans=1.40, vp=1.30, epidural=True)],
-    "pseudoprogression": [dict(volume=1.20, d=1.20, ktrans=0.70, vp=0.40, epidural=False),
-                          dict(volume=0.95, d=1.30, ktrans=0.50, vp=0.35, epidural=False)],
-    "stable": [dict(volume=1.02, d=1.03, ktrans=0.95, vp=0.95, epidural=False),
-               dict(volume=1.00, d=1.04, ktrans=0.95, vp=0.95, epidural=False)],
+    "responder": [
+        dict(volume=0.70, d=1.35, ktrans=0.40, vp=0.40, epidural=False),
+        dict(volume=0.60, d=1.40, ktrans=0.35, vp=0.35, epidural=False),
+    ],
+    "progression": [
+        dict(volume=1.40, d=0.95, ktrans=1.30, vp=1.20, epidural=True),
+        dict(volume=1.90, d=0.92, ktrans=1.40, vp=1.30, epidural=True),
+    ],
+    "pseudoprogression": [
+        dict(volume=1.20, d=1.20, ktrans=0.70, vp=0.40, epidural=False),
+        dict(volume=0.95, d=1.30, ktrans=0.50, vp=0.35, epidural=False),
+    ],
+    "stable": [
+        dict(volume=1.02, d=1.03, ktrans=0.95, vp=0.95, epidural=False),
+        dict(volume=1.00, d=1.04, ktrans=0.95, vp=0.95, epidural=False),
+    ],
 }
-EXPECTED = {"responder": [LC, LC], "progression": [LP, LP], "pseudoprogression": [IND, LC],
-            "stable": [LC, LC]}
+EXPECTED = {
+    "responder": [LC, LC],
+    "progression": [LP, LP],
+    "pseudoprogression": [IND, LC],
+    "stable": [LC, LC],
+}
 DAYS = (84, 182)
 
 
@@ -45,10 +57,15 @@ def _stats(quantity: str, value: float) -> MapStatistics:
 def _measurements(volume=1.0, d=1.0, ktrans=1.0, vp=1.0, epidural=False) -> LesionMeasurements:
     diameter = 24.0 * volume ** (1 / 3)
     return LesionMeasurements(
-        volume_ml=6.5 * volume, max_axial_diameter_mm=diameter,
+        volume_ml=6.5 * volume,
+        max_axial_diameter_mm=diameter,
         epidural_volume_ml=0.6 * volume if epidural else 0.0,
-        map_statistics={"ADC": _stats("ADC", 0.85e-3 * d), "Ktrans": _stats("Ktrans", 0.25 * ktrans),
-                        "vp": _stats("vp", 0.08 * vp)})
+        map_statistics={
+            "ADC": _stats("ADC", 0.85e-3 * d),
+            "Ktrans": _stats("Ktrans", 0.25 * ktrans),
+            "vp": _stats("vp", 0.08 * vp),
+        },
+    )
 
 
 def _crit(assessment, code):
@@ -62,8 +79,7 @@ def test_phantom_scenarios_give_the_expected_calls(scenario):
     for step, days, expected in zip(SCENARIOS[scenario], DAYS, EXPECTED[scenario]):
         current = _measurements(**step)
         changes = compute_changes(current, baseline, previous)
-        call = assess_response(changes, days_since_treatment=days,
-                               previous_category=previous_call)
+        call = assess_response(changes, days_since_treatment=days, previous_category=previous_call)
         assert call.category == expected, (scenario, days, call)
         assert call.rule_set == RULE_SET == "spine-sbrt-response 1.0"
         previous, previous_call = current, call.category
@@ -97,11 +113,13 @@ def test_growth_outside_the_window_confirmed_or_with_rising_perfusion_is_progres
     late = assess_response(compute_changes(grown, baseline), days_since_treatment=273)
     assert late.category == LP and not _crit(late, "pseudoprogression-window").fired
     rising = _measurements(volume=1.40, vp=1.5)
-    assert assess_response(compute_changes(rising, baseline),
-                           days_since_treatment=70).category == LP
+    assert (
+        assess_response(compute_changes(rising, baseline), days_since_treatment=70).category == LP
+    )
     previous = _measurements(volume=1.20, vp=0.9)
-    confirmed = assess_response(compute_changes(grown, baseline, previous),
-                                days_since_treatment=150, previous_category=IND)
+    confirmed = assess_response(
+        compute_changes(grown, baseline, previous), days_since_treatment=150, previous_category=IND
+    )
     assert confirmed.category == LP and _crit(confirmed, "growth-confirmed").fired
     unknown_time = assess_response(compute_changes(grown, baseline), days_since_treatment=None)
     assert unknown_time.category == IND and "unknown" in unknown_time.recommendation
@@ -115,8 +133,12 @@ def test_size_dependent_thresholds_and_not_comparable_perfusion():
     assert volume_threshold(5.0, reference="previous") == 0.109
     assert volume_threshold(12.0) == 0.133
     small = LesionMeasurements(volume_ml=1.5)
-    assert assess_response(compute_changes(LesionMeasurements(volume_ml=1.95), small),
-                           days_since_treatment=300).category == LC  # +30 % < 42 %
+    assert (
+        assess_response(
+            compute_changes(LesionMeasurements(volume_ml=1.95), small), days_since_treatment=300
+        ).category
+        == LC
+    )  # +30 % < 42 %
     baseline = _measurements()
     current = _measurements(volume=1.20, vp=0.40)
     changes = compute_changes(current, baseline, not_comparable=["vp", "Ktrans"])
@@ -132,13 +154,22 @@ def test_fracture_and_bilsky_reported_separately_and_not_assessable():
     assert compression_fracture_status(22.0, 23.0) == "none"
     assert compression_fracture_status(None, 30.0) is None
     baseline, current = _measurements(), _measurements(volume=0.8, vp=0.5)
-    call = assess_response(compute_changes(current, baseline), days_since_treatment=120,
-                           height_loss_baseline_pct=5.0, height_loss_current_pct=30.0,
-                           bilsky_baseline="1a", bilsky_current="1a")
+    call = assess_response(
+        compute_changes(current, baseline),
+        days_since_treatment=120,
+        height_loss_baseline_pct=5.0,
+        height_loss_current_pct=30.0,
+        bilsky_baseline="1a",
+        bilsky_current="1a",
+    )
     assert call.category == LC and call.compression_fracture == "new"
     assert _crit(call, "compression-fracture").fired
-    bilsky = assess_response(compute_changes(current, baseline), days_since_treatment=120,
-                             bilsky_baseline="1a", bilsky_current="2")
+    bilsky = assess_response(
+        compute_changes(current, baseline),
+        days_since_treatment=120,
+        bilsky_baseline="1a",
+        bilsky_current="2",
+    )
     assert bilsky.category == LP and bilsky.epidural_progression
     none = assess_response((), days_since_treatment=90)
     assert none.category == ResponseCategory.NOT_ASSESSABLE
@@ -159,8 +190,9 @@ def _sphere_case(volume_ml: float, vp: float, adc: float, epidural: bool):
         return im
 
     maps = {"vp": img(np.full(lesion.shape, vp)), "ADC": img(np.full(lesion.shape, adc))}
-    return measure_lesion(img(lesion.astype(np.uint8)), maps,
-                          epidural_mask=img(ep.astype(np.uint8)))
+    return measure_lesion(
+        img(lesion.astype(np.uint8)), maps, epidural_mask=img(ep.astype(np.uint8))
+    )
 
 
 def test_scenarios_from_images_through_measure_change_response():
@@ -168,9 +200,10 @@ def test_scenarios_from_images_through_measure_change_response():
     pseudo = _sphere_case(6.5 * 1.2, vp=0.08 * 0.4, adc=0.85e-3 * 1.2, epidural=False)
     progression = _sphere_case(6.5 * 1.4, vp=0.08 * 1.2, adc=0.85e-3 * 0.95, epidural=True)
     responder = _sphere_case(6.5 * 0.7, vp=0.08 * 0.4, adc=0.85e-3 * 1.35, epidural=False)
-    calls = {name: assess_response(compute_changes(m, baseline), days_since_treatment=84)
-             for name, m in (("pseudo", pseudo), ("progression", progression),
-                             ("responder", responder))}
+    calls = {
+        name: assess_response(compute_changes(m, baseline), days_since_treatment=84)
+        for name, m in (("pseudo", pseudo), ("progression", progression), ("responder", responder))
+    }
     assert calls["pseudo"].category == IND
     assert _crit(calls["pseudo"], "perfusion-decrease-vp").value == pytest.approx(-60.0)
     assert calls["progression"].category == LP and calls["progression"].epidural_progression
@@ -180,14 +213,20 @@ def test_scenarios_from_images_through_measure_change_response():
 
 # --- with the phantom (processing.phantom, issue 3): ground-truth tumour values per study ------
 
+
 def _truth_measurements(truth: dict) -> LesionMeasurements:
     tumour = truth["tumour"]
     means = tumour["means"]
     adc = tumour["adc_by_bvalues"]["b50-1000"]["adc_mm2_s"]
     return LesionMeasurements(
-        volume_ml=tumour["volume_ml_continuous"], epidural_volume_ml=tumour["epidural_volume_ml"],
-        map_statistics={"ADC": _stats("ADC", adc), "Ktrans": _stats("Ktrans", means["Ktrans"]),
-                        "vp": _stats("vp", means["vp"])})
+        volume_ml=tumour["volume_ml_continuous"],
+        epidural_volume_ml=tumour["epidural_volume_ml"],
+        map_statistics={
+            "ADC": _stats("ADC", adc),
+            "Ktrans": _stats("Ktrans", means["Ktrans"]),
+            "vp": _stats("vp", means["vp"]),
+        },
+    )
 
 
 @pytest.mark.slow
@@ -197,8 +236,10 @@ def test_phantom_scenarios_ground_truth_give_the_phantoms_expected_call(scenario
     studies = json.loads((folder / "ground_truth.json").read_text())["studies"]
     baseline = _truth_measurements(studies["baseline"])
     follow_up = studies["followup1"]
-    call = assess_response(compute_changes(_truth_measurements(follow_up), baseline),
-                           days_since_treatment=follow_up["days_since_treatment"])
+    call = assess_response(
+        compute_changes(_truth_measurements(follow_up), baseline),
+        days_since_treatment=follow_up["days_since_treatment"],
+    )
     assert call.category.value == follow_up["expected_response"]
     if scenario == "pseudoprogression":
         assert follow_up["days_since_treatment"] == 84

@@ -27,11 +27,14 @@ def synthetic_cohort(n: int = 60, seed: int = 0, n_noise: int = 6) -> list[dict[
     rows = []
     for i in range(n):
         progression = i % 3 == 0
-        row = {"case_id": f"C{i:03d}", "outcome": "local progression" if progression
-               else "local control", "data_origin": "synthetic",
-               "delta.volume": f"{rng.normal(0.35 if progression else 0.0, 0.15):.4f}",
-               "delta.vp.mean": f"{rng.normal(0.25 if progression else -0.5, 0.25):.4f}",
-               "delta.ADC.mean": f"{rng.normal(0.0 if progression else 0.2, 0.2):.4f}"}
+        row = {
+            "case_id": f"C{i:03d}",
+            "outcome": "local progression" if progression else "local control",
+            "data_origin": "synthetic",
+            "delta.volume": f"{rng.normal(0.35 if progression else 0.0, 0.15):.4f}",
+            "delta.vp.mean": f"{rng.normal(0.25 if progression else -0.5, 0.25):.4f}",
+            "delta.ADC.mean": f"{rng.normal(0.0 if progression else 0.2, 0.2):.4f}",
+        }
         for j in range(n_noise):
             row[f"delta.radiomics.ADC.noise{j}"] = f"{rng.normal():.4f}"
         rows.append(row)
@@ -50,8 +53,10 @@ def test_cases_parsing_and_errors():
     with pytest.raises(ValueError, match="unknown outcome"):
         cases_from_rows([{"outcome": "maybe", "delta.volume": "0.1"}])
     with pytest.raises(ValueError, match="not a number"):
-        cases_from_rows([{"outcome": "1", "delta.volume": "big"}] * 2 +
-                        [{"outcome": "0", "delta.volume": "0"}] * 2)
+        cases_from_rows(
+            [{"outcome": "1", "delta.volume": "big"}] * 2
+            + [{"outcome": "0", "delta.volume": "0"}] * 2
+        )
 
 
 def test_fit_reports_cross_validated_auc_with_ci_and_explains():
@@ -80,8 +85,9 @@ def test_feature_selection_inside_cv_keeps_random_labels_near_chance():
     rng = np.random.default_rng(11)
     x = rng.normal(size=(40, 300))
     y = np.array([1] * 16 + [0] * 24)
-    cases = TrainingCases(tuple(f"delta.f{i}" for i in range(300)), x, y,
-                          tuple(str(i) for i in range(40)))
+    cases = TrainingCases(
+        tuple(f"delta.f{i}" for i in range(300)), x, y, tuple(str(i) for i in range(40))
+    )
     model = fit_response_model(cases, k_features=5, n_bootstrap=300)
     low, high = model.metrics["auc_ci95"]
     assert low < 0.5 < high
@@ -100,10 +106,10 @@ def test_follow_ups_of_one_patient_stay_in_one_fold():
     ids = tuple(str(i) for i in range(2 * n))
     patients = tuple(f"P{i // 2:03d}" for i in range(2 * n))
     names = tuple(f"delta.f{i}" for i in range(50))
-    by_case = cross_validated_auc(TrainingCases(names, x, y, ids), k_features=50,
-                                  n_bootstrap=200)
-    by_patient = cross_validated_auc(TrainingCases(names, x, y, ids, patients), k_features=50,
-                                     n_bootstrap=200)
+    by_case = cross_validated_auc(TrainingCases(names, x, y, ids), k_features=50, n_bootstrap=200)
+    by_patient = cross_validated_auc(
+        TrainingCases(names, x, y, ids, patients), k_features=50, n_bootstrap=200
+    )
     assert by_patient["fold_split"] == "by patient"
     assert "over patients" in by_patient["ci_method"]
     assert by_case["auc"] > 0.85
@@ -145,9 +151,13 @@ def test_node_uses_the_model_beside_the_rule_based_call():
     model = fit_response_model(cases, k_features=3, n_bootstrap=200)
 
     def lm(volume, vp, adc):
-        return LesionMeasurements(volume_ml=volume, map_statistics={
-            "vp": MapStatistics("vp", "1", 100, vp, vp, 0.01, vp, vp),
-            "ADC": MapStatistics("ADC", "mm2/s", 100, adc, adc, 1e-4, adc, adc)})
+        return LesionMeasurements(
+            volume_ml=volume,
+            map_statistics={
+                "vp": MapStatistics("vp", "1", 100, vp, vp, 0.01, vp, vp),
+                "ADC": MapStatistics("ADC", "mm2/s", 100, adc, adc, 1e-4, adc, adc),
+            },
+        )
 
     changes = compute_changes(lm(9.1, 0.1, 0.8e-3), lm(6.5, 0.08, 0.85e-3))
     features = delta_features(changes)
@@ -165,13 +175,20 @@ def test_node_uses_the_model_beside_the_rule_based_call():
 
 def test_case_rows_from_changes_parse_back_to_the_same_features():
     def lm(volume, vp):
-        return LesionMeasurements(volume_ml=volume, map_statistics={
-            "vp": MapStatistics("vp", "1", 100, vp, vp, 0.01, vp, vp)})
+        return LesionMeasurements(
+            volume_ml=volume,
+            map_statistics={"vp": MapStatistics("vp", "1", 100, vp, vp, 0.01, vp, vp)},
+        )
 
     base = lm(6.0, 0.08)
-    rows = [case_row(compute_changes(lm(6.0 * (1 + dv), 0.08 * (1 + dvp)), base),
-                     outcome=dv > 0.2, case_id=f"L{i}")
-            for i, (dv, dvp) in enumerate([(0.4, 0.3), (0.3, 0.2), (-0.2, -0.5), (0.0, -0.1)])]
+    rows = [
+        case_row(
+            compute_changes(lm(6.0 * (1 + dv), 0.08 * (1 + dvp)), base),
+            outcome=dv > 0.2,
+            case_id=f"L{i}",
+        )
+        for i, (dv, dvp) in enumerate([(0.4, 0.3), (0.3, 0.2), (-0.2, -0.5), (0.0, -0.1)])
+    ]
     assert rows[0]["outcome"] == "local progression" and rows[0]["data_origin"] == "synthetic"
     cases = cases_from_rows(rows)
     assert cases.case_ids == ("L0", "L1", "L2", "L3")

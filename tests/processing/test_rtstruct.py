@@ -39,10 +39,14 @@ def _rect(x0, x1, y0, y1, z) -> np.ndarray:
 
 def _circle(cx, cy, z, radius, n=256) -> np.ndarray:
     angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    return np.column_stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles), np.full(n, z)])
+    return np.column_stack(
+        [cx + radius * np.cos(angles), cy + radius * np.sin(angles), np.full(n, z)]
+    )
 
 
-def _structure_set(rois: dict[int, tuple[str, str | None, list[np.ndarray]]], for_uid: str) -> Dataset:
+def _structure_set(
+    rois: dict[int, tuple[str, str | None, list[np.ndarray]]], for_uid: str
+) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
     ds.SOPInstanceUID = "2.25.1"
@@ -99,7 +103,9 @@ def test_ibsi_ct_phantom_mask_matches_reference_nifti_mask(ibsi_ct, shared_data:
     for_uid = str(rtstruct.StructureSetROISequence[0].ReferencedFrameOfReferenceUID)
     mask = rtstruct_to_mask(rtstruct, 1, ct, frame_of_reference_uid=for_uid)
     reference = sitk.ReadImage(str(shared_data / IBSI_CT / "nifti" / "mask" / "mask.nii.gz"))
-    reference = sitk.Resample(reference, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    reference = sitk.Resample(
+        reference, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+    )
     a = sitk.GetArrayViewFromImage(mask) > 0
     b = sitk.GetArrayViewFromImage(reference) > 0
     dice = 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
@@ -117,7 +123,9 @@ def test_in_plane_rasterisation_by_voxel_centre_with_hole_and_second_contour() -
     outer = _rect(2.3, 7.6, 1.2, 4.9, 1.0)  # centres x 3..7, y 2..4 -> 15
     hole = _rect(4.1, 5.9, 2.5, 3.5, 1.0)  # centre (5, 3) -> 1
     other = _rect(11.5, 13.5, 6.5, 9.5, 1.0)  # centres x 12..13, y 7..9 -> 6
-    mask = sitk.GetArrayFromImage(contours_to_mask([outer, hole, other], grid, contour_spacing_mm=1.0))
+    mask = sitk.GetArrayFromImage(
+        contours_to_mask([outer, hole, other], grid, contour_spacing_mm=1.0)
+    )
     assert mask.sum() == 15 - 1 + 6
     assert mask[1, 3, 5] == 0 and mask[1, 2, 5] == 1
     assert mask[0].sum() == 0 and mask[2].sum() == 0
@@ -190,10 +198,16 @@ def test_phantom_baseline_gtv_volume_within_3_percent(make_phantom, scenario) ->
     root = make_phantom(scenario, "standard", "small")
     truth = json.loads((root / "ground_truth.json").read_text())
     series = truth["studies"]["baseline"]["series"]["t2w"]
-    t2w = read_series([pydicom.dcmread(p) for p in sorted((root / "baseline" / series["folder"]).glob("*.dcm"))])
+    t2w = read_series(
+        [pydicom.dcmread(p) for p in sorted((root / "baseline" / series["folder"]).glob("*.dcm"))]
+    )
     rtstruct = pydicom.dcmread(root / "rt" / "rtstruct.dcm")
-    mask = rtstruct_to_mask(rtstruct, "GTV", t2w.volume_image(0), frame_of_reference_uid=t2w.frame_of_reference_uid)
-    volume_ml = float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
+    mask = rtstruct_to_mask(
+        rtstruct, "GTV", t2w.volume_image(0), frame_of_reference_uid=t2w.frame_of_reference_uid
+    )
+    volume_ml = (
+        float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
+    )
     tumour = truth["studies"]["baseline"]["tumour"]
     # truth on the same grid (voxel centres inside the tumour surface)
     assert abs(volume_ml - tumour["volume_ml_voxels_t2w"]) / tumour["volume_ml_voxels_t2w"] < 0.03

@@ -194,9 +194,17 @@ DWI_VOLUMES = [
 
 @pytest.mark.parametrize("enhanced", [False, True], ids=["classic", "enhanced_xa_perframe"])
 def test_oblique_geometry_and_volume_order(enhanced):
-    size, spacing, angles, origin = (6, 5, 4), (1.5, 1.25, 3.0), (10.0, -15.0, 20.0), (-40.0, 12.5, 100.0)
-    sv = read_series(make_series(DWI_VOLUMES, size=size, spacing=spacing, angles=angles, origin=origin,
-                                 enhanced=enhanced))
+    size, spacing, angles, origin = (
+        (6, 5, 4),
+        (1.5, 1.25, 3.0),
+        (10.0, -15.0, 20.0),
+        (-40.0, 12.5, 100.0),
+    )
+    sv = read_series(
+        make_series(
+            DWI_VOLUMES, size=size, spacing=spacing, angles=angles, origin=origin, enhanced=enhanced
+        )
+    )
     assert sv.array.shape == (4, 4, 5, 6)
     assert sv.array.dtype == np.float32
     _check_volume_order(sv.array)
@@ -237,9 +245,13 @@ def test_reversed_slice_order_is_sorted_along_normal():
 
 
 def test_dce_times_relative_to_first_volume():
-    vols = [{"TemporalPositionIdentifier": t + 1, "AcquisitionTime": f"1200{5 * t:02d}.5"}
-            for t in range(6)]
-    sv = read_series(make_series(vols, common={"FlipAngle": 15, "RepetitionTime": 4.0, "EchoTime": 1.5}))
+    vols = [
+        {"TemporalPositionIdentifier": t + 1, "AcquisitionTime": f"1200{5 * t:02d}.5"}
+        for t in range(6)
+    ]
+    sv = read_series(
+        make_series(vols, common={"FlipAngle": 15, "RepetitionTime": 4.0, "EchoTime": 1.5})
+    )
     assert [v.time for v in sv.volumes] == pytest.approx([0, 5, 10, 15, 20, 25])
     assert [v.temporal_position_index for v in sv.volumes] == [1, 2, 3, 4, 5, 6]
     _check_volume_order(sv.array)
@@ -356,13 +368,16 @@ def test_unknown_vendor_diffusion_encoding_is_an_error():
 
 
 def test_directional_diffusion_without_direction_is_an_error():
-    dss = make_series([{"DiffusionBValue": 1000.0, "DiffusionDirectionality": "DIRECTIONAL"}],
-                      size=(3, 3, 2))
+    dss = make_series(
+        [{"DiffusionBValue": 1000.0, "DiffusionDirectionality": "DIRECTIONAL"}], size=(3, 3, 2)
+    )
     with pytest.raises(SeriesError, match="no gradient direction"):
         read_series(dss)
 
 
-def _corners_lps_and_values(affine_ras: np.ndarray, data: np.ndarray) -> list[tuple[np.ndarray, float]]:
+def _corners_lps_and_values(
+    affine_ras: np.ndarray, data: np.ndarray
+) -> list[tuple[np.ndarray, float]]:
     """(LPS position, value) of the 8 corner voxels of a NIfTI volume (data indexed i, j, k)."""
     out = []
     shape = data.shape
@@ -379,8 +394,9 @@ def _read_any(path: Path) -> Dataset:
     return pydicom.dcmread(io.BytesIO(raw))
 
 
-@pytest.mark.parametrize("case", ["ge_oblique", "canon_enhanced", "canon_classic_sagittal",
-                                  "siemens_sagittal_mosaic"])
+@pytest.mark.parametrize(
+    "case", ["ge_oblique", "canon_enhanced", "canon_classic_sagittal", "siemens_sagittal_mosaic"]
+)
 def test_real_geometry_matches_dcm2niix(case, shared_data: Path, tmp_path: Path):
     """Grid corners (LPS) and their voxel values equal those of dcm2niix's NIfTI (any axis flips).
 
@@ -391,9 +407,14 @@ def test_real_geometry_matches_dcm2niix(case, shared_data: Path, tmp_path: Path)
     root = shared_data / "dwi_dcmqa"
     inputs = {
         "ge_oblique": ("ge_dwi/In/01_Ax_DWI_TENSOR_R2/*", "ge_dwi/Ref/Ax_DWI_TENSOR_R2_1.nii"),
-        "canon_enhanced": ("canon_dwi/In/enh/8000.dcm.gz", "canon_dwi/Ref/8000_DTI_PA-ALL_20d_enh.nii.gz"),
-        "canon_classic_sagittal": ("canon_dwi/In/cl/9000_*.dcm.gz",
-                                   "canon_dwi/Ref/9000_SAG_DTI_PA-ortho_cl.nii.gz"),
+        "canon_enhanced": (
+            "canon_dwi/In/enh/8000.dcm.gz",
+            "canon_dwi/Ref/8000_DTI_PA-ALL_20d_enh.nii.gz",
+        ),
+        "canon_classic_sagittal": (
+            "canon_dwi/In/cl/9000_*.dcm.gz",
+            "canon_dwi/Ref/9000_SAG_DTI_PA-ortho_cl.nii.gz",
+        ),
         "siemens_sagittal_mosaic": ("siemens_sag_mosaic_dwi/In/4_DWI_SagAPmosaic/*", None),
     }
     pattern, ref = inputs[case]
@@ -404,8 +425,12 @@ def test_real_geometry_matches_dcm2niix(case, shared_data: Path, tmp_path: Path)
         import sys
 
         exe = Path(sys.executable).parent / "dcm2niix"
-        subprocess.run([str(exe), "-o", str(tmp_path), "-f", "ref", "-z", "n", str(files[0].parent)],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(exe), "-o", str(tmp_path), "-f", "ref", "-z", "n", str(files[0].parent)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         nii_path = tmp_path / "ref.nii"
     else:
         nii_path = root / ref
@@ -464,9 +489,13 @@ def test_phantom_geometry_and_diffusion_encoding_equal_ground_truth(vendor, scen
             if role == "dce":
                 times = np.array([m.time for m in sv.volumes])
                 assert len(times) == acquisition["number_of_temporal_positions"]
-                np.testing.assert_allclose(np.diff(times), acquisition["temporal_resolution_s"], atol=1e-3)
+                np.testing.assert_allclose(
+                    np.diff(times), acquisition["temporal_resolution_s"], atol=1e-3
+                )
             if role == "vfa_t1":
-                assert [m.flip_angle for m in sv.volumes] == pytest.approx(acquisition["flip_angles_deg"])
+                assert [m.flip_angle for m in sv.volumes] == pytest.approx(
+                    acquisition["flip_angles_deg"]
+                )
             if role != "dwi":
                 continue
             file_truth = {}

@@ -20,15 +20,23 @@ def _cases(shared_data: Path, name: str):
             tr = np.array(r["TR"].split(), dtype=float)
             s = np.array(r["s"].split(), dtype=float)
             if name == "t1_prostate_data.csv":  # TR in ms, reference T1 (ms) of the nonlinear fit
-                yield fa, tr[0] / 1000.0, s, 1000.0 / float(r[" T1 nonlinear"]), float(r[" s0 nonlinear"])
+                yield (
+                    fa,
+                    tr[0] / 1000.0,
+                    s,
+                    1000.0 / float(r[" T1 nonlinear"]),
+                    float(r[" s0 nonlinear"]),
+                )
             elif name == "t1_quiba_data.csv":  # R1 given in /ms
                 yield fa, tr[0], s, float(r["R1"]) * 1000.0, float(r["s0"])
             else:
                 yield fa, tr[0], s, float(r["R1"]), float(r["s0"])
 
 
-@pytest.mark.parametrize("name, count", [("t1_brain_data.csv", 76), ("t1_quiba_data.csv", 45),
-                                         ("t1_prostate_data.csv", 50)])
+@pytest.mark.parametrize(
+    "name, count",
+    [("t1_brain_data.csv", 76), ("t1_quiba_data.csv", 45), ("t1_prostate_data.csv", 50)],
+)
 def test_vfa_t1_osipi(shared_data: Path, name: str, count: int) -> None:
     cases = list(_cases(shared_data, name))
     assert len(cases) == count

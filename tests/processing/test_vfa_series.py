@@ -28,11 +28,17 @@ from processing.t1 import T1MappingError, VfaT1Model
 
 
 @functools.cache
-def phantom_dce_study(agent: str, field_strength: float, vfa_series: bool
-                      ) -> tuple[tuple[SeriesVolume, ...], dict[str, Any]]:
+def phantom_dce_study(
+    agent: str, field_strength: float, vfa_series: bool
+) -> tuple[tuple[SeriesVolume, ...], dict[str, Any]]:
     """The baseline DCE and VFA series of a small in-memory phantom, and its ground truth."""
-    ph = generate_patient(size="small", followups=0, contrast_agent=agent,
-                          field_strength=field_strength, vfa_series=vfa_series)
+    ph = generate_patient(
+        size="small",
+        followups=0,
+        contrast_agent=agent,
+        field_strength=field_strength,
+        vfa_series=vfa_series,
+    )
     truth = ph.ground_truth
     wanted = {truth["studies"]["baseline"]["series"]["dce"]["folder"]}
     vfa = truth["studies"]["baseline"]["series"]["vfa_t1"]
@@ -49,8 +55,12 @@ def phantom_dce_study(agent: str, field_strength: float, vfa_series: bool
 
 
 def tumour_mean(truth: dict[str, Any], qmap: QuantMap) -> float:
-    geometry = {"origin": qmap.geometry.origin, "spacing": qmap.geometry.spacing,
-                "direction": qmap.geometry.direction, "size": qmap.geometry.size}
+    geometry = {
+        "origin": qmap.geometry.origin,
+        "spacing": qmap.geometry.spacing,
+        "direction": qmap.geometry.direction,
+        "size": qmap.geometry.size,
+    }
     stats = map_statistics(qmap, true_tumour_mask(truth, "baseline", geometry))
     assert stats["n_voxels"] > 20
     return float(stats["mean"])
@@ -60,15 +70,21 @@ def test_vfa_as_separate_series_gives_t10_within_5_percent() -> None:
     volumes, truth = phantom_dce_study("gadobutrol", 1.5, True)
     separate = truth["studies"]["baseline"]["series"]["vfa_t1"]["separate_series"]
     assert [s["flip_deg"] for s in separate] == [3.0, 10.0, 20.0]
-    assert len(volumes) == 4 and all(v.n_volumes == 1 for v in volumes
-                                     if v.series_instance_uid != truth["studies"]["baseline"][
-                                         "series"]["dce"]["SeriesInstanceUID"])
+    assert len(volumes) == 4 and all(
+        v.n_volumes == 1
+        for v in volumes
+        if v.series_instance_uid
+        != truth["studies"]["baseline"]["series"]["dce"]["SeriesInstanceUID"]
+    )
     # each flip series alone is not VFA; together they are one acquisition
     inv = protocol_inventory([classify_volume(v) for v in volumes])
     assert inv.dce_t1_method == "vfa"
     assert inv.vfa_t1_series == tuple(s["SeriesInstanceUID"] for s in separate)
-    assert all(c.role is SeriesRole.VFA_T1 for c in inv.series
-               if c.series_instance_uid in inv.vfa_t1_series)
+    assert all(
+        c.role is SeriesRole.VFA_T1
+        for c in inv.series
+        if c.series_instance_uid in inv.vfa_t1_series
+    )
     maps = compute_maps(volumes)
     t1 = maps["T1"]
     prov = t1.provenance
@@ -91,12 +107,15 @@ def test_series_with_other_tr_or_grid_are_not_grouped() -> None:
     dce_uid = truth["studies"]["baseline"]["series"]["dce"]["SeriesInstanceUID"]
     flips = [v for v in volumes if v.series_instance_uid != dce_uid]
     # the 20 deg series at another TR: the two remaining flips still make a VFA acquisition
-    other_tr = dataclasses.replace(flips[2], volumes=tuple(
-        dataclasses.replace(m, repetition_time=8.0) for m in flips[2].volumes))
+    other_tr = dataclasses.replace(
+        flips[2],
+        volumes=tuple(dataclasses.replace(m, repetition_time=8.0) for m in flips[2].volumes),
+    )
     inv = protocol_inventory([classify_volume(v) for v in (*flips[:2], other_tr)])
     assert inv.vfa_t1_series == tuple(v.series_instance_uid for v in flips[:2])
-    assert any(other_tr.series_instance_uid in n and "single flip angle" in n
-               for n in inv.vfa_notes)
+    assert any(
+        other_tr.series_instance_uid in n and "single flip angle" in n for n in inv.vfa_notes
+    )
     # one flip series alone: no VFA, a stated reason, and the DCE falls back to a flagged T10
     dce = next(v for v in volumes if v.series_instance_uid == dce_uid)
     inv = protocol_inventory([classify_volume(v) for v in (dce, flips[0])])
@@ -133,8 +152,10 @@ def test_real_siemens_single_flip_vibe_is_not_vfa() -> None:
         for s in vibes:
             vibe_seen += 1
             assert s.role is not SeriesRole.VFA_T1
-            assert any(s.series_instance_uid in n and "single flip angle (3 deg" in n
-                       for n in inv.vfa_notes), inv.vfa_notes
+            assert any(
+                s.series_instance_uid in n and "single flip angle (3 deg" in n
+                for n in inv.vfa_notes
+            ), inv.vfa_notes
         assert inv.vfa_t1 is None and "t1_vfa" not in inv.analyses
     assert vibe_seen >= 2
 

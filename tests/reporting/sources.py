@@ -115,5 +115,8 @@ def canon_enhanced(shared_data: Path, *, per_frame_geometry: bool) -> Dataset:
 
 def b0_frames(ds: Dataset) -> list[int]:
     """1-based frame numbers of the b = 0 frames, in stored order."""
-    return [i + 1 for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence)
-            if float(item.MRDiffusionSequence[0].DiffusionBValue) == 0.0]
+    return [
+        i + 1
+        for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence)
+        if float(item.MRDiffusionSequence[0].DiffusionBValue) == 0.0
+    ]

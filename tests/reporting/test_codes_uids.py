@@ -31,7 +31,9 @@ def test_quantity_codes_and_units_match_dcmqi_contexts(shared_data: Path) -> Non
         data = json.loads((shared_data / CONTEXTS / name).read_text())
         for item in data["QuantityDefinitions"]:
             definitions[item["CodeValue"]] = (
-                item["CodeMeaning"], {u["CodeValue"] for u in item["MeasurementUnitsCode"]})
+                item["CodeMeaning"],
+                {u["CodeValue"] for u in item["MeasurementUnitsCode"]},
+            )
     in_dcmqi = 0
     for spec in rcodes.QUANTITIES.values():
         code = spec.quantity
@@ -63,27 +65,46 @@ def test_segment_anatomy_and_private_codes() -> None:
     assert rcodes.segment_type("metastasis").value == "14799000"
     assert rcodes.segment_type("neoplasm").value == "108369006"
     assert rcodes.SEGMENT_CATEGORY.value == "49755003"
-    expected = {"C1": "14806007", "C2": "39976000", "T1": "64864005", "T12": "23215003",
-                "L1": "66794005", "L2": "14293000", "L5": "49668003", "S1": "54735007"}
+    expected = {
+        "C1": "14806007",
+        "C2": "39976000",
+        "T1": "64864005",
+        "T12": "23215003",
+        "L1": "66794005",
+        "L2": "14293000",
+        "L5": "49668003",
+        "S1": "54735007",
+    }
     for level, value in expected.items():
         assert rcodes.vertebra_code(level).value == value
     assert rcodes.vertebra_code(None).value == "51282000"
     # all 24 presacral levels resolve to a specific code
-    levels = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [
-        f"L{i}" for i in range(1, 6)]
+    levels = (
+        [f"C{i}" for i in range(1, 8)]
+        + [f"T{i}" for i in range(1, 13)]
+        + [f"L{i}" for i in range(1, 6)]
+    )
     assert all(rcodes.vertebra_code(lv).value != "51282000" for lv in levels)
     assert set(rcodes.RESPONSE_CATEGORIES) == set(ResponseCategory)
     assert set(rcodes.COMPARABILITY_VALUES) == set(Comparability)
     sh = re.compile(r"^[\x20-\x7e]{1,16}$")
-    for code in [*rcodes.RESPONSE_CATEGORIES.values(), *rcodes.VCF_VALUES.values(),
-                 rcodes.criterion_code("a-very-long-criterion-identifier", "x"),
-                 rcodes.rule_set_code("spine-sbrt-response 1.0")]:
+    for code in [
+        *rcodes.RESPONSE_CATEGORIES.values(),
+        *rcodes.VCF_VALUES.values(),
+        rcodes.criterion_code("a-very-long-criterion-identifier", "x"),
+        rcodes.rule_set_code("spine-sbrt-response 1.0"),
+    ]:
         assert code.scheme_designator == "99SPINESBRT" and sh.match(code.value)
     # the private scheme is documented in the module docstring, code by code
-    for code in [*rcodes.RESPONSE_CATEGORIES.values(), *rcodes.VCF_VALUES.values(),
-                 *rcodes.COMPARABILITY_VALUES.values(), *rcodes.CHANGE_METHODS.values(),
-                 rcodes.EPIDURAL_PROGRESSION, rcodes.EVENT_SBRT_START,
-                 rcodes.PROGRESSION_PROBABILITY]:
+    for code in [
+        *rcodes.RESPONSE_CATEGORIES.values(),
+        *rcodes.VCF_VALUES.values(),
+        *rcodes.COMPARABILITY_VALUES.values(),
+        *rcodes.CHANGE_METHODS.values(),
+        rcodes.EPIDURAL_PROGRESSION,
+        rcodes.EVENT_SBRT_START,
+        rcodes.PROGRESSION_PROBABILITY,
+    ]:
         assert re.search(rf"^{code.value}\s", rcodes.__doc__, re.M), code.value
 
 
@@ -94,21 +115,32 @@ def test_radiomics_codes() -> None:
     expected = base64.b64encode(hashlib.sha1(b"original_glcm_MCC").digest()).decode("ascii")[:6]
     assert (private.scheme_designator, private.value) == ("99PYRADIOMICS", expected)
     assert private.meaning == "original_glcm_MCC"
-    assert rcodes.radiomics_feature_code("original_glcm_Contrast", {"glcm_Contrast": "ACUI"}
-                                         ).value == "ACUI"
+    assert (
+        rcodes.radiomics_feature_code("original_glcm_Contrast", {"glcm_Contrast": "ACUI"}).value
+        == "ACUI"
+    )
     with pytest.raises(ValueError, match="not an IBSI code"):
         rcodes.ibsi_code("ZZZZ")
 
 
 def test_deterministic_uid() -> None:
-    args = dict(source_study_uid="1.2.3", tracking_uid="1.2.3.4", kind="seg/instance",
-                algorithm_version="0.1.0", input_digest=digest_arrays())
+    args = dict(
+        source_study_uid="1.2.3",
+        tracking_uid="1.2.3.4",
+        kind="seg/instance",
+        algorithm_version="0.1.0",
+        input_digest=digest_arrays(),
+    )
     uid = deterministic_uid(**args)
     assert uid == deterministic_uid(**args)
     assert re.fullmatch(r"2\.25\.[1-9][0-9]{0,38}", uid)
-    for key, other in (("algorithm_version", "0.1.1"), ("kind", "seg/series"),
-                       ("tracking_uid", "1.2.3.5"), ("input_digest", "x"),
-                       ("source_study_uid", "1.2.4")):
+    for key, other in (
+        ("algorithm_version", "0.1.1"),
+        ("kind", "seg/series"),
+        ("tracking_uid", "1.2.3.5"),
+        ("input_digest", "x"),
+        ("source_study_uid", "1.2.4"),
+    ):
         assert deterministic_uid(**{**args, key: other}) != uid
     with pytest.raises(ValueError, match="algorithm_version"):
         deterministic_uid(**{**args, "algorithm_version": ""})

@@ -13,8 +13,14 @@ import pydicom
 import pytest
 
 from processing.change import VOLUME_MDC
-from reporting.history import (ENCAPSULATED_PDF_STORAGE, build_encapsulated_pdf, history_pdf,
-                               lesion_history_documents, repeatability_band, trend_image)
+from reporting.history import (
+    ENCAPSULATED_PDF_STORAGE,
+    build_encapsulated_pdf,
+    history_pdf,
+    lesion_history_documents,
+    repeatability_band,
+    trend_image,
+)
 from tests.node.dicom_factory import PATIENT_ID, mr_dataset
 from tests.node.test_timeline import build_summary
 from tests.reporting.tools import dciodvfy
@@ -66,25 +72,33 @@ def test_encapsulated_pdf_passes_dciodvfy_and_reads_back(tmp_path: Path) -> None
     assert back.Modality == "DOC" and back.MIMETypeOfEncapsulatedDocument == "application/pdf"
     assert back.StudyInstanceUID == "2.25.1003" and back.PatientID == PATIENT_ID
     assert back.EncapsulatedDocumentLength == len(pdf)
-    assert back.EncapsulatedDocument[:len(pdf)] == pdf
+    assert back.EncapsulatedDocument[: len(pdf)] == pdf
     assert back.SourceInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     # deterministic UIDs: same inputs, same UIDs; a new document supersedes in the same series
     again = build_encapsulated_pdf(pdf, source, tracking_uid="2.25.222", algorithm_version="test")
     assert again.SOPInstanceUID == ds.SOPInstanceUID
-    newer = build_encapsulated_pdf(history_pdf(RECORDS[:2], algorithm_version="test"), source,
-                                   tracking_uid="2.25.222", algorithm_version="test")
+    newer = build_encapsulated_pdf(
+        history_pdf(RECORDS[:2], algorithm_version="test"),
+        source,
+        tracking_uid="2.25.222",
+        algorithm_version="test",
+    )
     assert newer.SOPInstanceUID != ds.SOPInstanceUID
     assert newer.SeriesInstanceUID == ds.SeriesInstanceUID
     with pytest.raises(ValueError, match="PDF header"):
-        build_encapsulated_pdf(b"not a pdf", source, tracking_uid="2.25.222",
-                               algorithm_version="test")
+        build_encapsulated_pdf(
+            b"not a pdf", source, tracking_uid="2.25.222", algorithm_version="test"
+        )
 
 
 def test_lesion_history_documents_per_follow_up() -> None:
-    images = {uid: mr_dataset(study_uid=uid, series_uid=f"{uid}.1", instance_number=1)
-              for uid in ("2.25.1001", "2.25.1002", "2.25.1003")}
-    documents = lesion_history_documents(RECORDS, follow_up_images=images,
-                                         algorithm_version="test", course=SUMMARY["course"])
+    images = {
+        uid: mr_dataset(study_uid=uid, series_uid=f"{uid}.1", instance_number=1)
+        for uid in ("2.25.1001", "2.25.1002", "2.25.1003")
+    }
+    documents = lesion_history_documents(
+        RECORDS, follow_up_images=images, algorithm_version="test", course=SUMMARY["course"]
+    )
     # one per follow-up (the baseline gets none), each in its follow-up's study
     assert [d.StudyInstanceUID for d in documents] == ["2.25.1002", "2.25.1003"]
     assert len({d.SOPInstanceUID for d in documents}) == 2
@@ -111,21 +125,30 @@ def test_history_pdf_arrives_at_the_destination_with_other_outputs(tmp_path: Pat
     received = tmp_path / "received"
     received.mkdir()
     storage = tmp_path / "storage"
-    settings = settings_from_mapping({
-        "node": {"storage": str(storage), "dimse_timeout_s": 10},
-        "peers": [{"ae_title": "STORESCP", "port": port, "may_receive": True}],
-        # storescp may still be starting at the first try
-        "dispatch": {"backoff_initial_s": 0.2, "backoff_max_s": 0.5},
-    })
+    settings = settings_from_mapping(
+        {
+            "node": {"storage": str(storage), "dimse_timeout_s": 10},
+            "peers": [{"ae_title": "STORESCP", "port": port, "may_receive": True}],
+            # storescp may still be starting at the first try
+            "dispatch": {"backoff_initial_s": 0.2, "backoff_max_s": 0.5},
+        }
+    )
     source = mr_dataset(study_uid="2.25.1003", series_uid="2.25.1003.1", instance_number=1)
-    pdf_ds = build_encapsulated_pdf(history_pdf(RECORDS, algorithm_version="test"), source,
-                                    tracking_uid="2.25.222", algorithm_version="test")
+    pdf_ds = build_encapsulated_pdf(
+        history_pdf(RECORDS, algorithm_version="test"),
+        source,
+        tracking_uid="2.25.222",
+        algorithm_version="test",
+    )
     outputs = tmp_path / "outputs"
     companions = write_mr_series(outputs, 1, study_uid="2.25.1003", rows=8, columns=8)
     pdf_path = outputs / "history.dcm"
     pdf_ds.save_as(pdf_path, enforce_file_format=True)
-    pacs = subprocess.Popen(["storescp", "+uf", "-od", str(received), "-aet", "STORESCP",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pacs = subprocess.Popen(
+        ["storescp", "+uf", "-od", str(received), "-aet", "STORESCP", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     index = Index(settings.node.database_path)
     try:
         outbox = Outbox(index, Store(storage, index), settings)

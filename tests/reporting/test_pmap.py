@@ -52,8 +52,10 @@ def _map(value: float, shape: tuple[int, int, int]) -> np.ndarray:
 
 def _frames_in_source_order(pmap: hd.pm.ParametricMap, positions: list) -> np.ndarray:
     """Stored frames re-arranged to the order of the given source positions."""
-    stored = {tuple(round(float(v), 3) for v in f.PlanePositionSequence[0].ImagePositionPatient):
-              i for i, f in enumerate(pmap.PerFrameFunctionalGroupsSequence)}
+    stored = {
+        tuple(round(float(v), 3) for v in f.PlanePositionSequence[0].ImagePositionPatient): i
+        for i, f in enumerate(pmap.PerFrameFunctionalGroupsSequence)
+    }
     pixels = pmap.pixel_array.astype(np.float64)
     return np.stack([pixels[stored[tuple(round(float(v), 3) for v in ipp)]] for ipp in positions])
 
@@ -68,8 +70,14 @@ def test_parametric_map_codes_units_and_values(tmp_path: Path, quantity: str) ->
     sources = classic_mr_series()
     values = _map(value, (len(sources), 24, 20))
     provenance = {"model": "extended_tofts", "b_values": [0, 50, 800]}
-    pmap = build_parametric_map(sources, values, quantity, provenance=provenance,
-                                algorithm_version="0.1.0", vertebral_level="T11")
+    pmap = build_parametric_map(
+        sources,
+        values,
+        quantity,
+        provenance=provenance,
+        algorithm_version="0.1.0",
+        vertebral_level="T11",
+    )
     path = tmp_path / f"{quantity}.dcm"
     pmap.save_as(path)
     dciodvfy(path)
@@ -79,8 +87,10 @@ def test_parametric_map_codes_units_and_values(tmp_path: Path, quantity: str) ->
     rwvm = back.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert rwvm.MeasurementUnitsCodeSequence[0].CodeValue == unit
     assert rwvm.MeasurementUnitsCodeSequence[0].CodingSchemeDesignator == "UCUM"
-    definitions = {d.ConceptNameCodeSequence[0].CodeValue: d.ConceptCodeSequence[0].CodeValue
-                   for d in rwvm.QuantityDefinitionSequence}
+    definitions = {
+        d.ConceptNameCodeSequence[0].CodeValue: d.ConceptCodeSequence[0].CodeValue
+        for d in rwvm.QuantityDefinitionSequence
+    }
     assert definitions["246205007"] == code
     assert definitions.get("370129005") == method
     assert (float(rwvm.RealWorldValueSlope), float(rwvm.RealWorldValueIntercept)) == (1.0, 0.0)
@@ -92,27 +102,39 @@ def test_parametric_map_codes_units_and_values(tmp_path: Path, quantity: str) ->
     np.testing.assert_allclose(stored, expected, rtol=1e-6)
     # stored frames ascend along the slice normal (what dcmqi's reader assumes)
     normal = np.cross([0.0, 1.0, 0.0], [0.0, 0.0, -1.0])
-    steps = np.diff([np.dot(normal, [float(v) for v in f.PlanePositionSequence[0]
-                                     .ImagePositionPatient])
-                     for f in back.PerFrameFunctionalGroupsSequence])
+    steps = np.diff(
+        [
+            np.dot(normal, [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient])
+            for f in back.PerFrameFunctionalGroupsSequence
+        ]
+    )
     assert (steps > 0).all()
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
     flavor = QUANTITIES[quantity].image_flavor
     assert list(ds.ImageType) == ["DERIVED", "PRIMARY", flavor, "QUANTITY"]
 
 
-@pytest.mark.parametrize("quantity,reverse", [("ADC", False), ("ADC", True), ("Ktrans", False),
-                                              ("T1", False)])
+@pytest.mark.parametrize(
+    "quantity,reverse", [("ADC", False), ("ADC", True), ("Ktrans", False), ("T1", False)]
+)
 def test_dcmqi_reads_parametric_map_values(tmp_path: Path, quantity: str, reverse: bool) -> None:
     """Values at every voxel position read back by dcmqi, for either source slice order."""
     value, code, unit, scale, _ = EXPECTED[quantity]
     sources = classic_mr_series()[::-1] if reverse else classic_mr_series()
     values = _map(value, (len(sources), 24, 20))
     path = tmp_path / f"{quantity}.dcm"
-    build_parametric_map(sources, values, quantity, provenance={}, algorithm_version="0.1.0"
-                         ).save_as(path)
-    dcmqi("paramap2itkimage", "--inputDICOM", str(path), "--outputDirectory", str(tmp_path),
-          "--prefix", quantity)
+    build_parametric_map(
+        sources, values, quantity, provenance={}, algorithm_version="0.1.0"
+    ).save_as(path)
+    dcmqi(
+        "paramap2itkimage",
+        "--inputDICOM",
+        str(path),
+        "--outputDirectory",
+        str(tmp_path),
+        "--prefix",
+        quantity,
+    )
     meta = json.loads((tmp_path / f"{quantity}-meta.json").read_text())
     assert meta["QuantityValueCode"]["CodeValue"] == code
     assert meta["MeasurementUnitsCode"]["CodeValue"] == unit
@@ -126,10 +148,13 @@ def test_parametric_map_uids_are_deterministic() -> None:
     sources = classic_mr_series()
     values = _map(1e-3, (len(sources), 24, 20))
     build = lambda v, version: build_parametric_map(  # noqa: E731
-        sources, v, "ADC", provenance={"b_values": [0, 800]}, algorithm_version=version)
+        sources, v, "ADC", provenance={"b_values": [0, 800]}, algorithm_version=version
+    )
     first, again, newer = build(values, "0.1.0"), build(values, "0.1.0"), build(values, "0.2.0")
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
-        again.SeriesInstanceUID, again.SOPInstanceUID)
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
     assert first.SOPInstanceUID != newer.SOPInstanceUID
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
     assert build(values * 1.01, "0.1.0").SOPInstanceUID != first.SOPInstanceUID
@@ -138,24 +163,38 @@ def test_parametric_map_uids_are_deterministic() -> None:
 def test_parametric_map_rejects_bad_input() -> None:
     sources = classic_mr_series()
     with pytest.raises(ValueError, match="unknown quantity"):
-        build_parametric_map(sources, np.ones((6, 24, 20), np.float32), "RA", provenance={},
-                             algorithm_version="1")
+        build_parametric_map(
+            sources, np.ones((6, 24, 20), np.float32), "RA", provenance={}, algorithm_version="1"
+        )
     with pytest.raises(ValueError, match="floating point"):
-        build_parametric_map(sources, np.ones((6, 24, 20), np.int16), "ADC", provenance={},
-                             algorithm_version="1")
+        build_parametric_map(
+            sources, np.ones((6, 24, 20), np.int16), "ADC", provenance={}, algorithm_version="1"
+        )
     with pytest.raises(ValueError, match="standard Tofts"):
-        build_parametric_map(sources, np.ones((6, 24, 20), np.float32), "vp",
-                             provenance={"model": "tofts"}, algorithm_version="1")
+        build_parametric_map(
+            sources,
+            np.ones((6, 24, 20), np.float32),
+            "vp",
+            provenance={"model": "tofts"},
+            algorithm_version="1",
+        )
 
 
 @pytest.mark.parametrize("per_frame_geometry", [False, True], ids=["shared", "per-frame"])
-def test_enhanced_mr_parametric_map(tmp_path: Path, shared_data: Path,
-                                    per_frame_geometry: bool) -> None:
+def test_enhanced_mr_parametric_map(
+    tmp_path: Path, shared_data: Path, per_frame_geometry: bool
+) -> None:
     source = canon_enhanced(shared_data, per_frame_geometry=per_frame_geometry)
     frames = b0_frames(source)
     values = _map(1.0e-3, (40, 80, 80))
-    pmap = build_parametric_map([source], values, "ADC", provenance={"b_values": [0, 1500]},
-                                algorithm_version="0.1.0", source_frames=frames)
+    pmap = build_parametric_map(
+        [source],
+        values,
+        "ADC",
+        provenance={"b_values": [0, 1500]},
+        algorithm_version="0.1.0",
+        source_frames=frames,
+    )
     path = tmp_path / "adc_enh.dcm"
     pmap.save_as(path)
     dciodvfy(path)
@@ -165,11 +204,20 @@ def test_enhanced_mr_parametric_map(tmp_path: Path, shared_data: Path,
         refs = item.DerivationImageSequence[0].SourceImageSequence
         assert {r.ReferencedSOPInstanceUID for r in refs} == {source.SOPInstanceUID}
         assert len(refs) == 13  # b0 + 12 x b1500 at this position
-    ipps = [source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0]
-            .ImagePositionPatient for f in frames]
+    ipps = [
+        source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0].ImagePositionPatient
+        for f in frames
+    ]
     expected = np.where(np.isfinite(values), values.astype(np.float64) * 1e6, 0.0)
     np.testing.assert_allclose(_frames_in_source_order(back, ipps), expected, rtol=1e-6)
-    dcmqi("paramap2itkimage", "--inputDICOM", str(path), "--outputDirectory", str(tmp_path),
-          "--prefix", "enh")
+    dcmqi(
+        "paramap2itkimage",
+        "--inputDICOM",
+        str(path),
+        "--outputDirectory",
+        str(tmp_path),
+        "--prefix",
+        "enh",
+    )
     image = sitk.ReadImage(str(tmp_path / "enh-pmap.nrrd"))
     np.testing.assert_allclose(_itk_slices_by_position(image, ipps), expected, rtol=1e-6)

@@ -87,8 +87,15 @@ def _adc_like(volume: SeriesVolume) -> QuantMap:
     b0 = volume.array[0].astype(np.float64)
     values = (1e-3 * b0 / b0.max()).astype(np.float32)
     values[0, 0, 0] = np.nan
-    return QuantMap("ADC", values, np.isfinite(values), "mm2/s", volume.geometry,
-                    volume.series_instance_uid, {"b_values": [0.0, 1000.0]})
+    return QuantMap(
+        "ADC",
+        values,
+        np.isfinite(values),
+        "mm2/s",
+        volume.geometry,
+        volume.series_instance_uid,
+        {"b_values": [0.0, 1000.0]},
+    )
 
 
 def _lps_points(geometry: Geometry) -> np.ndarray:
@@ -102,9 +109,13 @@ def _lps_points(geometry: Geometry) -> np.ndarray:
 def _dcm2niix_b0(folder: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
     """dcm2niix's b = 0 volume and its affine (RAS) for the series in ``folder``."""
     out.mkdir()
-    proc = subprocess.run([str(VENV_BIN / "dcm2niix"), "-z", "n", "-f", "%s", "-o", str(out),
-                           str(folder)], check=False, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(VENV_BIN / "dcm2niix"), "-z", "n", "-f", "%s", "-o", str(out), str(folder)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     niftis = sorted(out.glob("*.nii"))
     assert len(niftis) == 1, [p.name for p in niftis]
@@ -118,8 +129,10 @@ def _dcm2niix_b0(folder: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def seg_files() -> dict[str, pydicom.Dataset]:
     root = real_data_root()
-    return {"sr-example": pydicom.dcmread(root / SR_EXAMPLE_SEG),
-            "liver": pydicom.dcmread(root / LIVER_SEG)}
+    return {
+        "sr-example": pydicom.dcmread(root / SR_EXAMPLE_SEG),
+        "liver": pydicom.dcmread(root / LIVER_SEG),
+    }
 
 
 # ----------------------------------------------------------------------------- Parametric Maps
@@ -135,8 +148,15 @@ def test_parametric_map_of_real_series(tmp_path: Path, case: str) -> None:
     dciodvfy(path)
 
     # dcmqi reads it, on the map's grid, with the map's values (um2/s; failed fit -> 0)
-    dcmqi("paramap2itkimage", "--inputDICOM", str(path), "--outputDirectory", str(tmp_path),
-          "--prefix", case)
+    dcmqi(
+        "paramap2itkimage",
+        "--inputDICOM",
+        str(path),
+        "--outputDirectory",
+        str(tmp_path),
+        "--prefix",
+        case,
+    )
     meta = json.loads((tmp_path / f"{case}-meta.json").read_text())
     assert meta["QuantityValueCode"]["CodeValue"] == "113041"
     image = sitk.ReadImage(str(tmp_path / f"{case}-pmap.nrrd"))
@@ -150,29 +170,38 @@ def test_parametric_map_of_real_series(tmp_path: Path, case: str) -> None:
 
     # the object itself: one orientation, frame positions on the grid, the series referenced
     pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path))
-    iop = [float(v) for v in pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-           .ImageOrientationPatient]
+    iop = [
+        float(v)
+        for v in pm.SharedFunctionalGroupsSequence[0]
+        .PlaneOrientationSequence[0]
+        .ImageOrientationPatient
+    ]
     direction = geometry.direction_matrix
     np.testing.assert_allclose(iop, [*direction[:, 0], *direction[:, 1]], atol=1e-4)
-    positions = np.array([[float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
-                          for item in pm.PerFrameFunctionalGroupsSequence])
+    positions = np.array(
+        [
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+            for item in pm.PerFrameFunctionalGroupsSequence
+        ]
+    )
     np.testing.assert_allclose(positions, _lps_points(geometry)[:, 0, 0, :], atol=1e-3)
     referenced = pm.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == volume.series_instance_uid
-    assert {str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence
-            } <= set(by_sop)
+    assert {
+        str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence
+    } <= set(by_sop)
 
     if check_dcm2niix:
         # independent grid check: dcm2niix's b0 voxel at each voxel's world position
-        b0, affine = _dcm2niix_b0(real_series_dir(key),
-                                  tmp_path / "dcm2niix")
+        b0, affine = _dcm2niix_b0(real_series_dir(key), tmp_path / "dcm2niix")
         points = _lps_points(geometry).reshape(-1, 3) * [-1.0, -1.0, 1.0]  # LPS -> RAS
         ijk = np.rint(nib.affines.apply_affine(np.linalg.inv(affine), points)).astype(int)
         assert (ijk >= 0).all() and (ijk < b0.shape[:3]).all()
         reference = b0[ijk[:, 0], ijk[:, 1], ijk[:, 2]].reshape(expected.shape)
         scaled = reference * 1e3 / volume.array[0].max()
-        np.testing.assert_allclose(expected.reshape(-1)[1:], scaled.reshape(-1)[1:],
-                                   rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(
+            expected.reshape(-1)[1:], scaled.reshape(-1)[1:], rtol=1e-5, atol=1e-3
+        )
 
 
 def test_mosaic_sources_use_the_map_grid() -> None:
@@ -203,17 +232,23 @@ def test_ge_orientation_noise_is_within_the_stated_tolerance(tmp_path: Path) -> 
     deviation = float(np.abs(iops - iops[0]).max())
     assert 0.0 < deviation < ORIENTATION_TOLERANCE  # the GE series really differs (3e-8)
     pm = build_parametric_map(sources, values, "ADC", provenance={}, algorithm_version=VERSION)
-    written = [float(v) for v in pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
-               .ImageOrientationPatient]
+    written = [
+        float(v)
+        for v in pm.SharedFunctionalGroupsSequence[0]
+        .PlaneOrientationSequence[0]
+        .ImageOrientationPatient
+    ]
     np.testing.assert_allclose(written, iops[0], atol=1e-9)
     # the caller's datasets keep their own orientation
-    assert not np.allclose([float(v) for v in sources[1].ImageOrientationPatient], iops[0],
-                           atol=0.0, rtol=0.0)
+    assert not np.allclose(
+        [float(v) for v in sources[1].ImageOrientationPatient], iops[0], atol=0.0, rtol=0.0
+    )
 
     mask = np.zeros(values.shape, dtype=bool)
     mask[:, 100:140, 110:150] = True
-    lesion = Lesion(tracking_id="L1", tracking_uid="1.2.826.0.1.3680043.8.498.777",
-                    vertebral_level="L2")
+    lesion = Lesion(
+        tracking_id="L1", tracking_uid="1.2.826.0.1.3680043.8.498.777", vertebral_level="L2"
+    )
     seg = build_segmentation(sources, mask, lesion, algorithm_version=VERSION)
     seg.save_as(tmp_path / "seg.dcm")
     dciodvfy(tmp_path / "seg.dcm")
@@ -230,10 +265,12 @@ def test_orientation_beyond_the_tolerance_is_refused() -> None:
     tilted.ImageOrientationPatient = iop
     mixed = [sources[0], tilted]
     for build in (
-        lambda: build_parametric_map(mixed, values, "ADC", provenance={},
-                                     algorithm_version=VERSION),
-        lambda: build_segmentation(mixed, values > 0, Lesion("L1", "1.2.3.4", "L2"),
-                                   algorithm_version=VERSION),
+        lambda: build_parametric_map(
+            mixed, values, "ADC", provenance={}, algorithm_version=VERSION
+        ),
+        lambda: build_segmentation(
+            mixed, values > 0, Lesion("L1", "1.2.3.4", "L2"), algorithm_version=VERSION
+        ),
     ):
         with pytest.raises(SourceGeometryError, match=r"by 0\.000\d+ .*tolerance of 0\.0001"):
             build()
@@ -245,8 +282,13 @@ def test_segmentation_of_a_mosaic_on_the_map_grid(tmp_path: Path) -> None:
     sources, _, _ = source_alignment(volume, by_sop)
     mask = np.zeros(volume.array.shape[1:], dtype=bool)
     mask[20:26, 30:50, 35:45] = True
-    seg = build_segmentation(sources, mask, Lesion("L1", "1.2.826.0.1.3680043.8.498.778", "L4"),
-                             algorithm_version=VERSION, grid=volume.geometry)
+    seg = build_segmentation(
+        sources,
+        mask,
+        Lesion("L1", "1.2.826.0.1.3680043.8.498.778", "L4"),
+        algorithm_version=VERSION,
+        grid=volume.geometry,
+    )
     seg.save_as(tmp_path / "seg.dcm")
     dciodvfy(tmp_path / "seg.dcm")
     reference = volume.volume_image(0)
@@ -257,16 +299,22 @@ def test_segmentation_of_a_mosaic_on_the_map_grid(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- a reader's SEG
 def _per_frame(ds: pydicom.Dataset, keyword: str) -> list[Any]:
     shared = ds.SharedFunctionalGroupsSequence[0]
-    return [(item if keyword in item else shared)[keyword][0]
-            for item in ds.PerFrameFunctionalGroupsSequence]
+    return [
+        (item if keyword in item else shared)[keyword][0]
+        for item in ds.PerFrameFunctionalGroupsSequence
+    ]
 
 
-@pytest.mark.parametrize("name,label,n_frames,type_meaning", [
-    ("sr-example", "Neoplasm, Primary", 13, "Neoplasm, Primary"),
-    ("liver", "Liver", 3, "Liver"),
-])
-def test_read_dcmqi_segmentation(seg_files: dict[str, pydicom.Dataset], name: str, label: str,
-                                 n_frames: int, type_meaning: str) -> None:
+@pytest.mark.parametrize(
+    "name,label,n_frames,type_meaning",
+    [
+        ("sr-example", "Neoplasm, Primary", 13, "Neoplasm, Primary"),
+        ("liver", "Liver", 3, "Liver"),
+    ],
+)
+def test_read_dcmqi_segmentation(
+    seg_files: dict[str, pydicom.Dataset], name: str, label: str, n_frames: int, type_meaning: str
+) -> None:
     ds = seg_files[name]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no complaint about a valid SEG from another tool
@@ -276,46 +324,61 @@ def test_read_dcmqi_segmentation(seg_files: dict[str, pydicom.Dataset], name: st
     segment = seg.segment(1)
     assert segment.label == label
     assert segment.property_type.meaning == type_meaning
-    assert segment.property_type.value == ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[
-        0].CodeValue
-    assert segment.category.value == ds.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[
-        0].CodeValue
+    assert (
+        segment.property_type.value
+        == ds.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue
+    )
+    assert (
+        segment.category.value
+        == ds.SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeValue
+    )
     assert seg.segmentation_type == "BINARY"
     assert (seg.rows, seg.columns) == (int(ds.Rows), int(ds.Columns))
-    positions = [[float(v) for v in g.ImagePositionPatient]
-                 for g in _per_frame(ds, "PlanePositionSequence")]
-    orientations = [[float(v) for v in g.ImageOrientationPatient]
-                    for g in _per_frame(ds, "PlaneOrientationSequence")]
+    positions = [
+        [float(v) for v in g.ImagePositionPatient] for g in _per_frame(ds, "PlanePositionSequence")
+    ]
+    orientations = [
+        [float(v) for v in g.ImageOrientationPatient]
+        for g in _per_frame(ds, "PlaneOrientationSequence")
+    ]
     spacings = [[float(v) for v in g.PixelSpacing] for g in _per_frame(ds, "PixelMeasuresSequence")]
-    sources = [item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-               for item in ds.PerFrameFunctionalGroupsSequence]
+    sources = [
+        item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for item in ds.PerFrameFunctionalGroupsSequence
+    ]
     assert [list(f.position) for f in seg.frames] == positions
     assert [list(f.orientation) for f in seg.frames] == orientations
     assert [list(f.pixel_spacing) for f in seg.frames] == spacings
     assert [f.source_sop_instance_uids for f in seg.frames] == [(uid,) for uid in sources]
     assert seg.referenced_series_instance_uids == (
-        ds.ReferencedSeriesSequence[0].SeriesInstanceUID,)
+        ds.ReferencedSeriesSequence[0].SeriesInstanceUID,
+    )
     assert set(seg.referenced_sop_instance_uids) == set(sources)
     assert ds.Rows and "PixelData" in ds  # the file itself is not modified by reading it
 
 
 @pytest.mark.parametrize("name", ["sr-example", "liver"])
-def test_dcmqi_segmentation_mask_on_grids(seg_files: dict[str, pydicom.Dataset],
-                                          name: str) -> None:
+def test_dcmqi_segmentation_mask_on_grids(seg_files: dict[str, pydicom.Dataset], name: str) -> None:
     ds = seg_files[name]
     seg = read_segmentation(ds)
     pixels = ds.pixel_array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)) > 0
     # foreground pixel centres in LPS, from the file's own per-frame geometry
     points = []
     for frame, ipp, iop, spacing in zip(
-            pixels, _per_frame(ds, "PlanePositionSequence"),
-            _per_frame(ds, "PlaneOrientationSequence"), _per_frame(ds, "PixelMeasuresSequence")):
+        pixels,
+        _per_frame(ds, "PlanePositionSequence"),
+        _per_frame(ds, "PlaneOrientationSequence"),
+        _per_frame(ds, "PixelMeasuresSequence"),
+    ):
         row_dir = np.array([float(v) for v in iop.ImageOrientationPatient[:3]])
         col_dir = np.array([float(v) for v in iop.ImageOrientationPatient[3:]])
         dy, dx = (float(v) for v in spacing.PixelSpacing)
         r, c = np.nonzero(frame)
-        points.append(np.array([float(v) for v in ipp.ImagePositionPatient])
-                      + np.outer(c * dx, row_dir) + np.outer(r * dy, col_dir))
+        points.append(
+            np.array([float(v) for v in ipp.ImagePositionPatient])
+            + np.outer(c * dx, row_dir)
+            + np.outer(r * dy, col_dir)
+        )
     points = np.concatenate(points)
 
     # the grid of the (absent) source images: the SEG frames ascend in z, so does this grid
@@ -323,8 +386,12 @@ def test_dcmqi_segmentation_mask_on_grids(seg_files: dict[str, pydicom.Dataset],
     spacing = _per_frame(ds, "PixelMeasuresSequence")[0]
     step = float(spacing.SpacingBetweenSlices)
     grid = sitk.Image(int(ds.Columns), int(ds.Rows), int(ds.NumberOfFrames), sitk.sitkUInt8)
-    x0, y0 = (float(v) for v in ds.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
-              .ImagePositionPatient[:2])
+    x0, y0 = (
+        float(v)
+        for v in ds.PerFrameFunctionalGroupsSequence[0]
+        .PlanePositionSequence[0]
+        .ImagePositionPatient[:2]
+    )
     grid.SetOrigin((x0, y0, first))
     grid.SetSpacing((float(spacing.PixelSpacing[1]), float(spacing.PixelSpacing[0]), step))
 
@@ -335,10 +402,13 @@ def test_dcmqi_segmentation_mask_on_grids(seg_files: dict[str, pydicom.Dataset],
     assert array[index[:, 2], index[:, 1], index[:, 0]].all()
 
     # through the source references (the images are absent: their UIDs and grid are enough)
-    uids = [item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-            for item in ds.PerFrameFunctionalGroupsSequence]
-    sop_class = str(ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
-                    .ReferencedSOPClassUID)
+    uids = [
+        item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for item in ds.PerFrameFunctionalGroupsSequence
+    ]
+    sop_class = str(
+        ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPClassUID
+    )
     frames = [SourceFrame(sop_class, uid) for uid in uids]
     by_reference = sitk.GetArrayFromImage(seg.mask_on(grid, source_frames=frames))
     np.testing.assert_array_equal(by_reference.astype(bool), pixels)
@@ -374,10 +444,12 @@ def test_enhanced_per_frame_orientation_beyond_the_tolerance_is_refused(shared_d
     iop = [float(v) for v in item.ImageOrientationPatient]
     iop[0] += 0.5 * ORIENTATION_TOLERANCE  # within: written with the first frame's orientation
     item.ImageOrientationPatient = iop
-    build_parametric_map([ds], values, "ADC", provenance={}, algorithm_version=VERSION,
-                         source_frames=frames)
+    build_parametric_map(
+        [ds], values, "ADC", provenance={}, algorithm_version=VERSION, source_frames=frames
+    )
     iop[0] += 2.0 * ORIENTATION_TOLERANCE
     item.ImageOrientationPatient = iop
     with pytest.raises(SourceGeometryError, match=rf"source frame {frames[1]} .*by 0\.000"):
-        build_parametric_map([ds], values, "ADC", provenance={}, algorithm_version=VERSION,
-                             source_frames=frames)
+        build_parametric_map(
+            [ds], values, "ADC", provenance={}, algorithm_version=VERSION, source_frames=frames
+        )

@@ -25,9 +25,12 @@ def _rigid(angle_deg: float, translation: tuple[float, float, float]) -> np.ndar
 
 def _series() -> tuple[list, list]:
     baseline = classic_mr_series(study_uid=STUDY_UID, series_uid="1.2.826.0.1.3680043.8.498.40001")
-    follow_up = classic_mr_series(study_uid=FOLLOW_UP_STUDY_UID,
-                                  series_uid="1.2.826.0.1.3680043.8.498.40002",
-                                  study_date="20260420", frame_of_reference_uid=FOLLOW_UP_FOR)
+    follow_up = classic_mr_series(
+        study_uid=FOLLOW_UP_STUDY_UID,
+        series_uid="1.2.826.0.1.3680043.8.498.40002",
+        study_date="20260420",
+        frame_of_reference_uid=FOLLOW_UP_FOR,
+    )
     return baseline, follow_up
 
 
@@ -46,9 +49,13 @@ def test_spatial_registration_round_trip(tmp_path: Path) -> None:
     assert back.FrameOfReferenceUID == baseline[0].FrameOfReferenceUID
     np.testing.assert_allclose(registration_matrix(back, FOLLOW_UP_FOR), matrix, atol=1e-9)
     np.testing.assert_allclose(
-        registration_matrix(back, baseline[0].FrameOfReferenceUID), np.eye(4))
-    refs = {r.ReferencedSOPInstanceUID
-            for item in back.RegistrationSequence for r in item.ReferencedImageSequence}
+        registration_matrix(back, baseline[0].FrameOfReferenceUID), np.eye(4)
+    )
+    refs = {
+        r.ReferencedSOPInstanceUID
+        for item in back.RegistrationSequence
+        for r in item.ReferencedImageSequence
+    }
     assert refs == {ds.SOPInstanceUID for ds in baseline + follow_up}
     other = back.StudiesContainingOtherReferencedInstancesSequence[0]
     assert other.StudyInstanceUID == STUDY_UID

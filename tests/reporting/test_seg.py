@@ -15,14 +15,15 @@ from reporting.seg import build_segmentation
 from tests.reporting.sources import b0_frames, canon_enhanced, classic_mr_series
 from tests.reporting.tools import dciodvfy, dcmqi
 
-LESION = Lesion(tracking_id="GTV L2", tracking_uid="1.2.826.0.1.3680043.8.498.77",
-                vertebral_level="L2")
+LESION = Lesion(
+    tracking_id="GTV L2", tracking_uid="1.2.826.0.1.3680043.8.498.77", vertebral_level="L2"
+)
 
 
 def _mask(shape: tuple[int, int, int]) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     n = shape[0]
-    mask[n // 3: n // 3 + 2, 5:12, 4:9] = True
+    mask[n // 3 : n // 3 + 2, 5:12, 4:9] = True
     mask[n // 3 + 1, 12, 9] = True  # an irregular voxel so a transposition would show
     return mask
 
@@ -41,8 +42,9 @@ def _itk_slices_by_position(image: sitk.Image, positions: list[list[float]]) -> 
 def test_classic_series_segmentation_round_trip(tmp_path: Path) -> None:
     sources = classic_mr_series()
     mask = _mask((len(sources), 24, 20))
-    seg = build_segmentation(sources, mask, LESION, algorithm_version="0.1.0",
-                             algorithm_parameters={"threshold": "0.5"})
+    seg = build_segmentation(
+        sources, mask, LESION, algorithm_version="0.1.0", algorithm_parameters={"threshold": "0.5"}
+    )
     path = tmp_path / "seg.dcm"
     seg.save_as(path)
 
@@ -61,13 +63,23 @@ def test_classic_series_segmentation_round_trip(tmp_path: Path) -> None:
     algorithm = description.algorithm_identification[0]
     assert (algorithm.AlgorithmVersion, algorithm.AlgorithmParameters) == ("0.1.0", "threshold=0.5")
     pixels = back.get_pixels_by_source_instance(
-        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources], segment_numbers=[1])
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in sources], segment_numbers=[1]
+    )
     np.testing.assert_array_equal(pixels[..., 0].astype(bool), mask)
     assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
 
     # dcmqi reads it; the label map equals the mask, slice by slice at the source positions
-    dcmqi("segimage2itkimage", "--inputDICOM", str(path), "--outputDirectory", str(tmp_path),
-          "--prefix", "dcmqi", "--outputType", "nrrd")
+    dcmqi(
+        "segimage2itkimage",
+        "--inputDICOM",
+        str(path),
+        "--outputDirectory",
+        str(tmp_path),
+        "--prefix",
+        "dcmqi",
+        "--outputType",
+        "nrrd",
+    )
     label = sitk.ReadImage(str(tmp_path / "dcmqi-1.nrrd"))
     slices = _itk_slices_by_position(label, [ds.ImagePositionPatient for ds in sources])
     np.testing.assert_array_equal(slices.astype(bool), mask)
@@ -98,8 +110,9 @@ def test_segmentation_rejects_misaligned_mask() -> None:
 
 
 @pytest.mark.parametrize("per_frame_geometry", [False, True], ids=["shared", "per-frame"])
-def test_enhanced_mr_segmentation(tmp_path: Path, shared_data: Path,
-                                  per_frame_geometry: bool) -> None:
+def test_enhanced_mr_segmentation(
+    tmp_path: Path, shared_data: Path, per_frame_geometry: bool
+) -> None:
     source = canon_enhanced(shared_data, per_frame_geometry=per_frame_geometry)
     before = source.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda e: "")
     frames = b0_frames(source)
@@ -107,11 +120,13 @@ def test_enhanced_mr_segmentation(tmp_path: Path, shared_data: Path,
     mask = np.zeros((40, 80, 80), dtype=bool)
     mask[18:22, 30:50, 32:47] = True
     mask[20, 51, 40] = True
-    seg = build_segmentation([source], mask, LESION, algorithm_version="0.1.0",
-                             source_frames=frames)
+    seg = build_segmentation(
+        [source], mask, LESION, algorithm_version="0.1.0", source_frames=frames
+    )
     # the caller's dataset is not altered
-    assert source.to_json_dict(bulk_data_threshold=1,
-                               bulk_data_element_handler=lambda e: "") == before
+    assert (
+        source.to_json_dict(bulk_data_threshold=1, bulk_data_element_handler=lambda e: "") == before
+    )
     path = tmp_path / "seg_enh.dcm"
     seg.save_as(path)
     dciodvfy(path)
@@ -131,16 +146,32 @@ def test_enhanced_mr_segmentation(tmp_path: Path, shared_data: Path,
         assert {int(r.ReferencedFrameNumber) for r in refs} == positions[key]
     shared = back.SharedFunctionalGroupsSequence[0]
     assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == pytest.approx(
-        [float(v) for v in (source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
-                            if not per_frame_geometry else
-                            source.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence
-                            )[0].PixelSpacing])
+        [
+            float(v)
+            for v in (
+                source.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+                if not per_frame_geometry
+                else source.PerFrameFunctionalGroupsSequence[0].PixelMeasuresSequence
+            )[0].PixelSpacing
+        ]
+    )
 
-    dcmqi("segimage2itkimage", "--inputDICOM", str(path), "--outputDirectory", str(tmp_path),
-          "--prefix", "enh", "--outputType", "nrrd")
+    dcmqi(
+        "segimage2itkimage",
+        "--inputDICOM",
+        str(path),
+        "--outputDirectory",
+        str(tmp_path),
+        "--prefix",
+        "enh",
+        "--outputType",
+        "nrrd",
+    )
     label = sitk.ReadImage(str(tmp_path / "enh-1.nrrd"))
-    ipps = [source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0]
-            .ImagePositionPatient for f in frames]
+    ipps = [
+        source.PerFrameFunctionalGroupsSequence[f - 1].PlanePositionSequence[0].ImagePositionPatient
+        for f in frames
+    ]
     np.testing.assert_array_equal(_itk_slices_by_position(label, ipps).astype(bool), mask)
 
 
@@ -151,8 +182,9 @@ def test_invalid_source_patient_attributes_do_not_break_the_seg(tmp_path: Path) 
         ds.PatientSex = "X"
         with pytest.warns(UserWarning, match="Invalid value for VR AS"):
             ds.PatientAge = "45"
-    seg = build_segmentation(sources, _mask((len(sources), 24, 20)), LESION,
-                             algorithm_version="0.1.0")
+    seg = build_segmentation(
+        sources, _mask((len(sources), 24, 20)), LESION, algorithm_version="0.1.0"
+    )
     assert (seg.PatientSex, "PatientAge" in seg) == ("", False)
     assert sources[0].PatientSex == "X"  # the caller's datasets are untouched
     path = tmp_path / "seg.dcm"

@@ -10,23 +10,35 @@ import pytest
 
 from processing.results import TimePointResult
 from reporting import codes as rcodes
-from reporting.sr import (PARAMETRIC_MAP_STORAGE, build_measurement_report, reported_as_change,
-                          reported_value)
+from reporting.sr import (
+    PARAMETRIC_MAP_STORAGE,
+    build_measurement_report,
+    reported_as_change,
+    reported_value,
+)
 from reporting.summary import summary_records
 from tests.reporting.results_fixture import BASELINE, FOLLOW_UP, LESION, VERSION, build_inputs
 from tests.reporting.sources import FOLLOW_UP_STUDY_UID, STUDY_UID
 from tests.reporting.tools import dciodvfy, tid1500_json
 
-PARAMETERS = {"rule_set": "spine-sbrt-response 1.0", "radiomics_bin_width": "25",
-              "dce_model": "extended_tofts", "aif": "Parker population AIF, Hct 0.42"}
+PARAMETERS = {
+    "rule_set": "spine-sbrt-response 1.0",
+    "radiomics_bin_width": "25",
+    "dce_model": "extended_tofts",
+    "aif": "Parker population AIF, Hct 0.42",
+}
 
 
 def _build(version: str = VERSION) -> tuple[hd.sr.Comprehensive3DSR, object]:
     objects = build_inputs(version)
     sr = build_measurement_report(
-        [FOLLOW_UP, BASELINE], segmentations=objects.segs, parametric_maps=objects.pmaps,
+        [FOLLOW_UP, BASELINE],
+        segmentations=objects.segs,
+        parametric_maps=objects.pmaps,
         source_images=objects.baseline_sources + objects.follow_up_sources,
-        algorithm_version=version, algorithm_parameters=PARAMETERS)
+        algorithm_version=version,
+        algorithm_parameters=PARAMETERS,
+    )
     return sr, objects
 
 
@@ -43,10 +55,13 @@ def test_sr_passes_dciodvfy(report: tuple[Path, object]) -> None:
 
 
 def _find(group, name: str, derivation: str | None = None, unit: str | None = None):
-    hits = [m for m in group.get_measurements()
-            if m.name.value == name
-            and (m.derivation.value if m.derivation is not None else None) == derivation
-            and (unit is None or m.unit.value == unit)]
+    hits = [
+        m
+        for m in group.get_measurements()
+        if m.name.value == name
+        and (m.derivation.value if m.derivation is not None else None) == derivation
+        and (unit is None or m.unit.value == unit)
+    ]
     assert len(hits) == 1, f"{len(hits)} measurements {name}/{derivation}/{unit}"
     return hits[0]
 
@@ -54,10 +69,10 @@ def _find(group, name: str, derivation: str | None = None, unit: str | None = No
 def _groups(sr) -> dict[tuple[str, str | None], object]:
     """(time point text, group method code value) -> group."""
     out = {}
-    for group in sr.content.get_volumetric_roi_measurement_groups(
-            tracking_uid=LESION.tracking_uid):
-        time_point = next(item for item in group[0].ContentSequence
-                          if item.name.value == "C2348792")
+    for group in sr.content.get_volumetric_roi_measurement_groups(tracking_uid=LESION.tracking_uid):
+        time_point = next(
+            item for item in group[0].ContentSequence if item.name.value == "C2348792"
+        )
         method = group.method.value if group.method is not None else None
         out[(time_point.value, method)] = group
     return out
@@ -72,10 +87,12 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     other = {item.StudyInstanceUID for item in sr.PertinentOtherEvidenceSequence}
     current = {item.StudyInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence}
     assert (other, current) == ({STUDY_UID}, {FOLLOW_UP_STUDY_UID})
-    other_uids = {ref.ReferencedSOPInstanceUID
-                  for study in sr.PertinentOtherEvidenceSequence
-                  for series in study.ReferencedSeriesSequence
-                  for ref in series.ReferencedSOPSequence}
+    other_uids = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.PertinentOtherEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
     assert objects.segs[0].SOPInstanceUID in other_uids
     assert {pm.SOPInstanceUID for pm in objects.pmaps[:2]} <= other_uids
     assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
@@ -83,8 +100,12 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
 
     rule_set = rcodes.rule_set_code(FOLLOW_UP.response.rule_set).value
     groups = _groups(sr)
-    assert set(groups) == {("baseline 20260105", None), ("follow-up 20260420", rule_set),
-                           ("follow-up 20260420", "CHGREL"), ("follow-up 20260420", "CHGABS")}
+    assert set(groups) == {
+        ("baseline 20260105", None),
+        ("follow-up 20260420", rule_set),
+        ("follow-up 20260420", "CHGREL"),
+        ("follow-up 20260420", "CHGABS"),
+    }
     base, fu = groups[("baseline 20260105", None)], groups[("follow-up 20260420", rule_set)]
 
     # tracking, segment, source series, finding, site
@@ -117,15 +138,16 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     # radiomics: IBSI codes, kurtosis converted to excess kurtosis, shape units
     kurtosis = _find(fu, "IPH6")
     assert (kurtosis.name.scheme_designator, kurtosis.value) == ("IBSI", pytest.approx(1.25))
-    assert (_find(fu, "RNU0").value, _find(fu, "RNU0").unit.value) == (
-        pytest.approx(3100.0), "mm3")
+    assert (_find(fu, "RNU0").value, _find(fu, "RNU0").unit.value) == (pytest.approx(3100.0), "mm3")
     assert _find(fu, "Q4LE").value == pytest.approx(1350.0)  # mean intensity, in um2/s
     private = rcodes.pyradiomics_private_code("wavelet-LLH_glcm_Contrast").value
     assert _find(fu, private).name.scheme_designator == "99PYRADIOMICS"
 
     # changes from baseline
-    rel, absolute = (groups[("follow-up 20260420", "CHGREL")],
-                     groups[("follow-up 20260420", "CHGABS")])
+    rel, absolute = (
+        groups[("follow-up 20260420", "CHGREL")],
+        groups[("follow-up 20260420", "CHGABS")],
+    )
     assert _find(rel, "118565006", unit="%").value == pytest.approx(-1.1 / 4.2 * 100)
     assert _find(absolute, "118565006", unit="cm3").value == pytest.approx(-1.1)
     assert _find(absolute, "113041", "373098007").value == pytest.approx(400.0)
@@ -159,8 +181,7 @@ def test_time_point_context(report: tuple[Path, object]) -> None:
         assert offset.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "SBRTSTART"
 
 
-def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object],
-                                             tmp_path: Path) -> None:
+def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object], tmp_path: Path) -> None:
     data = tid1500_json(report[0], tmp_path)
     groups = data["Measurements"]
     assert {g["TrackingUniqueIdentifier"] for g in groups} == {LESION.tracking_uid}
@@ -170,16 +191,23 @@ def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object],
         by_time_point[(g["timePoint"], method)] = g["measurementItems"]
 
     def dcmqi_value(items, code, derivation=None, unit=None):
-        hits = [float(i["value"]) for i in items if i["quantity"]["CodeValue"] == code
-                and i.get("derivationModifier", {}).get("CodeValue") == derivation
-                and (unit is None or i["units"]["CodeValue"] == unit)]
+        hits = [
+            float(i["value"])
+            for i in items
+            if i["quantity"]["CodeValue"] == code
+            and i.get("derivationModifier", {}).get("CodeValue") == derivation
+            and (unit is None or i["units"]["CodeValue"] == unit)
+        ]
         assert len(hits) == 1, (code, derivation, unit, hits)
         return hits[0]
 
     checked = 0
     for record, result in zip(summary_records([BASELINE, FOLLOW_UP]), (BASELINE, FOLLOW_UP)):
-        method = (rcodes.rule_set_code(result.response.rule_set).value
-                  if result.response is not None else None)
+        method = (
+            rcodes.rule_set_code(result.response.rule_set).value
+            if result.response is not None
+            else None
+        )
         items = by_time_point[(f"{result.role.value} {result.study_date}", method)]
         for path, value in record["measurements"].items():
             written = reported_value(path, value, result.measurements)
@@ -187,21 +215,24 @@ def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object],
                 continue
             code, derivation = _codes_for(path, result)
             assert dcmqi_value(items, code, derivation, written[1]) == pytest.approx(
-                written[0], rel=1e-9), path
+                written[0], rel=1e-9
+            ), path
             checked += 1
         for change in record["changes"]:
             if change["relative"] is None:
                 continue
             if not reported_as_change(change["quantity"]):
                 # radiomics changes stay in summary.json: none in the report
-                assert all(i["quantity"]["CodeValue"] != _codes_for(change["quantity"], result)[0]
-                           for i in by_time_point[(f"{result.role.value} {result.study_date}",
-                                                   "CHGREL")])
+                assert all(
+                    i["quantity"]["CodeValue"] != _codes_for(change["quantity"], result)[0]
+                    for i in by_time_point[(f"{result.role.value} {result.study_date}", "CHGREL")]
+                )
                 continue
             items = by_time_point[(f"{result.role.value} {result.study_date}", "CHGREL")]
             code, derivation = _codes_for(change["quantity"], result)
             assert dcmqi_value(items, code, derivation, "%") == pytest.approx(
-                change["relative"] * 100.0, rel=1e-9)
+                change["relative"] * 100.0, rel=1e-9
+            )
             checked += 1
     assert checked >= 40
 
@@ -219,7 +250,9 @@ def test_sr_uids_are_deterministic() -> None:
     again, _ = _build()
     newer, _ = _build("0.2.0")
     assert (first.SeriesInstanceUID, first.SOPInstanceUID) == (
-        again.SeriesInstanceUID, again.SOPInstanceUID)
+        again.SeriesInstanceUID,
+        again.SOPInstanceUID,
+    )
     assert first.SOPInstanceUID != newer.SOPInstanceUID
     assert first.SeriesInstanceUID != newer.SeriesInstanceUID
 
@@ -231,35 +264,49 @@ def test_time_point_without_seg_is_reported_without_roi(tmp_path: Path) -> None:
     from processing.results import ResponseCategory
 
     objects = build_inputs()
-    not_assessable = dataclasses.replace(FOLLOW_UP, response=dataclasses.replace(
-        FOLLOW_UP.response, category=ResponseCategory.NOT_ASSESSABLE))
-    sr = build_measurement_report([BASELINE, not_assessable], segmentations=objects.segs[:1],
-                                  parametric_maps=objects.pmaps, algorithm_version=VERSION)
+    not_assessable = dataclasses.replace(
+        FOLLOW_UP,
+        response=dataclasses.replace(FOLLOW_UP.response, category=ResponseCategory.NOT_ASSESSABLE),
+    )
+    sr = build_measurement_report(
+        [BASELINE, not_assessable],
+        segmentations=objects.segs[:1],
+        parametric_maps=objects.pmaps,
+        algorithm_version=VERSION,
+    )
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
     dciodvfy(path)
     back = hd.sr.srread(path)
     assert len(back.content.get_volumetric_roi_measurement_groups()) == 1  # the baseline
     # follow-up: TID 1501 groups (response, relative and absolute changes)
-    assert len(back.content.get_image_measurement_groups(
-        tracking_uid=LESION.tracking_uid)) == 3
+    assert len(back.content.get_image_measurement_groups(tracking_uid=LESION.tracking_uid)) == 3
     data = tid1500_json(path, tmp_path)
     assert {g["timePoint"] for g in data["Measurements"]} == {
-        "baseline 20260105", "follow-up 20260420"}
-    follow_up = [g for g in data["Measurements"] if g["timePoint"] == "follow-up 20260420"
-                 and g.get("measurementMethod", {}).get("CodeValue", "").startswith("RSET")]
+        "baseline 20260105",
+        "follow-up 20260420",
+    }
+    follow_up = [
+        g
+        for g in data["Measurements"]
+        if g["timePoint"] == "follow-up 20260420"
+        and g.get("measurementMethod", {}).get("CodeValue", "").startswith("RSET")
+    ]
     (group,) = follow_up
     assert "ReferencedSegment" not in group
-    values = {(q["conceptCode"]["CodeValue"], q["conceptValue"]["CodeValue"])
-              for q in group["qualitativeEvaluations"]}
+    values = {
+        (q["conceptCode"]["CodeValue"], q["conceptValue"]["CodeValue"])
+        for q in group["qualitativeEvaluations"]
+    }
     assert ("112020", "NA") in values
 
 
 def test_sr_needs_evidence_of_the_latest_study() -> None:
     objects = build_inputs()
     with pytest.raises(ValueError, match="no evidence of the latest study"):
-        build_measurement_report([BASELINE, FOLLOW_UP], segmentations=objects.segs[:1],
-                                 algorithm_version=VERSION)
+        build_measurement_report(
+            [BASELINE, FOLLOW_UP], segmentations=objects.segs[:1], algorithm_version=VERSION
+        )
 
 
 def test_two_lesions_and_changes_from_previous(tmp_path: Path) -> None:
@@ -278,45 +325,67 @@ def test_two_lesions_and_changes_from_previous(tmp_path: Path) -> None:
     segs = list(objects.segs)
     for sources in (objects.baseline_sources, objects.follow_up_sources):
         segs.append(build_segmentation(sources, mask, second, algorithm_version=VERSION))
-    response = dataclasses.replace(FOLLOW_UP.response, criteria=(
-        Criterion("pseudoprogression-window", "follow-up 6-26 weeks after treatment", True,
-                  value=13.7, threshold=26.0, unit="wk"),
-        Criterion("bilsky-increase", "Bilsky grade 1a -> 1b", False, value=1.0, unit="grade"),
-    ))
+    response = dataclasses.replace(
+        FOLLOW_UP.response,
+        criteria=(
+            Criterion(
+                "pseudoprogression-window",
+                "follow-up 6-26 weeks after treatment",
+                True,
+                value=13.7,
+                threshold=26.0,
+                unit="wk",
+            ),
+            Criterion("bilsky-increase", "Bilsky grade 1a -> 1b", False, value=1.0, unit="grade"),
+        ),
+    )
     follow_up_2 = dataclasses.replace(
-        FOLLOW_UP, lesion=second, response=response,
-        changes=(Change("volume", "previous", 2.0, 2.5, 0.5, 0.25, 0.2, True),))
+        FOLLOW_UP,
+        lesion=second,
+        response=response,
+        changes=(Change("volume", "previous", 2.0, 2.5, 0.5, 0.25, 0.2, True),),
+    )
     baseline_2 = dataclasses.replace(BASELINE, lesion=second)
-    sr = build_measurement_report([BASELINE, FOLLOW_UP, baseline_2, follow_up_2],
-                                  segmentations=segs, parametric_maps=objects.pmaps,
-                                  algorithm_version=VERSION)
+    sr = build_measurement_report(
+        [BASELINE, FOLLOW_UP, baseline_2, follow_up_2],
+        segmentations=segs,
+        parametric_maps=objects.pmaps,
+        algorithm_version=VERSION,
+    )
     path = tmp_path / "sr2.dcm"
     sr.save_as(path)
     dciodvfy(path)
     back = hd.sr.srread(path)
     groups = back.content.get_volumetric_roi_measurement_groups(tracking_uid=second.tracking_uid)
     methods = sorted(g.method.value for g in groups if g.method is not None)
-    assert methods == sorted(["CHGABSP", "CHGRELP", rcodes.rule_set_code(
-        response.rule_set).value])
+    assert methods == sorted(["CHGABSP", "CHGRELP", rcodes.rule_set_code(response.rule_set).value])
     rel = next(g for g in groups if g.method is not None and g.method.value == "CHGRELP")
     assert _find(rel, "118565006", unit="%").value == pytest.approx(25.0)
     main = next(g for g in groups if g.method is not None and g.method.value.startswith("RSET"))
     window = rcodes.criterion_code("pseudoprogression-window", "").value
     assert (_find(main, window).value, _find(main, window).unit.value) == (
-        pytest.approx(13.7), "wk")
+        pytest.approx(13.7),
+        "wk",
+    )
     bilsky = rcodes.criterion_code("bilsky-increase", "").value
     assert not [m for m in main.get_measurements() if m.name.value == bilsky]
     evaluations = {q.name.value: q.value.value for q in main.get_qualitative_evaluations()}
     assert evaluations[bilsky] == "272519000"  # Absent, still reported
-    assert len(back.content.get_volumetric_roi_measurement_groups(
-        tracking_uid=LESION.tracking_uid)) == 4
+    assert (
+        len(back.content.get_volumetric_roi_measurement_groups(tracking_uid=LESION.tracking_uid))
+        == 4
+    )
 
 
 def test_baseline_only_report_without_image_library(tmp_path: Path) -> None:
     """The report of a baseline alone (no follow-up yet, no source headers) is valid too."""
     objects = build_inputs()
-    sr = build_measurement_report([BASELINE], segmentations=objects.segs[:1],
-                                  parametric_maps=objects.pmaps[:2], algorithm_version=VERSION)
+    sr = build_measurement_report(
+        [BASELINE],
+        segmentations=objects.segs[:1],
+        parametric_maps=objects.pmaps[:2],
+        algorithm_version=VERSION,
+    )
     path = tmp_path / "baseline.dcm"
     sr.save_as(path)
     dciodvfy(path)

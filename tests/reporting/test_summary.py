@@ -21,8 +21,10 @@ def test_summary_records_are_json_and_complete() -> None:
     assert fu["units"]["ADC.mean"] == "mm2/s" and fu["units"]["volume"] == "mL"
     assert fu["measurements"]["radiomics.ADC.original_glcm_Contrast"] == pytest.approx(7.5)
     assert fu["response"]["category"] == "local control"
-    assert [c["code"] for c in fu["response"]["criteria"]] == ["volume-increase",
-                                                               "perfusion-decrease"]
+    assert [c["code"] for c in fu["response"]["criteria"]] == [
+        "volume-increase",
+        "perfusion-decrease",
+    ]
     assert fu["changes"][0]["relative"] == pytest.approx(-1.1 / 4.2)
     assert fu["comparability"] == "comparable" and base["response"] is None
     assert fu["lesion"]["tracking_uid"] == "1.2.826.0.1.3680043.8.498.555"
@@ -37,8 +39,9 @@ def test_format_summary_text() -> None:
     assert "  follow-up 20260420, day +96: volume 3.10 mL" in lines
     assert "    ADC mean 1.35e-3 mm²/s; Ktrans mean 0.07 /min" in lines
     assert "    change of volume from baseline: -26 % [beyond repeatability]" in lines
-    assert ("    RESPONSE: local control (spine-sbrt-response 1.0 (SPINO + volumetric + DCE))"
-            in lines)
+    assert (
+        "    RESPONSE: local control (spine-sbrt-response 1.0 (SPINO + volumetric + DCE))" in lines
+    )
     assert "      [x] Ktrans decrease beyond repeatability: -50 vs -25 %" in lines
     assert "      [ ] Volume increase >= 20 % from baseline: -26.2 vs 20 %" in lines
     # PHI never appears (the fixtures' patient name and ID)
