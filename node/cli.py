@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 from node import __version__
 
-#: sub-command name -> (module, one-line help). The names are a contract (docs/architecture.md, The command line).
+#: sub-command name -> (module, one-line help). The names are a contract
+#: (docs/architecture.md, The command line).
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("node.commands.serve", "run the node: DICOM SCP, scheduler, workers, dashboard"),
     "echo": ("node.commands.echo", "C-ECHO a DICOM peer"),

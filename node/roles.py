@@ -57,7 +57,8 @@ class StudyRole:
 
     study_instance_uid: str
     study_date: dt.date
-    role: str  # "baseline", "follow-up", "earlier" (pre-treatment, not the baseline), "outside-window"
+    #: "baseline", "follow-up", "earlier" (pre-treatment, not the baseline), "outside-window"
+    role: str
     days_since_treatment: int
     reason: str
 
@@ -78,10 +79,10 @@ def assign_roles(
     """Assign baseline and follow-ups among a patient's MR studies.
 
     The baseline is the latest study dated before the treatment date and not earlier than
-    ``baseline_window_days`` before it (docs/science.md §4.3: ideally ≤ 4–6 weeks); studies after the
-    treatment date are follow-ups, ordered by date. A study on the treatment day itself is taken as
-    pre-treatment (planning MR is acquired before the first fraction). Ties are broken by UID so the
-    result never depends on arrival order.
+    ``baseline_window_days`` before it (docs/science.md §4.3: ideally ≤ 4–6 weeks); studies after
+    the treatment date are follow-ups, ordered by date. A study on the treatment day itself is taken
+    as pre-treatment (planning MR is acquired before the first fraction). Ties are broken by UID so
+    the result never depends on arrival order.
     """
     if baseline_window_days < 0:
         raise ValueError("baseline_window_days must be >= 0")
