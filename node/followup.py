@@ -27,12 +27,15 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.config import FollowupSection, Settings
 from node.index import Index
 from node.notify import Notification, Notifier
 from processing.dates import dicom_date
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.base import BaseScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +177,7 @@ class FollowupTracker:
         self,
         index: Index,
         section: FollowupSection,
-        scheduler: Any = None,
+        scheduler: BaseScheduler | None = None,
         *,
         clock: Clock = utc_now,
         notifier: Notifier | None = None,

@@ -41,23 +41,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import functools
 import logging
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -71,16 +72,19 @@ from node.scu import _pause_reactor, peer_address
 from processing.course import RT_MODALITIES
 from processing.dates import dicom_date
 
+if TYPE_CHECKING:
+    from node.protocols import PriorsHost
+
 logger = logging.getLogger(__name__)
 
 # the C-FIND/C-MOVE identifiers hold PatientID: never let pynetdicom log them
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
-#: series modalities that make up a treatment course
 #: series modalities retrieved from a baseline study
 BASELINE_MODALITIES = frozenset({"MR", "SEG"})
 _PENDING = (0xFF00, 0xFF01)
+_T = TypeVar("_T")
 
 
 def courses_section(settings: Settings) -> CoursesSection:
@@ -180,25 +184,28 @@ def _status(rsp: Dataset | None) -> int | None:
 class PriorsFetcher:
     """Query/retrieve SCU for missing courses and baselines of one running node.
 
+    :class:`node.service.NodeService` builds one (``service.priors``) and stops it with the node.
+
     Parameters
     ----------
-    service : node.service.NodeService
-        The running node (settings, index, store, stability monitor).
+    service : node.protocols.PriorsHost
+        The running node: its settings, index, store and stability monitor (a retrieved
+        instance re-arms its study's quiet period).
 
     Notes
     -----
-    :meth:`request` is the asynchronous entry (the analysis worker calls it when a study waits);
-    :meth:`fetch` does one query/retrieve round synchronously.
+    :meth:`on_analysis_waiting` is the analysis worker's hook (:class:`node.protocols.WaitingHook`)
+    and :meth:`request` the asynchronous entry behind it; :meth:`fetch` does one query/retrieve
+    round synchronously.
     """
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: PriorsHost) -> None:
         self.service = service
-        settings: Settings = service.settings
+        settings = service.settings
         self.config_error: str | None = None
-        self.section = CoursesSection()
+        self.section = courses_section(settings)
         self.pacs: Peer | None = None
         try:
-            self.section = courses_section(settings)
             self.pacs = pacs_peer(settings, self.section)
         except ConfigError as err:
             self.config_error = str(err)
@@ -214,6 +221,17 @@ class PriorsFetcher:
         self._stopping = threading.Event()
 
     # -- scheduling -----------------------------------------------------------------------------
+    def on_analysis_waiting(self, patient_row: int, study_uid: str | None, reason: str) -> None:
+        """Hook of :class:`node.worker.AnalysisWorker`: an analysis waits for something missing.
+
+        Schedules the patient-mismatch check and, when configured, the priors fetch; never raises
+        into the worker (a failure is an event).
+        """
+        try:
+            self.request(patient_row, study_uid, reason)
+        except RuntimeError as err:  # executor shut down with the node
+            logger.warning("priors for study %s not requested: %s", study_uid, err)
+
     @property
     def active(self) -> bool:
         """True when priors are fetched (enabled, a PACS configured, no configuration error)."""
@@ -335,7 +353,9 @@ class PriorsFetcher:
         course_date = self._course_date(patient_row)
 
         studies = self._with_retries(
-            report, "C-FIND study level", lambda: self._find_studies(patient_id, issuer, report)
+            report,
+            "C-FIND study level",
+            functools.partial(self._find_studies, patient_id, issuer, report),
         )
         priors = [
             s
@@ -347,7 +367,7 @@ class PriorsFetcher:
         report.studies_found = len(studies)
         for study in priors:
             study.series = self._with_retries(
-                report, "C-FIND series level", lambda s=study: self._find_series(s.study_uid)
+                report, "C-FIND series level", functools.partial(self._find_series, study.study_uid)
             )
         wanted, why = self._select(priors, held, course_date, patient_row)
         n_series = sum(len(s.series) for s in priors)
@@ -384,7 +404,7 @@ class PriorsFetcher:
             )
             try:
                 completed, failed, warning = self._with_retries(
-                    report, method, lambda st=study.study_uid, se=series_uid: self._retrieve(st, se)
+                    report, method, functools.partial(self._retrieve, study.study_uid, series_uid)
                 )
             except RetrieveError as err:
                 report.failed += 1
@@ -559,7 +579,7 @@ class PriorsFetcher:
         return wanted, "; ".join(notes)
 
     # -- DIMSE ----------------------------------------------------------------------------------
-    def _with_retries(self, report: FetchReport, what: str, operation: Callable[[], Any]) -> Any:
+    def _with_retries(self, report: FetchReport, what: str, operation: Callable[[], _T]) -> _T:
         delay = self.section.retry_delay_s
         for attempt in range(self.section.retries + 1):
             report.attempts += 1
@@ -711,12 +731,13 @@ class PriorsFetcher:
             identifier.SeriesInstanceUID = series_uid
         what = f"study {study_uid}" if series_uid is None else f"series {series_uid}"
         ae = self._ae()
+        responses: Callable[[], Iterator[tuple[Dataset, Dataset | None]]]
         if self.section.method == "move":
             model = StudyRootQueryRetrieveInformationModelMove
             ae.add_requested_context(model)
             assoc = self._associate(ae)
-            responses = lambda: assoc.send_c_move(  # noqa: E731
-                identifier, self.service.settings.node.ae_title, model
+            responses = functools.partial(
+                assoc.send_c_move, identifier, self.service.settings.node.ae_title, model
             )
         else:
             model = StudyRootQueryRetrieveInformationModelGet
@@ -727,7 +748,7 @@ class PriorsFetcher:
             assoc = self._associate(
                 ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, self._on_get_store)]
             )
-            responses = lambda: assoc.send_c_get(identifier, model)  # noqa: E731
+            responses = functools.partial(assoc.send_c_get, identifier, model)
         final: int | None = None
         last: Dataset | None = None
         try:
@@ -761,21 +782,33 @@ class PriorsFetcher:
 
     def _on_get_store(self, event: evt.Event) -> int:
         """C-STORE sub-operation of a C-GET: store through the node's store, like the SCP."""
-        request = event.request
+        request = cast(C_STORE, event.request)  # an EVT_C_STORE handler gets C-STORE requests
         store = self.service.store
-        common = dict(
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            request_sop_class_uid=str(request.AffectedSOPClassUID),
-            request_sop_instance_uid=str(request.AffectedSOPInstanceUID),
-            calling_ae=self.pacs.ae_title if self.pacs else None,
-            association_id=None,
-        )
+        transfer_syntax = str(event.context.transfer_syntax)
+        sop_class = str(request.AffectedSOPClassUID)
+        sop_instance = str(request.AffectedSOPInstanceUID)
+        calling_ae = self.pacs.ae_title if self.pacs else None
         try:
             if getattr(request, "_dataset_path", None) is not None:
-                result = store.accept_file(event.dataset_path, **common)
+                result = store.accept_file(
+                    event.dataset_path,
+                    transfer_syntax_uid=transfer_syntax,
+                    request_sop_class_uid=sop_class,
+                    request_sop_instance_uid=sop_instance,
+                    calling_ae=calling_ae,
+                    association_id=None,
+                )
             else:
                 meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-                result = store.accept(event.encoded_dataset(include_meta=False), meta, **common)
+                result = store.accept(
+                    event.encoded_dataset(include_meta=False),
+                    meta,
+                    transfer_syntax_uid=transfer_syntax,
+                    request_sop_class_uid=sop_class,
+                    request_sop_instance_uid=sop_instance,
+                    calling_ae=calling_ae,
+                    association_id=None,
+                )
         except NodeError as err:
             logger.warning(
                 "C-GET sub-operation for %s refused: %s", request.AffectedSOPInstanceUID, err
@@ -784,36 +817,3 @@ class PriorsFetcher:
         if result.outcome is StoreOutcome.STORED:
             self.service.stability.touch(result.study_uid)
         return store_status(result.outcome)
-
-
-_FETCHERS: weakref.WeakKeyDictionary[Any, PriorsFetcher] = weakref.WeakKeyDictionary()
-_FETCHERS_LOCK = threading.Lock()
-
-
-def fetcher_for(service: Any) -> PriorsFetcher:
-    """The :class:`PriorsFetcher` of a running node (created on first use)."""
-    with _FETCHERS_LOCK:
-        fetcher = _FETCHERS.get(service)
-        if fetcher is None:
-            fetcher = _FETCHERS[service] = PriorsFetcher(service)
-        return fetcher
-
-
-def stop_fetcher(service: Any) -> None:
-    """Stop the fetcher of a node that is shutting down (if one was ever created)."""
-    with _FETCHERS_LOCK:
-        fetcher = _FETCHERS.pop(service, None)
-    if fetcher is not None:
-        fetcher.stop()
-
-
-def on_analysis_waiting(service: Any, patient_row: int, study_uid: str | None, reason: str) -> None:
-    """Hook of :class:`node.worker.AnalysisWorker`: an analysis waits for something missing.
-
-    Schedules the patient-mismatch check and, when configured, the priors fetch; never raises
-    into the worker (a failure is an event).
-    """
-    try:
-        fetcher_for(service).request(patient_row, study_uid, reason)
-    except RuntimeError as err:  # executor shut down with the node
-        logger.warning("priors for study %s not requested: %s", study_uid, err)

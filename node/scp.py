@@ -24,6 +24,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -41,8 +42,10 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.sop_class import (
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
     CTImageStorage,
@@ -235,7 +238,7 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Start listening (non-blocking); returns the bound ``(host, port)``."""
         node = self.settings.node
-        handlers = [
+        handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -246,13 +249,15 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
+        server = self.ae.start_server(
             (node.bind_address, node.port),
             block=False,
             evt_handlers=handlers,
             ssl_context=server_ssl_context(self.settings),
         )
-        host, port = self._server.server_address[:2]
+        assert server is not None  # a non-blocking start returns its server
+        self._server = server
+        host, port = server.server_address[:2]
         return str(host), int(port)
 
     def stop(self) -> None:
@@ -281,7 +286,9 @@ class StorageSCP:
         if not self.settings.node.reject_unknown_calling_ae:
             return
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        request = assoc.requestor.primitive
+        assert request is not None  # EVT_REQUESTED: the A-ASSOCIATE-RQ has arrived
+        calling = str(request.calling_ae_title).strip()
         if calling not in self._peer_addresses:
             return  # unknown titles are rejected by pynetdicom's own check
         allowed = self._peer_addresses[calling]
@@ -343,24 +350,34 @@ class StorageSCP:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> int:
-        request = event.request
+        request = cast(C_STORE, event.request)  # an EVT_C_STORE handler gets C-STORE requests
         state = self._states.get(id(event.assoc))
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         result: StoreResult | None = None
         try:
-            common = dict(
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                request_sop_class_uid=str(request.AffectedSOPClassUID),
-                request_sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                calling_ae=calling_ae,
-                association_id=state.index_id if state else None,
-            )
+            transfer_syntax = str(event.context.transfer_syntax)
+            sop_class = str(request.AffectedSOPClassUID)
+            sop_instance = str(request.AffectedSOPInstanceUID)
+            association_id = state.index_id if state else None
             if getattr(request, "_dataset_path", None) is not None:
-                result = self.store.accept_file(event.dataset_path, **common)
+                result = self.store.accept_file(
+                    event.dataset_path,
+                    transfer_syntax_uid=transfer_syntax,
+                    request_sop_class_uid=sop_class,
+                    request_sop_instance_uid=sop_instance,
+                    calling_ae=calling_ae,
+                    association_id=association_id,
+                )
             else:
                 meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
                 result = self.store.accept(
-                    event.encoded_dataset(include_meta=False), meta, **common
+                    event.encoded_dataset(include_meta=False),
+                    meta,
+                    transfer_syntax_uid=transfer_syntax,
+                    request_sop_class_uid=sop_class,
+                    request_sop_instance_uid=sop_instance,
+                    calling_ae=calling_ae,
+                    association_id=association_id,
                 )
             status = store_status(result.outcome)
         except NodeError as err:

@@ -1,9 +1,12 @@
 """The running node: index, store, scheduler, stability monitor, outbox dispatcher and listener.
 
-:class:`NodeService` assembles the parts from one :class:`~node.config.Settings` object.
-Later parts of the node plug in through its attributes, e.g.
-``service.stability.add_listener(on_stable)`` for the analysis and
-``service.outbox.enqueue(paths, destination, reason)`` to send results.
+:class:`NodeService` is the composition root: it builds every component from one
+:class:`~node.config.Settings` object, owns it (starts and stops it) and hands each component
+the collaborators it uses, typed by the protocols of :mod:`node.protocols`. No component is
+found through a module-level registry. Components plug into each other through these
+attributes, e.g. ``service.stability.add_listener(on_stable)`` for the analysis,
+``service.outbox.enqueue(paths, destination, reason)`` to send results and
+``service.priors.on_analysis_waiting(...)`` when an analysis waits for priors.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from node.config import Settings
-from node.dashboard import reanalyse_action, start_dashboard
+from node.dashboard import DashboardServer, reanalyse_action, start_dashboard
 from node.dispatch import Dispatcher, Outbox
 from node.followup import FollowupTracker, followup_section
 from node.index import Index
-from node.priors import courses_section, pacs_peer, stop_fetcher
+from node.priors import PriorsFetcher, courses_section, pacs_peer
 from node.scp import StorageSCP
 from node.stability import StabilityMonitor
 from node.store import Store, StoreResult
@@ -55,11 +58,14 @@ class NodeService:
         self.outbox = Outbox(self.index, self.store, settings)
         self.dispatcher = Dispatcher(self.outbox, settings)
         self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
-        self.analysis = AnalysisWorker(self)
         # a misconfigured PACS for priors must stop the start-up, not the first analysis
         pacs_peer(settings, courses_section(settings))
+        #: queries/retrieves missing priors when an analysis waits (stopped by :meth:`stop`)
+        self.priors = PriorsFetcher(self)
         self.followups = FollowupTracker(self.index, followup_section(settings), self.scheduler)
-        self.dashboard = None
+        # built last: it uses the outbox, the follow-up tracker and the priors fetcher
+        self.analysis = AnalysisWorker(self)
+        self.dashboard: DashboardServer | None = None
         self.address: tuple[str, int] | None = None
 
     def _on_stored(self, result: StoreResult) -> None:
@@ -102,7 +108,7 @@ class NodeService:
         if self.dashboard is not None:
             self.dashboard.stop()
         self.scheduler.shutdown(wait=True)
-        stop_fetcher(self)
+        self.priors.stop()
         self.analysis.stop()
         self.index.add_event("node_stopped")
         self.index.close()

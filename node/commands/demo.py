@@ -37,7 +37,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
+
+if TYPE_CHECKING:  # the CLI parser imports neither pynetdicom nor the node's service
+    import sqlite3
+    from collections.abc import Callable
+
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    from node.index import Index
+    from node.service import NodeService
 
 logger = logging.getLogger(__name__)
 
@@ -144,18 +155,19 @@ class ResultReceiver:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._server: Any = None
+        self._server: ThreadedAssociationServer | None = None
 
-    def _on_store(self, event: Any) -> int:
-        sop_uid = str(event.request.AffectedSOPInstanceUID)
-        sop_class = str(event.request.AffectedSOPClassUID)
+    def _on_store(self, event: Event) -> int:
+        request = cast("C_STORE", event.request)  # an EVT_C_STORE handler gets C-STORE requests
+        sop_uid = str(request.AffectedSOPInstanceUID)
+        sop_class = str(request.AffectedSOPClassUID)
         if not _UID.match(sop_uid):
             logger.warning("result receiver: refused an instance with a malformed SOP UID")
             return 0xC210
         path = self.folder / f"{sop_uid}.dcm"
         # atomic: a re-sent object (same UID) never shows a half-written file to a reader
         part = path.with_name(f"{sop_uid}.{threading.get_ident()}.part")
-        chunked = getattr(event.request, "_dataset_path", None)
+        chunked = getattr(request, "_dataset_path", None)
         if chunked is not None:
             # STORE_RECV_CHUNKED_DATASET (set by node.scp): pynetdicom wrote the whole file,
             # file meta included, to a temporary path it removes after this handler
@@ -189,12 +201,15 @@ class ResultReceiver:
             ExplicitVRBigEndian,
         ]
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            if context.abstract_syntax is not None:  # always set in pynetdicom's list
+                ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
-        self._server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )
-        return int(self._server.server_address[1])
+        assert server is not None  # a non-blocking start returns its server
+        self._server = server
+        return int(server.server_address[1])
 
     def snapshot(self) -> dict[str, ReceivedObject]:
         """Copy of what was received so far (SOP instance UID -> object)."""
@@ -310,14 +325,14 @@ def _send_study(folder: Path, label: str, port: int) -> int:
 _OUTCOMES = ("analysis_done", "analysis_waiting", "analysis_failed")
 
 
-def _outcomes(index: Any, study_uid: str) -> list[Any]:
+def _outcomes(index: Index, study_uid: str) -> list[sqlite3.Row]:
     """The worker's outcome events (rows of ``events``) recorded for ``study_uid`` so far."""
     return [e for kind in _OUTCOMES for e in index.events(kind) if e["study_uid"] == study_uid]
 
 
 def _wait_for_analysis(
-    service: Any, study_uid: str, seen: int, deadline: float, log_path: Path
-) -> Any:
+    service: NodeService, study_uid: str, seen: int, deadline: float, log_path: Path
+) -> sqlite3.Row:
     """Wait for the worker's next outcome event of ``study_uid`` (after ``seen`` earlier ones)."""
     t0 = time.monotonic()
     last_note = t0
@@ -340,7 +355,7 @@ def _wait_for_analysis(
 
 
 def _wait_for_delivery(
-    service: Any, receiver: ResultReceiver, deadline: float, log_path: Path
+    service: NodeService, receiver: ResultReceiver, deadline: float, log_path: Path
 ) -> tuple[Path, dict[str, Any]]:
     """Wait until the receiver holds every object of the newest ``summary.json``."""
     storage = service.settings.node.storage
@@ -424,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         restore()
 
 
-def _quiet_console(log_path: Path) -> tuple[Any, Any]:
+def _quiet_console(log_path: Path) -> tuple[TextIO, Callable[[], None]]:
     """Send the node's log to ``log_path`` only; the console keeps warnings and the demo's text.
 
     The analysis runs in child processes that log to the inherited standard error as well as to
@@ -463,7 +478,7 @@ def _quiet_console(log_path: Path) -> tuple[Any, Any]:
     return console, restore
 
 
-def _run(args: argparse.Namespace, out: Path, console: Any, t_start: float) -> int:
+def _run(args: argparse.Namespace, out: Path, console: TextIO, t_start: float) -> int:
     from node.commands.phantom import write_phantom
     from node.config import load_settings
     from node.errors import ConfigError, NodeError, PeerError

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from node.dashboard.app import DashboardActions, DashboardSection, create_app, dashboard_section
+from node.config import DashboardSection
+from node.dashboard.app import DashboardActions, create_app, dashboard_section
 from node.dashboard.state import StudyState, outbox_reason, study_states, worklist_text
+
+if TYPE_CHECKING:
+    from wsgiref.types import WSGIApplication
+
+    from node.dispatch import Outbox
+    from node.index import Index
+    from node.protocols import Analyser, DashboardHost, ReanalyseHost
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +47,14 @@ class DashboardServer:
     Parameters
     ----------
     app : WSGI application
+        E.g. the Flask app of :func:`node.dashboard.app.create_app`.
     host : str
         Bind address (default loopback).
     port : int
         TCP port; 0 picks a free one (see :attr:`address`).
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(self, app: WSGIApplication, host: str = "127.0.0.1", port: int = 8080) -> None:
         try:
             self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
         except SystemExit as err:  # werkzeug exits the process when the port is taken
@@ -75,7 +85,7 @@ class DashboardServer:
         self._thread.join(timeout=10)
 
 
-def requeue_failed_outputs(outbox: Any, index: Any, study_uid: str) -> str:
+def requeue_failed_outputs(outbox: Outbox, index: Index, study_uid: str) -> str:
     """Re-queue the failed outbox items of a study's analysis (a ``requeue`` action).
 
     Parameters
@@ -100,15 +110,16 @@ def requeue_failed_outputs(outbox: Any, index: Any, study_uid: str) -> str:
     return f"{n} object(s) of study {study_uid} queued again"
 
 
-def reanalyse_action(service: Any, worker: Any) -> Any:
+def reanalyse_action(service: ReanalyseHost, worker: Analyser) -> Callable[[str], str]:
     """A ``reanalyse(study_uid) -> str`` action running the analysis in the node's scheduler.
 
     Parameters
     ----------
-    service : NodeService
-        Its ``index`` and ``scheduler`` (a thread of its pool runs the analysis, which itself
-        runs in the worker's child process).
-    worker : node.worker.AnalysisWorker
+    service : node.protocols.ReanalyseHost
+        The node's ``index`` and ``scheduler`` (a thread of its pool runs the analysis, which
+        itself runs in the worker's child process).
+    worker : node.protocols.Analyser
+        The node's :class:`node.worker.AnalysisWorker`.
 
     Notes
     -----
@@ -139,13 +150,15 @@ def reanalyse_action(service: Any, worker: Any) -> Any:
     return reanalyse
 
 
-def start_dashboard(service: Any, *, reanalyse: Any = None) -> DashboardServer | None:
+def start_dashboard(
+    service: DashboardHost, *, reanalyse: Callable[[str], str] | None = None
+) -> DashboardServer | None:
     """Serve the dashboard of a running :class:`node.service.NodeService` (``None`` if disabled).
 
     Parameters
     ----------
-    service : NodeService
-        Its ``settings``, ``index`` and ``outbox`` are used.
+    service : node.protocols.DashboardHost
+        The node's ``settings``, ``index`` and ``outbox``.
     reanalyse : callable, optional
         ``reanalyse(study_uid) -> str``, e.g. ``reanalyse_action(service, worker)``; without it
         no re-analyse button is shown.

@@ -37,6 +37,7 @@ from flask import (
     url_for,
 )
 from werkzeug.security import check_password_hash
+from werkzeug.wrappers.response import Response as BaseResponse
 
 from node import followup, timeline
 from node.config import DashboardSection, Settings, _is_loopback
@@ -134,7 +135,7 @@ def create_app(
         return bool(section.username) and session.get("user") == section.username
 
     @app.before_request
-    def _guard() -> Response | None:
+    def _guard() -> BaseResponse | None:
         if request.endpoint in ("login", "static") or authorised():
             return None
         if section.password_hash:
@@ -162,7 +163,7 @@ def create_app(
         return "Forbidden: log in, or use the dashboard from the node's host.\n", 403
 
     @app.route("/login", methods=["GET", "POST"])
-    def login() -> Any:
+    def login() -> str | BaseResponse:
         error = ""
         if request.method == "POST":
             check_csrf()
@@ -186,7 +187,7 @@ def create_app(
         return render_template("login.html", csrf=csrf_token(), error=error)
 
     @app.route("/logout")
-    def logout() -> Any:
+    def logout() -> BaseResponse:
         session.clear()
         return redirect(url_for("login"))
 
@@ -201,7 +202,7 @@ def create_app(
             can_reanalyse=actions.reanalyse is not None,
         )
 
-    def _run_action(callback: Callable[[str], str] | None, study_uid: str) -> Any:
+    def _run_action(callback: Callable[[str], str] | None, study_uid: str) -> BaseResponse:
         check_csrf()
         if callback is None:
             abort(404)
@@ -211,11 +212,11 @@ def create_app(
         return redirect(url_for("worklist"))
 
     @app.route("/studies/<study_uid>/requeue", methods=["POST"])
-    def requeue(study_uid: str) -> Any:
+    def requeue(study_uid: str) -> BaseResponse:
         return _run_action(actions.requeue, study_uid)
 
     @app.route("/studies/<study_uid>/reanalyse", methods=["POST"])
-    def reanalyse(study_uid: str) -> Any:
+    def reanalyse(study_uid: str) -> BaseResponse:
         return _run_action(actions.reanalyse, study_uid)
 
     @app.route("/outbox")

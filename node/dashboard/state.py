@@ -14,8 +14,8 @@ read here, nothing is written.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from dataclasses import dataclass
-from typing import Any
 
 from node.index import Index
 
@@ -66,9 +66,9 @@ def study_states(index: Index, *, limit: int = 500) -> list[StudyState]:
         (limit,),
     )
     placeholders = ",".join("?" * len(ANALYSIS_EVENTS))
-    latest: dict[str, Any] = {}
+    latest: dict[str, sqlite3.Row] = {}
     #: latest outcome of any analysis run of each patient (a run covers all its studies)
-    patient_outcome: dict[int, Any] = {}
+    patient_outcome: dict[int, sqlite3.Row] = {}
     for r in index.query(
         "SELECT e.id, e.study_uid, e.kind, e.detail, s.patient_key FROM events e"
         f" JOIN studies s ON s.study_uid=e.study_uid WHERE e.kind IN ({placeholders})"

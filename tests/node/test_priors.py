@@ -508,8 +508,6 @@ def test_patient_mismatch_is_refused_and_recorded_by_the_worker(tmp_path):
     settings = settings.model_copy(update={"analysis": AnalysisSection(enabled=True)})
     service = NodeService(settings)
     service.start()
-    from node.priors import fetcher_for
-
     try:
         folder = tmp_path / "in"
         folder.mkdir()
@@ -539,8 +537,7 @@ def test_patient_mismatch_is_refused_and_recorded_by_the_worker(tmp_path):
         assert not service.index.events("analysis_done")
         assert len(service.index.events("patient_mismatch")) == 1
     finally:
-        fetcher_for(service).stop()
-        service.stop()
+        service.stop()  # stops the priors fetcher it owns
         pacs.close()
 
 
