@@ -5,7 +5,8 @@ After each analysis of a patient (:func:`FollowupTracker.update_patient`, fed th
 out from the course's first treatment day, e.g. 6-12 weeks, then every 3 months in year 1
 (SPINO: 6-12-weekly imaging in year 1; first post-SBRT MRI typically at about 2 months;
 docs/science.md §1.10). When a follow-up is called *indeterminate - possible pseudoprogression*, a
-confirmation scan is due within ``confirmation_days`` of that study (6-8 weeks, docs/science.md §1.10/§1.11).
+confirmation scan is due within ``confirmation_days`` of that study (6-8 weeks,
+docs/science.md §1.10/§1.11).
 
 A window is *met* by any MR study of the patient dated inside it (a confirmation window: any MR
 study after the triggering one, up to its end). When a window closes without one, the window

@@ -3,9 +3,9 @@
 Every newly stored instance (re)arms an APScheduler one-shot job keyed by its Study Instance
 UID; when it fires, the index marks the study ``stable`` (or records it as ``amended`` when it had
 already been stable once) and the registered listeners are called with ``(study_uid, amended)``.
-Later parts of the node (the analysis) register a listener with :meth:`StabilityMonitor.add_listener`
-instead of editing this module. Studies still ``receiving`` in the index at start-up are re-armed,
-so a restart loses no pending study.
+Later parts of the node (the analysis) register a listener with
+:meth:`StabilityMonitor.add_listener` instead of editing this module. Studies still ``receiving``
+in the index at start-up are re-armed, so a restart loses no pending study.
 
 References
 ----------
