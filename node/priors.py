@@ -57,7 +57,6 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -67,7 +66,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from node.config import CoursesSection, Peer, Settings
 from node.errors import ConfigError, NodeError, PeerError, StoreOutcome, store_status
 from node.roles import PatientMismatchError, check_single_patient
-from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, set_tcp_nodelay
+from node.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, set_tcp_nodelay, store_event
 from node.scu import _pause_reactor, peer_address
 from processing.course import RT_MODALITIES
 from processing.dates import dicom_date
@@ -783,32 +782,11 @@ class PriorsFetcher:
     def _on_get_store(self, event: evt.Event) -> int:
         """C-STORE sub-operation of a C-GET: store through the node's store, like the SCP."""
         request = cast(C_STORE, event.request)  # an EVT_C_STORE handler gets C-STORE requests
-        store = self.service.store
-        transfer_syntax = str(event.context.transfer_syntax)
-        sop_class = str(request.AffectedSOPClassUID)
-        sop_instance = str(request.AffectedSOPInstanceUID)
         calling_ae = self.pacs.ae_title if self.pacs else None
         try:
-            if getattr(request, "_dataset_path", None) is not None:
-                result = store.accept_file(
-                    event.dataset_path,
-                    transfer_syntax_uid=transfer_syntax,
-                    request_sop_class_uid=sop_class,
-                    request_sop_instance_uid=sop_instance,
-                    calling_ae=calling_ae,
-                    association_id=None,
-                )
-            else:
-                meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-                result = store.accept(
-                    event.encoded_dataset(include_meta=False),
-                    meta,
-                    transfer_syntax_uid=transfer_syntax,
-                    request_sop_class_uid=sop_class,
-                    request_sop_instance_uid=sop_instance,
-                    calling_ae=calling_ae,
-                    association_id=None,
-                )
+            result = store_event(
+                self.service.store, event, calling_ae=calling_ae, association_id=None
+            )
         except NodeError as err:
             logger.warning(
                 "C-GET sub-operation for %s refused: %s", request.AffectedSOPInstanceUID, err

@@ -161,6 +161,45 @@ class _AssociationState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def store_event(
+    store: Store, event: evt.Event, *, calling_ae: str | None, association_id: int | None
+) -> StoreResult:
+    """Store the dataset of a C-STORE request (an ``EVT_C_STORE`` event) through ``store``.
+
+    Used by the listener and by C-GET sub-operations (:mod:`node.priors`). With pynetdicom's
+    ``_config.STORE_RECV_CHUNKED_DATASET`` the dataset is already in a file
+    (``event.dataset_path``), moved into the store; otherwise the encoded bytes are written.
+
+    Raises
+    ------
+    NodeError
+        The store refused the instance (mapped to a DIMSE status by :func:`store_status`).
+    """
+    request = cast(C_STORE, event.request)
+    transfer_syntax = str(event.context.transfer_syntax)
+    sop_class = str(request.AffectedSOPClassUID)
+    sop_instance = str(request.AffectedSOPInstanceUID)
+    if getattr(request, "_dataset_path", None) is not None:
+        return store.accept_file(
+            event.dataset_path,
+            transfer_syntax_uid=transfer_syntax,
+            request_sop_class_uid=sop_class,
+            request_sop_instance_uid=sop_instance,
+            calling_ae=calling_ae,
+            association_id=association_id,
+        )
+    meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    return store.accept(
+        event.encoded_dataset(include_meta=False),
+        meta,
+        transfer_syntax_uid=transfer_syntax,
+        request_sop_class_uid=sop_class,
+        request_sop_instance_uid=sop_instance,
+        calling_ae=calling_ae,
+        association_id=association_id,
+    )
+
+
 class StorageSCP:
     """The node's listener.
 
@@ -355,30 +394,12 @@ class StorageSCP:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         result: StoreResult | None = None
         try:
-            transfer_syntax = str(event.context.transfer_syntax)
-            sop_class = str(request.AffectedSOPClassUID)
-            sop_instance = str(request.AffectedSOPInstanceUID)
-            association_id = state.index_id if state else None
-            if getattr(request, "_dataset_path", None) is not None:
-                result = self.store.accept_file(
-                    event.dataset_path,
-                    transfer_syntax_uid=transfer_syntax,
-                    request_sop_class_uid=sop_class,
-                    request_sop_instance_uid=sop_instance,
-                    calling_ae=calling_ae,
-                    association_id=association_id,
-                )
-            else:
-                meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-                result = self.store.accept(
-                    event.encoded_dataset(include_meta=False),
-                    meta,
-                    transfer_syntax_uid=transfer_syntax,
-                    request_sop_class_uid=sop_class,
-                    request_sop_instance_uid=sop_instance,
-                    calling_ae=calling_ae,
-                    association_id=association_id,
-                )
+            result = store_event(
+                self.store,
+                event,
+                calling_ae=calling_ae,
+                association_id=state.index_id if state else None,
+            )
             status = store_status(result.outcome)
         except NodeError as err:
             status = store_status(err)
