@@ -34,11 +34,12 @@ demo: $(STAMP)
 test: sysdeps $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
-# ruff (the baseline rule set in pyproject.toml) on the whole tree, mypy on the science and the
-# DICOM encoders (processing/, reporting/)
+# ruff (the rule set in pyproject.toml) and the formatter check on the whole tree; mypy --strict
+# on the science and the DICOM encoders (processing/, reporting/)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check node processing reporting tests
-	$(VENV)/bin/mypy processing reporting
+	$(VENV)/bin/ruff format --check node processing reporting tests
+	$(VENV)/bin/mypy --strict processing reporting
 
 bench: sysdeps $(STAMP)
 	$(PY) -m tests.bench

@@ -22,7 +22,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.errors import ConfigError
-from processing.relaxivity import DEFAULT_RELAXIVITY_PER_MM_S, normalise_overrides
+from processing.relaxivity import (
+    DEFAULT_RELAXIVITY_PER_MM_S,
+    RelaxivityError,
+    normalise_overrides,
+)
 
 if TYPE_CHECKING:
     from node.chain import ChainSettings
@@ -297,7 +301,11 @@ class AnalysisSection(BaseModel):
     @field_validator("relaxivity_per_mM_s")
     @classmethod
     def _known_agents(cls, value: dict[str, float]) -> dict[str, float]:
-        normalise_overrides(value)  # RelaxivityError (a ValueError) names the bad entry
+        try:
+            normalise_overrides(value)
+        except RelaxivityError as err:
+            # pydantic reports a validator's ValueError as a validation error naming the key
+            raise ValueError(str(err)) from err
         return value
 
     def chain_settings(self) -> ChainSettings:

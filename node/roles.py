@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from node.errors import NodeError
 
-class PatientMismatchError(ValueError):
+
+class PatientMismatchError(NodeError):
     """Datasets of different patients (PatientID + IssuerOfPatientID) were offered together."""
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.errors import NodeError
 from node.index import Index
 from processing.dates import dicom_date
 
@@ -93,7 +94,7 @@ TIMELINE_MIGRATIONS: tuple[str, ...] = (
 TIMELINE_SCHEMA_VERSION = len(TIMELINE_MIGRATIONS)
 
 
-class TimelineError(ValueError):
+class TimelineError(NodeError):
     """A summary cannot be recorded (missing course or time point fields); the message says why."""
 
 

@@ -7,7 +7,8 @@ whole tissue (the node's valid ADC voxels where the scanner map has a positive v
 tumour (the lesion mask, when given). The scanner's values are brought to mm²/s by
 :func:`scanner_adc_mm2_s` (its Real World Value Mapping, else the vendors' 10^-6 mm²/s
 convention), and the result says how. A difference reflects different b-values, estimator,
-noise handling or registration between series, not necessarily an error: the result is information for the reader, not a gate.
+noise handling or registration between series, not necessarily an error: the result is information
+for the reader, not a gate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 
 from processing.classify import SeriesRole, classify_volume
+from processing.errors import InputError
 from processing.series import Geometry, SeriesVolume
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None) -> tup
        ``um2/s``, ``10-6.mm2/s``, ``10-3.mm2/s``) are used when present;
     2. otherwise the vendors' common convention: Siemens, GE, Philips, Canon and UIH store ADC
        maps as integers in 10⁻⁶ mm²/s (e.g. 800 for 0.8·10⁻³ mm²/s), so values are multiplied
-       by 10⁻⁶ — unless the tissue values are already below 0.01 (a float map in mm²/s), left as they are.
+       by 10⁻⁶ — unless the tissue values are already below 0.01 (a float map in mm²/s), left as
+       they are.
 
     Returns
     -------
@@ -103,7 +106,7 @@ def scanner_adc_mm2_s(volume: SeriesVolume, first: Dataset | None = None) -> tup
     )
 
 
-class AdcQaError(ValueError):
+class AdcQaError(InputError):
     """The scanner ADC cannot be compared (no overlap, empty map, wrong shape)."""
 
 
@@ -205,7 +208,7 @@ def _region(
 
 
 def compare_with_scanner_adc(
-    node_adc: NDArray,
+    node_adc: NDArray[np.floating[Any]],
     node_valid: NDArray[np.bool_],
     node_geometry: Geometry,
     scanner: sitk.Image,

@@ -197,8 +197,8 @@ def perturbation_repeatability(
     The lesion is measured on the original ROI and on 8 perturbed ROIs (erosion and dilation by
     one voxel with a 6-connected element; shifts by ``shift_voxels`` along ±x, ±y, ±z), with the
     same maps and radiomics settings. For each quantity, ``MDC = max(1.96·√2·SD, max |v_p - v|)
-    / |v|`` with SD over the 9 values and ``v_p`` the perturbed values (see module docstring). Volume gets the published
-    :data:`VOLUME_MDC` instead (erosion/dilation would dominate it).
+    / |v|`` with SD over the 9 values and ``v_p`` the perturbed values (see module docstring).
+    Volume gets the published :data:`VOLUME_MDC` instead (erosion/dilation would dominate it).
 
     Returns
     -------

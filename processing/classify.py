@@ -6,7 +6,8 @@ DERIVED/ADC/TRACEW, the SOP Class — never from Series Description, which sites
 at all). The inventory says which analyses a study allows (ADC, IVIM, tensor DKI, apparent kurtosis,
 quantitative DCE with a VFA or a fixed T10) and which series each would use.
 
-Thresholds (documented so that a reviewer can check them against the protocols in docs/science.md §3):
+Thresholds (documented so that a reviewer can check them against the protocols in docs/science.md
+§3):
 
 * b-values below 5 s/mm² are b = 0 (Philips stores repeated b0 as 0.001–0.004); b-values within
   max(25 s/mm², 5 %) form one shell.
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -63,12 +64,30 @@ SHELL_ABS_TOLERANCE = 25.0  # s/mm²
 SHELL_REL_TOLERANCE = 0.05
 COLLINEAR_COS = float(np.cos(np.deg2rad(2.0)))
 
+# Model thresholds of the inventory (module docstring); b-values in s/mm².
+#: ADC (and IVIM) need a shell at or above this b-value.
+DIFFUSION_MIN_HIGH_B = 400.0
+#: IVIM: at least this many shells, of which IVIM_MIN_LOW_SHELLS at or below IVIM_LOW_B.
+IVIM_MIN_SHELLS = 4
+IVIM_MIN_LOW_SHELLS = 3
+IVIM_LOW_B = 200.0
+#: Kurtosis: at least this many shells from KURTOSIS_MAX_LOW_B or lower to KURTOSIS_MIN_HIGH_B.
+KURTOSIS_MIN_SHELLS = 3
+KURTOSIS_MAX_LOW_B = 100.0
+KURTOSIS_MIN_HIGH_B = 1400.0
+#: Tensor DKI: shells with at least DKI_MIN_SHELL_DIRECTIONS directions (DKI_MIN_DIRECTIONAL_SHELLS
+#: of them) and DKI_MIN_DIRECTIONS non-collinear directions in all.
+DKI_MIN_DIRECTIONAL_SHELLS = 2
+DKI_MIN_SHELL_DIRECTIONS = 6
+DKI_MIN_DIRECTIONS = 15
+
 
 class SeriesRole(str, enum.Enum):
     """What a series is, for the analysis chain."""
 
     DWI = "dwi"
-    #: a scanner-computed ADC map (Image Type ADC); values via :func:`processing.adc_qa.scanner_adc_mm2_s`
+    #: a scanner-computed ADC map (Image Type ADC); values
+    #: via :func:`processing.adc_qa.scanner_adc_mm2_s`
     ADC_MAP = "adc_map"
     TRACE = "trace"
     DCE = "dce"
@@ -192,7 +211,10 @@ def _count_directions(vectors: Sequence[tuple[float, float, float]]) -> int:
 
 
 def diffusion_inventory(volume: SeriesVolume) -> DiffusionInventory:
-    """Shells, directions and supported models of a diffusion series (thresholds: module docstring)."""
+    """Shells, directions and supported models of a diffusion series.
+
+    The thresholds are those of the module docstring.
+    """
     b = volume.b_values
     valid = np.isfinite(b)
     idx = np.flatnonzero(valid)
@@ -213,7 +235,7 @@ def diffusion_inventory(volume: SeriesVolume) -> DiffusionInventory:
     bs = [s for s, _ in shell_info]
     has_b0 = any(s == 0.0 for s in bs)
     b_max = max(bs) if bs else 0.0
-    nonzero_dir_shells = [n for s, n in shell_info if s > 0 and n >= 6]
+    nonzero_dir_shells = [n for s, n in shell_info if s > 0 and n >= DKI_MIN_SHELL_DIRECTIONS]
     n_dirs = _count_directions(all_dirs)
     return DiffusionInventory(
         shells=tuple(shell_info),
@@ -221,10 +243,17 @@ def diffusion_inventory(volume: SeriesVolume) -> DiffusionInventory:
         has_b0=has_b0,
         n_isotropic=n_iso,
         n_directions=n_dirs,
-        adc=len(bs) >= 2 and b_max >= 400.0,
-        ivim=len(bs) >= 4 and sum(1 for s in bs if s <= 200.0) >= 3 and b_max >= 400.0,
-        kurtosis_apparent=len(bs) >= 3 and min(bs) <= 100.0 and b_max >= 1400.0,
-        dki_tensor=has_b0 and len(nonzero_dir_shells) >= 2 and n_dirs >= 15 and b_max >= 1400.0,
+        adc=len(bs) >= 2 and b_max >= DIFFUSION_MIN_HIGH_B,
+        ivim=len(bs) >= IVIM_MIN_SHELLS
+        and sum(1 for s in bs if s <= IVIM_LOW_B) >= IVIM_MIN_LOW_SHELLS
+        and b_max >= DIFFUSION_MIN_HIGH_B,
+        kurtosis_apparent=len(bs) >= KURTOSIS_MIN_SHELLS
+        and min(bs) <= KURTOSIS_MAX_LOW_B
+        and b_max >= KURTOSIS_MIN_HIGH_B,
+        dki_tensor=has_b0
+        and len(nonzero_dir_shells) >= DKI_MIN_DIRECTIONAL_SHELLS
+        and n_dirs >= DKI_MIN_DIRECTIONS
+        and b_max >= KURTOSIS_MIN_HIGH_B,
     )
 
 
@@ -620,7 +649,7 @@ def protocol_inventory(
     series = tuple(s for s in series if s.study_instance_uid in ("", study_instance_uid))
     series, vfa_notes = _with_vfa_groups(series)
 
-    def ranked(pred) -> tuple[str, ...]:
+    def ranked(pred: Callable[[DiffusionInventory], bool]) -> tuple[str, ...]:
         chosen = [s for s in series if s.diffusion is not None and pred(s.diffusion)]
         chosen.sort(key=lambda s: (s.role is not SeriesRole.DWI, -s.n_volumes))
         return tuple(s.series_instance_uid for s in chosen)
@@ -660,6 +689,8 @@ def protocol_inventory(
         if found:
             anatomy = found[0].series_instance_uid
             break
+    # the VFA acquisition: its series (one per flip angle, or one series holding them all)
+    vfa_series = () if vfa is None else (vfa.vfa_group or (vfa.series_instance_uid,))
     return ProtocolInventory(
         study_instance_uid=study_instance_uid,
         series=series,
@@ -670,11 +701,11 @@ def protocol_inventory(
         dce=None if dce is None else dce.series_instance_uid,
         dce_quantitative=quantitative,
         dce_t1_method=method,
-        vfa_t1=None if vfa is None else (vfa.vfa_group or (vfa.series_instance_uid,))[0],
+        vfa_t1=vfa_series[0] if vfa_series else None,
         anatomy_reference=anatomy,
         adc_maps=tuple(s.series_instance_uid for s in series if s.role is SeriesRole.ADC_MAP),
         errors=tuple((s.series_instance_uid, s.error) for s in series if s.error),
-        vfa_t1_series=(() if vfa is None else (vfa.vfa_group or (vfa.series_instance_uid,))),
+        vfa_t1_series=vfa_series,
         vfa_notes=tuple(vfa_notes),
     )
 
@@ -689,8 +720,9 @@ def classify_study(
     datasets : iterable of Dataset
         Every object of one study (MR images, RT objects, SEG...).
     volumes : dict, optional
-        If given, filled with the :class:`~processing.series.SeriesVolume` of every image series that
-        was assembled, keyed by Series Instance UID, so that callers need not assemble them twice.
+        If given, filled with the :class:`~processing.series.SeriesVolume` of every image series
+        that was assembled, keyed by Series Instance UID, so that callers need not assemble them
+        twice.
 
     Notes
     -----

@@ -38,8 +38,8 @@ References
    temporal resolution, T10 and the arterial input function drive Ktrans and ve.
 .. [3] Zwanenburg A. et al., "The Image Biomarker Standardization Initiative", Radiology 2020;
    295:328-338: texture features depend on voxel size and resampling.
-.. [4] docs/science.md §2.5 and §3.3 (protocol-identity flags with every delta; fat saturation biases
-   SPGR T1 by up to 35 %).
+.. [4] docs/science.md §2.5 and §3.3 (protocol-identity flags with every delta; fat saturation
+   biases SPGR T1 by up to 35 %).
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ class ComparabilityAssessment:
     def of(self, quantity: str) -> Comparability:
         """Verdict for a quantity name or dotted change path.
 
-        ``ADC.mean`` → ``ADC``; ``radiomics.ADC.original_glcm_Contrast`` → worst of ``radiomics`` and
-        ``ADC``; ``max_axial_diameter_mm`` and other diameters → ``diameter``; unknown names are
+        ``ADC.mean`` → ``ADC``; ``radiomics.ADC.original_glcm_Contrast`` → worst of ``radiomics``
+        and ``ADC``; ``max_axial_diameter_mm`` and other diameters → ``diameter``; unknown names are
         comparable.
         """
         parts = quantity.split(".")
@@ -378,8 +378,8 @@ def fat_suppression(ds: Dataset) -> str | None:
 
 
 def voxel_size_mm(ds: Dataset) -> tuple[float, float, float] | None:
-    """Voxel size (mm; column spacing, row spacing, slice) from PixelSpacing and SpacingBetweenSlices
-    (else SliceThickness); None when absent."""
+    """Voxel size (mm; column spacing, row spacing, slice) from PixelSpacing and
+    SpacingBetweenSlices (else SliceThickness); None when absent."""
     spacing = ds.get("PixelSpacing")
     thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
     if not spacing or not thickness:
@@ -446,7 +446,8 @@ def protocol_from_series(
     contrast_flow_rate_ml_s: float | None = None,
     contrast_injection_delay_s: float | None = None,
 ) -> AcquisitionProtocol:
-    """Build an :class:`AcquisitionProtocol` from series read by :func:`processing.series.read_series`.
+    """Build an :class:`AcquisitionProtocol` from series read
+    by :func:`processing.series.read_series`.
 
     b-values: the distinct b-values of the DWI volumes (s/mm², rounded to 1); DCE temporal
     resolution: the median interval between consecutive volume times (s); voxel sizes from the
@@ -464,7 +465,10 @@ def protocol_from_series(
         return _FAT_SUPPRESSION_FROM_SERIES.get(s.physics.fat_suppression or "", "NONE")
 
     def voxel(s: SeriesVolume | None) -> tuple[float, float, float] | None:
-        return None if s is None else tuple(float(v) for v in s.geometry.spacing)  # type: ignore[return-value]
+        if s is None:
+            return None
+        sx, sy, sz = s.geometry.spacing
+        return float(sx), float(sy), float(sz)
 
     b_values: tuple[float, ...] = ()
     if dwi is not None:

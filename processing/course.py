@@ -5,8 +5,8 @@ and SimpleITK images; no network, no index (the node keeps the courses it builds
 
 * **Recognition** (docs/science.md §4.2): Manufacturer matching a configurable pattern (default
   ``accuray``) or TreatmentMachineName / ManufacturerModelName matching a configurable pattern
-  (default ``cyber|\\bck|m6|s7|vsi|g4``); when only the model/machine matches, a plan with many beams
-  (more than ``min_beams``, default 30: CyberKnife plans have ~100-150 non-isocentric beams,
+  (default ``cyber|\\bck|m6|s7|vsi|g4``); when only the model/machine matches, a plan with many
+  beams (more than ``min_beams``, default 30: CyberKnife plans have ~100-150 non-isocentric beams,
   conventional linac plans a handful) breaks the tie.
 * **Treatment date**, in priority order: RT Beams Treatment Record (first TreatmentDate,
   FirstTreatmentDate), the plan's ReviewDate when ApprovalStatus is APPROVED, the RTPlanDate, the RT
@@ -42,6 +42,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from processing.dates import dicom_date
+from processing.errors import InputError
 from processing.rtstruct import RoiInfo, list_rois
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ RT_TREATMENT_RECORDS = {
 ALPHA_BETA_TUMOUR_GY = 10.0
 
 
-class CourseError(ValueError):
+class CourseError(InputError):
     """The RT objects do not describe a usable treatment course."""
 
 
@@ -136,8 +137,9 @@ class DoseStatistics:
     """Dose to a structure from the RT Dose grid (Gy, plan total).
 
     ``D<x>`` is the minimum dose received by the hottest x % of the structure volume (the (100 − x)
-    percentile of voxel doses). ``bed_gy``/``eqd2_gy`` convert each statistic with the plan's number of
-    fractions (``fractions``) at ``alpha_beta_gy``; they are model values, the raw doses stay here.
+    percentile of voxel doses). ``bed_gy``/``eqd2_gy`` convert each statistic with the plan's number
+    of fractions (``fractions``) at ``alpha_beta_gy``; they are model values, the raw doses stay
+    here.
     """
 
     volume_ml: float
@@ -264,13 +266,16 @@ def recognise(ds: Dataset, *, patterns: CyberKnifePatterns | None = None) -> Rec
         reasons.append("machine/model name matches")
     if n_beams is not None:
         reasons.append(
-            f"{n_beams} beams ({'>' if n_beams > patterns.min_beams else '<='} {patterns.min_beams})"
+            f"{n_beams} beams ({'>' if n_beams > patterns.min_beams else '<='} "
+            f"{patterns.min_beams})"
         )
     if by_manufacturer:
-        # Accuray also builds TomoTherapy/Radixact: a plan with few beams and a non-CK machine is not CK
+        # Accuray also builds TomoTherapy/Radixact: a plan with few beams and a non-CK machine
+        # is not CK
         decided = not (n_beams is not None and n_beams <= patterns.min_beams and not machine_hits)
     elif machine_hits:
-        # a name match alone ("CK" may be a site's linac name): the beam count breaks the tie on plans
+        # a name match alone ("CK" may be a site's linac name): the beam count breaks the tie
+        # on plans
         decided = n_beams is None or n_beams > patterns.min_beams
     else:
         decided = False
@@ -295,7 +300,8 @@ def treatment_date(
     records: Sequence[Dataset] = (),
     dose: Dataset | None = None,
 ) -> TreatmentDate:
-    """Date of the first fraction, with its source and whether it is estimated (docs/science.md §4.3).
+    """Date of the first fraction, with its source and whether it is estimated (docs/science.md
+    §4.3).
 
     Parameters
     ----------
@@ -393,8 +399,8 @@ def select_gtv(rtstruct: Dataset, *, patterns: CyberKnifePatterns | None = None)
     else:
         if not typed:
             raise CourseError(
-                f"no GTV in structure set {rtstruct.get('SOPInstanceUID', '?')}: no ROI of type GTV and "
-                f"no name matching {patterns.gtv_names}"
+                f"no GTV in structure set {rtstruct.get('SOPInstanceUID', '?')}: no ROI of type "
+                f"GTV and no name matching {patterns.gtv_names}"
             )
     candidates = sorted(candidates, key=lambda r: r.number)
     if len(candidates) > 1:
@@ -417,7 +423,8 @@ def rtdose_image(dose: Dataset, *, fractions: int | None = None) -> sitk.Image:
     Raises
     ------
     CourseError
-        RELATIVE dose units, a fraction dose without the number of fractions, irregular frame spacing.
+        RELATIVE dose units, a fraction dose without the number of fractions, irregular frame
+        spacing.
     """
     if str(dose.get("SOPClassUID", "")) != RT_DOSE_STORAGE and dose.get("Modality") != "RTDOSE":
         raise CourseError("dataset is not an RT Dose")
@@ -565,8 +572,8 @@ def recognise_course(
     Returns
     -------
     TreatmentCourse or None
-        None when no CyberKnife plan is among the datasets. With several CyberKnife plans, the latest
-        approved one (by treatment date) is used.
+        None when no CyberKnife plan is among the datasets. With several CyberKnife plans, the
+        latest approved one (by treatment date) is used.
     """
     patterns = patterns or CyberKnifePatterns()
     plans = [

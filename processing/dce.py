@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -63,6 +63,11 @@ PARKER_PARAMETERS: dict[str, float] = {
 }
 
 _FINE_STEP_S = 0.5  # s, internal integration step for analytic AIFs
+
+# Basis of one delay: (E rows (n_k, n_t), Cp (n_t,), E.E or the Gram band, E.Cp, Cp.Cp)
+_Basis: TypeAlias = tuple[
+    NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], float
+]
 
 
 def parker_aif(time: ArrayLike, *, hematocrit: float, delay: float = 0.0) -> NDArray[np.float64]:
@@ -171,7 +176,8 @@ class ArterialInputFunction:
         if self.function is not None:
             return np.asarray(self.function(t), dtype=float)
         c = self.plasma_concentration
-        return np.interp(t, self.time, c, left=c[0], right=c[-1])
+        cp: NDArray[np.float64] = np.interp(t, self.time, c, left=c[0], right=c[-1])
+        return cp
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -424,16 +430,16 @@ class ToftsFit:
 
 
 def _box_lsq(
-    p: NDArray,
-    q: NDArray,
-    cc: NDArray,
-    g11: NDArray,
-    g12: NDArray,
-    g22: NDArray,
-    k_ub: NDArray,
+    p: NDArray[np.float64],
+    q: NDArray[np.float64],
+    cc: NDArray[np.float64],
+    g11: NDArray[np.float64],
+    g12: NDArray[np.float64],
+    g22: NDArray[np.float64] | float,
+    k_ub: NDArray[np.float64],
     vp_ub: float,
     extended: bool,
-) -> tuple[NDArray, NDArray, NDArray]:
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Minimise |C - x1 E - x2 Cp|^2 with 0<=x1<=k_ub, 0<=x2<=vp_ub, in closed form.
 
     p = E.C, q = Cp.C, cc = C.C, g = Gram matrix entries; all broadcastable. Exact for the
@@ -443,15 +449,15 @@ def _box_lsq(
     """
 
     def sse(
-        x1: NDArray,
-        x2: NDArray,
-        p: NDArray,
-        q: NDArray,
-        cc: NDArray,
-        g11: NDArray,
-        g12: NDArray,
-        g22: NDArray,
-    ) -> NDArray:
+        x1: NDArray[np.float64],
+        x2: NDArray[np.float64],
+        p: NDArray[np.float64],
+        q: NDArray[np.float64],
+        cc: NDArray[np.float64],
+        g11: NDArray[np.float64],
+        g12: NDArray[np.float64],
+        g22: NDArray[np.float64] | float,
+    ) -> NDArray[np.float64]:
         return cc - 2.0 * (x1 * p + x2 * q) + x1 * x1 * g11 + 2.0 * x1 * x2 * g12 + x2 * x2 * g22
 
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -606,7 +612,7 @@ class ToftsModel:
         self._coarse_basis = [
             self._gram(self._convolve(g, self.kep_table[self._coarse]), g) for g in self._grids
         ]
-        self._tables: dict[int, tuple] = {}
+        self._tables: dict[int, _Basis] = {}
 
     @staticmethod
     def _convolve(grid: _FineGrid, kep: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -614,11 +620,11 @@ class ToftsModel:
         return _exp_convolve(grid.cp, grid.time, kep / 60.0)[:, grid.index] / 60.0
 
     @staticmethod
-    def _gram(e: NDArray[np.float64], grid: _FineGrid) -> tuple:
+    def _gram(e: NDArray[np.float64], grid: _FineGrid) -> _Basis:
         cp = grid.cp[grid.index]
         return e, cp, np.einsum("kt,kt->k", e, e), e @ cp, float(cp @ cp)
 
-    def _table(self, j: int) -> tuple:
+    def _table(self, j: int) -> _Basis:
         """(table (n_table, n_t), Cp, band of the Gram matrix, table·Cp, Cp·Cp) for delay j.
 
         ``band[i, d] = T[i]·T[i + d]`` for d = 0..3: all that cubic interpolation needs.
@@ -723,7 +729,9 @@ class ToftsModel:
             provenance=self.provenance,
         )
 
-    def _coarse_sse(self, c: NDArray, cc: NDArray, j: int) -> NDArray[np.float64]:
+    def _coarse_sse(
+        self, c: NDArray[np.float64], cc: NDArray[np.float64], j: int
+    ) -> NDArray[np.float64]:
         """SSE (n_coarse, m) on the coarse kep grid for delay index j: one matrix product."""
         e, cp, g11, g12, g22 = self._coarse_basis[j]
         k_ub = np.minimum(self.max_ktrans, self.max_ve * self.kep_table[self._coarse])[:, None]
@@ -739,7 +747,9 @@ class ToftsModel:
             self.extended,
         )[2]
 
-    def _refine(self, c: NDArray, cc: NDArray, j: int) -> tuple[NDArray, ...]:
+    def _refine(
+        self, c: NDArray[np.float64], cc: NDArray[np.float64], j: int
+    ) -> tuple[NDArray[np.float64], ...]:
         """Best (Ktrans, vp, kep, SSE) at delay index j for voxels c (m, n_t)."""
         m = c.shape[0]
         rows = np.arange(m)
@@ -776,7 +786,9 @@ class ToftsModel:
             xb + np.where(interior, step * _parabola_shift(f_lo, fb, f_hi), 0.0), 0.0, x_max
         )
 
-        def solve(xx: NDArray[np.float64]) -> tuple[NDArray, NDArray, NDArray]:
+        def solve(
+            xx: NDArray[np.float64],
+        ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
             i, w = _lagrange_weights(xx, table.shape[0])
             idx = i[:, None] + np.arange(4)[None, :]  # (m, 4)
             p = np.einsum("mj,mj->m", w, proj[idx, rows[:, None]])
@@ -841,19 +853,27 @@ class ToftsModel:
         }
 
 
-def _parabola_shift(fm: NDArray, f0: NDArray, fp: NDArray, *, limit: float = 1.0) -> NDArray:
-    """Vertex offset (in units of the spacing) of the parabola through (-1, fm), (0, f0), (1, fp)."""
+def _parabola_shift(
+    fm: NDArray[np.float64], f0: NDArray[np.float64], fp: NDArray[np.float64], *, limit: float = 1.0
+) -> NDArray[np.float64]:
+    """Vertex offset of the parabola through (-1, fm), (0, f0), (1, fp).
+
+    The offset is in units of the spacing.
+    """
     curv = fm - 2.0 * f0 + fp
     with np.errstate(divide="ignore", invalid="ignore"):
         shift = np.where(curv > 0, 0.5 * (fm - fp) / curv, np.sign(fm - fp) * limit)
-    return np.clip(np.nan_to_num(shift), -limit, limit)
+    clipped: NDArray[np.float64] = np.clip(np.nan_to_num(shift), -limit, limit)
+    return clipped
 
 
 _BAND_ROW = np.minimum.outer(np.arange(4), np.arange(4))
 _BAND_COL = np.abs(np.subtract.outer(np.arange(4), np.arange(4)))
 
 
-def _lagrange_weights(x: NDArray[np.float64], n: int) -> tuple[NDArray[np.intp], NDArray]:
+def _lagrange_weights(
+    x: NDArray[np.float64], n: int
+) -> tuple[NDArray[np.intp], NDArray[np.float64]]:
     """First row index and the 4 cubic Lagrange weights for fractional row positions x (m,)."""
     i = np.clip(np.floor(x).astype(int) - 1, 0, n - 4)
     u = (x - i)[:, None]  # position relative to row i, in [1, 2] away from the edges

@@ -1,9 +1,9 @@
 """Diffusion encoding (b-value and gradient direction) of MR images, for every vendor.
 
-Pure functions on pydicom datasets. The b-value is returned in s/mm² and the gradient as a unit vector
-in the DICOM patient coordinate system (LPS), whatever the vendor wrote. Private elements are always
-found through their private creator (:meth:`pydicom.dataset.Dataset.private_block`), never by a fixed
-element number, because the block a creator reserves varies between files.
+Pure functions on pydicom datasets. The b-value is returned in s/mm² and the gradient as a unit
+vector in the DICOM patient coordinate system (LPS), whatever the vendor wrote. Private elements are
+always found through their private creator (:meth:`pydicom.dataset.Dataset.private_block`), never by
+a fixed element number, because the block a creator reserves varies between files.
 
 Sources, in order of preference (docs/science.md §3.5):
 
@@ -19,9 +19,9 @@ Sources, in order of preference (docs/science.md §3.5):
 5. Philips: "Philips Imaging DD 001" (2001,xx03) b-value, (2001,xx04) direction label ("I" =
    isotropic), "Philips MR Imaging DD 001" (2005,xxB0/xxB1/xxB2) gradient RL/AP/FH (patient frame).
 6. United Imaging (UIH): "Image Private Header" (0065,xx09) *effective* b-value (the one dcm2niix
-   writes to ``.bval``, e.g. 929.75 for a nominal 1000 in (0065,xx0A), 1.25 for a nominal 0), falling
-   back to the nominal (0065,xx0A); gradient (0065,xx37) in patient coordinates (LPS), as dcm2niix
-   reads it (a zero vector at b > 0 would be an isotropic image).
+   writes to ``.bval``, e.g. 929.75 for a nominal 1000 in (0065,xx0A), 1.25 for a nominal 0),
+   falling back to the nominal (0065,xx0A); gradient (0065,xx37) in patient coordinates (LPS), as
+   dcm2niix reads it (a zero vector at b > 0 would be an isotropic image).
 
 References
 ----------
@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+
+from processing.errors import InputError
 
 with warnings.catch_warnings():
     # nibabel warns on import of its (unused here) experimental DICOM wrappers; we only use the CSA
@@ -68,7 +70,7 @@ PHILIPS_MR_IMAGING_1 = "Philips MR Imaging DD 001"
 UIH_IMAGE_HEADER = "Image Private Header"
 
 
-class DiffusionEncodingError(ValueError):
+class DiffusionEncodingError(InputError):
     """The diffusion encoding of an image is present but cannot be used (inconsistent values)."""
 
 
@@ -91,8 +93,8 @@ class DiffusionEncoding:
         ``"DIRECTIONAL"``, ``"ISOTROPIC"`` (trace or scanner-combined image), ``"NONE"`` (b = 0) or
         ``"BMATRIX"`` — the defined terms of Diffusion Directionality (0018,9075).
     source : str
-        Where the values came from: ``"enhanced"``, ``"standard"``, ``"siemens"``, ``"siemens_csa"``,
-        ``"ge"`` or ``"philips"``.
+        Where the values came from: ``"enhanced"``, ``"standard"``, ``"siemens"``,
+        ``"siemens_csa"``, ``"ge"`` or ``"philips"``.
     """
 
     b_value: float
@@ -106,7 +108,7 @@ class DiffusionEncoding:
         return self.b_value < B0_THRESHOLD
 
 
-# ----------------------------------------------------------------------------- private element access
+# --------------------------------------------------------------------------- private element access
 _STRUCT = {"FL": "<f", "FD": "<d", "SL": "<l", "SS": "<h", "UL": "<L", "US": "<H"}
 
 
@@ -262,11 +264,12 @@ def _ge_logical_to_image(
     """Rotate a GE logical (frequency, phase, slice) gradient into the image frame.
 
     The image frame is (row direction, column direction, row × column) of ImageOrientationPatient.
-    Follows dcm2niix ``geCorrectBvecs`` (validated against dcm2niix's ``.bvec`` for the oblique axial
-    GE reference set): for COL phase encoding the logical vector is flipped on the axes dcm2niix flips
-    for the slice plane (axial z; sagittal x, y; coronal y, z) and the whole vector negated (the
-    polarity of a diffusion gradient is physically irrelevant; the sign follows dcm2niix). ROW phase
-    encoding swaps frequency and phase first; dcm2niix marks that path untested.
+    Follows dcm2niix ``geCorrectBvecs`` (validated against dcm2niix's ``.bvec`` for the oblique
+    axial GE reference set): for COL phase encoding the logical vector is flipped on the axes
+    dcm2niix flips for the slice plane (axial z; sagittal x, y; coronal y, z) and the whole vector
+    negated (the polarity of a diffusion gradient is physically irrelevant; the sign follows
+    dcm2niix). ROW phase encoding swaps frequency and phase first; dcm2niix marks that path
+    untested.
     """
     x, y, z = (float(c) for c in v)
     pe = phase_encoding.upper()
@@ -377,10 +380,11 @@ def diffusion_encoding(
     ds : pydicom.dataset.Dataset
         The image (classic) or the multi-frame object (enhanced).
     frame_groups : sequence of Dataset, optional
-        For an enhanced multi-frame object: the per-frame functional-group item of the frame, then the
-        shared functional-group item (searched in that order for the MR Diffusion Sequence).
+        For an enhanced multi-frame object: the per-frame functional-group item of the frame, then
+        the shared functional-group item (searched in that order for the MR Diffusion Sequence).
     orientation : sequence of 6 float, optional
-        ImageOrientationPatient of the frame (needed for GE, whose gradients are in the logical frame).
+        ImageOrientationPatient of the frame (needed for GE, whose gradients are in the logical
+        frame).
 
     Returns
     -------
@@ -422,8 +426,8 @@ def diffusion_encoding(
         return standard
     if _looks_diffusion_weighted(ds):
         raise UnknownDiffusionEncodingError(
-            f"{what} ({ds.get('Manufacturer', 'unknown manufacturer')}) is diffusion-weighted but has "
-            "no standard (0018,9087) or known private (Siemens, GE, Philips) diffusion encoding"
+            f"{what} ({ds.get('Manufacturer', 'unknown manufacturer')}) is diffusion-weighted but "
+            "has no standard (0018,9087) or known private (Siemens, GE, Philips) diffusion encoding"
         )
     return None
 
@@ -442,10 +446,11 @@ def gradients_to_image_frame(gradients_lps: np.ndarray, direction: np.ndarray) -
     Returns
     -------
     (n, 3) array
-        Components along (row, column, normal). dcm2niix's FSL ``.bvec`` equals this after a per-axis
-        sign flip that depends on how it wrote the NIfTI (data README: (x, −y, z) for Philips classic
-        and Canon enhanced, (x, y, z) for the Siemens sagittal mosaic).
+        Components along (row, column, normal). dcm2niix's FSL ``.bvec`` equals this after a
+        per-axis sign flip that depends on how it wrote the NIfTI (data README: (x, −y, z) for
+        Philips classic and Canon enhanced, (x, y, z) for the Siemens sagittal mosaic).
     """
     g = np.asarray(gradients_lps, dtype=float).reshape(-1, 3)
     r = np.asarray(direction, dtype=float).reshape(3, 3)
-    return g @ r
+    components: np.ndarray = g @ r
+    return components

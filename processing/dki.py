@@ -2,8 +2,8 @@
 
 Tensor DKI (MK, MD, AK, RK, FA) uses :class:`dipy.reconst.dki.DiffusionKurtosisModel`; it needs
 b = 0, at least two non-zero shells (>= 6 directions each) up to ~2000 s/mm² and at least 15
-non-collinear gradient directions. Otherwise (e.g. trace-only body protocols) the direction-averaged signal is fitted
-with S(b) = S0 exp(-b D + b² D² K / 6), giving Dapp and Kapp.
+non-collinear gradient directions. Otherwise (e.g. trace-only body protocols) the direction-averaged
+signal is fitted with S(b) = S0 exp(-b D + b² D² K / 6), giving Dapp and Kapp.
 
 Units: b in s/mm², diffusivities in mm²/s, kurtosis dimensionless; volume axis LAST.
 
@@ -207,11 +207,11 @@ class TensorDkiModel:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        import dipy
+        from dipy.version import version as dipy_version
 
         return {
             "model": "diffusion kurtosis tensor",
-            "fit": f"dipy {dipy.__version__} "
+            "fit": f"dipy {dipy_version} "
             f"DiffusionKurtosisModel design, {self.fit_method} solved batched; dipy metrics",
             "b_values_used": self.shells.tolist(),
             "n_volumes": int(self.gtab.bvals.size),

@@ -338,7 +338,8 @@ def ivim_signal(
     """IVIM signal S0 ((1 - f) exp(-b D) + f exp(-b D*)); b in s/mm², D and D* in mm²/s [1]."""
     b = np.asarray(bvalues, dtype=float)
     d, f, d_star, s0 = (np.asarray(x, dtype=float)[..., None] for x in (d, f, d_star, s0))
-    return s0 * ((1.0 - f) * np.exp(-b * d) + f * np.exp(-b * d_star))
+    signal: NDArray[np.float64] = s0 * ((1.0 - f) * np.exp(-b * d) + f * np.exp(-b * d_star))
+    return signal
 
 
 @dataclass(frozen=True)
@@ -472,14 +473,18 @@ class IvimModel:
             provenance=self.provenance,
         )
 
-    def _fit_flat(self, s: NDArray[np.float64], b: NDArray[np.float64]) -> dict[str, NDArray]:
+    def _fit_flat(
+        self, s: NDArray[np.float64], b: NDArray[np.float64]
+    ) -> dict[str, NDArray[np.float64]]:
         high = b >= self.b_threshold
         d, _ = _weighted_loglinear(b[high], s[:, high])
         d = np.clip(d, self.d_bounds[0], self.d_bounds[1])
         e_d = np.exp(-b[None, :] * d[:, None])  # (m, n)
         ss = np.sum(s * s, axis=1)
 
-        def solve(d_star: NDArray[np.float64]) -> tuple[NDArray, NDArray, NDArray]:
+        def solve(
+            d_star: NDArray[np.float64],
+        ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
             e_s = np.exp(-b[None, :] * d_star[:, None])
             p, q = np.sum(e_d * s, axis=1), np.sum(e_s * s, axis=1)
             g11, g12, g22 = (

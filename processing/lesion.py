@@ -10,11 +10,11 @@ and shrinkage are measured rather than assumed:
    follow-up median in the core of the propagated lesion moved by more than ``max_channel_shift``
    of the baseline lesion-background contrast (ADC rises, Ktrans falls after a response; the
    anatomical T1w/T2w/STIR contrast of the tumour usually stays).
-3. A multiparametric intensity model is learnt on the baseline: the voxels of the GTV (lesion) versus
-   a shell of surrounding tissue reaching as far as the follow-up search (vertebral marrow, cortex,
-   discs; restricted to the vertebra plus a margin when a vertebra mask is given), one Gaussian
-   mixture per class. It is checked on the baseline itself (Dice of its segmentation against the
-   GTV).
+3. A multiparametric intensity model is learnt on the baseline: the voxels of the GTV (lesion)
+   versus a shell of surrounding tissue reaching as far as the follow-up search (vertebral marrow,
+   cortex, discs; restricted to the vertebra plus a margin when a vertebra mask is given), one
+   Gaussian mixture per class. It is checked on the baseline itself (Dice of its segmentation
+   against the GTV).
 4. On the follow-up, the model's lesion posterior (equal priors) is computed in a search region: the
    propagated GTV dilated by ``search_margin_mm`` (how far the lesion may have grown), intersected
    with the propagated vertebra plus margin when a vertebra mask is given; it is smoothed (Gaussian,
@@ -47,6 +47,7 @@ import numpy as np
 import SimpleITK as sitk
 from sklearn.mixture import GaussianMixture
 
+from processing.errors import FitError
 from processing.registration import dice, matrix_to_transform, resample_mask, resample_onto
 from processing.results import Lesion
 from processing.rtstruct import RoiInfo
@@ -57,7 +58,7 @@ logger = logging.getLogger(__name__)
 _TRACKING_NAMESPACE = uuid.UUID("6f1c2a52-7f0e-5b8a-9a43-1d2c8e6b7a10")
 
 
-class LesionError(ValueError):
+class LesionError(FitError):
     """The lesion cannot be propagated or refined with the inputs given."""
 
 
@@ -212,11 +213,13 @@ def mask_volume_ml(mask: sitk.Image) -> float:
 def _dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     """Binary dilation by a ball of ``radius_mm`` (exact Euclidean, via a distance map)."""
     if radius_mm <= 0:
-        return sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+        binary: sitk.Image = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
+        return binary
     distance = sitk.SignedMaurerDistanceMap(
         sitk.NotEqual(mask, 0), insideIsPositive=False, squaredDistance=False, useImageSpacing=True
     )
-    return sitk.Cast(sitk.LessEqual(distance, radius_mm), sitk.sitkUInt8)
+    dilated: sitk.Image = sitk.Cast(sitk.LessEqual(distance, radius_mm), sitk.sitkUInt8)
+    return dilated
 
 
 def _shell(mask: sitk.Image, inner_mm: float, outer_mm: float) -> np.ndarray:
@@ -286,7 +289,8 @@ class _IntensityModel:
 
     def log_ratio(self, features: np.ndarray) -> np.ndarray:
         z = (features - self.mean) / self.std
-        return self.lesion.score_samples(z) - self.background.score_samples(z)
+        ratio: np.ndarray = self.lesion.score_samples(z) - self.background.score_samples(z)
+        return ratio
 
 
 def _fit_model(
@@ -323,7 +327,10 @@ def _segment(
     reference: sitk.Image,
     settings: RefinementSettings,
 ) -> tuple[np.ndarray, sitk.Image]:
-    """Posterior in ``search``, smoothed, thresholded; components touching ``seed``, holes filled."""
+    """Posterior in ``search``, smoothed and thresholded.
+
+    Keeps the components touching ``seed``, holes filled.
+    """
     posterior = np.zeros(search.shape, dtype=np.float32)
     features = channels[:, search].T
     ratio = np.clip(model.log_ratio(features), -50.0, 50.0)
@@ -441,7 +448,8 @@ def refine_lesion(
         reason: str, training: float | None, probability: sitk.Image | None = None
     ) -> FollowUpLesion:
         notes.append(
-            f"refinement not used: {reason}; the propagated GTV is reported (growth/shrinkage not measured)"
+            f"refinement not used: {reason}; the propagated GTV is reported "
+            "(growth/shrinkage not measured)"
         )
         logger.warning("lesion refinement not used: %s", reason)
         return FollowUpLesion(
@@ -522,7 +530,8 @@ def refine_lesion(
     base_segmentation, _ = _segment(model, base_norm, base_search, gtv_array, gtv, settings)
     training_dice = dice(_as_image(base_segmentation, gtv), gtv)
     notes.append(
-        f"intensity model ({len(keep)} channels) re-finds the baseline GTV with Dice {training_dice:.3f}"
+        f"intensity model ({len(keep)} channels) re-finds the baseline GTV "
+        f"with Dice {training_dice:.3f}"
     )
     if training_dice < settings.min_training_dice:
         return fallback(
@@ -554,7 +563,8 @@ def refine_lesion(
         f"refined on follow-up images: {volume:.2f} mL ({100 * (ratio - 1):+.0f} % vs propagated)"
     )
     logger.info(
-        "lesion refined: baseline %.2f mL, propagated %.2f mL, follow-up %.2f mL (training Dice %.3f)",
+        "lesion refined: baseline %.2f mL, propagated %.2f mL, follow-up %.2f mL "
+        "(training Dice %.3f)",
         baseline_volume,
         propagated_volume,
         volume,
@@ -612,9 +622,9 @@ def _stable_channels(
         shift = abs(follow_median - lesion_median)
         if contrast > 0 and shift > settings.max_channel_shift * contrast:
             notes.append(
-                f"channel {c} not used: its lesion median moved {shift / contrast:.0%} of the baseline "
-                f"lesion-background contrast ({lesion_median:.4g} -> {follow_median:.4g}; background "
-                f"{background_median:.4g})"
+                f"channel {c} not used: its lesion median moved {shift / contrast:.0%} of the "
+                f"baseline lesion-background contrast ({lesion_median:.4g} -> "
+                f"{follow_median:.4g}; background {background_median:.4g})"
             )
             continue
         keep.append(c)
@@ -634,8 +644,8 @@ def _adapt(
     """Re-fit the intensity model on the follow-up's own lesion / background split (hard EM).
 
     Treatment changes some channels inside the lesion (ADC rises, Ktrans falls after a response), so
-    a model learnt on the baseline alone can shave the lesion. Each iteration re-fits both classes on
-    the current follow-up segmentation within the search region and segments again. An adaptation
+    a model learnt on the baseline alone can shave the lesion. Each iteration re-fits both classes
+    on the current follow-up segmentation within the search region and segments again. An adaptation
     that moves the segmentation far from the baseline model's one (Dice < ``min_adapted_dice``) is
     refused and the baseline model's segmentation kept.
     """
@@ -652,8 +662,8 @@ def _adapt(
         agreement = dice(_as_image(current, reference), _as_image(segmentation, reference))
         if agreement < settings.min_adapted_dice:
             notes.append(
-                f"model adaptation to the follow-up refused (Dice {agreement:.3f} with the baseline "
-                f"model's segmentation < {settings.min_adapted_dice})"
+                f"model adaptation to the follow-up refused (Dice {agreement:.3f} with the "
+                f"baseline model's segmentation < {settings.min_adapted_dice})"
             )
             return segmentation, probability
         notes.append(
@@ -672,4 +682,5 @@ def _erode_search(search: np.ndarray, reference: sitk.Image) -> np.ndarray:
         squaredDistance=False,
         useImageSpacing=True,
     )
-    return sitk.GetArrayFromImage(inside) > math.sqrt(3) * spacing
+    inside_search: np.ndarray = sitk.GetArrayFromImage(inside) > math.sqrt(3) * spacing
+    return inside_search

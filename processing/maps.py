@@ -6,8 +6,8 @@ ADC (+ IVIM when the b-values allow), tensor DKI (MK, MD, AK, RK, FA) or apparen
 Parker population AIF; IAUC60 and time to peak). Each map is a :class:`QuantMap` on its source
 grid with its unit, provenance and source series.
 
-Units follow docs/architecture.md, Conventions: ADC/MD/D in mm²/s, Ktrans/kep in /min, ve/vp/f fractions, T1 in s,
-IAUC60 in mmol/L·s, TTP in s.
+Units follow docs/architecture.md, Conventions: ADC/MD/D in mm²/s, Ktrans/kep in /min, ve/vp/f
+fractions, T1 in s, IAUC60 in mmol/L·s, TTP in s.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 from numpy.typing import NDArray
 
+from processing import classify as cl
 from processing.classify import SeriesRole, classify_volume, protocol_inventory
 from processing.dce import (
     ArterialInputFunction,
@@ -33,11 +34,13 @@ from processing.dce import (
 )
 from processing.dki import ApparentKurtosisModel, TensorDkiModel
 from processing.dwi import AdcModel, IvimModel
+from processing.errors import FitError, InputError, ProcessingError
 from processing.relaxivity import (
     DEFAULT_RELAXIVITY_PER_MM_S,
     normalise_overrides,
     resolve_relaxivity,
 )
+from processing.results import QUANTITY_UNITS
 from processing.series import Geometry, SeriesVolume
 from processing.t1 import T1Fit, VfaT1Model, fixed_t10
 
@@ -45,27 +48,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MapSettings", "QuantMap", "compute_maps", "map_statistics"]
 
-#: Internal UCUM unit of every quantity (docs/architecture.md, Conventions).
-UNITS: dict[str, str] = {
-    "ADC": "mm2/s",
-    "MD": "mm2/s",
-    "Dapp": "mm2/s",
-    "IVIM_D": "mm2/s",
-    "IVIM_Dstar": "mm2/s",
-    "MK": "1",
-    "AK": "1",
-    "RK": "1",
-    "FA": "1",
-    "Kapp": "1",
-    "IVIM_f": "1",
-    "Ktrans": "/min",
-    "kep": "/min",
-    "ve": "1",
-    "vp": "1",
-    "T1": "s",
-    "IAUC60": "mmol/l.s",
-    "TTP": "s",
-}
+#: Internal UCUM unit of every quantity a map is computed for (one table with the measurements:
+#: :data:`processing.results.QUANTITY_UNITS`).
+UNITS: dict[str, str] = {q: u for q, u in QUANTITY_UNITS.items() if q not in ("T2w", "T1w")}
 
 
 @dataclass(frozen=True)
@@ -192,7 +177,11 @@ def _foreground(reference: NDArray[np.float64], fraction: float) -> NDArray[np.b
 
 
 def _qmap(
-    quantity: str, values: NDArray, valid: NDArray, volume: SeriesVolume, provenance: dict[str, Any]
+    quantity: str,
+    values: NDArray[np.floating[Any]],
+    valid: NDArray[np.bool_],
+    volume: SeriesVolume,
+    provenance: dict[str, Any],
 ) -> QuantMap:
     v = np.where(valid, values, np.nan).astype(np.float32)
     return QuantMap(
@@ -212,14 +201,16 @@ def _diffusion_models_not_fitted(shells: list[float], flags: dict[str, bool]) ->
     out: dict[str, str] = {}
     if not flags.get("ivim"):
         out["IVIM"] = (
-            f"b-values {scheme} s/mm²: IVIM needs at least four shells, three of them "
-            "at b <= 200 s/mm² (perfusion regime) and one at b >= 400"
+            f"b-values {scheme} s/mm²: IVIM needs at least {cl.IVIM_MIN_SHELLS} shells, "
+            f"{cl.IVIM_MIN_LOW_SHELLS} of them at b <= {cl.IVIM_LOW_B:g} s/mm² (perfusion regime) "
+            f"and one at b >= {cl.DIFFUSION_MIN_HIGH_B:g}"
         )
     if not flags.get("dki_tensor") and not flags.get("kurtosis_apparent"):
         out["DKI"] = (
-            f"b-values {scheme} s/mm²: kurtosis needs at least three shells from "
-            "b <= 100 to b >= 1400 s/mm² (tensor DKI also two directional shells and "
-            ">= 15 directions)"
+            f"b-values {scheme} s/mm²: kurtosis needs at least {cl.KURTOSIS_MIN_SHELLS} shells "
+            f"from b <= {cl.KURTOSIS_MAX_LOW_B:g} to b >= {cl.KURTOSIS_MIN_HIGH_B:g} s/mm² "
+            f"(tensor DKI also {cl.DKI_MIN_DIRECTIONAL_SHELLS} directional shells and "
+            f">= {cl.DKI_MIN_DIRECTIONS} directions)"
         )
     return out
 
@@ -295,7 +286,7 @@ def _stack_vfa(members: list[SeriesVolume]) -> SeriesVolume:
     first = members[0]
     for m in members[1:]:
         if m.geometry.size != first.geometry.size:
-            raise ValueError(
+            raise InputError(
                 f"VFA series {m.series_instance_uid} is not on the grid of "
                 f"{first.series_instance_uid}"
             )
@@ -329,7 +320,7 @@ def _t1_map(
     flips = np.array([v.flip_angle for v in vfa_volume.volumes], dtype=float)
     tr = vfa_volume.volumes[0].repetition_time
     if tr is None:  # classify_volume accepts a multi-flip series without Repetition Time
-        raise ValueError(
+        raise InputError(
             f"VFA T1 series {vfa_volume.series_instance_uid} has no Repetition "
             "Time (0018,0080): T1 cannot be fitted"
         )
@@ -371,11 +362,11 @@ def _dce_maps(
     out: dict[str, QuantMap] = {}
     times = np.array([v.time for v in dce.volumes], dtype=float)
     if not np.all(np.isfinite(times)) or np.any(np.diff(times) <= 0):
-        raise ValueError(f"DCE series {dce.series_instance_uid} has no increasing frame times")
+        raise InputError(f"DCE series {dce.series_instance_uid} has no increasing frame times")
     flip = dce.volumes[0].flip_angle
     tr_ms = dce.volumes[0].repetition_time
     if flip is None or tr_ms is None:
-        raise ValueError(f"DCE series {dce.series_instance_uid} lacks flip angle or TR")
+        raise InputError(f"DCE series {dce.series_instance_uid} lacks flip angle or TR")
     signal = _to_voxels_last(dce)
     t1, vfa_used = _t1_map(vfa, dce, settings, vfa_notes)
     rel = resolve_relaxivity(
@@ -398,21 +389,21 @@ def _dce_maps(
     with np.errstate(divide="ignore", invalid="ignore"):
         enh = np.where(fg[..., None], signal / base0[..., None] - 1.0, np.nan)
     if not fg.any():
-        raise ValueError(f"DCE series {dce.series_instance_uid}: no voxel with signal and T10")
+        raise InputError(f"DCE series {dce.series_instance_uid}: no voxel with signal and T10")
     peak = np.full(fg.shape, np.nan)
     peak[fg] = np.nanmax(enh[fg], axis=-1)
     strong = fg & np.isfinite(peak) & (peak >= np.nanpercentile(peak[fg], 90))
     curve = np.nanmean(enh[strong], axis=0)
     bat = float(bolus_arrival_time(times, curve))
     if not np.isfinite(bat):
-        raise ValueError(
+        raise InputError(
             f"DCE without baseline: no bolus arrival detected in series "
             f"{dce.series_instance_uid} (the contrast must arrive after >= "
             f"{settings.min_baseline_frames} pre-contrast frames)"
         )
     n_baseline = int(np.searchsorted(times, bat, side="left"))
     if n_baseline < settings.min_baseline_frames:
-        raise ValueError(
+        raise InputError(
             f"DCE without baseline: series {dce.series_instance_uid} has {n_baseline} frame(s) "
             f"before the bolus arrival at {bat:.1f} s (need {settings.min_baseline_frames})"
         )
@@ -506,8 +497,9 @@ def compute_maps(
 
     Raises
     ------
-    ValueError
-        A DWI/DCE series is unusable (e.g. DCE without baseline frames); the message names it.
+    processing.errors.ProcessingError
+        Only when ``skipped`` is None: a DWI/DCE series is unusable (:class:`InputError`, e.g.
+        DCE without baseline frames) or its fit failed (:class:`FitError`); the message names it.
     """
     settings = settings or MapSettings()
     volumes = {v.series_instance_uid: v for v in series}
@@ -525,8 +517,12 @@ def compute_maps(
         start = time.perf_counter()
         try:
             maps = _diffusion_maps(volumes[uid], flags, settings)
-        except ValueError as err:
+        except (ProcessingError, ValueError) as err:
+            # the fitting modules refuse data they cannot fit with a ValueError: a map group
+            # that cannot be computed is a FitError for the caller
             if skipped is None:
+                if isinstance(err, ValueError):
+                    raise FitError(str(err)) from err
                 raise
             logger.warning("diffusion maps of series %s skipped: %s", uid, err)
             skipped.append(f"diffusion ({uid}): {err}")
@@ -547,8 +543,10 @@ def compute_maps(
         if inv.dce_quantitative:
             try:
                 maps = _dce_maps(dce, vfa, settings, inv.vfa_notes)
-            except ValueError as err:
+            except (ProcessingError, ValueError) as err:
                 if skipped is None:
+                    if isinstance(err, ValueError):
+                        raise FitError(str(err)) from err
                     raise
                 logger.warning("DCE maps of series %s skipped: %s", inv.dce, err)
                 skipped.append(f"DCE ({inv.dce}): {err}")

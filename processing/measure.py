@@ -11,11 +11,11 @@ same grid. Distances are measured on the voxelised lesion in patient coordinates
   axis lies within 8° of the patient S axis (oblique acquisitions), the mask is first resampled
   (nearest neighbour) onto an axial grid at the finest in-plane spacing.
 
-Per-map statistics follow the units of docs/architecture.md, Conventions, and exclude voxels whose map value is not finite (failed
-fits). Peak statistics follow the PERCIST idea transferred to MRI (docs/science.md §1.6): mean of the
-lowest 10 % for diffusion maps (ADC, MD, IVIM D), and mean of the hottest 1 cm³ sphere for
-perfusion maps (Ktrans, vp, IAUC60); the sphere is restricted to lesion voxels so that neighbouring
-vessels (aorta, epidural venous plexus) cannot raise a lesion's peak.
+Per-map statistics follow the units of docs/architecture.md, Conventions, and exclude voxels whose
+map value is not finite (failed fits). Peak statistics follow the PERCIST idea transferred to MRI
+(docs/science.md §1.6): mean of the lowest 10 % for diffusion maps (ADC, MD, IVIM D), and mean of
+the hottest 1 cm³ sphere for perfusion maps (Ktrans, vp, IAUC60); the sphere is restricted to lesion
+voxels so that neighbouring vessels (aorta, epidural venous plexus) cannot raise a lesion's peak.
 
 References
 ----------
@@ -36,30 +36,12 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from processing.radiomics import RadiomicsError, RadiomicsSettings, extract_features
-from processing.results import LesionMeasurements, MapStatistics
+from processing.results import QUANTITY_UNITS, LesionMeasurements, MapStatistics
 
 logger = logging.getLogger(__name__)
 
-#: UCUM units of the node's quantities (docs/architecture.md, Conventions).
-DEFAULT_UNITS: dict[str, str] = {
-    "ADC": "mm2/s",
-    "MD": "mm2/s",
-    "Dapp": "mm2/s",
-    "IVIM_D": "mm2/s",
-    "IVIM_Dstar": "mm2/s",
-    "MK": "1",
-    "Kapp": "1",
-    "IVIM_f": "1",
-    "Ktrans": "/min",
-    "kep": "/min",
-    "ve": "1",
-    "vp": "1",
-    "T1": "s",
-    "TTP": "s",
-    "IAUC60": "mmol/L.s",
-    "T2w": "1",
-    "T1w": "1",
-}
+#: UCUM units of the node's quantities (one table: :data:`processing.results.QUANTITY_UNITS`).
+DEFAULT_UNITS: dict[str, str] = QUANTITY_UNITS
 
 #: Maps whose peak is the mean of the lowest fraction of values (low diffusivity = cellular tumour).
 LOW_PEAK_QUANTITIES = frozenset({"ADC", "MD", "IVIM_D", "Dapp"})
@@ -72,7 +54,8 @@ _AXIAL_TOLERANCE_COS = math.cos(math.radians(8.0))
 def _roi_array(mask: sitk.Image, label: int) -> np.ndarray:
     if mask.GetDimension() != 3:
         raise ValueError(f"lesion mask must be 3-D, got {mask.GetDimension()}-D")
-    return sitk.GetArrayFromImage(mask) == label
+    roi: np.ndarray = sitk.GetArrayFromImage(mask) == label
+    return roi
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
@@ -268,8 +251,8 @@ def map_statistics(
     Parameters
     ----------
     image : SimpleITK.Image
-        The quantitative map, on the mask's grid, in the units of docs/architecture.md, Conventions; non-finite values are
-        excluded (failed fits).
+        The quantitative map, on the mask's grid, in the units of docs/architecture.md, Conventions;
+        non-finite values are excluded (failed fits).
     mask : SimpleITK.Image
         Lesion label image.
     quantity : str

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from processing.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 #: Version of the settings schema and of the preprocessing code; part of every settings digest.
@@ -253,7 +255,7 @@ IBSI_UNMAPPED_NOTES: tuple[str, ...] = (
 )
 
 
-class RadiomicsError(ValueError):
+class RadiomicsError(InputError):
     """The image/mask pair cannot be processed (empty ROI, mismatched geometry, bad settings)."""
 
 
@@ -391,7 +393,8 @@ _INTERPOLATORS = {
     "nearest": sitk.sitkNearestNeighbor,
 }
 
-#: Default re-segmentation ranges per MR map (physically possible values, units of docs/architecture.md, Conventions).
+#: Default re-segmentation ranges per MR map (physically possible values, units of
+#: docs/architecture.md, Conventions).
 _MR_RANGES: dict[str, tuple[float | None, float | None]] = {
     "ADC": (0.0, 5.0e-3),
     "MD": (0.0, 5.0e-3),

@@ -8,11 +8,11 @@ so the rest of a flexible spine does not pull the solution away from the lesion.
 
 Conventions
 -----------
-* SimpleITK's transform maps **fixed (baseline) points to moving (follow-up) points** (LPS, mm); that
-  is what :func:`SimpleITK.Resample` needs to bring the follow-up onto the baseline grid.
+* SimpleITK's transform maps **fixed (baseline) points to moving (follow-up) points** (LPS, mm);
+  that is what :func:`SimpleITK.Resample` needs to bring the follow-up onto the baseline grid.
 * :attr:`RigidRegistration.matrix_moving_to_fixed` is the 4×4 homogeneous matrix mapping follow-up
-  LPS coordinates (mm) to baseline LPS coordinates, i.e. the Frame of Reference Transformation Matrix
-  (3006,00C6) of a DICOM Spatial Registration object whose registered frame is the baseline's
+  LPS coordinates (mm) to baseline LPS coordinates, i.e. the Frame of Reference Transformation
+  Matrix (3006,00C6) of a DICOM Spatial Registration object whose registered frame is the baseline's
   (PS3.3 C.20.2.1.1; PS3.17 "Spatial Registration").
 
 With thick slices the position along the slice normal is poorly determined; when series of
@@ -43,10 +43,12 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from processing.errors import FitError
+
 logger = logging.getLogger(__name__)
 
 
-class RegistrationError(ValueError):
+class RegistrationError(FitError):
     """The registration could not be set up or did not converge to a usable transform."""
 
 
@@ -266,8 +268,8 @@ def resample_onto(
         Reference → image point mapping (e.g. :attr:`RigidRegistration.transform` when bringing a
         follow-up image onto the baseline grid). Default: identity (same frame of reference).
     interpolator : int
-        SimpleITK interpolator (``sitk.sitkLinear`` for intensities, ``sitk.sitkNearestNeighbor`` for
-        labels).
+        SimpleITK interpolator (``sitk.sitkLinear`` for intensities, ``sitk.sitkNearestNeighbor``
+        for labels).
     default_value : float
         Value outside ``image``.
 
@@ -324,7 +326,8 @@ def resample_mask(
     resampled = resample_onto(
         as_float, reference, transform=transform, interpolator=sitk.sitkLinear
     )
-    return sitk.Cast(sitk.GreaterEqual(resampled, threshold), sitk.sitkUInt8)
+    binary: sitk.Image = sitk.Cast(sitk.GreaterEqual(resampled, threshold), sitk.sitkUInt8)
+    return binary
 
 
 @contextmanager
@@ -507,9 +510,12 @@ def _evaluate(
     fixed_to_moving = transform_to_matrix(transform)
     moving_to_fixed = np.linalg.inv(fixed_to_moving)
     inverse = matrix_to_transform(moving_to_fixed)
-    angles = tuple(
-        math.degrees(a) for a in (inverse.GetAngleX(), inverse.GetAngleY(), inverse.GetAngleZ())
+    angles = (
+        math.degrees(inverse.GetAngleX()),
+        math.degrees(inverse.GetAngleY()),
+        math.degrees(inverse.GetAngleZ()),
     )
+    tx, ty, tz = (float(v) for v in moving_to_fixed[:3, 3])
 
     reasons: list[str] = list(extra_reasons)
     if fixed_vertebra is not None and moving_vertebra is not None:
@@ -527,8 +533,8 @@ def _evaluate(
     registration = RigidRegistration(
         transform=transform,
         matrix_moving_to_fixed=moving_to_fixed,
-        translation_mm=tuple(float(v) for v in moving_to_fixed[:3, 3]),  # type: ignore[arg-type]
-        rotation_deg=angles,  # type: ignore[arg-type]
+        translation_mm=(tx, ty, tz),
+        rotation_deg=angles,
         rotation_angle_deg=rotation_angle_deg(moving_to_fixed),
         initial_mutual_information=initial_mi,
         final_mutual_information=final_mi,
@@ -556,7 +562,7 @@ def _metric_region(
 ) -> sitk.Image:
     if region is not None:
         return region_mask(region, margin_mm=settings.margin_mm)
-    whole = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
+    whole: sitk.Image = sitk.Image(fixed.GetSize(), sitk.sitkUInt8) + 1
     whole.CopyInformation(fixed)
     return whole
 
@@ -665,6 +671,8 @@ def register_rigid_multi(
         settings,
         fixed_vertebra=fixed_vertebra,
         moving_vertebra=moving_vertebra,
-        stop_condition=f"fused {len(weights)} of {len(pairs)} registrations ({primary.stop_condition})"
-        + ("; " + "; ".join(notes) if notes else ""),
+        stop_condition=(
+            f"fused {len(weights)} of {len(pairs)} registrations ({primary.stop_condition})"
+            + ("; " + "; ".join(notes) if notes else "")
+        ),
     )

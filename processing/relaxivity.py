@@ -43,6 +43,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from processing.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -92,7 +94,7 @@ AGENTS: dict[str, tuple[str, ...]] = {
 FIELD_TOLERANCE = 0.1
 
 
-class RelaxivityError(ValueError):
+class RelaxivityError(InputError):
     """Invalid relaxivity configuration (non-positive value, unknown agent name in an override)."""
 
 

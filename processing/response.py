@@ -1,7 +1,7 @@
 """Response assessment of a treated spinal metastasis: the documented rule set.
 
-Rule set ``spine-sbrt-response 1.0`` encodes the decision logic of docs/science.md §1.11 (design, not a
-guideline; decision support only):
+Rule set ``spine-sbrt-response 1.0`` encodes the decision logic of docs/science.md §1.11 (design,
+not a guideline; decision support only):
 
 1. **Local progression** if any of
    a. epidural progression: new epidural tumour (baseline epidural volume 0, now

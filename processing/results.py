@@ -2,8 +2,8 @@
 
 Plain frozen dataclasses: ``processing`` fills them, ``reporting`` turns them into DICOM objects and
 ``node`` stores them in the timeline. Units are part of each field's name or docstring; internal
-conventions follow docs/architecture.md, Conventions (ADC/MD in mm²/s, Ktrans/kep in /min, ve/vp as fractions, volumes in
-mL, times in s).
+conventions follow docs/architecture.md, Conventions (ADC/MD in mm²/s, Ktrans/kep in /min, ve/vp as
+fractions, volumes in mL, times in s).
 """
 
 from __future__ import annotations
@@ -11,6 +11,31 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
+
+#: UCUM unit of every quantity the node computes or measures, in its internal convention
+#: (docs/architecture.md, Conventions). One table for the maps, the measurements and the reports.
+QUANTITY_UNITS: dict[str, str] = {
+    "ADC": "mm2/s",
+    "MD": "mm2/s",
+    "Dapp": "mm2/s",
+    "IVIM_D": "mm2/s",
+    "IVIM_Dstar": "mm2/s",
+    "MK": "1",
+    "AK": "1",
+    "RK": "1",
+    "FA": "1",
+    "Kapp": "1",
+    "IVIM_f": "1",
+    "Ktrans": "/min",
+    "kep": "/min",
+    "ve": "1",
+    "vp": "1",
+    "T1": "s",
+    "IAUC60": "mmol/L.s",
+    "TTP": "s",
+    "T2w": "1",
+    "T1w": "1",
+}
 
 
 class TimePointRole(str, enum.Enum):

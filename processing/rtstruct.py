@@ -5,17 +5,17 @@ An RT Structure Set (PS3.3 A.19) stores each ROI as closed planar polygons in pa
 voxel mask on a target grid:
 
 * **In-plane rasterisation**: a voxel belongs to a contour when its *centre* lies inside the polygon
-  (even-odd rule, scan-line crossings with a half-open rule so shared edges are counted once). This is
-  the convention used by the IBSI reference ROI voxel counts (IBSI 1, CT phantom diagnostics).
-* **Holes and multiple contours**: contours on the same plane are combined with XOR, so a contour nested
-  in another one cuts a hole (the "keyhole-free" encoding of PS3.3 C.8.8.6.3) and disjoint contours
-  simply add up.
+  (even-odd rule, scan-line crossings with a half-open rule so shared edges are counted once). This
+  is the convention used by the IBSI reference ROI voxel counts (IBSI 1, CT phantom diagnostics).
+* **Holes and multiple contours**: contours on the same plane are combined with XOR, so a contour
+  nested in another one cuts a hole (the "keyhole-free" encoding of PS3.3 C.8.8.6.3) and disjoint
+  contours simply add up.
 * **Slice coverage**: each contour plane covers a slab of half the contour spacing on either side of
   it; a target slice takes the contours of the nearest plane whose slab contains its centre. Slices
   farther than half a spacing from every plane (gaps, beyond the ends) stay empty.
-* **Oblique targets**: when the target slices are not parallel to the contour planes, the ROI is first
-  rasterised on a fine grid aligned with the contours, then resampled onto the target by linear
-  interpolation and thresholded at 0.5 (partial-volume rule).
+* **Oblique targets**: when the target slices are not parallel to the contour planes, the ROI is
+  first rasterised on a fine grid aligned with the contours, then resampled onto the target by
+  linear interpolation and thresholded at 0.5 (partial-volume rule).
 
 References
 ----------
@@ -35,6 +35,8 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from processing.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -43,7 +45,7 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 PLANE_TOLERANCE_MM = 0.05
 
 
-class RTStructError(ValueError):
+class RTStructError(InputError):
     """The RT Structure Set cannot be turned into the requested mask."""
 
 
@@ -197,7 +199,8 @@ def _grid(reference: sitk.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, tu
     origin = np.asarray(reference.GetOrigin(), dtype=float)
     spacing = np.asarray(reference.GetSpacing(), dtype=float)
     direction = np.asarray(reference.GetDirection(), dtype=float).reshape(3, 3)
-    return origin, spacing, direction, tuple(int(s) for s in reference.GetSize())  # type: ignore[return-value]
+    nx, ny, nz = (int(s) for s in reference.GetSize())
+    return origin, spacing, direction, (nx, ny, nz)
 
 
 def _fill_polygon(mask2d: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> None:
@@ -251,7 +254,8 @@ def _plane_normal(contours: Sequence[np.ndarray]) -> np.ndarray:
     if singular[1] <= 1e-6 * max(singular[0], 1e-12):
         raise RTStructError("contour is degenerate (collinear points); cannot find its plane")
     normal = vt[2]
-    return normal / np.linalg.norm(normal)
+    unit: np.ndarray = normal / np.linalg.norm(normal)
+    return unit
 
 
 def _rasterise_parallel(
@@ -259,7 +263,10 @@ def _rasterise_parallel(
     reference: sitk.Image,
     contour_spacing_mm: float | None,
 ) -> np.ndarray:
-    """Rasterise on a grid whose slices are parallel to the contour planes. Returns array (z, y, x)."""
+    """Rasterise on a grid whose slices are parallel to the contour planes.
+
+    Returns array (z, y, x).
+    """
     origin, spacing, direction, size = _grid(reference)
     to_index = np.linalg.inv(direction)  # rows: unit axes of the grid
     mask = np.zeros(size[::-1], dtype=bool)

@@ -1,9 +1,10 @@
 """Assemble an MR series into correctly oriented volumes, with the acquisition physics alongside.
 
-Pure functions on pydicom datasets (the caller reads the files). Handles classic single-frame images,
-Enhanced MR multi-frame objects (per-frame and shared functional groups, including Siemens XA which
-writes the spatial groups per frame), Siemens mosaics and United Imaging tiled ``VFRAME`` images
-(one volume per file as a grid of slices, each slice's position in the private (0065,xx51) items).
+Pure functions on pydicom datasets (the caller reads the files). Handles classic single-frame
+images, Enhanced MR multi-frame objects (per-frame and shared functional groups, including Siemens
+XA which writes the spatial groups per frame), Siemens mosaics and United Imaging tiled ``VFRAME``
+images (one volume per file as a grid of slices, each slice's position in the private (0065,xx51)
+items).
 
 A series is what its images say, not every object that shares its UID: :func:`split_set_aside` /
 :func:`set_aside_reason` keep out DICOMDIRs, presentation states, key objects, SR, Real World Value
@@ -13,19 +14,20 @@ is given). Scanner-derived volumes inside an acquired series (ADC/FA/EADC maps, 
 trace images and the Philips isotropic image beside directional ones) are left out of the volumes
 and listed in :attr:`SeriesVolume.excluded`; a series made only of derived images (a TRACEW or
 scanner ADC series) is read whole. A series becomes an array of shape
-``(n_volumes, z, y, x)``: one 3-D volume per b-value/direction, time point, flip angle or echo, with a
-:class:`VolumeMetadata` for each and the source frame of every slice (reporting references them).
+``(n_volumes, z, y, x)``: one 3-D volume per b-value/direction, time point, flip angle or echo,
+with a :class:`VolumeMetadata` for each and the source frame of every slice (reporting references
+them).
 
-Geometry follows SimpleITK / ITK: origin = centre of the first voxel in LPS mm, spacing (x, y, z) in mm,
-direction = 3×3 matrix whose columns are the row direction, the column direction and the slice
+Geometry follows SimpleITK / ITK: origin = centre of the first voxel in LPS mm, spacing (x, y, z) in
+mm, direction = 3×3 matrix whose columns are the row direction, the column direction and the slice
 normal (row × column). Slices are ordered along the normal, as ``SimpleITK.ImageSeriesReader`` does.
 
 A series that cannot be assembled without guessing (missing or duplicated slice, mixed orientation /
 pixel spacing / matrix, irregular slice spacing, sheared stack, unknown diffusion encoding) raises a
 subclass of :class:`SeriesError` (a ``ValueError``) naming the problem; a silently wrong volume is
-never returned. Diffusion-encoding failures are raised as :class:`SeriesUnknownDiffusionEncodingError`
-/ :class:`SeriesDiffusionEncodingError`, which are also the
-:mod:`processing.diffusion_encoding` exceptions, so either ``except`` clause catches them.
+never returned. Diffusion-encoding failures are raised as
+:class:`SeriesUnknownDiffusionEncodingError` / :class:`SeriesDiffusionEncodingError`, which are also
+the :mod:`processing.diffusion_encoding` exceptions, so either ``except`` clause catches them.
 
 References
 ----------
@@ -42,7 +44,7 @@ import logging
 import math
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -61,6 +63,7 @@ from processing.diffusion_encoding import (
     first_float,
     private_value,
 )
+from processing.errors import InputError
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
@@ -80,7 +83,7 @@ ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE = 0.02
 
 
-class SeriesError(ValueError):
+class SeriesError(InputError):
     """A set of datasets cannot be assembled into a volume series."""
 
 
@@ -149,9 +152,10 @@ class Geometry:
 
     def index_to_lps(self, index: Sequence[float]) -> np.ndarray:
         """Physical LPS position (mm) of a continuous voxel index (x, y, z)."""
-        return np.asarray(self.origin) + self.direction_matrix @ (
+        position: np.ndarray = np.asarray(self.origin) + self.direction_matrix @ (
             np.asarray(self.spacing) * np.asarray(index, dtype=float)
         )
+        return position
 
     def image(self, values: np.ndarray) -> sitk.Image:
         """``values`` (z, y, x) as a SimpleITK image on this grid (the array's dtype is kept)."""
@@ -237,8 +241,8 @@ class AcquisitionPhysics:
     echo_pulse_sequence : str
         ``SPIN``, ``GRADIENT``, ``BOTH`` or empty.
     fat_suppression : str or None
-        ``"spectral"`` (fat saturation / SPAIR / SPIR), ``"inversion"`` (STIR-type short-TI inversion),
-        or None when no fat suppression is recorded.
+        ``"spectral"`` (fat saturation / SPAIR / SPIR), ``"inversion"`` (STIR-type short-TI
+        inversion), or None when no fat suppression is recorded.
     inversion_recovery : bool
         An inversion pulse was used (IR in Scanning Sequence, Inversion Recovery YES, or an
         inversion time).
@@ -539,7 +543,8 @@ def _item(groups: Sequence[Dataset], keyword: str) -> Dataset | None:
     for g in groups:
         seq = g.get(keyword)
         if seq:
-            return seq[0]
+            item: Dataset = seq[0]
+            return item
     return None
 
 
@@ -578,7 +583,8 @@ def _rescale(pixels: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
 def _pixel_array(ds: Dataset) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise MixedSeriesError(
-            f"SOP Instance {ds.get('SOPInstanceUID', '?')} ({ds.get('Modality', '?')}) has no pixel data"
+            f"SOP Instance {ds.get('SOPInstanceUID', '?')} ({ds.get('Modality', '?')}) "
+            "has no pixel data"
         )
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise MixedSeriesError(
@@ -718,7 +724,8 @@ def _frames_classic(ds: Dataset) -> list[_Frame]:
             )
         tr, tc = rows // grid, cols // grid
         row_cos, col_cos = iop[:3], iop[3:]
-        # ImagePositionPatient of a mosaic is that of the whole mosaic's corner (nibabel MosaicWrapper).
+        # ImagePositionPatient of a mosaic is that of the whole mosaic's corner
+        # (nibabel MosaicWrapper).
         corner = ipp + row_cos * ps[1] * (cols - tc) / 2.0 + col_cos * ps[0] * (rows - tr) / 2.0
         normal = _csa_slice_normal(ds)
         if normal is None:
@@ -763,7 +770,8 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
     n_frames = int(ds.get("NumberOfFrames", 1))
     if len(per_frame) != n_frames:
         raise InconsistentGeometryError(
-            f"SOP Instance {uid}: {len(per_frame)} per-frame functional groups for {n_frames} frames"
+            f"SOP Instance {uid}: {len(per_frame)} per-frame functional groups "
+            f"for {n_frames} frames"
         )
     pixels = _pixel_array(ds)
     if pixels.ndim == 2:
@@ -777,7 +785,8 @@ def _frames_enhanced(ds: Dataset) -> list[_Frame]:
         meas = _item(groups, "PixelMeasuresSequence")
         if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
             raise InconsistentGeometryError(
-                f"SOP Instance {uid} frame {i + 1}: plane position, orientation or pixel measures missing"
+                f"SOP Instance {uid} frame {i + 1}: plane position, orientation or pixel "
+                "measures missing"
             )
         iop = np.asarray(ori.ImageOrientationPatient, dtype=float)
         timing = _item(groups, "MRTimingAndRelatedParametersSequence") or Dataset()
@@ -894,7 +903,7 @@ def _physics(ds: Dataset) -> AcquisitionPhysics:
     )
 
 
-def _volume_key(f: _Frame) -> tuple:
+def _volume_key(f: _Frame) -> tuple[Hashable, ...]:
     """Parameters that distinguish volumes; frames sharing them at one position are repeats."""
     enc = f.encoding
     grad = None if enc is None or enc.gradient is None else tuple(round(c, 4) for c in enc.gradient)
@@ -912,7 +921,7 @@ def _volume_key(f: _Frame) -> tuple:
     )
 
 
-def _order_key(f: _Frame) -> tuple:
+def _order_key(f: _Frame) -> tuple[float, ...]:
     return (
         f.acquisition_order if f.acquisition_order is not None else -1,
         f.temporal_position_index if f.temporal_position_index is not None else -1,
@@ -1043,7 +1052,7 @@ def _without_derived(
     if not any(reasons) or all(reasons):
         return frames, ()
     kept = [f for f, r in zip(frames, reasons) if r is None]
-    dropped: dict[tuple, list[_Frame]] = defaultdict(list)
+    dropped: dict[tuple[str, tuple[Hashable, ...]], list[_Frame]] = defaultdict(list)
     for f, r in zip(frames, reasons):
         if r is not None:
             dropped[(r, _volume_key(f))].append(f)
@@ -1069,8 +1078,8 @@ def _assemble(
     for f in frames:
         if np.max(np.abs(f.iop - ref.iop)) > ORIENTATION_TOLERANCE:
             raise InconsistentGeometryError(
-                f"series {series_uid}: mixed ImageOrientationPatient {ref.iop.round(4).tolist()} and "
-                f"{f.iop.round(4).tolist()} (SOP Instance {f.source.sop_instance_uid})"
+                f"series {series_uid}: mixed ImageOrientationPatient {ref.iop.round(4).tolist()} "
+                f"and {f.iop.round(4).tolist()} (SOP Instance {f.source.sop_instance_uid})"
             )
         if f.pixels.shape != ref.pixels.shape:
             raise InconsistentGeometryError(
@@ -1079,8 +1088,8 @@ def _assemble(
             )
         if not np.allclose(f.pixel_spacing, ref.pixel_spacing, rtol=1e-4, atol=1e-4):
             raise InconsistentGeometryError(
-                f"series {series_uid}: mixed PixelSpacing {ref.pixel_spacing} and {f.pixel_spacing} "
-                f"(SOP Instance {f.source.sop_instance_uid})"
+                f"series {series_uid}: mixed PixelSpacing {ref.pixel_spacing} and "
+                f"{f.pixel_spacing} (SOP Instance {f.source.sop_instance_uid})"
             )
     row, col = ref.iop[:3], ref.iop[3:]
     normal = np.cross(row, col)
@@ -1101,7 +1110,7 @@ def _assemble(
         pos_index[idx] = len(centres) - 1
     n_pos = len(centres)
     # Group frames into volumes.
-    by_key: dict[tuple, list[int]] = defaultdict(list)
+    by_key: dict[tuple[Hashable, ...], list[int]] = defaultdict(list)
     for i, f in enumerate(frames):
         by_key[_volume_key(f)].append(i)
     volumes: list[list[int]] = []
@@ -1114,8 +1123,8 @@ def _assemble(
         extra = [p for p in range(n_pos) if len(per_pos.get(p, [])) > repeats]
         if extra:
             raise DuplicateSliceError(
-                f"series {series_uid}: slice position(s) {[round(centres[p], 3) for p in extra]} mm "
-                f"along the normal appear more often than the other {n_pos - len(extra)} in the "
+                f"series {series_uid}: slice position(s) {[round(centres[p], 3) for p in extra]} "
+                f"mm along the normal appear more often than the other {n_pos - len(extra)} in the "
                 f"volume(s) with b/flip/TE/TI/time key {key}: duplicated slice"
             )
         short = [p for p in range(n_pos) if len(per_pos.get(p, [])) < repeats]
@@ -1136,8 +1145,8 @@ def _assemble(
             gap = int(np.argmax(steps))
             raise MissingSliceError(
                 f"series {series_uid}: gap of {steps[gap]:.3f} mm between slices at "
-                f"{centres[gap]:.3f} and {centres[gap + 1]:.3f} mm (regular spacing {step:.3f} mm): "
-                "missing slice"
+                f"{centres[gap]:.3f} and {centres[gap + 1]:.3f} mm (regular spacing {step:.3f} "
+                "mm): missing slice"
             )
         if np.any(np.abs(steps - step) > SPACING_TOLERANCE * step):
             raise InconsistentGeometryError(

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from processing.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["B1_CAVEAT", "T1Fit", "T1MappingError", "VfaT1Model", "fixed_t10", "spgr_signal"]
@@ -37,7 +39,7 @@ T1_METHOD_FIXED = ("126352", "DCM", "T1 by Fixed Value")
 B1_CAVEAT = "no B1 correction: flip-angle error biases T1"
 
 
-class T1MappingError(ValueError):
+class T1MappingError(InputError):
     """The acquisition does not allow a T1 map (e.g. a single flip angle)."""
 
 
@@ -47,7 +49,8 @@ def spgr_signal(
     """Steady-state SPGR signal M0 sin(a)(1 - E1)/(1 - cos(a) E1); angles in degrees, TR in s."""
     a = np.deg2rad(np.asarray(flip_angle, dtype=float))
     e1 = np.exp(-repetition_time * np.asarray(r1, dtype=float))
-    return np.asarray(m0) * np.sin(a) * (1.0 - e1) / (1.0 - np.cos(a) * e1)
+    signal: NDArray[np.float64] = np.asarray(m0) * np.sin(a) * (1.0 - e1) / (1.0 - np.cos(a) * e1)
+    return signal
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,12 @@ class VfaT1Model:
         return sin_a * (1.0 - e1) / (1.0 - cos_a * e1)
 
     def _sse(
-        self, s: NDArray, r1: NDArray, sin_a: NDArray, cos_a: NDArray
-    ) -> tuple[NDArray, NDArray]:
+        self,
+        s: NDArray[np.float64],
+        r1: NDArray[np.float64],
+        sin_a: NDArray[np.float64],
+        cos_a: NDArray[np.float64],
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         f = self._basis(r1, sin_a, cos_a)
         fs = np.sum(f * s, axis=-1)
         ff = np.sum(f * f, axis=-1)
@@ -254,7 +261,9 @@ class VfaT1Model:
             "t1_bounds_s": [self.min_t1, self.max_t1],
         }
 
-    def _fit_linear(self, s: NDArray, alpha: NDArray) -> tuple[NDArray, NDArray]:
+    def _fit_linear(
+        self, s: NDArray[np.float64], alpha: NDArray[np.float64]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         # DESPOT1: S/sin(a) = E1 S/tan(a) + M0 (1 - E1), ordinary least squares per voxel
         y = s / np.sin(alpha)
         x = s / np.tan(alpha)
@@ -269,7 +278,9 @@ class VfaT1Model:
         m0[bad] = np.nan
         return r1, m0
 
-    def _fit_nonlinear(self, s: NDArray, alpha: NDArray) -> tuple[NDArray, NDArray]:
+    def _fit_nonlinear(
+        self, s: NDArray[np.float64], alpha: NDArray[np.float64]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
         sin_a, cos_a = np.sin(alpha), np.cos(alpha)
         grid = np.linspace(np.log(1.0 / self.max_t1), np.log(1.0 / self.min_t1), self.n_grid)
         ss = np.sum(s * s, axis=-1)

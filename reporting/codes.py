@@ -120,7 +120,8 @@ def _hash_code(text: str, length: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Units (UCUM) and unit conversion from the node's internal conventions (docs/architecture.md, Conventions)
+# Units (UCUM) and unit conversion from the node's internal conventions
+# (docs/architecture.md, Conventions)
 # --------------------------------------------------------------------------------------------
 
 UNITS: dict[str, CodedConcept] = {

@@ -47,6 +47,7 @@ from reporting.seg import (
     DEVICE_SERIAL_NUMBER,
     MANUFACTURER,
     MODEL_NAME,
+    check_frame_shape,
     source_geometry,
 )
 from reporting.uids import deterministic_uid, digest_arrays, digest_text, digest_uids
@@ -91,9 +92,10 @@ def build_parametric_map(
     source_images : Sequence[pydicom.Dataset]
         The series the map was computed from (classic MR series, or one Enhanced MR image).
     values : numpy.ndarray
-        Map ``(n, rows, columns)`` in the node's internal unit of ``quantity`` (docs/architecture.md, Conventions: ADC/MD
-        in mm²/s, Ktrans/kep in /min, ve/vp/f as fractions, T1 in s, IAUC60 in mmol/L·s, TTP in
-        s), aligned with the source frames (see :mod:`reporting.seg`).
+        Map ``(n, rows, columns)`` in the node's internal unit of ``quantity``
+        (docs/architecture.md, Conventions: ADC/MD in mm²/s, Ktrans/kep in /min, ve/vp/f as
+        fractions, T1 in s, IAUC60 in mmol/L·s, TTP in s), aligned with the source frames
+        (see :mod:`reporting.seg`).
     quantity : str
         Quantity name (``reporting.codes.QUANTITIES``).
     provenance : Mapping[str, Any]
@@ -135,17 +137,8 @@ def build_parametric_map(
         raise ValueError(f"values must be 3-D (frames, rows, columns), got {values.shape}")
     if not np.issubdtype(values.dtype, np.floating):
         raise ValueError(f"values must be floating point, got {values.dtype}")
+    check_frame_shape(values.shape, source_images, grid, "values")
     src = source_images[0] if source_images else None
-    expected = (
-        (int(grid.size[1]), int(grid.size[0]))
-        if grid is not None
-        else (None if src is None else (int(src.Rows), int(src.Columns)))
-    )
-    if expected is not None and values.shape[1:] != expected:
-        raise ValueError(
-            f"values frames are {values.shape[1:]} but "
-            f"{'the grid has' if grid is not None else 'sources are'} {expected}"
-        )
     geometry = source_geometry(source_images, values.shape[0], source_frames, grid)
     assert src is not None
 

@@ -67,6 +67,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
+from processing.errors import InputError
 from processing.results import Lesion
 from processing.series import ORIENTATION_TOLERANCE as _READER_ORIENTATION_TOLERANCE
 from processing.series import SEGMENTATION_SOP_CLASS, Geometry, SeriesVolume, SourceFrame
@@ -88,7 +89,7 @@ ALGORITHM_NAME = "spine-node lesion segmentation"
 ORIENTATION_TOLERANCE: float = _READER_ORIENTATION_TOLERANCE
 
 
-class SourceGeometryError(ValueError):
+class SourceGeometryError(InputError):
     """The source images (or the grid given) cannot carry one geometry for a derived object."""
 
 
@@ -189,10 +190,12 @@ def _frame_group(ds: Dataset, index: int, keyword: str) -> Dataset:
     """Functional group item ``keyword`` of frame ``index`` (0-based): per-frame, else shared."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and keyword in per_frame[index]:
-        return per_frame[index][keyword][0]
+        item: Dataset = per_frame[index][keyword][0]
+        return item
     shared = ds.get("SharedFunctionalGroupsSequence")
     if shared is not None and keyword in shared[0]:
-        return shared[0][keyword][0]
+        shared_item: Dataset = shared[0][keyword][0]
+        return shared_item
     raise ValueError(
         f"source {ds.SOPInstanceUID} frame {index + 1} has no {keyword} in its functional groups"
     )
@@ -391,6 +394,33 @@ def source_alignment(
     return [datasets_by_uid[f.sop_instance_uid] for f in frames], None, None
 
 
+def check_frame_shape(
+    shape: tuple[int, ...],
+    source_images: Sequence[Dataset],
+    grid: Geometry | None,
+    what: str,
+) -> None:
+    """Refuse an array (frames, rows, columns) whose frames do not match the grid it is encoded on:
+    ``grid`` when given, else the first source image's Rows x Columns.
+
+    Raises
+    ------
+    ValueError
+        The frame size differs; the message names ``what`` ("mask", "values").
+    """
+    src = source_images[0] if source_images else None
+    expected = (
+        (int(grid.size[1]), int(grid.size[0]))
+        if grid is not None
+        else (None if src is None else (int(src.Rows), int(src.Columns)))
+    )
+    if expected is not None and tuple(shape[1:]) != expected:
+        raise ValueError(
+            f"{what} frames are {tuple(shape[1:])} but "
+            f"{'the grid has' if grid is not None else 'sources are'} {expected}"
+        )
+
+
 def source_geometry(
     source_images: Sequence[Dataset],
     n_frames: int,
@@ -542,17 +572,8 @@ def build_segmentation(
         if not np.isin(np.unique(mask), (0, 1)).all():
             raise ValueError("mask must be boolean or contain only 0 and 1")
         mask = mask.astype(bool)
+    check_frame_shape(mask.shape, source_images, grid, "mask")
     src = source_images[0] if source_images else None
-    expected = (
-        (int(grid.size[1]), int(grid.size[0]))
-        if grid is not None
-        else (None if src is None else (int(src.Rows), int(src.Columns)))
-    )
-    if expected is not None and mask.shape[1:] != expected:
-        raise ValueError(
-            f"mask frames are {mask.shape[1:]} but "
-            f"{'the grid has' if grid is not None else 'sources are'} {expected}"
-        )
     if not mask.any():
         raise ValueError("mask is empty: there is no lesion to encode")
     geometry = source_geometry(source_images, mask.shape[0], source_frames, grid)
@@ -634,7 +655,7 @@ def build_segmentation(
     return seg
 
 
-# ----------------------------------------------------------------------------- reading a reader's SEG
+# --------------------------------------------------------------------------- reading a reader's SEG
 
 
 #: Largest distance (mm) between a SEG frame's Image Position (Patient) and the position of the
@@ -643,7 +664,7 @@ def build_segmentation(
 SEG_POSITION_TOLERANCE_MM = 1e-2
 
 
-class ReaderSegmentationError(ValueError):
+class ReaderSegmentationError(InputError):
     """A Segmentation written by another tool cannot be read, or does not fit the grid asked for."""
 
 
@@ -776,11 +797,12 @@ class ReaderSegmentation:
                 "ignore_spatial_locations": ignore_spatial_locations,
             }
             if multi:
-                return self.segmentation.get_pixels_by_source_frame(
+                by_frame: np.ndarray = self.segmentation.get_pixels_by_source_frame(
                     source_frames[0].sop_instance_uid,
                     [int(f.frame_number or 0) for f in source_frames],
                     **options,
                 )
+                return by_frame
             return self.segmentation.get_pixels_by_source_instance(
                 [f.sop_instance_uid for f in source_frames], **options
             )
@@ -799,8 +821,7 @@ class ReaderSegmentation:
                 self._check_frames_on(reference, source_frames)
                 array = pixels(True)
         except (ValueError, KeyError, AttributeError, IndexError, RuntimeError) as err:
-            if isinstance(err, ReaderSegmentationError):
-                raise
+            # highdicom's refusals (ReaderSegmentationError itself is not caught here)
             raise ReaderSegmentationError(
                 f"SEG {self.sop_instance_uid} does not align with the given source images: {err}"
             ) from err
@@ -1022,13 +1043,15 @@ def read_segmentation(ds: Dataset) -> ReaderSegmentation:
                         numbers = numbers if isinstance(numbers, Sequence) else [numbers]
                         frame_numbers.extend(int(n) for n in numbers)
             thickness = measures.get("SliceThickness")
+            # ImagePositionPatient has 3 values and PixelSpacing 2 (PS3.3 C.7.6.2); mypy cannot
+            # see the length of a tuple built from a DICOM multi-value
             frames.append(
                 SegmentationFrame(
                     number=i + 1,
                     segment_number=int(identification.ReferencedSegmentNumber),
                     position=tuple(float(v) for v in position),  # type: ignore[arg-type]
                     orientation=tuple(float(v) for v in orientation),
-                    pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),  # type: ignore
+                    pixel_spacing=tuple(float(v) for v in measures.PixelSpacing),  # type: ignore[arg-type]
                     slice_thickness=float(thickness) if thickness not in (None, "") else None,
                     source_sop_instance_uids=tuple(sop_uids),
                     source_frame_numbers=tuple(frame_numbers),

@@ -39,8 +39,8 @@ Content of each measurement group (TID 1411)
     count, and every other feature keep the pyradiomics value under a ``99PYRADIOMICS`` code. Shape
     features carry real units (mm, mm2, mm3, /mm); first-order intensity features of a map
     (mean, percentiles, range, deviations…, computed on the map in the node's internal unit) are
-    converted to the map's output unit; the rest have unit ``1``. The image the feature was computed on is
-    named in the measurement's algorithm parameters (``image=ADC``) and its Parametric Map is
+    converted to the map's output unit; the rest have unit ``1``. The image the feature was computed
+    on is named in the measurement's algorithm parameters (``image=ADC``) and its Parametric Map is
     referenced (Source of Measurement) when present;
   - criterion values (private ``CR-`` concepts) and the site model's probability of progression.
 * Changes go into further TID 1411 groups of the same lesion and time point (same tracking

@@ -3,9 +3,10 @@
 :func:`summary_records` gives the JSON-able records the ``analyze`` command writes to
 ``summary.json`` (values in the node's internal units, docs/architecture.md, Conventions: volumes
 in mL, ADC in mm²/s, Ktrans in /min…; the SR converts them to its reported units, see
-:func:`reporting.sr.reported_value`); :func:`results_from_summary` reads them back. :func:`format_summary` gives the short text printed for the
-user: per lesion and time point the volume, the main map statistics, the changes from baseline and
-the response call with the criteria behind it.
+:func:`reporting.sr.reported_value`); :func:`results_from_summary` reads them
+back. :func:`format_summary` gives the short text printed for the user: per lesion and time point
+the volume, the main map statistics, the changes from baseline and the response call with the
+criteria behind it.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Re-running the analysis on the same inputs must give the same Series and SOP Instance UIDs so that a
 PACS replaces earlier results instead of duplicating them, while a new algorithm version or changed
-inputs give new ones (docs/architecture.md, "Deterministic UIDs"). UIDs are derived as ``2.25.<integer of a UUID>``
-(PS3.5 §B.2, ISO/IEC 9834-8) where the UUID is a name-based version 5 UUID (RFC 9562 §5.5) of the
-identifying tuple.
+inputs give new ones (docs/architecture.md, "Deterministic UIDs"). UIDs are derived as
+``2.25.<integer of a UUID>`` (PS3.5 §B.2, ISO/IEC 9834-8) where the UUID is a name-based version 5
+UUID (RFC 9562 §5.5) of the identifying tuple.
 """
 
 from __future__ import annotations

@@ -129,7 +129,9 @@ def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -
     Raises
     ------
     ValueError
-        The map cannot be encoded (e.g. :class:`reporting.seg.SourceGeometryError` for source
+        The map cannot be encoded (e.g. an unknown quantity or unit).
+    processing.errors.InputError
+        The sources cannot carry the map (:class:`reporting.seg.SourceGeometryError` for source
         orientations that differ beyond the stated tolerance).
     """
     from node import __version__
@@ -157,6 +159,7 @@ def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -
 def run(args: argparse.Namespace) -> int:
     from node.worker import chain_settings_from
     from processing.adc_qa import find_scanner_adc, scanner_adc_qa
+    from processing.errors import InputError
     from processing.maps import compute_maps, map_statistics
     from processing.series import (
         SeriesError,
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
                     entry["parametric_map"] = _write_pmap(
                         qmap, volumes[qmap.source_series_instance_uid], by_sop, out_dir
                     )
-                except ValueError as err:
+                except (InputError, ValueError) as err:
                     logger.warning("no Parametric Map for %s: %s", name, err)
                     entry["parametric_map"] = None
                     entry["parametric_map_error"] = str(err)

@@ -8,8 +8,8 @@ the study's rigid transform for follow-ups.
 
 Tissue values (3 T) follow the sources of docs/science.md §2: marrow D/f/D* from the OSIPI IVIM
 bone-marrow reference (D 0.43e-3 mm²/s, f 0.145, D* 50e-3 mm²/s); tumour ADC ~0.7-0.9e-3 mm²/s
-(Lee 2021) with higher kurtosis than marrow (docs/science.md §2.3); hypervascular metastasis DCE values
-of the MSKCC series (Ktrans ~0.1-0.3 /min, vp 0.05-0.1); T1/T2 from standard 3 T tables.
+(Lee 2021) with higher kurtosis than marrow (docs/science.md §2.3); hypervascular metastasis DCE
+values of the MSKCC series (Ktrans ~0.1-0.3 /min, vp 0.05-0.1); T1/T2 from standard 3 T tables.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ class Grid:
         ni, nj, nk = self.size
         k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
         idx = np.stack([i, j, k], axis=-1).astype(np.float64) * np.asarray(self.spacing)
-        return np.asarray(self.origin) + idx @ self.matrix.T
+        centres: NDArray[np.float64] = np.asarray(self.origin) + idx @ self.matrix.T
+        return centres
 
     def slice_position(self, k: int) -> NDArray[np.float64]:
         """ImagePositionPatient of slice k (centre of its first voxel)."""
@@ -345,7 +346,10 @@ def axis_angle_matrix(axis: NDArray[np.float64], angle_rad: float) -> NDArray[np
     """Rodrigues' rotation matrix."""
     x, y, z = axis / np.linalg.norm(axis)
     k = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
-    return np.eye(3) + np.sin(angle_rad) * k + (1 - np.cos(angle_rad)) * (k @ k)
+    rotation: NDArray[np.float64] = (
+        np.eye(3) + np.sin(angle_rad) * k + (1 - np.cos(angle_rad)) * (k @ k)
+    )
+    return rotation
 
 
 def make_tumour(

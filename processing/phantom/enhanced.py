@@ -1,4 +1,5 @@
-"""Enhanced MR Image Storage (PS3.3 A.36.2): one multi-frame object per series, as Siemens XA writes.
+"""Enhanced MR Image Storage (PS3.3 A.36.2): one multi-frame object per series, as Siemens XA
+writes.
 
 Frames are in the classic file order (volume-major, slices inferior to superior). Like the
 Siemens XA exports, Pixel Measures, Plane Position, Plane Orientation, Frame Content and the MR

@@ -161,7 +161,8 @@ SCENARIO_CHANGES: dict[str, list[dict[str, Any]]] = {
         ),
     ],
 }
-#: days after treatment of follow-up n (1-based); pseudoprogression's first follow-up is at ~12 weeks
+#: days after treatment of follow-up n (1-based); pseudoprogression's first follow-up is at
+#: ~12 weeks
 FOLLOWUP_DAYS = (70, 182, 273, 365)
 #: series numbers of a VFA written one series per flip angle: 61, 62, ...
 VFA_SERIES_NUMBER = 60
@@ -251,7 +252,10 @@ class Phantom:
         yield from rt.rt_datasets(self)
 
     def iter_files(self) -> Iterator[tuple[str, bytes]]:
-        """Yield ``(relative path, DICOM Part 10 bytes)`` for every object (what the command writes)."""
+        """Yield ``(relative path, DICOM Part 10 bytes)`` for every object.
+
+        These are the files the command writes.
+        """
         from processing.phantom import mr, rt
 
         for study in self.studies:
@@ -327,10 +331,12 @@ def _rigid(rng: np.random.Generator, centre: NDArray[np.float64]) -> dict[str, A
     euler.SetMatrix([float(v) for v in rot.ravel()])
     euler.SetTranslation([float(v) for v in translation])
     return {
-        "description": "followup_to_baseline maps a point in follow-up patient coordinates (LPS mm) to "
-        "the same anatomical point in baseline coordinates; baseline_to_followup is its "
-        "inverse, i.e. the SimpleITK transform a registration with fixed = baseline and "
-        "moving = follow-up returns (sitk_euler3d_baseline_to_followup).",
+        "description": (
+            "followup_to_baseline maps a point in follow-up patient coordinates (LPS mm) to "
+            "the same anatomical point in baseline coordinates; baseline_to_followup is its "
+            "inverse, i.e. the SimpleITK transform a registration with fixed = baseline and "
+            "moving = follow-up returns (sitk_euler3d_baseline_to_followup)."
+        ),
         "followup_to_baseline": m_f2b.tolist(),
         "baseline_to_followup": m_b2f.tolist(),
         "rotation_axis": axis.tolist(),
@@ -510,7 +516,9 @@ def generate_patient(
     birth = dt.date(1945, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 30)))
     patient = {
         "PatientName": f"PHANTOM^{seed}",
-        "PatientID": f"PHID-{seed:05d}-{scenario[:4].upper()}-{vendor[:3].upper()}-{size[0].upper()}",
+        "PatientID": (
+            f"PHID-{seed:05d}-{scenario[:4].upper()}-{vendor[:3].upper()}-{size[0].upper()}"
+        ),
         "PatientBirthDate": birth.strftime("%Y%m%d"),
         "PatientSex": "F" if rng.random() < 0.5 else "M",
         "PatientWeight": f"{rng.uniform(55, 95):.0f}",
@@ -635,7 +643,10 @@ def generate_patient(
 
 
 def _d_multiplier_for_adc(base: dict[str, float], adc_factor: float) -> float:
-    """Multiplier m of D such that the nominal tumour's ADC over b = 50-1000 changes by adc_factor."""
+    """Multiplier m of D such that the nominal tumour's ADC changes by adc_factor.
+
+    The ADC is the one over b = 50-1000.
+    """
     from scipy.optimize import brentq
 
     b = np.asarray(proto.ADC_SUBSETS["b50-1000"])
@@ -1161,7 +1172,10 @@ def _acquisition_truth(
                 "r1_source": contrast["r1_source"],
                 "hct": proto.HCT,
                 "aif": {
-                    "model": "Parker 2006 population AIF, whole blood, evaluated at (t - bolus_arrival_s)/60 min",
+                    "model": (
+                        "Parker 2006 population AIF, whole blood, evaluated at "
+                        "(t - bolus_arrival_s)/60 min"
+                    ),
                     "plasma": "Cp = Cb / (1 - hct)",
                     "tissue_model": "extended Tofts",
                     "signal_model": "SPGR with R1 = R10 + r1*C, R10 = 1/T10 of each tissue",
@@ -1177,7 +1191,10 @@ def _diffusion_truth(
     mask: NDArray[np.bool_],
     protocol: proto.Protocol | None = None,
 ) -> dict[str, Any]:
-    """Exact mono-exponential ADC per b subset and apparent kurtosis per subset (noiseless, tumour)."""
+    """Exact mono-exponential ADC and apparent kurtosis per b subset.
+
+    Noiseless values, for the tumour.
+    """
     d, k, f, ds = (params[n][mask] for n in ("d", "k", "f", "dstar"))
     adc = {}
     subsets = dict(proto.ADC_SUBSETS)

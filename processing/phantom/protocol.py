@@ -299,7 +299,8 @@ def gradient_directions(n: int) -> NDArray[np.float64]:
     phi = np.pi * (1 + 5**0.5) * i
     r = np.sqrt(1 - z**2)
     v = np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
-    return np.round(v / np.linalg.norm(v, axis=1, keepdims=True), 6)
+    unit: NDArray[np.float64] = np.round(v / np.linalg.norm(v, axis=1, keepdims=True), 6)
+    return unit
 
 
 def dwi_volumes(

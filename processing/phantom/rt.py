@@ -188,7 +188,8 @@ def _dose_values(tumour: TumourShape, grid: Grid, prescription_gy: float) -> NDA
     rho = np.linalg.norm(y, axis=-1)
     surface = tumour.radial(y / np.maximum(rho, 1e-12)[..., None])
     dmax = prescription_gy / 0.8
-    return dmax * 0.8 ** ((rho / surface) ** 4)
+    dose: NDArray[np.float64] = dmax * 0.8 ** ((rho / surface) ** 4)
+    return dose
 
 
 def _common(
@@ -429,7 +430,8 @@ def _rtdose(ph: Phantom, when: dt.datetime) -> Dataset:
     course = ph.rt["course"]
     grid: Grid = ph.rt["dose_grid"]["grid"]
     dose = _dose_values(ph.anatomy.tumour, grid, course["total_dose_gy"])
-    # 16-bit grid: dicom3tools' dciodvfy cannot parse 32-bit OW pixel data (assertion in attrothr.cc)
+    # 16-bit grid: dicom3tools' dciodvfy cannot parse 32-bit OW pixel data
+    # (assertion in attrothr.cc)
     scaling = float(dose.max()) / 60000.0
     ds = Dataset()
     ds.file_meta = file_meta(RTDoseStorage, ph.rt["dose_uid"])

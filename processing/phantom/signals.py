@@ -60,7 +60,8 @@ def parker_aif_blood(
     )
     with np.errstate(over="ignore"):
         sig = p["alpha"] * np.exp(-p["beta"] * t) / (1.0 + np.exp(-p["s"] * (t - p["tau"])))
-    return g1 + g2 + sig
+    aif: NDArray[np.float64] = g1 + g2 + sig
+    return aif
 
 
 def extended_tofts(
@@ -125,7 +126,10 @@ def spgr_signal(
     """Spoiled gradient echo steady state S = M0·sinα·(1 − E1)/(1 − cosα·E1), E1 = exp(−TR·R1)."""
     a = np.deg2rad(flip_deg)
     e1 = np.exp(-tr_s * np.asarray(r1_per_s))
-    return np.asarray(m0) * np.sin(a) * (1.0 - e1) / (1.0 - np.cos(a) * e1)
+    signal: NDArray[np.floating[Any]] = (
+        np.asarray(m0) * np.sin(a) * (1.0 - e1) / (1.0 - np.cos(a) * e1)
+    )
+    return signal
 
 
 def diffusion_attenuation(
@@ -151,7 +155,8 @@ def loglinear_adc(
     b = np.asarray(bvalues, dtype=np.float64)
     y = np.log(np.asarray(signals, dtype=np.float64))
     bc = b - b.mean()
-    return -(bc @ (y - y.mean(axis=0))) / float(bc @ bc)
+    adc: NDArray[np.float64] = -(bc @ (y - y.mean(axis=0))) / float(bc @ bc)
+    return adc
 
 
 def kurtosis_ols(

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from processing.errors import InputError
 from processing.maps import MapSettings, QuantMap, compute_maps, map_statistics
 from processing.phantom.anatomy import TumourShape
 from processing.series import read_series
@@ -158,7 +159,7 @@ def test_dce_without_baseline_is_a_clear_error_and_other_maps_survive(phantom_sm
                 source_frames=v.source_frames[first:],
             )
         cut.append(v)
-    with pytest.raises(ValueError, match="DCE without baseline"):
+    with pytest.raises(InputError, match="DCE without baseline"):
         compute_maps(cut)
     skipped: list[str] = []
     maps = compute_maps(cut, skipped=skipped)

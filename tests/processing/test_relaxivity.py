@@ -91,7 +91,7 @@ def test_site_override_wins() -> None:
         resolve_relaxivity("Gadovist", 1.5, overrides={"gadobutrol": 0.0})
     with pytest.raises(RelaxivityError, match="positive"):
         resolve_relaxivity("Gadovist", 1.5, default=-1.0)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(RelaxivityError, match="positive"):
         MapSettings(relaxivity_by_agent={"gadobutrol": -2.0})
 
 

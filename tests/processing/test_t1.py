@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from processing.t1 import VfaT1Model, fixed_t10, spgr_signal
+from processing.t1 import T1MappingError, VfaT1Model, fixed_t10, spgr_signal
 
 T1_DIR = Path("osipi_dce") / "test" / "T1_mapping" / "data"
 
@@ -64,7 +64,7 @@ def test_vfa_degenerate_input() -> None:
     fit = VfaT1Model(fa, 0.005).fit(s)
     assert fit.valid.tolist()[1:] == [False, False]
     assert np.isnan(fit.t1[1:]).all()
-    with pytest.raises(ValueError, match="two distinct flip angles"):
+    with pytest.raises(T1MappingError, match="two distinct flip angles"):
         VfaT1Model([10.0, 10.0], 0.005)
 
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from pydicom import dcmread
 
 from processing.results import Lesion
-from reporting.seg import build_segmentation
+from reporting.seg import SourceGeometryError, build_segmentation
 from tests.reporting.sources import b0_frames, canon_enhanced, classic_mr_series
 from tests.reporting.tools import dciodvfy, dcmqi
 
@@ -103,7 +103,7 @@ def test_segmentation_uids_are_deterministic() -> None:
 
 def test_segmentation_rejects_misaligned_mask() -> None:
     sources = classic_mr_series()
-    with pytest.raises(ValueError, match="5 frames but 6 source images"):
+    with pytest.raises(SourceGeometryError, match="5 frames but 6 source images"):
         build_segmentation(sources, np.ones((5, 24, 20), bool), LESION, algorithm_version="1")
     with pytest.raises(ValueError, match="empty"):
         build_segmentation(sources, np.zeros((6, 24, 20), bool), LESION, algorithm_version="1")
