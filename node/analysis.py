@@ -1,6 +1,7 @@
-"""Running the analysis chain on what the node's index holds, and writing its outputs.
+"""Reading a patient's instances from the node's store, and writing the chain's outputs.
 
-Shared by the node (a stable study makes its patient analysable) and ``spine-node analyze``.
+Used by the one pipeline runner (:func:`node.pipeline.run_patient`), which the node (a stable
+study makes its patient analysable), ``spine-node analyze`` and ``spine-node cohort`` share.
 """
 
 from __future__ import annotations
@@ -79,8 +80,7 @@ def write_outputs(result: ChainResult, out_dir: Path) -> list[Path]:
         path = out_dir / name
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
-    summary = result.summary()
-    summary["files"] = [p.name for p in paths]
+    summary = result.summary(files=[p.name for p in paths])
     (out_dir / "summary.json").write_text(
         json.dumps(summary, indent=2, default=str), encoding="utf-8"
     )

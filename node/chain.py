@@ -1,7 +1,9 @@
 """The analysis chain: one patient's DICOM datasets in, results and DICOM outputs out.
 
-Used unchanged by the running node (when a study becomes analysable) and by
-``spine-node analyze`` (offline), so that both produce the same numbers and the same UIDs.
+Run through :func:`node.pipeline.run_patient` by the running node (when a study becomes
+analysable), ``spine-node analyze`` (offline) and ``spine-node cohort``, so that all produce the
+same numbers and the same UIDs. The image helpers it uses between the steps (grids, crops, masks)
+are in :mod:`processing.imaging`; a reader's SEG is read by :func:`reporting.seg.read_segmentation`.
 
 Steps (docs/architecture.md, Data flow 5, 7, 8):
 
@@ -36,9 +38,20 @@ from pydicom.dataset import Dataset
 
 from node import __version__
 from node.config import AnalysisSection
+from node.errors import NodeError
 from node.roles import RoleAssignment, assign_roles, check_single_patient
 from processing.course import RT_MODALITIES
 from processing.dates import dicom_date
+from processing.errors import ProcessingError
+from processing.imaging import (
+    crop_to_lesion,
+    dilate_mm,
+    fill_non_finite,
+    grid_groups,
+    is_sagittal,
+    mask_intersection,
+    on_grid,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +60,7 @@ ALGORITHM_VERSION = __version__
 _REFINEMENT_CHANNELS = ("T1w", "STIR", "ADC")
 
 
-class ChainError(ValueError):
+class ChainError(NodeError):
     """Nothing can be analysed for these datasets; the message says why (no PHI)."""
 
 
@@ -146,11 +159,18 @@ class ChainResult:
     notes: list[str]
     timings: dict[str, float]
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-able summary (``summary.json``)."""
+    def summary(self, files: Sequence[str] | None = None) -> dict[str, Any]:
+        """JSON-able summary: the one place where ``summary.json``'s content is built.
+
+        Parameters
+        ----------
+        files : sequence of str, optional
+            The file names the outputs were written to (:func:`node.analysis.write_outputs`),
+            recorded as ``files`` (last key) when given.
+        """
         from reporting.summary import summary_records
 
-        return {
+        summary = {
             "algorithm_version": ALGORITHM_VERSION,
             "course": course_summary(self.course),
             "studies": [
@@ -195,6 +215,9 @@ class ChainResult:
             "notes": self.notes,
             "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
         }
+        if files is not None:
+            summary["files"] = list(files)
+        return summary
 
 
 def course_summary(course: Any) -> dict[str, Any]:
@@ -432,14 +455,14 @@ def _prepare_study(
             volumes[cls.series_instance_uid] = assembled[cls.series_instance_uid]
             roles[cls.series_instance_uid] = cls.role.value
     reference_uid = inventory.anatomy_reference
-    if reference_uid in volumes and _is_sagittal(volumes[reference_uid]):
+    if reference_uid in volumes and is_sagittal(volumes[reference_uid].geometry.direction):
         # lesions are delineated and measured on the axial series (the planning orientation);
         # a sagittal series of the same contrast only helps the registration
         reference_uid = next(
             (
                 uid
                 for uid, v in volumes.items()
-                if roles[uid] == roles[reference_uid] and not _is_sagittal(v)
+                if roles[uid] == roles[reference_uid] and not is_sagittal(v.geometry.direction)
             ),
             reference_uid,
         )
@@ -467,7 +490,7 @@ def _prepare_study(
         with timer("maps"):
             try:
                 quant = compute_maps([volumes[uid] for uid in map_inputs], settings=map_settings)
-            except ValueError as err:
+            except ProcessingError as err:  # unusable DWI/DCE series or failed fit: a note
                 notes.append(f"study {role.study_instance_uid}: maps not computed: {err}")
                 quant = {}
             else:
@@ -486,7 +509,11 @@ def _prepare_study(
     # anatomical channels: radiomics and the follow-up lesion refinement use them like maps
     for uid, role_name in roles.items():
         name = _ANATOMICAL.get(role_name)
-        if name is None or (name in maps and uid != reference_uid) or _is_sagittal(volumes[uid]):
+        if (
+            name is None
+            or (name in maps and uid != reference_uid)
+            or is_sagittal(volumes[uid].geometry.direction)
+        ):
             continue
         volume = volumes[uid]
         maps[name] = StudyMap(
@@ -505,8 +532,8 @@ def _prepare_study(
             for uid, v in volumes.items()
             if roles[uid] == reference_role
             and uid != reference_uid
-            and _is_sagittal(v)
-            and not _is_sagittal(anatomy)
+            and is_sagittal(v.geometry.direction)
+            and not is_sagittal(anatomy.geometry.direction)
         ),
         None,
     )
@@ -550,12 +577,6 @@ def _scanner_adc_qa(study: StudyAnalysis, notes: list[str]) -> None:
             f"study {study.study_instance_uid}: ADC QA against the scanner ADC "
             f"impossible: {study.scanner_adc_qa['error']}"
         )
-
-
-def _is_sagittal(volume: Any) -> bool:
-    """The slice normal of a series runs left-right."""
-    normal = np.asarray(volume.geometry.direction, dtype=float).reshape(3, 3)[:, 2]
-    return abs(normal[0]) > 0.8
 
 
 def _find_rtstruct(rt: Sequence[Dataset], course: Any) -> Dataset:
@@ -626,8 +647,7 @@ def _canal(rtstruct: Dataset, baseline: StudyAnalysis, notes: list[str]) -> sitk
     except RTStructError as err:
         notes.append(f"spinal cord contour not usable ({err}): epidural component not measured")
         return None
-    radius = [max(1, int(round(_CANAL_MARGIN_MM / sp))) for sp in mask.GetSpacing()]
-    return sitk.BinaryDilate(mask, radius, sitk.sitkBall, 0, 1)
+    return dilate_mm(mask, _CANAL_MARGIN_MM)
 
 
 def _reader_lesion(
@@ -724,9 +744,11 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
     for name in _REFINEMENT_CHANNELS:
         if name in baseline.maps and name in study.maps:
             base_channels.append(
-                _finite(_on_grid(baseline.maps[name].image, baseline.anatomy_image))
+                fill_non_finite(on_grid(baseline.maps[name].image, baseline.anatomy_image))
             )
-            follow_channels.append(_finite(_on_grid(study.maps[name].image, study.anatomy_image)))
+            follow_channels.append(
+                fill_non_finite(on_grid(study.maps[name].image, study.anatomy_image))
+            )
     try:
         lesion = refine_lesion(
             base_channels, gtv, follow_channels, registration.matrix_moving_to_fixed
@@ -747,89 +769,19 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
     )
 
 
-#: margin kept around the lesion for measurements and radiomics (mm): beyond the 1 cm³ peak sphere,
-#: the perturbation shifts and the resampling kernel
-_CROP_MARGIN_MM = 20.0
-
-
-def _crop_to_lesion(image: sitk.Image, mask: sitk.Image) -> sitk.Image:
-    """``image`` (on the mask's grid) cropped to the lesion's bounding box plus a margin.
-
-    Radiomics resample to a fine isotropic grid; doing that on the whole field of view costs
-    minutes per map for nothing.
-    """
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(mask > 0, sitk.sitkUInt8))
-    if not stats.HasLabel(1):
-        return image
-    box = stats.GetBoundingBox(1)
-    dim = mask.GetDimension()
-    start = list(box[:dim])
-    size = list(box[dim:])
-    for axis in range(dim):
-        pad = int(np.ceil(_CROP_MARGIN_MM / mask.GetSpacing()[axis]))
-        lo = max(0, start[axis] - pad)
-        hi = min(mask.GetSize()[axis], start[axis] + size[axis] + pad)
-        start[axis], size[axis] = lo, hi - lo
-    return sitk.RegionOfInterest(image, size, start)
-
-
-def _grid_key(image: sitk.Image) -> tuple:
-    return (
-        image.GetSize(),
-        tuple(np.round(image.GetOrigin(), 3)),
-        tuple(np.round(image.GetSpacing(), 4)),
-        tuple(np.round(image.GetDirection(), 5)),
-    )
-
-
 def _grid_groups(study: StudyAnalysis) -> list[tuple[sitk.Image, dict[str, sitk.Image]]]:
-    """(lesion mask, maps) per acquisition grid, each cropped around the lesion.
-
-    Quantitative maps are measured on the grid they were fitted on (the lesion mask resampled onto
-    it, linear interpolation >= 0.5), not interpolated onto the anatomical grid: interpolating a
-    map mixes tumour and marrow values at the lesion's edge. A map whose grid holds no lesion voxel
-    (a lesion smaller than its voxels) falls back to the anatomical grid. The first group is the
-    anatomical grid (volume and diameters come from it).
-    """
-    from processing.registration import resample_mask
-
-    anatomy_key = _grid_key(study.anatomy_image)
-    by_grid: dict[tuple, dict[str, sitk.Image]] = {anatomy_key: {}}
-    references = {anatomy_key: study.anatomy_image}
-    for quantity, qmap in study.maps.items():
-        key = _grid_key(qmap.image)
-        references.setdefault(key, qmap.image)
-        by_grid.setdefault(key, {})[quantity] = qmap.image
-    groups = []
-    anatomy_maps: dict[str, sitk.Image] = {}
-    for key, maps in by_grid.items():
-        if key == anatomy_key:
-            anatomy_maps.update(maps)
-            continue
-        mask = resample_mask(study.lesion_mask, references[key])
-        if not sitk.GetArrayViewFromImage(mask).any():
-            anatomy_maps.update({q: _on_grid(m, study.anatomy_image) for q, m in maps.items()})
-            continue
-        groups.append(
-            (_crop_to_lesion(mask, mask), {q: _crop_to_lesion(m, mask) for q, m in maps.items()})
-        )
-    anatomy = (
-        _crop_to_lesion(study.lesion_mask, study.lesion_mask),
-        {q: _crop_to_lesion(m, study.lesion_mask) for q, m in anatomy_maps.items()},
+    """(lesion mask, maps) per acquisition grid (:func:`processing.imaging.grid_groups`)."""
+    return grid_groups(
+        study.anatomy_image, study.lesion_mask, {q: m.image for q, m in study.maps.items()}
     )
-    return [anatomy, *groups]
 
 
 def _epidural(study: StudyAnalysis) -> sitk.Image | None:
     """The lesion's part inside the spinal canal, cropped like the anatomical group."""
     if study.canal_mask is None:
         return None
-    inside = sitk.And(
-        sitk.Cast(study.lesion_mask > 0, sitk.sitkUInt8),
-        sitk.Cast(study.canal_mask > 0, sitk.sitkUInt8),
-    )
-    return _crop_to_lesion(inside, study.lesion_mask)
+    inside = mask_intersection(study.lesion_mask, study.canal_mask)
+    return crop_to_lesion(inside, study.lesion_mask)
 
 
 def _subset(settings: Mapping[str, Any] | None, maps: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -853,33 +805,6 @@ def _merge_measurements(parts: Sequence[Any]) -> Any:
     return dataclasses.replace(
         first, map_statistics=statistics, radiomics=radiomics, radiomics_notes=tuple(notes)
     )
-
-
-def _finite(image: sitk.Image) -> sitk.Image:
-    """Failed fits and voxels outside a map's field of view (NaN) set to the map's median."""
-    values = sitk.GetArrayFromImage(image)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        values = values.copy()
-        values[bad] = float(np.median(values[~bad])) if (~bad).any() else 0.0
-        out = sitk.GetImageFromArray(values)
-        out.CopyInformation(image)
-        return out
-    return image
-
-
-def _on_grid(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    from processing.registration import resample_onto
-
-    same = (
-        image.GetSize() == reference.GetSize()
-        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5)
-    )
-    if same:
-        return sitk.Cast(image, sitk.sitkFloat32)
-    return resample_onto(sitk.Cast(image, sitk.sitkFloat32), reference, default_value=float("nan"))
 
 
 def _measure_and_assess(

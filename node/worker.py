@@ -23,7 +23,7 @@ import multiprocessing
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from node.analysis import link_superseded_reports
 from node.chain import ChainSettings
@@ -60,41 +60,35 @@ def _analyse_patient(
     map_cache_mb: int = 0,
 ) -> dict[str, Any]:
     """Child-process entry: run the chain for one patient; return what the parent records."""
-    from node.analysis import patient_datasets, write_outputs
     from node.logs import configure_logging
 
     # the child logs like the node: same file, same patient-identifier filter
     configure_logging(log_level, log_file)
-    from node.chain import ChainError, ChainSettings, run_chain
-    from node.index import Index
-    from node.roles import PatientMismatchError
+    from node.chain import ChainSettings
+    from node.map_cache import MapCache
+    from node.pipeline import StorePatient, run_patient
 
-    index = Index(Path(db_path))
-    try:
-        datasets = patient_datasets(index, Path(store_root), patient_row)
-    finally:
-        index.close()
-    try:
-        # a re-analysis (new follow-up, corrected study) refits only the studies whose map
-        # inputs changed; the cache lives beside the results, under the storage folder
-        from node.map_cache import MapCache
-
-        cache = MapCache(Path(store_root) / "cache" / "maps") if map_cache_mb > 0 else None
-        result = run_chain(datasets, settings=ChainSettings(**chain_settings), map_cache=cache)
-    except (ChainError, PatientMismatchError) as err:
-        return {"state": "waiting", "reason": str(err)}
+    # a re-analysis (new follow-up, corrected study) refits only the studies whose map inputs
+    # changed; the cache lives beside the results, under the storage folder
+    cache = MapCache(Path(store_root) / "cache" / "maps") if map_cache_mb > 0 else None
+    outcome = run_patient(
+        StorePatient(Path(db_path), Path(store_root), patient_row),
+        ChainSettings(**chain_settings),
+        Path(out_dir),
+        map_cache=cache,
+    )
+    if outcome.state == "waiting" or outcome.result is None:
+        return {"state": "waiting", "reason": outcome.reason}
     if cache is not None:
         try:
             cache.prune(map_cache_mb * 2**20)
         except OSError as err:  # a full or read-only cache folder costs refits, not the analysis
             logging.getLogger(__name__).warning("map cache not pruned: %s", err)
-    paths = write_outputs(result, Path(out_dir))
-    calls = [r.response.category.value for r in result.results if r.response is not None]
     return {
         "state": "done",
-        "paths": [str(p) for p in paths],
-        "calls": calls,
-        "timings": result.timings,
+        "paths": [str(p) for p in outcome.paths],
+        "calls": outcome.calls,
+        "timings": outcome.result.timings,
     }
 
 
@@ -112,16 +106,22 @@ def _end_with_parent() -> None:
         libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
+if TYPE_CHECKING:  # the worker's view of the node (NodeService satisfies it)
+    from node.protocols import WorkerHost
+
+
 class AnalysisWorker:
     """Runs the chain for patients whose studies became stable; see the module docstring.
 
     Parameters
     ----------
-    service : node.service.NodeService
-        The running node (index, store, outbox, settings).
+    service : node.protocols.WorkerHost
+        The running node (:class:`node.service.NodeService` builds the worker and owns it): its
+        settings, index, store, stability monitor (stable studies), outbox (results), follow-up
+        tracker and priors fetcher (told when an analysis waits), the last two optional.
     """
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: WorkerHost) -> None:
         self.service = service
         self.section = analysis_section(service.settings)
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
@@ -232,16 +232,16 @@ class AnalysisWorker:
             logger.info("study %s: not analysable yet: %s", study_uid, outcome["reason"])
             index.add_event("analysis_waiting", study_uid=study_uid, detail=outcome["reason"])
             # what is missing may be on the PACS (issue 5): check the patient, fetch priors
-            from node.priors import on_analysis_waiting
-
-            on_analysis_waiting(self.service, patient_row, study_uid, outcome["reason"])
+            priors = self.service.priors
+            if priors is not None:
+                priors.on_analysis_waiting(patient_row, study_uid, outcome["reason"])
             return outcome
         paths = [Path(p) for p in outcome["paths"]]
         link_superseded_reports(paths, recorded_reports(index, patient_row))
         for destination in self.service.settings.node.result_destinations:
             self.service.outbox.enqueue(paths, destination, f"analysis of study {study_uid}")
         detail = f"{len(paths)} objects; response: {', '.join(outcome['calls']) or 'baseline only'}"
-        followups = getattr(self.service, "followups", None)
+        followups = self.service.followups
         # the timeline and follow-up windows are recorded before ``analysis_done``: whoever sees
         # that event (an operator, the dashboard, a test) then also sees the time points
         try:

@@ -37,18 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.analysis import (
-        chain_datasets_summary,
-        format_course,
-        patient_datasets,
-        patients_in_index,
-        write_outputs,
-    )
-    from node.chain import ChainError, course_summary, run_chain
+    from node.analysis import format_course, patients_in_index
+    from node.chain import course_summary
     from node.index import Index
     from node.ingest import import_files, iter_files
     from node.map_cache import MapCache
-    from node.roles import PatientMismatchError
+    from node.pipeline import StorePatient, run_patient
     from node.store import Store
     from node.worker import chain_settings_from
     from reporting.summary import format_summary
@@ -61,42 +55,43 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="spine-node-analyze-") as tmp:
         index = Index(Path(tmp) / "index.sqlite")
-        store = Store(Path(tmp), index)
-        report = import_files(store, files)
-        for path, reason in report.skipped:
-            print(f"skipped {path}: {reason}", file=sys.stderr)
-        if not report.stored:
-            print(
-                "spine-node analyze: no DICOM instance could be read from the given paths",
-                file=sys.stderr,
-            )
-            return 2
-        patients = patients_in_index(index)
-        if len(patients) > 1:
-            print(
-                f"spine-node analyze: the files hold {len(patients)} patients; analyse one "
-                "patient at a time",
-                file=sys.stderr,
-            )
-            return 2
-        datasets = patient_datasets(index, store.root, patients[0])
-        print(f"imported {chain_datasets_summary(datasets)}")
         try:
-            result = run_chain(
-                datasets,
-                settings=settings,
+            store = Store(Path(tmp), index)
+            report = import_files(store, files)
+            for path, reason in report.skipped:
+                print(f"skipped {path}: {reason}", file=sys.stderr)
+            if not report.stored:
+                print(
+                    "spine-node analyze: no DICOM instance could be read from the given paths",
+                    file=sys.stderr,
+                )
+                return 2
+            patients = patients_in_index(index)
+            if len(patients) > 1:
+                print(
+                    f"spine-node analyze: the files hold {len(patients)} patients; analyse one "
+                    "patient at a time",
+                    file=sys.stderr,
+                )
+                return 2
+            # the node's own runner: the store's rules (rejection notes), the chain, the outputs
+            outcome = run_patient(
+                StorePatient(index, store.root, patients[0]),
+                settings,
+                args.out,
                 map_cache=None if args.map_cache is None else MapCache(args.map_cache),
             )
-        except (ChainError, PatientMismatchError) as err:
-            print(f"spine-node analyze: nothing to analyse: {err}", file=sys.stderr)
-            return 2
         finally:
             index.close()
-    paths = write_outputs(result, args.out)
+    print(f"imported {outcome.inputs}")
+    if outcome.result is None:
+        print(f"spine-node analyze: nothing to analyse: {outcome.reason}", file=sys.stderr)
+        return 2
+    result = outcome.result
     print("CyberKnife course:")
     print(format_course(course_summary(result.course)))
     print(format_summary(result.results))
     for note in result.notes:
         print(f"note: {note}")
-    print(f"wrote {len(paths)} DICOM objects and summary.json to {args.out}")
+    print(f"wrote {len(outcome.paths)} DICOM objects and summary.json to {args.out}")
     return 0

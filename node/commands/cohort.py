@@ -3,8 +3,9 @@
 Writes N synthetic CyberKnife patients (:mod:`processing.phantom`) with mixed scenarios — the four
 scenarios in turn (responder, progression, pseudoprogression, stable), the DICOM encoding variant
 changing every four patients and the seed with every patient, so that no two cases are alike —
-runs the node's analysis chain (:func:`node.chain.run_chain`, the same numbers the node computes)
-on each in a pool of worker processes, and writes:
+runs the node's analysis (:func:`node.pipeline.run_patient` on the phantom's folder, with the IOCM
+rejection notes it holds applied: the same numbers the node computes) on each in a pool of worker
+processes, and writes:
 
 ``DIR/cases.csv``
     one row per lesion follow-up, built with :func:`processing.response_model.case_row` from the
@@ -18,10 +19,11 @@ on each in a pool of worker processes, and writes:
 
 A patient whose phantom or chain fails is reported and left out; the exit status is 1 when any
 patient failed, 2 on bad arguments. The phantom DICOM files are deleted once their patient is
-analysed unless ``--keep`` is given. The chain runs with ``repeatability=False, outputs=False``: a cohort needs
-the changes (``delta.*`` are relative changes, independent of the repeatability flags), not the
-per-case repeatability perturbation nor the SEG / Parametric Map / SR / PDF objects; the
-rule-based call in ``patients.json`` is therefore made against the published MDCs only.
+analysed unless ``--keep`` is given. The chain runs with ``repeatability=False, outputs=False``:
+a cohort needs the changes (``delta.*`` are relative changes, independent of the repeatability
+flags), not the per-case repeatability perturbation nor the SEG / Parametric Map / SR / PDF
+objects; the rule-based call in ``patients.json`` is therefore made against the published MDCs
+only.
 Patients are pseudonymised as ``P001``...; no patient identifier is written or logged.
 
 A model trained on such a cohort is labelled as not clinically meaningful (``spine-node train``).
@@ -41,7 +43,6 @@ import shutil
 import statistics
 import sys
 import time
-import warnings
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -150,12 +151,11 @@ def analyse_patient(
         expected call), ``notes`` (the chain's), ``times_s`` (phantom, read, chain, total) and
         ``chain_timings_s`` (per stage).
     """
-    from pydicom import dcmread
-
-    from node.chain import ChainError, ChainSettings, run_chain
+    from node.chain import ChainSettings
     from node.commands.phantom import write_phantom
-    from node.roles import PatientMismatchError
-    from processing.response_model import case_row
+    from node.errors import NodeError
+    from node.pipeline import DicomFolder, run_patient
+    from processing.errors import ProcessingError
 
     status: dict[str, Any] = {
         "patient": patient.pseudonym,
@@ -186,59 +186,70 @@ def analyse_patient(
             followups=followups,
         )
         times["phantom"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        with warnings.catch_warnings():
-            # pydicom's validation warnings quote element values (possibly identifiers)
-            warnings.simplefilter("ignore")
-            datasets = [dcmread(path) for path in sorted(folder.rglob("*.dcm"))]
-        times["read"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        result = run_chain(datasets, settings=settings)
-        times["chain"] = time.perf_counter() - t2
-        del datasets
-    except (ChainError, PatientMismatchError) as err:
-        status["reason"] = f"nothing to analyse: {err}"
-    except (FileExistsError, OSError, ValueError) as err:
+        # the node's runner, on the phantom's folder: rejection notes in it are applied
+        run = run_patient(DicomFolder([folder]), settings)
+        times["read"] = run.times_s["load"]
+        times["chain"] = run.times_s["chain"]
+    except (OSError, ValueError, ProcessingError, NodeError) as err:
+        # bad phantom arguments, unreadable files, unusable data: this patient fails
         status["reason"] = f"{type(err).__name__}: {err}"
         logger.warning("cohort patient %s failed", patient.pseudonym, exc_info=True)
-    except Exception as err:  # noqa: BLE001 - reported per patient, the cohort goes on
+    except Exception as err:  # noqa: BLE001
+        # process boundary of the cohort's per-patient loop (a worker process): a bug shown by
+        # one patient is reported with its traceback in the log, the cohort goes on
         status["reason"] = f"unexpected {type(err).__name__}: {err}"
         logger.error("cohort patient %s failed unexpectedly", patient.pseudonym, exc_info=True)
     else:
-        status["chain_timings_s"] = {k: round(v, 2) for k, v in result.timings.items()}
-        status["notes"] = list(result.notes)
-        followup_keys = {
-            str(study.get("StudyInstanceUID")): key
-            for key, study in truth["studies"].items()
-            if key != "baseline"
-        }
-        outcome = SCENARIO_OUTCOME[patient.scenario]
-        notes = f"{patient.vendor} vendor, seed {patient.seed}, {size} phantom"
-        for tp in result.results[1:]:
-            key = followup_keys.get(tp.study_instance_uid, tp.study_instance_uid)
-            case_id = f"{patient.pseudonym}-{key}"
-            row = case_row(tp.changes, outcome=outcome, case_id=case_id, data_origin="synthetic")
-            row.update(patient=patient.pseudonym, scenario=patient.scenario, notes=notes)
-            status["rows"].append(row)
-            expected = truth["studies"].get(key, {}).get("expected_response")
-            status["calls"].append(
-                {
-                    "case_id": case_id,
-                    "days_since_treatment": tp.days_since_treatment,
-                    "rule_based": None if tp.response is None else tp.response.category.value,
-                    "expected": expected,
-                }
-            )
-        if status["rows"]:
-            status["state"] = "analysed"
+        if run.result is None:
+            status["reason"] = f"nothing to analyse: {run.reason}"
         else:
-            status["reason"] = "no follow-up could be analysed: " + "; ".join(result.notes)
+            _record_cases(status, patient, truth, run.result, size)
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
     times["total"] = time.perf_counter() - t0
     status["times_s"] = {k: round(v, 2) for k, v in times.items()}
     return status
+
+
+def _record_cases(
+    status: dict[str, Any], patient: CohortPatient, truth: dict[str, Any], result: Any, size: str
+) -> None:
+    """Fill ``status`` with the case rows and calls of an analysed phantom patient.
+
+    ``result`` is the chain's :class:`node.chain.ChainResult`; ``truth`` the phantom's
+    ground truth (:func:`node.commands.phantom.write_phantom`).
+    """
+    from processing.response_model import case_row
+
+    status["chain_timings_s"] = {k: round(v, 2) for k, v in result.timings.items()}
+    status["notes"] = list(result.notes)
+    followup_keys = {
+        str(study.get("StudyInstanceUID")): key
+        for key, study in truth["studies"].items()
+        if key != "baseline"
+    }
+    outcome = SCENARIO_OUTCOME[patient.scenario]
+    notes = f"{patient.vendor} vendor, seed {patient.seed}, {size} phantom"
+    for tp in result.results[1:]:
+        key = followup_keys.get(tp.study_instance_uid, tp.study_instance_uid)
+        case_id = f"{patient.pseudonym}-{key}"
+        row = case_row(tp.changes, outcome=outcome, case_id=case_id, data_origin="synthetic")
+        row.update(patient=patient.pseudonym, scenario=patient.scenario, notes=notes)
+        status["rows"].append(row)
+        expected = truth["studies"].get(key, {}).get("expected_response")
+        status["calls"].append(
+            {
+                "case_id": case_id,
+                "days_since_treatment": tp.days_since_treatment,
+                "rule_based": None if tp.response is None else tp.response.category.value,
+                "expected": expected,
+            }
+        )
+    if status["rows"]:
+        status["state"] = "analysed"
+    else:
+        status["reason"] = "no follow-up could be analysed: " + "; ".join(result.notes)
 
 
 def write_cases(rows: list[dict[str, str]], path: Path) -> list[str]:
