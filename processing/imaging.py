@@ -71,16 +71,24 @@ def grid_key(image: sitk.Image) -> GridKey:
     )
 
 
-def same_grid(image: sitk.Image, reference: sitk.Image) -> bool:
+def same_grid(
+    image: sitk.Image,
+    reference: sitk.Image,
+    *,
+    origin_mm: float = 1e-3,
+    spacing_mm: float = 1e-4,
+    direction: float = 1e-5,
+) -> bool:
     """``image`` and ``reference`` have the same size, origin, spacing and direction.
 
-    Origins are compared to 1e-3 mm, spacings to 1e-4 mm and directions to 1e-5 (absolute).
+    Compared with absolute tolerances: origins to ``origin_mm`` (default 1e-3 mm), spacings to
+    ``spacing_mm`` (1e-4 mm), direction cosines to ``direction`` (1e-5).
     """
     return bool(
         image.GetSize() == reference.GetSize()
-        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)
-        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
-        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5)
+        and np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=origin_mm)
+        and np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=spacing_mm)
+        and np.allclose(image.GetDirection(), reference.GetDirection(), atol=direction)
     )
 
 

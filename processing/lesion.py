@@ -48,6 +48,7 @@ import SimpleITK as sitk
 from sklearn.mixture import GaussianMixture
 
 from processing.errors import FitError
+from processing.imaging import same_grid
 from processing.registration import dice, matrix_to_transform, resample_mask, resample_onto
 from processing.results import Lesion
 from processing.rtstruct import RoiInfo
@@ -235,12 +236,7 @@ def _shell(mask: sitk.Image, inner_mm: float, outer_mm: float) -> np.ndarray:
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
-    )
+    return same_grid(a, b, origin_mm=1e-4, spacing_mm=1e-6, direction=1e-6)
 
 
 def _stack(images: Sequence[sitk.Image], reference: sitk.Image) -> np.ndarray:

@@ -35,6 +35,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from processing.imaging import same_grid
 from processing.radiomics import RadiomicsError, RadiomicsSettings, extract_features
 from processing.results import QUANTITY_UNITS, LesionMeasurements, MapStatistics
 
@@ -59,12 +60,7 @@ def _roi_array(mask: sitk.Image, label: int) -> np.ndarray:
 
 
 def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4)
-    )
+    return same_grid(a, b, origin_mm=1e-3, spacing_mm=1e-4, direction=1e-4)
 
 
 def _index_to_physical_matrix(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
