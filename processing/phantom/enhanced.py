@@ -24,7 +24,12 @@ from pydicom.tag import Tag
 from pydicom.uid import EnhancedMRImageStorage
 
 from processing.phantom import protocol as proto
-from processing.phantom.mr import VENDOR_EQUIPMENT, _ds_str, _tm, file_meta, patient_study_module
+from processing.phantom.mr import (
+    _ds_str,
+    _tm,
+    equipment_and_series_module,
+    file_meta,
+)
 
 if TYPE_CHECKING:
     from processing.phantom.patient import Phantom, SeriesData, StudyData
@@ -121,15 +126,7 @@ def enhanced_series_dataset(ph: Phantom, study: StudyData, series: SeriesData) -
     ds.SeriesTime = _tm(series.start)
     ds.ContentTime = _tm(end)
     ds.AcquisitionDateTime = _dt(series.start)
-    ds.Modality = "MR"
-    for key, value in VENDOR_EQUIPMENT["enhanced"].items():
-        setattr(ds, key, value)
-    ds.InstitutionName = "Phantom Hospital"
-    ds.StationName = "PHMR01"
-    ds.SeriesDescription = sp.description
-    ds.ProtocolName = sp.description
-    ds.BodyPartExamined = "SPINE"
-    patient_study_module(ds, ph, study)
+    equipment_and_series_module(ds, ph, study, "enhanced", sp.description)
     ds.PatientPosition = "HFS"
     ds.SeriesInstanceUID = series.series_uid
     ds.SeriesNumber = str(sp.series_number)

@@ -208,6 +208,22 @@ def sequence_name(series: SeriesData, meta: dict[str, Any]) -> str:
     return {"t2w": "tse2d1_17", "t1w": "tse2d1_3", "stir": "tir2d1_13"}.get(sp.role, "fl3d1")
 
 
+def equipment_and_series_module(
+    ds: Dataset, ph: Phantom, study: StudyData, equipment: str, description: str
+) -> None:
+    """Modality, the scanner's equipment attributes (:data:`VENDOR_EQUIPMENT` ``[equipment]``),
+    the site, the series description and protocol name, and the patient/study modules."""
+    ds.Modality = "MR"
+    for key, value in VENDOR_EQUIPMENT[equipment].items():
+        setattr(ds, key, value)
+    ds.InstitutionName = "Phantom Hospital"
+    ds.StationName = "PHMR01"
+    ds.SeriesDescription = description
+    ds.ProtocolName = description
+    ds.BodyPartExamined = "SPINE"
+    patient_study_module(ds, ph, study)
+
+
 def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Dataset:
     """Attributes shared by every file of a classic series (copied per instance)."""
     sp = series.protocol
@@ -228,15 +244,7 @@ def _classic_template(ph: Phantom, study: StudyData, series: SeriesData) -> Data
     ds.ContentDate = study.date.strftime("%Y%m%d")
     ds.SeriesTime = _tm(series.start)
     ds.ContentTime = _tm(content_time)
-    ds.Modality = "MR"
-    for key, value in VENDOR_EQUIPMENT[vendor].items():
-        setattr(ds, key, value)
-    ds.InstitutionName = "Phantom Hospital"
-    ds.StationName = "PHMR01"
-    ds.SeriesDescription = sp.description
-    ds.ProtocolName = sp.description
-    ds.BodyPartExamined = "SPINE"
-    patient_study_module(ds, ph, study)
+    equipment_and_series_module(ds, ph, study, vendor, sp.description)
     ds.ScanningSequence = list(sp.scanning_sequence)
     ds.SequenceVariant = list(sp.sequence_variant)
     ds.ScanOptions = "FS" if series.role in ("dwi",) else ""
