@@ -111,15 +111,9 @@ def windows(
 ) -> list[FollowupWindow]:
     """Recorded windows, by patient and closing date."""
     ensure_schema(index)
-    sql = "SELECT * FROM followup_windows WHERE 1=1"
-    params: list[Any] = []
-    if patient_row is not None:
-        sql += " AND patient_row=?"
-        params.append(patient_row)
-    if state is not None:
-        sql += " AND state=?"
-        params.append(state)
-    rows = index.query(sql + " ORDER BY patient_row, closes, id", params)
+    rows = index.select(
+        "followup_windows", "patient_row, closes, id", patient_row=patient_row, state=state
+    )
     return [
         FollowupWindow(
             id=r["id"],

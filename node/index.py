@@ -251,6 +251,17 @@ class Index:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
+    def select(self, table: str, order_by: str, **equal: Any) -> list[sqlite3.Row]:
+        """Rows of ``table`` whose columns equal the given values (``None`` values are no
+        filter), ordered by ``order_by``. Table and column names come from the caller's code,
+        never from input; values are bound parameters."""
+        sql = f"SELECT * FROM {table}"
+        clauses = [f"{column}=?" for column, value in equal.items() if value is not None]
+        params = [value for value in equal.values() if value is not None]
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        return self.query(f"{sql} ORDER BY {order_by}", params)
+
     def close(self) -> None:
         """Close the connection (checkpointing the WAL)."""
         with self._lock:

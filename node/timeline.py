@@ -486,18 +486,15 @@ def timeline(
         Only this lesion.
     """
     ensure_schema(index)
-    sql = "SELECT * FROM timeline_points WHERE 1=1"
-    params: list[Any] = []
-    if patient_row is not None:
-        sql += " AND patient_row=?"
-        params.append(patient_row)
-    if tracking_uid is not None:
-        sql += " AND tracking_uid=?"
-        params.append(tracking_uid)
-    sql += " ORDER BY patient_row, course_uid, tracking_uid, study_date, study_instance_uid"
+    rows = index.select(
+        "timeline_points",
+        "patient_row, course_uid, tracking_uid, study_date, study_instance_uid",
+        patient_row=patient_row,
+        tracking_uid=tracking_uid,
+    )
     outputs_cache: dict[tuple[int, str], dict[str, list[dict[str, Any]]]] = {}
     points = []
-    for r in index.query(sql, params):
+    for r in rows:
         key = (r["patient_row"], r["course_uid"])
         if key not in outputs_cache:
             outputs_cache[key] = _outputs(index, *key)
