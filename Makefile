@@ -31,8 +31,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/spine-node demo
 
+# 2 xdist workers; a file runs whole on one worker, the longest files first (tests/conftest.py)
 test: sysdeps $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # ruff (the rule set in pyproject.toml) and the formatter check on the whole tree; mypy --strict
 # on the science and the DICOM encoders (processing/, reporting/)

@@ -1,16 +1,18 @@
 """Real scanner series for tests, unpacked on demand into a session temporary folder.
 
-The real exports live read-only in ``shared/data`` beside the checkout (``tests.conftest.SHARED_DATA``):
-``dwi_dcmqa/*/In/...`` and ``real_mr/*``. Some are stored gzipped (``*.gz``, one file per DICOM
-object) or zipped (``*.zip``) exactly as their sources ship them; they must be unpacked before use and
-never copied into the repository. This module does that once per test session:
+The real exports live read-only in ``shared/data`` beside the checkout
+(``tests.conftest.SHARED_DATA``): ``dwi_dcmqa/*/In/...`` and ``real_mr/*``. Some are stored gzipped
+(``*.gz``, one file per DICOM object) or zipped (``*.zip``) exactly as their sources ship them;
+they must be unpacked before use and never copied into the repository. This module does that once
+per test session:
 
 - :func:`real_series_dir` ``(name) -> Path`` gives a folder of plain DICOM files for one series
   folder. ``name`` is a key of :data:`REAL_SERIES` (for instance ``"philips_cl"``, ``"uih_dti16"``,
-  ``"xa61"``) or a path relative to ``shared/data`` (a folder, or a ``.zip`` file). A folder that holds
-  no ``.gz`` file is returned as is (read-only: do not write into it); a folder with ``.gz`` files is
-  copied into the session temporary folder with every ``X.gz`` gunzipped to ``X`` (other files, e.g. a
-  DICOMDIR, are copied unchanged, so a CD export stays a CD export); a ``.zip`` is extracted there.
+  ``"xa61"``) or a path relative to ``shared/data`` (a folder, or a ``.zip`` file). A folder that
+  holds no ``.gz`` file is returned as is (read-only: do not write into it); a folder with ``.gz``
+  files is copied into the session temporary folder with every ``X.gz`` gunzipped to ``X`` (other
+  files, e.g. a DICOMDIR, are copied unchanged, so a CD export stays a CD export); a ``.zip`` is
+  extracted there.
   Results are cached per process, so each archive is unpacked at most once per session.
 - :func:`real_data_root` gives ``shared/data`` (skips the test if absent);
 - :data:`REAL_SERIES` names every series folder of the corpus (the gzipped/zipped ones included).

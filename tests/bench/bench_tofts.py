@@ -74,8 +74,10 @@ def _accuracy(name: str, kt: np.ndarray, ve: np.ndarray, vp: np.ndarray, truth) 
     rel = np.abs(kt[ok] / t_kt[ok] - 1.0)
     print(
         f"  {name:<12} Ktrans |rel err| median {np.median(rel):.4f} p95 "
-        f"{np.percentile(rel, 95):.4f}; ve |err| p95 {np.percentile(np.abs(ve[ok] - t_ve[ok]), 95):.4f}; "
-        f"vp |err| p95 {np.percentile(np.abs(vp[ok] - t_vp[ok]), 95):.4f}; failed {np.count_nonzero(~ok)}"
+        f"{np.percentile(rel, 95):.4f}; "
+        f"ve |err| p95 {np.percentile(np.abs(ve[ok] - t_ve[ok]), 95):.4f}; "
+        f"vp |err| p95 {np.percentile(np.abs(vp[ok] - t_vp[ok]), 95):.4f}; "
+        f"failed {np.count_nonzero(~ok)}"
     )
 
 
@@ -149,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     t_base = time.perf_counter() - start
 
     print(
-        f"  baseline (per-voxel scipy curve_fit): {t_base:8.2f} s  {args.voxels / t_base:10.0f} voxels/s"
+        f"  baseline (per-voxel scipy curve_fit): {t_base:8.2f} s  "
+        f"{args.voxels / t_base:10.0f} voxels/s"
     )
     print(
-        f"  processing.dce.ToftsModel:            {t_vec:8.2f} s  {args.voxels / t_vec:10.0f} voxels/s"
+        f"  processing.dce.ToftsModel:            {t_vec:8.2f} s  "
+        f"{args.voxels / t_vec:10.0f} voxels/s"
     )
     print(f"  speed-up vs baseline: {t_base / t_vec:.1f}x (target >= 50x)")
     _accuracy("vectorised", fit.ktrans, fit.ve, fit.vp, (kt, ve, vp))
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  residual SSE ratio vectorised/curve_fit: median "
-        f"{np.median(sse_vec[both] / sse_base[both]):.6f}, max {np.max(sse_vec[both] / sse_base[both]):.6f}"
+        f"{np.median(sse_vec[both] / sse_base[both]):.6f}, "
+        f"max {np.max(sse_vec[both] / sse_base[both]):.6f}"
     )
     return 0
 

@@ -1,10 +1,14 @@
-"""``spine-node demo`` (issue 8, acceptance 2): a newcomer's first run, end to end, twice.
+"""``spine-node demo`` (issue 8, acceptance 2): a newcomer's first run, end to end.
 
 The demo is run as ``make demo`` runs it (the ``spine-node`` command line, here with ``--out`` in
-a temporary folder). The printed summary is checked against the phantom's ground truth and the
-node's ``summary.json``, and every object the node produced must have reached the demo's result
-receiver. A second run in the same folder must succeed too (the folder is emptied, not
-appended to); a folder the demo did not make is never emptied.
+a temporary folder), once per suite. The printed summary is checked against the phantom's ground
+truth and the node's ``summary.json``, and every object the node produced must have reached the
+demo's result receiver. A second run in the same folder starts by emptying it (it is not
+appended to): that is checked on the finished run's real folder (node storage, index, logs,
+phantom, received objects), after which a second run is the first one again; a folder the demo
+did not make is never emptied. ``make bench`` (``tests/bench/bench_demo.py``) runs the demo twice
+in one folder, as a newcomer would, and times both runs against the acceptance's 5 minutes on an
+otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from pydicom import dcmread
 from node.commands.demo import MARKER, DemoError, prepare_output
 
 REPO = Path(__file__).resolve().parents[2]
-#: acceptance 2: under 5 minutes on the 2-core machine (environment creation excluded)
-DEMO_LIMIT_S = 300
+#: a hung demo fails the test instead of the suite (the time limit is a benchmark's)
+DEMO_TIMEOUT_S = 900
 
 
 def _demo(out: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -32,7 +36,7 @@ def _demo(out: Path) -> tuple[subprocess.CompletedProcess, float]:
         [sys.executable, "-m", "node.cli", "demo", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=DEMO_LIMIT_S + 120,
+        timeout=DEMO_TIMEOUT_S,
         cwd=REPO,
     )
     return run, time.monotonic() - t0
@@ -85,17 +89,16 @@ def _check_run(run: subprocess.CompletedProcess, out: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.network
-def test_demo_runs_twice(tmp_path):
+def test_demo_runs_and_its_folder_is_ready_for_a_second_run(tmp_path):
     out = tmp_path / "demo-output"
-    first, seconds = _demo(out)
-    _check_run(first, out)
-    assert seconds < DEMO_LIMIT_S, f"demo took {seconds:.0f} s"
-    print(f"demo: first run {seconds:.0f} s")
-    second, seconds = _demo(out)
-    _check_run(second, out)
-    assert seconds < DEMO_LIMIT_S, f"second demo run took {seconds:.0f} s"
-    # one patient, one set of results: the folder was emptied, not appended to
-    assert len(list((out / "storage" / "results").glob("patient-*"))) == 1
+    run, seconds = _demo(out)
+    _check_run(run, out)
+    print(f"demo: {seconds:.0f} s")
+    # what a second run does first: the whole folder of the finished run is emptied (one patient,
+    # one set of results next time), the marker kept
+    assert (out / "storage" / "index.sqlite3").is_file() and any((out / "received").iterdir())
+    assert prepare_output(out) == out.resolve()
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]
 
 
 def test_prepare_output_empties_only_a_demo_folder(tmp_path):

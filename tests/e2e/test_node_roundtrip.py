@@ -8,6 +8,10 @@ months) give a timeline in order with days since treatment and deltas; then the 
 baseline the IHE IOCM way — a rejection note for the defective diffusion series and the corrected
 series — and the node re-analyses the patient: every later delta is recomputed and superseding
 reports (naming the ones they replace) reach the destination.
+
+The node analyses without radiomics (:data:`tests.phantom_fixtures.NO_RADIOMICS`): this test
+checks the flow, the timeline and the recomputed deltas, none of which depend on it; the node
+analyses the patient several times, each in half the time.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from node.timeline import courses as timeline_courses
 from node.timeline import timeline
 from tests.node.dicom_factory import rejection_note
 from tests.node.fixtures import free_port, require_tool, write_config
+from tests.phantom_fixtures import NO_RADIOMICS
 from tests.reporting.tools import dciodvfy
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
@@ -157,7 +162,7 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
             quiet_period_s=5,
             node_extra='result_destinations = ["RESULTS"]',
             extra=f'[[peers]]\nae_title = "RESULTS"\nport = {results_port}\n'
-            "may_send = false\nmay_receive = true\n",
+            "may_send = false\nmay_receive = true\n" + NO_RADIOMICS,
         )
         node = node_factory(config)
         port = node.start()

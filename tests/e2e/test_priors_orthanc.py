@@ -21,6 +21,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.node.fixtures import free_port, require_tool, write_config
+from tests.phantom_fixtures import NO_RADIOMICS
 
 
 def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
@@ -96,7 +97,9 @@ timeout_s = 60
 
 [dashboard]
 enabled = false
-""",
+"""
+        # the assignment does not depend on radiomics (half the analysis time)
+        + NO_RADIOMICS,
     )
     node = node_factory(config)
     assert node.start() == node_port

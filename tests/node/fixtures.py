@@ -6,8 +6,8 @@
   folder, through the node's own :class:`~node.logs.PhiFilter`, as the command line would write
   it; at the end of the session every file there is searched for the seeded patient identifiers
   (``tests/node/dicom_factory.PHI_TOKENS`` and the phantom's ``PHANTOM^``/``PHID-``), and a hit
-  fails the session (issue 2, acceptance 8; ``tests/node/test_zz_no_phi_in_logs.py`` checks the
-  node tests' logs as a regular test);
+  fails the session (issue 2, acceptance 8; ``tests/node/test_no_phi_in_logs.py`` checks a seeded
+  scenario's logs as a regular test);
 - helpers: :func:`free_port`, :func:`require_tool`, :func:`write_config`.
 """
 

@@ -3,11 +3,11 @@ deltas; a corrected baseline recomputes every later delta and call.
 
 These tests record summaries built from :class:`processing.results.TimePointResult` objects whose
 changes and calls come from the real ``processing.change.compute_changes`` and
-``processing.response.assess_response``, summarised by the real ``reporting.summary.summary_records``
-exactly as ``ChainResult.summary()`` does, so that every case (a changed value, a replaced study,
-outbox states, schema versions) is quick to set up. The same acceptance through the running node
-and the real chain on a three-time-point phantom, with the baseline corrected by an IHE IOCM
-rejection note, is ``tests/e2e/test_node_roundtrip.py``.
+``processing.response.assess_response``, summarised by the real
+``reporting.summary.summary_records`` exactly as ``ChainResult.summary()`` does, so that every case
+(a changed value, a replaced study, outbox states, schema versions) is quick to set up. The same
+acceptance through the running node and the real chain on a three-time-point phantom, with the
+baseline corrected by an IHE IOCM rejection note, is ``tests/e2e/test_node_roundtrip.py``.
 """
 
 from __future__ import annotations

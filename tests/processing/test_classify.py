@@ -273,7 +273,7 @@ def test_real_siemens_mosaic_dwi_inventory(shared_data: Path):
     assert (inv.adc, inv.ivim, inv.kurtosis_apparent, inv.dki_tensor) == (True, False, False, False)
 
 
-# ----------------------------------------------------------------------------- phantom (acceptance 2)
+# ------------------------------------------------------------------------- phantom (acceptance 2)
 #: Every vendor variant, and every scenario at least once (scenarios change the tumour, not the
 #: acquisition, so each vendor is generated once to keep the suite fast).
 PHANTOM_CASES = [

@@ -172,7 +172,8 @@ def _planning_grid() -> sitk.Image:
     return grid
 
 
-# GTV box: voxel centres x = 0 ... 99 mm (100 columns), y = 1 ... 4, z = 0, 1, 2 (one contour per 1 mm)
+# GTV box: voxel centres x = 0 ... 99 mm (100 columns), y = 1 ... 4, z = 0, 1, 2 (one contour per
+# 1 mm)
 GTV_BOX = ((-0.5, 99.5), (0.5, 4.5), (0.0, 1.0, 2.0))
 
 

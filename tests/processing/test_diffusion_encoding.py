@@ -1,9 +1,11 @@
-"""Diffusion encoding for every vendor, checked against dcm2niix's .bval/.bvec (issue 3, acceptance 1).
+"""Diffusion encoding for every vendor, checked against dcm2niix's .bval/.bvec (issue 3,
+acceptance 1).
 
 Reference: ``../shared/data/dwi_dcmqa`` (dcm2niix validation sets). The data README documents how
 dcm2niix's FSL ``.bvec`` relates to LPS gradients: g_img = Rᵀ·g_LPS (R's columns: row, column,
 row × column) followed by a per-axis sign flip. b ≈ 0 volumes (b < 5 s/mm²) carry no usable
-direction (Philips writes a dummy one), so directions are compared on the diffusion-weighted volumes.
+direction (Philips writes a dummy one), so directions are compared on the diffusion-weighted
+volumes.
 """
 
 from __future__ import annotations

@@ -134,7 +134,8 @@ def test_refined_follow_up_volume_within_10_percent(baseline, radius_mm, gain) -
 
 
 def test_channel_changed_by_treatment_is_adapted_to(baseline) -> None:
-    """ADC of the lesion rises by 35 % after treatment: the follow-up adaptation keeps the volume."""
+    """ADC of the lesion rises by 35 % after treatment: the follow-up adaptation keeps the
+    volume."""
     images, gtv, vertebra = baseline
     matrix = _follow_up_to_baseline()
     follow_grid = _grid((-46.0, -48.0, -33.0))

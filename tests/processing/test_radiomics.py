@@ -1,4 +1,5 @@
-"""processing.radiomics against the IBSI 1 reference values (digital phantom, CT phantom config E)."""
+"""processing.radiomics against the IBSI 1 reference values (digital phantom, CT phantom
+config E)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The reader on real scanner exports (issue 13: reader, UIH tiling, effective b-values, acceptance 2).
+"""The reader on real scanner exports (issue 13: reader, UIH tiling, effective b-values,
+acceptance 2).
 
 Every check is against a reference this project did not compute: dcm2niix's ``.bval``/``.bvec`` and
 NIfTI in the data's ``Ref/`` folders, the vendor's own gradient table, or the objects' SOP Classes.
@@ -128,8 +129,9 @@ def test_cd_export_classify_study_sets_aside_and_reads_one_dwi_series(philips_cl
 
 # ----------------------------------------------------------------------------- Philips isotropic
 def test_philips_achieva_isotropic_volume_left_out() -> None:
-    """The scanner's isotropic (trace) image inside the DTI series ((2001,1004) = I, zero gradient at
-    b = 1000) is recognised and kept out: 33 volumes whose b-values/gradients equal Ref .bval/.bvec."""
+    """The scanner's isotropic (trace) image inside the DTI series ((2001,1004) = I, zero gradient
+    at b = 1000) is recognised and kept out: 33 volumes whose b-values/gradients equal Ref
+    .bval/.bvec."""
     datasets = _load("philips_achieva_dti32")
     volume = read_series(datasets)
     bval, bvec = _ref(ACHIEVA_REF)

@@ -27,7 +27,8 @@ SPACING = (1.5, 1.5, 2.5)
 
 
 def _spine(size=SIZE, spacing=SPACING, origin=None) -> tuple[sitk.Image, sitk.Image]:
-    """Three 'vertebral bodies', posterior elements, a cord and a lesion; returns (image, L2 body)."""
+    """Three 'vertebral bodies', posterior elements, a cord and a lesion; returns (image, L2
+    body)."""
     z, y, x = np.indices(size[::-1]).astype(float)
     xs = (x - size[0] / 2) * spacing[0]
     ys = (y - size[1] / 2) * spacing[1]

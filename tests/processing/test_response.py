@@ -1,4 +1,5 @@
-"""processing.response: the rule set on the phantom scenarios (synthetic measurements and images)."""
+"""processing.response: the rule set on the phantom scenarios (synthetic measurements and
+images)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""processing.response_model: calibrated pipeline, honest CV AUC, versioned save/load, explanation."""
+"""processing.response_model: calibrated pipeline, honest CV AUC, versioned save/load,
+explanation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""RT Structure Set → mask: IBSI CT phantom reference count and synthetic contours with known answers."""
+"""RT Structure Set → mask: IBSI CT phantom reference count and synthetic contours with known
+answers."""
 
 from __future__ import annotations
 

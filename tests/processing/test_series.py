@@ -84,11 +84,13 @@ def make_series(
     frame_of_ref: str | None = None,
     seed: int = 0,
 ) -> list[Dataset]:
-    """A synthetic MR series; pixel value = 1000·volume + 10·slice + 1 (volume, slice in true order).
+    """A synthetic MR series; pixel value = 1000·volume + 10·slice + 1 (volume, slice in true
+    order).
 
     ``volumes`` holds, per volume, the attributes that vary (e.g. ``{"DiffusionBValue": 1000,
-    "DiffusionGradientOrientation": [...]}``, ``{"FlipAngle": 10}``, ``{"TemporalPositionIdentifier":
-    3, "AcquisitionTime": "120005"}``). Files are returned shuffled (seeded).
+    "DiffusionGradientOrientation": [...]}``, ``{"FlipAngle": 10}``,
+    ``{"TemporalPositionIdentifier": 3, "AcquisitionTime": "120005"}``). Files are returned
+    shuffled (seeded).
     """
     volumes = volumes or [{}]
     common = dict(common or {})
@@ -451,7 +453,7 @@ def test_real_geometry_matches_dcm2niix(case, shared_data: Path, tmp_path: Path)
         assert best[1] == pytest.approx(value, rel=1e-5, abs=1e-3)
 
 
-# ----------------------------------------------------------------------------- phantom (acceptance 2)
+# ------------------------------------------------------------------------- phantom (acceptance 2)
 PHANTOM_CASES = [
     ("standard", "responder"),
     ("siemens", "progression"),
@@ -464,8 +466,9 @@ PHANTOM_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("vendor, scenario", PHANTOM_CASES, ids=[v for v, _ in PHANTOM_CASES])
 def test_phantom_geometry_and_diffusion_encoding_equal_ground_truth(vendor, scenario, make_phantom):
-    """Every MR series of every study: grid = ground_truth.json geometry; every DWI file's b-value and
-    LPS gradient = the truth written for that file (GE: logical frame, Philips/Siemens: private)."""
+    """Every MR series of every study: grid = ground_truth.json geometry; every DWI file's b-value
+    and LPS gradient = the truth written for that file (GE: logical frame, Philips/Siemens:
+    private)."""
     import json
 
     root = make_phantom(scenario, vendor, "small")

@@ -218,7 +218,7 @@ def test_mosaic_sources_use_the_map_grid() -> None:
         build_parametric_map(sources, qmap.values, "ADC", provenance={}, algorithm_version=VERSION)
 
 
-# ----------------------------------------------------------------------------- orientation tolerance
+# ------------------------------------------------------------------------- orientation tolerance
 def _ge_b0() -> tuple[SeriesVolume, list[pydicom.Dataset], np.ndarray]:
     volume, series = _series("ge_dwi", None)
     by_sop = {str(ds.SOPInstanceUID): ds for ds in series}

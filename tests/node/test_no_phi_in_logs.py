@@ -1,10 +1,11 @@
 """Acceptance 8 of issue 2: no seeded patient name, ID or birth date in any log of the suite.
 
-Runs after the other node tests (file name), so the session log folder holds every node's log
-file and stderr plus the in-process records. It also runs its own scenario first, so it proves
-something when run alone: seeded identifiers (one with a malformed birth date, which makes
-pydicom quote the value in a warning), rejected associations, a truncated file and a conflicting
-duplicate, with the node logging at DEBUG.
+The test runs its own scenario, so it proves something alone and in any order: seeded
+identifiers (one with a malformed birth date, which makes pydicom quote the value in a warning),
+rejected associations, a truncated file and a conflicting duplicate, sent to a node; then it
+searches every file of the session log folder written so far. The logs of the tests that run
+after it (or on the other xdist worker) are searched by the suite-wide check at the end of each
+worker's session (``tests/node/fixtures._suite_log_capture``): no test depends on running last.
 """
 
 from __future__ import annotations
