@@ -2,8 +2,9 @@
 acceptance 2: each run under 5 minutes on the 2-core machine, environment creation excluded).
 
 The demo's behaviour (the printed summary against the phantom's ground truth, every result at the
-receiver, a second run into the same folder) is tested in ``tests/e2e/test_demo.py``; its duration
-is measured here, on a machine that runs nothing else (the test suite runs two workers at once).
+receiver, the emptying of a finished run's folder that a second run starts with) is tested in
+``tests/e2e/test_demo.py`` with one run; the second full run into the same folder, and the duration
+of both, are checked here, on a machine that runs nothing else (the suite runs two workers).
 
 Run: ``.venv/bin/python -m tests.bench.bench_demo [--out DIR]``.
 """
