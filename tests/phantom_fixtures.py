@@ -48,9 +48,28 @@ def _shared_root(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     return root
 
 
+def _name(scenario: str, vendor: str, size: str, seed: int, followups: int, sagittal: bool) -> str:
+    return f"{scenario}-{vendor}-{size}-{seed}-{followups}{'-sag' if sagittal else ''}"
+
+
+def _cached(root: Path, name: str, leaf: str, write: Callable[[Path], None]) -> Path:
+    """``root/name/leaf``, written once by ``write(folder)`` under a file lock shared by the
+    xdist workers: into a temporary folder first, renamed into place when complete."""
+    from filelock import FileLock
+
+    out = root / name / leaf
+    with FileLock(str(root / f"{name}.lock")):
+        if not out.is_dir():
+            partial = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+            write(partial / leaf)
+            out.parent.mkdir(exist_ok=True)
+            os.rename(partial / leaf, out)
+            partial.rmdir()
+    return out
+
+
 @pytest.fixture(scope="session")
 def make_phantom(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    from filelock import FileLock
 
     from node.commands.phantom import write_phantom
 
@@ -64,24 +83,20 @@ def make_phantom(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
         followups: int = 1,
         sagittal: bool = False,
     ) -> Path:
-        name = f"{scenario}-{vendor}-{size}-{seed}-{followups}{'-sag' if sagittal else ''}"
-        out = root / name / "patient"
-        with FileLock(str(root / f"{name}.lock")):
-            if not out.is_dir():
-                partial = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-                write_phantom(
-                    partial / "patient",
-                    seed=seed,
-                    scenario=scenario,
-                    vendor=vendor,
-                    size=size,
-                    followups=followups,
-                    sagittal=sagittal,
-                )
-                out.parent.mkdir(exist_ok=True)
-                os.rename(partial / "patient", out)
-                partial.rmdir()
-        return out
+        return _cached(
+            root,
+            _name(scenario, vendor, size, seed, followups, sagittal),
+            "patient",
+            lambda folder: write_phantom(
+                folder,
+                seed=seed,
+                scenario=scenario,
+                vendor=vendor,
+                size=size,
+                followups=followups,
+                sagittal=sagittal,
+            ),
+        )
 
     return _make
 
@@ -120,7 +135,6 @@ def analyzed_phantom(
     analysis fails the test that asked for it (with the command's stderr), and is retried by the
     next one.
     """
-    from filelock import FileLock
 
     root = _shared_root(tmp_path_factory, "analysis-cache")
 
@@ -133,18 +147,14 @@ def analyzed_phantom(
         sagittal: bool = False,
     ) -> tuple[Path, Path]:
         patient = make_phantom(scenario, vendor, size, seed, followups, sagittal)
-        name = f"{scenario}-{vendor}-{size}-{seed}-{followups}{'-sag' if sagittal else ''}"
-        out = root / name / "out"
-        with FileLock(str(root / f"{name}.lock")):
-            if not out.is_dir():
-                partial = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-                run = run_analyze([patient], partial / "out")
-                if run.returncode != 0:
-                    pytest.fail(f"analyze of the {name} phantom failed:\n{run.stderr[-3000:]}")
-                (partial / "out" / "stdout.txt").write_text(run.stdout, encoding="utf-8")
-                out.parent.mkdir(exist_ok=True)
-                os.rename(partial / "out", out)
-                partial.rmdir()
-        return patient, out
+        name = _name(scenario, vendor, size, seed, followups, sagittal)
+
+        def analyse(folder: Path) -> None:
+            run = run_analyze([patient], folder)
+            if run.returncode != 0:
+                pytest.fail(f"analyze of the {name} phantom failed:\n{run.stderr[-3000:]}")
+            (folder / "stdout.txt").write_text(run.stdout, encoding="utf-8")
+
+        return patient, _cached(root, name, "out", analyse)
 
     return _analyzed

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -71,6 +72,24 @@ def mr_dataset(
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
+
+
+def mr_series(study_uid: str, count: int, seed: int, **kwargs: Any) -> list[Dataset]:
+    """``count`` 16 x 16 MR instances of one new series of ``study_uid`` (instance i has seed
+    ``seed + i``); ``kwargs`` go to :func:`mr_dataset`."""
+    series_uid = generate_uid()
+    return [
+        mr_dataset(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            instance_number=i + 1,
+            rows=16,
+            columns=16,
+            seed=seed + i,
+            **kwargs,
+        )
+        for i in range(count)
+    ]
 
 
 def write_mr_series(

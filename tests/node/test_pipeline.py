@@ -22,22 +22,6 @@ from node.timeline import TimelineError
 from tests.node import dicom_factory as factory
 
 
-def _series(study: str, n: int, seed: int, **kwargs: object) -> list[Dataset]:
-    series = generate_uid()
-    return [
-        factory.mr_dataset(
-            study_uid=study,
-            series_uid=series,
-            instance_number=i + 1,
-            rows=16,
-            columns=16,
-            seed=seed + i,
-            **kwargs,
-        )
-        for i in range(n)
-    ]
-
-
 def _uids(datasets: list[Dataset]) -> set[str]:
     return {str(ds.SOPInstanceUID) for ds in datasets}
 
@@ -80,7 +64,7 @@ def test_domain_errors_have_their_own_hierarchy_not_value_error():
 
 def test_without_rejected_drops_the_rejected_instances_and_every_key_object_selection():
     study = generate_uid()
-    wrong, kept = _series(study, 3, 0), _series(study, 2, 10)
+    wrong, kept = factory.mr_series(study, 3, 0), factory.mr_series(study, 2, 10)
     note = factory.rejection_note(wrong)
     teaching = factory.rejection_note(kept, code_value="113004", meaning="For Teaching")
     remaining = without_rejected([*wrong, note, *kept, teaching])
@@ -90,7 +74,7 @@ def test_without_rejected_drops_the_rejected_instances_and_every_key_object_sele
 
 def test_folder_source_applies_the_notes_it_holds_and_skips_non_dicom(tmp_path):
     study = generate_uid()
-    wrong, kept = _series(study, 3, 0), _series(study, 2, 10)
+    wrong, kept = factory.mr_series(study, 3, 0), factory.mr_series(study, 2, 10)
     folder = tmp_path / "in"
     (folder / "images").mkdir(parents=True)
     for n, ds in enumerate([*wrong, *kept]):
@@ -108,7 +92,7 @@ def test_store_source_reads_like_patient_datasets(tmp_path):
     index = Index(tmp_path / "storage" / "index.sqlite3")
     store = Store(tmp_path / "storage", index)
     study = generate_uid()
-    wrong, kept = _series(study, 2, 0), _series(study, 2, 10)
+    wrong, kept = factory.mr_series(study, 2, 0), factory.mr_series(study, 2, 10)
     for n, ds in enumerate([*wrong, *kept, factory.rejection_note(wrong)]):
         path = tmp_path / f"in-{n}.dcm"
         ds.save_as(path, enforce_file_format=True)
@@ -131,7 +115,7 @@ def test_nothing_to_analyse_is_an_outcome_not_an_exception(tmp_path):
     study = generate_uid()
     folder = tmp_path / "in"
     folder.mkdir()
-    for n, ds in enumerate(_series(study, 2, 0)):
+    for n, ds in enumerate(factory.mr_series(study, 2, 0)):
         ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
     outcome = run_patient(DicomFolder([folder]), out_dir=tmp_path / "out")
     assert outcome.state == "waiting" and outcome.result is None
@@ -139,7 +123,7 @@ def test_nothing_to_analyse_is_an_outcome_not_an_exception(tmp_path):
     assert outcome.inputs == "2 instances in 1 series of 1 studies"
     assert outcome.calls == [] and outcome.paths == []
     assert not (tmp_path / "out").exists()  # nothing written
-    other = _series(generate_uid(), 1, 5, patient_id="OTHER-PATIENT")
+    other = factory.mr_series(generate_uid(), 1, 5, patient_id="OTHER-PATIENT")
     other[0].save_as(folder / "other.dcm", enforce_file_format=True)
     mixed = run_patient(DicomFolder([folder]))
     assert mixed.state == "waiting" and mixed.reason is not None

@@ -31,24 +31,9 @@ def _accept(store: Store, ds: Dataset, tmp_path: Path) -> None:
     )
 
 
-def _series(study: str, n: int, seed: int) -> list[Dataset]:
-    series = generate_uid()
-    return [
-        factory.mr_dataset(
-            study_uid=study,
-            series_uid=series,
-            instance_number=i + 1,
-            rows=16,
-            columns=16,
-            seed=seed + i,
-        )
-        for i in range(n)
-    ]
-
-
 def test_rejection_note_is_recognised_by_its_title():
     study = generate_uid()
-    images = _series(study, 3, 0)
+    images = factory.mr_series(study, 3, 0)
     note = rejection_note(factory.rejection_note(images))
     assert note is not None
     assert note.reason == "Rejected for Quality Reasons"
@@ -62,7 +47,7 @@ def test_rejection_note_is_recognised_by_its_title():
 def test_rejected_instances_are_left_out_of_the_analysis(tmp_path):
     store = _store(tmp_path)
     study = generate_uid()
-    wrong, kept = _series(study, 3, 0), _series(study, 2, 10)
+    wrong, kept = factory.mr_series(study, 3, 0), factory.mr_series(study, 2, 10)
     for ds in wrong + kept:
         _accept(store, ds, tmp_path)
     patient = 1
@@ -85,7 +70,7 @@ def test_rejected_instances_are_left_out_of_the_analysis(tmp_path):
 def test_instance_arriving_after_its_rejection_note_stays_hidden(tmp_path):
     store = _store(tmp_path)
     study = generate_uid()
-    images = _series(study, 2, 0)
+    images = factory.mr_series(study, 2, 0)
     _accept(store, images[0], tmp_path)
     _accept(store, factory.rejection_note(images), tmp_path)
     _accept(store, images[1], tmp_path)  # a late copy of a rejected image
