@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from node.config import FollowupSection, Settings
+from node.config import FollowupSection
 from node.index import Index
 from node.notify import Notification, Notifier
 from processing.dates import dicom_date
@@ -66,11 +66,6 @@ FOLLOWUP_MIGRATIONS: tuple[str, ...] = (
 )
 FOLLOWUP_SCHEMA_VERSION = len(FOLLOWUP_MIGRATIONS)
 #: Index objects whose tables are known to be current (reads then take no write lock)
-
-
-def followup_section(settings: Settings) -> FollowupSection:
-    """The ``[followup]`` table of the configuration."""
-    return settings.followup
 
 
 def utc_now() -> dt.datetime:

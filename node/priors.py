@@ -86,11 +86,6 @@ _PENDING = (0xFF00, 0xFF01)
 _T = TypeVar("_T")
 
 
-def courses_section(settings: Settings) -> CoursesSection:
-    """The ``[courses]`` table of the configuration."""
-    return settings.courses
-
-
 def pacs_peer(settings: Settings, section: CoursesSection) -> Peer | None:
     """The configured PACS peer, checked against the method; ``None`` when none is configured.
 
@@ -202,7 +197,7 @@ class PriorsFetcher:
         self.service = service
         settings = service.settings
         self.config_error: str | None = None
-        self.section = courses_section(settings)
+        self.section = settings.courses
         self.pacs: Peer | None = None
         try:
             self.pacs = pacs_peer(settings, self.section)

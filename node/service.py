@@ -20,9 +20,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.config import Settings
 from node.dashboard import DashboardServer, reanalyse_action, start_dashboard
 from node.dispatch import Dispatcher, Outbox
-from node.followup import FollowupTracker, followup_section
+from node.followup import FollowupTracker
 from node.index import Index
-from node.priors import PriorsFetcher, courses_section, pacs_peer
+from node.priors import PriorsFetcher, pacs_peer
 from node.scp import StorageSCP
 from node.stability import StabilityMonitor
 from node.store import Store, StoreResult
@@ -59,10 +59,10 @@ class NodeService:
         self.dispatcher = Dispatcher(self.outbox, settings)
         self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
         # a misconfigured PACS for priors must stop the start-up, not the first analysis
-        pacs_peer(settings, courses_section(settings))
+        pacs_peer(settings, settings.courses)
         #: queries/retrieves missing priors when an analysis waits (stopped by :meth:`stop`)
         self.priors = PriorsFetcher(self)
-        self.followups = FollowupTracker(self.index, followup_section(settings), self.scheduler)
+        self.followups = FollowupTracker(self.index, settings.followup, self.scheduler)
         # built last: it uses the outbox, the follow-up tracker and the priors fetcher
         self.analysis = AnalysisWorker(self)
         self.dashboard: DashboardServer | None = None

@@ -27,16 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from node.analysis import link_superseded_reports
 from node.chain import ChainSettings
-from node.config import AnalysisSection, Settings
 from node.logs import logging_target
 from node.timeline import TimelineError, on_analysis_done, recorded_reports
 
+if TYPE_CHECKING:  # the worker's view of the node (NodeService satisfies it)
+    from node.protocols import WorkerHost
+
 logger = logging.getLogger(__name__)
-
-
-def analysis_section(settings: Settings) -> AnalysisSection:
-    """The ``[analysis]`` table of the configuration."""
-    return settings.analysis
 
 
 def chain_settings_from(config: Path | None) -> ChainSettings:
@@ -46,7 +43,7 @@ def chain_settings_from(config: Path | None) -> ChainSettings:
         return ChainSettings()
     from node.config import load_settings
 
-    return analysis_section(load_settings(config)).chain_settings()
+    return load_settings(config).analysis.chain_settings()
 
 
 def _analyse_patient(
@@ -83,7 +80,7 @@ def _analyse_patient(
         try:
             cache.prune(map_cache_mb * 2**20)
         except OSError as err:  # a full or read-only cache folder costs refits, not the analysis
-            logging.getLogger(__name__).warning("map cache not pruned: %s", err)
+            logger.warning("map cache not pruned: %s", err)
     return {
         "state": "done",
         "paths": [str(p) for p in outcome.paths],
@@ -106,10 +103,6 @@ def _end_with_parent() -> None:
         libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
-if TYPE_CHECKING:  # the worker's view of the node (NodeService satisfies it)
-    from node.protocols import WorkerHost
-
-
 class AnalysisWorker:
     """Runs the chain for patients whose studies became stable; see the module docstring.
 
@@ -123,7 +116,7 @@ class AnalysisWorker:
 
     def __init__(self, service: WorkerHost) -> None:
         self.service = service
-        self.section = analysis_section(service.settings)
+        self.section = service.settings.analysis
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         #: one analysis at a time (2 cores); patients waiting for their turn

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from node.config import DashboardSection
-from node.dashboard.app import DashboardActions, create_app, dashboard_section
+from node.dashboard.app import DashboardActions, create_app
 from node.dashboard.state import StudyState, outbox_reason, study_states, worklist_text
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ __all__ = [
     "DashboardServer",
     "StudyState",
     "create_app",
-    "dashboard_section",
     "reanalyse_action",
     "requeue_failed_outputs",
     "start_dashboard",
@@ -163,7 +162,7 @@ def start_dashboard(
         ``reanalyse(study_uid) -> str``, e.g. ``reanalyse_action(service, worker)``; without it
         no re-analyse button is shown.
     """
-    section = dashboard_section(service.settings)
+    section = service.settings.dashboard
     if not section.enabled:
         return None
     actions = DashboardActions(

@@ -40,16 +40,11 @@ from werkzeug.security import check_password_hash
 from werkzeug.wrappers.response import Response as BaseResponse
 
 from node import followup, timeline
-from node.config import DashboardSection, Settings, _is_loopback
+from node.config import DashboardSection, _is_loopback
 from node.dashboard.state import study_states
 from node.index import Index
 
 logger = logging.getLogger(__name__)
-
-
-def dashboard_section(settings: Settings) -> DashboardSection:
-    """The ``[dashboard]`` table of the configuration."""
-    return settings.dashboard
 
 
 @dataclass(frozen=True)

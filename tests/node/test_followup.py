@@ -268,7 +268,6 @@ def test_reanalysis_that_changes_the_call_drops_the_confirmation_window(
 
 def test_followup_section_from_the_node_configuration(tmp_path: Path) -> None:
     from node.config import ConfigError, load_settings
-    from node.followup import followup_section
 
     config = tmp_path / "node.toml"
     config.write_text(f"""
@@ -294,7 +293,7 @@ webhook_url = "http://127.0.0.1:9/hook"
 smtp_host = "127.0.0.1"
 mail_to = ["oncology@example.org"]
 """)
-    section = followup_section(load_settings(config))
+    section = load_settings(config).followup
     assert [w.label for w in section.windows] == ["8 weeks", "3 months"]
     assert section.confirmation_days == 42 and section.grace_days == 7
     assert section.notify.mail_to == ("oncology@example.org",)

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
 from node.config import AnalysisSection, settings_from_mapping
 from node.errors import ConfigError
 from node.ingest import import_files
-from node.priors import CoursesSection, PriorsFetcher, courses_section, pacs_peer
+from node.priors import CoursesSection, PriorsFetcher, pacs_peer
 from node.service import NodeService
 from tests.node.dicom_factory import PATIENT_ID, mr_dataset
 
@@ -469,19 +469,19 @@ def test_courses_section_validation():
     with pytest.raises(ConfigError, match="courses.max_concurrent"):
         settings_from_mapping({**base, "courses": {"max_concurrent": 0}})
     settings = settings_from_mapping({**base, "courses": {"pacs": "PACS", "method": "get"}})
-    section = courses_section(settings)
+    section = settings.courses
     assert isinstance(section, CoursesSection) and section.method == "get"
     assert pacs_peer(settings, section).ae_title == "PACS"
     # C-MOVE needs the PACS to be allowed to send to us; a peer we cannot query is refused
     move = settings_from_mapping({**base, "courses": {"pacs": "PACS"}})
     with pytest.raises(ConfigError, match="may_send"):
-        pacs_peer(move, courses_section(move))
+        pacs_peer(move, move.courses)
     noqr = settings_from_mapping({**base, "courses": {"pacs": "NOQR"}})
     with pytest.raises(ConfigError, match="may_receive"):
-        pacs_peer(noqr, courses_section(noqr))
+        pacs_peer(noqr, noqr.courses)
     unknown = settings_from_mapping({**base, "courses": {"pacs": "NOBODY"}})
     with pytest.raises(ConfigError, match="no peer"):
-        pacs_peer(unknown, courses_section(unknown))
+        pacs_peer(unknown, unknown.courses)
 
 
 def _wait_for_event(service: NodeService, kind: str, timeout_s: float = 60.0) -> list[Any]:
