@@ -12,7 +12,8 @@ Two kinds of protocol are defined here:
   :class:`WaitingHook` to be told that an analysis waits, :class:`Analyser` to run one, and
   :class:`StudyToucher`/:class:`StableSource` for the stability monitor);
 * *views of the node* — the few attributes of the running node a component reads
-  (:class:`PriorsHost`, :class:`WorkerHost`, :class:`ReanalyseHost`, :class:`DashboardHost`).
+  (:class:`PriorsHost`, :class:`WorkerHost` — both a :class:`StoringNode` —, :class:`ReanalyseHost`,
+  :class:`DashboardHost`).
   ``NodeService`` satisfies all of them; a test may pass any object with those attributes.
 
 Members of the views are read-only properties, so a concrete attribute (e.g.
@@ -44,6 +45,7 @@ __all__ = [
     "ReanalyseHost",
     "ResultQueue",
     "StableSource",
+    "StoringNode",
     "StudyToucher",
     "WaitingHook",
     "WorkerHost",
@@ -92,8 +94,8 @@ class StableSource(Protocol):
 
 
 # -- views of the running node ------------------------------------------------------------------
-class PriorsHost(Protocol):
-    """What :class:`node.priors.PriorsFetcher` reads of the node."""
+class StoringNode(Protocol):
+    """The part of the node every analysing component reads: settings, index and store."""
 
     @property
     def settings(self) -> Settings: ...
@@ -103,22 +105,17 @@ class PriorsHost(Protocol):
 
     @property
     def store(self) -> Store: ...
+
+
+class PriorsHost(StoringNode, Protocol):
+    """What :class:`node.priors.PriorsFetcher` reads of the node."""
 
     @property
     def stability(self) -> StudyToucher: ...
 
 
-class WorkerHost(Protocol):
+class WorkerHost(StoringNode, Protocol):
     """What :class:`node.worker.AnalysisWorker` reads of the node."""
-
-    @property
-    def settings(self) -> Settings: ...
-
-    @property
-    def index(self) -> Index: ...
-
-    @property
-    def store(self) -> Store: ...
 
     @property
     def stability(self) -> StableSource: ...
