@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -468,6 +468,30 @@ def _dce_maps(
     return out
 
 
+def _map_group(
+    label: str,
+    series_uid: str,
+    compute: Callable[[], dict[str, QuantMap]],
+    skipped: list[str] | None,
+) -> dict[str, QuantMap]:
+    """``compute()``: the maps of one group (diffusion, DCE) of one series.
+
+    The fitting modules refuse data they cannot fit with a ValueError: a group that cannot be
+    computed is a :class:`FitError` for the caller (an :class:`InputError` stays one), or, when
+    the caller collects ``skipped`` reasons, a reason there and no maps.
+    """
+    try:
+        return compute()
+    except (ProcessingError, ValueError) as err:
+        if skipped is None:
+            if isinstance(err, ValueError):
+                raise FitError(str(err)) from err
+            raise
+        logger.warning("%s maps of series %s skipped: %s", label, series_uid, err)
+        skipped.append(f"{label} ({series_uid}): {err}")
+        return {}
+
+
 def compute_maps(
     series: Iterable[SeriesVolume],
     *,
@@ -515,18 +539,9 @@ def compute_maps(
             "kurtosis_apparent": uid in inv.kurtosis_apparent,
         }
         start = time.perf_counter()
-        try:
-            maps = _diffusion_maps(volumes[uid], flags, settings)
-        except (ProcessingError, ValueError) as err:
-            # the fitting modules refuse data they cannot fit with a ValueError: a map group
-            # that cannot be computed is a FitError for the caller
-            if skipped is None:
-                if isinstance(err, ValueError):
-                    raise FitError(str(err)) from err
-                raise
-            logger.warning("diffusion maps of series %s skipped: %s", uid, err)
-            skipped.append(f"diffusion ({uid}): {err}")
-            maps = {}
+        maps = _map_group(
+            "diffusion", uid, lambda: _diffusion_maps(volumes[uid], flags, settings), skipped
+        )
         elapsed = time.perf_counter() - start
         for name, m in maps.items():
             m.provenance.update(settings_prov, elapsed_s=elapsed)
@@ -541,16 +556,9 @@ def compute_maps(
         )
         start = time.perf_counter()
         if inv.dce_quantitative:
-            try:
-                maps = _dce_maps(dce, vfa, settings, inv.vfa_notes)
-            except (ProcessingError, ValueError) as err:
-                if skipped is None:
-                    if isinstance(err, ValueError):
-                        raise FitError(str(err)) from err
-                    raise
-                logger.warning("DCE maps of series %s skipped: %s", inv.dce, err)
-                skipped.append(f"DCE ({inv.dce}): {err}")
-                maps = {}
+            maps = _map_group(
+                "DCE", inv.dce, lambda: _dce_maps(dce, vfa, settings, inv.vfa_notes), skipped
+            )
         else:
             logger.info("DCE series %s too short/slow for pharmacokinetics", inv.dce)
             maps = {}
