@@ -151,9 +151,23 @@ def test_tcp_nodelay_on_accepted_sockets(service):
         assoc.release()
 
 
-def test_sending_to_storescp_is_not_stalled_by_nagle(tmp_path):
-    """Our SCU sets TCP_NODELAY: without it pynetdicom -> storescp runs at ~40 images/s."""
+def test_sending_sets_tcp_nodelay_on_the_scu_socket(tmp_path, monkeypatch):
+    """Our SCU disables Nagle's algorithm on its socket: without it pynetdicom -> storescp stalls
+    on delayed ACKs (~40 images/s). Delivery time is measured by ``make bench`` (the end-to-end
+    benchmark's "last output delivered", tests/bench/bench_e2e.py), not here: this checks the
+    option on every connection the SCU opens."""
+    import node.scu
+
     require_tool("storescp")
+    seen: list[int] = []
+    real = node.scu.set_tcp_nodelay
+
+    def spy(event):
+        real(event)
+        sock = event.assoc.dul.socket.socket
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(node.scu, "set_tcp_nodelay", spy)
     port = free_port()
     out = tmp_path / "received"
     out.mkdir()
@@ -164,7 +178,7 @@ def test_sending_to_storescp_is_not_stalled_by_nagle(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        files = write_mr_series(tmp_path / "mr", 100, rows=32, columns=32)
+        files = write_mr_series(tmp_path / "mr", 20, rows=32, columns=32)
         peer = PeerAddress("STORESCP", "127.0.0.1", port)
         deadline = time.monotonic() + 10
         while True:
@@ -174,17 +188,13 @@ def test_sending_to_storescp_is_not_stalled_by_nagle(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "storescp did not start"
                 time.sleep(0.05)
-        t0 = time.perf_counter()
         results = send_files(files, peer, calling_ae="SPINENODE")
-        rate = len(files) / (time.perf_counter() - t0)
-        print(f"pynetdicom SCU with TCP_NODELAY -> storescp: {rate:.0f} images/s")
     finally:
         receiver.terminate()
         receiver.wait(timeout=10)
     assert all(r.status == 0 for r in results)
     assert len(list(out.iterdir())) == len(files)
-    # 40 images/s is the Nagle/delayed-ACK ceiling (docs/peers.md 3.3); we measure ~300
-    assert rate > 100, f"{rate:.0f} images/s"
+    assert seen and all(seen), seen
 
 
 def test_patient_analysed_once_when_its_last_receiving_study_is_stable(tmp_path):
