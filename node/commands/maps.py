@@ -40,63 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _dicom_files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
-    return files
-
-
-#: Companion files of exports and conversions (dcm2niix sidecars, notes): set aside quietly.
-#: (Compressed archives are not among them: a gzipped DICOM is worth a warning.)
-_NON_DICOM_SUFFIXES = {
-    ".bval",
-    ".bvec",
-    ".json",
-    ".nii",
-    ".txt",
-    ".csv",
-    ".md",
-    ".xml",
-    ".html",
-    ".pdf",
-    ".jpg",
-    ".png",
-}
-
-
-def _read(files: list[Path], set_aside: list[Any] | None = None) -> list[Any]:
-    """Read every file as DICOM; the others are recorded in ``set_aside`` (one-line reason each).
-
-    Known companion files (``.bval``/``.bvec``/``.json``/``.nii``/``.txt``…) are set aside quietly;
-    any other unreadable file is logged (by file name only) as well.
-    """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    from processing.series import SetAside
-
-    datasets = []
-    for f in files:
-        try:
-            datasets.append(pydicom.dcmread(f))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-            quiet = f.suffix.lower() in _NON_DICOM_SUFFIXES
-            (logger.debug if quiet else logger.warning)(
-                "skipping %s: not readable as DICOM (%s)", f.name, err
-            )
-            if set_aside is not None:
-                set_aside.append(
-                    SetAside(reason=f"not a DICOM file ({type(err).__name__})", file_name=f.name)
-                )
-    return datasets
-
-
 def _set_aside_summary(entries: list[Any]) -> str:
     """``"3 object(s) set aside: 1 DICOMDIR, 1 Presentation State, …"`` for the console."""
     from collections import Counter
@@ -157,6 +100,7 @@ def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -
 
 
 def run(args: argparse.Namespace) -> int:
+    from node.pipeline import DicomFolder
     from node.worker import chain_settings_from
     from processing.adc_qa import find_scanner_adc, scanner_adc_qa
     from processing.errors import InputError
@@ -171,9 +115,12 @@ def run(args: argparse.Namespace) -> int:
     )
 
     map_settings = chain_settings_from(args.config).map_settings()
-    files = _dicom_files(list(args.paths))
-    unstudied: list[Any] = []  # objects that belong to no study (non-DICOM files, DICOMDIR)
-    datasets = _read(files, unstudied)
+    folder = DicomFolder(list(args.paths))
+    datasets = folder.load()
+    # objects that belong to no study (non-DICOM files, DICOMDIR)
+    unstudied: list[Any] = [
+        SetAside(reason=reason, file_name=path.name) for path, reason in folder.skipped
+    ]
     by_study: dict[str, list[Any]] = defaultdict(list)
     aside_by_study: dict[str, list[Any]] = defaultdict(list)
     for ds in datasets:

@@ -26,6 +26,25 @@ from processing.series import MEDIA_STORAGE_DIRECTORY
 
 logger = logging.getLogger(__name__)
 
+#: Companion files of exports and conversions (dcm2niix sidecars, notes, reports): not DICOM, and
+#: skipped quietly. (Compressed archives are not among them: a gzipped DICOM is worth a warning.)
+COMPANION_SUFFIXES = frozenset(
+    {
+        ".bval",
+        ".bvec",
+        ".json",
+        ".nii",
+        ".txt",
+        ".csv",
+        ".md",
+        ".xml",
+        ".html",
+        ".pdf",
+        ".jpg",
+        ".png",
+    }
+)
+
 
 class DatasetSource(Protocol):
     """Something that gives every usable instance of one patient."""
@@ -118,6 +137,10 @@ class DicomFolder:
     def load(self) -> list[Dataset]:
         """Every DICOM instance under :attr:`paths`, rejected instances and notes left out.
 
+        A file that cannot be read as DICOM is skipped (listed in :attr:`skipped` with its
+        reason) and logged by file name only: at debug level for the companion files of exports
+        and conversions (:data:`COMPANION_SUFFIXES`), as a warning otherwise.
+
         Raises
         ------
         FileNotFoundError
@@ -133,8 +156,12 @@ class DicomFolder:
             for path in sorted(iter_files(self.paths)):
                 try:
                     ds = dcmread(path)
-                except (InvalidDicomError, EOFError) as err:
-                    self.skipped.append((path, f"not a DICOM file: {err}"))
+                except (InvalidDicomError, EOFError, OSError, ValueError) as err:
+                    quiet = path.suffix.lower() in COMPANION_SUFFIXES
+                    (logger.debug if quiet else logger.warning)(
+                        "skipping %s: not readable as DICOM (%s)", path.name, type(err).__name__
+                    )
+                    self.skipped.append((path, f"not a DICOM file ({type(err).__name__})"))
                     continue
                 meta = getattr(ds, "file_meta", None)
                 media = "" if meta is None else str(meta.get("MediaStorageSOPClassUID", ""))
