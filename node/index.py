@@ -329,69 +329,86 @@ class Index:
         """
         now = time.time() if now is None else now
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO patients (patient_id, issuer, patient_name, birth_date)"
-                " VALUES (?,?,?,?) ON CONFLICT (patient_id, issuer) DO NOTHING",
-                (new.patient_id, new.issuer_of_patient_id, new.patient_name, new.birth_date),
+            self._insert_instance(db, new, now)
+
+    def add_instances(self, instances: Sequence[tuple[NewInstance, float]]) -> None:
+        """Record several stored instances in one transaction (an import's batch).
+
+        The same rows as :meth:`add_instance` for each ``(instance, received time)`` in turn;
+        if any row fails, none is recorded.
+        """
+        if not instances:
+            return
+        with self.transaction() as db:
+            for new, now in instances:
+                self._insert_instance(db, new, now)
+
+    @staticmethod
+    def _insert_instance(db: sqlite3.Connection, new: NewInstance, now: float) -> None:
+        """The statements of :meth:`add_instance`, inside the caller's transaction."""
+        db.execute(
+            "INSERT INTO patients (patient_id, issuer, patient_name, birth_date)"
+            " VALUES (?,?,?,?) ON CONFLICT (patient_id, issuer) DO NOTHING",
+            (new.patient_id, new.issuer_of_patient_id, new.patient_name, new.birth_date),
+        )
+        patient_key = db.execute(
+            "SELECT id FROM patients WHERE patient_id=? AND issuer=?",
+            (new.patient_id, new.issuer_of_patient_id),
+        ).fetchone()[0]
+        db.execute(
+            "INSERT INTO studies (study_uid, patient_key, study_date, accession_number,"
+            " state, first_received, last_received) VALUES (?,?,?,?,'receiving',?,?)"
+            " ON CONFLICT (study_uid) DO UPDATE SET"
+            "  amended = CASE WHEN state='stable' THEN 1 ELSE amended END,"
+            "  state='receiving', last_received=excluded.last_received",
+            (new.study_uid, patient_key, new.study_date, new.accession_number, now, now),
+        )
+        db.execute(
+            "INSERT INTO series (series_uid, study_uid, modality, series_number,"
+            " series_description) VALUES (?,?,?,?,?) ON CONFLICT (series_uid) DO NOTHING",
+            (
+                new.series_uid,
+                new.study_uid,
+                new.modality,
+                new.series_number,
+                new.series_description,
+            ),
+        )
+        db.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid,"
+            " transfer_syntax_uid, path, size, sha256, received, calling_ae, association_id)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                new.sop_instance_uid,
+                new.sop_class_uid,
+                new.series_uid,
+                new.study_uid,
+                new.transfer_syntax_uid,
+                new.path,
+                new.size,
+                new.sha256,
+                now,
+                new.calling_ae,
+                new.association_id,
+            ),
+        )
+        if new.rejection_reason is not None:
+            db.executemany(
+                "INSERT INTO rejections (sop_instance_uid, note_uid, reason, time)"
+                " VALUES (?,?,?,?) ON CONFLICT (sop_instance_uid) DO NOTHING",
+                [(uid, new.sop_instance_uid, new.rejection_reason, now) for uid in new.rejects],
             )
-            patient_key = db.execute(
-                "SELECT id FROM patients WHERE patient_id=? AND issuer=?",
-                (new.patient_id, new.issuer_of_patient_id),
-            ).fetchone()[0]
             db.execute(
-                "INSERT INTO studies (study_uid, patient_key, study_date, accession_number,"
-                " state, first_received, last_received) VALUES (?,?,?,?,'receiving',?,?)"
-                " ON CONFLICT (study_uid) DO UPDATE SET"
-                "  amended = CASE WHEN state='stable' THEN 1 ELSE amended END,"
-                "  state='receiving', last_received=excluded.last_received",
-                (new.study_uid, patient_key, new.study_date, new.accession_number, now, now),
-            )
-            db.execute(
-                "INSERT INTO series (series_uid, study_uid, modality, series_number,"
-                " series_description) VALUES (?,?,?,?,?) ON CONFLICT (series_uid) DO NOTHING",
+                "INSERT INTO events (time, kind, study_uid, sop_instance_uid, detail)"
+                " VALUES (?,?,?,?,?)",
                 (
-                    new.series_uid,
-                    new.study_uid,
-                    new.modality,
-                    new.series_number,
-                    new.series_description,
-                ),
-            )
-            db.execute(
-                "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid,"
-                " transfer_syntax_uid, path, size, sha256, received, calling_ae, association_id)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    new.sop_instance_uid,
-                    new.sop_class_uid,
-                    new.series_uid,
-                    new.study_uid,
-                    new.transfer_syntax_uid,
-                    new.path,
-                    new.size,
-                    new.sha256,
                     now,
-                    new.calling_ae,
-                    new.association_id,
+                    "instances_rejected",
+                    new.study_uid,
+                    new.sop_instance_uid,
+                    f"{len(new.rejects)} instance(s): {new.rejection_reason}",
                 ),
             )
-            if new.rejection_reason is not None:
-                db.executemany(
-                    "INSERT INTO rejections (sop_instance_uid, note_uid, reason, time)"
-                    " VALUES (?,?,?,?) ON CONFLICT (sop_instance_uid) DO NOTHING",
-                    [(uid, new.sop_instance_uid, new.rejection_reason, now) for uid in new.rejects],
-                )
-                db.execute(
-                    "INSERT INTO events (time, kind, study_uid, sop_instance_uid, detail)"
-                    " VALUES (?,?,?,?,?)",
-                    (
-                        now,
-                        "instances_rejected",
-                        new.study_uid,
-                        new.sop_instance_uid,
-                        f"{len(new.rejects)} instance(s): {new.rejection_reason}",
-                    ),
-                )
 
     def study_instances(self, study_uid: str) -> list[InstanceRecord]:
         """All instances of a study (for the analysis a stable study starts)."""

@@ -12,6 +12,11 @@
    series and SOP Instance UIDs (never the UIDs themselves: a UID of ``..`` would escape), fsync
    the folder, record the instance in the index — and only then report success.
 
+Files imported from disk (:mod:`node.ingest`) take the same steps through an
+:class:`ImportBatch`, with the header read once by the importer, and step 5 grouped: the
+files of a batch are fsynced side by side, moved in place, their folders fsynced once, and
+their rows recorded in one index transaction (still each file durable before its row).
+
 No pixel decoding happens here.
 
 References
@@ -37,11 +42,14 @@ import time
 import uuid
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from node.errors import (
@@ -51,12 +59,14 @@ from node.errors import (
     UnparseableDatasetError,
 )
 from node.index import Index, NewInstance
-from node.rejection import rejection_note
+from node.rejection import RejectionNote, rejection_note
 
 logger = logging.getLogger(__name__)
 
 #: PS3.5 9.1: digits and dots, at most 64 characters
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+#: fsyncs an import batch runs side by side (:class:`ImportBatch`)
+FSYNC_THREADS = 16
 #: deepest sequence nesting accepted (DCMTK's default limit is also 64)
 MAX_NESTING_DEPTH = 64
 _ITEM = 0xFFFEE000
@@ -78,7 +88,8 @@ _LONG_VRS = {
     b"UT",
     b"UV",
 }
-_HEADER_TAGS = [
+#: the header elements the store reads from an instance (no pixel data)
+HEADER_TAGS = [
     "SOPClassUID",
     "SOPInstanceUID",
     "StudyInstanceUID",
@@ -97,6 +108,21 @@ _HEADER_TAGS = [
     "ConceptNameCodeSequence",
     "CurrentRequestedProcedureEvidenceSequence",
 ]
+_HEADER_TAG_NUMBERS = [(keyword, BaseTag(tag_for_keyword(keyword) or 0)) for keyword in HEADER_TAGS]
+
+
+def header_of(ds: Dataset) -> dict[str, object]:
+    """The values of :data:`HEADER_TAGS` in ``ds`` (``None`` when absent) and its rejection.
+
+    The same values as ``ds.get(keyword)`` for each keyword, looked up by tag (no keyword
+    lookup, no exception for every absent element), plus ``"rejection"``: the
+    :func:`node.rejection.rejection_note` of ``ds``.
+    """
+    header: dict[str, object] = {
+        keyword: ds[tag].value if tag in ds else None for keyword, tag in _HEADER_TAG_NUMBERS
+    }
+    header["rejection"] = rejection_note(ds)
+    return header
 
 
 def is_valid_uid(value: str) -> bool:
@@ -403,6 +429,35 @@ class Store:
             tmp.unlink(missing_ok=True)
             raise OutOfResourcesError(f"cannot write {destination.name}: {err.strerror}") from err
 
+    def _stage(self, received: _Received, destination: Path) -> Path:
+        """The first half of :meth:`write_durably`, for :class:`ImportBatch`: the bytes in a new
+        temporary file (a hard link, or a copy), and ``destination``'s folder created; the batch
+        fsyncs and renames at its commit.
+
+        Raises
+        ------
+        OutOfResourcesError
+            On any write error; no temporary file is left behind.
+        """
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if received.path is not None and _try_link(received.path, tmp):
+                return tmp
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                received.write_into(fd)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise OutOfResourcesError(f"cannot write {destination.name}: {err.strerror}") from err
+        return tmp
+
+    def import_batch(self, *, calling_ae: str | None, max_files: int = 256) -> ImportBatch:
+        """An :class:`ImportBatch` into this store (use it as a context manager)."""
+        return ImportBatch(self, calling_ae=calling_ae, max_files=max_files)
+
     def check_free_space(self) -> None:
         """Raise :class:`OutOfResourcesError` when free disk is below the low-water mark."""
         if self.low_water_bytes <= 0:
@@ -513,6 +568,65 @@ class Store:
         association_id: int | None,
     ) -> StoreResult:
         header = self._parse(received, transfer_syntax_uid)
+        sop_class, sop_instance, study, series = self._checked_uids(
+            received, header, request_sop_class_uid, request_sop_instance_uid
+        )
+        rejection = header.get("rejection")
+        digest = received.sha256()
+        path = self.instance_path(study, series, sop_instance)
+        lock = self._lock_of(sop_instance)
+        with lock:
+            known = self._known_instance(sop_instance, digest, calling_ae)
+            if known is not None:
+                return known
+            self.write_durably(received, path)
+            try:
+                self.index.add_instance(
+                    self._new_instance(
+                        header,
+                        received,
+                        sop_class,
+                        sop_instance,
+                        study,
+                        series,
+                        transfer_syntax_uid,
+                        path,
+                        digest,
+                        calling_ae,
+                        association_id,
+                    )
+                )
+            except sqlite3.Error as err:
+                # not indexed means not acknowledged: do not leave an orphan file behind; a
+                # busy or full database is a resource problem the sender may retry (0xA700)
+                path.unlink(missing_ok=True)
+                raise OutOfResourcesError(f"index unavailable: {err}") from err
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        _log_rejection(sop_instance, rejection)
+        return StoreResult(StoreOutcome.STORED, sop_instance, study, path)
+
+    def _lock_of(self, sop_instance: str) -> threading.Lock:
+        """The striped lock serialising the storage of one SOP Instance UID."""
+        return self._locks[hash(sop_instance) % len(self._locks)]
+
+    def _checked_uids(
+        self,
+        received: _Received,
+        header: dict[str, object],
+        request_sop_class_uid: str,
+        request_sop_instance_uid: str,
+    ) -> tuple[str, str, str, str]:
+        """The header's SOP Class, SOP Instance, Study and Series Instance UIDs, checked.
+
+        Raises
+        ------
+        UnparseableDatasetError
+            A UID is missing or invalid (the instance is quarantined).
+        DatasetMismatchError
+            The dataset's SOP Class/Instance UID differ from the request's.
+        """
         sop_class = str(header.get("SOPClassUID", "") or "")
         sop_instance = str(header.get("SOPInstanceUID", "") or "")
         study = str(header.get("StudyInstanceUID", "") or "")
@@ -532,87 +646,100 @@ class Store:
                 f"dataset SOP Class/Instance UID {sop_class}/{sop_instance} differ from the "
                 f"request's {request_sop_class_uid}/{request_sop_instance_uid}"
             )
-        rejection = header.get("rejection")
-        digest = received.sha256()
-        path = self.instance_path(study, series, sop_instance)
-        lock = self._locks[hash(sop_instance) % len(self._locks)]
-        with lock:
-            try:
-                existing = self.index.instance(sop_instance)
-            except sqlite3.Error as err:
-                raise OutOfResourcesError(f"index unavailable: {err}") from err
-            if existing is not None:
-                if existing.sha256 == digest:
-                    logger.info("duplicate instance %s (identical content) ignored", sop_instance)
-                    return StoreResult(
-                        StoreOutcome.ALREADY_STORED,
-                        sop_instance,
-                        existing.study_uid,
-                        Path(existing.path),
-                    )
-                logger.warning(
-                    "instance %s received again with different content: first copy kept",
-                    sop_instance,
-                )
-                self.index.add_event(
-                    "duplicate_conflict",
-                    study_uid=existing.study_uid,
-                    sop_instance_uid=sop_instance,
-                    detail=f"kept sha256 {existing.sha256[:16]}, discarded {digest[:16]}"
-                    f" from {calling_ae or '?'}",
-                )
-                return StoreResult(
-                    StoreOutcome.CONFLICT_KEPT_FIRST,
-                    sop_instance,
-                    existing.study_uid,
-                    Path(existing.path),
-                )
-            self.write_durably(received, path)
-            try:
-                self.index.add_instance(
-                    NewInstance(
-                        sop_instance_uid=sop_instance,
-                        sop_class_uid=sop_class,
-                        series_uid=series,
-                        study_uid=study,
-                        transfer_syntax_uid=transfer_syntax_uid,
-                        path=str(path.relative_to(self.root)),
-                        size=received.size,
-                        sha256=digest,
-                        calling_ae=calling_ae,
-                        association_id=association_id,
-                        patient_id=_text(header.get("PatientID")) or "",
-                        issuer_of_patient_id=_text(header.get("IssuerOfPatientID")) or "",
-                        patient_name=_text(header.get("PatientName")),
-                        birth_date=_text(header.get("PatientBirthDate")),
-                        study_date=_text(header.get("StudyDate")),
-                        accession_number=_text(header.get("AccessionNumber")),
-                        modality=_text(header.get("Modality")),
-                        series_number=_int(header.get("SeriesNumber")),
-                        series_description=_text(header.get("SeriesDescription")),
-                        rejects=rejection.rejected if rejection else (),
-                        rejection_reason=rejection.reason if rejection else None,
-                    )
-                )
-            except sqlite3.Error as err:
-                # not indexed means not acknowledged: do not leave an orphan file behind; a
-                # busy or full database is a resource problem the sender may retry (0xA700)
-                path.unlink(missing_ok=True)
-                raise OutOfResourcesError(f"index unavailable: {err}") from err
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-        if rejection is not None:
-            logger.info(
-                "rejection note %s (%s) withdraws %d instance(s)",
-                sop_instance,
-                rejection.reason,
-                len(rejection.rejected),
-            )
-        return StoreResult(StoreOutcome.STORED, sop_instance, study, path)
+        return sop_class, sop_instance, study, series
 
-    def _parse(self, received: _Received, transfer_syntax_uid: str) -> dict[str, object]:
-        """Check completeness and read the header elements the index needs (no pixel data)."""
+    def _known_instance(
+        self, sop_instance: str, digest: str, calling_ae: str | None
+    ) -> StoreResult | None:
+        """The outcome for an instance the index already holds (``None``: a new instance).
+
+        An identical copy is ``ALREADY_STORED``; different content keeps the first copy and
+        records a ``duplicate_conflict`` event. Called under the instance's lock.
+        """
+        try:
+            existing = self.index.instance(sop_instance)
+        except sqlite3.Error as err:
+            raise OutOfResourcesError(f"index unavailable: {err}") from err
+        if existing is None:
+            return None
+        if existing.sha256 == digest:
+            logger.info("duplicate instance %s (identical content) ignored", sop_instance)
+            return StoreResult(
+                StoreOutcome.ALREADY_STORED,
+                sop_instance,
+                existing.study_uid,
+                Path(existing.path),
+            )
+        logger.warning(
+            "instance %s received again with different content: first copy kept",
+            sop_instance,
+        )
+        self.index.add_event(
+            "duplicate_conflict",
+            study_uid=existing.study_uid,
+            sop_instance_uid=sop_instance,
+            detail=f"kept sha256 {existing.sha256[:16]}, discarded {digest[:16]}"
+            f" from {calling_ae or '?'}",
+        )
+        return StoreResult(
+            StoreOutcome.CONFLICT_KEPT_FIRST,
+            sop_instance,
+            existing.study_uid,
+            Path(existing.path),
+        )
+
+    def _new_instance(
+        self,
+        header: dict[str, object],
+        received: _Received,
+        sop_class: str,
+        sop_instance: str,
+        study: str,
+        series: str,
+        transfer_syntax_uid: str,
+        path: Path,
+        digest: str,
+        calling_ae: str | None,
+        association_id: int | None,
+    ) -> NewInstance:
+        """The index row of a stored instance."""
+        rejection = header.get("rejection")
+        assert rejection is None or isinstance(rejection, RejectionNote)
+        return NewInstance(
+            sop_instance_uid=sop_instance,
+            sop_class_uid=sop_class,
+            series_uid=series,
+            study_uid=study,
+            transfer_syntax_uid=transfer_syntax_uid,
+            path=str(path.relative_to(self.root)),
+            size=received.size,
+            sha256=digest,
+            calling_ae=calling_ae,
+            association_id=association_id,
+            patient_id=_text(header.get("PatientID")) or "",
+            issuer_of_patient_id=_text(header.get("IssuerOfPatientID")) or "",
+            patient_name=_text(header.get("PatientName")),
+            birth_date=_text(header.get("PatientBirthDate")),
+            study_date=_text(header.get("StudyDate")),
+            accession_number=_text(header.get("AccessionNumber")),
+            modality=_text(header.get("Modality")),
+            series_number=_int(header.get("SeriesNumber")),
+            series_description=_text(header.get("SeriesDescription")),
+            rejects=rejection.rejected if rejection else (),
+            rejection_reason=rejection.reason if rejection else None,
+        )
+
+    def _parse(
+        self,
+        received: _Received,
+        transfer_syntax_uid: str,
+        header: dict[str, object] | None = None,
+    ) -> dict[str, object]:
+        """Check completeness and read the header elements the index needs (no pixel data).
+
+        ``header`` is the :func:`header_of` the caller already read from the same file (an
+        import): then only the completeness check runs, and ``header`` is returned.
+        """
         ts = UID(transfer_syntax_uid)
         try:
             raw = received.dataset
@@ -621,12 +748,12 @@ class Store:
             check_dataset_structure(
                 raw, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian
             )
-            with warnings.catch_warnings(), received.stream() as stream:
-                # pydicom's warnings quote element values, which may be patient identifiers
-                warnings.simplefilter("ignore")
-                ds = dcmread(stream, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-                header = {k: ds.get(k) for k in _HEADER_TAGS}
-                header["rejection"] = rejection_note(ds)
+            if header is None:
+                with warnings.catch_warnings(), received.stream() as stream:
+                    # pydicom's warnings quote element values, which may be patient identifiers
+                    warnings.simplefilter("ignore")
+                    ds = dcmread(stream, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+                    header = header_of(ds)
         except (
             ValueError,
             InvalidDicomError,
@@ -644,6 +771,284 @@ class Store:
             self.quarantine(received, reason)
             raise UnparseableDatasetError(reason) from err
         return header
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A file of an :class:`ImportBatch` copied into ``tmp/``, waiting for the batch's commit."""
+
+    source: Path
+    tmp: Path
+    path: Path
+    new: NewInstance
+    received_at: float
+    rejection: RejectionNote | None
+
+
+class ImportBatch:
+    """Import files into a store: the receive path's checks, with commits grouped in batches.
+
+    Every file goes through the same steps as :meth:`Store.accept_file` (free space, file meta,
+    completeness check, UID checks, duplicates, hashed path), but the durable write and the
+    index row are grouped: up to ``max_files`` files are staged in ``tmp/``; the commit then
+    fsyncs every staged file, moves it in place, fsyncs each folder once, and records all rows
+    in one index transaction. A file is thus fsynced, and in its folder, before the index
+    records it, as on the receive path; a crash before the commit leaves only temporary files
+    (removed by :meth:`Store.remove_stale_temporaries`). The C-STORE handler keeps the one
+    file, one commit path, since each instance is acknowledged on its own.
+
+    The striped per-instance locks of the store are held from the duplicate check to the
+    commit, so a C-STORE of the same SOP Instance UID in the same process waits for the commit
+    (a lock already held elsewhere makes the batch commit first: it never waits while holding
+    locks).
+
+    Outcomes come in file order from :meth:`outcomes`: a :class:`StoreResult`, or the
+    :class:`~node.errors.OutOfResourcesError` of a file whose commit failed. Errors found before
+    the commit are raised by :meth:`add_file`, as :meth:`Store.accept_file` raises them.
+
+    Parameters
+    ----------
+    store : Store
+        Where the files go.
+    calling_ae : str, optional
+        Recorded in the index as the instances' source.
+    max_files : int
+        Files per commit (one index transaction, one fsync per folder).
+    """
+
+    def __init__(self, store: Store, *, calling_ae: str | None, max_files: int = 256) -> None:
+        if max_files < 1:
+            raise ValueError(f"max_files must be at least 1, not {max_files}")
+        self.store = store
+        self.calling_ae = calling_ae
+        self.max_files = max_files
+        self._staged: list[_Staged] = []
+        self._staged_uids: set[str] = set()
+        self._held: set[threading.Lock] = set()
+        self._outcomes: list[tuple[Path, StoreResult | OutOfResourcesError]] = []
+
+    def __enter__(self) -> ImportBatch:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is None:
+            self.flush()
+            return
+        try:
+            self.flush()  # what was staged before the error is as valid as before it
+        except Exception as err:  # the error being raised is the one to report
+            logger.error("could not commit the last imported files: %s", type(err).__name__)
+
+    def add_file(
+        self,
+        path: Path,
+        *,
+        transfer_syntax_uid: str,
+        request_sop_class_uid: str,
+        request_sop_instance_uid: str,
+        header: dict[str, object] | None = None,
+    ) -> None:
+        """Check a Part 10 file and stage it for the next commit (see :meth:`outcomes`).
+
+        Parameters
+        ----------
+        path : Path
+            The file (left in place).
+        transfer_syntax_uid : str
+            Its file meta Transfer Syntax UID.
+        request_sop_class_uid, request_sop_instance_uid : str
+            The UIDs it is expected to carry (checked as a C-STORE request's).
+        header : dict, optional
+            :func:`header_of` the file's dataset when the caller has already read it (it is
+            then not read again); by default the store reads it.
+
+        Raises
+        ------
+        OutOfResourcesError, UnparseableDatasetError, DatasetMismatchError
+            As :meth:`Store.accept_file`.
+        """
+        store = self.store
+        store.check_free_space()
+        received = _Received(path=Path(path))
+        try:
+            header = store._parse(received, transfer_syntax_uid, header)
+            sop_class, sop_instance, study, series = store._checked_uids(
+                received, header, request_sop_class_uid, request_sop_instance_uid
+            )
+            digest = received.sha256()
+            destination = store.instance_path(study, series, sop_instance)
+            if sop_instance in self._staged_uids:
+                self.flush()  # a second copy within the batch: compare it with the indexed one
+            self._hold(sop_instance)
+            try:
+                existing = store.index.instance(sop_instance)
+            except sqlite3.Error as err:
+                raise OutOfResourcesError(f"index unavailable: {err}") from err
+            if existing is not None:
+                # commit what came before, so outcomes and events stay in file order
+                self.flush()
+                self._hold(sop_instance)
+                known = store._known_instance(sop_instance, digest, self.calling_ae)
+                if known is not None:
+                    self._outcomes.append((Path(path), known))
+                    return
+            tmp = store._stage(received, destination)
+            rejection = header.get("rejection")
+            self._staged.append(
+                _Staged(
+                    source=Path(path),
+                    tmp=tmp,
+                    path=destination,
+                    new=store._new_instance(
+                        header,
+                        received,
+                        sop_class,
+                        sop_instance,
+                        study,
+                        series,
+                        transfer_syntax_uid,
+                        destination,
+                        digest,
+                        self.calling_ae,
+                        None,
+                    ),
+                    received_at=time.time(),
+                    rejection=rejection if isinstance(rejection, RejectionNote) else None,
+                )
+            )
+            self._staged_uids.add(sop_instance)
+        finally:
+            received.close()
+        if len(self._staged) >= self.max_files:
+            self.flush()
+
+    def outcomes(self) -> list[tuple[Path, StoreResult | OutOfResourcesError]]:
+        """The outcomes decided since the last call, in file order (file, result or error)."""
+        done, self._outcomes = self._outcomes, []
+        return done
+
+    def flush(self) -> None:
+        """Commit the staged files now (and release the instance locks held)."""
+        staged, self._staged, self._staged_uids = self._staged, [], set()
+        try:
+            if staged:
+                self._commit(staged)
+        finally:
+            for lock in self._held:
+                lock.release()
+            self._held = set()
+
+    def _hold(self, sop_instance: str) -> None:
+        lock = self.store._lock_of(sop_instance)
+        if lock in self._held:
+            return
+        if not lock.acquire(blocking=False):
+            self.flush()  # never wait for a lock while holding others: no deadlock
+            lock.acquire()
+        self._held.add(lock)
+
+    def _commit(self, staged: list[_Staged]) -> None:
+        failed: dict[int, OutOfResourcesError] = {}
+        written: list[_Staged] = []
+        try:
+            # fsync every file, then move it in place, then fsync each folder once. The fsyncs
+            # run side by side: the device's cache flushes of concurrent fsyncs are merged,
+            # one at a time each file costs a flush of its own
+            with ThreadPoolExecutor(max_workers=min(FSYNC_THREADS, len(staged))) as pool:
+                errors = list(pool.map(_fsync, [item.tmp for item in staged]))
+                for item, error in zip(staged, errors, strict=True):
+                    if error is None:
+                        try:
+                            os.replace(item.tmp, item.path)
+                        except OSError as err:
+                            error = err
+                    if error is not None:
+                        item.tmp.unlink(missing_ok=True)
+                        failed[id(item)] = OutOfResourcesError(
+                            f"cannot write {item.path.name}: {error.strerror}"
+                        )
+                    else:
+                        written.append(item)
+                folders = list(dict.fromkeys(item.path.parent for item in written))
+                for folder, error in zip(folders, pool.map(_fsync, folders), strict=True):
+                    if error is None:
+                        continue
+                    for item in written:
+                        if item.path.parent == folder:
+                            item.path.unlink(missing_ok=True)
+                            failed[id(item)] = OutOfResourcesError(
+                                f"cannot write {item.path.name}: {error.strerror}"
+                            )
+            written = [item for item in written if id(item) not in failed]
+        except BaseException:
+            for item in staged:
+                item.tmp.unlink(missing_ok=True)
+            for item in written:
+                item.path.unlink(missing_ok=True)
+            raise
+        self._index(written, failed)
+        for item in staged:
+            refused = failed.get(id(item))
+            if refused is not None:
+                self._outcomes.append((item.source, refused))
+                continue
+            _log_rejection(item.new.sop_instance_uid, item.rejection)
+            self._outcomes.append(
+                (
+                    item.source,
+                    StoreResult(
+                        StoreOutcome.STORED,
+                        item.new.sop_instance_uid,
+                        item.new.study_uid,
+                        item.path,
+                    ),
+                )
+            )
+
+    def _index(self, written: list[_Staged], failed: dict[int, OutOfResourcesError]) -> None:
+        """Record ``written`` in one transaction; if it fails, one row at a time (as the receive
+        path does), so only the rows the index refuses fail (their files are removed)."""
+        index = self.store.index
+        try:
+            index.add_instances([(item.new, item.received_at) for item in written])
+        except sqlite3.Error:
+            for position, item in enumerate(written):
+                try:
+                    index.add_instance(item.new, now=item.received_at)
+                except sqlite3.Error as err:
+                    item.path.unlink(missing_ok=True)
+                    failed[id(item)] = OutOfResourcesError(f"index unavailable: {err}")
+                except BaseException:
+                    for rest in written[position:]:
+                        rest.path.unlink(missing_ok=True)
+                    raise
+        except BaseException:
+            for item in written:
+                item.path.unlink(missing_ok=True)
+            raise
+
+
+def _log_rejection(sop_instance: str, rejection: object) -> None:
+    if isinstance(rejection, RejectionNote):
+        logger.info(
+            "rejection note %s (%s) withdraws %d instance(s)",
+            sop_instance,
+            rejection.reason,
+            len(rejection.rejected),
+        )
+
+
+def _fsync(path: Path) -> OSError | None:
+    """fsync a file or folder; the error instead of raising it (for a pool of fsyncs)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        return err
+    return None
 
 
 def _try_link(source: Path, link: Path) -> bool:
