@@ -37,7 +37,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from processing.measure import measure_lesion
-from processing.radiomics import RadiomicsSettings
+from processing.radiomics import RadiomicsCache, RadiomicsSettings
 from processing.results import Change, LesionMeasurements
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ def perturbation_repeatability(
     radiomics_settings: Mapping[str, RadiomicsSettings] | None = None,
     shift_voxels: int = 1,
     measure: Callable[..., LesionMeasurements] = measure_lesion,
+    radiomics_cache: RadiomicsCache | None = None,
 ) -> dict[str, float]:
     """Per-case relative MDC of every quantity, from the spread under small ROI perturbations.
 
@@ -199,6 +200,13 @@ def perturbation_repeatability(
     same maps and radiomics settings. For each quantity, ``MDC = max(1.96·√2·SD, max |v_p - v|)
     / |v|`` with SD over the 9 values and ``v_p`` the perturbed values (see module docstring).
     Volume gets the published :data:`VOLUME_MDC` instead (erosion/dilation would dominate it).
+
+    ``measure`` is called as ``measure(mask, maps, label=..., radiomics_settings=...,
+    radiomics_cache=...)``; one :class:`processing.radiomics.RadiomicsCache` serves the 9
+    measurements, so that each map is cast and interpolated once (once per fill value of its
+    undefined voxels) and each ROI is interpolated once per grid. Pass the cache that served
+    the measurement of the original ROI (``measure_lesion(..., radiomics_cache=...)`` with the
+    same mask, maps and settings objects) as ``radiomics_cache`` to reuse its radiomics.
 
     Returns
     -------
@@ -211,8 +219,11 @@ def perturbation_repeatability(
     roi = sitk.GetArrayFromImage(mask) == label
     if not roi.any():
         raise ValueError(f"lesion mask has no voxel with label {label}")
+    cache = radiomics_cache or RadiomicsCache()
     original = flatten_measurements(
-        measure(mask, maps, label=label, radiomics_settings=radiomics_settings)
+        measure(
+            mask, maps, label=label, radiomics_settings=radiomics_settings, radiomics_cache=cache
+        )
     )
     samples: dict[str, list[float]] = {k: [v] for k, v in original.items()}
     for name, perturbed in _perturbed_masks(roi, shift_voxels):
@@ -220,7 +231,13 @@ def perturbation_repeatability(
         image.CopyInformation(mask)
         try:
             flat = flatten_measurements(
-                measure(image, maps, label=1, radiomics_settings=radiomics_settings)
+                measure(
+                    image,
+                    maps,
+                    label=1,
+                    radiomics_settings=radiomics_settings,
+                    radiomics_cache=cache,
+                )
             )
         except ValueError as err:  # e.g. a perturbed ROI with no finite map value
             logger.info("ROI perturbation %s not measurable: %s", name, err)

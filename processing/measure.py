@@ -36,7 +36,12 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
 from processing.imaging import same_grid
-from processing.radiomics import RadiomicsError, RadiomicsSettings, extract_features
+from processing.radiomics import (
+    RadiomicsCache,
+    RadiomicsError,
+    RadiomicsSettings,
+    extract_features,
+)
 from processing.results import QUANTITY_UNITS, LesionMeasurements, MapStatistics
 
 logger = logging.getLogger(__name__)
@@ -302,6 +307,7 @@ def measure_lesion(
     units: Mapping[str, str] | None = None,
     epidural_mask: sitk.Image | None = None,
     radiomics_settings: Mapping[str, RadiomicsSettings] | None = None,
+    radiomics_cache: RadiomicsCache | None = None,
 ) -> LesionMeasurements:
     """Everything measured on one lesion at one time point.
 
@@ -318,6 +324,10 @@ def measure_lesion(
     radiomics_settings : mapping of str to RadiomicsSettings, optional
         The course's radiomics settings per quantity; quantities without settings get no
         radiomics. Failures are recorded in ``radiomics_notes``, not raised.
+    radiomics_cache : RadiomicsCache, optional
+        Preprocessing shared with other measurements of the same maps (e.g. of perturbed ROIs,
+        see :func:`processing.change.perturbation_repeatability`); by default one cache serves
+        the maps of this call. Results are identical with or without it.
 
     Returns
     -------
@@ -335,11 +345,12 @@ def measure_lesion(
     }
     radiomics: dict[str, dict[str, float]] = {}
     notes: list[str] = []
+    cache = radiomics_cache or RadiomicsCache()
     for quantity, settings in sorted((radiomics_settings or {}).items()):
         if quantity not in maps:
             continue
         try:
-            result = extract_features(maps[quantity], mask, settings, label=label)
+            result = extract_features(maps[quantity], mask, settings, label=label, cache=cache)
         except RadiomicsError as err:
             notes.append(f"{quantity}: radiomics not computed: {err}")
             logger.warning("radiomics for %s not computed: %s", quantity, err)

@@ -20,6 +20,11 @@ prescribes. The known differences between pyradiomics and IBSI definitions are c
 :func:`to_ibsi` (see :data:`IBSI_CORRECTIONS`); :data:`IBSI_FEATURES` maps each pyradiomics feature
 to its IBSI tag, name and permanent code, and is what the SR writer uses to code features.
 
+A :class:`RadiomicsCache` shared by several extractions (maps of one grid, an ROI and its
+perturbations) does each ROI-independent step (casting and interpolating an image) and each
+image-independent step (interpolating an ROI, shape features) once; pyradiomics is handed the
+bounding box of the ROI, which it would crop to itself. Results are bit-identical either way.
+
 References
 ----------
 .. [1] Zwanenburg A, Vallières M, et al. The Image Biomarker Standardization Initiative.
@@ -35,7 +40,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -503,9 +508,12 @@ def _roi_diagnostics(
     image: np.ndarray,
     morph: np.ndarray,
     intensity: np.ndarray,
+    *,
+    shape: tuple[int, ...] | None = None,
 ) -> dict[str, float]:
+    """ROI diagnostics; ``shape`` is the whole grid's when the arrays are cropped to the ROI."""
     out: dict[str, float] = {}
-    z, y, x = intensity.shape
+    z, y, x = shape if shape is not None else intensity.shape
     out.update(
         {
             f"int_mask_dim_x_{step}_roi": x,
@@ -577,8 +585,291 @@ def centre_aligned_grid(
     return tuple(int(n) for n in new_size), tuple(float(o) for o in origin)
 
 
+def _geometry_key(image: sitk.Image) -> tuple[tuple[float, ...], ...]:
+    """Exact grid of an image (size, origin, spacing, direction), as a dictionary key."""
+    return (
+        tuple(float(n) for n in image.GetSize()),
+        image.GetOrigin(),
+        image.GetSpacing(),
+        image.GetDirection(),
+    )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An input image cast to float64, with its finite-value map (independent of the ROI)."""
+
+    image: sitk.Image  # the caller's image, kept so that its id() stays unique in the cache
+    image_f: sitk.Image
+    img0: np.ndarray
+    finite0: np.ndarray
+    all_finite: bool
+
+
+@dataclass(frozen=True)
+class _Interpolated:
+    """An image after NaN filling and interpolation (independent of the ROI given the fill)."""
+
+    fill: str | None  # float.hex() of the fill value; None when the image has no undefined voxel
+    img0: np.ndarray
+    init_diagnostics: dict[str, float]
+    image_out: sitk.Image
+    img1: np.ndarray
+    interp_diagnostics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Roi:
+    """A label mask as a boolean array, and its interpolated (morphological) form."""
+
+    mask: sitk.Image  # kept so that its id() stays unique in the cache
+    roi0: np.ndarray
+    morph: np.ndarray
+
+
+class RadiomicsCache:
+    """Preprocessing and shape features shared between extractions on the same images and ROIs.
+
+    Radiomics of one lesion are extracted on several images of one grid (e.g. ADC and MK) and, for
+    the per-case repeatability, on several ROIs of one image (the original ROI and its
+    perturbations). Work that does not depend on the ROI (casting and interpolating the image,
+    interpolating its finite-value support) or does not depend on the image (interpolating the
+    ROI; pyradiomics shape features, which only see the morphological mask and the voxel spacing)
+    is done once and reused; results are bit-identical to extractions without a cache.
+
+    Entries are keyed by the identity of the SimpleITK images passed in (the cache keeps a
+    reference to them) and by the settings that matter to each step: the images must not be
+    modified while the cache is in use. The interpolated image depends on the ROI when the image
+    has undefined (NaN) voxels, which are filled with the median of the ROI's defined values: only
+    the most recent fill value of each image is kept, to bound memory.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[int, _Source] = {}
+        self._interpolated: dict[tuple[Any, ...], _Interpolated] = {}
+        self._supports: dict[tuple[Any, ...], np.ndarray] = {}
+        self._rois: dict[tuple[Any, ...], _Roi] = {}
+        self._shapes: dict[tuple[Any, ...], dict[str, float]] = {}
+        self._extractors: dict[tuple[Any, ...], Any] = {}
+        self._results: dict[tuple[Any, ...], tuple[sitk.Image, sitk.Image, RadiomicsResult]] = {}
+
+    def result(
+        self, image: sitk.Image, mask: sitk.Image, label: int, settings: RadiomicsSettings
+    ) -> RadiomicsResult | None:
+        """A copy of the features already extracted from this image, ROI and settings, if any."""
+        entry = self._results.get((id(image), id(mask), label, settings))
+        if entry is None or entry[0] is not image or entry[1] is not mask:
+            return None
+        return _copy_result(entry[2])
+
+    def store(
+        self,
+        image: sitk.Image,
+        mask: sitk.Image,
+        label: int,
+        settings: RadiomicsSettings,
+        result: RadiomicsResult,
+    ) -> None:
+        """Keep a copy of the features extracted from this image, ROI and settings."""
+        self._results[(id(image), id(mask), label, settings)] = (
+            image,
+            mask,
+            _copy_result(result),
+        )
+
+    def source(self, image: sitk.Image) -> _Source:
+        """The image cast to float64, with its finite-value map."""
+        entry = self._sources.get(id(image))
+        if entry is None or entry.image is not image:
+            image_f = sitk.Cast(image, sitk.sitkFloat64)
+            img0 = sitk.GetArrayFromImage(image_f)
+            finite0 = np.isfinite(img0)
+            entry = _Source(image, image_f, img0, finite0, bool(finite0.all()))
+            self._sources[id(image)] = entry
+        return entry
+
+    def roi(
+        self, mask: sitk.Image, label: int, source: _Source, settings: RadiomicsSettings
+    ) -> _Roi:
+        """The ROI of ``mask`` on the grid of ``source`` and its interpolation (morphology)."""
+        key = (
+            id(mask),
+            label,
+            _geometry_key(source.image_f),
+            settings.spacing_mm,
+            settings.mask_partial_volume,
+        )
+        entry = self._rois.get(key)
+        if entry is not None and entry.mask is mask:
+            return entry
+        roi = sitk.Cast(sitk.Equal(mask, label), sitk.sitkFloat64)
+        roi.CopyInformation(source.image_f)
+        roi0 = sitk.GetArrayFromImage(roi) > 0.5
+        if settings.spacing_mm is None or not roi0.any():
+            morph = roi0
+        else:
+            padded_roi = sitk.ConstantPad(roi, _PAD, _PAD, 0.0)
+            roi_i = _resampler(source.image_f, settings.spacing_mm, sitk.sitkLinear, 0.0).Execute(
+                padded_roi
+            )
+            # 1e-9 guards against float noise at exactly half partial volume
+            morph = sitk.GetArrayFromImage(roi_i) >= settings.mask_partial_volume - 1e-9
+        entry = _Roi(mask, roi0, morph)
+        self._rois[key] = entry
+        return entry
+
+    def interpolated(
+        self, source: _Source, roi0: np.ndarray, settings: RadiomicsSettings
+    ) -> _Interpolated:
+        """The image after NaN filling (median of the ROI's defined values) and interpolation."""
+        fill: str | None = None
+        img0 = source.img0
+        fill_value = 0.0
+        if not source.all_finite:
+            fill_value = float(np.median(img0[source.finite0 & roi0]))
+            fill = fill_value.hex()
+        key = (
+            id(source.image),
+            settings.spacing_mm,
+            settings.interpolator,
+            settings.round_intensities,
+        )
+        entry = self._interpolated.get(key)
+        if entry is not None and entry.fill == fill:
+            return entry
+        image_f = source.image_f
+        if fill is not None:
+            img0 = np.where(source.finite0, img0, fill_value)
+            image_f = sitk.GetImageFromArray(img0)
+            image_f.CopyInformation(source.image_f)
+        init_diagnostics = _image_diagnostics("init", image_f)
+        if settings.spacing_mm is not None:
+            # pad with nearest boundary intensity so that border extrapolation is defined (IBSI 2.4)
+            padded = sitk.ZeroFluxNeumannPad(image_f, _PAD, _PAD)
+            resampler = _resampler(
+                image_f,
+                settings.spacing_mm,
+                _INTERPOLATORS[settings.interpolator],
+                float(img0.min()),
+            )
+            image_i = resampler.Execute(padded)
+            img1 = sitk.GetArrayFromImage(image_i)
+        else:
+            image_i = image_f
+            img1 = img0
+        if settings.round_intensities:
+            img1 = np.rint(img1)
+        image_out = sitk.GetImageFromArray(img1)
+        image_out.CopyInformation(image_i)
+        entry = _Interpolated(
+            fill,
+            img0,
+            init_diagnostics,
+            image_out,
+            img1,
+            _image_diagnostics("interp", image_out),
+        )
+        self._interpolated[key] = entry
+        return entry
+
+    def support(self, source: _Source, settings: RadiomicsSettings) -> np.ndarray:
+        """Interpolated voxels drawing half or more of their weight from defined voxels."""
+        if settings.spacing_mm is None:
+            return source.finite0
+        if source.all_finite:
+            return np.ones(_grid_shape(source.image_f, settings.spacing_mm), dtype=bool)
+        key = (id(source.image), settings.spacing_mm)
+        defined = self._supports.get(key)
+        if defined is None:
+            support = sitk.GetImageFromArray(source.finite0.astype(np.float64))
+            support.CopyInformation(source.image_f)
+            support = sitk.ConstantPad(support, _PAD, _PAD, 0.0)
+            resampler = _resampler(source.image_f, settings.spacing_mm, sitk.sitkLinear, 0.0)
+            defined = sitk.GetArrayFromImage(resampler.Execute(support)) >= 0.5 + 1e-9
+            self._supports[key] = defined
+        return defined
+
+    def shape_features(
+        self,
+        key: tuple[Any, ...],
+        compute: Callable[[], dict[str, float]],
+    ) -> dict[str, float]:
+        """Shape features under ``key`` (morphological mask and settings), computed once."""
+        features = self._shapes.get(key)
+        if features is None:
+            features = compute()
+            self._shapes[key] = features
+        return dict(features)
+
+    def extractor(self, settings: RadiomicsSettings, classes: Iterable[str]) -> Any:
+        """A pyradiomics extractor for these settings and feature classes, built once."""
+        classes = tuple(classes)
+        key = (settings.bin_count, settings.bin_width, settings.gldm_alpha, classes)
+        extractor = self._extractors.get(key)
+        if extractor is None:
+            extractor = _extractor(settings, classes)
+            self._extractors[key] = extractor
+        return extractor
+
+
+#: Padding (voxels per side) of the image and masks before interpolation.
+_PAD = [4, 4, 4]
+
+
+def _resampler(
+    image: sitk.Image, spacing_mm: float, interpolator: int, default: float
+) -> sitk.ResampleImageFilter:
+    """Resampler onto the centre-aligned isotropic grid of ``image`` (float64 output)."""
+    size, origin = centre_aligned_grid(image, spacing_mm)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(size)
+    resampler.SetOutputOrigin(origin)
+    resampler.SetOutputSpacing((spacing_mm,) * 3)
+    resampler.SetOutputDirection(image.GetDirection())
+    resampler.SetOutputPixelType(sitk.sitkFloat64)
+    resampler.SetInterpolator(interpolator)
+    resampler.SetDefaultPixelValue(default)
+    return resampler
+
+
+def _grid_shape(image: sitk.Image, spacing_mm: float) -> tuple[int, int, int]:
+    """Array shape (z, y, x) of the centre-aligned isotropic grid of ``image``."""
+    size, _ = centre_aligned_grid(image, spacing_mm)
+    return (size[2], size[1], size[0])
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """Bounding box of the True voxels of a non-empty boolean (z, y, x) array."""
+    out = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return (out[0], out[1], out[2])
+
+
+def _crop(
+    pre: PreprocessedROI, box: tuple[slice, slice, slice]
+) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """Image, morphological and intensity masks of ``pre`` cropped to ``box`` (z, y, x)."""
+    start = pre.image.TransformIndexToPhysicalPoint([box[2].start, box[1].start, box[0].start])
+    out = []
+    for image in (pre.image, pre.morphological_mask, pre.intensity_mask):
+        cropped = sitk.GetImageFromArray(sitk.GetArrayViewFromImage(image)[box])
+        cropped.SetSpacing(image.GetSpacing())
+        cropped.SetDirection(image.GetDirection())
+        cropped.SetOrigin(start)
+        out.append(cropped)
+    return out[0], out[1], out[2]
+
+
 def preprocess(
-    image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, *, label: int = 1
+    image: sitk.Image,
+    mask: sitk.Image,
+    settings: RadiomicsSettings,
+    *,
+    label: int = 1,
+    cache: RadiomicsCache | None = None,
 ) -> PreprocessedROI:
     """IBSI-style preprocessing of an image and its ROI (see the module docstring).
 
@@ -592,6 +883,9 @@ def preprocess(
         Preprocessing settings.
     label : int
         ROI label value in ``mask``.
+    cache : RadiomicsCache, optional
+        Reuse of ROI-independent and image-independent steps between calls (identical results);
+        the returned image may then be shared between calls and must not be modified.
 
     Returns
     -------
@@ -603,12 +897,23 @@ def preprocess(
     RadiomicsError
         If the geometry differs or the ROI is empty at any step.
     """
+    return _preprocess(image, mask, settings, label=label, cache=cache)[0]
+
+
+def _preprocess(
+    image: sitk.Image,
+    mask: sitk.Image,
+    settings: RadiomicsSettings,
+    *,
+    label: int,
+    cache: RadiomicsCache | None,
+) -> tuple[PreprocessedROI, tuple[slice, slice, slice]]:
+    """:func:`preprocess`, also returning the bounding box (z, y, x) of the morphological mask."""
     _check_geometry(image, mask)
-    image_f = sitk.Cast(image, sitk.sitkFloat64)
-    roi = sitk.Cast(sitk.Equal(mask, label), sitk.sitkFloat64)
-    roi.CopyInformation(image_f)
-    img0 = sitk.GetArrayFromImage(image_f)
-    roi0 = sitk.GetArrayFromImage(roi) > 0.5
+    cache = cache or RadiomicsCache()
+    source = cache.source(image)
+    roi = cache.roi(mask, label, source, settings)
+    roi0, finite0 = roi.roi0, source.finite0
     if not roi0.any():
         raise RadiomicsError(f"mask has no voxel with label {label}")
     # Fitted maps leave voxels undefined (NaN: the fit failed or was masked out). One NaN would
@@ -616,85 +921,56 @@ def preprocess(
     # are filled with the median of the ROI's defined values before interpolation and removed
     # from the intensity mask afterwards (re-segmentation; a resampled voxel drawing half or
     # more of its weight from undefined voxels is undefined). Shape uses the ROI as drawn.
-    finite0 = np.isfinite(img0)
     n_undefined = int((~finite0 & roi0).sum())
-    if not finite0.all():
-        if not (finite0 & roi0).any():
-            raise RadiomicsError("the image is undefined (NaN) in every ROI voxel")
-        img0 = np.where(finite0, img0, np.median(img0[finite0 & roi0]))
-        image_f = sitk.GetImageFromArray(img0)
-        image_f.CopyInformation(roi)
-    diagnostics = _image_diagnostics("init", image_f)
-    diagnostics.update(_roi_diagnostics("init", img0, roi0, roi0 & finite0))
+    if not source.all_finite and not (finite0 & roi0).any():
+        raise RadiomicsError("the image is undefined (NaN) in every ROI voxel")
+    interpolated = cache.interpolated(source, roi0, settings)
+    diagnostics = dict(interpolated.init_diagnostics)
+    diagnostics.update(_roi_diagnostics("init", interpolated.img0, roi0, roi0 & finite0))
     if n_undefined:  # not an IBSI diagnostic: only present when it matters
         diagnostics["undefined_vox_count_init_roi"] = n_undefined
 
-    if settings.spacing_mm is not None:
-        size, origin = centre_aligned_grid(image_f, settings.spacing_mm)
-        # pad with nearest boundary intensity so that border extrapolation is defined (IBSI 2.4)
-        pad = [4, 4, 4]
-        padded = sitk.ZeroFluxNeumannPad(image_f, pad, pad)
-        padded_roi = sitk.ConstantPad(roi, pad, pad, 0.0)
-        resampler = sitk.ResampleImageFilter()
-        resampler.SetSize(size)
-        resampler.SetOutputOrigin(origin)
-        resampler.SetOutputSpacing((settings.spacing_mm,) * 3)
-        resampler.SetOutputDirection(image_f.GetDirection())
-        resampler.SetOutputPixelType(sitk.sitkFloat64)
-        resampler.SetInterpolator(_INTERPOLATORS[settings.interpolator])
-        resampler.SetDefaultPixelValue(float(img0.min()))
-        image_i = resampler.Execute(padded)
-        resampler.SetInterpolator(sitk.sitkLinear)
-        resampler.SetDefaultPixelValue(0.0)
-        roi_i = resampler.Execute(padded_roi)
-        img1 = sitk.GetArrayFromImage(image_i)
-        # 1e-9 guards against float noise at exactly half partial volume
-        morph = sitk.GetArrayFromImage(roi_i) >= settings.mask_partial_volume - 1e-9
-        if finite0.all():
-            defined = np.ones_like(morph)
-        else:
-            support = sitk.GetImageFromArray(finite0.astype(np.float64))
-            support.CopyInformation(roi)
-            support = sitk.ConstantPad(support, pad, pad, 0.0)
-            defined = sitk.GetArrayFromImage(resampler.Execute(support)) >= 0.5 + 1e-9
-    else:
-        image_i = image_f
-        img1 = img0
-        morph = roi0
-        defined = finite0
-    if settings.round_intensities:
-        img1 = np.rint(img1)
-    image_out = sitk.GetImageFromArray(img1)
-    image_out.CopyInformation(image_i)
-    diagnostics.update(_image_diagnostics("interp", image_out))
+    img1, morph = interpolated.img1, roi.morph
+    diagnostics.update(interpolated.interp_diagnostics)
     if not morph.any():
         raise RadiomicsError("ROI vanished after interpolation (smaller than half a voxel)")
-    diagnostics.update(_roi_diagnostics("interp", img1, morph, morph))
+    # Everything below only concerns ROI voxels: work on the bounding box of the morphological
+    # mask (the intensity mask lies within it); values come out in the same order as on the
+    # whole grid, so the statistics are identical.
+    box = _bbox(morph)
+    shape = morph.shape
+    img1_box, morph_box = img1[box], morph[box]
+    diagnostics.update(_roi_diagnostics("interp", img1_box, morph_box, morph_box, shape=shape))
 
-    intensity = morph & defined
+    intensity = morph_box & cache.support(source, settings)[box]
     if not intensity.any():
         raise RadiomicsError("the image is undefined (NaN) in every ROI voxel after interpolation")
     if settings.resegment_range is not None:
         low, high = settings.resegment_range
         if low is not None:
-            intensity &= img1 >= low
+            intensity &= img1_box >= low
         if high is not None:
-            intensity &= img1 <= high
+            intensity &= img1_box <= high
     if settings.resegment_sigma is not None and intensity.any():
-        values = img1[intensity]
+        values = img1_box[intensity]
         mean, sd = values.mean(), values.std()
         k = settings.resegment_sigma
-        intensity &= (img1 >= mean - k * sd) & (img1 <= mean + k * sd)
+        intensity &= (img1_box >= mean - k * sd) & (img1_box <= mean + k * sd)
     if not intensity.any():
         raise RadiomicsError("no ROI voxel left after re-segmentation")
-    diagnostics.update(_roi_diagnostics("reseg", img1, morph, intensity))
+    diagnostics.update(_roi_diagnostics("reseg", img1_box, morph_box, intensity, shape=shape))
+
+    image_out = interpolated.image_out
 
     def as_mask(arr: np.ndarray) -> sitk.Image:
-        out = sitk.GetImageFromArray(arr.astype(np.uint8))
+        full = np.zeros(shape, dtype=np.uint8)
+        full[box] = arr
+        out = sitk.GetImageFromArray(full)
         out.CopyInformation(image_out)
         return out
 
-    return PreprocessedROI(image_out, as_mask(morph), as_mask(intensity), diagnostics)
+    pre = PreprocessedROI(image_out, as_mask(morph_box), as_mask(intensity), diagnostics)
+    return pre, box
 
 
 @dataclass(frozen=True)
@@ -759,7 +1035,12 @@ def _extractor(settings: RadiomicsSettings, classes: Iterable[str]) -> Any:
 
 
 def _run_pyradiomics(
-    image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, classes: Iterable[str]
+    image: sitk.Image,
+    mask: sitk.Image,
+    settings: RadiomicsSettings,
+    classes: Iterable[str],
+    *,
+    cache: RadiomicsCache | None = None,
 ) -> dict[str, float]:
     radiomics_logger = logging.getLogger("radiomics")
     level = radiomics_logger.level
@@ -767,7 +1048,10 @@ def _run_pyradiomics(
     # every call; its errors still come through
     radiomics_logger.setLevel(logging.ERROR)
     try:
-        extractor = _extractor(settings, classes)
+        if cache is None:
+            extractor = _extractor(settings, classes)
+        else:
+            extractor = cache.extractor(settings, classes)
         raw = extractor.execute(image, mask, label=1)
     except (ValueError, RuntimeError) as err:
         raise RadiomicsError(f"pyradiomics failed: {err}") from err
@@ -804,7 +1088,12 @@ def to_ibsi(features: Mapping[str, float], *, n_voxels: int) -> dict[str, float]
 
 
 def extract_features(
-    image: sitk.Image, mask: sitk.Image, settings: RadiomicsSettings, *, label: int = 1
+    image: sitk.Image,
+    mask: sitk.Image,
+    settings: RadiomicsSettings,
+    *,
+    label: int = 1,
+    cache: RadiomicsCache | None = None,
 ) -> RadiomicsResult:
     """IBSI-style preprocessing, then pyradiomics shape, first-order and texture features.
 
@@ -816,6 +1105,9 @@ def extract_features(
         The course's settings for this quantity.
     label : int
         ROI label in ``mask``.
+    cache : RadiomicsCache, optional
+        Shared by calls on the same images and ROIs (e.g. several maps of one grid, or an ROI and
+        its perturbations) to preprocess each image and each ROI once; results are identical.
 
     Returns
     -------
@@ -829,7 +1121,11 @@ def extract_features(
     RadiomicsError
         Empty ROI, mismatched geometry, or a pyradiomics failure.
     """
-    pre = preprocess(image, mask, settings, label=label)
+    cache = cache or RadiomicsCache()
+    previous = cache.result(image, mask, label, settings)
+    if previous is not None:
+        return previous
+    pre, box = _preprocess(image, mask, settings, label=label, cache=cache)
     n_morph = int(pre.diagnostics["morph_mask_vox_count_reseg_roi"])
     n_int = int(pre.diagnostics["int_mask_vox_count_reseg_roi"])
     notes = [
@@ -846,7 +1142,25 @@ def extract_features(
             f"{n_undefined} ROI voxel(s) undefined in the map (failed fit) left out of "
             "the intensity and texture features"
         )
-    features = _run_pyradiomics(pre.image, pre.morphological_mask, settings, ["shape"])
+    # pyradiomics crops image and mask to the mask's bounding box before computing features;
+    # handing it the bounding box of the morphological mask (which holds the intensity mask)
+    # gives the same features without its whole-grid checks and crops.
+    image_box, morph_box, intensity_box = _crop(pre, box)
+    # shape features only depend on the morphological mask and the voxel spacing
+    shape_key = (
+        id(mask),
+        label,
+        _geometry_key(image),
+        settings.spacing_mm,
+        settings.mask_partial_volume,
+        settings.bin_count,
+        settings.bin_width,
+        settings.gldm_alpha,
+    )
+    features = cache.shape_features(
+        shape_key,
+        lambda: _run_pyradiomics(image_box, morph_box, settings, ["shape"], cache=cache),
+    )
     texture = n_int >= settings.min_texture_voxels
     classes = ["firstorder", *TEXTURE_CLASSES] if texture else ["firstorder"]
     if not texture:
@@ -855,8 +1169,8 @@ def extract_features(
             f"than the {settings.min_texture_voxels} needed; shape and first-order only"
         )
         logger.info("ROI of %d voxels: texture features skipped", n_int)
-    features.update(_run_pyradiomics(pre.image, pre.intensity_mask, settings, classes))
-    return RadiomicsResult(
+    features.update(_run_pyradiomics(image_box, intensity_box, settings, classes, cache=cache))
+    result = RadiomicsResult(
         features=features,
         ibsi=to_ibsi(features, n_voxels=n_morph),
         notes=tuple(notes),
@@ -865,6 +1179,18 @@ def extract_features(
         texture_computed=texture,
         n_morphological_voxels=n_morph,
         n_intensity_voxels=n_int,
+    )
+    cache.store(image, mask, label, settings, result)
+    return result
+
+
+def _copy_result(result: RadiomicsResult) -> RadiomicsResult:
+    """The result with its own dictionaries (cached results are never handed out as such)."""
+    return dataclasses.replace(
+        result,
+        features=dict(result.features),
+        ibsi=dict(result.ibsi),
+        diagnostics=dict(result.diagnostics),
     )
 
 

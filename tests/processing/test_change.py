@@ -17,7 +17,7 @@ from processing.change import (
     quantity_change,
 )
 from processing.measure import measure_lesion
-from processing.radiomics import RadiomicsSettings
+from processing.radiomics import RadiomicsCache, RadiomicsSettings
 from processing.results import LesionMeasurements, MapStatistics
 
 
@@ -168,3 +168,35 @@ def test_phantom_re_extraction_is_identical_and_a_one_voxel_shift_is_within_repe
     assert by_q["T2w.mean"].relative == pytest.approx(0.6)
     assert by_q["T2w.mean"].beyond_repeatability is True
     assert by_q["volume"].beyond_repeatability is False
+
+
+def test_repeatability_is_identical_with_or_without_shared_radiomics_preprocessing():
+    mask, _, adc_array = _textured_lesion(seed=5)
+    adc_array = adc_array.copy()
+    adc_array[14:17, 12:15, 10:13] = np.nan  # failed fits inside the lesion: fill path
+    adc = sitk.GetImageFromArray(adc_array)
+    adc.CopyInformation(mask)
+    t2w = sitk.GetImageFromArray(np.where(sitk.GetArrayFromImage(mask) > 0, 300.0, 500.0))
+    t2w.CopyInformation(mask)
+    maps = {"ADC": adc, "T2w": t2w}
+    settings = {
+        "ADC": RadiomicsSettings(spacing_mm=2.0, bin_count=16, resegment_range=(0.0, 5.0e-3)),
+        "T2w": RadiomicsSettings(spacing_mm=2.0, bin_count=16),
+    }
+
+    def without_cache(*args, radiomics_cache=None, **kwargs):
+        return measure_lesion(*args, **kwargs)  # every measurement preprocesses from scratch
+
+    alone = perturbation_repeatability(
+        mask, maps, radiomics_settings=settings, measure=without_cache
+    )
+    cache = RadiomicsCache()
+    measured = measure_lesion(mask, maps, radiomics_settings=settings, radiomics_cache=cache)
+    shared = perturbation_repeatability(
+        mask, maps, radiomics_settings=settings, radiomics_cache=cache
+    )
+    assert shared == alone
+    assert any(key.startswith("radiomics.ADC.") for key in shared)
+    assert flatten_measurements(measured) == flatten_measurements(
+        measure_lesion(mask, maps, radiomics_settings=settings)
+    )

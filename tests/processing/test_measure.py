@@ -16,7 +16,7 @@ from processing.measure import (
     map_statistics,
     measure_lesion,
 )
-from processing.radiomics import RadiomicsSettings
+from processing.radiomics import RadiomicsCache, RadiomicsSettings, default_course_settings
 
 
 def _image(array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None) -> sitk.Image:
@@ -140,3 +140,22 @@ def test_measure_lesion_fills_lesion_measurements_with_radiomics_and_small_lesio
     assert any("texture features not computed" in n for n in small.radiomics_notes)
     with pytest.raises(ValueError, match="no voxel"):
         measure_lesion(_image(np.zeros_like(mask_arr)))
+
+
+def test_measure_lesion_radiomics_are_identical_with_a_shared_cache():
+    mask_arr = _box(shape=(14, 24, 24), z=(4, 10), y=(6, 17), x=(5, 16))
+    rng = np.random.default_rng(4)
+    adc = rng.normal(1.0e-3, 2.0e-4, size=mask_arr.shape)
+    adc[6, 8:10, 8:10] = np.nan  # failed fits
+    mk = rng.normal(1.0, 0.2, size=mask_arr.shape)
+    maps = {"ADC": _image(adc, spacing=(1.5, 1.5, 3.0)), "MK": _image(mk, spacing=(1.5, 1.5, 3.0))}
+    mask = _image(mask_arr, spacing=(1.5, 1.5, 3.0))
+    settings = default_course_settings(["ADC", "MK"], spacing_mm=1.0, bin_count=16)
+    alone = {q: measure_lesion(mask, {q: maps[q]}, radiomics_settings=settings) for q in maps}
+    cache = RadiomicsCache()
+    for _ in range(2):  # the second round is served by the cache
+        shared = measure_lesion(mask, maps, radiomics_settings=settings, radiomics_cache=cache)
+        for q in maps:
+            assert shared.radiomics[q] == alone[q].radiomics[q]
+            assert shared.map_statistics[q] == alone[q].map_statistics[q]
+        assert shared.radiomics_notes == alone["ADC"].radiomics_notes + alone["MK"].radiomics_notes

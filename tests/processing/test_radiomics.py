@@ -13,13 +13,17 @@ import SimpleITK as sitk
 
 from processing.radiomics import (
     IBSI_FEATURES,
+    TEXTURE_CLASSES,
+    RadiomicsCache,
     RadiomicsError,
     RadiomicsSettings,
+    _run_pyradiomics,
     centre_aligned_grid,
     course_parameters_from_json,
     course_parameters_json,
     default_course_settings,
     extract_features,
+    preprocess,
 )
 
 
@@ -247,3 +251,75 @@ def test_ibsi_codes_and_names_come_from_the_ibsi_reference_manual(shared_data: P
         checked += 1
     assert checked == 101
     assert len({f.tag for f in IBSI_FEATURES.values()}) == 102
+
+
+def _map_with_undefined_voxels() -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """A textured map with a block of failed fits (NaN) touching the ROI, a second map on the
+    same grid, and a spherical ROI, on an anisotropic grid (interpolation is exercised)."""
+    rng = np.random.default_rng(11)
+    zz, yy, xx = np.mgrid[:12, :26, :28]
+    roi = ((zz - 6) / 3.5) ** 2 + ((yy - 13) / 6.0) ** 2 + ((xx - 14) / 7.0) ** 2 <= 1.0
+    first = 1.0e-3 + 2.0e-4 * rng.normal(size=roi.shape)
+    first[5:8, 9:13, 8:12] = np.nan
+    first[:, :, :2] = np.nan  # outside the ROI
+    second = 0.5 + 0.1 * rng.normal(size=roi.shape)
+    mask = sitk.GetImageFromArray(roi.astype(np.uint8))
+    mask.SetSpacing((1.7, 1.7, 4.0))
+    mask.SetOrigin((-20.3, 7.1, -3.3))
+    images = []
+    for arr in (first, second):
+        image = sitk.GetImageFromArray(arr.astype(np.float32))
+        image.CopyInformation(mask)
+        images.append(image)
+    return images[0], images[1], mask
+
+
+def _perturbed(mask: sitk.Image, shift: int, axis: int) -> sitk.Image:
+    out = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(mask), shift, axis=axis))
+    out.CopyInformation(mask)
+    return out
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        RadiomicsSettings(spacing_mm=1.0, bin_count=16, resegment_range=(0.0, None)),
+        RadiomicsSettings(spacing_mm=1.5, round_intensities=True, resegment_sigma=3.0),
+        RadiomicsSettings(bin_count=8),  # no interpolation
+    ],
+)
+def test_shared_cache_gives_results_identical_to_independent_extractions(settings):
+    first, second, mask = _map_with_undefined_voxels()
+    masks = [mask, _perturbed(mask, 1, 2), _perturbed(mask, -1, 0), mask]
+    cache = RadiomicsCache()
+    for roi in masks:  # ROIs with different fill values of the undefined voxels, and a repeat
+        for image in (first, second, first):
+            alone = extract_features(image, roi, settings)
+            shared = extract_features(image, roi, settings, cache=cache)
+            assert shared.features == alone.features
+            assert shared.ibsi == alone.ibsi
+            assert shared.diagnostics == alone.diagnostics
+            assert shared.notes == alone.notes
+            assert (shared.n_morphological_voxels, shared.n_intensity_voxels) == (
+                alone.n_morphological_voxels,
+                alone.n_intensity_voxels,
+            )
+    assert alone.diagnostics["undefined_vox_count_init_roi"] > 0  # the fill path was taken
+    shared.features.clear()  # results handed out are copies: the cache is not affected
+    assert extract_features(first, mask, settings, cache=cache).features
+
+
+def test_features_equal_pyradiomics_on_the_whole_preprocessed_grid():
+    """Handing pyradiomics the ROI's bounding box changes no feature: pyradiomics on the whole
+    interpolated grid (what it would crop itself) gives the same values, bit for bit."""
+    first, _, mask = _map_with_undefined_voxels()
+    settings = RadiomicsSettings(spacing_mm=1.0, bin_count=16, resegment_range=(0.0, 5.0e-3))
+    result = extract_features(first, mask, settings)
+    pre = preprocess(first, mask, settings)
+    assert sitk.GetArrayViewFromImage(pre.intensity_mask).sum() == result.n_intensity_voxels
+    expected = _run_pyradiomics(pre.image, pre.morphological_mask, settings, ["shape"])
+    expected.update(
+        _run_pyradiomics(pre.image, pre.intensity_mask, settings, ["firstorder", *TEXTURE_CLASSES])
+    )
+    assert result.features == expected
+    assert len(result.features) == len(IBSI_FEATURES)
