@@ -818,7 +818,7 @@ def _measure_and_assess(
     from processing.change import compute_changes, perturbation_repeatability
     from processing.comparability import assess_comparability
     from processing.measure import measure_lesion
-    from processing.radiomics import default_course_settings
+    from processing.radiomics import RadiomicsCache, default_course_settings
     from processing.response import assess_response
     from processing.results import TimePointResult, TimePointRole
 
@@ -838,6 +838,9 @@ def _measure_and_assess(
     for index, study in enumerate(studies):
         groups = _grid_groups(study)
         epidural = _epidural(study)
+        # one radiomics cache per grid: the baseline's repeatability reuses the preprocessing and
+        # the features of the original ROI measured here (identical results, done once)
+        caches = [RadiomicsCache() for _ in groups]
         with timer("measure+radiomics"):
             measurements.append(
                 _merge_measurements(
@@ -847,6 +850,7 @@ def _measure_and_assess(
                             maps,
                             radiomics_settings=_subset(radiomics_settings, maps),
                             epidural_mask=epidural if n == 0 else None,
+                            radiomics_cache=caches[n],
                         )
                         for n, (mask, maps) in enumerate(groups)
                     ]
@@ -855,10 +859,14 @@ def _measure_and_assess(
         if index == 0 and len(studies) > 1 and settings.repeatability:
             # per-case minimum detectable change from small perturbations of the baseline ROI
             with timer("repeatability"):
-                for mask, maps in reversed(groups):  # the anatomical grid's volume MDC wins
+                # the anatomical grid's volume MDC wins
+                for (mask, maps), cache in reversed(list(zip(groups, caches, strict=True))):
                     repeatability.update(
                         perturbation_repeatability(
-                            mask, maps, radiomics_settings=_subset(radiomics_settings, maps)
+                            mask,
+                            maps,
+                            radiomics_settings=_subset(radiomics_settings, maps),
+                            radiomics_cache=cache,
                         )
                     )
     baseline_protocol = _protocol(studies[0])
