@@ -140,9 +140,12 @@ class _Concept:
     image: str | None = None  # quantity of the image/map the value was computed on
 
 
+_PER_MM = CodedConcept("/mm", "UCUM", "/mm")
+
+
 def _unit_with_extras(unit: str) -> CodedConcept:
     if unit == "/mm":
-        return CodedConcept("/mm", "UCUM", "/mm")
+        return _PER_MM
     return rcodes.unit_code(unit)
 
 
@@ -259,6 +262,56 @@ def _relaxivity_parameters(result: TimePointResult, quantity: str | None) -> lis
     return out
 
 
+class _SharedContent:
+    """Concepts and content items of one report, built once and shared by its measurements.
+
+    A report repeats the same few hundred concepts, algorithm identifications and map references
+    in thousands of NUMs; highdicom puts the objects it is given into the content tree as they
+    are, so equal content can be the same object. Identical content, far fewer objects to build,
+    and highdicom's copy of the tree (``Comprehensive3DSR``) copies each shared object once. The
+    built tree is therefore not to be modified in place (nothing does: it is written as built).
+    """
+
+    def __init__(
+        self,
+        *,
+        algorithm_name: str,
+        algorithm_version: str,
+        ibsi_codes: Mapping[str, str] | None,
+    ) -> None:
+        self.algorithm_name = algorithm_name
+        self.algorithm_version = algorithm_version
+        self.ibsi_codes = ibsi_codes
+        self._concepts: dict[tuple[str, str | None], _Concept | None] = {}
+        self._algorithms: dict[tuple[str, ...], hd.sr.AlgorithmIdentification] = {}
+        self._sources: dict[str, list[hd.sr.SourceImageForMeasurement]] = {}
+
+    def concept(self, path: str, measurements: LesionMeasurements) -> _Concept | None:
+        """:func:`_concept_for_path` of ``path``, built once per path and map unit."""
+        stats = measurements.map_statistics.get(path.partition(".")[0])
+        key = (path, stats.unit if stats is not None else None)
+        if key not in self._concepts:
+            self._concepts[key] = _concept_for_path(path, measurements, self.ibsi_codes)
+        return self._concepts[key]
+
+    def algorithm(self, parameters: Sequence[str]) -> hd.sr.AlgorithmIdentification:
+        """The report's algorithm (name, version) with these parameters."""
+        key = tuple(parameters)
+        if key not in self._algorithms:
+            self._algorithms[key] = hd.sr.AlgorithmIdentification(
+                name=self.algorithm_name, version=self.algorithm_version, parameters=key
+            )
+        return self._algorithms[key]
+
+    def source_map(self, sop_instance_uid: str) -> list[hd.sr.SourceImageForMeasurement]:
+        """Source of Measurement reference to a Parametric Map."""
+        if sop_instance_uid not in self._sources:
+            self._sources[sop_instance_uid] = [
+                hd.sr.SourceImageForMeasurement(PARAMETRIC_MAP_STORAGE, sop_instance_uid)
+            ]
+        return self._sources[sop_instance_uid]
+
+
 class _GroupBuilder:
     """Collects the content of one TID 1411 group."""
 
@@ -266,18 +319,13 @@ class _GroupBuilder:
         self,
         result: TimePointResult,
         *,
-        algorithm: hd.sr.AlgorithmIdentification,
-        algorithm_name: str,
-        algorithm_version: str,
+        shared: _SharedContent,
         maps: Mapping[str, str],
-        ibsi_codes: Mapping[str, str] | None,
     ) -> None:
         self.result = result
-        self.algorithm = algorithm
-        self.algorithm_name = algorithm_name
-        self.algorithm_version = algorithm_version
+        self.shared = shared
+        self.algorithm_version = shared.algorithm_version
         self.maps = maps  # quantity -> PM SOP Instance UID of this study
-        self.ibsi_codes = ibsi_codes
         self.measurements: list[hd.sr.Measurement] = []
         self.evaluations: list[hd.sr.QualitativeEvaluation] = []
 
@@ -285,7 +333,7 @@ class _GroupBuilder:
         uid = self.maps.get(quantity) if quantity else None
         if uid is None:
             return None
-        return [hd.sr.SourceImageForMeasurement(PARAMETRIC_MAP_STORAGE, uid)]
+        return self.shared.source_map(uid)
 
     def _image_algorithm(self, concept: _Concept) -> hd.sr.AlgorithmIdentification | None:
         if (
@@ -298,18 +346,12 @@ class _GroupBuilder:
             relaxivity = _relaxivity_parameters(self.result, concept.image)
             if not relaxivity:
                 return None
-            return hd.sr.AlgorithmIdentification(
-                name=self.algorithm_name, version=self.algorithm_version, parameters=relaxivity
-            )
-        return hd.sr.AlgorithmIdentification(
-            name=self.algorithm_name,
-            version=self.algorithm_version,
-            parameters=[f"image={concept.image}"],
-        )
+            return self.shared.algorithm(relaxivity)
+        return self.shared.algorithm([f"image={concept.image}"])
 
     def add(self, path: str, value: float, *, change: bool = False, relative: bool = False) -> None:
         """Add the NUM of ``path``; ``change``: ``value`` is a difference (no IBSI offset)."""
-        concept = _concept_for_path(path, self.result.measurements, self.ibsi_codes)
+        concept = self.shared.concept(path, self.result.measurements)
         if concept is None:
             return
         if relative:
@@ -444,10 +486,8 @@ def _add_scanner_adc_qa(builder: _GroupBuilder) -> None:
     qa = (builder.result.provenance or {}).get("scanner_adc_qa")
     if not qa or qa.get("error"):
         return
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=builder.algorithm_name,
-        version=builder.algorithm_version,
-        parameters=[f"scanner ADC series {qa.get('scanner_series_instance_uid', '')}"],
+    algorithm = builder.shared.algorithm(
+        [f"scanner ADC series {qa.get('scanner_series_instance_uid', '')}"]
     )
     for region, key, code, meaning, unit, scale in _ADC_QA_ITEMS:
         value = (qa.get(region) or {}).get(key)
@@ -603,6 +643,9 @@ def build_measurement_report(
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME, version=algorithm_version, parameters=parameters or None
     )
+    shared = _SharedContent(
+        algorithm_name=ALGORITHM_NAME, algorithm_version=algorithm_version, ibsi_codes=ibsi_codes
+    )
     maps: dict[tuple[str, str], str] = {
         (str(pm.StudyInstanceUID), map_quantity(pm)): str(pm.SOPInstanceUID)
         for pm in parametric_maps
@@ -618,14 +661,7 @@ def build_measurement_report(
         study_maps = {
             q: uid for (study, q), uid in maps.items() if study == result.study_instance_uid
         }
-        builder = _GroupBuilder(
-            result,
-            algorithm=algorithm,
-            algorithm_name=ALGORITHM_NAME,
-            algorithm_version=algorithm_version,
-            maps=study_maps,
-            ibsi_codes=ibsi_codes,
-        )
+        builder = _GroupBuilder(result, shared=shared, maps=study_maps)
         for path, value in flatten_measurements(result.measurements).items():
             builder.add(path, value)
         builder.add_response()
@@ -674,14 +710,7 @@ def build_measurement_report(
             ]
             if not changes:
                 continue
-            change_builder = _GroupBuilder(
-                result,
-                algorithm=algorithm,
-                algorithm_name=ALGORITHM_NAME,
-                algorithm_version=algorithm_version,
-                maps=study_maps,
-                ibsi_codes=ibsi_codes,
-            )
+            change_builder = _GroupBuilder(result, shared=shared, maps=study_maps)
             for change in changes:
                 change_builder.add(
                     change.quantity,

@@ -409,3 +409,55 @@ def test_a_synthetic_models_long_name_keeps_its_warning() -> None:
     clinical = "a very long clinical model name " * 3
     assert len(model_algorithm_name(clinical)) <= 64
     assert model_algorithm_name(clinical).endswith("...")
+
+
+def test_shared_content_is_built_once_per_concept_unit_and_parameters() -> None:
+    """A report builds each concept, algorithm identification and map reference once; a map
+    statistic whose map is in another unit gets its own concept (another scale)."""
+    import dataclasses
+
+    from reporting.sr import _concept_for_path, _SharedContent
+
+    shared = _SharedContent(algorithm_name="a", algorithm_version=VERSION, ibsi_codes=None)
+    measurements = BASELINE.measurements
+    concept = shared.concept("ADC.mean", measurements)
+    assert concept is shared.concept("ADC.mean", FOLLOW_UP.measurements)
+    assert concept == _concept_for_path("ADC.mean", measurements, None)
+    adc = dataclasses.replace(measurements.map_statistics["ADC"], unit="um2/s")
+    in_um2 = dataclasses.replace(measurements, map_statistics={"ADC": adc})
+    other = shared.concept("ADC.mean", in_um2)
+    assert other is not None and concept is not None
+    assert (other.scale, concept.scale) == (1.0, pytest.approx(1e6))
+    assert shared.concept("radiomics.ADC.original_glcm_Contrast", measurements) is shared.concept(
+        "radiomics.ADC.original_glcm_Contrast", in_um2
+    )
+    assert shared.concept("no_such_quantity.mean", measurements) is None
+    algorithm = shared.algorithm(["image=ADC"])
+    assert algorithm is shared.algorithm(("image=ADC",))
+    assert [(item.name.value, item.value) for item in algorithm] == [
+        ("111001", "a"),
+        ("111003", VERSION),
+        ("111002", "image=ADC"),
+    ]
+    assert shared.source_map("1.2.3") is shared.source_map("1.2.3")
+
+
+def test_shared_items_are_written_under_every_measurement(report: tuple[Path, object]) -> None:
+    """Items shared by several NUMs in memory are each NUM's own items in the file."""
+    back = hd.sr.srread(report[0])
+    radiomics = [
+        m
+        for group in back.content.get_volumetric_roi_measurement_groups()
+        for m in group.get_measurements()
+        if m.name.scheme_designator in ("IBSI", rcodes.PYRADIOMICS_SCHEME)
+    ]
+    assert len(radiomics) >= 8  # five ADC features at two time points, less unwritten ones
+    for measurement in radiomics:
+        parameters = [
+            item.value
+            for item in measurement[0].ContentSequence
+            if item.name.value == "111002"  # Algorithm Parameters
+        ]
+        assert parameters == ["image=ADC"]
+        (source,) = measurement.referenced_images
+        assert source.referenced_sop_class_uid == PARAMETRIC_MAP_STORAGE
