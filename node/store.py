@@ -396,43 +396,24 @@ class Store:
         OutOfResourcesError
             On any write error; no partial file is left behind.
         """
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
+        tmp = self._stage(data, destination)
         try:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            # same file system: a hard link to pynetdicom's received file, no second copy
-            linked = (
-                isinstance(data, _Received) and data.path is not None and _try_link(data.path, tmp)
-            )
-            fd = (
-                os.open(tmp, os.O_RDONLY)
-                if linked
-                else os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            )
-            try:
-                if isinstance(data, _Received) and not linked:
-                    data.write_into(fd)
-                elif not linked:
-                    for chunk in data if isinstance(data, list) else [data]:
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, destination)
-            dir_fd = os.open(destination.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            error = _fsync(tmp)
+            if error is None:
+                os.replace(tmp, destination)
+                error = _fsync(destination.parent)
+            if error is not None:
+                raise error
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise OutOfResourcesError(f"cannot write {destination.name}: {err.strerror}") from err
 
-    def _stage(self, received: _Received, destination: Path) -> Path:
-        """The first half of :meth:`write_durably`, for :class:`ImportBatch`: the bytes in a new
-        temporary file (a hard link, or a copy), and ``destination``'s folder created; the batch
-        fsyncs and renames at its commit.
+    def _stage(
+        self, data: bytes | memoryview | list[bytes | memoryview] | _Received, destination: Path
+    ) -> Path:
+        """The bytes in a new temporary file in ``tmp/`` (a hard link to a received file on the
+        same file system, else a copy), and ``destination``'s folder created; not yet fsynced.
+        :meth:`write_durably` then fsyncs and renames it, :class:`ImportBatch` at its commit.
 
         Raises
         ------
@@ -442,11 +423,18 @@ class Store:
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.tmp"
         try:
             destination.parent.mkdir(parents=True, exist_ok=True)
-            if received.path is not None and _try_link(received.path, tmp):
-                return tmp
+            if isinstance(data, _Received):
+                if data.path is not None and _try_link(data.path, tmp):
+                    return tmp  # no second copy of pynetdicom's (or the imported) file
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                received.write_into(fd)
+                if isinstance(data, _Received):
+                    data.write_into(fd)
+                else:
+                    for chunk in data if isinstance(data, list) else [data]:
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
         except OSError as err:
