@@ -4,15 +4,26 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench sysdeps venv clean
+.PHONY: demo test lint bench sysdeps venv ohif clean
 
-# Debian tools the tests use (dcmtk's storescu/storescp/echoscu, dicom3tools' dciodvfy, Orthanc).
-SYSTOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium chromedriver:chromium-driver
+# Debian tools the tests use (dcmtk's storescu/storescp/echoscu, dicom3tools' dciodvfy, Orthanc and
+# its DICOMweb plugin, Chromium, npm to fetch the OHIF viewer); a tool or a file, then its package.
+SYSTOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium \
+	chromedriver:chromium-driver npm:npm \
+	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+
+# The OHIF viewer of the end-to-end viewer test (tests/e2e/test_ohif.py): the npm package
+# @ohif/app ships a built viewer (dist/); unpacked once into a git-ignored folder, the test serves
+# it on loopback (no network at test time). Keep the version in step with tests/ohif_fixture.py.
+OHIF_VERSION := 3.13.2
+OHIF_DIR     := .cache/ohif
+OHIF_DIST    := $(OHIF_DIR)/$(OHIF_VERSION)/dist/index.html
 
 sysdeps:
 	@missing=""; for pair in $(SYSTOOLS); do \
 	  tool=$${pair%%:*}; pkg=$${pair##*:}; \
-	  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || missing="$$missing $$pkg"; \
+	  command -v $$tool >/dev/null 2>&1 || [ -x /usr/sbin/$$tool ] || [ -e $$tool ] \
+	    || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -28,11 +39,25 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+$(OHIF_DIST): | sysdeps
+	@command -v npm >/dev/null 2>&1 || { echo "npm is needed to fetch OHIF: make sysdeps"; exit 1; }
+	rm -rf $(OHIF_DIR)/$(OHIF_VERSION) $(OHIF_DIR)/$(OHIF_VERSION).partial
+	mkdir -p $(OHIF_DIR)/$(OHIF_VERSION).partial
+	cd $(OHIF_DIR)/$(OHIF_VERSION).partial && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	tar -xzf $(OHIF_DIR)/$(OHIF_VERSION).partial/ohif-app-$(OHIF_VERSION).tgz \
+	  -C $(OHIF_DIR)/$(OHIF_VERSION).partial --strip-components=1 package/dist
+	rm $(OHIF_DIR)/$(OHIF_VERSION).partial/ohif-app-$(OHIF_VERSION).tgz
+	test -f $(OHIF_DIR)/$(OHIF_VERSION).partial/dist/index.html
+	mv $(OHIF_DIR)/$(OHIF_VERSION).partial $(OHIF_DIR)/$(OHIF_VERSION)
+
+# OHIF's built viewer for tests/e2e/test_ohif.py (npm, once)
+ohif: $(OHIF_DIST)
+
 demo: $(STAMP)
 	$(VENV)/bin/spine-node demo
 
 # 2 xdist workers; a file runs whole on one worker, the longest files first (tests/conftest.py)
-test: sysdeps $(STAMP)
+test: sysdeps $(STAMP) $(OHIF_DIST)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
 
 # ruff (the rule set in pyproject.toml) and the formatter check on the whole tree; mypy --strict

@@ -37,6 +37,7 @@ LONGEST_FIRST = (
     "tests/e2e/test_priors_orthanc.py",
     "tests/e2e/test_analyze_reruns.py",
     "tests/e2e/test_demo.py",
+    "tests/e2e/test_ohif.py",
     "tests/processing/test_maps.py",
     "tests/e2e/test_orthanc_roundtrip.py",
     "tests/processing/test_classify.py",

@@ -2,8 +2,10 @@
 
 :class:`OrthancServer` starts ``/usr/sbin/Orthanc`` (or ``Orthanc`` on ``PATH``) with a JSON
 configuration written to a temporary folder: free DICOM and HTTP ports on ``127.0.0.1``,
-``RemoteAccessAllowed: false``, no authentication, storage and index in the folder, no plugins,
-the caller's ``DicomModalities`` and optional Lua scripts. It waits for ``GET /system`` and offers
+``RemoteAccessAllowed: false``, no authentication, storage and index in the folder, no plugins
+unless asked (``dicomweb=True`` loads Debian's DICOMweb plugin, package ``orthanc-dicomweb``, with
+its API at ``/dicom-web/``; ``plugins=`` loads others), the caller's ``DicomModalities`` and
+optional Lua scripts. It waits for ``GET /system`` and offers
 small REST helpers (upload, list patients/studies/series/instances with their ``MainDicomTags``,
 wait for counts) and a clean stop.
 
@@ -47,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 #: where the Debian package installs the server
 DEBIAN_ORTHANC = "/usr/sbin/Orthanc"
+#: where the Debian package ``orthanc-dicomweb`` installs the DICOMweb plugin
+DEBIAN_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: root of the DICOMweb API (QIDO-RS, WADO-RS, STOW-RS) when the plugin is loaded
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 def find_orthanc() -> str | None:
@@ -87,6 +93,13 @@ class OrthancServer:
     stable_age_s : int
         ``StableAge``: seconds without a new instance after which a study is stable
         (``OnStableStudy``), default 2 for quick tests.
+    plugins : Iterable[Path], optional
+        Plugin shared libraries (or folders of them) loaded at start-up (``Plugins``).
+    dicomweb : bool
+        Load the DICOMweb plugin (:data:`DEBIAN_DICOMWEB_PLUGIN`) with its API at
+        :data:`DICOMWEB_ROOT` and WADO-URI at ``/wado``. No ``Host`` is configured: the plugin
+        builds the bulk-data URLs of its answers from each request's ``Host`` header, so a proxy
+        that forwards that header gets URLs that point back to itself.
     extra_config : Mapping[str, Any], optional
         Further configuration options, merged last (they win).
     """
@@ -101,6 +114,8 @@ class OrthancServer:
         dicom_port: int | None = None,
         http_port: int | None = None,
         stable_age_s: int = 2,
+        plugins: Iterable[Path] = (),
+        dicomweb: bool = False,
         extra_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
@@ -110,6 +125,15 @@ class OrthancServer:
         self.modalities = dict(modalities or {})
         self.lua_scripts = [Path(p).resolve() for p in lua_scripts]
         self.stable_age_s = stable_age_s
+        self.plugins = [Path(p) for p in plugins]
+        if dicomweb:
+            if not DEBIAN_DICOMWEB_PLUGIN.exists():
+                raise OrthancError(
+                    f"Orthanc's DICOMweb plugin is not installed ({DEBIAN_DICOMWEB_PLUGIN}; "
+                    "Debian package 'orthanc-dicomweb', `make sysdeps` installs it)"
+                )
+            self.plugins.append(DEBIAN_DICOMWEB_PLUGIN)
+        self.dicomweb = dicomweb
         self.extra_config = dict(extra_config or {})
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
@@ -121,6 +145,11 @@ class OrthancServer:
         """Base URL of the REST API."""
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """Base URL of the DICOMweb API (``dicomweb=True``), without the trailing slash."""
+        return self.url + DICOMWEB_ROOT.rstrip("/")
+
     def config(self) -> dict[str, Any]:
         """The configuration written to ``orthanc.json``."""
         storage = self.workdir / "storage"
@@ -129,7 +158,7 @@ class OrthancServer:
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "StorageCompression": False,
-            "Plugins": [],
+            "Plugins": [str(p) for p in self.plugins],
             "LuaScripts": [str(p) for p in self.lua_scripts],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
@@ -157,6 +186,14 @@ class OrthancServer:
             "ConcurrentJobs": 2,
             "UserMetadata": {"SpineNodeRouted": 1024},
         }
+        if self.dicomweb:
+            cfg["DicomWeb"] = {
+                "Enable": True,
+                "Root": DICOMWEB_ROOT,
+                "EnableWado": True,
+                "WadoRoot": "/wado",
+                "Ssl": False,
+            }
         cfg.update(self.extra_config)
         return cfg
 
