@@ -16,8 +16,9 @@ Steps (docs/architecture.md, Data flow 5, 7, 8):
    follow-up: rigid registration to the baseline, the GTV propagated and refined on the follow-up;
 6. measurements, radiomics, changes, comparability, response (:mod:`processing.measure`,
    :mod:`processing.change`, :mod:`processing.comparability`, :mod:`processing.response`);
-7. SEG per time point, one Parametric Map per quantity and study, a Spatial Registration per
-   follow-up and one longitudinal TID 1500 report (:mod:`reporting`).
+7. SEG per time point, one Parametric Map per quantity and study (on a derived 3-D companion
+   series of its source series, written with it: :mod:`reporting.companion`), a Spatial
+   Registration per follow-up and one longitudinal TID 1500 report (:mod:`reporting`).
 """
 
 from __future__ import annotations
@@ -967,11 +968,17 @@ def _build_outputs(
     settings: ChainSettings,
     rt: Sequence[Dataset],
 ) -> list[Dataset]:
-    """SEG per time point, Parametric Maps, Spatial Registrations and the TID 1500 report.
+    """SEG per time point, map companion series, Parametric Maps, Spatial Registrations and the
+    TID 1500 report.
+
+    Every source series of the exported maps gets a derived 3-D companion series on the maps' grid
+    (:mod:`reporting.companion`) and its maps are built on it, one companion image per map frame,
+    so that viewers that need a 3-D referenced series (OHIF) can load them.
 
     Output UIDs derive from the inputs' instance UIDs and the settings (never from computed
-    values, so a re-run on the same inputs replaces the objects in the PACS): a SEG or map changes
-    UID only when an instance it depends on, the settings or the algorithm version change.
+    values, so a re-run on the same inputs replaces the objects in the PACS): a SEG, companion or
+    map changes UID only when an instance it depends on, the settings or the algorithm version
+    change.
     """
     import json
     from dataclasses import asdict
@@ -986,6 +993,7 @@ def _build_outputs(
     baseline_digest = studies[0].input_digest
 
     segs: list[Dataset] = []
+    companions: list[Dataset] = []
     pmaps: list[Dataset] = []
     regs: list[Dataset] = []
     for study in studies:
@@ -1005,21 +1013,19 @@ def _build_outputs(
                 grid=grid,
             )
         )
-        for quantity, qmap in sorted(study.maps.items()):
-            if not qmap.exported:
-                continue
-            by_uid = {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets}
-            sources, frames, grid = source_alignment(qmap.source_volume, by_uid)
+        exported = [(q, m) for q, m in sorted(study.maps.items()) if m.exported]
+        series_companions = _companion_series(exported, study.input_digest, settings_text)
+        for series_companion in series_companions.values():
+            companions.extend(series_companion)
+        for quantity, qmap in exported:
             values = sitk.GetArrayFromImage(qmap.image).astype(np.float32)
             pmaps.append(
                 build_parametric_map(
-                    sources,
+                    series_companions[qmap.source_volume.series_instance_uid],
                     values,
                     quantity,
                     provenance=qmap.provenance,
                     algorithm_version=ALGORITHM_VERSION,
-                    source_frames=frames,
-                    grid=grid,
                     vertebral_level=lesion.vertebral_level,
                     input_digest=digest_text(study.input_digest, quantity, settings_text),
                 )
@@ -1034,7 +1040,41 @@ def _build_outputs(
         algorithm_parameters=_algorithm_parameters(settings),
         segment_type=settings.segment_type,
     )
-    return [*segs, *pmaps, *regs, report]
+    return [*segs, *pmaps, *regs, report, *companions]
+
+
+def _companion_series(
+    exported: Sequence[tuple[str, StudyMap]], study_digest: str, settings_text: str
+) -> dict[str, list[Dataset]]:
+    """The companion series (:mod:`reporting.companion`) of each source series of ``exported``.
+
+    Keyed by the source's Series Instance UID, numbered from
+    :data:`reporting.companion.COMPANION_SERIES_NUMBER_BASE` in the order of the maps. A dynamic
+    series' pre-contrast frames are the DCE fit's ``n_baseline_frames`` (any map of the series
+    that records it). UIDs derive from the study's instances, the source series and the settings.
+    """
+    from reporting.companion import COMPANION_SERIES_NUMBER_BASE, build_companion_series
+    from reporting.uids import digest_text
+
+    sources: dict[str, StudyMap] = {}
+    pre_contrast: dict[str, int] = {}
+    for _, qmap in exported:
+        uid = qmap.source_volume.series_instance_uid
+        sources.setdefault(uid, qmap)
+        n_baseline = qmap.provenance.get("n_baseline_frames")
+        if n_baseline is not None and uid not in pre_contrast:
+            pre_contrast[uid] = int(n_baseline)
+    out: dict[str, list[Dataset]] = {}
+    for number, (uid, qmap) in enumerate(sources.items()):
+        out[uid] = build_companion_series(
+            qmap.source_volume,
+            {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets},
+            algorithm_version=ALGORITHM_VERSION,
+            pre_contrast_frames=pre_contrast.get(uid),
+            series_number=COMPANION_SERIES_NUMBER_BASE + number,
+            input_digest=digest_text(study_digest, "map companion", uid, settings_text),
+        )
+    return out
 
 
 def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:

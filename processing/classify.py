@@ -51,6 +51,7 @@ from processing.series import (
     SeriesVolume,
     group_by_series,
     read_series,
+    set_aside_entry,
     split_set_aside,
 )
 
@@ -387,6 +388,51 @@ def classify_volume(volume: SeriesVolume) -> SeriesClassification:
         )
     role, facts = _anatomical_role(volume)
     return SeriesClassification(role=role, reasons=tuple(facts), **base)
+
+
+#: Manufacturer written by the node in its own outputs (``reporting.seg.MANUFACTURER``; processing
+#: may not import reporting, tests/reporting/test_companion.py checks they agree).
+NODE_MANUFACTURER = "Spine Response Node"
+#: Manufacturer's Model Name of the node's outputs (``reporting.seg.MODEL_NAME``).
+NODE_MODEL_NAME = "spine-node"
+#: Derivation Code of the node's map companion series: (113091, DCM) "Spatially-related frames
+#: extracted from the volume" (``reporting.companion.EXTRACTED_CODE``).
+COMPANION_DERIVATION_CODE = ("113091", "DCM")
+
+
+def companion_set_aside_reason(ds: Dataset) -> str | None:
+    """Why ``ds`` is kept out of the analysis as one of the node's own map companion images.
+
+    The node writes, for every source series of its Parametric Maps, a derived 3-D companion
+    series the maps reference (``reporting.companion``, docs/conformance.md §2.1). When those
+    images come back (priors from the PACS, routed studies), a single-volume derived series would
+    otherwise be classified as an anatomical series. Recognised by Image Type DERIVED, the node's
+    Manufacturer, and its Derivation Code (113091, DCM) or its Manufacturer's Model Name (either
+    survives a PACS that drops one of them); never by Series Description.
+
+    Returns
+    -------
+    str or None
+        The reason, or None when ``ds`` is not a companion image.
+    """
+    if str(ds.get("Manufacturer", "") or "").strip() != NODE_MANUFACTURER:
+        return None
+    image_type = ds.get("ImageType")
+    values = [str(v).upper() for v in image_type] if image_type else []
+    if not values or values[0] != "DERIVED":
+        return None
+    derivation = {
+        (str(item.get("CodeValue", "")), str(item.get("CodingSchemeDesignator", "")))
+        for item in ds.get("DerivationCodeSequence", [])
+    }
+    model = str(ds.get("ManufacturerModelName", "") or "").strip()
+    if COMPANION_DERIVATION_CODE not in derivation and model != NODE_MODEL_NAME:
+        return None
+    return (
+        f"map companion image written by the {NODE_MANUFACTURER} (Image Type DERIVED, "
+        "derivation 113091 DCM): a display reference of the node's Parametric Maps, "
+        "not an acquisition"
+    )
 
 
 _RT_AND_SEG_ROLES = (SeriesRole.RTPLAN, SeriesRole.RTSTRUCT, SeriesRole.RTDOSE, SeriesRole.SEG)
@@ -729,14 +775,17 @@ def classify_study(
     A series that cannot be read is kept with role ``other`` and its error message (logged with the
     Series Instance UID) so that the rest of the study can still be analysed; nothing is silently
     dropped. Objects that are not images to analyse (DICOMDIR, presentation states, key objects,
-    SR, RWVM, vendor private objects, anything without pixel data other than RT objects) and
-    derived volumes found inside an acquired series are listed in ``ProtocolInventory.set_aside``.
+    SR, RWVM, vendor private objects, anything without pixel data other than RT objects), the
+    node's own map companion images (:func:`companion_set_aside_reason`) and derived volumes found
+    inside an acquired series are listed in ``ProtocolInventory.set_aside``.
     """
     kept: list[Dataset] = []
     aside: list[Any] = []
     for ds in datasets:
         if _non_image_role(ds) in _RT_AND_SEG_ROLES:
             kept.append(ds)
+        elif (reason := companion_set_aside_reason(ds)) is not None:
+            aside.append(set_aside_entry(ds, reason))
         else:
             images, rest = split_set_aside([ds], keep_segmentations=True)
             kept.extend(images)

@@ -18,6 +18,12 @@ Encoding (docs/conformance.md §2)
   ``paramap2itkimage`` refuses maps without it.
 * Non-finite values (voxels where the fit failed or was rejected) are written as 0; the LUT
   Explanation says so.
+* VOI window (LINEAR_EXACT): the quantity's display range (:data:`DISPLAY_RANGES`, e.g. ADC
+  0-3000 um2/s, Ktrans 0-0.5 /min, fractions 0-1), else the data range.
+* Sources: the node builds every map on the derived 3-D companion series of its source series
+  (:mod:`reporting.companion`), one image per map frame, so viewers that need a 3-D referenced
+  series (OHIF/cornerstone3D) can load the maps; any source series the alignment rules below
+  accept can still be given.
 * Frame alignment with the sources, the orientation tolerance (oblique GE series) and maps on an
   explicit grid (de-tiled mosaics): see :mod:`reporting.seg`.
 * Stored frame order: ascending along the slice normal (row direction × column direction).
@@ -57,6 +63,53 @@ logger = logging.getLogger(__name__)
 PM_SERIES_NUMBER_BASE = 9100
 
 _QUANTITY_ORDER = list(rcodes.QUANTITIES)
+
+#: Display window (lowest, highest value shown) per quantity, in the stored (output) unit of
+#: :data:`reporting.codes.QUANTITIES`: the range a reader expects for spine marrow and tumour, so
+#: that maps of different patients and time points look alike in a viewer. Quantities not listed
+#: (TTP: depends on the acquisition length) are windowed on their data range.
+DISPLAY_RANGES: dict[str, tuple[float, float]] = {
+    "ADC": (0.0, 3000.0),  # um2/s (free water at body temperature ~3000)
+    "MD": (0.0, 3000.0),
+    "Dapp": (0.0, 3000.0),
+    "IVIM_D": (0.0, 3000.0),
+    "IVIM_Dstar": (0.0, 100000.0),  # um2/s (pseudo-diffusion 10-100 x 10^-3 mm2/s)
+    "MK": (0.0, 2.0),
+    "Kapp": (0.0, 2.0),
+    "AK": (0.0, 2.0),
+    "RK": (0.0, 2.0),
+    "FA": (0.0, 1.0),
+    "IVIM_f": (0.0, 1.0),
+    "Ktrans": (0.0, 0.5),  # /min
+    "kep": (0.0, 2.0),  # /min
+    "ve": (0.0, 1.0),
+    "vp": (0.0, 0.2),  # plasma fraction: tumour values are a few percent
+    "T1": (0.0, 3000.0),  # ms (marrow 500-1000, lesions 1000-2000 at 1.5-3 T)
+    "IAUC60": (0.0, 30.0),  # mmol/l.s
+}
+
+
+def display_range(quantity: str, low: float, high: float) -> tuple[float, float]:
+    """Window (lowest, highest value shown) of a map: :data:`DISPLAY_RANGES`, else the data range.
+
+    Parameters
+    ----------
+    quantity : str
+        Node quantity name.
+    low, high : float
+        Range of the stored values (output unit); used when the quantity has no display range.
+
+    Returns
+    -------
+    tuple of float
+        ``(lowest, highest)`` with ``highest > lowest`` (a valid, non-empty VOI window).
+    """
+    window = DISPLAY_RANGES.get(quantity)
+    if window is None:
+        window = (float(low), float(high))
+    if not window[1] > window[0]:
+        window = (window[0], window[0] + 1.0)
+    return window
 
 
 def _quantity_definitions(spec: rcodes.QuantitySpec) -> list[Dataset]:
@@ -188,9 +241,12 @@ def build_parametric_map(
     instance_uid = deterministic_uid(kind=f"pm/{quantity}/instance", **uid_args)
     if series_number is None:
         series_number = PM_SERIES_NUMBER_BASE + _QUANTITY_ORDER.index(spec.name)
+    window_low, window_high = display_range(spec.name, low, high)
     # LINEAR_EXACT: fractions (f, ve, vp) need window widths below 1 (PS3.3 C.11.2.1.3)
     voi = hd.VOILUTTransformation(
-        window_center=(low + high) / 2.0, window_width=high - low, voi_lut_function="LINEAR_EXACT"
+        window_center=(window_low + window_high) / 2.0,
+        window_width=window_high - window_low,
+        voi_lut_function="LINEAR_EXACT",
     )
     description = f"{quantity} map, {model_text}"
     if b_values:

@@ -7,7 +7,9 @@
 --
 -- Never routed back: the node's own results (DICOM SEG, Parametric Maps -- Modality MR! --,
 -- Structured Reports, encapsulated PDF, spatial registrations), recognised by their SOP
--- class and by the sending AE title. A routed series is marked with the user metadata
+-- class and by the sending AE title -- and the MR companion series the maps reference
+-- (Manufacturer "Spine Response Node", Image Type DERIVED), even when they reach Orthanc from
+-- another sender (a PACS forwarding them). A routed series is marked with the user metadata
 -- "SpineNodeRouted" (declare it in "UserMetadata") so that a study that becomes stable
 -- again -- e.g. when the node's results arrive in it -- is not sent a second time; only new
 -- series are.
@@ -31,6 +33,9 @@ local DERIVED_SOP_CLASSES = {
   '1.2.840.10008.5.1.4.1.1.11.',     -- Presentation States
 }
 
+-- Manufacturer the node writes in its outputs (its MR companion series among them)
+local NODE_MANUFACTURER = 'Spine Response Node'
+
 local function startsWith(text, prefix)
   return string.sub(text, 1, string.len(prefix)) == prefix
 end
@@ -42,6 +47,16 @@ local function isDerived(sopClassUid)
     end
   end
   return false
+end
+
+-- The node's derived MR companion series (the 3-D series its Parametric Maps reference):
+-- the node's Manufacturer and Image Type DERIVED (a first instance's tag read on demand)
+local function isNodeCompanion(seriesTags, instanceId)
+  if (seriesTags['Manufacturer'] or '') ~= NODE_MANUFACTURER then
+    return false
+  end
+  local ok, imageType = pcall(RestApiGet, '/instances/' .. instanceId .. '/content/0008-0008')
+  return not ok or imageType == nil or startsWith(string.upper(imageType), 'DERIVED')
 end
 
 -- AE title of the node, to recognise what it sent us (nil if it cannot be read)
@@ -72,7 +87,8 @@ function OnStableStudy(studyId, tags, metadata)
       local info = ParseJson(RestApiGet('/instances/' .. first .. '/metadata?expand'))
       local sopClass = info['SopClassUid'] or ''
       local remoteAet = info['RemoteAET'] or ''
-      if not isDerived(sopClass) and (fromNode == nil or remoteAet ~= fromNode) then
+      if not isDerived(sopClass) and (fromNode == nil or remoteAet ~= fromNode)
+          and not isNodeCompanion(s['MainDicomTags'], first) then
         table.insert(toSend, s['ID'])
       end
     end

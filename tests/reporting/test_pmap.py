@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from pydicom import dcmread
 
 from reporting.codes import QUANTITIES
-from reporting.pmap import build_parametric_map, map_quantity
+from reporting.pmap import DISPLAY_RANGES, build_parametric_map, display_range, map_quantity
 from tests.reporting.sources import b0_frames, canon_enhanced, classic_mr_series
 from tests.reporting.test_seg import _itk_slices_by_position
 from tests.reporting.tools import dciodvfy, dcmqi
@@ -112,6 +112,23 @@ def test_parametric_map_codes_units_and_values(tmp_path: Path, quantity: str) ->
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
     flavor = QUANTITIES[quantity].image_flavor
     assert list(ds.ImageType) == ["DERIVED", "PRIMARY", flavor, "QUANTITY"]
+    # the display window: the quantity's range, else the data range (never empty)
+    voi = back.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    low, high = DISPLAY_RANGES.get(quantity, (float(expected.min()), float(expected.max())))
+    assert float(voi.WindowWidth) == pytest.approx(high - low, rel=1e-6)
+    assert float(voi.WindowCenter) == pytest.approx((low + high) / 2.0, rel=1e-6)
+    assert voi.VOILUTFunction == "LINEAR_EXACT"
+
+
+def test_display_ranges() -> None:
+    assert DISPLAY_RANGES["ADC"] == (0.0, 3000.0)  # um2/s
+    assert DISPLAY_RANGES["Ktrans"] == (0.0, 0.5)  # /min
+    for fraction in ("ve", "IVIM_f", "FA"):
+        assert DISPLAY_RANGES[fraction] == (0.0, 1.0)
+    assert set(DISPLAY_RANGES) <= set(QUANTITIES)
+    assert display_range("ADC", 5.0, 9.0) == (0.0, 3000.0)
+    assert display_range("TTP", 12.0, 240.0) == (12.0, 240.0)  # no table entry: data range
+    assert display_range("TTP", 7.0, 7.0) == (7.0, 8.0)  # a constant map keeps a valid window
 
 
 @pytest.mark.parametrize(
