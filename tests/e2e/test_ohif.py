@@ -10,11 +10,11 @@ object into the viewport and reads the page, OHIF's state and the browser consol
 
 Asserted: the MR series and the result objects are listed, the SEG overlays the T2 images with its
 segment named, the encapsulated PDF is shown, the ADC and Ktrans Parametric Maps are rendered as
-overlays, the TID 1500 SR's measurements are listed and drawn, all without a console error
-(SEVERE messages and OHIF's error boundaries). A map that references a 4D series, and a report
-without any SCOORD, are known not to display in OHIF 3.13 (issue 15): the test reads that from the
-object and then expects the failure (xfail, with OHIF's console errors as the reason), and fails
-if such an object displays after all, so the expectation cannot go stale. Screenshots, OHIF's
+overlays (each on its 3-D companion series), the TID 1500 SR's measurements are listed and drawn,
+all without a console error (SEVERE messages and OHIF's error boundaries). A report without any
+SCOORD is known not to display in OHIF 3.13 (issue 15): the test reads that from the object and
+then expects the failure (xfail, with OHIF's console errors as the reason), and fails if such a
+report displays after all, so the expectation cannot go stale. Screenshots, OHIF's
 viewport state and the console errors of each case are saved in the folder the module prints
 (``OHIF artefacts: ...``; ``<pytest basetemp>/ohif0/artefacts``).
 """
@@ -228,22 +228,14 @@ def test_encapsulated_pdf_is_shown(follow_up_in_ohif: FollowUpInOhif) -> None:
 # keeps the suite green and strict whichever order the fixes land in.
 
 
-def map_known_failure(viewer: FollowUpInOhif, pmap: pydicom.Dataset) -> str | None:
-    """Why OHIF 3.13 cannot overlay ``pmap``, or ``None`` when it should.
-
-    OHIF loads a Parametric Map only as a volume over its referenced series, with one source
-    image per map frame: a map that references a 4D series (more images than frames: the DWI
-    b-values, the DCE time points) fails.
-    """
+def assert_map_on_a_3d_series(viewer: FollowUpInOhif, pmap: pydicom.Dataset) -> None:
+    """OHIF loads a Parametric Map only as a volume over its referenced series, with one source
+    image per map frame (a map on a 4D series - DWI b-values, DCE time points - fails): the maps
+    reference their companion series (reporting.companion)."""
     frames = int(pmap.get("NumberOfFrames", 1))
-    for item in pmap.get("ReferencedSeriesSequence", []):
+    for item in pmap.ReferencedSeriesSequence:
         images = viewer.series_sizes.get(str(item.SeriesInstanceUID), 0)
-        if images != frames:
-            return (
-                f"issue 15: {pmap.SeriesDescription} ({frames} frames) references a series of "
-                f"{images} images (4D); OHIF needs a 3D series with one image per frame"
-            )
-    return None
+        assert images == frames, (pmap.SeriesDescription, frames, images)
 
 
 def sr_known_failure(sr: pydicom.Dataset) -> str | None:
@@ -323,7 +315,7 @@ def sr_measurements(page: OhifPage, since: int) -> bool:
 def test_parametric_map_overlays(
     follow_up_in_ohif: FollowUpInOhif, description: str, name: str
 ) -> None:
-    known = map_known_failure(
+    assert_map_on_a_3d_series(
         follow_up_in_ohif, follow_up_in_ohif.result(PARAMETRIC_MAP, description)
     )
     page, since = _open(follow_up_in_ohif)
@@ -331,7 +323,7 @@ def test_parametric_map_overlays(
         shown = parametric_map_overlay(page, description, since)
     finally:
         errors = _report(page, name, since)
-    _expect(known, shown, errors, f"the {description} overlay")
+    _expect(None, shown, errors, f"the {description} overlay")
 
 
 def test_sr_measurements_listed_and_drawn(follow_up_in_ohif: FollowUpInOhif) -> None:
