@@ -1019,13 +1019,21 @@ def _build_outputs(
             companions.extend(series_companion)
         for quantity, qmap in exported:
             values = sitk.GetArrayFromImage(qmap.image).astype(np.float32)
+            companion = series_companions.get(qmap.source_volume.series_instance_uid)
+            if companion is not None:
+                sources, frames, grid = companion, None, None
+            else:  # no companion (logged): the map references its acquisition, as before
+                by_uid = {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets}
+                sources, frames, grid = source_alignment(qmap.source_volume, by_uid)
             pmaps.append(
                 build_parametric_map(
-                    series_companions[qmap.source_volume.series_instance_uid],
+                    sources,
                     values,
                     quantity,
                     provenance=qmap.provenance,
                     algorithm_version=ALGORITHM_VERSION,
+                    source_frames=frames,
+                    grid=grid,
                     vertebral_level=lesion.vertebral_level,
                     input_digest=digest_text(study.input_digest, quantity, settings_text),
                 )
@@ -1053,7 +1061,11 @@ def _companion_series(
     series' pre-contrast frames are the DCE fit's ``n_baseline_frames`` (any map of the series
     that records it). UIDs derive from the study's instances, the source series and the settings.
     """
-    from reporting.companion import COMPANION_SERIES_NUMBER_BASE, build_companion_series
+    from reporting.companion import (
+        COMPANION_SERIES_NUMBER_BASE,
+        CompanionError,
+        build_companion_series,
+    )
     from reporting.uids import digest_text
 
     sources: dict[str, StudyMap] = {}
@@ -1066,14 +1078,19 @@ def _companion_series(
             pre_contrast[uid] = int(n_baseline)
     out: dict[str, list[Dataset]] = {}
     for number, (uid, qmap) in enumerate(sources.items()):
-        out[uid] = build_companion_series(
-            qmap.source_volume,
-            {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets},
-            algorithm_version=ALGORITHM_VERSION,
-            pre_contrast_frames=pre_contrast.get(uid),
-            series_number=COMPANION_SERIES_NUMBER_BASE + number,
-            input_digest=digest_text(study_digest, "map companion", uid, settings_text),
-        )
+        try:
+            out[uid] = build_companion_series(
+                qmap.source_volume,
+                {str(ds.SOPInstanceUID): ds for ds in qmap.source_datasets},
+                algorithm_version=ALGORITHM_VERSION,
+                pre_contrast_frames=pre_contrast.get(uid),
+                series_number=COMPANION_SERIES_NUMBER_BASE + number,
+                input_digest=digest_text(study_digest, "map companion", uid, settings_text),
+            )
+        except CompanionError as err:
+            # the maps are still written, on their acquisition (viewers that need a 3-D
+            # referenced series, such as OHIF, will not overlay them)
+            logger.warning("no companion series for the maps of series %s: %s", uid, err)
     return out
 
 

@@ -66,6 +66,7 @@ from pydicom.uid import MRImageStorage
 from pydicom.valuerep import DSfloat
 
 from processing.diffusion_encoding import B0_THRESHOLD
+from processing.errors import InputError
 from processing.series import SeriesVolume, SourceFrame
 from reporting.header import derived_dataset
 from reporting.seg import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME, sanitized_source
@@ -91,7 +92,7 @@ _SCALED_MAX = 4095.0
 _MIN_GREY_LEVELS = 255.0
 
 
-class CompanionError(ValueError):
+class CompanionError(InputError):
     """The companion series cannot be built from the given series (the message says why)."""
 
 

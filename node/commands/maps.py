@@ -66,8 +66,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -> str | None:
+def _write_pmap(
+    qmap: Any,
+    volume: Any,
+    by_sop: dict[str, Any],
+    out_dir: Path,
+    companions: dict[str, list[Any]],
+) -> str | None:
     """Write the Parametric Map of ``qmap`` into ``out_dir``; its file name (None: no encoding).
+
+    The map is built on the 3-D companion series of its source series
+    (:mod:`reporting.companion`, as the node's chain does), written once per source series into
+    ``out_dir/reference_<series number>/`` and kept in ``companions`` (by source Series Instance
+    UID; empty when it cannot be built: the map then references its acquisition).
 
     Raises
     ------
@@ -79,12 +90,40 @@ def _write_pmap(qmap: Any, volume: Any, by_sop: dict[str, Any], out_dir: Path) -
     """
     from node import __version__
     from reporting.codes import QUANTITIES
+    from reporting.companion import (
+        COMPANION_SERIES_NUMBER_BASE,
+        CompanionError,
+        build_companion_series,
+    )
     from reporting.pmap import build_parametric_map
     from reporting.seg import source_alignment
 
     if qmap.quantity not in QUANTITIES:
         return None
-    sources, frames, grid = source_alignment(volume, by_sop)
+    series_uid = qmap.source_series_instance_uid
+    if series_uid not in companions:
+        number = COMPANION_SERIES_NUMBER_BASE + len(companions)
+        try:
+            images = build_companion_series(
+                volume,
+                by_sop,
+                algorithm_version=__version__,
+                pre_contrast_frames=qmap.provenance.get("n_baseline_frames"),
+                series_number=number,
+            )
+        except CompanionError as err:
+            logger.warning("no companion series for series %s: %s", series_uid, err)
+            images = []
+        if images:
+            folder = out_dir / f"reference_{number}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, image in enumerate(images, start=1):
+                image.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+        companions[series_uid] = images
+    if companions[series_uid]:
+        sources, frames, grid = companions[series_uid], None, None
+    else:  # no companion: the map references its acquisition
+        sources, frames, grid = source_alignment(volume, by_sop)
     pm = build_parametric_map(
         sources,
         qmap.values,
@@ -180,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         out_dir = args.out / study_uid if len(by_study) > 1 else args.out
         out_dir.mkdir(parents=True, exist_ok=True)
         by_sop = {str(ds.SOPInstanceUID): ds for ds in members}
+        companions: dict[str, list[Any]] = {}  # source Series Instance UID -> companion images
         report: dict[str, Any] = {
             "study_instance_uid": study_uid,
             "elapsed_s": elapsed,
@@ -207,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.no_dicom:
                 try:
                     entry["parametric_map"] = _write_pmap(
-                        qmap, volumes[qmap.source_series_instance_uid], by_sop, out_dir
+                        qmap, volumes[qmap.source_series_instance_uid], by_sop, out_dir, companions
                     )
                 except (InputError, ValueError) as err:
                     logger.warning("no Parametric Map for %s: %s", name, err)
