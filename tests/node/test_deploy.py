@@ -169,3 +169,28 @@ def test_container_files_refer_to_existing_paths():
         assert (DEPLOY / mounted).is_file(), mounted
     assert "dockerfile: deploy/Dockerfile" in compose
     assert "hostname: spine-node" in compose  # orthanc.json's modality host
+
+
+def test_viewer_proxy_ohif_and_orthanc_agree():
+    """The viewer of deploy/compose.yaml (issue 15): OHIF's data source, the proxy's DICOMweb
+    location and Orthanc's DICOMweb root are the same path; the proxy reaches Orthanc's HTTP port
+    with a user Orthanc knows. (The OHIF configuration itself runs in tests/e2e/test_ohif.py.)"""
+    import base64
+
+    orthanc = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text(encoding="utf-8"))
+    assert orthanc["DicomWeb"]["Enable"] and orthanc["DicomWeb"]["Root"] == "/dicom-web/"
+    assert [Path(p).name for p in orthanc["Plugins"]] == ["libOrthancDicomWeb.so"]
+    nginx = (DEPLOY / "ohif" / "nginx.conf").read_text(encoding="utf-8")
+    assert "location /dicom-web/ {" in nginx
+    assert f"proxy_pass http://orthanc:{orthanc['HttpPort']};" in nginx
+    assert "proxy_set_header Host $http_host;" in nginx  # Orthanc's bulk-data URLs
+    [credentials] = re.findall(r'Authorization "Basic ([A-Za-z0-9+/=]+)"', nginx)
+    user, password = base64.b64decode(credentials).decode().split(":", 1)
+    assert orthanc["RegisteredUsers"][user] == password
+    app_config = (DEPLOY / "ohif" / "app-config.js").read_text(encoding="utf-8")
+    config = json.loads(app_config.split("window.config = ", 1)[1].rstrip().removesuffix(";"))
+    [source] = config["dataSources"]
+    roots = {source["configuration"][k] for k in ("qidoRoot", "wadoRoot", "wadoUriRoot")}
+    assert roots == {"/dicom-web"}
+    compose = (DEPLOY / "compose.yaml").read_text(encoding="utf-8")
+    assert "image: jodogne/orthanc-plugins:" in compose and "image: ohif/app:v3.13.2" in compose
