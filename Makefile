@@ -58,7 +58,7 @@ demo: $(STAMP)
 
 # 2 xdist workers; a file runs whole on one worker, the longest files first (tests/conftest.py)
 test: sysdeps $(STAMP) $(OHIF_DIST)
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=60
 
 # ruff (the rule set in pyproject.toml) and the formatter check on the whole tree; mypy --strict
 # on the science and the DICOM encoders (processing/, reporting/)
