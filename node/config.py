@@ -393,7 +393,29 @@ class DashboardSection(BaseModel):
         Login; ``password_hash`` as made by ``werkzeug.security.generate_password_hash``.
         Required when ``bind_address`` is not a loopback address.
     allow_local_without_login : bool
-        Loopback clients need no login.
+        Default false: every client logs in. True lets clients on a loopback address in without
+        login; set it on purpose only on a single-user machine (any local user or process, and
+        every client of a reverse proxy on the same host, then sees the patient pages).
+    allowed_hosts : tuple of str
+        Extra names accepted in the HTTP ``Host`` header, ``name`` (any port) or ``name:port``
+        (e.g. the name a reverse proxy serves). Always accepted: the bind address,
+        ``localhost``, ``127.0.0.1`` and ``[::1]`` with the dashboard's port. Any other ``Host``
+        is answered 400 (DNS-rebinding defence).
+    login_max_failures : int
+        Failed logins (per client address, and per user name) before a lock-out (default 5).
+    login_lockout_s : float
+        First lock-out (default 30 s); it doubles with every further failure up to
+        ``login_lockout_max_s`` (default 3600 s). A locked-out login is answered 429 with
+        ``Retry-After``, whatever the password.
+    session_lifetime_s : float
+        A login session ends after this time (default 12 h); logging out ends it at once (the
+        session is held server-side, an old cookie is refused).
+    certificate, key : Path, optional
+        Serve the dashboard over HTTPS with this certificate chain and key (PEM); cookies are
+        then ``Secure``.
+    secure_cookies : bool
+        Mark cookies ``Secure`` although the dashboard itself speaks HTTP: set it when a TLS
+        reverse proxy serves it (default false; always on with ``certificate``).
     secret_key_env : str
         Environment variable holding the session-signing key (default: a random key per start,
         which logs everybody out at a restart).
@@ -406,8 +428,27 @@ class DashboardSection(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     username: str = ""
     password_hash: str = ""
-    allow_local_without_login: bool = True
+    allow_local_without_login: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    login_max_failures: int = Field(5, ge=1, le=1000)
+    login_lockout_s: float = Field(30.0, gt=0)
+    login_lockout_max_s: float = Field(3600.0, gt=0)
+    session_lifetime_s: float = Field(43200.0, gt=0)
+    certificate: Path | None = None
+    key: Path | None = None
+    secure_cookies: bool = False
     secret_key_env: str = ""
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for item in value:
+            name = item.strip().lower()
+            if not re.fullmatch(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?", name):
+                raise ValueError(f"allowed_hosts: {item!r} is not a host name or name:port")
+            out.append(name)
+        return tuple(out)
 
     @model_validator(mode="after")
     def _login_when_remote(self) -> DashboardSection:
@@ -418,7 +459,20 @@ class DashboardSection(BaseModel):
                 f"bind_address {self.bind_address!r} is not a loopback address: "
                 "a username and password_hash are required"
             )
+        if self.login_lockout_max_s < self.login_lockout_s:
+            raise ValueError("login_lockout_max_s: must be at least login_lockout_s")
+        if (self.certificate is None) != (self.key is None):
+            raise ValueError("dashboard certificate and key go together")
+        for name in ("certificate", "key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"dashboard {name}: file {str(path)!r} does not exist")
         return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the dashboard is served over HTTPS."""
+        return self.certificate is not None
 
 
 #: the tables of the node's parts, beside ``node``, ``tls``, ``peers`` and ``dispatch``

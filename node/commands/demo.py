@@ -246,6 +246,7 @@ backoff_initial_s = 2
 enabled = true
 bind_address = "127.0.0.1"
 port = 0                        # a free port
+allow_local_without_login = true  # a throwaway single-user run; a site sets a login
 
 [[peers]]
 ae_title = "{SENDER_AE}"

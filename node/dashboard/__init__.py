@@ -7,11 +7,13 @@ trend plots, follow-ups and associations; see :mod:`node.dashboard.app`.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from werkzeug.serving import BaseWSGIServer, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from node.config import DashboardSection
 from node.dashboard.app import DashboardActions, create_app
@@ -35,9 +37,24 @@ __all__ = [
     "reanalyse_action",
     "requeue_failed_outputs",
     "start_dashboard",
+    "tls_context",
     "worklist_text",
     "study_states",
 ]
+
+
+class _Handler(WSGIRequestHandler):
+    """Werkzeug's request handler with a socket timeout: a silent client frees its thread."""
+
+    timeout = 30
+
+
+def tls_context(certificate: str | Path, key: str | Path) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 minimum) from a PEM certificate chain and key."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(certificate), str(key))
+    return context
 
 
 class DashboardServer:
@@ -51,13 +68,32 @@ class DashboardServer:
         Bind address (default loopback).
     port : int
         TCP port; 0 picks a free one (see :attr:`address`).
+    tls : ssl.SSLContext, optional
+        Serve HTTPS (see :func:`tls_context`). The TLS handshake runs in the connection's own
+        thread, under the handler's socket timeout, not in the accept loop.
     """
 
-    def __init__(self, app: WSGIApplication, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(
+        self,
+        app: WSGIApplication,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         try:
-            self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
+            self._server: BaseWSGIServer = make_server(
+                host, port, app, threaded=True, request_handler=_Handler
+            )
         except SystemExit as err:  # werkzeug exits the process when the port is taken
             raise OSError(f"dashboard cannot listen on {host}:{port} (in use?)") from err
+        if tls is not None:
+            # werkzeug would wrap with do_handshake_on_connect=True: the handshake would then run
+            # in accept(), where one silent client blocks every other (issue 17, row 1)
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
+            self._server.ssl_context = tls  # werkzeug then sets wsgi.url_scheme to https
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dashboard", daemon=True
         )
@@ -71,7 +107,8 @@ class DashboardServer:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{host}:{port}"
+        scheme = "http" if self._server.ssl_context is None else "https"
+        return f"{scheme}://{host}:{port}"
 
     def start(self) -> DashboardServer:
         self._thread.start()
@@ -169,5 +206,20 @@ def start_dashboard(
         requeue=lambda uid: requeue_failed_outputs(service.outbox, service.index, uid),
         reanalyse=reanalyse,
     )
+    if not section.password_hash and not section.allow_local_without_login:
+        logger.warning(
+            "dashboard: no login configured (username, password_hash) and "
+            "allow_local_without_login is false: every page answers 403"
+        )
+    if section.bind_address in ("0.0.0.0", "::") and not section.allowed_hosts:
+        logger.warning(
+            "dashboard: bound to every interface but no allowed_hosts: requests naming this "
+            "host by another name than localhost get 400; list the names clients use"
+        )
     app = create_app(service.index, section, actions=actions)
-    return DashboardServer(app, section.bind_address, section.port).start()
+    tls = (
+        tls_context(section.certificate, section.key)
+        if section.certificate is not None and section.key is not None
+        else None
+    )
+    return DashboardServer(app, section.bind_address, section.port, tls=tls).start()

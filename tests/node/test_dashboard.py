@@ -104,7 +104,11 @@ def node(tmp_path: Path) -> Iterator[Node]:
     index.close()
 
 
-def _client(node: Node, section: DashboardSection | None = None):  # noqa: ANN202
+#: loopback clients without login: set on purpose (the default requires a login, issue 17)
+LOCAL = DashboardSection(allow_local_without_login=True)
+
+
+def _client(node: Node, section: DashboardSection = LOCAL):  # noqa: ANN202
     actions = DashboardActions(
         requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid)
     )
@@ -265,7 +269,7 @@ def test_dashboard_in_headless_chromium(node: Node, browser: object, tmp_path: P
     actions = DashboardActions(
         requeue=lambda uid: requeue_failed_outputs(node.outbox, node.index, uid)
     )
-    server = DashboardServer(create_app(node.index, actions=actions), "127.0.0.1", 0).start()
+    server = DashboardServer(create_app(node.index, LOCAL, actions=actions), "127.0.0.1", 0).start()
     try:
         driver.get(server.url + "/")  # type: ignore[attr-defined]
         row = _row(driver, FOLLOW_UP_1)
@@ -328,7 +332,9 @@ def test_reanalyse_button_runs_the_real_worker(tmp_path: Path) -> None:
         (study_uid,) = [r[0] for r in service.index.query("SELECT study_uid FROM studies")]
         service.index.mark_stable(study_uid)
         client = create_app(
-            service.index, actions=DashboardActions(reanalyse=reanalyse_action(service, worker))
+            service.index,
+            LOCAL,
+            actions=DashboardActions(reanalyse=reanalyse_action(service, worker)),
         ).test_client()
         page = client.get("/").get_data(as_text=True)
         token = page.split('name="csrf" value="')[1].split('"')[0]
@@ -358,7 +364,10 @@ def test_start_dashboard_serves_a_running_node(tmp_path: Path) -> None:
     from node.service import NodeService
 
     settings = settings_from_mapping(
-        {"node": {"storage": str(tmp_path / "storage"), "port": 0}, "dashboard": {"port": 0}}
+        {
+            "node": {"storage": str(tmp_path / "storage"), "port": 0},
+            "dashboard": {"port": 0, "allow_local_without_login": True},
+        }
     )
     service = NodeService(settings)
     service.start()
