@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("node.commands.train", "fit a site response model on labelled cases"),
     "cohort": ("node.commands.cohort", "analyse a phantom cohort into labelled cases for train"),
     "demo": ("node.commands.demo", "a newcomer's first run: a full round trip on this machine"),
+    "verify": ("node.commands.verify", "check the index against the stored files (--repair)"),
+    "rebuild-index": (
+        "node.commands.rebuild_index",
+        "re-read every stored file into a new index (node stopped; old one kept)",
+    ),
 }
 
 

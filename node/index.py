@@ -22,6 +22,7 @@ SQLite WAL: https://www.sqlite.org/wal.html ; PRAGMA user_version for schema ver
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -136,6 +137,22 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def recovery_hint(storage: Path | None = None) -> str:
+    """The recovery command a refusal names (docs/operations.md, "If the index is damaged")."""
+    where = f"--storage {storage}" if storage is not None else "--storage <storage>"
+    return (
+        f"Recover: stop the node, run 'spine-node rebuild-index {where}' (or --config FILE;"
+        " re-reads every stored file, keeps the old index as a backup; docs/operations.md,"
+        " 'If the index is damaged')"
+    )
+
+
+def damaged_message(path: Path, detail: str, storage: Path | None = None) -> str:
+    """The one-line refusal for a damaged index: the file, what SQLite said, how to recover."""
+    detail = " ".join(detail.split())[:200]
+    return f"index {path} is damaged ({detail}); the node will not use it. {recovery_hint(storage)}"
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """One stored instance as the index knows it."""
@@ -193,24 +210,72 @@ class Index:
 
     def __init__(self, path: Path, *, timeout_s: float = 30.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # the index holds names, IDs and birth dates: owner-only whatever the umask
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lock = threading.RLock()
         #: extension schemas already checked by this connection
         self._extensions: set[tuple[str, int]] = set()
         try:
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
             self._conn = sqlite3.connect(
                 str(self.path),
                 timeout=timeout_s,
                 check_same_thread=False,
                 isolation_level=None,
             )
-        except sqlite3.Error as err:
+        except (OSError, sqlite3.Error) as err:
             raise IndexDatabaseError(f"cannot open index database {self.path}: {err}") from err
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as err:
+            # a truncated or overwritten file: a clear refusal, not a traceback (issue 17)
+            self._conn.close()
+            if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
+                raise IndexDatabaseError(f"index {self.path} is locked: {err}") from err
+            raise IndexDatabaseError(damaged_message(self.path, str(err))) from err
+        self._restrict_permissions()
+
+    def _restrict_permissions(self) -> None:
+        """Mode 0600 for the database and its ``-wal``/``-shm`` files (SQLite gives those the
+        database's mode; an index made by an older node may be 0644)."""
+        for suffix in ("", "-wal", "-shm"):
+            file = self.path.with_name(self.path.name + suffix)
+            try:
+                if file.exists() and file.stat().st_mode & 0o077:
+                    os.chmod(file, 0o600)
+            except OSError as err:  # another user's index opened read-only: not ours to fix
+                logger.debug("cannot restrict the mode of %s: %s", file.name, err.strerror)
+
+    # -- integrity ------------------------------------------------------------------------------
+    def check_integrity(self, *, full: bool = False, max_errors: int = 20) -> list[str]:
+        """SQLite's own consistency check of the database file.
+
+        Parameters
+        ----------
+        full : bool
+            ``PRAGMA integrity_check`` (also checks that every index matches its table: reads
+            everything, for ``spine-node verify``) instead of ``PRAGMA quick_check`` (page and
+            record structure, fast enough for every start-up).
+        max_errors : int
+            At most this many problems are listed.
+
+        Returns
+        -------
+        list of str
+            The problems found; empty when the database is sound.
+        """
+        pragma = "integrity_check" if full else "quick_check"
+        try:
+            rows = self.query(f"PRAGMA {pragma}({int(max_errors)})")
+        except sqlite3.DatabaseError as err:
+            return [str(err)]
+        problems = [str(row[0]) for row in rows]
+        return [] if problems == ["ok"] else problems
 
     # -- plumbing -------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -409,6 +474,31 @@ class Index:
                     f"{len(new.rejects)} instance(s): {new.rejection_reason}",
                 ),
             )
+
+    def forget_instance(self, sop_instance_uid: str, *, kind: str, detail: str) -> bool:
+        """Remove the row of an instance whose file is gone, recording event ``kind``.
+
+        The row and the event are written in one transaction. The study and series rows stay
+        (other instances, analyses and events refer to them).
+
+        Returns
+        -------
+        bool
+            Whether a row was removed.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT study_uid FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("DELETE FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+            db.execute(
+                "INSERT INTO events (time, kind, study_uid, sop_instance_uid, detail)"
+                " VALUES (?,?,?,?,?)",
+                (time.time(), kind, row[0], sop_instance_uid, detail),
+            )
+        return True
 
     def study_instances(self, study_uid: str) -> list[InstanceRecord]:
         """All instances of a study (for the analysis a stable study starts)."""

@@ -12,7 +12,10 @@ attributes, e.g. ``service.stability.add_listener(on_stable)`` for the analysis,
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 from datetime import datetime, timezone
+from pathlib import Path
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -20,8 +23,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from node.config import Settings
 from node.dashboard import DashboardServer, reanalyse_action, start_dashboard
 from node.dispatch import Dispatcher, Outbox
+from node.errors import IndexDatabaseError
 from node.followup import FollowupTracker
-from node.index import Index
+from node.index import Index, damaged_message, recovery_hint
 from node.priors import PriorsFetcher, pacs_peer
 from node.scp import StorageSCP
 from node.stability import StabilityMonitor
@@ -29,6 +33,67 @@ from node.store import Store, StoreResult
 from node.worker import AnalysisWorker
 
 logger = logging.getLogger(__name__)
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether ``folder`` (``instances/`` of a store) holds at least one file (stops at the
+    first one found)."""
+    if not folder.is_dir():
+        return False
+    for _dirpath, _dirnames, filenames in os.walk(folder):
+        if filenames:
+            return True
+    return False
+
+
+def open_checked_index(database_path: Path, storage: Path) -> Index:
+    """Open the index for ``serve``, refusing a damaged or missing one (issue 17).
+
+    - instances are stored but the index file is missing, or has no instance at all: the
+      node would start empty and orphan them, so it refuses;
+    - ``PRAGMA quick_check`` finds the file damaged: it refuses (a damaged index acknowledges
+      stores it may not keep).
+
+    Each refusal is an :class:`~node.errors.IndexDatabaseError` whose one-line message names
+    the file and the recovery command (``spine-node rebuild-index``).
+
+    Raises
+    ------
+    IndexDatabaseError
+    """
+    database_path = Path(database_path)
+    stored = _holds_files(Path(storage) / "instances")
+    recovery = recovery_hint(Path(storage))
+    if stored and not database_path.exists():
+        raise IndexDatabaseError(
+            f"index {database_path} is missing but {Path(storage) / 'instances'} holds stored"
+            f" files: the node will not start empty and orphan them. {recovery}"
+        )
+    try:
+        index = Index(database_path)
+    except IndexDatabaseError as err:
+        cause = err.__cause__
+        if isinstance(cause, sqlite3.DatabaseError) and " is damaged (" in str(err):
+            # a file SQLite cannot read: the same refusal, naming this storage folder
+            raise IndexDatabaseError(damaged_message(database_path, str(cause), storage)) from err
+        raise
+    try:
+        problems = index.check_integrity(full=False, max_errors=1)
+        if problems:
+            raise IndexDatabaseError(damaged_message(database_path, problems[0], storage))
+        if stored and not index.query("SELECT 1 FROM instances LIMIT 1"):
+            raise IndexDatabaseError(
+                f"index {database_path} records no instance but {Path(storage) / 'instances'}"
+                f" holds stored files (was the index deleted?): the node will not orphan"
+                f" them. {recovery}"
+            )
+    except sqlite3.DatabaseError as err:
+        index.close()
+        raise IndexDatabaseError(damaged_message(database_path, str(err), storage)) from err
+    except BaseException:
+        index.close()
+        raise
+    return index
 
 
 class NodeService:
@@ -43,7 +108,7 @@ class NodeService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         node = settings.node
-        self.index = Index(node.database_path)
+        self.index = open_checked_index(node.database_path, node.storage)
         self.store = Store(
             node.storage, self.index, low_water_bytes=int(node.disk_low_water_mb * 1e6)
         )

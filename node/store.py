@@ -307,6 +307,24 @@ class _Received:
             self._mmap = None
 
 
+def stored_digest(path: Path) -> str:
+    """SHA-256 (hex) of a stored Part 10 file's dataset, as the index records it (the file
+    meta is not hashed).
+
+    Raises
+    ------
+    UnparseableDatasetError
+        The file has no DICOM file meta.
+    OSError
+        The file cannot be read.
+    """
+    received = _Received(path=Path(path))
+    try:
+        return received.sha256()
+    finally:
+        received.close()
+
+
 @dataclass(frozen=True)
 class StoreResult:
     """The outcome of :meth:`Store.accept` for a received instance."""
@@ -340,14 +358,20 @@ class Store:
         self.outbox_dir = self.root / "outbox"
         #: where the serve process's temporary files (pynetdicom's received datasets) go
         self.incoming_dir = self.tmp_dir / "incoming"
+        # patient data: the storage folder is the owner's alone whatever the umask (files are
+        # created 0600, see _stage); a store made by an older node is tightened here
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for folder in (
+            self.root,
             self.instances_dir,
             self.tmp_dir,
             self.incoming_dir,
             self.quarantine_dir,
             self.outbox_dir,
         ):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if folder.stat().st_mode & 0o077:
+                os.chmod(folder, 0o700)
         #: striped locks, so two associations storing the same SOP Instance UID serialise
         self._locks = [threading.Lock() for _ in range(64)]
 
@@ -426,7 +450,7 @@ class Store:
             if isinstance(data, _Received):
                 if data.path is not None and _try_link(data.path, tmp):
                     return tmp  # no second copy of pynetdicom's (or the imported) file
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 if isinstance(data, _Received):
                     data.write_into(fd)
@@ -643,12 +667,35 @@ class Store:
 
         An identical copy is ``ALREADY_STORED``; different content keeps the first copy and
         records a ``duplicate_conflict`` event. Called under the instance's lock.
+
+        The index is trusted only when its file is there with the indexed size: a row whose
+        file is missing or of another size (deleted or truncated behind the node's back) is
+        removed with a ``missing_file`` event, and ``None`` returned, so the new copy is stored
+        as a new instance. Only a ``stat`` is added to the duplicate path: re-hashing the
+        stored copy would read every file of a re-sent study a second time; a changed file of
+        the same size is what ``spine-node verify`` finds (it hashes every file).
         """
         try:
             existing = self.index.instance(sop_instance)
         except sqlite3.Error as err:
             raise OutOfResourcesError(f"index unavailable: {err}") from err
         if existing is None:
+            return None
+        problem = self._file_problem(existing.path, existing.size)
+        if problem is not None:
+            logger.warning(
+                "instance %s is indexed but its file is %s: storing the copy received now",
+                sop_instance,
+                problem,
+            )
+            try:
+                self.index.forget_instance(
+                    sop_instance,
+                    kind="missing_file",
+                    detail=f"indexed file {problem}; replaced by a copy from {calling_ae or '?'}",
+                )
+            except sqlite3.Error as err:
+                raise OutOfResourcesError(f"index unavailable: {err}") from err
             return None
         if existing.sha256 == digest:
             logger.info("duplicate instance %s (identical content) ignored", sop_instance)
@@ -675,6 +722,66 @@ class Store:
             existing.study_uid,
             Path(existing.path),
         )
+
+    def describe_stored(self, path: Path) -> NewInstance:
+        """The index row of a file already in the store (``spine-node rebuild-index``).
+
+        Reads the file's header (no pixel data) and hashes its dataset as :meth:`accept` does;
+        the calling AE and association are unknown.
+
+        Raises
+        ------
+        UnparseableDatasetError
+            The file cannot be read as DICOM or lacks a valid UID.
+        OSError
+            The file cannot be read.
+        """
+        path = Path(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom's warnings may quote identifiers
+                ds = dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+            header = header_of(ds)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, struct.error) as err:
+            raise UnparseableDatasetError(
+                f"not a readable DICOM file: {type(err).__name__}: {_safe(err)}"
+            ) from err
+        uids = [
+            str(header.get(k, "") or "")
+            for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        ]
+        if not all(is_valid_uid(uid) for uid in [*uids, transfer_syntax]):
+            raise UnparseableDatasetError("invalid or missing UID (not a PS3.5 9.1 UID)")
+        sop_class, sop_instance, study, series = uids
+        received = _Received(path=path)
+        try:
+            return self._new_instance(
+                header,
+                received,
+                sop_class,
+                sop_instance,
+                study,
+                series,
+                transfer_syntax,
+                path.resolve(),
+                received.sha256(),
+                None,
+                None,
+            )
+        finally:
+            received.close()
+
+    def _file_problem(self, relative_path: str, size: int) -> str | None:
+        """What is wrong with an indexed file (``"missing"``, ``"of another size"``), or
+        ``None`` when it is there with the indexed size."""
+        try:
+            actual = (self.root / relative_path).stat().st_size
+        except FileNotFoundError:
+            return "missing"
+        except OSError as err:
+            return f"unreadable ({err.strerror})"
+        return None if actual == size else "of another size"
 
     def _new_instance(
         self,
