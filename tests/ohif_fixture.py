@@ -8,11 +8,11 @@ test (``tests/e2e/test_ohif.py``, issue 15) checks them in OHIF 3.13 as a site d
   ``http.server`` in a thread on ``127.0.0.1``. Routes that are not files fall back to
   ``index.html`` (OHIF is a single-page application); ``/app-config.js`` is the deployment's
   (``deploy/ohif/app-config.js``, :func:`app_config_js`), whose DICOMweb data source is
-  ``/dicom-web`` of the same origin, and every ``/dicom-web/...`` request is forwarded to Orthanc's DICOMweb plugin with the
-  browser's ``Host`` header (Orthanc builds the bulk-data URLs of its metadata from it, so they
-  point back at this server) and with the commas of ``includefield`` left unencoded (Orthanc
-  1.7's plugin ignores the fields of ``a%2Cb``). No request leaves the machine: OHIF's assets
-  are local.
+  ``/dicom-web`` of the same origin, and every ``/dicom-web/...`` request is forwarded to
+  Orthanc's DICOMweb plugin with the browser's ``Host`` header (Orthanc builds the bulk-data
+  URLs of its metadata from it, so they point back at this server) and with the commas of
+  ``includefield`` left unencoded (Orthanc 1.7's plugin ignores the fields of ``a%2Cb``). No
+  request leaves the machine: OHIF's assets are local.
 * :func:`start_chromium` drives Debian's headless Chromium through chromedriver with software
   WebGL (SwiftShader; cornerstone3D renders with WebGL) and the browser console captured
   (``goog:loggingPrefs``).
