@@ -202,6 +202,12 @@ class ChainResult:
                 for s in self.studies
             ],
             "time_points": summary_records(self.results),
+            # where the report's planar groups (reporting.sr_planar) draw each time point
+            "planar_measurements": [
+                {"tracking_uid": r.lesion.tracking_uid, **_asdict(r.planar)}
+                for r in self.results
+                if r.planar is not None
+            ],
             "outputs": [
                 {
                     "modality": str(ds.Modality),
@@ -808,6 +814,36 @@ def _merge_measurements(parts: Sequence[Any]) -> Any:
     )
 
 
+def _planar_measurement(study: StudyAnalysis, measurements: Any, notes: list[str]) -> Any:
+    """The lesion's axial section (maximum axial diameter, outline) on its anatomical source image.
+
+    Returns a :class:`processing.results.PlanarMeasurement` for the report's TID 1410 group, or
+    None with a note when the section is no single image of the anatomical series (diameter
+    measured on a resampled mask, non-axial images, mosaic images).
+    """
+    from reporting.seg import source_alignment
+    from reporting.sr_planar import locate_section
+
+    section = measurements.axial_section
+    what = f"{study.role} {study.study_date.isoformat()}: no planar measurement in the report"
+    if section is None:
+        notes.append(
+            f"{what}: the maximum axial diameter was measured on an axially resampled mask (no "
+            "axis of the anatomical images within 8 degrees of the patient S axis)"
+        )
+        return None
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in study.anatomy_datasets}
+    sources, frames, grid = source_alignment(study.anatomy, by_uid)
+    if grid is not None:
+        notes.append(f"{what}: the anatomical images are mosaic or tiled images")
+        return None
+    try:
+        return locate_section(section, study.anatomy_image, sources, frames)
+    except ValueError as err:
+        notes.append(f"{what}: {err}")
+        return None
+
+
 def _measure_and_assess(
     studies: list[StudyAnalysis],
     lesion: Any,
@@ -874,6 +910,7 @@ def _measure_and_assess(
     results = []
     previous_category = None
     for index, (study, current) in enumerate(zip(studies, measurements)):
+        planar = _planar_measurement(study, current, notes)
         provenance = {
             "maps": {q: m.provenance for q, m in study.maps.items()},
             "lesion_notes": list(study.lesion_notes),
@@ -891,6 +928,7 @@ def _measure_and_assess(
                     days_since_treatment=study.days_since_treatment,
                     measurements=current,
                     provenance=provenance,
+                    planar=planar,
                 )
             )
             continue
@@ -928,6 +966,7 @@ def _measure_and_assess(
                 comparability=comparability.overall,
                 comparability_reasons=tuple(comparability.reasons),
                 provenance=provenance,
+                planar=planar,
             )
         )
     return results

@@ -11,6 +11,11 @@ same grid. Distances are measured on the voxelised lesion in patient coordinates
   axis lies within 8° of the patient S axis (oblique acquisitions), the mask is first resampled
   (nearest neighbour) onto an axial grid at the finest in-plane spacing.
 
+Without resampling, where the maximum axial diameter was measured is recorded
+(:class:`processing.results.AxialSection`): the section, the two voxel corners and the lesion's
+outline in that section (largest contour of the mask at level 0.5, computed with contourpy), so
+that a report can draw them on the source image.
+
 Per-map statistics follow the units of docs/architecture.md, Conventions, and exclude voxels whose
 map value is not finite (failed fits). Peak statistics follow the PERCIST idea transferred to MRI
 (docs/science.md §1.6): mean of the lowest 10 % for diffusion maps (ADC, MD, IVIM D), and mean of
@@ -29,7 +34,9 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import cast
 
+import contourpy
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -42,7 +49,7 @@ from processing.radiomics import (
     RadiomicsSettings,
     extract_features,
 )
-from processing.results import QUANTITY_UNITS, LesionMeasurements, MapStatistics
+from processing.results import QUANTITY_UNITS, AxialSection, LesionMeasurements, MapStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +92,32 @@ def _voxel_corners(ijk: np.ndarray) -> np.ndarray:
 
 def _max_distance(points: np.ndarray) -> float:
     """Largest pairwise Euclidean distance (points (N, d)), via the convex hull when possible."""
+    return _farthest_pair(points)[0]
+
+
+def _farthest_pair(points: np.ndarray) -> tuple[float, int, int]:
+    """Largest pairwise Euclidean distance of ``points`` (N, d) and the indices of one such pair.
+
+    Via the convex hull when possible; the first pair reaching the maximum (hull order) is
+    returned, (0.0, 0, 0) for fewer than two points.
+    """
     if len(points) < 2:
-        return 0.0
+        return 0.0, 0, 0
     try:
-        hull = points[ConvexHull(points).vertices]
+        vertices = ConvexHull(points).vertices
     except (QhullError, ValueError):  # degenerate (collinear/coplanar) point sets
-        hull = points
-    best = 0.0
+        vertices = np.arange(len(points))
+    hull = points[vertices]
+    best, pair = 0.0, (0, 0)
     for start in range(0, len(hull), 512):  # chunks keep memory at 512 x N distances
         diff = hull[start : start + 512, None, :] - hull[None, :, :]
-        best = max(best, float(np.sqrt((diff**2).sum(-1)).max()))
-    return best
+        distances = np.sqrt((diff**2).sum(-1))
+        flat = int(distances.argmax())
+        value = float(distances.flat[flat])
+        if value > best:
+            row, column = divmod(flat, len(hull))
+            best, pair = value, (int(vertices[start + row]), int(vertices[column]))
+    return best, pair[0], pair[1]
 
 
 def lesion_volume_ml(mask: sitk.Image, *, label: int = 1) -> float:
@@ -119,9 +141,15 @@ def lesion_diameters(mask: sitk.Image, *, label: int = 1) -> tuple[float, float,
     max_axial_diameter_mm, craniocaudal_extent_mm, max_3d_diameter_mm : float
         See the module docstring for the definitions. All 0.0 for an empty mask.
     """
+    axial, craniocaudal, max_3d, _ = _diameters(mask, label)
+    return axial, craniocaudal, max_3d
+
+
+def _diameters(mask: sitk.Image, label: int) -> tuple[float, float, float, AxialSection | None]:
+    """:func:`lesion_diameters` and :func:`axial_section` in one pass."""
     roi = _roi_array(mask, label)
     if not roi.any():
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, None
     matrix, origin = _index_to_physical_matrix(mask)
     # boundary voxels carry every extreme corner
     boundary = roi & ~ndimage.binary_erosion(roi)
@@ -129,16 +157,44 @@ def lesion_diameters(mask: sitk.Image, *, label: int = 1) -> tuple[float, float,
     corners = _voxel_corners(ijk) @ matrix.T + origin
     max_3d = _max_distance(corners)
     craniocaudal = float(corners[:, 2].max() - corners[:, 2].min())
-    return _max_axial_diameter(mask, roi), craniocaudal, max_3d
+    axial, section = _axial_diameter_and_section(mask, roi)
+    return axial, craniocaudal, max_3d, section
 
 
-def _max_axial_diameter(mask: sitk.Image, roi: np.ndarray) -> float:
+def axial_section(mask: sitk.Image, *, label: int = 1) -> AxialSection | None:
+    """Where the maximum axial diameter of a lesion was measured (see the module docstring).
+
+    Parameters
+    ----------
+    mask : SimpleITK.Image
+        3-D label image; voxels equal to ``label`` are the lesion.
+    label : int
+        Lesion label.
+
+    Returns
+    -------
+    processing.results.AxialSection or None
+        None for an empty mask, or when no image axis lies within 8° of the patient S axis (the
+        diameter is then measured on a resampled mask, whose sections are no image's).
+    """
+    roi = _roi_array(mask, label)
+    if not roi.any():
+        return None
+    return _axial_diameter_and_section(mask, roi)[1]
+
+
+def _axial_diameter_and_section(
+    mask: sitk.Image, roi: np.ndarray
+) -> tuple[float, AxialSection | None]:
+    """The maximum axial diameter (mm) and, without resampling, where it was measured."""
     direction = np.asarray(mask.GetDirection(), dtype=float).reshape(3, 3)
     s_components = np.abs(direction[2, :])  # patient S component of each image axis
     axis = int(np.argmax(s_components))
+    resampled = False
     if s_components[axis] < _AXIAL_TOLERANCE_COS:
         mask, roi = _resample_axial(mask, roi)
         axis = 2
+        resampled = True
     matrix, origin = _index_to_physical_matrix(mask)
     # in-plane boundary: erosion with a structuring element flat along the slice axis
     structure = np.zeros((3, 3, 3), dtype=bool)
@@ -151,12 +207,88 @@ def _max_axial_diameter(mask: sitk.Image, roi: np.ndarray) -> float:
     offsets = np.zeros((4, 3))
     offsets[:, in_plane] = [[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]]
     best = 0.0
+    where: tuple[int, np.ndarray, np.ndarray] | None = None
     for level in np.unique(ijk_all[:, axis]):
         in_slice = ijk_all[ijk_all[:, axis] == level]
         corners = np.unique((in_slice[:, None, :] + offsets[None]).reshape(-1, 3), axis=0)
         physical = corners @ matrix.T + origin
-        best = max(best, _max_distance(physical[:, :2]))
-    return best
+        distance, first, second = _farthest_pair(physical[:, :2])
+        if distance > best:  # the first section reaching the maximum
+            where = (int(level), corners[first], corners[second])
+        best = max(best, distance)
+    if resampled or where is None:
+        return best, None
+    level, start, end = where
+    outline, area_index = _section_outline(roi, axis, level)
+    spacing = mask.GetSpacing()
+    area = area_index * float(np.prod([spacing[a] for a in in_plane]))
+
+    def to_patient(points: np.ndarray) -> tuple[tuple[float, float, float], ...]:
+        return tuple(_point(p) for p in points @ matrix.T + origin)
+
+    ends_patient = to_patient(np.stack([start, end]))
+    return best, AxialSection(
+        slice_axis=axis,
+        slice_index=level,
+        diameter_mm=best,
+        diameter_end_points_index=(_point(start), _point(end)),
+        diameter_end_points=(ends_patient[0], ends_patient[1]),
+        outline_index=tuple(_point(p) for p in outline),
+        outline=to_patient(outline),
+        area_mm2=area,
+    )
+
+
+def _point(values: np.ndarray) -> tuple[float, float, float]:
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def _section_outline(roi: np.ndarray, axis: int, level: int) -> tuple[np.ndarray, float]:
+    """Largest contour (level 0.5) of the ROI in one section, and its area in index units.
+
+    Parameters
+    ----------
+    roi : numpy.ndarray
+        Boolean ROI, array order (z, y, x).
+    axis : int
+        SimpleITK index axis normal to the section.
+    level : int
+        Index of the section along ``axis``.
+
+    Returns
+    -------
+    outline : numpy.ndarray
+        (N, 3) closed polygon (last point = first point) in continuous SimpleITK indices
+        (x, y, z), on the ROI voxels' centres' grid (a boundary between an inside and an outside
+        voxel lies half-way between their centres).
+    area : float
+        Area enclosed by the polygon, in (index units)².
+    """
+    section = np.take(roi, level, axis=2 - axis).astype(float)
+    # the 2-D array's columns run along the lower in-plane SimpleITK axis, its rows the higher
+    in_plane = [a for a in range(3) if a != axis]
+    padded = np.pad(section, 1)  # every contour closes inside the padded section
+    generator = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
+    lines = cast(list[np.ndarray], generator.lines(0.5))
+    best_line: np.ndarray | None = None
+    best_area = -1.0
+    for line in lines:
+        xy = np.asarray(line, dtype=float) - 1.0  # undo the padding
+        if len(xy) < 3:
+            continue
+        if not np.array_equal(xy[0], xy[-1]):
+            xy = np.vstack([xy, xy[:1]])
+        x, y = xy[:, 0], xy[:, 1]
+        area = 0.5 * abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])))
+        if area > best_area:
+            best_line, best_area = xy, area
+    if best_line is None:  # pragma: no cover - a non-empty section always has a contour
+        raise ValueError(f"no outline in section {level} along axis {axis}")
+    points = np.zeros((len(best_line), 3))
+    points[:, in_plane[0]] = best_line[:, 0]
+    points[:, in_plane[1]] = best_line[:, 1]
+    points[:, axis] = level
+    return points, best_area
 
 
 def _resample_axial(mask: sitk.Image, roi: np.ndarray) -> tuple[sitk.Image, np.ndarray]:
@@ -338,7 +470,7 @@ def measure_lesion(
     volume = lesion_volume_ml(mask, label=label)
     if volume == 0.0:
         raise ValueError(f"lesion mask has no voxel with label {label}")
-    axial, craniocaudal, max_3d = lesion_diameters(mask, label=label)
+    axial, craniocaudal, max_3d, section = _diameters(mask, label)
     stats = {
         q: map_statistics(img, mask, q, unit=units.get(q), label=label)
         for q, img in sorted(maps.items())
@@ -369,4 +501,5 @@ def measure_lesion(
         map_statistics=stats,
         radiomics=radiomics,
         radiomics_notes=tuple(notes),
+        axial_section=section,
     )

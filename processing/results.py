@@ -93,9 +93,60 @@ class MapStatistics:
     peak_definition: str | None = None
 
 
+#: A point in patient coordinates (DICOM LPS, mm).
+Point3D = tuple[float, float, float]
+#: A point in DICOM image coordinates: (column, row), (0, 0) = top-left corner of the top-left
+#: pixel, pixel centres at +0.5.
+ImagePoint = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class AxialSection:
+    """Where a lesion's maximum axial diameter was measured (:func:`processing.measure`).
+
+    Only recorded when the measured mask needed no resampling, i.e. when one of its image axes lies
+    within 8° of the patient S axis: the section is then one plane of voxels of the mask.
+
+    Attributes
+    ----------
+    slice_axis : int
+        SimpleITK index axis (0 = x, 1 = y, 2 = z) closest to the patient S axis; the section is
+        the plane of the mask's voxels at ``slice_index`` along it.
+    slice_index : int
+        Index of the section along ``slice_axis``, in the measured (cropped) mask's grid.
+    diameter_mm : float
+        The maximum axial diameter (equal to ``LesionMeasurements.max_axial_diameter_mm``).
+    diameter_end_points_index : tuple of two (x, y, z)
+        The two voxel corners whose axial distance is the diameter, as continuous SimpleITK indices
+        of the measured mask (integer = voxel centre).
+    diameter_end_points : tuple of two Point3D
+        The same points in patient coordinates (LPS, mm).
+    outline_index : tuple of (x, y, z)
+        The lesion's outline in the section (its largest contour at level 0.5 of the mask), a
+        closed polygon (last point = first point), continuous SimpleITK indices of the mask.
+    outline : tuple of Point3D
+        The same polygon in patient coordinates (LPS, mm).
+    area_mm2 : float
+        Area enclosed by the outline polygon, mm².
+    """
+
+    slice_axis: int
+    slice_index: int
+    diameter_mm: float
+    diameter_end_points_index: tuple[Point3D, Point3D]
+    diameter_end_points: tuple[Point3D, Point3D]
+    outline_index: tuple[Point3D, ...]
+    outline: tuple[Point3D, ...]
+    area_mm2: float
+
+
 @dataclass(frozen=True)
 class LesionMeasurements:
-    """Everything measured on one lesion at one time point."""
+    """Everything measured on one lesion at one time point.
+
+    ``axial_section`` says where the maximum axial diameter was measured (None when unknown, e.g.
+    measured on a resampled mask, or for parts measured on other grids).
+    """
 
     volume_ml: float
     max_axial_diameter_mm: float | None = None
@@ -107,6 +158,7 @@ class LesionMeasurements:
     radiomics: dict[str, dict[str, float]] = field(default_factory=dict)
     #: reasons for features left out, documented deviations from IBSI, settings used
     radiomics_notes: tuple[str, ...] = ()
+    axial_section: AxialSection | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +220,40 @@ class Lesion:
 
 
 @dataclass(frozen=True)
+class PlanarMeasurement:
+    """The lesion's maximum axial diameter and outline on one anatomical source image.
+
+    What a viewer draws (TID 1410 image region in the report): the :class:`AxialSection` of the
+    anatomical grid's measurement, located on the source image holding that section.
+
+    Attributes
+    ----------
+    study_instance_uid, series_instance_uid, sop_class_uid, sop_instance_uid : str
+        The source image.
+    frame_number : int or None
+        1-based frame of a multi-frame source image; None for single-frame images.
+    diameter_mm : float
+        The maximum axial diameter (the value of the lesion's volumetric measurement).
+    diameter_end_points : tuple of two ImagePoint
+        End points of the diameter in image coordinates (column, row).
+    outline : tuple of ImagePoint
+        The lesion outline on that image, closed polygon (last point = first point).
+    area_mm2 : float or None
+        Area enclosed by the outline, mm².
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None
+    diameter_mm: float
+    diameter_end_points: tuple[ImagePoint, ImagePoint]
+    outline: tuple[ImagePoint, ...]
+    area_mm2: float | None = None
+
+
+@dataclass(frozen=True)
 class TimePointResult:
     """One lesion at one time point: what was measured, how it changed, and the call."""
 
@@ -182,3 +268,5 @@ class TimePointResult:
     comparability: Comparability | None = None
     comparability_reasons: tuple[str, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: the lesion's axial section on its anatomical source image, if it could be located
+    planar: PlanarMeasurement | None = None

@@ -54,6 +54,11 @@ Content of each measurement group (TID 1411)
   compression fracture = new / progressive / none; Acquisition comparability.
 * Algorithm identification (TID 4019): name, version and the settings (``algorithm_parameters``).
 
+Before these groups, the time points whose lesion section is located on an anatomical image
+(``TimePointResult.planar``) get planar groups a viewer can draw, current time point first: the
+outline (TID 1410) and the maximum axial diameter's end points (TID 1501) on that image, see
+:mod:`reporting.sr_planar`; the images are recorded as evidence.
+
 The private codes are documented in :mod:`reporting.codes`.
 """
 
@@ -81,6 +86,7 @@ from processing.results import (
 from reporting import codes as rcodes
 from reporting.pmap import map_quantity
 from reporting.seg import DEVICE_SERIAL_NUMBER, MANUFACTURER, MODEL_NAME
+from reporting.sr_planar import planar_evidence, planar_groups
 from reporting.uids import deterministic_uid, digest_text, digest_uids
 
 logger = logging.getLogger(__name__)
@@ -724,6 +730,13 @@ def build_measurement_report(
                     group_class(method=method, measurements=change_builder.measurements, **common)
                 )
 
+    # planar groups (reporting.sr_planar: what a viewer draws) first, current time point first
+    groups[:0] = planar_groups(
+        results,
+        time_point_context=_time_point_context,
+        finding_type=rcodes.segment_type(segment_type),
+        algorithm_id=algorithm,
+    )
     observer_uid = device_observer_uid or deterministic_uid(
         source_study_uid="device",
         tracking_uid=None,
@@ -743,7 +756,7 @@ def build_measurement_report(
             ),
         )
     )
-    evidence_all = [*segmentations, *parametric_maps, *source_images]
+    evidence_all = [*segmentations, *parametric_maps, *source_images, *planar_evidence(results)]
     current_study = current.study_instance_uid
     evidence = sorted(evidence_all, key=lambda ds: str(ds.StudyInstanceUID) != current_study)
     if not evidence or str(evidence[0].StudyInstanceUID) != current_study:

@@ -10,11 +10,9 @@ object into the viewport and reads the page, OHIF's state and the browser consol
 
 Asserted: the MR series and the result objects are listed, the SEG overlays the T2 images with its
 segment named, the encapsulated PDF is shown, the ADC and Ktrans Parametric Maps are rendered as
-overlays (each on its 3-D companion series), the TID 1500 SR's measurements are listed and drawn,
-all without a console error (SEVERE messages and OHIF's error boundaries). A report without any
-SCOORD is known not to display in OHIF 3.13 (issue 15): the test reads that from the object and
-then expects the failure (xfail, with OHIF's console errors as the reason), and fails if such a
-report displays after all, so the expectation cannot go stale. Screenshots, OHIF's
+overlays (each on its 3-D companion series), and the TID 1500 report's planar measurements are
+drawn on the follow-up T2 image labelled with the follow-up's values, all without a console error
+(SEVERE messages and OHIF's error boundaries). Screenshots, OHIF's
 viewport state and the console errors of each case are saved in the folder the module prints
 (``OHIF artefacts: ...``; ``<pytest basetemp>/ohif0/artefacts``).
 """
@@ -27,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -221,11 +218,7 @@ def test_encapsulated_pdf_is_shown(follow_up_in_ohif: FollowUpInOhif) -> None:
     assert not errors
 
 
-# ---------------------------------------------------------------------------- issue 15's scope
-# What the issue still has to deliver. Each case knows, from the object itself, whether it is
-# still of the kind OHIF cannot show (then it must fail as described: xfail; passing anyway fails
-# the test, so that the expectation is removed) or of the fixed kind (then it must pass). This
-# keeps the suite green and strict whichever order the fixes land in.
+# ------------------------------------------------------------------- maps and report (issue 15)
 
 
 def assert_map_on_a_3d_series(viewer: FollowUpInOhif, pmap: pydicom.Dataset) -> None:
@@ -238,36 +231,10 @@ def assert_map_on_a_3d_series(viewer: FollowUpInOhif, pmap: pydicom.Dataset) -> 
         assert images == frames, (pmap.SeriesDescription, frames, images)
 
 
-def sr_known_failure(sr: pydicom.Dataset) -> str | None:
-    """Why OHIF 3.13 cannot list and draw the SR's measurements, or ``None`` when it should:
-    a TID 1500 report whose measurement groups hold no SCOORD/SCOORD3D (volumetric groups only,
-    referencing the SEG) blanks OHIF's viewport."""
-
-    def coordinates(items: Any) -> bool:
-        return any(
-            item.ValueType in ("SCOORD", "SCOORD3D") or coordinates(item.get("ContentSequence", []))
-            for item in items
-        )
-
-    if coordinates(sr.get("ContentSequence", [])):
-        return None
-    return (
-        "issue 15: the TID 1500 measurement groups are volumetric without any SCOORD; OHIF's "
-        "SR hydration fails (TypeError reading 'ReferencedSOPSequence' in "
-        "_checkIfCanAddMeasurementsToDisplaySet)"
-    )
-
-
-def _expect(known_failure: str | None, shown: bool, errors: str, what: str) -> None:
-    """Assert ``what`` was shown without console errors; for a known failure, xfail instead
-    (and fail if it was shown after all: the expectation is out of date)."""
-    if known_failure is None:
-        assert shown, f"{what} not shown:\n{errors}"
-        assert not errors, f"{what}: console errors\n{errors}"
-        return
-    if shown and not errors:
-        pytest.fail(f"{what} is shown although expected to fail ({known_failure}): update test")
-    pytest.xfail(f"{known_failure}\nconsole errors:\n{errors or '(none)'}")
+def _expect(shown: bool, errors: str, what: str) -> None:
+    """Assert ``what`` was shown without console errors."""
+    assert shown, f"{what} not shown:\n{errors}"
+    assert not errors, f"{what}: console errors\n{errors}"
 
 
 def parametric_map_overlay(page: OhifPage, description: str, since: int) -> bool:
@@ -294,17 +261,31 @@ def parametric_map_overlay(page: OhifPage, description: str, since: int) -> bool
     return bool(shown)
 
 
-def sr_measurements(page: OhifPage, since: int) -> bool:
-    """Load the SR (measurements panel open) and wait until its measurements are listed
-    (measurement service) and drawn (cornerstone annotations of the same tools) or an error is
-    reported; whether they are."""
-    page.open_panel("trackedMeasurements")  # where the measurements are listed
+#: the SVG texts of the drawn annotations (cornerstone3D draws labels as SVG)
+_ANNOTATION_TEXTS_JS = (
+    "return Array.from(document.querySelectorAll('svg text'), t => t.textContent)"
+)
+
+
+def sr_measurements(page: OhifPage, since: int, label: str) -> bool:
+    """Load the SR and wait until its planar measurements are drawn (OHIF's SR display tool over
+    the T2 image the group references) with ``label`` among the texts drawn beside them, or an
+    error is reported; whether they are.
+
+    OHIF lists an SR's measurements in its Measurements panel only once the reader tracks the
+    report (a click in the SR viewport): what is checked here is what it shows on loading."""
     page.load_display_set(SR, "SR")
 
     def drawn() -> bool:
         state = page.viewport_state()
-        tools = {m["toolName"] for m in state["measurements"]}
-        return bool(tools & set(state["annotations"]))
+        reports = [d for d in state["displaySets"] if d["modality"] == "SR"]
+        texts = page.driver.execute_script(_ANNOTATION_TEXTS_JS) or []
+        return bool(
+            reports
+            and reports[0]["isLoaded"]
+            and "DICOMSRDisplay" in state["annotations"]
+            and any(label in str(text) for text in texts)
+        )
 
     return bool(page.wait_or_error(drawn, since, LOAD_TIMEOUT_S, "the SR's measurements"))
 
@@ -323,14 +304,20 @@ def test_parametric_map_overlays(
         shown = parametric_map_overlay(page, description, since)
     finally:
         errors = _report(page, name, since)
-    _expect(None, shown, errors, f"the {description} overlay")
+    _expect(shown, errors, f"the {description} overlay")
 
 
-def test_sr_measurements_listed_and_drawn(follow_up_in_ohif: FollowUpInOhif) -> None:
-    known = sr_known_failure(follow_up_in_ohif.result("SR", SR))
+def test_sr_measurements_drawn_with_the_follow_ups_values(
+    follow_up_in_ohif: FollowUpInOhif,
+) -> None:
+    """The report's current time point comes first: OHIF draws the follow-up's lesion outline on
+    the follow-up T2 image, labelled with the follow-up's maximum axial diameter."""
+    summary = json.loads((follow_up_in_ohif.results[0].parent / "summary.json").read_text())
+    diameter = summary["time_points"][-1]["measurements"]["max_axial_diameter"]
+    label = f"{diameter:.2f} mm"
     page, since = _open(follow_up_in_ohif)
     try:
-        shown = sr_measurements(page, since)
+        shown = sr_measurements(page, since, label)
     finally:
         errors = _report(page, "sr", since)
-    _expect(known, shown, errors, "the SR's measurements")
+    _expect(shown, errors, f"the SR's measurements (label {label!r})")

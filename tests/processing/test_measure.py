@@ -159,3 +159,102 @@ def test_measure_lesion_radiomics_are_identical_with_a_shared_cache():
             assert shared.radiomics[q] == alone[q].radiomics[q]
             assert shared.map_statistics[q] == alone[q].map_statistics[q]
         assert shared.radiomics_notes == alone["ADC"].radiomics_notes + alone["MK"].radiomics_notes
+
+
+# --- where the maximum axial diameter was measured (processing.results.AxialSection) ---------
+
+
+def _rectangle_section(spacing=(0.8, 1.2, 3.0)) -> sitk.Image:
+    # one axial slice (z = 4) holds a 10 (x) x 6 (y) voxel rectangle; slice 3 a smaller one
+    a = np.zeros((8, 30, 28), np.uint8)
+    a[4, 10:16, 5:15] = 1
+    a[3, 11:14, 7:12] = 1
+    image = _image(a, spacing=spacing)
+    image.SetOrigin((-12.0, 30.0, 100.0))
+    return image
+
+
+def test_axial_section_of_a_rectangle_known_corners_and_outline():
+    from processing.measure import axial_section
+
+    spacing = (0.8, 1.2, 3.0)
+    mask = _rectangle_section(spacing)
+    section = axial_section(mask)
+    assert section is not None
+    assert (section.slice_axis, section.slice_index) == (2, 4)
+    # the diagonal of the voxelised rectangle: 10 x 0.8 mm by 6 x 1.2 mm
+    assert section.diameter_mm == lesion_diameters(mask)[0]
+    assert section.diameter_mm == pytest.approx(math.hypot(8.0, 7.2))
+    ends = sorted(section.diameter_end_points_index)
+    diagonals = ([(4.5, 9.5, 4.0), (14.5, 15.5, 4.0)], [(4.5, 15.5, 4.0), (14.5, 9.5, 4.0)])
+    assert ends in diagonals
+    physical = [mask.TransformContinuousIndexToPhysicalPoint(p) for p in ends]
+    assert np.allclose(physical, sorted(section.diameter_end_points))
+    # outline: the level-0.5 contour through the edge midpoints, corners cut by half a voxel
+    outline = np.asarray(section.outline_index)
+    assert np.array_equal(outline[0], outline[-1])  # closed
+    assert set(outline[:, 2]) == {4.0}
+    assert outline[:, 0].min() == 4.5 and outline[:, 0].max() == 14.5
+    assert outline[:, 1].min() == 9.5 and outline[:, 1].max() == 15.5
+    assert section.area_mm2 == pytest.approx((60 - 4 * 0.125) * 0.8 * 1.2)
+    assert len(section.outline) == len(section.outline_index)
+    first = mask.TransformContinuousIndexToPhysicalPoint(section.outline_index[0])
+    assert section.outline[0] == pytest.approx(first)
+
+
+def test_axial_section_of_an_ellipse_lies_along_its_major_axis():
+    from processing.measure import axial_section
+
+    zz, yy, xx = np.mgrid[0:5, 0:40, 0:40]
+    a = (((xx - 20) / 12.0) ** 2 + ((yy - 18) / 5.0) ** 2 <= 1.0) & (zz == 2)
+    mask = _image(a.astype(np.uint8), spacing=(1.0, 1.0, 4.0))
+    section = axial_section(mask)
+    assert section is not None and section.slice_index == 2
+    (x0, y0, z0), (x1, y1, z1) = section.diameter_end_points_index
+    assert z0 == z1 == 2.0
+    # voxel corners (half-integer indices) at the ends of the major (x) axis
+    assert {x0 % 1, y0 % 1, x1 % 1, y1 % 1} == {0.5}
+    assert sorted([x0, x1]) == [7.5, 32.5]
+    assert math.hypot(x1 - x0, y1 - y0) == pytest.approx(section.diameter_mm)
+    # the outline encloses about the voxel count (corners cut), every point on the slice
+    outline = np.asarray(section.outline_index)
+    assert np.array_equal(outline[0], outline[-1])
+    assert section.area_mm2 == pytest.approx(a.sum(), rel=0.05)
+    assert (outline[:, 0] >= 7.5).all() and (outline[:, 0] <= 32.5).all()
+
+
+def test_axial_section_largest_contour_and_measure_lesion_carries_it():
+    a = np.zeros((3, 30, 30), np.uint8)
+    a[1, 2:6, 2:6] = 1  # small component
+    a[1, 10:25, 12:20] = 1  # large one
+    mask = _image(a)
+    result = measure_lesion(mask)
+    section = result.axial_section
+    assert section is not None and section.diameter_mm == result.max_axial_diameter_mm
+    outline = np.asarray(section.outline_index)
+    assert outline[:, 0].min() == 11.5 and outline[:, 1].min() == 9.5  # the large component
+    # the diameter spans both components (corners of the whole section)
+    assert result.max_axial_diameter_mm == pytest.approx(math.hypot(18.0, 23.0))
+
+
+def test_axial_section_is_none_when_the_mask_is_resampled():
+    from processing.measure import axial_section
+
+    angle = math.radians(30.0)  # no image axis within 8 degrees of S
+    c, s = math.cos(angle), math.sin(angle)
+    mask = _image(_box(), spacing=(1.0, 1.0, 2.0), direction=(1, 0, 0, 0, c, -s, 0, s, c))
+    assert axial_section(mask) is None
+    assert measure_lesion(mask).axial_section is None
+    assert axial_section(_image(np.zeros((3, 4, 5), np.uint8))) is None
+
+
+def test_axial_section_on_a_slightly_tilted_axial_grid():
+    from processing.measure import axial_section
+
+    angle = math.radians(5.0)  # within 8 degrees: no resampling, sections are the mask's slices
+    c, s = math.cos(angle), math.sin(angle)
+    mask = _rectangle_section()
+    mask.SetDirection((1, 0, 0, 0, c, -s, 0, s, c))
+    section = axial_section(mask)
+    assert section is not None and (section.slice_axis, section.slice_index) == (2, 4)
+    assert section.diameter_mm == lesion_diameters(mask)[0]
