@@ -71,14 +71,15 @@ def _write_pmap(
     volume: Any,
     by_sop: dict[str, Any],
     out_dir: Path,
-    companions: dict[str, list[Any]],
+    companions: dict[str, list[Any]] | None = None,
 ) -> str | None:
     """Write the Parametric Map of ``qmap`` into ``out_dir``; its file name (None: no encoding).
 
     The map is built on the 3-D companion series of its source series
     (:mod:`reporting.companion`, as the node's chain does), written once per source series into
     ``out_dir/reference_<series number>/`` and kept in ``companions`` (by source Series Instance
-    UID; empty when it cannot be built: the map then references its acquisition).
+    UID; empty when it cannot be built: the map then references its acquisition; default: a new
+    dict, i.e. the companion is built for this map).
 
     Raises
     ------
@@ -100,6 +101,7 @@ def _write_pmap(
 
     if qmap.quantity not in QUANTITIES:
         return None
+    companions = {} if companions is None else companions
     series_uid = qmap.source_series_instance_uid
     if series_uid not in companions:
         number = COMPANION_SERIES_NUMBER_BASE + len(companions)

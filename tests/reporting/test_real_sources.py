@@ -146,6 +146,13 @@ def test_parametric_map_of_real_series(tmp_path: Path, case: str) -> None:
     assert name is not None
     path = tmp_path / name
     dciodvfy(path)
+    # the map is built on its 3-D companion series, one image per map frame, written beside it
+    pmap = pydicom.dcmread(path, stop_before_pixels=True)
+    [reference] = pmap.ReferencedSeriesSequence
+    [folder] = tmp_path.glob("reference_*")
+    companion = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.glob("*.dcm"))]
+    assert len(companion) == int(pmap.NumberOfFrames)
+    assert {str(ds.SeriesInstanceUID) for ds in companion} == {str(reference.SeriesInstanceUID)}
 
     # dcmqi reads it, on the map's grid, with the map's values (um2/s; failed fit -> 0)
     dcmqi(
@@ -185,11 +192,13 @@ def test_parametric_map_of_real_series(tmp_path: Path, case: str) -> None:
         ]
     )
     np.testing.assert_allclose(positions, _lps_points(geometry)[:, 0, 0, :], atol=1e-3)
-    referenced = pm.ReferencedSeriesSequence[0]
-    assert referenced.SeriesInstanceUID == volume.series_instance_uid
-    assert {
-        str(item.ReferencedSOPInstanceUID) for item in referenced.ReferencedInstanceSequence
-    } <= set(by_sop)
+    # the map references its companion series (checked above); the companion, as its sources,
+    # images of the acquisition
+    sources = {
+        str(item.ReferencedSOPInstanceUID) for ds in companion for item in ds.SourceImageSequence
+    }
+    assert sources and sources <= set(by_sop)
+    assert all(ds.SeriesInstanceUID != volume.series_instance_uid for ds in companion)
 
     if check_dcm2niix:
         # independent grid check: dcm2niix's b0 voxel at each voxel's world position
