@@ -31,6 +31,8 @@ CHGREL       Relative change from baseline (measurement method; unit %)
 CHGABS       Absolute change from baseline (measurement method; unit of the quantity)
 CHGRELP      Relative change from previous time point
 CHGABSP      Absolute change from previous time point
+RADIOMX      Radiomics features of one image (measurement method; the group's algorithm
+             parameters name the image)
 RSET-<hash>  Response rule set, meaning = rule set name and version (measurement method)
 CR-<code>    Response criterion (concept name of a qualitative evaluation; value Present
              when the criterion fired, Absent otherwise), meaning = its description
@@ -498,6 +500,8 @@ CHANGE_METHODS: dict[tuple[str, bool], CodedConcept] = {
     ("previous", True): private_code("CHGRELP", "Relative change from previous time point"),
     ("previous", False): private_code("CHGABSP", "Absolute change from previous time point"),
 }
+#: measurement method of a group of radiomics features of one image
+RADIOMICS_METHOD = private_code("RADIOMX", "Radiomics features of one image")
 
 
 def criterion_code(code: str, description: str) -> CodedConcept:

@@ -144,6 +144,8 @@ class _Concept:
     scale: float  # from the internal value to ``unit``
     offset: float = 0.0  # added after scaling (IBSI corrections)
     image: str | None = None  # quantity of the image/map the value was computed on
+    #: a radiomics feature: written in its image's group of features (one algorithm for all)
+    feature: bool = False
 
 
 _PER_MM = CodedConcept("/mm", "UCUM", "/mm")
@@ -185,7 +187,7 @@ def _radiomics_concept(
             offset = _IBSI_OFFSETS.get(key, 0.0)
     if code is None:
         code = rcodes.pyradiomics_private_code(feature)
-    return _Concept(code, None, unit, scale, offset, image=quantity)
+    return _Concept(code, None, unit, scale, offset, image=quantity, feature=True)
 
 
 def _concept_for_path(
@@ -334,6 +336,8 @@ class _GroupBuilder:
         self.maps = maps  # quantity -> PM SOP Instance UID of this study
         self.measurements: list[hd.sr.Measurement] = []
         self.evaluations: list[hd.sr.QualitativeEvaluation] = []
+        #: radiomics features by the image (quantity) they were computed on
+        self.features: dict[str, list[hd.sr.Measurement]] = {}
 
     def _source_map(self, quantity: str | None) -> list[hd.sr.SourceImageForMeasurement] | None:
         uid = self.maps.get(quantity) if quantity else None
@@ -373,16 +377,20 @@ class _GroupBuilder:
                 self.result.study_instance_uid,
             )
             return
-        self.measurements.append(
-            hd.sr.Measurement(
-                name=concept.name,
-                value=number,
-                unit=_unit_with_extras(unit),
-                derivation=concept.derivation,
-                referenced_images=self._source_map(concept.image),
-                algorithm_id=self._image_algorithm(concept),
-            )
+        feature = concept.feature and not (change or relative)
+        measurement = hd.sr.Measurement(
+            name=concept.name,
+            value=number,
+            unit=_unit_with_extras(unit),
+            derivation=concept.derivation,
+            referenced_images=self._source_map(concept.image),
+            # a feature's image is named once, by the algorithm of its group
+            algorithm_id=None if feature else self._image_algorithm(concept),
         )
+        if feature:
+            self.features.setdefault(cast(str, concept.image), []).append(measurement)
+        else:
+            self.measurements.append(measurement)
 
     def add_response(self) -> None:
         response = self.result.response
@@ -706,6 +714,16 @@ def build_measurement_report(
                 **common,
             )
         )
+        # one group of radiomics features per image: its algorithm names the image once (a
+        # feature's own algorithm item would repeat it in each of the ~100 NUMs of the image)
+        for image, features in builder.features.items():
+            groups.append(
+                group_class(
+                    method=rcodes.RADIOMICS_METHOD,
+                    measurements=features,
+                    **{**common, "algorithm_id": shared.algorithm([*parameters, f"image={image}"])},
+                )
+            )
         for (reference, relative), method in rcodes.CHANGE_METHODS.items():
             changes = [
                 c

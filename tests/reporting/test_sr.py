@@ -66,15 +66,26 @@ def _find(group, name: str, derivation: str | None = None, unit: str | None = No
     return hits[0]
 
 
+def _group_parameters(group) -> list[str]:
+    """The Algorithm Parameters of a group's own algorithm identification."""
+    return [item.value for item in group[0].ContentSequence if item.name.value == "111002"]
+
+
 def _groups(sr) -> dict[tuple[str, str | None], object]:
-    """(time point text, group method code value) -> group."""
+    """(time point text, group method code value) -> group; a group of radiomics features is
+    keyed ``RADIOMX image=<quantity>`` (one per image, named by its algorithm parameters)."""
     out = {}
     for group in sr.content.get_volumetric_roi_measurement_groups(tracking_uid=LESION.tracking_uid):
         time_point = next(
             item for item in group[0].ContentSequence if item.name.value == "C2348792"
         )
         method = group.method.value if group.method is not None else None
-        out[(time_point.value, method)] = group
+        if method == "RADIOMX":
+            (image,) = [p for p in _group_parameters(group) if p.startswith("image=")]
+            method = f"RADIOMX {image}"
+        key = (time_point.value, method)
+        assert key not in out, key
+        out[key] = group
     return out
 
 
@@ -102,11 +113,14 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     groups = _groups(sr)
     assert set(groups) == {
         ("baseline 20260105", None),
+        ("baseline 20260105", "RADIOMX image=ADC"),
         ("follow-up 20260420", rule_set),
+        ("follow-up 20260420", "RADIOMX image=ADC"),
         ("follow-up 20260420", "CHGREL"),
         ("follow-up 20260420", "CHGABS"),
     }
     base, fu = groups[("baseline 20260105", None)], groups[("follow-up 20260420", rule_set)]
+    fu_features = groups[("follow-up 20260420", "RADIOMX image=ADC")]
 
     # tracking, segment, source series, finding, site
     for group, seg in ((base, objects.segs[0]), (fu, objects.segs[1])):
@@ -136,12 +150,22 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     t2w_mean = _find(fu, "110805", "373098007")
     assert (t2w_mean.value, t2w_mean.unit.value) == (pytest.approx(310.0), "1")
     # radiomics: IBSI codes, kurtosis converted to excess kurtosis, shape units
-    kurtosis = _find(fu, "IPH6")
+    # (in the group of the image's features, each referencing the map it was computed on)
+    kurtosis = _find(fu_features, "IPH6")
     assert (kurtosis.name.scheme_designator, kurtosis.value) == ("IBSI", pytest.approx(1.25))
-    assert (_find(fu, "RNU0").value, _find(fu, "RNU0").unit.value) == (pytest.approx(3100.0), "mm3")
-    assert _find(fu, "Q4LE").value == pytest.approx(1350.0)  # mean intensity, in um2/s
+    volume = _find(fu_features, "RNU0")
+    assert (volume.value, volume.unit.value) == (pytest.approx(3100.0), "mm3")
+    assert _find(fu_features, "Q4LE").value == pytest.approx(1350.0)  # mean intensity, in um2/s
     private = rcodes.pyradiomics_private_code("wavelet-LLH_glcm_Contrast").value
-    assert _find(fu, private).name.scheme_designator == "99PYRADIOMICS"
+    assert _find(fu_features, private).name.scheme_designator == "99PYRADIOMICS"
+    assert _find(fu_features, "IPH6").referenced_images[0].value == (
+        PARAMETRIC_MAP_STORAGE,
+        adc_pm.SOPInstanceUID,
+    )
+    assert not any(
+        m.name.scheme_designator in ("IBSI", rcodes.PYRADIOMICS_SCHEME)
+        for m in fu.get_measurements()
+    )
 
     # changes from baseline
     rel, absolute = (
@@ -188,7 +212,8 @@ def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object], tmp_pa
     by_time_point: dict[tuple[str, str | None], list] = {}
     for g in groups:
         method = g.get("measurementMethod", {}).get("CodeValue")
-        by_time_point[(g["timePoint"], method)] = g["measurementItems"]
+        # the groups of radiomics features (one per image) are read together
+        by_time_point.setdefault((g["timePoint"], method), []).extend(g["measurementItems"])
 
     def dcmqi_value(items, code, derivation=None, unit=None):
         hits = [
@@ -208,7 +233,8 @@ def test_dcmqi_reads_values_equal_to_summary(report: tuple[Path, object], tmp_pa
             if result.response is not None
             else None
         )
-        items = by_time_point[(f"{result.role.value} {result.study_date}", method)]
+        time_point = f"{result.role.value} {result.study_date}"
+        items = [*by_time_point[(time_point, method)], *by_time_point[(time_point, "RADIOMX")]]
         for path, value in record["measurements"].items():
             written = reported_value(path, value, result.measurements)
             if written is None:
@@ -278,9 +304,10 @@ def test_time_point_without_seg_is_reported_without_roi(tmp_path: Path) -> None:
     sr.save_as(path)
     dciodvfy(path)
     back = hd.sr.srread(path)
-    assert len(back.content.get_volumetric_roi_measurement_groups()) == 1  # the baseline
-    # follow-up: TID 1501 groups (response, relative and absolute changes)
-    assert len(back.content.get_image_measurement_groups(tracking_uid=LESION.tracking_uid)) == 3
+    # the baseline, its values and its ADC features
+    assert len(back.content.get_volumetric_roi_measurement_groups()) == 2
+    # follow-up: TID 1501 groups (response, ADC features, relative and absolute changes)
+    assert len(back.content.get_image_measurement_groups(tracking_uid=LESION.tracking_uid)) == 4
     data = tid1500_json(path, tmp_path)
     assert {g["timePoint"] for g in data["Measurements"]} == {
         "baseline 20260105",
@@ -358,7 +385,9 @@ def test_two_lesions_and_changes_from_previous(tmp_path: Path) -> None:
     back = hd.sr.srread(path)
     groups = back.content.get_volumetric_roi_measurement_groups(tracking_uid=second.tracking_uid)
     methods = sorted(g.method.value for g in groups if g.method is not None)
-    assert methods == sorted(["CHGABSP", "CHGRELP", rcodes.rule_set_code(response.rule_set).value])
+    assert methods == sorted(
+        ["CHGABSP", "CHGRELP", "RADIOMX", "RADIOMX", rcodes.rule_set_code(response.rule_set).value]
+    )
     rel = next(g for g in groups if g.method is not None and g.method.value == "CHGRELP")
     assert _find(rel, "118565006", unit="%").value == pytest.approx(25.0)
     main = next(g for g in groups if g.method is not None and g.method.value.startswith("RSET"))
@@ -373,7 +402,7 @@ def test_two_lesions_and_changes_from_previous(tmp_path: Path) -> None:
     assert evaluations[bilsky] == "272519000"  # Absent, still reported
     assert (
         len(back.content.get_volumetric_roi_measurement_groups(tracking_uid=LESION.tracking_uid))
-        == 4
+        == 6
     )
 
 
@@ -391,7 +420,8 @@ def test_baseline_only_report_without_image_library(tmp_path: Path) -> None:
     dciodvfy(path)
     data = tid1500_json(path, tmp_path)
     assert sr.StudyInstanceUID == STUDY_UID and "PertinentOtherEvidenceSequence" not in sr
-    (group,) = data["Measurements"]
+    group, features = data["Measurements"]
+    assert features["measurementMethod"]["CodeValue"] == "RADIOMX"
     volume = [i for i in group["measurementItems"] if i["quantity"]["CodeValue"] == "118565006"]
     assert [float(i["value"]) for i in volume] == [pytest.approx(4.2)]
 
@@ -443,21 +473,19 @@ def test_shared_content_is_built_once_per_concept_unit_and_parameters() -> None:
 
 
 def test_shared_items_are_written_under_every_measurement(report: tuple[Path, object]) -> None:
-    """Items shared by several NUMs in memory are each NUM's own items in the file."""
+    """Items shared by several NUMs in memory are each NUM's own items in the file; a radiomics
+    feature carries only its source map: its image is named by its group's algorithm."""
     back = hd.sr.srread(report[0])
-    radiomics = [
-        m
+    features = [
+        (group, m)
         for group in back.content.get_volumetric_roi_measurement_groups()
         for m in group.get_measurements()
         if m.name.scheme_designator in ("IBSI", rcodes.PYRADIOMICS_SCHEME)
     ]
-    assert len(radiomics) >= 8  # five ADC features at two time points, less unwritten ones
-    for measurement in radiomics:
-        parameters = [
-            item.value
-            for item in measurement[0].ContentSequence
-            if item.name.value == "111002"  # Algorithm Parameters
-        ]
-        assert parameters == ["image=ADC"]
+    assert len(features) >= 8  # five ADC features at two time points, less unwritten ones
+    for group, measurement in features:
+        assert group.method.value == "RADIOMX"
+        assert "image=ADC" in _group_parameters(group)
+        assert [item.name.value for item in measurement[0].ContentSequence] == ["121112"]
         (source,) = measurement.referenced_images
         assert source.referenced_sop_class_uid == PARAMETRIC_MAP_STORAGE
