@@ -72,6 +72,9 @@ class NodeSettings(_Frozen):
     network_timeout_s: float = Field(60.0, gt=0)
     #: largest P-DATA PDU we accept (bytes); 0 is refused (pynetdicom's "unlimited")
     maximum_pdu_size: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
+    #: largest dataset (MB) a C-STORE may bring; beyond it the rest is discarded as it arrives
+    #: and the request refused with 0xA700 (node.incoming); 0: no limit
+    max_dataset_mb: float = Field(4096.0, ge=0)
     #: default destination names (peers with ``may_receive``) for produced results
     result_destinations: tuple[str, ...] = ()
 

@@ -66,7 +66,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Settings
-from node.errors import FAILURE_UNABLE_TO_PROCESS, NodeError, StoreOutcome, store_status
+from node.errors import (
+    FAILURE_UNABLE_TO_PROCESS,
+    NodeError,
+    OutOfResourcesError,
+    StoreOutcome,
+    store_status,
+)
+from node.incoming import IncomingPolicy, discard_unfinished, install, refusal, uninstall
 from node.index import Index
 from node.store import Store, StoreResult
 
@@ -180,6 +187,11 @@ def store_event(
     sop_class = str(request.AffectedSOPClassUID)
     sop_instance = str(request.AffectedSOPInstanceUID)
     if getattr(request, "_dataset_path", None) is not None:
+        # refused while arriving (node.incoming): the disk's low-water mark, a full disk or the
+        # size limit; the transfer was completed into nothing, the peer gets 0xA700
+        reason = refusal(getattr(request, "_dataset_file", None))
+        if reason is not None:
+            raise OutOfResourcesError(reason)
         return store.accept_file(
             event.dataset_path,
             transfer_syntax_uid=transfer_syntax,
@@ -277,6 +289,14 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Start listening (non-blocking); returns the bound ``(host, port)``."""
         node = self.settings.node
+        install(
+            self.ae,
+            IncomingPolicy(
+                self.store.incoming_dir,
+                low_water_bytes=self.store.low_water_bytes,
+                max_dataset_bytes=int(node.max_dataset_mb * 1e6),
+            ),
+        )
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -305,6 +325,7 @@ class StorageSCP:
             self._server.shutdown()
             self._server = None
         self.ae.shutdown()
+        uninstall(self.ae)
 
     @property
     def server(self) -> ThreadedAssociationServer | None:
@@ -364,6 +385,11 @@ class StorageSCP:
         logger.warning("association %d from %r at %s:%d rejected", index_id, ae_title, host, port)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        # a dataset still arriving when the association ended (peer aborted or vanished, or its
+        # command set made pynetdicom's network thread fail): its file goes now, not at restart
+        dimse = getattr(event.assoc, "dimse", None)
+        if discard_unfinished(getattr(dimse, "message", None)):
+            logger.warning("association ended (%s) mid-dataset: partial file removed", outcome)
         with self._states_lock:
             state = self._states.pop(id(event.assoc), None)
         if state is None:

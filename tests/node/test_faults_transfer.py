@@ -1,0 +1,204 @@
+"""Issue 17, transfer rows 6-9: a C-STORE whose command set cannot be written into a file meta, a
+peer that aborts mid-dataset, an instance larger than the free disk, and a disk that fills with
+no low-water mark (``node/incoming.py``).
+
+Each test runs a real ``spine-node serve`` and a scripted pynetdicom peer on 127.0.0.1 that sends
+the DIMSE message's P-DATA PDUs itself, so that it can stop half-way or put a 200-character UID in
+the command set (pynetdicom refuses to send one). After each fault: no partial file is left in
+``storage/tmp/incoming``, a known peer's C-ECHO is answered within 2 s, and ``spine-node verify``
+finds store and index consistent. The disk rows run on a 20 MB tmpfs (skipped where mounting is
+not permitted).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import UID, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import MRImageStorage, Verification
+
+from tests.node.dicom_factory import write_mr_series
+from tests.node.fixtures import REPO, write_config
+
+pytestmark = pytest.mark.network
+
+#: what a known peer's C-ECHO may take while the node is under a fault (s)
+ECHO_WITHIN_S = 2.0
+
+
+def _peer_ae() -> AE:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(MRImageStorage, ImplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae
+
+
+def _echo_within(port: int, seconds: float = ECHO_WITHIN_S) -> None:
+    start = time.monotonic()
+    assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
+    assert assoc.is_established
+    status = assoc.send_c_echo()
+    assoc.release()
+    assert status is not None and status.Status == 0x0000
+    assert time.monotonic() - start < seconds
+
+
+def _instance(folder: Path, *, side: int, seed: int = 0):
+    """An MR instance of ``side`` x ``side`` 16-bit pixels (dataset, implicit VR LE bytes)."""
+    (path,) = write_mr_series(folder, 1, rows=side, columns=side, seed=seed)
+    ds = dcmread(path)
+    return ds, encode(ds, True, True)
+
+
+def _send_pdus(assoc, ds, payload: bytes, *, fraction: float = 1.0, uid: str | None = None):
+    """Send the P-DATA PDUs of a C-STORE-RQ of ``ds`` (``payload``: its encoded dataset) on an
+    established association: all of them, or the first ``fraction``; ``uid`` replaces the
+    Affected SOP Instance UID of the command set without pynetdicom's check."""
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(payload)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    if uid is not None:
+        message.command_set.AffectedSOPInstanceUID = UID(uid)
+    (context,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage]
+    pdus = list(message.encode_msg(context.context_id, 16384))
+    for pdata in pdus[: max(1, int(len(pdus) * fraction))]:
+        assoc.dul.send_pdu(pdata)
+    return len(pdus)
+
+
+def _incoming(storage: Path) -> list[Path]:
+    folder = storage / "tmp" / "incoming"
+    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def _wait_until(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _verify(config: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "node.cli", "verify", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _start(node_factory, tmp_path: Path, storage: Path, *, low_water_mb: float = 0) -> tuple:
+    config = write_config(tmp_path / "node.toml", storage=storage)
+    text = config.read_text(encoding="utf-8")
+    config.write_text(
+        text.replace("disk_low_water_mb = 0", f"disk_low_water_mb = {low_water_mb}"),
+        encoding="utf-8",
+    )
+    node = node_factory(config)
+    return node, node.start(), config
+
+
+def test_row6_a_200_character_uid_leaves_no_file_and_the_node_serving(tmp_path, node_factory):
+    storage = tmp_path / "storage"
+    node, port, config = _start(node_factory, tmp_path, storage)
+    ds, payload = _instance(tmp_path / "in", side=64)
+    for _ in range(3):
+        assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
+        assert assoc.is_established
+        _send_pdus(assoc, ds, payload, uid="1." + "2" * 198)
+        # the node answers with a failure status or ends the association; never Success
+        response = assoc.dimse.get_msg(block=True)[1] if assoc.is_established else None
+        if response is not None:
+            assert response.Status != 0x0000
+        if assoc.is_established:
+            assoc.abort()
+        assert _wait_until(lambda: not _incoming(storage)), _incoming(storage)
+        _echo_within(port)
+    _verify(config)  # exit 0: store and index consistent
+
+
+def test_row7_transfers_aborted_mid_dataset_leave_no_partial_file(tmp_path, node_factory):
+    storage = tmp_path / "storage"
+    node, port, config = _start(node_factory, tmp_path, storage)
+    ds, payload = _instance(tmp_path / "in", side=1024)  # 2 MB of pixels
+    for _ in range(6):
+        assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
+        assert assoc.is_established
+        _send_pdus(assoc, ds, payload, fraction=0.5)
+        assert _wait_until(lambda: any(p.stat().st_size > 0 for p in _incoming(storage)))
+        assoc.abort()
+        assert _wait_until(lambda: not _incoming(storage)), _incoming(storage)
+        _echo_within(port)
+    # nothing was acknowledged, nothing is stored, and the node still stores
+    small, _ = _instance(tmp_path / "small", side=64, seed=1)
+    assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
+    assert assoc.send_c_store(small).Status == 0x0000
+    assoc.release()
+    _verify(config)  # exit 0: store and index consistent
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MB tmpfs (the node's storage), unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "low_water_mb", [0, 4], ids=["row9-no-low-water-disk-fills", "row8-low-water"]
+)
+def test_rows8_9_an_instance_larger_than_the_free_disk_is_refused_0xA700(
+    tmp_path, node_factory, small_disk, low_water_mb
+):
+    storage = small_disk / "storage"
+    node, port, config = _start(node_factory, tmp_path, storage, low_water_mb=low_water_mb)
+    big, _ = _instance(tmp_path / "big", side=3500)  # 24.5 MB of pixels on a 20 MB disk
+    small, _ = _instance(tmp_path / "small", side=64, seed=1)
+    for _ in range(2):  # and again: the node recovers by itself
+        assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
+        assert assoc.is_established
+        status = assoc.send_c_store(big)
+        assert status is not None and status.Status == 0xA700
+        # the association goes on: the next instance on it is stored
+        assert assoc.send_c_store(small).Status == 0x0000
+        assoc.release()
+        assert _wait_until(lambda: not _incoming(storage)), _incoming(storage)
+        _echo_within(port)
+        free = subprocess.run(
+            ["df", "--output=avail", "-B1", str(small_disk)], capture_output=True, text=True
+        )
+        assert int(free.stdout.split()[-1]) > 15e6  # the space came back
+    _verify(config)  # exit 0: store and index consistent
