@@ -158,6 +158,48 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class NodeAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved off the accept thread.
+
+    pynetdicom wraps each accepted socket in TLS inside ``get_request``, that is in the thread
+    that accepts every connection, with no timeout: one client that connects and never starts the
+    handshake blocks every later association for as long as it stays connected (issue 17, row 1).
+    Here the accept thread only accepts; the handshake runs in the connection's own thread
+    (``process_request_thread``), bounded by ``handshake_timeout_s``, and a connection that does
+    not complete it in time is closed and recorded. Subclassed rather than forked: the two methods
+    are pynetdicom's (socketserver's) documented extension points, and the rest is unchanged.
+    """
+
+    #: bound (s) of a client's TLS handshake; set by :meth:`StorageSCP.start`
+    handshake_timeout_s: float = 30.0
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        return client_socket, address
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        if self.ssl_context is not None and isinstance(request, socket.socket):
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ValueError) as err:  # ssl.SSLError and socket.timeout are OSErrors
+                logger.warning(
+                    "TLS handshake from %s failed or timed out after %.0f s: %s",
+                    client_address[0] if isinstance(client_address, tuple) else client_address,
+                    self.handshake_timeout_s,
+                    type(err).__name__,
+                )
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 @dataclass
 class _AssociationState:
     index_id: int
@@ -308,13 +350,20 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        server = self.ae.start_server(
+        # AE.start_server(block=False) with the node's server class: make_server, then
+        # serve_forever in a daemon thread, registered with the AE (which its shutdown expects)
+        server = self.ae.make_server(
             (node.bind_address, node.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=server_ssl_context(self.settings),
+            server_class=NodeAssociationServer,
         )
-        assert server is not None  # a non-blocking start returns its server
+        assert isinstance(server, NodeAssociationServer)
+        server.handshake_timeout_s = node.acse_timeout_s
+        threading.Thread(
+            target=server.serve_forever, name="AcceptorServer-node", daemon=True
+        ).start()
+        self.ae._servers.append(server)
         self._server = server
         host, port = server.server_address[:2]
         return str(host), int(port)

@@ -176,6 +176,32 @@ def test_tls_requires_a_client_certificate_signed_by_the_ca(tmp_path, pki):
         svc.stop()
 
 
+def test_row1_a_client_that_never_starts_the_tls_handshake_blocks_nobody(tmp_path, pki):
+    """Issue 17, row 1: the handshake runs in the connection's own thread, bounded in time (the
+    ACSE timeout, 3 s here), not in the thread that accepts every connection."""
+    svc = _service(
+        tmp_path / "storage",
+        certificate=str(pki / "server.crt"),
+        key=str(pki / "server.key"),
+        ca=str(pki / "ca.crt"),
+    )
+    silent = [socket.create_connection(("127.0.0.1", svc.address[1]), timeout=5) for _ in range(3)]
+    try:
+        port = svc.address[1]
+        for _ in range(3):
+            start = time.monotonic()
+            assert _tls_echo(port, pki, client_cert=True)
+            assert time.monotonic() - start < 2.0
+        # the silent connections are closed by the node once the handshake time is up
+        for sock in silent:
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+        svc.stop()
+
+
 def _tls_storescp(pki: Path, out: Path, port: int) -> subprocess.Popen:
     """dcmtk storescp with TLS, requiring a client certificate signed by the test CA."""
     out.mkdir()
