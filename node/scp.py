@@ -24,7 +24,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from pydicom.uid import (
     JPEG2000,
@@ -142,6 +142,38 @@ def set_tcp_nodelay(event: evt.Event) -> None:
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     dul._run_loop_delay = DUL_LOOP_DELAY_S
+
+
+#: largest PDU (bytes of its variable field) read from a peer before the association is
+#: established: an A-ASSOCIATE-RQ is a few kB (user identity tokens included)
+MAX_ASSOCIATE_PDU_BYTES = 1024 * 1024
+
+
+class PduTooLongError(OSError):
+    """A peer declared a PDU longer than the node reads (the connection is closed)."""
+
+
+def limit_pdu_length(assoc_socket: Any, max_bytes: int) -> None:
+    """Make ``assoc_socket`` (pynetdicom's ``AssociationSocket`` of one connection) refuse to read
+    a PDU declared longer than ``max_bytes``, before buffering any of it.
+
+    pynetdicom's DUL reads a PDU's 6-byte header, then ``recv(<declared length>)`` into memory,
+    whatever the length (issue 17, rows 2-3: 4 GB declared by an A-ASSOCIATE-RQ before any
+    authentication, 2 GB by a P-DATA-TF). A wrap of that one method: the DUL treats the
+    ``OSError`` as the transport closing (Evt17), so the connection is dropped and nothing is
+    buffered. ``max_bytes`` is the node's maximum PDU length (PS3.8 9.3.1: a peer must not send
+    longer P-DATA-TF PDUs) or :data:`MAX_ASSOCIATE_PDU_BYTES`, whichever is larger.
+    """
+    read = assoc_socket.recv
+
+    def recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > max_bytes:
+            raise PduTooLongError(
+                f"peer declared a PDU of {nr_bytes} bytes; at most {max_bytes} are read"
+            )
+        return cast(bytearray, read(nr_bytes))
+
+    assoc_socket.recv = recv
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -340,7 +372,7 @@ class StorageSCP:
             ),
         )
         handlers: list[EventHandlerType] = [
-            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -385,6 +417,13 @@ class StorageSCP:
     def _peer(self, event: evt.Event) -> tuple[str, str, int]:
         requestor = event.assoc.requestor
         return str(requestor.ae_title).strip(), str(requestor.address), int(requestor.port)
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        set_tcp_nodelay(event)
+        dul_socket = event.assoc.dul.socket
+        if dul_socket is not None:
+            limit = max(self.settings.node.maximum_pdu_size, MAX_ASSOCIATE_PDU_BYTES)
+            limit_pdu_length(dul_socket, limit)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Reject a known calling AE title connecting from a host it is not configured on.

@@ -1,4 +1,5 @@
-"""Issue 17, transfer rows 6-9: a C-STORE whose command set cannot be written into a file meta, a
+"""Issue 17, transfer rows 2-3 and 6-9: PDUs declaring gigabytes before and after association
+(``node.scp.limit_pdu_length``), a C-STORE whose command set cannot be written into a file meta, a
 peer that aborts mid-dataset, an instance larger than the free disk, and a disk that fills with
 no low-water mark (``node/incoming.py``).
 
@@ -12,6 +13,8 @@ not permitted).
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -118,6 +121,58 @@ def _start(node_factory, tmp_path: Path, storage: Path, *, low_water_mb: float =
     )
     node = node_factory(config)
     return node, node.start(), config
+
+
+#: resident memory the node may reach under rows 2-4 (MB)
+MAX_RSS_MB = 400
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+def _flood(sock: socket.socket, header: bytes, total_mb: int = 300) -> int:
+    """Send ``header`` then up to ``total_mb`` MB of zeros; the MB sent before the node hung up."""
+    chunk = b"\x00" * (1024 * 1024)
+    sent = 0
+    try:
+        sock.sendall(header)
+        for sent in range(total_mb):
+            sock.sendall(chunk)
+    except OSError:  # broken pipe / reset: the node closed the connection
+        return sent
+    return total_mb
+
+
+@pytest.mark.parametrize("after_association", [False, True], ids=["row2-associate", "row3-pdata"])
+def test_rows2_3_a_pdu_declaring_gigabytes_is_not_buffered(
+    tmp_path, node_factory, after_association
+):
+    storage = tmp_path / "storage"
+    node, port, config = _start(node_factory, tmp_path, storage)
+    assoc = None
+    if after_association:  # a P-DATA-TF PDU declaring 2 GB on an established association
+        assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
+        assert assoc.is_established
+        sock = assoc.dul.socket.socket
+        header = b"\x04\x00" + struct.pack(">L", 2**31)
+    else:  # an A-ASSOCIATE-RQ declaring 4 GB, before any AE title is known
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        header = b"\x01\x00" + struct.pack(">L", 0xFFFFFFF0)
+    try:
+        sent_mb = _flood(sock, header)
+    finally:
+        if assoc is not None:
+            assoc.abort()
+        else:
+            sock.close()
+    assert sent_mb < 300  # the node hung up instead of reading on
+    assert _peak_rss_mb(node.proc.pid) <= MAX_RSS_MB
+    _echo_within(port)
+    _verify(config)
 
 
 def test_row6_a_200_character_uid_leaves_no_file_and_the_node_serving(tmp_path, node_factory):
