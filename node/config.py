@@ -75,6 +75,9 @@ class NodeSettings(_Frozen):
     #: largest dataset (MB) a C-STORE may bring; beyond it the rest is discarded as it arrives
     #: and the request refused with 0xA700 (node.incoming); 0: no limit
     max_dataset_mb: float = Field(4096.0, ge=0)
+    #: largest size (MB) a Deflated Explicit VR Little Endian dataset may inflate to (0: no
+    #: limit); a larger one is refused with 0xA700 before it is inflated further
+    max_inflated_mb: float = Field(128.0, ge=0)
     #: default destination names (peers with ``may_receive``) for produced results
     result_destinations: tuple[str, ...] = ()
 

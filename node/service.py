@@ -110,7 +110,10 @@ class NodeService:
         node = settings.node
         self.index = open_checked_index(node.database_path, node.storage)
         self.store = Store(
-            node.storage, self.index, low_water_bytes=int(node.disk_low_water_mb * 1e6)
+            node.storage,
+            self.index,
+            low_water_bytes=int(node.disk_low_water_mb * 1e6),
+            max_inflated_bytes=int(node.max_inflated_mb * 1e6),
         )
         self.scheduler = BackgroundScheduler(
             timezone=timezone.utc,

@@ -1,5 +1,6 @@
-"""Issue 17, transfer rows 2-3 and 6-9: PDUs declaring gigabytes before and after association
-(``node.scp.limit_pdu_length``), a C-STORE whose command set cannot be written into a file meta, a
+"""Issue 17, transfer rows 2-4 and 6-9: PDUs declaring gigabytes before and after association
+(``node.scp.limit_pdu_length``), a deflated dataset of 200 MB in 0.2 MB
+(``node.store.inflate_bounded``), a C-STORE whose command set cannot be written into a file meta, a
 peer that aborts mid-dataset, an instance larger than the free disk, and a disk that fills with
 no low-water mark (``node/incoming.py``).
 
@@ -18,13 +19,14 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -40,9 +42,9 @@ pytestmark = pytest.mark.network
 ECHO_WITHIN_S = 2.0
 
 
-def _peer_ae() -> AE:
+def _peer_ae(transfer_syntax: str = ImplicitVRLittleEndian) -> AE:
     ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(MRImageStorage, ImplicitVRLittleEndian)
+    ae.add_requested_context(MRImageStorage, transfer_syntax)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     return ae
@@ -81,6 +83,11 @@ def _send_pdus(assoc, ds, payload: bytes, *, fraction: float = 1.0, uid: str | N
         message.command_set.AffectedSOPInstanceUID = UID(uid)
     (context,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage]
     pdus = list(message.encode_msg(context.context_id, 16384))
+    # pause the association's reactor, as pynetdicom's own requests do, so that the response
+    # stays for dimse.get_msg (released again by assoc.release / abort)
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
     for pdata in pdus[: max(1, int(len(pdus) * fraction))]:
         assoc.dul.send_pdu(pdata)
     return len(pdus)
@@ -171,6 +178,37 @@ def test_rows2_3_a_pdu_declaring_gigabytes_is_not_buffered(
             sock.close()
     assert sent_mb < 300  # the node hung up instead of reading on
     assert _peak_rss_mb(node.proc.pid) <= MAX_RSS_MB
+    _echo_within(port)
+    _verify(config)
+
+
+def test_row4_a_deflate_bomb_is_refused_without_being_inflated(tmp_path, node_factory):
+    storage = tmp_path / "storage"
+    node, port, config = _start(node_factory, tmp_path, storage)
+    ds, _ = _instance(tmp_path / "in", side=64)
+    # 10240 x 10240 16-bit zeros: 200 MiB of pixel data, deflated here chunk by chunk
+    del ds.PixelData
+    ds.Rows = ds.Columns = 10240
+    pixels = 10240 * 10240 * 2
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    payload = deflate.compress(encode(ds, False, True))
+    payload += deflate.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, pixels))
+    zeros = bytes(1024 * 1024)
+    for _ in range(pixels // len(zeros)):
+        payload += deflate.compress(zeros)
+    payload += deflate.flush()
+    assert len(payload) < 300_000  # about 0.2 MB on the wire
+    assoc = _peer_ae(DeflatedExplicitVRLittleEndian).associate(
+        "127.0.0.1", port, ae_title="SPINENODE"
+    )
+    assert assoc.is_established
+    _send_pdus(assoc, ds, payload)
+    _, response = assoc.dimse.get_msg(block=True)
+    assoc.release()
+    assert response is not None and response.Status == 0xA700
+    assert _peak_rss_mb(node.proc.pid) <= MAX_RSS_MB
+    assert not list((storage / "instances").rglob("*.dcm"))
+    assert _wait_until(lambda: not _incoming(storage)), _incoming(storage)
     _echo_within(port)
     _verify(config)
 
