@@ -66,7 +66,12 @@ class NodeSettings(_Frozen):
     disk_low_water_mb: float = Field(1024.0, ge=0)
     #: refuse associations whose calling AE title is not a peer with ``may_send``
     reject_unknown_calling_ae: bool = True
+    #: associations at once (counted from their A-ASSOCIATE-RQ: a connection that has not sent
+    #: one holds no slot; it is closed after ``acse_timeout_s``)
     max_associations: int = Field(10, ge=1, le=1000)
+    #: associations at once from one calling AE title (0: up to ``max_associations``), so that
+    #: one peer's silent or stuck associations cannot lock the others out
+    max_associations_per_peer: int = Field(6, ge=0, le=1000)
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)

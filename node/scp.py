@@ -144,6 +144,14 @@ def set_tcp_nodelay(event: evt.Event) -> None:
     dul._run_loop_delay = DUL_LOOP_DELAY_S
 
 
+#: connections beyond ``max_associations`` the listener keeps open while they have not sent
+#: their A-ASSOCIATE-RQ (each for at most ``acse_timeout_s``); a connection beyond that is closed
+#: at once
+PENDING_CONNECTIONS = 64
+#: A-ASSOCIATE-RJ result, source, reason: rejected-transient, service provider (presentation),
+#: local limit exceeded (PS3.8 9.3.4)
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+
 #: largest PDU (bytes of its variable field) read from a peer before the association is
 #: established: an A-ASSOCIATE-RQ is a few kB (user identity tokens included)
 MAX_ASSOCIATE_PDU_BYTES = 1024 * 1024
@@ -208,6 +216,16 @@ class NodeAssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         client_socket, address = self.socket.accept()
+        if len(self.active_associations) >= self.ae.maximum_associations:
+            # every thread the node allows is taken (mostly by connections that have not said
+            # who they are): no thread for this one; socketserver skips an OSError here
+            client_socket.close()
+            logger.warning(
+                "connection from %s closed: %d open already",
+                address[0],
+                len(self.active_associations),
+            )
+            raise OSError("too many open connections")
         return client_socket, address
 
     def process_request_thread(
@@ -316,6 +334,8 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._states: dict[int, _AssociationState] = {}
         self._states_lock = threading.Lock()
+        #: associations that sent their A-ASSOCIATE-RQ and are not over: id -> calling AE title
+        self._requested: dict[int, str] = {}
         self._peer_addresses = self._resolve_peer_hosts()
         self.ae = self._make_ae()
 
@@ -349,7 +369,11 @@ class StorageSCP:
         ae.require_called_aet = True
         if node.reject_unknown_calling_ae:
             ae.require_calling_aet = list(self.settings.calling_ae_titles)
-        ae.maximum_associations = node.max_associations
+        # the node counts associations itself, from their A-ASSOCIATE-RQ (_on_requested):
+        # pynetdicom's own limit counts every open connection, so that sockets that never send
+        # an A-ASSOCIATE-RQ would lock real peers out until their ACSE timeout (issue 17, row 5);
+        # its limit stays as a bound of the connection threads, PENDING_CONNECTIONS above
+        ae.maximum_associations = node.max_associations + PENDING_CONNECTIONS
         ae.acse_timeout = node.acse_timeout_s
         ae.dimse_timeout = node.dimse_timeout_s
         ae.network_timeout = node.network_timeout_s
@@ -426,17 +450,45 @@ class StorageSCP:
             limit_pdu_length(dul_socket, limit)
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Reject a known calling AE title connecting from a host it is not configured on.
+        """Reject beyond the association limits, and a known calling AE title connecting from a
+        host it is not configured on.
 
-        DICOM has no "wrong host" reason, so the A-ASSOCIATE-RJ says "calling AE title not
-        recognised" (PS3.8 9.3.4: result 1, source 1, reason 3), as for an unknown title.
+        The limits count associations from their A-ASSOCIATE-RQ (``max_associations``, and
+        ``max_associations_per_peer`` per calling AE title): local limit exceeded (PS3.8 9.3.4:
+        result 2, source 3, reason 2). DICOM has no "wrong host" reason, so that A-ASSOCIATE-RJ
+        says "calling AE title not recognised" (result 1, source 1, reason 3), as for an
+        unknown title.
         """
-        if not self.settings.node.reject_unknown_calling_ae:
-            return
         assoc = event.assoc
         request = assoc.requestor.primitive
         assert request is not None  # EVT_REQUESTED: the A-ASSOCIATE-RQ has arrived
         calling = str(request.calling_ae_title).strip()
+        node = self.settings.node
+        with self._states_lock:
+            total = len(self._requested)
+            same_peer = sum(1 for title in self._requested.values() if title == calling)
+            per_peer = node.max_associations_per_peer or node.max_associations
+            over = total >= node.max_associations or same_peer >= per_peer
+            if not over:
+                self._requested[id(assoc)] = calling
+        if over:
+            assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
+            assoc.is_rejected = True
+            self.index.add_event(
+                "association_rejected",
+                detail=f"calling AE {calling!r}: local limit exceeded ({total} associations, "
+                f"{same_peer} of this peer)",
+            )
+            logger.warning(
+                "association from %r rejected: local limit (%d open, %d of this peer)",
+                calling,
+                total,
+                same_peer,
+            )
+            assoc.kill()
+            return
+        if not node.reject_unknown_calling_ae:
+            return
         if calling not in self._peer_addresses:
             return  # unknown titles are rejected by pynetdicom's own check
         allowed = self._peer_addresses[calling]
@@ -473,6 +525,8 @@ class StorageSCP:
         logger.warning("association %d from %r at %s:%d rejected", index_id, ae_title, host, port)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
+        with self._states_lock:
+            self._requested.pop(id(event.assoc), None)
         # a dataset still arriving when the association ended (peer aborted or vanished, or its
         # command set made pynetdicom's network thread fail): its file goes now, not at restart
         dimse = getattr(event.assoc, "dimse", None)

@@ -1,8 +1,9 @@
-"""Issue 17, transfer rows 2-4 and 6-9: PDUs declaring gigabytes before and after association
-(``node.scp.limit_pdu_length``), a deflated dataset of 200 MB in 0.2 MB
-(``node.store.inflate_bounded``), a C-STORE whose command set cannot be written into a file meta, a
-peer that aborts mid-dataset, an instance larger than the free disk, and a disk that fills with
-no low-water mark (``node/incoming.py``).
+"""Issue 17, transfer rows 2-9: PDUs declaring gigabytes before and after association
+(``node.scp.limit_pdu_length``); a deflated dataset of 200 MB in 0.2 MB
+(``node.store.inflate_bounded``); idle sockets and silent associations that used to lock every
+peer out (``node.scp.StorageSCP._on_requested``); a C-STORE whose command set cannot be written
+into a file meta, a peer that aborts mid-dataset, an instance larger than the free disk, and a
+disk that fills with no low-water mark (``node/incoming.py``).
 
 Each test runs a real ``spine-node serve`` and a scripted pynetdicom peer on 127.0.0.1 that sends
 the DIMSE message's P-DATA PDUs itself, so that it can stop half-way or put a 200-character UID in
@@ -42,17 +43,17 @@ pytestmark = pytest.mark.network
 ECHO_WITHIN_S = 2.0
 
 
-def _peer_ae(transfer_syntax: str = ImplicitVRLittleEndian) -> AE:
-    ae = AE(ae_title="PYSCU")
+def _peer_ae(transfer_syntax: str = ImplicitVRLittleEndian, ae_title: str = "PYSCU") -> AE:
+    ae = AE(ae_title=ae_title)
     ae.add_requested_context(MRImageStorage, transfer_syntax)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     return ae
 
 
-def _echo_within(port: int, seconds: float = ECHO_WITHIN_S) -> None:
+def _echo_within(port: int, seconds: float = ECHO_WITHIN_S, ae_title: str = "PYSCU") -> None:
     start = time.monotonic()
-    assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
+    assoc = _peer_ae(ae_title=ae_title).associate("127.0.0.1", port, ae_title="SPINENODE")
     assert assoc.is_established
     status = assoc.send_c_echo()
     assoc.release()
@@ -210,6 +211,29 @@ def test_row4_a_deflate_bomb_is_refused_without_being_inflated(tmp_path, node_fa
     assert not list((storage / "instances").rglob("*.dcm"))
     assert _wait_until(lambda: not _incoming(storage)), _incoming(storage)
     _echo_within(port)
+    _verify(config)
+
+
+def test_row5_idle_sockets_and_silent_associations_lock_no_known_peer_out(tmp_path, node_factory):
+    storage = tmp_path / "storage"
+    node, port, config = _start(node_factory, tmp_path, storage)  # max_associations 10
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(12)]
+    silent = []
+    try:
+        time.sleep(0.5)
+        _echo_within(port, ae_title="ECHOSCU")
+        # ten associations of one peer that say nothing: six are accepted (per-peer limit)
+        silent = [_peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE") for _ in range(10)]
+        assert sum(a.is_established for a in silent) == 6
+        assert all(a.is_rejected for a in silent if not a.is_established)
+        _echo_within(port, ae_title="ECHOSCU")
+        _echo_within(port, ae_title="STORESCU")
+    finally:
+        for assoc in silent:
+            if assoc.is_established:
+                assoc.abort()
+        for sock in idle:
+            sock.close()
     _verify(config)
 
 
