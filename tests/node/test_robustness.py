@@ -15,6 +15,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from node.commands.verify import verify
 from node.config import settings_from_mapping
 from node.errors import ConfigError, PeerError
 from node.scu import PeerAddress, echo, peer_address, send_files
@@ -196,6 +197,7 @@ def test_row1_a_client_that_never_starts_the_tls_handshake_blocks_nobody(tmp_pat
         for sock in silent:
             sock.settimeout(10)
             assert sock.recv(1) == b""
+        assert verify(svc.index, svc.store.root).consistent
     finally:
         for sock in silent:
             sock.close()
