@@ -136,6 +136,29 @@ def _pause_reactor(assoc: Association, timeout_s: float = 5.0) -> None:
         time.sleep(0.0001)
 
 
+def _associate(ae: AE, peer: PeerAddress) -> Association:
+    """An established association of ``ae`` with ``peer`` (TCP_NODELAY, the peer's TLS).
+
+    Raises
+    ------
+    PeerError
+        The association was rejected, aborted or not answered.
+    """
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        tls_args=peer.tls_args,
+    )
+    if not assoc.is_established:
+        raise PeerError(
+            f"association with {peer} was not established "
+            f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
+        )
+    return assoc
+
+
 def _make_ae(calling_ae: str, *, timeout_s: float) -> AE:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
@@ -155,18 +178,7 @@ def echo(peer: PeerAddress, *, calling_ae: str = "SPINENODE", timeout_s: float =
     """
     ae = _make_ae(calling_ae, timeout_s=timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-        tls_args=peer.tls_args,
-    )
-    if not assoc.is_established:
-        raise PeerError(
-            f"association with {peer} was not established "
-            f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
-        )
+    assoc = _associate(ae, peer)
     try:
         _pause_reactor(assoc)
         status = assoc.send_c_echo()
@@ -286,18 +298,7 @@ def _send_batch(
             if other != ts:
                 requested.append(build_context(sop_class, [other]))
     ae.requested_contexts = requested[:MAX_CONTEXTS]
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-        tls_args=peer.tls_args,
-    )
-    if not assoc.is_established:
-        raise PeerError(
-            f"association with {peer} was not established "
-            f"({'rejected' if assoc.is_rejected else 'no answer or aborted'})"
-        )
+    assoc = _associate(ae, peer)
     try:
         for info in batch:
             if not assoc.is_established:
