@@ -86,6 +86,8 @@ class IncomingFile:
             fd, name = tempfile.mkstemp(suffix=".dcm", dir=policy.directory)
             _open[name] = self
         self.name = name
+        #: the association's network thread that writes it (its death orphans the file)
+        self.owner = threading.current_thread()
         self.file: Any = os.fdopen(fd, "wb")
         self.written = 0
         self.discarded = 0
@@ -203,6 +205,16 @@ def discard_unfinished(message: object) -> bool:
         return False
     dataset_file.discard()
     return True
+
+
+def discard_orphans() -> int:
+    """Delete the files whose writing thread has died without finishing them (pynetdicom's
+    network thread raised on a malformed PDU: no end event reached the listener); the count."""
+    with _lock:
+        orphans = [f for f in _open.values() if not f.owner.is_alive()]
+    for dataset_file in orphans:
+        dataset_file.discard()
+    return len(orphans)
 
 
 def open_files() -> list[str]:

@@ -73,7 +73,14 @@ from node.errors import (
     StoreOutcome,
     store_status,
 )
-from node.incoming import IncomingPolicy, discard_unfinished, install, refusal, uninstall
+from node.incoming import (
+    IncomingPolicy,
+    discard_orphans,
+    discard_unfinished,
+    install,
+    refusal,
+    uninstall,
+)
 from node.index import Index
 from node.store import Store, StoreResult
 
@@ -253,6 +260,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
 @dataclass
 class _AssociationState:
     index_id: int
+    #: the pynetdicom Association (a thread): its end without an end event is found by sweep()
+    assoc: Any = None
     n_ok: int = 0
     n_warning: int = 0
     n_failed: int = 0
@@ -334,8 +343,6 @@ class StorageSCP:
         self._server: ThreadedAssociationServer | None = None
         self._states: dict[int, _AssociationState] = {}
         self._states_lock = threading.Lock()
-        #: associations that sent their A-ASSOCIATE-RQ and are not over: id -> calling AE title
-        self._requested: dict[int, str] = {}
         self._peer_addresses = self._resolve_peer_hosts()
         self.ae = self._make_ae()
 
@@ -449,6 +456,56 @@ class StorageSCP:
             limit = max(self.settings.node.maximum_pdu_size, MAX_ASSOCIATE_PDU_BYTES)
             limit_pdu_length(dul_socket, limit)
 
+    def _associations_requested(self, assoc: Any, calling: str) -> tuple[int, int]:
+        """Live associations other than ``assoc`` that have sent their A-ASSOCIATE-RQ, in all
+        and from ``calling``: counted from pynetdicom's live association threads, so that an
+        association whose network thread died (no end event: the fuzz run of ``make bench``
+        found PDUs that do this) stops counting when its thread ends."""
+        server = self._server
+        total = same_peer = 0
+        for other in server.active_associations if server is not None else []:
+            request = other.requestor.primitive
+            if other is assoc or request is None:
+                continue  # this one, or a connection that has not sent its A-ASSOCIATE-RQ
+            if other.is_released or other.is_aborted or other.is_rejected:
+                continue
+            total += 1
+            same_peer += str(request.calling_ae_title).strip() == calling
+        return total, same_peer
+
+    def sweep(self) -> None:
+        """Close the books of associations that ended without an end event.
+
+        When a PDU makes pynetdicom's network thread raise (an A-ABORT with an invalid source, a
+        command set without Command Field, an event invalid in the state), the association
+        thread ends without EVT_ABORTED/EVT_CONN_CLOSE: its index row stays open and a dataset
+        it was receiving stays in ``tmp/incoming``. Run at every A-ASSOCIATE-RQ and association
+        end; records the association as ``failed`` and removes the orphaned files.
+        """
+        with self._states_lock:
+            dead = [
+                (key, state)
+                for key, state in self._states.items()
+                if state.assoc is not None and not state.assoc.is_alive()
+            ]
+            for key, _ in dead:
+                del self._states[key]
+        for _, state in dead:
+            self.index.close_association(
+                state.index_id,
+                outcome="failed",
+                n_ok=state.n_ok,
+                n_warning=state.n_warning,
+                n_failed=state.n_failed,
+            )
+            logger.warning(
+                "association %d ended without an end event (its network thread failed)",
+                state.index_id,
+            )
+        removed = discard_orphans()
+        if removed:
+            logger.warning("removed %d partial file(s) of associations that failed", removed)
+
     def _on_requested(self, event: evt.Event) -> None:
         """Reject beyond the association limits, and a known calling AE title connecting from a
         host it is not configured on.
@@ -464,13 +521,10 @@ class StorageSCP:
         assert request is not None  # EVT_REQUESTED: the A-ASSOCIATE-RQ has arrived
         calling = str(request.calling_ae_title).strip()
         node = self.settings.node
-        with self._states_lock:
-            total = len(self._requested)
-            same_peer = sum(1 for title in self._requested.values() if title == calling)
-            per_peer = node.max_associations_per_peer or node.max_associations
-            over = total >= node.max_associations or same_peer >= per_peer
-            if not over:
-                self._requested[id(assoc)] = calling
+        self.sweep()
+        total, same_peer = self._associations_requested(assoc, calling)
+        per_peer = node.max_associations_per_peer or node.max_associations
+        over = total >= node.max_associations or same_peer >= per_peer
         if over:
             assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
             assoc.is_rejected = True
@@ -515,7 +569,7 @@ class StorageSCP:
         ae_title, host, port = self._peer(event)
         index_id = self.index.open_association("in", ae_title, host, port)
         with self._states_lock:
-            self._states[id(event.assoc)] = _AssociationState(index_id)
+            self._states[id(event.assoc)] = _AssociationState(index_id, assoc=event.assoc)
         logger.info("association %d accepted from %s at %s:%d", index_id, ae_title, host, port)
 
     def _on_rejected(self, event: evt.Event) -> None:
@@ -525,10 +579,9 @@ class StorageSCP:
         logger.warning("association %d from %r at %s:%d rejected", index_id, ae_title, host, port)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
-        with self._states_lock:
-            self._requested.pop(id(event.assoc), None)
-        # a dataset still arriving when the association ended (peer aborted or vanished, or its
-        # command set made pynetdicom's network thread fail): its file goes now, not at restart
+        # a dataset still arriving when the association ended (peer aborted or vanished): its
+        # file goes now, not at restart (an association whose network thread died has no end
+        # event: sweep() finds those)
         dimse = getattr(event.assoc, "dimse", None)
         if discard_unfinished(getattr(dimse, "message", None)):
             logger.warning("association ended (%s) mid-dataset: partial file removed", outcome)
@@ -551,6 +604,7 @@ class StorageSCP:
             state.n_warning,
             state.n_failed,
         )
+        self.sweep()
 
     # -- services -------------------------------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:

@@ -16,6 +16,7 @@ not permitted).
 from __future__ import annotations
 
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -235,6 +236,40 @@ def test_row5_idle_sockets_and_silent_associations_lock_no_known_peer_out(tmp_pa
         for sock in idle:
             sock.close()
     _verify(config)
+
+
+def test_pdus_that_kill_pynetdicoms_network_thread_leave_no_slot_file_or_open_row(
+    tmp_path, node_factory
+):
+    """Found by the fuzz run of ``make bench`` (tests/bench/bench_fuzz.py, case 43): an A-ABORT
+    PDU with an invalid source (0xBF) mid-dataset makes pynetdicom's network thread raise; the
+    association ends without an end event. Twelve of them (six per calling AE title) must not
+    use up the node's ten association slots, leave their partial files, or leave the index's
+    association rows open."""
+    storage = tmp_path / "storage"
+    node, port, config = _start(node_factory, tmp_path, storage)  # max_associations 10
+    ds, payload = _instance(tmp_path / "in", side=256)
+    invalid_abort = b"\x07\x00" + struct.pack(">L", 4) + b"\x00\x00\xbf\x00"
+    for ae_title in ["PYSCU"] * 6 + ["STORESCU"] * 6:
+        assoc = _peer_ae(ae_title=ae_title).associate("127.0.0.1", port, ae_title="SPINENODE")
+        assert assoc.is_established, ae_title
+        _send_pdus(assoc, ds, payload, fraction=0.5)
+        assert _wait_until(lambda: bool(_incoming(storage)))
+        assoc.dul.socket.socket.sendall(invalid_abort)
+        time.sleep(0.2)
+        assoc.abort()
+    _echo_within(port, ae_title="ECHOSCU")
+    _echo_within(port, ae_title="PYSCU")
+    assert _wait_until(lambda: not _incoming(storage)), _incoming(storage)
+    _verify(config)
+
+    def open_rows() -> int:
+        with sqlite3.connect(storage / "index.sqlite3") as db:
+            return int(
+                db.execute("SELECT COUNT(*) FROM associations WHERE ended IS NULL").fetchone()[0]
+            )
+
+    assert _wait_until(lambda: open_rows() == 0), open_rows()
 
 
 def test_row6_a_200_character_uid_leaves_no_file_and_the_node_serving(tmp_path, node_factory):
