@@ -451,10 +451,74 @@ class StorageSCP:
 
     def _on_conn_open(self, event: evt.Event) -> None:
         set_tcp_nodelay(event)
-        dul_socket = event.assoc.dul.socket
-        if dul_socket is not None:
+        dul = event.assoc.dul
+        if dul.socket is not None:
             limit = max(self.settings.node.maximum_pdu_size, MAX_ASSOCIATE_PDU_BYTES)
-            limit_pdu_length(dul_socket, limit)
+            limit_pdu_length(dul.socket, limit)
+        self._guard_network_thread(dul)
+        self._guard_association_thread(event.assoc)
+
+    def _guard_association_thread(self, assoc: Any) -> None:
+        """Catch what pynetdicom's association thread raises on a malformed A-ASSOCIATE-RQ.
+
+        Its acceptor negotiation raises on some requests (a presentation context without an
+        abstract syntax: the fuzz run of ``make bench``), ending the thread with an uncaught
+        exception. As for the network thread (:meth:`_guard_network_thread`), the not yet
+        started thread's target is wrapped: the error is logged as one line and the network
+        thread stopped and its socket closed, so that the connection does not wait for the
+        network timeout.
+        """
+        target = getattr(assoc, "_target", None)
+        if target is None or assoc.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                target()
+            except Exception as err:  # the thread's boundary: log it, end the connection
+                logger.warning(
+                    "association thread failed on a malformed request (%s: %s); connection dropped",
+                    type(err).__name__,
+                    str(err)[:120],
+                )
+                try:
+                    assoc.dul.kill_dul()
+                    if assoc.dul.socket is not None:
+                        assoc.dul.socket.close()
+                except Exception:  # noqa: BLE001 - best effort on a broken association
+                    pass
+
+        assoc._target = run
+
+    def _guard_network_thread(self, dul: Any) -> None:
+        """Catch what pynetdicom's network thread raises on a malformed PDU.
+
+        pynetdicom's state machine logs an exception in an action and re-raises it (e.g. an
+        A-ABORT with an invalid source, a command set without Command Field, an event invalid in
+        the state: the fuzz run of ``make bench``), which ends the thread with an uncaught
+        exception and the association without an end event. The thread's target (set by
+        ``Thread.__init__``, not yet started when the connection opens) is wrapped: the error is
+        logged as one line, the unfinished dataset's file removed, and the association thread
+        ends as before (it closes the socket when its network thread is gone); :meth:`sweep`
+        closes its books.
+        """
+        target = getattr(dul, "_target", None)
+        if target is None or dul.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                target()
+            except Exception as err:  # the thread's boundary: log it, leave the rest to sweep()
+                logger.warning(
+                    "association's network thread failed on a malformed PDU (%s: %s); "
+                    "connection dropped",
+                    type(err).__name__,
+                    str(err)[:120],
+                )
+                discard_unfinished(getattr(getattr(dul.assoc, "dimse", None), "message", None))
+
+        dul._target = run
 
     def _associations_requested(self, assoc: Any, calling: str) -> tuple[int, int]:
         """Live associations other than ``assoc`` that have sent their A-ASSOCIATE-RQ, in all
