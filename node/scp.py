@@ -191,6 +191,29 @@ def limit_pdu_length(assoc_socket: Any, max_bytes: int) -> None:
     assoc_socket.recv = recv
 
 
+def _guard_thread(thread: Any, what: str, after_failure: Callable[[], None]) -> None:
+    """Wrap the target of a pynetdicom thread not yet started (its ``_target``, set by
+    ``Thread.__init__``) so that an exception ends it as one logged warning and
+    ``after_failure()`` instead of an uncaught thread exception (issue 17, fuzz run)."""
+    target = getattr(thread, "_target", None)
+    if target is None or thread.is_alive():
+        return
+
+    def run() -> None:
+        try:
+            target()
+        except Exception as err:  # the thread's boundary: log it, clean up, end the thread
+            logger.warning(
+                "%s (%s: %s); connection dropped", what, type(err).__name__, str(err)[:120]
+            )
+            try:
+                after_failure()
+            except Exception:  # noqa: BLE001 - best effort on a broken association
+                pass
+
+    thread._target = run
+
+
 def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """TLS context of the listener (``None`` when TLS is off): TLS >= 1.2, client certs."""
     tls = settings.tls
@@ -463,32 +486,16 @@ class StorageSCP:
 
         Its acceptor negotiation raises on some requests (a presentation context without an
         abstract syntax: the fuzz run of ``make bench``), ending the thread with an uncaught
-        exception. As for the network thread (:meth:`_guard_network_thread`), the not yet
-        started thread's target is wrapped: the error is logged as one line and the network
-        thread stopped and its socket closed, so that the connection does not wait for the
-        network timeout.
+        exception. The network thread is stopped and its socket closed, so that the connection
+        does not wait for the network timeout.
         """
-        target = getattr(assoc, "_target", None)
-        if target is None or assoc.is_alive():
-            return
 
-        def run() -> None:
-            try:
-                target()
-            except Exception as err:  # the thread's boundary: log it, end the connection
-                logger.warning(
-                    "association thread failed on a malformed request (%s: %s); connection dropped",
-                    type(err).__name__,
-                    str(err)[:120],
-                )
-                try:
-                    assoc.dul.kill_dul()
-                    if assoc.dul.socket is not None:
-                        assoc.dul.socket.close()
-                except Exception:  # noqa: BLE001 - best effort on a broken association
-                    pass
+        def end_connection() -> None:
+            assoc.dul.kill_dul()
+            if assoc.dul.socket is not None:
+                assoc.dul.socket.close()
 
-        assoc._target = run
+        _guard_thread(assoc, "association thread failed on a malformed request", end_connection)
 
     def _guard_network_thread(self, dul: Any) -> None:
         """Catch what pynetdicom's network thread raises on a malformed PDU.
@@ -496,29 +503,17 @@ class StorageSCP:
         pynetdicom's state machine logs an exception in an action and re-raises it (e.g. an
         A-ABORT with an invalid source, a command set without Command Field, an event invalid in
         the state: the fuzz run of ``make bench``), which ends the thread with an uncaught
-        exception and the association without an end event. The thread's target (set by
-        ``Thread.__init__``, not yet started when the connection opens) is wrapped: the error is
-        logged as one line, the unfinished dataset's file removed, and the association thread
-        ends as before (it closes the socket when its network thread is gone); :meth:`sweep`
-        closes its books.
+        exception and the association without an end event. The unfinished dataset's file is
+        removed; the association thread ends as before (it closes the socket when its network
+        thread is gone) and :meth:`sweep` closes its books.
         """
-        target = getattr(dul, "_target", None)
-        if target is None or dul.is_alive():
-            return
 
-        def run() -> None:
-            try:
-                target()
-            except Exception as err:  # the thread's boundary: log it, leave the rest to sweep()
-                logger.warning(
-                    "association's network thread failed on a malformed PDU (%s: %s); "
-                    "connection dropped",
-                    type(err).__name__,
-                    str(err)[:120],
-                )
-                discard_unfinished(getattr(getattr(dul.assoc, "dimse", None), "message", None))
+        def drop_partial_file() -> None:
+            discard_unfinished(getattr(getattr(dul.assoc, "dimse", None), "message", None))
 
-        dul._target = run
+        _guard_thread(
+            dul, "association's network thread failed on a malformed PDU", drop_partial_file
+        )
 
     def _associations_requested(self, assoc: Any, calling: str) -> tuple[int, int]:
         """Live associations other than ``assoc`` that have sent their A-ASSOCIATE-RQ, in all
