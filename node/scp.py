@@ -550,13 +550,7 @@ class StorageSCP:
             for key, _ in dead:
                 del self._states[key]
         for _, state in dead:
-            self.index.close_association(
-                state.index_id,
-                outcome="failed",
-                n_ok=state.n_ok,
-                n_warning=state.n_warning,
-                n_failed=state.n_failed,
-            )
+            self._close_books(state, "failed")
             logger.warning(
                 "association %d ended without an end event (its network thread failed)",
                 state.index_id,
@@ -637,6 +631,16 @@ class StorageSCP:
         self.index.add_event("association_rejected", detail=f"calling AE {ae_title!r} from {host}")
         logger.warning("association %d from %r at %s:%d rejected", index_id, ae_title, host, port)
 
+    def _close_books(self, state: _AssociationState, outcome: str) -> None:
+        """Record the end of an association in the index, with its counts."""
+        self.index.close_association(
+            state.index_id,
+            outcome=outcome,
+            n_ok=state.n_ok,
+            n_warning=state.n_warning,
+            n_failed=state.n_failed,
+        )
+
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
         # a dataset still arriving when the association ended (peer aborted or vanished): its
         # file goes now, not at restart (an association whose network thread died has no end
@@ -648,13 +652,7 @@ class StorageSCP:
             state = self._states.pop(id(event.assoc), None)
         if state is None:
             return
-        self.index.close_association(
-            state.index_id,
-            outcome=outcome,
-            n_ok=state.n_ok,
-            n_warning=state.n_warning,
-            n_failed=state.n_failed,
-        )
+        self._close_books(state, outcome)
         logger.info(
             "association %d %s: %d stored, %d warnings, %d failed",
             state.index_id,

@@ -54,7 +54,6 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,24 +183,15 @@ def dataset_pdus(context_id: int, dataset: bytes) -> list[bytes]:
 
 def build_streams(work: Path) -> Streams:
     from pydicom import dcmread
-    from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
     from pynetdicom.pdu import P_DATA_TF
 
-    from tests.node.dicom_factory import write_mr_series
+    from tests.node.dicom_factory import c_store_rq_message, write_mr_series
 
     (path,) = write_mr_series(work / "mr", 1, rows=64, columns=64)
     ds = dcmread(path)
     dataset = bytes(encode(ds, True, True))
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.Priority = 2
-    request.DataSet = BytesIO(dataset)
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
+    message = c_store_rq_message(ds, dataset)
     pdus = []
     for primitive in message.encode_msg(3, MAX_PDU):
         pdu = P_DATA_TF()

@@ -162,3 +162,23 @@ def rejection_note(
         instance_number=1,
         manufacturer="Test PACS",
     )
+
+
+def c_store_rq_message(ds: Dataset, payload: bytes) -> Any:
+    """pynetdicom's C-STORE-RQ message (``C_STORE_RQ``) of ``ds`` with ``payload`` (its
+    encoded dataset) as data set, for scripted peers that send its PDUs themselves
+    (``message.encode_msg(context_id, max_pdu)``) or alter its command set first."""
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.Priority = 2
+    request.DataSet = BytesIO(payload)
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return message

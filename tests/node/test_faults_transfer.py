@@ -23,19 +23,16 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from tests.node.dicom_factory import write_mr_series
+from tests.node.dicom_factory import c_store_rq_message, write_mr_series
 from tests.node.fixtures import REPO, write_config
 
 pytestmark = pytest.mark.network
@@ -73,14 +70,7 @@ def _send_pdus(assoc, ds, payload: bytes, *, fraction: float = 1.0, uid: str | N
     """Send the P-DATA PDUs of a C-STORE-RQ of ``ds`` (``payload``: its encoded dataset) on an
     established association: all of them, or the first ``fraction``; ``uid`` replaces the
     Affected SOP Instance UID of the command set without pynetdicom's check."""
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.Priority = 2
-    request.DataSet = BytesIO(payload)
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
+    message = c_store_rq_message(ds, payload)
     if uid is not None:
         message.command_set.AffectedSOPInstanceUID = UID(uid)
     (context,) = [c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage]
