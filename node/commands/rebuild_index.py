@@ -31,8 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.config import load_settings
-from node.errors import ConfigError, NodeError
+from node.commands import command_settings
+from node.errors import NodeError
 from node.index import Index, NewInstance
 from node.store import Store
 
@@ -214,11 +214,8 @@ def rebuild(database_path: Path, storage: Path) -> RebuildResult:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"node": {"storage": str(args.storage)}} if args.storage else {}
-    try:
-        settings = load_settings(args.config, overrides)
-    except ConfigError as err:
-        print(f"spine-node rebuild-index: {err}", file=sys.stderr)
+    settings = command_settings(args, "rebuild-index")
+    if settings is None:
         return 2
     try:
         result = rebuild(settings.node.database_path, settings.node.storage)

@@ -10,8 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from node.config import load_settings
-from node.errors import ConfigError
+from node.commands import command_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.failed and not args.id:
         print("spine-node reprocess: give --failed or --id N ...", file=sys.stderr)
         return 2
-    overrides = {"node": {"storage": str(args.storage)}} if args.storage else {}
-    try:
-        settings = load_settings(args.config, overrides)
-    except ConfigError as err:
-        print(f"spine-node reprocess: {err}", file=sys.stderr)
+    settings = command_settings(args, "reprocess")
+    if settings is None:
         return 2
     index = Index(settings.node.database_path)
     try:

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from node.config import load_settings
-from node.errors import ConfigError, PeerError, is_success_or_warning
+from node.commands import command_settings
+from node.errors import PeerError, is_success_or_warning
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from node.scu import PeerAddress, expand_paths, peer_address, send_files
 
-    overrides = {"node": {"storage": str(args.storage)}} if args.storage else {}
-    try:
-        settings = load_settings(args.config, overrides)
-    except ConfigError as err:
-        print(f"spine-node send: {err}", file=sys.stderr)
+    settings = command_settings(args, "send")
+    if settings is None:
         return 2
     files = expand_paths(args.paths)
     if not files:

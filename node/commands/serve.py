@@ -9,10 +9,9 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
 
-from node.config import load_settings
-from node.errors import ConfigError, NodeError
+from node.commands import command_settings
+from node.errors import NodeError
 
 logger = logging.getLogger(__name__)
 
@@ -36,25 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bind", default=None, help="bind address, overrides the file")
 
 
-def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The command-line options that win over the configuration file."""
-    node: dict[str, Any] = {}
-    if getattr(args, "port", None) is not None:
-        node["port"] = args.port
-    if getattr(args, "storage", None) is not None:
-        node["storage"] = str(args.storage)
-    if getattr(args, "bind", None) is not None:
-        node["bind_address"] = args.bind
-    return {"node": node} if node else {}
-
-
 def run(args: argparse.Namespace) -> int:
     from node.service import NodeService
 
-    try:
-        settings = load_settings(args.config, settings_overrides(args))
-    except ConfigError as err:
-        print(f"spine-node serve: {err}", file=sys.stderr)
+    settings = command_settings(args, "serve")
+    if settings is None:
         return 2
     stop = threading.Event()
 

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node.config import load_settings
-from node.errors import ConfigError
+from node.commands import command_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,11 +53,8 @@ def collect(index: "Index", last: int = 10) -> dict[str, Any]:  # noqa: F821
 def run(args: argparse.Namespace) -> int:
     from node.index import Index
 
-    overrides = {"node": {"storage": str(args.storage)}} if args.storage else {}
-    try:
-        settings = load_settings(args.config, overrides)
-    except ConfigError as err:
-        print(f"spine-node status: {err}", file=sys.stderr)
+    settings = command_settings(args, "status")
+    if settings is None:
         return 2
     path = settings.node.database_path
     if not path.exists():

@@ -23,8 +23,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from node.config import load_settings
-from node.errors import ConfigError, NodeError
+from node.commands import command_settings
+from node.errors import NodeError
 from node.index import Index
 
 
@@ -120,11 +120,8 @@ def verify(index: Index, root: Path, *, repair: bool = False) -> Report:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"node": {"storage": str(args.storage)}} if args.storage else {}
-    try:
-        settings = load_settings(args.config, overrides)
-    except ConfigError as err:
-        print(f"spine-node verify: {err}", file=sys.stderr)
+    settings = command_settings(args, "verify")
+    if settings is None:
         return 2
     path = settings.node.database_path
     if not path.exists():
