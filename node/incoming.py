@@ -197,9 +197,10 @@ def refusal(dataset_file: object) -> str | None:
     return None
 
 
-def discard_unfinished(message: object) -> bool:
-    """Delete the file of an association's unfinished DIMSE message (``assoc.dimse.message``,
-    still being received when the association ended); True if there was one."""
+def discard_unfinished(assoc: object) -> bool:
+    """Delete the file of the DIMSE message an association was still receiving when it ended
+    (``assoc.dimse.message``, pynetdicom's message in progress); True if there was one."""
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
     dataset_file = getattr(message, "_data_set_file", None)
     if not isinstance(dataset_file, IncomingFile):
         return False
@@ -215,9 +216,3 @@ def discard_orphans() -> int:
     for dataset_file in orphans:
         dataset_file.discard()
     return len(orphans)
-
-
-def open_files() -> list[str]:
-    """Paths of the incoming files being written (for tests and status)."""
-    with _lock:
-        return sorted(_open)

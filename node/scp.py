@@ -509,7 +509,7 @@ class StorageSCP:
         """
 
         def drop_partial_file() -> None:
-            discard_unfinished(getattr(getattr(dul.assoc, "dimse", None), "message", None))
+            discard_unfinished(dul.assoc)
 
         _guard_thread(
             dul, "association's network thread failed on a malformed PDU", drop_partial_file
@@ -645,8 +645,7 @@ class StorageSCP:
         # a dataset still arriving when the association ended (peer aborted or vanished): its
         # file goes now, not at restart (an association whose network thread died has no end
         # event: sweep() finds those)
-        dimse = getattr(event.assoc, "dimse", None)
-        if discard_unfinished(getattr(dimse, "message", None)):
+        if discard_unfinished(event.assoc):
             logger.warning("association ended (%s) mid-dataset: partial file removed", outcome)
         with self._states_lock:
             state = self._states.pop(id(event.assoc), None)
