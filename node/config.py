@@ -486,6 +486,43 @@ class DashboardSection(BaseModel):
         return self.certificate is not None
 
 
+class AuditSection(_Frozen):
+    """The ``[audit]`` table: the audit trail (DICOM audit messages, IHE ATNA; node.audit).
+
+    Attributes
+    ----------
+    enabled : bool
+        Default true.
+    path : Path, optional
+        The local append-only file of audit messages (default ``<storage>/audit/audit.log``).
+    enterprise_site_id : str
+        AuditEnterpriseSiteID of every message (e.g. the hospital's name); empty: left out.
+    syslog_host, syslog_port :
+        A syslog collector (an audit record repository) to send every message to; empty host:
+        the local file only. Port default 6514 (syslog over TLS).
+    syslog_transport : {"tls", "udp"}
+        RFC 5425 over TLS (the default, as PS3.15 A.6 requires) or RFC 5426 over UDP (A.7;
+        messages over 65,000 bytes then stay in the local file).
+    syslog_ca : Path, optional
+        CA bundle that signed the collector's certificate (default: ``tls.ca``, else the
+        system's).
+    """
+
+    enabled: bool = True
+    path: Path | None = None
+    enterprise_site_id: str = ""
+    syslog_host: str = ""
+    syslog_port: int = Field(6514, ge=1, le=65535)
+    syslog_transport: str = Field("tls", pattern="^(tls|udp)$")
+    syslog_ca: Path | None = None
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> AuditSection:
+        if self.syslog_ca is not None and not Path(self.syslog_ca).is_file():
+            raise ValueError(f"audit syslog_ca: file {str(self.syslog_ca)!r} does not exist")
+        return self
+
+
 #: the tables of the node's parts, beside ``node``, ``tls``, ``peers`` and ``dispatch``
 SECTIONS = ("analysis", "courses", "followup", "dashboard")
 
@@ -504,6 +541,7 @@ class Settings(_Frozen):
     courses: CoursesSection = CoursesSection()
     followup: FollowupSection = FollowupSection()
     dashboard: DashboardSection = DashboardSection()
+    audit: AuditSection = AuditSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -620,6 +658,13 @@ def _resolve_paths(
             tls[key] = str(base_dir / value)
     if tls:
         merged["tls"] = tls
+    audit = dict(merged.get("audit", {}))
+    for key in ("path", "syslog_ca"):
+        value = audit.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            audit[key] = str(base_dir / value)
+    if audit:
+        merged["audit"] = audit
     return merged
 
 

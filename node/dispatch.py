@@ -26,7 +26,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.config import DispatchSettings, Settings
+from node.audit import (
+    MINOR_FAILURE,
+    ROLE_DESTINATION,
+    ROLE_SOURCE,
+    SERIOUS_FAILURE,
+    SUCCESS,
+    AuditTrail,
+    NoAudit,
+    Participant,
+    PatientInstances,
+    file_patients,
+    transfer_messages,
+)
+from node.config import DispatchSettings, Peer, Settings
 from node.errors import PeerError, is_success_or_warning
 from node.index import Index
 from node.scu import SendResult, peer_address, read_file_info, send_files
@@ -153,10 +166,13 @@ class Dispatcher:
         Destinations (peers) and the retry policy.
     """
 
-    def __init__(self, outbox: Outbox, settings: Settings) -> None:
+    def __init__(
+        self, outbox: Outbox, settings: Settings, *, audit: AuditTrail | None = None
+    ) -> None:
         self.outbox = outbox
         self.index = outbox.index
         self.settings = settings
+        self.audit = audit or NoAudit()
         self._running = threading.Lock()
 
     @property
@@ -194,6 +210,31 @@ class Dispatcher:
             )
         return [(int(r[0]), Path(r[1]), int(r[2])) for r in rows]
 
+    def _audit_delivery(self, peer: Peer, paths: list[Path], acknowledged: set[str]) -> None:
+        """DICOM Instances Transferred (action R), per patient, for one delivery attempt."""
+        try:
+            source = self.audit.node(ROLE_SOURCE, requestor=True)
+            destination = Participant(
+                peer.ae_title, requestor=False, role=ROLE_DESTINATION, host=peer.host
+            )
+            for patient, n_ok, n_tried in _audit_patients(paths, acknowledged):
+                outcome = SUCCESS if n_ok == n_tried else MINOR_FAILURE if n_ok else SERIOUS_FAILURE
+                for message in transfer_messages(
+                    [patient],
+                    source=source,
+                    destination=destination,
+                    action="R",
+                    outcome=outcome,
+                    description=None
+                    if outcome == SUCCESS
+                    else f"{n_ok} of {n_tried} result instance(s) acknowledged",
+                    source_id=self.audit.source_id,
+                    site_id=self.audit.site_id,
+                ):
+                    self.audit.record(message, outcome=outcome)
+        except Exception as err:  # the audit trail must not stop the delivery's books
+            logger.error("audit: delivery to %s not recorded: %s", peer.ae_title, err)
+
     def _failed_try(self, item_id: int, tries: int, status: int | None, error: str) -> None:
         tries += 1
         policy = self.settings.dispatch
@@ -223,6 +264,7 @@ class Dispatcher:
         if not items:
             return 0
         by_path = {str(path): (item_id, tries) for item_id, path, tries in items}
+        acknowledged_paths: set[str] = set()
         done: set[int] = set()
         acknowledged = 0
         assoc_id = self.index.open_association("out", peer.ae_title, peer.host, peer.port)
@@ -240,6 +282,7 @@ class Dispatcher:
                         (tries + 1, result.status, time.time(), item_id),
                     )
                 acknowledged += 1
+                acknowledged_paths.add(str(result.path))
                 if result.status == 0:
                     n_ok += 1
                 else:
@@ -277,9 +320,32 @@ class Dispatcher:
             self.index.close_association(
                 assoc_id, outcome=outcome, n_ok=n_ok, n_warning=n_warn, n_failed=n_fail
             )
+            self._audit_delivery(peer, [p for _i, p, _t in items], acknowledged_paths)
         if acknowledged:
             logger.info("dispatched %d instance(s) to %s", acknowledged, address)
         return acknowledged
+
+
+def _audit_patients(
+    paths: list[Path], acknowledged: set[str]
+) -> list[tuple[PatientInstances, int, int]]:
+    """Per patient: what was acknowledged (or, if nothing was, what was tried), and the numbers
+    of files acknowledged and tried."""
+    per_patient: dict[str, list[tuple[PatientInstances, bool]]] = {}
+    for path, info in file_patients(paths).items():
+        per_patient.setdefault(info.patient_id, []).append((info, str(path) in acknowledged))
+    out = []
+    for files in per_patient.values():
+        chosen = [info for info, ok in files if ok] or [info for info, _ok in files]
+        studies: dict[str, dict[str, int]] = {}
+        for info in chosen:
+            for study, classes in info.studies.items():
+                for sop_class, count in classes.items():
+                    per_class = studies.setdefault(study, {})
+                    per_class[sop_class] = per_class.get(sop_class, 0) + count
+        patient = PatientInstances(chosen[0].patient_id, chosen[0].patient_name, studies)
+        out.append((patient, sum(ok for _info, ok in files), len(files)))
+    return out
 
 
 def copy_into_outbox(store: Store, path: Path) -> Path:

@@ -57,12 +57,24 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node.audit import (
+    MINOR_FAILURE,
+    QUERY,
+    ROLE_DESTINATION,
+    ROLE_SOURCE,
+    SUCCESS,
+    AuditTrail,
+    NoAudit,
+    Participant,
+    query_object,
+)
 from node.config import CoursesSection, Peer, Settings
 from node.errors import ConfigError, NodeError, PeerError, StoreOutcome, store_status
 from node.roles import PatientMismatchError, check_single_patient
@@ -193,8 +205,9 @@ class PriorsFetcher:
     round synchronously.
     """
 
-    def __init__(self, service: PriorsHost) -> None:
+    def __init__(self, service: PriorsHost, *, audit: AuditTrail | None = None) -> None:
         self.service = service
+        self.audit = audit or NoAudit()
         settings = service.settings
         self.config_error: str | None = None
         self.section = settings.courses
@@ -622,6 +635,47 @@ class PriorsFetcher:
         return assoc
 
     def _find(self, identifier: Dataset) -> list[Dataset]:
+        final: int | None = None
+        try:
+            found, final = self._find_at_pacs(identifier)
+        finally:
+            self._audit_query(identifier, final)
+        if final != 0x0000:
+            raise RetrieveError(
+                f"C-FIND at {identifier.QueryRetrieveLevel} level ended with status "
+                f"{'none' if final is None else f'0x{final:04X}'}"
+            )
+        return found
+
+    def _audit_query(self, identifier: Dataset, final: int | None) -> None:
+        """A Query audit message (the node asked the PACS; the identifier, encoded)."""
+        assert self.pacs is not None
+        outcome = SUCCESS if final == 0x0000 else MINOR_FAILURE
+        self.audit.event(
+            QUERY,
+            outcome=outcome,
+            action="E",
+            description=None
+            if outcome == SUCCESS
+            else "no answer from the PACS"
+            if final is None
+            else f"C-FIND ended with status 0x{final:04X}",
+            participants=(
+                self.audit.node(ROLE_SOURCE, requestor=True),
+                Participant(
+                    self.pacs.ae_title, requestor=False, role=ROLE_DESTINATION, host=self.pacs.host
+                ),
+            ),
+            objects=[
+                query_object(
+                    str(StudyRootQueryRetrieveInformationModelFind),
+                    encode(identifier, True, True) or b"",
+                )
+            ],
+        )
+
+    def _find_at_pacs(self, identifier: Dataset) -> tuple[list[Dataset], int | None]:
+        """C-FIND ``identifier`` at the PACS: the matches and the final status."""
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = self._associate(ae)
@@ -638,12 +692,7 @@ class PriorsFetcher:
         finally:
             if assoc.is_established:
                 assoc.release()
-        if final != 0x0000:
-            raise RetrieveError(
-                f"C-FIND at {identifier.QueryRetrieveLevel} level ended with status "
-                f"{'none' if final is None else f'0x{final:04X}'}"
-            )
-        return found
+        return found, final
 
     def _find_studies(self, patient_id: str, issuer: str, report: FetchReport) -> list[RemoteStudy]:
         query = Dataset()

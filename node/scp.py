@@ -65,6 +65,21 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.audit import (
+    INSTANCES_TRANSFERRED,
+    MINOR_FAILURE,
+    NODE_AUTHENTICATION,
+    ROLE_DESTINATION,
+    ROLE_SOURCE,
+    SECURITY_ALERT,
+    SERIOUS_FAILURE,
+    SUCCESS,
+    AuditTrail,
+    NoAudit,
+    Participant,
+    received_patients,
+    transfer_messages,
+)
 from node.config import Settings
 from node.errors import (
     FAILURE_UNABLE_TO_PROCESS,
@@ -242,6 +257,8 @@ class NodeAssociationServer(ThreadedAssociationServer):
 
     #: bound (s) of a client's TLS handshake; set by :meth:`StorageSCP.start`
     handshake_timeout_s: float = 30.0
+    #: called with the client's address and the error of a failed handshake (the audit trail)
+    on_handshake_failed: Callable[[str, str], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -269,13 +286,16 @@ class NodeAssociationServer(ThreadedAssociationServer):
                 request = self.ssl_context.wrap_socket(request, server_side=True)
                 request.settimeout(None)
             except (OSError, ValueError) as err:  # ssl.SSLError and socket.timeout are OSErrors
+                host = client_address[0] if isinstance(client_address, tuple) else client_address
                 logger.warning(
                     "TLS handshake from %s failed or timed out after %.0f s: %s",
-                    client_address[0] if isinstance(client_address, tuple) else client_address,
+                    host,
                     self.handshake_timeout_s,
                     type(err).__name__,
                 )
                 self.shutdown_request(request)
+                if self.on_handshake_failed is not None:
+                    self.on_handshake_failed(str(host), type(err).__name__)
                 return
         super().process_request_thread(request, client_address)
 
@@ -350,6 +370,8 @@ class StorageSCP:
     on_stored : callable, optional
         Called with the :class:`~node.store.StoreResult` of every newly stored instance (the
         stability monitor); must be quick.
+    audit : AuditTrail, optional
+        Where instances received and associations refused are recorded (default: nowhere).
     """
 
     def __init__(
@@ -358,11 +380,14 @@ class StorageSCP:
         store: Store,
         index: Index,
         on_stored: Callable[[StoreResult], None] | None = None,
+        *,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.index = index
         self.on_stored = on_stored
+        self.audit = audit or NoAudit()
         self._server: ThreadedAssociationServer | None = None
         self._states: dict[int, _AssociationState] = {}
         self._states_lock = threading.Lock()
@@ -446,6 +471,7 @@ class StorageSCP:
         )
         assert isinstance(server, NodeAssociationServer)
         server.handshake_timeout_s = node.acse_timeout_s
+        server.on_handshake_failed = self._audit_handshake_failure
         threading.Thread(
             target=server.serve_forever, name="AcceptorServer-node", daemon=True
         ).start()
@@ -592,6 +618,7 @@ class StorageSCP:
                 total,
                 same_peer,
             )
+            self._audit_rejection(event, "local limit exceeded")
             assoc.kill()
             return
         if not node.reject_unknown_calling_ae:
@@ -616,6 +643,7 @@ class StorageSCP:
             calling,
             host,
         )
+        self._audit_rejection(event, "calling AE title from a host it is not configured on")
         assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
@@ -630,9 +658,77 @@ class StorageSCP:
         index_id = self.index.open_association("in", ae_title, host, port, outcome="rejected")
         self.index.add_event("association_rejected", detail=f"calling AE {ae_title!r} from {host}")
         logger.warning("association %d from %r at %s:%d rejected", index_id, ae_title, host, port)
+        self._audit_rejection(event, "called or calling AE title not accepted")
+
+    # -- audit trail ------------------------------------------------------------------------------
+    def _audit_rejection(self, event: evt.Event, reason: str) -> None:
+        """A Security Alert (Node Authentication) for an association the node refused."""
+        request = event.assoc.requestor
+        self.audit.event(
+            SECURITY_ALERT,
+            outcome=MINOR_FAILURE,
+            event_types=(NODE_AUTHENTICATION,),
+            action="E",
+            description=f"association rejected: {reason}",
+            participants=(
+                Participant(
+                    str(request.ae_title).strip(), requestor=True, host=str(request.address)
+                ),
+                self.audit.node(),
+            ),
+        )
+
+    def _audit_handshake_failure(self, host: str, error: str) -> None:
+        self.audit.event(
+            SECURITY_ALERT,
+            outcome=MINOR_FAILURE,
+            event_types=(NODE_AUTHENTICATION,),
+            action="E",
+            description=f"TLS handshake failed or timed out: {error}",
+            participants=(Participant("unknown", requestor=True, host=host), self.audit.node()),
+        )
+
+    def _audit_received(self, state: _AssociationState, outcome: str) -> None:
+        """DICOM Instances Transferred (action C), per patient, for an association that ended."""
+        if state.n_ok == 0 and state.n_warning == 0 and state.n_failed == 0:
+            return
+        assoc = state.assoc
+        requestor = assoc.requestor if assoc is not None else None
+        source = Participant(
+            str(requestor.ae_title).strip() if requestor is not None else "unknown",
+            requestor=True,
+            role=ROLE_SOURCE,
+            host=str(requestor.address) if requestor is not None else None,
+        )
+        failed = state.n_failed > 0 or outcome != "released"
+        description = (
+            f"{state.n_ok} stored, {state.n_warning} with warnings, {state.n_failed} refused; "
+            f"association {outcome}"
+        )
+        messages = transfer_messages(
+            received_patients(self.index, state.index_id),
+            source=source,
+            destination=self.audit.node(ROLE_DESTINATION),
+            action="C",
+            outcome=MINOR_FAILURE if failed else SUCCESS,
+            description=description if failed else None,
+            source_id=self.audit.source_id,
+            site_id=self.audit.site_id,
+        )
+        if not messages:  # nothing was stored: the refusals alone
+            self.audit.event(
+                INSTANCES_TRANSFERRED,
+                outcome=SERIOUS_FAILURE,
+                action="C",
+                description=description,
+                participants=(source, self.audit.node(ROLE_DESTINATION)),
+            )
+        for message in messages:
+            self.audit.record(message, outcome=MINOR_FAILURE if failed else SUCCESS)
 
     def _close_books(self, state: _AssociationState, outcome: str) -> None:
-        """Record the end of an association in the index, with its counts."""
+        """Record the end of an association in the index, with its counts, and in the audit
+        trail."""
         self.index.close_association(
             state.index_id,
             outcome=outcome,
@@ -640,6 +736,10 @@ class StorageSCP:
             n_warning=state.n_warning,
             n_failed=state.n_failed,
         )
+        try:
+            self._audit_received(state, outcome)
+        except Exception as err:  # the audit trail must not break the listener's books
+            logger.error("audit: association %d not recorded: %s", state.index_id, err)
 
     def _on_ended(self, event: evt.Event, outcome: str) -> None:
         # a dataset still arriving when the association ended (peer aborted or vanished): its

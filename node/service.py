@@ -11,6 +11,7 @@ attributes, e.g. ``service.stability.add_listener(on_stable)`` for the analysis,
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import sqlite3
@@ -20,6 +21,15 @@ from pathlib import Path
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from node.audit import (
+    APPLICATION_ACTIVITY,
+    APPLICATION_START,
+    APPLICATION_STOP,
+    ROLE_APPLICATION_LAUNCHER,
+    Code,
+    Participant,
+    open_audit_trail,
+)
 from node.config import Settings
 from node.dashboard import DashboardServer, reanalyse_action, start_dashboard
 from node.dispatch import Dispatcher, Outbox
@@ -96,6 +106,14 @@ def open_checked_index(database_path: Path, storage: Path) -> Index:
     return index
 
 
+def _account() -> str:
+    """The user account running the node (its uid when it has no name)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
 class NodeService:
     """Everything ``spine-node serve`` runs, in one process.
 
@@ -123,13 +141,17 @@ class NodeService:
         self.stability = StabilityMonitor(
             self.index, self.scheduler, quiet_period_s=node.quiet_period_s
         )
+        #: the audit trail (DICOM audit messages: node.audit), closed by :meth:`stop`
+        self.audit = open_audit_trail(settings)
         self.outbox = Outbox(self.index, self.store, settings)
-        self.dispatcher = Dispatcher(self.outbox, settings)
-        self.scp = StorageSCP(settings, self.store, self.index, on_stored=self._on_stored)
+        self.dispatcher = Dispatcher(self.outbox, settings, audit=self.audit)
+        self.scp = StorageSCP(
+            settings, self.store, self.index, on_stored=self._on_stored, audit=self.audit
+        )
         # a misconfigured PACS for priors must stop the start-up, not the first analysis
         pacs_peer(settings, settings.courses)
         #: queries/retrieves missing priors when an analysis waits (stopped by :meth:`stop`)
-        self.priors = PriorsFetcher(self)
+        self.priors = PriorsFetcher(self, audit=self.audit)
         self.followups = FollowupTracker(self.index, settings.followup, self.scheduler)
         # built last: it uses the outbox, the follow-up tracker and the priors fetcher
         self.analysis = AnalysisWorker(self)
@@ -153,7 +175,9 @@ class NodeService:
         self.analysis.start()
         self.followups.start()
         try:
-            self.dashboard = start_dashboard(self, reanalyse=reanalyse_action(self, self.analysis))
+            self.dashboard = start_dashboard(
+                self, reanalyse=reanalyse_action(self, self.analysis), audit=self.audit
+            )
         except OSError as err:
             # the DICOM service matters more than its dashboard: keep receiving, say why
             logger.error("dashboard not started: %s", err)
@@ -168,7 +192,20 @@ class NodeService:
         )
         self.address = self.scp.start()
         self.index.add_event("node_started", detail=f"{self.address[0]}:{self.address[1]}")
+        self._audit_activity(APPLICATION_START)
         return self.address
+
+    def _audit_activity(self, what: Code) -> None:
+        """Application Activity (start or stop): the node, and the user account running it."""
+        self.audit.event(
+            APPLICATION_ACTIVITY,
+            action="E",
+            event_types=(what,),
+            participants=(
+                self.audit.node(),
+                Participant(_account(), requestor=True, role=ROLE_APPLICATION_LAUNCHER),
+            ),
+        )
 
     def stop(self) -> None:
         """Stop listening, finish running jobs, close the index."""
@@ -179,4 +216,6 @@ class NodeService:
         self.priors.stop()
         self.analysis.stop()
         self.index.add_event("node_stopped")
+        self._audit_activity(APPLICATION_STOP)
+        self.audit.close()
         self.index.close()

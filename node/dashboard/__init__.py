@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from node.audit import AuditTrail
 from node.config import DashboardSection
 from node.dashboard.app import DashboardActions, create_app
 from node.dashboard.state import StudyState, outbox_reason, study_states, worklist_text
@@ -187,7 +188,10 @@ def reanalyse_action(service: ReanalyseHost, worker: Analyser) -> Callable[[str]
 
 
 def start_dashboard(
-    service: DashboardHost, *, reanalyse: Callable[[str], str] | None = None
+    service: DashboardHost,
+    *,
+    reanalyse: Callable[[str], str] | None = None,
+    audit: AuditTrail | None = None,
 ) -> DashboardServer | None:
     """Serve the dashboard of a running :class:`node.service.NodeService` (``None`` if disabled).
 
@@ -198,6 +202,8 @@ def start_dashboard(
     reanalyse : callable, optional
         ``reanalyse(study_uid) -> str``, e.g. ``reanalyse_action(service, worker)``; without it
         no re-analyse button is shown.
+    audit : AuditTrail, optional
+        The node's audit trail (logins, logouts, patient pages viewed, refused requests).
     """
     section = service.settings.dashboard
     if not section.enabled:
@@ -216,7 +222,7 @@ def start_dashboard(
             "dashboard: bound to every interface but no allowed_hosts: requests naming this "
             "host by another name than localhost get 400; list the names clients use"
         )
-    app = create_app(service.index, section, actions=actions)
+    app = create_app(service.index, section, actions=actions, audit=audit)
     tls = (
         tls_context(section.certificate, section.key)
         if section.certificate is not None and section.key is not None

@@ -65,6 +65,21 @@ from werkzeug.security import check_password_hash
 from werkzeug.wrappers.response import Response as BaseResponse
 
 from node import followup, timeline
+from node.audit import (
+    LOGIN,
+    LOGOUT,
+    MINOR_FAILURE,
+    PATIENT_RECORD,
+    SECURITY_ALERT,
+    SUCCESS,
+    USE_OF_RESTRICTED_FUNCTION,
+    USER_AUTHENTICATION,
+    AuditTrail,
+    Code,
+    NoAudit,
+    Participant,
+    patient_object,
+)
 from node.config import DashboardSection, _is_loopback
 from node.dashboard.state import study_states
 from node.index import Index
@@ -286,6 +301,7 @@ def create_app(
     section: DashboardSection | None = None,
     *,
     actions: DashboardActions | None = None,
+    audit: AuditTrail | None = None,
 ) -> Flask:
     """Build the dashboard application over a node's index.
 
@@ -297,6 +313,8 @@ def create_app(
         Access settings (default: bound to 127.0.0.1, every client logs in).
     actions : DashboardActions, optional
         Button callbacks; a button without a callback is not shown.
+    audit : AuditTrail, optional
+        Where logins, logouts, refused requests and patient pages viewed are recorded.
 
     Returns
     -------
@@ -304,6 +322,7 @@ def create_app(
     """
     section = section or DashboardSection()
     actions = actions or DashboardActions()
+    trail = audit or NoAudit()
     timeline.ensure_schema(index)
     followup.ensure_schema(index)
     app = Flask(__name__)
@@ -335,6 +354,21 @@ def create_app(
         user = sessions.user(session.get("sid"))
         return user if user and section.username and user == section.username else None
 
+    def client(user: str | None = None) -> Participant:
+        """The browser's user as an audit participant."""
+        name = user or logged_in_user() or "anonymous (loopback, no login)"
+        return Participant(name, requestor=True, host=request.remote_addr)
+
+    def audit_login(event_type: Code, outcome: int, user: str, description: str | None) -> None:
+        trail.event(
+            USER_AUTHENTICATION,
+            outcome=outcome,
+            action="E",
+            event_types=(event_type,),
+            description=description,
+            participants=(client(user[:64] or "-"), trail.node()),
+        )
+
     def authorised() -> bool:
         if section.allow_local_without_login and _is_loopback(request.remote_addr):
             return True
@@ -353,6 +387,14 @@ def create_app(
                 "dashboard: refused a request from %s naming an unknown Host (%d characters)",
                 request.remote_addr,
                 len(request.environ.get("HTTP_HOST", "")),
+            )
+            trail.event(
+                SECURITY_ALERT,
+                outcome=MINOR_FAILURE,
+                action="E",
+                event_types=(USE_OF_RESTRICTED_FUNCTION,),
+                description="dashboard request naming an unknown Host refused (DNS rebinding?)",
+                participants=(client("unknown"), trail.node()),
             )
             return Response(b"", status=400, mimetype="text/plain")
         if request.endpoint in ("login", "style") or authorised():
@@ -394,6 +436,7 @@ def create_app(
             wait = throttle.retry_after(*keys)
             if wait > 0:
                 logger.warning("dashboard: login refused (locked out) from %s", request.remote_addr)
+                audit_login(LOGIN, MINOR_FAILURE, user, "refused: locked out after failed logins")
                 return (
                     "Too many failed logins: try again later.\n",
                     429,
@@ -411,6 +454,7 @@ def create_app(
                 session["sid"] = sessions.open(user)
                 session["user"] = user
                 logger.info("dashboard: login from %s", request.remote_addr)
+                audit_login(LOGIN, SUCCESS, user, None)
                 return redirect(
                     target
                     if target.startswith("/") and not target.startswith("//")
@@ -418,11 +462,15 @@ def create_app(
                 )
             throttle.failed(*keys)
             logger.warning("dashboard: failed login from %s", request.remote_addr)
+            audit_login(LOGIN, MINOR_FAILURE, user, "wrong user name or password")
             error = "Wrong user or password." if section.password_hash else "No login configured."
         return render_template("login.html", csrf=csrf_token(), error=error)
 
     @app.route("/logout")
     def logout() -> BaseResponse:
+        user = logged_in_user()
+        if user is not None:
+            audit_login(LOGOUT, SUCCESS, user, None)
         sessions.close(session.get("sid"))
         session.clear()
         return redirect(url_for("login"))
@@ -474,6 +522,15 @@ def create_app(
         labels = _patient_labels(index)
         if patient_row not in labels:
             abort(404)
+        for patient_id, patient_name in index.query(
+            "SELECT patient_id, patient_name FROM patients WHERE id=?", (patient_row,)
+        ):
+            trail.event(
+                PATIENT_RECORD,
+                action="R",
+                participants=(client(), trail.node()),
+                objects=[patient_object(str(patient_id), patient_name)],
+            )
         lesions: dict[tuple[str, str], dict[str, Any]] = {}
         for point in timeline.timeline(index, patient_row):
             lesion = lesions.setdefault(

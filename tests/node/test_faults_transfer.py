@@ -20,6 +20,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -57,6 +58,51 @@ def _echo_within(port: int, seconds: float = ECHO_WITHIN_S, ae_title: str = "PYS
     assoc.release()
     assert status is not None and status.Status == 0x0000
     assert time.monotonic() - start < seconds
+
+
+class EchoesThroughout:
+    """A known peer (ECHOSCU) sending C-ECHO every 0.25 s from a thread while a fault runs.
+
+    On leaving the block: at least one echo ran during it, every one was answered with Success,
+    each within :data:`ECHO_WITHIN_S` (acceptance 1 of issue 17: "throughout rows 1-9").
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.times: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.monotonic()
+            try:
+                _echo_within(self.port, seconds=60, ae_title="ECHOSCU")
+            except (AssertionError, OSError, RuntimeError) as err:
+                self.failures.append(f"{type(err).__name__}: {err}")
+            self.times.append(time.monotonic() - start)
+            self._stop.wait(0.25)
+
+    def __enter__(self) -> EchoesThroughout:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.times:  # let one echo finish if the fault was quicker than one
+            deadline = time.monotonic() + 10
+            while not self.times and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if exc[0] is not None:
+            return
+        assert self.times, "no echo during the fault"
+        assert not self.failures, self.failures
+        assert max(self.times) < ECHO_WITHIN_S, self.times
+        print(
+            f"{len(self.times)} echo(es) during the fault, slowest {max(self.times) * 1e3:.0f} ms"
+        )
 
 
 def _instance(folder: Path, *, side: int, seed: int = 0):
@@ -162,7 +208,8 @@ def test_rows2_3_a_pdu_declaring_gigabytes_is_not_buffered(
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         header = b"\x01\x00" + struct.pack(">L", 0xFFFFFFF0)
     try:
-        sent_mb = _flood(sock, header)
+        with EchoesThroughout(port):
+            sent_mb = _flood(sock, header)
     finally:
         if assoc is not None:
             assoc.abort()
@@ -194,8 +241,9 @@ def test_row4_a_deflate_bomb_is_refused_without_being_inflated(tmp_path, node_fa
         "127.0.0.1", port, ae_title="SPINENODE"
     )
     assert assoc.is_established
-    _send_pdus(assoc, ds, payload)
-    _, response = assoc.dimse.get_msg(block=True)
+    with EchoesThroughout(port):
+        _send_pdus(assoc, ds, payload)
+        _, response = assoc.dimse.get_msg(block=True)
     assoc.release()
     assert response is not None and response.Status == 0xA700
     assert _peak_rss_mb(node.proc.pid) <= MAX_RSS_MB
@@ -269,7 +317,8 @@ def test_row6_a_200_character_uid_leaves_no_file_and_the_node_serving(tmp_path, 
     for _ in range(3):
         assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
         assert assoc.is_established
-        _send_pdus(assoc, ds, payload, uid="1." + "2" * 198)
+        with EchoesThroughout(port):
+            _send_pdus(assoc, ds, payload, uid="1." + "2" * 198)
         # the node answers with a failure status or ends the association; never Success
         response = assoc.dimse.get_msg(block=True)[1] if assoc.is_established else None
         if response is not None:
@@ -288,9 +337,10 @@ def test_row7_transfers_aborted_mid_dataset_leave_no_partial_file(tmp_path, node
     for _ in range(6):
         assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
         assert assoc.is_established
-        _send_pdus(assoc, ds, payload, fraction=0.5)
-        assert _wait_until(lambda: any(p.stat().st_size > 0 for p in _incoming(storage)))
-        assoc.abort()
+        with EchoesThroughout(port):
+            _send_pdus(assoc, ds, payload, fraction=0.5)
+            assert _wait_until(lambda: any(p.stat().st_size > 0 for p in _incoming(storage)))
+            assoc.abort()
         assert _wait_until(lambda: not _incoming(storage)), _incoming(storage)
         _echo_within(port)
     # nothing was acknowledged, nothing is stored, and the node still stores
@@ -332,7 +382,8 @@ def test_rows8_9_an_instance_larger_than_the_free_disk_is_refused_0xA700(
     for _ in range(2):  # and again: the node recovers by itself
         assoc = _peer_ae().associate("127.0.0.1", port, ae_title="SPINENODE")
         assert assoc.is_established
-        status = assoc.send_c_store(big)
+        with EchoesThroughout(port):
+            status = assoc.send_c_store(big)
         assert status is not None and status.Status == 0xA700
         # the association goes on: the next instance on it is stored
         assert assoc.send_c_store(small).Status == 0x0000
