@@ -273,6 +273,10 @@ def test_row16_storage_is_owner_only_whatever_the_umask(tmp_path, umask):
             assert stat.S_IMODE(root.stat().st_mode) == 0o700
             assert modes and all(mode == 0o600 for mode in modes.values()), modes
             assert {stat.S_IMODE(p.stat().st_mode) for p in stored} == {0o600}
+            # the audit trail holds patient IDs and names too
+            audit_log = root / "audit" / "audit.log"
+            assert stat.S_IMODE(audit_log.stat().st_mode) == 0o600
+            assert stat.S_IMODE(audit_log.parent.stat().st_mode) == 0o700
         finally:
             svc.stop()
     finally:
