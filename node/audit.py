@@ -147,17 +147,23 @@ def _timestamp(when: float | None = None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def patient_object(patient_id: str, patient_name: str | None) -> ET.Element:
-    """The Patient participant object (ID; the name, which this schema edition requires)."""
+def _participant_object(object_id: str, type_code: str, role: str, id_type: Code) -> ET.Element:
+    """A ParticipantObjectIdentification with its ID, type, role and ID type code."""
     obj = ET.Element(
         "ParticipantObjectIdentification",
         {
-            "ParticipantObjectID": _one_line(patient_id) or "UNKNOWN",
-            "ParticipantObjectTypeCode": "1",
-            "ParticipantObjectTypeCodeRole": "1",
+            "ParticipantObjectID": object_id,
+            "ParticipantObjectTypeCode": type_code,
+            "ParticipantObjectTypeCodeRole": role,
         },
     )
-    _coded(obj, "ParticipantObjectIDTypeCode", ID_PATIENT)
+    _coded(obj, "ParticipantObjectIDTypeCode", id_type)
+    return obj
+
+
+def patient_object(patient_id: str, patient_name: str | None) -> ET.Element:
+    """The Patient participant object (ID; the name, which this schema edition requires)."""
+    obj = _participant_object(_one_line(patient_id) or "UNKNOWN", "1", "1", ID_PATIENT)
     ET.SubElement(obj, "ParticipantObjectName").text = _one_line(patient_name or "") or "UNKNOWN"
     return obj
 
@@ -167,15 +173,7 @@ def study_objects(study_uid: str, sop_classes: Mapping[str, int]) -> list[ET.Ele
     element per object), each with its number of instances."""
     objects = []
     for sop_class, count in sorted(sop_classes.items()):
-        obj = ET.Element(
-            "ParticipantObjectIdentification",
-            {
-                "ParticipantObjectID": study_uid,
-                "ParticipantObjectTypeCode": "2",
-                "ParticipantObjectTypeCodeRole": "3",
-            },
-        )
-        _coded(obj, "ParticipantObjectIDTypeCode", ID_STUDY_UID)
+        obj = _participant_object(study_uid, "2", "3", ID_STUDY_UID)
         ET.SubElement(obj, "ParticipantObjectName").text = study_uid
         ET.SubElement(obj, "SOPClass", {"UID": sop_class, "NumberOfInstances": str(count)})
         objects.append(obj)
@@ -184,15 +182,7 @@ def study_objects(study_uid: str, sop_classes: Mapping[str, int]) -> list[ET.Ele
 
 def query_object(sop_class_uid: str, query: bytes) -> ET.Element:
     """The Query participant object: the SOP class queried and the encoded identifier."""
-    obj = ET.Element(
-        "ParticipantObjectIdentification",
-        {
-            "ParticipantObjectID": sop_class_uid,
-            "ParticipantObjectTypeCode": "2",
-            "ParticipantObjectTypeCodeRole": "24",
-        },
-    )
-    _coded(obj, "ParticipantObjectIDTypeCode", ID_SOP_CLASS_UID)
+    obj = _participant_object(sop_class_uid, "2", "24", ID_SOP_CLASS_UID)
     ET.SubElement(obj, "ParticipantObjectQuery").text = base64.b64encode(query).decode("ascii")
     return obj
 

@@ -664,28 +664,21 @@ class StorageSCP:
     def _audit_rejection(self, event: evt.Event, reason: str) -> None:
         """A Security Alert (Node Authentication) for an association the node refused."""
         request = event.assoc.requestor
-        self.audit.event(
-            SECURITY_ALERT,
-            outcome=MINOR_FAILURE,
-            event_types=(NODE_AUTHENTICATION,),
-            action="E",
-            description=f"association rejected: {reason}",
-            participants=(
-                Participant(
-                    str(request.ae_title).strip(), requestor=True, host=str(request.address)
-                ),
-                self.audit.node(),
-            ),
-        )
+        peer = Participant(str(request.ae_title).strip(), requestor=True, host=str(request.address))
+        self._security_alert(peer, f"association rejected: {reason}")
 
     def _audit_handshake_failure(self, host: str, error: str) -> None:
+        peer = Participant("unknown", requestor=True, host=host)
+        self._security_alert(peer, f"TLS handshake failed or timed out: {error}")
+
+    def _security_alert(self, peer: Participant, description: str) -> None:
         self.audit.event(
             SECURITY_ALERT,
             outcome=MINOR_FAILURE,
             event_types=(NODE_AUTHENTICATION,),
             action="E",
-            description=f"TLS handshake failed or timed out: {error}",
-            participants=(Participant("unknown", requestor=True, host=host), self.audit.node()),
+            description=description,
+            participants=(peer, self.audit.node()),
         )
 
     def _audit_received(self, state: _AssociationState, outcome: str) -> None:

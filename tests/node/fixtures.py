@@ -190,6 +190,18 @@ ae_title = "PYSCU"
     return path
 
 
+def receiving_peer(port: int, ae_title: str = "STORESCP") -> str:
+    """The ``[[peers]]`` table of a destination the node sends results to (and never hears
+    from), for :func:`write_config`'s ``extra``."""
+    return f"""
+[[peers]]
+ae_title = "{ae_title}"
+port = {port}
+may_send = false
+may_receive = true
+"""
+
+
 class NodeProcess:
     """``spine-node serve`` as a subprocess, logging into the session log folder."""
 

@@ -36,7 +36,7 @@ from werkzeug.security import generate_password_hash
 from node import audit
 from node.audit import AuditTrail, Participant, SyslogTarget
 from tests.node.dicom_factory import PATIENT_ID, PATIENT_NAME, write_mr_series
-from tests.node.fixtures import REPO, free_port, require_tool, write_config
+from tests.node.fixtures import REPO, free_port, receiving_peer, require_tool, write_config
 
 pytestmark = pytest.mark.network
 
@@ -187,13 +187,8 @@ def test_node_audits_transfer_rejection_logins_and_delivery(
     config = write_config(
         tmp_path / "node.toml",
         storage=storage,
-        extra=f"""
-[[peers]]
-ae_title = "STORESCP"
-port = {pacs_port}
-may_send = false
-may_receive = true
-
+        extra=receiving_peer(pacs_port)
+        + f"""
 [dispatch]
 poll_interval_s = 0.2
 

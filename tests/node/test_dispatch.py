@@ -18,7 +18,7 @@ from node.dispatch import Dispatcher, Outbox, backoff_delay
 from node.index import Index
 from node.store import Store
 from tests.node.dicom_factory import write_mr_series
-from tests.node.fixtures import REPO, free_port, require_tool, write_config
+from tests.node.fixtures import REPO, free_port, receiving_peer, require_tool, write_config
 
 pytestmark = pytest.mark.network
 
@@ -42,13 +42,8 @@ def test_outbox_delivers_exactly_once_to_a_late_pacs_across_a_node_kill(tmp_path
     config = write_config(
         tmp_path / "node.toml",
         storage=storage,
-        extra=f"""
-[[peers]]
-ae_title = "STORESCP"
-port = {pacs_port}
-may_send = false
-may_receive = true
-
+        extra=receiving_peer(pacs_port)
+        + """
 [dispatch]
 max_tries = 1000
 backoff_initial_s = 0.3
