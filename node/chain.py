@@ -403,7 +403,7 @@ def run_chain(
     studies = [baseline, *follow_ups]
     for study in studies:
         _scanner_adc_qa(study, notes)
-    results = _measure_and_assess(studies, lesion, course, settings, timer, notes)
+    results = _measure_and_assess(studies, lesion, course, settings, timer, notes, map_cache)
     outputs: list[Dataset] = []
     if settings.outputs:
         with timer("reporting"):
@@ -844,6 +844,60 @@ def _planar_measurement(study: StudyAnalysis, measurements: Any, notes: list[str
         return None
 
 
+def _baseline_repeatability(
+    study: StudyAnalysis,
+    groups: list[tuple[sitk.Image, dict[str, sitk.Image]]],
+    caches: list[Any],
+    radiomics_settings: Mapping[str, Any] | None,
+    timer: _Timer,
+    map_cache: Any = None,
+) -> dict[str, float]:
+    """Per-case minimum detectable change from small perturbations of the baseline ROI
+    (:func:`processing.change.perturbation_repeatability`, once per acquisition grid).
+
+    With a map cache, the result is kept there under a key of the baseline's instances (content
+    digests), its lesion mask and the radiomics settings: a re-analysis with the same baseline (a
+    new follow-up) takes it from there, as ``repeatability cached`` in the timings.
+    """
+    from processing.change import perturbation_repeatability
+
+    key = None
+    if map_cache is not None:
+        from node.map_cache import derived_key
+
+        with timer("repeatability cached"):
+            mask = study.lesion_mask
+            assert mask is not None  # the baseline GTV is set before measurement
+            geometry = repr((mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection()))
+            key = derived_key(
+                "repeatability",
+                [ds for m in study.maps.values() for ds in m.source_datasets],
+                sitk.GetArrayViewFromImage(mask).tobytes(),
+                geometry,
+                repr(sorted((q, s.digest()) for q, s in (radiomics_settings or {}).items())),
+            )
+            cached = map_cache.get_values("repeatability", key)
+        if cached is not None:
+            logger.info("baseline repeatability of study %s cached", study.study_instance_uid)
+            return cached
+        timer.timings["repeatability"] += timer.timings.pop("repeatability cached")
+    repeatability: dict[str, float] = {}
+    with timer("repeatability"):
+        # the anatomical grid's volume MDC wins
+        for (mask_image, maps), cache in reversed(list(zip(groups, caches, strict=True))):
+            repeatability.update(
+                perturbation_repeatability(
+                    mask_image,
+                    maps,
+                    radiomics_settings=_subset(radiomics_settings, maps),
+                    radiomics_cache=cache,
+                )
+            )
+    if key is not None:
+        map_cache.put_values("repeatability", key, repeatability)
+    return repeatability
+
+
 def _measure_and_assess(
     studies: list[StudyAnalysis],
     lesion: Any,
@@ -851,8 +905,9 @@ def _measure_and_assess(
     settings: ChainSettings,
     timer: _Timer,
     notes: list[str],
+    map_cache: Any = None,
 ) -> list[Any]:
-    from processing.change import compute_changes, perturbation_repeatability
+    from processing.change import compute_changes
     from processing.comparability import assess_comparability
     from processing.measure import measure_lesion
     from processing.radiomics import RadiomicsCache, default_course_settings
@@ -894,18 +949,9 @@ def _measure_and_assess(
                 )
             )
         if index == 0 and len(studies) > 1 and settings.repeatability:
-            # per-case minimum detectable change from small perturbations of the baseline ROI
-            with timer("repeatability"):
-                # the anatomical grid's volume MDC wins
-                for (mask, maps), cache in reversed(list(zip(groups, caches, strict=True))):
-                    repeatability.update(
-                        perturbation_repeatability(
-                            mask,
-                            maps,
-                            radiomics_settings=_subset(radiomics_settings, maps),
-                            radiomics_cache=cache,
-                        )
-                    )
+            repeatability = _baseline_repeatability(
+                study, groups, caches, radiomics_settings, timer, map_cache
+            )
     baseline_protocol = _protocol(studies[0])
     results = []
     previous_category = None

@@ -88,6 +88,26 @@ def cache_key(datasets: Sequence[Dataset], settings: MapSettings | None) -> str:
     return digest.hexdigest()
 
 
+def derived_key(kind: str, datasets: Sequence[Dataset], *parts: str | bytes) -> str:
+    """The key of a result derived from `datasets` and `parts` (e.g. the baseline's per-case
+    repeatability: its instances, the lesion mask and the radiomics settings), of type `kind`.
+
+    Like :func:`cache_key`: every instance by UID and content digest, then each part
+    (length-prefixed, so that parts cannot run into each other), the cache format and
+    :data:`node.__version__`.
+    """
+    digest = hashlib.sha256()
+    digest.update(f"{kind}/{CACHE_FORMAT}/{__version__}\n".encode())
+    unique = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    for uid, ds in sorted(unique.items()):
+        digest.update(f"{uid}:{instance_digest(ds)}\n".encode())
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(f"{len(data)}:".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
 def _encode(value: Any) -> Any:
     """A JSON-able form of `value` that :func:`_decode` turns back into an equal value of the same
     types."""
@@ -267,6 +287,49 @@ class MapCache:
             return True
         except (OSError, ValueError, TypeError, MapCacheError) as err:
             logger.warning("maps not cached (entry %s): %s: %s", key[:16], type(err).__name__, err)
+            return False
+
+    def get_values(self, kind: str, key: str) -> dict[str, float] | None:
+        """Named numbers of type `kind` stored under `key` (:meth:`put_values`), or None."""
+        path = self._paths(key)[1].with_suffix(f".{kind}.json")
+        if not path.is_file():
+            return None
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+                raise MapCacheError("entry of another format or key")
+            if meta.get("kind") != kind:
+                raise MapCacheError(f"entry of kind {meta.get('kind')!r}")
+            return {str(name): float(value) for name, value in meta["values"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, MapCacheError) as err:
+            logger.warning(
+                "cached %s %s unreadable (%s: %s); recomputed",
+                kind,
+                key[:16],
+                type(err).__name__,
+                err,
+            )
+            return None
+
+    def put_values(self, kind: str, key: str, values: Mapping[str, float]) -> bool:
+        """Store named numbers of type `kind` under `key`; False (with a warning) on failure."""
+        path = self._paths(key)[1].with_suffix(f".{kind}.json")
+        meta = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "kind": kind,
+            "algorithm_version": __version__,
+            "values": {name: float(value) for name, value in values.items()},
+        }
+        try:
+            data = json.dumps(meta, allow_nan=False, sort_keys=True).encode("utf-8")
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write_atomic(path, data)
+            return True
+        except (OSError, ValueError, TypeError) as err:
+            logger.warning(
+                "%s not cached (entry %s): %s: %s", kind, key[:16], type(err).__name__, err
+            )
             return False
 
     def _write_atomic(self, path: Path, data: bytes) -> None:

@@ -25,10 +25,10 @@ def shared_data() -> Path:
 pytest_plugins = [*pytest_plugins, "tests.node.fixtures", "tests.orthanc_fixture"]
 
 #: The suite's longest files, longest first (1.5-5 min each on the 2-core machine; most other
-#: files take seconds, none much more than a minute). ``make test`` runs 2 xdist workers with
+#: files take seconds, none much more than a minute). ``make test`` runs 3 xdist workers with
 #: ``--dist loadfile --no-loadscope-reorder``: a file runs whole on one worker, and files are
 #: handed out in collection order, so these go first, the short files fill in behind them, and
-#: both workers finish together (pytest-xdist's default order, by number of tests, would start
+#: the workers finish together (pytest-xdist's default order, by number of tests, would start
 #: them last). A file that grows long belongs here (``make test`` prints the slowest tests).
 LONGEST_FIRST = (
     "tests/node/test_cohort.py",

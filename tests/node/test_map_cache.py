@@ -2,7 +2,8 @@
 
 Issue 14, acceptance 3: re-analysing a patient after one new follow-up refits only the new study's
 maps (the fits are counted by wrapping the real :func:`processing.maps.compute_maps`), and the
-summary and every output UID equal those of an uncached run.
+summary and every output UID equal those of an uncached run. The baseline's perturbation
+repeatability is kept in the same cache (issue 18: re-analysis cost) and equals the computed one.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fit
     cache = MapCache(tmp_path / "cache")
     first = run_chain(
         _datasets(patient, ["baseline", "rt", "followup1"]),
-        settings=ChainSettings(repeatability=False, outputs=False),
+        settings=ChainSettings(radiomics=False, outputs=False),
         map_cache=cache,
     )
     assert len(counted_fits) == 2 and all(counted_fits)  # baseline and follow-up 1, with maps
     assert not any(k.startswith("maps cached") for k in first.timings)
+    assert "repeatability" in first.timings and "repeatability cached" not in first.timings
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.repeatability.json"))) == 1
 
     # the full chain (repeatability, DICOM outputs) without radiomics: the maps feed the same
     # measurements, changes and Parametric Maps, in half the time
@@ -83,12 +86,15 @@ def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fit
         k.removeprefix("maps cached: ") for k in cached.timings if k.startswith("maps cached: ")
     )
     assert hits == sorted(s.study_instance_uid for s in cached.studies[:2])
+    # the baseline's perturbation repeatability, from the first run's entry
+    assert "repeatability cached" in cached.timings and "repeatability" not in cached.timings
 
     counted_fits.clear()
     uncached = run_chain(
         _datasets(patient, ["baseline", "rt", "followup1", "followup2"]), settings=full
     )
     assert len(counted_fits) == 3
+    assert "repeatability" in uncached.timings
     fit_time = uncached.timings["maps"]
     read_time = sum(v for k, v in cached.timings.items() if k.startswith("maps cached: "))
     print(
