@@ -509,6 +509,35 @@ class AuditTrail:
             outcome=outcome,
         )
 
+    def files_transferred(
+        self,
+        paths: Sequence[Path],
+        acknowledged: set[str],
+        *,
+        source: Participant,
+        destination: Participant,
+        action: str,
+        noun: str = "instance(s)",
+    ) -> None:
+        """DICOM Instances Transferred, one message per patient of the files ``paths``: outcome 0
+        when every file of the patient is in ``acknowledged`` (their paths as str), 4 when some
+        are, 8 when none is."""
+        for patient, n_ok, n_tried in files_per_patient(list(paths), acknowledged):
+            outcome = SUCCESS if n_ok == n_tried else MINOR_FAILURE if n_ok else SERIOUS_FAILURE
+            for message in transfer_messages(
+                [patient],
+                source=source,
+                destination=destination,
+                action=action,
+                outcome=outcome,
+                description=None
+                if outcome == SUCCESS
+                else f"{n_ok} of {n_tried} {noun} acknowledged",
+                source_id=self.source_id,
+                site_id=self.site_id,
+            ):
+                self.record(message, outcome=outcome)
+
     def node(self, role: Code | None = ROLE_APPLICATION, *, requestor: bool = False) -> Participant:
         """The node itself as an active participant (its AE title and process id)."""
         return Participant(
@@ -533,6 +562,9 @@ class NoAudit(AuditTrail):
 
     def record(self, message: bytes, *, outcome: int) -> None:
         return None
+
+    def files_transferred(self, *args: object, **kwargs: object) -> None:
+        return None  # nothing to record: the files' headers are not even read
 
 
 def open_audit_trail(settings: Settings) -> AuditTrail:
@@ -582,6 +614,28 @@ def received_patients(index: Index, association_id: int) -> list[PatientInstance
         (association_id,),
     )
     return _group(rows)
+
+
+def files_per_patient(
+    paths: list[Path], acknowledged: set[str]
+) -> list[tuple[PatientInstances, int, int]]:
+    """Per patient: what was acknowledged (or, if nothing was, what was tried), and the numbers
+    of files acknowledged and tried."""
+    per_patient: dict[str, list[tuple[PatientInstances, bool]]] = {}
+    for path, info in file_patients(paths).items():
+        per_patient.setdefault(info.patient_id, []).append((info, str(path) in acknowledged))
+    out = []
+    for files in per_patient.values():
+        chosen = [info for info, ok in files if ok] or [info for info, _ok in files]
+        studies: dict[str, dict[str, int]] = {}
+        for info in chosen:
+            for study, classes in info.studies.items():
+                for sop_class, count in classes.items():
+                    per_class = studies.setdefault(study, {})
+                    per_class[sop_class] = per_class.get(sop_class, 0) + count
+        patient = PatientInstances(chosen[0].patient_id, chosen[0].patient_name, studies)
+        out.append((patient, sum(ok for _info, ok in files), len(files)))
+    return out
 
 
 def file_patients(paths: Iterable[Path]) -> dict[Path, PatientInstances]:

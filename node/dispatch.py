@@ -26,19 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.audit import (
-    MINOR_FAILURE,
-    ROLE_DESTINATION,
-    ROLE_SOURCE,
-    SERIOUS_FAILURE,
-    SUCCESS,
-    AuditTrail,
-    NoAudit,
-    Participant,
-    PatientInstances,
-    file_patients,
-    transfer_messages,
-)
+from node.audit import ROLE_DESTINATION, ROLE_SOURCE, AuditTrail, NoAudit, Participant
 from node.config import DispatchSettings, Peer, Settings
 from node.errors import PeerError, is_success_or_warning
 from node.index import Index
@@ -213,25 +201,16 @@ class Dispatcher:
     def _audit_delivery(self, peer: Peer, paths: list[Path], acknowledged: set[str]) -> None:
         """DICOM Instances Transferred (action R), per patient, for one delivery attempt."""
         try:
-            source = self.audit.node(ROLE_SOURCE, requestor=True)
-            destination = Participant(
-                peer.ae_title, requestor=False, role=ROLE_DESTINATION, host=peer.host
+            self.audit.files_transferred(
+                paths,
+                acknowledged,
+                source=self.audit.node(ROLE_SOURCE, requestor=True),
+                destination=Participant(
+                    peer.ae_title, requestor=False, role=ROLE_DESTINATION, host=peer.host
+                ),
+                action="R",
+                noun="result instance(s)",
             )
-            for patient, n_ok, n_tried in _audit_patients(paths, acknowledged):
-                outcome = SUCCESS if n_ok == n_tried else MINOR_FAILURE if n_ok else SERIOUS_FAILURE
-                for message in transfer_messages(
-                    [patient],
-                    source=source,
-                    destination=destination,
-                    action="R",
-                    outcome=outcome,
-                    description=None
-                    if outcome == SUCCESS
-                    else f"{n_ok} of {n_tried} result instance(s) acknowledged",
-                    source_id=self.audit.source_id,
-                    site_id=self.audit.site_id,
-                ):
-                    self.audit.record(message, outcome=outcome)
         except Exception as err:  # the audit trail must not stop the delivery's books
             logger.error("audit: delivery to %s not recorded: %s", peer.ae_title, err)
 
@@ -324,28 +303,6 @@ class Dispatcher:
         if acknowledged:
             logger.info("dispatched %d instance(s) to %s", acknowledged, address)
         return acknowledged
-
-
-def _audit_patients(
-    paths: list[Path], acknowledged: set[str]
-) -> list[tuple[PatientInstances, int, int]]:
-    """Per patient: what was acknowledged (or, if nothing was, what was tried), and the numbers
-    of files acknowledged and tried."""
-    per_patient: dict[str, list[tuple[PatientInstances, bool]]] = {}
-    for path, info in file_patients(paths).items():
-        per_patient.setdefault(info.patient_id, []).append((info, str(path) in acknowledged))
-    out = []
-    for files in per_patient.values():
-        chosen = [info for info, ok in files if ok] or [info for info, _ok in files]
-        studies: dict[str, dict[str, int]] = {}
-        for info in chosen:
-            for study, classes in info.studies.items():
-                for sop_class, count in classes.items():
-                    per_class = studies.setdefault(study, {})
-                    per_class[sop_class] = per_class.get(sop_class, 0) + count
-        patient = PatientInstances(chosen[0].patient_id, chosen[0].patient_name, studies)
-        out.append((patient, sum(ok for _info, ok in files), len(files)))
-    return out
 
 
 def copy_into_outbox(store: Store, path: Path) -> Path:

@@ -222,6 +222,8 @@ class PriorsFetcher:
             max_workers=self.section.max_concurrent, thread_name_prefix="priors"
         )
         self._lock = threading.Lock()
+        #: files stored by the C-STORE sub-operations of each running C-GET (by association)
+        self._retrieved: dict[int, list[Path]] = {}
         self._pending: set[int] = set()
         self._last_query: dict[int, float] = {}
         self._timers: list[threading.Timer] = []
@@ -802,6 +804,9 @@ class PriorsFetcher:
         finally:
             if assoc.is_established:
                 assoc.release()
+            with self._lock:
+                retrieved = self._retrieved.pop(id(assoc), [])
+            self._audit_retrieved(retrieved)
         counts = tuple(
             int(last.get(k, 0) or 0) if last is not None else 0
             for k in (
@@ -823,6 +828,24 @@ class PriorsFetcher:
             )
         return completed, failed, warning
 
+    def _audit_retrieved(self, paths: list[Path]) -> None:
+        """DICOM Instances Transferred (action C) for what a C-GET brought in (C-MOVE's instances
+        arrive on the listener, which records them)."""
+        if not paths or self.pacs is None:
+            return
+        try:
+            self.audit.files_transferred(
+                paths,
+                {str(p) for p in paths},
+                source=Participant(
+                    self.pacs.ae_title, requestor=False, role=ROLE_SOURCE, host=self.pacs.host
+                ),
+                destination=self.audit.node(ROLE_DESTINATION, requestor=True),
+                action="C",
+            )
+        except Exception as err:  # the audit trail must not stop a retrieval
+            logger.error("audit: C-GET from %s not recorded: %s", self.pacs.ae_title, err)
+
     def _on_get_store(self, event: evt.Event) -> int:
         """C-STORE sub-operation of a C-GET: store through the node's store, like the SCP."""
         request = cast(C_STORE, event.request)  # an EVT_C_STORE handler gets C-STORE requests
@@ -838,4 +861,8 @@ class PriorsFetcher:
             return store_status(err)
         if result.outcome is StoreOutcome.STORED:
             self.service.stability.touch(result.study_uid)
+        with self._lock:
+            # (an instance already held has its index path, relative to the store)
+            stored = self.service.store.root / result.path
+            self._retrieved.setdefault(id(event.assoc), []).append(stored)
         return store_status(result.outcome)

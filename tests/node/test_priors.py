@@ -293,6 +293,18 @@ def _kinds(service: NodeService) -> dict[str, int]:
     return {str(r[0]): int(r[1]) for r in rows}
 
 
+def _audit_log(service: NodeService) -> bytes:
+    path = service.settings.node.storage / "audit" / "audit.log"
+    return path.read_bytes() if path.is_file() else b""
+
+
+def _wait(predicate: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def _held(service: NodeService, study_uid: str) -> int:
     return len(service.index.study_instances(study_uid))
 
@@ -310,8 +322,16 @@ def test_fetch_retrieves_course_and_baseline_and_refuses_other_issuer(tmp_path, 
     service = _node(tmp_path, pacs, pacs_data["follow_up"], method=method)
     try:
         row = _patient_row(service, uids["follow_up"])
-        fetcher = PriorsFetcher(service)
+        fetcher = PriorsFetcher(service, audit=service.audit)
         report = fetcher.fetch(row, uids["follow_up"])
+        # the audit trail: the C-FINDs, and the 4 instances that came (through the listener for
+        # C-MOVE, on the node's own association for C-GET), from FAKEPACS
+        _wait(lambda: b'EventActionCode="C"' in _audit_log(service), 10)
+        log = _audit_log(service).splitlines()
+        assert sum(b'csd-code="110112"' in m for m in log) == len(pacs.find_log)  # one per C-FIND
+        [received] = [m for m in log if b'csd-code="110104"' in m]
+        assert b'UserID="FAKEPACS"' in received and b'NumberOfInstances="3"' in received
+        assert b'NumberOfInstances="1"' in received  # the RT Plan
         # 3 baseline MR + 1 RT Plan came; the old study (200 d before) and the other issuer's
         # study (same PatientID, HOSPITAL-B) did not
         assert report.state == "retrieved"
