@@ -394,6 +394,7 @@ def _dce_maps(
     peak[fg] = np.nanmax(enh[fg], axis=-1)
     strong = fg & np.isfinite(peak) & (peak >= np.nanpercentile(peak[fg], 90))
     curve = np.nanmean(enh[strong], axis=0)
+    del enh  # a copy of the whole series: the chain's peak memory is here (full-size DCE)
     bat = float(bolus_arrival_time(times, curve))
     if not np.isfinite(bat):
         raise InputError(
@@ -459,7 +460,8 @@ def _dce_maps(
     out["kep"] = _qmap("kep", fit.kep, fit.valid & np.isfinite(fit.kep), dce, prov)
     if fit.vp is not None:
         out["vp"] = _qmap("vp", fit.vp, fit.valid, dce, prov)
-    sq = semi_quantitative(times, np.where(fg[..., None], conc, np.nan), bolus_arrival=bat)
+    conc[~fg] = np.nan  # in place: no further copy of the series for the semi-quantitative maps
+    sq = semi_quantitative(times, conc, bolus_arrival=bat)
     sq_prov = {**sq.provenance, "bolus_arrival_s": bat, "t1_method": t1.method, **rel.provenance()}
     if warnings:
         sq_prov["warning"] = "; ".join(warnings)

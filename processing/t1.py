@@ -53,6 +53,10 @@ def spgr_signal(
     return signal
 
 
+#: voxels fitted at once (bounds the memory of the grid search)
+BLOCK_VOXELS = 16384
+
+
 @dataclass(frozen=True)
 class T1Fit:
     """T1 map with fit quality; arrays of the spatial shape.
@@ -222,10 +226,12 @@ class VfaT1Model:
         if idx.size:
             sv = flat[idx]
             alpha = np.deg2rad(self.flip_angles)[None, :] * b1[idx][:, None]
-            if self.method == "linear":
-                r1[idx], m0[idx] = self._fit_linear(sv, alpha)
-            else:
-                r1[idx], m0[idx] = self._fit_nonlinear(sv, alpha)
+            fit = self._fit_linear if self.method == "linear" else self._fit_nonlinear
+            # in blocks of voxels (each is independent): the non-linear fit's grid search holds
+            # n_grid values per voxel (about 1 GB for a full-size DCE study at once)
+            for start in range(0, idx.size, BLOCK_VOXELS):
+                block = slice(start, start + BLOCK_VOXELS)
+                r1[idx[block]], m0[idx[block]] = fit(sv[block], alpha[block])
         r1_lo, r1_hi = 1.0 / self.max_t1, 1.0 / self.min_t1
         valid = use & np.isfinite(r1) & (r1 > r1_lo * (1 + 1e-6)) & (r1 < r1_hi * (1 - 1e-6))
         r1[~valid] = np.nan
