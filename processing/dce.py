@@ -1013,6 +1013,43 @@ class SemiQuantitativeMaps:
     provenance: dict[str, Any]
 
 
+#: voxels whose curves are summarised at once by :func:`semi_quantitative`
+SQ_BLOCK_VOXELS = 16384
+
+
+def _semi_quantitative_block(
+    t: NDArray[np.float64],
+    flat: NDArray[np.float64],
+    bat: NDArray[np.float64] | None,
+    iauc_window: float,
+) -> list[NDArray[np.float64]]:
+    """:func:`semi_quantitative` of the curves ``flat`` (voxels, n_t): BAT, TTP, peak, IAUC,
+    maximum slope, wash-out slope, and validity (as 0/1)."""
+    finite = np.all(np.isfinite(flat), axis=1)
+    if bat is None:
+        bat = bolus_arrival_time(t, flat).ravel()
+    safe = np.where(finite[:, None], flat, 0.0)
+    peak_idx = np.argmax(safe, axis=1)
+    peak = safe[np.arange(flat.shape[0]), peak_idx]
+    ttp = t[peak_idx] - bat
+    iauc = _integral_at(t, safe, bat + iauc_window) - _integral_at(t, safe, bat)
+    max_slope = np.max(np.diff(safe, axis=1) / np.diff(t)[None, :], axis=1)
+    after = np.arange(t.size)[None, :] >= peak_idx[:, None]
+    n_after = after.sum(axis=1)
+    tm = np.where(after, t[None, :], 0.0)
+    t_mean = tm.sum(axis=1) / n_after
+    c_mean = np.where(after, safe, 0.0).sum(axis=1) / n_after
+    dtm = np.where(after, t[None, :] - t_mean[:, None], 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        washout = np.sum(dtm * (safe - c_mean[:, None]), axis=1) / np.sum(dtm**2, axis=1)
+    washout = np.where(n_after >= 3, washout, np.nan)
+    valid = finite & np.isfinite(bat) & (peak > 0)
+    results = [bat, ttp, peak, iauc, max_slope, washout]
+    for r in results:
+        r[~valid] = np.nan
+    return [*results, valid.astype(np.float64)]
+
+
 def semi_quantitative(
     time: ArrayLike,
     concentration: ArrayLike,
@@ -1044,32 +1081,25 @@ def semi_quantitative(
         raise ValueError("concentration must have the time axis last matching `time` (>= 3)")
     spatial = c.shape[:-1]
     flat = c.reshape(-1, t.size)
-    finite = np.all(np.isfinite(flat), axis=1)
     if bolus_arrival is None:
-        bat = bolus_arrival_time(t, flat).ravel()
+        given = None
         method = "per-voxel linear-quadratic regression (Cheong 2003)"
     else:
-        bat = np.broadcast_to(np.asarray(bolus_arrival, dtype=float), spatial).ravel().copy()
+        given = np.broadcast_to(np.asarray(bolus_arrival, dtype=float), spatial).ravel()
         method = "given"
-    safe = np.where(finite[:, None], flat, 0.0)
-    peak_idx = np.argmax(safe, axis=1)
-    peak = safe[np.arange(flat.shape[0]), peak_idx]
-    ttp = t[peak_idx] - bat
-    iauc = _integral_at(t, safe, bat + iauc_window) - _integral_at(t, safe, bat)
-    max_slope = np.max(np.diff(safe, axis=1) / np.diff(t)[None, :], axis=1)
-    after = np.arange(t.size)[None, :] >= peak_idx[:, None]
-    n_after = after.sum(axis=1)
-    tm = np.where(after, t[None, :], 0.0)
-    t_mean = tm.sum(axis=1) / n_after
-    c_mean = np.where(after, safe, 0.0).sum(axis=1) / n_after
-    dtm = np.where(after, t[None, :] - t_mean[:, None], 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        washout = np.sum(dtm * (safe - c_mean[:, None]), axis=1) / np.sum(dtm**2, axis=1)
-    washout = np.where(n_after >= 3, washout, np.nan)
-    valid = finite & np.isfinite(bat) & (peak > 0)
-    results = [bat, ttp, peak, iauc, max_slope, washout]
-    for r in results:
-        r[~valid] = np.nan
+    # in blocks of voxels (each is independent): the curves' temporaries are several copies of
+    # the series otherwise
+    blocks = [
+        _semi_quantitative_block(
+            t,
+            flat[i : i + SQ_BLOCK_VOXELS],
+            None if given is None else given[i : i + SQ_BLOCK_VOXELS].copy(),
+            iauc_window,
+        )
+        for i in range(0, max(flat.shape[0], 1), SQ_BLOCK_VOXELS)
+    ]
+    results = [np.concatenate([b[k] for b in blocks]) for k in range(7)]
+    valid = results.pop().astype(bool)
     bat_map, ttp_map, peak_map, iauc_map, slope_map, washout_map = (
         r.reshape(spatial) for r in results
     )
