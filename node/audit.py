@@ -621,29 +621,24 @@ def files_per_patient(
 ) -> list[tuple[PatientInstances, int, int]]:
     """Per patient: what was acknowledged (or, if nothing was, what was tried), and the numbers
     of files acknowledged and tried."""
-    per_patient: dict[str, list[tuple[PatientInstances, bool]]] = {}
-    for path, info in file_patients(paths).items():
-        per_patient.setdefault(info.patient_id, []).append((info, str(path) in acknowledged))
+    per_patient: dict[str, list[tuple[tuple[str, str | None, str, str, int], bool]]] = {}
+    for path, row in _header_rows(paths).items():
+        per_patient.setdefault(row[0], []).append((row, str(path) in acknowledged))
     out = []
     for files in per_patient.values():
-        chosen = [info for info, ok in files if ok] or [info for info, _ok in files]
-        studies: dict[str, dict[str, int]] = {}
-        for info in chosen:
-            for study, classes in info.studies.items():
-                for sop_class, count in classes.items():
-                    per_class = studies.setdefault(study, {})
-                    per_class[sop_class] = per_class.get(sop_class, 0) + count
-        patient = PatientInstances(chosen[0].patient_id, chosen[0].patient_name, studies)
-        out.append((patient, sum(ok for _info, ok in files), len(files)))
+        chosen = [row for row, ok in files if ok] or [row for row, _ok in files]
+        [patient] = _group(chosen)
+        out.append((patient, sum(ok for _row, ok in files), len(files)))
     return out
 
 
-def file_patients(paths: Iterable[Path]) -> dict[Path, PatientInstances]:
-    """The patient, study and SOP class of each DICOM file (header only; unreadable: left out)."""
+def _header_rows(paths: Iterable[Path]) -> dict[Path, tuple[str, str | None, str, str, int]]:
+    """Each DICOM file's (patient ID, patient name, study UID, SOP class UID, 1), the rows
+    :func:`_group` counts (header only; unreadable files are left out)."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
-    out: dict[Path, PatientInstances] = {}
+    out: dict[Path, tuple[str, str | None, str, str, int]] = {}
     for path in paths:
         try:
             ds = dcmread(
@@ -653,9 +648,11 @@ def file_patients(paths: Iterable[Path]) -> dict[Path, PatientInstances]:
             )
         except (InvalidDicomError, OSError, ValueError):
             continue
-        out[Path(path)] = PatientInstances(
+        out[Path(path)] = (
             str(ds.get("PatientID", "") or ""),
             str(ds.get("PatientName", "") or "") or None,
-            {str(ds.get("StudyInstanceUID", "")): {str(ds.get("SOPClassUID", "")): 1}},
+            str(ds.get("StudyInstanceUID", "")),
+            str(ds.get("SOPClassUID", "")),
+            1,
         )
     return out
