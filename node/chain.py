@@ -145,6 +145,8 @@ class StudyAnalysis:
     #: (processing.series.SetAside: presentation states, vendor private objects, scanner maps...)
     set_aside: tuple[Any, ...] = ()
     scanner_adc_qa: dict[str, Any] | None = None
+    #: key of the study's maps in the map cache (covers the map inputs' contents), if one was used
+    map_cache_key: str | None = None
 
 
 @dataclass
@@ -556,6 +558,7 @@ def _prepare_study(
         anatomy_image=anatomy.volume_image(0),
         anatomy_datasets=list(series[reference_uid]),
         input_digest=digest_uids(datasets),
+        map_cache_key=cache_key,
         maps=maps,
         scanner_adc=None if scanner_uid is None else assembled[scanner_uid],
         scanner_adc_dataset=None if scanner_uid is None else series[scanner_uid][0],
@@ -869,9 +872,17 @@ def _baseline_repeatability(
             mask = study.lesion_mask
             assert mask is not None  # the baseline GTV is set before measurement
             geometry = repr((mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection()))
+            # the fitted maps' inputs are covered by the study's map cache key (their contents
+            # were hashed for it): only the anatomical series are hashed here
             key = derived_key(
                 "repeatability",
-                [ds for m in study.maps.values() for ds in m.source_datasets],
+                [
+                    ds
+                    for m in study.maps.values()
+                    if study.map_cache_key is None or not m.exported
+                    for ds in m.source_datasets
+                ],
+                study.map_cache_key or "",
                 sitk.GetArrayViewFromImage(mask).tobytes(),
                 geometry,
                 repr(sorted((q, s.digest()) for q, s in (radiomics_settings or {}).items())),
