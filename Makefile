@@ -8,9 +8,10 @@ STAMP  := $(VENV)/.installed
 
 # Debian tools the tests use (dcmtk's storescu/storescp/echoscu, dicom3tools' dciodvfy, Orthanc and
 # its DICOMweb plugin, Chromium, npm to fetch the OHIF viewer and the audit schema, jing to validate
-# audit messages against it); a tool or a file, then its package.
+# audit messages against it, poppler's pdftotext to read the history PDF as a reader sees it); a
+# tool or a file, then its package.
 SYSTOOLS := storescu:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium \
-	chromedriver:chromium-driver npm:npm jing:jing \
+	chromedriver:chromium-driver npm:npm jing:jing pdftotext:poppler-utils \
 	/usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 
 # The OHIF viewer of the end-to-end viewer test (tests/e2e/test_ohif.py): the npm package

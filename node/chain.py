@@ -92,6 +92,8 @@ class ChainSettings:
     )
     alpha_beta_gy: float = _ANALYSIS.alpha_beta_gy
     model_path: Path | None = _ANALYSIS.model_path
+    #: response rule set version (processing.response.RULE_SET_VERSIONS)
+    rule_set: str = _ANALYSIS.rule_set
     #: per-case minimum detectable changes from perturbations of the baseline ROI; False: changes
     #: are flagged against the published MDCs only (``spine-node cohort``)
     repeatability: bool = True
@@ -1002,11 +1004,14 @@ def _measure_and_assess(
             previous,
             repeatability=repeatability,
             not_comparable=not_comparable,
+            # rule set 1.0 was recorded with the per-case coefficients alone
+            published_repeatability=settings.rule_set != "1.0",
         )
         response = assess_response(
             changes,
             days_since_treatment=study.days_since_treatment,
             previous_category=previous_category,
+            rule_set=settings.rule_set,
         )
         response = _with_site_model(response, changes, settings, notes)
         previous_category = response.category
@@ -1194,10 +1199,10 @@ def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
     """The settings behind the numbers, written in the SR's algorithm identification."""
     from dataclasses import asdict
 
-    from processing.response import RULE_SET
+    from processing.response import RULE_SET_NAME, SOURCES
 
     parameters = {
-        "response rule set": RULE_SET,
+        "response rule set": f"{RULE_SET_NAME} {settings.rule_set}",
         "radiomics": (
             f"IBSI preprocessing, {settings.radiomics_spacing_mm} mm isotropic, "
             f"{settings.radiomics_bin_count} fixed bins"
@@ -1209,6 +1214,9 @@ def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
         "DCE arterial input function": "Parker 2006 population AIF",
     }
     parameters.update({f"maps {k}": str(v) for k, v in asdict(settings.map_settings()).items()})
+    if settings.rule_set != "1.0":
+        # each criterion's source (a criterion in the SR is a coded concept: no room for it)
+        parameters.update({f"source of {code}": source for code, source in SOURCES.items()})
     return parameters
 
 

@@ -300,6 +300,9 @@ class AnalysisSection(BaseModel):
     radiomics_spacing_mm: float = Field(1.0, gt=0, le=10)
     alpha_beta_gy: float = Field(10.0, gt=0, le=100)
     model_path: Path | None = None
+    #: version of the response rule set (processing.response): 2.0 weighs all functional
+    #: evidence against the combined repeatability; 1.0 reproduces calls made before it
+    rule_set: str = Field("2.0", pattern=r"^(1\.0|2\.0)$")
     #: site r1 (/mM/s) by contrast agent (generic or brand name), e.g. ``{ gadobutrol = 5.0 }``;
     #: wins over the published table (processing.relaxivity)
     relaxivity_per_mM_s: dict[str, float] = Field(default_factory=dict)

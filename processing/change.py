@@ -1,18 +1,21 @@
 """Change of each measured quantity from the baseline and from the previous time point.
 
-Every change is flagged as beyond or within measurement repeatability, expressed as a relative
-minimum detectable change (MDC):
+Every change is flagged as beyond or within measurement repeatability, a relative repeatability
+coefficient (RC, 95 %) that combines two independent sources (:mod:`processing.repeatability`,
+docs/science.md §2.6):
 
-* GTV volume: the published minimum detectable difference of **10.9 %** for spine SBRT GTVs
-  (docs/science.md §1.3, PMID 34392364);
-* every other quantity (diameters, map statistics, radiomics features): the per-case spread of the
-  quantity under small perturbations of the ROI, computed from the images of the case by
-  :func:`perturbation_repeatability` (erosion and dilation by one voxel, shifts by one voxel along
-  each image axis). The spread is turned into a repeatability coefficient as for test-retest data:
-  ``MDC = 1.96 * sqrt(2) * SD / |value|`` (Bland-Altman; QIBA, Raunig et al. 2015), where SD is the
-  standard deviation of the quantity over the original and perturbed ROIs, and never less than the
-  largest relative deviation a single perturbation produced (a one-voxel misplacement of the ROI is
-  within registration error, so a change of that size is not called real).
+* the **published test-retest** coefficient of the quantity, where one exists
+  (:data:`processing.repeatability.PUBLISHED`: GTV volume 10.9 %, ADC 12.9 %, Ktrans and the
+  other DCE parameters 38.5 %);
+* the **per-case segmentation** coefficient: the spread of the quantity under small perturbations
+  of the ROI, computed from the images of the case by :func:`perturbation_repeatability` (erosion
+  and dilation by one voxel, shifts by one voxel along each image axis), turned into a coefficient
+  as for test-retest data: ``RC = 1.96 * sqrt(2) * SD / |value|`` (Bland-Altman; QIBA, Raunig et
+  al. 2015), SD over the original and perturbed ROIs, and never less than the largest relative
+  deviation a single perturbation produced (a one-voxel misplacement of the ROI is within
+  registration error, so a change of that size is not called real).
+
+``RC = sqrt(RC_test_retest² + RC_segmentation²)``; either part alone when the other is missing.
 
 Quantities are addressed by dotted paths (see :class:`processing.results.Change`): ``volume``,
 ``max_axial_diameter``, ``max_craniocaudal_extent``, ``max_3d_diameter``, ``epidural_volume``,
@@ -29,7 +32,6 @@ References
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
@@ -38,15 +40,14 @@ from scipy import ndimage
 
 from processing.measure import measure_lesion
 from processing.radiomics import RadiomicsCache, RadiomicsSettings
+from processing.repeatability import PUBLISHED, RC_FACTOR, Repeatability, repeatability_of
 from processing.results import Change, LesionMeasurements
 
 logger = logging.getLogger(__name__)
 
 #: Minimum detectable difference of GTV volume after spine SBRT (relative), docs/science.md §1.3.
-VOLUME_MDC = 0.109
+VOLUME_MDC = PUBLISHED["volume"].coefficient
 
-#: 1.96 * sqrt(2): repeatability coefficient from a within-subject SD.
-_RC_FACTOR = 1.96 * math.sqrt(2.0)
 
 #: Statistics of each map that enter the change table.
 MAP_STATISTICS = ("mean", "median", "sd", "p10", "p90", "peak")
@@ -81,7 +82,7 @@ def quantity_change(
     reference_value: float,
     value: float,
     *,
-    repeatability: float | None,
+    repeatability: float | Repeatability | None,
     comparable: bool = True,
 ) -> Change:
     """One :class:`Change`; ``relative`` is ``None`` when the reference value is 0.
@@ -94,18 +95,24 @@ def quantity_change(
         Which time point the change is taken from.
     reference_value, value : float
         The quantity at the reference and current time points (same units).
-    repeatability : float or None
-        Relative minimum detectable change (fraction); ``None`` if unknown.
+    repeatability : float, Repeatability or None
+        Relative repeatability coefficient (fraction), or the combined coefficient with its
+        parts (:func:`processing.repeatability.repeatability_of`); ``None`` if unknown.
     comparable : bool
         False when the acquisitions are not comparable for this quantity.
     """
     if reference not in ("baseline", "previous"):
         raise ValueError(f"reference must be 'baseline' or 'previous', got {reference!r}")
+    parts = (
+        repeatability
+        if isinstance(repeatability, Repeatability)
+        else Repeatability(repeatability, None, None)
+    )
     absolute = value - reference_value
     relative = absolute / abs(reference_value) if reference_value != 0 else None
     beyond = None
-    if repeatability is not None and relative is not None:
-        beyond = bool(abs(relative) > repeatability)
+    if parts.combined is not None and relative is not None:
+        beyond = bool(abs(relative) > parts.combined)
     return Change(
         quantity=quantity,
         reference=reference,
@@ -113,9 +120,11 @@ def quantity_change(
         value=float(value),
         absolute=float(absolute),
         relative=relative,
-        repeatability=repeatability,
+        repeatability=parts.combined,
         beyond_repeatability=beyond,
         comparable=comparable,
+        repeatability_test_retest=parts.test_retest,
+        repeatability_segmentation=parts.segmentation,
     )
 
 
@@ -127,6 +136,7 @@ def compute_changes(
     repeatability: Mapping[str, float] | None = None,
     not_comparable: Iterable[str] = (),
     include_radiomics: bool = True,
+    published_repeatability: bool = True,
 ) -> tuple[Change, ...]:
     """Changes of every quantity present at both time points, from baseline and from previous.
 
@@ -136,14 +146,18 @@ def compute_changes(
         Measurements at the current, baseline and previous time points; ``previous`` is omitted
         when it is the baseline itself.
     repeatability : mapping of str to float, optional
-        Relative MDC per dotted quantity (e.g. from :func:`perturbation_repeatability`). Volume
-        always uses :data:`VOLUME_MDC` unless given here.
+        Per-case segmentation coefficient per dotted quantity (from
+        :func:`perturbation_repeatability`); combined with the published test-retest coefficient
+        of each quantity (:func:`processing.repeatability.repeatability_of`). Volume and
+        epidural volume use the published :data:`VOLUME_MDC` alone.
+    published_repeatability : bool
+        False: leave the published test-retest coefficients out (but the volumes'), as response
+        rule set 1.0 was recorded.
     not_comparable : iterable of str
         Quantities (dotted paths, or map names such as ``ADC`` for all its statistics and
         features) whose acquisitions are not comparable; their changes carry ``comparable=False``.
     """
-    mdc = {"volume": VOLUME_MDC, "epidural_volume": VOLUME_MDC}
-    mdc.update(repeatability or {})
+    segmentation = dict(repeatability or {})
     blocked = set(not_comparable)
 
     def is_comparable(path: str) -> bool:
@@ -164,7 +178,9 @@ def compute_changes(
                     label,
                     before[path],
                     now[path],
-                    repeatability=mdc.get(path),
+                    repeatability=repeatability_of(
+                        path, segmentation, published=published_repeatability
+                    ),
                     comparable=is_comparable(path),
                 )
             )
@@ -250,7 +266,7 @@ def perturbation_repeatability(
         ref = original[key]
         if ref == 0 or len(values) < 3 or not np.all(np.isfinite(values)):
             continue
-        spread = _RC_FACTOR * np.std(values, ddof=1)
+        spread = RC_FACTOR * np.std(values, ddof=1)
         largest = np.max(np.abs(np.asarray(values) - ref))
         out[key] = float(max(spread, largest) / abs(ref))
     out["volume"] = VOLUME_MDC

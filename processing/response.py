@@ -1,7 +1,25 @@
-"""Response assessment of a treated spinal metastasis: the documented rule set.
+"""Response assessment of a treated spinal metastasis: the documented rule sets.
 
-Rule set ``spine-sbrt-response 1.0`` encodes the decision logic of docs/science.md §1.11 (design,
-not a guideline; decision support only):
+Two versions are selectable (``[analysis] rule_set``); the version is recorded in every call,
+summary and SR. **2.0** (the default, docs/science.md §1.12) keeps the size criteria, the
+epidural criteria and the pseudoprogression window of 1.0 and weighs all functional evidence
+explicitly, each item only when its change is beyond the combined repeatability coefficient
+(published test-retest and per-case segmentation, :mod:`processing.repeatability`):
+
+* viable-tumour evidence: a rise of vp, Ktrans or IAUC60 (>= +20 %, Kumar 2017, and beyond
+  repeatability) or a fall of the ADC median beyond repeatability;
+* treatment-effect evidence: a fall of vp, Ktrans or IAUC60 (<= -20 %, beyond repeatability) or
+  a rise of the ADC median (>= +25 %, Messiou 2011, and beyond repeatability).
+
+Local progression: epidural progression; a size increase outside the 6-26-week window or
+confirmed by the next scan; a size increase inside the window with viable-tumour evidence and no
+treatment-effect evidence. Indeterminate: any other size increase, and - without a size
+increase - viable-tumour evidence from perfusion *and* diffusion together; the call states which
+way the evidence leans (``ResponseAssessment.leaning``) and what would settle it. Local control
+otherwise. Every criterion names its source (``Criterion.source``).
+
+Rule set ``spine-sbrt-response 1.0`` (kept for reproducibility) encodes the decision logic of
+docs/science.md §1.11 (design, not a guideline; decision support only):
 
 1. **Local progression** if any of
    a. epidural progression: new epidural tumour (baseline epidural volume 0, now
@@ -43,6 +61,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 from processing.change import VOLUME_MDC
 from processing.results import Change, Criterion, ResponseAssessment, ResponseCategory
@@ -50,9 +69,12 @@ from processing.results import Change, Criterion, ResponseAssessment, ResponseCa
 logger = logging.getLogger(__name__)
 
 RULE_SET_NAME = "spine-sbrt-response"
-RULE_SET_VERSION = "1.0"
-#: Name and version recorded in every :class:`ResponseAssessment`.
+#: The selectable versions; the default is the last.
+RULE_SET_VERSIONS = ("1.0", "2.0")
+RULE_SET_VERSION = RULE_SET_VERSIONS[-1]
+#: Name and version of the default rule set, recorded in every :class:`ResponseAssessment`.
 RULE_SET = f"{RULE_SET_NAME} {RULE_SET_VERSION}"
+RULE_SET_V1 = f"{RULE_SET_NAME} 1.0"
 
 #: Pseudoprogression window after treatment, days (6-26 weeks, docs/science.md §1.2/§1.11).
 PSEUDOPROGRESSION_WINDOW_DAYS = (42, 182)
@@ -77,6 +99,48 @@ CONFIRMATION_RECOMMENDATION = (
     "pseudoprogression window (6-26 weeks after SBRT)"
 )
 PROGRESSION_RECOMMENDATION = "multidisciplinary review of local progression at the treated level"
+
+#: The literature (or node design) behind each criterion of rule set 2.0, by criterion code
+#: prefix; shown beside the criterion and written in the SR's algorithm parameters.
+SOURCES: dict[str, str] = {
+    "volume-increase": "Sunnybrook volumetric thresholds, Neurosurgery 2021 (PMID 34392364)",
+    "diameter-increase": "RECIST 1.1 PD (Eisenhauer 2009); SPINO linear dimension",
+    "growth-confirmed": "node design: growth confirmed on the next scan (SPINO)",
+    "pseudoprogression-window": "Amini 2016 (AJNR 37:387): 6-26 weeks",
+    "epidural": "SPINO criterion b (Thibault 2015); volume MDD Neurosurgery 2021",
+    "bilsky-increase": "Bilsky 2010 (J Neurosurg Spine 13:324)",
+    "perfusion-rise": "Kumar 2017 (Technol Cancer Res Treat); AJNR 2023;44:1451",
+    "perfusion-fall": "Kumar 2017 (Technol Cancer Res Treat): vp cut-off -20 %",
+    "adc-fall": "Padhani 2009 (Neoplasia 11:102): cellularity lowers ADC",
+    "adc-rise": "Messiou 2011 (Eur Radiol): ADC +25 %",
+    "functional-progression": "node design: viable-tumour evidence of perfusion and diffusion",
+    "compression-fracture": "Sahgal 2013 (J Clin Oncol 31:3426); Genant 1993",
+    "repeatability": "processing.repeatability: published test-retest (+) per-case ROI spread",
+}
+
+#: Perfusion quantities weighed by rule set 2.0 (mean over the lesion, as in Kumar 2017).
+PERFUSION_QUANTITIES = ("vp", "Ktrans", "IAUC60")
+#: The ADC statistic weighed by rule set 2.0: the median (the published test-retest coefficient
+#: was measured on it, and it is less sensitive than the mean to marrow at the ROI's edge).
+ADC_STATISTIC = "median"
+
+#: what a confirmation scan is to show, by where the functional evidence leans
+_SETTLE = {
+    "treatment effect": "settled by a stable or shrinking GTV at the confirmation scan",
+    "mixed": "watch vp and the ADC median at the confirmation scan",
+    "none": "the GTV volume at the confirmation scan decides",
+    "progression": "growth beyond threshold at the confirmation scan confirms progression",
+}
+
+
+def rule_set_version(rule_set: str) -> str:
+    """The version of a rule set given as ``"2.0"`` or ``"spine-sbrt-response 2.0"``."""
+    version = rule_set.removeprefix(RULE_SET_NAME).strip()
+    if version not in RULE_SET_VERSIONS:
+        raise ValueError(
+            f"unknown response rule set {rule_set!r}; choose one of {RULE_SET_VERSIONS}"
+        )
+    return version
 
 
 def volume_threshold(
@@ -162,8 +226,9 @@ def assess_response(
     bilsky_current: str | None = None,
     height_loss_baseline_pct: float | None = None,
     height_loss_current_pct: float | None = None,
+    rule_set: str = RULE_SET_VERSION,
 ) -> ResponseAssessment:
-    """Apply rule set :data:`RULE_SET` to one lesion at one follow-up.
+    """Apply a rule set (default :data:`RULE_SET`) to one lesion at one follow-up.
 
     Parameters
     ----------
@@ -179,29 +244,49 @@ def assess_response(
         Bilsky ESCC grades (``0``, ``1a``, ``1b``, ``1c``, ``2``, ``3``).
     height_loss_baseline_pct, height_loss_current_pct : float, optional
         Vertebral body height loss of the treated level, %.
+    rule_set : str
+        ``"2.0"`` (default) or ``"1.0"``, with or without the rule set's name.
 
     Returns
     -------
     ResponseAssessment
-        The category, every criterion evaluated (fired or not, with value and threshold), the
-        rule set name and version, a recommendation, epidural progression and fracture status.
+        The category, every criterion evaluated (fired or not, with value, threshold and, in
+        2.0, source), the rule set name and version, a recommendation, epidural progression and
+        fracture status; in 2.0 also where the functional evidence leans.
     """
-    volume = _find(changes, "volume")
-    fracture = compression_fracture_status(height_loss_baseline_pct, height_loss_current_pct)
-    if volume is None or volume.reference_value <= 0 or volume.relative is None:
-        return ResponseAssessment(
-            category=ResponseCategory.NOT_ASSESSABLE,
-            criteria=(
-                Criterion(
-                    "baseline-volume", "baseline and follow-up GTV volumes are needed", False
-                ),
-            ),
-            rule_set=RULE_SET,
-            recommendation="no baseline GTV volume: response not assessable",
-            compression_fracture=fracture,
-        )
+    arguments = dict(
+        days_since_treatment=days_since_treatment,
+        previous_category=previous_category,
+        bilsky_baseline=bilsky_baseline,
+        bilsky_current=bilsky_current,
+        height_loss_baseline_pct=height_loss_baseline_pct,
+        height_loss_current_pct=height_loss_current_pct,
+    )
+    if rule_set_version(rule_set) == "1.0":
+        return _assess_v1(changes, **arguments)  # type: ignore[arg-type]
+    return _assess_v2(changes, **arguments)  # type: ignore[arg-type]
 
-    criteria: list[Criterion] = []
+
+def _not_assessable(rule_set: str, fracture: str | None) -> ResponseAssessment:
+    return ResponseAssessment(
+        category=ResponseCategory.NOT_ASSESSABLE,
+        criteria=(
+            Criterion("baseline-volume", "baseline and follow-up GTV volumes are needed", False),
+        ),
+        rule_set=rule_set,
+        recommendation="no baseline GTV volume: response not assessable",
+        compression_fracture=fracture,
+    )
+
+
+def _size_criteria(
+    changes: Sequence[Change],
+    volume: Change,
+    previous_category: ResponseCategory | None,
+    criteria: list[Criterion],
+) -> tuple[bool, bool]:
+    """Volume, diameter and confirmation criteria: ``(size increase, growth confirmed)``."""
+    assert volume.relative is not None
     previous_volume = _find(changes, "volume", "previous")
     first_follow_up = previous_volume is None
     base_threshold = volume_threshold(volume.reference_value, first_follow_up=first_follow_up)
@@ -260,7 +345,11 @@ def assess_response(
                 "%",
             )
         )
+    return size_up, growth_confirmed
 
+
+def _window_criterion(days_since_treatment: int | None, criteria: list[Criterion]) -> bool | None:
+    """Whether the follow-up is inside the pseudoprogression window (``None``: unknown)."""
     low, high = PSEUDOPROGRESSION_WINDOW_DAYS
     in_window: bool | None = None
     if days_since_treatment is not None:
@@ -275,7 +364,50 @@ def assess_response(
             "wk",
         )
     )
+    return in_window
 
+
+def _fracture_criterion(
+    fracture: str | None,
+    height_loss_baseline_pct: float | None,
+    height_loss_current_pct: float | None,
+    criteria: list[Criterion],
+) -> None:
+    if fracture is None:
+        return
+    criteria.append(
+        Criterion(
+            "compression-fracture",
+            f"vertebral compression fracture: {fracture} (Genant grade "
+            f"{genant_grade(height_loss_baseline_pct or 0.0)} -> "
+            f"{genant_grade(height_loss_current_pct or 0.0)})",
+            fracture in ("new", "progressive"),
+            height_loss_current_pct,
+            GENANT_GRADES[0][0],
+            "%",
+        )
+    )
+
+
+def _assess_v1(
+    changes: Sequence[Change],
+    *,
+    days_since_treatment: int | None,
+    previous_category: ResponseCategory | None,
+    bilsky_baseline: str | None,
+    bilsky_current: str | None,
+    height_loss_baseline_pct: float | None,
+    height_loss_current_pct: float | None,
+) -> ResponseAssessment:
+    """Rule set 1.0 (docs/science.md §1.11), unchanged since it was first recorded."""
+    volume = _find(changes, "volume")
+    fracture = compression_fracture_status(height_loss_baseline_pct, height_loss_current_pct)
+    if volume is None or volume.reference_value <= 0 or volume.relative is None:
+        return _not_assessable(RULE_SET_V1, fracture)
+
+    criteria: list[Criterion] = []
+    size_up, growth_confirmed = _size_criteria(changes, volume, previous_category, criteria)
+    in_window = _window_criterion(days_since_treatment, criteria)
     epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current, criteria)
 
     vp = _find(changes, "vp.mean")
@@ -328,20 +460,7 @@ def assess_response(
                 "%",
             )
         )
-
-    if fracture is not None:
-        criteria.append(
-            Criterion(
-                "compression-fracture",
-                f"vertebral compression fracture: {fracture} (Genant grade "
-                f"{genant_grade(height_loss_baseline_pct or 0.0)} -> "
-                f"{genant_grade(height_loss_current_pct or 0.0)})",
-                fracture in ("new", "progressive"),
-                height_loss_current_pct,
-                GENANT_GRADES[0][0],
-                "%",
-            )
-        )
+    _fracture_criterion(fracture, height_loss_baseline_pct, height_loss_current_pct, criteria)
 
     recommendation: str | None = None
     if epidural_progression:
@@ -367,17 +486,204 @@ def assess_response(
     logger.info(
         "response %s by %s (%d criteria, %d fired)",
         category.value,
-        RULE_SET,
+        RULE_SET_V1,
         len(criteria),
         sum(c.fired for c in criteria),
     )
     return ResponseAssessment(
         category=category,
         criteria=tuple(criteria),
-        rule_set=RULE_SET,
+        rule_set=RULE_SET_V1,
         recommendation=recommendation,
         epidural_progression=epidural_progression,
         compression_fracture=fracture,
+    )
+
+
+def _beyond(change: Change) -> bool:
+    """Whether a comparable change exceeds its repeatability coefficient (unknown: no)."""
+    return bool(change.comparable and change.beyond_repeatability)
+
+
+def _functional_evidence(
+    changes: Sequence[Change], criteria: list[Criterion]
+) -> tuple[list[str], list[str], bool, bool]:
+    """Rule set 2.0's functional evidence: ``(viable, effect, perfusion known, ADC known)``.
+
+    ``viable`` and ``effect`` name the quantities whose change is evidence of viable tumour or
+    of treatment effect; each weighed quantity adds one criterion per direction, fired or not,
+    with the effective threshold (the larger of the literature cut-off and the change's combined
+    repeatability coefficient, :attr:`processing.results.Change.repeatability`).
+    """
+    viable: list[str] = []
+    effect: list[str] = []
+    perfusion_known = adc_known = False
+    for name in PERFUSION_QUANTITIES:
+        change = _find(changes, f"{name}.mean")
+        if change is None or change.relative is None or not change.comparable:
+            continue
+        perfusion_known = True
+        rc = change.repeatability or 0.0
+        rise = change.relative >= PERFUSION_INCREASE and _beyond(change)
+        fall = change.relative <= PERFUSION_DECREASE and _beyond(change)
+        criteria.append(
+            Criterion(
+                f"perfusion-rise-{name.lower()}",
+                f"{name} mean +20 % or more from baseline, beyond repeatability: viable tumour",
+                rise,
+                _pct(change.relative),
+                _pct(max(PERFUSION_INCREASE, rc)),
+                "%",
+            )
+        )
+        criteria.append(
+            Criterion(
+                f"perfusion-fall-{name.lower()}",
+                f"{name} mean -20 % or more from baseline, beyond repeatability: treatment effect",
+                fall,
+                _pct(change.relative),
+                _pct(min(PERFUSION_DECREASE, -rc)),
+                "%",
+            )
+        )
+        if rise:
+            viable.append(f"{name} {change.relative * 100:+.0f} %")
+        if fall:
+            effect.append(f"{name} {change.relative * 100:+.0f} %")
+    adc = _find(changes, f"ADC.{ADC_STATISTIC}")
+    if adc is not None and adc.relative is not None and adc.comparable:
+        adc_known = True
+        rc = adc.repeatability or 0.0
+        fall = adc.relative < 0 and _beyond(adc)
+        rise = adc.relative >= ADC_INCREASE and _beyond(adc)
+        criteria.append(
+            Criterion(
+                "adc-fall",
+                f"ADC {ADC_STATISTIC} fall from baseline beyond repeatability: viable tumour",
+                fall,
+                _pct(adc.relative),
+                _pct(-rc),
+                "%",
+            )
+        )
+        criteria.append(
+            Criterion(
+                "adc-rise",
+                f"ADC {ADC_STATISTIC} +25 % or more from baseline, beyond repeatability: "
+                "treatment effect",
+                rise,
+                _pct(adc.relative),
+                _pct(max(ADC_INCREASE, rc)),
+                "%",
+            )
+        )
+        if fall:
+            viable.append(f"ADC {adc.relative * 100:+.0f} %")
+        if rise:
+            effect.append(f"ADC {adc.relative * 100:+.0f} %")
+    return viable, effect, perfusion_known, adc_known
+
+
+def _leaning(viable: Sequence[str], effect: Sequence[str]) -> str:
+    if viable and effect:
+        return "mixed"
+    if viable:
+        return "progression"
+    if effect:
+        return "treatment effect"
+    return "none"
+
+
+def _with_source(criterion: Criterion) -> Criterion:
+    for prefix, source in SOURCES.items():
+        if criterion.code.startswith(prefix):
+            return replace(criterion, source=source)
+    return criterion
+
+
+def _assess_v2(
+    changes: Sequence[Change],
+    *,
+    days_since_treatment: int | None,
+    previous_category: ResponseCategory | None,
+    bilsky_baseline: str | None,
+    bilsky_current: str | None,
+    height_loss_baseline_pct: float | None,
+    height_loss_current_pct: float | None,
+) -> ResponseAssessment:
+    """Rule set 2.0 (docs/science.md §1.12): size and window as 1.0, functional evidence weighed."""
+    rule_set = f"{RULE_SET_NAME} 2.0"
+    volume = _find(changes, "volume")
+    fracture = compression_fracture_status(height_loss_baseline_pct, height_loss_current_pct)
+    if volume is None or volume.reference_value <= 0 or volume.relative is None:
+        return _not_assessable(rule_set, fracture)
+
+    criteria: list[Criterion] = []
+    size_up, growth_confirmed = _size_criteria(changes, volume, previous_category, criteria)
+    in_window = _window_criterion(days_since_treatment, criteria)
+    epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current, criteria)
+    viable, effect, perfusion_known, adc_known = _functional_evidence(changes, criteria)
+    leaning = _leaning(viable, effect)
+    perfusion_viable = any(not v.startswith("ADC") for v in viable)
+    adc_viable = any(v.startswith("ADC") for v in viable)
+    functional_progression = bool(perfusion_viable and adc_viable and not effect and not size_up)
+    if perfusion_known and adc_known:
+        criteria.append(
+            Criterion(
+                "functional-progression",
+                "viable-tumour evidence from perfusion and diffusion together, no size increase",
+                functional_progression,
+            )
+        )
+    _fracture_criterion(fracture, height_loss_baseline_pct, height_loss_current_pct, criteria)
+
+    evidence = {
+        "progression": f"viable-tumour evidence ({', '.join(viable)})",
+        "treatment effect": f"treatment-effect evidence ({', '.join(effect)})",
+        "mixed": f"mixed evidence ({', '.join(viable)} against {', '.join(effect)})",
+        "none": "no functional change beyond repeatability",
+    }[leaning]
+    recommendation: str | None = None
+    if epidural_progression or (size_up and (growth_confirmed or in_window is False)):
+        category = ResponseCategory.LOCAL_PROGRESSION
+        recommendation = PROGRESSION_RECOMMENDATION
+    elif size_up and in_window and leaning == "progression":
+        category = ResponseCategory.LOCAL_PROGRESSION
+        recommendation = f"{PROGRESSION_RECOMMENDATION}: size increase with {evidence}"
+    elif size_up:
+        category = ResponseCategory.INDETERMINATE
+        recommendation = f"{CONFIRMATION_RECOMMENDATION}; leans to {leaning}: {evidence}"
+        if leaning == "none":
+            recommendation = f"{CONFIRMATION_RECOMMENDATION}; {evidence}"
+        recommendation += f"; {_SETTLE[leaning]}"
+        if in_window is None:
+            recommendation += "; time since treatment unknown"
+        if not perfusion_known:
+            recommendation += "; no comparable perfusion data (DCE)"
+    elif functional_progression:
+        category = ResponseCategory.INDETERMINATE
+        recommendation = (
+            f"follow-up MRI in 6-8 weeks: {evidence} without a size increase; "
+            "watch the GTV volume and vp"
+        )
+    else:
+        category = ResponseCategory.LOCAL_CONTROL
+    logger.info(
+        "response %s by %s (%d criteria, %d fired, leaning %s)",
+        category.value,
+        rule_set,
+        len(criteria),
+        sum(c.fired for c in criteria),
+        leaning,
+    )
+    return ResponseAssessment(
+        category=category,
+        criteria=tuple(_with_source(c) for c in criteria),
+        rule_set=rule_set,
+        recommendation=recommendation,
+        epidural_progression=epidural_progression,
+        compression_fracture=fracture,
+        leaning=leaning,
     )
 
 

@@ -167,9 +167,12 @@ class Change:
 
     ``quantity`` is a dotted path: ``volume``, ``ADC.mean``, ``Ktrans.median``,
     ``radiomics.ADC.original_glcm_Contrast``. ``relative`` is a fraction (0.10 = +10 %).
-    ``repeatability`` is the minimum detectable change used (relative, as a fraction) and
-    ``beyond_repeatability`` whether |relative| exceeds it. ``comparable`` is False when the two
-    acquisitions are not comparable for this quantity: then the change is flagged, not trusted.
+    ``repeatability`` is the repeatability coefficient used (relative, as a fraction): the
+    published test-retest coefficient and the per-case segmentation coefficient combined
+    (:mod:`processing.repeatability`), given separately as ``repeatability_test_retest`` and
+    ``repeatability_segmentation`` (``None`` where there is none); ``beyond_repeatability`` is
+    whether |relative| exceeds it. ``comparable`` is False when the two acquisitions are not
+    comparable for this quantity: then the change is flagged, not trusted.
     """
 
     quantity: str
@@ -181,6 +184,8 @@ class Change:
     repeatability: float | None
     beyond_repeatability: bool | None
     comparable: bool = True
+    repeatability_test_retest: float | None = None
+    repeatability_segmentation: float | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,7 @@ class Criterion:
     value: float | None = None
     threshold: float | None = None
     unit: str | None = None
+    source: str | None = None  # the literature (or "node design") behind the rule
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,9 @@ class ResponseAssessment:
     model_probability: float | None = None  # site model's probability of progression, if configured
     model_top_features: tuple[tuple[str, float], ...] = ()
     model_name: str | None = None
+    #: rule set 2.0: where the functional evidence leans ("progression", "treatment effect",
+    #: "mixed" or "none"), for an indeterminate call also what would settle it (recommendation)
+    leaning: str | None = None
 
 
 @dataclass(frozen=True)

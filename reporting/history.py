@@ -238,6 +238,32 @@ def _relative(record: Mapping[str, Any], quantity: str) -> str:
     return ""
 
 
+#: quantities whose repeatability coefficients the PDF lists (those the rule set weighs)
+_NOTE_QUANTITIES = ("volume", "ADC.median", "Ktrans.mean", "vp.mean", "IAUC60.mean")
+
+
+def _repeatability_note(record: Mapping[str, Any]) -> str:
+    """The repeatability coefficients of the record's changes from baseline, with their parts."""
+    parts = []
+    changes = {
+        c.get("quantity"): c
+        for c in record.get("changes") or []
+        if c.get("reference") == "baseline" and c.get("repeatability") is not None
+    }
+    for change in (changes[q] for q in _NOTE_QUANTITIES if q in changes):
+        detail = [
+            f"{label} {change[key] * 100:.1f} %"
+            for key, label in (
+                ("repeatability_test_retest", "test-retest"),
+                ("repeatability_segmentation", "segmentation"),
+            )
+            if change.get(key) is not None
+        ]
+        extra = f" ({', '.join(detail)})" if len(detail) > 1 else ""
+        parts.append(f"{change['quantity']} ±{change['repeatability'] * 100:.1f} %{extra}")
+    return f"Repeatability coefficients: {'; '.join(parts)}." if parts else ""
+
+
 def history_pdf(
     records: Sequence[Mapping[str, Any]],
     *,
@@ -317,32 +343,41 @@ def history_pdf(
     table.scale(1.0, 1.3)
     notes = [
         "Changes in brackets are relative to the baseline; * = beyond the repeatability "
-        "(minimum detectable change)."
+        "coefficient (published test-retest and this case's segmentation, combined)."
     ]
     last = points[-1]
     response = last.get("response") or {}
     if response:
-        fired = [c.get("description", "") for c in response.get("criteria") or [] if c.get("fired")]
+        fired = [
+            c.get("description", "") + (f" [{c['source']}]" if c.get("source") else "")
+            for c in response.get("criteria") or []
+            if c.get("fired")
+        ]
         notes.append(
-            f"Latest call ({last.get('study_date')}): {response.get('category')}"
-            + (f" — {'; '.join(fired)}" if fired else "")
+            f"Latest call ({last.get('study_date')}, rule set {response.get('rule_set')}): "
+            f"{response.get('category')}" + (f" — {'; '.join(fired)}" if fired else "")
         )
+        if response.get("leaning"):
+            notes.append(f"Functional evidence leans to: {response['leaning']}.")
         if response.get("recommendation"):
             notes.append(f"Recommendation: {response['recommendation']}")
+    coefficients = _repeatability_note(last)
+    if coefficients:
+        notes.append(coefficients)
     if last.get("comparability") and last.get("comparability") != "comparable":
         notes.append(
             f"Comparability with baseline: {last['comparability']} "
             f"({'; '.join(last.get('comparability_reasons') or [])})"
         )
-    wrapped = [line for note in notes for line in textwrap.wrap(note, 120)]
-    fig.text(0.06, 0.69, "\n".join(wrapped[:12]), fontsize=7.5, va="top")
+    wrapped = [line for note in notes for line in textwrap.wrap(note, 135)]
+    fig.text(0.06, 0.69, "\n".join(wrapped[:15]), fontsize=6.5, va="top")
     trend = trend_figure(points, figsize=(7.5, 5.6), title="Trends")
     buffer = io.BytesIO()
     trend.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
     buffer.seek(0)
     import matplotlib.image as mpimg
 
-    image_ax = fig.add_axes((0.04, 0.06, 0.92, 0.56))
+    image_ax = fig.add_axes((0.04, 0.05, 0.92, 0.50))
     image_ax.imshow(mpimg.imread(buffer, format="png"))
     image_ax.axis("off")
     fig.text(

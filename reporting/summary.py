@@ -161,8 +161,9 @@ def format_summary(results: Sequence[TimePointResult]) -> str:
             for change in changes:
                 rel = f"{change.relative * 100:+.0f} %" if change.relative is not None else "n/a"
                 flags = []
-                if change.beyond_repeatability:
-                    flags.append("beyond repeatability")
+                if change.repeatability is not None:
+                    beyond = "beyond" if change.beyond_repeatability else "within"
+                    flags.append(f"{beyond} repeatability ±{change.repeatability * 100:.0f} %")
                 if not change.comparable:
                     flags.append("NOT comparable")
                 flag_text = f" [{', '.join(flags)}]" if flags else ""
@@ -181,7 +182,10 @@ def format_summary(results: Sequence[TimePointResult]) -> str:
                             value += f" vs {criterion.threshold:.3g}"
                         if criterion.unit:
                             value += f" {criterion.unit}"
-                    lines.append(f"      [{mark}] {criterion.description}{value}")
+                    source = f" [{criterion.source}]" if criterion.source else ""
+                    lines.append(f"      [{mark}] {criterion.description}{value}{source}")
+                if response.leaning is not None:
+                    lines.append(f"    functional evidence leans to: {response.leaning}")
                 if response.recommendation:
                     lines.append(f"    recommendation: {response.recommendation}")
                 if response.model_probability is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
@@ -68,6 +69,37 @@ def test_outputs_and_summary(responder_run):
             tp["measurements"]["ADC.mean"], rel=0.08
         )  # 1 mm B-spline resampling, edges
     assert "local control" in stdout
+    # rule set 2.0 with each criterion's source: in the summary, the printed text and the SR
+    response = follow_up["response"]
+    assert response["rule_set"] == "spine-sbrt-response 2.0"
+    assert response["leaning"] == "treatment effect"  # the responder's vp and Ktrans fall
+    assert all(c["source"] for c in response["criteria"])
+    assert "(spine-sbrt-response 2.0)" in stdout
+    assert "[Kumar 2017 (Technol Cancer Res Treat): vp cut-off -20 %]" in stdout
+    adc = next(
+        c
+        for c in follow_up["changes"]
+        if c["quantity"] == "ADC.median" and c["reference"] == "baseline"
+    )
+    assert adc["repeatability_test_retest"] == 0.129
+    assert 0 < adc["repeatability_segmentation"] < 0.1  # the baseline ROI perturbations
+    assert adc["repeatability"] == pytest.approx(np.hypot(0.129, adc["repeatability_segmentation"]))
+    sr = next(ds for ds in (dcmread(out / n) for n in summary["files"]) if ds.Modality == "SR")
+    texts, meanings = set(), set()
+
+    def walk(items):
+        for item in items:
+            texts.add(str(item.get("TextValue", "")))
+            for code in item.get("ConceptCodeSequence", []):
+                meanings.add(str(code.CodeMeaning))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert "spine-sbrt-response 2.0" in meanings  # the groups' measurement method
+    assert "response rule set=spine-sbrt-response 2.0" in texts
+    assert "source of perfusion-fall=Kumar 2017 (Technol Cancer Res Treat): vp cut-off -20 %" in (
+        texts
+    )
 
 
 def test_nothing_to_analyse_is_a_clear_error(make_phantom, tmp_path):

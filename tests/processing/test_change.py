@@ -42,15 +42,12 @@ def test_quantity_change_arithmetic_and_flags():
 
 
 def test_compute_changes_from_baseline_and_previous_with_comparability():
-    base = LesionMeasurements(
-        volume_ml=10.0, map_statistics={"ADC": _stats("ADC", 1.0e-3), "vp": _stats("vp", 0.10)}
-    )
-    prev = LesionMeasurements(
-        volume_ml=11.0, map_statistics={"ADC": _stats("ADC", 1.1e-3), "vp": _stats("vp", 0.05)}
-    )
-    now = LesionMeasurements(
-        volume_ml=12.0, map_statistics={"ADC": _stats("ADC", 1.3e-3), "vp": _stats("vp", 0.04)}
-    )
+    def stats(adc: float, vp: float, mk: float) -> dict[str, MapStatistics]:
+        return {"ADC": _stats("ADC", adc), "vp": _stats("vp", vp), "MK": _stats("MK", mk)}
+
+    base = LesionMeasurements(volume_ml=10.0, map_statistics=stats(1.0e-3, 0.10, 1.0))
+    prev = LesionMeasurements(volume_ml=11.0, map_statistics=stats(1.1e-3, 0.05, 1.1))
+    now = LesionMeasurements(volume_ml=12.0, map_statistics=stats(1.3e-3, 0.04, 1.2))
     changes = compute_changes(
         now, base, prev, repeatability={"vp.mean": 0.15, "ADC.mean": 0.1}, not_comparable=["ADC"]
     )
@@ -62,10 +59,20 @@ def test_compute_changes_from_baseline_and_previous_with_comparability():
     assert v_prev.relative == pytest.approx(1 / 11) and v_prev.beyond_repeatability is False
     vp = by_key[("vp.mean", "baseline")]
     assert vp.relative == pytest.approx(-0.60) and vp.beyond_repeatability and vp.comparable
+    # published (Ktrans of the same fit, 38.5 %) and per-case (15 %) coefficients in quadrature
+    assert vp.repeatability_test_retest == pytest.approx(0.385)
+    assert vp.repeatability_segmentation == 0.15
+    assert vp.repeatability == pytest.approx(np.hypot(0.385, 0.15))
     adc = by_key[("ADC.mean", "baseline")]
     assert adc.relative == pytest.approx(0.30) and adc.comparable is False
-    assert by_key[("ADC.p90", "previous")].repeatability is None  # no MDC known: not flagged
-    assert by_key[("ADC.p90", "previous")].beyond_repeatability is None
+    assert adc.repeatability == pytest.approx(np.hypot(0.129, 0.1))
+    # no per-case coefficient: the published one alone (ADC: bone metastases, 12.9 %)
+    p90 = by_key[("ADC.p90", "previous")]
+    assert (p90.repeatability, p90.repeatability_segmentation) == (0.129, None)
+    assert p90.beyond_repeatability is True  # +18 %
+    # neither published nor per-case (DKI): no coefficient, not flagged
+    mk = by_key[("MK.mean", "baseline")]
+    assert mk.repeatability is None and mk.beyond_repeatability is None
 
 
 def _textured_lesion(seed: int = 7) -> tuple[sitk.Image, sitk.Image, np.ndarray]:
@@ -200,3 +207,30 @@ def test_repeatability_is_identical_with_or_without_shared_radiomics_preprocessi
     assert flatten_measurements(measured) == flatten_measurements(
         measure_lesion(mask, maps, radiomics_settings=settings)
     )
+
+
+@pytest.mark.parametrize(("factor", "flagged"), [(1.05, False), (0.95, False), (1.30, True)])
+def test_adc_change_is_judged_on_the_combined_coefficient(factor, flagged):
+    """A typical lesion: 5 % ADC changes are within test-retest repeatability, 30 % is beyond.
+
+    The ADC median (the statistic the published coefficient was measured on, and the one rule
+    set 2.0 weighs) of this 6.6 mL lesion has a per-case segmentation coefficient of a few %,
+    so the segmentation perturbation alone would flag a 5 % change; the published
+    bone-metastasis test-retest coefficient (12.9 %) added in quadrature does not.
+    """
+    mask, adc, adc_array = _textured_lesion()
+    segmentation = perturbation_repeatability(mask, {"ADC": adc})
+    assert 0 < segmentation["ADC.median"] < 0.05
+    baseline = measure_lesion(mask, {"ADC": adc})
+    changed = sitk.GetImageFromArray(adc_array * factor)
+    changed.CopyInformation(mask)
+    follow_up = measure_lesion(mask, {"ADC": changed})
+    change = {
+        c.quantity: c for c in compute_changes(follow_up, baseline, repeatability=segmentation)
+    }["ADC.median"]
+    assert change.relative == pytest.approx(factor - 1)
+    assert change.repeatability == pytest.approx(np.hypot(0.129, segmentation["ADC.median"]))
+    assert change.repeatability_test_retest == 0.129
+    assert change.beyond_repeatability is flagged
+    # the segmentation coefficient alone (before) would have flagged the 5 % changes
+    assert abs(change.relative) > segmentation["ADC.median"]

@@ -73,16 +73,20 @@ def _crit(assessment, code):
     return {c.code: c for c in assessment.criteria}[code]
 
 
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_phantom_scenarios_give_the_expected_calls(scenario):
+def test_phantom_scenarios_give_the_expected_calls(scenario, version):
     baseline = _measurements(volume=1.0)
     previous, previous_call = None, None
     for step, days, expected in zip(SCENARIOS[scenario], DAYS, EXPECTED[scenario]):
         current = _measurements(**step)
         changes = compute_changes(current, baseline, previous)
-        call = assess_response(changes, days_since_treatment=days, previous_category=previous_call)
+        call = assess_response(
+            changes, days_since_treatment=days, previous_category=previous_call, rule_set=version
+        )
         assert call.category == expected, (scenario, days, call)
-        assert call.rule_set == RULE_SET == "spine-sbrt-response 1.0"
+        assert call.rule_set == f"spine-sbrt-response {version}"
+        assert RULE_SET == "spine-sbrt-response 2.0"  # the default
         previous, previous_call = current, call.category
         if scenario == "progression":
             assert call.epidural_progression is True
@@ -94,7 +98,9 @@ def test_phantom_scenarios_give_the_expected_calls(scenario):
 def test_pseudoprogression_is_indeterminate_with_perfusion_evidence_listed():
     baseline = _measurements()
     current = _measurements(volume=1.20, d=1.20, ktrans=0.70, vp=0.40)
-    call = assess_response(compute_changes(current, baseline), days_since_treatment=84)
+    call = assess_response(
+        compute_changes(current, baseline), days_since_treatment=84, rule_set="1.0"
+    )
     assert call.category == IND
     assert "confirmation MRI in 6-8 weeks" in call.recommendation
     volume = _crit(call, "volume-increase")
@@ -143,10 +149,11 @@ def test_size_dependent_thresholds_and_not_comparable_perfusion():
     baseline = _measurements()
     current = _measurements(volume=1.20, vp=0.40)
     changes = compute_changes(current, baseline, not_comparable=["vp", "Ktrans"])
-    call = assess_response(changes, days_since_treatment=84)
-    assert call.category == IND
-    assert "no comparable perfusion data" in call.recommendation
-    assert not any(c.code.startswith("perfusion") for c in call.criteria)
+    for version in ("1.0", "2.0"):
+        call = assess_response(changes, days_since_treatment=84, rule_set=version)
+        assert call.category == IND
+        assert "no comparable perfusion data" in call.recommendation
+        assert not any(c.code.startswith("perfusion") for c in call.criteria)
 
 
 def test_fracture_and_bilsky_reported_separately_and_not_assessable():
@@ -201,15 +208,25 @@ def test_scenarios_from_images_through_measure_change_response():
     pseudo = _sphere_case(6.5 * 1.2, vp=0.08 * 0.4, adc=0.85e-3 * 1.2, epidural=False)
     progression = _sphere_case(6.5 * 1.4, vp=0.08 * 1.2, adc=0.85e-3 * 0.95, epidural=True)
     responder = _sphere_case(6.5 * 0.7, vp=0.08 * 0.4, adc=0.85e-3 * 1.35, epidural=False)
+    cases = (("pseudo", pseudo), ("progression", progression), ("responder", responder))
     calls = {
-        name: assess_response(compute_changes(m, baseline), days_since_treatment=84)
-        for name, m in (("pseudo", pseudo), ("progression", progression), ("responder", responder))
+        name: assess_response(compute_changes(m, baseline), days_since_treatment=84, rule_set="1.0")
+        for name, m in cases
     }
     assert calls["pseudo"].category == IND
     assert _crit(calls["pseudo"], "perfusion-decrease-vp").value == pytest.approx(-60.0)
     assert calls["progression"].category == LP and calls["progression"].epidural_progression
     assert calls["responder"].category == LC
     assert _crit(calls["responder"], "adc-increase").fired
+    v2 = {
+        name: assess_response(compute_changes(m, baseline), days_since_treatment=84)
+        for name, m in cases
+    }
+    assert v2["pseudo"].category == IND and v2["pseudo"].leaning == "treatment effect"
+    assert _crit(v2["pseudo"], "perfusion-fall-vp").fired
+    assert v2["progression"].category == LP and v2["progression"].epidural_progression
+    assert v2["responder"].category == LC and v2["responder"].leaning == "treatment effect"
+    assert _crit(v2["responder"], "adc-rise").fired  # +35 % > max(25 %, 12.9 %)
 
 
 # --- with the phantom (processing.phantom, issue 3): ground-truth tumour values per study ------
@@ -244,8 +261,71 @@ def test_phantom_scenarios_ground_truth_give_the_phantoms_expected_call(scenario
     assert call.category.value == follow_up["expected_response"]
     if scenario == "pseudoprogression":
         assert follow_up["days_since_treatment"] == 84
-        vp = _crit(call, "perfusion-decrease-vp")
+        vp = _crit(call, "perfusion-fall-vp")
         assert vp.fired and vp.value < -50
+        assert call.leaning == "treatment effect"
         assert _crit(call, "volume-increase").fired
     if scenario == "progression":
         assert call.epidural_progression is True
+
+
+# --- rule set 2.0: functional evidence weighed against the combined repeatability --------------
+
+
+def _call(version="2.0", days=84, **step):
+    changes = compute_changes(
+        _measurements(**step), _measurements(), published_repeatability=version != "1.0"
+    )
+    return assess_response(changes, days_since_treatment=days, rule_set=version)
+
+
+def test_v2_growth_in_the_window_with_an_adc_fall_beyond_repeatability_is_progression():
+    call = _call(volume=1.30, d=0.80)  # ADC -20 % > 12.9 %; perfusion unchanged
+    assert call.category == LP and call.leaning == "progression"
+    fall = _crit(call, "adc-fall")
+    assert fall.fired and fall.value == pytest.approx(-20.0) and fall.threshold == -12.9
+    assert "viable-tumour evidence (ADC -20 %)" in call.recommendation
+    # 1.0 weighed only a vp rise: indeterminate
+    assert _call("1.0", volume=1.30, d=0.80).category == IND
+
+
+def test_v2_a_perfusion_rise_within_repeatability_is_not_evidence():
+    call = _call(volume=1.30, vp=1.25)  # +25 %: above Kumar's 20 %, within 38.5 %
+    assert call.category == IND and call.leaning == "none"
+    rise = _crit(call, "perfusion-rise-vp")
+    assert not rise.fired and rise.threshold == 38.5
+    assert "no functional change beyond repeatability" in call.recommendation
+    assert "GTV volume at the confirmation scan decides" in call.recommendation
+    # 1.0 called the same +25 % progression
+    assert _call("1.0", volume=1.30, vp=1.25).category == LP
+
+
+def test_v2_mixed_evidence_is_indeterminate_and_says_what_to_watch():
+    call = _call(volume=1.30, vp=1.50, d=1.30)  # vp +50 % (viable) against ADC +30 % (effect)
+    assert call.category == IND and call.leaning == "mixed"
+    assert "vp +50 % against ADC +30 %" in call.recommendation
+    assert "watch vp and the ADC median" in call.recommendation
+    # outside the window growth is progression whatever the functional evidence
+    assert _call(days=300, volume=1.30, vp=1.50, d=1.30).category == LP
+
+
+def test_v2_functional_progression_without_growth_is_indeterminate_never_progression():
+    both = _call(volume=1.0, vp=1.50, d=0.80)
+    assert both.category == IND and both.leaning == "progression"
+    assert _crit(both, "functional-progression").fired
+    assert "without a size increase" in both.recommendation
+    one = _call(volume=1.0, vp=1.50)  # perfusion alone: reported, local control
+    assert one.category == LC and one.leaning == "progression"
+    assert not _crit(one, "functional-progression").fired
+
+
+def test_v2_every_criterion_names_its_source_and_the_version_is_recorded():
+    call = _call(volume=1.30, vp=0.40, d=1.30, epidural=True)
+    assert call.rule_set == "spine-sbrt-response 2.0"
+    assert all(c.source for c in call.criteria), [c.code for c in call.criteria if not c.source]
+    assert _crit(call, "pseudoprogression-window").source.startswith("Amini 2016")
+    assert _crit(call, "perfusion-fall-vp").source.startswith("Kumar 2017")
+    assert all(c.source is None for c in _call("1.0", volume=1.30).criteria)
+    assert assess_response((), days_since_treatment=1, rule_set="spine-sbrt-response 1.0").rule_set
+    with pytest.raises(ValueError, match="unknown response rule set"):
+        _call("3.0")

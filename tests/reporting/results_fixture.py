@@ -106,6 +106,7 @@ FOLLOW_UP = TimePointResult(
                 value=-50.0,
                 threshold=-25.0,
                 unit="%",
+                source="Kumar 2017",
             ),
         ),
         rule_set="spine-sbrt-response 1.0 (SPINO + volumetric + DCE)",
@@ -115,6 +116,7 @@ FOLLOW_UP = TimePointResult(
         model_probability=0.12,
         model_top_features=(("Ktrans.median", -0.8), ("volume", 0.3)),
         model_name="site logistic model",
+        leaning="treatment effect",
     ),
     comparability=Comparability.COMPARABLE,
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -31,7 +32,9 @@ RECORDS = SUMMARY["time_points"]
 
 def test_repeatability_band_around_baseline() -> None:
     low, high = repeatability_band(RECORDS, "ADC.mean")
-    assert (low, high) == pytest.approx((0.90e-3 * 0.88, 0.90e-3 * 1.12))
+    # the case's 12 % and the published bone-metastasis 12.9 %, in quadrature
+    r = float(np.hypot(0.12, 0.129))
+    assert (low, high) == pytest.approx((0.90e-3 * (1 - r), 0.90e-3 * (1 + r)))
     low, high = repeatability_band(RECORDS, "volume")
     assert (low, high) == pytest.approx((10.0 * (1 - VOLUME_MDC), 10.0 * (1 + VOLUME_MDC)))
     assert repeatability_band(RECORDS, "T1.mean") is None
@@ -58,6 +61,28 @@ def test_history_pdf_is_one_deterministic_page() -> None:
     assert len(re.findall(rb"/Type\s*/Page\b(?!s)", pdf)) == 1
     assert history_pdf(RECORDS, course=SUMMARY["course"], algorithm_version="test") == pdf
     assert b"CreationDate" not in pdf
+
+
+def test_history_pdf_shows_the_rule_set_sources_and_repeatability(tmp_path: Path) -> None:
+    """What a reader sees (poppler's pdftotext): the call's rule set, each fired criterion's
+    source, where the evidence leans and the combined repeatability coefficients."""
+    path = tmp_path / "history.pdf"
+    path.write_bytes(history_pdf(RECORDS, course=SUMMARY["course"], algorithm_version="test"))
+    text = subprocess.run(
+        ["pdftotext", str(path), "-"], check=True, capture_output=True, text=True
+    ).stdout
+    flat = " ".join(text.split())
+    assert "rule set spine-sbrt-response 2.0): local control" in flat
+    assert "[Kumar 2017 (Technol Cancer Res Treat): vp cut-off -20 %]" in flat
+    assert "[Messiou 2011 (Eur Radiol): ADC +25 %]" in flat
+    assert "Functional evidence leans to: treatment effect." in flat
+    # volume: the published MDD; the ADC median: published 12.9 % (no per-case value given); vp:
+    # the published 38.5 % and the case's 30 % combined
+    assert "Repeatability coefficients: volume ±10.9 %; ADC.median ±12.9 %;" in flat
+    assert "vp.mean ±48.8 % (test-retest 38.5 %, segmentation 30.0 %)" in flat.replace(
+        "testretest",
+        "test-retest",  # pdftotext joins a hyphenated line break
+    )
 
 
 def test_encapsulated_pdf_passes_dciodvfy_and_reads_back(tmp_path: Path) -> None:

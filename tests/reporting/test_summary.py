@@ -38,11 +38,12 @@ def test_format_summary_text() -> None:
     assert "  baseline 20260105, day -9: volume 4.20 mL" in lines
     assert "  follow-up 20260420, day +96: volume 3.10 mL" in lines
     assert "    ADC mean 1.35e-3 mm²/s; Ktrans mean 0.07 /min" in lines
-    assert "    change of volume from baseline: -26 % [beyond repeatability]" in lines
+    assert "    change of volume from baseline: -26 % [beyond repeatability ±20 %]" in lines
     assert (
         "    RESPONSE: local control (spine-sbrt-response 1.0 (SPINO + volumetric + DCE))" in lines
     )
-    assert "      [x] Ktrans decrease beyond repeatability: -50 vs -25 %" in lines
+    assert "      [x] Ktrans decrease beyond repeatability: -50 vs -25 % [Kumar 2017]" in lines
+    assert "    functional evidence leans to: treatment effect" in lines
     assert "      [ ] Volume increase >= 20 % from baseline: -26.2 vs 20 %" in lines
     # PHI never appears (the fixtures' patient name and ID)
     assert "Test^Spine" not in text and "SRN-TEST-1" not in text
