@@ -15,8 +15,8 @@ Local progression: epidural progression; a size increase outside the 6-26-week w
 confirmed by the next scan; a size increase inside the window with viable-tumour evidence and no
 treatment-effect evidence. Indeterminate: any other size increase, and - without a size
 increase - viable-tumour evidence from perfusion *and* diffusion together; the call states which
-way the evidence leans (``ResponseAssessment.leaning``) and what would settle it. Local control
-otherwise. Every criterion names its source (``Criterion.source``).
+way the evidence leans (``ResponseAssessment.leaning``; a size increase without evidence of
+treatment effect leans to progression) and what would settle it. Local control otherwise. Every criterion names its source (``Criterion.source``).
 
 Rule set ``spine-sbrt-response 1.0`` (kept for reproducibility) encodes the decision logic of
 docs/science.md §1.11 (design, not a guideline; decision support only):
@@ -128,7 +128,6 @@ ADC_STATISTIC = "median"
 _SETTLE = {
     "treatment effect": "settled by a stable or shrinking GTV at the confirmation scan",
     "mixed": "watch vp and the ADC median at the confirmation scan",
-    "none": "the GTV volume at the confirmation scan decides",
     "progression": "growth beyond threshold at the confirmation scan confirms progression",
 }
 
@@ -624,6 +623,10 @@ def _assess_v2(
     epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current, criteria)
     viable, effect, perfusion_known, adc_known = _functional_evidence(changes, criteria)
     leaning = _leaning(viable, effect)
+    if size_up and leaning == "none":
+        # growth without any evidence of treatment effect leans to progression; the
+        # confirmation scan settles it
+        leaning = "progression"
     perfusion_viable = any(not v.startswith("ADC") for v in viable)
     adc_viable = any(v.startswith("ADC") for v in viable)
     functional_progression = bool(perfusion_viable and adc_viable and not effect and not size_up)
@@ -638,7 +641,9 @@ def _assess_v2(
     _fracture_criterion(fracture, height_loss_baseline_pct, height_loss_current_pct, criteria)
 
     evidence = {
-        "progression": f"viable-tumour evidence ({', '.join(viable)})",
+        "progression": f"viable-tumour evidence ({', '.join(viable)})"
+        if viable
+        else "a size increase without evidence of treatment effect",
         "treatment effect": f"treatment-effect evidence ({', '.join(effect)})",
         "mixed": f"mixed evidence ({', '.join(viable)} against {', '.join(effect)})",
         "none": "no functional change beyond repeatability",
@@ -647,15 +652,14 @@ def _assess_v2(
     if epidural_progression or (size_up and (growth_confirmed or in_window is False)):
         category = ResponseCategory.LOCAL_PROGRESSION
         recommendation = PROGRESSION_RECOMMENDATION
-    elif size_up and in_window and leaning == "progression":
+    elif size_up and in_window and viable and not effect:
         category = ResponseCategory.LOCAL_PROGRESSION
         recommendation = f"{PROGRESSION_RECOMMENDATION}: size increase with {evidence}"
     elif size_up:
         category = ResponseCategory.INDETERMINATE
-        recommendation = f"{CONFIRMATION_RECOMMENDATION}; leans to {leaning}: {evidence}"
-        if leaning == "none":
-            recommendation = f"{CONFIRMATION_RECOMMENDATION}; {evidence}"
-        recommendation += f"; {_SETTLE[leaning]}"
+        recommendation = (
+            f"{CONFIRMATION_RECOMMENDATION}; leans to {leaning}: {evidence}; {_SETTLE[leaning]}"
+        )
         if in_window is None:
             recommendation += "; time since treatment unknown"
         if not perfusion_known:

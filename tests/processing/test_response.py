@@ -291,11 +291,16 @@ def test_v2_growth_in_the_window_with_an_adc_fall_beyond_repeatability_is_progre
 
 def test_v2_a_perfusion_rise_within_repeatability_is_not_evidence():
     call = _call(volume=1.30, vp=1.25)  # +25 %: above Kumar's 20 %, within 38.5 %
-    assert call.category == IND and call.leaning == "none"
+    # growth alone, inside the window: indeterminate, leaning to progression
+    assert call.category == IND and call.leaning == "progression"
     rise = _crit(call, "perfusion-rise-vp")
     assert not rise.fired and rise.threshold == 38.5
-    assert "no functional change beyond repeatability" in call.recommendation
-    assert "GTV volume at the confirmation scan decides" in call.recommendation
+    assert "leans to progression: a size increase without evidence of treatment effect" in (
+        call.recommendation
+    )
+    assert "growth beyond threshold at the confirmation scan confirms" in call.recommendation
+    # no size increase, no functional change beyond repeatability: nothing to lean on
+    assert _call(volume=1.05, vp=1.25).leaning == "none"
     # 1.0 called the same +25 % progression
     assert _call("1.0", volume=1.30, vp=1.25).category == LP
 
