@@ -85,13 +85,15 @@ class CohortPatient:
     scenario: str
     vendor: str
     seed: int
+    #: a randomised course (processing.phantom.trajectory) instead of the scenario's fixed one
+    randomised: bool = False
 
     @property
     def pseudonym(self) -> str:
         return f"P{self.number:03d}"
 
 
-def cohort_plan(patients: int, *, seed: int = 0) -> list[CohortPatient]:
+def cohort_plan(patients: int, *, seed: int = 0, randomised: bool = False) -> list[CohortPatient]:
     """The cohort's patients: scenarios in turn, vendor changing every four patients, seed + i.
 
     Parameters
@@ -100,9 +102,26 @@ def cohort_plan(patients: int, *, seed: int = 0) -> list[CohortPatient]:
         Number of patients (>= 1).
     seed : int
         Seed of the first patient; patient i (0-based) has seed ``seed + i``.
+    randomised : bool
+        Each patient's course is drawn from ranges by its seed
+        (:func:`processing.phantom.trajectory.random_trajectory`; the course cycles with the
+        seed) instead of being one of the four fixed scenarios.
     """
     if patients < 1:
         raise ValueError(f"patients must be >= 1, got {patients}")
+    if randomised:
+        from processing.phantom.trajectory import COURSES
+
+        return [
+            CohortPatient(
+                i + 1,
+                COURSES[(seed + i) % len(COURSES)],
+                VENDORS[(i // len(SCENARIOS)) % len(VENDORS)],
+                seed + i,
+                randomised=True,
+            )
+            for i in range(patients)
+        ]
     return [
         CohortPatient(
             i + 1,
@@ -159,6 +178,7 @@ def analyse_patient(
 
     status: dict[str, Any] = {
         "patient": patient.pseudonym,
+        "randomised": patient.randomised,
         "scenario": patient.scenario,
         "vendor": patient.vendor,
         "seed": patient.seed,
@@ -177,6 +197,13 @@ def analyse_patient(
     )
     t0 = time.perf_counter()
     try:
+        trajectory = None
+        if patient.randomised:
+            from processing.phantom.trajectory import random_trajectory
+
+            trajectory = random_trajectory(patient.seed)
+            status["growth"] = trajectory.growth
+            status["baseline_volume_ml_nominal"] = trajectory.baseline_volume_ml
         truth = write_phantom(
             folder,
             seed=patient.seed,
@@ -184,6 +211,7 @@ def analyse_patient(
             vendor=patient.vendor,
             size=size,
             followups=followups,
+            trajectory=trajectory,
         )
         times["phantom"] = time.perf_counter() - t0
         # the node's runner, on the phantom's folder: rejection notes in it are applied
@@ -229,21 +257,38 @@ def _record_cases(
         for key, study in truth["studies"].items()
         if key != "baseline"
     }
-    outcome = SCENARIO_OUTCOME[patient.scenario]
     notes = f"{patient.vendor} vendor, seed {patient.seed}, {size} phantom"
+    baseline_volume = result.results[0].measurements.volume_ml if result.results else None
     for tp in result.results[1:]:
         key = followup_keys.get(tp.study_instance_uid, tp.study_instance_uid)
         case_id = f"{patient.pseudonym}-{key}"
+        study_truth = truth["studies"].get(key, {})
+        true_state = study_truth.get("true_state")
+        # a randomised course's follow-up has its own true state (a progression may start late)
+        outcome = (
+            true_state == "progression"
+            if true_state is not None
+            else SCENARIO_OUTCOME[patient.scenario]
+        )
         row = case_row(tp.changes, outcome=outcome, case_id=case_id, data_origin="synthetic")
         row.update(patient=patient.pseudonym, scenario=patient.scenario, notes=notes)
         status["rows"].append(row)
-        expected = truth["studies"].get(key, {}).get("expected_response")
+        tumour = study_truth.get("tumour") or {}
         status["calls"].append(
             {
                 "case_id": case_id,
                 "days_since_treatment": tp.days_since_treatment,
                 "rule_based": None if tp.response is None else tp.response.category.value,
-                "expected": expected,
+                "leaning": None if tp.response is None else tp.response.leaning,
+                "expected": study_truth.get("expected_response"),
+                "true_state": true_state,
+                "multipliers": study_truth.get("scenario_multipliers"),
+                "volume_ml": tp.measurements.volume_ml,
+                "true_volume_ml": tumour.get("volume_ml_voxels_t2w"),
+                "baseline_volume_ml": baseline_volume,
+                "true_baseline_volume_ml": truth["studies"]["baseline"]["tumour"].get(
+                    "volume_ml_voxels_t2w"
+                ),
             }
         )
     if status["rows"]:
@@ -267,12 +312,32 @@ def write_cases(rows: list[dict[str, str]], path: Path) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--patients", type=int, required=True, help="number of phantom patients")
+    parser.add_argument("--patients", type=int, help="number of phantom patients")
     parser.add_argument(
         "--out",
         type=Path,
-        required=True,
         help="output folder (created; must be empty if it exists)",
+    )
+    parser.add_argument(
+        "--randomised",
+        action="store_true",
+        help="draw each patient's course from ranges by its seed (baseline 1-30 mL, 1-4 "
+        "follow-ups at 4-60 weeks, growth, shrinkage, pseudoprogression, functional changes of "
+        "both signs, eccentric and epidural growth) instead of the four fixed scenarios; "
+        "--followups is then ignored",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="instead of running a cohort: print the validation report (confusion matrix, "
+        "detection, volume errors) of the randomised cohort in DIR",
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        metavar="FILE",
+        help="with --report: also write it into FILE between its cohort-report markers",
     )
     parser.add_argument(
         "--size",
@@ -342,9 +407,45 @@ def _line(done: int, total: int, status: dict[str, Any]) -> str:
     )
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    from node.commands import cohort_report
+
+    try:
+        figures = cohort_report.evaluate(cohort_report.load(args.report))
+    except (OSError, ValueError) as err:
+        print(f"spine-node cohort: cannot read the cohort in {args.report}: {err}", file=sys.stderr)
+        return 2
+    if not figures["patients"]:
+        print(
+            f"spine-node cohort: {args.report} holds no randomised patient "
+            "(run spine-node cohort --randomised)",
+            file=sys.stderr,
+        )
+        return 2
+    text = cohort_report.markdown(figures)
+    print(text, end="")
+    (args.report / "report.md").write_text(text, encoding="utf-8")
+    (args.report / "report.json").write_text(json.dumps(figures, indent=1) + "\n", "utf-8")
+    if args.readme is not None:
+        try:
+            cohort_report.replace_section(args.readme, text)
+        except (OSError, ValueError) as err:
+            print(f"spine-node cohort: cannot update {args.readme}: {err}", file=sys.stderr)
+            return 2
+        print(f"written into {args.readme}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        return _run_report(args)
     jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
     problems = []
+    if args.patients is None or args.out is None:
+        print(
+            "spine-node cohort: --patients and --out are needed (or --report DIR)", file=sys.stderr
+        )
+        return 2
     if args.patients < 1:
         problems.append(f"--patients must be >= 1, got {args.patients}")
     if jobs < 1:
@@ -366,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
             f"spine-node cohort: cannot use the configuration {args.config}: {err}", file=sys.stderr
         )
         return 2
-    plan = cohort_plan(args.patients, seed=args.seed)
+    plan = cohort_plan(args.patients, seed=args.seed, randomised=args.randomised)
     phantoms = args.out / "phantoms"
     phantoms.mkdir(parents=True)
     jobs = min(jobs, len(plan))
@@ -374,7 +475,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"cohort of {len(plan)} {args.size} phantom patients "
         f"({', '.join(f'{s} {mix[s]}' for s in SCENARIOS if mix[s])}), "
-        f"{args.followups} follow-up(s) each, {jobs} worker process(es)"
+        + ("randomised courses" if args.randomised else f"{args.followups} follow-up(s) each")
+        + f", {jobs} worker process(es)"
     )
     level, log_file = logging_target()
     statuses: dict[str, dict[str, Any]] = {}
@@ -454,7 +556,8 @@ def _report(
         "local_progression_cases": sum(r["outcome"] == "local progression" for r in rows),
         "scenarios": dict(Counter(s["scenario"] for s in analysed)),
         "size": args.size,
-        "followups": args.followups,
+        "followups": "randomised" if args.randomised else args.followups,
+        "randomised": args.randomised,
         "first_seed": args.seed,
         "jobs": jobs,
         "wall_time_s": round(wall, 1),
@@ -501,10 +604,15 @@ def _report(
         print(f"status: {status_path}")
         return 1
     mix = ", ".join(f"{k} {v}" for k, v in sorted(summary["scenarios"].items()))
+    agreement = (
+        f"validation report: spine-node cohort --report {args.out}"
+        if args.randomised
+        else f"rule-based call as the phantom expects in "
+        f"{summary['rule_based_agrees_with_expected']}/{len(calls)}"
+    )
     print(
         f"{len(rows)} cases ({summary['local_progression_cases']} local progression; {mix}), "
-        f"{len(columns) - len(LEADING_COLUMNS)} delta features; rule-based call as the phantom "
-        f"expects in {summary['rule_based_agrees_with_expected']}/{len(calls)}"
+        f"{len(columns) - len(LEADING_COLUMNS)} delta features; {agreement}"
     )
     print(f"cases: {cases_path}\nstatus: {status_path}")
     print(

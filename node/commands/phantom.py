@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,13 @@ def write_phantom(
     diffusion_scheme: str = "standard",
     scanner_maps: bool = False,
     non_image_objects: bool = False,
+    trajectory: Any = None,
 ) -> dict:
-    """Generate a phantom patient and write it under ``out``; returns the ground truth."""
+    """Generate a phantom patient and write it under ``out``; returns the ground truth.
+
+    ``trajectory``: a :class:`processing.phantom.trajectory.Trajectory` (randomised course) for
+    :func:`processing.phantom.generate_patient`.
+    """
     from processing.phantom import generate_patient
 
     out = Path(out)
@@ -143,6 +149,7 @@ def write_phantom(
         diffusion_scheme=diffusion_scheme,
         scanner_maps=scanner_maps,
         non_image_objects=non_image_objects,
+        trajectory=trajectory,
     )
     n = 0
     made: set[Path] = set()

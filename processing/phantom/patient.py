@@ -39,6 +39,7 @@ from processing.phantom.signals import (
     parker_aif_blood,
     spgr_signal,
 )
+from processing.phantom.trajectory import Trajectory
 from processing.results import ResponseCategory
 
 logger = logging.getLogger(__name__)
@@ -428,6 +429,7 @@ def generate_patient(
     diffusion_scheme: str = "standard",
     scanner_maps: bool = False,
     non_image_objects: bool = False,
+    trajectory: Trajectory | None = None,
 ) -> Phantom:
     """Generate a synthetic CyberKnife spine patient (baseline MR, RT course, follow-up MR).
 
@@ -465,6 +467,11 @@ def generate_patient(
     non_image_objects : bool
         Write beside every DWI series the non-image objects of a CD export
         (:func:`mr.non_image_objects`: a presentation state and a Philips private object).
+    trajectory : Trajectory, optional
+        A randomised course (:func:`processing.phantom.trajectory.random_trajectory`): its
+        baseline volume, follow-up days and per-follow-up changes replace the scenario's
+        (``scenario`` must be its course; ``followups`` is ignored). Each follow-up's truth then
+        has ``true_state`` instead of ``expected_response``.
 
     Returns
     -------
@@ -476,7 +483,11 @@ def generate_patient(
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {SCENARIOS}")
     if vendor not in VENDORS:
         raise ValueError(f"unknown vendor {vendor!r}; choose one of {VENDORS}")
-    if followups < 0 or followups > len(FOLLOWUP_DAYS):
+    if trajectory is not None:
+        if scenario != trajectory.course:
+            raise ValueError(f"scenario {scenario!r} is not the trajectory's {trajectory.course!r}")
+        followups = len(trajectory.followups)
+    elif followups < 0 or followups > len(FOLLOWUP_DAYS):
         raise ValueError(f"followups must be between 0 and {len(FOLLOWUP_DAYS)}, got {followups}")
     protocol = proto.protocol_for(size, sagittal=sagittal, diffusion_scheme=diffusion_scheme)
     contrast = proto.contrast_truth(contrast_agent, field_strength)
@@ -488,6 +499,8 @@ def generate_patient(
             float(field_strength),
             "vfa-series" if vfa_series else "vfa",
         )
+    if trajectory is not None:
+        ident = ident + ("trajectory",)
     if (diffusion_scheme, scanner_maps, non_image_objects) != ("standard", False, False):
         ident = ident + (
             diffusion_scheme,
@@ -500,6 +513,8 @@ def generate_patient(
     level_index = int(rng.integers(2, len(VERTEBRAL_NAMES) - 2))
     level_names = VERTEBRAL_NAMES[level_index - 2 : level_index + 3]
     v0 = float(rng.uniform(5.0, 9.0))
+    if trajectory is not None:
+        v0 = trajectory.baseline_volume_ml
     tumour0 = make_tumour(rng, c0, v0)
     jitter = {k: float(rng.uniform(0.92, 1.08)) for k in ("d", "k", "ktrans", "ve", "vp", "t1")}
     base_params = {
@@ -537,6 +552,16 @@ def generate_patient(
     visits: list[tuple[str, dt.date, dict[str, Any] | None]] = [("baseline", base_date, None)]
     changes = SCENARIO_CHANGES[scenario]
     for n in range(1, followups + 1):
+        if trajectory is not None:
+            state = trajectory.followups[n - 1]
+            visits.append(
+                (
+                    f"followup{n}",
+                    treatment_date + dt.timedelta(days=state.days),
+                    {**state.change(), "true_state": state.state},
+                )
+            )
+            continue
         days = FOLLOWUP_DAYS[n - 1]
         if n == 1 and scenario == "pseudoprogression":
             days = 84
@@ -589,10 +614,13 @@ def generate_patient(
         )
         study.truth["rigid_transform"] = rigid
         if change is not None:
-            study.truth["expected_response"] = change["category"].value
+            if "category" in change:
+                study.truth["expected_response"] = change["category"].value
+            else:
+                study.truth["true_state"] = change["true_state"]
             study.truth["days_since_treatment"] = (date - treatment_date).days
             study.truth["scenario_multipliers"] = {
-                k: v for k, v in change.items() if k != "category"
+                k: v for k, v in change.items() if k not in ("category", "true_state")
             }
         else:
             study.truth["days_before_treatment"] = (treatment_date - date).days
@@ -667,6 +695,12 @@ def _changed_shape(
 ) -> TumourShape:
     target = v0 * change["volume"]
     shape = tumour0.scaled(change["volume"])
+    if change.get("eccentric"):
+        # growth towards the posterior elements (+y, the canal's side): the anterior boundary
+        # stays where it was, the centre moves back by the growth of the AP semi-axis
+        grown = (change["volume"] ** (1.0 / 3.0) - 1.0) * tumour0.radii[1]
+        x, y, z = shape.centre
+        shape = dataclasses.replace(shape, centre=(x, y + grown, z))
     if not change["epidural"]:
         return shape
     ec = (tumour0.centre[0], float(c0[1] + BODY_SEMI_AXES_MM[1] + 2.5), tumour0.centre[2])

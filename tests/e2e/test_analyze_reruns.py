@@ -90,9 +90,21 @@ def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(
     seg_folder.mkdir()
     seg.save_as(seg_folder / "corrected-gtv.dcm")
     config = no_radiomics_config(tmp_path)
+    # this site keeps response rule set 1.0 (reproducing earlier calls): selectable end to end
+    config.write_text(config.read_text() + 'rule_set = "1.0"\n', encoding="utf-8")
     run = run_analyze([patient, seg_folder], tmp_path / "out", "--config", str(config))
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    response = summary["time_points"][-1]["response"]
+    assert response["rule_set"] == "spine-sbrt-response 1.0" and response["leaning"] is None
+    assert "perfusion-decrease-vp" in {c["code"] for c in response["criteria"]}
+    assert "(spine-sbrt-response 1.0)" in run.stdout
+    # 1.0 is reproduced with the per-case coefficients alone, as it was recorded
+    assert all(
+        c["repeatability_test_retest"] is None
+        for c in summary["time_points"][-1]["changes"]
+        if c["quantity"].startswith(("ADC.", "vp.", "Ktrans."))
+    )
     _, first_out = analyzed_phantom("responder", "standard", "small")
     before = json.loads((first_out / "summary.json").read_text())
     voxel_ml = np.prod(t2w["geometry"]["spacing"]) / 1000.0

@@ -75,6 +75,7 @@ def test_missing_and_malformed_files_are_reported(tmp_path):
     "table, message",
     [
         ({"analysis": {"radiomics_bin_count": 1}}, "analysis.radiomics_bin_count"),
+        ({"analysis": {"rule_set": "3.0"}}, "analysis.rule_set"),
         ({"analysis": {"relaxivity_per_mM_s": {"gadobutrol": 0}}}, "analysis.relaxivity_per_mM_s"),
         ({"courses": {"method": "fetch"}}, "courses.method"),
         ({"followup": {"confirmation_days": 0}}, "followup.confirmation_days"),
@@ -107,6 +108,8 @@ def test_every_section_is_validated_by_the_configuration_alone(table, message):
 def test_sections_have_their_defaults_without_a_table():
     settings = settings_from_mapping({})
     assert settings.analysis.baseline_window_days == 90
+    assert settings.analysis.chain_settings().rule_set == "2.0"
+    assert settings_from_mapping({"analysis": {"rule_set": "1.0"}}).analysis.rule_set == "1.0"
     assert settings.courses.method == "move"
     assert settings.followup.confirmation_days == 56
     assert settings.dashboard.bind_address == "127.0.0.1"

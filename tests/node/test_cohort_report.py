@@ -1,0 +1,148 @@
+"""``spine-node cohort --randomised`` and ``--report`` (issue 16): the validation report of a
+randomised phantom cohort - its figures on hand-made records, and a real run of the test's seed
+range (the report's own range, from seed 1000, is kept out of the suite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from node.commands.cohort_report import END, START, evaluate, markdown, replace_section
+from tests.node.test_cohort import main
+
+LP = "local progression"
+IND = "indeterminate - possible pseudoprogression"
+LC = "local control"
+
+
+def _call(case, state, call, leaning, days, volume, true_volume, base=10.0, **multipliers):
+    return {
+        "case_id": case,
+        "true_state": state,
+        "rule_based": call,
+        "leaning": leaning,
+        "days_since_treatment": days,
+        "volume_ml": volume,
+        "true_volume_ml": true_volume,
+        "true_baseline_volume_ml": base,
+        "baseline_volume_ml": base,
+        "multipliers": {"volume": true_volume / base, **multipliers},
+    }
+
+
+def _patient(seed, course, calls, growth=None):
+    return {
+        "randomised": True,
+        "seed": seed,
+        "scenario": course,
+        "growth": growth,
+        "state": "analysed",
+        "calls": calls,
+    }
+
+
+REPORT = {
+    "summary": {"size": "small"},
+    "patients": [
+        _patient(1, "responder", [_call("P1-f1", "control", LC, "treatment effect", 90, 6.0, 6.2)]),
+        _patient(
+            2,
+            "progression",
+            [
+                # in the window, growth with vp +60 %: a clear signature, detected
+                _call("P2-f1", "progression", LP, "progression", 70, 14.0, 15.0, vp=1.6),
+                # outside the window, growth: clear; called local control (a miss), and the
+                # volume under-segmented by 20 %
+                _call("P2-f2", "progression", LC, "none", 250, 16.0, 20.0),
+            ],
+            growth="eccentric",
+        ),
+        _patient(
+            3,
+            "progression",
+            # in the window, growth without viable evidence: not a clear signature; indeterminate
+            # leaning to progression inside the window counts as detected
+            [_call("P3-f1", "progression", IND, "progression", 100, 13.0, 13.0)],
+            growth="central",
+        ),
+        _patient(
+            4, "pseudoprogression", [_call("P4-f1", "pseudoprogression", LP, "mixed", 80, 13, 13)]
+        ),
+        {"randomised": False, "seed": 9, "scenario": "stable", "calls": []},  # not counted
+    ],
+}
+
+
+def test_evaluate_counts_the_calls_against_the_true_states():
+    figures = evaluate(REPORT)
+    assert figures["patients"] == 4 and figures["follow_ups"] == 5
+    assert figures["matrix"]["progression"] == {
+        LP: 1,
+        "indeterminate, leaning to progression": 1,
+        LC: 1,
+    }
+    assert figures["matrix"]["control (responder)"] == {LC: 1}
+    assert (figures["progression"], figures["progression_detected"]) == (3, 2)
+    assert figures["progression_missed"] == ["P2-f2"]
+    assert (figures["clear_signature"], figures["clear_signature_called_local_control"]) == (2, 1)
+    assert (figures["pseudoprogression"], figures["pseudoprogression_called_progression"]) == (1, 1)
+    assert (figures["control"], figures["control_called_progression"]) == (1, 0)
+    errors = figures["volume_error"]
+    assert errors["n"] == 5 and errors["within_10pct"] == pytest.approx(4 / 5)  # all but P2-f2
+    assert errors["p05"] == pytest.approx(-0.2)
+    assert figures["volume_error_by"]["progression (eccentric)"]["n"] == 2
+
+
+def test_markdown_and_the_readme_section(tmp_path):
+    text = markdown(evaluate(REPORT))
+    assert "| progression | 1 | 1 | 0 | 1 | 0 |" in text
+    assert "progression detected (local progression, or indeterminate leaning" in text
+    assert "2/3 (67 %)" in text and "Phantoms are not patients" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{START}\nold\n{END}\nafter\n", encoding="utf-8")
+    replace_section(readme, text)
+    content = readme.read_text(encoding="utf-8")
+    assert f"{START}\n{text}{END}\nafter" in content and "old" not in content
+    (tmp_path / "plain.md").write_text("no markers", encoding="utf-8")
+    with pytest.raises(ValueError, match="cohort-report"):
+        replace_section(tmp_path / "plain.md", text)
+
+
+@pytest.mark.slow
+def test_a_randomised_cohort_run_and_its_report(tmp_path, capsys):
+    """Seeds 30-31: an eccentric progression (+38 % at week 12) and a pseudoprogression (+53 %
+    at week 8, then shrinking), analysed by the node's chain; the report measures them."""
+    out = tmp_path / "cohort"
+    rc = main(
+        [
+            "cohort",
+            "--randomised",
+            "--patients",
+            "2",
+            "--seed",
+            "30",
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0, capsys.readouterr()
+    assert "validation report: spine-node cohort --report" in capsys.readouterr().out
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n", encoding="utf-8")
+    assert main(["cohort", "--report", str(out), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads((out / "report.json").read_text())
+    assert printed.startswith("Randomised phantom cohort: 2 patients (seeds 30–31")
+    assert (out / "report.md").read_text() in readme.read_text()
+    assert figures["follow_ups"] == 4 and figures["failed"] == 0
+    # against the phantoms' truth: the progression found, the pseudoprogression not called
+    # progression, the shrinking follow-ups called local control, every volume within 10 %
+    assert figures["progression_detected"] == figures["progression"] == 1
+    assert figures["pseudoprogression_called_progression"] == 0
+    assert figures["matrix"]["control (pseudoprogression)"] == {LC: 2}
+    assert figures["volume_error"]["within_10pct"] == 1.0
+    # a folder without randomised patients is refused
+    assert main(["cohort", "--report", str(tmp_path)]) == 2
