@@ -16,7 +16,8 @@ confirmed by the next scan; a size increase inside the window with viable-tumour
 treatment-effect evidence. Indeterminate: any other size increase, and - without a size
 increase - viable-tumour evidence from perfusion *and* diffusion together; the call states which
 way the evidence leans (``ResponseAssessment.leaning``; a size increase without evidence of
-treatment effect leans to progression) and what would settle it. Local control otherwise. Every criterion names its source (``Criterion.source``).
+treatment effect leans to progression) and what would settle it. Local control otherwise.
+Every criterion names its source (``Criterion.source``).
 
 Rule set ``spine-sbrt-response 1.0`` (kept for reproducibility) encodes the decision logic of
 docs/science.md §1.11 (design, not a guideline; decision support only):

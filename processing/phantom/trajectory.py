@@ -14,13 +14,17 @@ seed:
     vp and Ktrans fall to 20-80 % (Kumar 2017: vp -76 %, Ktrans -66 % without recurrence;
     Messiou 2011: ADC rises in responders);
   - **stable**: GTV 92-106 % of baseline, functional changes within ±10 %;
-  - **progression**: stable until an onset follow-up, then growth by 25-80 % per follow-up up
-    to twice the baseline volume, ADC 75-100 %, vp 100-190 % and Ktrans 90-180 % of baseline
+  - **progression**: stable until an onset follow-up, then growth beyond the size-dependent
+    threshold (docs/science.md §1.3: 13.3-71.3 %) by a further 5-45 %, and by 10-50 % at each
+    later follow-up, up to twice the baseline volume (a lesion growing less than the minimum
+    detectable difference is not measurably progressing); ADC 75-100 %, vp 100-190 % and Ktrans
+    90-180 % of baseline
     (Kumar 2017: vp +28 % in recurrences; AJNR 2023: +88 %); the growth is central, eccentric
     (towards the posterior elements) or with a new epidural component, cycling with the seed;
-  - **pseudoprogression**: the first follow-up inside the 6-26-week window grows by 20-60 %
-    with ADC 105-140 %, vp 30-80 % and Ktrans 40-90 % of baseline (Amini 2016; the perfusion of
-    treated tumour falls), then shrinks to 70-100 % at later follow-ups.
+  - **pseudoprogression**: the first follow-up inside the 6-26-week window grows beyond the
+    size threshold by a further 5-30 % with ADC 105-140 %, vp 30-80 % and Ktrans 40-90 % of
+    baseline (Amini 2016; the perfusion of treated tumour falls), then shrinks to 70-100 % at
+    later follow-ups.
 
 Each follow-up carries its true state (``progression`` or ``control``; a pseudoprogression's
 enlarged follow-up is ``pseudoprogression``, whose outcome is control) and the call the phantom
@@ -34,6 +38,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from processing.response import volume_threshold
 
 #: the courses drawn, in equal parts (names of :data:`processing.phantom.patient.SCENARIOS`)
 COURSES = ("responder", "stable", "progression", "pseudoprogression")
@@ -140,10 +146,11 @@ def random_trajectory(seed: int) -> Trajectory:
     elif course == "pseudoprogression":
         for k, d in enumerate(days):
             if k == 0:
+                grown = 1.0 + volume_threshold(volume0) + rng.uniform(0.05, 0.3)
                 states.append(
                     FollowUpState(
                         d,
-                        round(rng.uniform(1.2, 1.6), 3),
+                        round(grown, 3),
                         round(rng.uniform(1.05, 1.4), 3),
                         round(rng.uniform(0.4, 0.9), 3),
                         round(rng.uniform(0.3, 0.8), 3),
@@ -184,7 +191,11 @@ def random_trajectory(seed: int) -> Trajectory:
                     )
                 )
                 continue
-            volume = min(2.0, volume * rng.uniform(1.25, 1.8))
+            if k == onset:
+                threshold = volume_threshold(volume0, first_follow_up=k == 0)
+                volume = min(2.0, 1.0 + threshold + rng.uniform(0.05, 0.45))
+            else:
+                volume = min(2.0, volume * rng.uniform(1.1, 1.5))
             states.append(
                 FollowUpState(
                     d,

@@ -111,8 +111,9 @@ def test_markdown_and_the_readme_section(tmp_path):
 
 @pytest.mark.slow
 def test_a_randomised_cohort_run_and_its_report(tmp_path, capsys):
-    """Seeds 30-31: an eccentric progression (+38 % at week 12) and a pseudoprogression (+53 %
-    at week 8, then shrinking), analysed by the node's chain; the report measures them."""
+    """Seeds 30-31: an eccentric progression (3.5 mL, +29 % at week 12, Ktrans +50 %, ADC
+    -15 %) and a pseudoprogression (1.8 mL, +68 % at week 8 with vp -42 %, then shrinking),
+    analysed by the node's chain; the report measures them."""
     out = tmp_path / "cohort"
     rc = main(
         [
