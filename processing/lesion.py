@@ -25,6 +25,8 @@ and shrinkage are measured rather than assumed:
    follow-up's own split), kept only when it agrees with the baseline model's segmentation.
 6. When the baseline check fails, no channel is stable, or the refined lesion is implausible, the
    propagated GTV is returned and the notes say that growth/shrinkage was not measured.
+7. The refined volume's uncertainty is the range of volumes at lesion probability 0.75 and 0.25
+   (``FollowUpLesion.volume_range_ml``, also in the notes).
 
 The lesion keeps a persistent tracking UID derived from the structure set and ROI that defined it
 (TID 1500 Tracking Unique Identifier), so every time point refers to the same lesion.
@@ -192,6 +194,10 @@ class FollowUpLesion:
         Dice of the intensity model's segmentation of the baseline against the GTV.
     notes : tuple of str
         What was done and why (fallbacks).
+    volume_range_ml : tuple of float or None
+        Uncertainty of a refined volume: the lesion thresholded at posterior 0.75 and 0.25
+        instead of 0.5 (the parts connected to the reported lesion), ``(low, high)`` in mL;
+        ``None`` when the propagated GTV is reported.
     """
 
     mask: sitk.Image
@@ -203,6 +209,30 @@ class FollowUpLesion:
     refined: bool
     training_dice: float | None
     notes: tuple[str, ...]
+    volume_range_ml: tuple[float, float] | None = None
+
+
+#: posterior thresholds of the refined volume's range (the lesion is thresholded at 0.5)
+VOLUME_RANGE_THRESHOLDS = (0.75, 0.25)
+
+
+def _volume_range(
+    probability: sitk.Image, segmentation: np.ndarray, reference: sitk.Image
+) -> tuple[float, float]:
+    """Volumes (mL) of the lesion at stricter and looser posterior thresholds.
+
+    Low: the reported lesion's voxels whose posterior is at least 0.75. High: the reported lesion
+    and every voxel of posterior at least 0.25 connected to it.
+    """
+    posterior = sitk.GetArrayFromImage(probability)
+    strict, loose = VOLUME_RANGE_THRESHOLDS
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000.0
+    low = np.count_nonzero(segmentation & (posterior >= strict)) * voxel_ml
+    wide = segmentation | (posterior >= loose)
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(_as_image(wide, reference), True))
+    kept = np.isin(labels, np.unique(labels[segmentation & (labels > 0)]))
+    high = np.count_nonzero(kept & (labels > 0)) * voxel_ml
+    return float(low), float(high)
 
 
 def mask_volume_ml(mask: sitk.Image) -> float:
@@ -555,8 +585,11 @@ def refine_lesion(
         grown & ~_erode_search(search, reference)
     ) > 0.05 * np.count_nonzero(segmentation):
         notes.append("lesion reaches the edge of the search region: growth may be underestimated")
+    volume_range = _volume_range(probability, segmentation, reference)
     notes.append(
-        f"refined on follow-up images: {volume:.2f} mL ({100 * (ratio - 1):+.0f} % vs propagated)"
+        f"refined on follow-up images: {volume:.2f} mL ({100 * (ratio - 1):+.0f} % vs propagated; "
+        f"{volume_range[0]:.2f}-{volume_range[1]:.2f} mL at lesion probability "
+        f"{VOLUME_RANGE_THRESHOLDS[0]:g}/{VOLUME_RANGE_THRESHOLDS[1]:g})"
     )
     logger.info(
         "lesion refined: baseline %.2f mL, propagated %.2f mL, follow-up %.2f mL "
@@ -576,6 +609,7 @@ def refine_lesion(
         refined=True,
         training_dice=training_dice,
         notes=tuple(notes),
+        volume_range_ml=volume_range,
     )
 
 

@@ -9,6 +9,7 @@ an unusable follow-up are in ``test_analyze_reruns.py``.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,12 @@ def test_outputs_and_summary(responder_run):
     assert response["leaning"] == "treatment effect"  # the responder's vp and Ktrans fall
     assert all(c["source"] for c in response["criteria"])
     assert "(spine-sbrt-response 2.0)" in stdout
+    # the follow-up lesion, refined on its images, with its volume range
+    assert re.search(
+        r"lesion refined on follow-up images: [0-9.]+ mL \(.*; [0-9.]+-[0-9.]+ mL at lesion "
+        r"probability 0\.75/0\.25\)",
+        stdout,
+    ), stdout
     assert "[Kumar 2017 (Technol Cancer Res Treat): vp cut-off -20 %]" in stdout
     adc = next(
         c

@@ -131,6 +131,11 @@ def test_refined_follow_up_volume_within_10_percent(baseline, radius_mm, gain) -
         / (sitk.GetArrayViewFromImage(result.mask).sum() + sitk.GetArrayViewFromImage(truth).sum())
     )
     assert dice > 0.85, dice
+    # the uncertainty: volumes at lesion probability 0.75 and 0.25 bracket the reported one
+    low, high = result.volume_range_ml
+    assert low <= result.volume_ml <= high and low < high
+    assert high - low < 0.5 * result.volume_ml
+    assert f"{low:.2f}-{high:.2f} mL at lesion probability 0.75/0.25" in result.notes[-1]
 
 
 def test_channel_changed_by_treatment_is_adapted_to(baseline) -> None:
