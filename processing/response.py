@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from processing.change import VOLUME_MDC
 from processing.results import Change, Criterion, ResponseAssessment, ResponseCategory
@@ -254,17 +254,29 @@ def assess_response(
         2.0, source), the rule set name and version, a recommendation, epidural progression and
         fracture status; in 2.0 also where the functional evidence leans.
     """
-    arguments = dict(
-        days_since_treatment=days_since_treatment,
-        previous_category=previous_category,
-        bilsky_baseline=bilsky_baseline,
-        bilsky_current=bilsky_current,
-        height_loss_baseline_pct=height_loss_baseline_pct,
-        height_loss_current_pct=height_loss_current_pct,
+    follow_up = _FollowUp(
+        days_since_treatment,
+        previous_category,
+        bilsky_baseline,
+        bilsky_current,
+        height_loss_baseline_pct,
+        height_loss_current_pct,
     )
     if rule_set_version(rule_set) == "1.0":
-        return _assess_v1(changes, **arguments)  # type: ignore[arg-type]
-    return _assess_v2(changes, **arguments)  # type: ignore[arg-type]
+        return _assess_v1(changes, follow_up)
+    return _assess_v2(changes, follow_up)
+
+
+@dataclass(frozen=True)
+class _FollowUp:
+    """What a rule set knows of the follow-up besides the changes (see assess_response)."""
+
+    days_since_treatment: int | None
+    previous_category: ResponseCategory | None
+    bilsky_baseline: str | None
+    bilsky_current: str | None
+    height_loss_baseline_pct: float | None
+    height_loss_current_pct: float | None
 
 
 def _not_assessable(rule_set: str, fracture: str | None) -> ResponseAssessment:
@@ -389,26 +401,23 @@ def _fracture_criterion(
     )
 
 
-def _assess_v1(
-    changes: Sequence[Change],
-    *,
-    days_since_treatment: int | None,
-    previous_category: ResponseCategory | None,
-    bilsky_baseline: str | None,
-    bilsky_current: str | None,
-    height_loss_baseline_pct: float | None,
-    height_loss_current_pct: float | None,
-) -> ResponseAssessment:
+def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAssessment:
     """Rule set 1.0 (docs/science.md §1.11), unchanged since it was first recorded."""
     volume = _find(changes, "volume")
-    fracture = compression_fracture_status(height_loss_baseline_pct, height_loss_current_pct)
+    fracture = compression_fracture_status(
+        follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct
+    )
     if volume is None or volume.reference_value <= 0 or volume.relative is None:
         return _not_assessable(RULE_SET_V1, fracture)
 
     criteria: list[Criterion] = []
-    size_up, growth_confirmed = _size_criteria(changes, volume, previous_category, criteria)
-    in_window = _window_criterion(days_since_treatment, criteria)
-    epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current, criteria)
+    size_up, growth_confirmed = _size_criteria(
+        changes, volume, follow_up.previous_category, criteria
+    )
+    in_window = _window_criterion(follow_up.days_since_treatment, criteria)
+    epidural_progression = _epidural_progression(
+        changes, follow_up.bilsky_baseline, follow_up.bilsky_current, criteria
+    )
 
     vp = _find(changes, "vp.mean")
     ktrans = _find(changes, "Ktrans.mean")
@@ -460,7 +469,9 @@ def _assess_v1(
                 "%",
             )
         )
-    _fracture_criterion(fracture, height_loss_baseline_pct, height_loss_current_pct, criteria)
+    _fracture_criterion(
+        fracture, follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct, criteria
+    )
 
     recommendation: str | None = None
     if epidural_progression:
@@ -601,27 +612,24 @@ def _with_source(criterion: Criterion) -> Criterion:
     return criterion
 
 
-def _assess_v2(
-    changes: Sequence[Change],
-    *,
-    days_since_treatment: int | None,
-    previous_category: ResponseCategory | None,
-    bilsky_baseline: str | None,
-    bilsky_current: str | None,
-    height_loss_baseline_pct: float | None,
-    height_loss_current_pct: float | None,
-) -> ResponseAssessment:
+def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAssessment:
     """Rule set 2.0 (docs/science.md §1.12): size and window as 1.0, functional evidence weighed."""
     rule_set = f"{RULE_SET_NAME} 2.0"
     volume = _find(changes, "volume")
-    fracture = compression_fracture_status(height_loss_baseline_pct, height_loss_current_pct)
+    fracture = compression_fracture_status(
+        follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct
+    )
     if volume is None or volume.reference_value <= 0 or volume.relative is None:
         return _not_assessable(rule_set, fracture)
 
     criteria: list[Criterion] = []
-    size_up, growth_confirmed = _size_criteria(changes, volume, previous_category, criteria)
-    in_window = _window_criterion(days_since_treatment, criteria)
-    epidural_progression = _epidural_progression(changes, bilsky_baseline, bilsky_current, criteria)
+    size_up, growth_confirmed = _size_criteria(
+        changes, volume, follow_up.previous_category, criteria
+    )
+    in_window = _window_criterion(follow_up.days_since_treatment, criteria)
+    epidural_progression = _epidural_progression(
+        changes, follow_up.bilsky_baseline, follow_up.bilsky_current, criteria
+    )
     viable, effect, perfusion_known, adc_known = _functional_evidence(changes, criteria)
     leaning = _leaning(viable, effect)
     if size_up and leaning == "none":
@@ -639,7 +647,9 @@ def _assess_v2(
                 functional_progression,
             )
         )
-    _fracture_criterion(fracture, height_loss_baseline_pct, height_loss_current_pct, criteria)
+    _fracture_criterion(
+        fracture, follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct, criteria
+    )
 
     evidence = {
         "progression": f"viable-tumour evidence ({', '.join(viable)})"

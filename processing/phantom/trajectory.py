@@ -89,6 +89,16 @@ class Trajectory:
     followups: tuple[FollowUpState, ...]
 
 
+#: a multiplier, or the (low, high) range it is drawn from (uniformly)
+Value = float | tuple[float, float]
+
+
+def _draw(rng: np.random.Generator, value: Value) -> float:
+    if isinstance(value, tuple):
+        value = float(rng.uniform(*value))
+    return round(value, 3)
+
+
 def _days(rng: np.random.Generator, n: int, first: tuple[int, int]) -> list[int]:
     days = [int(rng.integers(first[0], first[1] + 1))]
     while len(days) < n:
@@ -112,84 +122,62 @@ def random_trajectory(seed: int) -> Trajectory:
     days = _days(rng, n, (first[0], min(first[1], 150)) if course == "pseudoprogression" else first)
     growth: str | None = None
     states: list[FollowUpState] = []
+
+    def drawn(
+        days_after: int,
+        state: str,
+        volume: Value,
+        adc: Value,
+        ktrans: Value,
+        vp: Value,
+        **kind: bool,
+    ) -> FollowUpState:
+        v, a, k, p = (_draw(rng, value) for value in (volume, adc, ktrans, vp))
+        return FollowUpState(
+            days_after,
+            v,
+            a,
+            k,
+            p,
+            kind.get("epidural", False),
+            kind.get("eccentric", False),
+            state,
+        )
+
     if course == "responder":
         end = (rng.uniform(0.3, 0.9), rng.uniform(1.1, 1.6), rng.uniform(0.2, 0.8))
         ktrans_end = rng.uniform(0.2, 0.8)
         for k, d in enumerate(days, start=1):
             f = (k / len(days)) ** 0.7
             states.append(
-                FollowUpState(
+                drawn(
                     d,
-                    round(1 + (end[0] - 1) * f, 3),
-                    round(1 + (end[1] - 1) * f, 3),
-                    round(1 + (ktrans_end - 1) * f, 3),
-                    round(1 + (end[2] - 1) * f, 3),
-                    False,
-                    False,
                     "control",
+                    1 + (end[0] - 1) * f,
+                    1 + (end[1] - 1) * f,
+                    1 + (ktrans_end - 1) * f,
+                    1 + (end[2] - 1) * f,
                 )
             )
     elif course == "stable":
         for d in days:
-            states.append(
-                FollowUpState(
-                    d,
-                    round(rng.uniform(0.92, 1.06), 3),
-                    round(rng.uniform(0.9, 1.1), 3),
-                    round(rng.uniform(0.9, 1.1), 3),
-                    round(rng.uniform(0.9, 1.1), 3),
-                    False,
-                    False,
-                    "control",
-                )
-            )
+            states.append(drawn(d, "control", (0.92, 1.06), (0.9, 1.1), (0.9, 1.1), (0.9, 1.1)))
     elif course == "pseudoprogression":
         for k, d in enumerate(days):
             if k == 0:
                 grown = 1.0 + volume_threshold(volume0) + rng.uniform(0.05, 0.3)
                 states.append(
-                    FollowUpState(
-                        d,
-                        round(grown, 3),
-                        round(rng.uniform(1.05, 1.4), 3),
-                        round(rng.uniform(0.4, 0.9), 3),
-                        round(rng.uniform(0.3, 0.8), 3),
-                        False,
-                        False,
-                        "pseudoprogression",
-                    )
+                    drawn(d, "pseudoprogression", grown, (1.05, 1.4), (0.4, 0.9), (0.3, 0.8))
                 )
             else:
-                states.append(
-                    FollowUpState(
-                        d,
-                        round(rng.uniform(0.7, 1.0), 3),
-                        round(rng.uniform(1.1, 1.5), 3),
-                        round(rng.uniform(0.3, 0.8), 3),
-                        round(rng.uniform(0.3, 0.7), 3),
-                        False,
-                        False,
-                        "control",
-                    )
-                )
+                states.append(drawn(d, "control", (0.7, 1.0), (1.1, 1.5), (0.3, 0.8), (0.3, 0.7)))
     else:  # progression
         growth = GROWTH_KINDS[(seed // len(COURSES)) % len(GROWTH_KINDS)]
         onset = int(rng.integers(0, len(days)))
         volume = 1.0
         for k, d in enumerate(days):
             if k < onset:
-                states.append(
-                    FollowUpState(
-                        d,
-                        round(rng.uniform(0.92, 1.06), 3),
-                        round(rng.uniform(0.9, 1.1), 3),
-                        round(rng.uniform(0.9, 1.1), 3),
-                        round(rng.uniform(0.9, 1.1), 3),
-                        False,
-                        False,
-                        "control",
-                    )
-                )
+                states.append(drawn(d, "control", (0.92, 1.06), (0.9, 1.1), (0.9, 1.1), (0.9, 1.1)))
                 continue
             if k == onset:
                 threshold = volume_threshold(volume0, first_follow_up=k == 0)
@@ -197,15 +185,15 @@ def random_trajectory(seed: int) -> Trajectory:
             else:
                 volume = min(2.0, volume * rng.uniform(1.1, 1.5))
             states.append(
-                FollowUpState(
+                drawn(
                     d,
-                    round(volume, 3),
-                    round(rng.uniform(0.75, 1.0), 3),
-                    round(rng.uniform(0.9, 1.8), 3),
-                    round(rng.uniform(1.0, 1.9), 3),
-                    growth == "epidural",
-                    growth == "eccentric",
                     "progression",
+                    volume,
+                    (0.75, 1.0),
+                    (0.9, 1.8),
+                    (1.0, 1.9),
+                    epidural=growth == "epidural",
+                    eccentric=growth == "eccentric",
                 )
             )
     return Trajectory(seed, course, volume0, growth, tuple(states))
