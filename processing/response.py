@@ -401,14 +401,28 @@ def _fracture_criterion(
     )
 
 
-def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAssessment:
-    """Rule set 1.0 (docs/science.md §1.11), unchanged since it was first recorded."""
+@dataclass
+class _Shared:
+    """The criteria both rule sets evaluate alike (size, window, epidural), and their outcome."""
+
+    criteria: list[Criterion]
+    fracture: str | None
+    size_up: bool
+    growth_confirmed: bool
+    in_window: bool | None
+    epidural_progression: bool | None
+
+
+def _shared_criteria(
+    changes: Sequence[Change], follow_up: _FollowUp, rule_set: str
+) -> ResponseAssessment | _Shared:
+    """Size, window and epidural criteria; a not-assessable call without baseline volume."""
     volume = _find(changes, "volume")
     fracture = compression_fracture_status(
         follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct
     )
     if volume is None or volume.reference_value <= 0 or volume.relative is None:
-        return _not_assessable(RULE_SET_V1, fracture)
+        return _not_assessable(rule_set, fracture)
 
     criteria: list[Criterion] = []
     size_up, growth_confirmed = _size_criteria(
@@ -418,6 +432,17 @@ def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
     epidural_progression = _epidural_progression(
         changes, follow_up.bilsky_baseline, follow_up.bilsky_current, criteria
     )
+    return _Shared(criteria, fracture, size_up, growth_confirmed, in_window, epidural_progression)
+
+
+def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAssessment:
+    """Rule set 1.0 (docs/science.md §1.11), unchanged since it was first recorded."""
+    shared = _shared_criteria(changes, follow_up, RULE_SET_V1)
+    if isinstance(shared, ResponseAssessment):
+        return shared
+    criteria, fracture = shared.criteria, shared.fracture
+    size_up, growth_confirmed = shared.size_up, shared.growth_confirmed
+    in_window, epidural_progression = shared.in_window, shared.epidural_progression
 
     vp = _find(changes, "vp.mean")
     ktrans = _find(changes, "Ktrans.mean")
@@ -615,21 +640,12 @@ def _with_source(criterion: Criterion) -> Criterion:
 def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAssessment:
     """Rule set 2.0 (docs/science.md §1.12): size and window as 1.0, functional evidence weighed."""
     rule_set = f"{RULE_SET_NAME} 2.0"
-    volume = _find(changes, "volume")
-    fracture = compression_fracture_status(
-        follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct
-    )
-    if volume is None or volume.reference_value <= 0 or volume.relative is None:
-        return _not_assessable(rule_set, fracture)
-
-    criteria: list[Criterion] = []
-    size_up, growth_confirmed = _size_criteria(
-        changes, volume, follow_up.previous_category, criteria
-    )
-    in_window = _window_criterion(follow_up.days_since_treatment, criteria)
-    epidural_progression = _epidural_progression(
-        changes, follow_up.bilsky_baseline, follow_up.bilsky_current, criteria
-    )
+    shared = _shared_criteria(changes, follow_up, rule_set)
+    if isinstance(shared, ResponseAssessment):
+        return shared
+    criteria, fracture = shared.criteria, shared.fracture
+    size_up, growth_confirmed = shared.size_up, shared.growth_confirmed
+    in_window, epidural_progression = shared.in_window, shared.epidural_progression
     viable, effect, perfusion_known, adc_known = _functional_evidence(changes, criteria)
     leaning = _leaning(viable, effect)
     if size_up and leaning == "none":
