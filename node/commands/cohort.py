@@ -285,6 +285,7 @@ def _record_cases(
                 "multipliers": study_truth.get("scenario_multipliers"),
                 "volume_ml": tp.measurements.volume_ml,
                 "true_volume_ml": tumour.get("volume_ml_voxels_t2w"),
+                "true_volume_ml_continuous": tumour.get("volume_ml_continuous"),
                 "baseline_volume_ml": baseline_volume,
                 "true_baseline_volume_ml": truth["studies"]["baseline"]["tumour"].get(
                     "volume_ml_voxels_t2w"

@@ -34,6 +34,7 @@ def _call(case, state, call, leaning, days, volume, true_volume, base=10.0, **mu
 def _patient(seed, course, calls, growth=None):
     return {
         "randomised": True,
+        "baseline_volume_ml_nominal": 10.0,
         "seed": seed,
         "scenario": course,
         "growth": growth,
@@ -88,6 +89,7 @@ def test_evaluate_counts_the_calls_against_the_true_states():
     assert (figures["clear_signature"], figures["clear_signature_called_local_control"]) == (2, 1)
     assert (figures["pseudoprogression"], figures["pseudoprogression_called_progression"]) == (1, 1)
     assert (figures["control"], figures["control_called_progression"]) == (1, 0)
+    assert figures["volume_error_grid"]["n"] == 5
     errors = figures["volume_error"]
     assert errors["n"] == 5 and errors["within_10pct"] == pytest.approx(4 / 5)  # all but P2-f2
     assert errors["p05"] == pytest.approx(-0.2)
