@@ -255,7 +255,7 @@ def perturbation_repeatability(
                     radiomics_cache=cache,
                 )
             )
-        except ValueError as err:  # e.g. a perturbed ROI with no finite map value
+        except ValueError as err:  # e.g. a perturbation that empties the ROI
             logger.info("ROI perturbation %s not measurable: %s", name, err)
             continue
         for key, value in flat.items():

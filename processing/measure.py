@@ -42,6 +42,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from processing.errors import InputError
 from processing.imaging import same_grid
 from processing.radiomics import (
     RadiomicsCache,
@@ -396,7 +397,9 @@ def map_statistics(
     Raises
     ------
     ValueError
-        Different grids, or no finite value in the lesion.
+        Different grids.
+    InputError
+        No finite value in the lesion (e.g. a map whose fit failed there).
     """
     if not _same_grid(image, mask):
         raise ValueError(f"{quantity} map and lesion mask are not on the same grid")
@@ -404,7 +407,7 @@ def map_statistics(
     values = sitk.GetArrayFromImage(image).astype(float)[roi]
     values = values[np.isfinite(values)]
     if values.size == 0:
-        raise ValueError(f"no finite {quantity} value inside the lesion")
+        raise InputError(f"no finite {quantity} value inside the lesion")
     peak: float | None = None
     definition: str | None = None
     if quantity in LOW_PEAK_QUANTITIES:
@@ -455,7 +458,8 @@ def measure_lesion(
         Label image of the epidural component (same label); its volume is reported.
     radiomics_settings : mapping of str to RadiomicsSettings, optional
         The course's radiomics settings per quantity; quantities without settings get no
-        radiomics. Failures are recorded in ``radiomics_notes``, not raised.
+        radiomics. Failures are recorded in ``radiomics_notes``, not raised; so is a map with no
+        finite value inside the lesion (its statistics and radiomics are left out).
     radiomics_cache : RadiomicsCache, optional
         Preprocessing shared with other measurements of the same maps (e.g. of perturbed ROIs,
         see :func:`processing.change.perturbation_repeatability`); by default one cache serves
@@ -471,15 +475,20 @@ def measure_lesion(
     if volume == 0.0:
         raise ValueError(f"lesion mask has no voxel with label {label}")
     axial, craniocaudal, max_3d, section = _diameters(mask, label)
-    stats = {
-        q: map_statistics(img, mask, q, unit=units.get(q), label=label)
-        for q, img in sorted(maps.items())
-    }
-    radiomics: dict[str, dict[str, float]] = {}
+    stats = {}
     notes: list[str] = []
+    for q, img in sorted(maps.items()):
+        try:
+            stats[q] = map_statistics(img, mask, q, unit=units.get(q), label=label)
+        except InputError as err:
+            # one map without a usable value in the lesion (its fit failed there) leaves the
+            # others measured; the quantity is reported as not measured
+            notes.append(f"{q}: not measured: {err}")
+            logger.warning("%s not measured: %s", q, err)
+    radiomics: dict[str, dict[str, float]] = {}
     cache = radiomics_cache or RadiomicsCache()
     for quantity, settings in sorted((radiomics_settings or {}).items()):
-        if quantity not in maps:
+        if quantity not in stats:
             continue
         try:
             result = extract_features(maps[quantity], mask, settings, label=label, cache=cache)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from processing.errors import InputError
 from processing.measure import (
     hottest_sphere_mean,
     lesion_diameters,
@@ -88,6 +89,24 @@ def test_map_statistics_known_values_and_failed_fits_excluded():
     assert stats.p90 == pytest.approx(np.percentile(kept, 90))
     assert stats.peak == pytest.approx(kept[:99].mean())  # lowest 10 % of 990 voxels
     assert "lowest 10 %" in stats.peak_definition
+
+
+def test_a_map_without_a_finite_value_in_the_lesion_is_left_out_not_fatal():
+    """A map whose fit failed everywhere in the lesion (a real cohort case: IAUC60) leaves the
+    lesion and the other maps measured, with a note; an InputError from map_statistics."""
+    mask_arr = _box(shape=(20, 20, 20), z=(5, 15), y=(5, 15), x=(5, 15))
+    mask = _image(mask_arr)
+    adc = _image(np.full(mask_arr.shape, 1.0e-3))
+    iauc = _image(np.full(mask_arr.shape, np.nan))
+    with pytest.raises(InputError, match="no finite IAUC60 value inside the lesion"):
+        map_statistics(iauc, mask, "IAUC60")
+    settings = {"ADC": RadiomicsSettings(bin_count=8), "IAUC60": RadiomicsSettings(bin_count=8)}
+    measured = measure_lesion(mask, {"ADC": adc, "IAUC60": iauc}, radiomics_settings=settings)
+    assert measured.volume_ml == pytest.approx(1.0)
+    assert set(measured.map_statistics) == {"ADC"} and set(measured.radiomics) == {"ADC"}
+    assert "IAUC60: not measured: no finite IAUC60 value inside the lesion" in (
+        measured.radiomics_notes
+    )
 
 
 def test_lowest_fraction_mean():
