@@ -440,9 +440,7 @@ def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
     shared = _shared_criteria(changes, follow_up, RULE_SET_V1)
     if isinstance(shared, ResponseAssessment):
         return shared
-    criteria, fracture = shared.criteria, shared.fracture
-    size_up, growth_confirmed = shared.size_up, shared.growth_confirmed
-    in_window, epidural_progression = shared.in_window, shared.epidural_progression
+    criteria, size_up = shared.criteria, shared.size_up
 
     vp = _find(changes, "vp.mean")
     ktrans = _find(changes, "Ktrans.mean")
@@ -495,14 +493,17 @@ def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
             )
         )
     _fracture_criterion(
-        fracture, follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct, criteria
+        shared.fracture,
+        follow_up.height_loss_baseline_pct,
+        follow_up.height_loss_current_pct,
+        criteria,
     )
 
     recommendation: str | None = None
-    if epidural_progression:
+    if shared.epidural_progression:
         category = ResponseCategory.LOCAL_PROGRESSION
         recommendation = PROGRESSION_RECOMMENDATION
-    elif size_up and (growth_confirmed or in_window is False):
+    elif size_up and (shared.growth_confirmed or shared.in_window is False):
         category = ResponseCategory.LOCAL_PROGRESSION
         recommendation = PROGRESSION_RECOMMENDATION
     elif size_up and perfusion_up:
@@ -511,7 +512,7 @@ def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
     elif size_up:
         category = ResponseCategory.INDETERMINATE
         recommendation = CONFIRMATION_RECOMMENDATION
-        if in_window is None:
+        if shared.in_window is None:
             recommendation += "; time since treatment unknown"
         if not perfusion_known:
             recommendation += "; no comparable perfusion data"
@@ -531,8 +532,8 @@ def _assess_v1(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
         criteria=tuple(criteria),
         rule_set=RULE_SET_V1,
         recommendation=recommendation,
-        epidural_progression=epidural_progression,
-        compression_fracture=fracture,
+        epidural_progression=shared.epidural_progression,
+        compression_fracture=shared.fracture,
     )
 
 
@@ -541,83 +542,98 @@ def _beyond(change: Change) -> bool:
     return bool(change.comparable and change.beyond_repeatability)
 
 
-def _functional_evidence(
-    changes: Sequence[Change], criteria: list[Criterion]
-) -> tuple[list[str], list[str], bool, bool]:
-    """Rule set 2.0's functional evidence: ``(viable, effect, perfusion known, ADC known)``.
+def _cut_off_criterion(
+    change: Change, code: str, description: str, cut_off: float, *, rising: bool
+) -> Criterion:
+    """A change beyond both a literature cut-off and its repeatability, in one direction.
 
-    ``viable`` and ``effect`` name the quantities whose change is evidence of viable tumour or
-    of treatment effect; each weighed quantity adds one criterion per direction, fired or not,
-    with the effective threshold (the larger of the literature cut-off and the change's combined
-    repeatability coefficient, :attr:`processing.results.Change.repeatability`).
+    ``rising``: fired when ``relative >= cut_off``; else when ``relative <= cut_off``; either
+    way only when the (comparable) change is beyond its combined repeatability coefficient. The
+    threshold reported is the effective one: the larger in size of the cut-off and the
+    coefficient (:attr:`processing.results.Change.repeatability`).
     """
-    viable: list[str] = []
-    effect: list[str] = []
-    perfusion_known = adc_known = False
+    assert change.relative is not None
+    rc = change.repeatability or 0.0
+    if rising:
+        fired = change.relative >= cut_off and _beyond(change)
+        threshold = max(cut_off, rc)
+    else:
+        fired = change.relative <= cut_off and _beyond(change)
+        threshold = -max(-cut_off, rc)
+    return Criterion(code, description, fired, _pct(change.relative), _pct(threshold), "%")
+
+
+@dataclass
+class _Evidence:
+    """Rule set 2.0's functional evidence: the quantities (with their changes) that show viable
+    tumour or treatment effect, and which kinds of data were there to show it."""
+
+    viable: list[str]
+    effect: list[str]
+    perfusion_known: bool = False
+    adc_known: bool = False
+    perfusion_viable: bool = False
+    adc_viable: bool = False
+
+
+def _functional_evidence(changes: Sequence[Change], criteria: list[Criterion]) -> _Evidence:
+    """Weigh the perfusion quantities and the ADC median; one criterion per direction each.
+
+    Criteria are appended fired or not (perfusion: rise, then fall; ADC: fall, then rise).
+    """
+    evidence = _Evidence([], [])
     for name in PERFUSION_QUANTITIES:
         change = _find(changes, f"{name}.mean")
         if change is None or change.relative is None or not change.comparable:
             continue
-        perfusion_known = True
-        rc = change.repeatability or 0.0
-        rise = change.relative >= PERFUSION_INCREASE and _beyond(change)
-        fall = change.relative <= PERFUSION_DECREASE and _beyond(change)
-        criteria.append(
-            Criterion(
-                f"perfusion-rise-{name.lower()}",
-                f"{name} mean +20 % or more from baseline, beyond repeatability: viable tumour",
-                rise,
-                _pct(change.relative),
-                _pct(max(PERFUSION_INCREASE, rc)),
-                "%",
-            )
+        evidence.perfusion_known = True
+        label = f"{name} {change.relative * 100:+.0f} %"
+        rise = _cut_off_criterion(
+            change,
+            f"perfusion-rise-{name.lower()}",
+            f"{name} mean +20 % or more from baseline, beyond repeatability: viable tumour",
+            PERFUSION_INCREASE,
+            rising=True,
         )
-        criteria.append(
-            Criterion(
-                f"perfusion-fall-{name.lower()}",
-                f"{name} mean -20 % or more from baseline, beyond repeatability: treatment effect",
-                fall,
-                _pct(change.relative),
-                _pct(min(PERFUSION_DECREASE, -rc)),
-                "%",
-            )
+        fall = _cut_off_criterion(
+            change,
+            f"perfusion-fall-{name.lower()}",
+            f"{name} mean -20 % or more from baseline, beyond repeatability: treatment effect",
+            PERFUSION_DECREASE,
+            rising=False,
         )
-        if rise:
-            viable.append(f"{name} {change.relative * 100:+.0f} %")
-        if fall:
-            effect.append(f"{name} {change.relative * 100:+.0f} %")
+        criteria += [rise, fall]
+        if rise.fired:
+            evidence.viable.append(label)
+            evidence.perfusion_viable = True
+        if fall.fired:
+            evidence.effect.append(label)
     adc = _find(changes, f"ADC.{ADC_STATISTIC}")
     if adc is not None and adc.relative is not None and adc.comparable:
-        adc_known = True
-        rc = adc.repeatability or 0.0
-        fall = adc.relative < 0 and _beyond(adc)
-        rise = adc.relative >= ADC_INCREASE and _beyond(adc)
-        criteria.append(
-            Criterion(
-                "adc-fall",
-                f"ADC {ADC_STATISTIC} fall from baseline beyond repeatability: viable tumour",
-                fall,
-                _pct(adc.relative),
-                _pct(-rc),
-                "%",
-            )
+        evidence.adc_known = True
+        label = f"ADC {adc.relative * 100:+.0f} %"
+        fall = _cut_off_criterion(
+            adc,
+            "adc-fall",
+            f"ADC {ADC_STATISTIC} fall from baseline beyond repeatability: viable tumour",
+            0.0,
+            rising=False,
         )
-        criteria.append(
-            Criterion(
-                "adc-rise",
-                f"ADC {ADC_STATISTIC} +25 % or more from baseline, beyond repeatability: "
-                "treatment effect",
-                rise,
-                _pct(adc.relative),
-                _pct(max(ADC_INCREASE, rc)),
-                "%",
-            )
+        rise = _cut_off_criterion(
+            adc,
+            "adc-rise",
+            f"ADC {ADC_STATISTIC} +25 % or more from baseline, beyond repeatability: "
+            "treatment effect",
+            ADC_INCREASE,
+            rising=True,
         )
-        if fall:
-            viable.append(f"ADC {adc.relative * 100:+.0f} %")
-        if rise:
-            effect.append(f"ADC {adc.relative * 100:+.0f} %")
-    return viable, effect, perfusion_known, adc_known
+        criteria += [fall, rise]
+        if fall.fired:
+            evidence.viable.append(label)
+            evidence.adc_viable = True
+        if rise.fired:
+            evidence.effect.append(label)
+    return evidence
 
 
 def _leaning(viable: Sequence[str], effect: Sequence[str]) -> str:
@@ -643,19 +659,18 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
     shared = _shared_criteria(changes, follow_up, rule_set)
     if isinstance(shared, ResponseAssessment):
         return shared
-    criteria, fracture = shared.criteria, shared.fracture
-    size_up, growth_confirmed = shared.size_up, shared.growth_confirmed
-    in_window, epidural_progression = shared.in_window, shared.epidural_progression
-    viable, effect, perfusion_known, adc_known = _functional_evidence(changes, criteria)
+    criteria, size_up = shared.criteria, shared.size_up
+    found = _functional_evidence(changes, criteria)
+    viable, effect = found.viable, found.effect
     leaning = _leaning(viable, effect)
     if size_up and leaning == "none":
         # growth without any evidence of treatment effect leans to progression; the
         # confirmation scan settles it
         leaning = "progression"
-    perfusion_viable = any(not v.startswith("ADC") for v in viable)
-    adc_viable = any(v.startswith("ADC") for v in viable)
-    functional_progression = bool(perfusion_viable and adc_viable and not effect and not size_up)
-    if perfusion_known and adc_known:
+    functional_progression = (
+        found.perfusion_viable and found.adc_viable and not effect and not size_up
+    )
+    if found.perfusion_known and found.adc_known:
         criteria.append(
             Criterion(
                 "functional-progression",
@@ -664,7 +679,10 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
             )
         )
     _fracture_criterion(
-        fracture, follow_up.height_loss_baseline_pct, follow_up.height_loss_current_pct, criteria
+        shared.fracture,
+        follow_up.height_loss_baseline_pct,
+        follow_up.height_loss_current_pct,
+        criteria,
     )
 
     evidence = {
@@ -676,10 +694,12 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
         "none": "no functional change beyond repeatability",
     }[leaning]
     recommendation: str | None = None
-    if epidural_progression or (size_up and (growth_confirmed or in_window is False)):
+    if shared.epidural_progression or (
+        size_up and (shared.growth_confirmed or shared.in_window is False)
+    ):
         category = ResponseCategory.LOCAL_PROGRESSION
         recommendation = PROGRESSION_RECOMMENDATION
-    elif size_up and in_window and viable and not effect:
+    elif size_up and shared.in_window and viable and not effect:
         category = ResponseCategory.LOCAL_PROGRESSION
         recommendation = f"{PROGRESSION_RECOMMENDATION}: size increase with {evidence}"
     elif size_up:
@@ -687,9 +707,9 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
         recommendation = (
             f"{CONFIRMATION_RECOMMENDATION}; leans to {leaning}: {evidence}; {_SETTLE[leaning]}"
         )
-        if in_window is None:
+        if shared.in_window is None:
             recommendation += "; time since treatment unknown"
-        if not perfusion_known:
+        if not found.perfusion_known:
             recommendation += "; no comparable perfusion data (DCE)"
     elif functional_progression:
         category = ResponseCategory.INDETERMINATE
@@ -712,8 +732,8 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
         criteria=tuple(_with_source(c) for c in criteria),
         rule_set=rule_set,
         recommendation=recommendation,
-        epidural_progression=epidural_progression,
-        compression_fracture=fracture,
+        epidural_progression=shared.epidural_progression,
+        compression_fracture=shared.fracture,
         leaning=leaning,
     )
 
