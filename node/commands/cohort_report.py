@@ -159,11 +159,8 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
                 detected += hit
                 if not hit:
                     missed.append(call["case_id"])
-                baseline_ml = float(
-                    patient.get("baseline_volume_ml_nominal")
-                    or call.get("true_baseline_volume_ml")
-                    or 0.0
-                )
+                # the true (nominal) baseline volume, as the true growth is the multiplier's
+                baseline_ml = float(patient.get("baseline_volume_ml_nominal") or 0.0)
                 if clear_signature(call, baseline_ml, first_follow_up=index == 0):
                     clear += 1
                     clear_missed += column == CALLS[3]
