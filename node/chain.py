@@ -1147,6 +1147,7 @@ def _build_outputs(
         parametric_maps=pmaps,
         algorithm_version=ALGORITHM_VERSION,
         algorithm_parameters=_algorithm_parameters(settings),
+        criterion_sources=_criterion_sources(settings),
         segment_type=settings.segment_type,
     )
     return [*segs, *pmaps, *regs, report, *companions]
@@ -1199,7 +1200,7 @@ def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
     """The settings behind the numbers, written in the SR's algorithm identification."""
     from dataclasses import asdict
 
-    from processing.response import RULE_SET_NAME, SOURCES
+    from processing.response import RULE_SET_NAME
 
     parameters = {
         "response rule set": f"{RULE_SET_NAME} {settings.rule_set}",
@@ -1214,10 +1215,15 @@ def _algorithm_parameters(settings: ChainSettings) -> dict[str, str]:
         "DCE arterial input function": "Parker 2006 population AIF",
     }
     parameters.update({f"maps {k}": str(v) for k, v in asdict(settings.map_settings()).items()})
-    if settings.rule_set != "1.0":
-        # each criterion's source (a criterion in the SR is a coded concept: no room for it)
-        parameters.update({f"source of {code}": source for code, source in SOURCES.items()})
     return parameters
+
+
+def _criterion_sources(settings: ChainSettings) -> dict[str, str]:
+    """Each response criterion's source, for the SR (a criterion there is a coded concept, with
+    no room for it); none under rule set 1.0, which recorded none."""
+    from processing.response import SOURCES
+
+    return {} if settings.rule_set == "1.0" else dict(SOURCES)
 
 
 def _history_documents(

@@ -307,7 +307,7 @@ class _SharedContent:
         key = tuple(parameters)
         if key not in self._algorithms:
             self._algorithms[key] = hd.sr.AlgorithmIdentification(
-                name=self.algorithm_name, version=self.algorithm_version, parameters=key
+                name=self.algorithm_name, version=self.algorithm_version, parameters=key or None
             )
         return self._algorithms[key]
 
@@ -603,6 +603,7 @@ def build_measurement_report(
     source_images: Sequence[Dataset] = (),
     algorithm_version: str,
     algorithm_parameters: Mapping[str, str] | None = None,
+    criterion_sources: Mapping[str, str] | None = None,
     segment_type: str = "metastasis",
     ibsi_codes: Mapping[str, str] | None = None,
     device_observer_uid: str | None = None,
@@ -628,7 +629,12 @@ def build_measurement_report(
         Version written in the algorithm identification and part of the UIDs.
     algorithm_parameters : Mapping[str, str], optional
         Settings used (rule set, bin width, resampling, AIF, model…), written as Algorithm
-        Parameters.
+        Parameters of each time point's measurement group (once per lesion and time point: the
+        other groups of the time point name the algorithm and its version, and a radiomics group
+        its image).
+    criterion_sources : Mapping[str, str], optional
+        Response criterion code -> its source (literature), written as ``source of
+        <code>=<source>`` parameters of the groups that carry a response assessment.
     segment_type : str
         Finding type (same names as :func:`reporting.seg.build_segmentation`).
     ibsi_codes : Mapping[str, str], optional
@@ -654,12 +660,15 @@ def build_measurement_report(
     if not algorithm_version:
         raise ValueError("algorithm_version must be given")
     parameters = [f"{k}={v}" for k, v in sorted((algorithm_parameters or {}).items())]
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=ALGORITHM_NAME, version=algorithm_version, parameters=parameters or None
-    )
+    sources = [f"source of {k}={v}" for k, v in sorted((criterion_sources or {}).items())]
     shared = _SharedContent(
         algorithm_name=ALGORITHM_NAME, algorithm_version=algorithm_version, ibsi_codes=ibsi_codes
     )
+    # the settings once per lesion and time point (its measurement group), the criteria's
+    # sources with each response; the time point's other groups name algorithm and version
+    algorithm = shared.algorithm(())
+    with_settings = shared.algorithm(parameters)
+    with_sources = shared.algorithm([*parameters, *sources])
     maps: dict[tuple[str, str], str] = {
         (str(pm.StudyInstanceUID), map_quantity(pm)): str(pm.SOPInstanceUID)
         for pm in parametric_maps
@@ -706,12 +715,13 @@ def build_measurement_report(
                 result.lesion.tracking_uid,
             )
             group_class = hd.sr.MeasurementsAndQualitativeEvaluations
+        primary = dict(common, algorithm_id=with_sources if response is not None else with_settings)
         groups.append(
             group_class(
                 method=rcodes.rule_set_code(response.rule_set) if response is not None else None,
                 measurements=builder.measurements,
                 qualitative_evaluations=builder.evaluations or None,
-                **common,
+                **primary,
             )
         )
         # one group of radiomics features per image: its algorithm names the image once (a
@@ -721,7 +731,7 @@ def build_measurement_report(
                 group_class(
                     method=rcodes.RADIOMICS_METHOD,
                     measurements=features,
-                    **{**common, "algorithm_id": shared.algorithm([*parameters, f"image={image}"])},
+                    **{**common, "algorithm_id": shared.algorithm([f"image={image}"])},
                 )
             )
         for (reference, relative), method in rcodes.CHANGE_METHODS.items():
@@ -802,7 +812,7 @@ def build_measurement_report(
                 for r in ordered
             ]
         ),
-        repr(parameters),
+        repr((parameters, sources)),
         segment_type,
     )
     uid_args = dict(

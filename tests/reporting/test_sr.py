@@ -27,6 +27,7 @@ PARAMETERS = {
     "dce_model": "extended_tofts",
     "aif": "Parker population AIF, Hct 0.42",
 }
+SOURCES = {"volume-increase": "SPINO 2015: +20 %"}
 
 
 def _build(version: str = VERSION) -> tuple[hd.sr.Comprehensive3DSR, object]:
@@ -38,6 +39,7 @@ def _build(version: str = VERSION) -> tuple[hd.sr.Comprehensive3DSR, object]:
         source_images=objects.baseline_sources + objects.follow_up_sources,
         algorithm_version=version,
         algorithm_parameters=PARAMETERS,
+        criterion_sources=SOURCES,
     )
     return sr, objects
 
@@ -189,6 +191,14 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     assert evaluations["CMPAB"].value == "CMPOK"
     assert _find(fu, not_fired).value == pytest.approx(-26.19)
     assert _find(fu, "PPROB").value == pytest.approx(0.12)
+
+    # the settings once per time point (its measurement group), the criteria's sources with the
+    # response; the other groups name the algorithm, a radiomics group its image
+    settings = sorted(f"{k}={v}" for k, v in PARAMETERS.items())
+    assert _group_parameters(base) == settings
+    assert _group_parameters(fu) == [*settings, "source of volume-increase=SPINO 2015: +20 %"]
+    assert _group_parameters(fu_features) == ["image=ADC"]
+    assert _group_parameters(rel) == _group_parameters(absolute) == []
 
 
 def test_time_point_context(report: tuple[Path, object]) -> None:
