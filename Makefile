@@ -74,9 +74,14 @@ demo: $(STAMP)
 
 # 3 xdist workers on the 2 cores (many tests wait on subprocesses, sockets and Orthanc: a third
 # worker fills those waits; measured 953 s against 1,110-1,147 s with 2); a file runs whole on one
-# worker, the longest files first (tests/conftest.py)
+# worker, the longest files first (tests/conftest.py). Each worker and every process it starts
+# (node, analyze, cohort workers) uses one thread in OpenBLAS, OpenMP and ITK: three processes
+# each spinning two threads on two cores spent 9 % more CPU (same run: 981 s and 1,828 CPU-s with
+# one thread, 1,085 s and 2,004 CPU-s with the libraries' defaults).
+TEST_THREADS := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+	ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1
 test: sysdeps $(STAMP) $(OHIF_DIST) $(AUDIT_SCHEMA)
-	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=60
+	$(TEST_THREADS) $(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=60
 
 # ruff (the rule set in pyproject.toml) and the formatter check on the whole tree; mypy --strict
 # on the science and the DICOM encoders (processing/, reporting/)
