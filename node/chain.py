@@ -139,6 +139,8 @@ class StudyAnalysis:
     lesion_mask: sitk.Image | None = None
     registration: Any = None
     lesion_notes: tuple[str, ...] = ()
+    #: how the follow-up lesion was delineated (:func:`_delineation`); None at baseline
+    lesion_delineation: dict[str, Any] | None = None
     #: the scanner's own ADC series of the study (SeriesVolume), if any, and the node's ADC
     #: compared with it (processing.adc_qa: median differences in the tumour and whole tissue)
     scanner_adc: Any = None
@@ -404,6 +406,13 @@ def run_chain(
         if corrected is not None:
             study.lesion_mask = corrected
             study.lesion_notes += ("lesion from a reader's SEG (preferred over the refinement)",)
+            study.lesion_delineation = {
+                "method": "reader SEG",
+                "volume_ml": None,
+                "volume_range_ml": None,
+                "summary": "from a reader's SEG (preferred over the refinement)",
+                "not_delineated": None,
+            }
     studies = [baseline, *follow_ups]
     for study in studies:
         _scanner_adc_qa(study, notes)
@@ -779,6 +788,38 @@ def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.I
         if registration.passed
         else tuple(f"registration check failed: {r}" for r in registration.reasons)
     )
+    study.lesion_delineation = _delineation(lesion, registration)
+
+
+def _delineation(lesion: Any, registration: Any) -> dict[str, Any]:
+    """How a follow-up lesion was delineated, for the summary, the response and the reports.
+
+    ``method``: ``refined`` (on the follow-up images; ``volume_range_ml`` its uncertainty) or
+    ``propagated`` (the baseline GTV carried over: no size change measured); ``not_delineated``:
+    why the lesion's size on the follow-up is unknown (refinement not used, or a failed
+    registration check, which puts even a refined lesion in doubt), else None.
+    """
+    reasons = []
+    if not lesion.refined:
+        reasons.append("refinement not used")
+    if not registration.passed:
+        reasons.append("registration check failed: " + "; ".join(registration.reasons))
+    return {
+        "method": "refined" if lesion.refined else "propagated",
+        "volume_ml": round(float(lesion.volume_ml), 3),
+        "volume_range_ml": None
+        if lesion.volume_range_ml is None
+        else [round(float(v), 3) for v in lesion.volume_range_ml],
+        "summary": next(
+            (
+                n
+                for n in reversed(lesion.notes)
+                if n.startswith(("refined on follow-up images", "refinement not used"))
+            ),
+            None,
+        ),
+        "not_delineated": "; ".join(reasons) or None,
+    }
 
 
 def _grid_groups(study: StudyAnalysis) -> list[tuple[sitk.Image, dict[str, sitk.Image]]]:
@@ -975,6 +1016,8 @@ def _measure_and_assess(
             "lesion_notes": list(study.lesion_notes),
             "algorithm_version": ALGORITHM_VERSION,
         }
+        if study.lesion_delineation is not None:
+            provenance["lesion_delineation"] = study.lesion_delineation
         if study.scanner_adc_qa is not None:
             provenance["scanner_adc_qa"] = study.scanner_adc_qa
         if index == 0:
@@ -1012,6 +1055,7 @@ def _measure_and_assess(
             days_since_treatment=study.days_since_treatment,
             previous_category=previous_category,
             rule_set=settings.rule_set,
+            lesion_not_delineated=(study.lesion_delineation or {}).get("not_delineated"),
         )
         response = _with_site_model(response, changes, settings, notes)
         previous_category = response.category

@@ -117,6 +117,8 @@ SOURCES: dict[str, str] = {
     "functional-progression": "node design: viable-tumour evidence of perfusion and diffusion",
     "compression-fracture": "Sahgal 2013 (J Clin Oncol 31:3426); Genant 1993",
     "repeatability": "processing.repeatability: published test-retest (+) per-case ROI spread",
+    "lesion-not-delineated": "node design: a size the node could not measure is not evidence "
+    "of control",
 }
 
 #: Perfusion quantities weighed by rule set 2.0 (mean over the lesion, as in Kumar 2017).
@@ -227,6 +229,7 @@ def assess_response(
     height_loss_baseline_pct: float | None = None,
     height_loss_current_pct: float | None = None,
     rule_set: str = RULE_SET_VERSION,
+    lesion_not_delineated: str | None = None,
 ) -> ResponseAssessment:
     """Apply a rule set (default :data:`RULE_SET`) to one lesion at one follow-up.
 
@@ -246,6 +249,11 @@ def assess_response(
         Vertebral body height loss of the treated level, %.
     rule_set : str
         ``"2.0"`` (default) or ``"1.0"``, with or without the rule set's name.
+    lesion_not_delineated : str, optional
+        Why the lesion could not be delineated on this follow-up (the registration check failed,
+        the refinement was not used: the baseline GTV was carried over unchanged), ``None`` when
+        it was. Rule set 2.0 then measures no size change: a call that would be local control
+        is not assessable (docs/science.md §1.12). Rule set 1.0 ignores it, as recorded.
 
     Returns
     -------
@@ -261,6 +269,7 @@ def assess_response(
         bilsky_current,
         height_loss_baseline_pct,
         height_loss_current_pct,
+        lesion_not_delineated,
     )
     if rule_set_version(rule_set) == "1.0":
         return _assess_v1(changes, follow_up)
@@ -277,6 +286,7 @@ class _FollowUp:
     bilsky_current: str | None
     height_loss_baseline_pct: float | None
     height_loss_current_pct: float | None
+    lesion_not_delineated: str | None = None
 
 
 def _not_assessable(rule_set: str, fracture: str | None) -> ResponseAssessment:
@@ -719,6 +729,25 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
         )
     else:
         category = ResponseCategory.LOCAL_CONTROL
+    if follow_up.lesion_not_delineated is not None:
+        # the baseline GTV carried over unchanged has the baseline's size: no size change was
+        # measured, so the absence of growth says nothing
+        criteria.append(
+            Criterion(
+                "lesion-not-delineated",
+                f"lesion not delineated on the follow-up ({follow_up.lesion_not_delineated}): "
+                "size and epidural changes not measured",
+                True,
+            )
+        )
+        if category is ResponseCategory.LOCAL_CONTROL:
+            category = ResponseCategory.NOT_ASSESSABLE
+            recommendation = (
+                "radiologist review of the lesion's size on the follow-up images (the node "
+                f"could not delineate it); functional evidence leans to {leaning}: {evidence}"
+            )
+        elif recommendation is not None:
+            recommendation += "; size not measured (lesion not delineated on the follow-up)"
     logger.info(
         "response %s by %s (%d criteria, %d fired, leaning %s)",
         category.value,

@@ -133,13 +133,14 @@ def format_summary(results: Sequence[TimePointResult]) -> str:
                 f"  {result.role.value} {result.study_date}{days}: volume {m.volume_ml:.2f} mL"
             )
             # how the follow-up lesion was found (refined, with its volume range, or not)
-            lesion_notes = [
-                str(note)
-                for note in (result.provenance or {}).get("lesion_notes") or ()
-                if str(note).startswith(("refined on follow-up images", "refinement not used"))
-            ]
-            if lesion_notes:
-                lines.append(f"    lesion {lesion_notes[-1]}")
+            delineation = (result.provenance or {}).get("lesion_delineation") or {}
+            if delineation.get("summary"):
+                lines.append(f"    lesion {delineation['summary']}")
+            if delineation.get("not_delineated"):
+                lines.append(
+                    f"    size not measured: {delineation['not_delineated']} "
+                    "(the baseline GTV's place and size on this follow-up are not known)"
+                )
             stats = [
                 f"{q} mean {_format_value(m.map_statistics[q].mean, m.map_statistics[q].unit)}"
                 for q in _TEXT_QUANTITIES

@@ -334,3 +334,30 @@ def test_v2_every_criterion_names_its_source_and_the_version_is_recorded():
     assert assess_response((), days_since_treatment=1, rule_set="spine-sbrt-response 1.0").rule_set
     with pytest.raises(ValueError, match="unknown response rule set"):
         _call("3.0")
+
+
+def test_v2_a_lesion_not_delineated_on_the_follow_up_is_never_local_control():
+    """The baseline GTV carried over unchanged (refinement not used, registration check failed)
+    keeps the baseline's size: no growth is measured, so no local control is called on it."""
+    changes = compute_changes(_measurements(volume=1.0, vp=0.40), _measurements())
+    reason = "refinement not used; registration check failed: overlap 0.43 < 0.80"
+    call = assess_response(changes, days_since_treatment=200, lesion_not_delineated=reason)
+    assert call.category == ResponseCategory.NOT_ASSESSABLE
+    assert call.leaning == "treatment effect"  # the functional evidence is still weighed
+    criterion = _crit(call, "lesion-not-delineated")
+    assert criterion.fired and reason in criterion.description and criterion.source
+    assert "radiologist review of the lesion's size" in call.recommendation
+    # the same changes with the lesion delineated: local control
+    assert assess_response(changes, days_since_treatment=200).category == LC
+    # functional progression stays indeterminate, its recommendation saying the size is unknown
+    both = compute_changes(_measurements(volume=1.0, vp=1.50, d=0.80), _measurements())
+    call = assess_response(both, days_since_treatment=200, lesion_not_delineated=reason)
+    assert call.category == IND and "size not measured" in call.recommendation
+    # rule set 1.0 ignores it, as it was recorded
+    v1 = assess_response(
+        compute_changes(_measurements(), _measurements(), published_repeatability=False),
+        days_since_treatment=200,
+        rule_set="1.0",
+        lesion_not_delineated=reason,
+    )
+    assert v1.category == LC
