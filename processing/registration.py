@@ -37,7 +37,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -136,6 +136,9 @@ class RigidRegistration:
         Why it failed (empty when passed).
     stop_condition : str
         Optimizer's stop condition at the finest level.
+    attempts : int
+        1, or 2 when the first result failed its check and a careful second run
+        (:func:`register_rigid`) was made; the better of the two is reported.
     """
 
     transform: sitk.Euler3DTransform
@@ -150,6 +153,7 @@ class RigidRegistration:
     passed: bool
     reasons: tuple[str, ...]
     stop_condition: str
+    attempts: int = 1
 
 
 def transform_to_matrix(transform: sitk.Transform) -> np.ndarray:
@@ -429,8 +433,50 @@ def register_rigid(
     ------
     RegistrationError
         If the images are not 3-D or the region is empty.
+
+    Notes
+    -----
+    A result that fails its check gets one careful second run from the same start: without the
+    coarsest pyramid level and with a quarter of the step. Along the spine the coarse level can
+    pull the optimiser one vertebral level away (a randomised phantom follow-up with a 2x
+    eccentric growth was registered 24 mm off, overlap 0.43, where the true shift was 4.7 mm).
+    The second result is kept when it passes, or when its overlap is higher.
     """
     settings = settings or RegistrationSettings()
+    first = _register_once(
+        fixed, moving, region, fixed_vertebra, moving_vertebra, initial_transform, settings
+    )
+    if first.passed:
+        return first
+    careful = replace(
+        settings,
+        shrink_factors=settings.shrink_factors[1:] or settings.shrink_factors,
+        smoothing_sigmas_mm=settings.smoothing_sigmas_mm[1:] or settings.smoothing_sigmas_mm,
+        learning_rate_mm=settings.learning_rate_mm / 4,
+    )
+    second = _register_once(
+        fixed, moving, region, fixed_vertebra, moving_vertebra, initial_transform, careful
+    )
+    better = second if second.passed or (second.dice or 0.0) > (first.dice or 0.0) else first
+    logger.info(
+        "registration retried carefully: overlap %.3f -> %.3f; %s result kept",
+        first.dice or 0.0,
+        second.dice or 0.0,
+        "the second" if better is second else "the first",
+    )
+    return replace(better, attempts=2)
+
+
+def _register_once(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    region: sitk.Image | None,
+    fixed_vertebra: sitk.Image | None,
+    moving_vertebra: sitk.Image | None,
+    initial_transform: sitk.Transform | None,
+    settings: RegistrationSettings,
+) -> RigidRegistration:
+    """One run of :func:`register_rigid` with these settings."""
     if fixed.GetDimension() != 3 or moving.GetDimension() != 3:
         raise RegistrationError("registration needs 3-D fixed and moving images")
     fixed_f = sitk.Cast(fixed, sitk.sitkFloat32)

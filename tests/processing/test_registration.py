@@ -136,6 +136,21 @@ def test_without_vertebral_masks_uses_foreground_overlap_and_flags_failure(basel
     noise.CopyInformation(fixed)
     bad = register_rigid(fixed, noise, region=body, settings=RegistrationSettings(iterations=20))
     assert not bad.passed and bad.reasons and bad.dice < 0.8
+    # a failed check gets one careful second run, and the report says so
+    assert good.attempts == 1 and bad.attempts == 2
+
+
+def test_a_failed_check_is_retried_and_the_better_result_kept(baseline) -> None:
+    fixed, body = baseline
+    moving = _follow_up(fixed, _known_rigid((2.0, 0.0, -2.0), (2.0, 3.0, -1.0)), seed=3)
+    first = register_rigid(fixed, moving, region=body)
+    # a check no registration passes: both runs fail, the one with the higher overlap is kept
+    strict = register_rigid(fixed, moving, region=body, settings=RegistrationSettings(min_dice=1))
+    assert strict.attempts == 2 and not strict.passed
+    assert strict.dice >= first.dice - 0.02  # the careful run lands where the first one did
+    np.testing.assert_allclose(
+        strict.matrix_moving_to_fixed, first.matrix_moving_to_fixed, atol=0.5
+    )
 
 
 def test_matrix_transform_round_trip_and_centre_convention() -> None:
