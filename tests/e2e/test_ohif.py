@@ -48,7 +48,7 @@ SEGMENT_LABEL = "metastasis"
 #: Parametric Map Storage
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 #: time allowed to OHIF for one object (software WebGL on 2 shared cores). Usually 15-25 s; the
-#: SR's measurements timed out at 90 s in two full-suite runs (stops 22 and 24), each time while
+#: SR's measurements timed out at 90 s in two full-suite runs (2026-12-06 and -07), each time while
 #: the suite's longest chain tests ran beside it, and passed alone in 65 s: a wait, not a failure
 LOAD_TIMEOUT_S = 180.0
 
