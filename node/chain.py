@@ -810,14 +810,7 @@ def _delineation(lesion: Any, registration: Any) -> dict[str, Any]:
         "volume_range_ml": None
         if lesion.volume_range_ml is None
         else [round(float(v), 3) for v in lesion.volume_range_ml],
-        "summary": next(
-            (
-                n
-                for n in reversed(lesion.notes)
-                if n.startswith(("refined on follow-up images", "refinement not used"))
-            ),
-            None,
-        ),
+        "summary": lesion.outcome or None,
         "not_delineated": "; ".join(reasons) or None,
     }
 

@@ -198,6 +198,9 @@ class FollowUpLesion:
         Uncertainty of a refined volume: the lesion thresholded at posterior 0.75 and 0.25
         instead of 0.5 (the parts connected to the reported lesion), ``(low, high)`` in mL;
         ``None`` when the propagated GTV is reported.
+    outcome : str
+        How the lesion was found, in one line ("refined on follow-up images: ..." or
+        "refinement not used: ..."; also the last of ``notes``).
     """
 
     mask: sitk.Image
@@ -210,6 +213,7 @@ class FollowUpLesion:
     training_dice: float | None
     notes: tuple[str, ...]
     volume_range_ml: tuple[float, float] | None = None
+    outcome: str = ""
 
 
 #: posterior thresholds of the refined volume's range (the lesion is thresholded at 0.5)
@@ -473,10 +477,11 @@ def refine_lesion(
     def fallback(
         reason: str, training: float | None, probability: sitk.Image | None = None
     ) -> FollowUpLesion:
-        notes.append(
+        outcome = (
             f"refinement not used: {reason}; the propagated GTV is reported "
             "(growth/shrinkage not measured)"
         )
+        notes.append(outcome)
         logger.warning("lesion refinement not used: %s", reason)
         return FollowUpLesion(
             mask=propagated,
@@ -488,6 +493,7 @@ def refine_lesion(
             refined=False,
             training_dice=training,
             notes=tuple(notes),
+            outcome=outcome,
         )
 
     # --- baseline: training samples
@@ -586,11 +592,12 @@ def refine_lesion(
     ) > 0.05 * np.count_nonzero(segmentation):
         notes.append("lesion reaches the edge of the search region: growth may be underestimated")
     volume_range = _volume_range(probability, segmentation, reference)
-    notes.append(
+    outcome = (
         f"refined on follow-up images: {volume:.2f} mL ({100 * (ratio - 1):+.0f} % vs propagated; "
         f"{volume_range[0]:.2f}-{volume_range[1]:.2f} mL at lesion probability "
         f"{VOLUME_RANGE_THRESHOLDS[0]:g}/{VOLUME_RANGE_THRESHOLDS[1]:g})"
     )
+    notes.append(outcome)
     logger.info(
         "lesion refined: baseline %.2f mL, propagated %.2f mL, follow-up %.2f mL "
         "(training Dice %.3f)",
@@ -610,6 +617,7 @@ def refine_lesion(
         training_dice=training_dice,
         notes=tuple(notes),
         volume_range_ml=volume_range,
+        outcome=outcome,
     )
 
 

@@ -136,6 +136,7 @@ def test_refined_follow_up_volume_within_10_percent(baseline, radius_mm, gain) -
     assert low <= result.volume_ml <= high and low < high
     assert high - low < 0.5 * result.volume_ml
     assert f"{low:.2f}-{high:.2f} mL at lesion probability 0.75/0.25" in result.notes[-1]
+    assert result.outcome == result.notes[-1] and result.outcome.startswith("refined on")
 
 
 def test_channel_changed_by_treatment_is_adapted_to(baseline) -> None:
@@ -177,6 +178,7 @@ def test_uninformative_channels_fall_back_to_the_propagated_gtv(baseline) -> Non
     assert not result.refined
     assert result.volume_ml == result.propagated_volume_ml
     assert any("not used" in note for note in result.notes)
+    assert result.outcome.startswith("refinement not used: ")
 
 
 def test_errors_and_settings_validation(baseline) -> None:
