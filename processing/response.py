@@ -585,6 +585,18 @@ class _Evidence:
     perfusion_viable: bool = False
     adc_viable: bool = False
 
+    def weigh(
+        self, label: str, viable: Criterion, effect: Criterion, criteria: list[Criterion]
+    ) -> bool:
+        """Append one quantity's two criteria (viable tumour, then treatment effect) and record
+        ``label`` under whichever fired; whether the viable-tumour one fired."""
+        criteria += [viable, effect]
+        if viable.fired:
+            self.viable.append(label)
+        if effect.fired:
+            self.effect.append(label)
+        return viable.fired
+
 
 def _functional_evidence(changes: Sequence[Change], criteria: list[Criterion]) -> _Evidence:
     """Weigh the perfusion quantities and the ADC median; one criterion per direction each.
@@ -612,12 +624,8 @@ def _functional_evidence(changes: Sequence[Change], criteria: list[Criterion]) -
             PERFUSION_DECREASE,
             rising=False,
         )
-        criteria += [rise, fall]
-        if rise.fired:
-            evidence.viable.append(label)
+        if evidence.weigh(label, rise, fall, criteria):
             evidence.perfusion_viable = True
-        if fall.fired:
-            evidence.effect.append(label)
     adc = _find(changes, f"ADC.{ADC_STATISTIC}")
     if adc is not None and adc.relative is not None and adc.comparable:
         evidence.adc_known = True
@@ -637,12 +645,8 @@ def _functional_evidence(changes: Sequence[Change], criteria: list[Criterion]) -
             ADC_INCREASE,
             rising=True,
         )
-        criteria += [fall, rise]
-        if fall.fired:
-            evidence.viable.append(label)
+        if evidence.weigh(label, fall, rise, criteria):
             evidence.adc_viable = True
-        if rise.fired:
-            evidence.effect.append(label)
     return evidence
 
 
