@@ -290,12 +290,20 @@ def _record_cases(
                 "true_baseline_volume_ml": truth["studies"]["baseline"]["tumour"].get(
                     "volume_ml_voxels_t2w"
                 ),
+                # the tumour's true ADC for each b-value range a fit may use, now and at baseline
+                "true_adc_mm2_s": _true_adc(tumour),
+                "true_baseline_adc_mm2_s": _true_adc(truth["studies"]["baseline"]["tumour"]),
             }
         )
     if status["rows"]:
         status["state"] = "analysed"
     else:
         status["reason"] = "no follow-up could be analysed: " + "; ".join(result.notes)
+
+
+def _true_adc(tumour: dict[str, Any]) -> dict[str, float]:
+    """The phantom tumour's true ADC by b-value range (``"b50-1000"`` -> mm²/s)."""
+    return {key: fit["adc_mm2_s"] for key, fit in (tumour.get("adc_by_bvalues") or {}).items()}
 
 
 def write_cases(rows: list[dict[str, str]], path: Path) -> list[str]:
