@@ -22,7 +22,12 @@ and shrinkage are measured rather than assumed:
    GTV, and separate ones of at least ``min_component_ml`` (an epidural extension behind the
    cortex), are kept and holes filled.
 5. The model is adapted to the follow-up by a few hard-EM iterations (both classes re-fitted on the
-   follow-up's own split), kept only when it agrees with the baseline model's segmentation.
+   follow-up's own split), kept when it agrees with the baseline model's segmentation, or when it
+   draws a far sharper boundary than the baseline model within the lesion's former extent: its
+   volume range (item 7) relative to its volume at most ``decisive_band_ratio`` times the baseline
+   model's and at most ``max_decisive_band``, its volume at most ``max_decisive_growth`` times the
+   propagated GTV. (A treated lesion whose signal moved in every channel, each by less than the
+   channel test of item 2, leaves the baseline model hesitating over most of it.)
 6. When the baseline check fails, no channel is stable, or the refined lesion is implausible, the
    propagated GTV is returned and the notes say that growth/shrinkage was not measured.
 7. The refined volume's uncertainty is the range of volumes at lesion probability 0.75 and 0.25
@@ -131,7 +136,18 @@ class RefinementSettings:
     adapt_iterations : int
         Hard-EM iterations re-fitting the model on the follow-up (0: baseline model only).
     min_adapted_dice : float
-        The adapted segmentation must agree with the baseline model's one at least this much.
+        The adapted segmentation must agree with the baseline model's one at least this much,
+        unless it is far better defined (``decisive_band_ratio``).
+    decisive_band_ratio, max_decisive_band, max_decisive_growth : float
+        An adapted segmentation that disagrees with the baseline model's one is still taken when
+        its volume range (:data:`VOLUME_RANGE_THRESHOLDS`) relative to its volume is at most
+        ``decisive_band_ratio`` times the baseline model's relative range and at most
+        ``max_decisive_band``, and it is at most ``max_decisive_growth`` times the propagated
+        GTV: the baseline model then hesitates over tissue whose signal changed with treatment
+        (a lesion of 2.8 mL, range 0.5-4.5 mL) where the adapted one draws a sharp boundary
+        within the lesion's former extent (12.3 mL, range 11.2-13.2 mL; true 12.3 mL). Growth is
+        never taken from this exception: a sharp adapted boundary can also enclose neighbouring
+        tissue (a 12 mL pseudoprogression adapted to 21.7 mL, range 16 % of it).
     min_volume_factor, max_volume_factor : float
         Plausible refined/propagated volume ratios; outside them the propagated GTV is kept.
     seed : int
@@ -151,6 +167,9 @@ class RefinementSettings:
     max_channel_shift: float = 0.5
     adapt_iterations: int = 2
     min_adapted_dice: float = 0.75
+    decisive_band_ratio: float = 0.4
+    max_decisive_band: float = 0.35
+    max_decisive_growth: float = 1.1
     min_volume_factor: float = 0.05
     max_volume_factor: float = 10.0
     seed: int = 0
@@ -169,6 +188,15 @@ class RefinementSettings:
             )
         if self.lesion_components < 1 or self.background_components < 1:
             raise ValueError("mixture components must be >= 1")
+        if not (
+            0 < self.decisive_band_ratio <= 1
+            and self.max_decisive_band > 0
+            and self.max_decisive_growth > 0
+        ):
+            raise ValueError(
+                "decisive_band_ratio must be in (0, 1], max_decisive_band and "
+                "max_decisive_growth > 0"
+            )
         if not 0 < self.min_volume_factor < 1 < self.max_volume_factor:
             raise ValueError("volume factors must satisfy 0 < min < 1 < max")
 
@@ -237,6 +265,17 @@ def _volume_range(
     kept = np.isin(labels, np.unique(labels[segmentation & (labels > 0)]))
     high = np.count_nonzero(kept & (labels > 0)) * voxel_ml
     return float(low), float(high)
+
+
+def _relative_band(
+    probability: sitk.Image, segmentation: np.ndarray, reference: sitk.Image
+) -> float:
+    """Width of :func:`_volume_range` relative to the segmentation's volume (inf when empty)."""
+    voxels = np.count_nonzero(segmentation)
+    if not voxels:
+        return math.inf
+    low, high = _volume_range(probability, segmentation, reference)
+    return (high - low) / (voxels * float(np.prod(reference.GetSpacing())) / 1000.0)
 
 
 def mask_volume_ml(mask: sitk.Image) -> float:
@@ -699,11 +738,26 @@ def _adapt(
     if settings.adapt_iterations:
         agreement = dice(_as_image(current, reference), _as_image(segmentation, reference))
         if agreement < settings.min_adapted_dice:
+            band = _relative_band(probability, segmentation, reference)
+            adapted_band = _relative_band(current_probability, current, reference)
+            growth = int(np.count_nonzero(current)) / max(int(np.count_nonzero(seed)), 1)
+            if not (
+                adapted_band <= settings.decisive_band_ratio * band
+                and adapted_band <= settings.max_decisive_band
+                and growth <= settings.max_decisive_growth
+            ):
+                notes.append(
+                    f"model adaptation to the follow-up refused (Dice {agreement:.3f} with the "
+                    f"baseline model's segmentation < {settings.min_adapted_dice}; volume range "
+                    f"{adapted_band:.0%} of the volume adapted, {band:.0%} before; adapted "
+                    f"{growth:.2f} x the propagated GTV)"
+                )
+                return segmentation, probability
             notes.append(
-                f"model adaptation to the follow-up refused (Dice {agreement:.3f} with the "
-                f"baseline model's segmentation < {settings.min_adapted_dice})"
+                f"model adapted to the follow-up although it moved the segmentation (Dice "
+                f"{agreement:.3f}): its lesion is better defined (volume range {adapted_band:.0%} "
+                f"of the volume, the baseline model's {band:.0%})"
             )
-            return segmentation, probability
         notes.append(
             f"model adapted to the follow-up ({settings.adapt_iterations} iterations): "
             f"{int(segmentation.sum())} -> {int(current.sum())} voxels"

@@ -154,6 +154,48 @@ def test_channel_changed_by_treatment_is_adapted_to(baseline) -> None:
     assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (result.volume_ml, true_volume)
 
 
+def test_a_treated_lesion_the_baseline_model_hesitates_over_is_adapted_to(baseline) -> None:
+    """Treatment moved the lesion's signal towards the background in every channel, each by less
+    than the channel test drops (45 % of the contrast), and made it heterogeneous (necrosis): the
+    baseline model finds half the lesion with a volume range wider than the volume; the adapted
+    model disagrees with it (Dice < 0.75) but draws a sharp boundary, and is taken."""
+    images, gtv, vertebra = baseline
+    matrix = _follow_up_to_baseline()
+    follow_grid = _grid((-46.0, -48.0, -33.0))
+    t1, t2, _, truth = _scene(follow_grid, BASELINE_RADIUS, matrix, seed=4)
+    adc = _adc(follow_grid, BASELINE_RADIUS, matrix, 850.0, seed=6)
+    inside = sitk.GetArrayViewFromImage(truth).astype(bool)
+    rng = np.random.default_rng(9)
+    treated = []
+    # (image, spread inside the treated lesion, background value the lesion moved towards)
+    for image, spread, towards in ((t1, 80.0, 417.0), (t2, 100.0, 300.0), (adc, 300.0, 1350.0)):
+        array = sitk.GetArrayFromImage(image)
+        array[inside] += 0.45 * (towards - array[inside].mean())
+        array[inside] += rng.normal(0.0, spread, int(inside.sum()))
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        treated.append(out)
+    base_adc = _adc(images[0], BASELINE_RADIUS, np.eye(4), 850.0, seed=5)
+    result = refine_lesion([*images, base_adc], gtv, treated, matrix, baseline_vertebra=vertebra)
+    true_volume = mask_volume_ml(truth)
+    assert any("although it moved the segmentation" in n for n in result.notes), result.notes
+    assert abs(result.volume_ml - true_volume) / true_volume < 0.10, (result.volume_ml, true_volume)
+    low, high = result.volume_range_ml
+    assert high - low < 0.35 * result.volume_ml
+    # the baseline model alone (an adaptation that must agree with it) halves the lesion; so it
+    # does when the exception may not grow the lesion as far as the propagated GTV
+    for strict in (
+        RefinementSettings(decisive_band_ratio=1e-6),
+        RefinementSettings(max_decisive_growth=0.5),
+    ):
+        refused = refine_lesion(
+            [*images, base_adc], gtv, treated, matrix, baseline_vertebra=vertebra, settings=strict
+        )
+        assert any("adaptation to the follow-up refused" in n for n in refused.notes)
+        assert refused.volume_ml < 0.7 * true_volume
+        assert refused.volume_range_ml[1] - refused.volume_range_ml[0] > refused.volume_ml
+
+
 def test_propagation_follows_the_registration(baseline) -> None:
     _, gtv, _ = baseline
     matrix = _follow_up_to_baseline()
@@ -193,6 +235,8 @@ def test_errors_and_settings_validation(baseline) -> None:
         refine_lesion(images, gtv, images, far)
     with pytest.raises(ValueError, match="reference_shell_mm"):
         RefinementSettings(reference_shell_mm=(10.0, 5.0))
+    with pytest.raises(ValueError, match="decisive_band_ratio"):
+        RefinementSettings(decisive_band_ratio=1.5)
 
 
 def test_tracking_uid_is_persistent_and_distinct() -> None:
