@@ -23,11 +23,12 @@ and shrinkage are measured rather than assumed:
    cortex), are kept and holes filled.
 5. The model is adapted to the follow-up by a few hard-EM iterations (both classes re-fitted on the
    follow-up's own split), kept when it agrees with the baseline model's segmentation, or when it
-   draws a far sharper boundary than the baseline model within the lesion's former extent: its
-   volume range (item 7) relative to its volume at most ``decisive_band_ratio`` times the baseline
-   model's and at most ``max_decisive_band``, its volume at most ``max_decisive_growth`` times the
-   propagated GTV. (A treated lesion whose signal moved in every channel, each by less than the
-   channel test of item 2, leaves the baseline model hesitating over most of it.)
+   draws a sharp boundary where the baseline model hesitates, within the lesion's former extent:
+   the baseline model's volume range (item 7) at least ``min_hesitant_band`` times its volume,
+   the adapted one's at most ``max_decisive_band`` times, the adapted volume at most
+   ``max_decisive_growth`` times the propagated GTV. (A treated lesion whose signal moved in every
+   channel, each by less than the channel test of item 2, leaves the baseline model hesitating
+   over most of it.)
 6. When the baseline check fails, no channel is stable, or the refined lesion is implausible, the
    propagated GTV is returned and the notes say that growth/shrinkage was not measured.
 7. The refined volume's uncertainty is the range of volumes at lesion probability 0.75 and 0.25
@@ -137,17 +138,19 @@ class RefinementSettings:
         Hard-EM iterations re-fitting the model on the follow-up (0: baseline model only).
     min_adapted_dice : float
         The adapted segmentation must agree with the baseline model's one at least this much,
-        unless it is far better defined (``decisive_band_ratio``).
-    decisive_band_ratio, max_decisive_band, max_decisive_growth : float
+        unless the baseline model hesitates where it is decisive (``min_hesitant_band``).
+    min_hesitant_band, max_decisive_band, max_decisive_growth : float
         An adapted segmentation that disagrees with the baseline model's one is still taken when
-        its volume range (:data:`VOLUME_RANGE_THRESHOLDS`) relative to its volume is at most
-        ``decisive_band_ratio`` times the baseline model's relative range and at most
-        ``max_decisive_band``, and it is at most ``max_decisive_growth`` times the propagated
-        GTV: the baseline model then hesitates over tissue whose signal changed with treatment
-        (a lesion of 2.8 mL, range 0.5-4.5 mL) where the adapted one draws a sharp boundary
-        within the lesion's former extent (12.3 mL, range 11.2-13.2 mL; true 12.3 mL). Growth is
-        never taken from this exception: a sharp adapted boundary can also enclose neighbouring
-        tissue (a 12 mL pseudoprogression adapted to 21.7 mL, range 16 % of it).
+        the baseline model hesitates - its volume range (:data:`VOLUME_RANGE_THRESHOLDS`) is at
+        least ``min_hesitant_band`` times its volume - while the adapted one draws a sharp
+        boundary - its range at most ``max_decisive_band`` times its volume - within the lesion's
+        former extent: at most ``max_decisive_growth`` times the propagated GTV. (A treated
+        lesion of 12.3 mL: baseline model 2.8 mL, range 0.5-4.5 mL; adapted 12.3 mL, range
+        11.2-13.2 mL.) Growth is never taken from this exception: a sharp adapted boundary can
+        also enclose neighbouring tissue (a 12 mL pseudoprogression adapted to 21.7 mL, range
+        16 % of it). Nor is it taken from a baseline model that only half hesitates (ranges of
+        104 % and 107 %: two shrinking responders, 12.2 and 2.3 mL, adapted to 18.1 and 3.7 mL
+        where the baseline model had 10.6 and 2.0 mL).
     min_volume_factor, max_volume_factor : float
         Plausible refined/propagated volume ratios; outside them the propagated GTV is kept.
     seed : int
@@ -167,7 +170,7 @@ class RefinementSettings:
     max_channel_shift: float = 0.5
     adapt_iterations: int = 2
     min_adapted_dice: float = 0.75
-    decisive_band_ratio: float = 0.4
+    min_hesitant_band: float = 1.25
     max_decisive_band: float = 0.35
     max_decisive_growth: float = 1.1
     min_volume_factor: float = 0.05
@@ -188,14 +191,9 @@ class RefinementSettings:
             )
         if self.lesion_components < 1 or self.background_components < 1:
             raise ValueError("mixture components must be >= 1")
-        if not (
-            0 < self.decisive_band_ratio <= 1
-            and self.max_decisive_band > 0
-            and self.max_decisive_growth > 0
-        ):
+        if min(self.min_hesitant_band, self.max_decisive_band, self.max_decisive_growth) <= 0:
             raise ValueError(
-                "decisive_band_ratio must be in (0, 1], max_decisive_band and "
-                "max_decisive_growth > 0"
+                "min_hesitant_band, max_decisive_band and max_decisive_growth must be > 0"
             )
         if not 0 < self.min_volume_factor < 1 < self.max_volume_factor:
             raise ValueError("volume factors must satisfy 0 < min < 1 < max")
@@ -742,7 +740,7 @@ def _adapt(
             adapted_band = _relative_band(current_probability, current, reference)
             growth = int(np.count_nonzero(current)) / max(int(np.count_nonzero(seed)), 1)
             if not (
-                adapted_band <= settings.decisive_band_ratio * band
+                band >= settings.min_hesitant_band
                 and adapted_band <= settings.max_decisive_band
                 and growth <= settings.max_decisive_growth
             ):

@@ -185,7 +185,7 @@ def test_a_treated_lesion_the_baseline_model_hesitates_over_is_adapted_to(baseli
     # the baseline model alone (an adaptation that must agree with it) halves the lesion; so it
     # does when the exception may not grow the lesion as far as the propagated GTV
     for strict in (
-        RefinementSettings(decisive_band_ratio=1e-6),
+        RefinementSettings(min_hesitant_band=10.0),
         RefinementSettings(max_decisive_growth=0.5),
     ):
         refused = refine_lesion(
@@ -235,8 +235,8 @@ def test_errors_and_settings_validation(baseline) -> None:
         refine_lesion(images, gtv, images, far)
     with pytest.raises(ValueError, match="reference_shell_mm"):
         RefinementSettings(reference_shell_mm=(10.0, 5.0))
-    with pytest.raises(ValueError, match="decisive_band_ratio"):
-        RefinementSettings(decisive_band_ratio=1.5)
+    with pytest.raises(ValueError, match="min_hesitant_band"):
+        RefinementSettings(min_hesitant_band=0.0)
 
 
 def test_tracking_uid_is_persistent_and_distinct() -> None:
