@@ -138,7 +138,7 @@ class RefinementSettings:
         Hard-EM iterations re-fitting the model on the follow-up (0: baseline model only).
     min_adapted_dice : float
         The adapted segmentation must agree with the baseline model's one at least this much,
-        unless the baseline model hesitates where it is decisive (``min_hesitant_band``).
+        unless the baseline model hesitates where the adapted one is sharp (below).
     min_hesitant_band, max_decisive_band, max_decisive_growth : float
         An adapted segmentation that disagrees with the baseline model's one is still taken when
         the baseline model hesitates - its volume range (:data:`VOLUME_RANGE_THRESHOLDS`) is at
