@@ -95,6 +95,10 @@ SR_SERIES_NUMBER = 9200
 ALGORITHM_NAME = "spine-node response assessment"
 DEVICE_OBSERVER_NAME = "Spine Response Node"
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
+#: algorithm parameter of a radiomics group naming the Parametric Map its features were computed
+#: on (``Parametric Map=<SOP Instance UID>``): once per group, not as each feature's Source of
+#: Measurement (about 1,200 IMAGE items of a two-time-point report)
+RADIOMICS_MAP_PARAMETER = "Parametric Map"
 
 #: pyradiomics first-order features that carry the unit of the image intensities.
 _INTENSITY_FEATURES = frozenset(
@@ -383,8 +387,8 @@ class _GroupBuilder:
             value=number,
             unit=_unit_with_extras(unit),
             derivation=concept.derivation,
-            referenced_images=self._source_map(concept.image),
-            # a feature's image is named once, by the algorithm of its group
+            # a feature's image (and its map) is named once, by the algorithm of its group
+            referenced_images=None if feature else self._source_map(concept.image),
             algorithm_id=None if feature else self._image_algorithm(concept),
         )
         if feature:
@@ -727,11 +731,14 @@ def build_measurement_report(
         # one group of radiomics features per image: its algorithm names the image once (a
         # feature's own algorithm item would repeat it in each of the ~100 NUMs of the image)
         for image, features in builder.features.items():
+            named = [f"image={image}"]
+            if image in study_maps:
+                named.append(f"{RADIOMICS_MAP_PARAMETER}={study_maps[image]}")
             groups.append(
                 group_class(
                     method=rcodes.RADIOMICS_METHOD,
                     measurements=features,
-                    **{**common, "algorithm_id": shared.algorithm([f"image={image}"])},
+                    **{**common, "algorithm_id": shared.algorithm(named)},
                 )
             )
         for (reference, relative), method in rcodes.CHANGE_METHODS.items():

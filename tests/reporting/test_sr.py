@@ -152,7 +152,7 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     t2w_mean = _find(fu, "110805", "373098007")
     assert (t2w_mean.value, t2w_mean.unit.value) == (pytest.approx(310.0), "1")
     # radiomics: IBSI codes, kurtosis converted to excess kurtosis, shape units
-    # (in the group of the image's features, each referencing the map it was computed on)
+    # (in the group of the image's features, which names the map they were computed on)
     kurtosis = _find(fu_features, "IPH6")
     assert (kurtosis.name.scheme_designator, kurtosis.value) == ("IBSI", pytest.approx(1.25))
     volume = _find(fu_features, "RNU0")
@@ -160,10 +160,9 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     assert _find(fu_features, "Q4LE").value == pytest.approx(1350.0)  # mean intensity, in um2/s
     private = rcodes.pyradiomics_private_code("wavelet-LLH_glcm_Contrast").value
     assert _find(fu_features, private).name.scheme_designator == "99PYRADIOMICS"
-    assert _find(fu_features, "IPH6").referenced_images[0].value == (
-        PARAMETRIC_MAP_STORAGE,
-        adc_pm.SOPInstanceUID,
-    )
+    # the features' map is named once, by their group, not by each feature
+    assert f"Parametric Map={adc_pm.SOPInstanceUID}" in _group_parameters(fu_features)
+    assert not _find(fu_features, "IPH6").referenced_images
     assert not any(
         m.name.scheme_designator in ("IBSI", rcodes.PYRADIOMICS_SCHEME)
         for m in fu.get_measurements()
@@ -193,11 +192,14 @@ def test_highdicom_reads_content_values_codes_units(report: tuple[Path, object])
     assert _find(fu, "PPROB").value == pytest.approx(0.12)
 
     # the settings once per time point (its measurement group), the criteria's sources with the
-    # response; the other groups name the algorithm, a radiomics group its image
+    # response; the other groups name the algorithm, a radiomics group its image and map
     settings = sorted(f"{k}={v}" for k, v in PARAMETERS.items())
     assert _group_parameters(base) == settings
     assert _group_parameters(fu) == [*settings, "source of volume-increase=SPINO 2015: +20 %"]
-    assert _group_parameters(fu_features) == ["image=ADC"]
+    assert _group_parameters(fu_features) == [
+        "image=ADC",
+        f"Parametric Map={objects.pmaps[2].SOPInstanceUID}",
+    ]
     assert _group_parameters(rel) == _group_parameters(absolute) == []
 
 
@@ -484,7 +486,7 @@ def test_shared_content_is_built_once_per_concept_unit_and_parameters() -> None:
 
 def test_shared_items_are_written_under_every_measurement(report: tuple[Path, object]) -> None:
     """Items shared by several NUMs in memory are each NUM's own items in the file; a radiomics
-    feature carries only its source map: its image is named by its group's algorithm."""
+    feature is a bare NUM: its image and map are named by its group's algorithm."""
     back = hd.sr.srread(report[0])
     features = [
         (group, m)
@@ -493,9 +495,10 @@ def test_shared_items_are_written_under_every_measurement(report: tuple[Path, ob
         if m.name.scheme_designator in ("IBSI", rcodes.PYRADIOMICS_SCHEME)
     ]
     assert len(features) >= 8  # five ADC features at two time points, less unwritten ones
+    maps = {str(pm.SOPInstanceUID) for pm in report[1].pmaps}
     for group, measurement in features:
         assert group.method.value == "RADIOMX"
         assert "image=ADC" in _group_parameters(group)
-        assert [item.name.value for item in measurement[0].ContentSequence] == ["121112"]
-        (source,) = measurement.referenced_images
-        assert source.referenced_sop_class_uid == PARAMETRIC_MAP_STORAGE
+        assert "ContentSequence" not in measurement[0]
+        (named,) = [p for p in _group_parameters(group) if p.startswith("Parametric Map=")]
+        assert named.partition("=")[2] in maps
