@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,12 @@ def write_outputs(result: ChainResult, out_dir: Path) -> list[Path]:
         role = roles.get(str(ds.StudyInstanceUID), "study")
         name = f"{n:02d}-{ds.Modality}-{role}-{_slug(str(ds.get('SeriesDescription', '')))}.dcm"
         path = out_dir / name
+        start = time.perf_counter()
         ds.save_as(path, enforce_file_format=True)
+        if ds.Modality == "SR":  # the report's stage is its build (chain) and this write
+            result.timings["SR write"] = result.timings.get("SR write", 0.0) + (
+                time.perf_counter() - start
+            )
         paths.append(path)
     summary = result.summary(files=[p.name for p in paths])
     (out_dir / "summary.json").write_text(

@@ -255,23 +255,29 @@ def reported_value(
     return value * concept.scale + concept.offset, concept.unit
 
 
-def _relaxivity_parameters(result: TimePointResult, quantity: str | None) -> list[str]:
-    """The contrast-agent r1 behind a DCE map (value, source, agent, field, warnings), if any."""
+def _relaxivity_parameters(result: TimePointResult) -> list[str]:
+    """The contrast-agent r1 behind the time point's DCE maps (value, source, agent, field,
+    warnings), if any: once when every map used the same (one dynamic series), else per map
+    (``Ktrans: r1=…``)."""
     maps = (result.provenance or {}).get("maps") or {}
-    prov = maps.get(quantity) if quantity else None
-    if not prov or "relaxivity_per_mM_s" not in prov:
-        return []
-    agent = prov.get("contrast_agent") or prov.get("contrast_agent_declared") or "not recorded"
-    out = [
-        (
-            f"r1={prov['relaxivity_per_mM_s']} /mM/s ({prov.get('relaxivity_source', '?')}: "
-            f"{prov.get('relaxivity_reference', '')})"
-        ),
-        f"contrast agent={agent}",
-        f"field strength={prov.get('field_strength_T')} T",
-    ]
-    out += [f"warning={w}" for w in prov.get("relaxivity_warnings", [])]
-    return out
+    per_map: dict[str, list[str]] = {}
+    for quantity, prov in sorted(maps.items()):
+        if not prov or "relaxivity_per_mM_s" not in prov:
+            continue
+        agent = prov.get("contrast_agent") or prov.get("contrast_agent_declared") or "not recorded"
+        per_map[quantity] = [
+            (
+                f"r1={prov['relaxivity_per_mM_s']} /mM/s ({prov.get('relaxivity_source', '?')}: "
+                f"{prov.get('relaxivity_reference', '')})"
+            ),
+            f"contrast agent={agent}",
+            f"field strength={prov.get('field_strength_T')} T",
+            *(f"warning={w}" for w in prov.get("relaxivity_warnings", [])),
+        ]
+    distinct = {tuple(v) for v in per_map.values()}
+    if len(distinct) <= 1:
+        return list(next(iter(distinct), ()))
+    return [f"{quantity}: {p}" for quantity, params in per_map.items() for p in params]
 
 
 class _SharedContent:
@@ -355,12 +361,9 @@ class _GroupBuilder:
             or concept.image in rcodes.QUANTITIES
             and (concept.name.scheme_designator == "DCM")
         ):
-            # map statistics are named by their quantity code already; DCE ones say which
-            # contrast-agent r1 their concentrations used
-            relaxivity = _relaxivity_parameters(self.result, concept.image)
-            if not relaxivity:
-                return None
-            return self.shared.algorithm(relaxivity)
+            # map statistics are named by their quantity code already (the contrast-agent r1 of
+            # the DCE ones is in the time point's settings: _relaxivity_parameters)
+            return None
         return self.shared.algorithm([f"image={concept.image}"])
 
     def add(self, path: str, value: float, *, change: bool = False, relative: bool = False) -> None:
@@ -671,8 +674,6 @@ def build_measurement_report(
     # the settings once per lesion and time point (its measurement group), the criteria's
     # sources with each response; the time point's other groups name algorithm and version
     algorithm = shared.algorithm(())
-    with_settings = shared.algorithm(parameters)
-    with_sources = shared.algorithm([*parameters, *sources])
     maps: dict[tuple[str, str], str] = {
         (str(pm.StudyInstanceUID), map_quantity(pm)): str(pm.SOPInstanceUID)
         for pm in parametric_maps
@@ -719,7 +720,14 @@ def build_measurement_report(
                 result.lesion.tracking_uid,
             )
             group_class = hd.sr.MeasurementsAndQualitativeEvaluations
-        primary = dict(common, algorithm_id=with_sources if response is not None else with_settings)
+        # the settings with the r1 of this time point's DCE maps (once, not under each statistic)
+        relaxivity = _relaxivity_parameters(result)
+        primary = dict(
+            common,
+            algorithm_id=shared.algorithm(
+                [*parameters, *relaxivity, *(sources if response is not None else ())]
+            ),
+        )
         groups.append(
             group_class(
                 method=rcodes.rule_set_code(response.rule_set) if response is not None else None,
