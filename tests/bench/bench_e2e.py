@@ -15,7 +15,8 @@ follow-up) from dcmtk ``storescu`` and delivers its results to a dcmtk ``storesc
   its ``SR write`` (the node writing it to a file), against the named baseline of pydicom reading
   the delivered report back and parsing every element.
 
-Run: ``.venv/bin/python -m tests.bench.bench_e2e [--size small|full] [--keep DIR]``.
+Run: ``.venv/bin/python -m tests.bench.bench_e2e [--size small|full|both] [--keep DIR]``
+(default both: the small phantom, then the full-size one, the size the targets are for).
 """
 
 from __future__ import annotations
@@ -81,14 +82,25 @@ def _count(folder: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small", choices=["small", "full"])
-    parser.add_argument("--keep", type=Path, default=None, help="keep the work folder here")
+    parser.add_argument("--size", default="both", choices=["small", "full", "both"])
+    parser.add_argument("--keep", type=Path, default=None, help="keep the work folder(s) here")
     args = parser.parse_args(argv)
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             print(f"{tool} not installed (make bench installs dcmtk)")
             return 1
-    work = Path(args.keep or tempfile.mkdtemp(prefix="spine-bench-e2e-"))
+    sizes = ["small", "full"] if args.size == "both" else [args.size]
+    for size in sizes:
+        keep = None if args.keep is None else (args.keep / size if len(sizes) > 1 else args.keep)
+        code = _run(size, keep)
+        if code:
+            return code
+    return 0
+
+
+def _run(size: str, keep: Path | None) -> int:
+    """One phantom size through the node; prints its lines (see the module docstring)."""
+    work = Path(keep or tempfile.mkdtemp(prefix="spine-bench-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     patient = work / "patient"
     if not patient.exists():
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--out",
                 str(patient),
                 "--size",
-                args.size,
+                size,
                 "--seed",
                 "11",
             ],
@@ -189,7 +201,7 @@ port = 0
     timings = json.loads(summaries[-1].read_text())["timings_s"] if summaries else {}
 
     peak_gb = _chain_peak_memory_gb(patient)
-    print(f"phantom size {args.size}; {_count(received)} result objects delivered")
+    print(f"phantom size {size}; {_count(received)} result objects delivered")
     print(f"baseline 'storescu follow-up -> storescp': {baseline_s:.1f} s")
     print(
         f"end to end (last follow-up instance in -> last output out): {end_to_end:.1f} s "
@@ -211,7 +223,7 @@ port = 0
             f"({sr_s / TARGET_SR_S:.2f} x the {TARGET_SR_S:.0f} s target); baseline 'pydicom "
             f"reads the report and every element in it': {read_s:.2f} s ({sr_s / read_s:.1f} x)"
         )
-    if args.keep is None:
+    if keep is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -12,7 +12,8 @@ Printed: the wall time of each run and the chain's stage times (from ``summary.j
 ratio re-analysis / first full analysis (issue 18, target <= 0.6) for the whole command and for
 the chain alone, and whether run 2 reproduced run 3's outputs (same SOP Instance UIDs).
 
-Run: ``.venv/bin/python -m tests.bench.bench_reanalysis [--size small|full] [--keep DIR]``.
+Run: ``.venv/bin/python -m tests.bench.bench_reanalysis [--size small|full|both] [--keep DIR]``
+(default both sizes, small first).
 """
 
 from __future__ import annotations
@@ -64,15 +65,27 @@ def _uids(out: Path) -> set[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=("small", "full"), default="small")
+    parser.add_argument("--size", choices=("small", "full", "both"), default="both")
     parser.add_argument("--keep", type=Path, help="keep the phantom and outputs here")
     args = parser.parse_args(argv)
-    root = args.keep or Path(tempfile.mkdtemp(prefix="bench-reanalysis-"))
+    sizes = ["small", "full"] if args.size == "both" else [args.size]
+    codes = [
+        _run_size(
+            size, None if args.keep is None else args.keep / size if len(sizes) > 1 else args.keep
+        )
+        for size in sizes
+    ]
+    return max(codes)
+
+
+def _run_size(size: str, keep: Path | None) -> int:
+    """The three runs on one phantom size; 0 when the re-analysis reproduced the outputs."""
+    root = keep or Path(tempfile.mkdtemp(prefix="bench-reanalysis-"))
     try:
         patient = root / "patient"
         if not patient.exists():
             _run(
-                ["phantom", "--out", str(patient), "--size", args.size, "--seed", "11"]
+                ["phantom", "--out", str(patient), "--size", size, "--seed", "11"]
                 + ["--followups", "2"]
             )
         cache = root / "map-cache"
@@ -93,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         walls: dict[str, float] = {}
         chains: dict[str, float] = {}
-        print(f"re-analysis: {args.size} phantom patient, 2 follow-ups, spine-node analyze")
+        print(f"re-analysis: {size} phantom patient, 2 follow-ups, spine-node analyze")
         for label, (folders, out, map_cache) in runs.items():
             shutil.rmtree(out, ignore_errors=True)
             extra = ["--map-cache", str(map_cache)] if map_cache is not None else []
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"re-analysis outputs equal the uncached run's (SOP Instance UIDs): {same}")
         return 0 if same else 1
     finally:
-        if args.keep is None:
+        if keep is None:
             shutil.rmtree(root, ignore_errors=True)
 
 
