@@ -346,7 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--readme",
         type=Path,
         metavar="FILE",
-        help="with --report: also write it into FILE between its cohort-report markers",
+        help="with --report: also write it into FILE between the cohort-report markers of the "
+        "cohort's phantom size (<!-- cohort-report:start --> for small, "
+        "<!-- cohort-report-full:start --> for full)",
     )
     parser.add_argument(
         "--size",
@@ -437,7 +439,7 @@ def _run_report(args: argparse.Namespace) -> int:
     (args.report / "report.json").write_text(json.dumps(figures, indent=1) + "\n", "utf-8")
     if args.readme is not None:
         try:
-            cohort_report.replace_section(args.readme, text)
+            cohort_report.replace_section(args.readme, text, figures["size"])
         except (OSError, ValueError) as err:
             print(f"spine-node cohort: cannot update {args.readme}: {err}", file=sys.stderr)
             return 2

@@ -21,7 +21,8 @@ phantom's voxelised truth (on the anatomical grid):
   and the share within ±10 %, overall and by course and kind of growth.
 
 The markdown it prints can replace the README's section between
-``<!-- cohort-report:start -->`` and ``<!-- cohort-report:end -->`` (``--readme``). Phantoms are
+``<!-- cohort-report:start -->`` and ``<!-- cohort-report:end -->`` (``--readme``; a cohort of
+full-size phantoms: ``<!-- cohort-report-full:start -->`` … ``-full:end -->``). Phantoms are
 not patients: the report says so.
 """
 
@@ -252,13 +253,23 @@ def markdown(figures: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(readme: Path, text: str) -> None:
-    """Put ``text`` between the README's cohort-report markers (they must exist)."""
+def markers(size: str | None = "small") -> tuple[str, str]:
+    """The README markers of a cohort report of phantoms of ``size``: :data:`START` and
+    :data:`END` for the small phantoms, ``<!-- cohort-report-<size>:start -->`` … otherwise, so
+    that a report of each size has its own section."""
+    if size in (None, "small"):
+        return START, END
+    return f"<!-- cohort-report-{size}:start -->", f"<!-- cohort-report-{size}:end -->"
+
+
+def replace_section(readme: Path, text: str, size: str | None = "small") -> None:
+    """Put ``text`` between the README's cohort-report markers of ``size`` (they must exist)."""
+    start, end = markers(size)
     content = readme.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(content):
-        raise ValueError(f"{readme} has no {START} ... {END} section")
-    new = pattern.sub(lambda _m: f"{START}\n{text}{END}", content, count=1)
+        raise ValueError(f"{readme} has no {start} ... {end} section")
+    new = pattern.sub(lambda _m: f"{start}\n{text}{end}", content, count=1)
     tmp = readme.with_name(readme.name + ".part")
     tmp.write_text(new, encoding="utf-8")
     tmp.replace(readme)

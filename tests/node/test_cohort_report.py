@@ -106,6 +106,17 @@ def test_markdown_and_the_readme_section(tmp_path):
     replace_section(readme, text)
     content = readme.read_text(encoding="utf-8")
     assert f"{START}\n{text}{END}\nafter" in content and "old" not in content
+    # a full-size cohort has a section of its own; the small one's is left as it is
+    full = "<!-- cohort-report-full:start -->\nold full\n<!-- cohort-report-full:end -->\n"
+    readme.write_text(readme.read_text(encoding="utf-8") + full, encoding="utf-8")
+    replace_section(readme, "full text\n", "full")
+    content = readme.read_text(encoding="utf-8")
+    assert f"{START}\n{text}{END}\nafter" in content and "old full" not in content
+    assert (
+        "<!-- cohort-report-full:start -->\nfull text\n<!-- cohort-report-full:end -->" in content
+    )
+    with pytest.raises(ValueError, match="cohort-report-huge"):  # no section for that size
+        replace_section(tmp_path / "README.md", "x", "huge")
     (tmp_path / "plain.md").write_text("no markers", encoding="utf-8")
     with pytest.raises(ValueError, match="cohort-report"):
         replace_section(tmp_path / "plain.md", text)
