@@ -351,6 +351,11 @@ class Store:
     max_inflated_bytes : int
         Largest size (bytes) a Deflated Explicit VR Little Endian dataset may inflate to; a
         larger one is refused with 0xA700 without being inflated further (0: no limit).
+    durable : bool
+        Whether a file is fsynced (with its folder) before it counts as stored: always for the
+        node's store (nothing acknowledged may be lost). False only for a throwaway store whose
+        folder is deleted when the process ends (``spine-node analyze``'s temporary one): files
+        are still written whole and renamed into place, without waiting for the disk.
     """
 
     def __init__(
@@ -360,7 +365,9 @@ class Store:
         *,
         low_water_bytes: int = 0,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        durable: bool = True,
     ) -> None:
+        self.durable = durable
         self.root = Path(root).resolve()
         self.index = index
         self.low_water_bytes = int(low_water_bytes)
@@ -435,15 +442,20 @@ class Store:
         """
         tmp = self._stage(data, destination)
         try:
-            error = _fsync(tmp)
+            error = self.sync(tmp)
             if error is None:
                 os.replace(tmp, destination)
-                error = _fsync(destination.parent)
+                error = self.sync(destination.parent)
             if error is not None:
                 raise error
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise OutOfResourcesError(f"cannot write {destination.name}: {err.strerror}") from err
+
+    def sync(self, path: Path) -> OSError | None:
+        """fsync ``path`` (a file or a folder) when the store is :attr:`durable`; the error, if
+        any (None for a store that is not durable)."""
+        return _fsync(path) if self.durable else None
 
     def _stage(
         self, data: bytes | memoryview | list[bytes | memoryview] | _Received, destination: Path
@@ -1092,7 +1104,7 @@ class ImportBatch:
             # run side by side: the device's cache flushes of concurrent fsyncs are merged,
             # one at a time each file costs a flush of its own
             with ThreadPoolExecutor(max_workers=min(FSYNC_THREADS, len(staged))) as pool:
-                errors = list(pool.map(_fsync, [item.tmp for item in staged]))
+                errors = list(pool.map(self.store.sync, [item.tmp for item in staged]))
                 for item, error in zip(staged, errors, strict=True):
                     if error is None:
                         try:
@@ -1107,7 +1119,7 @@ class ImportBatch:
                     else:
                         written.append(item)
                 folders = list(dict.fromkeys(item.path.parent for item in written))
-                for folder, error in zip(folders, pool.map(_fsync, folders), strict=True):
+                for folder, error in zip(folders, pool.map(self.store.sync, folders), strict=True):
                     if error is None:
                         continue
                     for item in written:

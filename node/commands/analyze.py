@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="spine-node-analyze-") as tmp:
         index = Index(Path(tmp) / "index.sqlite")
         try:
-            store = Store(Path(tmp), index)
+            # a throwaway store (deleted below): files are not fsynced
+            store = Store(Path(tmp), index, durable=False)
             report = import_files(store, files)
             for path, reason in report.skipped:
                 print(f"skipped {path}: {reason}", file=sys.stderr)

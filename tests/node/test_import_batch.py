@@ -243,3 +243,21 @@ def test_a_cstore_of_a_staged_instance_waits_for_the_commit(tmp_path):
     receiver.join(timeout=10)
     assert [r.outcome for r in results] == [StoreOutcome.ALREADY_STORED]
     assert [r.outcome for _, r in batch.outcomes()] == [StoreOutcome.STORED]
+
+
+def test_a_throwaway_store_stores_the_same_files_without_fsync(tmp_path, monkeypatch):
+    """``spine-node analyze``'s temporary store (``durable=False``): the same files and rows as
+    the node's store, and no fsync (its folder is deleted when the command ends)."""
+    files = factory.write_mr_series(tmp_path / "in", 5, rows=8, columns=8)
+    durable = import_files(_store(tmp_path / "a"), files)
+    syncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd) or real_fsync(fd))
+    root = tmp_path / "b" / "storage"
+    throwaway = Store(root, Index(root / "index.sqlite3"), durable=False)
+    report = import_files(throwaway, files)
+    assert syncs == []
+    assert [r.outcome for r in report.stored] == [r.outcome for r in durable.stored]
+    for a, b in zip(durable.stored, report.stored, strict=True):
+        assert a.path.read_bytes() == b.path.read_bytes()
+    assert not list(throwaway.tmp_dir.glob("*.tmp"))
