@@ -259,6 +259,7 @@ def _record_cases(
     }
     notes = f"{patient.vendor} vendor, seed {patient.seed}, {size} phantom"
     baseline_volume = result.results[0].measurements.volume_ml if result.results else None
+    studies = {study.study_instance_uid: study for study in result.studies}
     for tp in result.results[1:]:
         key = followup_keys.get(tp.study_instance_uid, tp.study_instance_uid)
         case_id = f"{patient.pseudonym}-{key}"
@@ -293,12 +294,25 @@ def _record_cases(
                 # the tumour's true ADC for each b-value range a fit may use, now and at baseline
                 "true_adc_mm2_s": _true_adc(tumour),
                 "true_baseline_adc_mm2_s": _true_adc(truth["studies"]["baseline"]["tumour"]),
+                # how the lesion was delineated (refinement, adaptation, volume range): what a
+                # volume error is read against, without re-running the patient
+                "volume_range_ml": _delineation(studies.get(tp.study_instance_uid)).get(
+                    "volume_range_ml"
+                ),
+                "lesion_notes": list(
+                    getattr(studies.get(tp.study_instance_uid), "lesion_notes", ())
+                ),
             }
         )
     if status["rows"]:
         status["state"] = "analysed"
     else:
         status["reason"] = "no follow-up could be analysed: " + "; ".join(result.notes)
+
+
+def _delineation(study: Any) -> dict[str, Any]:
+    """The chain's ``lesion_delineation`` of a follow-up study ({} when unknown)."""
+    return dict(getattr(study, "lesion_delineation", None) or {})
 
 
 def _true_adc(tumour: dict[str, Any]) -> dict[str, float]:

@@ -159,5 +159,13 @@ def test_a_randomised_cohort_run_and_its_report(tmp_path, capsys):
     assert figures["clear_signature"] == 1
     assert figures["matrix"]["pseudoprogression"] == {"indeterminate, other": 1}
     assert figures["volume_error"]["within_10pct"] == 1.0
+    # each follow-up records how its lesion was delineated, for reading its volume error
+    calls = [
+        c for p in json.loads((out / "patients.json").read_text())["patients"] for c in p["calls"]
+    ]
+    for call in calls:
+        low, high = call["volume_range_ml"]
+        assert low <= call["volume_ml"] <= high
+        assert any(n.startswith("refined on follow-up images") for n in call["lesion_notes"])
     # a folder without randomised patients is refused
     assert main(["cohort", "--report", str(tmp_path)]) == 2
