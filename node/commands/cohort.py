@@ -275,6 +275,7 @@ def _record_cases(
         row.update(patient=patient.pseudonym, scenario=patient.scenario, notes=notes)
         status["rows"].append(row)
         tumour = study_truth.get("tumour") or {}
+        study = studies[tp.study_instance_uid]
         status["calls"].append(
             {
                 "case_id": case_id,
@@ -296,23 +297,14 @@ def _record_cases(
                 "true_baseline_adc_mm2_s": _true_adc(truth["studies"]["baseline"]["tumour"]),
                 # how the lesion was delineated (refinement, adaptation, volume range): what a
                 # volume error is read against, without re-running the patient
-                "volume_range_ml": _delineation(studies.get(tp.study_instance_uid)).get(
-                    "volume_range_ml"
-                ),
-                "lesion_notes": list(
-                    getattr(studies.get(tp.study_instance_uid), "lesion_notes", ())
-                ),
+                "volume_range_ml": (study.lesion_delineation or {}).get("volume_range_ml"),
+                "lesion_notes": list(study.lesion_notes),
             }
         )
     if status["rows"]:
         status["state"] = "analysed"
     else:
         status["reason"] = "no follow-up could be analysed: " + "; ".join(result.notes)
-
-
-def _delineation(study: Any) -> dict[str, Any]:
-    """The chain's ``lesion_delineation`` of a follow-up study ({} when unknown)."""
-    return dict(getattr(study, "lesion_delineation", None) or {})
 
 
 def _true_adc(tumour: dict[str, Any]) -> dict[str, float]:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.bench import phantom_sizes
+
 REPO = Path(__file__).resolve().parents[2]
 TARGET_S = 60.0
 TARGET_MEMORY_GB = 2.0
@@ -89,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} not installed (make bench installs dcmtk)")
             return 1
-    sizes = ["small", "full"] if args.size == "both" else [args.size]
-    for size in sizes:
-        keep = None if args.keep is None else (args.keep / size if len(sizes) > 1 else args.keep)
+    for size, keep in phantom_sizes(args.size, args.keep):
         code = _run(size, keep)
         if code:
             return code

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.bench import phantom_sizes
+
 REPO = Path(__file__).resolve().parents[2]
 TARGET_RATIO = 0.6
 
@@ -68,13 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=("small", "full", "both"), default="both")
     parser.add_argument("--keep", type=Path, help="keep the phantom and outputs here")
     args = parser.parse_args(argv)
-    sizes = ["small", "full"] if args.size == "both" else [args.size]
-    codes = [
-        _run_size(
-            size, None if args.keep is None else args.keep / size if len(sizes) > 1 else args.keep
-        )
-        for size in sizes
-    ]
+    codes = [_run_size(size, keep) for size, keep in phantom_sizes(args.size, args.keep)]
     return max(codes)
 
 
