@@ -648,6 +648,7 @@ class RadiomicsCache:
         self._sources: dict[int, _Source] = {}
         self._interpolated: dict[tuple[Any, ...], _Interpolated] = {}
         self._supports: dict[tuple[Any, ...], np.ndarray] = {}
+        self._fill_cache: dict[tuple[Any, ...], tuple[sitk.Image, np.ndarray, np.ndarray]] = {}
         self._rois: dict[tuple[Any, ...], _Roi] = {}
         self._shapes: dict[tuple[Any, ...], dict[str, float]] = {}
         self._extractors: dict[tuple[Any, ...], Any] = {}
@@ -721,7 +722,15 @@ class RadiomicsCache:
     def interpolated(
         self, source: _Source, roi0: np.ndarray, settings: RadiomicsSettings
     ) -> _Interpolated:
-        """The image after NaN filling (median of the ROI's defined values) and interpolation."""
+        """The image after NaN filling (median of the ROI's defined values) and interpolation.
+
+        Interpolation (linear, B-spline or nearest neighbour on the padded image) is linear in
+        the image values, so an image whose undefined voxels are filled with ``f`` interpolates
+        to ``I(zero-filled) + f * I(undefined indicator)``: both terms are interpolated once per
+        image (:meth:`_fill_terms`) and each fill value of a perturbed ROI costs one array sum
+        instead of a resampling of the whole map. Every extraction goes this way, with or
+        without a shared cache, so results do not depend on the cache.
+        """
         fill: str | None = None
         img0 = source.img0
         fill_value = 0.0
@@ -743,24 +752,33 @@ class RadiomicsCache:
             image_f = sitk.GetImageFromArray(img0)
             image_f.CopyInformation(source.image_f)
         init_diagnostics = _image_diagnostics("init", image_f)
-        if settings.spacing_mm is not None:
+        if settings.spacing_mm is None:
+            img1 = img0
+        elif fill is None:
             # pad with nearest boundary intensity so that border extrapolation is defined (IBSI 2.4)
-            padded = sitk.ZeroFluxNeumannPad(image_f, _PAD, _PAD)
-            resampler = _resampler(
+            image_i = _resampler(
                 image_f,
                 settings.spacing_mm,
                 _INTERPOLATORS[settings.interpolator],
                 float(img0.min()),
-            )
-            image_i = resampler.Execute(padded)
+            ).Execute(sitk.ZeroFluxNeumannPad(image_f, _PAD, _PAD))
             img1 = sitk.GetArrayFromImage(image_i)
         else:
-            image_i = image_f
-            img1 = img0
+            zero_filled, undefined = self._fill_terms(source, settings)
+            img1 = zero_filled + fill_value * undefined
+            # grid points outside the padded image (none on a centre-aligned grid) take the
+            # filled image's minimum, as a direct resampling's default value would give them
+            img1[np.isnan(img1)] = float(img0.min())
         if settings.round_intensities:
             img1 = np.rint(img1)
         image_out = sitk.GetImageFromArray(img1)
-        image_out.CopyInformation(image_i)
+        if settings.spacing_mm is None:
+            image_out.CopyInformation(image_f)
+        else:
+            _, origin = centre_aligned_grid(image_f, settings.spacing_mm)
+            image_out.SetOrigin(origin)
+            image_out.SetSpacing((settings.spacing_mm,) * 3)
+            image_out.SetDirection(image_f.GetDirection())
         entry = _Interpolated(
             fill,
             img0,
@@ -771,6 +789,34 @@ class RadiomicsCache:
         )
         self._interpolated[key] = entry
         return entry
+
+    def _fill_terms(
+        self, source: _Source, settings: RadiomicsSettings
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The interpolated zero-filled image (NaN outside the padded image) and the interpolated
+        indicator of its undefined voxels, once per image and interpolation (see
+        :meth:`interpolated`)."""
+        assert settings.spacing_mm is not None
+        key = (id(source.image), settings.spacing_mm, settings.interpolator)
+        entry = self._fill_cache.get(key)
+        if entry is not None and entry[0] is source.image:
+            return entry[1], entry[2]
+        terms = []
+        for values, default in (
+            (np.where(source.finite0, source.img0, 0.0), math.nan),
+            ((~source.finite0).astype(np.float64), 0.0),
+        ):
+            image = sitk.GetImageFromArray(values)
+            image.CopyInformation(source.image_f)
+            # pad with nearest boundary intensity so that border extrapolation is defined (IBSI 2.4)
+            terms.append(
+                _resampler(
+                    image, settings.spacing_mm, _INTERPOLATORS[settings.interpolator], default
+                ).Execute(sitk.ZeroFluxNeumannPad(image, _PAD, _PAD))
+            )
+        zero_filled, undefined = (sitk.GetArrayFromImage(t) for t in terms)
+        self._fill_cache[key] = (source.image, zero_filled, undefined)
+        return zero_filled, undefined
 
     def support(self, source: _Source, settings: RadiomicsSettings) -> np.ndarray:
         """Interpolated voxels drawing half or more of their weight from defined voxels."""

@@ -12,11 +12,14 @@ import pytest
 import SimpleITK as sitk
 
 from processing.radiomics import (
+    _INTERPOLATORS,
+    _PAD,
     IBSI_FEATURES,
     TEXTURE_CLASSES,
     RadiomicsCache,
     RadiomicsError,
     RadiomicsSettings,
+    _resampler,
     _run_pyradiomics,
     centre_aligned_grid,
     course_parameters_from_json,
@@ -307,6 +310,38 @@ def test_shared_cache_gives_results_identical_to_independent_extractions(setting
     assert alone.diagnostics["undefined_vox_count_init_roi"] > 0  # the fill path was taken
     shared.features.clear()  # results handed out are copies: the cache is not affected
     assert extract_features(first, mask, settings, cache=cache).features
+
+
+@pytest.mark.parametrize("interpolator", ["bspline", "linear", "nearest"])
+def test_filled_map_interpolates_as_a_direct_resampling_of_the_filled_map(interpolator):
+    """Undefined voxels filled with f interpolate as I(zero-filled) + f * I(undefined): the
+    cache's two terms equal a resampling of the filled image itself (anisotropic, oblique grid;
+    the fill value of three ROIs)."""
+    rng = np.random.default_rng(11)
+    arr = rng.normal(1.0e-3, 2.0e-4, size=(9, 20, 17))
+    arr[rng.random(arr.shape) < 0.05] = np.nan
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing((0.9, 1.1, 3.5))
+    image.SetOrigin((-12.0, 30.5, 7.25))
+    angle = np.deg2rad(12.0)
+    image.SetDirection((np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1))
+    settings = RadiomicsSettings(spacing_mm=1.0, interpolator=interpolator)
+    cache = RadiomicsCache()
+    source = cache.source(image)
+    for z in (2, 4, 6):
+        roi0 = np.zeros(arr.shape, dtype=bool)
+        roi0[z : z + 3, 5:15, 4:12] = True
+        got = cache.interpolated(source, roi0, settings)
+        fill = float(np.median(arr[np.isfinite(arr) & roi0]))
+        filled = sitk.GetImageFromArray(np.where(np.isfinite(arr), arr, fill))
+        filled.CopyInformation(image)
+        direct = _resampler(
+            filled, 1.0, _INTERPOLATORS[interpolator], min(float(np.nanmin(arr)), fill)
+        ).Execute(sitk.ZeroFluxNeumannPad(filled, _PAD, _PAD))
+        np.testing.assert_allclose(got.img1, sitk.GetArrayFromImage(direct), rtol=0, atol=1e-15)
+        for what in ("GetOrigin", "GetSpacing", "GetDirection"):
+            assert getattr(got.image_out, what)() == pytest.approx(getattr(direct, what)())
+        assert got.fill == fill.hex()
 
 
 def test_features_equal_pyradiomics_on_the_whole_preprocessed_grid():
