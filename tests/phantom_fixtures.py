@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 
 PHANTOM_SEED = 7
+#: the run's shared map cache folder (:func:`shared_map_cache`)
+MAP_CACHE = "map-cache"
 
 #: an ``[analysis]`` table without radiomics, for the tests that check neither radiomics features
 #: nor the size of the report: it halves the chain's time (the radiomics of every map, again for
@@ -133,10 +135,11 @@ def analyzed_phantom(
 
     The callable takes :func:`make_phantom`'s arguments and returns ``(patient, out)``. A failed
     analysis fails the test that asked for it (with the command's stderr), and is retried by the
-    next one.
+    next one. The analysis keeps its maps in :func:`shared_map_cache`.
     """
 
     root = _shared_root(tmp_path_factory, "analysis-cache")
+    map_cache = _shared_root(tmp_path_factory, MAP_CACHE)
 
     def _analyzed(
         scenario: str = "responder",
@@ -150,7 +153,7 @@ def analyzed_phantom(
         name = _name(scenario, vendor, size, seed, followups, sagittal)
 
         def analyse(folder: Path) -> None:
-            run = run_analyze([patient], folder)
+            run = run_analyze([patient], folder, "--map-cache", str(map_cache))
             if run.returncode != 0:
                 pytest.fail(f"analyze of the {name} phantom failed:\n{run.stderr[-3000:]}")
             (folder / "stdout.txt").write_text(run.stdout, encoding="utf-8")
@@ -158,3 +161,15 @@ def analyzed_phantom(
         return patient, _cached(root, name, "out", analyse)
 
     return _analyzed
+
+
+@pytest.fixture(scope="session")
+def shared_map_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``analyze --map-cache`` folder of :func:`analyzed_phantom`'s analyses, common to the
+    xdist workers: a test that analyses a shared phantom again (another ROI, another setting that
+    leaves the maps alone, a subset of its studies) passes it and refits nothing that the shared
+    analysis fitted, as a site's node re-analysing a patient does (node.map_cache: entries are
+    keyed by the input instances and the map settings, written atomically). Ask for the shared
+    analysis first, so that its entries are there. Tests of the maps themselves, and the
+    determinism re-run, do not use it."""
+    return _shared_root(tmp_path_factory, MAP_CACHE)

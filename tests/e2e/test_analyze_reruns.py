@@ -72,14 +72,15 @@ def test_rerun_gives_identical_uids(make_phantom, analyzed_phantom, tmp_path):
 
 
 def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(
-    make_phantom, analyzed_phantom, tmp_path
+    analyzed_phantom, shared_map_cache, tmp_path
 ):
-    """A corrected baseline (a radiologist's SEG) replaces the RTSTRUCT GTV; later deltas follow."""
+    """A corrected baseline (a radiologist's SEG) replaces the RTSTRUCT GTV; later deltas follow.
+    The maps come from the shared analysis's map cache (the ROI is not part of their key)."""
     from scipy import ndimage
 
     from processing.phantom import true_tumour_mask
 
-    patient = make_phantom("responder", "standard", "small")
+    patient, first_out = analyzed_phantom("responder", "standard", "small")
     truth = json.loads((patient / "ground_truth.json").read_text())
     t2w = truth["studies"]["baseline"]["series"]["t2w"]
     # the reader trims the GTV by one voxel in-plane
@@ -92,7 +93,14 @@ def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(
     config = no_radiomics_config(tmp_path)
     # this site keeps response rule set 1.0 (reproducing earlier calls): selectable end to end
     config.write_text(config.read_text() + 'rule_set = "1.0"\n', encoding="utf-8")
-    run = run_analyze([patient, seg_folder], tmp_path / "out", "--config", str(config))
+    run = run_analyze(
+        [patient, seg_folder],
+        tmp_path / "out",
+        "--config",
+        str(config),
+        "--map-cache",
+        str(shared_map_cache),
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     response = summary["time_points"][-1]["response"]
@@ -105,7 +113,8 @@ def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(
         for c in summary["time_points"][-1]["changes"]
         if c["quantity"].startswith(("ADC.", "vp.", "Ktrans."))
     )
-    _, first_out = analyzed_phantom("responder", "standard", "small")
+    # both studies' maps from the cache
+    assert sum(k.startswith("maps cached: ") for k in summary["timings_s"]) == 2
     before = json.loads((first_out / "summary.json").read_text())
     voxel_ml = np.prod(t2w["geometry"]["spacing"]) / 1000.0
     baseline = summary["time_points"][0]["measurements"]
@@ -122,10 +131,11 @@ def test_reader_seg_of_the_baseline_is_preferred_and_changes_the_deltas(
     assert volume_change(summary) != pytest.approx(volume_change(before), abs=1e-3)
 
 
-def test_an_unusable_follow_up_is_skipped_not_fatal(make_phantom, tmp_path):
+def test_an_unusable_follow_up_is_skipped_not_fatal(analyzed_phantom, shared_map_cache, tmp_path):
     """A follow-up without any anatomical series cannot carry the lesion: it is reported and
-    skipped, and the rest of the patient is still analysed."""
-    patient = make_phantom("responder", "standard", "small")
+    skipped, and the rest of the patient is still analysed (the baseline's maps from the shared
+    analysis's map cache)."""
+    patient, _ = analyzed_phantom("responder", "standard", "small")
     truth = json.loads((patient / "ground_truth.json").read_text())
     partial = tmp_path / "followup-without-anatomy"
     partial.mkdir()
@@ -134,7 +144,12 @@ def test_an_unusable_follow_up_is_skipped_not_fatal(make_phantom, tmp_path):
             (partial / series["folder"]).symlink_to(patient / "followup1" / series["folder"])
     config = no_radiomics_config(tmp_path)
     run = run_analyze(
-        [patient / "baseline", patient / "rt", partial], tmp_path / "out", "--config", str(config)
+        [patient / "baseline", patient / "rt", partial],
+        tmp_path / "out",
+        "--config",
+        str(config),
+        "--map-cache",
+        str(shared_map_cache),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -104,7 +104,9 @@ def _content_items(ds):
 
 
 @pytest.mark.slow
-def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom):
+def test_cohort_train_and_the_node_uses_the_model(
+    tmp_path, capsys, analyzed_phantom, shared_map_cache
+):
     out = tmp_path / "cohort"
     rc = main(
         [
@@ -215,16 +217,31 @@ def test_cohort_train_and_the_node_uses_the_model(tmp_path, capsys, make_phantom
     assert model.synthetic and model.metadata["params"]["k_features"] == 10
 
     # --- the node uses it: analyze a further patient with [analysis] model_path ---------------
-    patient = make_phantom("progression", "standard", "small")  # seed 7, not in the cohort
+    # seed 7, not in the cohort; its maps and baseline repeatability from the shared analysis's
+    # map cache (the model changes neither)
+    patient, _ = analyzed_phantom("progression", "standard", "small")
     config = tmp_path / "node.toml"
     config.write_text(f'[analysis]\nmodel_path = "{model_path}"\n', encoding="utf-8")
     analysed = tmp_path / "analyzed"
-    rc = main(["analyze", str(patient), "--out", str(analysed), "--config", str(config)])
+    rc = main(
+        [
+            "analyze",
+            str(patient),
+            "--out",
+            str(analysed),
+            "--config",
+            str(config),
+            "--map-cache",
+            str(shared_map_cache),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert rc == 0, stdout
     line = next(x for x in stdout.splitlines() if "probability of progression" in x)
     assert "NOT clinically meaningful" in line
-    follow_up = json.loads((analysed / "summary.json").read_text())["time_points"][-1]
+    summary = json.loads((analysed / "summary.json").read_text())
+    assert sum(k.startswith("maps cached: ") for k in summary["timings_s"]) == 2
+    follow_up = summary["time_points"][-1]
     response = follow_up["response"]
     assert response["category"] == "local progression"  # the rule-based call, unchanged
     probability = response["model_probability"]
