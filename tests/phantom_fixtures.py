@@ -133,7 +133,8 @@ def analyzed_phantom(
 ) -> Callable[..., tuple[Path, Path]]:
     """``analyze`` of a phantom patient, once per test run (shared by the xdist workers).
 
-    The callable takes :func:`make_phantom`'s arguments and returns ``(patient, out)``. A failed
+    The callable takes :func:`make_phantom`'s arguments, and ``radiomics=False`` for an analysis
+    under :data:`NO_RADIOMICS`, and returns ``(patient, out)``. A failed
     analysis fails the test that asked for it (with the command's stderr), and is retried by the
     next one. The analysis keeps its maps in :func:`shared_map_cache`.
     """
@@ -148,12 +149,16 @@ def analyzed_phantom(
         seed: int = PHANTOM_SEED,
         followups: int = 1,
         sagittal: bool = False,
+        radiomics: bool = True,
     ) -> tuple[Path, Path]:
         patient = make_phantom(scenario, vendor, size, seed, followups, sagittal)
         name = _name(scenario, vendor, size, seed, followups, sagittal)
+        if not radiomics:
+            name += "-no-radiomics"
 
         def analyse(folder: Path) -> None:
-            run = run_analyze([patient], folder, "--map-cache", str(map_cache))
+            config = [] if radiomics else ["--config", str(no_radiomics_config(root / name))]
+            run = run_analyze([patient], folder, "--map-cache", str(map_cache), *config)
             if run.returncode != 0:
                 pytest.fail(f"analyze of the {name} phantom failed:\n{run.stderr[-3000:]}")
             (folder / "stdout.txt").write_text(run.stdout, encoding="utf-8")

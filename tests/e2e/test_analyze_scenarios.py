@@ -16,26 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.phantom_fixtures import no_radiomics_config, run_analyze
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def scenario_run(make_phantom, tmp_path_factory):
-    """``analyze`` of one scenario's small phantom, once per module; the stable patient has the
-    sagittal T2w too (spine protocols), so the registration test shares its run."""
-    runs: dict[str, tuple[Path, Path]] = {}
-    config = no_radiomics_config(tmp_path_factory.mktemp("analyze-config"))
+@pytest.fixture
+def scenario_run(analyzed_phantom):
+    """The shared ``analyze`` of one scenario's small phantom without radiomics; the stable
+    patient has the sagittal T2w too (spine protocols), so the registration test shares its run."""
 
     def run(scenario: str) -> tuple[Path, Path]:
-        if scenario not in runs:
-            patient = make_phantom(scenario, "standard", "small", sagittal=scenario == "stable")
-            out = tmp_path_factory.mktemp(f"analyze-{scenario}")
-            done = run_analyze([patient], out, "--config", str(config))
-            assert done.returncode == 0, done.stderr[-3000:]
-            runs[scenario] = (patient, out)
-        return runs[scenario]
+        return analyzed_phantom(
+            scenario, "standard", "small", sagittal=scenario == "stable", radiomics=False
+        )
 
     return run
 

@@ -217,9 +217,9 @@ def test_cohort_train_and_the_node_uses_the_model(
     assert model.synthetic and model.metadata["params"]["k_features"] == 10
 
     # --- the node uses it: analyze a further patient with [analysis] model_path ---------------
-    # seed 7, not in the cohort; its maps and baseline repeatability from the shared analysis's
-    # map cache (the model changes neither)
-    patient, _ = analyzed_phantom("progression", "standard", "small")
+    # seed 7, not in the cohort; its maps from the map cache of the shared analysis of the
+    # scenario tests (tests/e2e/test_analyze_scenarios.py; the model does not change the maps)
+    patient, _ = analyzed_phantom("progression", "standard", "small", radiomics=False)
     config = tmp_path / "node.toml"
     config.write_text(f'[analysis]\nmodel_path = "{model_path}"\n', encoding="utf-8")
     analysed = tmp_path / "analyzed"
