@@ -543,8 +543,8 @@ def _roi_diagnostics(
     return out
 
 
-def _image_diagnostics(step: str, image: sitk.Image) -> dict[str, float]:
-    arr = sitk.GetArrayViewFromImage(image)
+def _image_diagnostics(step: str, image: sitk.Image, arr: np.ndarray) -> dict[str, float]:
+    """IBSI image diagnostics of the values ``arr`` (z, y, x) on the grid of ``image``."""
     sx, sy, sz = image.GetSpacing()
     nx, ny, nz = image.GetSize()
     return {
@@ -746,23 +746,13 @@ class RadiomicsCache:
         entry = self._interpolated.get(key)
         if entry is not None and entry.fill == fill:
             return entry
-        image_f = source.image_f
         if fill is not None:
             img0 = np.where(source.finite0, img0, fill_value)
-            image_f = sitk.GetImageFromArray(img0)
-            image_f.CopyInformation(source.image_f)
-        init_diagnostics = _image_diagnostics("init", image_f)
+        init_diagnostics = _image_diagnostics("init", source.image_f, img0)
         if settings.spacing_mm is None:
             img1 = img0
         elif fill is None:
-            # pad with nearest boundary intensity so that border extrapolation is defined (IBSI 2.4)
-            image_i = _resampler(
-                image_f,
-                settings.spacing_mm,
-                _INTERPOLATORS[settings.interpolator],
-                float(img0.min()),
-            ).Execute(sitk.ZeroFluxNeumannPad(image_f, _PAD, _PAD))
-            img1 = sitk.GetArrayFromImage(image_i)
+            img1 = _interpolate(source.image_f, settings, float(img0.min()))
         else:
             zero_filled, undefined = self._fill_terms(source, settings)
             img1 = zero_filled + fill_value * undefined
@@ -773,19 +763,19 @@ class RadiomicsCache:
             img1 = np.rint(img1)
         image_out = sitk.GetImageFromArray(img1)
         if settings.spacing_mm is None:
-            image_out.CopyInformation(image_f)
+            image_out.CopyInformation(source.image_f)
         else:
-            _, origin = centre_aligned_grid(image_f, settings.spacing_mm)
+            _, origin = centre_aligned_grid(source.image_f, settings.spacing_mm)
             image_out.SetOrigin(origin)
             image_out.SetSpacing((settings.spacing_mm,) * 3)
-            image_out.SetDirection(image_f.GetDirection())
+            image_out.SetDirection(source.image_f.GetDirection())
         entry = _Interpolated(
             fill,
             img0,
             init_diagnostics,
             image_out,
             img1,
-            _image_diagnostics("interp", image_out),
+            _image_diagnostics("interp", image_out, img1),
         )
         self._interpolated[key] = entry
         return entry
@@ -808,13 +798,8 @@ class RadiomicsCache:
         ):
             image = sitk.GetImageFromArray(values)
             image.CopyInformation(source.image_f)
-            # pad with nearest boundary intensity so that border extrapolation is defined (IBSI 2.4)
-            terms.append(
-                _resampler(
-                    image, settings.spacing_mm, _INTERPOLATORS[settings.interpolator], default
-                ).Execute(sitk.ZeroFluxNeumannPad(image, _PAD, _PAD))
-            )
-        zero_filled, undefined = (sitk.GetArrayFromImage(t) for t in terms)
+            terms.append(_interpolate(image, settings, default))
+        zero_filled, undefined = terms
         self._fill_cache[key] = (source.image, zero_filled, undefined)
         return zero_filled, undefined
 
@@ -876,6 +861,18 @@ def _resampler(
     resampler.SetInterpolator(interpolator)
     resampler.SetDefaultPixelValue(default)
     return resampler
+
+
+def _interpolate(image: sitk.Image, settings: RadiomicsSettings, default: float) -> np.ndarray:
+    """``image`` interpolated onto its centre-aligned isotropic grid with the settings'
+    interpolator, as a (z, y, x) array; padded first with its nearest boundary intensity so that
+    border extrapolation is defined (IBSI 2.4). ``default``: value of grid points outside the
+    padded image."""
+    assert settings.spacing_mm is not None
+    resampler = _resampler(
+        image, settings.spacing_mm, _INTERPOLATORS[settings.interpolator], default
+    )
+    return sitk.GetArrayFromImage(resampler.Execute(sitk.ZeroFluxNeumannPad(image, _PAD, _PAD)))
 
 
 def _grid_shape(image: sitk.Image, spacing_mm: float) -> tuple[int, int, int]:
