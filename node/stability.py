@@ -1,8 +1,12 @@
 """Stable-study detection: a study is handed on after a quiet period without new instances.
 
-Every newly stored instance (re)arms an APScheduler one-shot job keyed by its Study Instance
-UID; when it fires, the index marks the study ``stable`` (or records it as ``amended`` when it had
-already been stable once) and the registered listeners are called with ``(study_uid, amended)``.
+Every newly stored instance moves its study's deadline (now + quiet period); an APScheduler
+one-shot job keyed by the Study Instance UID fires at the deadline it was armed for and, when
+instances arrived since, re-arms itself for the new deadline instead of rescheduling on every
+instance (a reschedule wakes the scheduler's thread: ~5 % of the receive path's time with one
+association). When the quiet period has really passed, the index marks the study ``stable`` (or
+records it as ``amended`` when it had already been stable once) and the registered listeners are
+called with ``(study_uid, amended)``.
 Later parts of the node (the analysis) register a listener with
 :meth:`StabilityMonitor.add_listener` instead of editing this module. Studies still ``receiving``
 in the index at start-up are re-armed, so a restart loses no pending study.
@@ -60,6 +64,9 @@ class StabilityMonitor:
         self.quiet_period_s = float(quiet_period_s)
         self._listeners: list[StableListener] = []
         self._lock = threading.Lock()
+        #: per study: the deadline (UTC) set by the last instance, and the one its job is armed for
+        self._deadline: dict[str, datetime] = {}
+        self._armed: dict[str, datetime] = {}
         if on_stable is not None:
             self.add_listener(on_stable)
 
@@ -74,9 +81,23 @@ class StabilityMonitor:
         return f"stable:{study_uid}"
 
     def touch(self, study_uid: str, *, delay_s: float | None = None) -> None:
-        """(Re)arm the study's quiet-period timer (called for every newly stored instance)."""
+        """Move the study's quiet-period deadline to now + ``delay_s`` (default: the quiet period);
+        called for every newly stored instance.
+
+        The scheduler is only touched when no job is armed for the study or the new deadline is
+        earlier than the armed one; a later deadline is picked up by the job when it fires.
+        """
         delay = self.quiet_period_s if delay_s is None else max(0.0, delay_s)
-        run_date = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        deadline = datetime.now(timezone.utc) + timedelta(seconds=delay)
+        with self._lock:
+            self._deadline[study_uid] = deadline
+            armed = self._armed.get(study_uid)
+            if armed is not None and armed <= deadline:
+                return
+            self._armed[study_uid] = deadline
+        self._arm(study_uid, deadline)
+
+    def _arm(self, study_uid: str, run_date: datetime) -> None:
         job_id = self.job_id(study_uid)
         try:
             self.scheduler.reschedule_job(job_id, trigger="date", run_date=run_date)
@@ -88,7 +109,10 @@ class StabilityMonitor:
                 args=[study_uid],
                 id=job_id,
                 replace_existing=True,
-                max_instances=1,
+                # 2: the job a firing one re-arms (or one armed by an instance arriving while the
+                # listeners run) may come due before the running one has been counted out; with
+                # 1 APScheduler would skip it, and the study would never be handed on
+                max_instances=2,
                 coalesce=True,
                 misfire_grace_time=None,
             )
@@ -106,6 +130,21 @@ class StabilityMonitor:
         return len(pending)
 
     def _fire(self, study_uid: str) -> None:
+        with self._lock:
+            deadline = self._deadline.get(study_uid)
+            if deadline is not None and deadline > datetime.now(timezone.utc):
+                # instances arrived after the job was armed: wait for the new deadline (a new
+                # job: this one is being run and ends with this call)
+                self._armed[study_uid] = deadline
+                rearm = True
+            else:
+                self._deadline.pop(study_uid, None)
+                self._armed.pop(study_uid, None)
+                rearm = False
+        if rearm:
+            assert deadline is not None
+            self._arm(study_uid, deadline)
+            return
         amended = self.index.mark_stable(study_uid)
         if amended is None:
             return
