@@ -735,9 +735,9 @@ def _adapt(
         current, current_probability = _segment(model, channels, search, seed, reference, settings)
     if settings.adapt_iterations:
         agreement = dice(_as_image(current, reference), _as_image(segmentation, reference))
+        band = _relative_band(probability, segmentation, reference)
+        adapted_band = _relative_band(current_probability, current, reference)
         if agreement < settings.min_adapted_dice:
-            band = _relative_band(probability, segmentation, reference)
-            adapted_band = _relative_band(current_probability, current, reference)
             growth = int(np.count_nonzero(current)) / max(int(np.count_nonzero(seed)), 1)
             if not (
                 band >= settings.min_hesitant_band
@@ -758,7 +758,8 @@ def _adapt(
             )
         notes.append(
             f"model adapted to the follow-up ({settings.adapt_iterations} iterations): "
-            f"{int(segmentation.sum())} -> {int(current.sum())} voxels"
+            f"{int(segmentation.sum())} -> {int(current.sum())} voxels (Dice {agreement:.3f}; "
+            f"volume range {band:.0%} of the volume before, {adapted_band:.0%} adapted)"
         )
     return current, current_probability
 
