@@ -132,6 +132,7 @@ class StudyAnalysis:
     #: a sagittal series of the anatomical reference's contrast, if any (registration along the
     #: axial series' slice direction)
     sagittal_image: sitk.Image | None = None
+    sagittal_datasets: list[Dataset] = field(default_factory=list)
     #: the spinal canal around the cord (epidural space), on the anatomical grid, if the RT
     #: Structure Set has a spinal cord contour
     canal_mask: sitk.Image | None = None
@@ -396,8 +397,7 @@ def run_chain(
                 settings.map_settings(),
                 map_cache,
             )
-            with timer("registration+lesion"):
-                _follow_up_lesion(baseline, study, gtv)
+            _follow_up_lesion(baseline, study, gtv, timer, map_cache)
         except ChainError as err:
             notes.append(f"follow-up {role.study_instance_uid} not analysed: {err}")
             continue
@@ -550,9 +550,9 @@ def _prepare_study(
             exported=False,
         )
     reference_role = roles[reference_uid]
-    sagittal = next(
+    sagittal_uid = next(
         (
-            v
+            uid
             for uid, v in volumes.items()
             if roles[uid] == reference_role
             and uid != reference_uid
@@ -561,9 +561,11 @@ def _prepare_study(
         ),
         None,
     )
+    sagittal = None if sagittal_uid is None else volumes[sagittal_uid]
     scanner_uid = next((uid for uid in inventory.adc_maps if uid in assembled), None)
     return StudyAnalysis(
         sagittal_image=None if sagittal is None else sagittal.volume_image(0),
+        sagittal_datasets=[] if sagittal_uid is None else list(series[sagittal_uid]),
         study_instance_uid=role.study_instance_uid,
         study_date=role.study_date,
         role=role.role,
@@ -748,51 +750,186 @@ def _with_gtv_dose(
     return course
 
 
-def _follow_up_lesion(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.Image) -> None:
+def _follow_up_lesion(
+    baseline: StudyAnalysis,
+    study: StudyAnalysis,
+    gtv: sitk.Image,
+    timer: _Timer,
+    map_cache: Any = None,
+) -> None:
+    """Register the follow-up to the baseline and find the lesion on it (propagated GTV refined
+    on the follow-up images); sets the study's registration, lesion mask, canal, notes and
+    delineation.
+
+    With a map cache, the result is kept there under a key of everything it is computed from
+    (:func:`_lesion_key`): a re-analysis with an unchanged baseline and follow-up (a later
+    follow-up arrived) takes it from there, as ``lesion cached: <study>`` in the timings.
+    """
     from processing.lesion import LesionError, propagate_mask, refine_lesion
     from processing.registration import register_rigid, register_rigid_multi
 
-    if baseline.sagittal_image is not None and study.sagittal_image is not None:
-        # thick axial slices leave the cranio-caudal position to a sagittal series
-        registration = register_rigid_multi(
-            [
-                (baseline.anatomy_image, study.anatomy_image),
-                (baseline.sagittal_image, study.sagittal_image),
-            ],
-            region=gtv,
-        )
-    else:
-        registration = register_rigid(baseline.anatomy_image, study.anatomy_image, region=gtv)
-    study.registration = registration
-    base_channels = [baseline.anatomy_image]
-    follow_channels = [study.anatomy_image]
-    for name in _REFINEMENT_CHANNELS:
-        if name in baseline.maps and name in study.maps:
-            base_channels.append(
-                fill_non_finite(on_grid(baseline.maps[name].image, baseline.anatomy_image))
+    key = None
+    if map_cache is not None:
+        stage = f"lesion cached: {study.study_instance_uid}"
+        with timer(stage):
+            key = _lesion_key(baseline, study, gtv)
+            restored = _restore_lesion(map_cache, key, study)
+        if not restored:  # a miss: the key's time belongs to the computation
+            timer.timings["registration+lesion"] += timer.timings.pop(stage)
+    if key is None or not restored:
+        with timer("registration+lesion"):
+            if baseline.sagittal_image is not None and study.sagittal_image is not None:
+                # thick axial slices leave the cranio-caudal position to a sagittal series
+                registration = register_rigid_multi(
+                    [
+                        (baseline.anatomy_image, study.anatomy_image),
+                        (baseline.sagittal_image, study.sagittal_image),
+                    ],
+                    region=gtv,
+                )
+            else:
+                registration = register_rigid(
+                    baseline.anatomy_image, study.anatomy_image, region=gtv
+                )
+            study.registration = registration
+            base_channels = [baseline.anatomy_image]
+            follow_channels = [study.anatomy_image]
+            for name in _REFINEMENT_CHANNELS:
+                if name in baseline.maps and name in study.maps:
+                    base_channels.append(
+                        fill_non_finite(on_grid(baseline.maps[name].image, baseline.anatomy_image))
+                    )
+                    follow_channels.append(
+                        fill_non_finite(on_grid(study.maps[name].image, study.anatomy_image))
+                    )
+            try:
+                lesion = refine_lesion(
+                    base_channels, gtv, follow_channels, registration.matrix_moving_to_fixed
+                )
+            except LesionError as err:
+                raise ChainError(
+                    f"the lesion cannot be placed on follow-up {study.study_instance_uid}: {err}"
+                ) from err
+            study.lesion_mask = lesion.mask
+            study.lesion_notes = tuple(lesion.notes) + (
+                ()
+                if registration.passed
+                else tuple(f"registration check failed: {r}" for r in registration.reasons)
             )
-            follow_channels.append(
-                fill_non_finite(on_grid(study.maps[name].image, study.anatomy_image))
-            )
-    try:
-        lesion = refine_lesion(
-            base_channels, gtv, follow_channels, registration.matrix_moving_to_fixed
-        )
-    except LesionError as err:
-        raise ChainError(
-            f"the lesion cannot be placed on follow-up {study.study_instance_uid}: {err}"
-        ) from err
-    study.lesion_mask = lesion.mask
+            study.lesion_delineation = _delineation(lesion, registration)
+        if key is not None:
+            _store_lesion(map_cache, key, study)
+    assert study.registration is not None
     if baseline.canal_mask is not None:
         study.canal_mask = propagate_mask(
-            baseline.canal_mask, study.anatomy_image, registration.matrix_moving_to_fixed
+            baseline.canal_mask, study.anatomy_image, study.registration.matrix_moving_to_fixed
         )
-    study.lesion_notes = tuple(lesion.notes) + (
-        ()
-        if registration.passed
-        else tuple(f"registration check failed: {r}" for r in registration.reasons)
-    )
-    study.lesion_delineation = _delineation(lesion, registration)
+
+
+#: the fields of processing.registration.RigidRegistration kept in the cache (its transform is
+#: rebuilt from the matrix's parameters)
+_REGISTRATION_FIELDS = (
+    "matrix_moving_to_fixed",
+    "translation_mm",
+    "rotation_deg",
+    "rotation_angle_deg",
+    "initial_mutual_information",
+    "final_mutual_information",
+    "dice",
+    "dice_source",
+    "passed",
+    "reasons",
+    "stop_condition",
+    "attempts",
+)
+
+
+def _lesion_key(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.Image) -> str:
+    """Cache key of a follow-up's registration and lesion: the anatomical and sagittal series
+    of both studies (content digests), the maps used as refinement channels (each study's map
+    cache key covers their inputs), the GTV (voxels and geometry), the refinement and
+    registration settings and the node version (:func:`node.map_cache.derived_key`)."""
+    from node.map_cache import derived_key
+    from processing.lesion import RefinementSettings
+
+    datasets = [
+        ds
+        for s in (baseline, study)
+        for m in s.maps.values()
+        if not m.exported
+        for ds in m.source_datasets
+    ]
+    datasets += [
+        ds for s in (baseline, study) for ds in (*s.anatomy_datasets, *s.sagittal_datasets)
+    ]
+    parts: list[str | bytes] = [
+        baseline.map_cache_key or "",
+        study.map_cache_key or "",
+        # which series was the axial reference and which the sagittal one, of each study
+        repr(
+            [
+                (
+                    sorted({str(ds.SeriesInstanceUID) for ds in s.anatomy_datasets}),
+                    sorted({str(ds.SeriesInstanceUID) for ds in s.sagittal_datasets}),
+                )
+                for s in (baseline, study)
+            ]
+        ),
+        sitk.GetArrayViewFromImage(gtv).tobytes(),
+        repr((gtv.GetOrigin(), gtv.GetSpacing(), gtv.GetDirection(), gtv.GetPixelIDValue())),
+        repr(RefinementSettings()),
+        repr(_REFINEMENT_CHANNELS),
+    ]
+    return derived_key("followup_lesion", datasets, *parts)
+
+
+def _store_lesion(map_cache: Any, key: str, study: StudyAnalysis) -> None:
+    registration = study.registration
+    mask = study.lesion_mask
+    assert registration is not None and mask is not None
+    description = {
+        "registration": {name: getattr(registration, name) for name in _REGISTRATION_FIELDS},
+        "transform": (
+            tuple(registration.transform.GetParameters()),
+            tuple(registration.transform.GetFixedParameters()),
+        ),
+        "mask_pixel_id": mask.GetPixelIDValue(),
+        "lesion_notes": study.lesion_notes,
+        "lesion_delineation": study.lesion_delineation,
+    }
+    map_cache.put_entry("followup_lesion", key, description, {"mask": sitk.GetArrayFromImage(mask)})
+
+
+def _restore_lesion(map_cache: Any, key: str, study: StudyAnalysis) -> bool:
+    """Set the study's registration and lesion from the cache entry ``key``; False on a miss."""
+    from processing.registration import RigidRegistration
+
+    entry = map_cache.get_entry("followup_lesion", key)
+    if entry is None:
+        return False
+    description, arrays = entry
+    try:
+        mask_array = arrays["mask"]
+        if mask_array.shape != tuple(reversed(study.anatomy_image.GetSize())):
+            raise ValueError("lesion mask of another grid")
+        mask = sitk.GetImageFromArray(mask_array)
+        if mask.GetPixelIDValue() != description["mask_pixel_id"]:
+            raise ValueError("lesion mask of another pixel type")
+        mask.CopyInformation(study.anatomy_image)
+        transform = sitk.Euler3DTransform()
+        parameters, fixed = description["transform"]
+        transform.SetFixedParameters(fixed)
+        transform.SetParameters(parameters)
+        registration = RigidRegistration(transform=transform, **description["registration"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        logger.warning("cached lesion %s unusable (%s); recomputed", key[:16], err)
+        return False
+    study.registration = registration
+    study.lesion_mask = mask
+    study.lesion_notes = description["lesion_notes"]
+    study.lesion_delineation = description["lesion_delineation"]
+    logger.info("registration and lesion of study %s cached", study.study_instance_uid)
+    return True
 
 
 def _delineation(lesion: Any, registration: Any) -> dict[str, Any]:

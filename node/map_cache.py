@@ -23,6 +23,13 @@ value for value and type for type: the summary and every output are the same as 
 (output UIDs do not depend on map values anyway). An unreadable, incomplete or inconsistent entry
 is a miss, with a warning; a failure to write an entry is a warning too, never an analysis failure.
 
+Results derived from several studies are kept beside the maps under keys of their own
+(:func:`derived_key`): the baseline's per-case repeatability (``<key>.repeatability.json``,
+numbers) and each follow-up's registration to the baseline with its lesion
+(``<key>.followup_lesion.npz`` and ``.json``: the mask, the registration's fields, the notes;
+:meth:`MapCache.put_entry`), so a re-analysis after a new follow-up computes only what involves
+the new study.
+
 The cache is unbounded: entries are a few MB per study (float32 maps of the source grids);
 :meth:`MapCache.prune` removes the least recently used entries above a size when asked to.
 """
@@ -331,6 +338,73 @@ class MapCache:
                 "%s not cached (entry %s): %s: %s", kind, key[:16], type(err).__name__, err
             )
             return False
+
+    def get_entry(self, kind: str, key: str) -> tuple[Any, dict[str, np.ndarray]] | None:
+        """A derived result of type `kind` stored under `key` (:meth:`put_entry`): its
+        description and its arrays, or None (absent, unreadable or inconsistent: a miss)."""
+        npz_path, json_path = self._entry_paths(kind, key)
+        if not json_path.is_file():
+            return None
+        try:
+            meta = json.loads(json_path.read_text(encoding="utf-8"))
+            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+                raise MapCacheError("entry of another format or key")
+            if meta.get("kind") != kind:
+                raise MapCacheError(f"entry of kind {meta.get('kind')!r}")
+            data = npz_path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
+                raise MapCacheError("array file does not match its description")
+            with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+                arrays = {name: stored[name] for name in stored.files}
+            return _decode(meta["description"]), arrays
+        except (OSError, ValueError, KeyError, TypeError, IndexError, MapCacheError) as err:
+            logger.warning(
+                "cached %s %s unreadable (%s: %s); recomputed",
+                kind,
+                key[:16],
+                type(err).__name__,
+                err,
+            )
+            return None
+
+    def put_entry(
+        self, kind: str, key: str, description: Any, arrays: Mapping[str, np.ndarray]
+    ) -> bool:
+        """Store a derived result of type `kind` under `key`: a description (JSON with the
+        type-tagged encoding of the map provenance: it comes back equal, type for type) and
+        named arrays. The description, written last, commits the entry. False (with a
+        warning) when it cannot be stored."""
+        npz_path, json_path = self._entry_paths(kind, key)
+        try:
+            encoded = _encode(description)
+            if not _same(_decode(json.loads(json.dumps(encoded))), description):
+                raise MapCacheError(f"the {kind} description does not round-trip")
+            buffer = io.BytesIO()
+            np.savez(buffer, **{name: np.asarray(a) for name, a in arrays.items()})
+            data = buffer.getvalue()
+            meta = {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "kind": kind,
+                "algorithm_version": __version__,
+                "npz_sha256": hashlib.sha256(data).hexdigest(),
+                "description": encoded,
+            }
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._write_atomic(npz_path, data)
+            self._write_atomic(json_path, json.dumps(meta, allow_nan=False).encode("utf-8"))
+            return True
+        except (OSError, ValueError, TypeError, MapCacheError) as err:
+            logger.warning(
+                "%s not cached (entry %s): %s: %s", kind, key[:16], type(err).__name__, err
+            )
+            return False
+
+    def _entry_paths(self, kind: str, key: str) -> tuple[Path, Path]:
+        if not kind.isidentifier():
+            raise ValueError(f"not a cache entry kind: {kind!r}")
+        npz_path, json_path = self._paths(key)
+        return npz_path.with_suffix(f".{kind}.npz"), json_path.with_suffix(f".{kind}.json")
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root)

@@ -68,8 +68,12 @@ def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fit
     assert len(counted_fits) == 2 and all(counted_fits)  # baseline and follow-up 1, with maps
     assert not any(k.startswith("maps cached") for k in first.timings)
     assert "repeatability" in first.timings and "repeatability cached" not in first.timings
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    entries = [p.name for p in (tmp_path / "cache").glob("*.npz")]
+    assert len([n for n in entries if n.count(".") == 1]) == 2  # the two studies' maps
     assert len(list((tmp_path / "cache").glob("*.repeatability.json"))) == 1
+    # follow-up 1's registration and lesion
+    assert len(list((tmp_path / "cache").glob("*.followup_lesion.json"))) == 1
+    assert not any(k.startswith("lesion cached") for k in first.timings)
 
     # the full chain (repeatability, DICOM outputs) without radiomics: the maps feed the same
     # measurements, changes and Parametric Maps, in half the time
@@ -88,6 +92,9 @@ def test_new_follow_up_refits_only_its_study(make_phantom, tmp_path, counted_fit
     assert hits == sorted(s.study_instance_uid for s in cached.studies[:2])
     # the baseline's perturbation repeatability, from the first run's entry
     assert "repeatability cached" in cached.timings and "repeatability" not in cached.timings
+    # follow-up 1 registered and its lesion found by the first run; follow-up 2 computed
+    lesions = [k.removeprefix("lesion cached: ") for k in cached.timings if "lesion cached" in k]
+    assert lesions == [cached.studies[1].study_instance_uid]
 
     counted_fits.clear()
     uncached = run_chain(
@@ -247,3 +254,42 @@ def test_prune_keeps_the_newest_entries_within_the_limit(tmp_path):
     assert [cache.get(k) is not None for k in keys] == [False, False, True, True]
     assert cache.prune(10 * entry) == 0
     assert AnalysisSection().map_cache_mb == 2048 and AnalysisSection(map_cache_mb=0)
+
+
+def test_derived_entries_round_trip_and_a_damaged_one_is_a_miss(tmp_path, caplog):
+    """A derived result (a follow-up's registration and lesion) comes back equal, type for
+    type, with its arrays; a damaged array file or another kind under the key is a miss."""
+    import numpy as np
+
+    cache = MapCache(tmp_path / "cache")
+    key = "ab" * 32
+    description = {
+        "registration": {
+            "matrix": np.eye(4) * 1.5,
+            "translation_mm": (0.1, -2.0, 3.25),
+            "dice": None,
+            "passed": False,
+            "reasons": ("dice 0.41 < 0.5",),
+            "attempts": 2,
+        },
+        "lesion_notes": ("propagated baseline GTV 1.20 mL -> 1.19 mL",),
+        "lesion_delineation": {"volume_range_ml": [1.0, 1.4], "not_delineated": None},
+        "mi": float("nan"),
+    }
+    mask = (np.arange(60).reshape(3, 4, 5) % 7 == 0).astype(np.uint8)
+    assert cache.put_entry("followup_lesion", key, description, {"mask": mask})
+    entry = cache.get_entry("followup_lesion", key)
+    assert entry is not None
+    restored, arrays = entry
+    assert restored["registration"]["translation_mm"] == (0.1, -2.0, 3.25)
+    assert type(restored["lesion_notes"]) is tuple and np.isnan(restored["mi"])
+    assert np.array_equal(restored["registration"]["matrix"], np.eye(4) * 1.5)
+    assert arrays["mask"].dtype == np.uint8 and np.array_equal(arrays["mask"], mask)
+    assert cache.get_entry("other_kind", key) is None  # nothing of that kind under the key
+    npz = tmp_path / "cache" / f"{key}.followup_lesion.npz"
+    npz.write_bytes(npz.read_bytes()[:-10])
+    with caplog.at_level(logging.WARNING, logger="node.map_cache"):
+        assert cache.get_entry("followup_lesion", key) is None
+    assert "unreadable" in caplog.text
+    with pytest.raises(ValueError):
+        cache.get_entry("not/a kind", key)
