@@ -184,6 +184,28 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def _checked_description(path: Path, key: str, kind: str | None) -> dict[str, Any]:
+    """An entry's JSON description, checked to be of this cache format, key and kind (None for
+    a study's maps).
+
+    Raises
+    ------
+    MapCacheError, OSError, ValueError
+    """
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+        raise MapCacheError("entry of another format or key")
+    if meta.get("kind") != kind:
+        raise MapCacheError(f"entry of kind {meta.get('kind')!r}")
+    return dict(meta)
+
+
+def _unreadable(kind: str, key: str, err: Exception) -> None:
+    logger.warning(
+        "cached %s %s unreadable (%s: %s); recomputed", kind, key[:16], type(err).__name__, err
+    )
+
+
 class MapCache:
     """Computed maps of studies, on disk under `root`, keyed by :func:`cache_key`.
 
@@ -207,40 +229,34 @@ class MapCache:
         if not json_path.is_file():
             return None
         try:
-            meta = json.loads(json_path.read_text(encoding="utf-8"))
-            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-                raise MapCacheError("entry of another format or key")
-            data = npz_path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
-                raise MapCacheError("array file does not match its description")
+            meta, arrays = self._read_entry(npz_path, json_path, key, None)
             maps: dict[str, QuantMap] = {}
-            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-                for i, item in enumerate(meta["maps"]):
-                    values = arrays[f"values_{i}"]
-                    valid = arrays[f"valid_{i}"]
-                    geom = item["geometry"]
-                    geometry = Geometry(
-                        origin=tuple(float(v) for v in geom["origin"]),
-                        spacing=tuple(float(v) for v in geom["spacing"]),
-                        direction=tuple(float(v) for v in geom["direction"]),
-                        size=tuple(int(v) for v in geom["size"]),
-                    )
-                    if (
-                        values.dtype != np.float32
-                        or valid.dtype != np.bool_
-                        or values.shape != valid.shape
-                        or values.shape != tuple(reversed(geometry.size))
-                    ):
-                        raise MapCacheError(f"map {item['quantity']} has inconsistent arrays")
-                    maps[item["quantity"]] = QuantMap(
-                        quantity=item["quantity"],
-                        values=values,
-                        valid=valid,
-                        unit=item["unit"],
-                        geometry=geometry,
-                        source_series_instance_uid=item["source_series_instance_uid"],
-                        provenance=_decode(item["provenance"]),
-                    )
+            for i, item in enumerate(meta["maps"]):
+                values = arrays[f"values_{i}"]
+                valid = arrays[f"valid_{i}"]
+                geom = item["geometry"]
+                geometry = Geometry(
+                    origin=tuple(float(v) for v in geom["origin"]),
+                    spacing=tuple(float(v) for v in geom["spacing"]),
+                    direction=tuple(float(v) for v in geom["direction"]),
+                    size=tuple(int(v) for v in geom["size"]),
+                )
+                if (
+                    values.dtype != np.float32
+                    or valid.dtype != np.bool_
+                    or values.shape != valid.shape
+                    or values.shape != tuple(reversed(geometry.size))
+                ):
+                    raise MapCacheError(f"map {item['quantity']} has inconsistent arrays")
+                maps[item["quantity"]] = QuantMap(
+                    quantity=item["quantity"],
+                    values=values,
+                    valid=valid,
+                    unit=item["unit"],
+                    geometry=geometry,
+                    source_series_instance_uid=item["source_series_instance_uid"],
+                    provenance=_decode(item["provenance"]),
+                )
             return maps
         except (OSError, ValueError, KeyError, TypeError, IndexError, MapCacheError) as err:
             # zipfile.BadZipFile and json.JSONDecodeError are ValueError/OSError subclasses
@@ -278,19 +294,7 @@ class MapCache:
                 )
                 arrays[f"values_{i}"] = np.asarray(qmap.values, dtype=np.float32)
                 arrays[f"valid_{i}"] = np.asarray(qmap.valid, dtype=np.bool_)
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            data = buffer.getvalue()
-            meta = {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "algorithm_version": __version__,
-                "npz_sha256": hashlib.sha256(data).hexdigest(),
-                "maps": items,
-            }
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._write_atomic(npz_path, data)
-            self._write_atomic(json_path, json.dumps(meta, allow_nan=False).encode("utf-8"))
+            self._write_entry(npz_path, json_path, arrays, {"key": key, "maps": items})
             return True
         except (OSError, ValueError, TypeError, MapCacheError) as err:
             logger.warning("maps not cached (entry %s): %s: %s", key[:16], type(err).__name__, err)
@@ -302,20 +306,10 @@ class MapCache:
         if not path.is_file():
             return None
         try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-                raise MapCacheError("entry of another format or key")
-            if meta.get("kind") != kind:
-                raise MapCacheError(f"entry of kind {meta.get('kind')!r}")
+            meta = _checked_description(path, key, kind)
             return {str(name): float(value) for name, value in meta["values"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, MapCacheError) as err:
-            logger.warning(
-                "cached %s %s unreadable (%s: %s); recomputed",
-                kind,
-                key[:16],
-                type(err).__name__,
-                err,
-            )
+            _unreadable(kind, key, err)
             return None
 
     def put_values(self, kind: str, key: str, values: Mapping[str, float]) -> bool:
@@ -346,25 +340,10 @@ class MapCache:
         if not json_path.is_file():
             return None
         try:
-            meta = json.loads(json_path.read_text(encoding="utf-8"))
-            if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
-                raise MapCacheError("entry of another format or key")
-            if meta.get("kind") != kind:
-                raise MapCacheError(f"entry of kind {meta.get('kind')!r}")
-            data = npz_path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
-                raise MapCacheError("array file does not match its description")
-            with np.load(io.BytesIO(data), allow_pickle=False) as stored:
-                arrays = {name: stored[name] for name in stored.files}
+            meta, arrays = self._read_entry(npz_path, json_path, key, kind)
             return _decode(meta["description"]), arrays
         except (OSError, ValueError, KeyError, TypeError, IndexError, MapCacheError) as err:
-            logger.warning(
-                "cached %s %s unreadable (%s: %s); recomputed",
-                kind,
-                key[:16],
-                type(err).__name__,
-                err,
-            )
+            _unreadable(kind, key, err)
             return None
 
     def put_entry(
@@ -379,20 +358,12 @@ class MapCache:
             encoded = _encode(description)
             if not _same(_decode(json.loads(json.dumps(encoded))), description):
                 raise MapCacheError(f"the {kind} description does not round-trip")
-            buffer = io.BytesIO()
-            np.savez(buffer, **{name: np.asarray(a) for name, a in arrays.items()})
-            data = buffer.getvalue()
-            meta = {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "kind": kind,
-                "algorithm_version": __version__,
-                "npz_sha256": hashlib.sha256(data).hexdigest(),
-                "description": encoded,
-            }
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._write_atomic(npz_path, data)
-            self._write_atomic(json_path, json.dumps(meta, allow_nan=False).encode("utf-8"))
+            self._write_entry(
+                npz_path,
+                json_path,
+                {name: np.asarray(a) for name, a in arrays.items()},
+                {"key": key, "kind": kind, "description": encoded},
+            )
             return True
         except (OSError, ValueError, TypeError, MapCacheError) as err:
             logger.warning(
@@ -405,6 +376,44 @@ class MapCache:
             raise ValueError(f"not a cache entry kind: {kind!r}")
         npz_path, json_path = self._paths(key)
         return npz_path.with_suffix(f".{kind}.npz"), json_path.with_suffix(f".{kind}.json")
+
+    def _write_entry(
+        self, npz_path: Path, json_path: Path, arrays: Mapping[str, np.ndarray], fields: dict
+    ) -> None:
+        """Write an entry: the arrays (``.npz``), then its description (``.json``: ``fields``
+        with the cache format, the node version and the arrays' SHA-256), which commits it."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        data = buffer.getvalue()
+        meta = {
+            "format": CACHE_FORMAT,
+            "algorithm_version": __version__,
+            "npz_sha256": hashlib.sha256(data).hexdigest(),
+            **fields,
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_atomic(npz_path, data)
+        self._write_atomic(json_path, json.dumps(meta, allow_nan=False).encode("utf-8"))
+
+    @staticmethod
+    def _read_entry(
+        npz_path: Path, json_path: Path, key: str, kind: str | None
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """An entry's description and arrays, checked against its format, key, kind and the
+        arrays' SHA-256.
+
+        Raises
+        ------
+        MapCacheError, OSError, ValueError, KeyError
+            The entry is not one of this key, or damaged.
+        """
+        meta = _checked_description(json_path, key, kind)
+        data = npz_path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta["npz_sha256"]:
+            raise MapCacheError("array file does not match its description")
+        with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        return meta, arrays
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.root)
