@@ -768,7 +768,7 @@ def _follow_up_lesion(
     from processing.lesion import LesionError, propagate_mask, refine_lesion
     from processing.registration import register_rigid, register_rigid_multi
 
-    key = None
+    key, restored = None, False
     if map_cache is not None:
         stage = f"lesion cached: {study.study_instance_uid}"
         with timer(stage):
@@ -776,7 +776,7 @@ def _follow_up_lesion(
             restored = _restore_lesion(map_cache, key, study)
         if not restored:  # a miss: the key's time belongs to the computation
             timer.timings["registration+lesion"] += timer.timings.pop(stage)
-    if key is None or not restored:
+    if not restored:
         with timer("registration+lesion"):
             if baseline.sagittal_image is not None and study.sagittal_image is not None:
                 # thick axial slices leave the cranio-caudal position to a sagittal series

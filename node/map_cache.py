@@ -68,13 +68,25 @@ class MapCacheError(Exception):
 
 def instance_digest(ds: Dataset) -> str:
     """SHA-256 of one instance's content: its stored file when it was read from one, else its
-    DICOM encoding."""
+    DICOM encoding.
+
+    A file's digest is kept on the dataset with the file's path, modification time and size,
+    and reused while they are unchanged: one analysis keys the same instances several times
+    (the baseline's anatomical series for its repeatability and again for each follow-up's
+    lesion), and each time would read the files again.
+    """
     filename = getattr(ds, "filename", None)
     if isinstance(filename, (str, os.PathLike)) and Path(filename).is_file():
+        stat = os.stat(filename)
+        stamp = (os.fspath(filename), stat.st_mtime_ns, stat.st_size)
+        memo = ds.__dict__.get("_content_digest")  # beside pydicom's elements, not one of them
+        if memo is not None and memo[0] == stamp:
+            return str(memo[1])
         digest = hashlib.sha256()
         with open(filename, "rb") as fh:
             for chunk in iter(lambda: fh.read(_CHUNK), b""):
                 digest.update(chunk)
+        ds.__dict__["_content_digest"] = (stamp, digest.hexdigest())
         return digest.hexdigest()
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=False)

@@ -293,3 +293,22 @@ def test_derived_entries_round_trip_and_a_damaged_one_is_a_miss(tmp_path, caplog
     assert "unreadable" in caplog.text
     with pytest.raises(ValueError):
         cache.get_entry("not/a kind", key)
+
+
+def test_a_file_digest_is_read_once_and_follows_the_file(tmp_path):
+    """instance_digest keeps a file's digest on its dataset while the file is unchanged (an
+    analysis keys the baseline's series several times); a rewritten file is digested anew."""
+    import os
+
+    from tests.node.dicom_factory import write_mr_series
+
+    path = write_mr_series(tmp_path / "s", 1, rows=8, columns=8)[0]
+    ds = dcmread(path)
+    first = instance_digest(ds)
+    assert ds.__dict__["_content_digest"][1] == first and instance_digest(ds) == first
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one pixel byte changed, the file rewritten later
+    path.write_bytes(bytes(data))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert instance_digest(ds) != first
