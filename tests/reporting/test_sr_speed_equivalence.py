@@ -184,3 +184,50 @@ def test_a_feature_has_one_concept_name_object_for_all_images() -> None:
         "radiomics.ADC.original_shape_Sphericity", BASELINE.measurements, None
     )
     assert direct is not None and first.name == direct.name
+
+
+def test_the_document_equals_highdicoms_constructor_on_the_whole_tree(
+    report: hd.sr.Comprehensive3DSR, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built with its Image Library and Imaging Measurements set aside during highdicom's
+    constructor: the same bytes as the constructor given the whole tree (timestamps aside), the
+    same content when highdicom reads it, and the same refusal of a reference without
+    evidence."""
+
+    def highdicom_whole_tree(
+        *, evidence: list[Dataset], report: hd.sr.MeasurementReport, **kwargs: object
+    ) -> hd.sr.Comprehensive3DSR:
+        return hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(srmod, "_document", highdicom_whole_tree)
+        whole = _build()
+    assert type(whole) is hd.sr.Comprehensive3DSR and isinstance(report, srmod.LongitudinalReport)
+    for keyword in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        setattr(whole, keyword, getattr(report, keyword))
+    whole.ContributingEquipmentSequence = report.ContributingEquipmentSequence
+    assert _file_bytes(whole) == _file_bytes(report)
+    assert len(report.ContentSequence) == 10  # observer context ... Image Library, measurements
+    # highdicom's view of the content, parsed on first use: the whole tree, as the constructor's
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) >= 4
+    assert [g.tracking_uid for g in groups] == [
+        g.tracking_uid
+        for g in hd.sr.Comprehensive3DSR.from_dataset(
+            whole
+        ).content.get_volumetric_roi_measurement_groups()
+    ]
+    assert report.content is report.content  # parsed once
+
+    # evidence missing a Parametric Map the measurements reference
+    document = srmod._document
+    dropped = str(build_inputs(VERSION).pmaps[0].SOPInstanceUID)
+
+    def without_a_map(*, evidence: list[Dataset], **kwargs: object) -> object:
+        kept = [ds for ds in evidence if str(ds.SOPInstanceUID) != dropped]
+        assert len(kept) == len(evidence) - 1
+        return document(evidence=kept, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(srmod, "_document", without_a_map)
+    with pytest.raises(ValueError, match=f"no evidence was given for instances .*{dropped}"):
+        _build()
