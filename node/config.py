@@ -311,6 +311,10 @@ class AnalysisSection(BaseModel):
     #: size limit of the per-study map cache under ``<storage>/cache/maps`` (MB): the oldest
     #: entries go first when an analysis leaves it larger; 0 disables the cache
     map_cache_mb: int = Field(2048, ge=0, le=10_000_000)
+    #: folder of the map cache; default ``<storage>/cache/maps``. Entries are keyed by the
+    #: instances' content (not the file meta information a receiver writes) and written
+    #: atomically, so nodes, ``spine-node analyze --map-cache`` runs and test rigs may share one
+    map_cache_dir: Path | None = None
 
     @field_validator("relaxivity_per_mM_s")
     @classmethod
@@ -623,8 +627,8 @@ def settings_from_mapping(
     overrides : Mapping, optional
         Nested values that replace the file's (e.g. ``{"node": {"port": 4242}}``).
     base_dir : Path, optional
-        Relative paths in the file (storage, TLS files, database) are taken relative to this
-        folder (the configuration file's folder).
+        Relative paths in the file (storage, TLS files, database, audit log, map cache) are taken
+        relative to this folder (the configuration file's folder).
 
     Raises
     ------
@@ -668,6 +672,11 @@ def _resolve_paths(
             audit[key] = str(base_dir / value)
     if audit:
         merged["audit"] = audit
+    analysis = dict(merged.get("analysis", {}))
+    value = analysis.get("map_cache_dir")
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        analysis["map_cache_dir"] = str(base_dir / value)
+        merged["analysis"] = analysis
     return merged
 
 

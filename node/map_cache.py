@@ -6,11 +6,15 @@ on the instances fed to :func:`processing.maps.compute_maps`, the
 :class:`processing.maps.MapSettings` and the algorithm version. The cache key covers exactly those:
 
 * every input instance as ``(SOP Instance UID, SHA-256 of its content)``, sorted by UID. The content
-  digest is the SHA-256 of the stored file the dataset was read from (``Dataset.filename``: the
-  store and ``analyze`` read every instance from disk, so this is the digest the store records on
-  reception, at the cost of reading the files once more); a dataset built in memory (no file) is
-  digested from its encoding by :func:`pydicom.dcmwrite`. A corrected instance re-sent under the
-  same SOP Instance UID therefore changes the key, and so does any added or withdrawn instance;
+  digest is that of the dataset as stored in the file it was read from (``Dataset.filename``; the
+  store and ``analyze`` read every instance from disk): its transfer syntax and the bytes after
+  the file meta information. The file meta information is left out because a receiver writes its
+  own (its implementation UID and version, the sender's AE title): an instance sent by C-STORE
+  keys as the file it was sent from (dcmtk's ``storescu`` and Orthanc pass the dataset's bytes on
+  unchanged), so a shared cache folder serves ``analyze`` and the node alike. A file without file
+  meta information is digested whole; a dataset built in memory (no file) from its encoding by
+  :func:`pydicom.dcmwrite`. A corrected instance re-sent under the same SOP Instance UID
+  therefore changes the key, and so does any added or withdrawn instance;
 * every field of the map settings (``repr`` of each, sorted by name);
 * :data:`node.__version__`.
 
@@ -41,6 +45,7 @@ import io
 import json
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
@@ -58,8 +63,9 @@ from processing.series import Geometry
 logger = logging.getLogger(__name__)
 
 #: format of the stored entries; bump when the layout changes (old entries become misses)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _CHUNK = 1 << 20
+_META_PROBE = 144  # preamble, DICM, the File Meta Information Group Length element
 
 
 class MapCacheError(Exception):
@@ -67,8 +73,9 @@ class MapCacheError(Exception):
 
 
 def instance_digest(ds: Dataset) -> str:
-    """SHA-256 of one instance's content: its stored file when it was read from one, else its
-    DICOM encoding.
+    """SHA-256 of one instance's content: when it was read from a file, its dataset as stored there
+    (transfer syntax and the bytes after the file meta information; the whole file if it has no
+    file meta information), else its DICOM encoding.
 
     A file's digest is kept on the dataset with the file's path, modification time and size,
     and reused while they are unchanged: one analysis keys the same instances several times
@@ -84,6 +91,15 @@ def instance_digest(ds: Dataset) -> str:
             return str(memo[1])
         digest = hashlib.sha256()
         with open(filename, "rb") as fh:
+            start = _dataset_offset(fh.read(_META_PROBE))
+            if start is None:
+                digest.update(b"file\n")
+                fh.seek(0)
+            else:
+                meta = getattr(ds, "file_meta", None)
+                syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+                digest.update(f"dataset {syntax}\n".encode())
+                fh.seek(start)
             for chunk in iter(lambda: fh.read(_CHUNK), b""):
                 digest.update(chunk)
         ds.__dict__["_content_digest"] = (stamp, digest.hexdigest())
@@ -91,6 +107,20 @@ def instance_digest(ds: Dataset) -> str:
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=False)
     return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+
+def _dataset_offset(head: bytes) -> int | None:
+    """Where the dataset starts in a DICOM file that begins with ``head``: after the preamble,
+    ``DICM`` and the file meta information, whose length its first element (File Meta Information
+    Group Length, explicit VR little endian, PS3.10 7.1) gives; ``None`` when the file does not
+    start that way."""
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    (length,) = struct.unpack_from("<H", head, 138)
+    if length != 4:
+        return None
+    (group_length,) = struct.unpack_from("<I", head, 140)
+    return 144 + group_length
 
 
 def cache_key(datasets: Sequence[Dataset], settings: MapSettings | None) -> str:

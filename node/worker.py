@@ -55,6 +55,7 @@ def _analyse_patient(
     log_level: str,
     log_file: str | None,
     map_cache_mb: int = 0,
+    map_cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Child-process entry: run the chain for one patient; return what the parent records."""
     from node.logs import configure_logging
@@ -66,8 +67,9 @@ def _analyse_patient(
     from node.pipeline import StorePatient, run_patient
 
     # a re-analysis (new follow-up, corrected study) refits only the studies whose map inputs
-    # changed; the cache lives beside the results, under the storage folder
-    cache = MapCache(Path(store_root) / "cache" / "maps") if map_cache_mb > 0 else None
+    # changed; the cache lives beside the results, under the storage folder, unless configured
+    folder = Path(map_cache_dir) if map_cache_dir else Path(store_root) / "cache" / "maps"
+    cache = MapCache(folder) if map_cache_mb > 0 else None
     outcome = run_patient(
         StorePatient(Path(db_path), Path(store_root), patient_row),
         ChainSettings(**chain_settings),
@@ -210,6 +212,7 @@ class AnalysisWorker:
                     str(out_dir),
                     *logging_target(),
                     self.section.map_cache_mb,
+                    None if self.section.map_cache_dir is None else str(self.section.map_cache_dir),
                 )
                 .result()
             )

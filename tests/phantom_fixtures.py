@@ -40,6 +40,14 @@ MAP_CACHE = "map-cache"
 NO_RADIOMICS = "[analysis]\nradiomics = false\n"
 
 
+def shared_maps(folder: Path) -> str:
+    """The ``[analysis]`` line (after :data:`NO_RADIOMICS`) that points a node's map cache to
+    :func:`shared_map_cache`: a node receiving a shared phantom by C-STORE then reuses the maps
+    an ``analyze`` of the same files computed, and the other way round (the cache keys the
+    instances' datasets, not the file meta information the node writes on receipt)."""
+    return f'map_cache_dir = "{folder}"\n'
+
+
 def _shared_root(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A folder common to every xdist worker of this run (the session's own one without xdist)."""
     root = tmp_path_factory.getbasetemp()

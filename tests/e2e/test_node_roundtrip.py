@@ -32,7 +32,7 @@ from node.timeline import courses as timeline_courses
 from node.timeline import timeline
 from tests.node.dicom_factory import rejection_note
 from tests.node.fixtures import free_port, require_tool, write_config
-from tests.phantom_fixtures import NO_RADIOMICS
+from tests.phantom_fixtures import NO_RADIOMICS, shared_maps
 from tests.reporting.tools import dciodvfy
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
@@ -110,6 +110,13 @@ def _defective_copy(series: Path, out: Path) -> list:
     return written
 
 
+def _maps_cached(storage: Path) -> set[str]:
+    """Study Instance UIDs whose maps the node's latest analysis took from its map cache."""
+    [summary] = (storage / "results").glob("patient-*/summary.json")
+    timings = json.loads(summary.read_text())["timings_s"]
+    return {k.removeprefix("maps cached: ") for k in timings if k.startswith("maps cached: ")}
+
+
 def _settled(db: Path, analyses_before: int, timeout_s: float = 600) -> Index:
     """Wait until the node finished a new analysis and nothing is pending: every study stable,
     every started analysis ended."""
@@ -139,11 +146,15 @@ def _wait_for(predicate, timeout_s: float = 300):
 
 
 def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_later_deltas(
-    make_phantom, node_factory, tmp_path
+    make_phantom, analyzed_phantom, node_factory, tmp_path, shared_map_cache
 ):
     require_tool("storescu")
     require_tool("storescp")
     patient = make_phantom("responder", "standard", "small", followups=2)
+    # the shared analyze run of the one-follow-up phantom (same baseline and follow-up 1 files)
+    # filled the shared map cache the node uses: the node, keying the files it received by
+    # C-STORE, must find the maps of the studies whose instances it received unchanged
+    analyzed_phantom("responder", "standard", "small")
     good_dwi = _diffusion_series(patient / "baseline")
     defective = _defective_copy(good_dwi, tmp_path / "defective")
     received = tmp_path / "received"
@@ -162,7 +173,7 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
             quiet_period_s=5,
             node_extra='result_destinations = ["RESULTS"]',
             extra=f'[[peers]]\nae_title = "RESULTS"\nport = {results_port}\n'
-            "may_send = false\nmay_receive = true\n" + NO_RADIOMICS,
+            "may_send = false\nmay_receive = true\n" + NO_RADIOMICS + shared_maps(shared_map_cache),
         )
         node = node_factory(config)
         port = node.start()
@@ -229,6 +240,12 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         for path in received.iterdir():  # the lesion-history documents are valid DICOM
             if dcmread(path, stop_before_pixels=True).SOPClassUID == PDF:
                 dciodvfy(path)
+        truth_uid = {k: truth[k]["StudyInstanceUID"] for k in keys}
+        cached = _maps_cached(tmp_path / "storage")
+        # follow-up 1 as sent by storescu; not the baseline (its diffusion series is the
+        # defective copy) nor follow-up 2 (in no earlier analysis)
+        assert truth_uid["followup1"] in cached and truth_uid["followup2"] not in cached
+        assert not (tmp_path / "storage" / "cache" / "maps").exists()  # the configured folder
         first_report = {k for k, ds in objects.items() if ds.SOPClassUID == SR_3D}
         first_pdfs = {k for k, ds in objects.items() if ds.SOPClassUID == PDF}
         analyses = len(index.events("analysis_done"))
@@ -240,6 +257,8 @@ def test_three_time_points_in_results_out_and_a_corrected_baseline_recomputes_la
         note.save_as(note_path, enforce_file_format=True)
         _storescu(port, note_path, good_dwi)
         index = _settled(db, analyses)
+        # the corrected baseline holds the instances the shared analysis read: its maps too
+        assert truth_uid["baseline"] in _maps_cached(tmp_path / "storage")
         [event] = index.events("instances_rejected")
         assert event["detail"].startswith(f"{len(defective)} instance(s)")
         corrected = timeline(index)

@@ -32,7 +32,7 @@ from pydicom import dcmread
 
 from tests.node.fixtures import free_port, write_config
 from tests.orthanc_fixture import OrthancServer
-from tests.phantom_fixtures import NO_RADIOMICS
+from tests.phantom_fixtures import NO_RADIOMICS, shared_maps
 
 pytestmark = pytest.mark.network
 
@@ -151,7 +151,7 @@ def _study_objects(pacs: OrthancServer, study_uid: str) -> tuple[dict[str, Any],
 
 @pytest.mark.slow
 def test_orthanc_routes_to_node_and_stores_results(
-    make_phantom, node_factory, orthanc_factory, tmp_path
+    make_phantom, node_factory, orthanc_factory, tmp_path, shared_map_cache
 ):
     patients = {"progression": make_phantom("progression", "standard", "small")}
     orthanc_port = free_port()
@@ -162,7 +162,7 @@ def test_orthanc_routes_to_node_and_stores_results(
         quiet_period_s=2,
         node_extra='result_destinations = ["ORTHANC"]',
         extra=f'[[peers]]\nae_title = "ORTHANC"\nport = {orthanc_port}\n'
-        "may_send = true\nmay_receive = true\n" + NO_RADIOMICS,
+        "may_send = true\nmay_receive = true\n" + NO_RADIOMICS + shared_maps(shared_map_cache),
         # the routing and the results' place in the PACS do not depend on radiomics (half the time)
     )
     node = node_factory(config)

@@ -21,7 +21,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.node.fixtures import free_port, require_tool, write_config
-from tests.phantom_fixtures import NO_RADIOMICS
+from tests.phantom_fixtures import NO_RADIOMICS, shared_maps
 
 
 def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
@@ -41,7 +41,7 @@ def _events(db: Path) -> list[tuple[str, str | None, str | None]]:
 
 @pytest.mark.slow
 def test_follow_up_alone_makes_the_node_fetch_course_and_baseline_from_orthanc(
-    tmp_path, make_phantom, node_factory, orthanc_factory
+    tmp_path, make_phantom, node_factory, orthanc_factory, shared_map_cache
 ):
     storescu = require_tool("storescu")
     phantom = make_phantom("responder", "standard", "small")
@@ -99,7 +99,8 @@ timeout_s = 60
 enabled = false
 """
         # the assignment does not depend on radiomics (half the analysis time)
-        + NO_RADIOMICS,
+        + NO_RADIOMICS
+        + shared_maps(shared_map_cache),
     )
     node = node_factory(config)
     assert node.start() == node_port

@@ -312,3 +312,55 @@ def test_a_file_digest_is_read_once_and_follows_the_file(tmp_path):
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert instance_digest(ds) != first
+
+
+def test_a_file_digest_covers_the_dataset_not_the_file_meta_a_receiver_writes(tmp_path):
+    """The same instance written by another application (its own file meta information: the
+    receiving node's implementation UID, the sender's AE title) has the same digest, so a cache
+    shared by ``analyze`` and the node serves both; a changed dataset byte, or the dataset in
+    another transfer syntax, has another digest. Checked end to end over the network in
+    tests/e2e/test_node_roundtrip.py (the node's map cache shared with the analyses)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from node.map_cache import _dataset_offset
+    from tests.node.dicom_factory import write_mr_series
+
+    path = write_mr_series(tmp_path / "s", 1, rows=8, columns=8)[0]
+    original = dcmread(path)
+    received = dcmread(path)
+    received.file_meta.ImplementationClassUID = "1.2.826.0.1.3680043.9.3811.3.0.4"
+    received.file_meta.ImplementationVersionName = "PYNETDICOM_304"
+    received.file_meta.SourceApplicationEntityTitle = "STORESCU"
+    copy = tmp_path / "received.dcm"
+    received.save_as(copy, enforce_file_format=True)
+    head = copy.read_bytes()
+    assert _dataset_offset(head) != _dataset_offset(path.read_bytes())  # longer file meta
+    assert head[_dataset_offset(head) :] == path.read_bytes()[_dataset_offset(path.read_bytes()) :]
+    assert instance_digest(dcmread(copy)) == instance_digest(original)
+
+    changed = dcmread(path)
+    changed.SeriesDescription = "another"
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    assert instance_digest(dcmread(tmp_path / "changed.dcm")) != instance_digest(original)
+    other = dcmread(path)
+    syntax = original.file_meta.TransferSyntaxUID
+    other.file_meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if syntax == ExplicitVRLittleEndian else ExplicitVRLittleEndian
+    )
+    other.save_as(tmp_path / "other.dcm", enforce_file_format=True)
+    assert instance_digest(dcmread(tmp_path / "other.dcm")) != instance_digest(original)
+    # a file without file meta information (a bare dataset) is digested whole
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(path.read_bytes()[_dataset_offset(path.read_bytes()) :])
+    assert _dataset_offset(bare.read_bytes()) is None
+    assert instance_digest(dcmread(bare, force=True)) != instance_digest(original)
+
+
+def test_the_map_cache_folder_is_configurable_and_relative_to_the_file(tmp_path):
+    from node.config import load_settings
+
+    config = tmp_path / "conf" / "node.toml"
+    config.parent.mkdir()
+    config.write_text('[analysis]\nmap_cache_dir = "shared-maps"\n', encoding="utf-8")
+    assert load_settings(config).analysis.map_cache_dir == tmp_path / "conf" / "shared-maps"
+    assert load_settings(None).analysis.map_cache_dir is None  # <storage>/cache/maps
