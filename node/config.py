@@ -644,6 +644,14 @@ def settings_from_mapping(
         raise ConfigError(f"invalid configuration: {_format_errors(err)}") from err
 
 
+#: file paths of the other tables, taken relative to the configuration file's folder
+_RELATIVE_PATHS: dict[str, tuple[str, ...]] = {
+    "tls": ("certificate", "key", "ca"),
+    "audit": ("path", "syslog_ca"),
+    "analysis": ("map_cache_dir",),
+}
+
+
 def _resolve_paths(
     merged: dict[str, Any], base_dir: Path, overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -658,25 +666,14 @@ def _resolve_paths(
             node["database_url"] = f"sqlite:///{base_dir / path}"
     if node:
         merged["node"] = node
-    tls = dict(merged.get("tls", {}))
-    for key in ("certificate", "key", "ca"):
-        value = tls.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            tls[key] = str(base_dir / value)
-    if tls:
-        merged["tls"] = tls
-    audit = dict(merged.get("audit", {}))
-    for key in ("path", "syslog_ca"):
-        value = audit.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            audit[key] = str(base_dir / value)
-    if audit:
-        merged["audit"] = audit
-    analysis = dict(merged.get("analysis", {}))
-    value = analysis.get("map_cache_dir")
-    if isinstance(value, str) and value and not Path(value).is_absolute():
-        analysis["map_cache_dir"] = str(base_dir / value)
-        merged["analysis"] = analysis
+    for section, keys in _RELATIVE_PATHS.items():
+        table = dict(merged.get(section, {}))
+        for key in keys:
+            value = table.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                table[key] = str(base_dir / value)
+        if table:
+            merged[section] = table
     return merged
 
 

@@ -50,6 +50,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -83,8 +84,13 @@ def instance_digest(ds: Dataset) -> str:
     lesion), and each time would read the files again.
     """
     filename = getattr(ds, "filename", None)
-    if isinstance(filename, (str, os.PathLike)) and Path(filename).is_file():
-        stat = os.stat(filename)
+    stat = None
+    if isinstance(filename, (str, os.PathLike)):
+        try:
+            stat = os.stat(filename)
+        except OSError:
+            stat = None
+    if stat is not None and S_ISREG(stat.st_mode):
         stamp = (os.fspath(filename), stat.st_mtime_ns, stat.st_size)
         memo = ds.__dict__.get("_content_digest")  # beside pydicom's elements, not one of them
         if memo is not None and memo[0] == stamp:
