@@ -1,7 +1,8 @@
 """Benchmark: C-STORE ingest rate of the node vs Orthanc and dcmtk ``storescp``.
 
 A plain pynetdicom SCP (raw write, no fsync, no index) shows what
-pynetdicom itself costs.
+pynetdicom itself costs; on four associations the same SCP also runs as three processes sharing
+the port (SO_REUSEPORT), which is what several node receiver processes could reach at best.
 
 The same synthetic MR set (default 1,000 images of 256 x 256 x 16 bit, ~129 kB each) is sent by
 the same dcmtk ``storescu`` to each receiver on one association and on four parallel ones
@@ -66,14 +67,15 @@ class Receiver:
         raise NotImplementedError
 
     def stop(self) -> None:
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        procs = getattr(self, "procs", None) or [getattr(self, "proc", None)]
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 class Storescp(Receiver):
@@ -137,16 +139,26 @@ class Orthanc(Receiver):
 
 
 _PLAIN_SCP = """
-import sys, uuid
+import socket, sys, uuid
 from pathlib import Path
 from pynetdicom import AE, evt, AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 out = Path(sys.argv[1])
+class SharedPort(ThreadedAssociationServer):
+    def server_bind(self):
+        # several processes listen on one port; the kernel spreads connections between them
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 def handle(event):
     (out / uuid.uuid4().hex).write_bytes(event.encoded_dataset())
     return 0
 ae = AE(ae_title="PLAIN")
 ae.supported_contexts = AllStoragePresentationContexts
-ae.start_server(("127.0.0.1", int(sys.argv[2])), evt_handlers=[(evt.EVT_C_STORE, handle)])
+server = ae.make_server(
+    ("127.0.0.1", int(sys.argv[2])), evt_handlers=[(evt.EVT_C_STORE, handle)],
+    server_class=SharedPort,
+)
+server.serve_forever()
 """
 
 
@@ -155,18 +167,32 @@ class PlainPynetdicom(Receiver):
 
     name = "plain pynetdicom"
     ae_title = "PLAIN"
+    #: processes listening on the one port (SO_REUSEPORT)
+    processes = 1
 
     def start(self, work: Path, parallel: int) -> int:
         port = _free_port()
         out = work / "plain"
         out.mkdir()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _PLAIN_SCP, str(out), str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _PLAIN_SCP, str(out), str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(self.processes)
+        ]
         _wait_port(port)
+        time.sleep(1.0 if self.processes > 1 else 0.0)  # every process listening
         return port
+
+
+class PlainPynetdicomProcesses(PlainPynetdicom):
+    """The same SCP in three processes sharing the port: what pynetdicom can do on both cores
+    when the interpreter lock of one process is not the limit (four associations only)."""
+
+    name = "pynetdicom x3 proc"
+    processes = 3
 
 
 class Node(Receiver):
@@ -245,9 +271,14 @@ def _count(receiver: Receiver, work: Path) -> int:
             return int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
     if isinstance(receiver, Storescp):
         return sum(1 for _ in (work / "storescp").iterdir())
-    if isinstance(receiver, PlainPynetdicom):
+    if isinstance(receiver, PlainPynetdicom):  # and PlainPynetdicomProcesses
         return sum(1 for _ in (work / "plain").iterdir())
     return sum(1 for p in (work / "orthanc").rglob("*") if p.is_file() and len(p.name) > 30)
+
+
+def _lineup(receivers: list[Callable[[], Receiver]], parallel: int) -> list[Callable[[], Receiver]]:
+    """The receivers of one run: with several associations, also pynetdicom on both cores."""
+    return receivers + ([PlainPynetdicomProcesses] if parallel > 1 else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         rates: dict[tuple[str, int], float] = {}
         node_rss = 0.0
         for parallel in (1, 4):
-            for make in receivers:
+            for make in _lineup(receivers, parallel):
                 receiver = make()
                 work = root / f"run-{receiver.name.replace(' ', '_')}-{parallel}"
                 work.mkdir()
@@ -308,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratios against the baseline ({baseline}, same run):")
         for parallel in (1, 4):
             base = rates[(baseline, parallel)]
-            for make in receivers:
+            for make in _lineup(receivers, parallel):
                 name = make.name
                 print(f"  {name:15s} {parallel} assoc: {rates[(name, parallel)] / base:5.2f} x")
         print(
