@@ -299,6 +299,15 @@ def _record_cases(
                 # volume error is read against, without re-running the patient
                 "volume_range_ml": (study.lesion_delineation or {}).get("volume_range_ml"),
                 "lesion_notes": list(study.lesion_notes),
+                # what decided the call (codes of the fired criteria) and the epidural part the
+                # epidural criteria read, against the phantom's true epidural volume
+                "fired": (
+                    []
+                    if tp.response is None
+                    else [c.code for c in tp.response.criteria if c.fired]
+                ),
+                "epidural_volume_ml": tp.measurements.epidural_volume_ml,
+                "true_epidural_volume_ml": tumour.get("epidural_volume_ml"),
             }
         )
     if status["rows"]:

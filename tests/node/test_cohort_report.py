@@ -167,5 +167,12 @@ def test_a_randomised_cohort_run_and_its_report(tmp_path, capsys):
         low, high = call["volume_range_ml"]
         assert low <= call["volume_ml"] <= high
         assert any(n.startswith("refined on follow-up images") for n in call["lesion_notes"])
+        # and what decided its call, with the epidural part against the phantom's
+        assert call["epidural_volume_ml"] is not None
+        assert call["true_epidural_volume_ml"] is not None
+    progression = next(c for c in calls if c["true_state"] == "progression")
+    assert "volume-increase" in progression["fired"] and "adc-fall" in progression["fired"]
+    pseudo = next(c for c in calls if c["true_state"] == "pseudoprogression")
+    assert "pseudoprogression-window" in pseudo["fired"]
     # a folder without randomised patients is refused
     assert main(["cohort", "--report", str(tmp_path)]) == 2
