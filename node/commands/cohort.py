@@ -302,9 +302,7 @@ def _record_cases(
                 # what decided the call (codes of the fired criteria) and the epidural part the
                 # epidural criteria read, against the phantom's true epidural volume
                 "fired": (
-                    []
-                    if tp.response is None
-                    else [c.code for c in tp.response.criteria if c.fired]
+                    [] if tp.response is None else [c.code for c in tp.response.criteria if c.fired]
                 ),
                 "epidural_volume_ml": tp.measurements.epidural_volume_ml,
                 "true_epidural_volume_ml": tumour.get("epidural_volume_ml"),
