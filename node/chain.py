@@ -804,7 +804,11 @@ def _follow_up_lesion(
                     )
             try:
                 lesion = refine_lesion(
-                    base_channels, gtv, follow_channels, registration.matrix_moving_to_fixed
+                    base_channels,
+                    gtv,
+                    follow_channels,
+                    registration.matrix_moving_to_fixed,
+                    baseline_canal=baseline.canal_mask,
                 )
             except LesionError as err:
                 raise ChainError(
@@ -847,8 +851,8 @@ _REGISTRATION_FIELDS = (
 def _lesion_key(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.Image) -> str:
     """Cache key of a follow-up's registration and lesion: the anatomical and sagittal series
     of both studies (content digests), the maps used as refinement channels (each study's map
-    cache key covers their inputs), the GTV (voxels and geometry), the refinement and
-    registration settings and the node version (:func:`node.map_cache.derived_key`)."""
+    cache key covers their inputs), the GTV and the canal (voxels and geometry), the refinement
+    and registration settings and the node version (:func:`node.map_cache.derived_key`)."""
     from node.map_cache import derived_key
     from processing.lesion import RefinementSettings
 
@@ -880,6 +884,12 @@ def _lesion_key(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.Image) 
         repr(RefinementSettings()),
         repr(_REFINEMENT_CHANNELS),
     ]
+    canal = baseline.canal_mask  # the epidural space the refinement searches (cord contour)
+    if canal is not None:
+        parts += [
+            sitk.GetArrayViewFromImage(canal).tobytes(),
+            repr((canal.GetOrigin(), canal.GetSpacing(), canal.GetDirection())),
+        ]
     return derived_key("followup_lesion", datasets, *parts)
 
 
