@@ -879,18 +879,21 @@ def _lesion_key(baseline: StudyAnalysis, study: StudyAnalysis, gtv: sitk.Image) 
                 for s in (baseline, study)
             ]
         ),
-        sitk.GetArrayViewFromImage(gtv).tobytes(),
-        repr((gtv.GetOrigin(), gtv.GetSpacing(), gtv.GetDirection(), gtv.GetPixelIDValue())),
+        *_mask_key_parts(gtv),
         repr(RefinementSettings()),
         repr(_REFINEMENT_CHANNELS),
     ]
-    canal = baseline.canal_mask  # the epidural space the refinement searches (cord contour)
-    if canal is not None:
-        parts += [
-            sitk.GetArrayViewFromImage(canal).tobytes(),
-            repr((canal.GetOrigin(), canal.GetSpacing(), canal.GetDirection())),
-        ]
+    if baseline.canal_mask is not None:  # the epidural space the refinement searches
+        parts += _mask_key_parts(baseline.canal_mask)
     return derived_key("followup_lesion", datasets, *parts)
+
+
+def _mask_key_parts(mask: sitk.Image) -> list[str | bytes]:
+    """A mask's voxels and geometry, as parts of a cache key."""
+    return [
+        sitk.GetArrayViewFromImage(mask).tobytes(),
+        repr((mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection(), mask.GetPixelIDValue())),
+    ]
 
 
 def _store_lesion(map_cache: Any, key: str, study: StudyAnalysis) -> None:

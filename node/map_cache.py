@@ -40,6 +40,7 @@ The cache is unbounded: entries are a few MB per study (float32 maps of the sour
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -86,10 +87,8 @@ def instance_digest(ds: Dataset) -> str:
     filename = getattr(ds, "filename", None)
     stat = None
     if isinstance(filename, (str, os.PathLike)):
-        try:
+        with contextlib.suppress(OSError):
             stat = os.stat(filename)
-        except OSError:
-            stat = None
     if stat is not None and S_ISREG(stat.st_mode):
         stamp = (os.fspath(filename), stat.st_mtime_ns, stat.st_size)
         memo = ds.__dict__.get("_content_digest")  # beside pydicom's elements, not one of them

@@ -332,6 +332,11 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     return same_grid(a, b, origin_mm=1e-4, spacing_mm=1e-6, direction=1e-6)
 
 
+def _mask_on(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """``mask`` on ``reference``'s grid (itself when it is already there)."""
+    return mask if _same_grid(mask, reference) else resample_mask(mask, reference)
+
+
 def _stack(images: Sequence[sitk.Image], reference: sitk.Image) -> np.ndarray:
     """Channels resampled (if needed) onto ``reference``: array (n_channels, z, y, x)."""
     arrays = []
@@ -582,11 +587,7 @@ def refine_lesion(
     base_channels = _stack(baseline_images, gtv)
     vertebra_region = None
     if baseline_vertebra is not None:
-        vertebra_on_grid = (
-            baseline_vertebra
-            if _same_grid(baseline_vertebra, gtv)
-            else resample_mask(baseline_vertebra, gtv)
-        )
+        vertebra_on_grid = _mask_on(baseline_vertebra, gtv)
         vertebra_region = sitk.GetArrayFromImage(
             _dilate(vertebra_on_grid, settings.vertebra_margin_mm)
         ).astype(bool)
@@ -596,11 +597,7 @@ def refine_lesion(
         ring &= vertebra_region
     canal_base = None
     if baseline_canal is not None and settings.canal_reach_mm > 0:
-        canal_on_grid = (
-            baseline_canal
-            if _same_grid(baseline_canal, gtv)
-            else resample_mask(baseline_canal, gtv)
-        )
+        canal_on_grid = _mask_on(baseline_canal, gtv)
         canal_base = _sleeve(canal_on_grid, settings.canal_core_mm) & sitk.GetArrayFromImage(
             _dilate(gtv, settings.canal_reach_mm)
         ).astype(bool)
