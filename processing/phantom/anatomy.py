@@ -455,7 +455,12 @@ def tumour_diameters_mm(
 
 
 def continuous_volume_ml(shape: TumourShape) -> float:
-    """Tumour volume (mL) of the continuous shape: main part plus epidural component."""
+    """Tumour volume (mL) of the continuous shape: main part plus epidural component.
+
+    The main part as drawn: where a large lesion reaches past the posterior wall, the labels
+    (:meth:`Anatomy.labels`) keep that part out of the canal and this volume is larger than the
+    voxel count's.
+    """
     return main_volume_ml(shape) + epidural_volume_ml(shape)
 
 
@@ -538,7 +543,10 @@ class Anatomy:
         lab[(x / CORD_SEMI_AXES_MM[0]) ** 2 + (yc / CORD_SEMI_AXES_MM[1]) ** 2 < 1.0] = LABEL[
             "cord"
         ]
-        lab[self.tumour.contains(pts)] = LABEL["tumour"]
+        # the main (intraosseous) part is held back by the posterior wall and the dura: only the
+        # epidural component lies in the canal, so the truth's epidural volume is all there is
+        lab[self.tumour.contains_main(pts) & ~canal] = LABEL["tumour"]
+        lab[self.tumour.contains_epidural(pts)] = LABEL["tumour"]
         return lab
 
     def parameters(
