@@ -458,8 +458,8 @@ def continuous_volume_ml(shape: TumourShape) -> float:
     """Tumour volume (mL) of the continuous shape: main part plus epidural component.
 
     The main part as drawn: where a large lesion reaches past the posterior wall, the labels
-    (:meth:`Anatomy.labels`) keep that part out of the canal and this volume is larger than the
-    voxel count's.
+    (:meth:`Anatomy.labels`) keep that part out of the canal; :meth:`Anatomy.tumour_volume_ml`
+    is the volume without it.
     """
     return main_volume_ml(shape) + epidural_volume_ml(shape)
 
@@ -488,6 +488,45 @@ class Anatomy:
                 f = np.clip(f / f.std(), -2.5, 2.5)
                 self._textures[name] = f
         return self._textures
+
+    def in_canal(self, pts: NDArray[np.float64]) -> NDArray[np.bool_]:
+        """True where the LPS point (baseline/body coordinates) lies in the spinal canal."""
+        local = pts - np.asarray(self.vertebra_centre)
+        x, yc = local[..., 0], local[..., 1] - CANAL_CENTRE_Y_MM
+        inside: NDArray[np.bool_] = (x / CANAL_SEMI_AXES_MM[0]) ** 2 + (
+            yc / CANAL_SEMI_AXES_MM[1]
+        ) ** 2 < 1.0
+        return inside
+
+    def tumour_volume_ml(self, *, step_mm: float = 0.2) -> float:
+        """True tumour volume (mL): the continuous shape's (:func:`continuous_volume_ml`) less the
+        main part's reach into the canal, which :meth:`labels` keeps out (midpoint rule on a
+        ``step_mm`` lattice over the canal's part of the tumour's box)."""
+        volume = continuous_volume_ml(self.tumour)
+        lo, hi = self.tumour.bounding_box()
+        centre = np.asarray(self.vertebra_centre)
+        canal_lo = centre + np.array(
+            [-CANAL_SEMI_AXES_MM[0], CANAL_CENTRE_Y_MM - CANAL_SEMI_AXES_MM[1], -np.inf]
+        )
+        canal_hi = centre + np.array(
+            [CANAL_SEMI_AXES_MM[0], CANAL_CENTRE_Y_MM + CANAL_SEMI_AXES_MM[1], np.inf]
+        )
+        lo, hi = np.maximum(lo, canal_lo), np.minimum(hi, canal_hi)
+        if np.any(hi <= lo):
+            return volume
+        axes = [np.arange(lo[d] + step_mm / 2, hi[d], step_mm) for d in range(3)]
+        yy, xx = np.meshgrid(axes[1], axes[0], indexing="ij")
+        held_out = 0
+        for z in axes[2]:
+            pts = np.stack([xx, yy, np.full_like(xx, z)], axis=-1)
+            held_out += int(
+                (
+                    self.tumour.contains_main(pts)
+                    & ~self.tumour.contains_epidural(pts)
+                    & self.in_canal(pts)
+                ).sum()
+            )
+        return volume - held_out * step_mm**3 / 1000.0
 
     def labels(self, pts: NDArray[np.float64]) -> NDArray[np.int16]:
         """Tissue label at each LPS point (baseline/body coordinates)."""
@@ -538,7 +577,7 @@ class Anatomy:
         )
         lab[post & post_in] = LABEL["marrow"]
         # canal: CSF with the cord
-        canal = (x / CANAL_SEMI_AXES_MM[0]) ** 2 + (yc / CANAL_SEMI_AXES_MM[1]) ** 2 < 1.0
+        canal = self.in_canal(pts)
         lab[canal] = LABEL["csf"]
         lab[(x / CORD_SEMI_AXES_MM[0]) ** 2 + (yc / CORD_SEMI_AXES_MM[1]) ** 2 < 1.0] = LABEL[
             "cord"

@@ -24,7 +24,6 @@ from processing.phantom.anatomy import (
     TumourShape,
     axis_angle_matrix,
     centred_grid,
-    continuous_volume_ml,
     epidural_volume_ml,
     main_volume_ml,
     make_tumour,
@@ -859,7 +858,7 @@ def _make_study(
         "Ktrans, ve, vp, kep: dce; T2, PD: t2w); means_by_series gives every "
         "quantity on every grid"
     )
-    tumour_truth["volume_ml_continuous"] = continuous_volume_ml(anatomy.tumour)
+    tumour_truth["volume_ml_continuous"] = anatomy.tumour_volume_ml()
     tumour_truth["epidural_volume_ml"] = epidural_volume_ml(anatomy.tumour)
     tumour_truth.update(
         tumour_diameters_mm(anatomy.tumour, None if to_body is None else np.linalg.inv(to_body))

@@ -584,3 +584,38 @@ def test_optional_sagittal_t2w_geometry(tmp_path: Path) -> None:
         > 0
     )
     assert _dciodvfy_errors(files[len(files) // 2]) == []
+
+
+def test_the_main_tumour_part_stays_out_of_the_canal_and_the_truth_says_so() -> None:
+    """A large lesion reaching past the posterior wall: its main (intraosseous) part is not drawn
+    in the spinal canal, only an epidural component is, and the true volume is the drawn one."""
+    from processing.phantom.anatomy import (
+        LABEL,
+        Anatomy,
+        TumourShape,
+        continuous_volume_ml,
+        epidural_volume_ml,
+    )
+
+    centre = np.array([10.0, -20.0, 30.0])
+    main = TumourShape(
+        tuple(centre + [0.0, 12.0, 0.0]), tuple(np.eye(3).ravel()), (12.0, 12.0, 9.0), ()
+    )
+    step = 0.5
+    axes = [np.arange(c - 30.0 + step / 2, c + 30.0, step) for c in centre]
+    pts = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    for shape in (main, main.with_epidural(tuple(centre + [0.0, 19.5, 0.0]), (8.0, 3.5, 11.0))):
+        anatomy = Anatomy(tuple(centre), shape, {}, 0, ("L1", "L2", "L3", "L4", "L5"))
+        tumour = anatomy.labels(pts) == LABEL["tumour"]
+        in_canal = anatomy.in_canal(pts)
+        drawn_ml = tumour.sum() * step**3 / 1000.0
+        # the shape reaches 6 mm into the canal; the labels keep its main part out
+        assert (shape.contains_main(pts) & in_canal).sum() * step**3 / 1000.0 > 0.3
+        assert not (tumour & in_canal & ~shape.contains_epidural(pts)).any()
+        assert (tumour & in_canal).any() == (shape.epidural_centre is not None)
+        assert anatomy.tumour_volume_ml() == pytest.approx(drawn_ml, rel=0.01)
+        held_out = continuous_volume_ml(shape) - anatomy.tumour_volume_ml()
+        if shape.epidural_centre is None:
+            assert held_out > 0.3
+        else:  # the epidural component fills part of what the main part reached
+            assert 0 < held_out < 0.3 and epidural_volume_ml(shape) > 0.2
