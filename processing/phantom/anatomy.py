@@ -454,6 +454,33 @@ def tumour_diameters_mm(
     }
 
 
+def in_canal(
+    pts: NDArray[np.float64], vertebra_centre: tuple[float, float, float] | NDArray[np.float64]
+) -> NDArray[np.bool_]:
+    """True where the LPS point lies in the spinal canal of the vertebra at ``vertebra_centre``."""
+    local = pts - np.asarray(vertebra_centre)
+    x, yc = local[..., 0], local[..., 1] - CANAL_CENTRE_Y_MM
+    inside: NDArray[np.bool_] = (x / CANAL_SEMI_AXES_MM[0]) ** 2 + (
+        yc / CANAL_SEMI_AXES_MM[1]
+    ) ** 2 < 1.0
+    return inside
+
+
+def drawn_tumour(
+    shape: TumourShape,
+    vertebra_centre: tuple[float, float, float] | NDArray[np.float64],
+    pts: NDArray[np.float64],
+) -> NDArray[np.bool_]:
+    """True where the LPS point is tumour as the phantom draws it: the main (intraosseous) part
+    is held back by the posterior wall and the dura, so only the epidural component lies in the
+    canal and the truth's epidural volume is all the tumour there is. The images, the true mask
+    and the RT Structure Set's GTV all use it."""
+    inside: NDArray[np.bool_] = (
+        shape.contains_main(pts) & ~in_canal(pts, vertebra_centre)
+    ) | shape.contains_epidural(pts)
+    return inside
+
+
 def continuous_volume_ml(shape: TumourShape) -> float:
     """Tumour volume (mL) of the continuous shape: main part plus epidural component.
 
@@ -491,12 +518,11 @@ class Anatomy:
 
     def in_canal(self, pts: NDArray[np.float64]) -> NDArray[np.bool_]:
         """True where the LPS point (baseline/body coordinates) lies in the spinal canal."""
-        local = pts - np.asarray(self.vertebra_centre)
-        x, yc = local[..., 0], local[..., 1] - CANAL_CENTRE_Y_MM
-        inside: NDArray[np.bool_] = (x / CANAL_SEMI_AXES_MM[0]) ** 2 + (
-            yc / CANAL_SEMI_AXES_MM[1]
-        ) ** 2 < 1.0
-        return inside
+        return in_canal(pts, self.vertebra_centre)
+
+    def tumour_contains(self, pts: NDArray[np.float64]) -> NDArray[np.bool_]:
+        """True where the LPS point (baseline/body coordinates) is drawn as tumour."""
+        return drawn_tumour(self.tumour, self.vertebra_centre, pts)
 
     def tumour_volume_ml(self, *, step_mm: float = 0.2) -> float:
         """True tumour volume (mL): the continuous shape's (:func:`continuous_volume_ml`) less the
@@ -582,10 +608,7 @@ class Anatomy:
         lab[(x / CORD_SEMI_AXES_MM[0]) ** 2 + (yc / CORD_SEMI_AXES_MM[1]) ** 2 < 1.0] = LABEL[
             "cord"
         ]
-        # the main (intraosseous) part is held back by the posterior wall and the dura: only the
-        # epidural component lies in the canal, so the truth's epidural volume is all there is
-        lab[self.tumour.contains_main(pts) & ~canal] = LABEL["tumour"]
-        lab[self.tumour.contains_epidural(pts)] = LABEL["tumour"]
+        lab[self.tumour_contains(pts)] = LABEL["tumour"]
         return lab
 
     def parameters(

@@ -24,6 +24,7 @@ from processing.phantom.anatomy import (
     TumourShape,
     axis_angle_matrix,
     centred_grid,
+    drawn_tumour,
     epidural_volume_ml,
     main_volume_ml,
     make_tumour,
@@ -307,7 +308,7 @@ def true_tumour_mask(
     if st.get("rigid_transform"):
         m = np.asarray(st["rigid_transform"]["followup_to_baseline"])
         pts = pts @ m[:3, :3].T + m[:3, 3]
-    return tumour.contains(pts)
+    return drawn_tumour(tumour, ground_truth["vertebra_centre_mm"], pts)
 
 
 def _rigid(rng: np.random.Generator, centre: NDArray[np.float64]) -> dict[str, Any]:

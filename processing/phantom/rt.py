@@ -11,7 +11,7 @@ exactly the prescription (80 % isodose) on the GTV surface, falling off steeply 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -60,8 +60,8 @@ def plan_rt(ph: Phantom, rng: np.random.Generator) -> dict[str, Any]:
             }
         )
     contours = {
-        "GTV": _slice_contours(tumour, t2.grid, 0.0),
-        "PTV": _slice_contours(tumour, t2.grid, PTV_MARGIN_MM),
+        "GTV": _slice_contours(tumour, ph.anatomy.tumour_contains, t2.grid, 0.0),
+        "PTV": _slice_contours(tumour, ph.anatomy.tumour_contains, t2.grid, PTV_MARGIN_MM),
         "SpinalCord": _cord_contours(np.asarray(ph.anatomy.vertebra_centre), t2.grid),
     }
     dose_grid = _dose_grid(tumour)
@@ -116,10 +116,15 @@ def plan_rt(ph: Phantom, rng: np.random.Generator) -> dict[str, Any]:
 
 
 def _slice_contours(
-    tumour: TumourShape, grid: Grid, margin_mm: float
+    tumour: TumourShape,
+    contains: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
+    grid: Grid,
+    margin_mm: float,
 ) -> list[tuple[int, NDArray[np.float64]]]:
     """Closed planar contours of the tumour (expanded in-plane by ``margin_mm``) on each slice of
-    ``grid``: rays from the section's centroid, the farthest inside point on each ray."""
+    ``grid``: rays from the section's centroid, the farthest inside point on each ray. ``contains``
+    says where the tumour is drawn (:meth:`Anatomy.tumour_contains`, not the bare shape, whose main
+    part may reach into the canal)."""
     out = []
     angles = np.linspace(0, 2 * np.pi, N_RAYS, endpoint=False)
     radii = np.arange(0.05, 45.0, 0.05)
@@ -137,13 +142,13 @@ def _slice_contours(
             np.asarray(tumour.centre) - ((np.asarray(tumour.centre) - p0) @ normal) * normal
         )
         pts = centre_proj + uu[..., None] * row + vv[..., None] * col
-        inside = tumour.contains(pts)
+        inside = contains(pts)
         if not inside.any():
             continue
         c = pts[inside].mean(axis=0)
         dirs = np.cos(angles)[:, None] * row + np.sin(angles)[:, None] * col
         ray_pts = c + radii[None, :, None] * dirs[:, None, :]
-        ins = tumour.contains(ray_pts)
+        ins = contains(ray_pts)
         last = np.where(ins.any(axis=1), ins.shape[1] - 1 - np.argmax(ins[:, ::-1], axis=1), 0)
         r = radii[last] + 0.025 + margin_mm
         poly = c + r[:, None] * dirs

@@ -608,6 +608,7 @@ def test_the_main_tumour_part_stays_out_of_the_canal_and_the_truth_says_so() -> 
         anatomy = Anatomy(tuple(centre), shape, {}, 0, ("L1", "L2", "L3", "L4", "L5"))
         tumour = anatomy.labels(pts) == LABEL["tumour"]
         in_canal = anatomy.in_canal(pts)
+        assert (tumour == anatomy.tumour_contains(pts)).all()  # what the GTV contour follows
         drawn_ml = tumour.sum() * step**3 / 1000.0
         # the shape reaches 6 mm into the canal; the labels keep its main part out
         assert (shape.contains_main(pts) & in_canal).sum() * step**3 / 1000.0 > 0.3
