@@ -445,6 +445,14 @@ def _sleeve(mask: sitk.Image, core_mm: float) -> np.ndarray:
     return inside & (depth < core_mm)
 
 
+def _canal_near(canal: sitk.Image, lesion: sitk.Image, settings: RefinementSettings) -> np.ndarray:
+    """The canal's outer part (:func:`_sleeve`, ``canal_core_mm``) within ``canal_reach_mm`` of
+    ``lesion`` (same grid): where an epidural extension of it is searched."""
+    near = sitk.GetArrayFromImage(_dilate(lesion, settings.canal_reach_mm)) > 0
+    reached: np.ndarray = _sleeve(canal, settings.canal_core_mm) & near
+    return reached
+
+
 def _as_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(array.astype(np.uint8))
     image.CopyInformation(reference)
@@ -574,9 +582,7 @@ def refine_lesion(
     canal_base = None
     if baseline_canal is not None and settings.canal_reach_mm > 0:
         canal_on_grid = _mask_on(baseline_canal, gtv)
-        canal_base = _sleeve(canal_on_grid, settings.canal_core_mm) & sitk.GetArrayFromImage(
-            _dilate(gtv, settings.canal_reach_mm)
-        ).astype(bool)
+        canal_base = _canal_near(canal_on_grid, gtv, settings)
         ring |= canal_base & ~gtv_array  # the canal's tissue is background the model must know
     if np.count_nonzero(gtv_array) < 10 or np.count_nonzero(ring) < 10:
         return fallback("too few voxels to learn the intensity model", None)
@@ -595,9 +601,7 @@ def refine_lesion(
     if canal_base is not None:
         # epidural extension: into the canal next to the lesion, further than the search margin
         canal_follow = propagate_mask(canal_on_grid, reference, follow_up_to_baseline)
-        search |= _sleeve(canal_follow, settings.canal_core_mm) & sitk.GetArrayFromImage(
-            _dilate(propagated, settings.canal_reach_mm)
-        ).astype(bool)
+        search |= _canal_near(canal_follow, propagated, settings)
     to_baseline = matrix_to_transform(np.asarray(follow_up_to_baseline, dtype=float))
     baseline_on_follow = np.stack(
         [

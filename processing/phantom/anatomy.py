@@ -14,6 +14,7 @@ values of the MSKCC series (Ktrans ~0.1-0.3 /min, vp 0.05-0.1); T1/T2 from stand
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -402,12 +403,28 @@ def epidural_volume_ml(shape: TumourShape, *, step_mm: float = 0.15) -> float:
     if shape.epidural_centre is None or shape.epidural_radii is None:
         return 0.0
     c, r = np.asarray(shape.epidural_centre), np.asarray(shape.epidural_radii)
-    axes = [np.arange(c[d] - r[d] + step_mm / 2, c[d] + r[d], step_mm) for d in range(3)]
+    return _lattice_volume_ml(
+        c - r,
+        c + r,
+        step_mm,
+        lambda pts: shape.contains_epidural(pts) & ~shape.contains_main(pts),
+    )
+
+
+def _lattice_volume_ml(
+    lo: NDArray[np.float64],
+    hi: NDArray[np.float64],
+    step_mm: float,
+    inside: Callable[[NDArray[np.float64]], NDArray[np.bool_]],
+) -> float:
+    """Volume (mL) of the points where ``inside`` holds in the box ``lo``-``hi`` (LPS mm): the
+    midpoint rule on a ``step_mm`` lattice, one axial plane at a time."""
+    axes = [np.arange(lo[d] + step_mm / 2, hi[d], step_mm) for d in range(3)]
     total = 0
     yy, xx = np.meshgrid(axes[1], axes[0], indexing="ij")
     for z in axes[2]:
         pts = np.stack([xx, yy, np.full_like(xx, z)], axis=-1)
-        total += int((shape.contains_epidural(pts) & ~shape.contains_main(pts)).sum())
+        total += int(inside(pts).sum())
     return total * step_mm**3 / 1000.0
 
 
@@ -540,19 +557,16 @@ class Anatomy:
         lo, hi = np.maximum(lo, canal_lo), np.minimum(hi, canal_hi)
         if np.any(hi <= lo):
             return volume
-        axes = [np.arange(lo[d] + step_mm / 2, hi[d], step_mm) for d in range(3)]
-        yy, xx = np.meshgrid(axes[1], axes[0], indexing="ij")
-        held_out = 0
-        for z in axes[2]:
-            pts = np.stack([xx, yy, np.full_like(xx, z)], axis=-1)
-            held_out += int(
-                (
-                    self.tumour.contains_main(pts)
-                    & ~self.tumour.contains_epidural(pts)
-                    & self.in_canal(pts)
-                ).sum()
-            )
-        return volume - held_out * step_mm**3 / 1000.0
+        return volume - _lattice_volume_ml(
+            lo,
+            hi,
+            step_mm,
+            lambda pts: (
+                self.tumour.contains_main(pts)
+                & ~self.tumour.contains_epidural(pts)
+                & self.in_canal(pts)
+            ),
+        )
 
     def labels(self, pts: NDArray[np.float64]) -> NDArray[np.int16]:
         """Tissue label at each LPS point (baseline/body coordinates)."""
