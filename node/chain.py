@@ -61,6 +61,12 @@ ALGORITHM_VERSION = __version__
 _REFINEMENT_CHANNELS = ("T1w", "STIR", "ADC")
 
 
+def _as_sharp(image: sitk.Image, anatomy: sitk.Image) -> bool:
+    """True when ``image`` was acquired with about the anatomy's in-plane resolution (voxels at
+    most 25 % larger): sharp enough for the few-mm-thick epidural space."""
+    return max(image.GetSpacing()[:2]) <= 1.25 * max(anatomy.GetSpacing()[:2])
+
+
 class ChainError(NodeError):
     """Nothing can be analysed for these datasets; the message says why (no PHI)."""
 
@@ -794,8 +800,13 @@ def _follow_up_lesion(
             study.registration = registration
             base_channels = [baseline.anatomy_image]
             follow_channels = [study.anatomy_image]
+            sharp = [0]  # channels as sharp as the anatomy, the ones used in the epidural space
             for name in _REFINEMENT_CHANNELS:
                 if name in baseline.maps and name in study.maps:
+                    if _as_sharp(baseline.maps[name].image, baseline.anatomy_image) and _as_sharp(
+                        study.maps[name].image, study.anatomy_image
+                    ):
+                        sharp.append(len(base_channels))
                     base_channels.append(
                         fill_non_finite(on_grid(baseline.maps[name].image, baseline.anatomy_image))
                     )
@@ -809,6 +820,7 @@ def _follow_up_lesion(
                     follow_channels,
                     registration.matrix_moving_to_fixed,
                     baseline_canal=baseline.canal_mask,
+                    canal_channels=sharp,
                 )
             except LesionError as err:
                 raise ChainError(

@@ -18,7 +18,8 @@ phantom's voxelised truth (on the anatomical grid):
   volume of the phantom's tumour, and against its voxelisation on the anatomical grid (voxel
   centres inside the tumour: the best a voxel mask on that grid can do; on 5 mm slices it
   differs from the true volume by several % for small lesions): median, 5th-95th percentile
-  and the share within ±10 %, overall and by course and kind of growth.
+  and the share within ±10 %, overall and by course and kind of growth; and the voxelisation's
+  own error against the true volume (the ceiling of a voxel-level segmentation).
 
 The markdown it prints can replace the README's section between
 ``<!-- cohort-report:start -->`` and ``<!-- cohort-report:end -->`` (``--readme``; a cohort of
@@ -132,6 +133,7 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
     errors: list[float] = []
     errors_by: dict[str, list[float]] = defaultdict(list)
     grid_errors: list[float] = []
+    sampling_errors: list[float] = []
     progression = detected = clear = clear_missed = 0
     pseudo = pseudo_lp = control = control_lp = 0
     missed: list[str] = []
@@ -152,6 +154,12 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
                 errors_by[label].append(error)
             if call.get("true_volume_ml"):
                 grid_errors.append(call["volume_ml"] / call["true_volume_ml"] - 1.0)
+                if call.get("true_volume_ml_continuous"):
+                    # the voxelised truth itself: what a perfect voxel-level segmentation of
+                    # images sampled at voxel centres (no partial volume) measures
+                    sampling_errors.append(
+                        call["true_volume_ml"] / call["true_volume_ml_continuous"] - 1.0
+                    )
             if state == "progression":
                 progression += 1
                 hit = column == CALLS[0] or (
@@ -189,6 +197,7 @@ def evaluate(report: dict[str, Any]) -> dict[str, Any]:
         "control_called_progression": control_lp,
         "volume_error": _distribution(errors),
         "volume_error_grid": _distribution(grid_errors),
+        "volume_error_sampling": _distribution(sampling_errors),
         "volume_error_by": {k: _distribution(v) for k, v in sorted(errors_by.items())},
     }
 
@@ -242,6 +251,14 @@ def markdown(figures: dict[str, Any]) -> str:
             f"- against the truth voxelised on the anatomical grid: median {_pct(g['median'])}, "
             f"{_pct(g['p05'])} to {_pct(g['p95'])}, within ±10 % in "
             f"{100.0 * g['within_10pct']:.0f} %"
+        )
+    s = figures.get("volume_error_sampling") or {}
+    if s.get("n"):
+        lines.append(
+            "- the voxelised truth itself against the true volume (the best a voxel-level "
+            "segmentation of these images, sampled at voxel centres without partial volume, can "
+            f"do): {_pct(s['p05'])} to {_pct(s['p95'])}, within ±10 % in "
+            f"{100.0 * s['within_10pct']:.0f} %"
         )
     if e.get("n"):
         lines.append("- by course (against the true volume):")

@@ -64,7 +64,13 @@ REPORT = {
             "progression",
             # in the window, growth without viable evidence: not a clear signature; indeterminate
             # leaning to progression inside the window counts as detected
-            [_call("P3-f1", "progression", IND, "progression", 100, 13.0, 13.0)],
+            # (the continuous truth 13.5 mL, voxelised 13.0: the sampling's own error -3.7 %)
+            [
+                {
+                    **_call("P3-f1", "progression", IND, "progression", 100, 13.0, 13.0),
+                    "true_volume_ml_continuous": 13.5,
+                }
+            ],
             growth="central",
         ),
         _patient(
@@ -90,6 +96,8 @@ def test_evaluate_counts_the_calls_against_the_true_states():
     assert (figures["pseudoprogression"], figures["pseudoprogression_called_progression"]) == (1, 1)
     assert (figures["control"], figures["control_called_progression"]) == (1, 0)
     assert figures["volume_error_grid"]["n"] == 5
+    sampling = figures["volume_error_sampling"]
+    assert sampling["n"] == 1 and sampling["median"] == pytest.approx(13.0 / 13.5 - 1)
     errors = figures["volume_error"]
     assert errors["n"] == 5 and errors["within_10pct"] == pytest.approx(4 / 5)  # all but P2-f2
     assert errors["p05"] == pytest.approx(-0.2)
@@ -101,6 +109,7 @@ def test_markdown_and_the_readme_section(tmp_path):
     assert "| progression | 1 | 1 | 0 | 1 | 0 |" in text
     assert "progression detected (local progression, or indeterminate leaning" in text
     assert "2/3 (67 %)" in text and "Phantoms are not patients" in text
+    assert "the voxelised truth itself against the true volume" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nbefore\n{START}\nold\n{END}\nafter\n", encoding="utf-8")
     replace_section(readme, text)

@@ -387,10 +387,11 @@ CANAL = (0.0, 25.0, 6.0)
 CSF = (200.0, 900.0)
 
 
-def _with_canal(t1, t2, to_body: np.ndarray, epidural: bool, seed: int):
+def _with_canal(t1, t2, to_body: np.ndarray, epidural: bool, seed: int, through_wall=False):
     """The scene's T1w/T2w with a canal (CSF), and in it, when ``epidural``, tumour in its outer
     2 mm on the vertebral body's side over 15 mm of its length: an epidural extension 10-22 mm
-    behind the baseline lesion's edge. Returns (T1w, T2w, canal mask, epidural mask)."""
+    behind the baseline lesion's edge; ``through_wall``: also in the 2 mm of bone outside the
+    canal there (where it broke through). Returns (T1w, T2w, canal mask, epidural mask)."""
     grid = t1
     k, j, i = np.indices(SIZE[::-1]).astype(float)
     index = np.stack([i, j, k], axis=-1) * np.asarray(SPACING)
@@ -401,6 +402,8 @@ def _with_canal(t1, t2, to_body: np.ndarray, epidural: bool, seed: int):
     # epidural: in the canal's outer 2 mm (outside the dura), on the side of the vertebral body
     rho = np.hypot(x - CANAL[0], y - CANAL[1])
     extension = canal & (rho >= CANAL[2] - 2.0) & (y < CANAL[1]) & (np.abs(z) < 7.5) & epidural
+    if through_wall:
+        extension |= (rho >= CANAL[2]) & (rho < CANAL[2] + 2.0) & (y < CANAL[1]) & (np.abs(z) < 7.5)
     rng = np.random.default_rng(seed)
     out = []
     for c, image in enumerate((t1, t2)):
@@ -439,3 +442,65 @@ def test_an_epidural_extension_beyond_the_search_margin_is_found_in_the_canal(ba
     g1, g2, _, _ = _with_canal(t1, t2, matrix, epidural=False, seed=13)
     control = refine_lesion([base_t1, base_t2], gtv, [g1, g2], matrix, baseline_canal=canal)
     assert abs(control.volume_ml - lesion_ml) / lesion_ml < 0.10, control.notes
+
+
+def _coarse_adc(grid: sitk.Image, to_body: np.ndarray, extension: sitk.Image, seed: int):
+    """An ADC-like channel (1e-6 mm2/s) acquired coarser than the anatomy: tissue values
+    (tumour 700, marrow 430, disc 1700, soft tissue 1400, canal CSF 3000, the extension tumour)
+    blurred by a 2.5 mm Gaussian, as a 3 mm diffusion grid resampled onto the anatomy's is."""
+    values = sitk.GetArrayFromImage(_adc(grid, BASELINE_RADIUS, to_body, 700.0, seed=seed))
+    k, j, i = np.indices(SIZE[::-1]).astype(float)
+    index = np.stack([i, j, k], axis=-1) * np.asarray(SPACING)
+    points = np.asarray(grid.GetOrigin()) + index @ np.asarray(grid.GetDirection()).reshape(3, 3).T
+    body = points @ to_body[:3, :3].T + to_body[:3, 3]
+    canal = (body[..., 0] - CANAL[0]) ** 2 + (body[..., 1] - CANAL[1]) ** 2 < CANAL[2] ** 2
+    values[canal] = 3000.0
+    values[sitk.GetArrayFromImage(extension) > 0] = 700.0
+    image = sitk.GetImageFromArray(values.astype(np.float32))
+    image.CopyInformation(grid)
+    return sitk.SmoothingRecursiveGaussian(image, 2.5)
+
+
+def test_in_the_epidural_space_only_the_sharp_channels_tell_the_lesion(baseline) -> None:
+    """A 2 mm thick epidural extension beside the CSF: a diffusion-like channel on a coarser grid
+    mixes the CSF into it, and the full model rejects most of it; told by the anatomical
+    channels alone there (``canal_channels``), it is found and the volume is right."""
+    images, gtv, _ = baseline
+    base_t1, base_t2, canal, no_extension = _with_canal(*images, np.eye(4), epidural=False, seed=11)
+    base_adc = _coarse_adc(base_t1, np.eye(4), no_extension, seed=21)
+    matrix = _follow_up_to_baseline()
+    t1, t2, _, truth = _scene(_grid((-46.0, -48.0, -33.0)), BASELINE_RADIUS, matrix, seed=12)
+    f1, f2, _, extension = _with_canal(t1, t2, matrix, epidural=True, seed=13)
+    f_adc = _coarse_adc(f1, matrix, extension, seed=22)
+    expected = mask_volume_ml(truth) + mask_volume_ml(extension)
+    args = ([base_t1, base_t2, base_adc], gtv, [f1, f2, f_adc], matrix)
+    blurred = refine_lesion(*args, baseline_canal=canal)
+    sharp = refine_lesion(*args, baseline_canal=canal, canal_channels=[0, 1])
+    found_blurred = mask_volume_ml(sitk.And(blurred.mask, extension))
+    found_sharp = mask_volume_ml(sitk.And(sharp.mask, extension))
+    assert found_blurred < 0.5 * mask_volume_ml(extension), blurred.notes
+    assert found_sharp > 0.6 * mask_volume_ml(extension), sharp.notes
+    assert abs(sharp.volume_ml - expected) / expected < 0.10, (sharp.volume_ml, expected)
+    assert any("told by 2 of the 3 channels" in n for n in sharp.notes)
+
+
+def test_an_epidural_extension_through_the_canal_wall_is_found_there(baseline) -> None:
+    """The extension also fills the 2 mm of bone outside the canal where it broke through,
+    beyond the search margin: the final model searches ``canal_wall_mm`` around the canal near
+    the lesion and finds it; with the wall search off, that part is missed."""
+    images, gtv, _ = baseline
+    base_t1, base_t2, canal, _ = _with_canal(*images, np.eye(4), epidural=False, seed=11)
+    matrix = _follow_up_to_baseline()
+    t1, t2, _, truth = _scene(_grid((-46.0, -48.0, -33.0)), BASELINE_RADIUS, matrix, seed=12)
+    f1, f2, _, extension = _with_canal(t1, t2, matrix, epidural=True, seed=13, through_wall=True)
+    lesion = sitk.Or(truth, extension)
+    expected = mask_volume_ml(lesion)
+    args = ([base_t1, base_t2], gtv, [f1, f2], matrix)
+    off = refine_lesion(*args, baseline_canal=canal, settings=RefinementSettings(canal_wall_mm=0))
+    on = refine_lesion(*args, baseline_canal=canal)
+    missed_off = expected - mask_volume_ml(sitk.And(off.mask, lesion))
+    missed_on = expected - mask_volume_ml(sitk.And(on.mask, lesion))
+    assert missed_off > 0.15 * mask_volume_ml(extension), off.notes
+    assert missed_on < 0.5 * missed_off, (missed_on, missed_off)
+    assert abs(on.volume_ml - expected) / expected < 0.10, (on.volume_ml, expected)
+    assert any("mm of bone around the canal" in n for n in on.notes)
