@@ -673,7 +673,13 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
     shared = _shared_criteria(changes, follow_up, rule_set)
     if isinstance(shared, ResponseAssessment):
         return shared
-    criteria, size_up = shared.criteria, shared.size_up
+    criteria = shared.criteria
+    # a lesion not delineated on the follow-up (the registration check failed, or the baseline
+    # GTV was carried over) has no trustworthy size: its size and epidural criteria are listed
+    # but decide nothing
+    delineated = follow_up.lesion_not_delineated is None
+    size_up = shared.size_up and delineated
+    epidural_progression = shared.epidural_progression if delineated else None
     found = _functional_evidence(changes, criteria)
     viable, effect = found.viable, found.effect
     leaning = _leaning(viable, effect)
@@ -708,9 +714,7 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
         "none": "no functional change beyond repeatability",
     }[leaning]
     recommendation: str | None = None
-    if shared.epidural_progression or (
-        size_up and (shared.growth_confirmed or shared.in_window is False)
-    ):
+    if epidural_progression or (size_up and (shared.growth_confirmed or shared.in_window is False)):
         category = ResponseCategory.LOCAL_PROGRESSION
         recommendation = PROGRESSION_RECOMMENDATION
     elif size_up and shared.in_window and viable and not effect:
@@ -750,6 +754,11 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
                 "radiologist review of the lesion's size on the follow-up images (the node "
                 f"could not delineate it); functional evidence leans to {leaning}: {evidence}"
             )
+            if shared.size_up or shared.epidural_progression:
+                recommendation += (
+                    "; the size measured on the undelineated lesion suggests growth, "
+                    "which only the review can confirm"
+                )
         elif recommendation is not None:
             recommendation += "; size not measured (lesion not delineated on the follow-up)"
     logger.info(
@@ -765,7 +774,7 @@ def _assess_v2(changes: Sequence[Change], follow_up: _FollowUp) -> ResponseAsses
         criteria=tuple(_with_source(c) for c in criteria),
         rule_set=rule_set,
         recommendation=recommendation,
-        epidural_progression=shared.epidural_progression,
+        epidural_progression=epidural_progression,
         compression_fracture=shared.fracture,
         leaning=leaning,
     )

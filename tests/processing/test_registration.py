@@ -136,8 +136,9 @@ def test_without_vertebral_masks_uses_foreground_overlap_and_flags_failure(basel
     noise.CopyInformation(fixed)
     bad = register_rigid(fixed, noise, region=body, settings=RegistrationSettings(iterations=20))
     assert not bad.passed and bad.reasons and bad.dice < 0.8
-    # a failed check gets one careful second run, and the report says so
-    assert good.attempts == 1 and bad.attempts == 2
+    # a failed check gets one careful second run, then the four restarts along the slice
+    # normal, and the report says so
+    assert good.attempts == 1 and bad.attempts == 6
 
 
 def test_a_failed_check_is_retried_and_the_better_result_kept(baseline) -> None:
@@ -146,11 +147,35 @@ def test_a_failed_check_is_retried_and_the_better_result_kept(baseline) -> None:
     first = register_rigid(fixed, moving, region=body)
     # a check no registration passes: both runs fail, the one with the higher overlap is kept
     strict = register_rigid(fixed, moving, region=body, settings=RegistrationSettings(min_dice=1))
-    assert strict.attempts == 2 and not strict.passed
+    assert strict.attempts == 6 and not strict.passed
     assert strict.dice >= first.dice - 0.02  # the careful run lands where the first one did
     np.testing.assert_allclose(
         strict.matrix_moving_to_fixed, first.matrix_moving_to_fixed, atol=0.5
     )
+
+
+def test_a_registration_locked_on_the_next_vertebra_is_restarted_along_the_spine(
+    baseline,
+) -> None:
+    """Started 25 mm off along the spine, the optimiser locks onto the neighbouring vertebra
+    (30 mm off, its check fails, the careful run too); the restarts along the slice normal find
+    the treated one, within 0.2 mm."""
+    fixed, body = baseline
+    truth = _known_rigid((2.0, 0.0, -2.0), (2.0, 3.0, -1.0))
+    moving = _follow_up(fixed, truth, seed=3)
+    start = sitk.Euler3DTransform()
+    start.SetTranslation((0.0, 0.0, 25.0))
+    no_restart = RegistrationSettings(restart_offsets_mm=())
+    locked = register_rigid(
+        fixed, moving, region=body, initial_transform=start, settings=no_restart
+    )
+    error = np.linalg.inv(transform_to_matrix(truth)) @ locked.matrix_moving_to_fixed
+    assert not locked.passed and locked.attempts == 2
+    assert abs(abs(error[2, 3]) - 30.0) < 1.0  # one vertebra (30 mm) away
+    found = register_rigid(fixed, moving, region=body, initial_transform=start)
+    error = np.linalg.inv(transform_to_matrix(truth)) @ found.matrix_moving_to_fixed
+    assert found.passed and found.attempts == 6, found.reasons
+    assert np.linalg.norm(error[:3, 3]) < 0.2 and rotation_angle_deg(error) < 0.5
 
 
 def test_matrix_transform_round_trip_and_centre_convention() -> None:

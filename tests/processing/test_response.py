@@ -349,6 +349,14 @@ def test_v2_a_lesion_not_delineated_on_the_follow_up_is_never_local_control():
     assert "radiologist review of the lesion's size" in call.recommendation
     # the same changes with the lesion delineated: local control
     assert assess_response(changes, days_since_treatment=200).category == LC
+    # a size increase measured on an undelineated lesion decides nothing: not assessable, the
+    # review asked for (delineated, the same increase outside the window is local progression)
+    grown = compute_changes(_measurements(volume=1.6), _measurements())
+    call = assess_response(grown, days_since_treatment=200, lesion_not_delineated=reason)
+    assert call.category == ResponseCategory.NOT_ASSESSABLE, call.recommendation
+    assert "suggests growth, which only the review can confirm" in call.recommendation
+    assert _crit(call, "volume-increase").fired  # listed as measured
+    assert assess_response(grown, days_since_treatment=200).category == LP
     # functional progression stays indeterminate, its recommendation saying the size is unknown
     both = compute_changes(_measurements(volume=1.0, vp=1.50, d=0.80), _measurements())
     call = assess_response(both, days_since_treatment=200, lesion_not_delineated=reason)
