@@ -306,6 +306,12 @@ def _dilate(mask: sitk.Image, radius_mm: float) -> sitk.Image:
     return dilated
 
 
+def _dilated(mask: sitk.Image, radius_mm: float) -> np.ndarray:
+    """:func:`_dilate` as a boolean array (z, y, x)."""
+    array: np.ndarray = sitk.GetArrayFromImage(_dilate(mask, radius_mm)) > 0
+    return array
+
+
 def _shell(mask: sitk.Image, inner_mm: float, outer_mm: float) -> np.ndarray:
     distance = sitk.GetArrayFromImage(
         sitk.SignedMaurerDistanceMap(
@@ -489,7 +495,7 @@ def _sleeve(mask: sitk.Image, core_mm: float) -> np.ndarray:
 def _canal_near(canal: sitk.Image, lesion: sitk.Image, settings: RefinementSettings) -> np.ndarray:
     """The canal's outer part (:func:`_sleeve`, ``canal_core_mm``) within ``canal_reach_mm`` of
     ``lesion`` (same grid): where an epidural extension of it is searched."""
-    near = sitk.GetArrayFromImage(_dilate(lesion, settings.canal_reach_mm)) > 0
+    near = _dilated(lesion, settings.canal_reach_mm)
     reached: np.ndarray = _sleeve(canal, settings.canal_core_mm) & near
     return reached
 
@@ -619,11 +625,9 @@ def refine_lesion(
     vertebra_region = None
     if baseline_vertebra is not None:
         vertebra_on_grid = _mask_on(baseline_vertebra, gtv)
-        vertebra_region = sitk.GetArrayFromImage(
-            _dilate(vertebra_on_grid, settings.vertebra_margin_mm)
-        ).astype(bool)
+        vertebra_region = _dilated(vertebra_on_grid, settings.vertebra_margin_mm)
     ring_mm = settings.ring_mm if settings.ring_mm is not None else settings.search_margin_mm + 5.0
-    ring = sitk.GetArrayFromImage(_dilate(gtv, ring_mm)).astype(bool) & ~gtv_array
+    ring = _dilated(gtv, ring_mm) & ~gtv_array
     if vertebra_region is not None:
         ring &= vertebra_region
     canal_base = None
@@ -636,15 +640,10 @@ def refine_lesion(
 
     # --- follow-up: search region and intensity scale
     follow_channels = _stack(follow_up_images, reference)
-    search = sitk.GetArrayFromImage(_dilate(propagated, settings.search_margin_mm)).astype(bool)
+    search = _dilated(propagated, settings.search_margin_mm)
     if baseline_vertebra is not None:
         vertebra_follow = propagate_mask(vertebra_on_grid, reference, follow_up_to_baseline)
-        search &= (
-            sitk.GetArrayFromImage(_dilate(vertebra_follow, settings.vertebra_margin_mm)).astype(
-                bool
-            )
-            | propagated_array
-        )
+        search &= _dilated(vertebra_follow, settings.vertebra_margin_mm) | propagated_array
     if canal_base is not None:
         # epidural extension: into the canal next to the lesion, further than the search margin
         canal_follow = propagate_mask(canal_on_grid, reference, follow_up_to_baseline)
@@ -692,7 +691,7 @@ def refine_lesion(
 
     # --- intensity model, checked on the baseline in the analogous search region
     model = _fit_model(base_norm[:, gtv_array].T, base_norm[:, ring].T, settings, fine)
-    base_search = sitk.GetArrayFromImage(_dilate(gtv, settings.search_margin_mm)).astype(bool)
+    base_search = _dilated(gtv, settings.search_margin_mm)
     if vertebra_region is not None:
         base_search &= vertebra_region | gtv_array
     if canal_base is not None:
@@ -732,9 +731,9 @@ def refine_lesion(
         # model (not a region the model is trained or adapted on)
         canal_f = sitk.GetArrayFromImage(canal_follow).astype(bool)
         wall = (
-            sitk.GetArrayFromImage(_dilate(canal_follow, settings.canal_wall_mm)).astype(bool)
+            _dilated(canal_follow, settings.canal_wall_mm)
             & ~canal_f
-            & (sitk.GetArrayFromImage(_dilate(propagated, settings.canal_reach_mm)) > 0)
+            & _dilated(propagated, settings.canal_reach_mm)
             & ~search
         )
         if wall.any():
