@@ -146,8 +146,11 @@ def test_a_failed_check_is_retried_and_the_better_result_kept(baseline) -> None:
     moving = _follow_up(fixed, _known_rigid((2.0, 0.0, -2.0), (2.0, 3.0, -1.0)), seed=3)
     first = register_rigid(fixed, moving, region=body)
     # a check no registration passes: both runs fail, the one with the higher overlap is kept
-    strict = register_rigid(fixed, moving, region=body, settings=RegistrationSettings(min_dice=1))
-    assert strict.attempts == 6 and not strict.passed
+    # (the restarts along the slice normal have a test of their own)
+    strict = register_rigid(
+        fixed, moving, region=body, settings=RegistrationSettings(min_dice=1, restart_offsets_mm=())
+    )
+    assert strict.attempts == 2 and not strict.passed
     assert strict.dice >= first.dice - 0.02  # the careful run lands where the first one did
     np.testing.assert_allclose(
         strict.matrix_moving_to_fixed, first.matrix_moving_to_fixed, atol=0.5
