@@ -492,14 +492,6 @@ def _sleeve(mask: sitk.Image, core_mm: float) -> np.ndarray:
     return inside & (depth < core_mm)
 
 
-def _canal_near(canal: sitk.Image, lesion: sitk.Image, settings: RefinementSettings) -> np.ndarray:
-    """The canal's outer part (:func:`_sleeve`, ``canal_core_mm``) within ``canal_reach_mm`` of
-    ``lesion`` (same grid): where an epidural extension of it is searched."""
-    near = _dilated(lesion, settings.canal_reach_mm)
-    reached: np.ndarray = _sleeve(canal, settings.canal_core_mm) & near
-    return reached
-
-
 def _as_image(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     image = sitk.GetImageFromArray(array.astype(np.uint8))
     image.CopyInformation(reference)
@@ -633,7 +625,10 @@ def refine_lesion(
     canal_base = None
     if baseline_canal is not None and settings.canal_reach_mm > 0:
         canal_on_grid = _mask_on(baseline_canal, gtv)
-        canal_base = _canal_near(canal_on_grid, gtv, settings)
+        base_sleeve = _sleeve(canal_on_grid, settings.canal_core_mm)
+        # the canal's outer part within reach of the lesion: where an epidural extension is
+        # searched
+        canal_base = base_sleeve & _dilated(gtv, settings.canal_reach_mm)
         ring |= canal_base & ~gtv_array  # the canal's tissue is background the model must know
     if np.count_nonzero(gtv_array) < 10 or np.count_nonzero(ring) < 10:
         return fallback("too few voxels to learn the intensity model", None)
@@ -647,7 +642,9 @@ def refine_lesion(
     if canal_base is not None:
         # epidural extension: into the canal next to the lesion, further than the search margin
         canal_follow = propagate_mask(canal_on_grid, reference, follow_up_to_baseline)
-        search |= _canal_near(canal_follow, propagated, settings)
+        follow_sleeve = _sleeve(canal_follow, settings.canal_core_mm)
+        follow_near = _dilated(propagated, settings.canal_reach_mm)
+        search |= follow_sleeve & follow_near
     to_baseline = matrix_to_transform(np.asarray(follow_up_to_baseline, dtype=float))
     baseline_on_follow = np.stack(
         [
@@ -680,8 +677,7 @@ def refine_lesion(
     if canal_base is not None and canal_channels is not None:
         fine = tuple(keep.index(c) for c in canal_channels if c in keep)
         if fine and len(fine) < len(keep):
-            base_fine = _sleeve(canal_on_grid, settings.canal_core_mm)
-            follow_fine = _sleeve(canal_follow, settings.canal_core_mm)
+            base_fine, follow_fine = base_sleeve, follow_sleeve
             notes.append(
                 f"in the canal's outer part the lesion is told by {len(fine)} of the "
                 f"{len(keep)} channels (the others are too coarse for the epidural space)"
@@ -730,12 +726,7 @@ def refine_lesion(
         # the bone around the canal an epidural extension breaks through: searched by the final
         # model (not a region the model is trained or adapted on)
         canal_f = sitk.GetArrayFromImage(canal_follow).astype(bool)
-        wall = (
-            _dilated(canal_follow, settings.canal_wall_mm)
-            & ~canal_f
-            & _dilated(propagated, settings.canal_reach_mm)
-            & ~search
-        )
+        wall = _dilated(canal_follow, settings.canal_wall_mm) & ~canal_f & follow_near & ~search
         if wall.any():
             notes.append(
                 f"searched {settings.canal_wall_mm:g} mm of bone around the canal within "
