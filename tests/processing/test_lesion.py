@@ -504,3 +504,58 @@ def test_an_epidural_extension_through_the_canal_wall_is_found_there(baseline) -
     assert missed_on < 0.5 * missed_off, (missed_on, missed_off)
     assert abs(on.volume_ml - expected) / expected < 0.10, (on.volume_ml, expected)
     assert any("mm of bone around the canal" in n for n in on.notes)
+
+
+def _three_tissue_scene(grid: sitk.Image, seed: int) -> tuple[list[sitk.Image], sitk.Image]:
+    """Two channels: tissue A on one side, B on the other, a slab of tissue C below the lesion
+    (a disc). C equals the lesion in the first channel and lies 2.5 noise standard deviations
+    from it in the second, between A and B: one Gaussian over A, B and C is too wide to hold C
+    apart from the lesion, a mixture with a component for C does."""
+    k, j, i = np.indices(SIZE[::-1]).astype(float)
+    points = np.asarray(grid.GetOrigin()) + np.stack([i, j, k], axis=-1) * np.asarray(SPACING)
+    x, z = points[..., 0], points[..., 2]
+    tumour = np.linalg.norm(points - TUMOUR_CENTRE, axis=-1) < BASELINE_RADIUS
+    slab = (z < -BASELINE_RADIUS) & (z > -BASELINE_RADIUS - 9.0) & ~tumour
+    rng = np.random.default_rng(seed)
+    channels = []
+    for a, b, c, lesion in ((500.0, 500.0, 300.0, 300.0), (100.0, 500.0, 400.0, 300.0)):
+        signal = np.where(x < TUMOUR_CENTRE[0], a, b)
+        signal[slab] = c
+        signal[tumour] = lesion
+        signal = signal + rng.normal(0.0, 40.0, signal.shape)
+        image = sitk.GetImageFromArray(signal.astype(np.float32))
+        image.CopyInformation(grid)
+        channels.append(image)
+    (mask,) = _masks(grid, tumour)
+    return channels, mask
+
+
+def test_background_tissue_one_mixture_component_misses_gets_more_components() -> None:
+    """The baseline model that calls background tissue lesion on the baseline, where the
+    lesion is known, is fitted again with more background components (a disc beside a large
+    lesion, which four components left out on the full-size phantoms)."""
+    grid = _grid(BASELINE_ORIGIN)
+    images, gtv = _three_tissue_scene(grid, seed=11)
+    follow, truth = _three_tissue_scene(grid, seed=12)
+    true_volume = mask_volume_ml(truth)
+    one = refine_lesion(
+        images,
+        gtv,
+        follow,
+        np.eye(4),
+        settings=RefinementSettings(background_components=1, max_background_components=1),
+    )
+    more = refine_lesion(
+        images, gtv, follow, np.eye(4), settings=RefinementSettings(background_components=1)
+    )
+    assert one.training_dice < 0.9 and _dice(one.mask, truth) < 0.9, one.notes
+    assert one.volume_ml > 1.3 * true_volume
+    chosen = next(n for n in more.notes if n.startswith("intensity model"))
+    assert "3 background components; background components tried on the baseline: 1:" in chosen
+    assert more.training_dice > 0.95 and _dice(more.mask, truth) > 0.95, more.notes
+    assert more.volume_ml == pytest.approx(true_volume, rel=0.05)
+
+
+def _dice(a: sitk.Image, b: sitk.Image) -> float:
+    x, y = (sitk.GetArrayViewFromImage(m).astype(bool) for m in (a, b))
+    return 2.0 * np.count_nonzero(x & y) / (np.count_nonzero(x) + np.count_nonzero(y))
